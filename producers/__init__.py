@@ -1,0 +1,1 @@
+"""Producers: dataset rows -> prompt groups -> rq jobs, under the admission gate."""

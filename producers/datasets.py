@@ -1,0 +1,73 @@
+"""Rows for the producer: the built-in task, or a JSONL file.
+
+A JSONL row is an object with one of ``prompt`` (str, optional ``answer``),
+``messages`` (OpenAI chat format) or ``prompt_token_ids`` (list of ints). A row the
+loader cannot use is reported with its line number before anything is enqueued.
+"""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+from rlstream.builtin_task import builtin_rows
+from rlstream.config import Config
+from rlstream.errors import ConfigError
+
+PROMPT_KEYS = ("prompt", "messages", "prompt_token_ids")
+
+
+def _check_row(row: Any, where: str) -> dict[str, Any]:
+    if not isinstance(row, dict):
+        raise ConfigError(f"dataset error: {where}: a row must be a JSON object, got {type(row).__name__}")
+    if not any(k in row for k in PROMPT_KEYS):
+        raise ConfigError(f"dataset error: {where}: a row needs one of {', '.join(PROMPT_KEYS)}")
+    if "prompt" in row and not isinstance(row["prompt"], str):
+        raise ConfigError(f"dataset error: {where}: 'prompt' must be a string")
+    if "prompt_token_ids" in row and not (
+        isinstance(row["prompt_token_ids"], list) and row["prompt_token_ids"]
+        and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in row["prompt_token_ids"])
+    ):
+        raise ConfigError(f"dataset error: {where}: 'prompt_token_ids' must be a non-empty list of ids >= 0")
+    if "messages" in row and not (
+        isinstance(row["messages"], list)
+        and all(isinstance(m, dict) and "role" in m and "content" in m for m in row["messages"])
+    ):
+        raise ConfigError(f"dataset error: {where}: 'messages' must be a list of {{role, content}} objects")
+    return row
+
+
+def load_jsonl(path: str | Path, max_rows: int) -> list[dict[str, Any]]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"dataset error: file {str(path)!r} does not exist")
+    rows: list[dict[str, Any]] = []
+    with path.open() as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"dataset error: {path}:{lineno}: not JSON ({exc.msg})") from None
+            rows.append(_check_row(row, f"{path}:{lineno}"))
+            if len(rows) >= max_rows:
+                break
+    if not rows:
+        raise ConfigError(f"dataset error: {path} has no rows")
+    return rows
+
+
+def load_rows(cfg: Config) -> list[dict[str, Any]]:
+    if cfg.dataset is None:
+        return list(builtin_rows(cfg.max_rows, cfg.seed))
+    return load_jsonl(cfg.dataset, cfg.max_rows)
+
+
+def epoch_order(n_rows: int, epoch: int, seed: int, shuffle: bool) -> list[int]:
+    """Row indices in the order epoch ``epoch`` visits them (deterministic: restartable)."""
+    order = list(range(n_rows))
+    if shuffle:
+        random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return order

@@ -1,0 +1,32 @@
+"""The admission gate of DESIGN.md section 4, as pure functions.
+
+With G completions per prompt, B = P*G samples per step, O = max_head_offpolicy_versions
+and C = max in-flight rollouts:
+
+    staleness_capacity   = (published_version + O + 1)*B - (accepted + reserved)
+    concurrency_capacity = C - in_flight
+    admit the next row  <=>  min(staleness_capacity, concurrency_capacity) >= G
+
+A group admitted while version v is published lands in one of the first v+O+1 batches,
+so it is trained by weights at most O versions newer than the ones it was submitted at.
+"""
+from __future__ import annotations
+
+
+def staleness_capacity(published_version: int, offpolicy_versions: int, batch_size: int,
+                       accepted_plus_reserved: int) -> int:
+    return (published_version + offpolicy_versions + 1) * batch_size - accepted_plus_reserved
+
+
+def concurrency_capacity(max_in_flight: int | None, in_flight: int) -> float:
+    return float("inf") if max_in_flight is None else max_in_flight - in_flight
+
+
+def can_admit(group_size: int, *, published_version: int, offpolicy_versions: int,
+              batch_size: int, accepted_plus_reserved: int, max_in_flight: int | None,
+              in_flight: int) -> bool:
+    capacity = min(
+        staleness_capacity(published_version, offpolicy_versions, batch_size, accepted_plus_reserved),
+        concurrency_capacity(max_in_flight, in_flight),
+    )
+    return capacity >= group_size

@@ -1,0 +1,112 @@
+"""The producer: admits prompt groups under the gate and enqueues one rq job per group.
+
+State is a fold over the events stream, so a restarted producer skips rows that were
+already admitted. Admission is row-atomic: the rq job and its ``GroupAdmitted`` event are
+written in one MULTI/EXEC. Jobs use rq's JSON serializer, never pickle.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Iterator
+
+import redis
+from rq import Queue, Retry
+from rq.registry import FailedJobRegistry, StartedJobRegistry
+from rq.serializers import JSONSerializer
+
+from producers.datasets import epoch_order, load_rows
+from producers.gate import can_admit
+from rlstream import keys, streams
+from rlstream.config import Config
+from rlstream.messages import DatasetExhausted, GroupAdmitted, GroupJob, GroupRejected, group_id_for
+from rlstream.run_state import RunState
+
+log = logging.getLogger(__name__)
+JOB_FUNC = "workers.jobs.run_group"
+MAINTENANCE_EVERY_S = 2.0
+
+
+def job_queue(r: redis.Redis, cfg: Config) -> Queue:
+    return Queue(keys.job_queue_name(cfg.run_id), connection=r, serializer=JSONSerializer,
+                 default_timeout=cfg.job_timeout)
+
+
+def plan(cfg: Config, n_rows: int) -> Iterator[tuple[int, int]]:
+    """(epoch, row_index) in admission order."""
+    for epoch in range(cfg.epochs):
+        for row_index in epoch_order(n_rows, epoch, cfg.seed, cfg.shuffle):
+            yield epoch, row_index
+
+
+def admit(r: redis.Redis, queue: Queue, cfg: Config, epoch: int, row_index: int,
+          row: dict[str, Any], version: int, attempt: int = 0) -> GroupAdmitted:
+    gid = group_id_for(epoch, row_index, attempt)
+    G = cfg.completions_per_prompt
+    job = GroupJob(run_id=cfg.run_id, group_id=gid, row_index=row_index, epoch=epoch,
+                   attempt=attempt, submit_version=version, group_size=G, row=row)
+    event = GroupAdmitted(group_id=gid, row_index=row_index, epoch=epoch, attempt=attempt,
+                          submit_version=version, group_size=G)
+    data = Queue.prepare_data(JOB_FUNC, args=(job.model_dump(mode="json"),), job_id=f"{cfg.run_id}-{gid}",
+                              timeout=cfg.job_timeout, result_ttl=0, failure_ttl=7 * 86400,
+                              retry=Retry(max=2, interval=[1, 5]))
+    with r.pipeline(transaction=True) as pipe:
+        queue.enqueue_many([data], pipeline=pipe)
+        streams.xadd(pipe, keys.events(cfg.run_id), event)
+        pipe.execute()
+    return event
+
+
+def reject_failed_jobs(r: redis.Redis, queue: Queue, cfg: Config, state: RunState) -> None:
+    """Jobs whose retries are spent: reject their group explicitly so its gate slots free
+    up and the trainer does not wait for it."""
+    registry = FailedJobRegistry(queue=queue)
+    for job_id in registry.get_job_ids():
+        gid = job_id.removeprefix(f"{cfg.run_id}-")
+        job = queue.fetch_job(job_id)
+        reason = "rollout job failed"
+        if job is not None and job.latest_result() is not None and job.latest_result().exc_string:
+            reason += ": " + job.latest_result().exc_string.strip().splitlines()[-1][:300]
+        if gid in state.admitted and gid not in state.settled_groups:
+            log.error("group %s rejected: %s", gid, reason)
+            streams.xadd(r, keys.events(cfg.run_id), GroupRejected(group_id=gid, reason=reason, by="producer"))
+        registry.remove(job_id, delete_job=True)
+
+
+def run_producer(cfg: Config, r: redis.Redis) -> RunState:
+    rows = load_rows(cfg)
+    queue = job_queue(r, cfg)
+    state, cursor = RunState(), "0-0"
+    pending = plan(cfg, len(rows))
+    next_row: tuple[int, int] | None = next(pending, None)
+    announced = False
+    last_maintenance = 0.0
+    log.info("producer: %d rows x %d epochs, G=%d, B=%d, O=%d", len(rows), cfg.epochs,
+             cfg.completions_per_prompt, cfg.batch_size, cfg.offpolicy_versions)
+    while True:
+        # Block on the events stream only when the gate is closed: new events reopen it.
+        entries, cursor = streams.read_events(r, cfg.run_id, cursor, block_ms=500)
+        for _, msg in entries:
+            state.apply(msg)
+        if state.finished is not None:
+            log.info("producer: run finished (%s)", state.finished.reason)
+            return state
+        while next_row is not None and (next_row in state.rows_admitted or can_admit(
+            cfg.completions_per_prompt, published_version=state.published_version,
+            offpolicy_versions=cfg.offpolicy_versions, batch_size=cfg.batch_size,
+            accepted_plus_reserved=state.reserved_samples,
+            max_in_flight=cfg.max_concurrency_rollout_sample, in_flight=state.in_flight_samples,
+        )):
+            epoch, row_index = next_row
+            if next_row not in state.rows_admitted:  # a restarted producer skips admitted rows
+                state.apply(admit(r, queue, cfg, epoch, row_index, rows[row_index], state.published_version))
+            next_row = next(pending, None)
+        if next_row is None and not announced and state.exhausted_groups is None:
+            streams.xadd(r, keys.events(cfg.run_id), DatasetExhausted(groups=len(state.rows_admitted)))
+            log.info("producer: dataset exhausted after %d groups", len(state.rows_admitted))
+            announced = True
+        if time.monotonic() - last_maintenance > MAINTENANCE_EVERY_S:
+            # Re-enqueues jobs of workers that died (heartbeat expired), then rejects spent ones.
+            StartedJobRegistry(queue=queue).cleanup()
+            reject_failed_jobs(r, queue, cfg, state)
+            last_maintenance = time.monotonic()

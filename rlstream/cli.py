@@ -1,0 +1,107 @@
+"""``rlstream`` command line. Parses and validates the config before importing torch, so
+``--help`` and config errors are instant (exit 2, nothing started)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import sys
+
+from rlstream.errors import ConfigError, RlstreamError
+
+log = logging.getLogger(__name__)
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="TOML config file (or a run's resolved config.json)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a config field (repeatable; dotted for tables: redis.url=...)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rlstream", description="Asynchronous GRPO-family RL on Redis streams.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up", help="run everything on this machine: redis, producer, workers, trainer")
+    _config_args(up)
+    up.add_argument("--run-id", help="run id (default: generated)")
+    for role, text in [("producer", "admit prompt groups and enqueue rollout jobs"),
+                       ("worker", "run rollout jobs with the current policy"),
+                       ("trainer", "consume rollouts, train, publish weights")]:
+        _config_args(sub.add_parser(role, help=text))
+    status = sub.add_parser("status", help="versions, streams, pending, workers, last reward of a run")
+    status.add_argument("run", nargs="?", help="run directory or run id (default: newest under --log-path)")
+    status.add_argument("--log-path", default="runs", help="directory holding run directories")
+    return parser
+
+
+def _load(args: argparse.Namespace):
+    from rlstream.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    if getattr(args, "run_id", None):
+        cfg = cfg.model_copy(update={"run_id": args.run_id})
+    return cfg
+
+
+def _setup_logging(role: str) -> None:
+    logging.basicConfig(level=os.environ.get("RLSTREAM_LOG_LEVEL", "INFO"),
+                        format=f"%(asctime)s %(levelname)s [{role}] %(name)s: %(message)s", force=True)
+
+
+def _connect(cfg):
+    from rlstream.connection import connect
+
+    if not cfg.redis.url:
+        raise ConfigError("config error: redis.url: not set; `rlstream up` starts an embedded Redis, a standalone "
+                          "process needs redis.url or RLSTREAM_REDIS_URL")
+    return connect(cfg.redis.url, cfg.redis.connect_timeout)
+
+
+def _require_run_id(cfg) -> None:
+    if not cfg.run_id:
+        raise ConfigError("config error: run_id: a standalone process needs run_id (config or RLSTREAM_RUN_ID)")
+
+
+def run(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "status":
+        from rlstream.status import status_main
+
+        return status_main(args.run, args.log_path)
+    cfg = _load(args)
+    _setup_logging(args.command)
+    if args.command == "up":
+        from rlstream.launcher import up
+
+        return up(cfg)
+    _require_run_id(cfg)
+    r = _connect(cfg)
+    if args.command == "producer":
+        from producers.producer import run_producer
+
+        run_producer(cfg, r)
+    elif args.command == "worker":
+        from workers.main import run_worker
+
+        run_worker(cfg, r, worker_id=f"{socket.gethostname()}-{os.getpid()}")
+    elif args.command == "trainer":
+        from trainer.trainer import Trainer
+
+        Trainer(cfg, r, cfg.run_dir()).run()
+    return 0
+
+
+def entrypoint() -> None:
+    try:
+        code = run()
+    except RlstreamError as exc:
+        print(f"rlstream: {exc}", file=sys.stderr)
+        code = exc.exit_code
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    entrypoint()

@@ -1,0 +1,51 @@
+"""Building Redis clients: the one I/O edge with retries (bounded, exponential backoff).
+
+Connections are built in each process's ``main()`` and passed down; nothing here keeps a
+client at module level.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import BusyLoadingError, ConnectionError, TimeoutError
+from redis.retry import Retry
+
+from rlstream.errors import RedisUnavailable
+
+log = logging.getLogger(__name__)
+
+
+def client(url: str, *, command_retries: int = 8) -> redis.Redis:
+    """A client whose commands retry on connection loss (e.g. a redis-server restart) with
+    exponential backoff capped at 2 s, ``command_retries`` times, then raise."""
+    return redis.Redis.from_url(
+        url,
+        decode_responses=False,
+        socket_connect_timeout=5,
+        health_check_interval=15,
+        retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=command_retries),
+        retry_on_error=[ConnectionError, TimeoutError, BusyLoadingError],
+    )
+
+
+def connect(url: str, timeout: float = 15.0) -> redis.Redis:
+    """Return a client once ``PING`` answers; raise ``RedisUnavailable`` after ``timeout``."""
+    r = client(url)
+    deadline = time.monotonic() + timeout
+    delay = 0.05
+    while True:
+        try:
+            r.ping()
+            return r
+        except (ConnectionError, TimeoutError, BusyLoadingError, OSError) as exc:
+            if time.monotonic() + delay > deadline:
+                raise RedisUnavailable(
+                    f"cannot reach Redis at {url} after {timeout:.0f} s ({exc}); start the "
+                    "server or fix redis.url / RLSTREAM_REDIS_URL (unset it to use the embedded one)"
+                ) from None
+            log.debug("redis not ready at %s (%s); retrying in %.2fs", url, exc, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 1.0)

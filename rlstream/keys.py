@@ -1,0 +1,56 @@
+"""Every Redis key rlstream uses, built in one place (like rq's ``key_for``).
+
+Runs are namespaced by run id and nothing ever flushes Redis, so two runs can share a
+server. rq prefixes its own keys (``rq:queue:<name>``); we only choose the queue *name*.
+"""
+from __future__ import annotations
+
+import re
+
+PREFIX = "rl"
+TRAINER_GROUP = "trainer"  # the rollouts stream's one consumer group
+# rq job ids (which embed the run id) allow only these characters.
+_RUN_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def check_run_id(run_id: str) -> str:
+    """Return ``run_id`` if it is safe inside keys and paths, else raise ValueError."""
+    if not isinstance(run_id, str) or not _RUN_ID_RE.fullmatch(run_id):
+        raise ValueError(
+            f"run_id {run_id!r} must be 1-64 characters of letters, digits, '_' or '-'"
+        )
+    return run_id
+
+
+def key_for(run_id: str, name: str) -> str:
+    """``rl:{run}:{name}``: the single rule every key below follows."""
+    return f"{PREFIX}:{check_run_id(run_id)}:{name}"
+
+
+def rollouts(run_id: str) -> str:
+    """Stream of encoded ``RolloutSample`` entries (workers XADD, trainer XREADGROUP)."""
+    return key_for(run_id, "rollouts")
+
+
+def events(run_id: str) -> str:
+    """Stream of run events; every process folds it to rebuild its state."""
+    return key_for(run_id, "events")
+
+
+def dead(run_id: str) -> str:
+    """Dead-letter stream: undecodable or invalid entries plus the reason."""
+    return key_for(run_id, "dead")
+
+
+def job_queue_name(run_id: str) -> str:
+    """rq queue *name* for prompt-group jobs (rq stores it at ``rq:queue:rl:{run}:jobs``)."""
+    return key_for(run_id, "jobs")
+
+
+def worker_heartbeat(run_id: str, worker_id: str) -> str:
+    """Short-TTL key a live rollout worker refreshes; ``rlstream status`` counts them."""
+    return key_for(run_id, f"worker:{worker_id}")
+
+
+def worker_heartbeat_pattern(run_id: str) -> str:
+    return key_for(run_id, "worker:*")

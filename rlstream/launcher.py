@@ -1,0 +1,118 @@
+"""``rlstream up``: embedded Redis (unless ``redis.url``), then producer, N workers and the
+trainer as child processes, a live progress display, clean shutdown.
+
+Children run ``python -m rlstream.cli <role> runs/<id>/config.json`` in their own
+session (so a terminal's Ctrl-C reaches only us; we forward SIGTERM), with output in
+``runs/<id>/logs/<role>.log``. Exit code: 0 when the trainer finished the run, 1 when a
+child failed (its last log lines are printed), 130 on Ctrl-C.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from rlstream import keys, streams
+from rlstream.config import Config, new_run_id
+from rlstream.connection import connect
+from rlstream.embedded_redis import EmbeddedRedis
+from rlstream.errors import RunFailed
+from rlstream.messages import RunStarted
+from rlstream.metrics import read_metrics, summary_line
+from rlstream.progress import Progress
+from rlstream.run_state import RunState
+
+log = logging.getLogger(__name__)
+SHUTDOWN_GRACE_S = 30.0
+
+
+@dataclass
+class Child:
+    name: str
+    process: subprocess.Popen
+    log_path: Path
+
+    def tail(self, lines: int = 20) -> str:
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+def _spawn(name: str, role: str, config_path: Path, logs: Path) -> Child:
+    log_path = logs / f"{name}.log"
+    out = log_path.open("ab")
+    process = subprocess.Popen([sys.executable, "-m", "rlstream.cli", role, str(config_path)],
+                               stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                               start_new_session=True)
+    out.close()
+    return Child(name, process, log_path)
+
+
+def _stop(children: list[Child], grace: float) -> None:
+    for c in children:
+        if c.process.poll() is None:
+            c.process.terminate()
+    deadline = time.monotonic() + grace
+    for c in children:
+        try:
+            c.process.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            log.warning("%s did not stop within %.0fs: killing it", c.name, grace)
+            c.process.kill()
+            c.process.wait()
+
+
+def up(cfg: Config) -> int:
+    cfg = cfg.model_copy(update={"run_id": cfg.run_id or new_run_id()})
+    run_dir = cfg.run_dir()
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    embedded = EmbeddedRedis(run_dir / "redis") if cfg.redis.url is None else None
+    children: list[Child] = []
+    try:
+        url = embedded.start() if embedded else cfg.redis.url
+        r = connect(url, cfg.redis.connect_timeout)
+        resolved = cfg.model_copy(update={"redis": cfg.redis.model_copy(update={"url": url})})
+        config_path = run_dir / "config.json"
+        config_path.write_text(json.dumps(resolved.model_dump(mode="json"), indent=1))
+        streams.xadd(r, keys.events(cfg.run_id), RunStarted(run_id=cfg.run_id, config=resolved.model_dump(mode="json")))
+        log.info("run %s in %s (redis %s)", cfg.run_id, run_dir, url)
+        logs = run_dir / "logs"
+        children.append(_spawn("trainer", "trainer", config_path, logs))
+        children.append(_spawn("producer", "producer", config_path, logs))
+        children += [_spawn(f"worker-{i}", "worker", config_path, logs) for i in range(cfg.workers.count)]
+        _supervise(cfg, r, children, Progress(cfg, sys.stdout))
+        _stop(children, SHUTDOWN_GRACE_S)
+        print(summary_line(read_metrics(run_dir / "metrics.jsonl"), time.monotonic() - started), flush=True)
+        return 0
+    except RunFailed as exc:
+        _stop(children, 5.0)
+        print(f"rlstream: {exc}", file=sys.stderr, flush=True)
+        return 1
+    except KeyboardInterrupt:
+        print("rlstream: interrupted; stopping children", file=sys.stderr, flush=True)
+        _stop(children, 10.0)
+        return 130
+    finally:
+        if embedded is not None:
+            embedded.stop()
+
+
+def _supervise(cfg: Config, r, children: list[Child], progress: Progress) -> None:
+    """Follow events for the display; return when the trainer has finished the run."""
+    state, cursor = RunState(), "0-0"
+    with progress:
+        while True:
+            entries, cursor = streams.read_events(r, cfg.run_id, cursor, block_ms=500)
+            for _, msg in entries:
+                state.apply(msg)
+            progress.update(state, r)
+            for c in children:
+                code = c.process.poll()
+                if code not in (None, 0) or (code == 0 and state.finished is None and c.name == "trainer"):
+                    raise RunFailed(f"{c.name} exited with code {code}; last lines of {c.log_path}:\n{c.tail()}")
+            if state.finished is not None and children[0].process.poll() is not None:
+                return

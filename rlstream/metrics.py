@@ -1,0 +1,36 @@
+"""Metrics: flat dicts with slash names, one JSON object per optimizer step in
+``metrics.jsonl``; the run summary ``rlstream up`` prints last."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+
+class MetricsLog:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, metrics: dict[str, Any]) -> None:
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
+        with self.path.open("a") as f:
+            f.write(json.dumps(clean, sort_keys=True) + "\n")
+            f.flush()
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def summary_line(rows: list[dict[str, Any]], wall_s: float) -> str:
+    rewards = [r.get("rollout/reward_mean") for r in rows if r.get("rollout/reward_mean") is not None]
+    first = sum(rewards[:10]) / len(rewards[:10]) if rewards else float("nan")
+    last = sum(rewards[-10:]) / len(rewards[-10:]) if rewards else float("nan")
+    version = rows[-1]["version"] if rows else 0
+    return (f"summary: steps={len(rows)} final_version={version} reward_first10={first:.3f} "
+            f"reward_last10={last:.3f} wall={wall_s:.1f}s")

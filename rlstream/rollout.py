@@ -1,0 +1,40 @@
+"""The user-facing rollout contract (the Fireworks cookbook's async recipe):
+``rollout_fn_factory(setup: RolloutSetup) -> async rollout_fn(sample_prompt) ->
+RolloutSample | None``. No torch here; the sampler object comes from the worker."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
+
+from rlstream.messages import RolloutSample
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One sampled completion, as ``setup.sampler`` returns it."""
+
+    full_tokens: list[int]  # prompt + generated tokens
+    prompt_len: int
+    inference_logprobs: list[float]  # one per generated token, from the sampled distribution
+    finish_reason: str  # "stop" (eos) | "length"
+    text: str  # decoded generated part
+    version: int  # policy version that sampled it
+
+    @property
+    def output_tokens(self) -> list[int]:
+        return self.full_tokens[self.prompt_len:]
+
+
+@dataclass(frozen=True)
+class RolloutSetup:
+    """What ``rollout_fn_factory`` receives once per worker process."""
+
+    sampler: Any
+    tokenizer: Any
+    sample_kwargs: dict[str, Any]
+    completions_per_prompt: int
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+RolloutFn = Callable[[dict[str, Any]], Awaitable[RolloutSample | None]]
+RolloutFnFactory = Callable[[RolloutSetup], RolloutFn]

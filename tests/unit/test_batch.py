@@ -1,0 +1,102 @@
+"""trainer.batch: group assembly with dedup, and collation/alignment."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rlstream.messages import RolloutSample, group_id_for, sample_id_for
+from trainer.batch import Group, GroupAssembler, collate
+
+
+def sample(row: int, member: int, size: int = 3, reward: float = 0.0, **over) -> RolloutSample:
+    gid = group_id_for(0, row, 0)
+    fields = dict(tokens=[1, 2, 3], logprobs=[0.0, -1.0, -2.0], loss_mask=[0, 1, 1], reward=reward,
+                  sample_id=sample_id_for(gid, member), group_id=gid, group_size=size, row_index=row)
+    fields.update(over)
+    return RolloutSample(**fields)
+
+
+def test_group_completes_at_group_size():
+    a = GroupAssembler()
+    assert a.add("1-0", sample(0, 0), set()) == (None, None)
+    assert a.add("1-1", sample(1, 0), set()) == (None, None)  # another group interleaved
+    assert a.add("1-2", sample(0, 1), set()) == (None, None)
+    group, dup = a.add("1-3", sample(0, 2), set())
+    assert dup is None and isinstance(group, Group) and group.complete
+    assert group.group_id == group_id_for(0, 0, 0) and group.size == 3
+    assert group.entry_ids == ["1-0", "1-2", "1-3"]
+    assert [s.sample_id for s in group.samples] == [sample_id_for(group_id_for(0, 0, 0), m) for m in range(3)]
+    assert list(a.open) == [group_id_for(0, 1, 0)]  # the completed group left the open set
+
+
+def test_duplicate_sample_id_returns_its_entry():
+    a = GroupAssembler()
+    a.add("1-0", sample(0, 0), set())
+    assert a.add("1-5", sample(0, 0, reward=9.0), set()) == (None, "1-5")
+    # the first copy is kept
+    g = a.open[group_id_for(0, 0, 0)]
+    assert g.entry_ids == ["1-0"] and g.samples[0].reward == 0.0
+    a.add("1-6", sample(0, 1), set())
+    group, dup = a.add("1-7", sample(0, 2), set())
+    assert group is not None and dup is None and group.entry_ids == ["1-0", "1-6", "1-7"]
+
+
+def test_samples_of_settled_groups_come_back_as_duplicates():
+    a = GroupAssembler()
+    settled = {group_id_for(0, 0, 0)}
+    assert a.add("2-0", sample(0, 0), settled) == (None, "2-0")
+    assert a.open == {}
+
+
+def test_group_size_one_completes_at_once():
+    a = GroupAssembler()
+    group, dup = a.add("3-0", sample(4, 0, size=1), set())
+    assert group is not None and group.entry_ids == ["3-0"] and dup is None
+
+
+def test_duplicate_of_a_completed_but_unsettled_group():
+    a = GroupAssembler()
+    a.add("1-0", sample(0, 0, size=2), set())
+    group, _ = a.add("1-1", sample(0, 1, size=2), set())
+    assert group is not None
+    assert a.add("1-9", sample(0, 0, size=2), set()) == (None, "1-9")
+
+
+# --------------------------------------------------------------------------- collate
+
+
+def test_collate_alignment_and_right_padding():
+    long = RolloutSample(tokens=[5, 6, 7, 8], logprobs=[0, -1, -2, -3], loss_mask=[0, 0, 1, 1], reward=1.0)
+    short = RolloutSample(tokens=[9, 10], logprobs=[0, -0.5], loss_mask=[0, 1], reward=0.0)
+    adv = torch.tensor([0.5, -0.5])
+    b = collate([long, short], adv, pad_id=0, device=torch.device("cpu"))
+
+    assert b.tokens_B_N.dtype == torch.long and b.tokens_B_N.shape == (2, 4)
+    assert b.tokens_B_N.tolist() == [[5, 6, 7, 8], [9, 10, 0, 0]]
+    assert b.attention_B_N.tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
+    assert b.inf_logprobs_B_T.dtype == torch.float32 and b.inf_logprobs_B_T.shape == (2, 3)
+    assert b.mask_B_T.dtype == torch.float32 and b.mask_B_T.shape == (2, 3)
+    # position 0 dropped: logprob/mask at t predict token t+1
+    assert b.inf_logprobs_B_T[0].tolist() == [-1.0, -2.0, -3.0]
+    assert b.mask_B_T[0].tolist() == [0.0, 1.0, 1.0]
+    assert b.inf_logprobs_B_T[1].tolist() == [-0.5, 0.0, 0.0]
+    assert b.mask_B_T[1].tolist() == [1.0, 0.0, 0.0]  # padding never trained
+    assert b.advantages_B.tolist() == [0.5, -0.5]
+
+
+def test_collate_uses_pad_id_and_keeps_samples_intact():
+    s1 = RolloutSample(tokens=[3, 4, 5], logprobs=[0, -0.25, -0.75], loss_mask=[0, 1, 1], reward=1.0)
+    s2 = RolloutSample(tokens=[7, 8], logprobs=[0, -1.5], loss_mask=[0, 1], reward=0.0)
+    b = collate([s2, s1], torch.zeros(2), pad_id=99, device=torch.device("cpu"))
+    assert b.tokens_B_N.tolist() == [[7, 8, 99], [3, 4, 5]]
+    assert b.inf_logprobs_B_T.tolist() == [[-1.5, 0.0], [-0.25, -0.75]]
+    assert b.mask_B_T.tolist() == [[1.0, 0.0], [1.0, 1.0]]
+    b.tokens_B_N.fill_(0)
+    b.inf_logprobs_B_T.fill_(0)
+    assert s1.tokens.tolist() == [3, 4, 5] and s1.logprobs.tolist() == [0, -0.25, -0.75]
+
+
+def test_collate_large_token_ids():
+    s = RolloutSample(tokens=[2**31 - 1, 151_000], logprobs=[0, -1], loss_mask=[0, 1], reward=0.0)
+    b = collate([s], torch.zeros(1), pad_id=0, device=torch.device("cpu"))
+    assert b.tokens_B_N.tolist() == [[2**31 - 1, 151_000]]

@@ -1,0 +1,372 @@
+"""Hand-computed checks for trainer.losses.
+
+Inputs are built from ratios (``logprobs = old + log r``) so every expected number below
+is plain arithmetic on r, A and w, worked out in the comments and written literally.
+Gradients are w.r.t. logprobs: d(-r·A)/d lp = -r·A, divided by the token count N.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from trainer.losses import POLICY_LOSSES, LossConfig, compute_loss
+
+F64 = torch.float64
+
+
+def make(ratios, adv, mask=None, *, lp=None, w_raw=None, dtype=F64):
+    """(logprobs, old, inf, adv, mask) with exp(lp-old) = ratios, exp(old-inf) = w_raw."""
+    r = torch.tensor(ratios, dtype=dtype)
+    if lp is None:
+        old = torch.full_like(r, -1.0)
+        lp_t = old + torch.log(r)
+    else:
+        lp_t = torch.tensor(lp, dtype=dtype)
+        old = lp_t - torch.log(r)
+    inf = old.clone() if w_raw is None else old - torch.log(torch.tensor(w_raw, dtype=dtype))
+    mask_t = torch.ones_like(r) if mask is None else torch.tensor(mask, dtype=dtype)
+    return lp_t.detach().requires_grad_(), old, inf, torch.tensor(adv, dtype=dtype), mask_t
+
+
+def run(policy, inputs, ref=None, **cfg):
+    lp, old, inf, adv, mask = inputs
+    lp.grad = None
+    loss, metrics = compute_loss(policy, lp, old, inf, adv, mask, ref, config=LossConfig(**cfg))
+    loss.backward()
+    return loss.item(), metrics, lp.grad.tolist()
+
+
+def approx(x, tol=1e-6):
+    return pytest.approx(x, abs=tol, rel=tol)
+
+
+# Shared PPO batch. seq0 (A=+1): r = 1.1, 1.5, 0.5. seq1 (A=-2): r = 0.7, 1.3, <masked>.
+PPO = dict(ratios=[[1.1, 1.5, 0.5], [0.7, 1.3, 1.0]], adv=[1.0, -2.0],
+           mask=[[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_grpo_values_grads_metrics(dtype) -> None:
+    # max(-rA, -clip(r,0.8,1.2)A): seq0 -> -1.1, max(-1.5,-1.2)=-1.2 (clip), -0.5
+    # seq1 -> max(1.4, 1.6)=1.6 (clip), max(2.6, 2.4)=2.6. Sum 1.4 over N=5 -> 0.28.
+    loss, m, grad = run("grpo", make(**PPO, dtype=dtype))
+    assert loss == approx(0.28)
+    # Unclipped tokens: -rA/5 -> -0.22, -0.1, +0.52; clipped tokens and padding: 0.
+    assert grad == [approx(g) for g in [[-0.22, 0.0, -0.1], [0.0, 0.52, 0.0]]]
+    assert m["ppo_clip_frac"] == approx(0.4)                # 2 of 5
+    assert m["ppo_ratio_mean"] == approx(1.02)              # (1.1+1.5+0.5+0.7+1.3)/5
+    assert m["ppo_kl"] == approx(0.0973754)                 # mean of 1/r + ln r - 1
+    assert m["mean_kl"] == approx(-0.0573365)               # mean of ln r
+    assert m["ref_kl"] == 0.0
+    assert m["tis/weight_mean"] == approx(1.0) and m["tis/clip_frac"] == 0.0
+    assert m["active_tokens"] == 5.0 and m["mean_loss"] == approx(0.28)
+    assert all(isinstance(v, float) for v in m.values())
+
+
+@pytest.mark.parametrize(("norm", "value", "grad"), [
+    ("token_mean", 0.28, [[-0.22, 0.0, -0.1], [0.0, 0.52, 0.0], [0.0] * 3]),
+    # seq means: -2.8/3 and 4.2/2 = 2.1, averaged over the 2 non-empty sequences.
+    # grads: -rA/(3·2) -> -1.1/6, -0.5/6 ; 2.6/(2·2) = 0.65
+    ("sequence_mean", 0.5833333, [[-0.1833333, 0.0, -0.0833333], [0.0, 0.65, 0.0], [0.0] * 3]),
+    ("token_sum", 1.4, [[-1.1, 0.0, -0.5], [0.0, 2.6, 0.0], [0.0] * 3]),
+])
+def test_normalizations_ignore_empty_sequence(norm, value, grad) -> None:
+    # A third, fully masked sequence must not count as a sequence nor as tokens.
+    inputs = make(PPO["ratios"] + [[3.0, 3.0, 3.0]], PPO["adv"] + [5.0],
+                  PPO["mask"] + [[0.0, 0.0, 0.0]])
+    loss, _, g = run("grpo", inputs, normalization=norm)
+    assert loss == approx(value)
+    assert g == [approx(row) for row in grad]
+
+
+def test_dapo_clip_higher() -> None:
+    # Upper clip 1.28: seq0 r=1.5 -> -1.28 ; seq1 r=1.3, A<0 -> max(2.6, 2.56) = 2.6.
+    # Sum -1.1-1.28-0.5+1.6+2.6 = 1.32 -> /5 = 0.264. Same clipped set as grpo.
+    loss, m, grad = run("dapo", make(**PPO))
+    assert loss == approx(0.264)
+    assert grad == [approx(g) for g in [[-0.22, 0.0, -0.1], [0.0, 0.52, 0.0]]]
+    assert m["ppo_clip_frac"] == approx(0.4)
+
+
+DUAL = dict(ratios=[[4.0, 2.0], [4.0, 0.5]], adv=[-1.0, 1.0])
+
+
+def test_dual_clip() -> None:
+    # seq0 A=-1: max(4, 1.28)=4 -> min(4, c·1=3)=3 (dual) ; max(2, 1.28)=2 < 3 keeps 2.
+    # seq1 A=+1: max(-4, -1.28) = -1.28 (clip) ; max(-0.5, -0.8) = -0.5.
+    # (3 + 2 - 1.28 - 0.5)/4 = 0.805
+    loss, m, grad = run("dapo", make(**DUAL), eps_clip_c=3.0)
+    assert loss == approx(0.805)
+    # Only unclipped tokens get -rA/4: 2/4 = 0.5 and -0.5/4 = -0.125.
+    assert grad == [approx(g) for g in [[0.0, 0.5], [0.0, -0.125]]]
+    assert m["ppo_clip_frac"] == approx(0.5)
+    # Without dual clip: (4 + 2 - 1.28 - 0.5)/4 = 1.055
+    assert run("dapo", make(**DUAL))[0] == approx(1.055)
+    # grpo honours the dual clip too (upper clip 1.2): (3 + 2 - 1.2 - 0.5)/4 = 0.825
+    assert run("grpo", make(**DUAL), eps_clip_c=3.0)[0] == approx(0.825)
+
+
+# TIS batch: r = 1.1, 1.5, 0.5 ; train/inference ratio exp(old-inf) = 2, 0.5, 10 ; A = 1.
+# A 4th masked token carries an extreme mismatch that must not enter the sequence mean.
+TIS = dict(ratios=[[1.1, 1.5, 0.5, 1.0]], adv=[1.0], mask=[[1.0, 1.0, 1.0, 0.0]],
+           w_raw=[[2.0, 0.5, 10.0, 1e-6]])
+
+
+def test_tis_token_level() -> None:
+    # w = min(ratio, 5) = 2, 0.5, 5 -> -rAw = -2.2, -0.75, -2.5 ; sum -5.45 / 3
+    loss, m, grad = run("importance_sampling", make(**TIS))
+    assert loss == approx(-1.8166667)
+    assert grad == [approx([-0.7333333, -0.25, -0.8333333, 0.0])]
+    assert m["tis/weight_mean"] == approx(2.5)          # (2 + 0.5 + 5)/3
+    assert m["tis/clip_frac"] == approx(1 / 3)
+
+
+def test_tis_sequence_level() -> None:
+    # Geometric mean (2·0.5·10)^(1/3) = 10^(1/3) = 2.1544347 on every token.
+    # loss = -(1.1 + 1.5 + 0.5)·2.1544347/3 = -2.2262492
+    loss, m, _ = run("importance_sampling", make(**TIS), tis_level="sequence")
+    assert loss == approx(-2.2262492)
+    assert m["tis/weight_mean"] == approx(2.1544347) and m["tis/clip_frac"] == 0.0
+    # Cap 2 binds for the whole sequence: -3.1·2/3 = -2.0666667
+    loss, m, _ = run("importance_sampling", make(**TIS), tis_level="sequence", tis_cap=2.0)
+    assert loss == approx(-2.0666667)
+    assert m["tis/weight_mean"] == approx(2.0) and m["tis/clip_frac"] == approx(1.0)
+
+
+def test_tis_weights_grpo() -> None:
+    # r = 1.5 (clipped to 1.2), 1.1 ; w = 2, 0.5 ; A = 1 -> -2.4, -0.55 ; mean -1.475
+    loss, _, grad = run("grpo", make([[1.5, 1.1]], [1.0], w_raw=[[2.0, 0.5]]))
+    assert loss == approx(-1.475)
+    assert grad == [approx([0.0, -0.275])]              # -1.1·0.5/2
+
+
+def test_icepop() -> None:
+    # θ = 3 keeps ratios in [1/3, 3]: 2 and 0.5 kept, 10 and 0.25 dropped (w = 0).
+    # -rAw = -2.2, -0.75, 0, 0 -> -2.95/4 = -0.7375
+    inputs = make([[1.1, 1.5, 0.5, 1.0]], [1.0], w_raw=[[2.0, 0.5, 10.0, 0.25]])
+    loss, m, grad = run("importance_sampling", inputs, icepop_threshold=3.0)
+    assert loss == approx(-0.7375)
+    assert grad == [approx([-0.55, -0.1875, 0.0, 0.0])]
+    assert m["tis/weight_mean"] == approx(0.625)        # (2 + 0.5)/4
+    assert m["tis/clip_frac"] == 0.0                     # the 10 was dropped, not capped
+
+
+def test_reinforce_uses_behaviour_ratio_only() -> None:
+    # old is far away (r = 3) and old/inf mismatch is large, but reinforce only sees
+    # exp(lp - inf) = 1.2, 0.8: -1.2·2, -0.8·2 -> mean -2.0 ; grad -exp(lp-inf)·A/2.
+    lp = torch.tensor([[-1.0, -2.0]], dtype=F64, requires_grad=True)
+    inf = lp.detach() - torch.log(torch.tensor([[1.2, 0.8]], dtype=F64))
+    old = lp.detach() - math.log(3.0)
+    loss, m = compute_loss("reinforce", lp, old, inf, torch.tensor([2.0], dtype=F64),
+                           torch.ones(1, 2, dtype=F64))
+    loss.backward()
+    assert loss.item() == approx(-2.0)
+    assert lp.grad.tolist() == [approx([-1.2, -0.8])]
+    assert m["ppo_ratio_mean"] == approx(1.0)
+
+
+def test_dro() -> None:
+    # lp - old: seq0 = 0.5, 0 ; seq1 = 0, -0.5. A = 2, 0. w = 1, 2 on seq0.
+    # seq0 tok0: -(-1·2·1 - 0.025·0.25) = 2.00625 ; tok1: -(-2·2·2) = 8
+    # seq1 (A = 0): no policy term and the anchor is switched off -> 0, 0.
+    # mean = 10.00625/4 = 2.5015625
+    inputs = make([[math.exp(0.5), 1.0], [1.0, math.exp(-0.5)]], [2.0, 0.0],
+                  lp=[[-1.0, -2.0], [-0.5, -1.5]], w_raw=[[1.0, 2.0], [1.0, 1.0]])
+    loss, _, grad = run("dro", inputs)
+    assert loss == approx(2.5015625)
+    # d/dlp = -(A·w - β(lp-old)·[A≠0])/4: -(2 - 0.025)/4, -(4)/4 ; A=0 rows get exactly 0.
+    assert grad == [approx([-0.49375, -1.0]), [0.0, 0.0]]
+
+
+# GSPO batch: seq0 r = 1.1, 1.3 -> s = sqrt(1.43) = 1.1958261 (inside [0.8, 1.2]);
+# seq1 r = 1.5 (second token masked) -> s = 1.5, clipped to 1.2. A = 1, 1.
+GSPO = dict(ratios=[[1.1, 1.3], [1.5, 1.0]], adv=[1.0, 1.0], mask=[[1.0, 1.0], [1.0, 0.0]])
+
+
+def test_gspo_values_and_sequence_gradient() -> None:
+    # Every token carries -s·A: (-1.1958261·2 - 1.2)/3 = -1.1972174
+    loss, m, grad = run("gspo", make(**GSPO))
+    assert loss == approx(-1.1972174)
+    # Gradient per token is -A·s/N = -0.3986087 (not -A·r_t/N); clipped seq1 gets 0.
+    assert grad == [approx([-0.3986087, -0.3986087]), [0.0, 0.0]]
+    assert m["ppo_clip_frac"] == approx(1 / 3)
+    assert m["ppo_ratio_mean"] == approx(1.2972174)      # (2·1.1958261 + 1.5)/3
+    # sequence_mean: (-1.1958261 - 1.2)/2 ; grad -A·s/(|y|·B) = -1.1958261/4, the true
+    # sequence-level GSPO gradient d s/d lp_t = s/|y| spread over the sequence.
+    loss, _, grad = run("gspo", make(**GSPO), normalization="sequence_mean")
+    assert loss == approx(-1.1979130)
+    assert grad == [approx([-0.2989565, -0.2989565]), [0.0, 0.0]]
+
+
+def test_gspo_log_ratio_cap() -> None:
+    # lp - old = 15 -> log s capped at 10 ; A = -1 -> loss = e^10 = 22026.465794806718
+    loss, _, _ = run("gspo", make([[math.exp(15.0)]], [-1.0]))
+    assert loss == approx(22026.465794806718)
+
+
+def test_cispo_values() -> None:
+    # lp = -1, -2, -0.5 ; clip(r, 0.8, 1.28) = 1.1, 1.28, 0.8 ; A = 1
+    # -clip·lp·A = 1.1, 2.56, 0.4 -> 4.06/3 = 1.3533333 ; grad -clip·A/3 (even when clipped)
+    loss, m, grad = run("cispo", make([[1.1, 1.5, 0.5]], [1.0], lp=[[-1.0, -2.0, -0.5]]))
+    assert loss == approx(1.3533333)
+    assert grad == [approx([-0.3666667, -0.4266667, -0.2666667])]
+    assert m["ppo_clip_frac"] == approx(2 / 3)
+
+
+def test_cispo_gradient_structure() -> None:
+    # Gradient flows only through log pi: grad = -sg(clip(r))·A·w/N on active tokens.
+    g = torch.Generator().manual_seed(0)
+    lp = -torch.rand(3, 5, generator=g, dtype=F64) * 3
+    old = lp + 0.6 * torch.randn(3, 5, generator=g, dtype=F64)
+    inf = old + 0.4 * torch.randn(3, 5, generator=g, dtype=F64)
+    adv = torch.tensor([1.0, -0.5, 2.0], dtype=F64)
+    mask = (torch.rand(3, 5, generator=g) > 0.3).to(F64)
+    lp.requires_grad_()
+    loss, _ = compute_loss("cispo", lp, old, inf, adv, mask)
+    loss.backward()
+    r = torch.exp(lp.detach() - old).clamp(0.8, 1.28)
+    w = torch.exp(old - inf).clamp(max=5.0)
+    expected = -r * adv[:, None] * w * mask / mask.sum()
+    assert torch.allclose(lp.grad, expected, atol=1e-12)
+
+
+# KL batch: lp - ref = 0.5, -1.0 ; A = 0 and r = 1 so only the penalty (β = 0.1) is left.
+@pytest.mark.parametrize(("est", "mean_kl", "grad"), [
+    ("k1", -0.25, [0.05, 0.05]),                        # d/dlp = 1 -> β/2
+    ("k2", 0.3125, [0.025, -0.05]),                     # ½(0.25 + 1)/2 ; d/dlp = lp - ref
+    # k3: x = ref-lp = -0.5, 1 -> e^-0.5 - 0.5 = 0.1065307, e - 2 = 0.7182818 ; mean 0.4124062
+    # d/dlp = 1 - e^x = 0.3934693, -1.7182818 -> ·β/2
+    ("k3", 0.4124062, [0.01967347, -0.08591409]),
+])
+def test_kl_estimators(est, mean_kl, grad) -> None:
+    inputs = make([[1.0, 1.0]], [0.0], lp=[[-1.0, -2.0]])
+    ref = torch.tensor([[-1.5, -1.0]], dtype=F64)
+    loss, m, g = run("grpo", inputs, ref, kl_beta=0.1, kl_estimator=est)
+    assert loss == approx(0.1 * mean_kl)
+    assert g == [approx(grad)]
+    assert m["ref_kl"] == approx(mean_kl)
+    # With kl_beta = 0 the metric is still reported but the loss ignores the reference.
+    loss, m, _ = run("grpo", inputs, ref, kl_estimator=est)
+    assert loss == 0.0 and m["ref_kl"] == approx(mean_kl)
+
+
+@pytest.mark.parametrize("policy", POLICY_LOSSES)
+def test_kl_added_to_every_loss(policy) -> None:
+    # Same data with and without the k3 penalty: difference is β·0.4124062 = 0.04124062.
+    inputs = make([[1.1, 0.9]], [1.0], lp=[[-1.0, -2.0]])
+    ref = torch.tensor([[-1.5, -1.0]], dtype=F64)
+    base = run(policy, inputs, ref)[0]
+    assert run(policy, inputs, ref, kl_beta=0.1)[0] - base == approx(0.04124062)
+
+
+def _random_batch(seed: int, fill: float | None):
+    g = torch.Generator().manual_seed(seed)
+    lp = -torch.rand(3, 4, generator=g, dtype=F64) * 2
+    old = lp + 0.3 * torch.randn(3, 4, generator=g, dtype=F64)
+    inf = old + 0.3 * torch.randn(3, 4, generator=g, dtype=F64)
+    ref = lp + 0.3 * torch.randn(3, 4, generator=g, dtype=F64)
+    adv = torch.tensor([1.0, -0.7, float("nan") if fill is not None else 0.0], dtype=F64)
+    mask = torch.tensor([[1, 1, 0, 1], [1, 1, 1, 0], [0, 0, 0, 0]], dtype=F64)
+    if fill is not None:
+        lp, old, inf, ref = (torch.where(mask.bool(), t, fill) for t in (lp, old, inf, ref))
+    return lp.requires_grad_(), old, inf, adv, mask, ref
+
+
+@pytest.mark.parametrize("policy", POLICY_LOSSES)
+@pytest.mark.parametrize("fill", [float("nan"), 1e30, float("-inf")])
+def test_masked_garbage_changes_nothing(policy, fill) -> None:
+    for level in ("token", "sequence"):
+        for norm in ("token_mean", "sequence_mean", "token_sum"):
+            cfg = LossConfig(kl_beta=0.1, tis_level=level, normalization=norm,
+                             icepop_threshold=4.0, eps_clip_c=3.0)
+            results = []
+            for f in (None, fill):
+                lp, old, inf, adv, mask, ref = _random_batch(1, f)
+                loss, m = compute_loss(policy, lp, old, inf, adv, mask, ref, config=cfg)
+                loss.backward()
+                results.append((loss.detach(), lp.grad, m))
+            (l0, g0, m0), (l1, g1, m1) = results
+            assert torch.isfinite(l1) and torch.isfinite(g1).all()
+            assert torch.equal(l0, l1) and torch.equal(g0, g1)
+            assert m0 == m1
+
+
+@pytest.mark.parametrize("policy", POLICY_LOSSES)
+@pytest.mark.parametrize("norm", ["token_mean", "sequence_mean", "token_sum"])
+def test_empty_mask_gives_zero_with_graph(policy, norm) -> None:
+    lp, old, inf, adv, mask, ref = _random_batch(2, float("nan"))
+    loss, m = compute_loss(policy, lp, old, inf, adv, torch.zeros_like(mask), ref,
+                           config=LossConfig(kl_beta=0.1, normalization=norm))
+    assert loss.item() == 0.0 and loss.requires_grad
+    loss.backward()
+    assert torch.equal(lp.grad, torch.zeros_like(lp))
+    assert m["active_tokens"] == 0.0 and all(math.isfinite(v) for v in m.values())
+
+
+# Ratios chosen away from every clip boundary (0.8, 1.2, 1.28) and GSPO sequence ratios
+# (geometric means 0.98, 1.05) away from 0.8/1.2, so every loss is smooth there.
+GC_RATIOS = [[1.05, 1.5, 0.6], [0.95, 1.15, 1.0]]
+GC_CISPO = [[1.5, 0.6, 2.0], [0.5, 1.4, 1.0]]  # all clipped: sg(clip r) is constant
+
+
+@pytest.mark.parametrize("policy", POLICY_LOSSES)
+@pytest.mark.parametrize("norm", ["token_mean", "sequence_mean", "token_sum"])
+def test_gradcheck(policy, norm) -> None:
+    # CISPO's stop-gradient is invisible to finite differences, so check it where the
+    # clipped weight is constant. GSPO's token gradient equals the true sequence gradient
+    # only when w is uniform within a sequence, hence sequence-level TIS for it.
+    ratios = GC_CISPO if policy == "cispo" else GC_RATIOS
+    lp, old, inf, adv, mask = make(ratios, [1.0, -0.5], [[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]],
+                                   w_raw=[[1.2, 0.8, 3.0], [1.1, 0.7, 1.0]])
+    ref = lp.detach() + torch.tensor([[0.3, -0.2, 0.1], [0.4, -0.5, 0.0]], dtype=F64)
+    cfg = LossConfig(kl_beta=0.1, normalization=norm,
+                     tis_level="sequence" if policy == "gspo" else "token")
+
+    def fn(x):
+        return compute_loss(policy, x, old, inf, adv, mask, ref, config=cfg)[0]
+
+    assert torch.autograd.gradcheck(fn, (lp,), eps=1e-6, atol=1e-6)
+
+
+def test_unknown_loss_and_kl_without_ref() -> None:
+    inputs = make(**PPO)
+    with pytest.raises(ValueError, match="cispo"):
+        run("ppo", inputs)
+    with pytest.raises(ValueError, match="ref_logprobs"):
+        run("grpo", inputs, kl_beta=0.1)
+
+
+def test_shape_validation() -> None:
+    lp, old, inf, adv, mask = make(**PPO)
+    with pytest.raises(ValueError, match="old_logprobs"):
+        compute_loss("grpo", lp, old[:, :2], inf, adv, mask)
+    with pytest.raises(ValueError, match="advantages"):
+        compute_loss("grpo", lp, old, inf, adv[:, None], mask)
+    with pytest.raises(ValueError, match="ref_logprobs"):
+        compute_loss("grpo", lp, old, inf, adv, mask, ref_logprobs=old[:1])
+    with pytest.raises(ValueError, match="2-D"):
+        compute_loss("grpo", lp[0], old[0], inf[0], adv[:1], mask[0])
+
+
+@pytest.mark.parametrize("bad", [
+    dict(eps_clip=0.0), dict(eps_clip=float("nan")), dict(eps_clip_high=-0.1),
+    dict(eps_clip_c=1.0), dict(tis_cap=0.0), dict(tis_level="batch"),
+    dict(icepop_threshold=0.5), dict(dro_beta=-1.0), dict(gspo_clip=1.0),
+    dict(cispo_eps_low=1.0), dict(cispo_eps_high=-0.1), dict(kl_beta=-0.1),
+    dict(kl_estimator="k4"), dict(normalization="mean"),
+])
+def test_config_validation(bad) -> None:
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        LossConfig(**bad)
+
+
+def test_config_frozen_and_clip_defaults() -> None:
+    cfg = LossConfig()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.eps_clip = 0.3  # type: ignore[misc]
+    assert cfg.clip_high("grpo") == 0.2 and cfg.clip_high("dapo") == 0.28
+    assert LossConfig(eps_clip_high=0.3).clip_high("dapo") == 0.3

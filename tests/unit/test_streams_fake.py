@@ -1,0 +1,221 @@
+"""rlstream.streams on fakeredis: consumer-group reads, dead-lettering, events, reclaim."""
+from __future__ import annotations
+
+import fakeredis
+import msgpack
+import pytest
+
+from rlstream import keys, streams
+from rlstream.codec import decode, encode
+from rlstream.messages import (
+    DeadLetter, GroupAdmitted, GroupRejected, RolloutSample, RunFinished, WeightsPublished,
+    group_id_for, sample_id_for,
+)
+
+RUN = "t1"
+ROLLOUTS = keys.rollouts(RUN)
+DEAD = keys.dead(RUN)
+
+
+@pytest.fixture
+def r():
+    client = fakeredis.FakeRedis()
+    yield client
+    client.close()
+
+
+def sample(member: int = 0, row: int = 0, tokens=(3, 4, 5), **over) -> RolloutSample:
+    gid = group_id_for(0, row, 0)
+    fields = dict(tokens=list(tokens), logprobs=[0.0] + [-0.5] * (len(tokens) - 1),
+                  loss_mask=[0] + [1] * (len(tokens) - 1), reward=float(member),
+                  sample_id=sample_id_for(gid, member), group_id=gid, group_size=2, row_index=row)
+    fields.update(over)
+    return RolloutSample(**fields)
+
+
+def pending_ids(r) -> list[str]:
+    return [e["message_id"].decode() for e in r.xpending_range(ROLLOUTS, keys.TRAINER_GROUP, min="-", max="+",
+                                                                  count=1000)]
+
+
+def sid(entry_id) -> str:
+    return entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+
+
+def test_ensure_group_is_idempotent_and_creates_the_stream(r):
+    streams.ensure_group(r, ROLLOUTS)
+    streams.ensure_group(r, ROLLOUTS)
+    assert r.exists(ROLLOUTS)
+    assert streams.group_info(r, ROLLOUTS) == {"pending": 0, "lag": 0, "consumers": 0}
+
+
+def test_xadd_read_group_round_trip(r):
+    streams.ensure_group(r, ROLLOUTS)
+    msgs = [sample(0), sample(1)]
+    ids = [sid(streams.xadd(r, ROLLOUTS, m)) for m in msgs]
+    assert r.xrange(ROLLOUTS)[0][1] == {streams.FIELD: encode(msgs[0])}
+    got = streams.read_group(r, RUN, "c1", count=10, block_ms=None)
+    assert [e for e, _ in got] == ids
+    assert [m for _, m in got] == msgs
+    assert pending_ids(r) == ids  # read, not yet acked: the trainer's durable buffer
+    # nothing new
+    assert streams.read_group(r, RUN, "c1", count=10, block_ms=None) == []
+    # a restarted consumer re-reads its own pending entries
+    again = streams.read_group(r, RUN, "c1", count=10, block_ms=None, pending=True)
+    assert [(e, m) for e, m in again] == list(zip(ids, msgs))
+    assert streams.read_group(r, RUN, "other", count=10, block_ms=None, pending=True) == []
+    info = streams.group_info(r, ROLLOUTS)
+    assert info["pending"] == 2 and info["consumers"] == 2
+    r.xack(ROLLOUTS, keys.TRAINER_GROUP, *ids)
+    assert pending_ids(r) == [] and streams.group_info(r, ROLLOUTS)["pending"] == 0
+
+
+def test_read_group_respects_count(r):
+    streams.ensure_group(r, ROLLOUTS)
+    ids = [sid(streams.xadd(r, ROLLOUTS, sample(m % 2, row=m))) for m in range(5)]
+    first = streams.read_group(r, RUN, "c", count=2, block_ms=1)
+    rest = streams.read_group(r, RUN, "c", count=10, block_ms=1)
+    assert [e for e, _ in first] == ids[:2] and [e for e, _ in rest] == ids[2:]
+
+
+def test_invalid_entries_are_dead_lettered_and_acked(r):
+    streams.ensure_group(r, ROLLOUTS)
+    unstamped = sample(0).model_copy(update={"sample_id": ""})
+    garbage = b"\xc1 not msgpack"
+    bad_event = encode(GroupRejected(group_id="g", reason="x"))  # valid message, wrong kind
+    ok0 = sid(streams.xadd(r, ROLLOUTS, sample(0)))
+    bad = {
+        sid(r.xadd(ROLLOUTS, {streams.FIELD: garbage})): ("not msgpack", garbage),
+        sid(streams.xadd(r, ROLLOUTS, unstamped)): ("no sample_id", encode(unstamped)),
+        sid(streams.xadd(r, ROLLOUTS, sample(1, tokens=(3, 16, 5)))): (
+            "token id 16 outside the vocabulary (size 16)", None),
+        sid(streams.xadd(r, ROLLOUTS, sample(1, tokens=tuple(range(1, 10))))): (
+            "9 tokens exceed max_seq_len 8", None),
+        sid(r.xadd(ROLLOUTS, {b"other": b"x"})): ("not msgpack", b""),
+        sid(r.xadd(ROLLOUTS, {streams.FIELD: bad_event})): ("expected rollout_sample, got group_rejected",
+                                                            bad_event),
+    }
+    ok1 = sid(streams.xadd(r, ROLLOUTS, sample(1)))
+
+    got = streams.read_group(r, RUN, "c", count=100, block_ms=None, vocab_size=16, max_seq_len=8)
+    assert [e for e, _ in got] == [ok0, ok1]
+    assert pending_ids(r) == [ok0, ok1]  # bad entries were XACKed, valid ones stay pending
+    assert streams.group_info(r, ROLLOUTS)["pending"] == 2
+
+    dead = r.xrange(DEAD)
+    assert len(dead) == len(bad)
+    letters = [decode(fields[streams.FIELD], expect=DeadLetter) for _, fields in dead]
+    assert [d.source_id for d in letters] == list(bad)  # in stream order
+    for d in letters:
+        needle, raw = bad[d.source_id]
+        assert d.source_stream == ROLLOUTS
+        assert needle in d.reason, (needle, d.reason)
+        assert "\n" not in d.reason
+        if raw is not None:
+            assert d.raw == raw
+        else:
+            assert decode(d.raw) is not None  # the raw bytes are the original, decodable sample
+    # nothing more to read, nothing is re-delivered
+    assert streams.read_group(r, RUN, "c", count=100, block_ms=None, vocab_size=16, max_seq_len=8) == []
+
+
+def test_boundaries_of_vocab_and_seq_len_are_inclusive(r):
+    streams.ensure_group(r, ROLLOUTS)
+    streams.xadd(r, ROLLOUTS, sample(0, tokens=(1, 2, 15)))
+    got = streams.read_group(r, RUN, "c", count=10, block_ms=None, vocab_size=16, max_seq_len=3)
+    assert len(got) == 1 and not r.exists(DEAD)
+
+
+def test_dead_letter_raw_is_capped(r):
+    streams.ensure_group(r, ROLLOUTS)
+    r.xadd(ROLLOUTS, {streams.FIELD: b"\xc1" * 100_000})
+    assert streams.read_group(r, RUN, "c", count=10, block_ms=None) == []
+    (_, fields), = r.xrange(DEAD)
+    assert len(decode(fields[streams.FIELD]).raw) == 65536
+
+
+def test_decode_entries_without_group_does_not_ack(r):
+    streams.ensure_group(r, ROLLOUTS)
+    bad_id = sid(r.xadd(ROLLOUTS, {streams.FIELD: b"junk"}))
+    r.xreadgroup(keys.TRAINER_GROUP, "c", {ROLLOUTS: ">"}, count=10)
+    raw_entries = r.xrange(ROLLOUTS)
+    assert streams.decode_entries(r, RUN, ROLLOUTS, raw_entries, group=None) == []
+    assert r.xlen(DEAD) == 1
+    assert pending_ids(r) == [bad_id]
+
+
+def test_autoclaim_moves_idle_entries(r):
+    streams.ensure_group(r, ROLLOUTS)
+    ids = [sid(streams.xadd(r, ROLLOUTS, sample(m))) for m in range(2)]
+    streams.read_group(r, RUN, "dead-consumer", count=10, block_ms=None)
+    nxt, entries = streams.autoclaim(r, ROLLOUTS, keys.TRAINER_GROUP, "c2", min_idle_ms=0)
+    assert nxt == "0-0"
+    assert [sid(e) for e, _ in entries] == ids
+    assert [decode(f[streams.FIELD]) for _, f in entries] == [sample(0), sample(1)]
+    assert streams.read_group(r, RUN, "c2", count=10, block_ms=None, pending=True)[0][0] == ids[0]
+
+
+# --------------------------------------------------------------------------- events
+
+
+def events(n: int):
+    out = []
+    for i in range(n):
+        out.append(GroupAdmitted(group_id=group_id_for(0, i, 0), row_index=i, epoch=0, attempt=0,
+                                 submit_version=0, group_size=2))
+    return out
+
+
+def test_read_events_order_and_cursor(r):
+    ev = keys.events(RUN)
+    assert streams.read_events(r, RUN) == ([], "0-0")
+    msgs = events(3) + [WeightsPublished(version=1, uri="u", sha256="s", bytes=1)]
+    ids = [sid(streams.xadd(r, ev, m)) for m in msgs]
+    got, cursor = streams.read_events(r, RUN)
+    assert got == list(zip(ids, msgs))
+    assert cursor == ids[-1]
+    assert streams.read_events(r, RUN, cursor) == ([], cursor)
+    part, c2 = streams.read_events(r, RUN, count=2)
+    assert [e for e, _ in part] == ids[:2] and c2 == ids[1]
+    part, c3 = streams.read_events(r, RUN, c2, count=2)
+    assert [e for e, _ in part] == ids[2:] and c3 == ids[-1]
+    new = sid(streams.xadd(r, ev, RunFinished(reason="x")))
+    got, c4 = streams.read_events(r, RUN, cursor, block_ms=1)
+    assert [e for e, _ in got] == [new] and isinstance(got[0][1], RunFinished) and c4 == new
+
+
+def test_undecodable_event_is_skipped_but_advances_the_cursor(r):
+    ev = keys.events(RUN)
+    a = sid(streams.xadd(r, ev, events(1)[0]))
+    bad = sid(r.xadd(ev, {streams.FIELD: msgpack.packb({"kind": "nope", "schema_version": 1})}))
+    got, cursor = streams.read_events(r, RUN)
+    assert [e for e, _ in got] == [a]
+    assert cursor == bad
+
+
+def test_iter_all_events(r):
+    ev = keys.events(RUN)
+    assert list(streams.iter_all_events(r, RUN)) == []
+    msgs = events(7)
+    ids = []
+    for i, m in enumerate(msgs):
+        ids.append(sid(streams.xadd(r, ev, m)))
+        if i == 3:
+            r.xadd(ev, {streams.FIELD: b"garbage"})
+    got = list(streams.iter_all_events(r, RUN, batch=2))
+    assert [e for e, _ in got] == ids
+    assert [m for _, m in got] == msgs
+
+
+def test_iter_all_events_ends_on_trailing_garbage(r):
+    ev = keys.events(RUN)
+    streams.xadd(r, ev, events(1)[0])
+    r.xadd(ev, {streams.FIELD: b"garbage"})
+    assert len(list(streams.iter_all_events(r, RUN, batch=1))) == 1
+
+
+def test_group_info_missing_stream_and_group(r):
+    assert streams.group_info(r, "rl:none:rollouts") == {"pending": 0, "lag": None, "consumers": 0}
+    streams.ensure_group(r, ROLLOUTS, group="someone-else")
+    assert streams.group_info(r, ROLLOUTS) == {"pending": 0, "lag": None, "consumers": 0}
+    assert streams.group_info(r, ROLLOUTS, group="someone-else")["pending"] == 0

@@ -1,0 +1,1 @@
+"""The trainer: consume, group, advantage, loss, step, publish weights, commit."""

@@ -1,0 +1,52 @@
+"""Group-relative advantages (GRPO / Dr. GRPO).
+
+A group is the G completions sampled for one prompt; each completion's advantage is its
+reward relative to the group. Groups are along the last dimension, so a (G,) tensor or a
+batch of groups (N, G) both work.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+ADVANTAGE_METHODS: tuple[str, ...] = ("grpo", "dr_grpo")
+_STD_EPS = 1e-8
+
+
+def group_advantages(rewards_G: Tensor, *, scale_std: bool = True) -> Tensor:
+    """Advantages ``A_i = (r_i - mean r) / (std r + 1e-8)`` within each group.
+
+    - std is the *population* std (``correction=0``, divide by G): the group is the
+      whole population being normalised, not a sample of a larger one, and it keeps
+      G=2 groups at A = ±1 exactly instead of ±1/sqrt(2).
+    - A std below 1e-8 is replaced by 1, so all-equal rewards give A = 0 (no signal)
+      instead of amplifying float noise.
+    - ``scale_std=False`` is Dr. GRPO: mean-centering only, no std division (avoids the
+      difficulty bias of up-weighting low-variance groups).
+    - A group of size 1 has no baseline: every entry is NaN, the caller must drop it.
+
+    Integer / bool rewards are promoted to the default float dtype; float dtypes are kept.
+    """
+    if rewards_G.dim() < 1:
+        raise ValueError("rewards must have at least one dimension, got a scalar")
+    if not rewards_G.is_floating_point():
+        rewards_G = rewards_G.to(torch.get_default_dtype())
+    group_size = rewards_G.shape[-1]
+    if group_size == 0:
+        return rewards_G.clone()
+    if group_size == 1:
+        return torch.full_like(rewards_G, float("nan"))
+    centered_G = rewards_G - rewards_G.mean(dim=-1, keepdim=True)
+    if not scale_std:
+        return centered_G
+    std_G = rewards_G.std(dim=-1, correction=0, keepdim=True)
+    std_G = torch.where(std_G < _STD_EPS, torch.ones_like(std_G), std_G)
+    return centered_G / (std_G + _STD_EPS)
+
+
+def compute_advantages(rewards_G: Tensor, method: str = "grpo") -> Tensor:
+    """Dispatch by name: ``"grpo"`` (std-scaled) or ``"dr_grpo"`` (mean-centred only)."""
+    if method not in ADVANTAGE_METHODS:
+        raise ValueError(f"unknown advantage method {method!r}; allowed: {ADVANTAGE_METHODS}")
+    return group_advantages(rewards_G, scale_std=(method == "grpo"))

@@ -1,0 +1,83 @@
+"""Group assembly (dedup by ``sample_id``) and collation into padded, aligned tensors.
+
+Alignment: a causal LM yields N-1 next-token logprobs for N tokens; the worker's
+behaviour logprobs have N entries with the first undefined, so both the behaviour
+logprobs and the loss mask are aligned by dropping position 0 (``[:, 1:]``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from rlstream.messages import RolloutSample
+
+
+@dataclass
+class Group:
+    group_id: str
+    size: int
+    members: dict[str, tuple[str, RolloutSample]] = field(default_factory=dict)  # sample_id -> (entry, sample)
+
+    @property
+    def complete(self) -> bool:
+        return len(self.members) >= self.size
+
+    @property
+    def entry_ids(self) -> list[str]:
+        return [e for e, _ in self.members.values()]
+
+    @property
+    def samples(self) -> list[RolloutSample]:
+        return [s for _, s in self.members.values()]
+
+
+class GroupAssembler:
+    """Collects samples until their group is complete; duplicates (a re-delivered or
+    re-dispatched sample, a group already settled) come back for acking, untrained."""
+
+    def __init__(self) -> None:
+        self.open: dict[str, Group] = {}
+        # Groups already handed out: a re-run job (rq retry, or a dead worker's job re-queued)
+        # re-delivers their samples before the commit marks them settled.
+        self.completed: set[str] = set()
+
+    def add(self, entry_id: str, sample: RolloutSample, settled: set[str]) -> tuple[Group | None, str | None]:
+        """Returns (the group if this sample completed it, the entry id if a duplicate)."""
+        if sample.group_id in settled or sample.group_id in self.completed:
+            return None, entry_id
+        group = self.open.setdefault(sample.group_id, Group(sample.group_id, sample.group_size))
+        if sample.sample_id in group.members:
+            return None, entry_id
+        group.members[sample.sample_id] = (entry_id, sample)
+        if group.complete:
+            self.completed.add(sample.group_id)
+            return self.open.pop(sample.group_id), None
+        return None, None
+
+
+@dataclass
+class Batch:
+    tokens_B_N: torch.Tensor  # long, right-padded
+    attention_B_N: torch.Tensor  # 1 on real tokens
+    inf_logprobs_B_T: torch.Tensor  # behaviour logprobs aligned to targets, T = N - 1
+    mask_B_T: torch.Tensor  # float, 1 on trained targets
+    advantages_B: torch.Tensor
+
+
+def collate(samples: list[RolloutSample], advantages_B: torch.Tensor, pad_id: int, device: torch.device) -> Batch:
+    N = max(len(s.tokens) for s in samples)
+    B = len(samples)
+    tokens = torch.full((B, N), pad_id, dtype=torch.long)
+    attention = torch.zeros((B, N), dtype=torch.long)
+    inf = torch.zeros((B, N), dtype=torch.float32)
+    mask = torch.zeros((B, N), dtype=torch.float32)
+    for i, s in enumerate(samples):
+        n = len(s.tokens)
+        # array.array -> tensor without a Python-level loop (the arrays own their buffers)
+        tokens[i, :n] = torch.frombuffer(s.tokens, dtype=torch.int32)
+        inf[i, :n] = torch.frombuffer(s.logprobs, dtype=torch.float32)
+        mask[i, :n] = torch.frombuffer(s.loss_mask, dtype=torch.uint8)
+        attention[i, :n] = 1
+    return Batch(tokens.to(device), attention.to(device), inf[:, 1:].to(device), mask[:, 1:].to(device),
+                 advantages_B.to(device))

@@ -1,0 +1,283 @@
+"""Token-level policy-gradient losses for the GRPO family.
+
+Every loss is computed per token on (B, T) tensors, then reduced with the configured
+normalisation. Masked positions (mask == 0) are replaced with safe values through
+``torch.where`` *before* any arithmetic, so padding holding NaN/inf can never leak
+into the loss or its gradient (0 * NaN is NaN, so multiplying by the mask is not enough).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+POLICY_LOSSES: tuple[str, ...] = (
+    "grpo", "importance_sampling", "reinforce", "dapo", "dro", "gspo", "cispo",
+)
+KL_ESTIMATORS: tuple[str, ...] = ("k1", "k2", "k3")
+NORMALIZATIONS: tuple[str, ...] = ("token_mean", "sequence_mean", "token_sum")
+TIS_LEVELS: tuple[str, ...] = ("token", "sequence")
+
+# exp(±20) ~ 5e8: large enough never to bind on sane data, small enough to never overflow.
+_LOG_RATIO_CLAMP = 20.0
+# GSPO: cap on the log sequence ratio, keeps exp() finite for very off-policy sequences.
+_GSPO_LOG_RATIO_CAP = 10.0
+_DAPO_CLIP_HIGH = 0.28
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Hyper-parameters of :func:`compute_loss`. Immutable, validated on construction.
+
+    ``eps_clip_high=None`` means the per-loss default: ``eps_clip`` (symmetric, 0.2) for
+    grpo and 0.28 ("clip-higher") for dapo. ``eps_clip_c`` enables dual-clip PPO for the
+    PPO-clipped losses (grpo, dapo) on negative-advantage tokens.
+    """
+
+    eps_clip: float = 0.2
+    eps_clip_high: float | None = None
+    eps_clip_c: float | None = None
+    tis_cap: float = 5.0
+    tis_level: Literal["token", "sequence"] = "token"
+    icepop_threshold: float | None = None
+    dro_beta: float = 0.05
+    gspo_clip: float = 0.2
+    cispo_eps_low: float = 0.2
+    cispo_eps_high: float = 0.28
+    kl_beta: float = 0.0
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    normalization: Literal["token_mean", "sequence_mean", "token_sum"] = "token_mean"
+
+    def __post_init__(self) -> None:
+        # Written as `not (lo < x < hi)` so that NaN is rejected too.
+        def check(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ValueError(f"LossConfig: {msg}")
+
+        check(0.0 < self.eps_clip < 1.0, f"eps_clip must be in (0, 1), got {self.eps_clip}")
+        check(self.eps_clip_high is None or self.eps_clip_high > 0.0,
+              f"eps_clip_high must be > 0 or None, got {self.eps_clip_high}")
+        check(self.eps_clip_c is None or self.eps_clip_c > 1.0,
+              f"eps_clip_c (dual clip) must be > 1 or None, got {self.eps_clip_c}")
+        check(self.tis_cap > 0.0, f"tis_cap must be > 0, got {self.tis_cap}")
+        check(self.tis_level in TIS_LEVELS,
+              f"tis_level must be one of {TIS_LEVELS}, got {self.tis_level!r}")
+        check(self.icepop_threshold is None or self.icepop_threshold > 1.0,
+              f"icepop_threshold must be > 1 or None, got {self.icepop_threshold}")
+        check(self.dro_beta >= 0.0, f"dro_beta must be >= 0, got {self.dro_beta}")
+        check(0.0 < self.gspo_clip < 1.0, f"gspo_clip must be in (0, 1), got {self.gspo_clip}")
+        check(0.0 <= self.cispo_eps_low < 1.0,
+              f"cispo_eps_low must be in [0, 1), got {self.cispo_eps_low}")
+        check(self.cispo_eps_high >= 0.0,
+              f"cispo_eps_high must be >= 0, got {self.cispo_eps_high}")
+        check(self.kl_beta >= 0.0, f"kl_beta must be >= 0, got {self.kl_beta}")
+        check(self.kl_estimator in KL_ESTIMATORS,
+              f"kl_estimator must be one of {KL_ESTIMATORS}, got {self.kl_estimator!r}")
+        check(self.normalization in NORMALIZATIONS,
+              f"normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}")
+
+    def clip_high(self, policy_loss: str) -> float:
+        """Upper PPO clip epsilon after resolving the per-loss default."""
+        if self.eps_clip_high is not None:
+            return self.eps_clip_high
+        return _DAPO_CLIP_HIGH if policy_loss == "dapo" else self.eps_clip
+
+
+def masked_mean(x_B_T: Tensor, mask_B_T: Tensor) -> Tensor:
+    """Mean of ``x`` over positions where the bool mask is set; 0 (not NaN) when empty."""
+    total = torch.where(mask_B_T, x_B_T, torch.zeros_like(x_B_T)).sum()
+    return total / mask_B_T.sum().clamp(min=1).to(x_B_T.dtype)
+
+
+def sequence_mean(x_B_T: Tensor, mask_B_T: Tensor) -> Tensor:
+    """Per-sequence mean over active tokens, shape (B,); 0 for sequences with none."""
+    total_B = torch.where(mask_B_T, x_B_T, torch.zeros_like(x_B_T)).sum(-1)
+    return total_B / mask_B_T.sum(-1).clamp(min=1).to(x_B_T.dtype)
+
+
+def tis_weights(
+    old_B_T: Tensor, inf_B_T: Tensor, mask_B_T: Tensor, config: LossConfig
+) -> tuple[Tensor, Tensor]:
+    """Truncated importance weights correcting the trainer/inference-engine mismatch.
+
+    Returns ``(w_B_T, capped_B_T)``: detached weights (1 on masked positions) and a bool
+    map of active tokens where the cap was binding. Inputs must already be sanitised.
+    """
+    log_w_B_T = (old_B_T - inf_B_T).detach().clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
+    if config.tis_level == "sequence":
+        # Geometric mean of the token ratios: one weight per sequence, length-independent.
+        level_B_T = sequence_mean(log_w_B_T, mask_B_T)[:, None].expand_as(log_w_B_T)
+    else:
+        level_B_T = log_w_B_T
+    raw_B_T = torch.exp(level_B_T)
+    capped_B_T = (raw_B_T > config.tis_cap) & mask_B_T
+    w_B_T = raw_B_T.clamp(max=config.tis_cap)
+    if config.icepop_threshold is not None:
+        # IcePop: drop tokens whose own mismatch is extreme rather than down-weighting.
+        keep_B_T = log_w_B_T.abs() <= math.log(config.icepop_threshold)
+        w_B_T = torch.where(keep_B_T, w_B_T, torch.zeros_like(w_B_T))
+        capped_B_T = capped_B_T & keep_B_T
+    return torch.where(mask_B_T, w_B_T, torch.ones_like(w_B_T)), capped_B_T
+
+
+def kl_penalty(logprobs_B_T: Tensor, ref_logprobs_B_T: Tensor, estimator: str) -> Tensor:
+    """Per-token differentiable KL(pi || ref) estimate (Schulman's k1 / k2 / k3)."""
+    log_ratio_B_T = logprobs_B_T - ref_logprobs_B_T
+    if estimator == "k1":
+        return log_ratio_B_T
+    if estimator == "k2":
+        return 0.5 * log_ratio_B_T.square()
+    if estimator == "k3":
+        # Clamp only protects exp() from overflow; k3 is >= 0 and unbiased otherwise.
+        x_B_T = (-log_ratio_B_T).clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
+        return torch.exp(x_B_T) - x_B_T - 1.0
+    raise ValueError(f"unknown kl_estimator {estimator!r}; allowed: {KL_ESTIMATORS}")
+
+
+def clipped_surrogate(
+    ratio_B_T: Tensor, adv_B_T: Tensor, eps_low: float, eps_high: float,
+    dual_clip_c: float | None = None,
+) -> tuple[Tensor, Tensor]:
+    """PPO pessimistic surrogate ``max(-r·A, -clip(r)·A)`` with optional dual clip.
+
+    Returns ``(loss_B_T, clip_active_B_T)``; clip is active where a clipped branch was
+    selected and differs from the unclipped one (so its gradient is zero there).
+    """
+    unclipped_B_T = -ratio_B_T * adv_B_T
+    clipped_B_T = -ratio_B_T.clamp(1.0 - eps_low, 1.0 + eps_high) * adv_B_T
+    # torch.where instead of torch.maximum: no half/half gradient split at ties.
+    clip_active_B_T = clipped_B_T > unclipped_B_T
+    loss_B_T = torch.where(clip_active_B_T, clipped_B_T, unclipped_B_T)
+    if dual_clip_c is not None:
+        # Dual clip bounds the loss of A<0 tokens whose ratio exploded: loss <= -c·A.
+        bound_B_T = -dual_clip_c * adv_B_T
+        dual_B_T = (adv_B_T < 0) & (bound_B_T < loss_B_T)
+        loss_B_T = torch.where(dual_B_T, bound_B_T, loss_B_T)
+        clip_active_B_T = clip_active_B_T | dual_B_T
+    return loss_B_T, clip_active_B_T
+
+
+def reduce_loss(loss_B_T: Tensor, mask_B_T: Tensor, normalization: str) -> Tensor:
+    """Reduce per-token losses to a scalar; empty masks give 0 with the graph intact."""
+    if normalization == "token_mean":
+        return masked_mean(loss_B_T, mask_B_T)
+    if normalization == "token_sum":
+        return torch.where(mask_B_T, loss_B_T, torch.zeros_like(loss_B_T)).sum()
+    if normalization == "sequence_mean":
+        has_tokens_B = mask_B_T.any(-1)
+        per_seq_B = sequence_mean(loss_B_T, mask_B_T)
+        return per_seq_B.sum() / has_tokens_B.sum().clamp(min=1).to(loss_B_T.dtype)
+    raise ValueError(f"unknown normalization {normalization!r}; allowed: {NORMALIZATIONS}")
+
+
+def _validate(policy_loss: str, tensors: dict[str, Tensor | None], adv: Tensor) -> None:
+    if policy_loss not in POLICY_LOSSES:
+        raise ValueError(f"unknown policy_loss {policy_loss!r}; allowed: {POLICY_LOSSES}")
+    shape = tensors["logprobs"].shape  # type: ignore[union-attr]
+    if len(shape) != 2:
+        raise ValueError(f"logprobs must be 2-D (B, T), got shape {tuple(shape)}")
+    for name, t in tensors.items():
+        if t is not None and t.shape != shape:
+            raise ValueError(f"{name} shape {tuple(t.shape)} != logprobs shape {tuple(shape)}")
+    if adv.shape != shape[:1]:
+        raise ValueError(f"advantages must have shape ({shape[0]},), got {tuple(adv.shape)}")
+
+
+def compute_loss(
+    policy_loss: str,
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    inf_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    ref_logprobs: Tensor | None = None,
+    config: LossConfig = LossConfig(),
+) -> tuple[Tensor, dict[str, float]]:
+    """Scalar policy loss (differentiable w.r.t. ``logprobs``) and float metrics.
+
+    Args (all (B, T) except ``advantages`` (B,)): ``logprobs`` of the current policy,
+    ``old_logprobs`` of the policy that defined the PPO trust region, ``inf_logprobs``
+    of the sampler (behaviour policy), ``mask`` (non-zero = trained token), optional
+    frozen ``ref_logprobs`` for the KL penalty. All but ``logprobs`` are detached.
+    """
+    _validate(policy_loss, {"logprobs": logprobs, "old_logprobs": old_logprobs,
+                            "inf_logprobs": inf_logprobs, "mask": mask,
+                            "ref_logprobs": ref_logprobs}, advantages)
+    if config.kl_beta > 0 and ref_logprobs is None:
+        raise ValueError("kl_beta > 0 requires ref_logprobs")
+
+    # Sanitise: every masked position becomes 0 before any arithmetic (NaN/inf safe).
+    mask_B_T = mask != 0
+    zeros_B_T = torch.zeros_like(logprobs)
+
+    def clean(t: Tensor) -> Tensor:
+        return torch.where(mask_B_T, t.detach().to(logprobs.dtype), zeros_B_T)
+
+    lp_B_T = torch.where(mask_B_T, logprobs, zeros_B_T)
+    old_B_T, inf_B_T = clean(old_logprobs), clean(inf_logprobs)
+    adv_B_T = clean(advantages[:, None].expand_as(logprobs))
+    ref_B_T = clean(ref_logprobs) if ref_logprobs is not None else None
+
+    log_r_B_T = (lp_B_T - old_B_T).clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
+    r_B_T = torch.exp(log_r_B_T)
+    w_B_T, tis_capped_B_T = tis_weights(old_B_T, inf_B_T, mask_B_T, config)
+    ratio_B_T = r_B_T  # the ratio reported in metrics
+    clip_B_T = torch.zeros_like(mask_B_T)
+
+    if policy_loss in ("grpo", "dapo"):
+        surr_B_T, clip_B_T = clipped_surrogate(
+            r_B_T, adv_B_T, config.eps_clip, config.clip_high(policy_loss), config.eps_clip_c)
+        loss_B_T = surr_B_T * w_B_T
+    elif policy_loss == "importance_sampling":
+        loss_B_T = -r_B_T * adv_B_T * w_B_T
+    elif policy_loss == "reinforce":
+        # Ratio against the sampler itself: the TIS weight would double-correct.
+        ratio_B_T = torch.exp((lp_B_T - inf_B_T).clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP))
+        loss_B_T = -ratio_B_T * adv_B_T
+    elif policy_loss == "dro":
+        # The quadratic anchor only applies where there is a learning signal (A != 0).
+        anchor_B_T = 0.5 * config.dro_beta * (lp_B_T - old_B_T).square()
+        anchor_B_T = torch.where(adv_B_T != 0, anchor_B_T, zeros_B_T)
+        loss_B_T = -(lp_B_T * adv_B_T * w_B_T - anchor_B_T)
+    elif policy_loss == "gspo":
+        log_s_B = sequence_mean(lp_B_T - old_B_T, mask_B_T).clamp(max=_GSPO_LOG_RATIO_CAP)
+        # Value = sequence ratio s on every token, gradient d s_t / d lp_t = s (GSPO-token).
+        ratio_B_T = torch.exp(lp_B_T - lp_B_T.detach() + log_s_B.detach()[:, None])
+        surr_B_T, clip_B_T = clipped_surrogate(
+            ratio_B_T, adv_B_T, config.gspo_clip, config.gspo_clip)
+        loss_B_T = surr_B_T * w_B_T
+    else:  # cispo
+        low, high = 1.0 - config.cispo_eps_low, 1.0 + config.cispo_eps_high
+        # Clipped ratio is a stop-gradient weight, so clipped tokens still get gradient.
+        clipped_r_B_T = r_B_T.detach().clamp(low, high)
+        clip_B_T = (r_B_T < low) | (r_B_T > high)
+        loss_B_T = -clipped_r_B_T * lp_B_T * adv_B_T * w_B_T
+
+    kl_B_T = None
+    if ref_B_T is not None:
+        kl_B_T = kl_penalty(lp_B_T, ref_B_T, config.kl_estimator)
+        if config.kl_beta > 0:
+            loss_B_T = loss_B_T + config.kl_beta * kl_B_T
+
+    loss = reduce_loss(loss_B_T, mask_B_T, config.normalization)
+
+    with torch.no_grad():
+        def mean(x: Tensor) -> float:
+            return float(masked_mean(x.to(logprobs.dtype), mask_B_T))
+
+        metrics = {
+            "ppo_clip_frac": mean((clip_B_T & mask_B_T).to(logprobs.dtype)),
+            "ppo_ratio_mean": mean(ratio_B_T),
+            "ppo_kl": mean(torch.exp(-log_r_B_T) + log_r_B_T - 1.0),
+            "ref_kl": mean(kl_B_T) if kl_B_T is not None else 0.0,
+            "mean_kl": mean(log_r_B_T),
+            "tis/weight_mean": mean(w_B_T),
+            "tis/clip_frac": mean(tis_capped_B_T),
+            "active_tokens": float(mask_B_T.sum()),
+            "mean_loss": float(loss),
+        }
+    return loss, metrics

@@ -1,0 +1,55 @@
+"""The trainer's model side: base model preparation, token logprobs, weight publishing."""
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+
+from rlstream import weights
+from rlstream.config import BUILTIN_MODEL, Config
+from rlstream.errors import ConfigError
+from rlstream.messages import WeightsPublished
+
+log = logging.getLogger(__name__)
+
+
+def base_model_path(cfg: Config, run_dir: Path) -> Path:
+    """The HF directory the run starts from; ``builtin:tiny`` is built into the run dir."""
+    if cfg.base_model == BUILTIN_MODEL:
+        from rlstream.tiny_model import save_tiny_model
+
+        return save_tiny_model(run_dir / "base_model", seed=cfg.seed)
+    path = Path(cfg.base_model)
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"base_model {cfg.base_model!r} is not an HF model directory (no config.json)")
+    return path
+
+
+def token_logprobs(model: torch.nn.Module, tokens_B_N: torch.Tensor, attention_B_N: torch.Tensor,
+                   temperature: float) -> torch.Tensor:
+    """log pi(token_t | tokens_<t) for t = 1..N-1, at the sampling temperature: (B, N-1)."""
+    logits_B_T_V = model(input_ids=tokens_B_N, attention_mask=attention_B_N).logits[:, :-1].float()
+    logprobs_B_T_V = torch.log_softmax(logits_B_T_V / temperature, dim=-1)
+    return logprobs_B_T_V.gather(-1, tokens_B_N[:, 1:, None])[..., 0]
+
+
+def weights_dir(run_dir: Path, version: int) -> Path:
+    return run_dir / "weights" / f"v{version}"
+
+
+def publish_weights(model, tokenizer, run_dir: Path, version: int, keep: int) -> WeightsPublished:
+    """Write ``weights/v<version>`` atomically (temp dir, fsync, manifest, rename) and prune
+    old versions, keeping the newest ``keep`` and v0 (the base the reference copy uses)."""
+    final = weights_dir(run_dir, version)
+    tmp = final.with_name(f".tmp-{final.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)  # handles tied embeddings (raw safetensors.save_file refuses them)
+    tokenizer.save_pretrained(tmp)
+    digest, size = weights.seal(tmp, final, version)
+    for old in final.parent.glob("v*"):
+        n = int(old.name[1:]) if old.name[1:].isdigit() else None
+        if n is not None and 0 < n <= version - keep:
+            shutil.rmtree(old, ignore_errors=True)
+    return WeightsPublished(version=version, uri=str(final.resolve()), sha256=digest, bytes=size)

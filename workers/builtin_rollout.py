@@ -1,0 +1,39 @@
+"""The built-in single-turn rollout: sample the row's prompt once, score it.
+
+Rows carry ``prompt`` (str), ``prompt_token_ids`` or ``messages``; the reward is exact
+match against ``answer`` (the built-in ``a+b=`` task's reward).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from rlstream.builtin_task import exact_match_reward
+from rlstream.messages import RolloutSample
+from rlstream.rollout import RolloutFn, RolloutSetup
+
+
+def prompt_token_ids(row: dict[str, Any], tokenizer: Any) -> list[int]:
+    if "prompt_token_ids" in row:
+        return list(row["prompt_token_ids"])
+    if "messages" in row:
+        messages = [m for m in row["messages"] if m["role"] != "assistant"]
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "input_ids") else ids)
+    return tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
+
+
+def make_rollout_fn(setup: RolloutSetup) -> RolloutFn:
+    async def rollout_fn(sample_prompt: dict[str, Any]) -> RolloutSample | None:
+        prompt = prompt_token_ids(sample_prompt, setup.tokenizer)
+        [c] = await setup.sampler.sample_with_prompt_tokens(prompt, n=1, **setup.sample_kwargs)
+        generated = len(c.full_tokens) - c.prompt_len
+        return RolloutSample(
+            tokens=c.full_tokens,
+            logprobs=[0.0] * c.prompt_len + c.inference_logprobs,
+            loss_mask=[0] * c.prompt_len + [1] * generated,
+            reward=exact_match_reward(c.text, sample_prompt.get("answer", "")),
+            finish_reason=c.finish_reason,
+            text=c.text,
+        )
+
+    return rollout_fn

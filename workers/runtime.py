@@ -1,0 +1,98 @@
+"""What one worker process keeps in memory between jobs: the policy (loaded once,
+updated in place), the user's rollout_fn, and its view of the events stream. None of it
+is state a restart loses: it is all rebuilt from Redis and the published weights."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import redis
+
+from rlstream import keys, streams
+from rlstream.config import Config
+from rlstream.messages import GroupJob, GroupRejected, RolloutSample, sample_id_for
+from rlstream.rollout import RolloutFnFactory, RolloutSetup
+from rlstream.run_state import RunState
+
+log = logging.getLogger(__name__)
+
+
+class WorkerRuntime:
+    def __init__(self, cfg: Config, r: redis.Redis, worker_id: str, device: Any,
+                 rollout_fn_factory: RolloutFnFactory):
+        self.cfg, self.r, self.worker_id, self.device = cfg, r, worker_id, device
+        self.factory = rollout_fn_factory
+        self.state, self.cursor = RunState(), "0-0"
+        self.policy = None
+        self.rollout_fn = None
+        self.invalid_samples = 0
+
+    def follow_events(self, block_ms: int | None = None) -> None:
+        entries, self.cursor = streams.read_events(self.r, self.cfg.run_id, self.cursor, block_ms=block_ms)
+        for _, msg in entries:
+            self.state.apply(msg)
+
+    def sync_weights(self, min_version: int) -> None:
+        """Load the newest published version; wait (bounded) until one >= ``min_version``
+        exists: the producer admitted this group after seeing it published."""
+        deadline = time.monotonic() + self.cfg.job_timeout
+        self.follow_events()
+        while self.state.latest_weights is None or self.state.published_version < min_version:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no weights >= v{min_version} published within {self.cfg.job_timeout}s")
+            self.follow_events(block_ms=500)
+        published = self.state.latest_weights
+        if self.policy is None:
+            from workers.local_policy import LocalPolicy, LocalSampler
+
+            self.policy = LocalPolicy(published, self.device)
+            sample_kwargs = dict(max_tokens=self.cfg.max_completion_tokens, temperature=self.cfg.temperature,
+                                 top_p=1.0, top_k=0, max_seq_len=self.cfg.max_seq_len, logprobs=True)
+            setup = RolloutSetup(sampler=LocalSampler(self.policy, sample_kwargs), tokenizer=self.policy.tokenizer,
+                                 sample_kwargs=sample_kwargs, completions_per_prompt=self.cfg.completions_per_prompt)
+            self.rollout_fn = self.factory(setup)
+            log.info("worker %s: loaded v%d from %s", self.worker_id, published.version, published.uri)
+        elif published.version > self.policy.version:
+            try:
+                self.policy.load(published)
+            except (FileNotFoundError, ValueError) as exc:
+                # Pruned or replaced while we looked: a newer version is already out.
+                log.warning("worker %s: could not load v%d (%s); retrying with the newest", self.worker_id,
+                            published.version, exc)
+                self.follow_events(block_ms=200)
+                return self.sync_weights(min_version)
+
+    async def _draws(self, row: dict[str, Any], n: int) -> list[RolloutSample | None | BaseException]:
+        return await asyncio.gather(*(self.rollout_fn(dict(row)) for _ in range(n)), return_exceptions=True)
+
+    def run_group(self, job: GroupJob) -> dict[str, Any]:
+        self.sync_weights(job.submit_version)
+        version = self.policy.version
+        results = asyncio.run(self._draws(job.row, job.group_size))
+        samples: list[RolloutSample] = []
+        for res in results:
+            if isinstance(res, ValueError):  # an invalid RolloutSample: counted, the run goes on
+                self.invalid_samples += 1
+                log.warning("worker %s: invalid sample in %s: %s", self.worker_id, job.group_id, res)
+            elif isinstance(res, BaseException):
+                raise res  # rq retries the job (bounded), then the producer rejects the group
+            elif res is not None:
+                samples.append(res)
+        stream = keys.rollouts(self.cfg.run_id)
+        with self.r.pipeline(transaction=True) as pipe:
+            if len(samples) < 2:  # a single survivor has no group-relative advantage
+                streams.xadd(pipe, keys.events(self.cfg.run_id), GroupRejected(
+                    group_id=job.group_id, by=self.worker_id,
+                    reason=f"only {len(samples)} of {job.group_size} draws returned a valid sample"))
+            else:
+                for member, s in enumerate(samples):
+                    streams.xadd(pipe, stream, s.model_copy(update=dict(
+                        sample_id=sample_id_for(job.group_id, member), group_id=job.group_id,
+                        group_size=len(samples), row_index=job.row_index, epoch=job.epoch,
+                        submit_version=job.submit_version, min_version=version, max_version=version,
+                        worker_id=self.worker_id)))
+            pipe.setex(keys.worker_heartbeat(self.cfg.run_id, self.worker_id), 60, version)
+            pipe.execute()
+        return {"group_id": job.group_id, "samples": len(samples), "version": version}
