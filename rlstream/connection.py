@@ -32,16 +32,21 @@ def client(url: str, *, command_retries: int = 8) -> redis.Redis:
 
 
 def connect(url: str, timeout: float = 15.0) -> redis.Redis:
-    """Return a client once ``PING`` answers; raise ``RedisUnavailable`` after ``timeout``."""
-    r = client(url)
+    """Return a client once ``PING`` answers; raise ``RedisUnavailable`` after ``timeout``.
+
+    The probe client has no per-command retries (they would sleep ~9 s inside one PING and
+    overrun ``timeout``); the returned client has them, for reconnects later on."""
+    probe = client(url, command_retries=0)
     deadline = time.monotonic() + timeout
     delay = 0.05
     while True:
         try:
-            r.ping()
-            return r
+            probe.ping()
+            probe.close()
+            return client(url)
         except (ConnectionError, TimeoutError, BusyLoadingError, OSError) as exc:
             if time.monotonic() + delay > deadline:
+                probe.close()
                 raise RedisUnavailable(
                     f"cannot reach Redis at {url} after {timeout:.0f} s ({exc}); start the "
                     "server or fix redis.url / RLSTREAM_REDIS_URL (unset it to use the embedded one)"

@@ -78,23 +78,6 @@ def test_long_directory_falls_back_to_tcp(tmp_path):
         server.stop()
 
 
-def test_connect_own_deadline_names_the_url(monkeypatch):
-    """connect()'s retry loop, with a client that does not retry each command itself."""
-    monkeypatch.setattr(connection, "client", lambda url: connection.redis.Redis.from_url(
-        url, socket_connect_timeout=1))
-    url = dead_url()
-    t0 = time.monotonic()
-    with pytest.raises(RedisUnavailable) as err:
-        connect(url, timeout=1.0)
-    assert time.monotonic() - t0 < 5.0
-    assert url in str(err.value)
-
-
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG rlstream/connection.py connect(): the client's own Retry (command_retries=8, "
-    "ExponentialBackoff(cap=2.0, base=0.05)) runs inside the first PING, which alone sleeps "
-    "0.1+0.2+0.4+0.8+1.6+2+2+2 = 9.1 s before connect() checks its deadline: timeout=1.0 "
-    "raises after ~9.1 s, the default timeout=15 after ~18.3 s"))
 def test_connect_to_dead_port_raises_within_timeout():
     url = dead_url()
     outcome: list[BaseException] = []
