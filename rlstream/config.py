@@ -17,6 +17,7 @@ from typing import Any, Literal, Mapping
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from rlstream.errors import ConfigError
+from rlstream.imports import check_spec
 from rlstream.keys import check_run_id
 
 BUILTIN_MODEL = "builtin:tiny"
@@ -35,6 +36,18 @@ class RedisConfig(_Section):
     )
     connect_timeout: float = Field(
         15.0, gt=0, le=600, description="seconds of bounded, backed-off retries before giving up"
+    )
+
+
+class TisConfig(_Section):
+    """Truncated importance sampling between the trainer's and the sampler's logprobs."""
+
+    cap: float = Field(5.0, ge=1.0, le=1e6, description="cap on the train/inference weight exp(old - inf)")
+    level: Literal["token", "sequence"] = Field(
+        "token", description="weight per token, or the geometric mean over the sequence's trained tokens"
+    )
+    icepop_threshold: float | None = Field(
+        None, gt=1.0, description="zero tokens whose ratio leaves [1/θ, θ] (IcePop); unset = off"
     )
 
 
@@ -70,10 +83,28 @@ class Config(_Section):
         "constant", description="learning-rate schedule after warmup; linear/cosine decay to 0 at max_steps"
     )
     lr_warmup_steps: int = Field(0, ge=0, le=1_000_000, description="linear warmup steps")
-    kl_beta: float = Field(0.0, ge=0, le=100.0, description="reference-KL coefficient (k3); 0 = no reference model")
+    kl_beta: float = Field(0.0, ge=0, le=100.0, description="reference-KL coefficient; 0 = no reference model")
+    kl_estimator: Literal["k1", "k2", "k3"] = Field("k3", description="KL estimator against the reference")
+    reference_model: str | None = Field(
+        None, description="HF directory of the frozen reference; unset = base_model (same tokenizer required)"
+    )
     eps_clip: float = Field(0.2, gt=0, lt=1, description="PPO clip, low side")
     eps_clip_high: float | None = Field(None, gt=0, le=10, description="PPO clip, high side; unset = loss default")
-    tis_cap: float = Field(5.0, ge=1.0, le=1e6, description="cap on the train/inference importance weight")
+    eps_clip_c: float | None = Field(None, gt=1, le=100, description="dual clip for A < 0 (grpo, dapo); unset = off")
+    dro_beta: float = Field(0.05, ge=0, le=100, description="quadratic proximal penalty of the dro loss")
+    normalization: Literal["token_mean", "sequence_mean", "token_sum"] = Field(
+        "token_mean", description="how per-token losses reduce to the batch loss"
+    )
+    advantage: str = Field(
+        "grpo", description="grpo ((r-mean)/std), dr_grpo (r-mean) or 'module:function' (rewards_G -> advantages_G)"
+    )
+    anchor_logp: Literal["old_policy", "rollout"] = Field(
+        "old_policy", description="PPO anchor: current weights before the update, or the behaviour logprobs (w = 1)"
+    )
+    ppo_n_minibatches: int = Field(
+        1, ge=1, le=4096, description="optimizer steps per rollout batch (K slices); one version bump per batch"
+    )
+    tis: TisConfig = Field(default_factory=TisConfig)
     grad_clip_norm: float | None = Field(1.0, gt=0, description="global grad-norm clip; unset = none")
     max_head_offpolicy_versions: int = Field(
         1, ge=0, le=1024, description="O: how many versions sampling may run ahead of training"
@@ -103,6 +134,10 @@ class Config(_Section):
             self.max_concurrency_rollout_sample < self.completions_per_prompt
         ):
             raise ValueError("max_concurrency_rollout_sample must be >= completions_per_prompt")
+        if self.advantage not in ("grpo", "dr_grpo"):
+            check_spec(self.advantage, "advantage")
+        if self.ppo_n_minibatches > self.batch_size:
+            raise ValueError(f"ppo_n_minibatches {self.ppo_n_minibatches} exceeds the batch of {self.batch_size} samples")
         if self.lr_schedule != "constant" and self.max_steps is None:
             raise ValueError(f"lr_schedule {self.lr_schedule!r} decays to 0 at max_steps: set max_steps")
         return self

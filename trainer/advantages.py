@@ -50,3 +50,21 @@ def compute_advantages(rewards_G: Tensor, method: str = "grpo") -> Tensor:
     if method not in ADVANTAGE_METHODS:
         raise ValueError(f"unknown advantage method {method!r}; allowed: {ADVANTAGE_METHODS}")
     return group_advantages(rewards_G, scale_std=(method == "grpo"))
+
+
+def resolve_advantage(spec: str):
+    """``"grpo"``/``"dr_grpo"``, or ``"module:function"`` taking rewards_G and returning
+    advantages_G (a user function: imported by name, so the trainer process can load it)."""
+    if spec in ADVANTAGE_METHODS:
+        return lambda rewards_G: compute_advantages(rewards_G, spec)
+    from rlstream.imports import import_object
+
+    fn = import_object(spec, "advantage")
+
+    def user_advantage(rewards_G: Tensor) -> Tensor:
+        out = torch.as_tensor(fn(rewards_G), dtype=rewards_G.dtype)
+        if out.shape != rewards_G.shape:
+            raise ValueError(f"advantage {spec!r} returned shape {tuple(out.shape)} for rewards {tuple(rewards_G.shape)}")
+        return out
+
+    return user_advantage

@@ -18,6 +18,7 @@ class Group:
     group_id: str
     size: int
     members: dict[str, tuple[str, RolloutSample]] = field(default_factory=dict)  # sample_id -> (entry, sample)
+    advantages_G: torch.Tensor | None = None  # set by the trainer once the group is complete
 
     @property
     def complete(self) -> bool:
@@ -30,6 +31,10 @@ class Group:
     @property
     def samples(self) -> list[RolloutSample]:
         return [s for _, s in self.members.values()]
+
+    @property
+    def rewards_G(self) -> torch.Tensor:
+        return torch.tensor([s.reward for s in self.samples], dtype=torch.float32)
 
 
 class GroupAssembler:

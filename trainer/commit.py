@@ -11,7 +11,7 @@ from __future__ import annotations
 import redis
 
 from rlstream import keys, streams
-from rlstream.messages import StepCommitted, WeightsPublished
+from rlstream.messages import GroupRejected, StepCommitted, WeightsPublished
 
 
 def commit_step(r: redis.Redis, run_id: str, committed: StepCommitted) -> None:
@@ -30,3 +30,12 @@ def ack_untrained(r: redis.Redis, run_id: str, entry_ids: list[str]) -> None:
     """Duplicates and samples of settled groups: acknowledged, never trained."""
     if entry_ids:
         r.xack(keys.rollouts(run_id), keys.TRAINER_GROUP, *entry_ids)
+
+
+def reject_group(r: redis.Redis, run_id: str, group_id: str, entry_ids: list[str], reason: str) -> None:
+    """An explicit ``GroupRejected`` (frees its gate slots) and the XACK of its entries, in one MULTI."""
+    with r.pipeline(transaction=True) as pipe:
+        streams.xadd(pipe, keys.events(run_id), GroupRejected(group_id=group_id, reason=reason, by="trainer"))
+        if entry_ids:
+            pipe.xack(keys.rollouts(run_id), keys.TRAINER_GROUP, *entry_ids)
+        pipe.execute()

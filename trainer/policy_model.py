@@ -1,6 +1,7 @@
 """The trainer's model side: base model preparation, token logprobs, weight publishing."""
 from __future__ import annotations
 
+import copy
 import logging
 import shutil
 from pathlib import Path
@@ -25,6 +26,21 @@ def base_model_path(cfg: Config, run_dir: Path) -> Path:
     if not (path / "config.json").is_file():
         raise ConfigError(f"base_model {cfg.base_model!r} is not an HF model directory (no config.json)")
     return path
+
+
+def load_reference(cfg: Config, model, tokenizer, device):
+    """The frozen reference for the KL penalty: a copy of the base weights (or
+    ``reference_model``), eval mode, no grad. Its tokenizer must be the policy's."""
+    if cfg.reference_model is None:
+        ref = copy.deepcopy(model)
+    else:
+        from rlstream.torch_setup import load_model_and_tokenizer
+
+        ref, ref_tokenizer = load_model_and_tokenizer(cfg.reference_model, device)
+        if ref_tokenizer.get_vocab() != tokenizer.get_vocab():
+            raise ConfigError(f"reference_model {cfg.reference_model!r} has a different tokenizer than the policy; "
+                              "the KL penalty compares per-token logprobs, so they must share one")
+    return ref.eval().requires_grad_(False)
 
 
 def token_logprobs(model: torch.nn.Module, tokens_B_N: torch.Tensor, attention_B_N: torch.Tensor,

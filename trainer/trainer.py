@@ -1,11 +1,10 @@
 """The trainer: read, gate, group, loss, step, publish, commit, log.
 
-``train_step`` is the whole algorithm on one screen; ``collect_groups`` is the durable
-buffer (the consumer group's pending-entries list); ``run_trainer`` wires them up.
+``train_step`` is the whole algorithm on one screen; ``collect_groups`` reads the durable
+buffer (the consumer group's pending-entries list); ``run`` loops until the run ends.
 """
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from pathlib import Path
@@ -20,11 +19,11 @@ from rlstream.messages import RunFinished, StepCommitted
 from rlstream.metrics import MetricsLog
 from rlstream.run_state import RunState
 from rlstream.torch_setup import load_model_and_tokenizer, setup_torch
-from trainer.advantages import compute_advantages
+from trainer.advantages import resolve_advantage
 from trainer.batch import Group, GroupAssembler, collate
-from trainer.commit import ack_untrained, commit_step, publish
-from trainer.losses import LossConfig, compute_loss
-from trainer.policy_model import base_model_path, publish_weights, token_logprobs
+from trainer.commit import ack_untrained, commit_step, publish, reject_group
+from trainer.optimize import policy_update
+from trainer.policy_model import base_model_path, load_reference, publish_weights
 from trainer.schedule import lr_multiplier
 
 log = logging.getLogger(__name__)
@@ -37,11 +36,11 @@ class Trainer:
         self.device = setup_torch(cfg.device, cfg.torch_threads, cfg.seed)
         self.model, self.tokenizer = load_model_and_tokenizer(str(base_model_path(cfg, run_dir)), self.device)
         self.model.train()
-        self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False) if cfg.kl_beta > 0 else None
+        self.ref_model = load_reference(cfg, self.model, self.tokenizer, self.device) if cfg.kl_beta > 0 else None
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.learning_rate, betas=(0.9, 0.95),
                                            weight_decay=0.01, eps=1e-8)
-        self.loss_config = LossConfig(eps_clip=cfg.eps_clip, eps_clip_high=cfg.eps_clip_high,
-                                      tis_cap=cfg.tis_cap, kl_beta=cfg.kl_beta)
+        self.advantage_fn = resolve_advantage(cfg.advantage)
+        self.rejected_groups = 0
         self.vocab_size = self.model.get_input_embeddings().num_embeddings
         self.pad_id = self.tokenizer.pad_token_id or 0
         self.state, self.cursor = RunState(), "0-0"
@@ -70,40 +69,33 @@ class Trainer:
         for entry_id, sample in entries:
             group, dup = self.assembler.add(entry_id, sample, settled)
             if group is not None:
-                self.ready.append(group)
+                self.admit_group(group)
             if dup is not None:
                 duplicates.append(dup)
         ack_untrained(self.r, self.cfg.run_id, duplicates)
         self.follow_events()
+
+    def admit_group(self, group: Group) -> None:
+        """Score a complete group; one without a finite advantage is rejected with a reason."""
+        group.advantages_G = self.advantage_fn(group.rewards_G)
+        if not torch.isfinite(group.advantages_G).all():
+            self.rejected_groups += 1
+            reject_group(self.r, self.cfg.run_id, group.group_id, group.entry_ids,
+                         f"advantage is not finite for {len(group.members)} sample(s)")
+            return
+        self.ready.append(group)
 
     # ----------------------------------------------------------------- the step
     def train_step(self, groups: list[Group], wait_time: float) -> dict[str, float]:
         t0 = time.monotonic()
         samples = [s for g in groups for s in g.samples]
         rewards_B = torch.tensor([s.reward for s in samples])
-        advantages_B = torch.cat([compute_advantages(torch.tensor([s.reward for s in g.samples])) for g in groups])
+        advantages_B = torch.cat([g.advantages_G for g in groups])
         batch = collate(samples, advantages_B, self.pad_id, self.device)
 
-        logprobs_B_T = token_logprobs(self.model, batch.tokens_B_N, batch.attention_B_N, self.cfg.temperature)
-        # One optimizer step per rollout batch: the old policy *is* the current weights,
-        # so its logprobs are these, detached (saves a forward; the ratio is exactly 1).
-        old_logprobs_B_T = logprobs_B_T.detach()
-        ref_logprobs_B_T = None
-        if self.ref_model is not None:
-            with torch.no_grad():
-                ref_logprobs_B_T = token_logprobs(self.ref_model, batch.tokens_B_N, batch.attention_B_N,
-                                                  self.cfg.temperature)
-        loss, loss_metrics = compute_loss(self.cfg.policy_loss, logprobs_B_T, old_logprobs_B_T,
-                                          batch.inf_logprobs_B_T, batch.advantages_B, batch.mask_B_T,
-                                          ref_logprobs=ref_logprobs_B_T, config=self.loss_config)
         lr = self.cfg.learning_rate * lr_multiplier(self.step, schedule=self.cfg.lr_schedule,
                                                     warmup_steps=self.cfg.lr_warmup_steps, total_steps=self.cfg.max_steps)
-        for param_group in self.optimizer.param_groups:
-            param_group["lr"] = lr
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip_norm or float("inf"))
-        self.optimizer.step()
+        train_metrics = policy_update(self.model, self.optimizer, batch, cfg=self.cfg, lr=lr, ref_model=self.ref_model)
         self.step, self.version = self.step + 1, self.version + 1
 
         published = publish_weights(self.model, self.tokenizer, self.run_dir, self.version, self.cfg.keep_weights)
@@ -111,12 +103,11 @@ class Trainer:
         metrics = {
             "step": self.step, "version": self.version,
             "rollout/reward_mean": rewards_B.mean().item(), "rollout/samples": len(samples),
-            "rollout/groups": len(groups),
+            "rollout/groups": len(groups), "rollout/rejected_groups_total": self.rejected_groups,
             "async/version_offset_max": (self.version - 1 - sample_versions).max().item(),
             "async/version_offset_mean": (self.version - 1 - sample_versions).mean().item(),
             "async/submit_offset_max": max(self.version - 1 - s.submit_version for s in samples),
-            "train/loss": loss.item(), "train/grad_norm": float(grad_norm), "train/lr": lr,
-            **{f"train/{k}": v for k, v in loss_metrics.items()},
+            **train_metrics,
             "perf/train_wait_time": wait_time, "perf/step_time": time.monotonic() - t0,
         }
         commit_step(self.r, self.cfg.run_id, StepCommitted(
