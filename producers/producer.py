@@ -25,6 +25,7 @@ from rlstream.run_state import RunState
 log = logging.getLogger(__name__)
 JOB_FUNC = "workers.jobs.run_group"
 MAINTENANCE_EVERY_S = 2.0
+MAX_REDISPATCH = 3
 
 
 def job_queue(r: redis.Redis, cfg: Config) -> Queue:
@@ -57,20 +58,41 @@ def admit(r: redis.Redis, queue: Queue, cfg: Config, epoch: int, row_index: int,
     return event
 
 
-def reject_failed_jobs(r: redis.Redis, queue: Queue, cfg: Config, state: RunState) -> None:
-    """Jobs whose retries are spent: reject their group explicitly so its gate slots free
-    up and the trainer does not wait for it."""
+def handle_failed_jobs(r: redis.Redis, queue: Queue, cfg: Config, state: RunState,
+                       redispatched: dict[str, int]) -> None:
+    """Jobs whose rq retries are spent. One abandoned by dead workers is re-dispatched (same
+    job id, so its samples deduplicate by sample_id), up to ``MAX_REDISPATCH`` times; any
+    other failure rejects the group explicitly, freeing its gate slots."""
     registry = FailedJobRegistry(queue=queue)
     for job_id in registry.get_job_ids():
         gid = job_id.removeprefix(f"{cfg.run_id}-")
         job = queue.fetch_job(job_id)
-        reason = "rollout job failed"
-        if job is not None and job.latest_result() is not None and job.latest_result().exc_string:
-            reason += ": " + job.latest_result().exc_string.strip().splitlines()[-1][:300]
-        if gid in state.admitted and gid not in state.settled_groups:
+        result = job.latest_result() if job is not None else None
+        error = (result.exc_string or "").strip().splitlines()[-1][:300] if result and result.exc_string else ""
+        if gid not in state.admitted or gid in state.settled_groups:
+            registry.remove(job_id, delete_job=True)
+        elif "Abandoned" in error and redispatched.get(gid, 0) < MAX_REDISPATCH:
+            redispatched[gid] = redispatched.get(gid, 0) + 1
+            log.warning("group %s: job abandoned by a dead worker; re-dispatching (%d)", gid, redispatched[gid])
+            registry.requeue(job_id)
+        else:
+            reason = f"rollout job failed: {error}" if error else "rollout job failed"
             log.error("group %s rejected: %s", gid, reason)
             streams.xadd(r, keys.events(cfg.run_id), GroupRejected(group_id=gid, reason=reason, by="producer"))
-        registry.remove(job_id, delete_job=True)
+            registry.remove(job_id, delete_job=True)
+
+
+def events_rolled_back(r: redis.Redis, cfg: Config, cursor: str) -> bool:
+    """True when the events stream ends before what we already read: Redis restarted and
+    lost its last writes (an OS crash with ``appendfsync everysec``), so re-fold from 0."""
+    if cursor == "0-0":
+        return False
+    try:
+        last = r.xinfo_stream(keys.events(cfg.run_id))["last-generated-id"]
+    except redis.ResponseError:  # the stream itself is gone
+        return True
+    last = last.decode() if isinstance(last, bytes) else last
+    return tuple(map(int, last.split("-"))) < tuple(map(int, cursor.split("-")))
 
 
 def run_producer(cfg: Config, r: redis.Redis) -> RunState:
@@ -81,6 +103,7 @@ def run_producer(cfg: Config, r: redis.Redis) -> RunState:
     next_row: tuple[int, int] | None = next(pending, None)
     announced = False
     last_maintenance = 0.0
+    redispatched: dict[str, int] = {}
     log.info("producer: %d rows x %d epochs, G=%d, B=%d, O=%d", len(rows), cfg.epochs,
              cfg.completions_per_prompt, cfg.batch_size, cfg.offpolicy_versions)
     while True:
@@ -106,7 +129,11 @@ def run_producer(cfg: Config, r: redis.Redis) -> RunState:
             log.info("producer: dataset exhausted after %d groups", len(state.rows_admitted))
             announced = True
         if time.monotonic() - last_maintenance > MAINTENANCE_EVERY_S:
-            # Re-enqueues jobs of workers that died (heartbeat expired), then rejects spent ones.
+            # Re-enqueues jobs of workers that died (heartbeat expired), then handles spent ones.
             StartedJobRegistry(queue=queue).cleanup()
-            reject_failed_jobs(r, queue, cfg, state)
+            handle_failed_jobs(r, queue, cfg, state, redispatched)
+            if events_rolled_back(r, cfg, cursor):
+                log.warning("producer: events stream lost its tail (Redis restart); rebuilding state")
+                state, cursor, pending, announced = RunState(), "0-0", plan(cfg, len(rows)), False
+                next_row = next(pending, None)
             last_maintenance = time.monotonic()

@@ -32,6 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="versions, streams, pending, workers, last reward of a run")
     status.add_argument("run", nargs="?", help="run directory or run id (default: newest under --log-path)")
     status.add_argument("--log-path", default="runs", help="directory holding run directories")
+    for name, text in [("audit", "check the sample ledger: every admitted group trained once or rejected; exit 1 if not"),
+                       ("dead", "list the dead-letter stream: entry id, source entry id, reason")]:
+        p = sub.add_parser(name, help=text)
+        p.add_argument("run", nargs="?", help="run directory or run id (default: newest under --log-path)")
+        p.add_argument("--log-path", default="runs", help="directory holding run directories")
     return parser
 
 
@@ -69,6 +74,14 @@ def run(argv: list[str] | None = None) -> int:
         from rlstream.status import status_main
 
         return status_main(args.run, args.log_path)
+    if args.command == "audit":
+        from rlstream.audit import audit_main
+
+        return audit_main(args.run, args.log_path)
+    if args.command == "dead":
+        from rlstream.dead import dead_main
+
+        return dead_main(args.run, args.log_path)
     cfg = _load(args)
     _setup_logging(args.command)
     if args.command == "up":

@@ -116,6 +116,21 @@ class Config(_Section):
         False, description="drain all in-flight rollouts before each step (forces O = 0)"
     )
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
+    min_group_size: int = Field(
+        2, ge=2, le=1024, description="an incomplete group still open after 2 x job_timeout trains if it has this many"
+    )
+    dcp_save_interval: int = Field(
+        0, ge=0, le=10_000_000, description="train-state checkpoint every N steps; 0 = only the final one"
+    )
+    save_final_checkpoint: bool = Field(True, description="write a train-state checkpoint when the run ends")
+    init_from_checkpoint: str | None = Field(
+        None, description="checkpoint directory to start a new run from (weights + optimizer; steps restart at 0)"
+    )
+    output_model_id: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9_.-]{1,128}$",
+        description="export the final weights to runs/<run>/models/<id>/ (a standalone HF directory)",
+    )
+    rollout_max_retries: int = Field(2, ge=0, le=100, description="retries of a rollout_fn draw that raised")
     job_timeout: int = Field(60, ge=5, le=86_400, description="seconds before a rollout job is presumed dead")
     keep_weights: int = Field(3, ge=1, le=10_000, description="published weight versions kept on disk")
     torch_threads: int = Field(1, ge=1, le=512, description="torch threads per process (1 is fastest when processes share cores)")

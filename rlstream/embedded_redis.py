@@ -52,6 +52,7 @@ class EmbeddedRedis:
         self.directory = Path(directory).resolve()
         self.process: subprocess.Popen | None = None
         self.url = ""
+        self.port: int | None = None  # kept across restarts so clients' URLs stay valid
 
     def start(self, timeout: float = 15.0) -> str:
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -70,13 +71,14 @@ class EmbeddedRedis:
             args += ["--port", "0", "--unixsocket", str(sock), "--unixsocketperm", "700"]
             self.url = f"unix://{sock}"
         else:
-            port = _free_port()
-            args += ["--port", str(port), "--bind", "127.0.0.1"]
-            self.url = f"redis://127.0.0.1:{port}/0"
+            self.port = self.port or _free_port()
+            args += ["--port", str(self.port), "--bind", "127.0.0.1"]
+            self.url = f"redis://127.0.0.1:{self.port}/0"
         self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                         stderr=subprocess.DEVNULL, start_new_session=True)
         self._wait_ready(timeout)
         (self.directory / "url").write_text(self.url)
+        (self.directory / "pid").write_text(str(self.process.pid))
         log.info("embedded redis-server pid %d at %s", self.process.pid, self.url)
         return self.url
 

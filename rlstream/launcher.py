@@ -3,8 +3,10 @@ trainer as child processes, a live progress display, clean shutdown.
 
 Children run ``python -m rlstream.cli <role> runs/<id>/config.json`` in their own
 session (so a terminal's Ctrl-C reaches only us; we forward SIGTERM), with output in
-``runs/<id>/logs/<role>.log``. Exit code: 0 when the trainer finished the run, 1 when a
-child failed (its last log lines are printed), 130 on Ctrl-C.
+``runs/<id>/logs/<role>.log``. Supervision: a crashed child (or the embedded redis-server)
+is restarted with backoff, at most ``MAX_RESTARTS`` times; every restart is logged. Exit
+code: 0 when the trainer finished the run, 1 when a child kept failing (its last log lines
+are printed) or the run failed (e.g. the rollout circuit breaker), 130 on Ctrl-C.
 """
 from __future__ import annotations
 
@@ -16,9 +18,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import redis
+
 from rlstream import keys, streams
 from rlstream.config import Config, new_run_id
-from rlstream.connection import connect
+from rlstream.connection import client, connect
 from rlstream.embedded_redis import EmbeddedRedis
 from rlstream.errors import RunFailed
 from rlstream.messages import RunStarted
@@ -28,13 +32,18 @@ from rlstream.run_state import RunState
 
 log = logging.getLogger(__name__)
 SHUTDOWN_GRACE_S = 30.0
+MAX_RESTARTS = 3
+RESTART_BACKOFF_S = 1.0
 
 
 @dataclass
 class Child:
     name: str
+    role: str
     process: subprocess.Popen
     log_path: Path
+    restarts: int = 0
+    restart_at: float | None = None  # scheduled restart (backoff), None when running
 
     def tail(self, lines: int = 20) -> str:
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -48,7 +57,7 @@ def _spawn(name: str, role: str, config_path: Path, logs: Path) -> Child:
                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                start_new_session=True)
     out.close()
-    return Child(name, process, log_path)
+    return Child(name, role, process, log_path)
 
 
 def _stop(children: list[Child], grace: float) -> None:
@@ -74,7 +83,9 @@ def up(cfg: Config) -> int:
     children: list[Child] = []
     try:
         url = embedded.start() if embedded else cfg.redis.url
-        r = connect(url, cfg.redis.connect_timeout)
+        connect(url, cfg.redis.connect_timeout)  # fail fast and clearly when it is unreachable
+        # Our own client does not retry: the supervisor must notice a dead Redis at once.
+        r = client(url, command_retries=0)
         resolved = cfg.model_copy(update={"redis": cfg.redis.model_copy(update={"url": url})})
         config_path = run_dir / "config.json"
         config_path.write_text(json.dumps(resolved.model_dump(mode="json"), indent=1))
@@ -84,7 +95,7 @@ def up(cfg: Config) -> int:
         children.append(_spawn("trainer", "trainer", config_path, logs))
         children.append(_spawn("producer", "producer", config_path, logs))
         children += [_spawn(f"worker-{i}", "worker", config_path, logs) for i in range(cfg.workers.count)]
-        _supervise(cfg, r, children, Progress(cfg, sys.stdout))
+        _supervise(cfg, r, children, Progress(cfg, sys.stdout), config_path, embedded)
         _stop(children, SHUTDOWN_GRACE_S)
         print(summary_line(read_metrics(run_dir / "metrics.jsonl"), time.monotonic() - started), flush=True)
         return 0
@@ -101,18 +112,62 @@ def up(cfg: Config) -> int:
             embedded.stop()
 
 
-def _supervise(cfg: Config, r, children: list[Child], progress: Progress) -> None:
-    """Follow events for the display; return when the trainer has finished the run."""
-    state, cursor = RunState(), "0-0"
+def _restart_child(c: Child, config_path: Path) -> None:
+    restarted = _spawn(c.name, c.role, config_path, c.log_path.parent)
+    c.process, c.restart_at = restarted.process, None
+    log.warning("restarted %s (pid %d, restart %d of %d)", c.name, c.process.pid, c.restarts, MAX_RESTARTS)
+
+
+def _check_child(c: Child, state: RunState, config_path: Path) -> None:
+    """Restart a crashed child with backoff, at most ``MAX_RESTARTS`` times; then fail the run."""
+    if c.restart_at is not None:
+        if time.monotonic() >= c.restart_at:
+            _restart_child(c, config_path)
+        return
+    code = c.process.poll()
+    if code is None or (code == 0 and (c.role != "trainer" or state.finished is not None)):
+        return
+    if state.finished is not None:  # shutting down anyway
+        return
+    if c.restarts >= MAX_RESTARTS:
+        raise RunFailed(f"{c.name} exited with code {code} and was restarted {c.restarts} times; "
+                        f"last lines of {c.log_path}:\n{c.tail()}")
+    c.restarts += 1
+    delay = min(RESTART_BACKOFF_S * 2 ** (c.restarts - 1), 10.0)
+    log.warning("%s exited with code %s; restarting in %.0fs", c.name, code, delay)
+    c.restart_at = time.monotonic() + delay
+
+
+def _check_redis(embedded: EmbeddedRedis | None, restarts: list[int]) -> None:
+    if embedded is None or embedded.alive():
+        return
+    if restarts[0] >= MAX_RESTARTS:
+        raise RunFailed(f"embedded redis-server died {restarts[0] + 1} times: {embedded.log_tail()}")
+    restarts[0] += 1
+    log.warning("embedded redis-server died; restarting it from its AOF (%d of %d)", restarts[0], MAX_RESTARTS)
+    embedded.start()
+
+
+def _supervise(cfg: Config, r, children: list[Child], progress: Progress, config_path: Path,
+               embedded: EmbeddedRedis | None) -> RunState:
+    """Follow events for the display, keep children and Redis alive; return when the
+    trainer has finished the run (raise ``RunFailed`` when the run cannot go on)."""
+    state, cursor, redis_restarts = RunState(), "0-0", [0]
+    trainer = next(c for c in children if c.role == "trainer")
     with progress:
         while True:
-            entries, cursor = streams.read_events(r, cfg.run_id, cursor, block_ms=500)
-            for _, msg in entries:
-                state.apply(msg)
-            progress.update(state, r)
+            _check_redis(embedded, redis_restarts)
+            try:
+                entries, cursor = streams.read_events(r, cfg.run_id, cursor, block_ms=500)
+                for _, msg in entries:
+                    state.apply(msg)
+                progress.update(state, r)
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                log.warning("lost Redis while following events (%s)", exc)
+                time.sleep(0.2)
             for c in children:
-                code = c.process.poll()
-                if code not in (None, 0) or (code == 0 and state.finished is None and c.name == "trainer"):
-                    raise RunFailed(f"{c.name} exited with code {code}; last lines of {c.log_path}:\n{c.tail()}")
-            if state.finished is not None and children[0].process.poll() is not None:
-                return
+                _check_child(c, state, config_path)
+            if state.finished is not None and state.finished.failed:
+                raise RunFailed(f"run failed: {state.finished.reason}")
+            if state.finished is not None and trainer.process.poll() is not None:
+                return state

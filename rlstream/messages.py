@@ -184,7 +184,7 @@ class StepCommitted(Message):
     entry_ids: list[str]
     sample_ids: list[str]
     group_ids: list[str]
-    metrics: dict[str, float] = Field(default_factory=dict)
+    metrics: dict[str, int | float] = Field(default_factory=dict)
 
 
 class WeightsPublished(Message):
@@ -209,6 +209,7 @@ class RunFinished(Message):
     reason: str
     step: int = 0
     version: int = 0
+    failed: bool = False  # e.g. the rollout circuit breaker stopped the run
 
 
 class DeadLetter(Message):

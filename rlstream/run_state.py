@@ -44,6 +44,7 @@ class RunState:
             self.finished = msg
         elif isinstance(msg, RunStarted):
             self.started = msg
+            self.finished = None  # `rlstream up` on a finished run continues it (e.g. more max_steps)
 
     @property
     def settled_groups(self) -> set[str]:

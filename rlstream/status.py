@@ -38,6 +38,8 @@ def open_run(run_dir: Path):
     cfg = validate_config(json.loads((run_dir / "config.json").read_text()))
     embedded = None
     try:
+        if not cfg.redis.url:
+            raise RedisUnavailable(f"{run_dir}/config.json has no redis.url")
         r = connect(cfg.redis.url, timeout=1.0)
     except RedisUnavailable:
         if not (run_dir / "redis").is_dir():
@@ -76,6 +78,7 @@ def status_main(run: str | None, log_path: str) -> int:
     try:
         status = collect_status(cfg, r)
     finally:
+        r.close()
         if embedded is not None:
             embedded.stop()
     width = max(len(k) for k in status)

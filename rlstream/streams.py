@@ -83,14 +83,39 @@ def read_group(
 ) -> list[Entry]:
     """XREADGROUP on the rollouts stream: new entries (``>``), or this consumer's own
     pending entries from the start when ``pending`` (the trainer's durable buffer)."""
+    if pending:
+        return read_pending(r, run_id, consumer, "0", count=count, vocab_size=vocab_size,
+                            max_seq_len=max_seq_len)[0]
     stream = keys.rollouts(run_id)
-    reply = r.xreadgroup(
-        keys.TRAINER_GROUP, consumer, {stream: "0" if pending else ">"},
-        count=count, block=None if pending else block_ms,
-    )
+    reply = r.xreadgroup(keys.TRAINER_GROUP, consumer, {stream: ">"}, count=count, block=block_ms)
     raw_entries = reply[0][1] if reply else []
     return decode_entries(r, run_id, stream, raw_entries, group=keys.TRAINER_GROUP,
                           vocab_size=vocab_size, max_seq_len=max_seq_len)
+
+
+def read_pending(
+    r: redis.Redis, run_id: str, consumer: str, after: str, *, count: int,
+    vocab_size: int | None = None, max_seq_len: int | None = None,
+) -> tuple[list[Entry], str | None]:
+    """One page of this consumer's pending entries with ids > ``after``: (valid entries,
+    the last id read or None when the list is exhausted). Page with the returned id."""
+    stream = keys.rollouts(run_id)
+    reply = r.xreadgroup(keys.TRAINER_GROUP, consumer, {stream: after}, count=count)
+    raw_entries = [e for e in (reply[0][1] if reply else []) if e[1]]  # deleted entries come back empty
+    if not raw_entries:
+        return [], None
+    good = decode_entries(r, run_id, stream, raw_entries, group=keys.TRAINER_GROUP,
+                          vocab_size=vocab_size, max_seq_len=max_seq_len)
+    return good, _sid(raw_entries[-1][0])
+
+
+def fetch_entries(r: redis.Redis, stream: str, entry_ids: list[str]) -> dict[str, bytes]:
+    """Raw message bytes of specific entries (for replaying a committed step)."""
+    with r.pipeline(transaction=False) as pipe:
+        for entry_id in entry_ids:
+            pipe.xrange(stream, entry_id, entry_id, count=1)
+        replies = pipe.execute()
+    return {_sid(rep[0][0]): rep[0][1].get(FIELD, b"") for rep in replies if rep}
 
 
 def autoclaim(
@@ -107,17 +132,22 @@ def autoclaim(
 def read_events(
     r: redis.Redis, run_id: str, after: str = "0-0", *, block_ms: int | None = None, count: int = 1000,
 ) -> tuple[list[Entry], str]:
-    """Events after ``after`` (XREAD, no group): (entries, last id read)."""
-    reply = r.xread({keys.events(run_id): after}, count=count, block=block_ms)
+    """Every event after ``after`` (XREAD, no group; blocks up to ``block_ms`` only when
+    there is none yet): (entries, last id read). Reads page after page until caught up, so
+    a fold over the result is never partial."""
     out: list[Entry] = []
     last = after
-    for entry_id, fields in (reply[0][1] if reply else []):
-        last = _sid(entry_id)
-        try:
-            out.append((last, decode(fields.get(FIELD, b""))))
-        except DecodeError as exc:  # every reader would dead-letter it again: just log it
-            log.error("skipping undecodable event %s: %s", last, exc)
-    return out, last
+    while True:
+        reply = r.xread({keys.events(run_id): last}, count=count, block=None if out else block_ms)
+        page = reply[0][1] if reply else []
+        for entry_id, fields in page:
+            last = _sid(entry_id)
+            try:
+                out.append((last, decode(fields.get(FIELD, b""))))
+            except DecodeError as exc:  # every reader would dead-letter it again: just log it
+                log.error("skipping undecodable event %s: %s", last, exc)
+        if len(page) < count:
+            return out, last
 
 
 def iter_all_events(r: redis.Redis, run_id: str, batch: int = 5000) -> Iterator[Entry]:

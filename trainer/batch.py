@@ -6,6 +6,7 @@ logprobs and the loss mask are aligned by dropping position 0 (``[:, 1:]``).
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -19,6 +20,7 @@ class Group:
     size: int
     members: dict[str, tuple[str, RolloutSample]] = field(default_factory=dict)  # sample_id -> (entry, sample)
     advantages_G: torch.Tensor | None = None  # set by the trainer once the group is complete
+    first_seen: float = field(default_factory=time.monotonic)
 
     @property
     def complete(self) -> bool:
@@ -59,6 +61,16 @@ class GroupAssembler:
             self.completed.add(sample.group_id)
             return self.open.pop(sample.group_id), None
         return None, None
+
+    def pop_stale(self, max_age_s: float) -> list[Group]:
+        """Incomplete groups older than ``max_age_s`` (a member was dead-lettered or lost):
+        the trainer trains them if they are large enough, else rejects them."""
+        now = time.monotonic()
+        stale = [g for g in self.open.values() if now - g.first_seen > max_age_s]
+        for g in stale:
+            del self.open[g.group_id]
+            self.completed.add(g.group_id)
+        return stale
 
 
 @dataclass

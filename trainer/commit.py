@@ -14,12 +14,14 @@ from rlstream import keys, streams
 from rlstream.messages import GroupRejected, StepCommitted, WeightsPublished
 
 
-def commit_step(r: redis.Redis, run_id: str, committed: StepCommitted) -> None:
+def commit_step(r: redis.Redis, run_id: str, committed: StepCommitted) -> str:
+    """Returns the ``StepCommitted`` event id."""
     with r.pipeline(transaction=True) as pipe:
         streams.xadd(pipe, keys.events(run_id), committed)
         if committed.entry_ids:
             pipe.xack(keys.rollouts(run_id), keys.TRAINER_GROUP, *committed.entry_ids)
-        pipe.execute()
+        event_id = pipe.execute()[0]
+    return event_id.decode() if isinstance(event_id, bytes) else event_id
 
 
 def publish(r: redis.Redis, run_id: str, published: WeightsPublished) -> None:

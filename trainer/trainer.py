@@ -1,11 +1,16 @@
 """The trainer: read, gate, group, loss, step, publish, commit, log.
 
-``train_step`` is the whole algorithm on one screen; ``collect_groups`` reads the durable
-buffer (the consumer group's pending-entries list); ``run`` loops until the run ends.
+``train_step`` is the algorithm on one screen; ``collect_groups`` reads the durable buffer
+(the consumer group's pending-entries list); ``resume`` rebuilds the exact state of a
+crashed trainer (newest checkpoint + replay of every ``StepCommitted`` after it on the very
+samples it names + this consumer's pending entries), so no sample is lost or trained twice
+and step numbers continue without gap; ``run`` loops until the run ends.
 """
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -13,14 +18,16 @@ import redis
 import torch
 
 from rlstream import keys, streams
+from rlstream.codec import decode
 from rlstream.config import Config
 from rlstream.errors import RlstreamError
-from rlstream.messages import RunFinished, StepCommitted
+from rlstream.messages import RolloutSample, RunFinished, StepCommitted
 from rlstream.metrics import MetricsLog
 from rlstream.run_state import RunState
 from rlstream.torch_setup import load_model_and_tokenizer, setup_torch
 from trainer.advantages import resolve_advantage
 from trainer.batch import Group, GroupAssembler, collate
+from trainer.checkpoint import CheckpointState, export_model, latest_checkpoint, load_checkpoint, save_checkpoint
 from trainer.commit import ack_untrained, commit_step, publish, reject_group
 from trainer.optimize import policy_update
 from trainer.policy_model import base_model_path, load_reference, publish_weights
@@ -28,6 +35,7 @@ from trainer.schedule import lr_multiplier
 
 log = logging.getLogger(__name__)
 CONSUMER = "trainer-0"  # one fixed name: a restarted trainer finds its own pending entries
+FAULT_ENV = "RLSTREAM_FAULT"  # failpoint for crash tests: "after_commit:<step>" SIGKILLs there
 
 
 class Trainer:
@@ -39,11 +47,15 @@ class Trainer:
         self.ref_model = load_reference(cfg, self.model, self.tokenizer, self.device) if cfg.kl_beta > 0 else None
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.learning_rate, betas=(0.9, 0.95),
                                            weight_decay=0.01, eps=1e-8)
+        if cfg.init_from_checkpoint:  # a new run from another run's weights + optimizer
+            load_checkpoint(Path(cfg.init_from_checkpoint), self.model, self.optimizer, self.device)
         self.advantage_fn = resolve_advantage(cfg.advantage)
         self.rejected_groups = 0
         self.vocab_size = self.model.get_input_embeddings().num_embeddings
         self.pad_id = self.tokenizer.pad_token_id or 0
         self.state, self.cursor = RunState(), "0-0"
+        self.committed: list[StepCommitted] | None = None  # collected only while resuming
+        self.last_commit_id = "0-0"
         self.assembler, self.ready = GroupAssembler(), []
         self.metrics = MetricsLog(run_dir / "metrics.jsonl")
         self.step = self.version = 0
@@ -51,8 +63,12 @@ class Trainer:
     # ----------------------------------------------------------------- read + group
     def follow_events(self) -> None:
         entries, self.cursor = streams.read_events(self.r, self.cfg.run_id, self.cursor)
-        for _, msg in entries:
+        for event_id, msg in entries:
             self.state.apply(msg)
+            if isinstance(msg, StepCommitted):
+                self.last_commit_id = event_id
+                if self.committed is not None:
+                    self.committed.append(msg)
 
     def data_exhausted(self) -> bool:
         """Every admitted group is settled or waiting in ``ready``, and no row is left."""
@@ -61,10 +77,7 @@ class Trainer:
         ready_ids = {g.group_id for g in self.ready}
         return all(g.group_id in ready_ids for g in self.state.open_groups)
 
-    def collect_groups(self, pending: bool = False) -> None:
-        """One read: pending entries first after a restart, then new ones (blocking)."""
-        entries = streams.read_group(self.r, self.cfg.run_id, CONSUMER, count=512, block_ms=200, pending=pending,
-                                     vocab_size=self.vocab_size, max_seq_len=self.cfg.max_seq_len)
+    def add_samples(self, entries: list[tuple[str, RolloutSample]]) -> None:
         settled, duplicates = self.state.settled_groups, []
         for entry_id, sample in entries:
             group, dup = self.assembler.add(entry_id, sample, settled)
@@ -73,6 +86,18 @@ class Trainer:
             if dup is not None:
                 duplicates.append(dup)
         ack_untrained(self.r, self.cfg.run_id, duplicates)
+
+    def collect_groups(self) -> None:
+        """One blocking read of new entries, then the events that arrived meanwhile."""
+        self.add_samples(streams.read_group(self.r, self.cfg.run_id, CONSUMER, count=512, block_ms=200,
+                                            vocab_size=self.vocab_size, max_seq_len=self.cfg.max_seq_len))
+        for group in self.assembler.pop_stale(2.0 * self.cfg.job_timeout):
+            if len(group.members) >= self.cfg.min_group_size:
+                self.admit_group(group)
+            else:
+                self.rejected_groups += 1
+                reject_group(self.r, self.cfg.run_id, group.group_id, group.entry_ids,
+                             f"incomplete: {len(group.members)} of {group.size} samples after {2 * self.cfg.job_timeout}s")
         self.follow_events()
 
     def admit_group(self, group: Group) -> None:
@@ -86,51 +111,113 @@ class Trainer:
         self.ready.append(group)
 
     # ----------------------------------------------------------------- the step
-    def train_step(self, groups: list[Group], wait_time: float) -> dict[str, float]:
-        t0 = time.monotonic()
+    def optimize(self, groups: list[Group]) -> dict[str, float]:
         samples = [s for g in groups for s in g.samples]
-        rewards_B = torch.tensor([s.reward for s in samples])
-        advantages_B = torch.cat([g.advantages_G for g in groups])
-        batch = collate(samples, advantages_B, self.pad_id, self.device)
-
+        batch = collate(samples, torch.cat([g.advantages_G for g in groups]), self.pad_id, self.device)
         lr = self.cfg.learning_rate * lr_multiplier(self.step, schedule=self.cfg.lr_schedule,
                                                     warmup_steps=self.cfg.lr_warmup_steps, total_steps=self.cfg.max_steps)
         train_metrics = policy_update(self.model, self.optimizer, batch, cfg=self.cfg, lr=lr, ref_model=self.ref_model)
         self.step, self.version = self.step + 1, self.version + 1
+        return train_metrics
 
+    def train_step(self, groups: list[Group], wait_time: float) -> dict[str, float]:
+        t0 = time.monotonic()
+        samples = [s for g in groups for s in g.samples]
+        train_metrics = self.optimize(groups)
         published = publish_weights(self.model, self.tokenizer, self.run_dir, self.version, self.cfg.keep_weights)
-        sample_versions = torch.tensor([float(s.min_version) for s in samples])
+        sampled_at = torch.tensor([float(s.min_version) for s in samples])
         metrics = {
             "step": self.step, "version": self.version,
-            "rollout/reward_mean": rewards_B.mean().item(), "rollout/samples": len(samples),
+            "rollout/reward_mean": sum(s.reward for s in samples) / len(samples), "rollout/samples": len(samples),
             "rollout/groups": len(groups), "rollout/rejected_groups_total": self.rejected_groups,
-            "async/version_offset_max": (self.version - 1 - sample_versions).max().item(),
-            "async/version_offset_mean": (self.version - 1 - sample_versions).mean().item(),
+            "async/version_offset_max": (self.version - 1 - sampled_at).max().item(),
+            "async/version_offset_mean": (self.version - 1 - sampled_at).mean().item(),
             "async/submit_offset_max": max(self.version - 1 - s.submit_version for s in samples),
             **train_metrics,
             "perf/train_wait_time": wait_time, "perf/step_time": time.monotonic() - t0,
         }
-        commit_step(self.r, self.cfg.run_id, StepCommitted(
+        self.last_commit_id = commit_step(self.r, self.cfg.run_id, StepCommitted(
             step=self.step, version=self.version, entry_ids=[e for g in groups for e in g.entry_ids],
             sample_ids=[s.sample_id for s in samples], group_ids=[g.group_id for g in groups], metrics=metrics))
+        self._failpoint("after_commit")
         publish(self.r, self.cfg.run_id, published)
         self.metrics.write(metrics)
+        if self.cfg.dcp_save_interval and self.step % self.cfg.dcp_save_interval == 0:
+            self.checkpoint()
         return metrics
+
+    def checkpoint(self) -> None:
+        if (self.run_dir / "checkpoints" / f"step-{self.step}").is_dir():
+            return  # already saved at this step (interval and final coincide)
+        save_checkpoint(self.run_dir, CheckpointState(self.step, self.version, self.last_commit_id,
+                                                      len(self.state.rows_admitted)),
+                        self.model, self.tokenizer, self.optimizer)
+
+    def _failpoint(self, name: str) -> None:
+        if os.environ.get(FAULT_ENV) == f"{name}:{self.step}":
+            log.warning("failpoint %s:%d: SIGKILL", name, self.step)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    # ----------------------------------------------------------------- resume
+    def replay(self, committed: StepCommitted) -> None:
+        """Re-run a committed step on exactly the samples it names, in the same order."""
+        raw = streams.fetch_entries(self.r, keys.rollouts(self.cfg.run_id), committed.entry_ids)
+        missing = [e for e in committed.entry_ids if e not in raw]
+        if missing:
+            raise RlstreamError(f"cannot replay step {committed.step}: {len(missing)} of its samples are gone from "
+                                "the rollouts stream (was it trimmed past the newest checkpoint?)")
+        groups: dict[str, Group] = {gid: Group(gid, 0) for gid in committed.group_ids}
+        for entry_id in committed.entry_ids:
+            sample = decode(raw[entry_id], expect=RolloutSample)
+            groups[sample.group_id].members[sample.sample_id] = (entry_id, sample)
+        for group in groups.values():
+            group.advantages_G = self.advantage_fn(group.rewards_G)
+        self.optimize(list(groups.values()))
+        if (self.step, self.version) != (committed.step, committed.version):
+            raise RlstreamError(f"replay diverged: at step {self.step} v{self.version}, event says "
+                                f"step {committed.step} v{committed.version}")
+
+    def resume(self) -> None:
+        checkpoint = latest_checkpoint(self.run_dir)
+        if checkpoint is not None:
+            restored = load_checkpoint(checkpoint, self.model, self.optimizer, self.device)
+            self.step, self.version = restored.step, restored.version
+            log.info("resuming from %s (step %d)", checkpoint, self.step)
+        self.committed = []
+        self.follow_events()
+        all_committed, self.committed = self.committed, None
+        for committed in [c for c in all_committed if c.step > self.step]:
+            self.replay(committed)
+        if self.step != self.state.steps:
+            raise RlstreamError(f"events record {self.state.steps} steps but replay reached {self.step}")
+        if self.step:
+            log.info("replayed to step %d v%d", self.step, self.version)
+        if self.state.latest_weights is None or self.state.published_version < self.version:
+            # Fresh run (v0), or a crash between commit and publish: publish now.
+            publish(self.r, self.cfg.run_id, publish_weights(self.model, self.tokenizer, self.run_dir, self.version,
+                                                             self.cfg.keep_weights))
+        self.metrics.path.write_text("")  # the events are the record: rebuild metrics.jsonl from them
+        for c in all_committed:
+            self.metrics.write(c.metrics)
+        self.assembler.completed |= self.state.settled_groups
+        after: str | None = "0"
+        while after is not None:
+            entries, after = streams.read_pending(self.r, self.cfg.run_id, CONSUMER, after, count=512,
+                                                  vocab_size=self.vocab_size, max_seq_len=self.cfg.max_seq_len)
+            self.add_samples(entries)
 
     # ----------------------------------------------------------------- the loop
     def run(self) -> int:
-        self.follow_events()
-        if self.state.steps > 0:
-            raise RlstreamError(f"run {self.cfg.run_id} already has {self.state.steps} committed steps; "
-                                "resuming a trainer is not implemented yet: start a new run_id")
         streams.ensure_group(self.r, keys.rollouts(self.cfg.run_id))
-        publish(self.r, self.cfg.run_id, publish_weights(self.model, self.tokenizer, self.run_dir, 0,
-                                                         self.cfg.keep_weights))
+        self.resume()
         P, reason = self.cfg.prompt_groups_per_step, "max_steps"
-        while self.cfg.max_steps is None or self.step < self.cfg.max_steps:
+        while self.state.finished is None and (self.cfg.max_steps is None or self.step < self.cfg.max_steps):
             t_wait = time.monotonic()
-            while len(self.ready) < P and not self.data_exhausted():
+            while len(self.ready) < P and not self.data_exhausted() and self.state.finished is None:
                 self.collect_groups()
+            if self.state.finished is not None:
+                log.info("trainer: run ended elsewhere (%s)", self.state.finished.reason)
+                return self.step
             if not self.ready:
                 reason = "data exhausted"
                 break
@@ -139,7 +226,15 @@ class Trainer:
             log.info("step %d v%d reward %.3f loss %.4f offset<=%d wait %.2fs step %.2fs", m["step"], m["version"],
                      m["rollout/reward_mean"], m["train/loss"], m["async/version_offset_max"],
                      m["perf/train_wait_time"], m["perf/step_time"])
+        if self.state.finished is None:
+            self.finish(reason)
+        return self.step
+
+    def finish(self, reason: str) -> None:
+        if self.cfg.save_final_checkpoint and self.step > 0:
+            self.checkpoint()
+        if self.cfg.output_model_id:
+            log.info("exported %s", export_model(self.model, self.tokenizer, self.run_dir, self.cfg.output_model_id))
         streams.xadd(self.r, keys.events(self.cfg.run_id), RunFinished(reason=reason, step=self.step,
                                                                        version=self.version))
         log.info("trainer: run finished (%s) at step %d", reason, self.step)
-        return self.step

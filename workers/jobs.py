@@ -15,12 +15,16 @@ import threading
 from typing import Any
 
 from rq import SimpleWorker
+from rq.worker import WorkerStatus
 
 from rlstream import streams
-from rlstream.messages import GroupJob, RunFinished
+from rlstream.messages import GroupJob
+from rlstream.run_state import RunState
 
 log = logging.getLogger(__name__)
 _runtime: contextvars.ContextVar = contextvars.ContextVar("rlstream_worker_runtime")
+HEARTBEAT_TTL_S = 15
+HEARTBEAT_EVERY_S = 3.0
 
 
 def run_group(payload: dict[str, Any]) -> dict[str, Any]:
@@ -32,18 +36,42 @@ def run_group(payload: dict[str, Any]) -> dict[str, Any]:
 
 
 class RolloutWorker(SimpleWorker):
-    """A SimpleWorker bound to one ``WorkerRuntime``."""
+    """A SimpleWorker bound to one ``WorkerRuntime``.
+
+    SimpleWorker runs the job in this process and refreshes no heartbeat meanwhile, so rq
+    would only notice a killed worker after job_timeout + 60 s. A side thread refreshes the
+    job's heartbeat every few seconds with a short TTL instead: a dead worker's job expires
+    from the StartedJobRegistry within ``HEARTBEAT_TTL_S`` and the producer's cleanup
+    re-enqueues it; a hung one is still stopped by rq's job timeout.
+    """
 
     def __init__(self, *args: Any, runtime: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.runtime = runtime
 
+    def get_heartbeat_ttl(self, job, working_time: float = 0.0) -> int:
+        return HEARTBEAT_TTL_S
+
     def execute_job(self, job, queue):
         token = _runtime.set(self.runtime)
+        execution = self.prepare_execution(job)
+        stop = threading.Event()
+        beat = threading.Thread(target=self._beat, args=(job, execution, stop), name="job-heartbeat", daemon=True)
+        beat.start()
         try:
-            return super().execute_job(job, queue)
+            self.perform_job(job, queue, execution)
         finally:
+            stop.set()
+            beat.join()
             _runtime.reset(token)
+        self.set_state(WorkerStatus.IDLE)
+
+    def _beat(self, job, execution, stop: threading.Event) -> None:
+        while not stop.wait(HEARTBEAT_EVERY_S):
+            try:
+                self.maintain_heartbeats(job, execution)
+            except Exception as exc:  # Redis restarting: the next beat retries
+                log.debug("heartbeat failed: %s", exc)
 
 
 def stop_on_run_finished(r, run_id: str, stop: threading.Event) -> threading.Thread:
@@ -51,7 +79,7 @@ def stop_on_run_finished(r, run_id: str, stop: threading.Event) -> threading.Thr
     which rq turns into a warm shutdown (finish the current job, then exit)."""
 
     def watch() -> None:
-        cursor = "0-0"
+        cursor, state = "0-0", RunState()
         while not stop.is_set():
             try:
                 entries, cursor = streams.read_events(r, run_id, cursor, block_ms=1000)
@@ -59,7 +87,9 @@ def stop_on_run_finished(r, run_id: str, stop: threading.Event) -> threading.Thr
                 log.debug("event watch: %s", exc)
                 stop.wait(1.0)
                 continue
-            if any(isinstance(m, RunFinished) for _, m in entries):
+            for _, msg in entries:
+                state.apply(msg)
+            if state.finished is not None:  # folded: a RunStarted after it means the run goes on
                 log.info("run finished: stopping worker")
                 os.kill(os.getpid(), signal.SIGTERM)
                 return

@@ -9,14 +9,20 @@ import time
 from typing import Any
 
 import redis
+from pydantic import ValidationError
 
 from rlstream import keys, streams
 from rlstream.config import Config
-from rlstream.messages import GroupJob, GroupRejected, RolloutSample, sample_id_for
+from rlstream.messages import GroupJob, GroupRejected, RolloutSample, RunFinished, sample_id_for
 from rlstream.rollout import RolloutFnFactory, RolloutSetup
 from rlstream.run_state import RunState
+from workers.breaker import CircuitBreaker
 
 log = logging.getLogger(__name__)
+
+
+class CircuitOpen(RuntimeError):
+    """Too many rollout failures: the worker stops the run (RunFinished, failed)."""
 
 
 class WorkerRuntime:
@@ -28,6 +34,8 @@ class WorkerRuntime:
         self.policy = None
         self.rollout_fn = None
         self.invalid_samples = 0
+        self.rollout_failures = 0
+        self.breaker = CircuitBreaker()
 
     def follow_events(self, block_ms: int | None = None) -> None:
         entries, self.cursor = streams.read_events(self.r, self.cfg.run_id, self.cursor, block_ms=block_ms)
@@ -64,22 +72,40 @@ class WorkerRuntime:
                 self.follow_events(block_ms=200)
                 return self.sync_weights(min_version)
 
-    async def _draws(self, row: dict[str, Any], n: int) -> list[RolloutSample | None | BaseException]:
-        return await asyncio.gather(*(self.rollout_fn(dict(row)) for _ in range(n)), return_exceptions=True)
+    async def _draw(self, row: dict[str, Any]) -> RolloutSample | None:
+        """One completion: an invalid sample is counted and dropped; an exception is counted
+        and retried (bounded) and feeds the circuit breaker."""
+        for attempt in range(self.cfg.rollout_max_retries + 1):
+            try:
+                result = await self.rollout_fn(dict(row))
+            except ValidationError as exc:  # rollout_fn built an invalid RolloutSample
+                self.invalid_samples += 1
+                log.warning("worker %s: invalid sample dropped: %s", self.worker_id, str(exc).splitlines()[-2:])
+                return None
+            except Exception as exc:
+                self.rollout_failures += 1
+                self.breaker.record(False, f"{type(exc).__name__}: {exc}")
+                log.warning("worker %s: rollout_fn failed (attempt %d): %r", self.worker_id, attempt + 1, exc)
+                if self.breaker.tripped:
+                    raise CircuitOpen(self.breaker.reason()) from exc
+                continue
+            self.breaker.record(True)
+            return result
+        return None
+
+    async def _draws(self, row: dict[str, Any], n: int) -> list[RolloutSample | None]:
+        return await asyncio.gather(*(self._draw(row) for _ in range(n)))
 
     def run_group(self, job: GroupJob) -> dict[str, Any]:
         self.sync_weights(job.submit_version)
         version = self.policy.version
-        results = asyncio.run(self._draws(job.row, job.group_size))
-        samples: list[RolloutSample] = []
-        for res in results:
-            if isinstance(res, ValueError):  # an invalid RolloutSample: counted, the run goes on
-                self.invalid_samples += 1
-                log.warning("worker %s: invalid sample in %s: %s", self.worker_id, job.group_id, res)
-            elif isinstance(res, BaseException):
-                raise res  # rq retries the job (bounded), then the producer rejects the group
-            elif res is not None:
-                samples.append(res)
+        try:
+            results = asyncio.run(self._draws(job.row, job.group_size))
+        except CircuitOpen as exc:
+            streams.xadd(self.r, keys.events(self.cfg.run_id), RunFinished(reason=str(exc), failed=True))
+            log.error("worker %s: %s: stopping the run", self.worker_id, exc)
+            raise
+        samples = [s for s in results if s is not None]
         stream = keys.rollouts(self.cfg.run_id)
         with self.r.pipeline(transaction=True) as pipe:
             if len(samples) < 2:  # a single survivor has no group-relative advantage

@@ -1,0 +1,297 @@
+"""``rlstream audit [RUN]``: check a run's sample ledger against DESIGN.md's promises
+(sections 5 and 8): every admitted group is trained exactly once or explicitly rejected,
+no sample is trained twice, step numbering is continuous.
+
+The audit folds the whole events stream and reads the whole rollouts stream (XRANGE in
+pages of 1000). Entries that do not decode are counted, never fatal. Like ``status``, it
+starts a finished run's embedded redis-server from the run directory's AOF for the time
+of the query.
+
+Definitions (``audit_ledger`` computes them from plain messages, without Redis):
+
+- **admitted**: group ids named by a ``GroupAdmitted`` event.
+- **trained**: group ids named in ``StepCommitted.group_ids``.
+- **trained twice**: a group id named in more than one ``StepCommitted``, or a
+  ``sample_id`` or rollouts-stream ``entry_id`` appearing in more than one
+  ``StepCommitted``. The figure counts distinct offenders (a group id, a sample id and an
+  entry id each count once however many steps repeat them); the breakdown by kind is
+  printed too. An id listed twice inside one step is reported separately
+  (``repeated_within_step``, the number of surplus listings) and does not fail the audit.
+- **rejected**: ``GroupRejected`` group ids that were not trained. A group both rejected
+  and trained counts as trained and is reported as ``rejected_after_training`` (e.g. a
+  producer rejecting a spent rq job whose samples the trainer had already used): not an
+  error. Reasons are tallied per reason, truncated to 80 characters.
+- **in flight**: admitted, not trained, not rejected, and with a trace: at least one of
+  its samples is in the rollouts stream, or its rq job hash exists
+  (``rq:job:{run_id}-{group_id}``).
+- **lost**: admitted, not trained, not rejected, and no trace at all.
+- **trained not admitted**: trained group ids without a ``GroupAdmitted`` (reported only).
+- **steps**: the ``StepCommitted.step`` numbers must be exactly ``1..N``, each once
+  (N = the largest step; N = 0 when no step was committed). ``duplicate_steps`` lists
+  numbers committed more than once, ``missing_steps`` the gaps in ``1..N``.
+- **samples trained**: distinct sample ids named by all ``StepCommitted`` events.
+
+Exit code: 0 only when lost == 0, trained twice == 0 and the steps are exactly 1..N;
+else 1, with a last line ``result: FAILED: ...`` naming each failed check.
+Output is ``key: value`` lines (grep- and awk-friendly); id lists are capped.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import redis
+
+from rlstream import keys
+from rlstream.codec import DecodeError, decode
+from rlstream.messages import GroupAdmitted, GroupRejected, Message, RolloutSample, StepCommitted
+
+PAGE = 1000
+REASON_WIDTH = 80
+MAX_IDS_SHOWN = 20
+FIELD = b"m"  # the field every stream entry carries its encoded message under (rlstream.streams.FIELD)
+
+
+@dataclass
+class AuditReport:
+    admitted: int = 0
+    trained: int = 0
+    rejected: int = 0
+    rejected_reasons: dict[str, int] = field(default_factory=dict)  # truncated reason -> groups
+    rejected_after_training: list[str] = field(default_factory=list)
+    in_flight: list[str] = field(default_factory=list)
+    in_flight_by_job: int = 0  # of in_flight: rq job hash present
+    in_flight_by_sample: int = 0  # of in_flight: no job, but samples in the rollouts stream
+    lost: list[str] = field(default_factory=list)
+    trained_not_admitted: list[str] = field(default_factory=list)
+    twice_groups: list[str] = field(default_factory=list)
+    twice_samples: list[str] = field(default_factory=list)
+    twice_entries: list[str] = field(default_factory=list)
+    repeated_within_step: int = 0
+    steps: int = 0  # StepCommitted events
+    first_step: int | None = None  # in stream order
+    last_step: int | None = None
+    duplicate_steps: list[int] = field(default_factory=list)
+    missing_steps: list[int] = field(default_factory=list)
+    samples_trained: int = 0
+    # Filled in by the Redis side (not by audit_ledger).
+    events_read: int = 0
+    events_undecodable: int = 0
+    rollouts_read: int = 0
+    rollouts_undecodable: int = 0
+    dead_letters: int = 0
+
+    @property
+    def trained_twice(self) -> int:
+        return len(self.twice_groups) + len(self.twice_samples) + len(self.twice_entries)
+
+    @property
+    def steps_ok(self) -> bool:
+        return not self.duplicate_steps and not self.missing_steps
+
+    @property
+    def failures(self) -> list[str]:
+        out = []
+        if self.lost:
+            out.append(f"lost groups ({len(self.lost)})")
+        if self.trained_twice:
+            out.append(f"trained twice ({self.trained_twice}: groups={len(self.twice_groups)} "
+                       f"samples={len(self.twice_samples)} entries={len(self.twice_entries)})")
+        if not self.steps_ok:
+            out.append(f"steps are not exactly 1..N (duplicates {_ids(self.duplicate_steps)}, "
+                       f"missing {_ids(self.missing_steps)})")
+        return out
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    def lines(self) -> list[str]:
+        """The report as ``key: value`` lines, the last one being ``result: ...``."""
+        out = [
+            f"groups_admitted: {self.admitted}",
+            f"groups_trained: {self.trained}",
+            f"groups_rejected: {self.rejected}",
+        ]
+        out += [f"rejected_reason: {n}  {reason}" for reason, n in
+                sorted(self.rejected_reasons.items(), key=lambda kv: (-kv[1], kv[0]))]
+        out += [
+            f"rejected_after_training: {len(self.rejected_after_training)}{_list(self.rejected_after_training)}",
+            f"groups_in_flight: {len(self.in_flight)}  (job={self.in_flight_by_job} "
+            f"samples_only={self.in_flight_by_sample}){_list(self.in_flight)}",
+            f"groups_lost: {len(self.lost)}{_list(self.lost)}",
+            f"trained_not_admitted: {len(self.trained_not_admitted)}{_list(self.trained_not_admitted)}",
+            f"trained_twice: {self.trained_twice}",
+            f"trained_twice_groups: {len(self.twice_groups)}{_list(self.twice_groups)}",
+            f"trained_twice_samples: {len(self.twice_samples)}{_list(self.twice_samples)}",
+            f"trained_twice_entries: {len(self.twice_entries)}{_list(self.twice_entries)}",
+            f"repeated_within_step: {self.repeated_within_step}",
+            f"steps: {self.steps}",
+            f"first_step: {_opt(self.first_step)}",
+            f"last_step: {_opt(self.last_step)}",
+            f"duplicate_steps: {_ids(self.duplicate_steps)}",
+            f"missing_steps: {_ids(self.missing_steps)}",
+            f"samples_trained: {self.samples_trained}",
+            f"events_read: {self.events_read}",
+            f"events_undecodable: {self.events_undecodable}",
+            f"rollouts_read: {self.rollouts_read}",
+            f"rollouts_undecodable: {self.rollouts_undecodable}",
+            f"dead_letters: {self.dead_letters}",
+        ]
+        out.append("result: ok" if self.ok else "result: FAILED: " + "; ".join(self.failures))
+        return out
+
+
+def _opt(value: int | None) -> str:
+    return "-" if value is None else str(value)
+
+
+def _ids(items: list) -> str:
+    """A capped, space-separated id list, or ``none``."""
+    if not items:
+        return "none"
+    shown = " ".join(str(i) for i in items[:MAX_IDS_SHOWN])
+    more = len(items) - MAX_IDS_SHOWN
+    return shown + (f" (+{more} more)" if more > 0 else "")
+
+
+def _list(items: list) -> str:
+    return f"  [{_ids(items)}]" if items else ""
+
+
+def _one_line(text: str, width: int = REASON_WIDTH) -> str:
+    return " ".join(text.split())[:width]
+
+
+def audit_ledger(events: list[Message], samples: list[RolloutSample],
+                 job_exists: Callable[[str], bool]) -> AuditReport:
+    """The ledger check on plain messages (see the module docstring for the definitions).
+
+    ``events`` in stream order; ``samples`` = the decodable rollouts-stream entries;
+    ``job_exists(group_id)`` says whether the group's rq job hash exists (it is asked only
+    about open groups without a sample in the stream)."""
+    report = AuditReport()
+    admitted: dict[str, GroupAdmitted] = {}
+    rejected: dict[str, str] = {}  # group id -> first reason
+    group_steps: dict[str, int] = Counter()  # group id -> StepCommitted events naming it
+    sample_steps: dict[str, int] = Counter()
+    entry_steps: dict[str, int] = Counter()
+    step_numbers: list[int] = []
+    for msg in events:
+        if isinstance(msg, GroupAdmitted):
+            admitted.setdefault(msg.group_id, msg)
+        elif isinstance(msg, GroupRejected):
+            rejected.setdefault(msg.group_id, msg.reason)
+        elif isinstance(msg, StepCommitted):
+            step_numbers.append(msg.step)
+            for counter, ids in ((group_steps, msg.group_ids), (sample_steps, msg.sample_ids),
+                                 (entry_steps, msg.entry_ids)):
+                distinct = set(ids)
+                report.repeated_within_step += len(ids) - len(distinct)
+                counter.update(distinct)
+
+    trained = set(group_steps)
+    report.admitted = len(admitted)
+    report.trained = len(trained)
+    report.twice_groups = sorted(g for g, n in group_steps.items() if n > 1)
+    report.twice_samples = sorted(s for s, n in sample_steps.items() if n > 1)
+    report.twice_entries = sorted(e for e, n in entry_steps.items() if n > 1)
+    report.samples_trained = len(sample_steps)
+    report.trained_not_admitted = sorted(trained - set(admitted))
+
+    reasons: Counter[str] = Counter()
+    for gid, reason in rejected.items():
+        if gid in trained:
+            report.rejected_after_training.append(gid)
+        else:
+            report.rejected += 1
+            reasons[_one_line(reason)] += 1
+    report.rejected_after_training.sort()
+    report.rejected_reasons = dict(reasons)
+
+    with_samples = {s.group_id for s in samples}
+    for gid in admitted:
+        if gid in trained or gid in rejected:
+            continue
+        if gid in with_samples:
+            report.in_flight.append(gid)
+            report.in_flight_by_sample += 1
+        elif job_exists(gid):
+            report.in_flight.append(gid)
+            report.in_flight_by_job += 1
+        else:
+            report.lost.append(gid)
+
+    report.steps = len(step_numbers)
+    if step_numbers:
+        report.first_step, report.last_step = step_numbers[0], step_numbers[-1]
+        counts = Counter(step_numbers)
+        report.duplicate_steps = sorted(n for n, c in counts.items() if c > 1)
+        report.missing_steps = [n for n in range(1, max(counts) + 1) if n not in counts]
+    return report
+
+
+# --------------------------------------------------------------------------- Redis side
+
+
+def _sid(entry_id: bytes | str) -> str:
+    return entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+
+
+def xrange_all(r: redis.Redis, stream: str, page: int = PAGE) -> Iterator[tuple[str, bytes]]:
+    """Every entry of ``stream`` as (entry id, raw message bytes), in pages of ``page``
+    (exclusive ``(id`` ranges need Redis >= 6.2)."""
+    start = "-"
+    while True:
+        batch = r.xrange(stream, min=start, max="+", count=page)
+        for entry_id, fields in batch:
+            yield _sid(entry_id), (fields or {}).get(FIELD, b"")
+        if len(batch) < page:
+            return
+        start = "(" + _sid(batch[-1][0])
+
+
+def decode_all(entries: Iterable[tuple[str, bytes]],
+               expect: type[Message] | None = None) -> tuple[list[tuple[str, Message]], list[tuple[str, str]]]:
+    """(decoded (id, message) pairs, undecodable (id, reason) pairs)."""
+    good: list[tuple[str, Message]] = []
+    bad: list[tuple[str, str]] = []
+    for entry_id, raw in entries:
+        try:
+            good.append((entry_id, decode(raw, expect=expect)))
+        except DecodeError as exc:
+            bad.append((entry_id, str(exc)))
+    return good, bad
+
+
+def collect_audit(r: redis.Redis, run_id: str) -> AuditReport:
+    from rq.job import Job
+
+    events, bad_events = decode_all(xrange_all(r, keys.events(run_id)))
+    samples, bad_samples = decode_all(xrange_all(r, keys.rollouts(run_id)), expect=RolloutSample)
+    report = audit_ledger([m for _, m in events], [m for _, m in samples],
+                          lambda gid: bool(r.exists(Job.key_for(f"{run_id}-{gid}"))))
+    report.events_read, report.events_undecodable = len(events) + len(bad_events), len(bad_events)
+    report.rollouts_read, report.rollouts_undecodable = len(samples) + len(bad_samples), len(bad_samples)
+    report.dead_letters = r.xlen(keys.dead(run_id))
+    return report
+
+
+def audit_main(run: str | None, log_path: str) -> int:
+    from rlstream.status import find_run_dir, open_run
+
+    run_dir = find_run_dir(run, log_path)
+    cfg, r, embedded = open_run(Path(run_dir))
+    try:
+        report = collect_audit(r, cfg.run_id)
+    finally:
+        r.close()
+        if embedded is not None:
+            embedded.stop()
+    print(f"run: {cfg.run_id}")
+    print(f"run_dir: {run_dir}")
+    for line in report.lines():
+        print(line)
+    return 0 if report.ok else 1

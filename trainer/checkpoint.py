@@ -1,0 +1,91 @@
+"""Train-state checkpoints: ``checkpoints/step-<N>/`` holds the weights (HF directory),
+``train_state.pt`` (optimizer, RNG states) and ``state.json`` (step, version, event
+cursor, dataset progress), sealed like published weights (fsync, sha256 manifest
+written last, atomic rename), so a directory with a manifest is complete by construction.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from rlstream import weights
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CheckpointState:
+    step: int
+    version: int
+    events_cursor: str  # the StepCommitted event of ``step`` (or "0-0"): replay starts after it
+    rows_admitted: int  # the producer's dataset cursor at that point (informational; producers fold events)
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    return run_dir / "checkpoints" / f"step-{step}"
+
+
+def save_checkpoint(run_dir: Path, state: CheckpointState, model, tokenizer, optimizer) -> Path:
+    final = checkpoint_dir(run_dir, state.step)
+    tmp = final.with_name(f".tmp-{final.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    torch.save({"optimizer": optimizer.state_dict(), "rng": rng}, tmp / "train_state.pt")
+    (tmp / "state.json").write_text(json.dumps(asdict(state)))
+    weights.seal(tmp, final, state.version)
+    log.info("checkpoint step %d -> %s", state.step, final)
+    return final
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """Newest complete checkpoint; incomplete or corrupt ones are skipped with a warning."""
+    candidates = sorted((run_dir / "checkpoints").glob("step-*"),
+                        key=lambda p: int(p.name.split("-")[1]) if p.name.split("-")[1].isdigit() else -1)
+    for path in reversed(candidates):
+        manifest = path / weights.MANIFEST
+        try:
+            weights.verify(path, json.loads(manifest.read_text())["sha256"])
+            return path
+        except (OSError, ValueError, KeyError) as exc:
+            log.warning("skipping checkpoint %s: %s", path, exc)
+    return None
+
+
+def load_checkpoint(path: Path, model, optimizer, device) -> CheckpointState:
+    """Load weights, optimizer and RNG states in place; return the recorded state."""
+    from safetensors.torch import load_file
+
+    state_dict: dict[str, torch.Tensor] = {}
+    for f in sorted(path.glob("*.safetensors")):
+        state_dict.update(load_file(str(f), device=str(device)))
+    model.load_state_dict(state_dict, strict=False)
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
+    train_state = torch.load(path / "train_state.pt", map_location=device, weights_only=False)
+    optimizer.load_state_dict(train_state["optimizer"])
+    torch.set_rng_state(train_state["rng"]["torch"].cpu())
+    random.setstate(train_state["rng"]["python"])
+    if "cuda" in train_state["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(train_state["rng"]["cuda"])
+    return CheckpointState(**json.loads((path / "state.json").read_text()))
+
+
+def export_model(model, tokenizer, run_dir: Path, model_id: str) -> Path:
+    """``output_model_id``: a standalone HF directory that ``from_pretrained`` loads."""
+    final = run_dir / "models" / model_id
+    tmp = final.with_name(f".tmp-{model_id}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    weights.seal(tmp, final, version=-1)
+    return final
