@@ -95,6 +95,12 @@ def events_rolled_back(r: redis.Redis, cfg: Config, cursor: str) -> bool:
     return tuple(map(int, last.split("-"))) < tuple(map(int, cursor.split("-")))
 
 
+def gate_version(cfg: Config, state: RunState) -> int:
+    """The version the gate counts from: the published one, or, when weights are never
+    published (``weight_sync_interval = 0``), the trainer's committed steps."""
+    return state.published_version if cfg.weight_sync_interval else state.steps
+
+
 def run_producer(cfg: Config, r: redis.Redis) -> RunState:
     rows = load_rows(cfg)
     queue = job_queue(r, cfg)
@@ -115,7 +121,7 @@ def run_producer(cfg: Config, r: redis.Redis) -> RunState:
             log.info("producer: run finished (%s)", state.finished.reason)
             return state
         while next_row is not None and (next_row in state.rows_admitted or can_admit(
-            cfg.completions_per_prompt, published_version=state.published_version,
+            cfg.completions_per_prompt, published_version=gate_version(cfg, state),
             offpolicy_versions=cfg.offpolicy_versions, batch_size=cfg.batch_size,
             accepted_plus_reserved=state.reserved_samples,
             max_in_flight=cfg.max_concurrency_rollout_sample, in_flight=state.in_flight_samples,

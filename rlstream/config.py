@@ -51,6 +51,14 @@ class TisConfig(_Section):
     )
 
 
+class WandbConfig(_Section):
+    """Optional Weights & Biases logging from the trainer (needs `pip install wandb`)."""
+
+    project: str | None = Field(None, description="W&B project; unset = no W&B logging")
+    name: str | None = Field(None, description="W&B run name; unset = the run id")
+    mode: Literal["online", "offline"] = Field("offline", description="W&B mode")
+
+
 class WorkersConfig(_Section):
     count: int = Field(2, ge=0, le=256, description="rollout worker processes `rlstream up` starts")
 
@@ -63,9 +71,24 @@ class Config(_Section):
     base_model: str = Field(
         BUILTIN_MODEL, description="local HF model directory, or `builtin:tiny` (built in code)"
     )
+    tokenizer_model: str | None = Field(None, description="tokenizer directory; unset = base_model's")
     dataset: str | None = Field(
-        None, description="JSONL dataset path; unset = the built-in `a+b=` task"
+        None, description="JSONL dataset path (rows with prompt, messages or prompt_token_ids); unset = built-in task"
     )
+    rollout_fn_factory: str | None = Field(
+        None, description="'module:function' returning rollout_fn; unset = the built-in single-turn rollout"
+    )
+    reward_fn: str = Field(
+        "exact_match", description="built-in rollout's reward: exact_match, math_answer or 'module:function'"
+    )
+    extras: dict[str, Any] = Field(default_factory=dict, description="free table passed to setup.extras")
+    dynamic_filter_fn: str | None = Field(
+        None, description="'module:function'(group) -> bool; False rejects the group (frees its gate slots)"
+    )
+    evaluation_fn: str | None = Field(
+        None, description="'module:function'(ctx) -> dict[str, float], run by the trainer; metrics under eval/"
+    )
+    evaluation_interval: int = Field(1, ge=1, le=1_000_000, description="evaluate every N published versions")
     max_rows: int = Field(10_000, ge=1, le=100_000_000, description="rows read from the dataset")
     epochs: int = Field(1, ge=1, le=10_000, description="passes over the rows")
     shuffle: bool = Field(True, description="shuffle rows each epoch (seeded)")
@@ -116,6 +139,12 @@ class Config(_Section):
         False, description="drain all in-flight rollouts before each step (forces O = 0)"
     )
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
+    weight_sync_interval: int = Field(
+        1, ge=0, le=1_000_000, description="publish weights every N steps (1 = every step, 0 = never); <= O + 1"
+    )
+    max_incomplete_group_retries: int = Field(
+        1, ge=0, le=100, description="rounds a worker re-draws the missing members of a group before emitting it"
+    )
     min_group_size: int = Field(
         2, ge=2, le=1024, description="an incomplete group still open after 2 x job_timeout trains if it has this many"
     )
@@ -137,6 +166,7 @@ class Config(_Section):
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$", description="torch device; auto = cuda if available")
     redis: RedisConfig = Field(default_factory=RedisConfig)
     workers: WorkersConfig = Field(default_factory=WorkersConfig)
+    wandb: WandbConfig = Field(default_factory=WandbConfig)
 
     @model_validator(mode="after")
     def _check(self) -> Config:
@@ -151,6 +181,18 @@ class Config(_Section):
             raise ValueError("max_concurrency_rollout_sample must be >= completions_per_prompt")
         if self.advantage not in ("grpo", "dr_grpo"):
             check_spec(self.advantage, "advantage")
+        if self.reward_fn not in ("exact_match", "math_answer"):
+            check_spec(self.reward_fn, "reward_fn")
+        for name in ("rollout_fn_factory", "dynamic_filter_fn", "evaluation_fn"):
+            if getattr(self, name) is not None:
+                check_spec(getattr(self, name), name)
+        if self.weight_sync_interval > self.offpolicy_versions + 1:
+            raise ValueError(
+                f"weight_sync_interval {self.weight_sync_interval} exceeds max_head_offpolicy_versions + 1 = "
+                f"{self.offpolicy_versions + 1} (synchronous_training counts as 0): the gate would stall the trainer"
+            )
+        if self.min_group_size > self.completions_per_prompt:
+            raise ValueError("min_group_size exceeds completions_per_prompt")
         if self.ppo_n_minibatches > self.batch_size:
             raise ValueError(f"ppo_n_minibatches {self.ppo_n_minibatches} exceeds the batch of {self.batch_size} samples")
         if self.lr_schedule != "constant" and self.max_steps is None:
@@ -244,7 +286,7 @@ def validate_config(data: dict[str, Any]) -> Config:
         for err in exc.errors():
             loc = ".".join(str(p) for p in err["loc"]) or "config"
             msg = err["msg"].removeprefix("Value error, ")
-            parts.append(f"{loc}: {msg}" + (f" (got {err['input']!r})" if err["type"] != "extra_forbidden" and loc != "config" and not isinstance(err["input"], dict) else ""))
+            parts.append((f"{loc}: " if loc != "config" else "") + msg + (f" (got {err['input']!r})" if err["type"] != "extra_forbidden" and loc != "config" and not isinstance(err["input"], dict) else ""))
         raise ConfigError("config error: " + "; ".join(parts)) from None
 
 

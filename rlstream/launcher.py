@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 import time
@@ -27,6 +28,7 @@ from rlstream.embedded_redis import EmbeddedRedis
 from rlstream.errors import RunFailed
 from rlstream.messages import RunStarted
 from rlstream.metrics import read_metrics, summary_line
+from rlstream.preflight import preflight
 from rlstream.progress import Progress
 from rlstream.run_state import RunState
 
@@ -50,12 +52,20 @@ class Child:
         return "\n".join(text.splitlines()[-lines:])
 
 
+def _child_env() -> dict[str, str]:
+    """Children import user code by name (rollout factories, rewards, hooks): give them our
+    import path, as multiprocessing's spawn does, so a module next to the user's script
+    resolves in the workers too."""
+    paths = [p or os.getcwd() for p in sys.path]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(dict.fromkeys(p for p in paths if os.path.isdir(p)))}
+
+
 def _spawn(name: str, role: str, config_path: Path, logs: Path) -> Child:
     log_path = logs / f"{name}.log"
     out = log_path.open("ab")
     process = subprocess.Popen([sys.executable, "-m", "rlstream.cli", role, str(config_path)],
                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                               start_new_session=True)
+                               start_new_session=True, env=_child_env())
     out.close()
     return Child(name, role, process, log_path)
 
@@ -75,6 +85,7 @@ def _stop(children: list[Child], grace: float) -> None:
 
 
 def up(cfg: Config) -> int:
+    preflight(cfg)
     cfg = cfg.model_copy(update={"run_id": cfg.run_id or new_run_id()})
     run_dir = cfg.run_dir()
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)

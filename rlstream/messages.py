@@ -195,6 +195,15 @@ class WeightsPublished(Message):
     bytes: int = Field(ge=0)
 
 
+class Evaluated(Message):
+    """The trainer ran ``evaluation_fn`` on ``version``; ``metrics`` are ``eval/...``."""
+
+    kind: Literal["evaluated"] = "evaluated"
+    step: int = Field(ge=0)
+    version: int = Field(ge=0)
+    metrics: dict[str, float] = Field(default_factory=dict)
+
+
 class DatasetExhausted(Message):
     """The producer admitted its last row: ``groups`` is the total ever admitted (first
     attempts). Not in DESIGN.md's list; the trainer needs it to end a run on data
@@ -223,7 +232,7 @@ class DeadLetter(Message):
 
 
 EVENT_TYPES: tuple[type[Message], ...] = (
-    RunStarted, GroupAdmitted, GroupRejected, StepCommitted, WeightsPublished,
+    RunStarted, GroupAdmitted, GroupRejected, StepCommitted, WeightsPublished, Evaluated,
     DatasetExhausted, RunFinished,
 )
 MESSAGE_TYPES: dict[str, type[Message]] = {

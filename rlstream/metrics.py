@@ -20,11 +20,14 @@ class MetricsLog:
             f.flush()
 
 
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+def read_metrics(path: str | Path, evaluations: bool = False) -> list[dict[str, Any]]:
+    """The per-step lines of ``metrics.jsonl`` (or, with ``evaluations``, the evaluation
+    lines: those carrying ``eval/version``)."""
     path = Path(path)
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if ("eval/version" in r) == evaluations]
 
 
 def summary_line(rows: list[dict[str, Any]], wall_s: float) -> str:

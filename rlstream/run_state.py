@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from rlstream.messages import (
-    DatasetExhausted, GroupAdmitted, GroupRejected, Message, RunFinished, RunStarted,
+    DatasetExhausted, Evaluated, GroupAdmitted, GroupRejected, Message, RunFinished, RunStarted,
     StepCommitted, WeightsPublished,
 )
 
@@ -23,6 +23,7 @@ class RunState:
     finished: RunFinished | None = None
     started: RunStarted | None = None
     rows_admitted: set[tuple[int, int]] = field(default_factory=set)  # (epoch, row)
+    last_evaluated: int | None = None  # version of the newest Evaluated event
 
     def apply(self, msg: Message) -> None:
         if isinstance(msg, GroupAdmitted):
@@ -38,6 +39,8 @@ class RunState:
             if msg.version >= self.published_version:
                 self.published_version = msg.version
                 self.latest_weights = msg
+        elif isinstance(msg, Evaluated):
+            self.last_evaluated = msg.version
         elif isinstance(msg, DatasetExhausted):
             self.exhausted_groups = msg.groups
         elif isinstance(msg, RunFinished):

@@ -12,6 +12,17 @@ from pathlib import Path
 from rlstream.builtin_task import VOCAB
 
 
+# A chat template in the tiny vocabulary: each non-assistant turn ends with "=" (the cue to
+# answer), each assistant turn with <eos>. [{"role": "user", "content": "3+4"}] -> "3+4=",
+# the built-in prompt; characters outside the vocabulary become <unk>.
+CHAT_TEMPLATE = (
+    "{%- for m in messages -%}"
+    "{%- if m['role'] == 'assistant' -%}{{ m['content'] }}<eos>"
+    "{%- else -%}{{ m['content'] }}={%- endif -%}"
+    "{%- endfor -%}"
+)
+
+
 def build_tokenizer():
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -23,7 +34,7 @@ def build_tokenizer():
     core.decoder = decoders.Fuse()
     return PreTrainedTokenizerFast(
         tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>",
-        padding_side="left",
+        padding_side="left", chat_template=CHAT_TEMPLATE,
     )
 
 

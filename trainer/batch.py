@@ -38,6 +38,15 @@ class Group:
     def rewards_G(self) -> torch.Tensor:
         return torch.tensor([s.reward for s in self.samples], dtype=torch.float32)
 
+    # What dynamic_filter_fn(group) sees, as plain lists: rewards, samples, advantages.
+    @property
+    def rewards(self) -> list[float]:
+        return [s.reward for s in self.samples]
+
+    @property
+    def advantages(self) -> list[float]:
+        return [] if self.advantages_G is None else self.advantages_G.tolist()
+
 
 class GroupAssembler:
     """Collects samples until their group is complete; duplicates (a re-delivered or

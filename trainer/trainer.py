@@ -21,7 +21,7 @@ from rlstream import keys, streams
 from rlstream.codec import decode
 from rlstream.config import Config
 from rlstream.errors import RlstreamError
-from rlstream.messages import RolloutSample, RunFinished, StepCommitted
+from rlstream.messages import Evaluated, RolloutSample, RunFinished, StepCommitted
 from rlstream.metrics import MetricsLog
 from rlstream.run_state import RunState
 from rlstream.torch_setup import load_model_and_tokenizer, setup_torch
@@ -29,9 +29,11 @@ from trainer.advantages import resolve_advantage
 from trainer.batch import Group, GroupAssembler, collate
 from trainer.checkpoint import CheckpointState, export_model, latest_checkpoint, load_checkpoint, save_checkpoint
 from trainer.commit import ack_untrained, commit_step, publish, reject_group
+from trainer.hooks import EvaluationContext, load_evaluation, load_filter, run_evaluation
 from trainer.optimize import policy_update
 from trainer.policy_model import base_model_path, load_reference, publish_weights
 from trainer.schedule import lr_multiplier
+from trainer.wandb_log import make_logger
 
 log = logging.getLogger(__name__)
 CONSUMER = "trainer-0"  # one fixed name: a restarted trainer finds its own pending entries
@@ -49,12 +51,19 @@ class Trainer:
                                            weight_decay=0.01, eps=1e-8)
         if cfg.init_from_checkpoint:  # a new run from another run's weights + optimizer
             load_checkpoint(Path(cfg.init_from_checkpoint), self.model, self.optimizer, self.device)
+        if cfg.tokenizer_model:
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_model)
         self.advantage_fn = resolve_advantage(cfg.advantage)
+        self.filter_fn, self.evaluation_fn = load_filter(cfg), load_evaluation(cfg)
+        self.wandb = make_logger(cfg)
         self.rejected_groups = 0
+        self.filtered = {"kept": 0, "rejected": 0}  # dynamic_filter_fn decisions since the last step
         self.vocab_size = self.model.get_input_embeddings().num_embeddings
         self.pad_id = self.tokenizer.pad_token_id or 0
         self.state, self.cursor = RunState(), "0-0"
-        self.committed: list[StepCommitted] | None = None  # collected only while resuming
+        self.committed: list[StepCommitted | Evaluated] | None = None  # collected only while resuming
         self.last_commit_id = "0-0"
         self.assembler, self.ready = GroupAssembler(), []
         self.metrics = MetricsLog(run_dir / "metrics.jsonl")
@@ -67,8 +76,8 @@ class Trainer:
             self.state.apply(msg)
             if isinstance(msg, StepCommitted):
                 self.last_commit_id = event_id
-                if self.committed is not None:
-                    self.committed.append(msg)
+            if self.committed is not None and isinstance(msg, (StepCommitted, Evaluated)):
+                self.committed.append(msg)
 
     def data_exhausted(self) -> bool:
         """Every admitted group is settled or waiting in ``ready``, and no row is left."""
@@ -108,6 +117,12 @@ class Trainer:
             reject_group(self.r, self.cfg.run_id, group.group_id, group.entry_ids,
                          f"advantage is not finite for {len(group.members)} sample(s)")
             return
+        if self.filter_fn is not None:
+            keep = bool(self.filter_fn(group))
+            self.filtered["kept" if keep else "rejected"] += 1
+            if not keep:
+                reject_group(self.r, self.cfg.run_id, group.group_id, group.entry_ids, "dynamic_filter_fn")
+                return
         self.ready.append(group)
 
     # ----------------------------------------------------------------- the step
@@ -124,7 +139,11 @@ class Trainer:
         t0 = time.monotonic()
         samples = [s for g in groups for s in g.samples]
         train_metrics = self.optimize(groups)
-        published = publish_weights(self.model, self.tokenizer, self.run_dir, self.version, self.cfg.keep_weights)
+        interval = self.cfg.weight_sync_interval
+        published = None
+        if interval and self.version % interval == 0:
+            published = publish_weights(self.model, self.tokenizer, self.run_dir, self.version, self.cfg.keep_weights)
+        decided = self.filtered["kept"] + self.filtered["rejected"]
         sampled_at = torch.tensor([float(s.min_version) for s in samples])
         metrics = {
             "step": self.step, "version": self.version,
@@ -133,18 +152,46 @@ class Trainer:
             "async/version_offset_max": (self.version - 1 - sampled_at).max().item(),
             "async/version_offset_mean": (self.version - 1 - sampled_at).mean().item(),
             "async/submit_offset_max": max(self.version - 1 - s.submit_version for s in samples),
+            "rollout/filter_reject_ratio": self.filtered["rejected"] / decided if decided else 0.0,
             **train_metrics,
             "perf/train_wait_time": wait_time, "perf/step_time": time.monotonic() - t0,
         }
+        self.filtered = {"kept": 0, "rejected": 0}
         self.last_commit_id = commit_step(self.r, self.cfg.run_id, StepCommitted(
             step=self.step, version=self.version, entry_ids=[e for g in groups for e in g.entry_ids],
             sample_ids=[s.sample_id for s in samples], group_ids=[g.group_id for g in groups], metrics=metrics))
         self._failpoint("after_commit")
-        publish(self.r, self.cfg.run_id, published)
+        if published is not None:
+            publish(self.r, self.cfg.run_id, published)
         self.metrics.write(metrics)
+        if self.wandb is not None:
+            self.wandb.log(metrics)
         if self.cfg.dcp_save_interval and self.step % self.cfg.dcp_save_interval == 0:
             self.checkpoint()
+        if published is not None and self.version % self.cfg.evaluation_interval == 0:
+            self.evaluate()
         return metrics
+
+    def evaluate(self) -> None:
+        """Run evaluation_fn on the current weights; record an ``Evaluated`` event and a
+        metrics line (``eval/version`` marks it)."""
+        if self.evaluation_fn is None or self.state.last_evaluated == self.version:
+            return
+        from workers.local_policy import LocalPolicy, LocalSampler
+
+        sample_kwargs = dict(max_tokens=self.cfg.max_completion_tokens, temperature=self.cfg.temperature,
+                             top_p=1.0, top_k=0, max_seq_len=self.cfg.max_seq_len, logprobs=True)
+        policy = LocalPolicy.from_model(self.model, self.tokenizer, self.device, self.version)
+        ctx = EvaluationContext(LocalSampler(policy, sample_kwargs), self.tokenizer, self.version, self.step,
+                                sample_kwargs, dict(self.cfg.extras))
+        metrics = run_evaluation(self.evaluation_fn, ctx)
+        streams.xadd(self.r, keys.events(self.cfg.run_id), Evaluated(step=self.step, version=self.version,
+                                                                     metrics=metrics))
+        self.state.last_evaluated = self.version
+        line = {"step": self.step, "version": self.version, "eval/version": self.version, **metrics}
+        self.metrics.write(line)
+        if self.wandb is not None:
+            self.wandb.log(line)
 
     def checkpoint(self) -> None:
         if (self.run_dir / "checkpoints" / f"step-{self.step}").is_dir():
@@ -186,19 +233,25 @@ class Trainer:
         self.committed = []
         self.follow_events()
         all_committed, self.committed = self.committed, None
-        for committed in [c for c in all_committed if c.step > self.step]:
-            self.replay(committed)
+        for committed in all_committed:
+            if isinstance(committed, StepCommitted) and committed.step > self.step:
+                self.replay(committed)
         if self.step != self.state.steps:
             raise RlstreamError(f"events record {self.state.steps} steps but replay reached {self.step}")
         if self.step:
             log.info("replayed to step %d v%d", self.step, self.version)
-        if self.state.latest_weights is None or self.state.published_version < self.version:
+        interval = self.cfg.weight_sync_interval
+        if self.state.latest_weights is None or (
+            interval and self.version % interval == 0 and self.state.published_version < self.version
+        ):
             # Fresh run (v0), or a crash between commit and publish: publish now.
             publish(self.r, self.cfg.run_id, publish_weights(self.model, self.tokenizer, self.run_dir, self.version,
                                                              self.cfg.keep_weights))
         self.metrics.path.write_text("")  # the events are the record: rebuild metrics.jsonl from them
-        for c in all_committed:
-            self.metrics.write(c.metrics)
+        for event in all_committed:
+            self.metrics.write(event.metrics if isinstance(event, StepCommitted) else
+                               {"step": event.step, "version": event.version, "eval/version": event.version,
+                                **event.metrics})
         self.assembler.completed |= self.state.settled_groups
         after: str | None = "0"
         while after is not None:
@@ -210,6 +263,8 @@ class Trainer:
     def run(self) -> int:
         streams.ensure_group(self.r, keys.rollouts(self.cfg.run_id))
         self.resume()
+        if self.step == 0:
+            self.evaluate()  # the base model, before any update
         P, reason = self.cfg.prompt_groups_per_step, "max_steps"
         while self.state.finished is None and (self.cfg.max_steps is None or self.step < self.cfg.max_steps):
             t_wait = time.monotonic()
@@ -231,6 +286,9 @@ class Trainer:
         return self.step
 
     def finish(self, reason: str) -> None:
+        self.evaluate()  # the final weights (skipped when this version was just evaluated)
+        if self.wandb is not None:
+            self.wandb.finish()
         if self.cfg.save_final_checkpoint and self.step > 0:
             self.checkpoint()
         if self.cfg.output_model_id:

@@ -1,14 +1,15 @@
-"""The built-in single-turn rollout: sample the row's prompt once, score it.
+"""The built-in single-turn rollout (the cookbook's ``rl_loop`` path): sample the row's
+prompt once, score the completion with ``reward_fn``.
 
-Rows carry ``prompt`` (str), ``prompt_token_ids`` or ``messages``; the reward is exact
-match against ``answer`` (the built-in ``a+b=`` task's reward).
+Rows carry ``prompt`` (str), ``prompt_token_ids`` or ``messages`` (assistant turns are
+removed; the chat template is applied with the tokenizer).
 """
 from __future__ import annotations
 
 from typing import Any
 
-from rlstream.builtin_task import exact_match_reward
 from rlstream.messages import RolloutSample
+from rlstream.rewards import RewardFn
 from rlstream.rollout import RolloutFn, RolloutSetup
 
 
@@ -22,18 +23,23 @@ def prompt_token_ids(row: dict[str, Any], tokenizer: Any) -> list[int]:
     return tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
 
 
-def make_rollout_fn(setup: RolloutSetup) -> RolloutFn:
-    async def rollout_fn(sample_prompt: dict[str, Any]) -> RolloutSample | None:
-        prompt = prompt_token_ids(sample_prompt, setup.tokenizer)
-        [c] = await setup.sampler.sample_with_prompt_tokens(prompt, n=1, **setup.sample_kwargs)
-        generated = len(c.full_tokens) - c.prompt_len
-        return RolloutSample(
-            tokens=c.full_tokens,
-            logprobs=[0.0] * c.prompt_len + c.inference_logprobs,
-            loss_mask=[0] * c.prompt_len + [1] * generated,
-            reward=exact_match_reward(c.text, sample_prompt.get("answer", "")),
-            finish_reason=c.finish_reason,
-            text=c.text,
-        )
+def single_turn_factory(reward_fn: RewardFn):
+    """A ``rollout_fn_factory`` that scores with ``reward_fn(completion_text, row)``."""
 
-    return rollout_fn
+    def make_rollout_fn(setup: RolloutSetup) -> RolloutFn:
+        async def rollout_fn(sample_prompt: dict[str, Any]) -> RolloutSample | None:
+            prompt = prompt_token_ids(sample_prompt, setup.tokenizer)
+            [c] = await setup.sampler.sample_with_prompt_tokens(prompt, n=1, **setup.sample_kwargs)
+            generated = len(c.full_tokens) - c.prompt_len
+            return RolloutSample(
+                tokens=c.full_tokens,
+                logprobs=[0.0] * c.prompt_len + c.inference_logprobs,
+                loss_mask=[0] * c.prompt_len + [1] * generated,
+                reward=float(reward_fn(c.text, sample_prompt)),
+                finish_reason=c.finish_reason,
+                text=c.text,
+            )
+
+        return rollout_fn
+
+    return make_rollout_fn

@@ -27,10 +27,18 @@ log = logging.getLogger(__name__)
 class LocalPolicy:
     def __init__(self, published: WeightsPublished, device: torch.device):
         weights.verify(published.uri, published.sha256)
-        self.device = device
-        self.model, self.tokenizer = load_model_and_tokenizer(published.uri, device)
-        self.model.eval()
-        self.version = published.version
+        model, tokenizer = load_model_and_tokenizer(published.uri, device)
+        self._bind(model.eval(), tokenizer, device, published.version)
+
+    @classmethod
+    def from_model(cls, model, tokenizer, device: torch.device, version: int) -> LocalPolicy:
+        """Sample from a live model (the trainer's, for evaluation_fn) without a copy."""
+        policy = cls.__new__(cls)
+        policy._bind(model, tokenizer, device, version)
+        return policy
+
+    def _bind(self, model, tokenizer, device: torch.device, version: int) -> None:
+        self.model, self.tokenizer, self.device, self.version = model, tokenizer, device, version
         eos = self.model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None} or {self.tokenizer.eos_token_id}
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
@@ -48,7 +56,15 @@ class LocalPolicy:
         self.version = published.version
 
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], *, max_tokens: int, temperature: float,
+    def generate(self, prompts: list[list[int]], **kwargs: Any) -> list[Completion]:
+        was_training = self.model.training
+        self.model.eval()  # dropout off while sampling, whoever owns the model
+        try:
+            return self._generate(prompts, **kwargs)
+        finally:
+            self.model.train(was_training)
+
+    def _generate(self, prompts: list[list[int]], *, max_tokens: int, temperature: float,
                  top_p: float = 1.0, top_k: int = 0, max_seq_len: int = 1 << 30) -> list[Completion]:
         longest = max(len(p) for p in prompts)
         new_tokens = min(max_tokens, max_seq_len - longest)

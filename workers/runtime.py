@@ -4,6 +4,7 @@ is state a restart loses: it is all rebuilt from Redis and the published weights
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
 from typing import Any
@@ -25,6 +26,17 @@ class CircuitOpen(RuntimeError):
     """Too many rollout failures: the worker stops the run (RunFinished, failed)."""
 
 
+CONTEXT_PARAMS = ("row_index", "epoch", "sample_index", "evaluation")
+
+
+def accepted_context(rollout_fn: Any) -> frozenset[str]:
+    """The keyword context a rollout_fn declares (all of it with ``**kwargs``)."""
+    params = inspect.signature(rollout_fn).parameters.values()
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return frozenset(CONTEXT_PARAMS)
+    return frozenset(p.name for p in params if p.name in CONTEXT_PARAMS)
+
+
 class WorkerRuntime:
     def __init__(self, cfg: Config, r: redis.Redis, worker_id: str, device: Any,
                  rollout_fn_factory: RolloutFnFactory):
@@ -33,6 +45,7 @@ class WorkerRuntime:
         self.state, self.cursor = RunState(), "0-0"
         self.policy = None
         self.rollout_fn = None
+        self.context_params: frozenset[str] = frozenset()
         self.invalid_samples = 0
         self.rollout_failures = 0
         self.breaker = CircuitBreaker()
@@ -59,8 +72,10 @@ class WorkerRuntime:
             sample_kwargs = dict(max_tokens=self.cfg.max_completion_tokens, temperature=self.cfg.temperature,
                                  top_p=1.0, top_k=0, max_seq_len=self.cfg.max_seq_len, logprobs=True)
             setup = RolloutSetup(sampler=LocalSampler(self.policy, sample_kwargs), tokenizer=self.policy.tokenizer,
-                                 sample_kwargs=sample_kwargs, completions_per_prompt=self.cfg.completions_per_prompt)
+                                 sample_kwargs=sample_kwargs, completions_per_prompt=self.cfg.completions_per_prompt,
+                                 extras=dict(self.cfg.extras))
             self.rollout_fn = self.factory(setup)
+            self.context_params = accepted_context(self.rollout_fn)
             log.info("worker %s: loaded v%d from %s", self.worker_id, published.version, published.uri)
         elif published.version > self.policy.version:
             try:
@@ -72,12 +87,13 @@ class WorkerRuntime:
                 self.follow_events(block_ms=200)
                 return self.sync_weights(min_version)
 
-    async def _draw(self, row: dict[str, Any]) -> RolloutSample | None:
+    async def _draw(self, row: dict[str, Any], context: dict[str, Any]) -> RolloutSample | None:
         """One completion: an invalid sample is counted and dropped; an exception is counted
         and retried (bounded) and feeds the circuit breaker."""
+        kwargs = {k: v for k, v in context.items() if k in self.context_params}
         for attempt in range(self.cfg.rollout_max_retries + 1):
             try:
-                result = await self.rollout_fn(dict(row))
+                result = await self.rollout_fn(dict(row), **kwargs)
             except ValidationError as exc:  # rollout_fn built an invalid RolloutSample
                 self.invalid_samples += 1
                 log.warning("worker %s: invalid sample dropped: %s", self.worker_id, str(exc).splitlines()[-2:])
@@ -93,22 +109,34 @@ class WorkerRuntime:
             return result
         return None
 
-    async def _draws(self, row: dict[str, Any], n: int) -> list[RolloutSample | None]:
-        return await asyncio.gather(*(self._draw(row) for _ in range(n)))
+    async def _group(self, job: GroupJob) -> list[RolloutSample]:
+        """G draws; missing members (None, invalid, failed) are re-drawn for up to
+        ``max_incomplete_group_retries`` more rounds."""
+        samples: list[RolloutSample] = []
+        next_index = 0
+        for _ in range(self.cfg.max_incomplete_group_retries + 1):
+            missing = job.group_size - len(samples)
+            if missing == 0:
+                break
+            contexts = [dict(row_index=job.row_index, epoch=job.epoch, sample_index=next_index + i, evaluation=False)
+                        for i in range(missing)]
+            next_index += missing
+            results = await asyncio.gather(*(self._draw(job.row, c) for c in contexts))
+            samples += [s for s in results if s is not None]
+        return samples
 
     def run_group(self, job: GroupJob) -> dict[str, Any]:
         self.sync_weights(job.submit_version)
         version = self.policy.version
         try:
-            results = asyncio.run(self._draws(job.row, job.group_size))
+            samples = asyncio.run(self._group(job))
         except CircuitOpen as exc:
             streams.xadd(self.r, keys.events(self.cfg.run_id), RunFinished(reason=str(exc), failed=True))
             log.error("worker %s: %s: stopping the run", self.worker_id, exc)
             raise
-        samples = [s for s in results if s is not None]
         stream = keys.rollouts(self.cfg.run_id)
         with self.r.pipeline(transaction=True) as pipe:
-            if len(samples) < 2:  # a single survivor has no group-relative advantage
+            if len(samples) < self.cfg.min_group_size:  # (a single survivor has no group-relative advantage)
                 streams.xadd(pipe, keys.events(self.cfg.run_id), GroupRejected(
                     group_id=job.group_id, by=self.worker_id,
                     reason=f"only {len(samples)} of {job.group_size} draws returned a valid sample"))

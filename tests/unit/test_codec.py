@@ -11,7 +11,8 @@ import pytest
 
 from rlstream.codec import DecodeError, decode, encode
 from rlstream.messages import (
-    MESSAGE_TYPES, SCHEMA_VERSION, DatasetExhausted, DeadLetter, GroupAdmitted, GroupJob,
+    MESSAGE_TYPES, SCHEMA_VERSION, DatasetExhausted, DeadLetter, Evaluated,
+    GroupAdmitted, GroupJob,
     GroupRejected, RolloutSample, RunFinished, RunStarted, StepCommitted, WeightsPublished,
     group_id_for, sample_id_for,
 )
@@ -58,7 +59,8 @@ EXAMPLES = {
                                     metrics={"train/loss": 0.25}),
     "weights_published": WeightsPublished(version=7, uri="file:///w/7", sha256="ab" * 32, bytes=123),
     "dataset_exhausted": DatasetExhausted(groups=42),
-    "run_finished": RunFinished(reason="max_steps", step=10, version=10),
+    "evaluated": Evaluated(step=4, version=4, metrics={"eval/accuracy": 0.5}),
+    "run_finished": RunFinished(reason="max_steps", step=10, version=10, failed=True),
 }
 
 

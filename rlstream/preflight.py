@@ -1,0 +1,38 @@
+"""Checks ``rlstream up`` runs before it starts anything: every problem a child process
+would hit on its first line is reported here as one line (exit 2) instead."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from rlstream.config import BUILTIN_MODEL, Config
+from rlstream.errors import ConfigError
+from rlstream.imports import import_object
+
+
+def preflight(cfg: Config) -> None:
+    specs = {"rollout_fn_factory": cfg.rollout_fn_factory, "dynamic_filter_fn": cfg.dynamic_filter_fn,
+             "evaluation_fn": cfg.evaluation_fn}
+    if cfg.reward_fn not in ("exact_match", "math_answer"):
+        specs["reward_fn"] = cfg.reward_fn
+    if cfg.advantage not in ("grpo", "dr_grpo"):
+        specs["advantage"] = cfg.advantage
+    for name, spec in specs.items():
+        if spec:
+            try:
+                import_object(spec, name)
+            except ValueError as exc:
+                raise ConfigError(f"config error: {exc}") from None
+    if cfg.dataset is not None:
+        from producers.datasets import load_jsonl
+
+        load_jsonl(cfg.dataset, cfg.max_rows)  # raises with file:line on the first bad row
+    for name in ("tokenizer_model", "reference_model"):
+        path = getattr(cfg, name)
+        if path and not Path(path).is_dir():
+            raise ConfigError(f"config error: {name}: {path!r} is not a directory")
+    if cfg.base_model != BUILTIN_MODEL and not (Path(cfg.base_model) / "config.json").is_file():
+        raise ConfigError(f"config error: base_model: {cfg.base_model!r} is neither 'builtin:tiny' nor an HF model "
+                          "directory (no config.json)")
+    if cfg.init_from_checkpoint and not (Path(cfg.init_from_checkpoint) / "train_state.pt").is_file():
+        raise ConfigError(f"config error: init_from_checkpoint: {cfg.init_from_checkpoint!r} is not a checkpoint "
+                          "directory (no train_state.pt)")

@@ -1,0 +1,63 @@
+"""The examples run end to end through `rlstream.main` (their train.py), and the modes
+produce the version offsets they promise."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rlstream import keys
+from rlstream.codec import decode
+from rlstream.connection import connect
+from rlstream.embedded_redis import EmbeddedRedis
+from rlstream.metrics import read_metrics
+
+pytestmark = pytest.mark.e2e
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+def train(example: str, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, str(EXAMPLES / example / "train.py"), "--log-path", "runs",
+                           "--workers", "1", "--groups", "4", *args],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_single_turn_token_in_on_policy_with_filter_and_evaluation(tmp_path: Path) -> None:
+    """O = 0: strictly on-policy admission, every sample sampled and submitted at the
+    trainer's version; the zero-variance filter is counted; evaluation at start, every 2
+    versions and at the end."""
+    proc = train("single_turn_token_in", tmp_path, "--run-id", "st", "--max-steps", "4", "--filter",
+                 "--eval-interval", "2")
+    assert "done: run st, 4 steps, version 4" in proc.stdout
+    rows = read_metrics(tmp_path / "runs/st/metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert all(r["async/version_offset_max"] == 0 and r["async/submit_offset_max"] == 0 for r in rows)
+    assert all(0.0 <= r["rollout/filter_reject_ratio"] <= 1.0 for r in rows)
+    assert any(r["rollout/filter_reject_ratio"] > 0 for r in rows)  # P(8 wrong of 8) ~ 0.4 per group
+    evals = read_metrics(tmp_path / "runs/st/metrics.jsonl", evaluations=True)
+    assert [e["eval/version"] for e in evals] == [0, 2, 4]
+    assert all(0.0 <= e["eval/accuracy"] <= 1.0 for e in evals)
+
+
+def test_multi_turn_message_in_synchronous_with_interior_mask_zeros(tmp_path: Path) -> None:
+    """synchronous_training: every trained sample was sampled with the current version; the
+    retry turn puts zeros inside the loss mask."""
+    train("multi_turn_message_in", tmp_path, "--run-id", "mt", "--max-steps", "3")
+    rows = read_metrics(tmp_path / "runs/mt/metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(r["async/version_offset_max"] == 0 for r in rows)
+    server = EmbeddedRedis(tmp_path / "runs/mt/redis")
+    r = connect(server.start())
+    try:
+        samples = [decode(f[b"m"]) for _, f in r.xrange(keys.rollouts("mt"))]
+    finally:
+        server.stop()
+    assert samples
+    masks = ["".join(map(str, s.loss_mask)) for s in samples]
+    assert all(m.startswith("0") for m in masks)  # the prompt is never trained
+    # an interior zero: a user turn between two assistant turns (1...0...1)
+    assert any("0" in m.strip("0") for m in masks), "no sample with a retry turn"
