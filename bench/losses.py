@@ -45,7 +45,7 @@ def main() -> None:
     extra = [x for kv in args.extra for x in ("--set", kv)]
     print(f"built-in task, {args.steps} steps, 32 prompts x 8 completions, 2 workers, O=1; "
           f"{time.strftime('%Y-%m-%d')}", flush=True)
-    print(f"| loss | steps | reward first 10 | reward last 10 | gain | wall (s) |\n|---|---|---|---|---|---|", flush=True)
+    print("| loss | steps | reward first 10 | reward last 10 | gain | wall (s) |\n|---|---|---|---|---|---|", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for loss in args.losses:
             r = run_one(loss, args.steps, Path(tmp), extra)

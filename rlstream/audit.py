@@ -39,7 +39,6 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import redis
@@ -280,16 +279,10 @@ def collect_audit(r: redis.Redis, run_id: str) -> AuditReport:
 
 
 def audit_main(run: str | None, log_path: str) -> int:
-    from rlstream.status import find_run_dir, open_run
+    from rlstream.status import opened_run
 
-    run_dir = find_run_dir(run, log_path)
-    cfg, r, embedded = open_run(Path(run_dir))
-    try:
+    with opened_run(run, log_path) as (run_dir, cfg, r):
         report = collect_audit(r, cfg.run_id)
-    finally:
-        r.close()
-        if embedded is not None:
-            embedded.stop()
     print(f"run: {cfg.run_id}")
     print(f"run_dir: {run_dir}")
     for line in report.lines():

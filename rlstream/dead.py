@@ -8,7 +8,6 @@ Like ``status``, it starts a finished run's embedded redis-server from its AOF.
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 import redis
 
@@ -28,16 +27,10 @@ def dead_lines(r: redis.Redis, run_id: str) -> list[str]:
 
 
 def dead_main(run: str | None, log_path: str) -> int:
-    from rlstream.status import find_run_dir, open_run
+    from rlstream.status import opened_run
 
-    run_dir = find_run_dir(run, log_path)
-    cfg, r, embedded = open_run(Path(run_dir))
-    try:
+    with opened_run(run, log_path) as (_, cfg, r):
         lines = dead_lines(r, cfg.run_id)
-    finally:
-        r.close()
-        if embedded is not None:
-            embedded.stop()
     for line in lines:
         print(line)
     return 0

@@ -57,9 +57,11 @@ class Progress:
             from rich.table import Table
 
             table = Table(title=f"rlstream run {self.cfg.run_id}", show_header=True)
-            for key in s:
-                table.add_column(key)
-            table.add_row(*[f"{v:.3f}" if isinstance(v, float) else str(v) for v in s.values()])
+            for header in ("step", "version", "reward", "samples/s", "lag", "in flight", "offset", "time"):
+                table.add_column(header, justify="right")
+            table.add_row(f"{s['step']}/{s['max_steps']}", str(s["version"]), f"{s['reward']:.3f}",
+                          f"{s['samples/s']:.0f}", str(s["lag"]), f"{s['in_flight_groups']} groups",
+                          f"≤{s['offset_max']:.0f}", f"{s['elapsed']:.0f}s")
             self.live.update(table)
         elif s["step"] != self.last_step and time.monotonic() - self.last_plain >= PLAIN_EVERY_S:
             self.last_plain, self.last_step = time.monotonic(), s["step"]

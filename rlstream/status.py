@@ -7,7 +7,9 @@ the run directory's AOF for the time of the query.
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, Iterator
 
 from rq import Queue, Worker
 
@@ -49,6 +51,20 @@ def open_run(run_dir: Path):
     return cfg, r, embedded
 
 
+@contextmanager
+def opened_run(run: str | None, log_path: str) -> Iterator[tuple[Path, Any, Any]]:
+    """(run_dir, cfg, client) for ``audit``, ``dead`` and ``status``; closes the client and
+    stops an embedded server it had to start."""
+    run_dir = find_run_dir(run, log_path)
+    cfg, r, embedded = open_run(run_dir)
+    try:
+        yield run_dir, cfg, r
+    finally:
+        r.close()
+        if embedded is not None:
+            embedded.stop()
+
+
 def collect_status(cfg, r) -> dict:
     state = RunState()
     for _, msg in streams.iter_all_events(r, cfg.run_id):
@@ -73,14 +89,8 @@ def collect_status(cfg, r) -> dict:
 
 
 def status_main(run: str | None, log_path: str) -> int:
-    run_dir = find_run_dir(run, log_path)
-    cfg, r, embedded = open_run(run_dir)
-    try:
+    with opened_run(run, log_path) as (_, cfg, r):
         status = collect_status(cfg, r)
-    finally:
-        r.close()
-        if embedded is not None:
-            embedded.stop()
     width = max(len(k) for k in status)
     for k, v in status.items():
         if isinstance(v, dict):

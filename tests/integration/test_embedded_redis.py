@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from rlstream import connection, keys, streams
+from rlstream import keys, streams
 from rlstream.codec import decode
 from rlstream.connection import connect
 from rlstream.embedded_redis import EmbeddedRedis

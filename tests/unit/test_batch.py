@@ -1,7 +1,6 @@
 """trainer.batch: group assembly with dedup, and collation/alignment."""
 from __future__ import annotations
 
-import pytest
 import torch
 
 from rlstream.messages import RolloutSample, group_id_for, sample_id_for
