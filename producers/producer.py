@@ -50,7 +50,7 @@ def admit(r: redis.Redis, queue: Queue, cfg: Config, epoch: int, row_index: int,
                           submit_version=version, group_size=G)
     data = Queue.prepare_data(JOB_FUNC, args=(job.model_dump(mode="json"),), job_id=f"{cfg.run_id}-{gid}",
                               timeout=cfg.job_timeout, result_ttl=0, failure_ttl=7 * 86400,
-                              retry=Retry(max=2, interval=[1, 5]))
+                              retry=Retry(max=2))  # no interval: a scheduled retry would need an rq scheduler
     with r.pipeline(transaction=True) as pipe:
         queue.enqueue_many([data], pipeline=pipe)
         streams.xadd(pipe, keys.events(cfg.run_id), event)

@@ -1,0 +1,82 @@
+"""A rollout worker SIGKILLed mid-job: the producer's registry cleanup re-enqueues its job
+(same job id); once rq's retries are spent the producer re-dispatches it, and after
+``MAX_REDISPATCH`` it rejects the group explicitly. Real redis-server, real rq worker
+processes (whose rollout hangs, so that they die mid-job)."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from rq.job import JobStatus
+from rq.registry import FailedJobRegistry, StartedJobRegistry
+
+from producers.producer import MAX_REDISPATCH, admit, handle_failed_jobs, job_queue
+from rlstream import streams
+from rlstream.config import Config
+from rlstream.messages import GroupRejected
+from rlstream.run_state import RunState
+
+pytestmark = pytest.mark.integration
+
+WORKER = """
+import sys, time
+from rlstream.connection import connect
+from producers.producer import job_queue
+from rlstream.config import Config
+from rq.serializers import JSONSerializer
+from workers.jobs import RolloutWorker
+
+class HangingRuntime:
+    def run_group(self, job):
+        time.sleep(60)
+
+r = connect(sys.argv[1])
+RolloutWorker([job_queue(r, Config(run_id=sys.argv[2]))], connection=r, serializer=JSONSerializer,
+              runtime=HangingRuntime()).work(burst=True)
+"""
+
+
+def wait_until(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def kill_worker_mid_job(redis_url: str, run_id: str, job) -> None:
+    worker = subprocess.Popen([sys.executable, "-c", WORKER, redis_url, run_id])
+    try:
+        wait_until(lambda: job.get_status(refresh=True) == JobStatus.STARTED, 30, "the job to start")
+    finally:
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.wait()
+
+
+def test_killed_worker_job_is_reenqueued_then_redispatched_then_rejected(r, redis_url, run_id):
+    cfg = Config(run_id=run_id, completions_per_prompt=2)
+    queue = job_queue(r, cfg)
+    state = RunState()
+    state.apply(admit(r, queue, cfg, 0, 0, {"prompt": "1+1="}, 0))
+    job = queue.fetch_job(f"{run_id}-e0-r0-a0")
+    started, redispatched = StartedJobRegistry(queue=queue), {}
+    after_heartbeat_ttl = lambda: time.time() + 60  # noqa: E731  (workers.jobs.HEARTBEAT_TTL_S is 15 s)
+
+    kill_worker_mid_job(redis_url, run_id, job)
+    started.cleanup(timestamp=after_heartbeat_ttl())
+    assert job.id in queue.job_ids, "abandoned job not re-enqueued (a retry interval would need a scheduler)"
+
+    for _ in range(2 + MAX_REDISPATCH + 1):  # rq retries left, then our re-dispatches, then rejection
+        if job.id not in queue.job_ids:
+            break
+        kill_worker_mid_job(redis_url, run_id, job)
+        started.cleanup(timestamp=after_heartbeat_ttl())
+        handle_failed_jobs(r, queue, cfg, state, redispatched)
+    assert redispatched == {"e0-r0-a0": MAX_REDISPATCH}
+    rejected = [m for _, m in streams.iter_all_events(r, run_id) if isinstance(m, GroupRejected)]
+    assert len(rejected) == 1 and rejected[0].group_id == "e0-r0-a0" and "Abandoned" in rejected[0].reason
+    assert job.id not in queue.job_ids and FailedJobRegistry(queue=queue).get_job_ids() == []
