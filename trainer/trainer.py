@@ -8,6 +8,7 @@ and step numbers continue without gap; ``run`` loops until the run ends.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -261,6 +262,10 @@ class Trainer:
 
     # ----------------------------------------------------------------- the loop
     def run(self) -> int:
+        config_path = self.run_dir / "config.json"
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if not config_path.exists():  # standalone (compose) runs: status/audit/dead find the run by it
+            config_path.write_text(json.dumps(self.cfg.model_dump(mode="json"), indent=1))
         streams.ensure_group(self.r, keys.rollouts(self.cfg.run_id))
         self.resume()
         if self.step == 0:
