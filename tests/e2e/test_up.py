@@ -13,7 +13,6 @@ import pytest
 from rlstream import keys, streams
 from rlstream.codec import decode
 from rlstream.connection import connect
-from rlstream.embedded_redis import EmbeddedRedis
 from rlstream.messages import RolloutSample, StepCommitted
 from rlstream.metrics import read_metrics
 
@@ -27,30 +26,35 @@ def rlstream(*args: str, cwd: Path, timeout: float, env: dict | None = None) -> 
                           timeout=timeout, env={**os.environ, **(env or {})})
 
 
-def test_short_run_bumps_versions_and_stamps_samples(tmp_path: Path) -> None:
+def test_short_run_on_external_redis_bumps_versions_and_stamps_samples(tmp_path: Path, redis_server) -> None:
+    """A short run against an external Redis (RLSTREAM_REDIS_URL): no embedded server is
+    started, versions bump once per step and every trained sample is stamped correctly."""
     proc = rlstream("up", str(CONFIG), "--run-id", "short", "--set", "max_steps=5", "--set", "prompt_groups_per_step=8",
-                    "--set", "completions_per_prompt=4", cwd=tmp_path, timeout=240)
+                    "--set", "completions_per_prompt=4", cwd=tmp_path, timeout=240,
+                    env={"RLSTREAM_REDIS_URL": redis_server.url})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     last_line = proc.stdout.strip().splitlines()[-1]
     assert last_line.startswith("summary: steps=5 final_version=5"), last_line
 
     run_dir = tmp_path / "runs" / "short"
+    assert not (run_dir / "redis").exists(), "an embedded redis-server was started despite RLSTREAM_REDIS_URL"
     rows = read_metrics(run_dir / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
     assert [r["version"] for r in rows] == [1, 2, 3, 4, 5]
     for key in ("rollout/reward_mean", "rollout/samples", "async/version_offset_max", "async/version_offset_mean",
                 "train/loss", "perf/step_time", "perf/train_wait_time"):
         assert all(key in r for r in rows), key
-    assert json.loads((run_dir / "config.json").read_text())["run_id"] == "short"
-    assert (run_dir / "redis" / "appendonly.aof").exists() or (run_dir / "redis" / "appendonlydir").exists()
+    resolved = json.loads((run_dir / "config.json").read_text())
+    assert resolved["run_id"] == "short"
+    assert resolved["redis"]["url"] == redis_server.url
     assert (run_dir / "weights" / "v5" / "manifest.json").is_file()
 
-    # The run's Redis is stopped; reopen it from its AOF and audit what the trainer consumed.
-    server = EmbeddedRedis(run_dir / "redis")
-    r = connect(server.start())
+    # Audit what the trainer consumed, on the external server the run used.
+    r = connect(redis_server.url)
     try:
         committed = [m for _, m in streams.iter_all_events(r, "short") if isinstance(m, StepCommitted)]
         assert [c.step for c in committed] == [1, 2, 3, 4, 5]
+        assert r.xlen(keys.rollouts("short")) >= 5 * 32
         by_id = {e.decode(): decode(f[b"m"]) for e, f in r.xrange(keys.rollouts("short"))}
         versions_seen = set()
         for c in committed:
@@ -65,11 +69,12 @@ def test_short_run_bumps_versions_and_stamps_samples(tmp_path: Path) -> None:
         assert max(versions_seen) >= 1, "no sample was generated with updated weights"
         assert streams.group_info(r, keys.rollouts("short"))["pending"] == 0
     finally:
-        server.stop()
+        r.close()
 
     status = rlstream("status", str(run_dir), cwd=tmp_path, timeout=60)
     assert status.returncode == 0, status.stderr
     assert "published_version" in status.stdout and "finished" in status.stdout
+    assert not (run_dir / "redis").exists(), "status started an embedded redis-server for an external-Redis run"
 
 
 def test_builtin_task_learns(tmp_path: Path) -> None:
@@ -82,16 +87,6 @@ def test_builtin_task_learns(tmp_path: Path) -> None:
     first, last = sum(rewards[:10]) / 10, sum(rewards[-10:]) / 10
     assert first <= 0.3 and last >= 0.8, (first, last, wall)
     assert wall < 300, wall
-
-
-def test_external_redis_is_used_and_none_started(tmp_path: Path, redis_server) -> None:
-    proc = rlstream("up", str(CONFIG), "--run-id", "ext", "--set", "max_steps=2", "--set", "prompt_groups_per_step=4",
-                    "--set", "completions_per_prompt=2", "--set", "workers.count=1", cwd=tmp_path, timeout=240,
-                    env={"RLSTREAM_REDIS_URL": redis_server.url})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert not (tmp_path / "runs" / "ext" / "redis").exists()
-    r = connect(redis_server.url)
-    assert r.xlen(keys.rollouts("ext")) >= 8
 
 
 def test_unreachable_external_redis_fails_fast(tmp_path: Path) -> None:
