@@ -36,5 +36,12 @@ class RolloutSetup:
     extras: dict[str, Any] = field(default_factory=dict)
 
 
+def chat_prompt_ids(tokenizer: Any, messages: list[dict[str, Any]]) -> list[int]:
+    """The prompt ids of a chat: the tokenizer's chat template with the generation prompt
+    (transformers returns a list, or a mapping holding ``input_ids``, by version)."""
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "input_ids") else ids)
+
+
 RolloutFn = Callable[[dict[str, Any]], Awaitable[RolloutSample | None]]
 RolloutFnFactory = Callable[[RolloutSetup], RolloutFn]

@@ -180,8 +180,7 @@ class Trainer:
             return
         from workers.local_policy import LocalPolicy, LocalSampler
 
-        sample_kwargs = dict(max_tokens=self.cfg.max_completion_tokens, temperature=self.cfg.temperature,
-                             top_p=1.0, top_k=0, max_seq_len=self.cfg.max_seq_len, logprobs=True)
+        sample_kwargs = self.cfg.sample_kwargs()
         policy = LocalPolicy.from_model(self.model, self.tokenizer, self.device, self.version)
         ctx = EvaluationContext(LocalSampler(policy, sample_kwargs), self.tokenizer, self.version, self.step,
                                 sample_kwargs, dict(self.cfg.extras))

@@ -10,16 +10,14 @@ from typing import Any
 
 from rlstream.messages import RolloutSample
 from rlstream.rewards import RewardFn
-from rlstream.rollout import RolloutFn, RolloutSetup
+from rlstream.rollout import RolloutFn, RolloutSetup, chat_prompt_ids
 
 
 def prompt_token_ids(row: dict[str, Any], tokenizer: Any) -> list[int]:
     if "prompt_token_ids" in row:
         return list(row["prompt_token_ids"])
     if "messages" in row:
-        messages = [m for m in row["messages"] if m["role"] != "assistant"]
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "input_ids") else ids)
+        return chat_prompt_ids(tokenizer, [m for m in row["messages"] if m["role"] != "assistant"])
     return tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
 
 

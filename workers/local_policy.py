@@ -18,7 +18,7 @@ from transformers import GenerationConfig
 
 from rlstream import weights
 from rlstream.messages import WeightsPublished
-from rlstream.rollout import Completion
+from rlstream.rollout import Completion, chat_prompt_ids
 from rlstream.torch_setup import load_model_and_tokenizer
 
 log = logging.getLogger(__name__)
@@ -119,10 +119,7 @@ class LocalSampler:
         return await fut
 
     async def sample_with_tokens(self, messages: list[dict[str, Any]], n: int = 1, **kwargs: Any) -> list[Completion]:
-        ids = self.policy.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-            ids = ids["input_ids"]
-        return await self.sample_with_prompt_tokens(list(ids), n=n, **kwargs)
+        return await self.sample_with_prompt_tokens(chat_prompt_ids(self.policy.tokenizer, messages), n=n, **kwargs)
 
     def _flush(self) -> None:
         pending, self._pending = self._pending, []

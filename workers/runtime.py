@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from rlstream import keys, streams
 from rlstream.config import Config
-from rlstream.messages import GroupJob, GroupRejected, RolloutSample, RunFinished, sample_id_for
+from rlstream.messages import GroupJob, GroupRejected, RolloutSample, RunFinished, WeightsPublished, sample_id_for
 from rlstream.rollout import RolloutFnFactory, RolloutSetup
 from rlstream.run_state import RunState
 from workers.breaker import CircuitBreaker
@@ -37,6 +37,23 @@ def accepted_context(rollout_fn: Any) -> frozenset[str]:
     return frozenset(p.name for p in params if p.name in CONTEXT_PARAMS)
 
 
+def make_policy(cfg: Config, published: WeightsPublished, device: Any) -> tuple[Any, Any]:
+    """(policy, sampler) for ``inference.backend``: the transformers model in this process,
+    or an OpenAI-compatible server (then only the tokenizer is loaded here)."""
+    if cfg.inference.backend == "openai":
+        from transformers import AutoTokenizer
+
+        from workers.remote_policy import RemotePolicy, RemoteSampler
+
+        tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_model or published.uri)
+        policy = RemotePolicy(cfg.inference, published, tokenizer, cfg.inference.model or cfg.base_model)
+        return policy, RemoteSampler(policy, cfg.sample_kwargs())
+    from workers.local_policy import LocalPolicy, LocalSampler
+
+    policy = LocalPolicy(published, device)
+    return policy, LocalSampler(policy, cfg.sample_kwargs())
+
+
 class WorkerRuntime:
     def __init__(self, cfg: Config, r: redis.Redis, worker_id: str, device: Any,
                  rollout_fn_factory: RolloutFnFactory):
@@ -49,6 +66,9 @@ class WorkerRuntime:
         self.invalid_samples = 0
         self.rollout_failures = 0
         self.breaker = CircuitBreaker()
+        # One loop for the process, not asyncio.run per job: an HTTP sampler's pooled
+        # connections belong to the loop that opened them.
+        self.loop = asyncio.new_event_loop()
 
     def follow_events(self, block_ms: int | None = None) -> None:
         entries, self.cursor = streams.read_events(self.r, self.cfg.run_id, self.cursor, block_ms=block_ms)
@@ -66,17 +86,13 @@ class WorkerRuntime:
             self.follow_events(block_ms=500)
         published = self.state.latest_weights
         if self.policy is None:
-            from workers.local_policy import LocalPolicy, LocalSampler
-
-            self.policy = LocalPolicy(published, self.device)
-            sample_kwargs = dict(max_tokens=self.cfg.max_completion_tokens, temperature=self.cfg.temperature,
-                                 top_p=1.0, top_k=0, max_seq_len=self.cfg.max_seq_len, logprobs=True)
-            setup = RolloutSetup(sampler=LocalSampler(self.policy, sample_kwargs), tokenizer=self.policy.tokenizer,
-                                 sample_kwargs=sample_kwargs, completions_per_prompt=self.cfg.completions_per_prompt,
-                                 extras=dict(self.cfg.extras))
+            self.policy, sampler = make_policy(self.cfg, published, self.device)
+            setup = RolloutSetup(sampler=sampler, tokenizer=self.policy.tokenizer, sample_kwargs=sampler.default_kwargs,
+                                 completions_per_prompt=self.cfg.completions_per_prompt, extras=dict(self.cfg.extras))
             self.rollout_fn = self.factory(setup)
             self.context_params = accepted_context(self.rollout_fn)
-            log.info("worker %s: loaded v%d from %s", self.worker_id, published.version, published.uri)
+            log.info("worker %s: %s policy at v%d from %s", self.worker_id, self.cfg.inference.backend,
+                     self.policy.version, published.uri)
         elif published.version > self.policy.version:
             try:
                 self.policy.load(published)
@@ -129,7 +145,7 @@ class WorkerRuntime:
         self.sync_weights(job.submit_version)
         version = self.policy.version
         try:
-            samples = asyncio.run(self._group(job))
+            samples = self.loop.run_until_complete(self._group(job))
         except CircuitOpen as exc:
             streams.xadd(self.r, keys.events(self.cfg.run_id), RunFinished(reason=str(exc), failed=True))
             log.error("worker %s: %s: stopping the run", self.worker_id, exc)

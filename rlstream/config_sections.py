@@ -1,0 +1,77 @@
+"""The tables of the run configuration (``[redis]``, ``[workers]``, ``[inference]``,
+``[tis]``, ``[wandb]``). No torch here: the CLI validates configs before heavy imports."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class ConfigSection(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RedisConfig(ConfigSection):
+    url: str | None = Field(
+        None,
+        description="redis:// or unix:// URL of an external server; unset = `rlstream up` "
+        "starts an embedded redis-server (AOF on) under the run directory",
+    )
+    connect_timeout: float = Field(
+        15.0, gt=0, le=600, description="seconds of bounded, backed-off retries before giving up"
+    )
+
+
+class TisConfig(ConfigSection):
+    """Truncated importance sampling between the trainer's and the sampler's logprobs."""
+
+    cap: float = Field(5.0, ge=1.0, le=1e6, description="cap on the train/inference weight exp(old - inf)")
+    level: Literal["token", "sequence"] = Field(
+        "token", description="weight per token, or the geometric mean over the sequence's trained tokens"
+    )
+    icepop_threshold: float | None = Field(
+        None, gt=1.0, description="zero tokens whose ratio leaves [1/θ, θ] (IcePop); unset = off"
+    )
+
+
+class WandbConfig(ConfigSection):
+    """Optional Weights & Biases logging from the trainer (needs `pip install wandb`)."""
+
+    project: str | None = Field(None, description="W&B project; unset = no W&B logging")
+    name: str | None = Field(None, description="W&B run name; unset = the run id")
+    mode: Literal["online", "offline"] = Field("offline", description="W&B mode")
+
+
+class WorkersConfig(ConfigSection):
+    count: int = Field(2, ge=0, le=256, description="rollout worker processes `rlstream up` starts")
+
+
+class InferenceConfig(ConfigSection):
+    """Where workers sample: the local transformers model, or an OpenAI-compatible server."""
+
+    backend: Literal["local", "openai"] = Field(
+        "local", description="local = a transformers model in each worker; openai = an OpenAI-compatible "
+        "server (vLLM, SGLang) over httpx"
+    )
+    base_url: str | None = Field(
+        None, pattern=r"^https?://", description="the server's API root, e.g. http://127.0.0.1:8000/v1 (openai backend)"
+    )
+    model: str | None = Field(None, description="model name sent with each request; unset = base_model")
+    api_key_env: str | None = Field(
+        None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="environment variable holding a bearer token (the key itself never goes in a config file)",
+    )
+    weight_sync_url: str | None = Field(
+        None, pattern=r"^https?://", description="POSTed {model_path, version} for each new version "
+        "(SGLang: .../update_weights_from_disk); unset = the server is never updated"
+    )
+    timeout: float = Field(120.0, gt=0, le=3600, description="seconds per HTTP request")
+    max_retries: int = Field(4, ge=0, le=20, description="retries of a request on connection errors, 429 and 5xx "
+                             "(exponential backoff from 0.5 s, capped at 8 s)")
+    max_concurrency: int = Field(64, ge=1, le=4096, description="requests in flight per worker")
+
+    @model_validator(mode="after")
+    def _check(self) -> InferenceConfig:
+        if self.backend == "openai" and self.base_url is None:
+            raise ValueError("backend 'openai' needs base_url (e.g. http://127.0.0.1:8000/v1)")
+        return self
