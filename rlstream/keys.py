@@ -54,3 +54,9 @@ def worker_heartbeat(run_id: str, worker_id: str) -> str:
 
 def worker_heartbeat_pattern(run_id: str) -> str:
     return key_for(run_id, "worker:*")
+
+
+def rollout_stats(run_id: str) -> str:
+    """Hash of run-wide rollout counters workers HINCRBY (``invalid_samples``,
+    ``rollout_failures``); the trainer logs them, ``rlstream status`` shows them."""
+    return key_for(run_id, "rollout_stats")
