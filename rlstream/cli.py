@@ -8,7 +8,9 @@ import os
 import socket
 import sys
 
-from rlstream.errors import ConfigError, RlstreamError
+import redis
+
+from rlstream.errors import ConfigError, RedisUnavailable, RlstreamError
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +70,24 @@ def _require_run_id(cfg) -> None:
         raise ConfigError("config error: run_id: a standalone process needs run_id (config or RLSTREAM_RUN_ID)")
 
 
+def _user_import_path(config_path: str | None) -> None:
+    """User code is named as 'module:function' (rollout factories, rewards, hooks). Under
+    ``python -m`` the working directory is on sys.path; under the ``rlstream`` console
+    script it is not, so add it (and the config file's directory) the same way."""
+    for path in (os.getcwd(), os.path.dirname(os.path.abspath(config_path)) if config_path else None):
+        if path and path not in sys.path:
+            sys.path.append(path)
+
+
+def _lost_redis(cfg, exc: Exception) -> RedisUnavailable:
+    return RedisUnavailable(f"lost Redis at {cfg.redis.url} and could not reconnect within the bounded retries "
+                            f"({exc}); restart the server (with its AOF, nothing acknowledged is lost) and restart "
+                            "this process: it resumes from the streams")
+
+
 def run(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _user_import_path(getattr(args, "config", None))
     if args.command == "status":
         from rlstream.status import status_main
 
@@ -90,19 +108,26 @@ def run(argv: list[str] | None = None) -> int:
         return up(cfg)
     _require_run_id(cfg)
     r = _connect(cfg)
-    if args.command == "producer":
+    try:
+        _run_role(args.command, cfg, r)
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        raise _lost_redis(cfg, exc) from exc
+    return 0
+
+
+def _run_role(command: str, cfg, r) -> None:
+    if command == "producer":
         from producers.producer import run_producer
 
         run_producer(cfg, r)
-    elif args.command == "worker":
+    elif command == "worker":
         from workers.main import run_worker
 
         run_worker(cfg, r, worker_id=f"{socket.gethostname()}-{os.getpid()}")
-    elif args.command == "trainer":
+    elif command == "trainer":
         from trainer.trainer import Trainer
 
         Trainer(cfg, r, cfg.run_dir()).run()
-    return 0
 
 
 def entrypoint() -> None:

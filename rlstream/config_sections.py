@@ -8,12 +8,14 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class ConfigSection(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # strict: TOML has real types, so `seed = true` or `learning_rate = "1e-3"` is a mistake to
+    # report, not to coerce (`--set` and environment values are parsed as TOML literals first).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True)
 
 
 class RedisConfig(ConfigSection):
     url: str | None = Field(
-        None,
+        None, pattern=r"^(redis|rediss|unix)://",
         description="redis:// or unix:// URL of an external server; unset = `rlstream up` "
         "starts an embedded redis-server (AOF on) under the run directory",
     )

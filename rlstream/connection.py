@@ -44,7 +44,7 @@ def connect(url: str, timeout: float = 15.0) -> redis.Redis:
             probe.ping()
             probe.close()
             return client(url)
-        except (ConnectionError, TimeoutError, BusyLoadingError, OSError) as exc:
+        except (redis.RedisError, OSError) as exc:  # includes a non-Redis server's protocol errors
             if time.monotonic() + delay > deadline:
                 probe.close()
                 raise RedisUnavailable(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -22,7 +23,7 @@ from pathlib import Path
 import redis
 
 from rlstream import keys, streams
-from rlstream.config import Config, new_run_id
+from rlstream.config import Config, env_override_names, new_run_id
 from rlstream.connection import client, connect
 from rlstream.embedded_redis import EmbeddedRedis
 from rlstream.errors import RunFailed
@@ -55,9 +56,12 @@ class Child:
 def _child_env() -> dict[str, str]:
     """Children import user code by name (rollout factories, rewards, hooks): give them our
     import path, as multiprocessing's spawn does, so a module next to the user's script
-    resolves in the workers too."""
+    resolves in the workers too. ``RLSTREAM_<FIELD>`` overrides are dropped: they are
+    already resolved into config.json, and re-applying them in a child would undo a
+    ``--set`` or ``--run-id`` that beat them here."""
     paths = [p or os.getcwd() for p in sys.path]
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(dict.fromkeys(p for p in paths if os.path.isdir(p)))}
+    env = {k: v for k, v in os.environ.items() if k not in env_override_names()}
+    return {**env, "PYTHONPATH": os.pathsep.join(dict.fromkeys(p for p in paths if os.path.isdir(p)))}
 
 
 def _spawn(name: str, role: str, config_path: Path, logs: Path) -> Child:
@@ -84,17 +88,26 @@ def _stop(children: list[Child], grace: float) -> None:
             c.process.wait()
 
 
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def up(cfg: Config) -> int:
     preflight(cfg)
     cfg = cfg.model_copy(update={"run_id": cfg.run_id or new_run_id()})
     run_dir = cfg.run_dir()
-    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     embedded = EmbeddedRedis(run_dir / "redis") if cfg.redis.url is None else None
     children: list[Child] = []
+    # `kill <pid of up>` must stop the children too: they run in their own sessions, so
+    # nothing else would reach them, and a SIGTERM would otherwise skip every `finally`.
+    previous_handler = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
+        if embedded is None:
+            connect(cfg.redis.url, cfg.redis.connect_timeout)  # fail fast, before making the run dir
+        (run_dir / "logs").mkdir(parents=True, exist_ok=True)
         url = embedded.start() if embedded else cfg.redis.url
-        connect(url, cfg.redis.connect_timeout)  # fail fast and clearly when it is unreachable
+        connect(url, cfg.redis.connect_timeout)
         # Our own client does not retry: the supervisor must notice a dead Redis at once.
         r = client(url, command_retries=0)
         resolved = cfg.model_copy(update={"redis": cfg.redis.model_copy(update={"url": url})})
@@ -102,6 +115,8 @@ def up(cfg: Config) -> int:
         config_path.write_text(json.dumps(resolved.model_dump(mode="json"), indent=1))
         streams.xadd(r, keys.events(cfg.run_id), RunStarted(run_id=cfg.run_id, config=resolved.model_dump(mode="json")))
         log.info("run %s in %s (redis %s)", cfg.run_id, run_dir, url)
+        if cfg.workers.count == 0:
+            log.warning("workers.count = 0: nothing samples until you start `rlstream worker %s`", config_path)
         logs = run_dir / "logs"
         children.append(_spawn("trainer", "trainer", config_path, logs))
         children.append(_spawn("producer", "producer", config_path, logs))
@@ -119,6 +134,8 @@ def up(cfg: Config) -> int:
         _stop(children, 10.0)
         return 130
     finally:
+        _stop(children, 5.0)  # whatever escaped above (no-op for children already stopped)
+        signal.signal(signal.SIGTERM, previous_handler)
         if embedded is not None:
             embedded.stop()
 

@@ -85,7 +85,17 @@ def collect_status(cfg, r) -> dict:
         "buffered_samples": buffered_samples(r, cfg.run_id),
         "queued_jobs": queue.count,
         "live_workers": len(Worker.all(queue=queue)),
+        "worker_versions": worker_versions(r, cfg.run_id),
+        "rollout_errors": {k.decode(): int(v) for k, v in sorted(r.hgetall(keys.rollout_stats(cfg.run_id)).items())},
     }
+
+
+def worker_versions(r, run_id: str) -> dict[str, int]:
+    """Worker id -> the policy version it last sampled with (its heartbeat key, 60 s TTL)."""
+    prefix = keys.worker_heartbeat(run_id, "")
+    names = sorted(r.scan_iter(match=keys.worker_heartbeat_pattern(run_id), count=1000))
+    values = r.mget(names) if names else []
+    return {n.decode().removeprefix(prefix): int(v) for n, v in zip(names, values) if v is not None}
 
 
 def status_main(run: str | None, log_path: str) -> int:

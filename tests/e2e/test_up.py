@@ -83,10 +83,40 @@ def test_builtin_task_learns(tmp_path: Path) -> None:
     proc = rlstream("up", str(CONFIG), "--run-id", "learn", cwd=tmp_path, timeout=330)
     wall = time.monotonic() - start
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rewards = [r["rollout/reward_mean"] for r in read_metrics(tmp_path / "runs" / "learn" / "metrics.jsonl")]
+    run_dir = tmp_path / "runs" / "learn"
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    rewards = [r["rollout/reward_mean"] for r in rows]
     first, last = sum(rewards[:10]) / 10, sum(rewards[-10:]) / 10
     assert first <= 0.3 and last >= 0.8, (first, last, wall)
     assert wall < 300, wall
+    # O = 1: the gate bounds submit offsets by O + 1, and sampling really overlaps training
+    # (some samples were drawn with weights older than the ones that trained them).
+    assert max(r["async/submit_offset_max"] for r in rows) <= 2
+    assert max(r["async/version_offset_max"] for r in rows) <= 2
+    assert any(r["async/version_offset_max"] >= 1 for r in rows)
+    # The embedded Redis kept its AOF under the run directory and was stopped at the end.
+    assert (run_dir / "redis" / "appendonly.aof").exists() or (run_dir / "redis" / "appendonlydir").exists()
+    assert not (run_dir / "redis" / "url").exists()
+
+
+def test_sigterm_to_up_stops_every_child_and_redis(tmp_path: Path) -> None:
+    """`kill <up>` must not orphan children (they run in their own sessions) or redis."""
+    proc = subprocess.Popen([sys.executable, "-m", "rlstream.cli", "up", str(CONFIG), "--run-id", "term",
+                             "--set", "max_steps=1000", "--set", "prompt_groups_per_step=4",
+                             "--set", "completions_per_prompt=4"], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    run_dir = tmp_path / "runs" / "term"
+    deadline = time.monotonic() + 120
+    while not (run_dir / "metrics.jsonl").is_file() or not (run_dir / "metrics.jsonl").read_text().strip():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() is not None else "no step"
+        time.sleep(0.2)
+    redis_pid = int((run_dir / "redis" / "pid").read_text())
+    proc.terminate()
+    assert proc.wait(60) == 130
+    leftovers = subprocess.run(["pgrep", "-f", "runs/term/config.json"], capture_output=True, text=True).stdout.split()
+    mine = [p for p in leftovers if Path(f"/proc/{p}/cwd").exists() and Path(os.readlink(f"/proc/{p}/cwd")) == tmp_path]
+    assert mine == [], mine
+    assert not Path(f"/proc/{redis_pid}").exists() or "Z" in Path(f"/proc/{redis_pid}/stat").read_text().split()[2]
 
 
 def test_unreachable_external_redis_fails_fast(tmp_path: Path) -> None:

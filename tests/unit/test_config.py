@@ -230,3 +230,32 @@ def test_cli_imports_no_torch():
             "assert 'torch' not in sys.modules, 'torch imported'")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("line, field", [
+    ("seed = true", "seed"), ('seed = "3"', "seed"), ('learning_rate = "1e-3"', "learning_rate"),
+    ("synchronous_training = 1", "synchronous_training"), ("[workers]\ncount = true", "workers.count"),
+    ('[redis]\nurl = "localhost:6379"', "redis.url"),
+])
+def test_values_of_the_wrong_type_are_not_coerced(tmp_path, line, field):
+    msg = config_error(write(tmp_path, line + "\n"), environ={})
+    assert msg.startswith(f"config error: {field}:"), msg
+
+
+def test_ints_for_floats_and_paths_from_python_are_accepted(tmp_path):
+    cfg = load_config(write(tmp_path, "learning_rate = 1\n"), environ={})
+    assert cfg.learning_rate == 1.0
+    assert Config(log_path=tmp_path, dataset=tmp_path / "d.jsonl").log_path == str(tmp_path)
+
+
+def test_path_fields_keep_set_text_as_given():
+    cfg = load_config(None, ["dataset=2024", "run_id=7"], environ={})
+    assert cfg.dataset == "2024" and cfg.run_id == "7"
+
+
+def test_env_override_names_cover_tables():
+    from rlstream.config import env_override_names
+
+    names = env_override_names()
+    assert {"RLSTREAM_SEED", "RLSTREAM_REDIS_URL", "RLSTREAM_WORKERS_COUNT", "RLSTREAM_INFERENCE_BASE_URL"} <= names
+    assert "RLSTREAM_FAULT" not in names and "RLSTREAM_LOG_LEVEL" not in names
