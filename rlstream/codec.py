@@ -73,7 +73,7 @@ def decode(raw: bytes, expect: type[Message] | None = None) -> Message:
         if field in data:
             data[field] = _unpack(data[field], typecode, field)
     try:
-        return cls.model_validate(data)
+        return cls.model_validate(data, strict=True)  # the wire has real types: "1.0" is no reward
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or kind

@@ -96,7 +96,7 @@ class Config(ConfigSection):
         1, ge=1, le=4096, description="optimizer steps per rollout batch (K slices); one version bump per batch"
     )
     tis: TisConfig = Field(default_factory=TisConfig)
-    grad_clip_norm: float | None = Field(1.0, gt=0, description="global grad-norm clip; unset = none")
+    grad_clip_norm: float | None = Field(1.0, ge=0, description="global grad-norm clip; 0 or unset = none (the cookbook's 0.0)")
     max_head_offpolicy_versions: int = Field(
         1, ge=0, le=1024, description="O: how many versions sampling may run ahead of training"
     )

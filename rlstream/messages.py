@@ -44,6 +44,18 @@ def _listify(value: array) -> list:
     return value.tolist()
 
 
+def _no_text_or_bool(value: Any) -> Any:
+    """Scalars of RolloutSample are numbers, never coerced from text or bools. Its custom
+    ``__init__`` (positional arguments) makes pydantic ignore ``strict=True`` in
+    ``model_validate``, so the check lives on the fields, for the wire and users alike;
+    numpy scalars still pass."""
+    if isinstance(value, (str, bytes, bool)):
+        raise ValueError(f"expected a number, got {type(value).__name__}")
+    return value
+
+
+Float = Annotated[float, BeforeValidator(_no_text_or_bool)]
+Int = Annotated[int, BeforeValidator(_no_text_or_bool)]
 TokenArray = Annotated[array, BeforeValidator(_to_array("i")), PlainSerializer(_listify, when_used="json")]
 FloatArray = Annotated[array, BeforeValidator(_to_array("f")), PlainSerializer(_listify, when_used="json")]
 MaskArray = Annotated[array, BeforeValidator(_to_array("B")), PlainSerializer(_listify, when_used="json")]
@@ -83,20 +95,34 @@ class RolloutSample(Message):
     tokens: TokenArray
     logprobs: FloatArray = Field(description="behaviour logprob per token; 0.0 where not generated")
     loss_mask: MaskArray = Field(description="1 on policy-generated tokens, 0 elsewhere")
-    reward: float
+    reward: Float
     finish_reason: str = "stop"
     text: str = ""
     metrics: dict[str, float] = Field(default_factory=dict)
     # Provenance, stamped by the worker (defaults are what a user-built sample carries).
     sample_id: str = ""
     group_id: str = ""
-    group_size: int = Field(0, ge=0, description="samples the worker emitted for this group")
-    row_index: int = -1
-    epoch: int = 0
-    submit_version: int = 0
-    min_version: int = 0
-    max_version: int = 0
+    group_size: Int = Field(0, ge=0, description="samples the worker emitted for this group")
+    row_index: Int = -1
+    epoch: Int = 0
+    submit_version: Int = 0
+    min_version: Int = 0
+    max_version: Int = 0
     worker_id: str = ""
+
+    POSITIONAL: ClassVar[tuple[str, ...]] = ("tokens", "logprobs", "loss_mask", "reward", "finish_reason", "text")
+
+    def __init__(self, *args: Any, **data: Any):
+        """Keyword or, as in the cookbook, positional: ``RolloutSample(tokens, logprobs,
+        loss_mask, reward, finish_reason="stop", text="")``."""
+        if len(args) > len(self.POSITIONAL):
+            raise TypeError(f"RolloutSample takes at most {len(self.POSITIONAL)} positional arguments "
+                            f"({', '.join(self.POSITIONAL)}), got {len(args)}")
+        for name, value in zip(self.POSITIONAL, args):
+            if name in data:
+                raise TypeError(f"RolloutSample: {name} given twice (positionally and by keyword)")
+            data[name] = value
+        super().__init__(**data)
 
     @model_validator(mode="after")
     def _check_invariants(self) -> RolloutSample:

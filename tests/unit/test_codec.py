@@ -178,6 +178,9 @@ REJECTS = {
     "extra_field": (packed(sample_map(surprise=1)), "surprise: Extra inputs are not permitted"),
     "missing_reward": (packed({k: v for k, v in sample_map().items() if k != "reward"}), "reward: Field required"),
     "reward_str": (packed(sample_map(reward="high")), "reward"),
+    "reward_numeric_str": (packed(sample_map(reward="1.0")), "reward: Value error, expected a number"),
+    "reward_bool": (packed(sample_map(reward=True)), "reward: Value error, expected a number"),
+    "group_size_bool": (packed(sample_map(group_size=True)), "group_size: Value error, expected a number"),
     "versions": (packed(sample_map(min_version=3, max_version=2)), "max_version < min_version"),
     "negative_group_size": (packed(sample_map(group_size=-1)), "group_size"),
     "event_missing_field": (packed({"kind": "weights_published", "schema_version": SCHEMA_VERSION,
@@ -242,6 +245,17 @@ def test_user_construction_defaults():
     # frozen
     with pytest.raises(Exception):
         s.reward = 0.0  # type: ignore[misc]
+
+
+def test_user_construction_positional_like_the_cookbook():
+    """RolloutSample(tokens, logprobs, loss_mask, reward, finish_reason, text) positionally."""
+    s = RolloutSample([1, 2, 3], [0.0, -0.5, -0.25], [0, 1, 1], 1.0, "length", "ab")
+    assert s.tokens.tolist() == [1, 2, 3] and s.loss_mask.tolist() == [0, 1, 1]
+    assert (s.reward, s.finish_reason, s.text) == (1.0, "length", "ab")
+    with pytest.raises(TypeError, match="at most 6 positional"):
+        RolloutSample([1, 2], [0.0, 0.0], [0, 1], 1.0, "stop", "", {})
+    with pytest.raises(TypeError, match="reward given twice"):
+        RolloutSample([1, 2], [0.0, 0.0], [0, 1], 1.0, reward=2.0)
 
 
 USER_REJECTS = {
