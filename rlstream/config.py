@@ -93,7 +93,7 @@ class Config(ConfigSection):
         "old_policy", description="PPO anchor: current weights before the update, or the behaviour logprobs (w = 1)"
     )
     ppo_n_minibatches: int = Field(
-        1, ge=1, le=4096, description="optimizer steps per rollout batch (K slices); one version bump per batch"
+        1, ge=1, le=4096, description="optimizer steps per rollout batch (min(K, B) slices); one version bump per batch"
     )
     tis: TisConfig = Field(default_factory=TisConfig)
     grad_clip_norm: float | None = Field(1.0, ge=0, description="global grad-norm clip; 0 or unset = none (the cookbook's 0.0)")

@@ -24,7 +24,8 @@ TIS_LEVELS: tuple[str, ...] = ("token", "sequence")
 
 # exp(±20) ~ 5e8: large enough never to bind on sane data, small enough to never overflow.
 _LOG_RATIO_CLAMP = 20.0
-# GSPO: cap on the log sequence ratio, keeps exp() finite for very off-policy sequences.
+# GSPO: upper cap on the log sequence ratio, keeps exp() finite for very off-policy
+# sequences. One-sided: a very negative log ratio only underflows exp() to 0.
 _GSPO_LOG_RATIO_CAP = 10.0
 _DAPO_CLIP_HIGH = 0.28
 
@@ -34,8 +35,16 @@ class LossConfig:
     """Hyper-parameters of :func:`compute_loss`. Immutable, validated on construction.
 
     ``eps_clip_high=None`` means the per-loss default: ``eps_clip`` (symmetric, 0.2) for
-    grpo and 0.28 ("clip-higher") for dapo. ``eps_clip_c`` enables dual-clip PPO for the
-    PPO-clipped losses (grpo, dapo) on negative-advantage tokens.
+    grpo and 0.28 ("clip-higher") for dapo. ``eps_clip_c`` enables dual-clip PPO on
+    negative-advantage tokens for grpo and dapo only (gspo's sequence clip and cispo's
+    stop-gradient clip ignore it).
+
+    ``icepop_threshold`` θ zeroes the TIS weight of every token whose *own* train/inference
+    ratio exp(old - inf) leaves [1/θ, θ], at both ``tis_level`` values: IcePop targets
+    individual mismatched tokens, and a sequence's geometric mean hides them (it stays in
+    [1/θ, θ] whenever most tokens do). At ``"sequence"`` level the kept tokens carry the
+    sequence weight, still the geometric mean over *all* active tokens, dropped ones
+    included (the mean is not recomputed after dropping).
     """
 
     eps_clip: float = 0.2
@@ -106,6 +115,8 @@ def tis_weights(
 
     Returns ``(w_B_T, capped_B_T)``: detached weights (1 on masked positions) and a bool
     map of active tokens where the cap was binding. Inputs must already be sanitised.
+    IcePop decides per token from the token's own ratio, whatever ``tis_level`` (see
+    :class:`LossConfig`).
     """
     log_w_B_T = (old_B_T - inf_B_T).detach().clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
     if config.tis_level == "sequence":
@@ -203,6 +214,16 @@ def compute_loss(
     ``old_logprobs`` of the policy that defined the PPO trust region, ``inf_logprobs``
     of the sampler (behaviour policy), ``mask`` (non-zero = trained token), optional
     frozen ``ref_logprobs`` for the KL penalty. All but ``logprobs`` are detached.
+
+    Clamps (all at ±20, so exp() stays finite in float32): ``lp - old`` before the ratio,
+    ``old - inf`` before the TIS weight, ``lp - inf`` (reinforce) and ``ref - lp`` (k3).
+    A clamp that binds also cuts the gradient of that token (clamp's derivative is 0
+    outside the bound). The dual clip (``eps_clip_c``) applies to grpo and dapo.
+    GSPO: ``log s`` (mean of ``lp - old`` over the sequence's active tokens) is capped at
+    +10 on the upper side only: a very negative ``log s`` only underflows exp() to 0,
+    harmlessly, so it is left as is. The cap acts on the detached value, so a capped token
+    keeps its gradient s. The ratio is then clipped to [1-gspo_clip, 1+gspo_clip].
+    The weight ``w`` multiplies every loss but reinforce, GSPO included (per token).
     """
     _validate(policy_loss, {"logprobs": logprobs, "old_logprobs": old_logprobs,
                             "inf_logprobs": inf_logprobs, "mask": mask,

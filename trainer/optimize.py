@@ -1,9 +1,10 @@
-"""One rollout batch -> ``ppo_n_minibatches`` optimizer steps (the PPO inner loop).
+"""One rollout batch -> ``min(ppo_n_minibatches, B)`` optimizer steps (the PPO inner loop).
 
 Old-policy logprobs are fixed once per rollout batch, before any update, so that from
 the second minibatch on the ratio moves away from 1 and the clip acts:
 - ``anchor_logp = "old_policy"``: the current weights' logprobs. With a single minibatch
-  they equal the live forward's, detached, so that forward is reused (one forward less);
+  they equal the live forward's, detached (the forward runs without dropout, see
+  ``token_logprobs``), so that forward is reused (one forward less);
 - ``anchor_logp = "rollout"``: the behaviour logprobs from the worker (then the TIS weight
   exp(old - inf) is 1 by construction).
 """
@@ -28,15 +29,35 @@ def loss_config(cfg: Config) -> LossConfig:
     )
 
 
+def make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:
+    """AdamW with the cookbook's hyper-parameters: betas (0.9, 0.95) (a shorter second-moment
+    memory than 0.999, steadier under the non-stationary RL gradient), weight decay 0.01 on
+    every parameter, eps 1e-8. The LR is overwritten each step by :func:`policy_update`."""
+    return torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, betas=(0.9, 0.95),
+                             weight_decay=0.01, eps=1e-8)
+
+
+def minibatch_indices(B: int, K: int) -> list[torch.Tensor]:
+    """Split ``B`` samples into ``min(K, B)`` contiguous, non-empty index slices.
+
+    A batch can hold fewer than K samples (the final partial batch when the data runs out,
+    a small incomplete group, a replayed step), and an empty slice would crash the forward.
+    """
+    return list(torch.arange(B).tensor_split(min(K, B)))
+
+
 def policy_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: Batch, *, cfg: Config,
                   lr: float, ref_model: torch.nn.Module | None = None) -> dict[str, float]:
-    """Run the K optimizer steps on one rollout batch; return averaged ``train/`` metrics."""
-    K, temperature, config = cfg.ppo_n_minibatches, cfg.temperature, loss_config(cfg)
+    """Run k = min(K, B) optimizer steps on one rollout batch; return ``train/`` metrics
+    averaged over the k steps (``train/minibatches`` = k)."""
+    temperature, config = cfg.temperature, loss_config(cfg)
+    slices = minibatch_indices(batch.tokens_B_N.shape[0], cfg.ppo_n_minibatches)
+    k = len(slices)
     forward_args = (batch.tokens_B_N, batch.attention_B_N, temperature)
     old_B_T = None
     if cfg.anchor_logp == "rollout":
         old_B_T = batch.inf_logprobs_B_T
-    elif K > 1:
+    elif k > 1:
         with torch.no_grad():
             old_B_T = token_logprobs(model, *forward_args)
     ref_B_T = None
@@ -47,7 +68,7 @@ def policy_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batc
         group["lr"] = lr
 
     sums: dict[str, float] = defaultdict(float)
-    for idx in torch.arange(batch.tokens_B_N.shape[0]).tensor_split(K):
+    for idx in slices:
         logprobs_B_T = token_logprobs(model, batch.tokens_B_N[idx], batch.attention_B_N[idx], temperature)
         loss, metrics = compute_loss(
             cfg.policy_loss, logprobs_B_T, logprobs_B_T.detach() if old_B_T is None else old_B_T[idx],
@@ -60,8 +81,8 @@ def policy_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batc
         metrics.update(loss=float(loss.detach()), grad_norm=float(grad_norm))
         for key, value in metrics.items():
             sums[key] += value
-    out = {f"train/{k}": v / K for k, v in sums.items()}
+    out = {f"train/{key}": value / k for key, value in sums.items()}
     out["train/active_tokens"] = sums["active_tokens"]  # a count: summed, not averaged
     out["train/lr"] = lr
-    out["train/minibatches"] = K
+    out["train/minibatches"] = k
     return out

@@ -45,8 +45,21 @@ def load_reference(cfg: Config, model, tokenizer, device):
 
 def token_logprobs(model: torch.nn.Module, tokens_B_N: torch.Tensor, attention_B_N: torch.Tensor,
                    temperature: float) -> torch.Tensor:
-    """log pi(token_t | tokens_<t) for t = 1..N-1, at the sampling temperature: (B, N-1)."""
-    logits_B_T_V = model(input_ids=tokens_B_N, attention_mask=attention_B_N).logits[:, :-1].float()
+    """log pi(token_t | tokens_<t) for t = 1..N-1, at the sampling temperature: (B, N-1).
+
+    The forward runs with dropout off (eval mode for the call, the caller's mode restored
+    after; autograd is unaffected by eval mode). The RL objective is defined on the
+    deterministic policy the workers sample from (they generate in eval mode): with dropout
+    on, old and new logprobs would use different masks (ratio != 1 and the clip firing
+    before any update), the TIS weight exp(old - inf) would measure dropout noise, and the
+    reference KL (reference in eval) would not start at 0.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        logits_B_T_V = model(input_ids=tokens_B_N, attention_mask=attention_B_N).logits[:, :-1].float()
+    finally:
+        model.train(was_training)
     logprobs_B_T_V = torch.log_softmax(logits_B_T_V / temperature, dim=-1)
     return logprobs_B_T_V.gather(-1, tokens_B_N[:, 1:, None])[..., 0]
 

@@ -155,6 +155,20 @@ def test_icepop() -> None:
     assert m["tis/clip_frac"] == 0.0                     # the 10 was dropped, not capped
 
 
+def test_icepop_at_sequence_level_drops_by_token_ratio() -> None:
+    # Pins the choice: IcePop keeps/drops by each token's own ratio, and kept tokens carry
+    # the sequence weight. Ratios 2, 0.5, 10 with θ = 3: the 10 is dropped, although the
+    # sequence weight 10^(1/3) = 2.1544347 (geometric mean over all three) is inside [1/3, 3].
+    # -rAw = -1.1·2.1544347, -1.5·2.1544347, 0 -> /3 each: -0.7899594, -1.0772173, 0
+    # loss = -(1.1 + 1.5)·2.1544347/3 = -1.8671767
+    inputs = make([[1.1, 1.5, 0.5]], [1.0], w_raw=[[2.0, 0.5, 10.0]])
+    loss, m, grad = run("importance_sampling", inputs, tis_level="sequence", icepop_threshold=3.0)
+    assert loss == approx(-1.8671767)
+    assert grad == [approx([-0.7899594, -1.0772173, 0.0])]
+    assert m["tis/weight_mean"] == approx(1.4362898)    # 2·2.1544347/3
+    assert m["tis/clip_frac"] == 0.0
+
+
 def test_reinforce_uses_behaviour_ratio_only() -> None:
     # old is far away (r = 3) and old/inf mismatch is large, but reinforce only sees
     # exp(lp - inf) = 1.2, 0.8: -1.2·2, -0.8·2 -> mean -2.0 ; grad -exp(lp-inf)·A/2.
@@ -202,10 +216,35 @@ def test_gspo_values_and_sequence_gradient() -> None:
     assert grad == [approx([-0.2989565, -0.2989565]), [0.0, 0.0]]
 
 
+def test_gspo_token_tis_weight_and_stop_gradient() -> None:
+    # w differs within each sequence, so both the stop-gradient form and the *w count.
+    # seq0 r = 1.1, 1.3 -> s = sqrt(1.43) = 1.1958261, A = +1, w = 2, 0.5
+    # seq1 r = 0.9, 0.9 -> s = 0.9, A = -1, w = 1, 4 (max(0.9, 0.9): unclipped)
+    # per token -s·A·w: -2.3916521, -0.5979130, 0.9, 3.6 -> sum 1.5104348 / N=4 = 0.3776087
+    loss, m, grad = run("gspo", make([[1.1, 1.3], [0.9, 0.9]], [1.0, -1.0],
+                                     w_raw=[[2.0, 0.5], [1.0, 4.0]]))
+    assert loss == approx(0.3776087)
+    # d/d lp_t = -s·A·w_t/N (exp(lp - sg(lp) + sg(log s)) has value s and derivative s):
+    # -1.1958261·2/4, -1.1958261·0.5/4 ; 0.9·1/4, 0.9·4/4.
+    assert grad == [approx([-0.5979130, -0.1494783]), approx([0.225, 0.9])]
+    assert m["ppo_clip_frac"] == 0.0 and m["tis/weight_mean"] == approx(1.875)
+
+
 def test_gspo_log_ratio_cap() -> None:
-    # lp - old = 15 -> log s capped at 10 ; A = -1 -> loss = e^10 = 22026.465794806718
-    loss, _, _ = run("gspo", make([[math.exp(15.0)]], [-1.0]))
+    # lp - old = 15 -> log s capped at 10 ; A = -1 -> loss = e^10 = 22026.465794806718.
+    # The cap bounds the (detached) value only: the token still gets d/dlp = -A·s = e^10.
+    loss, _, grad = run("gspo", make([[math.exp(15.0)]], [-1.0]))
     assert loss == approx(22026.465794806718)
+    assert grad == [approx([22026.465794806718])]
+
+
+def test_gspo_log_ratio_cap_is_one_sided() -> None:
+    # lp - old = -15 is NOT raised to -10: s = e^-15 = 3.0590232e-07 (e^-10 would be 4.54e-05).
+    # A = +1: max(-s, -0.8) = -s (unclipped) -> loss -s, grad -s.
+    loss, m, grad = run("gspo", make([[math.exp(-15.0)]], [1.0]))
+    assert loss == pytest.approx(-3.0590232e-07, rel=1e-6)
+    assert m["ppo_ratio_mean"] == pytest.approx(3.0590232e-07, rel=1e-6)
+    assert grad == [[pytest.approx(-3.0590232e-07, rel=1e-6)]]
 
 
 def test_cispo_values() -> None:
@@ -261,6 +300,69 @@ def test_kl_added_to_every_loss(policy) -> None:
     ref = torch.tensor([[-1.5, -1.0]], dtype=F64)
     base = run(policy, inputs, ref)[0]
     assert run(policy, inputs, ref, kl_beta=0.1)[0] - base == approx(0.04124062)
+
+
+# ±20 clamps, in float32. exp(20) = 485165195.4097903 ; exp(30) = 1.07e13 would also be
+# finite in float32, so the exact values below (not mere finiteness) pin each clamp.
+E20 = 485165195.4097903
+F32 = torch.float32
+
+
+def raw(lp, old, inf, adv):
+    """float32 (lp, old, inf, adv, mask) from literal logprobs, every token active."""
+    lp_t = torch.tensor(lp, dtype=F32, requires_grad=True)
+    old_t, inf_t = torch.tensor(old, dtype=F32), torch.tensor(inf, dtype=F32)
+    return lp_t, old_t, inf_t, torch.tensor(adv, dtype=F32), torch.ones_like(old_t)
+
+
+@pytest.mark.parametrize(("policy", "adv", "value", "grad"), [
+    # lp - old = 30, 0 -> r = e^20 (clamped), 1 ; w = 1.
+    # IS, A = +1: -(E20 + 1)/2 ; grad -rA/2 with the clamped token cut to 0.
+    ("importance_sampling", 1.0, -242582598.2048951, [0.0, -0.5]),
+    # grpo, A = -1: max(E20, 1.2) = E20 (unclipped), max(1, 1) = 1 -> (E20 + 1)/2.
+    ("grpo", -1.0, 242582598.2048951, [0.0, 0.5]),
+])
+def test_log_ratio_clamp(policy, adv, value, grad) -> None:
+    inputs = raw([[-1.0, -1.0]], [[-31.0, -1.0]], [[-31.0, -1.0]], [adv])
+    loss, m, g = run(policy, inputs)
+    assert math.isfinite(loss) and loss == pytest.approx(value, rel=1e-6)
+    assert g == [[grad[0], pytest.approx(grad[1], rel=1e-6)]]
+    assert m["ppo_ratio_mean"] == pytest.approx((E20 + 1) / 2, rel=1e-6)
+
+
+def test_reinforce_clamp() -> None:
+    # lp - inf = 30, 0 -> exp clamped to e^20 ; A = 1 -> -(E20 + 1)/2 ; grad 0, -0.5.
+    loss, _, g = run("reinforce", raw([[-1.0, -1.0]], [[-1.0, -1.0]], [[-31.0, -1.0]], [1.0]))
+    assert loss == pytest.approx(-242582598.2048951, rel=1e-6)
+    assert g == [[0.0, pytest.approx(-0.5, rel=1e-6)]]
+
+
+def test_tis_log_ratio_clamp() -> None:
+    # old - inf = 30, 0 ; r = 1, A = 1. With a cap of 1e9 that does not bind at e^20:
+    # w = E20, 1 (unclamped: min(e^30, 1e9) = 1e9) -> -(E20 + 1)/2 ; grad -w/2.
+    inputs = raw([[-1.0, -1.0]], [[-1.0, -1.0]], [[-31.0, -1.0]], [1.0])
+    loss, m, g = run("importance_sampling", inputs, tis_cap=1e9)
+    assert loss == pytest.approx(-242582598.2048951, rel=1e-6)
+    assert g == [[pytest.approx(-E20 / 2, rel=1e-6), pytest.approx(-0.5, rel=1e-6)]]
+    assert m["tis/weight_mean"] == pytest.approx((E20 + 1) / 2, rel=1e-6)
+    # Sequence level, default cap 5: old - inf = 30, -20 -> clamped mean (20 - 20)/2 = 0,
+    # w = 1 on both tokens -> loss -1 (unclamped: mean 5, e^5 capped to 5 -> -5).
+    inputs = raw([[-1.0, -21.0]], [[-1.0, -21.0]], [[-31.0, -1.0]], [1.0])
+    loss, m, _ = run("importance_sampling", inputs, tis_level="sequence")
+    assert loss == pytest.approx(-1.0, rel=1e-6) and m["tis/weight_mean"] == pytest.approx(1.0)
+
+
+def test_k3_clamp() -> None:
+    # ref - lp = 30, -0.5 ; A = 0, r = 1 so only 0.1·k3 is left.
+    # k3 = e^20 - 20 - 1 = 485165174.4097903 (clamped) ; e^-0.5 + 0.5 - 1 = 0.1065307
+    # loss = 0.1·(485165174.4097903 + 0.1065307)/2 = 24258258.7258160
+    # grad: clamped token 0 ; 0.1·(1 - e^-0.5)/2 = 0.01967347
+    lp, old, inf, adv, mask = raw([[-31.0, -1.0]], [[-31.0, -1.0]], [[-31.0, -1.0]], [0.0])
+    ref = torch.tensor([[-1.0, -1.5]], dtype=F32)
+    loss, m, g = run("grpo", (lp, old, inf, adv, mask), ref, kl_beta=0.1)
+    assert math.isfinite(loss) and loss == pytest.approx(24258258.7258160, rel=1e-6)
+    assert g == [[0.0, pytest.approx(0.01967347, rel=1e-5)]]
+    assert m["ref_kl"] == pytest.approx(242582587.2581605, rel=1e-6)
 
 
 def _random_batch(seed: int, fill: float | None):

@@ -1,6 +1,8 @@
 """The PPO inner loop and the reference model, on the tiny model (no Redis)."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -8,7 +10,7 @@ from rlstream.config import Config
 from rlstream.tiny_model import build_model
 from trainer.advantages import resolve_advantage
 from trainer.batch import Batch
-from trainer.optimize import policy_update
+from trainer.optimize import make_optimizer, minibatch_indices, policy_update
 from trainer.policy_model import token_logprobs
 
 
@@ -88,3 +90,100 @@ def test_resolve_advantage_builtin_and_user_function():
         resolve_advantage("no_such_module_xyz:f")
     with pytest.raises(ValueError, match="must look like"):
         resolve_advantage("not a spec")
+
+
+class TableLM(torch.nn.Module):
+    """A bigram LM whose logits are a learnable V x V table: gradients by hand.
+    Tokens [0, 1] with a zero table: log pi(1 | 0) = log 1/2, d lp / d table[0] = e_1 - p
+    = [-0.5, +0.5]; table[1] gets no gradient (its logits predict past the end)."""
+
+    def __init__(self, V: int = 2):
+        super().__init__()
+        self.table = torch.nn.Parameter(torch.zeros(V, V))
+
+    def forward(self, input_ids, attention_mask=None):
+        return SimpleNamespace(logits=self.table[input_ids])
+
+
+def table_batch(advantages: list[float]) -> Batch:
+    B = len(advantages)
+    tokens = torch.tensor([[0, 1]] * B)
+    inf = torch.full((B, 1), -0.6931471805599453)  # log 1/2: the sampler is the same policy
+    return Batch(tokens, torch.ones_like(tokens), inf, torch.ones(B, 1), torch.tensor(advantages))
+
+
+def test_minibatch_indices_never_empty():
+    assert [t.tolist() for t in minibatch_indices(2, 4)] == [[0], [1]]
+    assert [t.tolist() for t in minibatch_indices(1, 4)] == [[0]]
+    assert [t.tolist() for t in minibatch_indices(5, 2)] == [[0, 1, 2], [3, 4]]
+
+
+def test_fewer_samples_than_minibatches_averages_over_the_slices_used():
+    # B = 2 < K = 4 -> k = 2 slices of one sample. lr = 0 keeps the weights, so each slice has
+    # r = 1 and d loss/d lp = -A: loss -1 and -3 -> mean over k=2 is -2 (over K=4 it would be -1).
+    # grad norm = |A|·|[0.5, -0.5]| = 0.7071068, 2.1213203 -> mean 1.4142136.
+    model = TableLM()
+    out = policy_update(model, torch.optim.SGD(model.parameters(), lr=0.0), table_batch([1.0, 3.0]),
+                        cfg=cfg(ppo_n_minibatches=4), lr=0.0)
+    assert out["train/minibatches"] == 2
+    assert out["train/loss"] == pytest.approx(-2.0)
+    assert out["train/grad_norm"] == pytest.approx(1.4142136)
+    assert out["train/active_tokens"] == 2.0  # summed over the slices
+    assert out["train/ppo_ratio_mean"] == pytest.approx(1.0)
+
+
+def test_fewer_samples_than_minibatches_on_the_tiny_model():
+    # The crash case: the final partial batch (2 samples) with K = 4 ran a forward on empty slices.
+    torch.manual_seed(0)
+    model = build_model(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    out = policy_update(model, opt, make_batch(model, B=2), cfg=cfg(ppo_n_minibatches=4), lr=1e-3)
+    assert out["train/minibatches"] == 2 and out["train/active_tokens"] == 2.0
+
+
+@pytest.mark.parametrize(("clip", "grad_norm", "table0"), [
+    # Gradient of the loss -r·A (A = 1, N = 1) w.r.t. table[0]: -(e_1 - p) = [0.5, -0.5],
+    # norm sqrt(0.5) = 0.7071068 (reported before clipping). SGD, lr = 1:
+    # clip 0.1 -> scale 0.1/(0.7071068 + 1e-6) -> table[0] = -[0.5, -0.5]·0.1414213 = ∓0.0707106
+    (0.1, 0.7071068, [-0.0707106, 0.0707106]),
+    # no clip (unset, or the cookbook's 0.0) -> the full step
+    (None, 0.7071068, [-0.5, 0.5]),
+    (0.0, 0.7071068, [-0.5, 0.5]),
+])
+def test_grad_clip_norm_clips_the_step(clip, grad_norm, table0):
+    model = TableLM()
+    out = policy_update(model, torch.optim.SGD(model.parameters(), lr=1.0), table_batch([1.0]),
+                        cfg=cfg(grad_clip_norm=clip), lr=1.0)
+    assert out["train/grad_norm"] == pytest.approx(grad_norm)
+    assert model.table.detach().tolist() == [pytest.approx(table0, abs=1e-6), [0.0, 0.0]]
+
+
+def test_make_optimizer_hyperparameters():
+    model = build_model(0)
+    opt = make_optimizer(model, cfg(learning_rate=3e-4))
+    assert isinstance(opt, torch.optim.AdamW) and len(opt.param_groups) == 1
+    group = opt.param_groups[0]
+    assert group["betas"] == (0.9, 0.95) and group["weight_decay"] == 0.01 and group["eps"] == 1e-8
+    assert group["lr"] == 3e-4
+    assert {id(p) for p in group["params"]} == {id(p) for p in model.parameters()}
+
+
+def test_dropout_model_gives_unit_ratio_and_zero_ref_kl_before_any_update():
+    # A model with dropout, kept in train() as the trainer does: with lr = 0 the weights never
+    # move, so over K = 2 minibatches the ratio must stay exactly 1 (no clip), the TIS weight
+    # against eval-mode behaviour logprobs exactly 1, and the KL to the eval-mode reference 0.
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    config = build_model(0).config
+    config.attention_dropout = 0.5
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    ref = copy.deepcopy(model).eval().requires_grad_(False)
+    batch = make_batch(model.eval())
+    model.train()
+    out = policy_update(model, torch.optim.SGD(model.parameters(), lr=0.0), batch,
+                        cfg=cfg(ppo_n_minibatches=2, kl_beta=0.1), lr=0.0, ref_model=ref)
+    assert out["train/ppo_ratio_mean"] == 1.0 and out["train/ppo_clip_frac"] == 0.0
+    assert out["train/tis/weight_mean"] == 1.0 and out["train/ref_kl"] == 0.0
