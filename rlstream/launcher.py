@@ -17,7 +17,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis
@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 SHUTDOWN_GRACE_S = 30.0
 MAX_RESTARTS = 3
 RESTART_BACKOFF_S = 1.0
+HEALTHY_RUN_S = 600.0  # a child that ran this long before crashing gets a fresh restart budget
 
 
 @dataclass
@@ -47,6 +48,7 @@ class Child:
     log_path: Path
     restarts: int = 0
     restart_at: float | None = None  # scheduled restart (backoff), None when running
+    started_at: float = field(default_factory=time.monotonic)
 
     def tail(self, lines: int = 20) -> str:
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -142,7 +144,7 @@ def up(cfg: Config) -> int:
 
 def _restart_child(c: Child, config_path: Path) -> None:
     restarted = _spawn(c.name, c.role, config_path, c.log_path.parent)
-    c.process, c.restart_at = restarted.process, None
+    c.process, c.restart_at, c.started_at = restarted.process, None, time.monotonic()
     log.warning("restarted %s (pid %d, restart %d of %d)", c.name, c.process.pid, c.restarts, MAX_RESTARTS)
 
 
@@ -157,6 +159,8 @@ def _check_child(c: Child, state: RunState, config_path: Path) -> None:
         return
     if state.finished is not None:  # shutting down anyway
         return
+    if time.monotonic() - c.started_at > HEALTHY_RUN_S:
+        c.restarts = 0  # it ran fine for a long while: this crash is a new incident, not a crash loop
     if c.restarts >= MAX_RESTARTS:
         raise RunFailed(f"{c.name} exited with code {code} and was restarted {c.restarts} times; "
                         f"last lines of {c.log_path}:\n{c.tail()}")

@@ -2,9 +2,14 @@
 from __future__ import annotations
 
 import sys
+import time
 
-from rlstream import cli
+import pytest
+
+from rlstream import cli, launcher
+from rlstream.errors import RunFailed
 from rlstream.launcher import _child_env
+from rlstream.run_state import RunState
 
 
 def test_children_do_not_reapply_config_overrides_from_the_environment(monkeypatch):
@@ -25,3 +30,21 @@ def test_console_script_imports_user_modules_from_the_working_directory(tmp_path
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
     cli._user_import_path("cfgdir/run.toml")
     assert str(tmp_path) in sys.path and str(tmp_path / "cfgdir") in sys.path
+
+
+class ExitedProcess:
+    def __init__(self, code: int):
+        self.code = code
+
+    def poll(self) -> int:
+        return self.code
+
+
+def test_crash_loop_stops_the_run_but_a_long_healthy_run_gets_a_fresh_budget(tmp_path, monkeypatch):
+    child = launcher.Child("worker-0", "worker", ExitedProcess(-9), tmp_path / "worker-0.log")
+    child.restarts = launcher.MAX_RESTARTS
+    with pytest.raises(RunFailed, match="worker-0 exited with code -9 and was restarted 3 times"):
+        launcher._check_child(child, RunState(), tmp_path / "config.json")
+    child.started_at = time.monotonic() - launcher.HEALTHY_RUN_S - 1
+    launcher._check_child(child, RunState(), tmp_path / "config.json")
+    assert child.restarts == 1 and child.restart_at is not None
