@@ -33,5 +33,6 @@ class CircuitBreaker:
         return full and self.recent.count(False) >= self.ratio * self.window
 
     def reason(self) -> str:
-        return (f"circuit breaker: {self.consecutive} consecutive rollout failures, "
-                f"{self.recent.count(False)} of the last {len(self.recent)}; last error: {self.last_error}")
+        return (f"circuit breaker: {self.consecutive} consecutive rollout failures (exceptions or invalid samples), "
+                f"{self.recent.count(False)} of the last {len(self.recent)}; last error: {self.last_error}. "
+                "Fix the rollout_fn (the worker log lists every failure) and start the run again")

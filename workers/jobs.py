@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from typing import Any
 
 from rq import SimpleWorker
@@ -23,8 +24,25 @@ from rlstream.run_state import RunState
 
 log = logging.getLogger(__name__)
 _runtime: contextvars.ContextVar = contextvars.ContextVar("rlstream_worker_runtime")
-HEARTBEAT_TTL_S = 15
-HEARTBEAT_EVERY_S = 3.0
+MAX_HEARTBEAT_TTL_S, MIN_HEARTBEAT_TTL_S = 15, 3
+HUNG_GRACE_S = 10.0
+
+
+def heartbeat_ttl(job_timeout: int | None) -> int:
+    """Seconds a job's heartbeat outlives its worker: about half the job timeout (a dead
+    worker's job is re-run well before the timeout would say so), at most 15 s, at least
+    3 s (beats go every third of it, so two can be missed)."""
+    if not job_timeout or job_timeout <= 0:  # rq: no timeout
+        return MAX_HEARTBEAT_TTL_S
+    return min(MAX_HEARTBEAT_TTL_S, max(job_timeout // 2, MIN_HEARTBEAT_TTL_S))
+
+
+def still_alive(elapsed_s: float, job_timeout: int | None, grace_s: float = HUNG_GRACE_S) -> bool:
+    """Whether to keep a job's heartbeat going. rq's SIGALRM normally ends a job at its
+    timeout; one it cannot interrupt (rollout_fn blocked in a thread or in C code) would
+    otherwise be kept alive forever by our side thread. Past timeout + grace we let the
+    heartbeat lapse, and the producer's StartedJobRegistry.cleanup re-dispatches the job."""
+    return not job_timeout or job_timeout <= 0 or elapsed_s <= job_timeout + grace_s
 
 
 def run_group(payload: dict[str, Any]) -> dict[str, Any]:
@@ -40,17 +58,20 @@ class RolloutWorker(SimpleWorker):
 
     SimpleWorker runs the job in this process and refreshes no heartbeat meanwhile, so rq
     would only notice a killed worker after job_timeout + 60 s. A side thread refreshes the
-    job's heartbeat every few seconds with a short TTL instead: a dead worker's job expires
-    from the StartedJobRegistry within ``HEARTBEAT_TTL_S`` and the producer's cleanup
-    re-enqueues it; a hung one is still stopped by rq's job timeout.
+    job's heartbeat every few seconds with a short TTL instead (``heartbeat_ttl``): a dead
+    worker's job expires from the StartedJobRegistry within that TTL and the producer's
+    cleanup re-enqueues it. A hung one is stopped by rq's job timeout, or, if that cannot
+    interrupt it, abandoned once it runs ``hung_grace_s`` past the timeout (``still_alive``).
     """
+
+    hung_grace_s = HUNG_GRACE_S
 
     def __init__(self, *args: Any, runtime: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.runtime = runtime
 
     def get_heartbeat_ttl(self, job, working_time: float = 0.0) -> int:
-        return HEARTBEAT_TTL_S
+        return heartbeat_ttl(job.timeout)
 
     def execute_job(self, job, queue):
         token = _runtime.set(self.runtime)
@@ -67,7 +88,13 @@ class RolloutWorker(SimpleWorker):
         self.set_state(WorkerStatus.IDLE)
 
     def _beat(self, job, execution, stop: threading.Event) -> None:
-        while not stop.wait(HEARTBEAT_EVERY_S):
+        started = time.monotonic()
+        while not stop.wait(heartbeat_ttl(job.timeout) / 3):
+            if not still_alive(time.monotonic() - started, job.timeout, self.hung_grace_s):
+                log.error("job %s still running %.0fs past its %ss timeout, which could not interrupt it: letting its "
+                          "heartbeat lapse so that the producer re-dispatches it; restart this worker (%s)",
+                          job.id, time.monotonic() - started - job.timeout, job.timeout, self.name)
+                return
             try:
                 self.maintain_heartbeats(job, execution)
             except Exception as exc:  # Redis restarting: the next beat retries

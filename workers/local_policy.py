@@ -22,6 +22,26 @@ from rlstream.rollout import Completion, chat_prompt_ids
 from rlstream.torch_setup import load_model_and_tokenizer
 
 log = logging.getLogger(__name__)
+NO_LIMIT = 1 << 30
+# What ``generate`` understands; ``logprobs`` is accepted and ignored (always returned).
+SAMPLE_KWARGS = frozenset({"max_tokens", "temperature", "top_p", "top_k", "max_seq_len", "logprobs"})
+
+
+def token_budget(prompt_len: int, max_tokens: int, max_seq_len: int = NO_LIMIT) -> int:
+    """New tokens one prompt may get: its own room under max_seq_len, never a batch-mate's."""
+    return min(max_tokens, max_seq_len - prompt_len)
+
+
+def no_room(prompt_len: int, max_seq_len: int) -> ValueError:
+    return ValueError(f"prompt of {prompt_len} tokens leaves no room under max_seq_len {max_seq_len}; "
+                      "shorten the prompt or raise max_seq_len")
+
+
+def cut(gen: list[int], budget: int, eos_ids: set[int]) -> tuple[int, str]:
+    """(tokens kept, finish_reason) of one row generated past its own budget: keeping the
+    first ``budget`` tokens is distributionally the same as having stopped there."""
+    stop = next((j for j, t in enumerate(gen[:budget]) if t in eos_ids), None)
+    return (min(len(gen), budget), "length") if stop is None else (stop + 1, "stop")
 
 
 class LocalPolicy:
@@ -39,6 +59,9 @@ class LocalPolicy:
 
     def _bind(self, model, tokenizer, device: torch.device, version: int) -> None:
         self.model, self.tokenizer, self.device, self.version = model, tokenizer, device, version
+        # The ids the model can emit (and the trainer accepts): the embedding rows, which
+        # may exceed len(tokenizer) when the vocabulary is padded.
+        self.vocab_size = model.get_input_embeddings().num_embeddings
         eos = self.model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None} or {self.tokenizer.eos_token_id}
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
@@ -65,18 +88,19 @@ class LocalPolicy:
             self.model.train(was_training)
 
     def _generate(self, prompts: list[list[int]], *, max_tokens: int, temperature: float,
-                 top_p: float = 1.0, top_k: int = 0, max_seq_len: int = 1 << 30) -> list[Completion]:
+                  top_p: float = 1.0, top_k: int = 0, max_seq_len: int = NO_LIMIT) -> list[Completion]:
+        budgets = [token_budget(len(p), max_tokens, max_seq_len) for p in prompts]
+        for p, b in zip(prompts, budgets):
+            if b < 1:
+                raise no_room(len(p), max_seq_len)
         longest = max(len(p) for p in prompts)
-        new_tokens = min(max_tokens, max_seq_len - longest)
-        if new_tokens < 1:
-            raise ValueError(f"prompt of {longest} tokens leaves no room under max_seq_len {max_seq_len}")
         ids = torch.full((len(prompts), longest), self.pad_id, dtype=torch.long)
         attn = torch.zeros_like(ids)
         for i, p in enumerate(prompts):  # left padding: generation continues at the right edge
             ids[i, longest - len(p):] = torch.tensor(p)
             attn[i, longest - len(p):] = 1
         gen_config = GenerationConfig(
-            do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=new_tokens,
+            do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max(budgets),
             pad_token_id=self.pad_id, eos_token_id=sorted(self.eos_ids), output_scores=True,
             return_dict_in_generate=True, repetition_penalty=1.0,
         )
@@ -86,14 +110,12 @@ class LocalPolicy:
         scores_B_T_V = torch.stack(out.scores, dim=1).float().cpu()
         logprobs_B_T = torch.log_softmax(scores_B_T_V, dim=-1).gather(-1, gen_B_T[..., None])[..., 0]
         results = []
-        for i, prompt in enumerate(prompts):
+        for i, (prompt, budget) in enumerate(zip(prompts, budgets)):
             gen = gen_B_T[i].tolist()
-            stop = next((j for j, t in enumerate(gen) if t in self.eos_ids), None)
-            n = len(gen) if stop is None else stop + 1
+            n, reason = cut(gen, budget, self.eos_ids)
             results.append(Completion(
                 full_tokens=list(prompt) + gen[:n], prompt_len=len(prompt),
-                inference_logprobs=logprobs_B_T[i, :n].tolist(),
-                finish_reason="length" if stop is None else "stop",
+                inference_logprobs=logprobs_B_T[i, :n].tolist(), finish_reason=reason,
                 text=self.tokenizer.decode(gen[:n], skip_special_tokens=True),
                 version=self.version,
             ))
@@ -111,6 +133,10 @@ class LocalSampler:
 
     async def sample_with_prompt_tokens(self, prompt_token_ids: list[int], n: int = 1, **kwargs: Any) -> list[Completion]:
         kw = {**self.default_kwargs, **kwargs}
+        unknown = sorted(set(kw) - SAMPLE_KWARGS)
+        if unknown:
+            raise TypeError(f"the local sampler does not support {', '.join(unknown)}; it takes "
+                            f"{', '.join(sorted(SAMPLE_KWARGS))} (use inference.backend = \"openai\" for more)")
         kw.pop("logprobs", None)  # always returned
         fut = asyncio.get_running_loop().create_future()
         if not self._pending:
@@ -122,19 +148,45 @@ class LocalSampler:
         return await self.sample_with_prompt_tokens(chat_prompt_ids(self.policy.tokenizer, messages), n=n, **kwargs)
 
     def _flush(self) -> None:
+        """Runs as a loop callback, where an escaping exception only gets logged: every
+        future must be resolved here, or its rollout hangs until the job times out."""
         pending, self._pending = self._pending, []
-        by_kwargs: dict[tuple, list] = {}
-        for item in pending:
-            by_kwargs.setdefault(tuple(sorted(item[2].items())), []).append(item)
-        for kw_items, items in by_kwargs.items():
-            prompts = [p for p, n, _, _ in items for _ in range(n)]
-            try:
-                completions = self.policy.generate(prompts, **dict(kw_items))
-            except Exception as exc:  # hand the error to each caller's rollout_fn
-                for *_, fut in items:
-                    fut.set_exception(exc)
-                continue
+        try:
+            by_kwargs: dict[str, list] = {}
+            for item in pending:  # repr: kwarg values may be unhashable (lists)
+                by_kwargs.setdefault(repr(sorted(item[2].items())), []).append(item)
+            for items in by_kwargs.values():
+                self._serve(items)
+        except Exception as exc:
+            log.exception("local sampler: batch failed")
+            _fail([fut for *_, fut in pending], exc)
+        finally:
+            _fail([fut for *_, fut in pending], RuntimeError("the local sampler stopped before answering"))
+
+    def _serve(self, items: list[tuple[list[int], int, dict[str, Any], asyncio.Future]]) -> None:
+        """One ``generate`` for the callers sharing these kwargs; a prompt without room
+        under max_seq_len fails only its own caller."""
+        kw = items[0][2]
+        try:
+            limit = kw.get("max_seq_len", NO_LIMIT)
+            fits = []
+            for prompt, n, _, fut in items:
+                if token_budget(len(prompt), kw["max_tokens"], limit) < 1:
+                    _fail([fut], no_room(len(prompt), limit))
+                else:
+                    fits.append((prompt, n, fut))
+            prompts = [p for p, n, _ in fits for _ in range(n)]
+            completions = self.policy.generate(prompts, **kw) if prompts else []
             start = 0
-            for _, n, _, fut in items:
-                fut.set_result(completions[start:start + n])
+            for _, n, fut in fits:
+                if not fut.done():  # a caller may have been cancelled meanwhile
+                    fut.set_result(completions[start:start + n])
                 start += n
+        except Exception as exc:  # hand the error to each caller's rollout_fn
+            _fail([fut for *_, fut in items], exc)
+
+
+def _fail(futures: list[asyncio.Future], exc: BaseException) -> None:
+    for fut in futures:
+        if not fut.done():
+            fut.set_exception(exc)

@@ -7,6 +7,8 @@ import asyncio
 import inspect
 import logging
 import time
+import zlib
+from collections import Counter
 from typing import Any
 
 import redis
@@ -37,6 +39,47 @@ def accepted_context(rollout_fn: Any) -> frozenset[str]:
     return frozenset(p.name for p in params if p.name in CONTEXT_PARAMS)
 
 
+def check_sample(result: Any, vocab_size: int | None, max_seq_len: int) -> str | None:
+    """Why the trainer would dead-letter this sample, or None. Caught here so that it is
+    redrawn now instead of leaving its group waiting 2 x job_timeout in the trainer."""
+    if not isinstance(result, RolloutSample):
+        raise TypeError(f"rollout_fn must return rlstream.RolloutSample or None, got {type(result).__name__}")
+    if len(result.tokens) > max_seq_len:
+        return f"{len(result.tokens)} tokens exceed max_seq_len {max_seq_len}"
+    if vocab_size is None:  # no policy loaded yet (tests)
+        return None
+    try:
+        result.check_vocab(vocab_size)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def policy_vocab_size(policy: Any) -> int:
+    """The ids the policy can emit: LocalPolicy knows its embedding size; a remote
+    server's model is only known through its tokenizer."""
+    size = getattr(policy, "vocab_size", None)
+    return size if size is not None else len(policy.tokenizer)
+
+
+def job_seed(seed: int, group_id: str) -> int:
+    """Torch seed for one job. Every worker starts from ``cfg.seed``, so without this two
+    workers (or a restarted one) would draw the same random stream and same-prompt groups
+    at one version would come out identical; keyed by the group id, draws differ across
+    groups and a job that rq re-runs (same group id, same version) reproduces its draws."""
+    return zlib.crc32(f"{seed}:{group_id}".encode())
+
+
+def seed_torch(seed: int) -> None:
+    import torch  # lazily, as the policy modules are: importing this module stays cheap
+
+    torch.manual_seed(seed)  # CPU and every CUDA device
+
+
+def validation_message(exc: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'sample'}: {e['msg']}" for e in exc.errors())
+
+
 def make_policy(cfg: Config, published: WeightsPublished, device: Any) -> tuple[Any, Any]:
     """(policy, sampler) for ``inference.backend``: the transformers model in this process,
     or an OpenAI-compatible server (then only the tokenizer is loaded here)."""
@@ -63,8 +106,8 @@ class WorkerRuntime:
         self.policy = None
         self.rollout_fn = None
         self.context_params: frozenset[str] = frozenset()
-        self.invalid_samples = 0
-        self.rollout_failures = 0
+        self.vocab_size: int | None = None  # known once the policy is loaded
+        self.totals: Counter[str] = Counter()  # this process's invalid_samples / rollout_failures
         self.breaker = CircuitBreaker()
         # One loop for the process, not asyncio.run per job: an HTTP sampler's pooled
         # connections belong to the loop that opened them.
@@ -87,7 +130,10 @@ class WorkerRuntime:
         published = self.state.latest_weights
         if self.policy is None:
             self.policy, sampler = make_policy(self.cfg, published, self.device)
-            setup = RolloutSetup(sampler=sampler, tokenizer=self.policy.tokenizer, sample_kwargs=sampler.default_kwargs,
+            self.vocab_size = policy_vocab_size(self.policy)
+            # A copy: a factory that edits setup.sample_kwargs must not change the sampler's defaults.
+            setup = RolloutSetup(sampler=sampler, tokenizer=self.policy.tokenizer,
+                                 sample_kwargs=dict(sampler.default_kwargs),
                                  completions_per_prompt=self.cfg.completions_per_prompt, extras=dict(self.cfg.extras))
             self.rollout_fn = self.factory(setup)
             self.context_params = accepted_context(self.rollout_fn)
@@ -103,31 +149,50 @@ class WorkerRuntime:
                 self.follow_events(block_ms=200)
                 return self.sync_weights(min_version)
 
-    async def _draw(self, row: dict[str, Any], context: dict[str, Any]) -> RolloutSample | None:
-        """One completion: an invalid sample is counted and dropped; an exception is counted
-        and retried (bounded) and feeds the circuit breaker."""
+    @property
+    def invalid_samples(self) -> int:
+        return self.totals["invalid_samples"]
+
+    @property
+    def rollout_failures(self) -> int:
+        return self.totals["rollout_failures"]
+
+    def _count(self, counts: Counter, field: str, error: str) -> None:
+        """One failed draw: counted for this job (Redis) and the process, fed to the breaker."""
+        counts[field] += 1
+        self.totals[field] += 1
+        self.breaker.record(False, error)
+        if self.breaker.tripped:
+            raise CircuitOpen(self.breaker.reason())
+
+    async def _draw(self, row: dict[str, Any], context: dict[str, Any], counts: Counter) -> RolloutSample | None:
+        """One completion. An exception (or a return that is not a RolloutSample) is
+        retried, bounded; an invalid sample is dropped without a retry (the group's redraw
+        rounds replace it). Both count as failures for the circuit breaker: a rollout_fn
+        that only ever produces invalid samples must stop the run, not reject every group."""
         kwargs = {k: v for k, v in context.items() if k in self.context_params}
         for attempt in range(self.cfg.rollout_max_retries + 1):
             try:
                 result = await self.rollout_fn(dict(row), **kwargs)
-            except ValidationError as exc:  # rollout_fn built an invalid RolloutSample
-                self.invalid_samples += 1
-                log.warning("worker %s: invalid sample dropped: %s", self.worker_id, str(exc).splitlines()[-2:])
-                return None
+                problem = None if result is None else check_sample(result, self.vocab_size, self.cfg.max_seq_len)
+            except ValidationError as exc:  # rollout_fn built (or tried to mutate) an invalid RolloutSample
+                problem = validation_message(exc)
             except Exception as exc:
-                self.rollout_failures += 1
-                self.breaker.record(False, f"{type(exc).__name__}: {exc}")
                 log.warning("worker %s: rollout_fn failed (attempt %d): %r", self.worker_id, attempt + 1, exc)
-                if self.breaker.tripped:
-                    raise CircuitOpen(self.breaker.reason()) from exc
+                self._count(counts, "rollout_failures", f"{type(exc).__name__}: {exc}")
                 continue
+            if problem is not None:
+                log.warning("worker %s: invalid sample dropped: %s", self.worker_id, problem)
+                self._count(counts, "invalid_samples", f"invalid sample: {problem}")
+                return None
             self.breaker.record(True)
             return result
         return None
 
-    async def _group(self, job: GroupJob) -> list[RolloutSample]:
+    async def _group(self, job: GroupJob, counts: Counter | None = None) -> list[RolloutSample]:
         """G draws; missing members (None, invalid, failed) are re-drawn for up to
-        ``max_incomplete_group_retries`` more rounds."""
+        ``max_incomplete_group_retries`` more rounds. Failures are tallied in ``counts``."""
+        counts = Counter() if counts is None else counts
         samples: list[RolloutSample] = []
         next_index = 0
         for _ in range(self.cfg.max_incomplete_group_retries + 1):
@@ -137,21 +202,27 @@ class WorkerRuntime:
             contexts = [dict(row_index=job.row_index, epoch=job.epoch, sample_index=next_index + i, evaluation=False)
                         for i in range(missing)]
             next_index += missing
-            results = await asyncio.gather(*(self._draw(job.row, c) for c in contexts))
+            results = await asyncio.gather(*(self._draw(job.row, c, counts) for c in contexts))
             samples += [s for s in results if s is not None]
         return samples
 
     def run_group(self, job: GroupJob) -> dict[str, Any]:
         self.sync_weights(job.submit_version)
         version = self.policy.version
+        seed_torch(job_seed(self.cfg.seed, job.group_id))
+        counts: Counter[str] = Counter()
         try:
-            samples = self.loop.run_until_complete(self._group(job))
+            samples = self.loop.run_until_complete(self._group(job, counts))
         except CircuitOpen as exc:
-            streams.xadd(self.r, keys.events(self.cfg.run_id), RunFinished(reason=str(exc), failed=True))
+            with self.r.pipeline(transaction=True) as pipe:
+                streams.xadd(pipe, keys.events(self.cfg.run_id), RunFinished(reason=str(exc), failed=True))
+                self._add_stats(pipe, counts)
+                pipe.execute()
             log.error("worker %s: %s: stopping the run", self.worker_id, exc)
             raise
         stream = keys.rollouts(self.cfg.run_id)
         with self.r.pipeline(transaction=True) as pipe:
+            self._add_stats(pipe, counts)  # run-wide counters ride along: no extra round trip
             if len(samples) < self.cfg.min_group_size:  # (a single survivor has no group-relative advantage)
                 streams.xadd(pipe, keys.events(self.cfg.run_id), GroupRejected(
                     group_id=job.group_id, by=self.worker_id,
@@ -163,6 +234,12 @@ class WorkerRuntime:
                         group_size=len(samples), row_index=job.row_index, epoch=job.epoch,
                         submit_version=job.submit_version, min_version=version, max_version=version,
                         worker_id=self.worker_id)))
-            pipe.setex(keys.worker_heartbeat(self.cfg.run_id, self.worker_id), 60, version)
+            pipe.set(keys.worker_heartbeat(self.cfg.run_id, self.worker_id), version, ex=60)
             pipe.execute()
-        return {"group_id": job.group_id, "samples": len(samples), "version": version}
+        return {"group_id": job.group_id, "samples": len(samples), "version": version,
+                "invalid_samples": counts["invalid_samples"], "rollout_failures": counts["rollout_failures"]}
+
+    def _add_stats(self, pipe: Any, counts: Counter) -> None:
+        """Run-wide counters the trainer reports (per-process ones die with the worker)."""
+        for field in ("invalid_samples", "rollout_failures"):
+            pipe.hincrby(keys.rollout_stats(self.cfg.run_id), field, counts[field])

@@ -1,7 +1,8 @@
 """A rollout worker SIGKILLed mid-job: the producer's registry cleanup re-enqueues its job
 (same job id); once rq's retries are spent the producer re-dispatches it, and after
-``MAX_REDISPATCH`` it rejects the group explicitly. Real redis-server, real rq worker
-processes (whose rollout hangs, so that they die mid-job)."""
+``MAX_REDISPATCH`` it rejects the group explicitly; a worker hung where rq's timeout cannot
+reach lets its job's heartbeat lapse. Real redis-server, real rq worker processes (whose
+rollout hangs, so that they die or hang mid-job)."""
 from __future__ import annotations
 
 import os
@@ -11,19 +12,20 @@ import sys
 import time
 
 import pytest
+from rq import Retry
 from rq.job import JobStatus
 from rq.registry import FailedJobRegistry, StartedJobRegistry
 
-from producers.producer import MAX_REDISPATCH, admit, handle_failed_jobs, job_queue
+from producers.producer import JOB_FUNC, MAX_REDISPATCH, admit, handle_failed_jobs, job_queue
 from rlstream import streams
 from rlstream.config import Config
-from rlstream.messages import GroupRejected
+from rlstream.messages import GroupJob, GroupRejected
 from rlstream.run_state import RunState
 
 pytestmark = pytest.mark.integration
 
 WORKER = """
-import sys, time
+import signal, sys, time
 from rlstream.connection import connect
 from producers.producer import job_queue
 from rlstream.config import Config
@@ -32,11 +34,15 @@ from workers.jobs import RolloutWorker
 
 class HangingRuntime:
     def run_group(self, job):
+        if sys.argv[3] == "uninterruptible":  # as if stuck in C code: rq's SIGALRM never lands
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
         time.sleep(60)
 
 r = connect(sys.argv[1])
-RolloutWorker([job_queue(r, Config(run_id=sys.argv[2]))], connection=r, serializer=JSONSerializer,
-              runtime=HangingRuntime()).work(burst=True)
+worker = RolloutWorker([job_queue(r, Config(run_id=sys.argv[2]))], connection=r, serializer=JSONSerializer,
+                       runtime=HangingRuntime())
+worker.hung_grace_s = 0.0
+worker.work(burst=True)
 """
 
 
@@ -49,7 +55,7 @@ def wait_until(predicate, timeout: float, what: str) -> None:
 
 
 def kill_worker_mid_job(redis_url: str, run_id: str, job) -> None:
-    worker = subprocess.Popen([sys.executable, "-c", WORKER, redis_url, run_id])
+    worker = subprocess.Popen([sys.executable, "-c", WORKER, redis_url, run_id, "sleep"])
     try:
         wait_until(lambda: job.get_status(refresh=True) == JobStatus.STARTED, 30, "the job to start")
     finally:
@@ -64,7 +70,7 @@ def test_killed_worker_job_is_reenqueued_then_redispatched_then_rejected(r, redi
     state.apply(admit(r, queue, cfg, 0, 0, {"prompt": "1+1="}, 0))
     job = queue.fetch_job(f"{run_id}-e0-r0-a0")
     started, redispatched = StartedJobRegistry(queue=queue), {}
-    after_heartbeat_ttl = lambda: time.time() + 60  # noqa: E731  (workers.jobs.HEARTBEAT_TTL_S is 15 s)
+    after_heartbeat_ttl = lambda: time.time() + 60  # noqa: E731  (workers.jobs.heartbeat_ttl is <= 15 s)
 
     kill_worker_mid_job(redis_url, run_id, job)
     started.cleanup(timestamp=after_heartbeat_ttl())
@@ -80,3 +86,22 @@ def test_killed_worker_job_is_reenqueued_then_redispatched_then_rejected(r, redi
     rejected = [m for _, m in streams.iter_all_events(r, run_id) if isinstance(m, GroupRejected)]
     assert len(rejected) == 1 and rejected[0].group_id == "e0-r0-a0" and "Abandoned" in rejected[0].reason
     assert job.id not in queue.job_ids and FailedJobRegistry(queue=queue).get_job_ids() == []
+
+
+def test_hung_job_that_rq_cannot_interrupt_is_abandoned_after_its_timeout(r, redis_url, run_id):
+    queue = job_queue(r, Config(run_id=run_id))
+    payload = GroupJob(run_id=run_id, group_id="e0-r0-a0", row_index=0, epoch=0, attempt=0, submit_version=0,
+                       group_size=2, row={"prompt": "1+1="}).model_dump(mode="json")
+    job = queue.enqueue_call(JOB_FUNC, args=(payload,), job_id=f"{run_id}-hung", timeout=2, result_ttl=0,
+                             retry=Retry(max=1))
+    worker = subprocess.Popen([sys.executable, "-c", WORKER, redis_url, run_id, "uninterruptible"])
+    started = StartedJobRegistry(queue=queue)
+    try:
+        wait_until(lambda: job.get_status(refresh=True) == JobStatus.STARTED, 30, "the job to start")
+        assert job.id not in queue.job_ids
+        # Real time, no fudged timestamp: the heartbeat lapses ~timeout + TTL after the start.
+        wait_until(lambda: started.cleanup() or job.id in queue.job_ids, 20, "the hung job to be re-enqueued")
+        assert worker.poll() is None, "the worker should still be stuck in the job"
+    finally:
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.wait()
