@@ -1,10 +1,14 @@
 """User hooks the trainer runs, named in config as ``"module:function"``:
 ``dynamic_filter_fn(group) -> bool`` on each assembled group, and
 ``evaluation_fn(ctx) -> dict[str, float]`` (sync or async) with a sampler on the current
-weights, at the start, every ``evaluation_interval`` published versions and at the end."""
+weights, at the start, every ``evaluation_interval`` published versions and at the end.
+``ctx.rollout_fn`` is the run's own rollout_fn over that sampler, called with
+``evaluation=True``; it is built the first time it is used."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
 import inspect
 import math
 from dataclasses import dataclass, field
@@ -22,6 +26,36 @@ class EvaluationContext:
     step: int
     sample_kwargs: dict[str, Any]
     extras: dict[str, Any] = field(default_factory=dict)
+    config: Config | None = None  # the run's config (filled in by load_evaluation's wrapper)
+
+    @functools.cached_property
+    def rollout_fn(self):
+        """``await ctx.rollout_fn(row, *, row_index=0, epoch=0, sample_index=0)``: the run's
+        ``rollout_fn_factory`` (or the built-in rollout) applied to a ``RolloutSetup`` over
+        ``ctx.sampler``, called with the context keywords it declares and ``evaluation=True``.
+        Built on first access, once per context."""
+        if self.config is None:
+            raise RuntimeError("ctx.rollout_fn needs the run's config: build the EvaluationContext with config=cfg")
+        from rlstream.rollout import RolloutSetup
+        from workers.main import resolve_factory
+
+        setup = RolloutSetup(sampler=self.sampler, tokenizer=self.tokenizer, sample_kwargs=self.sample_kwargs,
+                             completions_per_prompt=self.config.completions_per_prompt, extras=dict(self.extras))
+        return evaluation_rollout(resolve_factory(self.config)(setup))
+
+
+def evaluation_rollout(rollout_fn):
+    """Wrap a rollout_fn for evaluation: it receives the context keywords it declares (as
+    in the workers), with ``evaluation=True``; the row is passed as a copy."""
+    from workers.runtime import accepted_context
+
+    accepted = accepted_context(rollout_fn)
+
+    async def evaluate_rollout(sample_prompt: dict, *, row_index: int = 0, epoch: int = 0, sample_index: int = 0):
+        context = dict(row_index=row_index, epoch=epoch, sample_index=sample_index, evaluation=True)
+        return await rollout_fn(dict(sample_prompt), **{k: v for k, v in context.items() if k in accepted})
+
+    return evaluate_rollout
 
 
 def load_filter(cfg: Config):
@@ -29,7 +63,17 @@ def load_filter(cfg: Config):
 
 
 def load_evaluation(cfg: Config):
-    return import_object(cfg.evaluation_fn, "evaluation_fn") if cfg.evaluation_fn else None
+    """The user's evaluation_fn, bound to ``cfg``: a context without a config gets this one
+    (``ctx.rollout_fn`` needs it)."""
+    if not cfg.evaluation_fn:
+        return None
+    fn = import_object(cfg.evaluation_fn, "evaluation_fn")
+
+    @functools.wraps(fn)
+    def evaluation_fn(ctx: EvaluationContext):
+        return fn(ctx if ctx.config is not None else dataclasses.replace(ctx, config=cfg))
+
+    return evaluation_fn
 
 
 def run_evaluation(fn, ctx: EvaluationContext) -> dict[str, float]:

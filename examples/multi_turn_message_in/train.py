@@ -1,6 +1,8 @@
 """Train the multi-turn message-in example: ``python examples/multi_turn_message_in/train.py``.
 
-    --base-model /path/to/hf-model   a real local chat model (uses its chat template)
+    --base-model /path/to/hf-model   a real local chat model; its chat template must be
+                                     prefix-stable (README.md, rollout.py)
+    --end-of-turn-token TOKEN        the token that ends an assistant turn, when it is not eos
 """
 import argparse
 from pathlib import Path
@@ -25,7 +27,7 @@ def build_config(args: argparse.Namespace) -> Config:
         max_seq_len=args.max_seq_len,
         epochs=100,
         synchronous_training=True,  # each step trains exactly the rollouts of the current weights
-        extras={"max_turns": 2},
+        extras={"max_turns": 2, **({"end_of_turn_token": args.end_of_turn_token} if args.end_of_turn_token else {})},
         workers={"count": args.workers},
     )
 
@@ -40,5 +42,6 @@ if __name__ == "__main__":
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--max-tokens", type=int, default=2)
     p.add_argument("--max-seq-len", type=int, default=120)
+    p.add_argument("--end-of-turn-token", default=None, help="e.g. <end_of_turn> (default: the tokenizer's eos)")
     result = main(build_config(p.parse_args()), rollout_fn_factory=make_rollout_fn)
     print(f"done: run {result.run_id}, {result.steps} steps, version {result.version}, in {result.run_dir}")

@@ -28,8 +28,8 @@ def train(example: str, tmp_path: Path, *args: str) -> subprocess.CompletedProce
 
 def test_single_turn_token_in_on_policy_with_filter_and_evaluation(tmp_path: Path) -> None:
     """O = 0: strictly on-policy admission, every sample sampled and submitted at the
-    trainer's version; the zero-variance filter is counted; evaluation at start, every 2
-    versions and at the end."""
+    trainer's version; the zero-variance filter is counted; evaluation (through
+    ctx.rollout_fn) at start, every 2 versions and at the end."""
     proc = train("single_turn_token_in", tmp_path, "--run-id", "st", "--max-steps", "4", "--filter",
                  "--eval-interval", "2")
     assert "done: run st, 4 steps, version 4" in proc.stdout
@@ -57,6 +57,7 @@ def test_multi_turn_message_in_synchronous_with_interior_mask_zeros(tmp_path: Pa
     finally:
         server.stop()
     assert samples
+    assert all(len(s.tokens) <= 120 for s in samples)  # train.py's max_seq_len: no turn started past it
     masks = ["".join(map(str, s.loss_mask)) for s in samples]
     assert all(m.startswith("0") for m in masks)  # the prompt is never trained
     # an interior zero: a user turn between two assistant turns (1...0...1)
