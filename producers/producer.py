@@ -83,16 +83,12 @@ def handle_failed_jobs(r: redis.Redis, queue: Queue, cfg: Config, state: RunStat
 
 
 def events_rolled_back(r: redis.Redis, cfg: Config, cursor: str) -> bool:
-    """True when the events stream ends before what we already read: Redis restarted and
-    lost its last writes (an OS crash with ``appendfsync everysec``), so re-fold from 0."""
+    """True when the event we last read (``cursor``) is gone: Redis restarted and lost its
+    last writes (an OS crash with ``appendfsync everysec``), so re-fold from 0. Comparing
+    with the stream's last id would miss the loss once anything is written after the restart."""
     if cursor == "0-0":
         return False
-    try:
-        last = r.xinfo_stream(keys.events(cfg.run_id))["last-generated-id"]
-    except redis.ResponseError:  # the stream itself is gone
-        return True
-    last = last.decode() if isinstance(last, bytes) else last
-    return tuple(map(int, last.split("-"))) < tuple(map(int, cursor.split("-")))
+    return not r.xrange(keys.events(cfg.run_id), min=cursor, max=cursor, count=1)
 
 
 def gate_version(cfg: Config, state: RunState) -> int:

@@ -109,13 +109,13 @@ def run(argv: list[str] | None = None) -> int:
     _require_run_id(cfg)
     r = _connect(cfg)
     try:
-        _run_role(args.command, cfg, r)
+        return _run_role(args.command, cfg, r)
     except (redis.ConnectionError, redis.TimeoutError) as exc:
         raise _lost_redis(cfg, exc) from exc
-    return 0
 
 
-def _run_role(command: str, cfg, r) -> None:
+def _run_role(command: str, cfg, r) -> int:
+    """Exit code of one standalone process: 1 when the trainer ended the run as failed."""
     if command == "producer":
         from producers.producer import run_producer
 
@@ -127,7 +127,13 @@ def _run_role(command: str, cfg, r) -> None:
     elif command == "trainer":
         from trainer.trainer import Trainer
 
-        Trainer(cfg, r, cfg.run_dir()).run()
+        trainer = Trainer(cfg, r, cfg.run_dir())
+        trainer.run()
+        finished = trainer.state.finished
+        if finished is not None and finished.failed:
+            print(f"rlstream: run failed: {finished.reason}", file=sys.stderr)
+            return 1
+    return 0
 
 
 def entrypoint() -> None:

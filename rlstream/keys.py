@@ -60,3 +60,10 @@ def rollout_stats(run_id: str) -> str:
     """Hash of run-wide rollout counters workers HINCRBY (``invalid_samples``,
     ``rollout_failures``); the trainer logs them, ``rlstream status`` shows them."""
     return key_for(run_id, "rollout_stats")
+
+
+def committed_step(run_id: str) -> str:
+    """Hash ``{step, event_id, digest}`` of the newest ``StepCommitted``: the trainer's
+    commit script checks it so a retried commit is written once and a stale or second
+    trainer is refused."""
+    return key_for(run_id, "committed_step")

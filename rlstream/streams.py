@@ -7,9 +7,10 @@ XINFO GROUPS fields (no ``lag`` on 6.2); both are handled here and nowhere else.
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import redis
+from redis.retry import Retry
 
 from rlstream import keys
 from rlstream.codec import DecodeError, decode, encode
@@ -46,15 +47,20 @@ def dead_letter(pipe: Any, run_id: str, source_stream: str, entry_id: str, reaso
 
 def decode_entries(
     r: redis.Redis, run_id: str, stream: str, raw_entries: list, *, group: str | None,
-    vocab_size: int | None = None, max_seq_len: int | None = None,
+    vocab_size: int | None = None, max_seq_len: int | None = None, invalid: list[Entry] | None = None,
 ) -> list[Entry]:
     """Decode stream entries; invalid ones go to the dead-letter stream (and are XACKed
-    in the same MULTI when read through ``group``) so that consumers keep running."""
+    in the same MULTI when read through ``group``) so that consumers keep running.
+
+    ``invalid`` collects the dead-lettered entries that are well-formed, worker-stamped
+    samples failing only the vocabulary / ``max_seq_len`` checks: their group will never
+    complete, and the trainer must settle it rather than wait for it forever."""
     good: list[Entry] = []
     bad: list[tuple[str, str, bytes]] = []
     for entry_id, fields in raw_entries:
         sid = _sid(entry_id)
         raw = (fields or {}).get(FIELD, b"")
+        msg = None
         try:
             msg = decode(raw, expect=RolloutSample)
             if vocab_size is not None:
@@ -65,6 +71,8 @@ def decode_entries(
                 raise ValueError("sample has no sample_id/group_id/group_size (not stamped by a worker)")
         except (DecodeError, ValueError) as exc:
             bad.append((sid, str(exc), raw if isinstance(raw, bytes) else b""))
+            if invalid is not None and _stamped(msg):
+                invalid.append((sid, msg))
             continue
         good.append((sid, msg))
     if bad:
@@ -77,36 +85,87 @@ def decode_entries(
     return good
 
 
+def _stamped(msg: RolloutSample | None) -> bool:
+    return msg is not None and bool(msg.sample_id and msg.group_id) and msg.group_size >= 1
+
+
 def read_group(
     r: redis.Redis, run_id: str, consumer: str, *, count: int, block_ms: int | None,
     pending: bool = False, vocab_size: int | None = None, max_seq_len: int | None = None,
+    invalid: list[Entry] | None = None,
 ) -> list[Entry]:
     """XREADGROUP on the rollouts stream: new entries (``>``), or this consumer's own
-    pending entries from the start when ``pending`` (the trainer's durable buffer)."""
+    pending entries from the start when ``pending`` (one page of the trainer's durable
+    buffer; ``read_all_pending`` reads all of it). ``invalid``: see ``decode_entries``."""
     if pending:
         return read_pending(r, run_id, consumer, "0", count=count, vocab_size=vocab_size,
-                            max_seq_len=max_seq_len)[0]
+                            max_seq_len=max_seq_len, invalid=invalid)[0]
     stream = keys.rollouts(run_id)
     reply = r.xreadgroup(keys.TRAINER_GROUP, consumer, {stream: ">"}, count=count, block=block_ms)
     raw_entries = reply[0][1] if reply else []
     return decode_entries(r, run_id, stream, raw_entries, group=keys.TRAINER_GROUP,
-                          vocab_size=vocab_size, max_seq_len=max_seq_len)
+                          vocab_size=vocab_size, max_seq_len=max_seq_len, invalid=invalid)
 
 
 def read_pending(
     r: redis.Redis, run_id: str, consumer: str, after: str, *, count: int,
-    vocab_size: int | None = None, max_seq_len: int | None = None,
+    vocab_size: int | None = None, max_seq_len: int | None = None, invalid: list[Entry] | None = None,
 ) -> tuple[list[Entry], str | None]:
     """One page of this consumer's pending entries with ids > ``after``: (valid entries,
-    the last id read or None when the list is exhausted). Page with the returned id."""
+    the last id read or None when the list is exhausted). Page with the returned id.
+
+    A pending entry whose payload was deleted (XDEL, trimming) comes back empty: it can
+    never be trained, so it is acked (with a warning) instead of staying pending forever."""
     stream = keys.rollouts(run_id)
     reply = r.xreadgroup(keys.TRAINER_GROUP, consumer, {stream: after}, count=count)
-    raw_entries = [e for e in (reply[0][1] if reply else []) if e[1]]  # deleted entries come back empty
-    if not raw_entries:
+    page = reply[0][1] if reply else []
+    if not page:
         return [], None
-    good = decode_entries(r, run_id, stream, raw_entries, group=keys.TRAINER_GROUP,
-                          vocab_size=vocab_size, max_seq_len=max_seq_len)
-    return good, _sid(raw_entries[-1][0])
+    gone = [_sid(e[0]) for e in page if not e[1]]
+    if gone:
+        log.warning("acking %d pending entries of %s whose payload is gone (deleted or trimmed), e.g. %s",
+                    len(gone), stream, gone[:5])
+        r.xack(stream, keys.TRAINER_GROUP, *gone)
+    good = decode_entries(r, run_id, stream, [e for e in page if e[1]], group=keys.TRAINER_GROUP,
+                          vocab_size=vocab_size, max_seq_len=max_seq_len, invalid=invalid)
+    return good, _sid(page[-1][0])  # the raw page's last id: a page of deleted entries is not the end
+
+
+def read_all_pending(r: redis.Redis, run_id: str, consumer: str, *, count: int = 512,
+                     vocab_size: int | None = None, max_seq_len: int | None = None,
+                     invalid: list[Entry] | None = None) -> list[Entry]:
+    """This consumer's whole pending-entries list (every page), decoded."""
+    out: list[Entry] = []
+    after: str | None = "0"
+    while after is not None:
+        entries, after = read_pending(r, run_id, consumer, after, count=count, vocab_size=vocab_size,
+                                      max_seq_len=max_seq_len, invalid=invalid)
+        out.extend(entries)
+    return out
+
+
+def dead_samples(r: redis.Redis, run_id: str, page: int = 1000) -> Iterator[RolloutSample]:
+    """Worker-stamped samples in the dead-letter stream that still decode (they failed the
+    vocabulary / ``max_seq_len`` checks): a restarted trainer settles their groups."""
+    source, start = keys.rollouts(run_id), "-"
+    while True:
+        batch = r.xrange(keys.dead(run_id), min=start, max="+", count=page)
+        for _, fields in batch:
+            try:
+                letter = decode((fields or {}).get(FIELD, b""), expect=DeadLetter)
+                sample = decode(letter.raw, expect=RolloutSample) if letter.source_stream == source else None
+            except DecodeError:
+                continue
+            if _stamped(sample):
+                yield sample
+        if len(batch) < page:
+            return
+        start = "(" + _sid(batch[-1][0])
+
+
+def rollout_stats(r: redis.Redis, run_id: str) -> dict[str, int]:
+    """The workers' run-wide counters (``invalid_samples``, ``rollout_failures``)."""
+    return {_sid(k): int(v) for k, v in r.hgetall(keys.rollout_stats(run_id)).items()}
 
 
 def fetch_entries(r: redis.Redis, stream: str, entry_ids: list[str]) -> dict[str, bytes]:
@@ -158,6 +217,33 @@ def iter_all_events(r: redis.Redis, run_id: str, batch: int = 5000) -> Iterator[
             return
         after = last
         yield from entries
+
+
+class _CountingRetry(Retry):
+    """A client's retry policy, unchanged, that counts the connection errors it absorbs."""
+
+    def __init__(self, inner: Retry):
+        super().__init__(inner._backoff, inner._retries, inner._supported_errors)
+        self.errors = 0
+
+    def call_with_retry(self, do, fail, *args, **kwargs):
+        def counting_fail(error, *fail_args):
+            self.errors += 1
+            return fail(error, *fail_args)
+
+        return super().call_with_retry(do, counting_fail, *args, **kwargs)
+
+
+def count_connection_errors(r: redis.Redis) -> Callable[[], int]:
+    """How many connection errors ``r`` has retried through so far. A retried command may
+    have taken effect before its reply was lost (an XREADGROUP's entries are then pending
+    but were never returned), so a caller that cares re-reads after the count moves."""
+    retry = r.get_retry()
+    if not isinstance(retry, Retry):  # e.g. fakeredis, or a client built without retries
+        return lambda: 0
+    counting = _CountingRetry(retry)
+    r.set_retry(counting)
+    return lambda: counting.errors
 
 
 def group_info(r: redis.Redis, stream: str, group: str = keys.TRAINER_GROUP) -> dict[str, Any]:

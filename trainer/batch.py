@@ -21,10 +21,21 @@ class Group:
     members: dict[str, tuple[str, RolloutSample]] = field(default_factory=dict)  # sample_id -> (entry, sample)
     advantages_G: torch.Tensor | None = None  # set by the trainer once the group is complete
     first_seen: float = field(default_factory=time.monotonic)
+    invalid: set[str] = field(default_factory=set)  # sample ids dead-lettered by the trainer's checks
 
     @property
     def complete(self) -> bool:
         return len(self.members) >= self.size
+
+    @property
+    def accounted_for(self) -> bool:
+        """Every member arrived, valid or dead-lettered: nothing more is coming."""
+        return len(self.invalid | set(self.members)) >= self.size
+
+    @property
+    def submit_version(self) -> int:
+        """The version the producer admitted the group at (what the staleness bound counts from)."""
+        return min(s.submit_version for s in self.samples) if self.members else 0
 
     @property
     def entry_ids(self) -> list[str]:
@@ -71,15 +82,36 @@ class GroupAssembler:
             return self.open.pop(sample.group_id), None
         return None, None
 
+    def add_invalid(self, sample: RolloutSample, settled: set[str]) -> None:
+        """A member that was dead-lettered (e.g. a token outside the vocabulary): it counts
+        towards settling its group, never towards training it."""
+        if sample.group_id in settled or sample.group_id in self.completed:
+            return
+        group = self.open.setdefault(sample.group_id, Group(sample.group_id, sample.group_size))
+        group.invalid.add(sample.sample_id)
+
+    def held_entry_ids(self) -> set[str]:
+        return {e for g in self.open.values() for e in g.entry_ids}
+
     def pop_stale(self, max_age_s: float) -> list[Group]:
-        """Incomplete groups older than ``max_age_s`` (a member was dead-lettered or lost):
-        the trainer trains them if they are large enough, else rejects them."""
+        """Incomplete groups older than ``max_age_s`` (a member was lost) or whose missing
+        members were all dead-lettered: the trainer trains them if they are large enough,
+        else rejects them."""
         now = time.monotonic()
-        stale = [g for g in self.open.values() if now - g.first_seen > max_age_s]
+        stale = [g for g in self.open.values() if now - g.first_seen > max_age_s or g.accounted_for]
         for g in stale:
             del self.open[g.group_id]
             self.completed.add(g.group_id)
         return stale
+
+
+def take_oldest(ready: list[Group], n: int) -> tuple[list[Group], list[Group]]:
+    """(the ``n`` groups admitted at the oldest version, the rest), each in arrival order.
+    Taking groups in completion order would let a slow or re-dispatched group wait past
+    the staleness bound (submit offset > O + 1) while younger ones train."""
+    order = sorted(range(len(ready)), key=lambda i: ready[i].submit_version)  # stable: arrival breaks ties
+    taken = set(order[:n])
+    return [g for i, g in enumerate(ready) if i in taken], [g for i, g in enumerate(ready) if i not in taken]
 
 
 @dataclass

@@ -9,8 +9,10 @@ import json
 import logging
 import random
 import shutil
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -47,18 +49,35 @@ def save_checkpoint(run_dir: Path, state: CheckpointState, model, tokenizer, opt
     return final
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """Newest complete checkpoint; incomplete or corrupt ones are skipped with a warning."""
+def complete_checkpoints(run_dir: Path) -> Iterator[Path]:
+    """Complete checkpoints, newest first; incomplete or corrupt ones are skipped with a warning."""
     candidates = sorted((run_dir / "checkpoints").glob("step-*"),
                         key=lambda p: int(p.name.split("-")[1]) if p.name.split("-")[1].isdigit() else -1)
     for path in reversed(candidates):
         manifest = path / weights.MANIFEST
         try:
             weights.verify(path, json.loads(manifest.read_text())["sha256"])
-            return path
         except (OSError, ValueError, KeyError) as exc:
             log.warning("skipping checkpoint %s: %s", path, exc)
-    return None
+            continue
+        yield path
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    return next(complete_checkpoints(run_dir), None)
+
+
+def read_state(path: Path) -> CheckpointState:
+    return CheckpointState(**json.loads((path / "state.json").read_text()))
+
+
+def holds_commit(path: Path, events_cursor: str) -> bool:
+    """``path`` is a checkpoint taken right after the commit ``events_cursor``. A checkpoint
+    of a step that was re-committed (Redis lost the first commit) is not, and gets replaced."""
+    try:
+        return read_state(path).events_cursor == events_cursor
+    except (OSError, ValueError, TypeError):
+        return False
 
 
 def load_checkpoint(path: Path, model, optimizer, device) -> CheckpointState:
@@ -77,7 +96,25 @@ def load_checkpoint(path: Path, model, optimizer, device) -> CheckpointState:
     random.setstate(train_state["rng"]["python"])
     if "cuda" in train_state["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(train_state["rng"]["cuda"])
-    return CheckpointState(**json.loads((path / "state.json").read_text()))
+    return read_state(path)
+
+
+@contextmanager
+def rng_untouched(device: torch.device) -> Iterator[None]:
+    """Run the body without advancing the training RNG streams (torch on CPU and on
+    ``device``, Python's ``random``). Evaluation samples; replay does not evaluate, so
+    evaluation must not move the RNG a checkpoint snapshots, or replay would diverge."""
+    devices = []
+    if device.type != "cpu":
+        module = torch.get_device_module(device.type)
+        current = getattr(module, "current_device", lambda: 0)  # mps has one device and no current_device()
+        devices = [device.index if device.index is not None else current()]
+    python_state = random.getstate()
+    try:
+        with torch.random.fork_rng(devices=devices, device_type=device.type):
+            yield
+    finally:
+        random.setstate(python_state)
 
 
 def export_model(model, tokenizer, run_dir: Path, model_id: str) -> Path:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from rlstream.messages import RolloutSample, group_id_for, sample_id_for
-from trainer.batch import Group, GroupAssembler, collate
+from trainer.batch import Group, GroupAssembler, collate, take_oldest
 
 
 def sample(row: int, member: int, size: int = 3, reward: float = 0.0, **over) -> RolloutSample:
@@ -99,3 +99,57 @@ def test_collate_large_token_ids():
     s = RolloutSample(tokens=[2**31 - 1, 151_000], logprobs=[0, -1], loss_mask=[0, 1], reward=0.0)
     b = collate([s], torch.zeros(1), pad_id=0, device=torch.device("cpu"))
     assert b.tokens_B_N.tolist() == [[2**31 - 1, 151_000]]
+
+
+# --------------------------------------------------------------------------- invalid members, oldest first
+
+
+def test_dead_lettered_members_settle_their_group_at_once():
+    a = GroupAssembler()
+    gid = group_id_for(0, 0, 0)
+    a.add("1-0", sample(0, 0), set())
+    a.add_invalid(sample(0, 1), set())
+    assert a.pop_stale(max_age_s=3600) == []  # one member still to come
+    a.add_invalid(sample(0, 1), set())  # the same member again (a re-run job): counted once
+    assert a.pop_stale(max_age_s=3600) == []
+    a.add_invalid(sample(0, 2), set())
+    (group,) = a.pop_stale(max_age_s=3600)
+    assert group.group_id == gid and group.accounted_for and len(group.members) == 1 and len(group.invalid) == 2
+    assert gid in a.completed
+
+
+def test_a_group_whose_every_member_is_invalid_still_settles():
+    a = GroupAssembler()
+    for m in range(3):
+        a.add_invalid(sample(0, m), set())
+    (group,) = a.pop_stale(max_age_s=3600)
+    assert group.members == {} and group.size == 3
+
+
+def test_invalid_members_of_settled_or_completed_groups_are_ignored():
+    a = GroupAssembler()
+    a.add_invalid(sample(0, 0), {group_id_for(0, 0, 0)})
+    a.completed.add(group_id_for(0, 1, 0))
+    a.add_invalid(sample(1, 0), set())
+    assert a.open == {}
+
+
+def test_held_entry_ids_are_the_open_groups_entries():
+    a = GroupAssembler()
+    a.add("1-0", sample(0, 0), set())
+    a.add("1-1", sample(1, 0), set())
+    assert a.held_entry_ids() == {"1-0", "1-1"}
+
+
+def test_take_oldest_prefers_the_oldest_submit_version_then_arrival():
+    def group(row: int, version: int) -> Group:
+        g = Group(group_id_for(0, row, 0), 1)
+        g.members["s"] = (f"{row}-0", sample(row, 0, size=1, submit_version=version))
+        return g
+
+    ready = [group(0, 3), group(1, 1), group(2, 3), group(3, 2), group(4, 1)]
+    taken, rest = take_oldest(ready, 3)
+    assert [g.group_id for g in taken] == [ready[i].group_id for i in (1, 3, 4)]  # arrival order kept
+    assert [g.group_id for g in rest] == [ready[i].group_id for i in (0, 2)]
+    assert take_oldest(ready, 10) == (ready, [])
+    assert Group("empty", 2).submit_version == 0

@@ -144,6 +144,50 @@ def test_decode_entries_without_group_does_not_ack(r):
     assert pending_ids(r) == [bad_id]
 
 
+def test_invalid_collects_only_stamped_samples_failing_vocab_or_length(r):
+    streams.ensure_group(r, ROLLOUTS)
+    out_of_vocab = sid(streams.xadd(r, ROLLOUTS, sample(0, tokens=(3, 16, 5))))
+    too_long = sid(streams.xadd(r, ROLLOUTS, sample(1, tokens=tuple(range(1, 10)))))
+    streams.xadd(r, ROLLOUTS, sample(0).model_copy(update={"sample_id": ""}))  # not stamped: no group to settle
+    r.xadd(ROLLOUTS, {streams.FIELD: b"junk"})
+    invalid: list = []
+    assert streams.read_group(r, RUN, "c", count=10, block_ms=None, vocab_size=16, max_seq_len=8,
+                              invalid=invalid) == []
+    assert [(e, s.sample_id) for e, s in invalid] == [(out_of_vocab, sample(0).sample_id),
+                                                      (too_long, sample(1).sample_id)]
+    assert r.xlen(DEAD) == 4 and pending_ids(r) == []
+
+
+def test_read_pending_pages_past_deleted_entries_and_acks_them(r):
+    streams.ensure_group(r, ROLLOUTS)
+    ids = [sid(streams.xadd(r, ROLLOUTS, sample(m % 2, row=m // 2))) for m in range(5)]
+    streams.read_group(r, RUN, "c", count=10, block_ms=None)
+    r.xdel(ROLLOUTS, *ids[:3])  # a whole first page of deleted entries
+    entries, after = streams.read_pending(r, RUN, "c", "0", count=3)
+    assert entries == [] and after == ids[2]  # not the end: page on
+    assert [e for e, _ in streams.read_all_pending(r, RUN, "c", count=3)] == ids[3:]
+    assert pending_ids(r) == ids[3:]  # the deleted ones were acked: they can never be trained
+
+
+def test_dead_samples_returns_decodable_stamped_samples(r):
+    streams.ensure_group(r, ROLLOUTS)
+    streams.xadd(r, ROLLOUTS, sample(0, tokens=(3, 16, 5)))
+    r.xadd(ROLLOUTS, {streams.FIELD: b"junk"})
+    streams.read_group(r, RUN, "c", count=10, block_ms=None, vocab_size=16)
+    assert [s.sample_id for s in streams.dead_samples(r, RUN, page=1)] == [sample(0).sample_id]
+
+
+def test_rollout_stats(r):
+    assert streams.rollout_stats(r, RUN) == {}
+    r.hincrby(keys.rollout_stats(RUN), "invalid_samples", 3)
+    r.hincrby(keys.rollout_stats(RUN), "rollout_failures", 1)
+    assert streams.rollout_stats(r, RUN) == {"invalid_samples": 3, "rollout_failures": 1}
+
+
+def test_count_connection_errors_is_zero_without_a_retry_policy(r):
+    assert streams.count_connection_errors(r)() == 0
+
+
 def test_autoclaim_moves_idle_entries(r):
     streams.ensure_group(r, ROLLOUTS)
     ids = [sid(streams.xadd(r, ROLLOUTS, sample(m))) for m in range(2)]

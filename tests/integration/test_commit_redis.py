@@ -1,0 +1,112 @@
+"""trainer.commit's Lua commit against a real redis-server: idempotent under the client's
+retry (a reply lost after the script ran), refused out of order, and the client-side
+observations the trainer relies on after a connection error."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from rlstream import keys, streams
+from rlstream.connection import connect
+from rlstream.errors import RlstreamError
+from rlstream.messages import RolloutSample, StepCommitted
+from trainer.commit import commit_step, sync_committed_step
+
+pytestmark = pytest.mark.integration
+
+
+def sample(i: int) -> RolloutSample:
+    return RolloutSample(tokens=[1, 2, 3], logprobs=[0.0, -0.5, -0.5], loss_mask=[0, 1, 1], reward=float(i),
+                         sample_id=f"e0-r{i // 2}-a0-m{i % 2}", group_id=f"e0-r{i // 2}-a0", group_size=2,
+                         row_index=i // 2)
+
+
+def delivered(r, run_id: str, n: int, start: int = 0) -> list[str]:
+    """Add ``n`` samples and read them as the trainer: they are pending."""
+    streams.ensure_group(r, keys.rollouts(run_id))
+    for i in range(start, start + n):
+        streams.xadd(r, keys.rollouts(run_id), sample(i))
+    return [e for e, _ in streams.read_group(r, run_id, "trainer-0", count=100, block_ms=None)]
+
+
+def step(n: int, entry_ids: list[str], **metrics) -> StepCommitted:
+    return StepCommitted(step=n, version=n, entry_ids=entry_ids, sample_ids=[f"s{e}" for e in entry_ids],
+                         group_ids=[f"g{n}"], metrics=metrics or {"train/loss": 0.5})
+
+
+def committed_steps(r, run_id: str) -> list[int]:
+    return [m.step for _, m in streams.iter_all_events(r, run_id) if isinstance(m, StepCommitted)]
+
+
+def test_commit_twice_writes_one_event(r, run_id):
+    ids = delivered(r, run_id, 4)
+    first = commit_step(r, run_id, step(1, ids))
+    again = commit_step(r, run_id, step(1, ids))  # what the client's retry re-sends after a lost reply
+    assert again == first
+    assert committed_steps(r, run_id) == [1]
+    assert streams.group_info(r, keys.rollouts(run_id))["pending"] == 0
+    assert r.hget(keys.committed_step(run_id), "step") == b"1"
+
+
+def test_retry_after_a_restart_finds_the_commit_without_the_script_cache(r, run_id):
+    ids = delivered(r, run_id, 2)
+    first = commit_step(r, run_id, step(1, ids))
+    r.script_flush()  # a restarted redis-server has no scripts: EVALSHA -> NOSCRIPT -> reload
+    assert commit_step(r, run_id, step(1, ids)) == first
+    assert committed_steps(r, run_id) == [1]
+
+
+def test_commit_for_a_wrong_step_is_refused(r, run_id):
+    ids = delivered(r, run_id, 4)
+    with pytest.raises(RlstreamError, match="commit of step 2 refused.*committed step 0, not 1"):
+        commit_step(r, run_id, step(2, ids))
+    commit_step(r, run_id, step(1, ids[:2]))
+    with pytest.raises(RlstreamError, match="Another trainer is running"):
+        commit_step(r, run_id, step(1, ids[2:]))  # step 1 again, other samples: a second trainer
+    with pytest.raises(RlstreamError, match="committed step 1, not 2"):
+        commit_step(r, run_id, step(3, ids[2:]))
+    assert committed_steps(r, run_id) == [1]
+    assert streams.group_info(r, keys.rollouts(run_id))["pending"] == 2  # refused commits ack nothing
+    commit_step(r, run_id, step(2, ids[2:]))
+    assert committed_steps(r, run_id) == [1, 2]
+
+
+def test_commit_acks_more_entries_than_one_lua_unpack(r, run_id):
+    ids = delivered(r, run_id, 2)
+    many = ids + [f"{10**12 + i}-0" for i in range(2500)]  # never-delivered ids: XACK ignores them
+    commit_step(r, run_id, step(1, many))
+    assert streams.group_info(r, keys.rollouts(run_id))["pending"] == 0
+
+
+def test_sync_raises_a_missing_or_lower_record_and_never_lowers_it(r, run_id):
+    assert sync_committed_step(r, run_id, 3, "5-0") == -1  # a run from before the record existed
+    ids = delivered(r, run_id, 2)
+    commit_step(r, run_id, step(4, ids))
+    assert sync_committed_step(r, run_id, 2, "1-0") == 4
+    assert r.hget(keys.committed_step(run_id), "step") == b"4"
+
+
+def test_connection_errors_are_counted_through_the_clients_retries(redis_url, run_id):
+    r, killer = connect(redis_url), connect(redis_url)
+    streams.ensure_group(r, keys.rollouts(run_id))
+    try:
+        errors = streams.count_connection_errors(r)
+        victim = r.client_id()
+        assert errors() == 0
+        # Kill the connection while it blocks in XREADGROUP: the client retries the read.
+        timer = threading.Timer(0.3, killer.client_kill_filter, kwargs={"_id": victim})
+        timer.start()
+        assert streams.read_group(r, run_id, "trainer-0", count=10, block_ms=1500) == []
+        timer.join()
+        assert errors() == 1
+    finally:
+        r.close()
+        killer.close()
+
+
+def test_read_all_pending_acks_deleted_entries(r, run_id):
+    ids = delivered(r, run_id, 5)
+    r.xdel(keys.rollouts(run_id), *ids[:3])
+    assert [e for e, _ in streams.read_all_pending(r, run_id, "trainer-0", count=3)] == ids[3:]
+    assert streams.group_info(r, keys.rollouts(run_id))["pending"] == 2
