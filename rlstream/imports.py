@@ -24,6 +24,9 @@ def import_object(spec: str, what: str = "object") -> Callable[..., Any]:
     except ImportError as exc:
         raise ValueError(f"{what} {spec!r}: cannot import module {module_name!r} ({exc}); "
                          "make it importable (on PYTHONPATH or installed) in every process") from None
+    except Exception as exc:  # the module itself is broken (SyntaxError, an error at import time)
+        raise ValueError(f"{what} {spec!r}: importing module {module_name!r} failed: "
+                         f"{type(exc).__name__}: {exc}; fix that module") from None
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):

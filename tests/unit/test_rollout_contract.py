@@ -167,3 +167,13 @@ def test_public_api_imports_without_torch():
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
     assert RolloutSetup.__dataclass_fields__.keys() >= {"sampler", "tokenizer", "sample_kwargs",
                                                         "completions_per_prompt", "extras"}
+
+
+def test_a_broken_user_module_is_a_one_line_error(tmp_path, monkeypatch):
+    (tmp_path / "broken_rollout_mod.py").write_text("def make_rollout_fn(setup):\n    return (\n")
+    (tmp_path / "raising_rollout_mod.py").write_text("raise RuntimeError('needs an API key')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ConfigError, match=r"importing module 'broken_rollout_mod' failed: SyntaxError"):
+        importable_spec("broken_rollout_mod:make_rollout_fn", "rollout_fn_factory")
+    with pytest.raises(ConfigError, match=r"RuntimeError: needs an API key; fix that module"):
+        importable_spec("raising_rollout_mod:make_rollout_fn", "rollout_fn_factory")
