@@ -17,6 +17,7 @@ from typing import Iterator
 import torch
 
 from rlstream import weights
+from rlstream.errors import ConfigError, RlstreamError
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,16 @@ def complete_checkpoints(run_dir: Path) -> Iterator[Path]:
         yield path
 
 
+def verify_checkpoint(path: Path, what: str = "init_from_checkpoint") -> Path:
+    """A checkpoint given by the user (not found by ``complete_checkpoints``) is checked too."""
+    try:
+        weights.verify(path, json.loads((path / weights.MANIFEST).read_text())["sha256"])
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError(f"{what} {str(path)!r} is not a complete checkpoint ({exc}); point it at a "
+                          "runs/<run>/checkpoints/step-<N> directory") from None
+    return path
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
     return next(complete_checkpoints(run_dir), None)
 
@@ -87,7 +98,12 @@ def load_checkpoint(path: Path, model, optimizer, device) -> CheckpointState:
     state_dict: dict[str, torch.Tensor] = {}
     for f in sorted(path.glob("*.safetensors")):
         state_dict.update(load_file(str(f), device=str(device)))
-    model.load_state_dict(state_dict, strict=False)
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    # a tied lm_head is saved once, as the embedding
+    tied = set(getattr(model, "_tied_weights_keys", None) or ()) if model.config.tie_word_embeddings else set()
+    if unexpected or set(missing) - tied:
+        raise RlstreamError(f"checkpoint {path} does not fit the model (missing {sorted(set(missing) - tied)}, "
+                            f"unexpected {sorted(unexpected)}): was it written for another base_model?")
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
     train_state = torch.load(path / "train_state.pt", map_location=device, weights_only=False)

@@ -26,7 +26,7 @@ from rlstream.torch_setup import load_model_and_tokenizer, setup_torch
 from trainer.advantages import resolve_advantage
 from trainer.batch import Group, GroupAssembler, collate, take_oldest
 from trainer.checkpoint import (CheckpointState, checkpoint_dir, export_model, holds_commit, load_checkpoint,
-                                rng_untouched, save_checkpoint)
+                                rng_untouched, save_checkpoint, verify_checkpoint)
 from trainer.commit import ack_untrained, commit_step, publish, reject_group
 from trainer.hooks import EvaluationContext, load_evaluation, load_filter, run_evaluation
 from trainer.optimize import make_optimizer, policy_update
@@ -62,7 +62,7 @@ class Trainer:
         self.ref_model = load_reference(cfg, self.model, self.tokenizer, self.device) if cfg.kl_beta > 0 else None
         self.optimizer = make_optimizer(self.model, cfg)
         if cfg.init_from_checkpoint:  # a new run from another run's weights + optimizer
-            load_checkpoint(Path(cfg.init_from_checkpoint), self.model, self.optimizer, self.device)
+            load_checkpoint(verify_checkpoint(Path(cfg.init_from_checkpoint)), self.model, self.optimizer, self.device)
         self.advantage_fn = resolve_advantage(cfg.advantage)
         self.filter_fn, self.evaluation_fn = load_filter(cfg), load_evaluation(cfg)
         self.wandb = make_logger(cfg)

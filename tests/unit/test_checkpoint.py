@@ -75,3 +75,32 @@ def test_loss_matches_is_relative_with_a_floor():
     assert not loss_matches(1.0, 1.002)
     assert loss_matches(0.0, 1e-7)
     assert not loss_matches(0.01, -0.01)
+
+
+def test_verify_checkpoint_names_what_to_fix(tmp_path):
+    import pytest
+
+    from rlstream.errors import ConfigError
+    from trainer.checkpoint import verify_checkpoint
+
+    good = fake_checkpoint(tmp_path, 3, "3-0")
+    assert verify_checkpoint(good) == good
+    (good / "state.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"init_from_checkpoint .*step-3' is not a complete checkpoint .*sha256"):
+        verify_checkpoint(good)
+    with pytest.raises(ConfigError, match="checkpoints/step-<N> directory"):
+        verify_checkpoint(tmp_path / "nowhere")
+
+
+def test_a_checkpoint_of_another_model_is_refused(tmp_path):
+    import pytest
+    from safetensors.torch import save_file
+
+    from rlstream.errors import RlstreamError
+    from rlstream.tiny_model import build_model
+    from trainer.checkpoint import load_checkpoint
+
+    model = build_model()
+    save_file({"other.weight": torch.zeros(2)}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(RlstreamError, match="does not fit the model .*unexpected \\['other.weight'\\]"):
+        load_checkpoint(tmp_path, model, torch.optim.SGD(model.parameters(), lr=0.1), torch.device("cpu"))
