@@ -26,6 +26,7 @@ from rlstream.imports import check_spec
 from rlstream.keys import check_run_id
 
 BUILTIN_MODEL = "builtin:tiny"
+MAX_SEQ_LEN_LIMIT = 1_048_576
 # Path fields take a pathlib.Path from Python too (the config is otherwise strict).
 PathText = Annotated[str, BeforeValidator(lambda v: os.fspath(v) if isinstance(v, os.PathLike) else v)]
 ENV_PREFIX = "RLSTREAM_"
@@ -65,7 +66,9 @@ class Config(ConfigSection):
     completions_per_prompt: int = Field(8, ge=2, le=1024, description="G: completions per prompt group")
     prompt_groups_per_step: int = Field(32, ge=1, le=65_536, description="P: groups per optimizer step")
     max_completion_tokens: int = Field(16, ge=1, le=131_072, description="max generated tokens per completion")
-    max_seq_len: int = Field(2048, ge=2, le=1_048_576, description="max prompt + completion tokens")
+    max_seq_len: Annotated[int, BeforeValidator(lambda v: MAX_SEQ_LEN_LIMIT if v is None else v)] = Field(
+        2048, ge=2, le=MAX_SEQ_LEN_LIMIT, description="max prompt + completion tokens; None (the cookbook's default) = no limit"
+    )
     temperature: float = Field(1.0, gt=0, le=10.0, description="sampling temperature (trainer logprobs use it too)")
     policy_loss: Literal["grpo", "importance_sampling", "reinforce", "dapo", "dro", "gspo", "cispo"] = Field(
         "grpo", description="policy loss (trainer/losses.py)"
@@ -114,7 +117,8 @@ class Config(ConfigSection):
         1, ge=0, le=100, description="rounds a worker re-draws the missing members of a group before emitting it"
     )
     min_group_size: int = Field(
-        2, ge=2, le=1024, description="an incomplete group still open after 2 x job_timeout trains if it has this many"
+        2, ge=1, le=1024, description="an incomplete group trains if it has this many samples (a single one has no "
+        "group-relative advantage and is rejected with that reason)"
     )
     dcp_save_interval: int = Field(
         0, ge=0, le=10_000_000, description="train-state checkpoint every N steps; 0 = only the final one"

@@ -259,3 +259,10 @@ def test_env_override_names_cover_tables():
     names = env_override_names()
     assert {"RLSTREAM_SEED", "RLSTREAM_REDIS_URL", "RLSTREAM_WORKERS_COUNT", "RLSTREAM_INFERENCE_BASE_URL"} <= names
     assert "RLSTREAM_FAULT" not in names and "RLSTREAM_LOG_LEVEL" not in names
+
+
+def test_cookbook_defaults_are_accepted():
+    """The cookbook's Config defaults: max_seq_len=None (no limit), min_group_size=1,
+    grad_clip_norm=0.0 (no clipping)."""
+    cfg = validate_config({"max_seq_len": None, "min_group_size": 1, "grad_clip_norm": 0.0})
+    assert cfg.max_seq_len == 1_048_576 and cfg.min_group_size == 1 and cfg.grad_clip_norm == 0.0
