@@ -62,7 +62,8 @@ def _child_env() -> dict[str, str]:
     already resolved into config.json, and re-applying them in a child would undo a
     ``--set`` or ``--run-id`` that beat them here."""
     paths = [p or os.getcwd() for p in sys.path]
-    env = {k: v for k, v in os.environ.items() if k not in env_override_names()}
+    overrides = env_override_names()
+    env = {k: v for k, v in os.environ.items() if k not in overrides}
     return {**env, "PYTHONPATH": os.pathsep.join(dict.fromkeys(p for p in paths if os.path.isdir(p)))}
 
 
@@ -104,12 +105,11 @@ def up(cfg: Config) -> int:
     # `kill <pid of up>` must stop the children too: they run in their own sessions, so
     # nothing else would reach them, and a SIGTERM would otherwise skip every `finally`.
     previous_handler = signal.signal(signal.SIGTERM, _raise_interrupt)
+    grace = 5.0  # for children still running when something unexpected escapes
     try:
-        if embedded is None:
-            connect(cfg.redis.url, cfg.redis.connect_timeout)  # fail fast, before making the run dir
-        (run_dir / "logs").mkdir(parents=True, exist_ok=True)
         url = embedded.start() if embedded else cfg.redis.url
-        connect(url, cfg.redis.connect_timeout)
+        connect(url, cfg.redis.connect_timeout)  # fail fast and clearly, before making the run dir
+        (run_dir / "logs").mkdir(parents=True, exist_ok=True)
         # Our own client does not retry: the supervisor must notice a dead Redis at once.
         r = client(url, command_retries=0)
         resolved = cfg.model_copy(update={"redis": cfg.redis.model_copy(update={"url": url})})
@@ -124,22 +124,26 @@ def up(cfg: Config) -> int:
         children.append(_spawn("producer", "producer", config_path, logs))
         children += [_spawn(f"worker-{i}", "worker", config_path, logs) for i in range(cfg.workers.count)]
         _supervise(cfg, r, children, Progress(cfg, sys.stdout), config_path, embedded)
-        _stop(children, SHUTDOWN_GRACE_S)
+        _stop(children, SHUTDOWN_GRACE_S)  # before the summary: metrics.jsonl is complete then
         print(summary_line(read_metrics(run_dir / "metrics.jsonl"), time.monotonic() - started), flush=True)
         return 0
     except RunFailed as exc:
-        _stop(children, 5.0)
         print(f"rlstream: {exc}", file=sys.stderr, flush=True)
         return 1
     except KeyboardInterrupt:
         print("rlstream: interrupted; stopping children", file=sys.stderr, flush=True)
-        _stop(children, 10.0)
+        grace = 10.0
         return 130
     finally:
-        _stop(children, 5.0)  # whatever escaped above (no-op for children already stopped)
-        signal.signal(signal.SIGTERM, previous_handler)
+        # A second Ctrl-C or SIGTERM must not cut the (bounded) cleanup short and orphan
+        # children that live in their own sessions.
+        interrupt_handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        _stop(children, grace)  # no-op for children already stopped
         if embedded is not None:
             embedded.stop()
+        signal.signal(signal.SIGINT, interrupt_handler)
+        signal.signal(signal.SIGTERM, previous_handler)
 
 
 def _restart_child(c: Child, config_path: Path) -> None:

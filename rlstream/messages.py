@@ -156,6 +156,14 @@ class RolloutSample(Message):
         if top >= vocab_size:
             raise ValueError(f"token id {top} outside the vocabulary (size {vocab_size})")
 
+    def check_limits(self, vocab_size: int | None, max_seq_len: int | None) -> None:
+        """The model-dependent checks (the codec cannot know the model): raise ValueError
+        when the sample is longer than ``max_seq_len`` or has a token outside the vocabulary."""
+        if max_seq_len is not None and len(self.tokens) > max_seq_len:
+            raise ValueError(f"{len(self.tokens)} tokens exceed max_seq_len {max_seq_len}")
+        if vocab_size is not None:
+            self.check_vocab(vocab_size)
+
 
 class GroupJob(Message):
     """Payload of one rq job: one prompt group of ``group_size`` completions."""
@@ -254,7 +262,12 @@ class DeadLetter(Message):
     source_stream: str
     source_id: str
     reason: str
-    raw: bytes = b""
+    raw: bytes = b""  # the first 64 KiB: enough to inspect, not to re-decode a long sample
+    # Set when the entry was a worker-stamped sample (it failed only the trainer's vocabulary /
+    # max_seq_len checks): its group must be settled without it, also after a restart.
+    sample_id: str = ""
+    group_id: str = ""
+    group_size: int = 0
 
 
 EVENT_TYPES: tuple[type[Message], ...] = (

@@ -36,6 +36,19 @@ class RolloutSetup:
     extras: dict[str, Any] = field(default_factory=dict)
 
 
+NO_LIMIT = 1 << 30  # max_seq_len when a caller gives none
+
+
+def token_budget(prompt_len: int, max_tokens: int, max_seq_len: int = NO_LIMIT) -> int:
+    """New tokens one prompt may get: its own room under max_seq_len, never a batch-mate's."""
+    return min(max_tokens, max_seq_len - prompt_len)
+
+
+def no_room(prompt_len: int, max_seq_len: int) -> ValueError:
+    return ValueError(f"prompt of {prompt_len} tokens leaves no room under max_seq_len {max_seq_len}; "
+                      "shorten the prompt or raise max_seq_len")
+
+
 def chat_prompt_ids(tokenizer: Any, messages: list[dict[str, Any]]) -> list[int]:
     """The prompt ids of a chat: the tokenizer's chat template with the generation prompt
     (transformers returns a list, or a mapping holding ``input_ids``, by version)."""

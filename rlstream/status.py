@@ -86,7 +86,7 @@ def collect_status(cfg, r) -> dict:
         "queued_jobs": queue.count,
         "live_workers": len(Worker.all(queue=queue)),
         "worker_versions": worker_versions(r, cfg.run_id),
-        "rollout_errors": {k.decode(): int(v) for k, v in sorted(r.hgetall(keys.rollout_stats(cfg.run_id)).items())},
+        "rollout_errors": dict(sorted(streams.rollout_stats(r, cfg.run_id).items())),
     }
 
 

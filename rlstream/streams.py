@@ -39,10 +39,13 @@ def ensure_group(r: redis.Redis, stream: str, group: str = keys.TRAINER_GROUP) -
             raise
 
 
-def dead_letter(pipe: Any, run_id: str, source_stream: str, entry_id: str, reason: str, raw: bytes) -> None:
+def dead_letter(pipe: Any, run_id: str, source_stream: str, entry_id: str, reason: str, raw: bytes,
+                sample: RolloutSample | None = None) -> None:
     log.warning("dead-lettered %s %s: %s", source_stream, entry_id, reason)
+    member = dict(sample_id=sample.sample_id, group_id=sample.group_id, group_size=sample.group_size) \
+        if _stamped(sample) else {}
     xadd(pipe, keys.dead(run_id), DeadLetter(
-        source_stream=source_stream, source_id=entry_id, reason=reason, raw=raw[:65536]))
+        source_stream=source_stream, source_id=entry_id, reason=reason, raw=raw[:65536], **member))
 
 
 def decode_entries(
@@ -56,31 +59,28 @@ def decode_entries(
     samples failing only the vocabulary / ``max_seq_len`` checks: their group will never
     complete, and the trainer must settle it rather than wait for it forever."""
     good: list[Entry] = []
-    bad: list[tuple[str, str, bytes]] = []
+    bad: list[tuple[str, str, bytes, RolloutSample | None]] = []
     for entry_id, fields in raw_entries:
         sid = _sid(entry_id)
         raw = (fields or {}).get(FIELD, b"")
         msg = None
         try:
             msg = decode(raw, expect=RolloutSample)
-            if vocab_size is not None:
-                msg.check_vocab(vocab_size)
-            if max_seq_len is not None and len(msg.tokens) > max_seq_len:
-                raise ValueError(f"{len(msg.tokens)} tokens exceed max_seq_len {max_seq_len}")
-            if not msg.sample_id or not msg.group_id or msg.group_size < 1:
+            msg.check_limits(vocab_size, max_seq_len)
+            if not _stamped(msg):
                 raise ValueError("sample has no sample_id/group_id/group_size (not stamped by a worker)")
         except (DecodeError, ValueError) as exc:
-            bad.append((sid, str(exc), raw if isinstance(raw, bytes) else b""))
+            bad.append((sid, str(exc), raw if isinstance(raw, bytes) else b"", msg))
             if invalid is not None and _stamped(msg):
                 invalid.append((sid, msg))
             continue
         good.append((sid, msg))
     if bad:
         with r.pipeline(transaction=True) as pipe:
-            for sid, reason, raw in bad:
-                dead_letter(pipe, run_id, stream, sid, reason, raw)
+            for sid, reason, raw, msg in bad:
+                dead_letter(pipe, run_id, stream, sid, reason, raw, msg)
             if group is not None:
-                pipe.xack(stream, group, *[sid for sid, _, _ in bad])
+                pipe.xack(stream, group, *[sid for sid, *_ in bad])
             pipe.execute()
     return good
 
@@ -144,20 +144,19 @@ def read_all_pending(r: redis.Redis, run_id: str, consumer: str, *, count: int =
     return out
 
 
-def dead_samples(r: redis.Redis, run_id: str, page: int = 1000) -> Iterator[RolloutSample]:
-    """Worker-stamped samples in the dead-letter stream that still decode (they failed the
-    vocabulary / ``max_seq_len`` checks): a restarted trainer settles their groups."""
+def dead_members(r: redis.Redis, run_id: str, page: int = 1000) -> Iterator[DeadLetter]:
+    """Dead letters of worker-stamped samples (they failed the vocabulary / ``max_seq_len``
+    checks; each names its sample and group): a restarted trainer settles their groups."""
     source, start = keys.rollouts(run_id), "-"
     while True:
         batch = r.xrange(keys.dead(run_id), min=start, max="+", count=page)
         for _, fields in batch:
             try:
                 letter = decode((fields or {}).get(FIELD, b""), expect=DeadLetter)
-                sample = decode(letter.raw, expect=RolloutSample) if letter.source_stream == source else None
             except DecodeError:
                 continue
-            if _stamped(sample):
-                yield sample
+            if letter.source_stream == source and letter.group_id:
+                yield letter
         if len(batch) < page:
             return
         start = "(" + _sid(batch[-1][0])

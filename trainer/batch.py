@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rlstream.messages import RolloutSample
+from rlstream.messages import DeadLetter, RolloutSample
 
 
 @dataclass
@@ -82,9 +82,10 @@ class GroupAssembler:
             return self.open.pop(sample.group_id), None
         return None, None
 
-    def add_invalid(self, sample: RolloutSample, settled: set[str]) -> None:
+    def add_invalid(self, sample: RolloutSample | DeadLetter, settled: set[str]) -> None:
         """A member that was dead-lettered (e.g. a token outside the vocabulary): it counts
-        towards settling its group, never towards training it."""
+        towards settling its group, never towards training it. Either the decoded sample or
+        its dead letter (both carry sample_id, group_id and group_size)."""
         if sample.group_id in settled or sample.group_id in self.completed:
             return
         group = self.open.setdefault(sample.group_id, Group(sample.group_id, sample.group_size))

@@ -34,6 +34,12 @@ end
 if current ~= step - 1 then
   return {'conflict', tostring(current)}
 end
+-- Redis does not roll a script back when a command fails midway: check that the XACKs
+-- below can succeed (the consumer group exists) before the XADD writes anything.
+local group = redis.pcall('XPENDING', KEYS[3], ARGV[4])
+if type(group) == 'table' and group.err then
+  return {'nogroup', group.err}
+end
 local id = redis.call('XADD', KEYS[2], '*', 'm', ARGV[2])
 -- in chunks: unpack() is bounded by Lua's C stack (~8000 values)
 for i = 5, #ARGV, 1000 do
@@ -71,6 +77,9 @@ def commit_step(r: redis.Redis, run_id: str, committed: StepCommitted) -> str:
     if status == "duplicate":
         log.warning("step %d was already committed (a retried commit after a lost reply); not written again",
                     committed.step)
+    elif status == "nogroup":
+        raise RlstreamError(f"commit of step {committed.step} refused, nothing written: {value}. The rollouts "
+                            f"stream's consumer group is gone (deleted by hand?); restart the trainer to recreate it")
     elif status == "conflict":
         raise RlstreamError(
             f"commit of step {committed.step} refused: run {run_id} has already committed step {value}, "

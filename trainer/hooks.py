@@ -7,7 +7,6 @@ weights, at the start, every ``evaluation_interval`` published versions and at t
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import functools
 import inspect
 import math
@@ -26,7 +25,7 @@ class EvaluationContext:
     step: int
     sample_kwargs: dict[str, Any]
     extras: dict[str, Any] = field(default_factory=dict)
-    config: Config | None = None  # the run's config (filled in by load_evaluation's wrapper)
+    config: Config | None = None  # the run's config (the trainer passes it; ctx.rollout_fn needs it)
 
     @functools.cached_property
     def rollout_fn(self):
@@ -39,7 +38,7 @@ class EvaluationContext:
         from rlstream.rollout import RolloutSetup
         from workers.main import resolve_factory
 
-        setup = RolloutSetup(sampler=self.sampler, tokenizer=self.tokenizer, sample_kwargs=self.sample_kwargs,
+        setup = RolloutSetup(sampler=self.sampler, tokenizer=self.tokenizer, sample_kwargs=dict(self.sample_kwargs),
                              completions_per_prompt=self.config.completions_per_prompt, extras=dict(self.extras))
         return evaluation_rollout(resolve_factory(self.config)(setup))
 
@@ -63,17 +62,7 @@ def load_filter(cfg: Config):
 
 
 def load_evaluation(cfg: Config):
-    """The user's evaluation_fn, bound to ``cfg``: a context without a config gets this one
-    (``ctx.rollout_fn`` needs it)."""
-    if not cfg.evaluation_fn:
-        return None
-    fn = import_object(cfg.evaluation_fn, "evaluation_fn")
-
-    @functools.wraps(fn)
-    def evaluation_fn(ctx: EvaluationContext):
-        return fn(ctx if ctx.config is not None else dataclasses.replace(ctx, config=cfg))
-
-    return evaluation_fn
+    return import_object(cfg.evaluation_fn, "evaluation_fn") if cfg.evaluation_fn else None
 
 
 def run_evaluation(fn, ctx: EvaluationContext) -> dict[str, float]:

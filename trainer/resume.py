@@ -1,7 +1,6 @@
 """Resume (DESIGN.md section 5): rebuild the exact state of a crashed trainer from the
 newest checkpoint the events stream agrees with, a replay of every ``StepCommitted`` after
-it on the very samples it names, then this consumer's pending entries. ``rlstream replay``
-is the same code path.
+it on the very samples it names, then this consumer's pending entries.
 """
 from __future__ import annotations
 
@@ -107,8 +106,7 @@ def resume(t: Trainer) -> None:
                         {"step": event.step, "version": event.version, "eval/version": event.version,
                          **event.metrics})
     t.assembler.completed |= t.state.settled_groups
-    invalid: list[streams.Entry] = []
     t.add_samples(streams.read_all_pending(t.r, t.cfg.run_id, t.consumer, count=512, vocab_size=t.vocab_size,
-                                           max_seq_len=t.cfg.max_seq_len, invalid=invalid))
-    # Members dead-lettered before the crash still count towards settling their groups.
-    t.add_invalid([s for _, s in invalid] + list(streams.dead_samples(t.r, t.cfg.run_id)))
+                                           max_seq_len=t.cfg.max_seq_len))
+    # Members dead-lettered before the crash (or just now) still count towards settling their groups.
+    t.add_invalid(list(streams.dead_members(t.r, t.cfg.run_id)))

@@ -19,7 +19,7 @@ import torch
 
 from rlstream import keys, streams
 from rlstream.config import Config
-from rlstream.messages import Evaluated, RolloutSample, RunFinished, StepCommitted
+from rlstream.messages import DeadLetter, Evaluated, RolloutSample, RunFinished, StepCommitted
 from rlstream.metrics import MetricsLog
 from rlstream.run_state import RunState
 from rlstream.torch_setup import load_model_and_tokenizer, setup_torch
@@ -103,7 +103,7 @@ class Trainer:
                 duplicates.append(dup)
         ack_untrained(self.r, self.cfg.run_id, duplicates)
 
-    def add_invalid(self, samples: list[RolloutSample]) -> None:
+    def add_invalid(self, samples: list[RolloutSample | DeadLetter]) -> None:
         """Dead-lettered members of admitted groups (their GroupAdmitted precedes them, so
         call this after a fold): they settle their group instead of leaving it open."""
         for sample in samples:

@@ -18,23 +18,12 @@ from transformers import GenerationConfig
 
 from rlstream import weights
 from rlstream.messages import WeightsPublished
-from rlstream.rollout import Completion, chat_prompt_ids
+from rlstream.rollout import NO_LIMIT, Completion, chat_prompt_ids, no_room, token_budget
 from rlstream.torch_setup import load_model_and_tokenizer
 
 log = logging.getLogger(__name__)
-NO_LIMIT = 1 << 30
 # What ``generate`` understands; ``logprobs`` is accepted and ignored (always returned).
 SAMPLE_KWARGS = frozenset({"max_tokens", "temperature", "top_p", "top_k", "max_seq_len", "logprobs"})
-
-
-def token_budget(prompt_len: int, max_tokens: int, max_seq_len: int = NO_LIMIT) -> int:
-    """New tokens one prompt may get: its own room under max_seq_len, never a batch-mate's."""
-    return min(max_tokens, max_seq_len - prompt_len)
-
-
-def no_room(prompt_len: int, max_seq_len: int) -> ValueError:
-    return ValueError(f"prompt of {prompt_len} tokens leaves no room under max_seq_len {max_seq_len}; "
-                      "shorten the prompt or raise max_seq_len")
 
 
 def cut(gen: list[int], budget: int, eos_ids: set[int]) -> tuple[int, str]:

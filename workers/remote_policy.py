@@ -38,7 +38,7 @@ import httpx
 from rlstream.config import InferenceConfig
 from rlstream.errors import RlstreamError
 from rlstream.messages import WeightsPublished
-from rlstream.rollout import Completion, chat_prompt_ids
+from rlstream.rollout import NO_LIMIT, Completion, chat_prompt_ids, no_room, token_budget
 
 log = logging.getLogger(__name__)
 BACKOFF_BASE_S, BACKOFF_CAP_S = 0.5, 8.0
@@ -59,11 +59,11 @@ def _headers(cfg: InferenceConfig) -> dict[str, str]:
 
 
 def completion_request(model: str, prompt: list[int], n: int, *, max_tokens: int, temperature: float,
-                       top_p: float = 1.0, top_k: int = 0, max_seq_len: int = 1 << 30) -> dict[str, Any]:
+                       top_p: float = 1.0, top_k: int = 0, max_seq_len: int = NO_LIMIT) -> dict[str, Any]:
     """The JSON body of one ``/completions`` call."""
-    new_tokens = min(max_tokens, max_seq_len - len(prompt))
+    new_tokens = token_budget(len(prompt), max_tokens, max_seq_len)
     if new_tokens < 1:
-        raise ValueError(f"prompt of {len(prompt)} tokens leaves no room under max_seq_len {max_seq_len}")
+        raise no_room(len(prompt), max_seq_len)
     return {"model": model, "prompt": list(prompt), "n": n, "max_tokens": new_tokens, "temperature": temperature,
             "top_p": top_p, "top_k": top_k if top_k > 0 else -1, "logprobs": 0, "echo": False,
             "return_token_ids": True, "return_tokens_as_token_ids": True, "skip_special_tokens": False}

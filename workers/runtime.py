@@ -44,12 +44,8 @@ def check_sample(result: Any, vocab_size: int | None, max_seq_len: int) -> str |
     redrawn now instead of leaving its group waiting 2 x job_timeout in the trainer."""
     if not isinstance(result, RolloutSample):
         raise TypeError(f"rollout_fn must return rlstream.RolloutSample or None, got {type(result).__name__}")
-    if len(result.tokens) > max_seq_len:
-        return f"{len(result.tokens)} tokens exceed max_seq_len {max_seq_len}"
-    if vocab_size is None:  # no policy loaded yet (tests)
-        return None
     try:
-        result.check_vocab(vocab_size)
+        result.check_limits(vocab_size, max_seq_len)
     except ValueError as exc:
         return str(exc)
     return None
@@ -212,7 +208,7 @@ class WorkerRuntime:
         seed_torch(job_seed(self.cfg.seed, job.group_id))
         counts: Counter[str] = Counter()
         try:
-            samples = self.loop.run_until_complete(self._group(job, counts))
+            samples = self._run(self._group(job, counts))
         except CircuitOpen as exc:
             with self.r.pipeline(transaction=True) as pipe:
                 streams.xadd(pipe, keys.events(self.cfg.run_id), RunFinished(reason=str(exc), failed=True))
@@ -238,6 +234,19 @@ class WorkerRuntime:
             pipe.execute()
         return {"group_id": job.group_id, "samples": len(samples), "version": version,
                 "invalid_samples": counts["invalid_samples"], "rollout_failures": counts["rollout_failures"]}
+
+    def _run(self, coro: Any) -> Any:
+        """Run one job's coroutine on the process loop. Whatever ends it (a result, the
+        circuit breaker, rq's job timeout), no draw of this job may live on into the next
+        job's run: gather does not cancel its siblings, and the loop outlives the job."""
+        try:
+            return self.loop.run_until_complete(coro)
+        finally:
+            stray = asyncio.all_tasks(self.loop)
+            for task in stray:
+                task.cancel()
+            if stray:
+                self.loop.run_until_complete(asyncio.gather(*stray, return_exceptions=True))
 
     def _add_stats(self, pipe: Any, counts: Counter) -> None:
         """Run-wide counters the trainer reports (per-process ones die with the worker)."""

@@ -72,6 +72,15 @@ def test_commit_for_a_wrong_step_is_refused(r, run_id):
     assert committed_steps(r, run_id) == [1, 2]
 
 
+def test_commit_without_the_consumer_group_writes_nothing(r, run_id):
+    entries = delivered(r, run_id, 2)
+    r.xgroup_destroy(keys.rollouts(run_id), keys.TRAINER_GROUP)
+    with pytest.raises(RlstreamError, match="refused, nothing written.*consumer group is gone"):
+        commit_step(r, run_id, step(1, entries))
+    assert committed_steps(r, run_id) == []
+    assert r.hget(keys.committed_step(run_id), "step") is None
+
+
 def test_commit_acks_more_entries_than_one_lua_unpack(r, run_id):
     ids = delivered(r, run_id, 2)
     many = ids + [f"{10**12 + i}-0" for i in range(2500)]  # never-delivered ids: XACK ignores them

@@ -111,8 +111,7 @@ def eval_config(**extras) -> Config:
 def test_ctx_rollout_fn_is_the_run_rollout_fn_with_evaluation_true(user_module):
     cfg, sampler = eval_config(use_rollout_fn=True), FakeSampler()
     fn = load_evaluation(cfg)
-    # the trainer builds the context without a config: load_evaluation's wrapper supplies it
-    ctx = EvaluationContext(sampler, None, 5, 5, {"max_tokens": 1}, dict(cfg.extras))
+    ctx = EvaluationContext(sampler, None, 5, 5, {"max_tokens": 1}, dict(cfg.extras), config=cfg)  # as the trainer does
     assert run_evaluation(fn, ctx) == {"eval/accuracy": 0.5}
     [setup] = user_module.setups
     assert setup.sampler is sampler and setup.sample_kwargs == {"max_tokens": 1}

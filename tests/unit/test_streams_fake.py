@@ -169,12 +169,16 @@ def test_read_pending_pages_past_deleted_entries_and_acks_them(r):
     assert pending_ids(r) == ids[3:]  # the deleted ones were acked: they can never be trained
 
 
-def test_dead_samples_returns_decodable_stamped_samples(r):
+def test_dead_members_name_the_sample_and_group_of_stamped_samples(r):
     streams.ensure_group(r, ROLLOUTS)
     streams.xadd(r, ROLLOUTS, sample(0, tokens=(3, 16, 5)))
     r.xadd(ROLLOUTS, {streams.FIELD: b"junk"})
-    streams.read_group(r, RUN, "c", count=10, block_ms=None, vocab_size=16)
-    assert [s.sample_id for s in streams.dead_samples(r, RUN, page=1)] == [sample(0).sample_id]
+    long = sample(1, tokens=tuple([1] * 20_000))  # > 64 KiB encoded: its raw bytes are cut in the letter
+    streams.xadd(r, ROLLOUTS, long)
+    streams.read_group(r, RUN, "c", count=10, block_ms=None, vocab_size=16, max_seq_len=10_000)
+    members = list(streams.dead_members(r, RUN, page=1))
+    assert [(m.sample_id, m.group_id, m.group_size) for m in members] == [
+        (s.sample_id, s.group_id, s.group_size) for s in (sample(0), long)]
 
 
 def test_rollout_stats(r):

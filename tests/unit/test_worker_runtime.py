@@ -3,6 +3,7 @@ failure for the circuit breaker, the run-wide counters, per-job seeding; and the
 heartbeat rules of workers.jobs."""
 from __future__ import annotations
 
+import asyncio
 import types
 
 import fakeredis
@@ -190,3 +191,24 @@ def test_heartbeat_ttl_fits_inside_the_job_timeout():
 def test_heartbeat_stops_past_timeout_plus_grace():
     assert still_alive(69.0, 60, grace_s=10.0) and not still_alive(71.0, 60, grace_s=10.0)
     assert still_alive(1e9, None) and still_alive(1e9, -1)
+
+
+def test_draws_of_a_failed_job_do_not_live_on_into_the_next_job(r):
+    """gather does not cancel siblings and the loop outlives the job: a draw still sleeping
+    when the breaker trips must be cancelled, not resumed during the next job."""
+    started, finished = [], []
+
+    async def rollout_fn(sample_prompt, sample_index):
+        started.append(sample_index)
+        if sample_index == 0:
+            await asyncio.sleep(0.2)  # still running when its siblings trip the breaker
+            finished.append(sample_index)
+            return sample()
+        raise RuntimeError("boom")
+
+    rt = stub_runtime(r, rollout_fn, rollout_max_retries=10)
+    with pytest.raises(CircuitOpen):
+        rt.run_group(job(2))
+    assert not asyncio.all_tasks(rt.loop)
+    rt.loop.run_until_complete(asyncio.sleep(0.3))  # the next job's run on the same loop
+    assert finished == []
