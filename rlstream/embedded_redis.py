@@ -54,8 +54,29 @@ class EmbeddedRedis:
         self.url = ""
         self.port: int | None = None  # kept across restarts so clients' URLs stay valid
 
+    def owner_pid(self) -> int | None:
+        """Pid of a live redis-server other than ours that serves this directory (its pid
+        file), else None."""
+        try:
+            pid = int((self.directory / "pid").read_text())
+            os.kill(pid, 0)
+        except (OSError, ValueError):
+            return None
+        if self.process is not None and pid == self.process.pid:
+            return None
+        try:  # a recycled pid belongs to some other program: not an owner
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            return pid  # no /proc (macOS): trust the pid file
+        return pid if "redis-server" in cmdline and str(self.directory) in cmdline else None
+
     def start(self, timeout: float = 15.0) -> str:
         self.directory.mkdir(parents=True, exist_ok=True)
+        owner = self.owner_pid()
+        if owner is not None:
+            # Two servers on one AOF would corrupt it: refuse, and say who holds it.
+            raise RedisUnavailable(f"a redis-server (pid {owner}) already serves {self.directory}: is `rlstream up` "
+                                   "running for this run? Stop it first, or use `rlstream status` to look at it")
         sock = self.directory / "redis.sock"
         args = [
             redis_server_binary(),

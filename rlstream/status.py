@@ -47,6 +47,8 @@ def open_run(run_dir: Path):
         if not (run_dir / "redis").is_dir():
             raise
         embedded = EmbeddedRedis(run_dir / "redis")
+        if embedded.owner_pid() is not None:  # `rlstream up` is restarting it: wait, never start a second
+            return cfg, connect(cfg.redis.url, timeout=cfg.redis.connect_timeout), None
         r = connect(embedded.start(), timeout=cfg.redis.connect_timeout)
     return cfg, r, embedded
 

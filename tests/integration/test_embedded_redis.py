@@ -97,3 +97,21 @@ def test_connect_to_dead_port_raises_within_timeout():
     assert elapsed < 5.0
     assert len(outcome) == 1 and isinstance(outcome[0], RedisUnavailable)
     assert url in str(outcome[0])
+
+
+def test_a_second_server_on_the_same_directory_is_refused(tmp_path):
+    """Two redis-servers appending to one AOF would corrupt it (e.g. `rlstream up` twice
+    on one run id, or `status` while `up` restarts its server)."""
+    first = EmbeddedRedis(tmp_path / "redis")
+    first.start()
+    try:
+        second = EmbeddedRedis(tmp_path / "redis")
+        with pytest.raises(RedisUnavailable, match=rf"pid {first.process.pid}\) already serves"):
+            second.start()
+        assert second.owner_pid() == first.process.pid
+        first.kill()  # dead: the directory is free again, and a restart of the same object is allowed
+        assert second.owner_pid() is None
+        first.start()
+        assert connect(first.url).ping()
+    finally:
+        first.stop()
