@@ -144,6 +144,31 @@ def read_all_pending(r: redis.Redis, run_id: str, consumer: str, *, count: int =
     return out
 
 
+def read_unheld_pending(r: redis.Redis, run_id: str, consumer: str, held: set[str], *, page: int = 1000,
+                        vocab_size: int | None = None, max_seq_len: int | None = None,
+                        invalid: list[Entry] | None = None) -> list[Entry]:
+    """This consumer's pending entries that are not in ``held``, decoded. Only ids travel
+    for the held ones (XPENDING), so a periodic check costs little however large the
+    buffer; payloads that are gone are acked with a warning, as in ``read_pending``."""
+    stream, wanted, start = keys.rollouts(run_id), [], "-"
+    while True:
+        rows = r.xpending_range(stream, keys.TRAINER_GROUP, min=start, max="+", count=page, consumername=consumer)
+        wanted += [sid for sid in (_sid(row["message_id"]) for row in rows) if sid not in held]
+        if len(rows) < page:
+            break
+        start = "(" + _sid(rows[-1]["message_id"])
+    if not wanted:
+        return []
+    raw = fetch_entries(r, stream, wanted)
+    gone = [sid for sid in wanted if sid not in raw]
+    if gone:
+        log.warning("acking %d pending entries of %s whose payload is gone (deleted or trimmed), e.g. %s",
+                    len(gone), stream, gone[:5])
+        r.xack(stream, keys.TRAINER_GROUP, *gone)
+    return decode_entries(r, run_id, stream, [(sid, {FIELD: raw[sid]}) for sid in wanted if sid in raw],
+                          group=keys.TRAINER_GROUP, vocab_size=vocab_size, max_seq_len=max_seq_len, invalid=invalid)
+
+
 def dead_members(r: redis.Redis, run_id: str, page: int = 1000) -> Iterator[DeadLetter]:
     """Dead letters of worker-stamped samples (they failed the vocabulary / ``max_seq_len``
     checks; each names its sample and group): a restarted trainer settles their groups."""

@@ -140,9 +140,8 @@ class Trainer:
             return
         self.errors_seen, self.last_rescan = errors, time.monotonic()
         held = self.assembler.held_entry_ids() | {e for g in self.ready for e in g.entry_ids}
-        found = [(e, s) for e, s in streams.read_all_pending(
-            self.r, self.cfg.run_id, CONSUMER, vocab_size=self.vocab_size, max_seq_len=self.cfg.max_seq_len,
-            invalid=invalid) if e not in held]
+        found = streams.read_unheld_pending(self.r, self.cfg.run_id, CONSUMER, held, vocab_size=self.vocab_size,
+                                            max_seq_len=self.cfg.max_seq_len, invalid=invalid)
         if found:
             log.warning("picked up %d pending entries no read had returned (a lost reply?)", len(found))
             self.add_samples(found)

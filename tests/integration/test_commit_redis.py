@@ -119,3 +119,13 @@ def test_read_all_pending_acks_deleted_entries(r, run_id):
     r.xdel(keys.rollouts(run_id), *ids[:3])
     assert [e for e, _ in streams.read_all_pending(r, run_id, "trainer-0", count=3)] == ids[3:]
     assert streams.group_info(r, keys.rollouts(run_id))["pending"] == 2
+
+
+def test_read_unheld_pending_fetches_only_what_is_not_held(r, run_id):
+    ids = delivered(r, run_id, 6)
+    r.xdel(keys.rollouts(run_id), ids[5])  # pending, payload gone: acked, never returned
+    got = streams.read_unheld_pending(r, run_id, "trainer-0", held=set(ids[:3]), page=2)
+    assert [e for e, _ in got] == ids[3:5]
+    pending = [row["message_id"].decode() for row in
+               r.xpending_range(keys.rollouts(run_id), keys.TRAINER_GROUP, "-", "+", 10)]
+    assert pending == ids[:5]
