@@ -12,6 +12,7 @@ from typing import Any, Iterator
 
 import redis
 from rq import Queue, Retry
+from rq.job import Job
 from rq.registry import FailedJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
 
@@ -40,22 +41,50 @@ def plan(cfg: Config, n_rows: int) -> Iterator[tuple[int, int]]:
             yield epoch, row_index
 
 
-def admit(r: redis.Redis, queue: Queue, cfg: Config, epoch: int, row_index: int,
-          row: dict[str, Any], version: int, attempt: int = 0) -> GroupAdmitted:
-    gid = group_id_for(epoch, row_index, attempt)
-    G = cfg.completions_per_prompt
-    job = GroupJob(run_id=cfg.run_id, group_id=gid, row_index=row_index, epoch=epoch,
-                   attempt=attempt, submit_version=version, group_size=G, row=row)
-    event = GroupAdmitted(group_id=gid, row_index=row_index, epoch=epoch, attempt=attempt,
-                          submit_version=version, group_size=G)
-    data = Queue.prepare_data(JOB_FUNC, args=(job.model_dump(mode="json"),), job_id=f"{cfg.run_id}-{gid}",
+def job_data(cfg: Config, admitted: GroupAdmitted, row: dict[str, Any]) -> Any:
+    """The rq job of an admitted group (JSON, never pickle); its id is derived from the
+    group id, so a re-dispatch is the same job and its samples deduplicate by sample_id."""
+    job = GroupJob(run_id=cfg.run_id, group_id=admitted.group_id, row_index=admitted.row_index,
+                   epoch=admitted.epoch, attempt=admitted.attempt, submit_version=admitted.submit_version,
+                   group_size=admitted.group_size, row=row)
+    return Queue.prepare_data(JOB_FUNC, args=(job.model_dump(mode="json"),), job_id=f"{cfg.run_id}-{admitted.group_id}",
                               timeout=cfg.job_timeout, result_ttl=0, failure_ttl=7 * 86400,
                               retry=Retry(max=2))  # no interval: a scheduled retry would need an rq scheduler
+
+
+def admit(r: redis.Redis, queue: Queue, cfg: Config, epoch: int, row_index: int,
+          row: dict[str, Any], version: int, attempt: int = 0) -> GroupAdmitted:
+    event = GroupAdmitted(group_id=group_id_for(epoch, row_index, attempt), row_index=row_index, epoch=epoch,
+                          attempt=attempt, submit_version=version, group_size=cfg.completions_per_prompt)
     with r.pipeline(transaction=True) as pipe:
-        queue.enqueue_many([data], pipeline=pipe)
+        queue.enqueue_many([job_data(cfg, event, row)], pipeline=pipe)
         streams.xadd(pipe, keys.events(cfg.run_id), event)
         pipe.execute()
     return event
+
+
+def jobless_groups(r: redis.Redis, cfg: Config, state: RunState) -> list[GroupAdmitted]:
+    """Open groups that no worker has written and whose rq job no longer exists. The job
+    hash lives from the admission's MULTI until the job succeeds (``result_ttl=0``), and a
+    job writes ``GroupSampled`` before it succeeds, so such a group was lost with Redis's
+    last writes (an OS crash under ``appendfsync everysec``) or by hand. Call it *before*
+    folding the newest events: a job that succeeded meanwhile has its GroupSampled there."""
+    candidates = state.unsampled_groups
+    if not candidates:
+        return []
+    with r.pipeline(transaction=False) as pipe:
+        for g in candidates:
+            pipe.exists(Job.key_for(f"{cfg.run_id}-{g.group_id}"))
+        present = pipe.execute()
+    return [g for g, exists in zip(candidates, present) if not exists]
+
+
+def redispatch(r: redis.Redis, queue: Queue, cfg: Config, groups: list[GroupAdmitted], rows: list[dict]) -> None:
+    for g in groups:
+        log.warning("group %s: admitted but its job and samples are gone (lost Redis writes?); re-dispatching",
+                    g.group_id)
+    if groups:
+        queue.enqueue_many([job_data(cfg, g, rows[g.row_index]) for g in groups])
 
 
 def handle_failed_jobs(r: redis.Redis, queue: Queue, cfg: Config, state: RunState,
@@ -134,6 +163,13 @@ def run_producer(cfg: Config, r: redis.Redis) -> RunState:
             # Re-enqueues jobs of workers that died (heartbeat expired), then handles spent ones.
             StartedJobRegistry(queue=queue).cleanup()
             handle_failed_jobs(r, queue, cfg, state, redispatched)
+            lost = jobless_groups(r, cfg, state)
+            if lost:  # fold first: a group sampled since the last read is not lost
+                entries, cursor = streams.read_events(r, cfg.run_id, cursor)
+                for _, msg in entries:
+                    state.apply(msg)
+                still = {g.group_id for g in state.unsampled_groups}
+                redispatch(r, queue, cfg, [g for g in lost if g.group_id in still], rows)
             if events_rolled_back(r, cfg, cursor):
                 log.warning("producer: events stream lost its tail (Redis restart); rebuilding state")
                 state, cursor, pending, announced = RunState(), "0-0", plan(cfg, len(rows)), False

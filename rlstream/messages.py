@@ -209,6 +209,17 @@ class GroupRejected(Message):
     by: str = ""
 
 
+class GroupSampled(Message):
+    """A worker wrote the group's samples (in the same MULTI as the samples): from here on
+    the group is the trainer's to settle, and no longer the producer's to re-dispatch."""
+
+    kind: Literal["group_sampled"] = "group_sampled"
+    group_id: str
+    samples: int = Field(ge=0)
+    worker_id: str = ""
+    version: int = Field(0, ge=0)
+
+
 class StepCommitted(Message):
     """Written in the same MULTI/EXEC that XACKs ``entry_ids`` on the rollouts stream."""
 
@@ -271,7 +282,7 @@ class DeadLetter(Message):
 
 
 EVENT_TYPES: tuple[type[Message], ...] = (
-    RunStarted, GroupAdmitted, GroupRejected, StepCommitted, WeightsPublished, Evaluated,
+    RunStarted, GroupAdmitted, GroupRejected, GroupSampled, StepCommitted, WeightsPublished, Evaluated,
     DatasetExhausted, RunFinished,
 )
 MESSAGE_TYPES: dict[str, type[Message]] = {

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from rlstream.messages import (
-    DatasetExhausted, Evaluated, GroupAdmitted, GroupRejected, Message, RunFinished, RunStarted,
+    DatasetExhausted, Evaluated, GroupAdmitted, GroupRejected, GroupSampled, Message, RunFinished, RunStarted,
     StepCommitted, WeightsPublished,
 )
 
@@ -17,6 +17,7 @@ class RunState:
     admitted: dict[str, GroupAdmitted] = field(default_factory=dict)
     rejected: dict[str, str] = field(default_factory=dict)  # group_id -> reason
     trained: set[str] = field(default_factory=set)
+    sampled: set[str] = field(default_factory=set)  # groups whose samples a worker wrote
     last_step: StepCommitted | None = None
     steps: int = 0
     exhausted_groups: int | None = None
@@ -31,6 +32,8 @@ class RunState:
             self.rows_admitted.add((msg.epoch, msg.row_index))
         elif isinstance(msg, GroupRejected):
             self.rejected.setdefault(msg.group_id, msg.reason)
+        elif isinstance(msg, GroupSampled):
+            self.sampled.add(msg.group_id)
         elif isinstance(msg, StepCommitted):
             self.trained.update(msg.group_ids)
             self.last_step = msg
@@ -58,6 +61,12 @@ class RunState:
         """Admitted groups neither trained nor rejected: in flight somewhere."""
         settled = self.settled_groups
         return [g for gid, g in self.admitted.items() if gid not in settled]
+
+    @property
+    def unsampled_groups(self) -> list[GroupAdmitted]:
+        """Open groups no worker has written yet: their rq job must exist (queued, running,
+        or failed and about to be handled), else it was lost with Redis's last writes."""
+        return [g for g in self.open_groups if g.group_id not in self.sampled]
 
     @property
     def reserved_samples(self) -> int:

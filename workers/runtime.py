@@ -16,7 +16,8 @@ from pydantic import ValidationError
 
 from rlstream import keys, streams
 from rlstream.config import Config
-from rlstream.messages import GroupJob, GroupRejected, RolloutSample, RunFinished, WeightsPublished, sample_id_for
+from rlstream.messages import (GroupJob, GroupRejected, GroupSampled, RolloutSample, RunFinished, WeightsPublished,
+                               sample_id_for)
 from rlstream.rollout import RolloutFnFactory, RolloutSetup
 from rlstream.run_state import RunState
 from workers.breaker import CircuitBreaker
@@ -224,6 +225,8 @@ class WorkerRuntime:
                     group_id=job.group_id, by=self.worker_id,
                     reason=f"only {len(samples)} of {job.group_size} draws returned a valid sample"))
             else:
+                streams.xadd(pipe, keys.events(self.cfg.run_id), GroupSampled(
+                    group_id=job.group_id, samples=len(samples), worker_id=self.worker_id, version=version))
                 for member, s in enumerate(samples):
                     streams.xadd(pipe, stream, s.model_copy(update=dict(
                         sample_id=sample_id_for(job.group_id, member), group_id=job.group_id,

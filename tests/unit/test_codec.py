@@ -11,6 +11,7 @@ import pytest
 
 from rlstream.codec import DecodeError, decode, encode
 from rlstream.messages import (
+    GroupSampled,
     MESSAGE_TYPES, SCHEMA_VERSION, DatasetExhausted, DeadLetter, Evaluated,
     GroupAdmitted, GroupJob,
     GroupRejected, RolloutSample, RunFinished, RunStarted, StepCommitted, WeightsPublished,
@@ -48,6 +49,7 @@ EXAMPLES = {
     "group_job": GroupJob(run_id="r1", group_id="e0-r5-a1", row_index=5, epoch=0, attempt=1,
                           submit_version=3, group_size=4,
                           row={"prompt": "1+2=", "answer": "3", "nested": {"k": [1, 2]}}),
+    "group_sampled": GroupSampled(group_id="e0-r5-a1", samples=4, worker_id="host-7", version=3),
     "dead_letter": DeadLetter(source_stream="rl:r1:rollouts", source_id="1-0", reason="bad",
                               raw=b"\x00\xff\xc1 bytes"),
     "run_started": RunStarted(run_id="r1", config={"seed": 0, "redis": {"url": None}}),

@@ -13,7 +13,7 @@ import torch
 from rlstream import keys, streams, weights
 from rlstream.codec import decode
 from rlstream.config import Config
-from rlstream.messages import GroupJob, GroupRejected, RolloutSample, RunFinished, WeightsPublished
+from rlstream.messages import GroupJob, GroupRejected, GroupSampled, RolloutSample, RunFinished, WeightsPublished
 from rlstream.tiny_model import save_tiny_model
 from workers.builtin_rollout import single_turn_factory
 from workers.jobs import heartbeat_ttl, still_alive
@@ -116,6 +116,9 @@ def test_counters_accumulate_run_wide_and_per_job(r):
     assert rt.run_group(job(2, group_id="e0-r4-a0"))["invalid_samples"] == 0  # per job
     assert stats(r) == {"invalid_samples": 1, "rollout_failures": 1}
     assert len(emitted(r)) == 4
+    # each group's GroupSampled rides in its samples' MULTI: the producer then knows not to re-dispatch it
+    assert [(m.group_id, m.samples) for m in events(r) if isinstance(m, GroupSampled)] == [
+        ("e0-r3-a0", 2), ("e0-r4-a0", 2)]
 
 
 @pytest.mark.parametrize("bad", [(1, 12), tuple(range(1, 8))], ids=["outside-vocab", "over-max_seq_len"])
