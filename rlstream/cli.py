@@ -31,6 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
                        ("worker", "run rollout jobs with the current policy"),
                        ("trainer", "consume rollouts, train, publish weights")]:
         _config_args(sub.add_parser(role, help=text))
+    replay = sub.add_parser("replay", help="train a fresh model (CONFIG) on a recorded run's committed samples")
+    replay.add_argument("source", help="the recorded run: its directory or id")
+    _config_args(replay)
+    replay.add_argument("--run-id", help="the replay's run id (default: generated)")
+    replay.add_argument("--source-log-path", default="runs", help="directory holding the source run (for an id)")
     status = sub.add_parser("status", help="versions, streams, pending, workers, last reward of a run")
     status.add_argument("run", nargs="?", help="run directory or run id (default: newest under --log-path)")
     status.add_argument("--log-path", default="runs", help="directory holding run directories")
@@ -102,6 +107,8 @@ def run(argv: list[str] | None = None) -> int:
         return dead_main(args.run, args.log_path)
     cfg = _load(args)
     _setup_logging(args.command)
+    if args.command == "replay":
+        return _replay(args, cfg)
     if args.command == "up":
         from rlstream.launcher import up
 
@@ -112,6 +119,19 @@ def run(argv: list[str] | None = None) -> int:
         return _run_role(args.command, cfg, r)
     except (redis.ConnectionError, redis.TimeoutError) as exc:
         raise _lost_redis(cfg, exc) from exc
+
+
+def _replay(args: argparse.Namespace, cfg) -> int:
+    from rlstream.config import new_run_id
+    from rlstream.status import opened_run
+
+    cfg = cfg if cfg.run_id else cfg.model_copy(update={"run_id": new_run_id()})
+    with opened_run(args.source, args.source_log_path) as (_, source_cfg, r):
+        from trainer.replay_run import replay_run
+
+        steps = replay_run(cfg, r, source_cfg.run_id)
+    print(f"replayed {steps} steps of run {source_cfg.run_id} into {cfg.run_dir()}", flush=True)
+    return 0
 
 
 def _run_role(command: str, cfg, r) -> int:

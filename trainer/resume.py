@@ -49,11 +49,10 @@ def loss_matches(replayed: float, recorded: float) -> bool:
     return math.isclose(replayed, recorded, rel_tol=LOSS_REL_TOL, abs_tol=1e-6)
 
 
-def replay(t: Trainer, committed: StepCommitted) -> None:
-    """Re-run a committed step on exactly the samples it names, in the same order, with the
-    learning rate it recorded (the schedule depends on max_steps, which users raise to
-    extend a run)."""
-    raw = streams.fetch_entries(t.r, keys.rollouts(t.cfg.run_id), committed.entry_ids)
+def committed_groups(r, run_id: str, committed: StepCommitted, advantage_fn) -> list[Group]:
+    """The groups a committed step trained, rebuilt from the very entries it names, in the
+    same order, with advantages from ``advantage_fn``."""
+    raw = streams.fetch_entries(r, keys.rollouts(run_id), committed.entry_ids)
     missing = [e for e in committed.entry_ids if e not in raw]
     if missing:
         raise RlstreamError(f"cannot replay step {committed.step}: {len(missing)} of its samples are gone from "
@@ -63,8 +62,16 @@ def replay(t: Trainer, committed: StepCommitted) -> None:
         sample = decode(raw[entry_id], expect=RolloutSample)
         groups[sample.group_id].members[sample.sample_id] = (entry_id, sample)
     for group in groups.values():
-        group.advantages_G = t.advantage_fn(group.rewards_G)
-    metrics = t.optimize(list(groups.values()), lr=committed.metrics.get("train/lr"))
+        group.advantages_G = advantage_fn(group.rewards_G)
+    return list(groups.values())
+
+
+def replay(t: Trainer, committed: StepCommitted) -> None:
+    """Re-run a committed step on exactly the samples it names, in the same order, with the
+    learning rate it recorded (the schedule depends on max_steps, which users raise to
+    extend a run)."""
+    groups = committed_groups(t.r, t.cfg.run_id, committed, t.advantage_fn)
+    metrics = t.optimize(groups, lr=committed.metrics.get("train/lr"))
     if (t.step, t.version) != (committed.step, committed.version):
         raise RlstreamError(f"replay diverged: at step {t.step} v{t.version}, event says "
                             f"step {committed.step} v{committed.version}")

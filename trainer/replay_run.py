@@ -1,0 +1,75 @@
+"""``rlstream replay SOURCE CONFIG``: train a fresh model on a recorded run's rollouts.
+
+Every ``StepCommitted`` of the source run names the exact rollouts-stream entries it trained
+on, in order, and the stream keeps them (rlstream never trims it). Replay walks those steps
+and runs one optimizer step per recorded step on the very same samples, with CONFIG's
+algorithm: another ``policy_loss``, ``kl_beta``, ``advantage``, learning rate, or base model
+(same tokenizer). It is the resume path of DESIGN.md section 5 (``trainer.resume
+.committed_groups``) pointed at another run. With the source run's own config it reproduces
+that run's training step for step (the e2e test checks the losses).
+
+The source run is only read. The replay's outputs are files in its own run directory:
+``config.json``, ``replay.json`` (the source run and step count), ``metrics.jsonl`` (``replay/source_step`` on each line),
+``weights/v<N>/``, checkpoints and ``models/<output_model_id>/``. No sampling happens, so
+``evaluation_fn`` and ``dynamic_filter_fn`` are not run; groups are trained as recorded.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import redis
+
+from rlstream import streams
+from rlstream.config import Config
+from rlstream.errors import ConfigError
+from rlstream.messages import StepCommitted
+from trainer.checkpoint import export_model
+from trainer.policy_model import publish_weights
+from trainer.resume import committed_groups
+from trainer.trainer import Trainer
+
+log = logging.getLogger(__name__)
+
+
+def recorded_steps(r: redis.Redis, run_id: str) -> list[StepCommitted]:
+    steps = [m for _, m in streams.iter_all_events(r, run_id) if isinstance(m, StepCommitted)]
+    if not steps:
+        raise ConfigError(f"run {run_id} has no committed step to replay")
+    return steps
+
+
+def replay_run(cfg: Config, source: redis.Redis, source_run_id: str) -> int:
+    """Train ``cfg``'s model on ``source_run_id``'s committed steps; return the steps run."""
+    if cfg.run_id == source_run_id:
+        raise ConfigError(f"replay needs a new run id (--run-id), not the source's {source_run_id!r}")
+    steps = recorded_steps(source, source_run_id)
+    steps = steps[:cfg.max_steps] if cfg.max_steps else steps
+    cfg = cfg.model_copy(update={"max_steps": len(steps)})  # the LR schedule spans the replay
+    run_dir = cfg.run_dir()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=1))
+    (run_dir / "replay.json").write_text(json.dumps({"source_run": source_run_id, "steps": len(steps)}))
+    t = Trainer(cfg, source, run_dir)
+    t.metrics.path.write_text("")
+    log.info("replaying %d steps of run %s into %s", len(steps), source_run_id, run_dir)
+    for committed in steps:
+        t0 = time.monotonic()
+        groups = committed_groups(source, source_run_id, committed, t.advantage_fn)
+        samples = [s for g in groups for s in g.samples]
+        train_metrics = t.optimize(groups)
+        metrics = {"step": t.step, "version": t.version, "replay/source_step": committed.step,
+                   "rollout/reward_mean": sum(s.reward for s in samples) / len(samples),
+                   "rollout/samples": len(samples), "rollout/groups": len(groups), **train_metrics,
+                   "perf/step_time": time.monotonic() - t0}
+        t.metrics.write(metrics)
+        if cfg.dcp_save_interval and t.step % cfg.dcp_save_interval == 0:
+            t.checkpoint()
+        log.info("replay step %d (source step %d) loss %.4f", t.step, committed.step, metrics["train/loss"])
+    publish_weights(t.model, t.tokenizer, run_dir, t.version, cfg.keep_weights)
+    if cfg.save_final_checkpoint:
+        t.checkpoint()
+    if cfg.output_model_id:
+        log.info("exported %s", export_model(t.model, t.tokenizer, run_dir, cfg.output_model_id))
+    return t.step
