@@ -44,6 +44,7 @@ from typing import Callable, Iterable, Iterator
 import redis
 
 from rlstream import keys
+from rlstream.streams import as_text
 from rlstream.codec import DecodeError, decode
 from rlstream.messages import GroupAdmitted, GroupRejected, Message, RolloutSample, StepCommitted
 
@@ -235,10 +236,6 @@ def audit_ledger(events: list[Message], samples: list[RolloutSample],
 # --------------------------------------------------------------------------- Redis side
 
 
-def _sid(entry_id: bytes | str) -> str:
-    return entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-
-
 def xrange_all(r: redis.Redis, stream: str, page: int = PAGE) -> Iterator[tuple[str, bytes]]:
     """Every entry of ``stream`` as (entry id, raw message bytes), in pages of ``page``
     (exclusive ``(id`` ranges need Redis >= 6.2)."""
@@ -246,10 +243,10 @@ def xrange_all(r: redis.Redis, stream: str, page: int = PAGE) -> Iterator[tuple[
     while True:
         batch = r.xrange(stream, min=start, max="+", count=page)
         for entry_id, fields in batch:
-            yield _sid(entry_id), (fields or {}).get(FIELD, b"")
+            yield as_text(entry_id), (fields or {}).get(FIELD, b"")
         if len(batch) < page:
             return
-        start = "(" + _sid(batch[-1][0])
+        start = "(" + as_text(batch[-1][0])
 
 
 def decode_all(entries: Iterable[tuple[str, bytes]],

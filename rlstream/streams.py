@@ -22,7 +22,7 @@ FIELD = b"m"  # every entry carries one encoded message under this field
 Entry = tuple[str, Message]
 
 
-def _sid(entry_id: bytes | str) -> str:
+def as_text(entry_id: bytes | str) -> str:
     return entry_id.decode() if isinstance(entry_id, bytes) else entry_id
 
 
@@ -61,7 +61,7 @@ def decode_entries(
     good: list[Entry] = []
     bad: list[tuple[str, str, bytes, RolloutSample | None]] = []
     for entry_id, fields in raw_entries:
-        sid = _sid(entry_id)
+        sid = as_text(entry_id)
         raw = (fields or {}).get(FIELD, b"")
         msg = None
         try:
@@ -91,15 +91,10 @@ def _stamped(msg: RolloutSample | None) -> bool:
 
 def read_group(
     r: redis.Redis, run_id: str, consumer: str, *, count: int, block_ms: int | None,
-    pending: bool = False, vocab_size: int | None = None, max_seq_len: int | None = None,
-    invalid: list[Entry] | None = None,
+    vocab_size: int | None = None, max_seq_len: int | None = None, invalid: list[Entry] | None = None,
 ) -> list[Entry]:
-    """XREADGROUP on the rollouts stream: new entries (``>``), or this consumer's own
-    pending entries from the start when ``pending`` (one page of the trainer's durable
-    buffer; ``read_all_pending`` reads all of it). ``invalid``: see ``decode_entries``."""
-    if pending:
-        return read_pending(r, run_id, consumer, "0", count=count, vocab_size=vocab_size,
-                            max_seq_len=max_seq_len, invalid=invalid)[0]
+    """XREADGROUP of new entries (``>``) on the rollouts stream; ``read_pending`` and
+    ``read_all_pending`` read this consumer's durable buffer. ``invalid``: see ``decode_entries``."""
     stream = keys.rollouts(run_id)
     reply = r.xreadgroup(keys.TRAINER_GROUP, consumer, {stream: ">"}, count=count, block=block_ms)
     raw_entries = reply[0][1] if reply else []
@@ -121,14 +116,14 @@ def read_pending(
     page = reply[0][1] if reply else []
     if not page:
         return [], None
-    gone = [_sid(e[0]) for e in page if not e[1]]
+    gone = [as_text(e[0]) for e in page if not e[1]]
     if gone:
         log.warning("acking %d pending entries of %s whose payload is gone (deleted or trimmed), e.g. %s",
                     len(gone), stream, gone[:5])
         r.xack(stream, keys.TRAINER_GROUP, *gone)
     good = decode_entries(r, run_id, stream, [e for e in page if e[1]], group=keys.TRAINER_GROUP,
                           vocab_size=vocab_size, max_seq_len=max_seq_len, invalid=invalid)
-    return good, _sid(page[-1][0])  # the raw page's last id: a page of deleted entries is not the end
+    return good, as_text(page[-1][0])  # the raw page's last id: a page of deleted entries is not the end
 
 
 def read_all_pending(r: redis.Redis, run_id: str, consumer: str, *, count: int = 512,
@@ -153,10 +148,10 @@ def read_unheld_pending(r: redis.Redis, run_id: str, consumer: str, held: set[st
     stream, wanted, start = keys.rollouts(run_id), [], "-"
     while True:
         rows = r.xpending_range(stream, keys.TRAINER_GROUP, min=start, max="+", count=page, consumername=consumer)
-        wanted += [sid for sid in (_sid(row["message_id"]) for row in rows) if sid not in held]
+        wanted += [sid for sid in (as_text(row["message_id"]) for row in rows) if sid not in held]
         if len(rows) < page:
             break
-        start = "(" + _sid(rows[-1]["message_id"])
+        start = "(" + as_text(rows[-1]["message_id"])
     if not wanted:
         return []
     raw = fetch_entries(r, stream, wanted)
@@ -184,12 +179,12 @@ def dead_members(r: redis.Redis, run_id: str, page: int = 1000) -> Iterator[Dead
                 yield letter
         if len(batch) < page:
             return
-        start = "(" + _sid(batch[-1][0])
+        start = "(" + as_text(batch[-1][0])
 
 
 def rollout_stats(r: redis.Redis, run_id: str) -> dict[str, int]:
     """The workers' run-wide counters (``invalid_samples``, ``rollout_failures``)."""
-    return {_sid(k): int(v) for k, v in r.hgetall(keys.rollout_stats(run_id)).items()}
+    return {as_text(k): int(v) for k, v in r.hgetall(keys.rollout_stats(run_id)).items()}
 
 
 def fetch_entries(r: redis.Redis, stream: str, entry_ids: list[str]) -> dict[str, bytes]:
@@ -198,7 +193,7 @@ def fetch_entries(r: redis.Redis, stream: str, entry_ids: list[str]) -> dict[str
         for entry_id in entry_ids:
             pipe.xrange(stream, entry_id, entry_id, count=1)
         replies = pipe.execute()
-    return {_sid(rep[0][0]): rep[0][1].get(FIELD, b"") for rep in replies if rep}
+    return {as_text(rep[0][0]): rep[0][1].get(FIELD, b"") for rep in replies if rep}
 
 
 def autoclaim(
@@ -209,7 +204,7 @@ def autoclaim(
     7+ with 3 (the third lists deleted ids, which we do not need)."""
     reply = r.xautoclaim(stream, group, consumer, min_idle_time=min_idle_ms, start_id=start, count=count)
     next_start, entries = reply[0], reply[1]
-    return _sid(next_start), [e for e in entries if e and e[1] is not None]
+    return as_text(next_start), [e for e in entries if e and e[1] is not None]
 
 
 def read_events(
@@ -224,7 +219,7 @@ def read_events(
         reply = r.xread({keys.events(run_id): last}, count=count, block=None if out else block_ms)
         page = reply[0][1] if reply else []
         for entry_id, fields in page:
-            last = _sid(entry_id)
+            last = as_text(entry_id)
             try:
                 out.append((last, decode(fields.get(FIELD, b""))))
             except DecodeError as exc:  # every reader would dead-letter it again: just log it
@@ -278,7 +273,7 @@ def group_info(r: redis.Redis, stream: str, group: str = keys.TRAINER_GROUP) -> 
         return {"pending": 0, "lag": None, "consumers": 0}
     for g in groups:
         name = g.get("name", g.get(b"name"))
-        if _sid(name) == group:
+        if as_text(name) == group:
             return {"pending": int(g.get("pending", 0)), "lag": g.get("lag"),
                     "consumers": int(g.get("consumers", 0))}
     return {"pending": 0, "lag": None, "consumers": 0}

@@ -55,27 +55,27 @@ def complete_checkpoints(run_dir: Path) -> Iterator[Path]:
     candidates = sorted((run_dir / "checkpoints").glob("step-*"),
                         key=lambda p: int(p.name.split("-")[1]) if p.name.split("-")[1].isdigit() else -1)
     for path in reversed(candidates):
-        manifest = path / weights.MANIFEST
         try:
-            weights.verify(path, json.loads(manifest.read_text())["sha256"])
+            _verify(path)
         except (OSError, ValueError, KeyError) as exc:
             log.warning("skipping checkpoint %s: %s", path, exc)
             continue
         yield path
 
 
+def _verify(path: Path) -> None:
+    """The sealed directory matches the digest its manifest (written last) records."""
+    weights.verify(path, json.loads((path / weights.MANIFEST).read_text())["sha256"])
+
+
 def verify_checkpoint(path: Path, what: str = "init_from_checkpoint") -> Path:
     """A checkpoint given by the user (not found by ``complete_checkpoints``) is checked too."""
     try:
-        weights.verify(path, json.loads((path / weights.MANIFEST).read_text())["sha256"])
+        _verify(path)
     except (OSError, ValueError, KeyError) as exc:
         raise ConfigError(f"{what} {str(path)!r} is not a complete checkpoint ({exc}); point it at a "
                           "runs/<run>/checkpoints/step-<N> directory") from None
     return path
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    return next(complete_checkpoints(run_dir), None)
 
 
 def read_state(path: Path) -> CheckpointState:

@@ -61,10 +61,6 @@ return current
 """
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
 def commit_step(r: redis.Redis, run_id: str, committed: StepCommitted) -> str:
     """Returns the ``StepCommitted`` event id (the existing one when this exact commit had
     already been applied). Raises when the run's record is not at step - 1."""
@@ -73,7 +69,7 @@ def commit_step(r: redis.Redis, run_id: str, committed: StepCommitted) -> str:
     status, value = r.register_script(_COMMIT)(
         keys=[keys.committed_step(run_id), keys.events(run_id), keys.rollouts(run_id)],
         args=[committed.step, payload, digest, keys.TRAINER_GROUP, *committed.entry_ids])
-    status, value = _text(status), _text(value)
+    status, value = streams.as_text(status), streams.as_text(value)
     if status == "duplicate":
         log.warning("step %d was already committed (a retried commit after a lost reply); not written again",
                     committed.step)

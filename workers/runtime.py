@@ -254,4 +254,5 @@ class WorkerRuntime:
     def _add_stats(self, pipe: Any, counts: Counter) -> None:
         """Run-wide counters the trainer reports (per-process ones die with the worker)."""
         for field in ("invalid_samples", "rollout_failures"):
-            pipe.hincrby(keys.rollout_stats(self.cfg.run_id), field, counts[field])
+            if counts[field]:
+                pipe.hincrby(keys.rollout_stats(self.cfg.run_id), field, counts[field])

@@ -143,21 +143,20 @@ def test_pending_entries_redelivered_until_acked(r, run_id):
 
     # a restarted trainer re-reads its pending-entries list from the start, as often as it likes
     for _ in range(2):
-        again = streams.read_group(r, run_id, "trainer-0", count=10, block_ms=None, pending=True)
+        again = streams.read_all_pending(r, run_id, "trainer-0")
         assert [e for e, _ in again] == ids
         assert [m for _, m in again] == [m for _, m in first]
     # another consumer does not see them, and ">" delivers nothing new
-    assert streams.read_group(r, run_id, "trainer-1", count=10, block_ms=None, pending=True) == []
+    assert streams.read_all_pending(r, run_id, "trainer-1") == []
     assert streams.read_group(r, run_id, "trainer-0", count=10, block_ms=None) == []
     # count bounds the pending read
-    assert [e for e, _ in streams.read_group(r, run_id, "trainer-0", count=2, block_ms=None,
-                                             pending=True)] == ids[:2]
+    assert [e for e, _ in streams.read_pending(r, run_id, "trainer-0", "0", count=2)[0]] == ids[:2]
 
     assert r.xack(keys.rollouts(run_id), keys.TRAINER_GROUP, ids[0]) == 1
-    rest = streams.read_group(r, run_id, "trainer-0", count=10, block_ms=None, pending=True)
+    rest = streams.read_all_pending(r, run_id, "trainer-0")
     assert [e for e, _ in rest] == ids[1:]
     r.xack(keys.rollouts(run_id), keys.TRAINER_GROUP, *ids[1:])
-    assert streams.read_group(r, run_id, "trainer-0", count=10, block_ms=None, pending=True) == []
+    assert streams.read_all_pending(r, run_id, "trainer-0") == []
     assert streams.group_info(r, keys.rollouts(run_id))["pending"] == 0
 
 
@@ -175,7 +174,7 @@ def test_commit_step_acks_and_records_step_committed(r, run_id):
 
     assert streams.group_info(r, keys.rollouts(run_id))["pending"] == 0
     assert pending_ids(r, run_id) == {}
-    assert streams.read_group(r, run_id, "trainer-0", count=10, block_ms=None, pending=True) == []
+    assert streams.read_all_pending(r, run_id, "trainer-0") == []
     # the samples stay in the stream (replay needs them) until a checkpoint covers them
     assert r.xlen(keys.rollouts(run_id)) == 4
 
@@ -223,8 +222,7 @@ def test_garbage_entries_are_dead_lettered_and_acked(r, run_id):
             assert letter.raw == raw
     # the bad entries were acked in the same MULTI; only the good one is pending
     assert pending_ids(r, run_id) == {good: "trainer-0"}
-    assert [e for e, _ in streams.read_group(r, run_id, "trainer-0", count=10, block_ms=None,
-                                             pending=True)] == [good]
+    assert [e for e, _ in streams.read_all_pending(r, run_id, "trainer-0")] == [good]
 
 
 # --------------------------------------------------------------------------- reclaim
@@ -250,8 +248,8 @@ def test_autoclaim_moves_idle_pending_entry_to_another_consumer(r, run_id):
     assert [sid(e) for e, _ in entries] == ids
     assert [decode(fields[streams.FIELD]) for _, fields in entries] == [sample(0), sample(1)]
     assert pending_ids(r, run_id) == {ids[0]: "B", ids[1]: "B"}
-    assert streams.read_group(r, run_id, "A", count=10, block_ms=None, pending=True) == []
-    got = streams.read_group(r, run_id, "B", count=10, block_ms=None, pending=True)
+    assert streams.read_all_pending(r, run_id, "A") == []
+    got = streams.read_all_pending(r, run_id, "B")
     assert [e for e, _ in got] == ids
 
     # count pages through: next_start points at the next candidate

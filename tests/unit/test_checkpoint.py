@@ -11,7 +11,7 @@ import torch
 
 from rlstream import weights
 from trainer.checkpoint import (CheckpointState, checkpoint_dir, complete_checkpoints, holds_commit,
-                                latest_checkpoint, read_state, rng_untouched)
+                                read_state, rng_untouched)
 from trainer.resume import loss_matches, usable_checkpoint
 
 
@@ -32,7 +32,7 @@ def test_complete_checkpoints_newest_first_skipping_corrupt(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         assert [p.name for p in complete_checkpoints(tmp_path)] == ["step-5", "step-2"]
     assert "step-11" in caplog.text and "step-10" in caplog.text
-    assert latest_checkpoint(tmp_path) == checkpoint_dir(tmp_path, 5)
+    assert next(complete_checkpoints(tmp_path)) == checkpoint_dir(tmp_path, 5)
     assert read_state(checkpoint_dir(tmp_path, 5)).events_cursor == "5-0"
 
 

@@ -61,9 +61,9 @@ def test_xadd_read_group_round_trip(r):
     # nothing new
     assert streams.read_group(r, RUN, "c1", count=10, block_ms=None) == []
     # a restarted consumer re-reads its own pending entries
-    again = streams.read_group(r, RUN, "c1", count=10, block_ms=None, pending=True)
+    again = streams.read_all_pending(r, RUN, "c1")
     assert [(e, m) for e, m in again] == list(zip(ids, msgs))
-    assert streams.read_group(r, RUN, "other", count=10, block_ms=None, pending=True) == []
+    assert streams.read_all_pending(r, RUN, "other") == []
     info = streams.group_info(r, ROLLOUTS)
     assert info["pending"] == 2 and info["consumers"] == 2
     r.xack(ROLLOUTS, keys.TRAINER_GROUP, *ids)
@@ -200,7 +200,7 @@ def test_autoclaim_moves_idle_entries(r):
     assert nxt == "0-0"
     assert [sid(e) for e, _ in entries] == ids
     assert [decode(f[streams.FIELD]) for _, f in entries] == [sample(0), sample(1)]
-    assert streams.read_group(r, RUN, "c2", count=10, block_ms=None, pending=True)[0][0] == ids[0]
+    assert streams.read_all_pending(r, RUN, "c2")[0][0] == ids[0]
 
 
 # --------------------------------------------------------------------------- events
