@@ -42,7 +42,7 @@ class Progress:
     def snapshot(self, state: RunState, r) -> dict[str, float | int | str]:
         m = state.last_step.metrics if state.last_step else {}
         elapsed = max(time.monotonic() - self.t0, 1e-9)
-        samples = sum(g.group_size for gid, g in state.admitted.items() if gid in state.trained)
+        samples = state.trained_samples
         return {
             "step": state.steps, "max_steps": self.cfg.max_steps or "-", "version": state.published_version,
             "reward": m.get("rollout/reward_mean", float("nan")), "samples/s": samples / elapsed,

@@ -12,6 +12,10 @@ from rlstream.messages import (
 
 @dataclass
 class RunState:
+    """The fold. Processes apply every event as it arrives and ask the gate's questions
+    (reserved, in flight) on every wake-up, so the aggregates are kept incrementally:
+    answering must not cost O(groups ever admitted) on a long run."""
+
     published_version: int = 0
     latest_weights: WeightsPublished | None = None
     admitted: dict[str, GroupAdmitted] = field(default_factory=dict)
@@ -25,17 +29,30 @@ class RunState:
     started: RunStarted | None = None
     rows_admitted: set[tuple[int, int]] = field(default_factory=set)  # (epoch, row)
     last_evaluated: int | None = None  # version of the newest Evaluated event
+    _settled: set[str] = field(default_factory=set)  # trained | rejected
+    _open: dict[str, GroupAdmitted] = field(default_factory=dict)  # admitted, not settled (admission order)
+    _reserved: int = 0  # samples of admitted groups not rejected
+    _in_flight: int = 0  # samples of open groups
+    _trained_samples: int = 0  # samples of admitted groups that were trained
 
     def apply(self, msg: Message) -> None:
         if isinstance(msg, GroupAdmitted):
-            self.admitted[msg.group_id] = msg
-            self.rows_admitted.add((msg.epoch, msg.row_index))
+            self._admit(msg)
         elif isinstance(msg, GroupRejected):
-            self.rejected.setdefault(msg.group_id, msg.reason)
+            if msg.group_id not in self.rejected:
+                self.rejected[msg.group_id] = msg.reason
+                admitted = self.admitted.get(msg.group_id)
+                self._reserved -= admitted.group_size if admitted is not None else 0
+                self._settle(msg.group_id)
         elif isinstance(msg, GroupSampled):
             self.sampled.add(msg.group_id)
         elif isinstance(msg, StepCommitted):
-            self.trained.update(msg.group_ids)
+            for gid in msg.group_ids:
+                if gid not in self.trained:
+                    self.trained.add(gid)
+                    admitted = self.admitted.get(gid)
+                    self._trained_samples += admitted.group_size if admitted is not None else 0
+                    self._settle(gid)
             self.last_step = msg
             self.steps = max(self.steps, msg.step)
         elif isinstance(msg, WeightsPublished):
@@ -52,28 +69,50 @@ class RunState:
             self.started = msg
             self.finished = None  # `rlstream up` on a finished run continues it (e.g. more max_steps)
 
+    def _admit(self, msg: GroupAdmitted) -> None:
+        if msg.group_id in self.admitted:  # a re-delivered event: already counted
+            return
+        self.admitted[msg.group_id] = msg
+        self.rows_admitted.add((msg.epoch, msg.row_index))
+        if msg.group_id not in self.rejected:
+            self._reserved += msg.group_size
+        if msg.group_id not in self._settled:
+            self._open[msg.group_id] = msg
+            self._in_flight += msg.group_size
+
+    def _settle(self, group_id: str) -> None:
+        self._settled.add(group_id)
+        group = self._open.pop(group_id, None)
+        if group is not None:
+            self._in_flight -= group.group_size
+
     @property
     def settled_groups(self) -> set[str]:
-        return self.trained | set(self.rejected)
+        """Trained or rejected group ids (the live set: read it, do not change it)."""
+        return self._settled
 
     @property
     def open_groups(self) -> list[GroupAdmitted]:
         """Admitted groups neither trained nor rejected: in flight somewhere."""
-        settled = self.settled_groups
-        return [g for gid, g in self.admitted.items() if gid not in settled]
+        return list(self._open.values())
 
     @property
     def unsampled_groups(self) -> list[GroupAdmitted]:
         """Open groups no worker has written yet: their rq job must exist (queued, running,
         or failed and about to be handled), else it was lost with Redis's last writes."""
-        return [g for g in self.open_groups if g.group_id not in self.sampled]
+        return [g for gid, g in self._open.items() if gid not in self.sampled]
 
     @property
     def reserved_samples(self) -> int:
         """accepted + reserved of DESIGN.md s.4: samples of every admitted group that was not
         rejected (a rejected group frees its slots)."""
-        return sum(g.group_size for gid, g in self.admitted.items() if gid not in self.rejected)
+        return self._reserved
 
     @property
     def in_flight_samples(self) -> int:
-        return sum(g.group_size for g in self.open_groups)
+        return self._in_flight
+
+    @property
+    def trained_samples(self) -> int:
+        """Samples of the admitted groups that were trained (as admitted: G each)."""
+        return self._trained_samples
