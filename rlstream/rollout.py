@@ -49,10 +49,11 @@ def no_room(prompt_len: int, max_seq_len: int) -> ValueError:
                       "shorten the prompt or raise max_seq_len")
 
 
-def chat_prompt_ids(tokenizer: Any, messages: list[dict[str, Any]]) -> list[int]:
-    """The prompt ids of a chat: the tokenizer's chat template with the generation prompt
-    (transformers returns a list, or a mapping holding ``input_ids``, by version)."""
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+def chat_prompt_ids(tokenizer: Any, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
+    """A chat rendered by the tokenizer's chat template, as token ids, with the generation
+    prompt by default (transformers returns a list, or a mapping holding ``input_ids``, by
+    version)."""
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
     return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "input_ids") else ids)
 
 

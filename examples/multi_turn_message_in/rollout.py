@@ -35,15 +35,10 @@ from __future__ import annotations
 from typing import Any
 
 from rlstream import RolloutSample, RolloutSetup
+from rlstream.rollout import chat_prompt_ids
 from reward import verify
 
 RETRY = "Wrong. Try again"
-
-
-def render(tokenizer, messages: list[dict[str, Any]], add_generation_prompt: bool) -> list[int]:
-    """The chat template's rendering as token ids (a list, or a mapping, by transformers version)."""
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
-    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
 
 def continuation_ids(tokenizer, conversation: list[dict[str, Any]], output: list[int],
@@ -51,13 +46,13 @@ def continuation_ids(tokenizer, conversation: list[dict[str, Any]], output: list
     """The ids to append after the sampled ``output`` (the last, assistant, message of
     ``conversation``) so the sequence continues with ``user_message`` and the next generation
     prompt exactly as the chat template renders it (steps 1-4 of the module docstring)."""
-    base = render(tokenizer, conversation, add_generation_prompt=False)
-    full = render(tokenizer, conversation + [user_message], add_generation_prompt=True)
+    base = chat_prompt_ids(tokenizer, conversation, add_generation_prompt=False)
+    full = chat_prompt_ids(tokenizer, conversation + [user_message], add_generation_prompt=True)
     if full[:len(base)] != base:
         raise ValueError("the chat template is not prefix-stable: rendering the conversation with one more message "
                          "changes the tokens of the earlier ones, so the retry turn cannot be appended to the sampled "
                          "tokens; use a template that renders earlier turns the same way whatever follows")
-    prompt = render(tokenizer, conversation[:-1], add_generation_prompt=True)
+    prompt = chat_prompt_ids(tokenizer, conversation[:-1], add_generation_prompt=True)
     if base.count(end_id) <= prompt.count(end_id):
         name = tokenizer.convert_ids_to_tokens(end_id)
         raise ValueError(f"the chat template does not end the assistant turn with {name!r} (id {end_id}); "
@@ -79,7 +74,7 @@ def make_rollout_fn(setup: RolloutSetup):
 
     async def rollout_fn(sample_prompt: dict) -> RolloutSample | None:
         messages = [m for m in sample_prompt["messages"] if m["role"] != "assistant"]
-        tokens = render(tokenizer, messages, add_generation_prompt=True)
+        tokens = chat_prompt_ids(tokenizer, messages, add_generation_prompt=True)
         logprobs, mask = [0.0] * len(tokens), [0] * len(tokens)
         reward, finish, text = 0.0, "stop", ""
         for turn in range(max_turns):

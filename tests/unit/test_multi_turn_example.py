@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from rlstream.rollout import Completion, RolloutSetup
+from rlstream.rollout import Completion, RolloutSetup, chat_prompt_ids
 from rlstream.tiny_model import build_tokenizer
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "multi_turn_message_in"
@@ -151,7 +151,7 @@ def test_chat_template_retry_turn_matches_the_template(template, eos, bos, rende
     # the whole conversation as the template renders it, up to the final end-of-turn token
     conversation = [{"role": "user", "content": "3+4"}, {"role": "assistant", "content": "5"},
                     {"role": "user", "content": ex.RETRY}, {"role": "assistant", "content": "7"}]
-    full = ex.render(tok, conversation, add_generation_prompt=False)
+    full = chat_prompt_ids(tok, conversation, add_generation_prompt=False)
     assert full[:len(sample.tokens)] == sample.tokens and tok.eos_token_id not in full[len(sample.tokens):]
 
 
