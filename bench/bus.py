@@ -44,9 +44,9 @@ import redis
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
 from rlstream import codec, keys, streams  # noqa: E402
-from rlstream.connection import connect  # noqa: E402
-from rlstream.embedded_redis import EmbeddedRedis  # noqa: E402
-from rlstream.messages import RolloutSample  # noqa: E402
+from rlstream.core.connection import connect  # noqa: E402
+from rlstream.core.embedded_redis import EmbeddedRedis  # noqa: E402
+from rlstream.core.messages import RolloutSample  # noqa: E402
 
 POOL = 64  # distinct samples, cycled (building pydantic models is not what we measure)
 

@@ -11,9 +11,9 @@ import random
 from pathlib import Path
 from typing import Any
 
-from rlstream.builtin_task import builtin_rows
-from rlstream.config import Config
-from rlstream.errors import ConfigError
+from rlstream.builtin.task import builtin_rows
+from rlstream.core.config import Config
+from rlstream.core.errors import ConfigError
 
 PROMPT_KEYS = ("prompt", "messages", "prompt_token_ids")
 

@@ -14,24 +14,18 @@ import redis
 from rq import Queue, Retry
 from rq.job import Job
 from rq.registry import FailedJobRegistry, StartedJobRegistry
-from rq.serializers import JSONSerializer
 
-from producers.datasets import epoch_order, load_rows
-from producers.gate import can_admit
-from rlstream import keys, streams
-from rlstream.config import Config
-from rlstream.messages import DatasetExhausted, GroupAdmitted, GroupJob, GroupRejected, group_id_for
-from rlstream.run_state import RunState
+from rlstream.core import bus, keys
+from rlstream.core.config import Config
+from rlstream.core.jobs import JOB_FUNC, job_queue
+from rlstream.core.messages import DatasetExhausted, GroupAdmitted, GroupJob, GroupRejected, group_id_for
+from rlstream.core.run_state import RunState
+from rlstream.producers.datasets import epoch_order, load_rows
+from rlstream.producers.gate import can_admit
 
 log = logging.getLogger(__name__)
-JOB_FUNC = "workers.jobs.run_group"
 MAINTENANCE_EVERY_S = 2.0
 MAX_REDISPATCH = 3
-
-
-def job_queue(r: redis.Redis, cfg: Config) -> Queue:
-    return Queue(keys.job_queue_name(cfg.run_id), connection=r, serializer=JSONSerializer,
-                 default_timeout=cfg.job_timeout)
 
 
 def plan(cfg: Config, n_rows: int) -> Iterator[tuple[int, int]]:
@@ -47,7 +41,7 @@ def job_data(cfg: Config, admitted: GroupAdmitted, row: dict[str, Any]) -> Any:
     job = GroupJob(run_id=cfg.run_id, group_id=admitted.group_id, row_index=admitted.row_index,
                    epoch=admitted.epoch, attempt=admitted.attempt, submit_version=admitted.submit_version,
                    group_size=admitted.group_size, row=row)
-    return Queue.prepare_data(JOB_FUNC, args=(job.model_dump(mode="json"),), job_id=f"{cfg.run_id}-{admitted.group_id}",
+    return Queue.prepare_data(JOB_FUNC, args=(job.model_dump(mode="json"),), job_id=keys.job_id(cfg.run_id, admitted.group_id),
                               timeout=cfg.job_timeout, result_ttl=0, failure_ttl=7 * 86400,
                               retry=Retry(max=2))  # no interval: a scheduled retry would need an rq scheduler
 
@@ -58,7 +52,7 @@ def admit(r: redis.Redis, queue: Queue, cfg: Config, epoch: int, row_index: int,
                           attempt=attempt, submit_version=version, group_size=cfg.completions_per_prompt)
     with r.pipeline(transaction=True) as pipe:
         queue.enqueue_many([job_data(cfg, event, row)], pipeline=pipe)
-        streams.xadd(pipe, keys.events(cfg.run_id), event)
+        bus.xadd(pipe, keys.events(cfg.run_id), event)
         pipe.execute()
     return event
 
@@ -74,7 +68,7 @@ def jobless_groups(r: redis.Redis, cfg: Config, state: RunState) -> list[GroupAd
         return []
     with r.pipeline(transaction=False) as pipe:
         for g in candidates:
-            pipe.exists(Job.key_for(f"{cfg.run_id}-{g.group_id}"))
+            pipe.exists(Job.key_for(keys.job_id(cfg.run_id, g.group_id)))
         present = pipe.execute()
     return [g for g, exists in zip(candidates, present) if not exists]
 
@@ -94,7 +88,7 @@ def handle_failed_jobs(r: redis.Redis, queue: Queue, cfg: Config, state: RunStat
     other failure rejects the group explicitly, freeing its gate slots."""
     registry = FailedJobRegistry(queue=queue)
     for job_id in registry.get_job_ids():
-        gid = job_id.removeprefix(f"{cfg.run_id}-")
+        gid = keys.group_of_job(cfg.run_id, job_id)
         job = queue.fetch_job(job_id)
         result = job.latest_result() if job is not None else None
         error = (result.exc_string or "").strip().splitlines()[-1][:300] if result and result.exc_string else ""
@@ -107,7 +101,7 @@ def handle_failed_jobs(r: redis.Redis, queue: Queue, cfg: Config, state: RunStat
         else:
             reason = f"rollout job failed: {error}" if error else "rollout job failed"
             log.error("group %s rejected: %s", gid, reason)
-            streams.xadd(r, keys.events(cfg.run_id), GroupRejected(group_id=gid, reason=reason, by="producer"))
+            bus.xadd(r, keys.events(cfg.run_id), GroupRejected(group_id=gid, reason=reason, by="producer"))
             registry.remove(job_id, delete_job=True)
 
 
@@ -139,7 +133,7 @@ def run_producer(cfg: Config, r: redis.Redis) -> RunState:
              cfg.completions_per_prompt, cfg.batch_size, cfg.offpolicy_versions)
     while True:
         # Block on the events stream only when the gate is closed: new events reopen it.
-        entries, cursor = streams.read_events(r, cfg.run_id, cursor, block_ms=500)
+        entries, cursor = bus.read_events(r, cfg.run_id, cursor, block_ms=500)
         for _, msg in entries:
             state.apply(msg)
         if state.finished is not None:
@@ -156,7 +150,7 @@ def run_producer(cfg: Config, r: redis.Redis) -> RunState:
                 state.apply(admit(r, queue, cfg, epoch, row_index, rows[row_index], state.published_version))
             next_row = next(pending, None)
         if next_row is None and not announced and state.exhausted_groups is None:
-            streams.xadd(r, keys.events(cfg.run_id), DatasetExhausted(groups=len(state.rows_admitted)))
+            bus.xadd(r, keys.events(cfg.run_id), DatasetExhausted(groups=len(state.rows_admitted)))
             log.info("producer: dataset exhausted after %d groups", len(state.rows_admitted))
             announced = True
         if time.monotonic() - last_maintenance > MAINTENANCE_EVERY_S:
@@ -165,7 +159,7 @@ def run_producer(cfg: Config, r: redis.Redis) -> RunState:
             handle_failed_jobs(r, queue, cfg, state, redispatched)
             lost = jobless_groups(r, cfg, state)
             if lost:  # fold first: a group sampled since the last read is not lost
-                entries, cursor = streams.read_events(r, cfg.run_id, cursor)
+                entries, cursor = bus.read_events(r, cfg.run_id, cursor)
                 for _, msg in entries:
                     state.apply(msg)
                 still = {g.group_id for g in state.unsampled_groups}

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from rlstream.config import Config, new_run_id
-from rlstream.errors import ConfigError, RunFailed
-from rlstream.imports import check_spec, import_object
+from rlstream.core.config import Config, new_run_id
+from rlstream.core.errors import ConfigError, RunFailed
+from rlstream.core.imports import check_spec, import_object
 
 
 @dataclass(frozen=True)
@@ -69,9 +69,9 @@ def main(
     evaluation_interval: int = 1,
 ) -> RunResult:
     """Run the pipeline to the end; raise ``RunFailed`` when it fails."""
+    from rlstream.core.config import validate_config
+    from rlstream.core.metrics import read_metrics
     from rlstream.launcher import up
-    from rlstream.metrics import read_metrics
-    from rlstream.config import validate_config
 
     updates: dict[str, Any] = {"run_id": cfg.run_id or new_run_id(), "evaluation_interval": evaluation_interval}
     for name, fn in (("rollout_fn_factory", rollout_fn_factory), ("dynamic_filter_fn", dynamic_filter_fn),

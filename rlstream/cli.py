@@ -10,7 +10,7 @@ import sys
 
 import redis
 
-from rlstream.errors import ConfigError, RedisUnavailable, RlstreamError
+from rlstream.core.errors import ConfigError, RedisUnavailable, RlstreamError
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load(args: argparse.Namespace):
-    from rlstream.config import load_config
+    from rlstream.core.config import load_config
 
     cfg = load_config(args.config, args.overrides)
     if getattr(args, "run_id", None):
@@ -62,7 +62,7 @@ def _setup_logging(role: str) -> None:
 
 
 def _connect(cfg):
-    from rlstream.connection import connect
+    from rlstream.core.connection import connect
 
     if not cfg.redis.url:
         raise ConfigError("config error: redis.url: not set; `rlstream up` starts an embedded Redis, a standalone "
@@ -94,15 +94,15 @@ def run(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _user_import_path(getattr(args, "config", None))
     if args.command == "status":
-        from rlstream.status import status_main
+        from rlstream.ops.status import status_main
 
         return status_main(args.run, args.log_path)
     if args.command == "audit":
-        from rlstream.audit import audit_main
+        from rlstream.ops.audit import audit_main
 
         return audit_main(args.run, args.log_path)
     if args.command == "dead":
-        from rlstream.dead import dead_main
+        from rlstream.ops.dead import dead_main
 
         return dead_main(args.run, args.log_path)
     cfg = _load(args)
@@ -122,12 +122,12 @@ def run(argv: list[str] | None = None) -> int:
 
 
 def _replay(args: argparse.Namespace, cfg) -> int:
-    from rlstream.config import new_run_id
-    from rlstream.status import opened_run
+    from rlstream.core.config import new_run_id
+    from rlstream.ops.status import opened_run
 
     cfg = cfg if cfg.run_id else cfg.model_copy(update={"run_id": new_run_id()})
     with opened_run(args.source, args.source_log_path) as (_, source_cfg, r):
-        from trainer.replay_run import replay_run
+        from rlstream.trainer.replay_run import replay_run
 
         steps = replay_run(cfg, r, source_cfg.run_id)
     print(f"replayed {steps} steps of run {source_cfg.run_id} into {cfg.run_dir()}", flush=True)
@@ -137,15 +137,15 @@ def _replay(args: argparse.Namespace, cfg) -> int:
 def _run_role(command: str, cfg, r) -> int:
     """Exit code of one standalone process: 1 when the trainer ended the run as failed."""
     if command == "producer":
-        from producers.producer import run_producer
+        from rlstream.producers.producer import run_producer
 
         run_producer(cfg, r)
     elif command == "worker":
-        from workers.main import run_worker
+        from rlstream.workers.main import run_worker
 
         run_worker(cfg, r, worker_id=f"{socket.gethostname()}-{os.getpid()}")
     elif command == "trainer":
-        from trainer.trainer import Trainer
+        from rlstream.trainer.trainer import Trainer
 
         trainer = Trainer(cfg, r, cfg.run_dir())
         trainer.run()

@@ -22,16 +22,16 @@ from pathlib import Path
 
 import redis
 
-from rlstream import keys, streams
-from rlstream.config import Config, env_override_names, new_run_id
-from rlstream.connection import client, connect
-from rlstream.embedded_redis import EmbeddedRedis
-from rlstream.errors import RunFailed
-from rlstream.messages import RunStarted
-from rlstream.metrics import read_metrics, summary_line
+from rlstream.core import bus, keys
+from rlstream.core.config import Config, env_override_names, new_run_id
+from rlstream.core.connection import client, connect
+from rlstream.core.embedded_redis import EmbeddedRedis
+from rlstream.core.errors import RunFailed
+from rlstream.core.messages import RunStarted
+from rlstream.core.metrics import read_metrics, summary_line
+from rlstream.core.run_state import RunState
+from rlstream.ops.progress import Progress
 from rlstream.preflight import preflight
-from rlstream.progress import Progress
-from rlstream.run_state import RunState
 
 log = logging.getLogger(__name__)
 SHUTDOWN_GRACE_S = 30.0
@@ -115,7 +115,7 @@ def up(cfg: Config) -> int:
         resolved = cfg.model_copy(update={"redis": cfg.redis.model_copy(update={"url": url})})
         config_path = run_dir / "config.json"
         config_path.write_text(json.dumps(resolved.model_dump(mode="json"), indent=1))
-        streams.xadd(r, keys.events(cfg.run_id), RunStarted(run_id=cfg.run_id, config=resolved.model_dump(mode="json")))
+        bus.xadd(r, keys.events(cfg.run_id), RunStarted(run_id=cfg.run_id, config=resolved.model_dump(mode="json")))
         log.info("run %s in %s (redis %s)", cfg.run_id, run_dir, url)
         if cfg.workers.count == 0:
             log.warning("workers.count = 0: nothing samples until you start `rlstream worker %s`", config_path)
@@ -194,7 +194,7 @@ def _supervise(cfg: Config, r, children: list[Child], progress: Progress, config
         while True:
             _check_redis(embedded, redis_restarts)
             try:
-                entries, cursor = streams.read_events(r, cfg.run_id, cursor, block_ms=500)
+                entries, cursor = bus.read_events(r, cfg.run_id, cursor, block_ms=500)
                 for _, msg in entries:
                     state.apply(msg)
                 progress.update(state, r)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rlstream.config import BUILTIN_MODEL, Config
-from rlstream.errors import ConfigError
-from rlstream.imports import import_object
+from rlstream.core.config import BUILTIN_MODEL, Config
+from rlstream.core.errors import ConfigError
+from rlstream.core.imports import import_object
 
 
 def preflight(cfg: Config) -> None:
@@ -23,7 +23,7 @@ def preflight(cfg: Config) -> None:
             except ValueError as exc:
                 raise ConfigError(f"config error: {exc}") from None
     if cfg.dataset is not None:
-        from producers.datasets import load_jsonl
+        from rlstream.producers.datasets import load_jsonl
 
         load_jsonl(cfg.dataset, cfg.max_rows)  # raises with file:line on the first bad row
     for name in ("tokenizer_model", "reference_model"):

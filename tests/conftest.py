@@ -6,8 +6,8 @@ import uuid
 
 import pytest
 
-from rlstream.connection import connect
-from rlstream.embedded_redis import EmbeddedRedis
+from rlstream.core.connection import connect
+from rlstream.core.embedded_redis import EmbeddedRedis
 
 
 @pytest.fixture(scope="session")

@@ -57,7 +57,7 @@ def resolve_advantage(spec: str):
     advantages_G (a user function: imported by name, so the trainer process can load it)."""
     if spec in ADVANTAGE_METHODS:
         return lambda rewards_G: compute_advantages(rewards_G, spec)
-    from rlstream.imports import import_object
+    from rlstream.core.imports import import_object
 
     fn = import_object(spec, "advantage")
 

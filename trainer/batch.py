@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rlstream.messages import DeadLetter, RolloutSample
+from rlstream.core.messages import DeadLetter, RolloutSample
 
 
 @dataclass

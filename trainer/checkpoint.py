@@ -16,8 +16,8 @@ from typing import Iterator
 
 import torch
 
-from rlstream import weights
-from rlstream.errors import ConfigError, RlstreamError
+from rlstream.core import weights
+from rlstream.core.errors import ConfigError, RlstreamError
 
 log = logging.getLogger(__name__)
 

@@ -16,10 +16,10 @@ import logging
 
 import redis
 
-from rlstream import keys, streams
-from rlstream.codec import encode
-from rlstream.errors import RlstreamError
-from rlstream.messages import GroupRejected, StepCommitted, WeightsPublished
+from rlstream.core import bus, keys
+from rlstream.core.codec import encode
+from rlstream.core.errors import RlstreamError
+from rlstream.core.messages import GroupRejected, StepCommitted, WeightsPublished
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def commit_step(r: redis.Redis, run_id: str, committed: StepCommitted) -> str:
     status, value = r.register_script(_COMMIT)(
         keys=[keys.committed_step(run_id), keys.events(run_id), keys.rollouts(run_id)],
         args=[committed.step, payload, digest, keys.TRAINER_GROUP, *committed.entry_ids])
-    status, value = streams.as_text(status), streams.as_text(value)
+    status, value = bus.as_text(status), bus.as_text(value)
     if status == "duplicate":
         log.warning("step %d was already committed (a retried commit after a lost reply); not written again",
                     committed.step)
@@ -92,7 +92,7 @@ def sync_committed_step(r: redis.Redis, run_id: str, step: int, event_id: str) -
 
 
 def publish(r: redis.Redis, run_id: str, published: WeightsPublished) -> None:
-    streams.xadd(r, keys.events(run_id), published)
+    bus.xadd(r, keys.events(run_id), published)
 
 
 def ack_untrained(r: redis.Redis, run_id: str, entry_ids: list[str]) -> None:
@@ -106,7 +106,7 @@ def reject_group(r: redis.Redis, run_id: str, group_id: str, entry_ids: list[str
     one MULTI. A retried MULTI may write the event twice: harmless, every fold keeps the first."""
     rejected = GroupRejected(group_id=group_id, reason=reason, by="trainer")
     with r.pipeline(transaction=True) as pipe:
-        streams.xadd(pipe, keys.events(run_id), rejected)
+        bus.xadd(pipe, keys.events(run_id), rejected)
         if entry_ids:
             pipe.xack(keys.rollouts(run_id), keys.TRAINER_GROUP, *entry_ids)
         pipe.execute()

@@ -13,8 +13,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from rlstream.config import Config
-from rlstream.imports import import_object
+from rlstream.core.config import Config
+from rlstream.core.imports import import_object
+from rlstream.sampling.rollout_fn import evaluation_rollout, resolve_factory
 
 
 @dataclass(frozen=True)
@@ -35,26 +36,11 @@ class EvaluationContext:
         Built on first access, once per context."""
         if self.config is None:
             raise RuntimeError("ctx.rollout_fn needs the run's config: build the EvaluationContext with config=cfg")
-        from rlstream.rollout import RolloutSetup
-        from workers.main import resolve_factory
+        from rlstream.core.rollout import RolloutSetup
 
         setup = RolloutSetup(sampler=self.sampler, tokenizer=self.tokenizer, sample_kwargs=dict(self.sample_kwargs),
                              completions_per_prompt=self.config.completions_per_prompt, extras=dict(self.extras))
         return evaluation_rollout(resolve_factory(self.config)(setup))
-
-
-def evaluation_rollout(rollout_fn):
-    """Wrap a rollout_fn for evaluation: it receives the context keywords it declares (as
-    in the workers), with ``evaluation=True``; the row is passed as a copy."""
-    from workers.runtime import accepted_context
-
-    accepted = accepted_context(rollout_fn)
-
-    async def evaluate_rollout(sample_prompt: dict, *, row_index: int = 0, epoch: int = 0, sample_index: int = 0):
-        context = dict(row_index=row_index, epoch=epoch, sample_index=sample_index, evaluation=True)
-        return await rollout_fn(dict(sample_prompt), **{k: v for k, v in context.items() if k in accepted})
-
-    return evaluate_rollout
 
 
 def load_filter(cfg: Config):

@@ -14,10 +14,10 @@ from collections import defaultdict
 
 import torch
 
-from rlstream.config import Config
-from trainer.batch import Batch
-from trainer.losses import LossConfig, compute_loss
-from trainer.policy_model import token_logprobs
+from rlstream.core.config import Config
+from rlstream.trainer.batch import Batch
+from rlstream.trainer.losses import LossConfig, compute_loss
+from rlstream.trainer.policy_model import token_logprobs
 
 
 def loss_config(cfg: Config) -> LossConfig:

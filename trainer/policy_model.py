@@ -8,10 +8,10 @@ from pathlib import Path
 
 import torch
 
-from rlstream import weights
-from rlstream.config import BUILTIN_MODEL, Config
-from rlstream.errors import ConfigError
-from rlstream.messages import WeightsPublished
+from rlstream.core import weights
+from rlstream.core.config import BUILTIN_MODEL, Config
+from rlstream.core.errors import ConfigError
+from rlstream.core.messages import WeightsPublished
 
 log = logging.getLogger(__name__)
 
@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 def base_model_path(cfg: Config, run_dir: Path) -> Path:
     """The HF directory the run starts from; ``builtin:tiny`` is built into the run dir."""
     if cfg.base_model == BUILTIN_MODEL:
-        from rlstream.tiny_model import save_tiny_model
+        from rlstream.builtin.tiny_model import save_tiny_model
 
         return save_tiny_model(run_dir / "base_model", seed=cfg.seed)
     path = Path(cfg.base_model)
@@ -34,7 +34,7 @@ def load_reference(cfg: Config, model, tokenizer, device):
     if cfg.reference_model is None:
         ref = copy.deepcopy(model)
     else:
-        from rlstream.torch_setup import load_model_and_tokenizer
+        from rlstream.sampling.torch_setup import load_model_and_tokenizer
 
         ref, ref_tokenizer = load_model_and_tokenizer(cfg.reference_model, device)
         if ref_tokenizer.get_vocab() != tokenizer.get_vocab():

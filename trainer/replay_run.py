@@ -21,20 +21,20 @@ import time
 
 import redis
 
-from rlstream import streams
-from rlstream.config import Config
-from rlstream.errors import ConfigError
-from rlstream.messages import StepCommitted
-from trainer.checkpoint import export_model
-from trainer.policy_model import publish_weights
-from trainer.resume import committed_groups
-from trainer.trainer import Trainer
+from rlstream.core import bus
+from rlstream.core.config import Config
+from rlstream.core.errors import ConfigError
+from rlstream.core.messages import StepCommitted
+from rlstream.trainer.checkpoint import export_model
+from rlstream.trainer.policy_model import publish_weights
+from rlstream.trainer.resume import committed_groups
+from rlstream.trainer.trainer import Trainer
 
 log = logging.getLogger(__name__)
 
 
 def recorded_steps(r: redis.Redis, run_id: str) -> list[StepCommitted]:
-    steps = [m for _, m in streams.iter_all_events(r, run_id) if isinstance(m, StepCommitted)]
+    steps = [m for _, m in bus.iter_all_events(r, run_id) if isinstance(m, StepCommitted)]
     if not steps:
         raise ConfigError(f"run {run_id} has no committed step to replay")
     return steps

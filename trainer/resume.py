@@ -9,17 +9,18 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from rlstream import keys, streams
-from rlstream.codec import decode
-from rlstream.errors import RlstreamError
-from rlstream.messages import Evaluated, RolloutSample, StepCommitted
-from trainer.batch import Group
-from trainer.checkpoint import CheckpointState, complete_checkpoints, load_checkpoint, read_state
-from trainer.commit import publish, sync_committed_step
-from trainer.policy_model import publish_weights
+from rlstream.core import keys
+from rlstream.core.codec import decode
+from rlstream.core.errors import RlstreamError
+from rlstream.core.messages import Evaluated, RolloutSample, StepCommitted
+from rlstream.trainer import buffer
+from rlstream.trainer.batch import Group
+from rlstream.trainer.checkpoint import CheckpointState, complete_checkpoints, load_checkpoint, read_state
+from rlstream.trainer.commit import publish, sync_committed_step
+from rlstream.trainer.policy_model import publish_weights
 
 if TYPE_CHECKING:
-    from trainer.trainer import Trainer
+    from rlstream.trainer.trainer import Trainer
 
 log = logging.getLogger(__name__)
 LOSS_REL_TOL = 1e-3
@@ -52,7 +53,7 @@ def loss_matches(replayed: float, recorded: float) -> bool:
 def committed_groups(r, run_id: str, committed: StepCommitted, advantage_fn) -> list[Group]:
     """The groups a committed step trained, rebuilt from the very entries it names, in the
     same order, with advantages from ``advantage_fn``."""
-    raw = streams.fetch_entries(r, keys.rollouts(run_id), committed.entry_ids)
+    raw = buffer.fetch_entries(r, keys.rollouts(run_id), committed.entry_ids)
     missing = [e for e in committed.entry_ids if e not in raw]
     if missing:
         raise RlstreamError(f"cannot replay step {committed.step}: {len(missing)} of its samples are gone from "
@@ -113,7 +114,7 @@ def resume(t: Trainer) -> None:
                         {"step": event.step, "version": event.version, "eval/version": event.version,
                          **event.metrics})
     t.assembler.completed |= t.state.settled_groups
-    t.add_samples(streams.read_all_pending(t.r, t.cfg.run_id, t.consumer, count=512, vocab_size=t.vocab_size,
+    t.add_samples(buffer.read_all_pending(t.r, t.cfg.run_id, t.consumer, count=512, vocab_size=t.vocab_size,
                                            max_seq_len=t.cfg.max_seq_len))
     # Members dead-lettered before the crash (or just now) still count towards settling their groups.
-    t.add_invalid(list(streams.dead_members(t.r, t.cfg.run_id)))
+    t.add_invalid(list(buffer.dead_members(t.r, t.cfg.run_id)))

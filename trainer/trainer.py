@@ -17,23 +17,32 @@ from pathlib import Path
 import redis
 import torch
 
-from rlstream import keys, streams
-from rlstream.config import Config
-from rlstream.messages import DeadLetter, Evaluated, RolloutSample, RunFinished, StepCommitted
-from rlstream.metrics import MetricsLog
-from rlstream.run_state import RunState
-from rlstream.torch_setup import load_model_and_tokenizer, setup_torch
-from trainer.advantages import resolve_advantage
-from trainer.batch import Group, GroupAssembler, collate, take_oldest
-from trainer.checkpoint import (CheckpointState, checkpoint_dir, export_model, holds_commit, load_checkpoint,
-                                rng_untouched, save_checkpoint, verify_checkpoint)
-from trainer.commit import ack_untrained, commit_step, publish, reject_group
-from trainer.hooks import EvaluationContext, load_evaluation, load_filter, run_evaluation
-from trainer.optimize import make_optimizer, policy_update
-from trainer.policy_model import base_model_path, load_reference, publish_weights
-from trainer.resume import resume
-from trainer.schedule import lr_multiplier
-from trainer.wandb_log import make_logger
+from rlstream.core import bus, keys
+from rlstream.core.config import Config
+from rlstream.core.messages import DeadLetter, Evaluated, RolloutSample, RunFinished, StepCommitted
+from rlstream.core.metrics import MetricsLog
+from rlstream.core.run_state import RunState
+from rlstream.sampling.torch_setup import load_model_and_tokenizer, setup_torch
+from rlstream.trainer import buffer
+from rlstream.trainer.advantages import resolve_advantage
+from rlstream.trainer.batch import Group, GroupAssembler, collate, take_oldest
+from rlstream.trainer.checkpoint import (
+    CheckpointState,
+    checkpoint_dir,
+    export_model,
+    holds_commit,
+    load_checkpoint,
+    rng_untouched,
+    save_checkpoint,
+    verify_checkpoint,
+)
+from rlstream.trainer.commit import ack_untrained, commit_step, publish, reject_group
+from rlstream.trainer.hooks import EvaluationContext, load_evaluation, load_filter, run_evaluation
+from rlstream.trainer.optimize import make_optimizer, policy_update
+from rlstream.trainer.policy_model import base_model_path, load_reference, publish_weights
+from rlstream.trainer.resume import resume
+from rlstream.trainer.schedule import lr_multiplier
+from rlstream.trainer.wandb_log import make_logger
 
 log = logging.getLogger(__name__)
 CONSUMER = "trainer-0"  # one fixed name: a restarted trainer finds its own pending entries
@@ -72,14 +81,14 @@ class Trainer:
         self.state, self.cursor = RunState(), "0-0"
         self.last_commit_id = "0-0"
         self.assembler, self.ready, self.consumer = GroupAssembler(), [], CONSUMER
-        self.connection_errors, self.errors_seen = streams.count_connection_errors(r), 0
+        self.connection_errors, self.errors_seen = buffer.count_connection_errors(r), 0
         self.last_rescan = time.monotonic()
         self.metrics = MetricsLog(run_dir / "metrics.jsonl")
         self.step = self.version = 0
 
     # ----------------------------------------------------------------- read + group
-    def follow_events(self) -> list[streams.Entry]:
-        entries, self.cursor = streams.read_events(self.r, self.cfg.run_id, self.cursor)
+    def follow_events(self) -> list[bus.Entry]:
+        entries, self.cursor = bus.read_events(self.r, self.cfg.run_id, self.cursor)
         for event_id, msg in entries:
             self.state.apply(msg)
             if isinstance(msg, StepCommitted):
@@ -112,8 +121,8 @@ class Trainer:
 
     def collect_groups(self) -> None:
         """One blocking read of new entries, then the events that arrived meanwhile."""
-        invalid: list[streams.Entry] = []
-        entries = streams.read_group(self.r, self.cfg.run_id, CONSUMER, count=512, block_ms=200,
+        invalid: list[bus.Entry] = []
+        entries = buffer.read_group(self.r, self.cfg.run_id, CONSUMER, count=512, block_ms=200,
                                      vocab_size=self.vocab_size, max_seq_len=self.cfg.max_seq_len, invalid=invalid)
         self.add_samples(entries)
         self.rescan_pending(idle=not entries, invalid=invalid)
@@ -129,7 +138,7 @@ class Trainer:
                 self.reject(group, f"incomplete: {len(group.members)} of {group.size} samples valid after "
                                    f"{2 * self.cfg.job_timeout}s")
 
-    def rescan_pending(self, *, idle: bool, invalid: list[streams.Entry]) -> None:
+    def rescan_pending(self, *, idle: bool, invalid: list[bus.Entry]) -> None:
         """Redis makes entries pending before it replies to XREADGROUP: when the reply is lost
         (connection drop), the client's retried ``>`` read skips them. Re-read the pending
         list after every connection error the client retried through, and every
@@ -140,7 +149,7 @@ class Trainer:
             return
         self.errors_seen, self.last_rescan = errors, time.monotonic()
         held = self.assembler.held_entry_ids() | {e for g in self.ready for e in g.entry_ids}
-        found = streams.read_unheld_pending(self.r, self.cfg.run_id, CONSUMER, held, vocab_size=self.vocab_size,
+        found = buffer.read_unheld_pending(self.r, self.cfg.run_id, CONSUMER, held, vocab_size=self.vocab_size,
                                             max_seq_len=self.cfg.max_seq_len, invalid=invalid)
         if found:
             log.warning("picked up %d pending entries no read had returned (a lost reply?)", len(found))
@@ -186,7 +195,7 @@ class Trainer:
             published = publish_weights(self.model, self.tokenizer, self.run_dir, self.version, self.cfg.keep_weights)
         decided = self.filtered["kept"] + self.filtered["rejected"]
         sampled_at = torch.tensor([float(s.min_version) for s in samples])
-        worker_counts = streams.rollout_stats(self.r, self.cfg.run_id)
+        worker_counts = bus.rollout_stats(self.r, self.cfg.run_id)
         metrics = {
             "step": self.step, "version": self.version,
             "rollout/reward_mean": sum(s.reward for s in samples) / len(samples), "rollout/samples": len(samples),
@@ -221,7 +230,7 @@ class Trainer:
         metrics line (``eval/version`` marks it)."""
         if self.evaluation_fn is None or self.state.last_evaluated == self.version:
             return
-        from workers.local_policy import LocalPolicy, LocalSampler
+        from rlstream.sampling.local import LocalPolicy, LocalSampler
 
         sample_kwargs = self.cfg.sample_kwargs()
         policy = LocalPolicy.from_model(self.model, self.tokenizer, self.device, self.version)
@@ -229,7 +238,7 @@ class Trainer:
                                 sample_kwargs, dict(self.cfg.extras), config=self.cfg)
         with rng_untouched(self.device):  # replay does not evaluate: keep the training RNG where it was
             metrics = run_evaluation(self.evaluation_fn, ctx)
-        streams.xadd(self.r, keys.events(self.cfg.run_id), Evaluated(step=self.step, version=self.version,
+        bus.xadd(self.r, keys.events(self.cfg.run_id), Evaluated(step=self.step, version=self.version,
                                                                      metrics=metrics))
         self.state.last_evaluated = self.version
         line = {"step": self.step, "version": self.version, "eval/version": self.version, **metrics}
@@ -255,7 +264,7 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if not config_path.exists():  # standalone (compose) runs: status/audit/dead find the run by it
             config_path.write_text(json.dumps(self.cfg.model_dump(mode="json"), indent=1))
-        streams.ensure_group(self.r, keys.rollouts(self.cfg.run_id))
+        bus.ensure_group(self.r, keys.rollouts(self.cfg.run_id))
         resume(self)  # reads the whole pending list: the next rescan is due only later
         self.errors_seen, self.last_rescan = self.connection_errors(), time.monotonic()
         if self.step == 0:
@@ -290,6 +299,6 @@ class Trainer:
         if self.cfg.output_model_id:
             log.info("exported %s", export_model(self.model, self.tokenizer, self.run_dir, self.cfg.output_model_id))
         finished = RunFinished(reason=reason, step=self.step, version=self.version, failed=failed)
-        streams.xadd(self.r, keys.events(self.cfg.run_id), finished)
+        bus.xadd(self.r, keys.events(self.cfg.run_id), finished)
         self.state.apply(finished)
         (log.error if failed else log.info)("trainer: run finished (%s) at step %d", reason, self.step)

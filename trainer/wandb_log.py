@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from rlstream.config import Config
-from rlstream.errors import ConfigError
+from rlstream.core.config import Config
+from rlstream.core.errors import ConfigError
 
 
 class WandbLogger:

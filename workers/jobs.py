@@ -18,9 +18,9 @@ from typing import Any
 from rq import SimpleWorker
 from rq.worker import WorkerStatus
 
-from rlstream import streams
-from rlstream.messages import GroupJob
-from rlstream.run_state import RunState
+from rlstream.core import bus
+from rlstream.core.messages import GroupJob
+from rlstream.core.run_state import RunState
 
 log = logging.getLogger(__name__)
 _runtime: contextvars.ContextVar = contextvars.ContextVar("rlstream_worker_runtime")
@@ -46,10 +46,10 @@ def still_alive(elapsed_s: float, job_timeout: int | None, grace_s: float = HUNG
 
 
 def run_group(payload: dict[str, Any]) -> dict[str, Any]:
-    """rq job: roll out one prompt group (``producers.producer.JOB_FUNC`` names this)."""
+    """rq job: roll out one prompt group (``rlstream.core.jobs.JOB_FUNC`` names this)."""
     runtime = _runtime.get(None)
     if runtime is None:
-        raise RuntimeError("workers.jobs.run_group must run inside `rlstream worker` (RolloutWorker)")
+        raise RuntimeError("rlstream.workers.jobs.run_group must run inside `rlstream worker` (RolloutWorker)")
     return runtime.run_group(GroupJob.model_validate(payload))
 
 
@@ -109,7 +109,7 @@ def stop_on_run_finished(r, run_id: str, stop: threading.Event) -> threading.Thr
         cursor, state = "0-0", RunState()
         while not stop.is_set():
             try:
-                entries, cursor = streams.read_events(r, run_id, cursor, block_ms=1000)
+                entries, cursor = bus.read_events(r, run_id, cursor, block_ms=1000)
             except Exception as exc:  # redis restarting: the client retries, we just keep watching
                 log.debug("event watch: %s", exc)
                 stop.wait(1.0)

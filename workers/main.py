@@ -7,23 +7,14 @@ import threading
 import redis
 from rq.serializers import JSONSerializer
 
-from producers.producer import job_queue
-from rlstream.config import Config
-from rlstream.torch_setup import setup_torch
-from rlstream.imports import import_object
-from rlstream.rewards import resolve_reward
-from workers.builtin_rollout import single_turn_factory
-from workers.jobs import RolloutWorker, stop_on_run_finished
-from workers.runtime import WorkerRuntime
+from rlstream.core.config import Config
+from rlstream.core.jobs import job_queue
+from rlstream.sampling.rollout_fn import resolve_factory
+from rlstream.sampling.torch_setup import setup_torch
+from rlstream.workers.jobs import RolloutWorker, stop_on_run_finished
+from rlstream.workers.runtime import WorkerRuntime
 
 log = logging.getLogger(__name__)
-
-
-def resolve_factory(cfg: Config):
-    """The user's ``rollout_fn_factory`` by name, else the built-in single-turn rollout."""
-    if cfg.rollout_fn_factory:
-        return import_object(cfg.rollout_fn_factory, "rollout_fn_factory")
-    return single_turn_factory(resolve_reward(cfg.reward_fn))
 
 
 def run_worker(cfg: Config, r: redis.Redis, worker_id: str) -> None:

@@ -4,7 +4,6 @@ is state a restart loses: it is all rebuilt from Redis and the published weights
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import time
 import zlib
@@ -14,30 +13,27 @@ from typing import Any
 import redis
 from pydantic import ValidationError
 
-from rlstream import keys, streams
-from rlstream.config import Config
-from rlstream.messages import (GroupJob, GroupRejected, GroupSampled, RolloutSample, RunFinished, WeightsPublished,
-                               sample_id_for)
-from rlstream.rollout import RolloutFnFactory, RolloutSetup
-from rlstream.run_state import RunState
-from workers.breaker import CircuitBreaker
+from rlstream.core import bus, keys
+from rlstream.core.config import Config
+from rlstream.core.messages import (
+    GroupJob,
+    GroupRejected,
+    GroupSampled,
+    RolloutSample,
+    RunFinished,
+    WeightsPublished,
+    sample_id_for,
+)
+from rlstream.core.rollout import RolloutFnFactory, RolloutSetup
+from rlstream.core.run_state import RunState
+from rlstream.sampling.rollout_fn import accepted_context
+from rlstream.workers.breaker import CircuitBreaker
 
 log = logging.getLogger(__name__)
 
 
 class CircuitOpen(RuntimeError):
     """Too many rollout failures: the worker stops the run (RunFinished, failed)."""
-
-
-CONTEXT_PARAMS = ("row_index", "epoch", "sample_index", "evaluation")
-
-
-def accepted_context(rollout_fn: Any) -> frozenset[str]:
-    """The keyword context a rollout_fn declares (all of it with ``**kwargs``)."""
-    params = inspect.signature(rollout_fn).parameters.values()
-    if any(p.kind is p.VAR_KEYWORD for p in params):
-        return frozenset(CONTEXT_PARAMS)
-    return frozenset(p.name for p in params if p.name in CONTEXT_PARAMS)
 
 
 def check_sample(result: Any, vocab_size: int | None, max_seq_len: int) -> str | None:
@@ -83,12 +79,12 @@ def make_policy(cfg: Config, published: WeightsPublished, device: Any) -> tuple[
     if cfg.inference.backend == "openai":
         from transformers import AutoTokenizer
 
-        from workers.remote_policy import RemotePolicy, RemoteSampler
+        from rlstream.sampling.remote import RemotePolicy, RemoteSampler
 
         tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_model or published.uri)
         policy = RemotePolicy(cfg.inference, published, tokenizer, cfg.inference.model or cfg.base_model)
         return policy, RemoteSampler(policy, cfg.sample_kwargs())
-    from workers.local_policy import LocalPolicy, LocalSampler
+    from rlstream.sampling.local import LocalPolicy, LocalSampler
 
     policy = LocalPolicy(published, device)
     return policy, LocalSampler(policy, cfg.sample_kwargs())
@@ -111,7 +107,7 @@ class WorkerRuntime:
         self.loop = asyncio.new_event_loop()
 
     def follow_events(self, block_ms: int | None = None) -> None:
-        entries, self.cursor = streams.read_events(self.r, self.cfg.run_id, self.cursor, block_ms=block_ms)
+        entries, self.cursor = bus.read_events(self.r, self.cfg.run_id, self.cursor, block_ms=block_ms)
         for _, msg in entries:
             self.state.apply(msg)
 
@@ -212,7 +208,7 @@ class WorkerRuntime:
             samples = self._run(self._group(job, counts))
         except CircuitOpen as exc:
             with self.r.pipeline(transaction=True) as pipe:
-                streams.xadd(pipe, keys.events(self.cfg.run_id), RunFinished(reason=str(exc), failed=True))
+                bus.xadd(pipe, keys.events(self.cfg.run_id), RunFinished(reason=str(exc), failed=True))
                 self._add_stats(pipe, counts)
                 pipe.execute()
             log.error("worker %s: %s: stopping the run", self.worker_id, exc)
@@ -221,14 +217,14 @@ class WorkerRuntime:
         with self.r.pipeline(transaction=True) as pipe:
             self._add_stats(pipe, counts)  # run-wide counters ride along: no extra round trip
             if len(samples) < self.cfg.min_group_size:  # (a single survivor has no group-relative advantage)
-                streams.xadd(pipe, keys.events(self.cfg.run_id), GroupRejected(
+                bus.xadd(pipe, keys.events(self.cfg.run_id), GroupRejected(
                     group_id=job.group_id, by=self.worker_id,
                     reason=f"only {len(samples)} of {job.group_size} draws returned a valid sample"))
             else:
-                streams.xadd(pipe, keys.events(self.cfg.run_id), GroupSampled(
+                bus.xadd(pipe, keys.events(self.cfg.run_id), GroupSampled(
                     group_id=job.group_id, samples=len(samples), worker_id=self.worker_id, version=version))
                 for member, s in enumerate(samples):
-                    streams.xadd(pipe, stream, s.model_copy(update=dict(
+                    bus.xadd(pipe, stream, s.model_copy(update=dict(
                         sample_id=sample_id_for(job.group_id, member), group_id=job.group_id,
                         group_size=len(samples), row_index=job.row_index, epoch=job.epoch,
                         submit_version=job.submit_version, min_version=version, max_version=version,

@@ -1,6 +1,6 @@
 """Verifies a GSM8K-style answer: the last number of the assistant's final turn must equal
 the number after ``####`` in the reference answer."""
-from rlstream.rewards import final_number
+from rlstream.builtin.rewards import final_number
 
 
 def verify(completion_text: str, reference: str) -> float:

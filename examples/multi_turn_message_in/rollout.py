@@ -34,9 +34,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from rlstream import RolloutSample, RolloutSetup
-from rlstream.rollout import chat_prompt_ids
 from reward import verify
+
+from rlstream import RolloutSample, RolloutSetup
+from rlstream.core.rollout import chat_prompt_ids
 
 RETRY = "Wrong. Try again"
 

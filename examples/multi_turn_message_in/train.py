@@ -7,8 +7,9 @@
 import argparse
 from pathlib import Path
 
-from rlstream import Config, main
 from rollout import make_rollout_fn
+
+from rlstream import Config, main
 
 HERE = Path(__file__).resolve().parent
 

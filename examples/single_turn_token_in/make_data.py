@@ -16,7 +16,7 @@ if __name__ == "__main__":
 
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     else:
-        from rlstream.tiny_model import build_tokenizer
+        from rlstream.builtin.tiny_model import build_tokenizer
 
         tokenizer = build_tokenizer()
     with (Path(__file__).resolve().parent / "data.jsonl").open("w") as f:

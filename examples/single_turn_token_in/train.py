@@ -6,8 +6,9 @@
 import argparse
 from pathlib import Path
 
-from rlstream import Config, main
 from rollout import drop_zero_variance, evaluate, make_rollout_fn
+
+from rlstream import Config, main
 
 HERE = Path(__file__).resolve().parent
 

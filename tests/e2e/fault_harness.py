@@ -24,10 +24,10 @@ from typing import Callable, Iterator
 
 import msgpack
 
-from rlstream import keys
-from rlstream.codec import decode
-from rlstream.messages import RolloutSample
-from rlstream.metrics import read_metrics
+from rlstream.core import keys
+from rlstream.core.codec import decode
+from rlstream.core.messages import RolloutSample
+from rlstream.core.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "examples" / "builtin" / "config.toml"

@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from rlstream.torch_setup import load_model_and_tokenizer, setup_torch
-from workers.local_policy import LocalPolicy
+from rlstream.sampling.local import LocalPolicy
+from rlstream.sampling.torch_setup import load_model_and_tokenizer, setup_torch
 
 
 def serve(model_dir: str, port_file: Path) -> None:

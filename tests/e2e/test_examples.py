@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from rlstream import keys
-from rlstream.codec import decode
-from rlstream.connection import connect
-from rlstream.embedded_redis import EmbeddedRedis
-from rlstream.metrics import read_metrics
+from rlstream.core import keys
+from rlstream.core.codec import decode
+from rlstream.core.connection import connect
+from rlstream.core.embedded_redis import EmbeddedRedis
+from rlstream.core.metrics import read_metrics
 
 pytestmark = pytest.mark.e2e
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"

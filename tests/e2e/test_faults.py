@@ -12,13 +12,21 @@ import re
 from pathlib import Path
 
 import pytest
-from fault_harness import (assert_audit_clean, assert_steps_exactly, assert_summary, busy_worker, malformed_entries,
-                           rlstream, running_up, sigkill)
+from fault_harness import (
+    assert_audit_clean,
+    assert_steps_exactly,
+    assert_summary,
+    busy_worker,
+    malformed_entries,
+    rlstream,
+    running_up,
+    sigkill,
+)
 
-from rlstream import keys, streams
-from rlstream.connection import connect
-from rlstream.embedded_redis import EmbeddedRedis
-from rlstream.messages import WeightsPublished
+from rlstream.core import bus, keys
+from rlstream.core.connection import connect
+from rlstream.core.embedded_redis import EmbeddedRedis
+from rlstream.core.messages import WeightsPublished
 
 pytestmark = pytest.mark.e2e
 SMALL = ["--set", "max_steps=40", "--set", "prompt_groups_per_step=8", "--set", "completions_per_prompt=4",
@@ -117,7 +125,7 @@ def test_crash_between_commit_and_publish_then_continue(tmp_path: Path) -> None:
     server = EmbeddedRedis(run_dir / "redis")
     r = connect(server.start())
     try:
-        published = [m.version for _, m in streams.iter_all_events(r, "resume") if isinstance(m, WeightsPublished)]
+        published = [m.version for _, m in bus.iter_all_events(r, "resume") if isinstance(m, WeightsPublished)]
     finally:
         r.close()
         server.stop()

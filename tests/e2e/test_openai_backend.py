@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from rlstream.metrics import read_metrics
+from rlstream.core.metrics import read_metrics
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
@@ -31,7 +31,7 @@ def wait_for_file(path: Path, proc: subprocess.Popen, timeout: float) -> str:
 
 
 def test_workers_sample_from_an_openai_compatible_server(tmp_path: Path) -> None:
-    from rlstream.tiny_model import save_tiny_model
+    from rlstream.builtin.tiny_model import save_tiny_model
 
     model_dir = save_tiny_model(tmp_path / "tiny")
     port_file = tmp_path / "server.port"

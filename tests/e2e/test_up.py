@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from rlstream import keys, streams
-from rlstream.codec import decode
-from rlstream.connection import connect
-from rlstream.messages import RolloutSample, StepCommitted
-from rlstream.metrics import read_metrics
+from rlstream.core import bus, keys
+from rlstream.core.codec import decode
+from rlstream.core.connection import connect
+from rlstream.core.messages import RolloutSample, StepCommitted
+from rlstream.core.metrics import read_metrics
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
@@ -52,7 +52,7 @@ def test_short_run_on_external_redis_bumps_versions_and_stamps_samples(tmp_path:
     # Audit what the trainer consumed, on the external server the run used.
     r = connect(redis_server.url)
     try:
-        committed = [m for _, m in streams.iter_all_events(r, "short") if isinstance(m, StepCommitted)]
+        committed = [m for _, m in bus.iter_all_events(r, "short") if isinstance(m, StepCommitted)]
         assert [c.step for c in committed] == [1, 2, 3, 4, 5]
         assert r.xlen(keys.rollouts("short")) >= 5 * 32
         by_id = {e.decode(): decode(f[b"m"]) for e, f in r.xrange(keys.rollouts("short"))}
@@ -67,7 +67,7 @@ def test_short_run_on_external_redis_bumps_versions_and_stamps_samples(tmp_path:
                 assert c.version - 1 - sample.submit_version <= 2  # O + 1 with O = 1
                 versions_seen.add(sample.min_version)
         assert max(versions_seen) >= 1, "no sample was generated with updated weights"
-        assert streams.group_info(r, keys.rollouts("short"))["pending"] == 0
+        assert bus.group_info(r, keys.rollouts("short"))["pending"] == 0
     finally:
         r.close()
 

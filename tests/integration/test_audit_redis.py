@@ -13,15 +13,22 @@ import pytest
 from rq import Queue
 from rq.serializers import JSONSerializer
 
-from rlstream import keys, streams
-from rlstream.audit import collect_audit, xrange_all
-from rlstream.config import Config
-from rlstream.connection import connect
-from rlstream.embedded_redis import EmbeddedRedis
-from rlstream.errors import RedisUnavailable
-from rlstream.messages import (
-    GroupAdmitted, GroupRejected, RolloutSample, StepCommitted, group_id_for, sample_id_for,
+from rlstream.core import bus, keys
+from rlstream.core.bus import xrange_all
+from rlstream.core.config import Config
+from rlstream.core.connection import connect
+from rlstream.core.embedded_redis import EmbeddedRedis
+from rlstream.core.errors import RedisUnavailable
+from rlstream.core.messages import (
+    GroupAdmitted,
+    GroupRejected,
+    RolloutSample,
+    StepCommitted,
+    group_id_for,
+    sample_id_for,
 )
+from rlstream.ops.audit import collect_audit
+from rlstream.trainer import buffer
 
 pytestmark = pytest.mark.integration
 G = 2
@@ -46,18 +53,18 @@ def sid(entry_id) -> str:
 
 
 def add_samples(r, run_id: str, row: int) -> list[str]:
-    return [sid(streams.xadd(r, keys.rollouts(run_id), sample(row, m))) for m in range(G)]
+    return [sid(bus.xadd(r, keys.rollouts(run_id), sample(row, m))) for m in range(G)]
 
 
 def commit(r, run_id: str, step: int, rows: list[int], entry_ids: list[str]) -> None:
-    streams.xadd(r, keys.events(run_id), StepCommitted(
+    bus.xadd(r, keys.events(run_id), StepCommitted(
         step=step, version=step, entry_ids=entry_ids, group_ids=[gid(row) for row in rows],
         sample_ids=[sample_id_for(gid(row), m) for row in rows for m in range(G)]))
 
 
 def enqueue_job(r, run_id: str, row: int) -> None:
     queue = Queue(keys.job_queue_name(run_id), connection=r, serializer=JSONSerializer)
-    queue.enqueue("workers.jobs.run_group", {"group_id": gid(row)}, job_id=f"{run_id}-{gid(row)}")
+    queue.enqueue("rlstream.workers.jobs.run_group", {"group_id": gid(row)}, job_id=f"{run_id}-{gid(row)}")
 
 
 def write_run_dir(path: Path, run_id: str, redis_url: str) -> Path:
@@ -89,23 +96,23 @@ def write_clean_ledger(r, run_id: str) -> None:
     trace (lost), one undecodable rollout, one dead letter."""
     events = keys.events(run_id)
     for row in range(6):
-        streams.xadd(r, events, admitted(row))
+        bus.xadd(r, events, admitted(row))
     enqueue_job(r, run_id, 4)
     e01 = add_samples(r, run_id, 0) + add_samples(r, run_id, 1)
     commit(r, run_id, 1, [0, 1], e01)
     commit(r, run_id, 2, [2], add_samples(r, run_id, 2))
-    streams.xadd(r, events, GroupRejected(group_id=gid(3), reason="rollout job failed: boom", by="producer"))
-    streams.xadd(r, events, admitted(99))
-    r.xadd(keys.rollouts(run_id), {streams.FIELD: b"\xc1junk"})
-    streams.xadd(r, keys.rollouts(run_id), sample(5, 1))
+    bus.xadd(r, events, GroupRejected(group_id=gid(3), reason="rollout job failed: boom", by="producer"))
+    bus.xadd(r, events, admitted(99))
+    r.xadd(keys.rollouts(run_id), {bus.FIELD: b"\xc1junk"})
+    bus.xadd(r, keys.rollouts(run_id), sample(5, 1))
     with r.pipeline(transaction=True) as pipe:
-        streams.dead_letter(pipe, run_id, keys.rollouts(run_id), "1-1", "not msgpack:\nbad", b"\xc1")
+        buffer.dead_letter(pipe, run_id, keys.rollouts(run_id), "1-1", "not msgpack:\nbad", b"\xc1")
         pipe.execute()
 
 
 def test_audit_clean_ledger_exits_0(r, run_id, redis_url, tmp_path):
     write_clean_ledger(r, run_id)
-    streams.xadd(r, keys.rollouts(run_id), sample(99, 0))  # a trace: row 99 is in flight, not lost
+    bus.xadd(r, keys.rollouts(run_id), sample(99, 0))  # a trace: row 99 is in flight, not lost
     run_dir = write_run_dir(tmp_path / "run", run_id, redis_url)
     proc = cli("audit", str(run_dir), cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -138,7 +145,7 @@ def test_audit_lost_group_exits_1(r, run_id, redis_url, tmp_path):
 
 def test_audit_twice_and_step_gap_exit_1(r, run_id, redis_url, tmp_path):
     for row in range(2):
-        streams.xadd(r, keys.events(run_id), admitted(row))
+        bus.xadd(r, keys.events(run_id), admitted(row))
     e0 = add_samples(r, run_id, 0)
     commit(r, run_id, 1, [0], e0)
     commit(r, run_id, 3, [0, 1], e0 + add_samples(r, run_id, 1))
@@ -154,10 +161,10 @@ def test_audit_twice_and_step_gap_exit_1(r, run_id, redis_url, tmp_path):
 
 def test_dead_lists_entries(r, run_id, redis_url, tmp_path):
     with r.pipeline(transaction=True) as pipe:
-        streams.dead_letter(pipe, run_id, keys.rollouts(run_id), "5-0", "invalid rollout_sample: tokens", b"x")
-        streams.dead_letter(pipe, run_id, keys.rollouts(run_id), "6-1", "two\nlines", b"")
+        buffer.dead_letter(pipe, run_id, keys.rollouts(run_id), "5-0", "invalid rollout_sample: tokens", b"x")
+        buffer.dead_letter(pipe, run_id, keys.rollouts(run_id), "6-1", "two\nlines", b"")
         pipe.execute()
-    r.xadd(keys.dead(run_id), {streams.FIELD: b"\xc1"})  # not a DeadLetter at all
+    r.xadd(keys.dead(run_id), {bus.FIELD: b"\xc1"})  # not a DeadLetter at all
     dead_ids = [sid(e) for e, _ in r.xrange(keys.dead(run_id))]
     run_dir = write_run_dir(tmp_path / "run", run_id, redis_url)
     proc = cli("dead", str(run_dir), cwd=tmp_path)
@@ -180,7 +187,7 @@ def test_xrange_all_pages(r, run_id):
     stream = keys.rollouts(run_id)
     with r.pipeline(transaction=False) as pipe:
         for i in range(2500):
-            pipe.xadd(stream, {streams.FIELD: str(i).encode()})
+            pipe.xadd(stream, {bus.FIELD: str(i).encode()})
         pipe.execute()
     assert [raw for _, raw in xrange_all(r, stream)] == [str(i).encode() for i in range(2500)]
     assert len(list(xrange_all(r, stream, page=7))) == 2500
@@ -197,7 +204,7 @@ def test_audit_starts_and_stops_the_embedded_server(tmp_path):
     url = server.start()
     try:
         r = connect(url)
-        streams.xadd(r, keys.events(run_id), admitted(0))
+        bus.xadd(r, keys.events(run_id), admitted(0))
         commit(r, run_id, 1, [0], add_samples(r, run_id, 0))
         r.close()
     finally:

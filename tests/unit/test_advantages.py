@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from trainer.advantages import ADVANTAGE_METHODS, compute_advantages, group_advantages
+from rlstream.trainer.advantages import ADVANTAGE_METHODS, compute_advantages, group_advantages
 
 
 def close(actual: torch.Tensor, expected: list, tol: float = 1e-6) -> None:

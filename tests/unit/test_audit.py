@@ -1,10 +1,15 @@
-"""rlstream.audit.audit_ledger on synthetic messages: each definition and exit condition."""
+"""rlstream.ops.audit.audit_ledger on synthetic messages: each definition and exit condition."""
 from __future__ import annotations
 
-from rlstream.audit import AuditReport, audit_ledger
-from rlstream.messages import (
-    GroupAdmitted, GroupRejected, RolloutSample, StepCommitted, group_id_for, sample_id_for,
+from rlstream.core.messages import (
+    GroupAdmitted,
+    GroupRejected,
+    RolloutSample,
+    StepCommitted,
+    group_id_for,
+    sample_id_for,
 )
+from rlstream.ops.audit import AuditReport, audit_ledger
 
 G = 2
 

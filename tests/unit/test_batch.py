@@ -1,10 +1,10 @@
-"""trainer.batch: group assembly with dedup, and collation/alignment."""
+"""rlstream.trainer.batch: group assembly with dedup, and collation/alignment."""
 from __future__ import annotations
 
 import torch
 
-from rlstream.messages import RolloutSample, group_id_for, sample_id_for
-from trainer.batch import Group, GroupAssembler, collate, take_oldest
+from rlstream.core.messages import RolloutSample, group_id_for, sample_id_for
+from rlstream.trainer.batch import Group, GroupAssembler, collate, take_oldest
 
 
 def sample(row: int, member: int, size: int = 3, reward: float = 0.0, **over) -> RolloutSample:

@@ -1,4 +1,4 @@
-"""trainer.checkpoint / trainer.resume: which checkpoint a resume may use, and RNG isolation."""
+"""rlstream.trainer.checkpoint / trainer.resume: which checkpoint a resume may use, and RNG isolation."""
 from __future__ import annotations
 
 import json
@@ -9,10 +9,16 @@ from pathlib import Path
 
 import torch
 
-from rlstream import weights
-from trainer.checkpoint import (CheckpointState, checkpoint_dir, complete_checkpoints, holds_commit,
-                                read_state, rng_untouched)
-from trainer.resume import loss_matches, usable_checkpoint
+from rlstream.core import weights
+from rlstream.trainer.checkpoint import (
+    CheckpointState,
+    checkpoint_dir,
+    complete_checkpoints,
+    holds_commit,
+    read_state,
+    rng_untouched,
+)
+from rlstream.trainer.resume import loss_matches, usable_checkpoint
 
 
 def fake_checkpoint(run_dir: Path, step: int, cursor: str) -> Path:
@@ -80,8 +86,8 @@ def test_loss_matches_is_relative_with_a_floor():
 def test_verify_checkpoint_names_what_to_fix(tmp_path):
     import pytest
 
-    from rlstream.errors import ConfigError
-    from trainer.checkpoint import verify_checkpoint
+    from rlstream.core.errors import ConfigError
+    from rlstream.trainer.checkpoint import verify_checkpoint
 
     good = fake_checkpoint(tmp_path, 3, "3-0")
     assert verify_checkpoint(good) == good
@@ -96,9 +102,9 @@ def test_a_checkpoint_of_another_model_is_refused(tmp_path):
     import pytest
     from safetensors.torch import save_file
 
-    from rlstream.errors import RlstreamError
-    from rlstream.tiny_model import build_model
-    from trainer.checkpoint import load_checkpoint
+    from rlstream.builtin.tiny_model import build_model
+    from rlstream.core.errors import RlstreamError
+    from rlstream.trainer.checkpoint import load_checkpoint
 
     model = build_model()
     save_file({"other.weight": torch.zeros(2)}, str(tmp_path / "model.safetensors"))

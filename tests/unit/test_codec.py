@@ -1,4 +1,4 @@
-"""rlstream.messages + rlstream.codec: round trips, wire layout, and every rejection."""
+"""rlstream.core.messages + rlstream.core.codec: round trips, wire layout, and every rejection."""
 from __future__ import annotations
 
 import math
@@ -9,13 +9,24 @@ from array import array
 import msgpack
 import pytest
 
-from rlstream.codec import DecodeError, decode, encode
-from rlstream.messages import (
+from rlstream.core.codec import DecodeError, decode, encode
+from rlstream.core.messages import (
+    MESSAGE_TYPES,
+    SCHEMA_VERSION,
+    DatasetExhausted,
+    DeadLetter,
+    Evaluated,
+    GroupAdmitted,
+    GroupJob,
+    GroupRejected,
     GroupSampled,
-    MESSAGE_TYPES, SCHEMA_VERSION, DatasetExhausted, DeadLetter, Evaluated,
-    GroupAdmitted, GroupJob,
-    GroupRejected, RolloutSample, RunFinished, RunStarted, StepCommitted, WeightsPublished,
-    group_id_for, sample_id_for,
+    RolloutSample,
+    RunFinished,
+    RunStarted,
+    StepCommitted,
+    WeightsPublished,
+    group_id_for,
+    sample_id_for,
 )
 
 RQ_JOB_ID = re.compile(r"[A-Za-z0-9_-]+")  # rq.job.JOB_ID_PATTERN

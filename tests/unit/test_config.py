@@ -1,4 +1,4 @@
-"""rlstream.config: TOML loading, validation errors, env and --set overrides; the CLI's
+"""rlstream.core.config: TOML loading, validation errors, env and --set overrides; the CLI's
 config errors and its torch-free imports."""
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from rlstream.config import BUILTIN_MODEL, Config, load_config, validate_config
-from rlstream.errors import ConfigError
+from rlstream.core.config import BUILTIN_MODEL, Config, load_config, validate_config
+from rlstream.core.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "builtin" / "config.toml"
@@ -226,7 +226,7 @@ def test_cli_config_error_exits_2_with_one_line(tmp_path):
 
 
 def test_cli_imports_no_torch():
-    code = ("import rlstream.cli, rlstream.config, rlstream.launcher, rlstream.status, producers.producer, sys; "
+    code = ("import rlstream.cli, rlstream.core.config, rlstream.launcher, rlstream.ops.status, producers.producer, sys; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
@@ -254,7 +254,7 @@ def test_path_fields_keep_set_text_as_given():
 
 
 def test_env_override_names_cover_tables():
-    from rlstream.config import env_override_names
+    from rlstream.core.config import env_override_names
 
     names = env_override_names()
     assert {"RLSTREAM_SEED", "RLSTREAM_REDIS_URL", "RLSTREAM_WORKERS_COUNT", "RLSTREAM_INFERENCE_BASE_URL"} <= names

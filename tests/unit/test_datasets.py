@@ -1,4 +1,4 @@
-"""producers.datasets: the built-in task's rows, JSONL loading and its errors, epoch order."""
+"""rlstream.producers.datasets: the built-in task's rows, JSONL loading and its errors, epoch order."""
 from __future__ import annotations
 
 import json
@@ -6,10 +6,10 @@ import re
 
 import pytest
 
-from producers.datasets import epoch_order, load_jsonl, load_rows
-from rlstream.builtin_task import builtin_rows, exact_match_reward
-from rlstream.config import Config
-from rlstream.errors import ConfigError
+from rlstream.builtin.task import builtin_rows, exact_match_reward
+from rlstream.core.config import Config
+from rlstream.core.errors import ConfigError
+from rlstream.producers.datasets import epoch_order, load_jsonl, load_rows
 
 
 def test_builtin_rows_deterministic_and_correct():

@@ -1,4 +1,4 @@
-"""producers.gate (DESIGN.md s.4) with hand-computed numbers, and the gate driven by a
+"""rlstream.producers.gate (DESIGN.md s.4) with hand-computed numbers, and the gate driven by a
 RunState folded from events, as the producer runs it."""
 from __future__ import annotations
 
@@ -6,12 +6,17 @@ import random
 
 import pytest
 
-from producers.gate import can_admit, concurrency_capacity, staleness_capacity
-from rlstream.messages import (
-    DatasetExhausted, GroupAdmitted, GroupRejected, RunFinished, StepCommitted, WeightsPublished,
+from rlstream.core.messages import (
+    DatasetExhausted,
+    GroupAdmitted,
+    GroupRejected,
+    RunFinished,
+    StepCommitted,
+    WeightsPublished,
     group_id_for,
 )
-from rlstream.run_state import RunState
+from rlstream.core.run_state import RunState
+from rlstream.producers.gate import can_admit, concurrency_capacity, staleness_capacity
 
 
 def test_staleness_capacity_hand_computed():

@@ -8,11 +8,11 @@ import types
 
 import pytest
 
-from rlstream.config import Config
-from rlstream.errors import ConfigError
-from rlstream.rollout import Completion, RolloutSample
-from trainer.hooks import EvaluationContext, load_evaluation, run_evaluation
-from trainer.wandb_log import make_logger
+from rlstream.core.config import Config
+from rlstream.core.errors import ConfigError
+from rlstream.core.rollout import Completion, RolloutSample
+from rlstream.trainer.hooks import EvaluationContext, load_evaluation, run_evaluation
+from rlstream.trainer.wandb_log import make_logger
 
 
 def ctx() -> EvaluationContext:

@@ -1,9 +1,9 @@
-"""rlstream.keys: key names and run-id validation."""
+"""rlstream.core.keys: key names and run-id validation."""
 from __future__ import annotations
 
 import pytest
 
-from rlstream import keys
+from rlstream.core import keys
 
 
 def test_stream_keys():
@@ -55,8 +55,8 @@ def test_every_accepted_run_id_can_enqueue_jobs(run_id):
     from rq import Queue
     from rq.serializers import JSONSerializer
 
-    from producers.producer import admit
-    from rlstream.config import Config
+    from rlstream.core.config import Config
+    from rlstream.producers.producer import admit
 
     keys.check_run_id(run_id)
     r = fakeredis.FakeRedis()

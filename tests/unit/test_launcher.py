@@ -7,9 +7,9 @@ import time
 import pytest
 
 from rlstream import cli, launcher
-from rlstream.errors import RunFailed
+from rlstream.core.errors import RunFailed
+from rlstream.core.run_state import RunState
 from rlstream.launcher import _child_env
-from rlstream.run_state import RunState
 
 
 def test_children_do_not_reapply_config_overrides_from_the_environment(monkeypatch):

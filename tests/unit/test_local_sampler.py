@@ -8,10 +8,10 @@ import asyncio
 import pytest
 import torch
 
-from rlstream import weights
-from rlstream.messages import WeightsPublished
-from rlstream.tiny_model import save_tiny_model
-from workers.local_policy import LocalPolicy, LocalSampler, cut
+from rlstream.builtin.tiny_model import save_tiny_model
+from rlstream.core import weights
+from rlstream.core.messages import WeightsPublished
+from rlstream.sampling.local import LocalPolicy, LocalSampler, cut
 
 KW = dict(max_tokens=6, temperature=1.0, top_p=1.0, top_k=0, max_seq_len=64, logprobs=True)
 

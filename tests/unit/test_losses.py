@@ -13,7 +13,7 @@ import pytest
 import torch
 from loss_inputs import F64, PPO, approx, make, run
 
-from trainer.losses import POLICY_LOSSES, compute_loss
+from rlstream.trainer.losses import POLICY_LOSSES, compute_loss
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, F64])

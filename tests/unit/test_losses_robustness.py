@@ -1,4 +1,4 @@
-"""trainer.losses at the edges: the ±20 clamps, masked garbage, empty masks, gradcheck in
+"""rlstream.trainer.losses at the edges: the ±20 clamps, masked garbage, empty masks, gradcheck in
 float64 for every loss and normalisation, and input validation. Hand-computed values as in
 test_losses.py."""
 from __future__ import annotations
@@ -10,8 +10,7 @@ import pytest
 import torch
 from loss_inputs import F64, PPO, make, run
 
-from trainer.losses import POLICY_LOSSES, LossConfig, compute_loss
-
+from rlstream.trainer.losses import POLICY_LOSSES, LossConfig, compute_loss
 
 # ±20 clamps, in float32. exp(20) = 485165195.4097903 ; exp(30) = 1.07e13 would also be
 # finite in float32, so the exact values below (not mere finiteness) pin each clamp.

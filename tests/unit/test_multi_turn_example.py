@@ -13,8 +13,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from rlstream.rollout import Completion, RolloutSetup, chat_prompt_ids
-from rlstream.tiny_model import build_tokenizer
+from rlstream.builtin.tiny_model import build_tokenizer
+from rlstream.core.rollout import Completion, RolloutSetup, chat_prompt_ids
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "multi_turn_message_in"
 

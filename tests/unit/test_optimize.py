@@ -6,12 +6,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from rlstream.config import Config
-from rlstream.tiny_model import build_model
-from trainer.advantages import resolve_advantage
-from trainer.batch import Batch
-from trainer.optimize import make_optimizer, minibatch_indices, policy_update
-from trainer.policy_model import token_logprobs
+from rlstream.builtin.tiny_model import build_model
+from rlstream.core.config import Config
+from rlstream.trainer.advantages import resolve_advantage
+from rlstream.trainer.batch import Batch
+from rlstream.trainer.optimize import make_optimizer, minibatch_indices, policy_update
+from rlstream.trainer.policy_model import token_logprobs
 
 
 def make_batch(model, B: int = 16, seed: int = 0) -> Batch:

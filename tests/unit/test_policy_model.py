@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlstream.config import Config
-from rlstream.errors import ConfigError
-from rlstream.messages import RolloutSample
-from rlstream.tiny_model import build_model, build_tokenizer, save_tiny_model
-from rlstream.torch_setup import load_model_and_tokenizer
-from trainer.batch import collate
-from trainer.policy_model import load_reference, token_logprobs
+from rlstream.builtin.tiny_model import build_model, build_tokenizer, save_tiny_model
+from rlstream.core.config import Config
+from rlstream.core.errors import ConfigError
+from rlstream.core.messages import RolloutSample
+from rlstream.sampling.torch_setup import load_model_and_tokenizer
+from rlstream.trainer.batch import collate
+from rlstream.trainer.policy_model import load_reference, token_logprobs
 
 CPU = torch.device("cpu")
 # Two "a+b=c<eos>" rows in the tiny vocabulary, every token real (no padding).
@@ -58,7 +58,7 @@ def test_token_logprobs_restores_eval_mode_too():
 
 
 def test_trainer_logprobs_match_worker_behaviour_logprobs_at_temperature(tmp_path):
-    from workers.local_policy import LocalPolicy
+    from rlstream.sampling.local import LocalPolicy
 
     model, tokenizer = load_model_and_tokenizer(str(save_tiny_model(tmp_path / "tiny", seed=0)), CPU)
     model.train()  # as in the trainer: the worker samples in eval mode whatever the owner's mode

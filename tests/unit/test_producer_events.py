@@ -1,14 +1,14 @@
-"""producers.producer.events_rolled_back on fakeredis: noticing that Redis lost the events
+"""rlstream.producers.producer.events_rolled_back on fakeredis: noticing that Redis lost the events
 stream's tail (an OS crash with appendfsync everysec), even once new events were written."""
 from __future__ import annotations
 
 import fakeredis
 import pytest
 
-from producers.producer import events_rolled_back
-from rlstream import keys, streams
-from rlstream.config import Config
-from rlstream.messages import DatasetExhausted
+from rlstream.core import bus, keys
+from rlstream.core.config import Config
+from rlstream.core.messages import DatasetExhausted
+from rlstream.producers.producer import events_rolled_back
 
 CFG = Config(run_id="p1")
 
@@ -21,7 +21,7 @@ def r():
 
 
 def add_events(r, n: int) -> list[str]:
-    return [streams.xadd(r, keys.events(CFG.run_id), DatasetExhausted(groups=i)).decode() for i in range(n)]
+    return [bus.xadd(r, keys.events(CFG.run_id), DatasetExhausted(groups=i)).decode() for i in range(n)]
 
 
 def test_nothing_read_yet_is_never_a_rollback(r):

@@ -6,10 +6,11 @@ import fakeredis
 import pytest
 from rq.job import Job
 
-from producers.producer import admit, job_queue, jobless_groups, redispatch
-from rlstream.config import Config
-from rlstream.messages import GroupJob, GroupRejected, GroupSampled
-from rlstream.run_state import RunState
+from rlstream.core.config import Config
+from rlstream.core.jobs import job_queue
+from rlstream.core.messages import GroupJob, GroupRejected, GroupSampled
+from rlstream.core.run_state import RunState
+from rlstream.producers.producer import admit, jobless_groups, redispatch
 
 CFG = Config(run_id="p2", completions_per_prompt=4)
 ROWS = [{"prompt": f"{i}+1="} for i in range(3)]

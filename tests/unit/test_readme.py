@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from rlstream.config import Config
+from rlstream.core.config import Config
 
 REPO = Path(__file__).resolve().parents[2]
 README = (REPO / "README.md").read_text()

@@ -8,10 +8,10 @@ import json
 import httpx
 import pytest
 
-from rlstream.config import Config, InferenceConfig
-from rlstream.messages import WeightsPublished
-from workers import remote_policy
-from workers.remote_policy import InferenceError, RemotePolicy, RemoteSampler, completion_request, parse_completions
+from rlstream.core.config import Config, InferenceConfig
+from rlstream.core.messages import WeightsPublished
+from rlstream.sampling.remote import InferenceError, RemotePolicy, RemoteSampler, completion_request, parse_completions
+from rlstream.sampling import remote as remote_policy
 
 PROMPT = [3, 4, 5]
 
@@ -178,8 +178,8 @@ def test_api_key_comes_from_the_named_environment_variable(monkeypatch):
 
 
 def test_config_requires_base_url_for_the_openai_backend():
-    from rlstream.config import validate_config
-    from rlstream.errors import ConfigError
+    from rlstream.core.config import validate_config
+    from rlstream.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="inference: backend 'openai' needs base_url"):
         validate_config({"inference": {"backend": "openai"}})

@@ -4,9 +4,9 @@ from __future__ import annotations
 import fakeredis
 import pytest
 
-from rlstream.config import Config
-from rlstream.errors import ConfigError
-from trainer.replay_run import replay_run
+from rlstream.core.config import Config
+from rlstream.core.errors import ConfigError
+from rlstream.trainer.replay_run import replay_run
 
 
 def test_replay_needs_a_new_run_id_and_a_source_with_steps(tmp_path):

@@ -9,12 +9,13 @@ import pytest
 
 from rlstream import Config, RolloutSample, RolloutSetup, main
 from rlstream.api import importable_spec
-from rlstream.errors import ConfigError
-from rlstream.messages import GroupJob
+from rlstream.builtin.rewards import exact_match, final_number, math_answer, resolve_reward
+from rlstream.core.errors import ConfigError
+from rlstream.core.messages import GroupJob
 from rlstream.preflight import preflight
-from rlstream.rewards import exact_match, final_number, math_answer, resolve_reward
-from workers.breaker import CircuitBreaker
-from workers.runtime import CircuitOpen, WorkerRuntime, accepted_context
+from rlstream.sampling.rollout_fn import accepted_context
+from rlstream.workers.breaker import CircuitBreaker
+from rlstream.workers.runtime import CircuitOpen, WorkerRuntime
 
 
 def module_level_factory(setup):  # importable by name, as workers need
@@ -24,7 +25,7 @@ def module_level_factory(setup):  # importable by name, as workers need
 def test_importable_spec_accepts_module_functions_and_strings():
     assert importable_spec(module_level_factory, "rollout_fn_factory") == \
         f"{module_level_factory.__module__}:module_level_factory"
-    assert importable_spec("rlstream.rewards:math_answer", "reward_fn") == "rlstream.rewards:math_answer"
+    assert importable_spec("rlstream.builtin.rewards:math_answer", "reward_fn") == "rlstream.builtin.rewards:math_answer"
 
 
 def test_importable_spec_rejects_lambdas_nested_and_main():
@@ -77,7 +78,7 @@ def test_rewards():
     assert final_number("no digits") is None
     assert math_answer("it is 15", {"answer": "8 + 7 = 15\n#### 15"}) == 1.0
     assert math_answer("it is 14", {"answer": "#### 15"}) == 0.0
-    assert resolve_reward("rlstream.rewards:math_answer") is math_answer
+    assert resolve_reward("rlstream.builtin.rewards:math_answer") is math_answer
 
 
 def test_accepted_context():

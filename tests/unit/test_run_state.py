@@ -7,8 +7,8 @@ import random
 
 import pytest
 
-from rlstream.messages import GroupAdmitted, GroupRejected, GroupSampled, StepCommitted, group_id_for
-from rlstream.run_state import RunState
+from rlstream.core.messages import GroupAdmitted, GroupRejected, GroupSampled, StepCommitted, group_id_for
+from rlstream.core.run_state import RunState
 
 
 def recomputed(s: RunState) -> dict:

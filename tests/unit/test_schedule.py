@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from trainer.schedule import lr_multiplier
+from rlstream.trainer.schedule import lr_multiplier
 
 
 def mult(step: int, schedule: str, warmup: int = 0, total: int | None = 12) -> float:

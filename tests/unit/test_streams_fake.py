@@ -1,16 +1,23 @@
-"""rlstream.streams on fakeredis: consumer-group reads, dead-lettering, events, reclaim."""
+"""rlstream.core.bus on fakeredis: consumer-group reads, dead-lettering, events, reclaim."""
 from __future__ import annotations
 
 import fakeredis
 import msgpack
 import pytest
 
-from rlstream import keys, streams
-from rlstream.codec import decode, encode
-from rlstream.messages import (
-    DeadLetter, GroupAdmitted, GroupRejected, RolloutSample, RunFinished, WeightsPublished,
-    group_id_for, sample_id_for,
+from rlstream.core import bus, keys
+from rlstream.core.codec import decode, encode
+from rlstream.core.messages import (
+    DeadLetter,
+    GroupAdmitted,
+    GroupRejected,
+    RolloutSample,
+    RunFinished,
+    WeightsPublished,
+    group_id_for,
+    sample_id_for,
 )
+from rlstream.trainer import buffer
 
 RUN = "t1"
 ROLLOUTS = keys.rollouts(RUN)
@@ -43,68 +50,68 @@ def sid(entry_id) -> str:
 
 
 def test_ensure_group_is_idempotent_and_creates_the_stream(r):
-    streams.ensure_group(r, ROLLOUTS)
-    streams.ensure_group(r, ROLLOUTS)
+    bus.ensure_group(r, ROLLOUTS)
+    bus.ensure_group(r, ROLLOUTS)
     assert r.exists(ROLLOUTS)
-    assert streams.group_info(r, ROLLOUTS) == {"pending": 0, "lag": 0, "consumers": 0}
+    assert bus.group_info(r, ROLLOUTS) == {"pending": 0, "lag": 0, "consumers": 0}
 
 
 def test_xadd_read_group_round_trip(r):
-    streams.ensure_group(r, ROLLOUTS)
+    bus.ensure_group(r, ROLLOUTS)
     msgs = [sample(0), sample(1)]
-    ids = [sid(streams.xadd(r, ROLLOUTS, m)) for m in msgs]
-    assert r.xrange(ROLLOUTS)[0][1] == {streams.FIELD: encode(msgs[0])}
-    got = streams.read_group(r, RUN, "c1", count=10, block_ms=None)
+    ids = [sid(bus.xadd(r, ROLLOUTS, m)) for m in msgs]
+    assert r.xrange(ROLLOUTS)[0][1] == {bus.FIELD: encode(msgs[0])}
+    got = buffer.read_group(r, RUN, "c1", count=10, block_ms=None)
     assert [e for e, _ in got] == ids
     assert [m for _, m in got] == msgs
     assert pending_ids(r) == ids  # read, not yet acked: the trainer's durable buffer
     # nothing new
-    assert streams.read_group(r, RUN, "c1", count=10, block_ms=None) == []
+    assert buffer.read_group(r, RUN, "c1", count=10, block_ms=None) == []
     # a restarted consumer re-reads its own pending entries
-    again = streams.read_all_pending(r, RUN, "c1")
+    again = buffer.read_all_pending(r, RUN, "c1")
     assert [(e, m) for e, m in again] == list(zip(ids, msgs))
-    assert streams.read_all_pending(r, RUN, "other") == []
-    info = streams.group_info(r, ROLLOUTS)
+    assert buffer.read_all_pending(r, RUN, "other") == []
+    info = bus.group_info(r, ROLLOUTS)
     assert info["pending"] == 2 and info["consumers"] == 2
     r.xack(ROLLOUTS, keys.TRAINER_GROUP, *ids)
-    assert pending_ids(r) == [] and streams.group_info(r, ROLLOUTS)["pending"] == 0
+    assert pending_ids(r) == [] and bus.group_info(r, ROLLOUTS)["pending"] == 0
 
 
 def test_read_group_respects_count(r):
-    streams.ensure_group(r, ROLLOUTS)
-    ids = [sid(streams.xadd(r, ROLLOUTS, sample(m % 2, row=m))) for m in range(5)]
-    first = streams.read_group(r, RUN, "c", count=2, block_ms=1)
-    rest = streams.read_group(r, RUN, "c", count=10, block_ms=1)
+    bus.ensure_group(r, ROLLOUTS)
+    ids = [sid(bus.xadd(r, ROLLOUTS, sample(m % 2, row=m))) for m in range(5)]
+    first = buffer.read_group(r, RUN, "c", count=2, block_ms=1)
+    rest = buffer.read_group(r, RUN, "c", count=10, block_ms=1)
     assert [e for e, _ in first] == ids[:2] and [e for e, _ in rest] == ids[2:]
 
 
 def test_invalid_entries_are_dead_lettered_and_acked(r):
-    streams.ensure_group(r, ROLLOUTS)
+    bus.ensure_group(r, ROLLOUTS)
     unstamped = sample(0).model_copy(update={"sample_id": ""})
     garbage = b"\xc1 not msgpack"
     bad_event = encode(GroupRejected(group_id="g", reason="x"))  # valid message, wrong kind
-    ok0 = sid(streams.xadd(r, ROLLOUTS, sample(0)))
+    ok0 = sid(bus.xadd(r, ROLLOUTS, sample(0)))
     bad = {
-        sid(r.xadd(ROLLOUTS, {streams.FIELD: garbage})): ("not msgpack", garbage),
-        sid(streams.xadd(r, ROLLOUTS, unstamped)): ("no sample_id", encode(unstamped)),
-        sid(streams.xadd(r, ROLLOUTS, sample(1, tokens=(3, 16, 5)))): (
+        sid(r.xadd(ROLLOUTS, {bus.FIELD: garbage})): ("not msgpack", garbage),
+        sid(bus.xadd(r, ROLLOUTS, unstamped)): ("no sample_id", encode(unstamped)),
+        sid(bus.xadd(r, ROLLOUTS, sample(1, tokens=(3, 16, 5)))): (
             "token id 16 outside the vocabulary (size 16)", None),
-        sid(streams.xadd(r, ROLLOUTS, sample(1, tokens=tuple(range(1, 10))))): (
+        sid(bus.xadd(r, ROLLOUTS, sample(1, tokens=tuple(range(1, 10))))): (
             "9 tokens exceed max_seq_len 8", None),
         sid(r.xadd(ROLLOUTS, {b"other": b"x"})): ("not msgpack", b""),
-        sid(r.xadd(ROLLOUTS, {streams.FIELD: bad_event})): ("expected rollout_sample, got group_rejected",
+        sid(r.xadd(ROLLOUTS, {bus.FIELD: bad_event})): ("expected rollout_sample, got group_rejected",
                                                             bad_event),
     }
-    ok1 = sid(streams.xadd(r, ROLLOUTS, sample(1)))
+    ok1 = sid(bus.xadd(r, ROLLOUTS, sample(1)))
 
-    got = streams.read_group(r, RUN, "c", count=100, block_ms=None, vocab_size=16, max_seq_len=8)
+    got = buffer.read_group(r, RUN, "c", count=100, block_ms=None, vocab_size=16, max_seq_len=8)
     assert [e for e, _ in got] == [ok0, ok1]
     assert pending_ids(r) == [ok0, ok1]  # bad entries were XACKed, valid ones stay pending
-    assert streams.group_info(r, ROLLOUTS)["pending"] == 2
+    assert bus.group_info(r, ROLLOUTS)["pending"] == 2
 
     dead = r.xrange(DEAD)
     assert len(dead) == len(bad)
-    letters = [decode(fields[streams.FIELD], expect=DeadLetter) for _, fields in dead]
+    letters = [decode(fields[bus.FIELD], expect=DeadLetter) for _, fields in dead]
     assert [d.source_id for d in letters] == list(bad)  # in stream order
     for d in letters:
         needle, raw = bad[d.source_id]
@@ -116,42 +123,42 @@ def test_invalid_entries_are_dead_lettered_and_acked(r):
         else:
             assert decode(d.raw) is not None  # the raw bytes are the original, decodable sample
     # nothing more to read, nothing is re-delivered
-    assert streams.read_group(r, RUN, "c", count=100, block_ms=None, vocab_size=16, max_seq_len=8) == []
+    assert buffer.read_group(r, RUN, "c", count=100, block_ms=None, vocab_size=16, max_seq_len=8) == []
 
 
 def test_boundaries_of_vocab_and_seq_len_are_inclusive(r):
-    streams.ensure_group(r, ROLLOUTS)
-    streams.xadd(r, ROLLOUTS, sample(0, tokens=(1, 2, 15)))
-    got = streams.read_group(r, RUN, "c", count=10, block_ms=None, vocab_size=16, max_seq_len=3)
+    bus.ensure_group(r, ROLLOUTS)
+    bus.xadd(r, ROLLOUTS, sample(0, tokens=(1, 2, 15)))
+    got = buffer.read_group(r, RUN, "c", count=10, block_ms=None, vocab_size=16, max_seq_len=3)
     assert len(got) == 1 and not r.exists(DEAD)
 
 
 def test_dead_letter_raw_is_capped(r):
-    streams.ensure_group(r, ROLLOUTS)
-    r.xadd(ROLLOUTS, {streams.FIELD: b"\xc1" * 100_000})
-    assert streams.read_group(r, RUN, "c", count=10, block_ms=None) == []
+    bus.ensure_group(r, ROLLOUTS)
+    r.xadd(ROLLOUTS, {bus.FIELD: b"\xc1" * 100_000})
+    assert buffer.read_group(r, RUN, "c", count=10, block_ms=None) == []
     (_, fields), = r.xrange(DEAD)
-    assert len(decode(fields[streams.FIELD]).raw) == 65536
+    assert len(decode(fields[bus.FIELD]).raw) == 65536
 
 
 def test_decode_entries_without_group_does_not_ack(r):
-    streams.ensure_group(r, ROLLOUTS)
-    bad_id = sid(r.xadd(ROLLOUTS, {streams.FIELD: b"junk"}))
+    bus.ensure_group(r, ROLLOUTS)
+    bad_id = sid(r.xadd(ROLLOUTS, {bus.FIELD: b"junk"}))
     r.xreadgroup(keys.TRAINER_GROUP, "c", {ROLLOUTS: ">"}, count=10)
     raw_entries = r.xrange(ROLLOUTS)
-    assert streams.decode_entries(r, RUN, ROLLOUTS, raw_entries, group=None) == []
+    assert buffer.decode_entries(r, RUN, ROLLOUTS, raw_entries, group=None) == []
     assert r.xlen(DEAD) == 1
     assert pending_ids(r) == [bad_id]
 
 
 def test_invalid_collects_only_stamped_samples_failing_vocab_or_length(r):
-    streams.ensure_group(r, ROLLOUTS)
-    out_of_vocab = sid(streams.xadd(r, ROLLOUTS, sample(0, tokens=(3, 16, 5))))
-    too_long = sid(streams.xadd(r, ROLLOUTS, sample(1, tokens=tuple(range(1, 10)))))
-    streams.xadd(r, ROLLOUTS, sample(0).model_copy(update={"sample_id": ""}))  # not stamped: no group to settle
-    r.xadd(ROLLOUTS, {streams.FIELD: b"junk"})
+    bus.ensure_group(r, ROLLOUTS)
+    out_of_vocab = sid(bus.xadd(r, ROLLOUTS, sample(0, tokens=(3, 16, 5))))
+    too_long = sid(bus.xadd(r, ROLLOUTS, sample(1, tokens=tuple(range(1, 10)))))
+    bus.xadd(r, ROLLOUTS, sample(0).model_copy(update={"sample_id": ""}))  # not stamped: no group to settle
+    r.xadd(ROLLOUTS, {bus.FIELD: b"junk"})
     invalid: list = []
-    assert streams.read_group(r, RUN, "c", count=10, block_ms=None, vocab_size=16, max_seq_len=8,
+    assert buffer.read_group(r, RUN, "c", count=10, block_ms=None, vocab_size=16, max_seq_len=8,
                               invalid=invalid) == []
     assert [(e, s.sample_id) for e, s in invalid] == [(out_of_vocab, sample(0).sample_id),
                                                       (too_long, sample(1).sample_id)]
@@ -159,48 +166,37 @@ def test_invalid_collects_only_stamped_samples_failing_vocab_or_length(r):
 
 
 def test_read_pending_pages_past_deleted_entries_and_acks_them(r):
-    streams.ensure_group(r, ROLLOUTS)
-    ids = [sid(streams.xadd(r, ROLLOUTS, sample(m % 2, row=m // 2))) for m in range(5)]
-    streams.read_group(r, RUN, "c", count=10, block_ms=None)
+    bus.ensure_group(r, ROLLOUTS)
+    ids = [sid(bus.xadd(r, ROLLOUTS, sample(m % 2, row=m // 2))) for m in range(5)]
+    buffer.read_group(r, RUN, "c", count=10, block_ms=None)
     r.xdel(ROLLOUTS, *ids[:3])  # a whole first page of deleted entries
-    entries, after = streams.read_pending(r, RUN, "c", "0", count=3)
+    entries, after = buffer.read_pending(r, RUN, "c", "0", count=3)
     assert entries == [] and after == ids[2]  # not the end: page on
-    assert [e for e, _ in streams.read_all_pending(r, RUN, "c", count=3)] == ids[3:]
+    assert [e for e, _ in buffer.read_all_pending(r, RUN, "c", count=3)] == ids[3:]
     assert pending_ids(r) == ids[3:]  # the deleted ones were acked: they can never be trained
 
 
 def test_dead_members_name_the_sample_and_group_of_stamped_samples(r):
-    streams.ensure_group(r, ROLLOUTS)
-    streams.xadd(r, ROLLOUTS, sample(0, tokens=(3, 16, 5)))
-    r.xadd(ROLLOUTS, {streams.FIELD: b"junk"})
+    bus.ensure_group(r, ROLLOUTS)
+    bus.xadd(r, ROLLOUTS, sample(0, tokens=(3, 16, 5)))
+    r.xadd(ROLLOUTS, {bus.FIELD: b"junk"})
     long = sample(1, tokens=tuple([1] * 20_000))  # > 64 KiB encoded: its raw bytes are cut in the letter
-    streams.xadd(r, ROLLOUTS, long)
-    streams.read_group(r, RUN, "c", count=10, block_ms=None, vocab_size=16, max_seq_len=10_000)
-    members = list(streams.dead_members(r, RUN, page=1))
+    bus.xadd(r, ROLLOUTS, long)
+    buffer.read_group(r, RUN, "c", count=10, block_ms=None, vocab_size=16, max_seq_len=10_000)
+    members = list(buffer.dead_members(r, RUN, page=1))
     assert [(m.sample_id, m.group_id, m.group_size) for m in members] == [
         (s.sample_id, s.group_id, s.group_size) for s in (sample(0), long)]
 
 
 def test_rollout_stats(r):
-    assert streams.rollout_stats(r, RUN) == {}
+    assert bus.rollout_stats(r, RUN) == {}
     r.hincrby(keys.rollout_stats(RUN), "invalid_samples", 3)
     r.hincrby(keys.rollout_stats(RUN), "rollout_failures", 1)
-    assert streams.rollout_stats(r, RUN) == {"invalid_samples": 3, "rollout_failures": 1}
+    assert bus.rollout_stats(r, RUN) == {"invalid_samples": 3, "rollout_failures": 1}
 
 
 def test_count_connection_errors_is_zero_without_a_retry_policy(r):
-    assert streams.count_connection_errors(r)() == 0
-
-
-def test_autoclaim_moves_idle_entries(r):
-    streams.ensure_group(r, ROLLOUTS)
-    ids = [sid(streams.xadd(r, ROLLOUTS, sample(m))) for m in range(2)]
-    streams.read_group(r, RUN, "dead-consumer", count=10, block_ms=None)
-    nxt, entries = streams.autoclaim(r, ROLLOUTS, keys.TRAINER_GROUP, "c2", min_idle_ms=0)
-    assert nxt == "0-0"
-    assert [sid(e) for e, _ in entries] == ids
-    assert [decode(f[streams.FIELD]) for _, f in entries] == [sample(0), sample(1)]
-    assert streams.read_all_pending(r, RUN, "c2")[0][0] == ids[0]
+    assert buffer.count_connection_errors(r)() == 0
 
 
 # --------------------------------------------------------------------------- events
@@ -216,55 +212,55 @@ def events(n: int):
 
 def test_read_events_order_and_cursor(r):
     ev = keys.events(RUN)
-    assert streams.read_events(r, RUN) == ([], "0-0")
+    assert bus.read_events(r, RUN) == ([], "0-0")
     msgs = events(3) + [WeightsPublished(version=1, uri="u", sha256="s", bytes=1)]
-    ids = [sid(streams.xadd(r, ev, m)) for m in msgs]
-    got, cursor = streams.read_events(r, RUN)
+    ids = [sid(bus.xadd(r, ev, m)) for m in msgs]
+    got, cursor = bus.read_events(r, RUN)
     assert got == list(zip(ids, msgs))
     assert cursor == ids[-1]
-    assert streams.read_events(r, RUN, cursor) == ([], cursor)
+    assert bus.read_events(r, RUN, cursor) == ([], cursor)
     # small pages: still reads until caught up, so a fold over the result is never partial
-    part, c2 = streams.read_events(r, RUN, count=2)
+    part, c2 = bus.read_events(r, RUN, count=2)
     assert [e for e, _ in part] == ids and c2 == ids[-1]
-    part, c3 = streams.read_events(r, RUN, ids[1], count=2)
+    part, c3 = bus.read_events(r, RUN, ids[1], count=2)
     assert [e for e, _ in part] == ids[2:] and c3 == ids[-1]
-    new = sid(streams.xadd(r, ev, RunFinished(reason="x")))
-    got, c4 = streams.read_events(r, RUN, cursor, block_ms=1)
+    new = sid(bus.xadd(r, ev, RunFinished(reason="x")))
+    got, c4 = bus.read_events(r, RUN, cursor, block_ms=1)
     assert [e for e, _ in got] == [new] and isinstance(got[0][1], RunFinished) and c4 == new
 
 
 def test_undecodable_event_is_skipped_but_advances_the_cursor(r):
     ev = keys.events(RUN)
-    a = sid(streams.xadd(r, ev, events(1)[0]))
-    bad = sid(r.xadd(ev, {streams.FIELD: msgpack.packb({"kind": "nope", "schema_version": 1})}))
-    got, cursor = streams.read_events(r, RUN)
+    a = sid(bus.xadd(r, ev, events(1)[0]))
+    bad = sid(r.xadd(ev, {bus.FIELD: msgpack.packb({"kind": "nope", "schema_version": 1})}))
+    got, cursor = bus.read_events(r, RUN)
     assert [e for e, _ in got] == [a]
     assert cursor == bad
 
 
 def test_iter_all_events(r):
     ev = keys.events(RUN)
-    assert list(streams.iter_all_events(r, RUN)) == []
+    assert list(bus.iter_all_events(r, RUN)) == []
     msgs = events(7)
     ids = []
     for i, m in enumerate(msgs):
-        ids.append(sid(streams.xadd(r, ev, m)))
+        ids.append(sid(bus.xadd(r, ev, m)))
         if i == 3:
-            r.xadd(ev, {streams.FIELD: b"garbage"})
-    got = list(streams.iter_all_events(r, RUN, batch=2))
+            r.xadd(ev, {bus.FIELD: b"garbage"})
+    got = list(bus.iter_all_events(r, RUN, batch=2))
     assert [e for e, _ in got] == ids
     assert [m for _, m in got] == msgs
 
 
 def test_iter_all_events_ends_on_trailing_garbage(r):
     ev = keys.events(RUN)
-    streams.xadd(r, ev, events(1)[0])
-    r.xadd(ev, {streams.FIELD: b"garbage"})
-    assert len(list(streams.iter_all_events(r, RUN, batch=1))) == 1
+    bus.xadd(r, ev, events(1)[0])
+    r.xadd(ev, {bus.FIELD: b"garbage"})
+    assert len(list(bus.iter_all_events(r, RUN, batch=1))) == 1
 
 
 def test_group_info_missing_stream_and_group(r):
-    assert streams.group_info(r, "rl:none:rollouts") == {"pending": 0, "lag": None, "consumers": 0}
-    streams.ensure_group(r, ROLLOUTS, group="someone-else")
-    assert streams.group_info(r, ROLLOUTS) == {"pending": 0, "lag": None, "consumers": 0}
-    assert streams.group_info(r, ROLLOUTS, group="someone-else")["pending"] == 0
+    assert bus.group_info(r, "rl:none:rollouts") == {"pending": 0, "lag": None, "consumers": 0}
+    bus.ensure_group(r, ROLLOUTS, group="someone-else")
+    assert bus.group_info(r, ROLLOUTS) == {"pending": 0, "lag": None, "consumers": 0}
+    assert bus.group_info(r, ROLLOUTS, group="someone-else")["pending"] == 0

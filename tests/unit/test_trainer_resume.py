@@ -9,15 +9,21 @@ import fakeredis
 import pytest
 import torch
 
-from rlstream import keys, streams
-from rlstream.config import Config
-from rlstream.messages import (
-    DatasetExhausted, GroupAdmitted, GroupRejected, RolloutSample, RunFinished, StepCommitted, group_id_for,
+from rlstream.core import bus, keys
+from rlstream.core.config import Config
+from rlstream.core.messages import (
+    DatasetExhausted,
+    GroupAdmitted,
+    GroupRejected,
+    RolloutSample,
+    RunFinished,
+    StepCommitted,
+    group_id_for,
     sample_id_for,
 )
-from trainer.checkpoint import checkpoint_dir, read_state
-from trainer.resume import resume
-from trainer.trainer import CONSUMER, Trainer, rejected_total
+from rlstream.trainer.checkpoint import checkpoint_dir, read_state
+from rlstream.trainer.resume import resume
+from rlstream.trainer.trainer import CONSUMER, Trainer, rejected_total
 
 RUN = "tr"
 
@@ -25,7 +31,7 @@ RUN = "tr"
 @pytest.fixture
 def r():
     client = fakeredis.FakeRedis()
-    streams.ensure_group(client, keys.rollouts(RUN))
+    bus.ensure_group(client, keys.rollouts(RUN))
     yield client
     client.close()
 
@@ -39,7 +45,7 @@ def config(tmp_path, **over) -> Config:
 
 def admit(r, row: int, group_size: int = 2) -> str:
     gid = group_id_for(0, row, 0)
-    streams.xadd(r, keys.events(RUN), GroupAdmitted(group_id=gid, row_index=row, epoch=0, attempt=0,
+    bus.xadd(r, keys.events(RUN), GroupAdmitted(group_id=gid, row_index=row, epoch=0, attempt=0,
                                                     submit_version=0, group_size=group_size))
     return gid
 
@@ -47,7 +53,7 @@ def admit(r, row: int, group_size: int = 2) -> str:
 def add_group(r, row: int, group_size: int = 2, token: int = 3) -> list[str]:
     """Admit row ``row`` and XADD its samples (rewards 0, 1, ...: a finite, nonzero advantage)."""
     gid = admit(r, row, group_size)
-    return [streams.xadd(r, keys.rollouts(RUN), RolloutSample(
+    return [bus.xadd(r, keys.rollouts(RUN), RolloutSample(
         tokens=[1, 2 + m, token], logprobs=[0.0, -1.0, -1.0], loss_mask=[0, 1, 1], reward=float(m),
         sample_id=sample_id_for(gid, m), group_id=gid, group_size=group_size, row_index=row)).decode()
         for m in range(group_size)]
@@ -58,7 +64,7 @@ def params(t: Trainer) -> list[torch.Tensor]:
 
 
 def events(r, kind) -> list:
-    return [m for _, m in streams.iter_all_events(r, RUN) if isinstance(m, kind)]
+    return [m for _, m in bus.iter_all_events(r, RUN) if isinstance(m, kind)]
 
 
 def test_replay_uses_the_recorded_lr_and_reproduces_the_weights(r, tmp_path, caplog):
@@ -88,8 +94,8 @@ def test_checkpoint_ahead_of_the_events_is_skipped_then_replaced(r, tmp_path, ca
     cfg = config(tmp_path, dcp_save_interval=1)
     assert Trainer(cfg, r, cfg.run_dir()).run() == 2
     # An OS crash loses Redis's last second: step 2's commit (and the record) but not the fsynced checkpoint.
-    ids = {m.step: i for i, m in streams.iter_all_events(r, RUN) if isinstance(m, StepCommitted)}
-    tail = [i for i, _ in streams.iter_all_events(r, RUN) if i >= ids[2]]
+    ids = {m.step: i for i, m in bus.iter_all_events(r, RUN) if isinstance(m, StepCommitted)}
+    tail = [i for i, _ in bus.iter_all_events(r, RUN) if i >= ids[2]]
     r.xdel(keys.events(RUN), *tail)
     r.hset(keys.committed_step(RUN), mapping={"step": 1, "event_id": ids[1]})
 
@@ -101,7 +107,7 @@ def test_checkpoint_ahead_of_the_events_is_skipped_then_replaced(r, tmp_path, ca
     while not t.ready:
         t.collect_groups()
     t.train_step(t.ready[:1], wait_time=0.0)
-    new_id = next(i for i, m in streams.iter_all_events(r, RUN) if isinstance(m, StepCommitted) and m.step == 2)
+    new_id = next(i for i, m in bus.iter_all_events(r, RUN) if isinstance(m, StepCommitted) and m.step == 2)
     assert new_id != ids[2]
     assert read_state(checkpoint_dir(cfg.run_dir(), 2)).events_cursor == new_id  # the stale one was replaced
 
@@ -137,7 +143,7 @@ def test_idle_rescan_is_periodic(r, tmp_path):
 
 def test_a_run_whose_every_group_is_invalid_fails_with_a_reason(r, tmp_path):
     add_group(r, 0, token=99)  # outside the tiny model's vocabulary: both samples dead-lettered
-    streams.xadd(r, keys.events(RUN), DatasetExhausted(groups=1))
+    bus.xadd(r, keys.events(RUN), DatasetExhausted(groups=1))
     cfg = config(tmp_path, max_steps=None, lr_schedule="constant")
     assert Trainer(cfg, r, cfg.run_dir()).run() == 0
     (rejected,) = events(r, GroupRejected)
@@ -163,8 +169,8 @@ def test_a_restarted_trainer_settles_groups_from_the_dead_letter_stream(r, tmp_p
 
 def test_rejected_groups_total_survives_a_resume(r, tmp_path):
     gid = admit(r, 7)
-    streams.xadd(r, keys.events(RUN), GroupRejected(group_id=gid, reason="rollout job failed", by="producer"))
-    streams.xadd(r, keys.events(RUN), GroupRejected(group_id="x", reason="dynamic_filter_fn", by="trainer"))
+    bus.xadd(r, keys.events(RUN), GroupRejected(group_id=gid, reason="rollout job failed", by="producer"))
+    bus.xadd(r, keys.events(RUN), GroupRejected(group_id="x", reason="dynamic_filter_fn", by="trainer"))
     add_group(r, 0)
     cfg = config(tmp_path, max_steps=1)
     t = Trainer(cfg, r, cfg.run_dir())

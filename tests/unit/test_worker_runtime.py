@@ -10,14 +10,15 @@ import fakeredis
 import pytest
 import torch
 
-from rlstream import keys, streams, weights
-from rlstream.codec import decode
-from rlstream.config import Config
-from rlstream.messages import GroupJob, GroupRejected, GroupSampled, RolloutSample, RunFinished, WeightsPublished
-from rlstream.tiny_model import save_tiny_model
-from workers.builtin_rollout import single_turn_factory
-from workers.jobs import heartbeat_ttl, still_alive
-from workers.runtime import CircuitOpen, WorkerRuntime, accepted_context, job_seed, policy_vocab_size
+from rlstream.builtin.rollout import single_turn_factory
+from rlstream.builtin.tiny_model import save_tiny_model
+from rlstream.core import bus, keys, weights
+from rlstream.core.codec import decode
+from rlstream.core.config import Config
+from rlstream.core.messages import GroupJob, GroupRejected, GroupSampled, RolloutSample, RunFinished, WeightsPublished
+from rlstream.sampling.rollout_fn import accepted_context
+from rlstream.workers.jobs import heartbeat_ttl, still_alive
+from rlstream.workers.runtime import CircuitOpen, WorkerRuntime, job_seed, policy_vocab_size
 
 RUN = "t"
 
@@ -31,7 +32,7 @@ def r():
 
 def stub_runtime(r, rollout_fn, vocab_size: int = 10, **cfg) -> WorkerRuntime:
     """A runtime whose policy is already 'loaded' at v0 (the rollout_fn never samples)."""
-    streams.xadd(r, keys.events(RUN), WeightsPublished(version=0, uri="/nowhere", sha256="0" * 64, bytes=0))
+    bus.xadd(r, keys.events(RUN), WeightsPublished(version=0, uri="/nowhere", sha256="0" * 64, bytes=0))
     rt = WorkerRuntime(Config(run_id=RUN, **cfg), r, worker_id="w", device="cpu",
                        rollout_fn_factory=lambda setup: rollout_fn)
     rt.policy = types.SimpleNamespace(version=0, tokenizer=None)
@@ -54,12 +55,12 @@ def stats(r) -> dict[str, int]:
 
 
 def emitted(r) -> list[RolloutSample]:
-    return [decode(fields[streams.FIELD])
+    return [decode(fields[bus.FIELD])
             for _, fields in r.xrange(keys.rollouts(RUN))]
 
 
 def events(r) -> list:
-    return [m for _, m in streams.iter_all_events(r, RUN)]
+    return [m for _, m in bus.iter_all_events(r, RUN)]
 
 
 def test_a_non_sample_return_trips_the_breaker_with_a_clear_message(r):
@@ -169,7 +170,7 @@ def test_vocab_size_of_a_remote_policy_is_its_tokenizer_length():
 def test_real_policy_end_to_end_and_sample_kwargs_is_a_copy(r, tmp_path):
     model_dir = save_tiny_model(tmp_path / "model")
     digest, size = weights.seal(model_dir, tmp_path / "v0", version=0)
-    streams.xadd(r, keys.events(RUN), WeightsPublished(version=0, uri=str(tmp_path / "v0"), sha256=digest, bytes=size))
+    bus.xadd(r, keys.events(RUN), WeightsPublished(version=0, uri=str(tmp_path / "v0"), sha256=digest, bytes=size))
     seen = {}
 
     def factory(setup):

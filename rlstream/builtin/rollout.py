@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from rlstream.messages import RolloutSample
-from rlstream.rewards import RewardFn
-from rlstream.rollout import RolloutFn, RolloutSetup, chat_prompt_ids
+from rlstream.builtin.rewards import RewardFn
+from rlstream.core.messages import RolloutSample
+from rlstream.core.rollout import RolloutFn, RolloutSetup, chat_prompt_ids
 
 
 def prompt_token_ids(row: dict[str, Any], tokenizer: Any) -> list[int]:

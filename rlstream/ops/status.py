@@ -13,13 +13,13 @@ from typing import Any, Iterator
 
 from rq import Queue, Worker
 
-from rlstream import keys, streams
-from rlstream.config import validate_config
-from rlstream.connection import connect
-from rlstream.embedded_redis import EmbeddedRedis
-from rlstream.errors import ConfigError, RedisUnavailable
-from rlstream.progress import buffered_samples
-from rlstream.run_state import RunState
+from rlstream.core import bus, keys
+from rlstream.core.config import validate_config
+from rlstream.core.connection import connect
+from rlstream.core.embedded_redis import EmbeddedRedis
+from rlstream.core.errors import ConfigError, RedisUnavailable
+from rlstream.core.run_state import RunState
+from rlstream.ops.progress import buffered_samples
 
 
 def find_run_dir(run: str | None, log_path: str) -> Path:
@@ -69,7 +69,7 @@ def opened_run(run: str | None, log_path: str) -> Iterator[tuple[Path, Any, Any]
 
 def collect_status(cfg, r) -> dict:
     state = RunState()
-    for _, msg in streams.iter_all_events(r, cfg.run_id):
+    for _, msg in bus.iter_all_events(r, cfg.run_id):
         state.apply(msg)
     m = state.last_step.metrics if state.last_step else {}
     queue = Queue(keys.job_queue_name(cfg.run_id), connection=r)
@@ -83,12 +83,12 @@ def collect_status(cfg, r) -> dict:
                    "rejected": len(state.rejected), "in_flight": len(state.open_groups)},
         "streams": {name: r.xlen(key(cfg.run_id)) for name, key in
                     (("rollouts", keys.rollouts), ("events", keys.events), ("dead", keys.dead))},
-        "trainer_pending": streams.group_info(r, keys.rollouts(cfg.run_id))["pending"],
+        "trainer_pending": bus.group_info(r, keys.rollouts(cfg.run_id))["pending"],
         "buffered_samples": buffered_samples(r, cfg.run_id),
         "queued_jobs": queue.count,
         "live_workers": len(Worker.all(queue=queue)),
         "worker_versions": worker_versions(r, cfg.run_id),
-        "rollout_errors": dict(sorted(streams.rollout_stats(r, cfg.run_id).items())),
+        "rollout_errors": dict(sorted(bus.rollout_stats(r, cfg.run_id).items())),
     }
 
 

@@ -13,7 +13,7 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import BusyLoadingError, ConnectionError, TimeoutError
 from redis.retry import Retry
 
-from rlstream.errors import RedisUnavailable
+from rlstream.core.errors import RedisUnavailable
 
 log = logging.getLogger(__name__)
 

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rlstream.builtin_task import VOCAB
-
+from rlstream.builtin.task import VOCAB
 
 # A chat template in the tiny vocabulary: each non-assistant turn ends with "=" (the cue to
 # answer), each assistant turn with <eos>. [{"role": "user", "content": "3+4"}] -> "3+4=",

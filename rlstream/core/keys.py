@@ -47,6 +47,17 @@ def job_queue_name(run_id: str) -> str:
     return key_for(run_id, "jobs")
 
 
+def job_id(run_id: str, group_id: str) -> str:
+    """rq job id of a prompt group's job (rq keeps the job at ``rq:job:<id>``); derived from
+    the group id, so a re-dispatch is the same job."""
+    return f"{check_run_id(run_id)}-{group_id}"
+
+
+def group_of_job(run_id: str, job_id_: str) -> str:
+    """The group id inside a job id built by ``job_id``."""
+    return job_id_.removeprefix(f"{run_id}-")
+
+
 def worker_heartbeat(run_id: str, worker_id: str) -> str:
     """Short-TTL key a live rollout worker refreshes; ``rlstream status`` counts them."""
     return key_for(run_id, f"worker:{worker_id}")

@@ -8,12 +8,12 @@ Like ``status``, it starts a finished run's embedded redis-server from its AOF.
 """
 from __future__ import annotations
 
-
 import redis
 
-from rlstream import keys
-from rlstream.audit import decode_all, xrange_all
-from rlstream.messages import DeadLetter
+from rlstream.core import keys
+from rlstream.core.bus import xrange_all
+from rlstream.core.messages import DeadLetter
+from rlstream.ops.audit import decode_all
 
 
 def dead_lines(r: redis.Redis, run_id: str) -> list[str]:
@@ -27,7 +27,7 @@ def dead_lines(r: redis.Redis, run_id: str) -> list[str]:
 
 
 def dead_main(run: str | None, log_path: str) -> int:
-    from rlstream.status import opened_run
+    from rlstream.ops.status import opened_run
 
     with opened_run(run, log_path) as (_, cfg, r):
         lines = dead_lines(r, cfg.run_id)

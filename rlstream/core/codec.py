@@ -15,7 +15,7 @@ from typing import Any
 import msgpack
 from pydantic import ValidationError
 
-from rlstream.messages import MESSAGE_TYPES, SCHEMA_VERSION, Message
+from rlstream.core.messages import MESSAGE_TYPES, SCHEMA_VERSION, Message
 
 _BIG_ENDIAN = sys.byteorder == "big"
 _ITEMSIZE = {"i": 4, "f": 4, "B": 1}

@@ -4,9 +4,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from rlstream.messages import (
-    DatasetExhausted, Evaluated, GroupAdmitted, GroupRejected, GroupSampled, Message, RunFinished, RunStarted,
-    StepCommitted, WeightsPublished,
+from rlstream.core.messages import (
+    DatasetExhausted,
+    Evaluated,
+    GroupAdmitted,
+    GroupRejected,
+    GroupSampled,
+    Message,
+    RunFinished,
+    RunStarted,
+    StepCommitted,
+    WeightsPublished,
 )
 
 

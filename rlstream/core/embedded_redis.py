@@ -15,7 +15,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from rlstream.errors import RedisUnavailable
+from rlstream.core.errors import RedisUnavailable
 
 log = logging.getLogger(__name__)
 _UNIX_PATH_MAX = 100

@@ -35,10 +35,10 @@ from typing import Any
 
 import httpx
 
-from rlstream.config import InferenceConfig
-from rlstream.errors import RlstreamError
-from rlstream.messages import WeightsPublished
-from rlstream.rollout import NO_LIMIT, Completion, chat_prompt_ids, no_room, token_budget
+from rlstream.core.config import InferenceConfig
+from rlstream.core.errors import RlstreamError
+from rlstream.core.messages import WeightsPublished
+from rlstream.core.rollout import NO_LIMIT, Completion, chat_prompt_ids, no_room, token_budget
 
 log = logging.getLogger(__name__)
 BACKOFF_BASE_S, BACKOFF_CAP_S = 0.5, 8.0

@@ -39,19 +39,19 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable
 
 import redis
 
-from rlstream import keys
-from rlstream.streams import as_text
-from rlstream.codec import DecodeError, decode
-from rlstream.messages import GroupAdmitted, GroupRejected, Message, RolloutSample, StepCommitted
+from rlstream.core import keys
+from rlstream.core.bus import xrange_all
+from rlstream.core.codec import DecodeError, decode
+from rlstream.core.messages import GroupAdmitted, GroupRejected, Message, RolloutSample, StepCommitted
 
 PAGE = 1000
 REASON_WIDTH = 80
 MAX_IDS_SHOWN = 20
-FIELD = b"m"  # the field every stream entry carries its encoded message under (rlstream.streams.FIELD)
+FIELD = b"m"  # the field every stream entry carries its encoded message under (rlstream.core.bus.FIELD)
 
 
 @dataclass
@@ -236,19 +236,6 @@ def audit_ledger(events: list[Message], samples: list[RolloutSample],
 # --------------------------------------------------------------------------- Redis side
 
 
-def xrange_all(r: redis.Redis, stream: str, page: int = PAGE) -> Iterator[tuple[str, bytes]]:
-    """Every entry of ``stream`` as (entry id, raw message bytes), in pages of ``page``
-    (exclusive ``(id`` ranges need Redis >= 6.2)."""
-    start = "-"
-    while True:
-        batch = r.xrange(stream, min=start, max="+", count=page)
-        for entry_id, fields in batch:
-            yield as_text(entry_id), (fields or {}).get(FIELD, b"")
-        if len(batch) < page:
-            return
-        start = "(" + as_text(batch[-1][0])
-
-
 def decode_all(entries: Iterable[tuple[str, bytes]],
                expect: type[Message] | None = None) -> tuple[list[tuple[str, Message]], list[tuple[str, str]]]:
     """(decoded (id, message) pairs, undecodable (id, reason) pairs)."""
@@ -268,7 +255,7 @@ def collect_audit(r: redis.Redis, run_id: str) -> AuditReport:
     events, bad_events = decode_all(xrange_all(r, keys.events(run_id)))
     samples, bad_samples = decode_all(xrange_all(r, keys.rollouts(run_id)), expect=RolloutSample)
     report = audit_ledger([m for _, m in events], [m for _, m in samples],
-                          lambda gid: bool(r.exists(Job.key_for(f"{run_id}-{gid}"))))
+                          lambda gid: bool(r.exists(Job.key_for(keys.job_id(run_id, gid)))))
     report.events_read, report.events_undecodable = len(events) + len(bad_events), len(bad_events)
     report.rollouts_read, report.rollouts_undecodable = len(samples) + len(bad_samples), len(bad_samples)
     report.dead_letters = r.xlen(keys.dead(run_id))
@@ -276,7 +263,7 @@ def collect_audit(r: redis.Redis, run_id: str) -> AuditReport:
 
 
 def audit_main(run: str | None, log_path: str) -> int:
-    from rlstream.status import opened_run
+    from rlstream.ops.status import opened_run
 
     with opened_run(run, log_path) as (run_dir, cfg, r):
         report = collect_audit(r, cfg.run_id)

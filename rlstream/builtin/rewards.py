@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from typing import Any, Callable
 
-from rlstream.builtin_task import exact_match_reward
+from rlstream.builtin.task import exact_match_reward
 
 RewardFn = Callable[[str, dict[str, Any]], float]
 _NUMBER_RE = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
@@ -41,6 +41,6 @@ def resolve_reward(spec: str) -> RewardFn:
         return exact_match
     if spec == "math_answer":
         return math_answer
-    from rlstream.imports import import_object
+    from rlstream.core.imports import import_object
 
     return import_object(spec, "reward_fn")

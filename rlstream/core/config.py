@@ -18,12 +18,17 @@ from typing import Annotated, Any, Literal, Mapping
 
 from pydantic import BaseModel, BeforeValidator, Field, ValidationError, model_validator
 
-from rlstream.config_sections import (
-    InferenceConfig, RedisConfig, TisConfig, WandbConfig, WorkersConfig, ConfigSection,
+from rlstream.core.config_sections import (
+    ConfigSection,
+    InferenceConfig,
+    RedisConfig,
+    TisConfig,
+    WandbConfig,
+    WorkersConfig,
 )
-from rlstream.errors import ConfigError
-from rlstream.imports import check_spec
-from rlstream.keys import check_run_id
+from rlstream.core.errors import ConfigError
+from rlstream.core.imports import check_spec
+from rlstream.core.keys import check_run_id
 
 BUILTIN_MODEL = "builtin:tiny"
 MAX_SEQ_LEN_LIMIT = 1_048_576

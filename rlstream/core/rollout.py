@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
-from rlstream.messages import RolloutSample
+from rlstream.core.messages import RolloutSample
 
 
 @dataclass(frozen=True)

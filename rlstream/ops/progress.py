@@ -4,9 +4,9 @@ from __future__ import annotations
 import time
 from typing import TextIO
 
-from rlstream import keys, streams
-from rlstream.config import Config
-from rlstream.run_state import RunState
+from rlstream.core import bus, keys
+from rlstream.core.config import Config
+from rlstream.core.run_state import RunState
 
 PLAIN_EVERY_S = 5.0
 
@@ -14,7 +14,7 @@ PLAIN_EVERY_S = 5.0
 def buffered_samples(r, run_id: str) -> int:
     """Samples written but not yet trained: the trainer's pending entries plus those not
     yet delivered (``lag``; Redis 6.2 does not report it, so only pending counts there)."""
-    info = streams.group_info(r, keys.rollouts(run_id))
+    info = bus.group_info(r, keys.rollouts(run_id))
     return info["pending"] + int(info["lag"] or 0)
 
 

@@ -16,10 +16,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import GenerationConfig
 
-from rlstream import weights
-from rlstream.messages import WeightsPublished
-from rlstream.rollout import NO_LIMIT, Completion, chat_prompt_ids, no_room, token_budget
-from rlstream.torch_setup import load_model_and_tokenizer
+from rlstream.core import weights
+from rlstream.core.messages import WeightsPublished
+from rlstream.core.rollout import NO_LIMIT, Completion, chat_prompt_ids, no_room, token_budget
+from rlstream.sampling.torch_setup import load_model_and_tokenizer
 
 log = logging.getLogger(__name__)
 # What ``generate`` understands; ``logprobs`` is accepted and ignored (always returned).

