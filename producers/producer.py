@@ -28,7 +28,7 @@ MAINTENANCE_EVERY_S = 2.0
 MAX_REDISPATCH = 3
 
 
-def plan(cfg: Config, n_rows: int) -> Iterator[tuple[int, int]]:
+def admission_order(cfg: Config, n_rows: int) -> Iterator[tuple[int, int]]:
     """(epoch, row_index) in admission order."""
     for epoch in range(cfg.epochs):
         for row_index in epoch_order(n_rows, epoch, cfg.seed, cfg.shuffle):
@@ -124,7 +124,7 @@ def run_producer(cfg: Config, r: redis.Redis) -> RunState:
     rows = load_rows(cfg)
     queue = job_queue(r, cfg)
     state, cursor = RunState(), "0-0"
-    pending = plan(cfg, len(rows))
+    pending = admission_order(cfg, len(rows))
     next_row: tuple[int, int] | None = next(pending, None)
     announced = False
     last_maintenance = 0.0
@@ -166,6 +166,6 @@ def run_producer(cfg: Config, r: redis.Redis) -> RunState:
                 redispatch(r, queue, cfg, [g for g in lost if g.group_id in still], rows)
             if events_rolled_back(r, cfg, cursor):
                 log.warning("producer: events stream lost its tail (Redis restart); rebuilding state")
-                state, cursor, pending, announced = RunState(), "0-0", plan(cfg, len(rows)), False
+                state, cursor, pending, announced = RunState(), "0-0", admission_order(cfg, len(rows)), False
                 next_row = next(pending, None)
             last_maintenance = time.monotonic()

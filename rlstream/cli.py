@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load(args: argparse.Namespace):
+def _load_config(args: argparse.Namespace):
     from rlstream.core.config import load_config
 
     cfg = load_config(args.config, args.overrides)
@@ -105,7 +105,7 @@ def run(argv: list[str] | None = None) -> int:
         from rlstream.ops.dead import dead_main
 
         return dead_main(args.run, args.log_path)
-    cfg = _load(args)
+    cfg = _load_config(args)
     _setup_logging(args.command)
     if args.command == "replay":
         return _replay(args, cfg)

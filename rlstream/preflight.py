@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rlstream.core.choices import ADVANTAGE_METHODS, BUILTIN_REWARDS
 from rlstream.core.config import BUILTIN_MODEL, Config
 from rlstream.core.errors import ConfigError
 from rlstream.core.imports import import_object
@@ -12,9 +13,9 @@ from rlstream.core.imports import import_object
 def preflight(cfg: Config) -> None:
     specs = {"rollout_fn_factory": cfg.rollout_fn_factory, "dynamic_filter_fn": cfg.dynamic_filter_fn,
              "evaluation_fn": cfg.evaluation_fn}
-    if cfg.reward_fn not in ("exact_match", "math_answer"):
+    if cfg.reward_fn not in BUILTIN_REWARDS:
         specs["reward_fn"] = cfg.reward_fn
-    if cfg.advantage not in ("grpo", "dr_grpo"):
+    if cfg.advantage not in ADVANTAGE_METHODS:
         specs["advantage"] = cfg.advantage
     for name, spec in specs.items():
         if spec:

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-ADVANTAGE_METHODS: tuple[str, ...] = ("grpo", "dr_grpo")
+from rlstream.core.choices import ADVANTAGE_METHODS
+
 _STD_EPS = 1e-8
 
 

@@ -1,22 +1,144 @@
-"""The trainer's durable buffer: reads of the rollouts stream through the consumer group
-``trainer`` (its pending-entries list holds every sample delivered and not yet committed),
-decoding and checking each entry, dead-lettering the bad ones, re-reading the pending list
-after a lost reply, and fetching the entries a committed step names.
+"""The trainer's buffer of rollouts, from the stream to groups ready to train.
+
+``RolloutBuffer`` owns the reading and grouping: reads through the consumer group
+``trainer`` (its pending-entries list holds every sample delivered and not yet committed:
+the durable buffer), group assembly, scoring of complete groups, settling of groups that
+will never complete, and the re-reads of the pending list after a lost reply. Below it,
+the stream reads it is made of: decoding and checking each entry, dead-lettering the bad
+ones, paging the pending list, and fetching the entries a committed step names.
 """
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, Callable, Iterator
 
 import redis
-from redis.retry import Retry
 
 from rlstream.core import keys
 from rlstream.core.bus import FIELD, Entry, as_text, xadd, xrange_all
 from rlstream.core.codec import DecodeError, decode
+from rlstream.core.config import Config
+from rlstream.core.connection import count_connection_errors
 from rlstream.core.messages import DeadLetter, RolloutSample
+from rlstream.core.run_state import RunState
+from rlstream.trainer.batch import Group, GroupAssembler, take_oldest
+from rlstream.trainer.commit import ack_untrained, reject_group
 
 log = logging.getLogger(__name__)
+CONSUMER = "trainer-0"  # one fixed name: a restarted trainer finds its own pending entries
+RESCAN_EVERY_S = 10.0  # idle re-reads of the pending list (see RolloutBuffer.rescan_pending)
+READ_COUNT = 512  # entries per read
+
+
+class RolloutBuffer:
+    """Scored groups in ``ready``, oldest admitted first out (``take``). ``score(group)``
+    (the trainer's advantages and dynamic_filter_fn) returns the reason to reject a
+    complete group, or None to keep it; ``follow_events()`` folds new events into
+    ``state``, the run state the trainer and this buffer share. Every entry of an open or
+    ready group stays pending until the step that trains it commits."""
+
+    def __init__(self, r: redis.Redis, cfg: Config, state: RunState, *, vocab_size: int,
+                 score: Callable[[Group], str | None], follow_events: Callable[[], object]):
+        self.r, self.cfg, self.state = r, cfg, state
+        self.score, self.follow_events = score, follow_events
+        self.limits = {"vocab_size": vocab_size, "max_seq_len": cfg.max_seq_len}
+        self.assembler, self.ready = GroupAssembler(), []
+        self.connection_errors, self.errors_seen = count_connection_errors(r), 0
+        self.last_rescan = time.monotonic()
+
+    def fill(self, n: int) -> None:
+        """Read until ``n`` groups are ready, the data is exhausted or the run has finished."""
+        while len(self.ready) < n and not self.data_exhausted() and self.state.finished is None:
+            self.collect()
+
+    def take(self, n: int) -> list[Group]:
+        groups, self.ready = take_oldest(self.ready, n)
+        return groups
+
+    def data_exhausted(self) -> bool:
+        """Every admitted group is settled or waiting in ``ready``, and no row is left."""
+        if self.state.exhausted_groups is None:
+            return False
+        ready_ids = {g.group_id for g in self.ready}
+        return all(g.group_id in ready_ids for g in self.state.open_groups)
+
+    def restore(self) -> None:
+        """At resume, after the events fold: this consumer's whole pending list, then the
+        members dead-lettered before the crash (or just now), which still count towards
+        settling their groups."""
+        self.assembler.completed |= self.state.settled_groups
+        self.add_samples(read_all_pending(self.r, self.cfg.run_id, CONSUMER, count=READ_COUNT, **self.limits))
+        self.add_invalid(list(dead_members(self.r, self.cfg.run_id)))
+        # the whole pending list was just read: the next rescan is due only later
+        self.errors_seen, self.last_rescan = self.connection_errors(), time.monotonic()
+
+    def collect(self) -> None:
+        """One blocking read of new entries, then the events that arrived meanwhile."""
+        invalid: list[Entry] = []
+        entries = read_group(self.r, self.cfg.run_id, CONSUMER, count=READ_COUNT, block_ms=200, invalid=invalid,
+                             **self.limits)
+        self.add_samples(entries)
+        self.rescan_pending(idle=not entries, invalid=invalid)
+        self.follow_events()
+        self.add_invalid([s for _, s in invalid])
+        timeout = self.cfg.job_timeout
+        for group in self.assembler.pop_stale(2.0 * timeout):
+            if len(group.members) >= self.cfg.min_group_size:
+                self.admit(group)
+            elif group.accounted_for:
+                self.reject(group, f"incomplete: {len(group.members)} of {group.size} samples valid, "
+                                   f"{len(group.invalid)} dead-lettered (see `rlstream dead {self.cfg.run_id}`)")
+            else:
+                self.reject(group, f"incomplete: {len(group.members)} of {group.size} samples valid after "
+                                   f"{2 * timeout}s")
+
+    def rescan_pending(self, *, idle: bool, invalid: list[Entry]) -> None:
+        """Redis makes entries pending before it replies to XREADGROUP: when the reply is lost
+        (connection drop), the client's retried ``>`` read skips them. Re-read the pending
+        list after every connection error the client retried through, and every
+        RESCAN_EVERY_S while idle, taking only entries this trainer does not hold (acking a
+        held one would lose it in a crash before its commit)."""
+        errors = self.connection_errors()
+        if errors == self.errors_seen and not (idle and time.monotonic() - self.last_rescan > RESCAN_EVERY_S):
+            return
+        self.errors_seen, self.last_rescan = errors, time.monotonic()
+        held = self.assembler.held_entry_ids() | {e for g in self.ready for e in g.entry_ids}
+        found = read_unheld_pending(self.r, self.cfg.run_id, CONSUMER, held, invalid=invalid, **self.limits)
+        if found:
+            log.warning("picked up %d pending entries no read had returned (a lost reply?)", len(found))
+            self.add_samples(found)
+
+    def add_samples(self, entries: list[tuple[str, RolloutSample]]) -> None:
+        settled, duplicates = self.state.settled_groups, []
+        for entry_id, sample in entries:
+            group, dup = self.assembler.add(entry_id, sample, settled)
+            if group is not None:
+                self.admit(group)
+            if dup is not None:
+                duplicates.append(dup)
+        ack_untrained(self.r, self.cfg.run_id, duplicates)
+
+    def add_invalid(self, samples: list[RolloutSample | DeadLetter]) -> None:
+        """Dead-lettered members of admitted groups (their GroupAdmitted precedes them, so
+        call this after a fold): they settle their group instead of leaving it open."""
+        for sample in samples:
+            if sample.group_id in self.state.admitted:
+                self.assembler.add_invalid(sample, self.state.settled_groups)
+
+    def admit(self, group: Group) -> None:
+        """Score a group that will grow no more; one ``score`` refuses is rejected with its reason."""
+        reason = self.score(group)
+        if reason is None:
+            self.ready.append(group)
+        else:
+            self.reject(group, reason)
+
+    def reject(self, group: Group, reason: str) -> None:
+        self.state.apply(reject_group(self.r, self.cfg.run_id, group.group_id, group.entry_ids, reason))
+
+
+# ----------------------------------------------------------------- the stream reads
 
 
 def dead_letter(pipe: Any, run_id: str, source_stream: str, entry_id: str, reason: str, raw: bytes,
@@ -96,11 +218,7 @@ def read_pending(
     page = reply[0][1] if reply else []
     if not page:
         return [], None
-    gone = [as_text(e[0]) for e in page if not e[1]]
-    if gone:
-        log.warning("acking %d pending entries of %s whose payload is gone (deleted or trimmed), e.g. %s",
-                    len(gone), stream, gone[:5])
-        r.xack(stream, keys.TRAINER_GROUP, *gone)
+    _ack_gone(r, stream, [as_text(e[0]) for e in page if not e[1]])
     good = decode_entries(r, run_id, stream, [e for e in page if e[1]], group=keys.TRAINER_GROUP,
                           vocab_size=vocab_size, max_seq_len=max_seq_len, invalid=invalid)
     return good, as_text(page[-1][0])  # the raw page's last id: a page of deleted entries is not the end
@@ -135,13 +253,18 @@ def read_unheld_pending(r: redis.Redis, run_id: str, consumer: str, held: set[st
     if not wanted:
         return []
     raw = fetch_entries(r, stream, wanted)
-    gone = [sid for sid in wanted if sid not in raw]
+    _ack_gone(r, stream, [sid for sid in wanted if sid not in raw])
+    return decode_entries(r, run_id, stream, [(sid, {FIELD: raw[sid]}) for sid in wanted if sid in raw],
+                          group=keys.TRAINER_GROUP, vocab_size=vocab_size, max_seq_len=max_seq_len, invalid=invalid)
+
+
+def _ack_gone(r: redis.Redis, stream: str, gone: list[str]) -> None:
+    """Pending entries whose payload was deleted (XDEL, trimming) can never be trained: ack
+    them, with a warning, rather than leave them pending forever."""
     if gone:
         log.warning("acking %d pending entries of %s whose payload is gone (deleted or trimmed), e.g. %s",
                     len(gone), stream, gone[:5])
         r.xack(stream, keys.TRAINER_GROUP, *gone)
-    return decode_entries(r, run_id, stream, [(sid, {FIELD: raw[sid]}) for sid in wanted if sid in raw],
-                          group=keys.TRAINER_GROUP, vocab_size=vocab_size, max_seq_len=max_seq_len, invalid=invalid)
 
 
 def dead_members(r: redis.Redis, run_id: str, page: int = 1000) -> Iterator[DeadLetter]:
@@ -164,30 +287,3 @@ def fetch_entries(r: redis.Redis, stream: str, entry_ids: list[str]) -> dict[str
             pipe.xrange(stream, entry_id, entry_id, count=1)
         replies = pipe.execute()
     return {as_text(rep[0][0]): rep[0][1].get(FIELD, b"") for rep in replies if rep}
-
-
-class _CountingRetry(Retry):
-    """A client's retry policy, unchanged, that counts the connection errors it absorbs."""
-
-    def __init__(self, inner: Retry):
-        super().__init__(inner._backoff, inner._retries, inner._supported_errors)
-        self.errors = 0
-
-    def call_with_retry(self, do, fail, *args, **kwargs):
-        def counting_fail(error, *fail_args):
-            self.errors += 1
-            return fail(error, *fail_args)
-
-        return super().call_with_retry(do, counting_fail, *args, **kwargs)
-
-
-def count_connection_errors(r: redis.Redis) -> Callable[[], int]:
-    """How many connection errors ``r`` has retried through so far. A retried command may
-    have taken effect before its reply was lost (an XREADGROUP's entries are then pending
-    but were never returned), so a caller that cares re-reads after the count moves."""
-    retry = r.get_retry()
-    if not isinstance(retry, Retry):  # e.g. fakeredis, or a client built without retries
-        return lambda: 0
-    counting = _CountingRetry(retry)
-    r.set_retry(counting)
-    return lambda: counting.errors

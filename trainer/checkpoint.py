@@ -1,14 +1,14 @@
 """Train-state checkpoints: ``checkpoints/step-<N>/`` holds the weights (HF directory),
 ``train_state.pt`` (optimizer, RNG states) and ``state.json`` (step, version, event
-cursor, dataset progress), sealed like published weights (fsync, sha256 manifest
-written last, atomic rename), so a directory with a manifest is complete by construction.
+cursor, dataset progress), written like published weights (``write_model_dir``: fsync,
+sha256 manifest written last, atomic rename), so a directory with a manifest is complete by
+construction. Also the exported model, ``models/<output_model_id>/``.
 """
 from __future__ import annotations
 
 import json
 import logging
 import random
-import shutil
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,6 +18,7 @@ import torch
 
 from rlstream.core import weights
 from rlstream.core.errors import ConfigError, RlstreamError
+from rlstream.trainer.policy_model import write_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -35,17 +36,15 @@ def checkpoint_dir(run_dir: Path, step: int) -> Path:
 
 
 def save_checkpoint(run_dir: Path, state: CheckpointState, model, tokenizer, optimizer) -> Path:
+    def train_state(tmp: Path) -> None:
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        torch.save({"optimizer": optimizer.state_dict(), "rng": rng}, tmp / "train_state.pt")
+        (tmp / "state.json").write_text(json.dumps(asdict(state)))
+
     final = checkpoint_dir(run_dir, state.step)
-    tmp = final.with_name(f".tmp-{final.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save({"optimizer": optimizer.state_dict(), "rng": rng}, tmp / "train_state.pt")
-    (tmp / "state.json").write_text(json.dumps(asdict(state)))
-    weights.seal(tmp, final, state.version)
+    write_model_dir(final, model, tokenizer, version=state.version, extra_files=train_state)
     log.info("checkpoint step %d -> %s", state.step, final)
     return final
 
@@ -136,9 +135,5 @@ def rng_untouched(device: torch.device) -> Iterator[None]:
 def export_model(model, tokenizer, run_dir: Path, model_id: str) -> Path:
     """``output_model_id``: a standalone HF directory that ``from_pretrained`` loads."""
     final = run_dir / "models" / model_id
-    tmp = final.with_name(f".tmp-{model_id}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    weights.seal(tmp, final, version=-1)
+    write_model_dir(final, model, tokenizer, version=-1)
     return final

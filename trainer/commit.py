@@ -1,4 +1,4 @@
-"""The commit protocol of DESIGN.md section 5, steps 5-6 (the weights are already
+"""The commit protocol (docs/design.md §7 Commit protocol; the weights are already
 sealed on disk when these run):
 
 1. one Lua script (atomic like MULTI/EXEC): XADD ``StepCommitted`` (with the rollouts-stream
@@ -20,6 +20,7 @@ from rlstream.core import bus, keys
 from rlstream.core.codec import encode
 from rlstream.core.errors import RlstreamError
 from rlstream.core.messages import GroupRejected, StepCommitted, WeightsPublished
+from rlstream.trainer.batch import Group
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,14 @@ if current < tonumber(ARGV[1]) then
 end
 return current
 """
+
+
+def step_record(step: int, version: int, groups: list[Group], metrics: dict[str, float]) -> StepCommitted:
+    """What a step commits: the entries, samples and groups it trained, in training order
+    (a resume replays the step on exactly these), and its metrics line."""
+    return StepCommitted(step=step, version=version, entry_ids=[e for g in groups for e in g.entry_ids],
+                         sample_ids=[s.sample_id for g in groups for s in g.samples],
+                         group_ids=[g.group_id for g in groups], metrics=metrics)
 
 
 def commit_step(r: redis.Redis, run_id: str, committed: StepCommitted) -> str:

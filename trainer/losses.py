@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import Tensor
 
-POLICY_LOSSES: tuple[str, ...] = (
-    "grpo", "importance_sampling", "reinforce", "dapo", "dro", "gspo", "cispo",
+from rlstream.core.choices import (
+    KL_ESTIMATORS,
+    NORMALIZATIONS,
+    POLICY_LOSSES,
+    TIS_LEVELS,
+    KlEstimator,
+    Normalization,
+    TisLevel,
 )
-KL_ESTIMATORS: tuple[str, ...] = ("k1", "k2", "k3")
-NORMALIZATIONS: tuple[str, ...] = ("token_mean", "sequence_mean", "token_sum")
-TIS_LEVELS: tuple[str, ...] = ("token", "sequence")
 
 # exp(±20) ~ 5e8: large enough never to bind on sane data, small enough to never overflow.
 _LOG_RATIO_CLAMP = 20.0
@@ -51,15 +53,15 @@ class LossConfig:
     eps_clip_high: float | None = None
     eps_clip_c: float | None = None
     tis_cap: float = 5.0
-    tis_level: Literal["token", "sequence"] = "token"
+    tis_level: TisLevel = "token"
     icepop_threshold: float | None = None
     dro_beta: float = 0.05
     gspo_clip: float = 0.2
     cispo_eps_low: float = 0.2
     cispo_eps_high: float = 0.28
     kl_beta: float = 0.0
-    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
-    normalization: Literal["token_mean", "sequence_mean", "token_sum"] = "token_mean"
+    kl_estimator: KlEstimator = "k3"
+    normalization: Normalization = "token_mean"
 
     def __post_init__(self) -> None:
         # Written as `not (lo < x < hi)` so that NaN is rejected too.

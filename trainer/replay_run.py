@@ -4,9 +4,11 @@ Every ``StepCommitted`` of the source run names the exact rollouts-stream entrie
 on, in order, and the stream keeps them (rlstream never trims it). Replay walks those steps
 and runs one optimizer step per recorded step on the very same samples, with CONFIG's
 algorithm: another ``policy_loss``, ``kl_beta``, ``advantage``, learning rate, or base model
-(same tokenizer). It is the resume path of DESIGN.md section 5 (``trainer.resume
-.committed_groups``) pointed at another run. With the source run's own config it reproduces
-that run's training step for step (the e2e test checks the losses).
+(same tokenizer). It is the trainer's resume path (docs/design.md §8 Resume and replay;
+``trainer/resume.py``) pointed at another run, and each step is the trainer's own
+(``Trainer.optimize``, ``step_metrics``) without the stream around it. With the source
+run's own config it reproduces that run's training step for step (the e2e test checks the
+losses).
 
 The source run is only read. The replay's outputs are files in its own run directory:
 ``config.json``, ``replay.json`` (the source run and step count), ``metrics.jsonl`` (``replay/source_step`` on each line),
@@ -25,9 +27,9 @@ from rlstream.core import bus
 from rlstream.core.config import Config
 from rlstream.core.errors import ConfigError
 from rlstream.core.messages import StepCommitted
-from rlstream.trainer.checkpoint import export_model
-from rlstream.trainer.policy_model import publish_weights
 from rlstream.trainer.resume import committed_groups
+from rlstream.trainer.schedule import due
+from rlstream.trainer.step_metrics import step_metrics
 from rlstream.trainer.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -57,19 +59,12 @@ def replay_run(cfg: Config, source: redis.Redis, source_run_id: str) -> int:
     for committed in steps:
         t0 = time.monotonic()
         groups = committed_groups(source, source_run_id, committed, t.advantage_fn)
-        samples = [s for g in groups for s in g.samples]
         train_metrics = t.optimize(groups)
-        metrics = {"step": t.step, "version": t.version, "replay/source_step": committed.step,
-                   "rollout/reward_mean": sum(s.reward for s in samples) / len(samples),
-                   "rollout/samples": len(samples), "rollout/groups": len(groups), **train_metrics,
-                   "perf/step_time": time.monotonic() - t0}
-        t.metrics.write(metrics)
-        if cfg.dcp_save_interval and t.step % cfg.dcp_save_interval == 0:
+        metrics = step_metrics(t.step, t.version, groups, train_metrics, step_time=time.monotonic() - t0)
+        t.metrics.write({**metrics, "replay/source_step": committed.step})
+        if due(cfg.dcp_save_interval, t.step):
             t.checkpoint()
         log.info("replay step %d (source step %d) loss %.4f", t.step, committed.step, metrics["train/loss"])
-    publish_weights(t.model, t.tokenizer, run_dir, t.version, cfg.keep_weights)
-    if cfg.save_final_checkpoint:
-        t.checkpoint()
-    if cfg.output_model_id:
-        log.info("exported %s", export_model(t.model, t.tokenizer, run_dir, cfg.output_model_id))
+    t.write_weights()  # written, never published: a replay writes no events
+    t.save_outputs()
     return t.step

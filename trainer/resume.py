@@ -1,26 +1,31 @@
-"""Resume (DESIGN.md section 5): rebuild the exact state of a crashed trainer from the
+"""Resume (docs/design.md §8 Resume and replay): rebuild the exact state of a crashed trainer from the
 newest checkpoint the events stream agrees with, a replay of every ``StepCommitted`` after
 it on the very samples it names, then this consumer's pending entries.
+
+``Trainer.resume`` tells that story; this module holds its decisions, none of which
+touches the trainer: which checkpoint to start from, the groups a committed step trained,
+whether a replayed step matches its record, whether the weights must be published again,
+and the metrics lines the events record.
 """
 from __future__ import annotations
 
 import logging
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
+
+import redis
 
 from rlstream.core import keys
 from rlstream.core.codec import decode
 from rlstream.core.errors import RlstreamError
 from rlstream.core.messages import Evaluated, RolloutSample, StepCommitted
+from rlstream.core.run_state import RunState
 from rlstream.trainer import buffer
 from rlstream.trainer.batch import Group
-from rlstream.trainer.checkpoint import CheckpointState, complete_checkpoints, load_checkpoint, read_state
-from rlstream.trainer.commit import publish, sync_committed_step
-from rlstream.trainer.policy_model import publish_weights
-
-if TYPE_CHECKING:
-    from rlstream.trainer.trainer import Trainer
+from rlstream.trainer.checkpoint import CheckpointState, complete_checkpoints, read_state
+from rlstream.trainer.commit import sync_committed_step
+from rlstream.trainer.schedule import due
+from rlstream.trainer.step_metrics import eval_metrics
 
 log = logging.getLogger(__name__)
 LOSS_REL_TOL = 1e-3
@@ -50,7 +55,7 @@ def loss_matches(replayed: float, recorded: float) -> bool:
     return math.isclose(replayed, recorded, rel_tol=LOSS_REL_TOL, abs_tol=1e-6)
 
 
-def committed_groups(r, run_id: str, committed: StepCommitted, advantage_fn) -> list[Group]:
+def committed_groups(r: redis.Redis, run_id: str, committed: StepCommitted, advantage_fn) -> list[Group]:
     """The groups a committed step trained, rebuilt from the very entries it names, in the
     same order, with advantages from ``advantage_fn``."""
     raw = buffer.fetch_entries(r, keys.rollouts(run_id), committed.entry_ids)
@@ -67,14 +72,11 @@ def committed_groups(r, run_id: str, committed: StepCommitted, advantage_fn) -> 
     return list(groups.values())
 
 
-def replay(t: Trainer, committed: StepCommitted) -> None:
-    """Re-run a committed step on exactly the samples it names, in the same order, with the
-    learning rate it recorded (the schedule depends on max_steps, which users raise to
-    extend a run)."""
-    groups = committed_groups(t.r, t.cfg.run_id, committed, t.advantage_fn)
-    metrics = t.optimize(groups, lr=committed.metrics.get("train/lr"))
-    if (t.step, t.version) != (committed.step, committed.version):
-        raise RlstreamError(f"replay diverged: at step {t.step} v{t.version}, event says "
+def check_replayed(committed: StepCommitted, metrics: dict[str, float], step: int, version: int) -> None:
+    """A replayed step must land on the step and version it recorded (else raise); a loss
+    other than the recorded one only warns, since training can go on from either weights."""
+    if (step, version) != (committed.step, committed.version):
+        raise RlstreamError(f"replay diverged: at step {step} v{version}, event says "
                             f"step {committed.step} v{committed.version}")
     recorded = committed.metrics.get("train/loss")
     if recorded is not None and not loss_matches(metrics["train/loss"], recorded):
@@ -83,38 +85,22 @@ def replay(t: Trainer, committed: StepCommitted) -> None:
                     committed.step, metrics["train/loss"], recorded)
 
 
-def resume(t: Trainer) -> None:
-    history = [(i, m) for i, m in t.follow_events() if isinstance(m, (StepCommitted, Evaluated))]
-    found = usable_checkpoint(t.run_dir, {m.step: i for i, m in history if isinstance(m, StepCommitted)})
-    if found is not None:
-        restored = load_checkpoint(found[0], t.model, t.optimizer, t.device)
-        t.step, t.version = restored.step, restored.version
-        log.info("resuming from %s (step %d)", found[0], t.step)
-    for _, committed in history:
-        if isinstance(committed, StepCommitted) and committed.step > t.step:
-            replay(t, committed)
-    if t.step != t.state.steps:
-        raise RlstreamError(f"events record {t.state.steps} steps but replay reached {t.step}")
-    if t.step:
-        log.info("replayed to step %d v%d", t.step, t.version)
-    previous = sync_committed_step(t.r, t.cfg.run_id, t.step, t.last_commit_id)
-    if previous > t.step:
+def sync_committed_record(r: redis.Redis, run_id: str, step: int, event_id: str) -> None:
+    """Raise the run's committed-step record to the replayed step; warn when it is ahead."""
+    previous = sync_committed_step(r, run_id, step, event_id)
+    if previous > step:
         log.warning("%s says step %d was committed but the events stream ends at step %d: is another trainer "
-                    "running for this run? The next commit will be refused", keys.committed_step(t.cfg.run_id),
-                    previous, t.step)
-    interval = t.cfg.weight_sync_interval
-    if t.state.latest_weights is None or (
-        interval and t.version % interval == 0 and t.state.published_version < t.version
-    ):
-        # Fresh run (v0), or a crash between commit and publish: publish now.
-        publish(t.r, t.cfg.run_id, publish_weights(t.model, t.tokenizer, t.run_dir, t.version, t.cfg.keep_weights))
-    t.metrics.path.write_text("")  # the events are the record: rebuild metrics.jsonl from them
-    for _, event in history:
-        t.metrics.write(event.metrics if isinstance(event, StepCommitted) else
-                        {"step": event.step, "version": event.version, "eval/version": event.version,
-                         **event.metrics})
-    t.assembler.completed |= t.state.settled_groups
-    t.add_samples(buffer.read_all_pending(t.r, t.cfg.run_id, t.consumer, count=512, vocab_size=t.vocab_size,
-                                           max_seq_len=t.cfg.max_seq_len))
-    # Members dead-lettered before the crash (or just now) still count towards settling their groups.
-    t.add_invalid(list(buffer.dead_members(t.r, t.cfg.run_id)))
+                    "running for this run? The next commit will be refused", keys.committed_step(run_id),
+                    previous, step)
+
+
+def must_publish(state: RunState, version: int, weight_sync_interval: int) -> bool:
+    """A fresh run (v0 is not published yet), or a crash between a step's commit and its
+    ``WeightsPublished``: publish the current weights now."""
+    return state.latest_weights is None or (due(weight_sync_interval, version) and state.published_version < version)
+
+
+def recorded_metrics(history: list[tuple[str, StepCommitted | Evaluated]]) -> list[dict[str, float]]:
+    """The metrics lines the events record, in order: metrics.jsonl is rebuilt from them."""
+    return [event.metrics if isinstance(event, StepCommitted) else
+            eval_metrics(event.step, event.version, event.metrics) for _, event in history]

@@ -1,4 +1,5 @@
-"""Learning-rate schedules: a multiplier of ``learning_rate`` for each optimizer step."""
+"""Schedules: the learning-rate multiplier of each optimizer step, and when periodic work
+(writing weights, checkpoints) is due."""
 from __future__ import annotations
 
 import math
@@ -20,3 +21,8 @@ def lr_multiplier(step: int, *, schedule: str, warmup_steps: int, total_steps: i
     if schedule == "cosine":
         return 0.5 * (1.0 + math.cos(math.pi * progress))
     raise ValueError(f"unknown lr_schedule {schedule!r}")
+
+
+def due(interval: int | None, count: int) -> bool:
+    """Periodic work every ``interval`` steps or versions; 0 or None means never."""
+    return bool(interval) and count % interval == 0

@@ -1,9 +1,12 @@
-"""The trainer: read, gate, group, loss, step, publish, commit, log.
+"""The trainer: the algorithm's loop. Take the oldest ready groups, update the policy on
+their advantages, write the weights, commit the step, publish, log; checkpoint and
+evaluate when due.
 
-``train_step`` is the algorithm on one screen; ``collect_groups`` reads the durable buffer
-(the consumer group's pending-entries list); ``trainer.resume`` rebuilds the exact state of
-a crashed trainer, so no sample is lost or trained twice and step numbers continue without
-gap; ``run`` loops until the run ends.
+``train_step`` is one step on one screen, in the commit protocol's order; ``run`` loops it
+until the run ends; ``resume`` first rebuilds the exact state of a crashed trainer, so no
+sample is lost or trained twice and step numbers continue without gap. Reading and
+grouping the rollouts is ``buffer.RolloutBuffer``'s, the metrics lines are
+``step_metrics``', and resume's decisions are pure helpers in ``resume``.
 """
 from __future__ import annotations
 
@@ -19,13 +22,14 @@ import torch
 
 from rlstream.core import bus, keys
 from rlstream.core.config import Config
-from rlstream.core.messages import DeadLetter, Evaluated, RolloutSample, RunFinished, StepCommitted
+from rlstream.core.errors import RlstreamError
+from rlstream.core.messages import Evaluated, RunFinished, StepCommitted, WeightsPublished
 from rlstream.core.metrics import MetricsLog
 from rlstream.core.run_state import RunState
 from rlstream.sampling.torch_setup import load_model_and_tokenizer, setup_torch
-from rlstream.trainer import buffer
 from rlstream.trainer.advantages import resolve_advantage
-from rlstream.trainer.batch import Group, GroupAssembler, collate, take_oldest
+from rlstream.trainer.batch import Group, collate
+from rlstream.trainer.buffer import RolloutBuffer
 from rlstream.trainer.checkpoint import (
     CheckpointState,
     checkpoint_dir,
@@ -36,26 +40,25 @@ from rlstream.trainer.checkpoint import (
     save_checkpoint,
     verify_checkpoint,
 )
-from rlstream.trainer.commit import ack_untrained, commit_step, publish, reject_group
+from rlstream.trainer.commit import commit_step, publish, step_record
 from rlstream.trainer.hooks import EvaluationContext, load_evaluation, load_filter, run_evaluation
 from rlstream.trainer.optimize import make_optimizer, policy_update
-from rlstream.trainer.policy_model import base_model_path, load_reference, publish_weights
-from rlstream.trainer.resume import resume
-from rlstream.trainer.schedule import lr_multiplier
+from rlstream.trainer.policy_model import base_model_path, load_reference, write_weights
+from rlstream.trainer.resume import (
+    check_replayed,
+    committed_groups,
+    must_publish,
+    recorded_metrics,
+    sync_committed_record,
+    usable_checkpoint,
+)
+from rlstream.trainer.schedule import due, lr_multiplier
+from rlstream.trainer.step_metrics import FILTER_REASON, LiveRun, eval_metrics, rejected_total, step_metrics
 from rlstream.trainer.wandb_log import make_logger
 
 log = logging.getLogger(__name__)
-CONSUMER = "trainer-0"  # one fixed name: a restarted trainer finds its own pending entries
 FAULT_ENV = "RLSTREAM_FAULT"  # failpoint for crash tests: "after_commit:<step>" SIGKILLs there
-RESCAN_EVERY_S = 10.0  # idle re-reads of the pending list (see rescan_pending)
-FILTER_REASON = "dynamic_filter_fn"
 NO_STEP_TRAINED = "no step was trained: every admitted group was rejected; see `rlstream audit {}` and the worker logs"
-
-
-def rejected_total(state: RunState) -> int:
-    """Groups rejected and never trained, by anyone (incomplete, non-finite advantage, failed
-    rollout job); dynamic_filter_fn rejections have their own ratio."""
-    return sum(1 for gid, reason in state.rejected.items() if reason != FILTER_REASON and gid not in state.trained)
 
 
 class Trainer:
@@ -76,105 +79,84 @@ class Trainer:
         self.filter_fn, self.evaluation_fn = load_filter(cfg), load_evaluation(cfg)
         self.wandb = make_logger(cfg)
         self.filtered = {"kept": 0, "rejected": 0}  # dynamic_filter_fn decisions since the last step
-        self.vocab_size = self.model.get_input_embeddings().num_embeddings
         self.pad_id = self.tokenizer.pad_token_id or 0
-        self.state, self.cursor = RunState(), "0-0"
-        self.last_commit_id = "0-0"
-        self.assembler, self.ready, self.consumer = GroupAssembler(), [], CONSUMER
-        self.connection_errors, self.errors_seen = buffer.count_connection_errors(r), 0
-        self.last_rescan = time.monotonic()
+        self.state, self.cursor, self.last_commit_id = RunState(), "0-0", "0-0"
+        self.buffer = RolloutBuffer(r, cfg, self.state, vocab_size=self.model.get_input_embeddings().num_embeddings,
+                                    score=self.score, follow_events=self.follow_events)
         self.metrics = MetricsLog(run_dir / "metrics.jsonl")
         self.step = self.version = 0
 
-    # ----------------------------------------------------------------- read + group
-    def follow_events(self) -> list[bus.Entry]:
-        entries, self.cursor = bus.read_events(self.r, self.cfg.run_id, self.cursor)
-        for event_id, msg in entries:
-            self.state.apply(msg)
-            if isinstance(msg, StepCommitted):
-                self.last_commit_id = event_id
-        return entries
-
-    def data_exhausted(self) -> bool:
-        """Every admitted group is settled or waiting in ``ready``, and no row is left."""
-        if self.state.exhausted_groups is None:
-            return False
-        ready_ids = {g.group_id for g in self.ready}
-        return all(g.group_id in ready_ids for g in self.state.open_groups)
-
-    def add_samples(self, entries: list[tuple[str, RolloutSample]]) -> None:
-        settled, duplicates = self.state.settled_groups, []
-        for entry_id, sample in entries:
-            group, dup = self.assembler.add(entry_id, sample, settled)
-            if group is not None:
-                self.admit_group(group)
-            if dup is not None:
-                duplicates.append(dup)
-        ack_untrained(self.r, self.cfg.run_id, duplicates)
-
-    def add_invalid(self, samples: list[RolloutSample | DeadLetter]) -> None:
-        """Dead-lettered members of admitted groups (their GroupAdmitted precedes them, so
-        call this after a fold): they settle their group instead of leaving it open."""
-        for sample in samples:
-            if sample.group_id in self.state.admitted:
-                self.assembler.add_invalid(sample, self.state.settled_groups)
-
-    def collect_groups(self) -> None:
-        """One blocking read of new entries, then the events that arrived meanwhile."""
-        invalid: list[bus.Entry] = []
-        entries = buffer.read_group(self.r, self.cfg.run_id, CONSUMER, count=512, block_ms=200,
-                                     vocab_size=self.vocab_size, max_seq_len=self.cfg.max_seq_len, invalid=invalid)
-        self.add_samples(entries)
-        self.rescan_pending(idle=not entries, invalid=invalid)
-        self.follow_events()
-        self.add_invalid([s for _, s in invalid])
-        for group in self.assembler.pop_stale(2.0 * self.cfg.job_timeout):
-            if len(group.members) >= self.cfg.min_group_size:
-                self.admit_group(group)
-            elif group.accounted_for:
-                self.reject(group, f"incomplete: {len(group.members)} of {group.size} samples valid, "
-                                   f"{len(group.invalid)} dead-lettered (see `rlstream dead {self.cfg.run_id}`)")
-            else:
-                self.reject(group, f"incomplete: {len(group.members)} of {group.size} samples valid after "
-                                   f"{2 * self.cfg.job_timeout}s")
-
-    def rescan_pending(self, *, idle: bool, invalid: list[bus.Entry]) -> None:
-        """Redis makes entries pending before it replies to XREADGROUP: when the reply is lost
-        (connection drop), the client's retried ``>`` read skips them. Re-read the pending
-        list after every connection error the client retried through, and every
-        RESCAN_EVERY_S while idle, taking only entries this trainer does not hold (acking a
-        held one would lose it in a crash before its commit)."""
-        errors = self.connection_errors()
-        if errors == self.errors_seen and not (idle and time.monotonic() - self.last_rescan > RESCAN_EVERY_S):
-            return
-        self.errors_seen, self.last_rescan = errors, time.monotonic()
-        held = self.assembler.held_entry_ids() | {e for g in self.ready for e in g.entry_ids}
-        found = buffer.read_unheld_pending(self.r, self.cfg.run_id, CONSUMER, held, vocab_size=self.vocab_size,
-                                            max_seq_len=self.cfg.max_seq_len, invalid=invalid)
-        if found:
-            log.warning("picked up %d pending entries no read had returned (a lost reply?)", len(found))
-            self.add_samples(found)
-
-    def reject(self, group: Group, reason: str) -> None:
-        self.state.apply(reject_group(self.r, self.cfg.run_id, group.group_id, group.entry_ids, reason))
-
-    def admit_group(self, group: Group) -> None:
-        """Score a complete group; one without a finite advantage is rejected with a reason."""
-        group.advantages_G = self.advantage_fn(group.rewards_G)
-        if not torch.isfinite(group.advantages_G).all():
-            self.reject(group, f"advantage is not finite for {len(group.members)} sample(s)")
-            return
-        if self.filter_fn is not None:
-            keep = bool(self.filter_fn(group))
-            self.filtered["kept" if keep else "rejected"] += 1
-            if not keep:
-                self.reject(group, FILTER_REASON)
-                return
-        self.ready.append(group)
+    # ----------------------------------------------------------------- the loop
+    def run(self) -> int:
+        config_path = self.run_dir / "config.json"
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if not config_path.exists():  # standalone (compose) runs: status/audit/dead find the run by it
+            config_path.write_text(json.dumps(self.cfg.model_dump(mode="json"), indent=1))
+        bus.ensure_group(self.r, keys.rollouts(self.cfg.run_id))
+        self.resume()
+        if self.step == 0:
+            self.evaluate()  # the base model, before any update
+        P, reason = self.cfg.prompt_groups_per_step, "max_steps"
+        while self.state.finished is None and (self.cfg.max_steps is None or self.step < self.cfg.max_steps):
+            t_wait = time.monotonic()
+            self.buffer.fill(P)
+            if self.state.finished is not None:
+                log.info("trainer: run ended elsewhere (%s)", self.state.finished.reason)
+                return self.step
+            groups = self.buffer.take(P)
+            if not groups:
+                reason = "data exhausted"
+                break
+            m = self.train_step(groups, wait_time=time.monotonic() - t_wait)
+            log.info("step %d v%d reward %.3f loss %.4f offset<=%d wait %.2fs step %.2fs", m["step"], m["version"],
+                     m["rollout/reward_mean"], m["train/loss"], m["async/version_offset_max"],
+                     m["perf/train_wait_time"], m["perf/step_time"])
+        if self.state.finished is None:
+            failed = reason == "data exhausted" and self.step == 0  # must not look like a success
+            self.finish(NO_STEP_TRAINED.format(self.cfg.run_id) if failed else reason, failed=failed)
+        return self.step
 
     # ----------------------------------------------------------------- the step
+    def train_step(self, groups: list[Group], wait_time: float) -> dict[str, float]:
+        """One step on ``groups`` (scored with their advantages as they completed): update the
+        policy, write the weights when a sync is due, commit, publish, log; checkpoint and
+        evaluate when due. The order is the commit protocol's (``commit``): the weights are on
+        disk before the commit names their version and announced only after it, so a crash in
+        between leaves the step either retrained from its pending entries or published by
+        ``resume``."""
+        t0 = time.monotonic()
+        train_metrics = self.optimize(groups)
+        written = self.write_weights() if due(self.cfg.weight_sync_interval, self.version) else None
+        metrics = step_metrics(self.step, self.version, groups, train_metrics, live=self.live_run(wait_time),
+                               step_time=time.monotonic() - t0)
+        self.filtered = {"kept": 0, "rejected": 0}
+        committed = step_record(self.step, self.version, groups, metrics)
+        self.last_commit_id = commit_step(self.r, self.cfg.run_id, committed)
+        self._failpoint("after_commit")
+        if written is not None:
+            publish(self.r, self.cfg.run_id, written)
+        self.log_metrics(metrics)
+        if due(self.cfg.dcp_save_interval, self.step):
+            self.checkpoint()
+        if written is not None and self.version % self.cfg.evaluation_interval == 0:
+            self.evaluate()
+        return metrics
+
+    def score(self, group: Group) -> str | None:
+        """Advantages of a group that will grow no more, then ``dynamic_filter_fn`` on it: the
+        reason to reject it, or None to train it (``RolloutBuffer`` calls this)."""
+        group.advantages_G = self.advantage_fn(group.rewards_G)
+        if not torch.isfinite(group.advantages_G).all():
+            return f"advantage is not finite for {len(group.members)} sample(s)"
+        if self.filter_fn is None:
+            return None
+        keep = bool(self.filter_fn(group))
+        self.filtered["kept" if keep else "rejected"] += 1
+        return None if keep else FILTER_REASON
+
     def optimize(self, groups: list[Group], lr: float | None = None) -> dict[str, float]:
-        """One optimizer batch; ``lr`` = the schedule's unless given (replay passes the recorded one)."""
+        """One policy update on the groups' samples and advantages; ``lr`` = the schedule's
+        unless given (a replayed step passes the one it recorded)."""
         samples = [s for g in groups for s in g.samples]
         batch = collate(samples, torch.cat([g.advantages_G for g in groups]), self.pad_id, self.device)
         if lr is None:
@@ -185,46 +167,63 @@ class Trainer:
         self.step, self.version = self.step + 1, self.version + 1
         return train_metrics
 
-    def train_step(self, groups: list[Group], wait_time: float) -> dict[str, float]:
-        t0 = time.monotonic()
-        samples = [s for g in groups for s in g.samples]
-        train_metrics = self.optimize(groups)
-        interval = self.cfg.weight_sync_interval
-        published = None
-        if interval and self.version % interval == 0:
-            published = publish_weights(self.model, self.tokenizer, self.run_dir, self.version, self.cfg.keep_weights)
-        decided = self.filtered["kept"] + self.filtered["rejected"]
-        sampled_at = torch.tensor([float(s.min_version) for s in samples])
-        worker_counts = bus.rollout_stats(self.r, self.cfg.run_id)
-        metrics = {
-            "step": self.step, "version": self.version,
-            "rollout/reward_mean": sum(s.reward for s in samples) / len(samples), "rollout/samples": len(samples),
-            "rollout/groups": len(groups), "rollout/rejected_groups_total": rejected_total(self.state),
-            "rollout/invalid_samples_total": worker_counts.get("invalid_samples", 0),
-            "rollout/failures_total": worker_counts.get("rollout_failures", 0),
-            "async/version_offset_max": (self.version - 1 - sampled_at).max().item(),
-            "async/version_offset_mean": (self.version - 1 - sampled_at).mean().item(),
-            "async/submit_offset_max": max(self.version - 1 - s.submit_version for s in samples),
-            "rollout/filter_reject_ratio": self.filtered["rejected"] / decided if decided else 0.0,
-            **train_metrics,
-            "perf/train_wait_time": wait_time, "perf/step_time": time.monotonic() - t0,
-        }
-        self.filtered = {"kept": 0, "rejected": 0}
-        self.last_commit_id = commit_step(self.r, self.cfg.run_id, StepCommitted(
-            step=self.step, version=self.version, entry_ids=[e for g in groups for e in g.entry_ids],
-            sample_ids=[s.sample_id for s in samples], group_ids=[g.group_id for g in groups], metrics=metrics))
-        self._failpoint("after_commit")
-        if published is not None:
-            publish(self.r, self.cfg.run_id, published)
-        self.metrics.write(metrics)
-        if self.wandb is not None:
-            self.wandb.log(metrics)
-        if self.cfg.dcp_save_interval and self.step % self.cfg.dcp_save_interval == 0:
-            self.checkpoint()
-        if published is not None and self.version % self.cfg.evaluation_interval == 0:
-            self.evaluate()
-        return metrics
+    def write_weights(self) -> WeightsPublished:
+        return write_weights(self.model, self.tokenizer, self.run_dir, self.version, self.cfg.keep_weights)
 
+    def live_run(self, wait_time: float) -> LiveRun:
+        return LiveRun(wait_time=wait_time, rejected_groups=rejected_total(self.state),
+                       worker_counts=bus.rollout_stats(self.r, self.cfg.run_id),
+                       filter_kept=self.filtered["kept"], filter_rejected=self.filtered["rejected"])
+
+    def log_metrics(self, line: dict[str, float]) -> None:
+        self.metrics.write(line)
+        if self.wandb is not None:
+            self.wandb.log(line)
+
+    def follow_events(self) -> list[bus.Entry]:
+        entries, self.cursor = bus.read_events(self.r, self.cfg.run_id, self.cursor)
+        for event_id, msg in entries:
+            self.state.apply(msg)
+            if isinstance(msg, StepCommitted):
+                self.last_commit_id = event_id
+        return entries
+
+    def _failpoint(self, name: str) -> None:
+        if os.environ.get(FAULT_ENV) == f"{name}:{self.step}":
+            log.warning("failpoint %s:%d: SIGKILL", name, self.step)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    # ----------------------------------------------------------------- resume
+    def resume(self) -> None:
+        """The newest checkpoint the events agree with; every step committed after it,
+        replayed; the weights published if they never were; metrics.jsonl rebuilt from the
+        events (they are the record); then the pending entries, back in the buffer."""
+        history = [(i, m) for i, m in self.follow_events() if isinstance(m, (StepCommitted, Evaluated))]
+        found = usable_checkpoint(self.run_dir, {m.step: i for i, m in history if isinstance(m, StepCommitted)})
+        if found is not None:
+            restored = load_checkpoint(found[0], self.model, self.optimizer, self.device)
+            self.step, self.version = restored.step, restored.version
+            log.info("resuming from %s (step %d)", found[0], self.step)
+        for _, record in history:
+            if isinstance(record, StepCommitted) and record.step > self.step:
+                # On exactly the samples it names, in the same order, with the learning rate it
+                # recorded (the schedule depends on max_steps, which users raise to extend a run).
+                groups = committed_groups(self.r, self.cfg.run_id, record, self.advantage_fn)
+                train_metrics = self.optimize(groups, lr=record.metrics.get("train/lr"))
+                check_replayed(record, train_metrics, self.step, self.version)
+        if self.step != self.state.steps:
+            raise RlstreamError(f"events record {self.state.steps} steps but replay reached {self.step}")
+        if self.step:
+            log.info("replayed to step %d v%d", self.step, self.version)
+        sync_committed_record(self.r, self.cfg.run_id, self.step, self.last_commit_id)
+        if must_publish(self.state, self.version, self.cfg.weight_sync_interval):
+            publish(self.r, self.cfg.run_id, self.write_weights())
+        self.metrics.path.write_text("")
+        for line in recorded_metrics(history):
+            self.metrics.write(line)
+        self.buffer.restore()
+
+    # ----------------------------------------------------------------- evaluate, checkpoint, finish
     def evaluate(self) -> None:
         """Run evaluation_fn on the current weights; record an ``Evaluated`` event and a
         metrics line (``eval/version`` marks it)."""
@@ -241,10 +240,7 @@ class Trainer:
         bus.xadd(self.r, keys.events(self.cfg.run_id), Evaluated(step=self.step, version=self.version,
                                                                      metrics=metrics))
         self.state.last_evaluated = self.version
-        line = {"step": self.step, "version": self.version, "eval/version": self.version, **metrics}
-        self.metrics.write(line)
-        if self.wandb is not None:
-            self.wandb.log(line)
+        self.log_metrics(eval_metrics(self.step, self.version, metrics))
 
     def checkpoint(self) -> None:
         if holds_commit(checkpoint_dir(self.run_dir, self.step), self.last_commit_id):
@@ -253,51 +249,18 @@ class Trainer:
                                                       len(self.state.rows_admitted)),
                         self.model, self.tokenizer, self.optimizer)
 
-    def _failpoint(self, name: str) -> None:
-        if os.environ.get(FAULT_ENV) == f"{name}:{self.step}":
-            log.warning("failpoint %s:%d: SIGKILL", name, self.step)
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    # ----------------------------------------------------------------- the loop
-    def run(self) -> int:
-        config_path = self.run_dir / "config.json"
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        if not config_path.exists():  # standalone (compose) runs: status/audit/dead find the run by it
-            config_path.write_text(json.dumps(self.cfg.model_dump(mode="json"), indent=1))
-        bus.ensure_group(self.r, keys.rollouts(self.cfg.run_id))
-        resume(self)  # reads the whole pending list: the next rescan is due only later
-        self.errors_seen, self.last_rescan = self.connection_errors(), time.monotonic()
-        if self.step == 0:
-            self.evaluate()  # the base model, before any update
-        P, reason = self.cfg.prompt_groups_per_step, "max_steps"
-        while self.state.finished is None and (self.cfg.max_steps is None or self.step < self.cfg.max_steps):
-            t_wait = time.monotonic()
-            while len(self.ready) < P and not self.data_exhausted() and self.state.finished is None:
-                self.collect_groups()
-            if self.state.finished is not None:
-                log.info("trainer: run ended elsewhere (%s)", self.state.finished.reason)
-                return self.step
-            if not self.ready:
-                reason = "data exhausted"
-                break
-            groups, self.ready = take_oldest(self.ready, P)
-            m = self.train_step(groups, wait_time=time.monotonic() - t_wait)
-            log.info("step %d v%d reward %.3f loss %.4f offset<=%d wait %.2fs step %.2fs", m["step"], m["version"],
-                     m["rollout/reward_mean"], m["train/loss"], m["async/version_offset_max"],
-                     m["perf/train_wait_time"], m["perf/step_time"])
-        if self.state.finished is None:
-            failed = reason == "data exhausted" and self.step == 0  # must not look like a success
-            self.finish(NO_STEP_TRAINED.format(self.cfg.run_id) if failed else reason, failed=failed)
-        return self.step
+    def save_outputs(self) -> None:
+        """The final checkpoint (``save_final_checkpoint``) and the exported model (``output_model_id``)."""
+        if self.cfg.save_final_checkpoint and self.step > 0:
+            self.checkpoint()
+        if self.cfg.output_model_id:
+            log.info("exported %s", export_model(self.model, self.tokenizer, self.run_dir, self.cfg.output_model_id))
 
     def finish(self, reason: str, failed: bool = False) -> None:
         self.evaluate()  # the final weights (skipped when this version was just evaluated)
         if self.wandb is not None:
             self.wandb.finish()
-        if self.cfg.save_final_checkpoint and self.step > 0:
-            self.checkpoint()
-        if self.cfg.output_model_id:
-            log.info("exported %s", export_model(self.model, self.tokenizer, self.run_dir, self.cfg.output_model_id))
+        self.save_outputs()
         finished = RunFinished(reason=reason, step=self.step, version=self.version, failed=failed)
         bus.xadd(self.r, keys.events(self.cfg.run_id), finished)
         self.state.apply(finished)

@@ -1,5 +1,6 @@
-"""The rq side of a worker: the job function and a worker class that keeps the policy
-in process (rq's ``SimpleWorker``: no fork per job, so the model is loaded once).
+"""The rq side of a worker: the job function, a worker class that keeps the policy in
+process (rq's ``SimpleWorker``: no fork per job, so the model is loaded once), and its
+warm shutdown.
 
 rq imports a job's function by name and passes only JSON arguments, so the function
 finds the process's ``WorkerRuntime`` through a ContextVar that the worker binds around
@@ -18,9 +19,7 @@ from typing import Any
 from rq import SimpleWorker
 from rq.worker import WorkerStatus
 
-from rlstream.core import bus
 from rlstream.core.messages import GroupJob
-from rlstream.core.run_state import RunState
 
 log = logging.getLogger(__name__)
 _runtime: contextvars.ContextVar = contextvars.ContextVar("rlstream_worker_runtime")
@@ -101,26 +100,7 @@ class RolloutWorker(SimpleWorker):
                 log.debug("heartbeat failed: %s", exc)
 
 
-def stop_on_run_finished(r, run_id: str, stop: threading.Event) -> threading.Thread:
-    """Watch the events stream in a daemon thread; on ``RunFinished`` send ourselves SIGTERM,
-    which rq turns into a warm shutdown (finish the current job, then exit)."""
-
-    def watch() -> None:
-        cursor, state = "0-0", RunState()
-        while not stop.is_set():
-            try:
-                entries, cursor = bus.read_events(r, run_id, cursor, block_ms=1000)
-            except Exception as exc:  # redis restarting: the client retries, we just keep watching
-                log.debug("event watch: %s", exc)
-                stop.wait(1.0)
-                continue
-            for _, msg in entries:
-                state.apply(msg)
-            if state.finished is not None:  # folded: a RunStarted after it means the run goes on
-                log.info("run finished: stopping worker")
-                os.kill(os.getpid(), signal.SIGTERM)
-                return
-
-    thread = threading.Thread(target=watch, name="run-finished-watch", daemon=True)
-    thread.start()
-    return thread
+def warm_shutdown() -> None:
+    """SIGTERM to this process, which rq turns into a warm shutdown (finish the current job,
+    then exit): what a worker does when the run finishes."""
+    os.kill(os.getpid(), signal.SIGTERM)

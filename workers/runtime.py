@@ -1,6 +1,7 @@
 """What one worker process keeps in memory between jobs: the policy (loaded once,
-updated in place), the user's rollout_fn, and its view of the events stream. None of it
-is state a restart loses: it is all rebuilt from Redis and the published weights."""
+updated in place) and the user's rollout_fn, and how a job runs on them. The run's state
+comes from the process's one ``EventFollower``. None of it is state a restart loses: it is
+all rebuilt from Redis and the published weights."""
 from __future__ import annotations
 
 import asyncio
@@ -28,6 +29,7 @@ from rlstream.core.rollout import RolloutFnFactory, RolloutSetup
 from rlstream.core.run_state import RunState
 from rlstream.sampling.rollout_fn import accepted_context
 from rlstream.workers.breaker import CircuitBreaker
+from rlstream.workers.events import EventFollower
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +75,16 @@ def validation_message(exc: ValidationError) -> str:
     return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'sample'}: {e['msg']}" for e in exc.errors())
 
 
+def weights_to_load(state: RunState, min_version: int, failed: WeightsPublished | None) -> WeightsPublished | None:
+    """The newest published weights once they are >= ``min_version``. Not ``failed``, the
+    event whose weights would not load (pruned, or replaced by a re-run of its step): a newer
+    event, or the re-run's own WeightsPublished of the same version, supersedes it."""
+    latest = state.latest_weights
+    if latest is None or latest.version < min_version or latest is failed:
+        return None
+    return latest
+
+
 def make_policy(cfg: Config, published: WeightsPublished, device: Any) -> tuple[Any, Any]:
     """(policy, sampler) for ``inference.backend``: the transformers model in this process,
     or an OpenAI-compatible server (then only the tokenizer is loaded here)."""
@@ -92,10 +104,9 @@ def make_policy(cfg: Config, published: WeightsPublished, device: Any) -> tuple[
 
 class WorkerRuntime:
     def __init__(self, cfg: Config, r: redis.Redis, worker_id: str, device: Any,
-                 rollout_fn_factory: RolloutFnFactory):
+                 rollout_fn_factory: RolloutFnFactory, events: EventFollower):
         self.cfg, self.r, self.worker_id, self.device = cfg, r, worker_id, device
-        self.factory = rollout_fn_factory
-        self.state, self.cursor = RunState(), "0-0"
+        self.factory, self.events = rollout_fn_factory, events
         self.policy = None
         self.rollout_fn = None
         self.context_params: frozenset[str] = frozenset()
@@ -106,21 +117,24 @@ class WorkerRuntime:
         # connections belong to the loop that opened them.
         self.loop = asyncio.new_event_loop()
 
-    def follow_events(self, block_ms: int | None = None) -> None:
-        entries, self.cursor = bus.read_events(self.r, self.cfg.run_id, self.cursor, block_ms=block_ms)
-        for _, msg in entries:
-            self.state.apply(msg)
-
     def sync_weights(self, min_version: int) -> None:
-        """Load the newest published version; wait (bounded) until one >= ``min_version``
-        exists: the producer admitted this group after seeing it published."""
+        """Load the newest published version; wait (bounded by job_timeout) until one >=
+        ``min_version`` exists: the producer admitted this group after seeing it published."""
         deadline = time.monotonic() + self.cfg.job_timeout
-        self.follow_events()
-        while self.state.latest_weights is None or self.state.published_version < min_version:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"no weights >= v{min_version} published within {self.cfg.job_timeout}s")
-            self.follow_events(block_ms=500)
-        published = self.state.latest_weights
+        failed: WeightsPublished | None = None
+        while True:
+            published = self.events.wait_for(lambda state, failed=failed: weights_to_load(state, min_version, failed),
+                                             deadline - time.monotonic())
+            if published is None:
+                unloadable = f" (v{failed.version} at {failed.uri} could not be loaded)" if failed else ""
+                raise TimeoutError(f"no weights >= v{min_version} published within {self.cfg.job_timeout}s{unloadable}")
+            if self._load_weights(published):
+                return
+            failed = published
+
+    def _load_weights(self, published: WeightsPublished) -> bool:
+        """Build the policy at ``published`` or update it to there; False if those weights
+        are gone or unreadable."""
         if self.policy is None:
             self.policy, sampler = make_policy(self.cfg, published, self.device)
             self.vocab_size = policy_vocab_size(self.policy)
@@ -136,19 +150,10 @@ class WorkerRuntime:
             try:
                 self.policy.load(published)
             except (FileNotFoundError, ValueError) as exc:
-                # Pruned or replaced while we looked: a newer version is already out.
-                log.warning("worker %s: could not load v%d (%s); retrying with the newest", self.worker_id,
-                            published.version, exc)
-                self.follow_events(block_ms=200)
-                return self.sync_weights(min_version)
-
-    @property
-    def invalid_samples(self) -> int:
-        return self.totals["invalid_samples"]
-
-    @property
-    def rollout_failures(self) -> int:
-        return self.totals["rollout_failures"]
+                log.warning("worker %s: could not load v%d (%s); waiting for the next weights published",
+                            self.worker_id, published.version, exc)
+                return False
+        return True
 
     def _count(self, counts: Counter, field: str, error: str) -> None:
         """One failed draw: counted for this job (Redis) and the process, fed to the breaker."""

@@ -80,7 +80,7 @@ def make_rollout_fn(setup: RolloutSetup):
         reward, finish, text = 0.0, "stop", ""
         for turn in range(max_turns):
             [c] = await sampler.sample_with_prompt_tokens(tokens, n=1, **setup.sample_kwargs)
-            output = c.full_tokens[c.prompt_len:]
+            output = c.output_tokens
             tokens += output
             logprobs += list(c.inference_logprobs)
             mask += [1] * len(output)

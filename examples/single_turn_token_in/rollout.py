@@ -15,7 +15,7 @@ def make_rollout_fn(setup: RolloutSetup):
         prompt = sample_prompt["prompt_token_ids"]
         completions = await sampler.sample_with_prompt_tokens(prompt, n=1, **setup.sample_kwargs)
         c = completions[0]
-        output = c.full_tokens[c.prompt_len:]
+        output = c.output_tokens
         answer = tokenizer.decode(output, skip_special_tokens=True).strip()
         return RolloutSample(
             tokens=c.full_tokens,

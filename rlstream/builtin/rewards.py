@@ -7,6 +7,7 @@ import re
 from typing import Any, Callable
 
 from rlstream.builtin.task import exact_match_reward
+from rlstream.core.choices import BUILTIN_REWARDS
 
 RewardFn = Callable[[str, dict[str, Any]], float]
 _NUMBER_RE = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
@@ -36,11 +37,14 @@ def math_answer(completion_text: str, row: dict[str, Any]) -> float:
     return 1.0 if got is not None and want is not None and abs(got - want) < 1e-6 else 0.0
 
 
+# keyed by function name: the names are rlstream.core.choices.BUILTIN_REWARDS
+_BUILTIN: dict[str, RewardFn] = {fn.__name__: fn for fn in (exact_match, math_answer)}
+
+
 def resolve_reward(spec: str) -> RewardFn:
-    if spec == "exact_match":
-        return exact_match
-    if spec == "math_answer":
-        return math_answer
+    """A built-in reward by name (BUILTIN_REWARDS), else the user's ``'module:function'``."""
+    if spec in BUILTIN_REWARDS:
+        return _BUILTIN[spec]
     from rlstream.core.imports import import_object
 
     return import_object(spec, "reward_fn")

@@ -28,11 +28,10 @@ def single_turn_factory(reward_fn: RewardFn):
         async def rollout_fn(sample_prompt: dict[str, Any]) -> RolloutSample | None:
             prompt = prompt_token_ids(sample_prompt, setup.tokenizer)
             [c] = await setup.sampler.sample_with_prompt_tokens(prompt, n=1, **setup.sample_kwargs)
-            generated = len(c.full_tokens) - c.prompt_len
             return RolloutSample(
                 tokens=c.full_tokens,
                 logprobs=[0.0] * c.prompt_len + c.inference_logprobs,
-                loss_mask=[0] * c.prompt_len + [1] * generated,
+                loss_mask=[0] * c.prompt_len + [1] * len(c.output_tokens),
                 reward=float(reward_fn(c.text, sample_prompt)),
                 finish_reason=c.finish_reason,
                 text=c.text,

@@ -1,8 +1,8 @@
 """The built-in task: prompts ``a+b=`` with digits a, b; the policy answers one token;
 reward 1.0 when that token is ``(a+b) mod 10``.
 
-Tiny vocabulary and a one-token answer on purpose: DESIGN.md section 11 measured that a
-124k-parameter model learns this with plain GRPO in a few hundred steps on 2 cores,
+Tiny vocabulary and a one-token answer on purpose (docs/design.md §14 Measured facts and
+pitfalls): a 124k-parameter model learns this with plain GRPO in a few hundred steps on 2 cores,
 while a 128-token vocabulary or multi-token sums stall near 0.35.
 """
 from __future__ import annotations

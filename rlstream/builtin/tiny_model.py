@@ -68,7 +68,7 @@ def save_tiny_model(directory: str | Path, seed: int = 0) -> Path:
         return directory
     tmp = directory.with_name(directory.name + ".tmp")
     model = build_model(seed)
-    model.save_pretrained(tmp)  # save_pretrained handles the tied lm_head (DESIGN.md s.11)
+    model.save_pretrained(tmp)  # handles the tied lm_head (docs/design.md §14 Measured facts and pitfalls)
     build_tokenizer().save_pretrained(tmp)
     tmp.rename(directory)
     return directory

@@ -3,7 +3,7 @@
 Envelope: a msgpack map of the message's fields. Fields listed in the message's
 ``PACKED`` travel as little-endian packed arrays (``array`` typecodes i/f/B = int32,
 float32, uint8) instead of msgpack lists: decoding lists is several times slower
-(DESIGN.md section 11). Decoding validates every invariant; any failure raises
+(docs/design.md §15.8 Packed arrays in msgpack). Decoding validates every invariant; any failure raises
 ``DecodeError`` with a one-line reason fit for the dead-letter stream.
 """
 from __future__ import annotations

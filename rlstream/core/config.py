@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal, Mapping
 
 from pydantic import BaseModel, BeforeValidator, Field, ValidationError, model_validator
 
+from rlstream.core.choices import ADVANTAGE_METHODS, BUILTIN_REWARDS, KlEstimator, LrSchedule, Normalization, PolicyLoss
 from rlstream.core.config_sections import (
     ConfigSection,
     InferenceConfig,
@@ -75,15 +76,15 @@ class Config(ConfigSection):
         2048, ge=2, le=MAX_SEQ_LEN_LIMIT, description="max prompt + completion tokens; None (the cookbook's default) = no limit"
     )
     temperature: float = Field(1.0, gt=0, le=10.0, description="sampling temperature (trainer logprobs use it too)")
-    policy_loss: Literal["grpo", "importance_sampling", "reinforce", "dapo", "dro", "gspo", "cispo"] = Field(
+    policy_loss: PolicyLoss = Field(
         "grpo", description="policy loss (trainer/losses.py)"
     )
-    lr_schedule: Literal["constant", "linear", "cosine"] = Field(
+    lr_schedule: LrSchedule = Field(
         "constant", description="learning-rate schedule after warmup; linear/cosine decay to 0 at max_steps"
     )
     lr_warmup_steps: int = Field(0, ge=0, le=1_000_000, description="linear warmup steps")
     kl_beta: float = Field(0.0, ge=0, le=100.0, description="reference-KL coefficient; 0 = no reference model")
-    kl_estimator: Literal["k1", "k2", "k3"] = Field("k3", description="KL estimator against the reference")
+    kl_estimator: KlEstimator = Field("k3", description="KL estimator against the reference")
     reference_model: PathText | None = Field(
         None, description="HF directory of the frozen reference; unset = base_model (same tokenizer required)"
     )
@@ -91,7 +92,7 @@ class Config(ConfigSection):
     eps_clip_high: float | None = Field(None, gt=0, le=10, description="PPO clip, high side; unset = loss default")
     eps_clip_c: float | None = Field(None, gt=1, le=100, description="dual clip for A < 0 (grpo, dapo); unset = off")
     dro_beta: float = Field(0.05, ge=0, le=100, description="quadratic proximal penalty of the dro loss")
-    normalization: Literal["token_mean", "sequence_mean", "token_sum"] = Field(
+    normalization: Normalization = Field(
         "token_mean", description="how per-token losses reduce to the batch loss"
     )
     advantage: str = Field(
@@ -157,10 +158,10 @@ class Config(ConfigSection):
             self.max_concurrency_rollout_sample < self.completions_per_prompt
         ):
             raise ValueError("max_concurrency_rollout_sample must be >= completions_per_prompt")
-        if self.advantage not in ("grpo", "dr_grpo"):
-            check_spec(self.advantage, "advantage")
-        if self.reward_fn not in ("exact_match", "math_answer"):
-            check_spec(self.reward_fn, "reward_fn")
+        if self.advantage not in ADVANTAGE_METHODS:
+            check_spec(self.advantage, "advantage", ADVANTAGE_METHODS)
+        if self.reward_fn not in BUILTIN_REWARDS:
+            check_spec(self.reward_fn, "reward_fn", BUILTIN_REWARDS)
         for name in ("rollout_fn_factory", "dynamic_filter_fn", "evaluation_fn"):
             if getattr(self, name) is not None:
                 check_spec(getattr(self, name), name)
@@ -189,7 +190,8 @@ class Config(ConfigSection):
 
     def sample_kwargs(self) -> dict[str, Any]:
         """``setup.sample_kwargs`` (the cookbook's names); ``top_k=0`` means off: transformers
-        would otherwise apply top_k=50 and the behaviour logprobs would lie (DESIGN.md s.11)."""
+        would otherwise apply top_k=50 and the behaviour logprobs would lie
+        (docs/design.md §15.16 Sampling with top_k = 0)."""
         return dict(max_tokens=self.max_completion_tokens, temperature=self.temperature, top_p=1.0, top_k=0,
                     max_seq_len=self.max_seq_len, logprobs=True)
 

@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from rlstream.core.choices import TisLevel
+
 
 class ConfigSection(BaseModel):
     # strict: TOML has real types, so `seed = true` or `learning_rate = "1e-3"` is a mistake to
@@ -28,7 +30,7 @@ class TisConfig(ConfigSection):
     """Truncated importance sampling between the trainer's and the sampler's logprobs."""
 
     cap: float = Field(5.0, ge=1.0, le=1e6, description="cap on the train/inference weight exp(old - inf)")
-    level: Literal["token", "sequence"] = Field(
+    level: TisLevel = Field(
         "token", description="weight per token, or the geometric mean over the sequence's trained tokens"
     )
     icepop_threshold: float | None = Field(

@@ -1,4 +1,5 @@
-"""Building Redis clients: the one I/O edge with retries (bounded, exponential backoff).
+"""Building Redis clients: the one I/O edge with retries (bounded, exponential backoff),
+and counting the connection errors a client's retries absorb (``count_connection_errors``).
 
 Connections are built in each process's ``main()`` and passed down; nothing here keeps a
 client at module level.
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import redis
 from redis.backoff import ExponentialBackoff
@@ -54,3 +56,30 @@ def connect(url: str, timeout: float = 15.0) -> redis.Redis:
             log.debug("redis not ready at %s (%s); retrying in %.2fs", url, exc, delay)
             time.sleep(delay)
             delay = min(delay * 2, 1.0)
+
+
+class _CountingRetry(Retry):
+    """A client's retry policy, unchanged, that counts the connection errors it absorbs."""
+
+    def __init__(self, inner: Retry):
+        super().__init__(inner._backoff, inner._retries, inner._supported_errors)
+        self.errors = 0
+
+    def call_with_retry(self, do, fail, *args, **kwargs):
+        def counting_fail(error, *fail_args):
+            self.errors += 1
+            return fail(error, *fail_args)
+
+        return super().call_with_retry(do, counting_fail, *args, **kwargs)
+
+
+def count_connection_errors(r: redis.Redis) -> Callable[[], int]:
+    """How many connection errors ``r`` has retried through so far. A retried command may
+    have taken effect before its reply was lost (an XREADGROUP's entries are then pending
+    but were never returned), so a caller that cares re-reads after the count moves."""
+    retry = r.get_retry()
+    if not isinstance(retry, Retry):  # e.g. fakeredis, or a client built without retries
+        return lambda: 0
+    counting = _CountingRetry(retry)
+    r.set_retry(counting)
+    return lambda: counting.errors

@@ -10,9 +10,12 @@ from typing import Any, Callable
 _SPEC_RE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
 
 
-def check_spec(spec: str, what: str) -> str:
+def check_spec(spec: str, what: str, builtin: tuple[str, ...] = ()) -> str:
+    """``spec`` when it looks like ``"module:function"``; ``builtin`` (the names the field
+    also accepts) goes into the error, since a misspelt built-in name lands here too."""
     if not _SPEC_RE.fullmatch(spec):
-        raise ValueError(f"{what} {spec!r} must look like 'package.module:function'")
+        alternative = f" (or be one of the built-in {', '.join(builtin)})" if builtin else ""
+        raise ValueError(f"{what} {spec!r} must look like 'package.module:function'{alternative}")
     return spec
 
 

@@ -221,7 +221,8 @@ class GroupSampled(Message):
 
 
 class StepCommitted(Message):
-    """Written in the same MULTI/EXEC that XACKs ``entry_ids`` on the rollouts stream."""
+    """Written by the commit's Lua script, atomically with the XACK of ``entry_ids`` on the
+    rollouts stream (docs/design.md §7 Commit protocol)."""
 
     kind: Literal["step_committed"] = "step_committed"
     step: int = Field(ge=1)
@@ -251,8 +252,8 @@ class Evaluated(Message):
 
 class DatasetExhausted(Message):
     """The producer admitted its last row: ``groups`` is the total ever admitted (first
-    attempts). Not in DESIGN.md's list; the trainer needs it to end a run on data
-    exhaustion without guessing."""
+    attempts). The trainer needs it to end a run on data exhaustion without guessing
+    (docs/design.md §15.3 DatasetExhausted event)."""
 
     kind: Literal["dataset_exhausted"] = "dataset_exhausted"
     groups: int = Field(ge=0)

@@ -112,8 +112,8 @@ class RunState:
 
     @property
     def reserved_samples(self) -> int:
-        """accepted + reserved of DESIGN.md s.4: samples of every admitted group that was not
-        rejected (a rejected group frees its slots)."""
+        """accepted + reserved of the gate (docs/design.md §5 Versions and the gate): samples of
+        every admitted group that was not rejected (a rejected group frees its slots)."""
         return self._reserved
 
     @property

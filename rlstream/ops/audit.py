@@ -1,5 +1,5 @@
-"""``rlstream audit [RUN]``: check a run's sample ledger against DESIGN.md's promises
-(sections 5 and 8): every admitted group is trained exactly once or explicitly rejected,
+"""``rlstream audit [RUN]``: check a run's sample ledger against the promises of
+docs/design.md §10 Failure semantics: every admitted group is trained exactly once or explicitly rejected,
 no sample is trained twice, step numbering is continuous.
 
 The audit folds the whole events stream and reads the whole rollouts stream (XRANGE in
@@ -48,10 +48,8 @@ from rlstream.core.bus import xrange_all
 from rlstream.core.codec import DecodeError, decode
 from rlstream.core.messages import GroupAdmitted, GroupRejected, Message, RolloutSample, StepCommitted
 
-PAGE = 1000
 REASON_WIDTH = 80
 MAX_IDS_SHOWN = 20
-FIELD = b"m"  # the field every stream entry carries its encoded message under (rlstream.core.bus.FIELD)
 
 
 @dataclass
@@ -118,19 +116,20 @@ class AuditReport:
         out += [f"rejected_reason: {n}  {reason}" for reason, n in
                 sorted(self.rejected_reasons.items(), key=lambda kv: (-kv[1], kv[0]))]
         out += [
-            f"rejected_after_training: {len(self.rejected_after_training)}{_list(self.rejected_after_training)}",
+            f"rejected_after_training: {len(self.rejected_after_training)}"
+            f"{_bracketed_ids(self.rejected_after_training)}",
             f"groups_in_flight: {len(self.in_flight)}  (job={self.in_flight_by_job} "
-            f"samples_only={self.in_flight_by_sample}){_list(self.in_flight)}",
-            f"groups_lost: {len(self.lost)}{_list(self.lost)}",
-            f"trained_not_admitted: {len(self.trained_not_admitted)}{_list(self.trained_not_admitted)}",
+            f"samples_only={self.in_flight_by_sample}){_bracketed_ids(self.in_flight)}",
+            f"groups_lost: {len(self.lost)}{_bracketed_ids(self.lost)}",
+            f"trained_not_admitted: {len(self.trained_not_admitted)}{_bracketed_ids(self.trained_not_admitted)}",
             f"trained_twice: {self.trained_twice}",
-            f"trained_twice_groups: {len(self.twice_groups)}{_list(self.twice_groups)}",
-            f"trained_twice_samples: {len(self.twice_samples)}{_list(self.twice_samples)}",
-            f"trained_twice_entries: {len(self.twice_entries)}{_list(self.twice_entries)}",
+            f"trained_twice_groups: {len(self.twice_groups)}{_bracketed_ids(self.twice_groups)}",
+            f"trained_twice_samples: {len(self.twice_samples)}{_bracketed_ids(self.twice_samples)}",
+            f"trained_twice_entries: {len(self.twice_entries)}{_bracketed_ids(self.twice_entries)}",
             f"repeated_within_step: {self.repeated_within_step}",
             f"steps: {self.steps}",
-            f"first_step: {_opt(self.first_step)}",
-            f"last_step: {_opt(self.last_step)}",
+            f"first_step: {_or_dash(self.first_step)}",
+            f"last_step: {_or_dash(self.last_step)}",
             f"duplicate_steps: {_ids(self.duplicate_steps)}",
             f"missing_steps: {_ids(self.missing_steps)}",
             f"samples_trained: {self.samples_trained}",
@@ -144,7 +143,7 @@ class AuditReport:
         return out
 
 
-def _opt(value: int | None) -> str:
+def _or_dash(value: int | None) -> str:
     return "-" if value is None else str(value)
 
 
@@ -157,7 +156,7 @@ def _ids(items: list) -> str:
     return shown + (f" (+{more} more)" if more > 0 else "")
 
 
-def _list(items: list) -> str:
+def _bracketed_ids(items: list) -> str:
     return f"  [{_ids(items)}]" if items else ""
 
 

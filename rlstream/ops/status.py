@@ -34,7 +34,7 @@ def find_run_dir(run: str | None, log_path: str) -> Path:
     return runs[-1].parent
 
 
-def open_run(run_dir: Path):
+def _connect_run(run_dir: Path):
     """(cfg, client, embedded-or-None): connect to the run's Redis, starting its embedded
     server from the run directory when it is not running."""
     cfg = validate_config(json.loads((run_dir / "config.json").read_text()))
@@ -58,7 +58,7 @@ def opened_run(run: str | None, log_path: str) -> Iterator[tuple[Path, Any, Any]
     """(run_dir, cfg, client) for ``audit``, ``dead`` and ``status``; closes the client and
     stops an embedded server it had to start."""
     run_dir = find_run_dir(run, log_path)
-    cfg, r, embedded = open_run(run_dir)
+    cfg, r, embedded = _connect_run(run_dir)
     try:
         yield run_dir, cfg, r
     finally:

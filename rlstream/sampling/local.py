@@ -3,7 +3,8 @@ trainer publishes a new version, and an async sampler that batches concurrent re
 
 Behaviour logprobs are taken from ``generate``'s processed scores, i.e. the exact
 distribution the token was drawn from. ``top_k=0`` is passed explicitly: transformers
-applies top_k=50 by default under ``do_sample=True`` (DESIGN.md s.11).
+applies top_k=50 by default under ``do_sample=True`` (docs/design.md §15.16 Sampling with
+top_k = 0).
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ log = logging.getLogger(__name__)
 SAMPLE_KWARGS = frozenset({"max_tokens", "temperature", "top_p", "top_k", "max_seq_len", "logprobs"})
 
 
-def cut(gen: list[int], budget: int, eos_ids: set[int]) -> tuple[int, str]:
+def truncate_to_budget(gen: list[int], budget: int, eos_ids: set[int]) -> tuple[int, str]:
     """(tokens kept, finish_reason) of one row generated past its own budget: keeping the
     first ``budget`` tokens is distributionally the same as having stopped there."""
     stop = next((j for j, t in enumerate(gen[:budget]) if t in eos_ids), None)
@@ -101,7 +102,7 @@ class LocalPolicy:
         results = []
         for i, (prompt, budget) in enumerate(zip(prompts, budgets)):
             gen = gen_B_T[i].tolist()
-            n, reason = cut(gen, budget, self.eos_ids)
+            n, reason = truncate_to_budget(gen, budget, self.eos_ids)
             results.append(Completion(
                 full_tokens=list(prompt) + gen[:n], prompt_len=len(prompt),
                 inference_logprobs=logprobs_B_T[i, :n].tolist(), finish_reason=reason,

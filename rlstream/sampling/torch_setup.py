@@ -9,8 +9,9 @@ import os
 
 
 def setup_torch(device: str, threads: int, seed: int):
-    """Set threads (1 per process is fastest when processes share cores, DESIGN.md s.11),
-    seed, quiet transformers, and return the torch.device to use."""
+    """Set threads (1 per process is fastest when processes share cores: docs/design.md
+    §15.17 One torch thread per process), seed, quiet transformers, and return the
+    torch.device to use."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
     import transformers

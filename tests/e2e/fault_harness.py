@@ -17,12 +17,12 @@ import signal
 import struct
 import subprocess
 import sys
-import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
 import msgpack
+from polling import wait_until
 
 from rlstream.core import keys
 from rlstream.core.codec import decode
@@ -36,18 +36,6 @@ MAX_SEQ_LEN = 16  # examples/builtin/config.toml
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def wait_until(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.2) -> object:
-    """Poll ``predicate`` until it returns a truthy value; raise after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
 
 
 def rlstream(*args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -97,7 +85,7 @@ class Up:
             return self.steps() >= n
 
         try:
-            wait_until(reached, timeout, f"step >= {n} of run {self.run_id}")
+            wait_until(reached, timeout, f"step >= {n} of run {self.run_id}", interval=0.2)
         except AssertionError as exc:
             if "timed out" in str(exc):
                 raise AssertionError(f"{exc}\n{self.logs()}") from None
@@ -200,7 +188,7 @@ def sigkill(pid: int) -> None:
         except OSError:
             return True
 
-    wait_until(gone, 10, f"pid {pid} to die")
+    wait_until(gone, 10, f"pid {pid} to die", interval=0.2)
 
 
 def assert_summary(up: Up, steps: int) -> None:

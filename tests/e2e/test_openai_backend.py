@@ -9,10 +9,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from polling import wait_until
 
 from rlstream.core.metrics import read_metrics
 
@@ -22,12 +22,12 @@ CONFIG = REPO / "examples" / "builtin" / "config.toml"
 
 
 def wait_for_file(path: Path, proc: subprocess.Popen, timeout: float) -> str:
-    deadline = time.monotonic() + timeout
-    while not (path.is_file() and path.read_text().strip()):
-        if proc.poll() is not None or time.monotonic() > deadline:
+    def written() -> str:
+        if proc.poll() is not None:  # its stderr is only read once it exited: reading a live pipe would block
             raise AssertionError(f"inference server did not start: {proc.stderr.read() if proc.stderr else ''}")
-        time.sleep(0.1)
-    return path.read_text().strip()
+        return path.read_text().strip() if path.is_file() else ""
+
+    return wait_until(written, timeout, f"the inference server to write {path}", interval=0.1)
 
 
 def test_workers_sample_from_an_openai_compatible_server(tmp_path: Path) -> None:

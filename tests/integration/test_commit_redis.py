@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from rlstream.core import bus, keys
-from rlstream.core.connection import connect
+from rlstream.core.connection import connect, count_connection_errors
 from rlstream.core.errors import RlstreamError
 from rlstream.core.messages import RolloutSample, StepCommitted
 from rlstream.trainer import buffer
@@ -101,7 +101,7 @@ def test_connection_errors_are_counted_through_the_clients_retries(redis_url, ru
     r, killer = connect(redis_url), connect(redis_url)
     bus.ensure_group(r, keys.rollouts(run_id))
     try:
-        errors = buffer.count_connection_errors(r)
+        errors = count_connection_errors(r)
         victim = r.client_id()
         assert errors() == 0
         # Kill the connection while it blocks in XREADGROUP: the client retries the read.

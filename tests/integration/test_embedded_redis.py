@@ -1,6 +1,7 @@
 """The embedded redis-server (rlstream.core.embedded_redis) and connect()'s failure mode.
 
-DESIGN.md section 8/11: with AOF on, a SIGKILLed redis-server loses no acknowledged write
+docs/design.md §10 Failure semantics and §14 Measured facts and pitfalls: with AOF on, a
+SIGKILLed redis-server loses no acknowledged write
 (appendfsync everysec: the write reaches the OS page cache before the reply, so a process
 kill loses nothing; only an OS crash can lose ~1 s).
 """
@@ -94,7 +95,6 @@ def test_connect_to_dead_port_raises_within_timeout():
     thread.join(5.0)
     elapsed = time.monotonic() - t0
     assert not thread.is_alive(), f"connect(timeout=1.0) still retrying after {elapsed:.1f} s"
-    assert elapsed < 5.0
     assert len(outcome) == 1 and isinstance(outcome[0], RedisUnavailable)
     assert url in str(outcome[0])
 

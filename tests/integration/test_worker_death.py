@@ -12,6 +12,7 @@ import sys
 import time
 
 import pytest
+from polling import wait_until
 from rq import Retry
 from rq.job import JobStatus
 from rq.registry import FailedJobRegistry, StartedJobRegistry
@@ -45,14 +46,6 @@ worker = RolloutWorker([job_queue(r, Config(run_id=sys.argv[2]))], connection=r,
 worker.hung_grace_s = 0.0
 worker.work(burst=True)
 """
-
-
-def wait_until(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def kill_worker_mid_job(redis_url: str, run_id: str, job) -> None:

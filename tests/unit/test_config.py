@@ -96,6 +96,14 @@ def test_wrong_literal(tmp_path):
     assert "policy_loss" in msg and "'ppo'" in msg
 
 
+def test_misspelt_builtin_name_lists_the_builtins(tmp_path):
+    msg = config_error(write(tmp_path, 'advantage = "drgrpo"\n'), environ={})
+    assert ("advantage 'drgrpo' must look like 'package.module:function' (or be one of the built-in grpo, dr_grpo)"
+            in msg)
+    msg = config_error(write(tmp_path, 'reward_fn = "exactmatch"\n'), environ={})
+    assert "reward_fn 'exactmatch'" in msg and "exact_match, math_answer" in msg
+
+
 def test_completions_per_prompt_1(tmp_path):
     msg = config_error(write(tmp_path, "completions_per_prompt = 1\n"), environ={})
     assert msg.startswith("config error: completions_per_prompt:")

@@ -1,5 +1,5 @@
-"""rlstream.producers.gate (DESIGN.md s.4) with hand-computed numbers, and the gate driven by a
-RunState folded from events, as the producer runs it."""
+"""rlstream.producers.gate (docs/design.md §5 Versions and the gate) with hand-computed
+numbers, and the gate driven by a RunState folded from events, as the producer runs it."""
 from __future__ import annotations
 
 import random

@@ -50,8 +50,7 @@ def test_key_builders_validate_run_id(fn):
 
 
 @pytest.mark.parametrize("run_id", ["a", "run-1", "RUN_2", "0", "x" * 64])
-def test_every_accepted_run_id_can_enqueue_jobs(run_id):
-    import fakeredis
+def test_every_accepted_run_id_can_enqueue_jobs(run_id, r):
     from rq import Queue
     from rq.serializers import JSONSerializer
 
@@ -59,7 +58,6 @@ def test_every_accepted_run_id_can_enqueue_jobs(run_id):
     from rlstream.producers.producer import admit
 
     keys.check_run_id(run_id)
-    r = fakeredis.FakeRedis()
     cfg = Config(run_id=run_id, completions_per_prompt=2)
     queue = Queue(keys.job_queue_name(run_id), connection=r, serializer=JSONSerializer)
     admit(r, queue, cfg, 0, 0, {"prompt": "1+1="}, 0)

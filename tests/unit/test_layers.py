@@ -1,4 +1,4 @@
-"""The layout's rules, checked on the source (docs/design.md, "Layout"): which layer may
+"""The layout's rules, checked on the source (docs/design.md §11 Layout and layer rules): which layer may
 import which, no import circle, no generic top-level names, a docstring and a bounded size
 for every module. Imports are read with ``ast``, lazy (in-function) ones included."""
 from __future__ import annotations

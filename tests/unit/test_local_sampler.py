@@ -11,7 +11,7 @@ import torch
 from rlstream.builtin.tiny_model import save_tiny_model
 from rlstream.core import weights
 from rlstream.core.messages import WeightsPublished
-from rlstream.sampling.local import LocalPolicy, LocalSampler, cut
+from rlstream.sampling.local import LocalPolicy, LocalSampler, truncate_to_budget
 
 KW = dict(max_tokens=6, temperature=1.0, top_p=1.0, top_k=0, max_seq_len=64, logprobs=True)
 
@@ -94,9 +94,9 @@ def test_each_row_gets_its_own_token_budget(policy):
 
 
 def test_cut_keeps_tokens_up_to_eos_or_budget():
-    assert cut([5, 6, 2, 7], budget=4, eos_ids={2}) == (3, "stop")
-    assert cut([5, 6, 2, 7], budget=2, eos_ids={2}) == (2, "length")  # eos after the row's budget
-    assert cut([5, 2], budget=4, eos_ids={2}) == (2, "stop")
+    assert truncate_to_budget([5, 6, 2, 7], budget=4, eos_ids={2}) == (3, "stop")
+    assert truncate_to_budget([5, 6, 2, 7], budget=2, eos_ids={2}) == (2, "length")  # eos after the row's budget
+    assert truncate_to_budget([5, 2], budget=4, eos_ids={2}) == (2, "stop")
 
 
 def test_a_prompt_without_room_fails_only_its_caller(policy):

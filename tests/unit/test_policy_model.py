@@ -1,17 +1,18 @@
 """The trainer's model side: dropout-free logprobs, worker/trainer logprob agreement, the
-frozen reference model. Tiny model, CPU, no Redis."""
+frozen reference model, the one model-directory writer. Tiny model, CPU, no Redis."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from rlstream.builtin.tiny_model import build_model, build_tokenizer, save_tiny_model
+from rlstream.core import weights
 from rlstream.core.config import Config
 from rlstream.core.errors import ConfigError
 from rlstream.core.messages import RolloutSample
 from rlstream.sampling.torch_setup import load_model_and_tokenizer
 from rlstream.trainer.batch import collate
-from rlstream.trainer.policy_model import load_reference, token_logprobs
+from rlstream.trainer.policy_model import load_reference, token_logprobs, weights_dir, write_model_dir, write_weights
 
 CPU = torch.device("cpu")
 # Two "a+b=c<eos>" rows in the tiny vocabulary, every token real (no padding).
@@ -112,3 +113,22 @@ def test_reference_model_with_another_tokenizer_is_a_config_error(tmp_path):
     tokenizer.save_pretrained(path)
     with pytest.raises(ConfigError, match=r"reference_model .* has a different tokenizer than the policy"):
         load_reference(ref_cfg(reference_model=str(path)), build_model(0), build_tokenizer(), CPU)
+
+
+def test_write_model_dir_seals_model_tokenizer_and_extra_files(tmp_path):
+    final = tmp_path / "models" / "out"
+    digest, size = write_model_dir(final, build_model(0), build_tokenizer(), version=-1,
+                                   extra_files=lambda tmp: (tmp / "extra.json").write_text("{}"))
+    weights.verify(final, digest)  # complete and matching its manifest
+    assert (final / "extra.json").is_file() and (final / "config.json").is_file() and size > 0
+    assert not list(final.parent.glob(".tmp-*"))
+    load_model_and_tokenizer(str(final), CPU)  # a standalone HF directory
+
+
+def test_write_weights_announces_the_version_and_prunes_all_but_v0_and_the_newest(tmp_path):
+    model, tokenizer = build_model(0), build_tokenizer()
+    for version in range(4):
+        published = write_weights(model, tokenizer, tmp_path, version, keep=2)
+    assert published.version == 3 and published.uri == str(weights_dir(tmp_path, 3).resolve())
+    weights.verify(weights_dir(tmp_path, 3), published.sha256)
+    assert sorted(p.name for p in (tmp_path / "weights").iterdir()) == ["v0", "v2", "v3"]

@@ -2,22 +2,12 @@
 stream's tail (an OS crash with appendfsync everysec), even once new events were written."""
 from __future__ import annotations
 
-import fakeredis
-import pytest
-
 from rlstream.core import bus, keys
 from rlstream.core.config import Config
 from rlstream.core.messages import DatasetExhausted
 from rlstream.producers.producer import events_rolled_back
 
 CFG = Config(run_id="p1")
-
-
-@pytest.fixture
-def r():
-    client = fakeredis.FakeRedis()
-    yield client
-    client.close()
 
 
 def add_events(r, n: int) -> list[str]:

@@ -2,8 +2,6 @@
 (Redis lost its last writes), and only such a group (fakeredis + rq's JSON serializer)."""
 from __future__ import annotations
 
-import fakeredis
-import pytest
 from rq.job import Job
 
 from rlstream.core.config import Config
@@ -14,13 +12,6 @@ from rlstream.producers.producer import admit, jobless_groups, redispatch
 
 CFG = Config(run_id="p2", completions_per_prompt=4)
 ROWS = [{"prompt": f"{i}+1="} for i in range(3)]
-
-
-@pytest.fixture
-def r():
-    client = fakeredis.FakeRedis()
-    yield client
-    client.close()
 
 
 def admitted(r) -> tuple[RunState, list[str]]:

@@ -1,7 +1,6 @@
 """``rlstream replay``'s refusals, before any model is built."""
 from __future__ import annotations
 
-import fakeredis
 import pytest
 
 from rlstream.core.config import Config
@@ -9,8 +8,7 @@ from rlstream.core.errors import ConfigError
 from rlstream.trainer.replay_run import replay_run
 
 
-def test_replay_needs_a_new_run_id_and_a_source_with_steps(tmp_path):
-    r = fakeredis.FakeRedis()
+def test_replay_needs_a_new_run_id_and_a_source_with_steps(tmp_path, r):
     with pytest.raises(ConfigError, match="needs a new run id"):
         replay_run(Config(run_id="src", log_path=str(tmp_path)), r, "src")
     with pytest.raises(ConfigError, match="run src has no committed step to replay"):

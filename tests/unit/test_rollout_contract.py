@@ -10,6 +10,7 @@ import pytest
 from rlstream import Config, RolloutSample, RolloutSetup, main
 from rlstream.api import importable_spec
 from rlstream.builtin.rewards import exact_match, final_number, math_answer, resolve_reward
+from rlstream.core.choices import BUILTIN_REWARDS
 from rlstream.core.errors import ConfigError
 from rlstream.core.messages import GroupJob
 from rlstream.preflight import preflight
@@ -79,6 +80,7 @@ def test_rewards():
     assert math_answer("it is 15", {"answer": "8 + 7 = 15\n#### 15"}) == 1.0
     assert math_answer("it is 14", {"answer": "#### 15"}) == 0.0
     assert resolve_reward("rlstream.builtin.rewards:math_answer") is math_answer
+    assert [resolve_reward(name) for name in BUILTIN_REWARDS] == [exact_match, math_answer]
 
 
 def test_accepted_context():
@@ -98,7 +100,7 @@ def test_accepted_context():
 
 def runtime_with(rollout_fn, **cfg_overrides) -> WorkerRuntime:
     rt = WorkerRuntime(Config(run_id="t", **cfg_overrides), r=None, worker_id="w", device="cpu",
-                       rollout_fn_factory=lambda setup: rollout_fn)
+                       rollout_fn_factory=lambda setup: rollout_fn, events=None)  # _group reads no events
     rt.rollout_fn, rt.context_params = rollout_fn, accepted_context(rollout_fn)
     return rt
 
@@ -138,7 +140,7 @@ def test_invalid_samples_are_counted_and_failures_retried():
 
     rt = runtime_with(rollout_fn, max_incomplete_group_retries=0, rollout_max_retries=2)
     samples = asyncio.run(rt._group(job(2)))
-    assert rt.invalid_samples == 1 and rt.rollout_failures == 1
+    assert rt.totals["invalid_samples"] == 1 and rt.totals["rollout_failures"] == 1
     assert len(samples) == 1  # the invalid draw is dropped, the failed one retried
 
 

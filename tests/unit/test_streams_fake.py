@@ -1,12 +1,11 @@
 """rlstream.core.bus on fakeredis: consumer-group reads, dead-lettering, events, reclaim."""
 from __future__ import annotations
 
-import fakeredis
 import msgpack
-import pytest
 
 from rlstream.core import bus, keys
 from rlstream.core.codec import decode, encode
+from rlstream.core.connection import count_connection_errors
 from rlstream.core.messages import (
     DeadLetter,
     GroupAdmitted,
@@ -22,13 +21,6 @@ from rlstream.trainer import buffer
 RUN = "t1"
 ROLLOUTS = keys.rollouts(RUN)
 DEAD = keys.dead(RUN)
-
-
-@pytest.fixture
-def r():
-    client = fakeredis.FakeRedis()
-    yield client
-    client.close()
 
 
 def sample(member: int = 0, row: int = 0, tokens=(3, 4, 5), **over) -> RolloutSample:
@@ -196,7 +188,7 @@ def test_rollout_stats(r):
 
 
 def test_count_connection_errors_is_zero_without_a_retry_policy(r):
-    assert buffer.count_connection_errors(r)() == 0
+    assert count_connection_errors(r)() == 0
 
 
 # --------------------------------------------------------------------------- events

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 
-import fakeredis
 import pytest
 import torch
 
@@ -21,19 +20,18 @@ from rlstream.core.messages import (
     group_id_for,
     sample_id_for,
 )
+from rlstream.trainer.buffer import CONSUMER
 from rlstream.trainer.checkpoint import checkpoint_dir, read_state
-from rlstream.trainer.resume import resume
-from rlstream.trainer.trainer import CONSUMER, Trainer, rejected_total
+from rlstream.trainer.step_metrics import rejected_total
+from rlstream.trainer.trainer import Trainer
 
 RUN = "tr"
 
 
 @pytest.fixture
-def r():
-    client = fakeredis.FakeRedis()
-    bus.ensure_group(client, keys.rollouts(RUN))
-    yield client
-    client.close()
+def r(r):  # tests/unit/conftest.py's FakeRedis, with the trainer's consumer group
+    bus.ensure_group(r, keys.rollouts(RUN))
+    return r
 
 
 def config(tmp_path, **over) -> Config:
@@ -82,7 +80,7 @@ def test_replay_uses_the_recorded_lr_and_reproduces_the_weights(r, tmp_path, cap
         path.rename(path.with_name("old-" + path.name))  # no checkpoint: replay both steps
     again = Trainer(cfg, r, cfg.run_dir())
     with caplog.at_level(logging.WARNING):
-        resume(again)
+        again.resume()
     assert (again.step, again.version) == (2, 2)
     assert all(torch.equal(a, b) for a, b in zip(params(first), params(again)))
     assert "replay of step" not in caplog.text  # the losses matched
@@ -101,12 +99,12 @@ def test_checkpoint_ahead_of_the_events_is_skipped_then_replaced(r, tmp_path, ca
 
     t = Trainer(config(tmp_path, dcp_save_interval=1, max_steps=3), r, cfg.run_dir())
     with caplog.at_level(logging.WARNING):
-        resume(t)
+        t.resume()
     assert t.step == 1 and "skipping checkpoint" in caplog.text and "step-2" in caplog.text
     add_group(r, 2)
-    while not t.ready:
-        t.collect_groups()
-    t.train_step(t.ready[:1], wait_time=0.0)
+    while not t.buffer.ready:
+        t.buffer.collect()
+    t.train_step(t.buffer.ready[:1], wait_time=0.0)
     new_id = next(i for i, m in bus.iter_all_events(r, RUN) if isinstance(m, StepCommitted) and m.step == 2)
     assert new_id != ids[2]
     assert read_state(checkpoint_dir(cfg.run_dir(), 2)).events_cursor == new_id  # the stale one was replaced
@@ -115,17 +113,17 @@ def test_checkpoint_ahead_of_the_events_is_skipped_then_replaced(r, tmp_path, ca
 def test_entries_of_a_lost_reply_are_picked_up_and_held_ones_left_alone(r, tmp_path):
     cfg = config(tmp_path)
     t = Trainer(cfg, r, cfg.run_dir())
-    resume(t)
+    t.resume()
     held = add_group(r, 0)
-    t.collect_groups()
-    assert [g.group_id for g in t.ready] == [group_id_for(0, 0, 0)]
+    t.buffer.collect()
+    assert [g.group_id for g in t.buffer.ready] == [group_id_for(0, 0, 0)]
     lost = add_group(r, 1)
     r.xreadgroup(keys.TRAINER_GROUP, CONSUMER, {keys.rollouts(RUN): ">"})  # delivered, reply never seen
-    t.collect_groups()
-    assert len(t.ready) == 1  # not due yet: no connection error, last rescan just now
-    t.connection_errors = lambda: 1  # the client retried through a connection error
-    t.collect_groups()
-    assert [g.entry_ids for g in t.ready] == [held, lost]
+    t.buffer.collect()
+    assert len(t.buffer.ready) == 1  # not due yet: no connection error, last rescan just now
+    t.buffer.connection_errors = lambda: 1  # the client retried through a connection error
+    t.buffer.collect()
+    assert [g.entry_ids for g in t.buffer.ready] == [held, lost]
     pending = {e["message_id"].decode() for e in r.xpending_range(keys.rollouts(RUN), keys.TRAINER_GROUP, "-", "+", 10)}
     assert pending == set(held + lost)  # nothing held was acked as a duplicate
 
@@ -133,12 +131,12 @@ def test_entries_of_a_lost_reply_are_picked_up_and_held_ones_left_alone(r, tmp_p
 def test_idle_rescan_is_periodic(r, tmp_path):
     cfg = config(tmp_path)
     t = Trainer(cfg, r, cfg.run_dir())
-    resume(t)
+    t.resume()
     add_group(r, 0)
     r.xreadgroup(keys.TRAINER_GROUP, CONSUMER, {keys.rollouts(RUN): ">"})
-    t.last_rescan -= 11.0
-    t.collect_groups()
-    assert len(t.ready) == 1
+    t.buffer.last_rescan -= 11.0
+    t.buffer.collect()
+    assert len(t.buffer.ready) == 1
 
 
 def test_a_run_whose_every_group_is_invalid_fails_with_a_reason(r, tmp_path):
@@ -156,14 +154,14 @@ def test_a_restarted_trainer_settles_groups_from_the_dead_letter_stream(r, tmp_p
     add_group(r, 0, token=99)
     cfg = config(tmp_path)
     t = Trainer(cfg, r, cfg.run_dir())
-    resume(t)
-    t.collect_groups()
+    t.resume()
+    t.buffer.collect()
     assert group_id_for(0, 0, 0) in t.state.rejected
     r.delete(keys.events(RUN))  # as if the rejection never happened: a fresh trainer must find it again
     admit(r, 0)
     t = Trainer(cfg, r, cfg.run_dir())
-    resume(t)
-    t.collect_groups()
+    t.resume()
+    t.buffer.collect()
     assert group_id_for(0, 0, 0) in t.state.rejected
 
 

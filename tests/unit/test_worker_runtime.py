@@ -17,24 +17,25 @@ from rlstream.core.codec import decode
 from rlstream.core.config import Config
 from rlstream.core.messages import GroupJob, GroupRejected, GroupSampled, RolloutSample, RunFinished, WeightsPublished
 from rlstream.sampling.rollout_fn import accepted_context
+from rlstream.workers.events import EventFollower
 from rlstream.workers.jobs import heartbeat_ttl, still_alive
 from rlstream.workers.runtime import CircuitOpen, WorkerRuntime, job_seed, policy_vocab_size
 
 RUN = "t"
 
 
-@pytest.fixture
-def r():
-    client = fakeredis.FakeRedis()
-    yield client
-    client.close()
+def caught_up(r) -> EventFollower:
+    """The events as the process's follower thread would have folded them by now."""
+    events = EventFollower(r, RUN, on_finished=lambda: None)
+    events.catch_up()
+    return events
 
 
 def stub_runtime(r, rollout_fn, vocab_size: int = 10, **cfg) -> WorkerRuntime:
     """A runtime whose policy is already 'loaded' at v0 (the rollout_fn never samples)."""
     bus.xadd(r, keys.events(RUN), WeightsPublished(version=0, uri="/nowhere", sha256="0" * 64, bytes=0))
     rt = WorkerRuntime(Config(run_id=RUN, **cfg), r, worker_id="w", device="cpu",
-                       rollout_fn_factory=lambda setup: rollout_fn)
+                       rollout_fn_factory=lambda setup: rollout_fn, events=caught_up(r))
     rt.policy = types.SimpleNamespace(version=0, tokenizer=None)
     rt.rollout_fn, rt.vocab_size, rt.context_params = rollout_fn, vocab_size, accepted_context(rollout_fn)
     return rt
@@ -82,7 +83,7 @@ def test_always_invalid_samples_trip_the_breaker(r):
     rt = stub_runtime(r, rollout_fn, max_incomplete_group_retries=10)
     with pytest.raises(CircuitOpen, match="at least 2 tokens"):
         rt.run_group(job())
-    assert stats(r)["invalid_samples"] == rt.invalid_samples >= 5
+    assert stats(r)["invalid_samples"] == rt.totals["invalid_samples"] >= 5
 
 
 def test_mutating_the_frozen_sample_is_an_invalid_sample(r):
@@ -179,7 +180,7 @@ def test_real_policy_end_to_end_and_sample_kwargs_is_a_copy(r, tmp_path):
         return single_turn_factory(lambda text, row: 1.0)(setup)
 
     rt = WorkerRuntime(Config(run_id=RUN, max_completion_tokens=3), r, worker_id="w", device=torch.device("cpu"),
-                       rollout_fn_factory=factory)
+                       rollout_fn_factory=factory, events=caught_up(r))
     assert rt.run_group(job(2))["samples"] == 2
     assert seen["setup"].sampler.default_kwargs["max_tokens"] == 3
     assert rt.vocab_size == rt.policy.model.get_input_embeddings().num_embeddings

@@ -1,0 +1,68 @@
+"""What the trainer logs: the metrics line of a training step (``metrics.jsonl``, the
+``StepCommitted`` event, wandb) and of an evaluation, as pure functions of what the step
+saw. The trainer and ``rlstream replay`` build their lines here, so both log the same keys
+for the same things.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rlstream.core.run_state import RunState
+from rlstream.trainer.batch import Group
+
+FILTER_REASON = "dynamic_filter_fn"  # the GroupRejected reason of a dynamic_filter_fn rejection
+
+
+@dataclass(frozen=True)
+class LiveRun:
+    """What only a live run knows about a step (a replay of recorded steps has none of it)."""
+
+    wait_time: float  # seconds the trainer waited for the batch's groups
+    rejected_groups: int  # rejected_total(state)
+    worker_counts: dict[str, int]  # bus.rollout_stats: invalid_samples, rollout_failures
+    filter_kept: int  # dynamic_filter_fn decisions since the last step
+    filter_rejected: int
+
+
+def rejected_total(state: RunState) -> int:
+    """Groups rejected and never trained, by anyone (incomplete, non-finite advantage, failed
+    rollout job); dynamic_filter_fn rejections have their own ratio."""
+    return sum(1 for gid, reason in state.rejected.items() if reason != FILTER_REASON and gid not in state.trained)
+
+
+def step_metrics(step: int, version: int, groups: list[Group], train_metrics: dict[str, float], *,
+                 step_time: float, live: LiveRun | None = None) -> dict[str, float]:
+    """The line of one step: the batch's rollouts, ``train_metrics`` (``policy_update``'s),
+    the step time and, for a live run, the stream around the batch. ``version`` is the one
+    the step produced, so ``version - 1`` is the policy it trained; the async offsets count
+    how many versions behind it each sample was generated (``min_version``) or admitted."""
+    samples = [s for g in groups for s in g.samples]
+    metrics = {
+        "step": step, "version": version,
+        "rollout/reward_mean": sum(s.reward for s in samples) / len(samples), "rollout/samples": len(samples),
+        "rollout/groups": len(groups),
+    }
+    if live is not None:
+        sampled_at_B = torch.tensor([float(s.min_version) for s in samples])
+        decided = live.filter_kept + live.filter_rejected
+        metrics.update({
+            "rollout/rejected_groups_total": live.rejected_groups,
+            "rollout/invalid_samples_total": live.worker_counts.get("invalid_samples", 0),
+            "rollout/failures_total": live.worker_counts.get("rollout_failures", 0),
+            "async/version_offset_max": (version - 1 - sampled_at_B).max().item(),
+            "async/version_offset_mean": (version - 1 - sampled_at_B).mean().item(),
+            "async/submit_offset_max": max(version - 1 - s.submit_version for s in samples),
+            "rollout/filter_reject_ratio": live.filter_rejected / decided if decided else 0.0,
+        })
+    metrics.update(train_metrics)
+    if live is not None:
+        metrics["perf/train_wait_time"] = live.wait_time
+    metrics["perf/step_time"] = step_time
+    return metrics
+
+
+def eval_metrics(step: int, version: int, metrics: dict[str, float]) -> dict[str, float]:
+    """The line of an evaluation: ``eval/version`` marks it (``read_metrics(evaluations=True)``)."""
+    return {"step": step, "version": version, "eval/version": version, **metrics}
