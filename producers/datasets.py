@@ -2,7 +2,10 @@
 
 A JSONL row is an object with one of ``prompt`` (str, optional ``answer``),
 ``messages`` (OpenAI chat format) or ``prompt_token_ids`` (list of ints). A row the
-loader cannot use is reported with its line number before anything is enqueued.
+loader cannot use is reported with its line number before anything is enqueued; that
+includes a ``prompt_token_ids`` row with no room to generate under ``max_seq_len``. Rows
+with text need the tokenizer, which only workers load: a worker checks them before drawing
+(docs/design.md §15.31 The circuit breaker judges rows, not draws).
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ from rlstream.core.errors import ConfigError
 PROMPT_KEYS = ("prompt", "messages", "prompt_token_ids")
 
 
-def _check_row(row: Any, where: str) -> dict[str, Any]:
+def _check_row(row: Any, where: str, max_seq_len: int | None = None) -> dict[str, Any]:
     if not isinstance(row, dict):
         raise ConfigError(f"dataset error: {where}: a row must be a JSON object, got {type(row).__name__}")
     if not any(k in row for k in PROMPT_KEYS):
@@ -30,6 +33,10 @@ def _check_row(row: Any, where: str) -> dict[str, Any]:
         and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in row["prompt_token_ids"])
     ):
         raise ConfigError(f"dataset error: {where}: 'prompt_token_ids' must be a non-empty list of ids >= 0")
+    if "prompt_token_ids" in row and max_seq_len is not None and len(row["prompt_token_ids"]) >= max_seq_len:
+        raise ConfigError(f"dataset error: {where}: 'prompt_token_ids' has {len(row['prompt_token_ids'])} ids, which "
+                          f"leaves no room to generate under max_seq_len {max_seq_len}; shorten or drop the row, or "
+                          "raise max_seq_len")
     if "messages" in row and not (
         isinstance(row["messages"], list)
         and all(isinstance(m, dict) and "role" in m and "content" in m for m in row["messages"])
@@ -38,7 +45,7 @@ def _check_row(row: Any, where: str) -> dict[str, Any]:
     return row
 
 
-def load_jsonl(path: str | Path, max_rows: int) -> list[dict[str, Any]]:
+def load_jsonl(path: str | Path, max_rows: int, max_seq_len: int | None = None) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"dataset error: file {str(path)!r} does not exist")
@@ -51,7 +58,7 @@ def load_jsonl(path: str | Path, max_rows: int) -> list[dict[str, Any]]:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise ConfigError(f"dataset error: {path}:{lineno}: not JSON ({exc.msg})") from None
-            rows.append(_check_row(row, f"{path}:{lineno}"))
+            rows.append(_check_row(row, f"{path}:{lineno}", max_seq_len))
             if len(rows) >= max_rows:
                 break
     if not rows:
@@ -62,7 +69,7 @@ def load_jsonl(path: str | Path, max_rows: int) -> list[dict[str, Any]]:
 def load_rows(cfg: Config) -> list[dict[str, Any]]:
     if cfg.dataset is None:
         return list(builtin_rows(cfg.max_rows, cfg.seed))
-    return load_jsonl(cfg.dataset, cfg.max_rows)
+    return load_jsonl(cfg.dataset, cfg.max_rows, cfg.max_seq_len)
 
 
 def epoch_order(n_rows: int, epoch: int, seed: int, shuffle: bool) -> list[int]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import socket
 import sys
 
@@ -147,6 +148,9 @@ def _run_role(command: str, cfg, r) -> int:
     elif command == "trainer":
         from rlstream.trainer.trainer import Trainer
 
+        # SIGTERM (`rlstream up` stopping it, docker stop) unwinds like Ctrl-C, so the trainer
+        # releases its lease and a successor starts at once instead of after one lease TTL.
+        signal.signal(signal.SIGTERM, _raise_interrupt)
         trainer = Trainer(cfg, r, cfg.run_dir())
         trainer.run()
         finished = trainer.state.finished
@@ -154,6 +158,10 @@ def _run_role(command: str, cfg, r) -> int:
             print(f"rlstream: run failed: {finished.reason}", file=sys.stderr)
             return 1
     return 0
+
+
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def entrypoint() -> None:

@@ -26,7 +26,7 @@ def preflight(cfg: Config) -> None:
     if cfg.dataset is not None:
         from rlstream.producers.datasets import load_jsonl
 
-        load_jsonl(cfg.dataset, cfg.max_rows)  # raises with file:line on the first bad row
+        load_jsonl(cfg.dataset, cfg.max_rows, cfg.max_seq_len)  # raises with file:line on the first bad row
     for name in ("tokenizer_model", "reference_model"):
         path = getattr(cfg, name)
         if path and not Path(path).is_dir():

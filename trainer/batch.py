@@ -115,6 +115,17 @@ def take_oldest(ready: list[Group], n: int) -> tuple[list[Group], list[Group]]:
     return [g for i, g in enumerate(ready) if i in taken], [g for i, g in enumerate(ready) if i not in taken]
 
 
+def overdue_unseen(unseen: dict[str, float], noticed: list[str], now: float, limit_s: float,
+                   caught_up_at: float) -> tuple[dict[str, float], list[str]]:
+    """Sampled groups none of whose members has reached the buffer (``noticed``, each with the
+    time ``unseen`` first noticed it; new ones start ``now``): (those still waiting, those
+    waiting longer than ``limit_s`` with a read that caught up with the stream since, whose
+    entries therefore never decoded)."""
+    since = {gid: unseen.get(gid, now) for gid in noticed}
+    overdue = [gid for gid, t in since.items() if now - t > limit_s and caught_up_at > t]
+    return {gid: t for gid, t in since.items() if gid not in overdue}, overdue
+
+
 @dataclass
 class Batch:
     tokens_B_N: torch.Tensor  # long, right-padded

@@ -3,7 +3,8 @@
 ``RolloutBuffer`` owns the reading and grouping: reads through the consumer group
 ``trainer`` (its pending-entries list holds every sample delivered and not yet committed:
 the durable buffer), group assembly, scoring of complete groups, settling of groups that
-will never complete, and the re-reads of the pending list after a lost reply. Below it,
+will never complete (also sampled ones none of whose entries decodes), dropping groups past
+the staleness bound, and the re-reads of the pending list after a lost reply. Below it,
 the stream reads it is made of: decoding and checking each entry, dead-lettering the bad
 ones, paging the pending list, and fetching the entries a committed step names.
 """
@@ -22,8 +23,10 @@ from rlstream.core.config import Config
 from rlstream.core.connection import count_connection_errors
 from rlstream.core.messages import DeadLetter, RolloutSample
 from rlstream.core.run_state import RunState
-from rlstream.trainer.batch import Group, GroupAssembler, take_oldest
+from rlstream.trainer.batch import Group, GroupAssembler, overdue_unseen, take_oldest
 from rlstream.trainer.commit import ack_untrained, reject_group
+from rlstream.trainer.lease import TrainerLease
+from rlstream.trainer.staleness import sampling_follows_weights, split_stale, staleness_bound
 
 log = logging.getLogger(__name__)
 CONSUMER = "trainer-0"  # one fixed name: a restarted trainer finds its own pending entries
@@ -39,22 +42,41 @@ class RolloutBuffer:
     ready group stays pending until the step that trains it commits."""
 
     def __init__(self, r: redis.Redis, cfg: Config, state: RunState, *, vocab_size: int,
-                 score: Callable[[Group], str | None], follow_events: Callable[[], object]):
-        self.r, self.cfg, self.state = r, cfg, state
+                 score: Callable[[Group], str | None], follow_events: Callable[[], object], lease: TrainerLease):
+        self.r, self.cfg, self.state, self.lease = r, cfg, state, lease  # every write here is fenced by the lease
         self.score, self.follow_events = score, follow_events
         self.limits = {"vocab_size": vocab_size, "max_seq_len": cfg.max_seq_len}
         self.assembler, self.ready = GroupAssembler(), []
         self.connection_errors, self.errors_seen = count_connection_errors(r), 0
         self.last_rescan = time.monotonic()
+        self.bound, self.follows_weights = staleness_bound(cfg), sampling_follows_weights(cfg)
+        self.stale_dropped = self.stale_in_batch = 0  # dropped as stale since the last take / before it
+        self.unseen: dict[str, float] = {}  # sampled groups no member of which is here -> first noticed
+        self.caught_up_at = float("-inf")  # start of the newest read that left nothing unread
 
-    def fill(self, n: int) -> None:
-        """Read until ``n`` groups are ready, the data is exhausted or the run has finished."""
+    def fill(self, n: int, version: int) -> None:
+        """Read until ``n`` groups that the weights of ``version`` may train (the staleness
+        bound) are ready, the data is exhausted or the run has finished."""
+        self.drop_stale(version)
         while len(self.ready) < n and not self.data_exhausted() and self.state.finished is None:
             self.collect()
+            self.drop_stale(version)
 
-    def take(self, n: int) -> list[Group]:
+    def take(self, n: int, version: int) -> list[Group]:
+        """The ``n`` ready groups admitted at the oldest version, none past the staleness bound."""
+        self.drop_stale(version)
         groups, self.ready = take_oldest(self.ready, n)
+        self.stale_in_batch, self.stale_dropped = self.stale_dropped, 0
         return groups
+
+    def drop_stale(self, version: int) -> None:
+        """Reject the ready groups the weights of ``version`` are more than O + 1 versions ahead
+        of (docs/design.md §5 Versions and the gate): dropped, never trained late."""
+        self.ready, stale = split_stale(self.ready, version, self.bound, self.follows_weights)
+        for group, reason in stale:
+            log.warning("dropping group %s: %s", group.group_id, reason)
+            self.reject(group, reason)
+        self.stale_dropped += len(stale)
 
     def data_exhausted(self) -> bool:
         """Every admitted group is settled or waiting in ``ready``, and no row is left."""
@@ -76,12 +98,17 @@ class RolloutBuffer:
     def collect(self) -> None:
         """One blocking read of new entries, then the events that arrived meanwhile."""
         invalid: list[Entry] = []
+        delivered: list[int] = []
+        read_start = time.monotonic()
         entries = read_group(self.r, self.cfg.run_id, CONSUMER, count=READ_COUNT, block_ms=200, invalid=invalid,
-                             **self.limits)
+                             delivered=delivered, **self.limits)
+        if delivered[0] < READ_COUNT:
+            self.caught_up_at = read_start
         self.add_samples(entries)
         self.rescan_pending(idle=not entries, invalid=invalid)
         self.follow_events()
         self.add_invalid([s for _, s in invalid])
+        self.reject_unseen()
         timeout = self.cfg.job_timeout
         for group in self.assembler.pop_stale(2.0 * timeout):
             if len(group.members) >= self.cfg.min_group_size:
@@ -92,6 +119,21 @@ class RolloutBuffer:
             else:
                 self.reject(group, f"incomplete: {len(group.members)} of {group.size} samples valid after "
                                    f"{2 * timeout}s")
+
+    def reject_unseen(self) -> None:
+        """A group a worker reports sampled (``GroupSampled``, same MULTI as its samples) none
+        of whose members reached this buffer, not even as a dead letter naming it (its entries
+        did not decode): nothing would ever settle it, and with O = 0 the gate would wait for it
+        forever. Rejected once noticed for ``2 × job_timeout`` and a read since then caught up."""
+        held = self.assembler.open.keys() | self.assembler.completed
+        noticed = [g.group_id for g in self.state.open_groups if g.group_id in self.state.sampled
+                   and g.group_id not in held]
+        self.unseen, overdue = overdue_unseen(self.unseen, noticed, time.monotonic(), 2.0 * self.cfg.job_timeout,
+                                              self.caught_up_at)
+        for gid in overdue:
+            self.reject(Group(gid, 0), f"group {gid} sampled (GroupSampled) but none of its samples reached the "
+                                       f"trainer decodable in {2 * self.cfg.job_timeout}s (`rlstream dead "
+                                       f"{self.cfg.run_id}`)")
 
     def rescan_pending(self, *, idle: bool, invalid: list[Entry]) -> None:
         """Redis makes entries pending before it replies to XREADGROUP: when the reply is lost
@@ -117,7 +159,7 @@ class RolloutBuffer:
                 self.admit(group)
             if dup is not None:
                 duplicates.append(dup)
-        ack_untrained(self.r, self.cfg.run_id, duplicates)
+        ack_untrained(self.r, self.cfg.run_id, duplicates, self.lease)
 
     def add_invalid(self, samples: list[RolloutSample | DeadLetter]) -> None:
         """Dead-lettered members of admitted groups (their GroupAdmitted precedes them, so
@@ -135,7 +177,7 @@ class RolloutBuffer:
             self.reject(group, reason)
 
     def reject(self, group: Group, reason: str) -> None:
-        self.state.apply(reject_group(self.r, self.cfg.run_id, group.group_id, group.entry_ids, reason))
+        self.state.apply(reject_group(self.r, self.cfg.run_id, group.group_id, group.entry_ids, reason, self.lease))
 
 
 # ----------------------------------------------------------------- the stream reads
@@ -194,12 +236,17 @@ def _stamped(msg: RolloutSample | None) -> bool:
 def read_group(
     r: redis.Redis, run_id: str, consumer: str, *, count: int, block_ms: int | None,
     vocab_size: int | None = None, max_seq_len: int | None = None, invalid: list[Entry] | None = None,
+    delivered: list[int] | None = None,
 ) -> list[Entry]:
     """XREADGROUP of new entries (``>``) on the rollouts stream; ``read_pending`` and
-    ``read_all_pending`` read this consumer's durable buffer. ``invalid``: see ``decode_entries``."""
+    ``read_all_pending`` read this consumer's durable buffer. ``invalid``: see ``decode_entries``.
+    ``delivered`` gets the number of entries read, decodable or not (fewer than ``count``: the
+    read caught up with the stream)."""
     stream = keys.rollouts(run_id)
     reply = r.xreadgroup(keys.TRAINER_GROUP, consumer, {stream: ">"}, count=count, block=block_ms)
     raw_entries = reply[0][1] if reply else []
+    if delivered is not None:
+        delivered.append(len(raw_entries))
     return decode_entries(r, run_id, stream, raw_entries, group=keys.TRAINER_GROUP,
                           vocab_size=vocab_size, max_seq_len=max_seq_len, invalid=invalid)
 

@@ -3,7 +3,11 @@
 ``evaluation_fn(ctx) -> dict[str, float]`` (sync or async) with a sampler on the current
 weights, at the start, every ``evaluation_interval`` published versions and at the end.
 ``ctx.rollout_fn`` is the run's own rollout_fn over that sampler, called with
-``evaluation=True``; it is built the first time it is used."""
+``evaluation=True``; it is built the first time it is used.
+
+A user function that raises must not stop the trainer: it would raise again on the same
+group or version after every restart (a crash loop). ``hook_failed`` turns the exception
+into the one-line reason the trainer records instead (docs/design.md §10 Failure semantics)."""
 from __future__ import annotations
 
 import asyncio
@@ -41,6 +45,28 @@ class EvaluationContext:
         setup = RolloutSetup(sampler=self.sampler, tokenizer=self.tokenizer, sample_kwargs=dict(self.sample_kwargs),
                              completions_per_prompt=self.config.completions_per_prompt, extras=dict(self.extras))
         return evaluation_rollout(resolve_factory(self.config)(setup))
+
+
+EVAL_FAILED = "eval/failed"  # the metric an evaluation that raised records instead of its own
+REASON_LIMIT = 300  # characters of a hook's error kept in a GroupRejected reason
+
+
+def hook_failed(name: str, exc: BaseException) -> str:
+    """``"<name> raised <Type>: <message>"``, truncated to REASON_LIMIT characters."""
+    text = f"{name} raised {type(exc).__name__}: {exc}"
+    return text if len(text) <= REASON_LIMIT else text[:REASON_LIMIT - 3] + "..."
+
+
+def filter_keeps(answer: Any) -> bool:
+    """dynamic_filter_fn's answer as a keep/reject decision. A NaN would be truthy (a keep)
+    by accident, so a non-finite number raises instead."""
+    try:
+        number = float(answer)
+    except Exception:  # not a number (None, a list): plain truthiness decides
+        number = 0.0
+    if not math.isfinite(number):
+        raise ValueError(f"returned {answer!r}, not a bool")
+    return bool(answer)
 
 
 def load_filter(cfg: Config):

@@ -14,7 +14,7 @@ import torch
 
 from rlstream.core import weights
 from rlstream.core.config import BUILTIN_MODEL, Config
-from rlstream.core.errors import ConfigError
+from rlstream.core.errors import ConfigError, RlstreamError
 from rlstream.core.messages import WeightsPublished
 
 log = logging.getLogger(__name__)
@@ -68,12 +68,21 @@ def token_logprobs(model: torch.nn.Module, tokens_B_N: torch.Tensor, attention_B
     return logprobs_B_T_V.gather(-1, tokens_B_N[:, 1:, None])[..., 0]
 
 
+def all_finite(model: torch.nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
 def write_model_dir(final: Path, model, tokenizer, *, version: int,
                     extra_files: Callable[[Path], None] | None = None) -> tuple[str, int]:
     """Write the HF directory ``final`` atomically: model and tokenizer (plus whatever
     ``extra_files(tmp)`` adds) into a temp dir beside it, sealed (fsync, sha256 manifest
     written last) and renamed into place, so a reader never sees a partial directory.
-    Returns the directory's (digest, bytes)."""
+    Returns the directory's (digest, bytes). Refuses weights that are not all finite: no
+    worker, checkpoint or export may ever load NaN weights."""
+    if not all_finite(model):
+        raise RlstreamError(f"refusing to write {final}: the weights of v{version} are not all finite (NaN or "
+                            "inf), nothing was written. Check base_model / init_from_checkpoint, or lower "
+                            "learning_rate (or set grad_clip_norm) and restart the trainer")
     tmp = final.with_name(f".tmp-{final.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)  # handles tied embeddings (raw safetensors.save_file refuses them)

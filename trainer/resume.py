@@ -24,6 +24,7 @@ from rlstream.trainer import buffer
 from rlstream.trainer.batch import Group
 from rlstream.trainer.checkpoint import CheckpointState, complete_checkpoints, read_state
 from rlstream.trainer.commit import sync_committed_step
+from rlstream.trainer.lease import TrainerLease
 from rlstream.trainer.schedule import due
 from rlstream.trainer.step_metrics import eval_metrics
 
@@ -52,6 +53,8 @@ def usable_checkpoint(run_dir: Path, commits: dict[int, str]) -> tuple[Path, Che
 
 
 def loss_matches(replayed: float, recorded: float) -> bool:
+    if not (math.isfinite(replayed) and math.isfinite(recorded)):  # a step whose every minibatch was skipped
+        return str(replayed) == str(recorded)  # nan == nan, inf == inf
     return math.isclose(replayed, recorded, rel_tol=LOSS_REL_TOL, abs_tol=1e-6)
 
 
@@ -85,9 +88,9 @@ def check_replayed(committed: StepCommitted, metrics: dict[str, float], step: in
                     committed.step, metrics["train/loss"], recorded)
 
 
-def sync_committed_record(r: redis.Redis, run_id: str, step: int, event_id: str) -> None:
+def sync_committed_record(r: redis.Redis, run_id: str, step: int, event_id: str, lease: TrainerLease) -> None:
     """Raise the run's committed-step record to the replayed step; warn when it is ahead."""
-    previous = sync_committed_step(r, run_id, step, event_id)
+    previous = sync_committed_step(r, run_id, step, event_id, lease)
     if previous > step:
         log.warning("%s says step %d was committed but the events stream ends at step %d: is another trainer "
                     "running for this run? The next commit will be refused", keys.committed_step(run_id),

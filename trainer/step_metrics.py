@@ -24,6 +24,8 @@ class LiveRun:
     worker_counts: dict[str, int]  # bus.rollout_stats: invalid_samples, rollout_failures
     filter_kept: int  # dynamic_filter_fn decisions since the last step
     filter_rejected: int
+    stale_dropped: int = 0  # groups dropped past the staleness bound while this batch was gathered
+    stale_dropped_total: int = 0  # ... over the whole run
 
 
 def rejected_total(state: RunState) -> int:
@@ -55,6 +57,8 @@ def step_metrics(step: int, version: int, groups: list[Group], train_metrics: di
             "async/version_offset_mean": (version - 1 - sampled_at_B).mean().item(),
             "async/submit_offset_max": max(version - 1 - s.submit_version for s in samples),
             "rollout/filter_reject_ratio": live.filter_rejected / decided if decided else 0.0,
+            "async/stale_groups_dropped": live.stale_dropped,
+            "async/stale_groups_dropped_total": live.stale_dropped_total,
         })
     metrics.update(train_metrics)
     if live is not None:

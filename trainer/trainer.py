@@ -41,7 +41,16 @@ from rlstream.trainer.checkpoint import (
     verify_checkpoint,
 )
 from rlstream.trainer.commit import commit_step, publish, step_record
-from rlstream.trainer.hooks import EvaluationContext, load_evaluation, load_filter, run_evaluation
+from rlstream.trainer.hooks import (
+    EVAL_FAILED,
+    EvaluationContext,
+    filter_keeps,
+    hook_failed,
+    load_evaluation,
+    load_filter,
+    run_evaluation,
+)
+from rlstream.trainer.lease import RollbackWatch, TrainerLease, fenced_write
 from rlstream.trainer.optimize import make_optimizer, policy_update
 from rlstream.trainer.policy_model import base_model_path, load_reference, write_weights
 from rlstream.trainer.resume import (
@@ -53,6 +62,7 @@ from rlstream.trainer.resume import (
     usable_checkpoint,
 )
 from rlstream.trainer.schedule import due, lr_multiplier
+from rlstream.trainer.staleness import stale_total
 from rlstream.trainer.step_metrics import FILTER_REASON, LiveRun, eval_metrics, rejected_total, step_metrics
 from rlstream.trainer.wandb_log import make_logger
 
@@ -81,13 +91,26 @@ class Trainer:
         self.filtered = {"kept": 0, "rejected": 0}  # dynamic_filter_fn decisions since the last step
         self.pad_id = self.tokenizer.pad_token_id or 0
         self.state, self.cursor, self.last_commit_id = RunState(), "0-0", "0-0"
+        self.lease = TrainerLease(r, cfg.run_id)  # taken in run() (or resume()); fences every write below
         self.buffer = RolloutBuffer(r, cfg, self.state, vocab_size=self.model.get_input_embeddings().num_embeddings,
-                                    score=self.score, follow_events=self.follow_events)
+                                    score=self.score, follow_events=self.follow_and_watch, lease=self.lease)
+        self.rollback = RollbackWatch(r, cfg.run_id, self.buffer.connection_errors)
         self.metrics = MetricsLog(run_dir / "metrics.jsonl")
         self.step = self.version = 0
 
     # ----------------------------------------------------------------- the loop
     def run(self) -> int:
+        """Take the run's trainer lease, standing by while another trainer holds it (docs/design.md
+        §7 Commit protocol), then train until the run ends; the lease is released however that ends."""
+        try:
+            if not self.lease.acquire():
+                return self.step  # the run finished while this trainer stood by
+            return self.train_run()
+        finally:
+            self.lease.release()
+
+    def train_run(self) -> int:
+        """With the lease: resume, then one step after another until the run ends."""
         config_path = self.run_dir / "config.json"
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if not config_path.exists():  # standalone (compose) runs: status/audit/dead find the run by it
@@ -99,11 +122,11 @@ class Trainer:
         P, reason = self.cfg.prompt_groups_per_step, "max_steps"
         while self.state.finished is None and (self.cfg.max_steps is None or self.step < self.cfg.max_steps):
             t_wait = time.monotonic()
-            self.buffer.fill(P)
+            self.buffer.fill(P, self.version)
             if self.state.finished is not None:
                 log.info("trainer: run ended elsewhere (%s)", self.state.finished.reason)
                 return self.step
-            groups = self.buffer.take(P)
+            groups = self.buffer.take(P, self.version)  # none past the staleness bound
             if not groups:
                 reason = "data exhausted"
                 break
@@ -131,10 +154,10 @@ class Trainer:
                                step_time=time.monotonic() - t0)
         self.filtered = {"kept": 0, "rejected": 0}
         committed = step_record(self.step, self.version, groups, metrics)
-        self.last_commit_id = commit_step(self.r, self.cfg.run_id, committed)
+        self.last_commit_id = commit_step(self.r, self.cfg.run_id, committed, self.lease, last_event=self.cursor)
         self._failpoint("after_commit")
         if written is not None:
-            publish(self.r, self.cfg.run_id, written)
+            publish(self.r, self.cfg.run_id, written, self.lease)
         self.log_metrics(metrics)
         if due(self.cfg.dcp_save_interval, self.step):
             self.checkpoint()
@@ -144,15 +167,30 @@ class Trainer:
 
     def score(self, group: Group) -> str | None:
         """Advantages of a group that will grow no more, then ``dynamic_filter_fn`` on it: the
-        reason to reject it, or None to train it (``RolloutBuffer`` calls this)."""
-        group.advantages_G = self.advantage_fn(group.rewards_G)
-        if not torch.isfinite(group.advantages_G).all():
+        reason to reject it, or None to train it (``RolloutBuffer`` calls this). A user
+        function that raises (or answers NaN) rejects the group with its error as the reason."""
+        try:
+            group.advantages_G = self.advantage_fn(group.rewards_G)
+            finite = bool(torch.isfinite(group.advantages_G).all())
+        except Exception as exc:
+            return self.hook_rejection(f"advantage {self.cfg.advantage!r}", exc, group)
+        if not finite:
             return f"advantage is not finite for {len(group.members)} sample(s)"
         if self.filter_fn is None:
             return None
-        keep = bool(self.filter_fn(group))
+        try:
+            keep = filter_keeps(self.filter_fn(group))
+        except Exception as exc:
+            return self.hook_rejection("dynamic_filter_fn", exc, group)
         self.filtered["kept" if keep else "rejected"] += 1
         return None if keep else FILTER_REASON
+
+    @staticmethod
+    def hook_rejection(name: str, exc: Exception, group: Group) -> str:
+        reason = hook_failed(name, exc)
+        log.warning("rejecting group %s: %s", group.group_id, reason)
+        log.debug("%s traceback", name, exc_info=exc)  # one per group could flood the log at WARNING
+        return reason
 
     def optimize(self, groups: list[Group], lr: float | None = None) -> dict[str, float]:
         """One policy update on the groups' samples and advantages; ``lr`` = the schedule's
@@ -168,12 +206,14 @@ class Trainer:
         return train_metrics
 
     def write_weights(self) -> WeightsPublished:
+        self.lease.confirm()  # the directory of a version that another trainer may have published
         return write_weights(self.model, self.tokenizer, self.run_dir, self.version, self.cfg.keep_weights)
 
     def live_run(self, wait_time: float) -> LiveRun:
         return LiveRun(wait_time=wait_time, rejected_groups=rejected_total(self.state),
                        worker_counts=bus.rollout_stats(self.r, self.cfg.run_id),
-                       filter_kept=self.filtered["kept"], filter_rejected=self.filtered["rejected"])
+                       filter_kept=self.filtered["kept"], filter_rejected=self.filtered["rejected"],
+                       stale_dropped=self.buffer.stale_in_batch, stale_dropped_total=stale_total(self.state))
 
     def log_metrics(self, line: dict[str, float]) -> None:
         self.metrics.write(line)
@@ -188,6 +228,15 @@ class Trainer:
                 self.last_commit_id = event_id
         return entries
 
+    def follow_and_watch(self) -> list[bus.Entry]:
+        """The buffer's fold between reads; it stops a trainer that lost its lease, or whose
+        Redis lost events it had folded (``lease.RollbackWatch``: restart, resume rebuilds)."""
+        self.lease.check()
+        before = self.cursor
+        entries = self.follow_events()
+        self.rollback.check(before)
+        return entries
+
     def _failpoint(self, name: str) -> None:
         if os.environ.get(FAULT_ENV) == f"{name}:{self.step}":
             log.warning("failpoint %s:%d: SIGKILL", name, self.step)
@@ -197,7 +246,9 @@ class Trainer:
     def resume(self) -> None:
         """The newest checkpoint the events agree with; every step committed after it,
         replayed; the weights published if they never were; metrics.jsonl rebuilt from the
-        events (they are the record); then the pending entries, back in the buffer."""
+        events (they are the record); then the pending entries, back in the buffer. Only with
+        the run's trainer lease (``run`` waits for it; here it is taken or refused)."""
+        self.lease.hold()
         history = [(i, m) for i, m in self.follow_events() if isinstance(m, (StepCommitted, Evaluated))]
         found = usable_checkpoint(self.run_dir, {m.step: i for i, m in history if isinstance(m, StepCommitted)})
         if found is not None:
@@ -215,9 +266,9 @@ class Trainer:
             raise RlstreamError(f"events record {self.state.steps} steps but replay reached {self.step}")
         if self.step:
             log.info("replayed to step %d v%d", self.step, self.version)
-        sync_committed_record(self.r, self.cfg.run_id, self.step, self.last_commit_id)
+        sync_committed_record(self.r, self.cfg.run_id, self.step, self.last_commit_id, self.lease)
         if must_publish(self.state, self.version, self.cfg.weight_sync_interval):
-            publish(self.r, self.cfg.run_id, self.write_weights())
+            publish(self.r, self.cfg.run_id, self.write_weights(), self.lease)
         self.metrics.path.write_text("")
         for line in recorded_metrics(history):
             self.metrics.write(line)
@@ -236,9 +287,14 @@ class Trainer:
         ctx = EvaluationContext(LocalSampler(policy, sample_kwargs), self.tokenizer, self.version, self.step,
                                 sample_kwargs, dict(self.cfg.extras), config=self.cfg)
         with rng_untouched(self.device):  # replay does not evaluate: keep the training RNG where it was
-            metrics = run_evaluation(self.evaluation_fn, ctx)
-        bus.xadd(self.r, keys.events(self.cfg.run_id), Evaluated(step=self.step, version=self.version,
-                                                                     metrics=metrics))
+            try:
+                metrics = run_evaluation(self.evaluation_fn, ctx)
+            except Exception as exc:  # recorded as failed (not retried on this version); training goes on
+                log.error("evaluation of v%d failed, training goes on: %s", self.version,
+                          hook_failed("evaluation_fn", exc), exc_info=exc)
+                metrics = {EVAL_FAILED: 1.0}
+        fenced_write(self.r, self.lease, add=(keys.events(self.cfg.run_id), Evaluated(
+            step=self.step, version=self.version, metrics=metrics)))
         self.state.last_evaluated = self.version
         self.log_metrics(eval_metrics(self.step, self.version, metrics))
 
@@ -257,11 +313,12 @@ class Trainer:
             log.info("exported %s", export_model(self.model, self.tokenizer, self.run_dir, self.cfg.output_model_id))
 
     def finish(self, reason: str, failed: bool = False) -> None:
+        self.lease.confirm()  # a trainer that lost the lease must not export or checkpoint over its successor
         self.evaluate()  # the final weights (skipped when this version was just evaluated)
         if self.wandb is not None:
             self.wandb.finish()
         self.save_outputs()
         finished = RunFinished(reason=reason, step=self.step, version=self.version, failed=failed)
-        bus.xadd(self.r, keys.events(self.cfg.run_id), finished)
+        fenced_write(self.r, self.lease, add=(keys.events(self.cfg.run_id), finished))
         self.state.apply(finished)
         (log.error if failed else log.info)("trainer: run finished (%s) at step %d", reason, self.step)

@@ -5,6 +5,7 @@ all rebuilt from Redis and the published weights."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 import zlib
@@ -13,7 +14,9 @@ from typing import Any
 
 import redis
 from pydantic import ValidationError
+from rq.timeouts import JobTimeoutException
 
+from rlstream.builtin.rollout import prompt_token_ids
 from rlstream.core import bus, keys
 from rlstream.core.config import Config
 from rlstream.core.messages import (
@@ -29,25 +32,21 @@ from rlstream.core.rollout import RolloutFnFactory, RolloutSetup
 from rlstream.core.run_state import RunState
 from rlstream.sampling.rollout_fn import accepted_context
 from rlstream.workers.breaker import CircuitBreaker
+from rlstream.workers.checks import (
+    DrawTally,
+    check_sample,
+    error_text,
+    group_rejection,
+    prompt_problem,
+    validation_message,
+)
 from rlstream.workers.events import EventFollower
 
 log = logging.getLogger(__name__)
 
 
 class CircuitOpen(RuntimeError):
-    """Too many rollout failures: the worker stops the run (RunFinished, failed)."""
-
-
-def check_sample(result: Any, vocab_size: int | None, max_seq_len: int) -> str | None:
-    """Why the trainer would dead-letter this sample, or None. Caught here so that it is
-    redrawn now instead of leaving its group waiting 2 x job_timeout in the trainer."""
-    if not isinstance(result, RolloutSample):
-        raise TypeError(f"rollout_fn must return rlstream.RolloutSample or None, got {type(result).__name__}")
-    try:
-        result.check_limits(vocab_size, max_seq_len)
-    except ValueError as exc:
-        return str(exc)
-    return None
+    """Groups of many rows lost to failed draws: the worker stopped the run (RunFinished, failed)."""
 
 
 def policy_vocab_size(policy: Any) -> int:
@@ -69,10 +68,6 @@ def seed_torch(seed: int) -> None:
     import torch  # lazily, as the policy modules are: importing this module stays cheap
 
     torch.manual_seed(seed)  # CPU and every CUDA device
-
-
-def validation_message(exc: ValidationError) -> str:
-    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'sample'}: {e['msg']}" for e in exc.errors())
 
 
 def weights_to_load(state: RunState, min_version: int, failed: WeightsPublished | None) -> WeightsPublished | None:
@@ -111,6 +106,7 @@ class WorkerRuntime:
         self.rollout_fn = None
         self.context_params: frozenset[str] = frozenset()
         self.vocab_size: int | None = None  # known once the policy is loaded
+        self.prompt_ids: Any = None  # the built-in rollout's tokenization of a row: checked before drawing
         self.totals: Counter[str] = Counter()  # this process's invalid_samples / rollout_failures
         self.breaker = CircuitBreaker()
         # One loop for the process, not asyncio.run per job: an HTTP sampler's pooled
@@ -143,6 +139,8 @@ class WorkerRuntime:
                                  sample_kwargs=dict(sampler.default_kwargs),
                                  completions_per_prompt=self.cfg.completions_per_prompt, extras=dict(self.cfg.extras))
             self.rollout_fn = self.factory(setup)
+            if self.cfg.rollout_fn_factory is None:  # a user's rollout_fn builds its prompt its own way
+                self.prompt_ids = functools.partial(prompt_token_ids, tokenizer=self.policy.tokenizer)
             self.context_params = accepted_context(self.rollout_fn)
             log.info("worker %s: %s policy at v%d from %s", self.worker_id, self.cfg.inference.backend,
                      self.policy.version, published.uri)
@@ -155,19 +153,16 @@ class WorkerRuntime:
                 return False
         return True
 
-    def _count(self, counts: Counter, field: str, error: str) -> None:
-        """One failed draw: counted for this job (Redis) and the process, fed to the breaker."""
-        counts[field] += 1
+    def _count(self, tally: DrawTally, field: str, error: str) -> None:
+        """One failed draw: counted for this job (Redis) and the process."""
+        tally.fail(field, error)
         self.totals[field] += 1
-        self.breaker.record(False, error)
-        if self.breaker.tripped:
-            raise CircuitOpen(self.breaker.reason())
 
-    async def _draw(self, row: dict[str, Any], context: dict[str, Any], counts: Counter) -> RolloutSample | None:
+    async def _draw(self, row: dict[str, Any], context: dict[str, Any], tally: DrawTally) -> RolloutSample | None:
         """One completion. An exception (or a return that is not a RolloutSample) is
         retried, bounded; an invalid sample is dropped without a retry (the group's redraw
-        rounds replace it). Both count as failures for the circuit breaker: a rollout_fn
-        that only ever produces invalid samples must stop the run, not reject every group."""
+        rounds replace it). Both are failures: a group left without enough samples by them
+        is rejected with the last one's text and counts for the circuit breaker."""
         kwargs = {k: v for k, v in context.items() if k in self.context_params}
         for attempt in range(self.cfg.rollout_max_retries + 1):
             try:
@@ -175,22 +170,23 @@ class WorkerRuntime:
                 problem = None if result is None else check_sample(result, self.vocab_size, self.cfg.max_seq_len)
             except ValidationError as exc:  # rollout_fn built (or tried to mutate) an invalid RolloutSample
                 problem = validation_message(exc)
+            except JobTimeoutException:  # rq's SIGALRM landed inside the draw: it ends the job, it is no draw failure
+                raise
             except Exception as exc:
                 log.warning("worker %s: rollout_fn failed (attempt %d): %r", self.worker_id, attempt + 1, exc)
-                self._count(counts, "rollout_failures", f"{type(exc).__name__}: {exc}")
+                self._count(tally, "rollout_failures", error_text(exc))
                 continue
             if problem is not None:
                 log.warning("worker %s: invalid sample dropped: %s", self.worker_id, problem)
-                self._count(counts, "invalid_samples", f"invalid sample: {problem}")
+                self._count(tally, "invalid_samples", f"invalid sample: {problem}")
                 return None
-            self.breaker.record(True)
             return result
         return None
 
-    async def _group(self, job: GroupJob, counts: Counter | None = None) -> list[RolloutSample]:
+    async def _group(self, job: GroupJob, tally: DrawTally | None = None) -> list[RolloutSample]:
         """G draws; missing members (None, invalid, failed) are re-drawn for up to
-        ``max_incomplete_group_retries`` more rounds. Failures are tallied in ``counts``."""
-        counts = Counter() if counts is None else counts
+        ``max_incomplete_group_retries`` more rounds. Failures are tallied in ``tally``."""
+        tally = DrawTally() if tally is None else tally
         samples: list[RolloutSample] = []
         next_index = 0
         for _ in range(self.cfg.max_incomplete_group_retries + 1):
@@ -200,49 +196,71 @@ class WorkerRuntime:
             contexts = [dict(row_index=job.row_index, epoch=job.epoch, sample_index=next_index + i, evaluation=False)
                         for i in range(missing)]
             next_index += missing
-            results = await asyncio.gather(*(self._draw(job.row, c, counts) for c in contexts))
+            results = await asyncio.gather(*(self._draw(job.row, c, tally) for c in contexts))
             samples += [s for s in results if s is not None]
         return samples
 
     def run_group(self, job: GroupJob) -> dict[str, Any]:
+        """Sample one group and write its outcome in one MULTI: its samples and
+        ``GroupSampled``, or ``GroupRejected`` with the reason. A bad row costs its group,
+        not the run; the circuit breaker ends the run (``RunFinished{failed}``, in the same
+        MULTI) only when groups of many rows fail (workers/breaker.py)."""
         self.sync_weights(job.submit_version)
         version = self.policy.version
-        seed_torch(job_seed(self.cfg.seed, job.group_id))
-        counts: Counter[str] = Counter()
-        try:
-            samples = self._run(self._group(job, counts))
-        except CircuitOpen as exc:
-            with self.r.pipeline(transaction=True) as pipe:
-                bus.xadd(pipe, keys.events(self.cfg.run_id), RunFinished(reason=str(exc), failed=True))
-                self._add_stats(pipe, counts)
-                pipe.execute()
-            log.error("worker %s: %s: stopping the run", self.worker_id, exc)
-            raise
-        stream = keys.rollouts(self.cfg.run_id)
+        tally = DrawTally()
+        rejection = self._row_problem(job)
+        samples: list[RolloutSample] = []
+        if rejection is None:  # a row no draw can use is not a rollout failure: the breaker never hears of it
+            seed_torch(job_seed(self.cfg.seed, job.group_id))
+            samples = self._run(self._group(job, tally))
+            rejection = group_rejection(len(samples), job.group_size, self.cfg.min_group_size, tally.last_error)
+            if rejection is None or tally.failed:  # (a group lost to draws returning None is the user's choice)
+                self.breaker.record(rejection is None, job.row_index, tally.last_error)
+        tripped = self.breaker.tripped
         with self.r.pipeline(transaction=True) as pipe:
-            self._add_stats(pipe, counts)  # run-wide counters ride along: no extra round trip
-            if len(samples) < self.cfg.min_group_size:  # (a single survivor has no group-relative advantage)
-                bus.xadd(pipe, keys.events(self.cfg.run_id), GroupRejected(
-                    group_id=job.group_id, by=self.worker_id,
-                    reason=f"only {len(samples)} of {job.group_size} draws returned a valid sample"))
+            self._add_stats(pipe, tally.counts)  # run-wide counters ride along: no extra round trip
+            if rejection is not None:
+                log.warning("worker %s: group %s rejected: %s", self.worker_id, job.group_id, rejection)
+                bus.xadd(pipe, keys.events(self.cfg.run_id),
+                         GroupRejected(group_id=job.group_id, by=self.worker_id, reason=rejection))
             else:
-                bus.xadd(pipe, keys.events(self.cfg.run_id), GroupSampled(
-                    group_id=job.group_id, samples=len(samples), worker_id=self.worker_id, version=version))
-                for member, s in enumerate(samples):
-                    bus.xadd(pipe, stream, s.model_copy(update=dict(
-                        sample_id=sample_id_for(job.group_id, member), group_id=job.group_id,
-                        group_size=len(samples), row_index=job.row_index, epoch=job.epoch,
-                        submit_version=job.submit_version, min_version=version, max_version=version,
-                        worker_id=self.worker_id)))
+                self._add_samples(pipe, job, samples, version)
+            if tripped:
+                bus.xadd(pipe, keys.events(self.cfg.run_id), RunFinished(reason=self.breaker.reason(), failed=True))
             pipe.set(keys.worker_heartbeat(self.cfg.run_id, self.worker_id), version, ex=60)
             pipe.execute()
-        return {"group_id": job.group_id, "samples": len(samples), "version": version,
-                "invalid_samples": counts["invalid_samples"], "rollout_failures": counts["rollout_failures"]}
+        if tripped:
+            log.error("worker %s: %s: stopping the run", self.worker_id, self.breaker.reason())
+            raise CircuitOpen(self.breaker.reason())
+        return {"group_id": job.group_id, "samples": len(samples), "version": version, "rejected": rejection,
+                **{field: tally.counts[field] for field in ("invalid_samples", "rollout_failures")}}
+
+    def _row_problem(self, job: GroupJob) -> str | None:
+        """Why the built-in rollout cannot sample this row at all (None: draw). A user's
+        rollout_fn builds its own prompt, so only its samples can be checked."""
+        if self.prompt_ids is None:
+            return None
+        try:
+            problem = prompt_problem(self.prompt_ids(job.row), self.vocab_size, self.cfg.max_seq_len)
+        except Exception as exc:  # e.g. a chat template that rejects the row's messages
+            problem = f"the prompt could not be tokenized: {error_text(exc)}"
+        return f"row {job.row_index}: {problem}" if problem else None
+
+    def _add_samples(self, pipe: Any, job: GroupJob, samples: list[RolloutSample], version: int) -> None:
+        """The group's samples, stamped with their provenance, and its ``GroupSampled``."""
+        bus.xadd(pipe, keys.events(self.cfg.run_id), GroupSampled(
+            group_id=job.group_id, samples=len(samples), worker_id=self.worker_id, version=version))
+        for member, s in enumerate(samples):
+            bus.xadd(pipe, keys.rollouts(self.cfg.run_id), s.model_copy(update=dict(
+                sample_id=sample_id_for(job.group_id, member), group_id=job.group_id,
+                group_size=len(samples), row_index=job.row_index, epoch=job.epoch,
+                submit_version=job.submit_version, min_version=version, max_version=version,
+                worker_id=self.worker_id)))
 
     def _run(self, coro: Any) -> Any:
-        """Run one job's coroutine on the process loop. Whatever ends it (a result, the
-        circuit breaker, rq's job timeout), no draw of this job may live on into the next
-        job's run: gather does not cancel its siblings, and the loop outlives the job."""
+        """Run one job's coroutine on the process loop. Whatever ends it (a result, rq's
+        job timeout), no draw of this job may live on into the next job's run: gather does
+        not cancel its siblings, and the loop outlives the job."""
         try:
             return self.loop.run_until_complete(coro)
         finally:

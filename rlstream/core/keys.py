@@ -78,3 +78,10 @@ def committed_step(run_id: str) -> str:
     commit script checks it so a retried commit is written once and a stale or second
     trainer is refused."""
     return key_for(run_id, "committed_step")
+
+
+def trainer_lease(run_id: str) -> str:
+    """String holding the token of the one trainer allowed to write for the run, with a TTL
+    its holder keeps renewing (``SET NX PX``); every trainer write checks it atomically, so
+    a second trainer stands by instead of forking the run (docs/design.md §7 Commit protocol)."""
+    return key_for(run_id, "trainer_lease")

@@ -1,6 +1,8 @@
 """rlstream.trainer.commit's Lua commit against a real redis-server: idempotent under the client's
-retry (a reply lost after the script ran), refused out of order, and the client-side
-observations the trainer relies on after a connection error."""
+retry (a reply lost after the script ran), refused out of order, refused with nothing written
+to a trainer without the lease or when Redis lost what the trainer read (entries no longer
+pending, the last folded event gone), and the client-side observations the trainer relies on
+after a connection error."""
 from __future__ import annotations
 
 import threading
@@ -10,11 +12,21 @@ import pytest
 from rlstream.core import bus, keys
 from rlstream.core.connection import connect, count_connection_errors
 from rlstream.core.errors import RlstreamError
-from rlstream.core.messages import RolloutSample, StepCommitted
+from rlstream.core.messages import DatasetExhausted, RolloutSample, StepCommitted
 from rlstream.trainer import buffer
 from rlstream.trainer.commit import commit_step, sync_committed_step
+from rlstream.trainer.lease import TrainerLease
 
 pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def lease(r, run_id):
+    """The run's trainer lease, held by the test as the trainer."""
+    held = TrainerLease(r, run_id)
+    held.hold()
+    yield held
+    held.release()
 
 
 def sample(i: int) -> RolloutSample:
@@ -40,60 +52,110 @@ def committed_steps(r, run_id: str) -> list[int]:
     return [m.step for _, m in bus.iter_all_events(r, run_id) if isinstance(m, StepCommitted)]
 
 
-def test_commit_twice_writes_one_event(r, run_id):
+def test_commit_twice_writes_one_event(r, run_id, lease):
     ids = delivered(r, run_id, 4)
-    first = commit_step(r, run_id, step(1, ids))
-    again = commit_step(r, run_id, step(1, ids))  # what the client's retry re-sends after a lost reply
+    first = commit_step(r, run_id, step(1, ids), lease)
+    again = commit_step(r, run_id, step(1, ids), lease)  # what the client's retry re-sends after a lost reply
     assert again == first
     assert committed_steps(r, run_id) == [1]
     assert bus.group_info(r, keys.rollouts(run_id))["pending"] == 0
     assert r.hget(keys.committed_step(run_id), "step") == b"1"
 
 
-def test_retry_after_a_restart_finds_the_commit_without_the_script_cache(r, run_id):
+def test_retry_after_a_restart_finds_the_commit_without_the_script_cache(r, run_id, lease):
     ids = delivered(r, run_id, 2)
-    first = commit_step(r, run_id, step(1, ids))
+    first = commit_step(r, run_id, step(1, ids), lease)
     r.script_flush()  # a restarted redis-server has no scripts: EVALSHA -> NOSCRIPT -> reload
-    assert commit_step(r, run_id, step(1, ids)) == first
+    assert commit_step(r, run_id, step(1, ids), lease) == first
     assert committed_steps(r, run_id) == [1]
 
 
-def test_commit_for_a_wrong_step_is_refused(r, run_id):
+def test_commit_for_a_wrong_step_is_refused(r, run_id, lease):
     ids = delivered(r, run_id, 4)
     with pytest.raises(RlstreamError, match="commit of step 2 refused.*committed step 0, not 1"):
-        commit_step(r, run_id, step(2, ids))
-    commit_step(r, run_id, step(1, ids[:2]))
+        commit_step(r, run_id, step(2, ids), lease)
+    commit_step(r, run_id, step(1, ids[:2]), lease)
     with pytest.raises(RlstreamError, match="Another trainer is running"):
-        commit_step(r, run_id, step(1, ids[2:]))  # step 1 again, other samples: a second trainer
+        commit_step(r, run_id, step(1, ids[2:]), lease)  # step 1 again, other samples: a second trainer
     with pytest.raises(RlstreamError, match="committed step 1, not 2"):
-        commit_step(r, run_id, step(3, ids[2:]))
+        commit_step(r, run_id, step(3, ids[2:]), lease)
     assert committed_steps(r, run_id) == [1]
     assert bus.group_info(r, keys.rollouts(run_id))["pending"] == 2  # refused commits ack nothing
-    commit_step(r, run_id, step(2, ids[2:]))
+    commit_step(r, run_id, step(2, ids[2:]), lease)
     assert committed_steps(r, run_id) == [1, 2]
 
 
-def test_commit_without_the_consumer_group_writes_nothing(r, run_id):
+def test_commit_without_the_consumer_group_writes_nothing(r, run_id, lease):
     entries = delivered(r, run_id, 2)
     r.xgroup_destroy(keys.rollouts(run_id), keys.TRAINER_GROUP)
     with pytest.raises(RlstreamError, match="refused, nothing written.*consumer group is gone"):
-        commit_step(r, run_id, step(1, entries))
+        commit_step(r, run_id, step(1, entries), lease)
     assert committed_steps(r, run_id) == []
     assert r.hget(keys.committed_step(run_id), "step") is None
 
 
-def test_commit_acks_more_entries_than_one_lua_unpack(r, run_id):
-    ids = delivered(r, run_id, 2)
-    many = ids + [f"{10**12 + i}-0" for i in range(2500)]  # never-delivered ids: XACK ignores them
-    commit_step(r, run_id, step(1, many))
+def test_commit_acks_more_entries_than_one_lua_unpack(r, run_id, lease):
+    stream = keys.rollouts(run_id)
+    bus.ensure_group(r, stream)
+    with r.pipeline(transaction=False) as pipe:
+        for i in range(2502):
+            bus.xadd(pipe, stream, sample(i))
+        pipe.execute()
+    many = [e.decode() for e, _ in r.xreadgroup(keys.TRAINER_GROUP, "trainer-0", {stream: ">"})[0][1]]
+    assert len(many) == 2502  # all pending: the commit checks each before acking any
+    commit_step(r, run_id, step(1, many), lease)
     assert bus.group_info(r, keys.rollouts(run_id))["pending"] == 0
 
 
-def test_sync_raises_a_missing_or_lower_record_and_never_lowers_it(r, run_id):
-    assert sync_committed_step(r, run_id, 3, "5-0") == -1  # a run from before the record existed
+def nothing_written(r, run_id: str, pending: int) -> None:
+    assert committed_steps(r, run_id) == []
+    assert r.hget(keys.committed_step(run_id), "step") is None
+    assert bus.group_info(r, keys.rollouts(run_id))["pending"] == pending
+
+
+def test_commit_without_the_lease_writes_nothing(r, run_id, lease):
     ids = delivered(r, run_id, 2)
-    commit_step(r, run_id, step(4, ids))
-    assert sync_committed_step(r, run_id, 2, "1-0") == 4
+    r.set(keys.trainer_lease(run_id), "other-trainer")  # this one's lease lapsed; another took over
+    with pytest.raises(RlstreamError, match="commit of step 1 refused, nothing written: lost the trainer lease of "
+                                            f"run {run_id} to other-trainer: another trainer took over"):
+        commit_step(r, run_id, step(1, ids), lease)
+    nothing_written(r, run_id, pending=2)
+    assert lease.lost_to == "other-trainer"
+    with pytest.raises(RlstreamError, match="lost the trainer lease"):
+        sync_committed_step(r, run_id, 1, "1-0", lease)
+    nothing_written(r, run_id, pending=2)
+
+
+def test_commit_of_entries_redis_no_longer_holds_pending_writes_nothing(r, run_id, lease):
+    ids = delivered(r, run_id, 4)
+    # Redis came back without its last writes: two delivered entries are gone from the
+    # pending list (here: acked and deleted behind the trainer's back).
+    r.xack(keys.rollouts(run_id), keys.TRAINER_GROUP, *ids[2:])
+    r.xdel(keys.rollouts(run_id), *ids[2:])
+    never = "99999999999999-0"  # never delivered at all
+    with pytest.raises(RlstreamError, match=f"commit of step 1 refused, nothing written: 3 of the 5 rollouts entries "
+                                            f"it trained on are not pending .*{ids[2]} {ids[3]} {never}"):
+        commit_step(r, run_id, step(1, ids + [never]), lease)
+    nothing_written(r, run_id, pending=2)
+
+
+def test_commit_after_the_events_lost_their_tail_writes_nothing(r, run_id, lease):
+    ids = delivered(r, run_id, 2)
+    folded = bus.xadd(r, keys.events(run_id), DatasetExhausted(groups=1)).decode()
+    r.xdel(keys.events(run_id), folded)  # the trainer folded it; the restarted Redis never had it
+    with pytest.raises(RlstreamError, match=f"refused, nothing written: event {folded}, the last this trainer "
+                                            "folded, is gone from the events stream"):
+        commit_step(r, run_id, step(1, ids), lease, last_event=folded)
+    nothing_written(r, run_id, pending=2)
+    commit_step(r, run_id, step(1, ids), lease, last_event="0-0")  # nothing folded yet: nothing to check
+    assert committed_steps(r, run_id) == [1]
+
+
+def test_sync_raises_a_missing_or_lower_record_and_never_lowers_it(r, run_id, lease):
+    assert sync_committed_step(r, run_id, 3, "5-0", lease) == -1  # a run from before the record existed
+    ids = delivered(r, run_id, 2)
+    commit_step(r, run_id, step(4, ids), lease)
+    assert sync_committed_step(r, run_id, 2, "1-0", lease) == 4
     assert r.hget(keys.committed_step(run_id), "step") == b"4"
 
 

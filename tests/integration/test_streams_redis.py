@@ -19,6 +19,7 @@ from rlstream.core.connection import connect
 from rlstream.core.messages import DeadLetter, RolloutSample, StepCommitted, WeightsPublished
 from rlstream.trainer import buffer
 from rlstream.trainer.commit import commit_step
+from rlstream.trainer.lease import TrainerLease
 
 pytestmark = pytest.mark.integration
 
@@ -160,7 +161,10 @@ def test_commit_step_acks_and_records_step_committed(r, run_id):
         step=1, version=1, entry_ids=[e for e, _ in got], sample_ids=[m.sample_id for _, m in got],
         group_ids=sorted({m.group_id for _, m in got}), metrics={"loss": 0.5, "reward": 1.5},
     )
-    commit_step(r, run_id, committed)
+    lease = TrainerLease(r, run_id)
+    lease.hold()
+    commit_step(r, run_id, committed, lease)
+    lease.release()
 
     assert bus.group_info(r, keys.rollouts(run_id))["pending"] == 0
     assert pending_ids(r, run_id) == {}

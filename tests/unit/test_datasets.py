@@ -9,6 +9,7 @@ import pytest
 from rlstream.builtin.task import builtin_rows, exact_match_reward
 from rlstream.core.config import Config
 from rlstream.core.errors import ConfigError
+from rlstream.preflight import preflight
 from rlstream.producers.datasets import epoch_order, load_jsonl, load_rows
 
 
@@ -93,6 +94,19 @@ def test_bad_row_reported_with_file_and_line(tmp_path, case):
     assert needle in msg
     assert "\n" not in msg
     assert info.value.exit_code == 2
+
+
+def test_a_token_id_row_with_no_room_under_max_seq_len_is_a_dataset_error(tmp_path):
+    p = write_jsonl(tmp_path / "ids.jsonl", [json.dumps({"prompt_token_ids": [1, 2, 3]}),
+                                              json.dumps({"prompt_token_ids": [1, 2, 3, 4]})])
+    assert len(load_rows(Config(dataset=str(p), max_seq_len=5))) == 2  # 4 ids leave room for 1 token
+    with pytest.raises(ConfigError) as info:
+        load_rows(Config(dataset=str(p), max_seq_len=4))
+    assert str(info.value) == (f"dataset error: {p}:2: 'prompt_token_ids' has 4 ids, which leaves no room to generate "
+                               "under max_seq_len 4; shorten or drop the row, or raise max_seq_len")
+    assert info.value.exit_code == 2
+    with pytest.raises(ConfigError, match=re.escape(f"{p}:2")):
+        preflight(Config(dataset=str(p), max_seq_len=4))  # `rlstream up` reports it before starting anything
 
 
 def test_missing_file(tmp_path):

@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import json
+import types
 
 import pytest
 
 from rlstream import Config, RolloutSample, RolloutSetup, main
 from rlstream.api import importable_spec
 from rlstream.builtin.rewards import exact_match, final_number, math_answer, resolve_reward
+from rlstream.core import bus, keys
 from rlstream.core.choices import BUILTIN_REWARDS
 from rlstream.core.errors import ConfigError
-from rlstream.core.messages import GroupJob
+from rlstream.core.messages import GroupJob, WeightsPublished
 from rlstream.preflight import preflight
 from rlstream.sampling.rollout_fn import accepted_context
 from rlstream.workers.breaker import CircuitBreaker
+from rlstream.workers.events import EventFollower
 from rlstream.workers.runtime import CircuitOpen, WorkerRuntime
 
 
@@ -105,9 +108,9 @@ def runtime_with(rollout_fn, **cfg_overrides) -> WorkerRuntime:
     return rt
 
 
-def job(G: int = 4) -> GroupJob:
-    return GroupJob(run_id="t", group_id="e0-r3-a0", row_index=3, epoch=0, attempt=0, submit_version=0,
-                    group_size=G, row={"prompt": "1+1="})
+def job(G: int = 4, row_index: int = 3) -> GroupJob:
+    return GroupJob(run_id="t", group_id=f"e0-r{row_index}-a0", row_index=row_index, epoch=0, attempt=0,
+                    submit_version=0, group_size=G, row={"prompt": "1+1="})
 
 
 def sample(reward: float = 1.0) -> RolloutSample:
@@ -144,21 +147,29 @@ def test_invalid_samples_are_counted_and_failures_retried():
     assert len(samples) == 1  # the invalid draw is dropped, the failed one retried
 
 
-def test_circuit_breaker_opens_on_consecutive_failures():
+def test_circuit_breaker_opens_on_consecutive_failures(r):
+    """A rollout_fn that fails on every row stops the run after five groups of five rows;
+    each group before is rejected with the error, not the run."""
     async def rollout_fn(sample_prompt):
         raise RuntimeError("the tool server is down")
 
     rt = runtime_with(rollout_fn, rollout_max_retries=10)
+    rt.r, rt.events = r, EventFollower(r, "t", on_finished=lambda: None)
+    bus.xadd(r, keys.events("t"), WeightsPublished(version=0, uri="/nowhere", sha256="0" * 64, bytes=0))
+    rt.events.catch_up()
+    rt.policy = types.SimpleNamespace(version=0, tokenizer=None)
+    for row in range(4):
+        assert rt.run_group(job(2, row))["rejected"].startswith("RuntimeError: the tool server is down")
     with pytest.raises(CircuitOpen, match="the tool server is down"):
-        asyncio.run(rt._group(job(2)))
+        rt.run_group(job(2, 4))
 
 
 def test_breaker_window_ratio():
-    b = CircuitBreaker(max_consecutive=5, window=20, ratio=0.5)
+    b = CircuitBreaker(min_rows=5, window=20, ratio=0.5)
     for i in range(19):
-        b.record(ok=i % 2 == 0, error="x")
+        b.record(ok=i % 2 == 0, row=i, error="x")
     assert not b.tripped  # window not full yet
-    b.record(ok=False, error="x")
+    b.record(ok=False, row=19, error="x")
     assert b.tripped and "10 of the last 20" in b.reason()
 
 

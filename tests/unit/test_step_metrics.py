@@ -12,7 +12,8 @@ TRAIN = {"train/loss": 0.5, "train/lr": 1e-3}
 COMMON = {"step", "version", "rollout/reward_mean", "rollout/samples", "rollout/groups", "perf/step_time", *TRAIN}
 LIVE = {"rollout/rejected_groups_total", "rollout/invalid_samples_total", "rollout/failures_total",
         "async/version_offset_max", "async/version_offset_mean", "async/submit_offset_max",
-        "rollout/filter_reject_ratio", "perf/train_wait_time"}
+        "rollout/filter_reject_ratio", "perf/train_wait_time", "async/stale_groups_dropped",
+        "async/stale_groups_dropped_total"}
 
 
 def group(row: int, rewards: list[float], min_version: int, submit_version: int) -> Group:

@@ -159,6 +159,7 @@ def test_a_restarted_trainer_settles_groups_from_the_dead_letter_stream(r, tmp_p
     assert group_id_for(0, 0, 0) in t.state.rejected
     r.delete(keys.events(RUN))  # as if the rejection never happened: a fresh trainer must find it again
     admit(r, 0)
+    t.lease.release()  # the first trainer stopped
     t = Trainer(cfg, r, cfg.run_dir())
     t.resume()
     t.buffer.collect()

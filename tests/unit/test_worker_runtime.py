@@ -1,14 +1,17 @@
 """WorkerRuntime.run_group on fakeredis: what reaches the rollouts stream, what counts as a
-failure for the circuit breaker, the run-wide counters, per-job seeding; and the rq
-heartbeat rules of workers.jobs."""
+failure for the circuit breaker (a group lost to failed draws, keyed by its row), the
+reasons rejected groups carry, the row checks before drawing, the run-wide counters,
+per-job seeding; and the rq heartbeat rules of workers.jobs."""
 from __future__ import annotations
 
 import asyncio
+import math
 import types
 
 import fakeredis
 import pytest
 import torch
+from rq.timeouts import JobTimeoutException
 
 from rlstream.builtin.rollout import single_turn_factory
 from rlstream.builtin.tiny_model import save_tiny_model
@@ -41,9 +44,14 @@ def stub_runtime(r, rollout_fn, vocab_size: int = 10, **cfg) -> WorkerRuntime:
     return rt
 
 
-def job(G: int = 2, group_id: str = "e0-r3-a0") -> GroupJob:
-    return GroupJob(run_id=RUN, group_id=group_id, row_index=3, epoch=0, attempt=0, submit_version=0,
-                    group_size=G, row={"prompt": "1+1="})
+def job(G: int = 2, group_id: str = "e0-r3-a0", row_index: int = 3, row: dict | None = None) -> GroupJob:
+    return GroupJob(run_id=RUN, group_id=group_id, row_index=row_index, epoch=0, attempt=0, submit_version=0,
+                    group_size=G, row=row or {"prompt": "1+1="})
+
+
+def row_job(row_index: int, epoch: int = 0, G: int = 2) -> GroupJob:
+    return GroupJob(run_id=RUN, group_id=f"e{epoch}-r{row_index}-a0", row_index=row_index, epoch=epoch, attempt=0,
+                    submit_version=0, group_size=G, row={"prompt": "1+1="})
 
 
 def sample(tokens=(1, 2), reward: float = 1.0) -> RolloutSample:
@@ -64,16 +72,25 @@ def events(r) -> list:
     return [m for _, m in bus.iter_all_events(r, RUN)]
 
 
+def rejections(r) -> dict[str, str]:
+    return {m.group_id: m.reason for m in events(r) if isinstance(m, GroupRejected)}
+
+
 def test_a_non_sample_return_trips_the_breaker_with_a_clear_message(r):
+    """Failing on every row (here 5 distinct rows in a row) stops the run: the breaker trips
+    on the fifth group, naming the error; the four before are rejected with it."""
     async def rollout_fn(sample_prompt):
         return {"tokens": [1, 2]}
 
     rt = stub_runtime(r, rollout_fn, rollout_max_retries=10)
+    for row in range(4):
+        assert "got dict" in rt.run_group(row_job(row))["rejected"]
     with pytest.raises(CircuitOpen, match="rollout_fn must return rlstream.RolloutSample or None, got dict"):
-        rt.run_group(job())
+        rt.run_group(row_job(4))
     [finished] = [m for m in events(r) if isinstance(m, RunFinished)]
     assert finished.failed and "got dict" in finished.reason
     assert stats(r)["rollout_failures"] >= 5  # counted run-wide in the same MULTI as RunFinished
+    assert len(rejections(r)) == 5  # the group that tripped it is settled too
 
 
 def test_always_invalid_samples_trip_the_breaker(r):
@@ -82,8 +99,117 @@ def test_always_invalid_samples_trip_the_breaker(r):
 
     rt = stub_runtime(r, rollout_fn, max_incomplete_group_retries=10)
     with pytest.raises(CircuitOpen, match="at least 2 tokens"):
-        rt.run_group(job())
+        for row in range(5):
+            rt.run_group(row_job(row))
     assert stats(r)["invalid_samples"] == rt.totals["invalid_samples"] >= 5
+
+
+def test_a_poison_row_costs_its_group_never_the_run(r):
+    """A row whose every draw raises, however often it comes back, is rejected with the
+    exception text each time; the run goes on (the old per-draw breaker tripped within
+    its first group)."""
+    async def rollout_fn(sample_prompt, row_index):
+        if row_index == 7:
+            raise ValueError("reward_fn cannot score row 7")
+        return sample()
+
+    rt = stub_runtime(r, rollout_fn, rollout_max_retries=2, max_incomplete_group_retries=1)
+    for epoch in range(12):  # back to back, and between good rows
+        assert rt.run_group(row_job(7, epoch, G=4))["samples"] == 0
+    for epoch in range(12, 24):
+        assert rt.run_group(row_job(7, epoch, G=4))["samples"] == 0
+        assert rt.run_group(row_job(epoch, G=4))["samples"] == 4
+    assert not [m for m in events(r) if isinstance(m, RunFinished)]
+    reasons = rejections(r)
+    assert len(reasons) == 24 and all(gid.split("-")[1] == "r7" for gid in reasons)
+    assert set(reasons.values()) == {
+        "ValueError: reward_fn cannot score row 7 (only 0 of 4 draws returned a valid sample)"}
+    assert stats(r)["rollout_failures"] == 24 * 4 * 3 * 2  # groups x G x (1 + retries) x (1 + redraw rounds)
+
+
+def test_a_nan_reward_rejects_the_group_with_the_validation_message(r):
+    async def rollout_fn(sample_prompt, row_index):
+        return sample(reward=math.nan if row_index == 5 else 1.0)  # the model refuses a non-finite reward
+
+    rt = stub_runtime(r, rollout_fn)
+    for epoch in range(8):
+        assert rt.run_group(row_job(5, epoch, G=4))["samples"] == 0
+    assert not [m for m in events(r) if isinstance(m, RunFinished)]
+    assert set(rejections(r).values()) == {
+        "invalid sample: reward must be finite, got nan (only 0 of 4 draws returned a valid sample)"}
+    assert rt.run_group(row_job(6, G=4))["samples"] == 4
+
+
+def test_a_long_exception_text_is_cut_in_the_reason(r):
+    async def rollout_fn(sample_prompt):
+        raise RuntimeError("x" * 5000 + "\nsecond line")
+
+    rt = stub_runtime(r, rollout_fn, rollout_max_retries=0, max_incomplete_group_retries=0)
+    reason = rt.run_group(job(2))["rejected"]
+    assert reason.startswith("RuntimeError: xxx") and "\n" not in reason and len(reason) < 300
+
+
+def test_failures_on_a_few_rows_do_not_trip_but_on_many_rows_do(r):
+    """Four poison rows back to back are four rejected groups; a fifth distinct one after
+    them (no sampled group in between) is a failing rollout_fn: the breaker trips."""
+    bad_rows = {10, 11, 12, 13, 14}
+
+    async def rollout_fn(sample_prompt, row_index):
+        if row_index in bad_rows:
+            raise ConnectionError(f"tool server down for row {row_index}")
+        return sample()
+
+    rt = stub_runtime(r, rollout_fn, rollout_max_retries=0, max_incomplete_group_retries=0)
+    for epoch in range(3):
+        for row in (10, 11, 12, 13, 1):
+            rt.run_group(row_job(row, epoch))
+    with pytest.raises(CircuitOpen, match=r"last error \(row 14\): ConnectionError: tool server down for row 14"):
+        for row in (10, 11, 12, 13, 14):
+            rt.run_group(row_job(row, epoch=3))
+
+
+def test_a_group_lost_to_none_returns_does_not_feed_the_breaker(r):
+    async def rollout_fn(sample_prompt):
+        return None  # the rollout_fn's own choice to skip a draw
+
+    rt = stub_runtime(r, rollout_fn)
+    for row in range(10):
+        assert rt.run_group(row_job(row))["rejected"] == "only 0 of 2 draws returned a valid sample"
+    assert not rt.breaker.recent and not [m for m in events(r) if isinstance(m, RunFinished)]
+
+
+@pytest.mark.parametrize(("ids", "reason"), [
+    (list(range(1, 7)), "row 3: prompt of 6 tokens leaves no room under max_seq_len 6"),
+    ([1, 2, 12], "row 3: token id 12 >= vocab size 10"),
+    ([], "row 3: the prompt has no tokens"),
+], ids=["too-long", "outside-vocab", "empty"])
+def test_a_row_no_draw_can_use_is_rejected_before_drawing(r, ids, reason):
+    calls = []
+
+    async def rollout_fn(sample_prompt):
+        calls.append(1)
+        return sample()
+
+    rt = stub_runtime(r, rollout_fn, vocab_size=10, max_seq_len=6)
+    rt.prompt_ids = lambda row: row["prompt_token_ids"]  # what the built-in rollout sets up
+    for epoch in range(10):
+        bad = GroupJob(run_id=RUN, group_id=f"e{epoch}-r3-a0", row_index=3, epoch=epoch, attempt=0, submit_version=0,
+                       group_size=2, row={"prompt_token_ids": ids})
+        assert rt.run_group(bad)["rejected"].startswith(reason)
+    assert calls == [] and not rt.breaker.recent and stats(r) == {}  # no draw, no failure, no breaker count
+    assert rt.run_group(job(2, row={"prompt_token_ids": [1, 2]}))["samples"] == 2
+
+
+def test_a_row_the_tokenizer_rejects_is_rejected_with_the_error(r):
+    async def rollout_fn(sample_prompt):
+        return sample()
+
+    def prompt_ids(row):
+        raise KeyError("messages")
+
+    rt = stub_runtime(r, rollout_fn)
+    rt.prompt_ids = prompt_ids
+    assert rt.run_group(job(2))["rejected"] == "row 3: the prompt could not be tokenized: KeyError: 'messages'"
 
 
 def test_mutating_the_frozen_sample_is_an_invalid_sample(r):
@@ -168,6 +294,23 @@ def test_vocab_size_of_a_remote_policy_is_its_tokenizer_length():
     assert policy_vocab_size(types.SimpleNamespace(tokenizer=[0] * 7, vocab_size=9)) == 9
 
 
+def test_the_built_in_rollout_checks_rows_with_the_real_tokenizer(r, tmp_path):
+    model_dir = save_tiny_model(tmp_path / "model")
+    digest, size = weights.seal(model_dir, tmp_path / "v0", version=0)
+    bus.xadd(r, keys.events(RUN), WeightsPublished(version=0, uri=str(tmp_path / "v0"), sha256=digest, bytes=size))
+    rt = WorkerRuntime(Config(run_id=RUN, max_completion_tokens=1, max_seq_len=8), r, worker_id="w",
+                       device=torch.device("cpu"), rollout_fn_factory=single_turn_factory(lambda text, row: 1.0),
+                       events=caught_up(r))
+    long_prompt = rt.run_group(job(2, row={"prompt": "1+2=" * 3}))
+    assert long_prompt["rejected"] == ("row 3: prompt of 12 tokens leaves no room under max_seq_len 8; "
+                                       "shorten the prompt or raise max_seq_len")
+    vocab = rt.vocab_size
+    outside = rt.run_group(job(2, group_id="e0-r4-a0", row_index=4, row={"prompt_token_ids": [1, vocab + 5]}))
+    assert outside["rejected"] == f"row 4: token id {vocab + 5} >= vocab size {vocab}"
+    assert rt.run_group(job(2, group_id="e0-r5-a0", row_index=5))["samples"] == 2
+    assert stats(r) == {} and list(rt.breaker.recent) == [(True, 5)]  # only the sampled group was judged
+
+
 def test_real_policy_end_to_end_and_sample_kwargs_is_a_copy(r, tmp_path):
     model_dir = save_tiny_model(tmp_path / "model")
     digest, size = weights.seal(model_dir, tmp_path / "v0", version=0)
@@ -200,20 +343,23 @@ def test_heartbeat_stops_past_timeout_plus_grace():
 
 def test_draws_of_a_failed_job_do_not_live_on_into_the_next_job(r):
     """gather does not cancel siblings and the loop outlives the job: a draw still sleeping
-    when the breaker trips must be cancelled, not resumed during the next job."""
+    when rq's job timeout ends the job must be cancelled, not resumed during the next job.
+    The timeout (rq raises it from SIGALRM wherever the job is) is no draw failure: it is
+    not retried, it ends the job."""
     started, finished = [], []
 
     async def rollout_fn(sample_prompt, sample_index):
         started.append(sample_index)
         if sample_index == 0:
-            await asyncio.sleep(0.2)  # still running when its siblings trip the breaker
+            await asyncio.sleep(0.2)  # still running when the job times out
             finished.append(sample_index)
             return sample()
-        raise RuntimeError("boom")
+        raise JobTimeoutException("Task exceeded maximum timeout value (60 seconds)")
 
     rt = stub_runtime(r, rollout_fn, rollout_max_retries=10)
-    with pytest.raises(CircuitOpen):
+    with pytest.raises(JobTimeoutException):
         rt.run_group(job(2))
+    assert started == [0, 1] and rt.totals == {}
     assert not asyncio.all_tasks(rt.loop)
     rt.loop.run_until_complete(asyncio.sleep(0.3))  # the next job's run on the same loop
     assert finished == []

@@ -1,0 +1,107 @@
+"""A group a worker reported sampled (GroupSampled) none of whose entries decodes at the
+trainer would stay open forever, and with O = 0 the gate would wait for it forever
+(docs/design.md §15.35 A sampled group that never arrives is rejected). The trainer rejects it,
+naming it, once it has noticed it for 2 × job_timeout and a read has caught up since. On
+fakeredis, with the buffer's clock in the test's hands."""
+from __future__ import annotations
+
+import types
+
+import pytest
+
+from rlstream.core import bus, keys
+from rlstream.core.config import Config
+from rlstream.core.messages import GroupAdmitted, GroupSampled, RolloutSample, group_id_for, sample_id_for
+from rlstream.trainer import buffer
+from rlstream.trainer.batch import overdue_unseen
+from rlstream.trainer.trainer import Trainer
+
+RUN = "un"
+TIMEOUT = 5  # job_timeout: the limit is 2 x 5 s
+
+
+@pytest.fixture
+def r(r):
+    bus.ensure_group(r, keys.rollouts(RUN))
+    return r
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    """The buffer's monotonic clock, advanced by hand."""
+    now = [1000.0]
+    monkeypatch.setattr(buffer, "time", types.SimpleNamespace(monotonic=lambda: now[0]))
+    return now
+
+
+def admit(r, row: int) -> str:
+    gid = group_id_for(0, row, 0)
+    bus.xadd(r, keys.events(RUN), GroupAdmitted(group_id=gid, row_index=row, epoch=0, attempt=0, submit_version=0,
+                                                    group_size=2))
+    return gid
+
+
+def sampled(r, gid: str, entries: list[bytes | RolloutSample]) -> None:
+    """What a worker's MULTI writes: the entries, then GroupSampled."""
+    for entry in entries:
+        if isinstance(entry, bytes):
+            r.xadd(keys.rollouts(RUN), {"m": entry})
+        else:
+            bus.xadd(r, keys.rollouts(RUN), entry)
+    bus.xadd(r, keys.events(RUN), GroupSampled(group_id=gid, samples=len(entries), worker_id="w", version=0))
+
+
+def member(gid: str, row: int, m: int) -> RolloutSample:
+    return RolloutSample(tokens=[1, 2, 3], logprobs=[0.0, -1.0, -1.0], loss_mask=[0, 1, 1], reward=float(m),
+                         sample_id=sample_id_for(gid, m), group_id=gid, group_size=2, row_index=row)
+
+
+def trainer(r, tmp_path) -> Trainer:
+    cfg = Config(run_id=RUN, log_path=str(tmp_path), job_timeout=TIMEOUT, prompt_groups_per_step=1,
+                 completions_per_prompt=2, max_head_offpolicy_versions=0, dcp_save_interval=0,
+                 lr_schedule="constant")
+    t = Trainer(cfg, r, cfg.run_dir())
+    t.resume()
+    return t
+
+
+def test_a_sampled_group_whose_entries_never_decode_is_rejected_naming_it(r, tmp_path, clock):
+    lost = admit(r, 0)
+    sampled(r, lost, [b"\x00garbage", b"\xc1"])  # neither decodes: dead-lettered without a group id
+    waiting = admit(r, 1)
+    sampled(r, waiting, [member(waiting, 1, 0)])  # one member here, the other still coming: not this rule's
+    t = trainer(r, tmp_path)
+    t.buffer.collect()
+    assert r.xlen(keys.dead(RUN)) == 2
+    clock[0] += 2 * TIMEOUT - 1
+    t.buffer.collect()
+    assert lost not in t.state.rejected  # not yet
+    clock[0] += 2
+    t.buffer.collect()
+    reason = t.state.rejected[lost]
+    assert lost in reason and "GroupSampled" in reason and f"{2 * TIMEOUT}s" in reason
+    assert waiting not in t.state.rejected
+    assert [g.group_id for g in t.state.open_groups] == [waiting]  # the gate's slots are freed
+    assert t.state.in_flight_samples == 2
+
+
+def test_noticed_late_means_judged_late(r, tmp_path, clock):
+    """The clock starts when the trainer notices the group (here: a restarted trainer)."""
+    lost = admit(r, 0)
+    clock[0] += 100 * TIMEOUT  # the GroupSampled is old, but this trainer has only just seen it
+    sampled(r, lost, [b"\x00garbage"])
+    t = trainer(r, tmp_path)
+    t.buffer.collect()
+    assert lost not in t.state.rejected
+    clock[0] += 2 * TIMEOUT + 1
+    t.buffer.collect()
+    assert lost in t.state.rejected
+
+
+def test_only_a_read_that_caught_up_since_judges_a_group():
+    """Its entries may just be unread (a backlog longer than one read): not overdue then."""
+    waiting, overdue = overdue_unseen({"g": 10.0}, ["g", "h"], now=100.0, limit_s=10.0, caught_up_at=5.0)
+    assert (waiting, overdue) == ({"g": 10.0, "h": 100.0}, [])
+    waiting, overdue = overdue_unseen({"g": 10.0}, ["g", "h"], now=100.0, limit_s=10.0, caught_up_at=50.0)
+    assert (waiting, overdue) == ({"h": 100.0}, ["g"])
+    assert overdue_unseen({"g": 10.0}, [], now=100.0, limit_s=10.0, caught_up_at=50.0) == ({}, [])  # it arrived

@@ -1,0 +1,151 @@
+"""The trainer's staleness bound (docs/design.md §5 Versions and the gate): no group is
+trained more than O + 1 versions after the weights it was sampled with. A straggler that
+arrives past the bound, or a group that goes stale while it waits in ``ready``, is dropped
+with an explicit GroupRejected naming the versions and the bound, and counted in the step's
+metrics. The trainer runs on fakeredis with the built-in tiny model; the end-to-end check,
+with deliberately slow rollouts, is tests/e2e/test_staleness.py."""
+from __future__ import annotations
+
+import pytest
+
+from rlstream.core import bus, keys
+from rlstream.core.config import Config
+from rlstream.core.messages import (
+    GroupAdmitted,
+    GroupRejected,
+    RolloutSample,
+    StepCommitted,
+    group_id_for,
+    sample_id_for,
+)
+from rlstream.trainer.batch import Group
+from rlstream.trainer.staleness import sampling_follows_weights, split_stale, stale_reason, stale_total
+from rlstream.trainer.trainer import Trainer
+
+RUN = "st"
+
+
+@pytest.fixture
+def r(r):  # tests/unit/conftest.py's FakeRedis, with the trainer's consumer group
+    bus.ensure_group(r, keys.rollouts(RUN))
+    return r
+
+
+def config(tmp_path, **over) -> Config:
+    fields = dict(run_id=RUN, log_path=str(tmp_path), max_steps=10, prompt_groups_per_step=1,
+                  completions_per_prompt=2, max_head_offpolicy_versions=0, dcp_save_interval=0,
+                  save_final_checkpoint=False, lr_schedule="constant", learning_rate=1e-2)
+    fields.update(over)
+    return Config(**fields)
+
+
+def sample(gid: str, row: int, m: int, sampled: int, submit: int) -> RolloutSample:
+    return RolloutSample(tokens=[1, 2 + m, 3], logprobs=[0.0, -1.0, -1.0], loss_mask=[0, 1, 1], reward=float(m),
+                         sample_id=sample_id_for(gid, m), group_id=gid, group_size=2, row_index=row,
+                         submit_version=submit, min_version=sampled, max_version=sampled)
+
+
+def add_group(r, row: int, sampled: int, submit: int | None = None) -> str:
+    """Admit row ``row`` at ``submit`` (default: ``sampled``) and XADD its two samples,
+    sampled with the weights of ``sampled``."""
+    submit = sampled if submit is None else submit
+    gid = group_id_for(0, row, 0)
+    bus.xadd(r, keys.events(RUN), GroupAdmitted(group_id=gid, row_index=row, epoch=0, attempt=0,
+                                                    submit_version=submit, group_size=2))
+    for m in range(2):
+        bus.xadd(r, keys.rollouts(RUN), sample(gid, row, m, sampled, submit))
+    return gid
+
+
+def group(row: int, *sampled: int, submit: int = 0) -> Group:
+    gid = group_id_for(0, row, 0)
+    g = Group(gid, len(sampled))
+    for m, version in enumerate(sampled):
+        g.members[sample_id_for(gid, m)] = (f"1-{m}", sample(gid, row, m, version, submit))
+    return g
+
+
+def step(t: Trainer) -> dict[str, float]:
+    """One iteration of ``Trainer.run``'s loop, with P = 1."""
+    t.buffer.fill(1, t.version)
+    return t.train_step(t.buffer.take(1, t.version), wait_time=0.0)
+
+
+def last_commit(r) -> StepCommitted:
+    return [m for _, m in bus.iter_all_events(r, RUN) if isinstance(m, StepCommitted)][-1]
+
+
+def rejections(r) -> dict[str, str]:
+    return {m.group_id: m.reason for _, m in bus.iter_all_events(r, RUN) if isinstance(m, GroupRejected)}
+
+
+def test_the_bound_is_o_plus_one_versions_from_the_oldest_member():
+    assert stale_reason(group(0, 1, 1), trainer_version=2, bound=1, follows_weights=True) is None
+    reason = stale_reason(group(0, 2, 0), trainer_version=2, bound=1, follows_weights=True)
+    assert reason == ("stale: sampled with v0, trainer at v2: 2 versions behind, over the bound "
+                      "max_head_offpolicy_versions + 1 = 1")
+    keep, stale = split_stale([group(0, 3, 3), group(1, 0, 3), group(2, 2, 2)], 4, 1, True)
+    assert [g.group_id for g in keep] == [group_id_for(0, 0, 0)]
+    assert [g.group_id for g, _ in stale] == [group_id_for(0, 1, 0), group_id_for(0, 2, 0)]
+
+
+def test_without_weight_sync_the_bound_counts_from_admission():
+    """Samples stamped v0 forever (no weights reach the samplers) are not stale by that alone."""
+    assert sampling_follows_weights(Config())
+    assert not sampling_follows_weights(Config(weight_sync_interval=0))
+    openai = {"backend": "openai", "base_url": "http://127.0.0.1:1/v1"}
+    assert not sampling_follows_weights(Config(inference=openai))
+    assert sampling_follows_weights(Config(inference={**openai, "weight_sync_url": "http://127.0.0.1:1/sync"}))
+    assert stale_reason(group(0, 0, 0, submit=5), trainer_version=6, bound=1, follows_weights=False) is None
+    reason = stale_reason(group(0, 0, 0, submit=4), trainer_version=6, bound=1, follows_weights=False)
+    assert reason is not None and reason.startswith("stale: admitted at v4, trainer at v6")
+
+
+def test_a_straggler_past_the_bound_is_dropped_and_counted(r, tmp_path):
+    cfg = config(tmp_path)  # O = 0: the bound is 1
+    t = Trainer(cfg, r, cfg.run_dir())
+    t.resume()
+    add_group(r, 0, sampled=0)
+    step(t)
+    add_group(r, 1, sampled=1)
+    step(t)
+    straggler = add_group(r, 2, sampled=0)  # sampled with v0, arrives when the trainer is at v2
+    fresh = add_group(r, 3, sampled=2)
+    m = step(t)
+    assert rejections(r) == {straggler: "stale: sampled with v0, trainer at v2: 2 versions behind, over the "
+                                        "bound max_head_offpolicy_versions + 1 = 1"}
+    assert m["async/version_offset_max"] == 0 and m["async/stale_groups_dropped"] == 1
+    assert m["async/stale_groups_dropped_total"] == 1 == stale_total(t.state)
+    assert m["rollout/rejected_groups_total"] == 1  # a rejection like any other: audit counts it
+    assert last_commit(r).group_ids == [fresh]
+    assert bus.group_info(r, keys.rollouts(RUN))["pending"] == 0  # the straggler's entries were acked
+    add_group(r, 4, sampled=3)
+    assert step(t)["async/stale_groups_dropped"] == 0  # per step; the total stays
+    assert last_commit(r).metrics["async/stale_groups_dropped_total"] == 1
+
+
+def test_a_group_that_goes_stale_while_ready_is_dropped_at_take(r, tmp_path):
+    cfg = config(tmp_path)
+    t = Trainer(cfg, r, cfg.run_dir())
+    t.resume()
+    *_, third = (add_group(r, row, sampled=0) for row in range(3))
+    assert step(t)["async/version_offset_max"] == 0  # trains the first, the others wait in ready
+    assert step(t)["async/version_offset_max"] == 1  # trains the second, still within the bound
+    assert [g.group_id for g in t.buffer.ready] == [third]
+    assert t.buffer.take(1, t.version) == []  # v2 is two versions past v0
+    assert list(rejections(r)) == [third] and rejections(r)[third].startswith("stale: sampled with v0, trainer at v2")
+    assert t.buffer.stale_in_batch == 1
+
+
+def test_synchronous_training_bounds_by_one_version(r, tmp_path):
+    cfg = config(tmp_path, max_head_offpolicy_versions=3, synchronous_training=True)
+    t = Trainer(cfg, r, cfg.run_dir())
+    t.resume()
+    add_group(r, 0, sampled=0)
+    step(t)
+    add_group(r, 1, sampled=1)
+    step(t)
+    late = add_group(r, 2, sampled=0)
+    add_group(r, 3, sampled=2)
+    step(t)
+    assert list(rejections(r)) == [late]

@@ -1,0 +1,68 @@
+"""The trainer's staleness bound (docs/design.md §5 Versions and the gate): no group is
+trained more than O + 1 versions after the weights it was sampled with, O =
+``max_head_offpolicy_versions`` (0 under ``synchronous_training``).
+
+The gate bounds admission only; a straggler (a slow rollout, a re-run job) completes at
+whatever version the trainer has reached by then. ``RolloutBuffer`` asks ``stale_reason``
+of every ready group when it fills and takes a batch, and drops (rejects) the ones past the
+bound, so the bound holds for every trained sample whatever the wall-clock lateness.
+"""
+from __future__ import annotations
+
+from rlstream.core.config import Config
+from rlstream.core.run_state import RunState
+from rlstream.trainer.batch import Group
+
+STALE_PREFIX = "stale:"  # every staleness GroupRejected reason starts with it (metrics count them)
+
+
+def staleness_bound(cfg: Config) -> int:
+    """O + 1: the largest trainer-version - sampled-version a trained sample may have."""
+    return cfg.offpolicy_versions + 1
+
+
+def sampling_follows_weights(cfg: Config) -> bool:
+    """Whether samples are stamped with the weights the trainer publishes. Not when no version
+    is published after v0 (``weight_sync_interval = 0``) or an OpenAI-compatible server is never
+    told of new weights (no ``inference.weight_sync_url``): every sample then says v0, by
+    configuration, and the bound counts from the version the group was admitted at instead."""
+    unsynced_server = cfg.inference.backend == "openai" and cfg.inference.weight_sync_url is None
+    return cfg.weight_sync_interval > 0 and not unsynced_server
+
+
+def sampled_version(group: Group, follows_weights: bool) -> int:
+    """The oldest weights any member was sampled with (``min_version``), or the admission
+    version when sampling does not follow the published weights."""
+    if not follows_weights:
+        return group.submit_version
+    return min(s.min_version for s in group.samples) if group.members else 0
+
+
+def stale_reason(group: Group, trainer_version: int, bound: int, follows_weights: bool) -> str | None:
+    """The GroupRejected reason when training ``group`` with the weights of ``trainer_version``
+    (the version before the step) would break the bound, else None."""
+    sampled = sampled_version(group, follows_weights)
+    offset = trainer_version - sampled
+    if offset <= bound:
+        return None
+    what = "sampled with" if follows_weights else "admitted at"
+    return (f"{STALE_PREFIX} {what} v{sampled}, trainer at v{trainer_version}: {offset} versions behind, over "
+            f"the bound max_head_offpolicy_versions + 1 = {bound}")
+
+
+def split_stale(ready: list[Group], trainer_version: int, bound: int,
+                follows_weights: bool) -> tuple[list[Group], list[tuple[Group, str]]]:
+    """(the groups within the bound, in order; the others with their reasons)."""
+    keep, stale = [], []
+    for group in ready:
+        reason = stale_reason(group, trainer_version, bound, follows_weights)
+        if reason is None:
+            keep.append(group)
+        else:
+            stale.append((group, reason))
+    return keep, stale
+
+
+def stale_total(state: RunState) -> int:
+    """Groups the trainer dropped as stale over the whole run (the fold keeps every reason)."""
+    return sum(1 for reason in state.rejected.values() if reason.startswith(STALE_PREFIX))
