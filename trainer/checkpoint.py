@@ -135,7 +135,7 @@ def rng_untouched(device: torch.device) -> Iterator[None]:
 
 def export_model(model, tokenizer, run_dir: Path, model_id: str) -> Path:
     """``output_model_id``: a standalone HF directory that ``from_pretrained`` loads."""
-    final = run_dir / "models" / model_id
+    final = weights.child_dir(run_dir / "models", model_id)  # the config checks it too; this replaces a dir
     tmp = final.with_name(f".tmp-{model_id}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)

@@ -133,8 +133,11 @@ class Config(ConfigSection):
         None, description="checkpoint directory to start a new run from (weights + optimizer; steps restart at 0)"
     )
     output_model_id: str | None = Field(
-        None, pattern=r"^[A-Za-z0-9_.-]{1,128}$",
-        description="export the final weights to runs/<run>/models/<id>/ (a standalone HF directory)",
+        # One plain path component: "..", "." or "a/../.." would leave models/ (export
+        # replaces the directory it names); a leading "." would collide with temp dirs.
+        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$",
+        description="export the final weights to runs/<run>/models/<id>/ (a standalone HF directory); "
+        "1-128 letters, digits, '_', '.', '-', starting with a letter or digit",
     )
     rollout_max_retries: int = Field(2, ge=0, le=100, description="retries of a rollout_fn draw that raised")
     job_timeout: int = Field(60, ge=5, le=86_400, description="seconds before a rollout job is presumed dead")
