@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 import random
 import shutil
 from contextlib import contextmanager
@@ -106,13 +107,25 @@ def load_checkpoint(path: Path, model, optimizer, device) -> CheckpointState:
                             f"unexpected {sorted(unexpected)}): was it written for another base_model?")
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
-    train_state = torch.load(path / "train_state.pt", map_location=device, weights_only=False)
+    train_state = _load_train_state(path / "train_state.pt", device)
     optimizer.load_state_dict(train_state["optimizer"])
     torch.set_rng_state(train_state["rng"]["torch"].cpu())
     random.setstate(train_state["rng"]["python"])
     if "cuda" in train_state["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(train_state["rng"]["cuda"])
     return read_state(path)
+
+
+def _load_train_state(path: Path, device) -> dict:
+    """``weights_only=True``: tensors, numbers, strings and containers only (optimizer
+    state, the RNG ByteTensors, ``random.getstate()``'s tuple). A checkpoint may come from
+    anyone (``init_from_checkpoint``); a full unpickle would run whatever code it names."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise RlstreamError(f"{path} holds objects other than tensors and plain containers, so it was not "
+                            f"loaded (a pickle can run code): {str(exc).splitlines()[0]}. Use a checkpoint "
+                            "rlstream wrote, or re-create this one from a source you trust") from None
 
 
 @contextmanager
