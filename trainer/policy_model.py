@@ -65,7 +65,7 @@ def token_logprobs(model: torch.nn.Module, tokens_B_N: torch.Tensor, attention_B
 
 
 def weights_dir(run_dir: Path, version: int) -> Path:
-    return run_dir / "weights" / f"v{version}"
+    return weights.version_dir(run_dir / "weights", version)
 
 
 def publish_weights(model, tokenizer, run_dir: Path, version: int, keep: int) -> WeightsPublished:

@@ -78,6 +78,15 @@ def _swap_in(tmp_dir: Path, final_dir: Path) -> None:
         shutil.rmtree(aside, ignore_errors=True)
 
 
+def version_dir(weights_root: str | Path, version: int) -> Path:
+    """``<weights_root>/v<version>``, where version ``version`` is published. Readers derive
+    it from their own run directory: the path in a ``WeightsPublished`` is never opened,
+    so whoever can write to Redis cannot point a worker at a directory of their choosing."""
+    if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+        raise ValueError(f"weights version {version!r} is not a non-negative int")
+    return Path(weights_root) / f"v{version}"
+
+
 def child_dir(parent: str | Path, name: str) -> Path:
     """``parent / name`` when ``name`` is one plain path component, else ValueError: a name
     such as ``..`` would make a replace-the-directory write land outside ``parent``."""
