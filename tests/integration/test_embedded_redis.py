@@ -164,3 +164,24 @@ def test_a_second_server_on_the_same_directory_is_refused(tmp_path):
         assert connect(first.url).ping()
     finally:
         first.stop()
+
+
+def test_a_standalone_worker_attached_to_an_up_run_finds_the_embedded_password(tmp_path, monkeypatch):
+    """`rlstream worker runs/<id>/config.json` next to `up` (workers.count = 0): config.json
+    has no password, so the CLI reads the embedded server's password file."""
+    import json
+
+    from rlstream import cli
+    from rlstream.core.config import Config, validate_config
+
+    monkeypatch.delenv(PASSWORD_ENV, raising=False)
+    server = EmbeddedRedis(tmp_path / "runs" / "r" / "redis")
+    try:
+        url = server.start()
+        written = json.dumps(Config(run_id="r", log_path=tmp_path / "runs", redis={"url": url}).model_dump(mode="json"))
+        assert server.password not in written
+        r = cli._connect(validate_config(json.loads(written)))
+        assert r.ping()
+        r.close()
+    finally:
+        server.stop()
