@@ -98,9 +98,13 @@ def test_refused_credentials_fail_at_once_with_what_to_do(monkeypatch):
     def refuse(self):
         raise connection.AuthenticationError("invalid username-password pair")
 
+    def no_retry(seconds):
+        raise AssertionError("connect() backed off to retry credentials the server refused")
+
     monkeypatch.setattr(connection.redis.Redis, "ping", refuse)
+    monkeypatch.setattr(connection.time, "sleep", no_retry)
     with pytest.raises(RedisUnavailable, match=f"refused the credentials.*{PASSWORD_ENV}") as info:
-        connection.connect(f"redis://alice:{PW}@h/0", timeout=600)  # no 600 s of retries
+        connection.connect(f"redis://alice:{PW}@h/0", timeout=600)
     assert PW not in str(info.value)
 
 
