@@ -26,6 +26,7 @@ from rlstream.core.config_sections import (
     WandbConfig,
     WorkersConfig,
 )
+from rlstream.core.credentials import redacted
 from rlstream.core.errors import ConfigError
 from rlstream.core.imports import check_spec
 from rlstream.core.keys import check_run_id
@@ -274,6 +275,13 @@ def _read_file(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config error: {path}: {exc}") from None
 
 
+def _shown(value: Any) -> Any:
+    try:
+        return redacted(value) if isinstance(value, str) and "@" in value else value
+    except ValueError:  # not parseable as a URL: nothing to redact
+        return value
+
+
 def validate_config(data: dict[str, Any]) -> Config:
     try:
         return Config.model_validate(data)
@@ -282,7 +290,8 @@ def validate_config(data: dict[str, Any]) -> Config:
         for err in exc.errors():
             loc = ".".join(str(p) for p in err["loc"]) or "config"
             msg = err["msg"].removeprefix("Value error, ")
-            parts.append((f"{loc}: " if loc != "config" else "") + msg + (f" (got {err['input']!r})" if err["type"] != "extra_forbidden" and loc != "config" and not isinstance(err["input"], dict) else ""))
+            shown = _shown(err["input"])  # a URL's password never reaches the terminal or a log
+            parts.append((f"{loc}: " if loc != "config" else "") + msg + (f" (got {shown!r})" if err["type"] != "extra_forbidden" and loc != "config" and not isinstance(err["input"], dict) else ""))
         raise ConfigError("config error: " + "; ".join(parts)) from None
 
 

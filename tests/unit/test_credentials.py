@@ -19,7 +19,7 @@ from rlstream.core.credentials import (
     url_password,
     without_password,
 )
-from rlstream.core.errors import RedisUnavailable
+from rlstream.core.errors import ConfigError, RedisUnavailable
 from rlstream.core.messages import RunStarted
 from rlstream.launcher import _child_env
 
@@ -122,3 +122,9 @@ def test_lost_redis_message_is_redacted():
     cfg = load_config(None, [f"redis.url=redis://alice:{PW}@h/0", "run_id=r"], environ={})
     assert PW not in str(cli._lost_redis(cfg, OSError("x")))
 
+
+
+def test_config_errors_show_no_password():
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [f'redis.url="http://alice:{PW}@h:6379/0"'], environ={})
+    assert "redis.url" in str(info.value) and "alice:***@h" in str(info.value) and PW not in str(info.value)
