@@ -84,7 +84,7 @@ def write_model_dir(final: Path, model, tokenizer, *, version: int,
 
 
 def weights_dir(run_dir: Path, version: int) -> Path:
-    return run_dir / "weights" / f"v{version}"
+    return weights.version_dir(run_dir / "weights", version)
 
 
 def write_weights(model, tokenizer, run_dir: Path, version: int, keep: int) -> WeightsPublished:

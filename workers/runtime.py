@@ -14,7 +14,7 @@ from typing import Any
 import redis
 from pydantic import ValidationError
 
-from rlstream.core import bus, keys
+from rlstream.core import bus, keys, weights
 from rlstream.core.config import Config
 from rlstream.core.messages import (
     GroupJob,
@@ -87,18 +87,21 @@ def weights_to_load(state: RunState, min_version: int, failed: WeightsPublished 
 
 def make_policy(cfg: Config, published: WeightsPublished, device: Any) -> tuple[Any, Any]:
     """(policy, sampler) for ``inference.backend``: the transformers model in this process,
-    or an OpenAI-compatible server (then only the tokenizer is loaded here)."""
+    or an OpenAI-compatible server (then only the tokenizer is loaded here). Weights are
+    read from this run's ``weights/v<N>``, never from the path the event names."""
+    root = cfg.run_dir() / "weights"
     if cfg.inference.backend == "openai":
         from transformers import AutoTokenizer
 
         from rlstream.sampling.remote import RemotePolicy, RemoteSampler
 
-        tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_model or published.uri)
-        policy = RemotePolicy(cfg.inference, published, tokenizer, cfg.inference.model or cfg.base_model)
+        tokenizer_dir = cfg.tokenizer_model or str(weights.version_dir(root, published.version))
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        policy = RemotePolicy(cfg.inference, published, tokenizer, cfg.inference.model or cfg.base_model, root)
         return policy, RemoteSampler(policy, cfg.sample_kwargs())
     from rlstream.sampling.local import LocalPolicy, LocalSampler
 
-    policy = LocalPolicy(published, device)
+    policy = LocalPolicy(published, device, root)
     return policy, LocalSampler(policy, cfg.sample_kwargs())
 
 
@@ -145,7 +148,7 @@ class WorkerRuntime:
             self.rollout_fn = self.factory(setup)
             self.context_params = accepted_context(self.rollout_fn)
             log.info("worker %s: %s policy at v%d from %s", self.worker_id, self.cfg.inference.backend,
-                     self.policy.version, published.uri)
+                     self.policy.version, weights.version_dir(self.cfg.run_dir() / "weights", published.version))
         elif published.version > self.policy.version:
             try:
                 self.policy.load(published)

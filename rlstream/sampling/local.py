@@ -35,9 +35,13 @@ def truncate_to_budget(gen: list[int], budget: int, eos_ids: set[int]) -> tuple[
 
 
 class LocalPolicy:
-    def __init__(self, published: WeightsPublished, device: torch.device):
-        weights.verify(published.uri, published.sha256)
-        model, tokenizer = load_model_and_tokenizer(published.uri, device)
+    def __init__(self, published: WeightsPublished, device: torch.device, weights_root: str | Path):
+        """``weights_root``: the run's ``weights/`` directory; version N is read from
+        ``<weights_root>/v<N>`` (``published.uri`` is never opened: it comes from Redis)."""
+        self.weights_root = Path(weights_root)
+        directory = weights.version_dir(self.weights_root, published.version)
+        weights.verify(directory, published.sha256)
+        model, tokenizer = load_model_and_tokenizer(str(directory), device)
         self._bind(model.eval(), tokenizer, device, published.version)
 
     @classmethod
@@ -58,14 +62,15 @@ class LocalPolicy:
 
     def load(self, published: WeightsPublished) -> None:
         """Load a newer version's tensors into the live model (no re-construction)."""
-        weights.verify(published.uri, published.sha256)
+        directory = weights.version_dir(self.weights_root, published.version)
+        weights.verify(directory, published.sha256)
         state: dict[str, torch.Tensor] = {}
-        for f in sorted(Path(published.uri).glob("*.safetensors")):
+        for f in sorted(directory.glob("*.safetensors")):
             state.update(load_file(str(f), device=str(self.device)))
         missing, unexpected = self.model.load_state_dict(state, strict=False)
         tied = set(getattr(self.model, "_tied_weights_keys", None) or {})
         if unexpected or set(missing) - tied - {"lm_head.weight"}:
-            raise ValueError(f"weights {published.uri} do not fit the model: missing {missing}, unexpected {unexpected}")
+            raise ValueError(f"weights {directory} do not fit the model: missing {missing}, unexpected {unexpected}")
         self.version = published.version
 
     @torch.no_grad()
