@@ -65,8 +65,14 @@ def _child_env(redis_password: str | None = None) -> dict[str, str]:
     resolves in the workers too. ``RLSTREAM_<FIELD>`` overrides are dropped: they are
     already resolved into config.json, and re-applying them in a child would undo a
     ``--set`` or ``--run-id`` that beat them here. The Redis password (config.json holds
-    the URL without it) travels in ``RLSTREAM_REDIS_PASSWORD``."""
-    paths = [p or os.getcwd() for p in sys.path]
+    the URL without it) travels in ``RLSTREAM_REDIS_PASSWORD``.
+
+    The directory that holds *this* ``rlstream`` comes first: children run with ``-P`` (no
+    working directory in front), so a source checkout in the working directory (a
+    ``rlstream/`` folder without the role packages, which install inside it) can never
+    shadow the installed package a child must import."""
+    home = str(Path(__file__).resolve().parents[1])  # the directory holding this rlstream package
+    paths = [home] + [p or os.getcwd() for p in sys.path]
     overrides = env_override_names() | {PASSWORD_ENV}
     env = {k: v for k, v in os.environ.items() if k not in overrides}
     if redis_password:
@@ -77,7 +83,7 @@ def _child_env(redis_password: str | None = None) -> dict[str, str]:
 def _spawn(name: str, role: str, config_path: Path, logs: Path, redis_password: str | None) -> Child:
     log_path = logs / f"{name}.log"
     out = log_path.open("ab")
-    process = subprocess.Popen([sys.executable, "-m", "rlstream.cli", role, str(config_path)],
+    process = subprocess.Popen([sys.executable, "-P", "-m", "rlstream.cli", role, str(config_path)],
                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                start_new_session=True, env=_child_env(redis_password))
     out.close()

@@ -18,7 +18,6 @@ import torch
 
 from rlstream.core import weights
 from rlstream.core.errors import ConfigError, RlstreamError
-from rlstream.trainer.policy_model import write_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +43,7 @@ def save_checkpoint(run_dir: Path, state: CheckpointState, model, tokenizer, opt
         (tmp / "state.json").write_text(json.dumps(asdict(state)))
 
     final = checkpoint_dir(run_dir, state.step)
-    write_model_dir(final, model, tokenizer, version=state.version, extra_files=train_state)
+    weights.write_model_dir(final, model, tokenizer, version=state.version, extra_files=train_state)
     log.info("checkpoint step %d -> %s", state.step, final)
     return final
 
@@ -149,5 +148,5 @@ def rng_untouched(device: torch.device) -> Iterator[None]:
 def export_model(model, tokenizer, run_dir: Path, model_id: str) -> Path:
     """``output_model_id``: a standalone HF directory that ``from_pretrained`` loads."""
     final = weights.child_dir(run_dir / "models", model_id)  # the config checks it too; this replaces a dir
-    write_model_dir(final, model, tokenizer, version=-1)
+    weights.write_model_dir(final, model, tokenizer, version=-1)
     return final

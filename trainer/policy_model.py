@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 import logging
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -68,21 +67,6 @@ def token_logprobs(model: torch.nn.Module, tokens_B_N: torch.Tensor, attention_B
     return logprobs_B_T_V.gather(-1, tokens_B_N[:, 1:, None])[..., 0]
 
 
-def write_model_dir(final: Path, model, tokenizer, *, version: int,
-                    extra_files: Callable[[Path], None] | None = None) -> tuple[str, int]:
-    """Write the HF directory ``final`` atomically: model and tokenizer (plus whatever
-    ``extra_files(tmp)`` adds) into a temp dir beside it, sealed (fsync, sha256 manifest
-    written last) and renamed into place, so a reader never sees a partial directory.
-    Returns the directory's (digest, bytes)."""
-    tmp = final.with_name(f".tmp-{final.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)  # handles tied embeddings (raw safetensors.save_file refuses them)
-    tokenizer.save_pretrained(tmp)
-    if extra_files is not None:
-        extra_files(tmp)
-    return weights.seal(tmp, final, version)
-
-
 def weights_dir(run_dir: Path, version: int) -> Path:
     return weights.version_dir(run_dir / "weights", version)
 
@@ -92,7 +76,7 @@ def write_weights(model, tokenizer, run_dir: Path, version: int, keep: int) -> W
     v0 (the base the reference copy uses). Returns the ``WeightsPublished`` event that
     announces it; the caller publishes it once the step is committed (``commit.publish``)."""
     final = weights_dir(run_dir, version)
-    digest, size = write_model_dir(final, model, tokenizer, version=version)
+    digest, size = weights.write_model_dir(final, model, tokenizer, version=version)
     for old in final.parent.glob("v*"):
         n = int(old.name[1:]) if old.name[1:].isdigit() else None
         if n is not None and 0 < n <= version - keep:

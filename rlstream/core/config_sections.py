@@ -6,9 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SerializationInfo, field_serializer, model_validator
 
-from rlstream.core.credentials import without_password
-
 from rlstream.core.choices import TisLevel
+from rlstream.core.credentials import without_password
 
 
 class ConfigSection(BaseModel):

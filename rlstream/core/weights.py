@@ -13,6 +13,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
+from typing import Any, Callable
 
 MANIFEST = "manifest.json"
 
@@ -103,3 +104,18 @@ def verify(directory: str | Path, sha256: str) -> None:
     digest, _, _ = directory_digest(directory)
     if digest != sha256:
         raise ValueError(f"{directory}: sha256 {digest[:12]}… does not match the published {sha256[:12]}…")
+
+
+def write_model_dir(final: Path, model: Any, tokenizer: Any, *, version: int,
+                    extra_files: Callable[[Path], None] | None = None) -> tuple[str, int]:
+    """Write the HF directory ``final`` atomically: model and tokenizer (plus whatever
+    ``extra_files(tmp)`` adds) into a temp dir beside it, sealed (fsync, sha256 manifest
+    written last) and renamed into place, so a reader never sees a partial directory.
+    Returns the directory's (digest, bytes)."""
+    tmp = final.with_name(f".tmp-{final.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)  # handles tied embeddings (raw safetensors.save_file refuses them)
+    tokenizer.save_pretrained(tmp)
+    if extra_files is not None:
+        extra_files(tmp)
+    return seal(tmp, final, version)

@@ -11,13 +11,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from rq import Queue, Worker
+from rq import Worker
 
 from rlstream.core import bus, keys
 from rlstream.core.config import validate_config
 from rlstream.core.connection import connect
 from rlstream.core.embedded_redis import EmbeddedRedis, stored_password
 from rlstream.core.errors import ConfigError, RedisUnavailable
+from rlstream.core.jobs import job_queue
 from rlstream.core.run_state import RunState
 from rlstream.ops.progress import buffered_samples
 
@@ -74,7 +75,7 @@ def collect_status(cfg, r) -> dict:
     for _, msg in bus.iter_all_events(r, cfg.run_id):
         state.apply(msg)
     m = state.last_step.metrics if state.last_step else {}
-    queue = Queue(keys.job_queue_name(cfg.run_id), connection=r)
+    queue = job_queue(r, cfg)
     return {
         "run_id": cfg.run_id,
         "state": f"finished ({state.finished.reason})" if state.finished else "running",

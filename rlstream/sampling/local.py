@@ -1,5 +1,6 @@
-"""The worker's policy: a transformers model kept in process, reloaded in place when the
-trainer publishes a new version, and an async sampler that batches concurrent requests.
+"""The local policy: a transformers model kept in process (a worker's, reloaded in place when
+the trainer publishes a new version; or the trainer's own, for evaluation), and an async
+sampler that batches concurrent requests.
 
 Behaviour logprobs are taken from ``generate``'s processed scores, i.e. the exact
 distribution the token was drawn from. ``top_k=0`` is passed explicitly: transformers

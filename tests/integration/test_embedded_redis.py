@@ -16,10 +16,9 @@ from pathlib import Path
 import pytest
 import redis
 
-from rlstream.core import bus, keys
+from rlstream.core import bus, embedded_redis, keys
 from rlstream.core.codec import decode
 from rlstream.core.connection import connect
-from rlstream.core import embedded_redis
 from rlstream.core.credentials import PASSWORD_ENV, url_password, without_password
 from rlstream.core.embedded_redis import EmbeddedRedis
 from rlstream.core.errors import RedisUnavailable

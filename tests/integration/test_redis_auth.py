@@ -14,8 +14,7 @@ from external_redis import ExternalRedis
 from rq import Queue
 from rq.serializers import JSONSerializer
 
-from rlstream.core import bus, keys
-from rlstream.core import connection
+from rlstream.core import bus, connection, keys
 from rlstream.core.connection import connect
 from rlstream.core.credentials import PASSWORD_ENV
 from rlstream.core.errors import RedisUnavailable

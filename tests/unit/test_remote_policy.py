@@ -11,8 +11,8 @@ import pytest
 
 from rlstream.core.config import Config, InferenceConfig
 from rlstream.core.messages import WeightsPublished
-from rlstream.sampling.remote import InferenceError, RemotePolicy, RemoteSampler, completion_request, parse_completions
 from rlstream.sampling import remote as remote_policy
+from rlstream.sampling.remote import InferenceError, RemotePolicy, RemoteSampler, completion_request, parse_completions
 
 PROMPT = [3, 4, 5]
 
