@@ -19,8 +19,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from rlstream.core.choices import POLICY_LOSSES
+
 REPO = Path(__file__).resolve().parents[1]
-LOSSES = ("grpo", "importance_sampling", "reinforce", "dapo", "dro", "gspo", "cispo")
 ACCEPTANCE_GAIN = 0.3  # issue 4: each loss raises the reward by >= 0.3 (last 10 vs first 10 steps)
 WINDOW = 10
 
@@ -57,7 +58,7 @@ def run_one(loss: str, steps: int, workdir: Path, extra: list[str]) -> dict:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=150)
-    p.add_argument("--losses", nargs="+", default=list(LOSSES), choices=LOSSES)
+    p.add_argument("--losses", nargs="+", default=list(POLICY_LOSSES), choices=POLICY_LOSSES)
     p.add_argument("--set", dest="extra", action="append", default=[], help="extra config override")
     p.add_argument("--min-gain", type=float, default=ACCEPTANCE_GAIN,
                    help="acceptance: last-10 mean - first-10 mean must reach this (default %(default)s)")

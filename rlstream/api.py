@@ -82,7 +82,7 @@ def main(
     if rows is not None:
         _write_rows(rows, run_dir / "dataset.jsonl")
         updates["dataset"] = str(run_dir / "dataset.jsonl")
-    cfg = validate_config({**cfg.model_dump(mode="json"), **updates})
+    cfg = validate_config({**cfg.model_dump(mode="json", context={"secrets": True}), **updates})
     code = up(cfg)
     if code != 0:
         raise RunFailed(f"run {cfg.run_id} failed (exit {code}); logs in {run_dir / 'logs'}")

@@ -63,12 +63,17 @@ def _setup_logging(role: str) -> None:
 
 
 def _connect(cfg):
+    """A client for a standalone process. Its password: in redis.url, else in
+    RLSTREAM_REDIS_PASSWORD, else (a worker attached to an `up` run with the embedded
+    server, on the same machine) that server's password file in the run directory."""
     from rlstream.core.connection import connect
+    from rlstream.core.embedded_redis import stored_password
 
     if not cfg.redis.url:
         raise ConfigError("config error: redis.url: not set; `rlstream up` starts an embedded Redis, a standalone "
                           "process needs redis.url or RLSTREAM_REDIS_URL")
-    return connect(cfg.redis.url, cfg.redis.connect_timeout)
+    password = stored_password(cfg.run_dir() / "redis") if cfg.run_id else None
+    return connect(cfg.redis.url, cfg.redis.connect_timeout, password=password)
 
 
 def _require_run_id(cfg) -> None:
@@ -86,7 +91,9 @@ def _user_import_path(config_path: str | None) -> None:
 
 
 def _lost_redis(cfg, exc: Exception) -> RedisUnavailable:
-    return RedisUnavailable(f"lost Redis at {cfg.redis.url} and could not reconnect within the bounded retries "
+    from rlstream.core.credentials import redacted
+
+    return RedisUnavailable(f"lost Redis at {redacted(cfg.redis.url)} and could not reconnect within the bounded retries "
                             f"({exc}); restart the server (with its AOF, nothing acknowledged is lost) and restart "
                             "this process: it resumes from the streams")
 

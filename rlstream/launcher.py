@@ -3,8 +3,10 @@ trainer as child processes, a live progress display, clean shutdown.
 
 Children run ``python -m rlstream.cli <role> runs/<id>/config.json`` in their own
 session (so a terminal's Ctrl-C reaches only us; we forward SIGTERM), with output in
-``runs/<id>/logs/<role>.log``. Supervision: a crashed child (or the embedded redis-server)
-is restarted with backoff, at most ``MAX_RESTARTS`` times; every restart is logged. Exit
+``runs/<id>/logs/<role>.log``. The run directory is owner-only (0700); config.json and
+the RunStarted event hold the Redis URL without its password, which children get in
+their environment (``RLSTREAM_REDIS_PASSWORD``), never on a command line or in a file.
+Supervision: a crashed child (or the embedded redis-server) is restarted with backoff, at most ``MAX_RESTARTS`` times; every restart is logged. Exit
 code: 0 when the trainer finished the run, 1 when a child kept failing (its last log lines
 are printed) or the run failed (e.g. the rollout circuit breaker), 130 on Ctrl-C.
 """
@@ -25,6 +27,7 @@ import redis
 from rlstream.core import bus, keys
 from rlstream.core.config import Config, env_override_names, new_run_id
 from rlstream.core.connection import client, connect
+from rlstream.core.credentials import PASSWORD_ENV, private_dir, redacted, url_password
 from rlstream.core.embedded_redis import EmbeddedRedis
 from rlstream.core.errors import RunFailed
 from rlstream.core.messages import RunStarted
@@ -48,6 +51,7 @@ class Child:
     log_path: Path
     restarts: int = 0
     restart_at: float | None = None  # scheduled restart (backoff), None when running
+    redis_password: str | None = field(default=None, repr=False)
     started_at: float = field(default_factory=time.monotonic)
 
     def tail(self, lines: int = 20) -> str:
@@ -55,26 +59,35 @@ class Child:
         return "\n".join(text.splitlines()[-lines:])
 
 
-def _child_env() -> dict[str, str]:
+def _child_env(redis_password: str | None = None) -> dict[str, str]:
     """Children import user code by name (rollout factories, rewards, hooks): give them our
     import path, as multiprocessing's spawn does, so a module next to the user's script
     resolves in the workers too. ``RLSTREAM_<FIELD>`` overrides are dropped: they are
     already resolved into config.json, and re-applying them in a child would undo a
-    ``--set`` or ``--run-id`` that beat them here."""
-    paths = [p or os.getcwd() for p in sys.path]
-    overrides = env_override_names()
+    ``--set`` or ``--run-id`` that beat them here. The Redis password (config.json holds
+    the URL without it) travels in ``RLSTREAM_REDIS_PASSWORD``.
+
+    The directory that holds *this* ``rlstream`` comes first: children run with ``-P`` (no
+    working directory in front), so a source checkout in the working directory (a
+    ``rlstream/`` folder without the role packages, which install inside it) can never
+    shadow the installed package a child must import."""
+    home = str(Path(__file__).resolve().parents[1])  # the directory holding this rlstream package
+    paths = [home] + [p or os.getcwd() for p in sys.path]
+    overrides = env_override_names() | {PASSWORD_ENV}
     env = {k: v for k, v in os.environ.items() if k not in overrides}
+    if redis_password:
+        env[PASSWORD_ENV] = redis_password
     return {**env, "PYTHONPATH": os.pathsep.join(dict.fromkeys(p for p in paths if os.path.isdir(p)))}
 
 
-def _spawn(name: str, role: str, config_path: Path, logs: Path) -> Child:
+def _spawn(name: str, role: str, config_path: Path, logs: Path, redis_password: str | None) -> Child:
     log_path = logs / f"{name}.log"
     out = log_path.open("ab")
-    process = subprocess.Popen([sys.executable, "-m", "rlstream.cli", role, str(config_path)],
+    process = subprocess.Popen([sys.executable, "-P", "-m", "rlstream.cli", role, str(config_path)],
                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                               start_new_session=True, env=_child_env())
+                               start_new_session=True, env=_child_env(redis_password))
     out.close()
-    return Child(name, role, process, log_path)
+    return Child(name, role, process, log_path, redis_password=redis_password)
 
 
 def _stop(children: list[Child], grace: float) -> None:
@@ -107,22 +120,27 @@ def up(cfg: Config) -> int:
     previous_handler = signal.signal(signal.SIGTERM, _raise_interrupt)
     grace = 5.0  # for children still running when something unexpected escapes
     try:
+        if embedded:
+            private_dir(run_dir)  # owner-only before the server writes its AOF and password in it
         url = embedded.start() if embedded else cfg.redis.url
         connect(url, cfg.redis.connect_timeout)  # fail fast and clearly, before making the run dir
-        (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        private_dir(run_dir)  # (log_path above it is the user's: created if missing, never chmod-ed)
+        private_dir(run_dir / "logs")
         # Our own client does not retry: the supervisor must notice a dead Redis at once.
         r = client(url, command_retries=0)
+        password = url_password(url) or os.environ.get(PASSWORD_ENV)
         resolved = cfg.model_copy(update={"redis": cfg.redis.model_copy(update={"url": url})})
         config_path = run_dir / "config.json"
+        # model_dump drops the password from the URL (RedisConfig's serializer)
         config_path.write_text(json.dumps(resolved.model_dump(mode="json"), indent=1))
         bus.xadd(r, keys.events(cfg.run_id), RunStarted(run_id=cfg.run_id, config=resolved.model_dump(mode="json")))
-        log.info("run %s in %s (redis %s)", cfg.run_id, run_dir, url)
+        log.info("run %s in %s (redis %s)", cfg.run_id, run_dir, redacted(url))
         if cfg.workers.count == 0:
             log.warning("workers.count = 0: nothing samples until you start `rlstream worker %s`", config_path)
         logs = run_dir / "logs"
-        children.append(_spawn("trainer", "trainer", config_path, logs))
-        children.append(_spawn("producer", "producer", config_path, logs))
-        children += [_spawn(f"worker-{i}", "worker", config_path, logs) for i in range(cfg.workers.count)]
+        children.append(_spawn("trainer", "trainer", config_path, logs, password))
+        children.append(_spawn("producer", "producer", config_path, logs, password))
+        children += [_spawn(f"worker-{i}", "worker", config_path, logs, password) for i in range(cfg.workers.count)]
         _supervise(cfg, r, children, Progress(cfg, sys.stdout), config_path, embedded)
         _stop(children, SHUTDOWN_GRACE_S)  # before the summary: metrics.jsonl is complete then
         print(summary_line(read_metrics(run_dir / "metrics.jsonl"), time.monotonic() - started), flush=True)
@@ -147,7 +165,7 @@ def up(cfg: Config) -> int:
 
 
 def _restart_child(c: Child, config_path: Path) -> None:
-    restarted = _spawn(c.name, c.role, config_path, c.log_path.parent)
+    restarted = _spawn(c.name, c.role, config_path, c.log_path.parent, c.redis_password)
     c.process, c.restart_at, c.started_at = restarted.process, None, time.monotonic()
     log.warning("restarted %s (pid %d, restart %d of %d)", c.name, c.process.pid, c.restarts, MAX_RESTARTS)
 

@@ -105,13 +105,27 @@ def load_checkpoint(path: Path, model, optimizer, device) -> CheckpointState:
                             f"unexpected {sorted(unexpected)}): was it written for another base_model?")
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
-    train_state = torch.load(path / "train_state.pt", map_location=device, weights_only=False)
+    train_state = _load_train_state(path / "train_state.pt", device)
     optimizer.load_state_dict(train_state["optimizer"])
     torch.set_rng_state(train_state["rng"]["torch"].cpu())
     random.setstate(train_state["rng"]["python"])
     if "cuda" in train_state["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(train_state["rng"]["cuda"])
     return read_state(path)
+
+
+def _load_train_state(path: Path, device) -> dict:
+    """``weights_only=True``: tensors, numbers, strings and containers only (optimizer
+    state, the RNG ByteTensors, ``random.getstate()``'s tuple). A checkpoint may come from
+    anyone (``init_from_checkpoint``); a full unpickle would run whatever code it names."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except OSError:
+        raise
+    except Exception as exc:  # torch raises the unpickler's error for any object outside the allow-list
+        raise RlstreamError(f"{path} holds objects other than tensors and plain containers, so it was not "
+                            f"loaded (a pickle can run code): {str(exc).splitlines()[0]}. Use a checkpoint "
+                            "rlstream wrote, or re-create this one from a source you trust") from None
 
 
 @contextmanager
@@ -134,6 +148,6 @@ def rng_untouched(device: torch.device) -> Iterator[None]:
 
 def export_model(model, tokenizer, run_dir: Path, model_id: str) -> Path:
     """``output_model_id``: a standalone HF directory that ``from_pretrained`` loads."""
-    final = run_dir / "models" / model_id
+    final = weights.child_dir(run_dir / "models", model_id)  # the config checks it too; this replaces a dir
     write_model_dir(final, model, tokenizer, version=-1)
     return final

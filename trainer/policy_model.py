@@ -74,26 +74,18 @@ def all_finite(model: torch.nn.Module) -> bool:
 
 def write_model_dir(final: Path, model, tokenizer, *, version: int,
                     extra_files: Callable[[Path], None] | None = None) -> tuple[str, int]:
-    """Write the HF directory ``final`` atomically: model and tokenizer (plus whatever
-    ``extra_files(tmp)`` adds) into a temp dir beside it, sealed (fsync, sha256 manifest
-    written last) and renamed into place, so a reader never sees a partial directory.
-    Returns the directory's (digest, bytes). Refuses weights that are not all finite: no
-    worker, checkpoint or export may ever load NaN weights."""
+    """The trainer's writer of model directories (published weights, checkpoints, the
+    export): ``weights.write_model_dir`` (atomic, sealed), after refusing weights that are
+    not all finite: no worker, checkpoint or export may ever load NaN weights."""
     if not all_finite(model):
         raise RlstreamError(f"refusing to write {final}: the weights of v{version} are not all finite (NaN or "
                             "inf), nothing was written. Check base_model / init_from_checkpoint, or lower "
                             "learning_rate (or set grad_clip_norm) and restart the trainer")
-    tmp = final.with_name(f".tmp-{final.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)  # handles tied embeddings (raw safetensors.save_file refuses them)
-    tokenizer.save_pretrained(tmp)
-    if extra_files is not None:
-        extra_files(tmp)
-    return weights.seal(tmp, final, version)
+    return weights.write_model_dir(final, model, tokenizer, version=version, extra_files=extra_files)
 
 
 def weights_dir(run_dir: Path, version: int) -> Path:
-    return run_dir / "weights" / f"v{version}"
+    return weights.version_dir(run_dir / "weights", version)
 
 
 def write_weights(model, tokenizer, run_dir: Path, version: int, keep: int) -> WeightsPublished:

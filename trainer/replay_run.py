@@ -25,6 +25,7 @@ import redis
 
 from rlstream.core import bus
 from rlstream.core.config import Config
+from rlstream.core.credentials import private_dir
 from rlstream.core.errors import ConfigError
 from rlstream.core.messages import StepCommitted
 from rlstream.trainer.resume import committed_groups
@@ -50,7 +51,7 @@ def replay_run(cfg: Config, source: redis.Redis, source_run_id: str) -> int:
     steps = steps[:cfg.max_steps] if cfg.max_steps else steps
     cfg = cfg.model_copy(update={"max_steps": len(steps)})  # the LR schedule spans the replay
     run_dir = cfg.run_dir()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(run_dir)  # owner-only (0700), as `rlstream up` makes it
     (run_dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=1))
     (run_dir / "replay.json").write_text(json.dumps({"source_run": source_run_id, "steps": len(steps)}))
     t = Trainer(cfg, source, run_dir)

@@ -22,6 +22,7 @@ import torch
 
 from rlstream.core import bus, keys
 from rlstream.core.config import Config
+from rlstream.core.credentials import private_dir
 from rlstream.core.errors import RlstreamError
 from rlstream.core.messages import Evaluated, RunFinished, StepCommitted, WeightsPublished
 from rlstream.core.metrics import MetricsLog
@@ -112,7 +113,7 @@ class Trainer:
     def train_run(self) -> int:
         """With the lease: resume, then one step after another until the run ends."""
         config_path = self.run_dir / "config.json"
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.run_dir)  # owner-only (0700), as `rlstream up` makes it
         if not config_path.exists():  # standalone (compose) runs: status/audit/dead find the run by it
             config_path.write_text(json.dumps(self.cfg.model_dump(mode="json"), indent=1))
         bus.ensure_group(self.r, keys.rollouts(self.cfg.run_id))

@@ -81,3 +81,6 @@ class EventFollower:
             with self.changed:
                 self.error = exc
                 self.changed.notify_all()
+            # Every later job would fail on the frozen fold and be rejected: stop the worker
+            # instead (``rlstream worker`` then exits non-zero and its supervisor restarts it).
+            self.on_finished()

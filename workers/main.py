@@ -7,6 +7,7 @@ import redis
 from rq.serializers import JSONSerializer
 
 from rlstream.core.config import Config
+from rlstream.core.errors import RlstreamError
 from rlstream.core.jobs import job_queue
 from rlstream.sampling.rollout_fn import resolve_factory
 from rlstream.sampling.torch_setup import setup_torch
@@ -30,5 +31,7 @@ def run_worker(cfg: Config, r: redis.Redis, worker_id: str) -> None:
         worker.work(logging_level="WARNING")
     finally:
         events.stop()
+    if events.error is not None:
+        raise RlstreamError(f"worker {worker_id}: its events reader failed ({events.error!r}); restart the worker")
     log.info("worker %s: exiting (%d invalid samples, %d rollout failures)", worker_id,
              runtime.totals["invalid_samples"], runtime.totals["rollout_failures"])

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from rq.timeouts import JobTimeoutException
 
 from rlstream.builtin.rollout import prompt_token_ids
-from rlstream.core import bus, keys
+from rlstream.core import bus, keys, weights
 from rlstream.core.config import Config
 from rlstream.core.messages import (
     GroupJob,
@@ -82,18 +82,21 @@ def weights_to_load(state: RunState, min_version: int, failed: WeightsPublished 
 
 def make_policy(cfg: Config, published: WeightsPublished, device: Any) -> tuple[Any, Any]:
     """(policy, sampler) for ``inference.backend``: the transformers model in this process,
-    or an OpenAI-compatible server (then only the tokenizer is loaded here)."""
+    or an OpenAI-compatible server (then only the tokenizer is loaded here). Weights are
+    read from this run's ``weights/v<N>``, never from the path the event names."""
+    root = cfg.run_dir() / "weights"
     if cfg.inference.backend == "openai":
         from transformers import AutoTokenizer
 
         from rlstream.sampling.remote import RemotePolicy, RemoteSampler
 
-        tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_model or published.uri)
-        policy = RemotePolicy(cfg.inference, published, tokenizer, cfg.inference.model or cfg.base_model)
+        tokenizer_dir = cfg.tokenizer_model or str(weights.version_dir(root, published.version))
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        policy = RemotePolicy(cfg.inference, published, tokenizer, cfg.inference.model or cfg.base_model, root)
         return policy, RemoteSampler(policy, cfg.sample_kwargs())
     from rlstream.sampling.local import LocalPolicy, LocalSampler
 
-    policy = LocalPolicy(published, device)
+    policy = LocalPolicy(published, device, root)
     return policy, LocalSampler(policy, cfg.sample_kwargs())
 
 
@@ -143,7 +146,7 @@ class WorkerRuntime:
                 self.prompt_ids = functools.partial(prompt_token_ids, tokenizer=self.policy.tokenizer)
             self.context_params = accepted_context(self.rollout_fn)
             log.info("worker %s: %s policy at v%d from %s", self.worker_id, self.cfg.inference.backend,
-                     self.policy.version, published.uri)
+                     self.policy.version, weights.version_dir(self.cfg.run_dir() / "weights", published.version))
         elif published.version > self.policy.version:
             try:
                 self.policy.load(published)

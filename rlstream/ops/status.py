@@ -11,13 +11,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from rq import Queue, Worker
+from rq import Worker
 
 from rlstream.core import bus, keys
 from rlstream.core.config import validate_config
 from rlstream.core.connection import connect
-from rlstream.core.embedded_redis import EmbeddedRedis
+from rlstream.core.embedded_redis import EmbeddedRedis, stored_password
 from rlstream.core.errors import ConfigError, RedisUnavailable
+from rlstream.core.jobs import job_queue
 from rlstream.core.run_state import RunState
 from rlstream.ops.progress import buffered_samples
 
@@ -39,16 +40,18 @@ def _connect_run(run_dir: Path):
     server from the run directory when it is not running."""
     cfg = validate_config(json.loads((run_dir / "config.json").read_text()))
     embedded = None
+    # config.json has no password: RLSTREAM_REDIS_PASSWORD, else the embedded server's file
+    password = stored_password(run_dir / "redis")
     try:
         if not cfg.redis.url:
             raise RedisUnavailable(f"{run_dir}/config.json has no redis.url")
-        r = connect(cfg.redis.url, timeout=1.0)
+        r = connect(cfg.redis.url, timeout=1.0, password=password)
     except RedisUnavailable:
         if not (run_dir / "redis").is_dir():
             raise
         embedded = EmbeddedRedis(run_dir / "redis")
         if embedded.owner_pid() is not None:  # `rlstream up` is restarting it: wait, never start a second
-            return cfg, connect(cfg.redis.url, timeout=cfg.redis.connect_timeout), None
+            return cfg, connect(cfg.redis.url, timeout=cfg.redis.connect_timeout, password=password), None
         r = connect(embedded.start(), timeout=cfg.redis.connect_timeout)
     return cfg, r, embedded
 
@@ -72,7 +75,7 @@ def collect_status(cfg, r) -> dict:
     for _, msg in bus.iter_all_events(r, cfg.run_id):
         state.apply(msg)
     m = state.last_step.metrics if state.last_step else {}
-    queue = Queue(keys.job_queue_name(cfg.run_id), connection=r)
+    queue = job_queue(r, cfg)
     return {
         "run_id": cfg.run_id,
         "state": f"finished ({state.finished.reason})" if state.finished else "running",

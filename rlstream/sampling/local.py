@@ -1,5 +1,6 @@
-"""The worker's policy: a transformers model kept in process, reloaded in place when the
-trainer publishes a new version, and an async sampler that batches concurrent requests.
+"""The local policy: a transformers model kept in process (a worker's, reloaded in place when
+the trainer publishes a new version; or the trainer's own, for evaluation), and an async
+sampler that batches concurrent requests.
 
 Behaviour logprobs are taken from ``generate``'s processed scores, i.e. the exact
 distribution the token was drawn from. ``top_k=0`` is passed explicitly: transformers
@@ -35,9 +36,13 @@ def truncate_to_budget(gen: list[int], budget: int, eos_ids: set[int]) -> tuple[
 
 
 class LocalPolicy:
-    def __init__(self, published: WeightsPublished, device: torch.device):
-        weights.verify(published.uri, published.sha256)
-        model, tokenizer = load_model_and_tokenizer(published.uri, device)
+    def __init__(self, published: WeightsPublished, device: torch.device, weights_root: str | Path):
+        """``weights_root``: the run's ``weights/`` directory; version N is read from
+        ``<weights_root>/v<N>`` (``published.uri`` is never opened: it comes from Redis)."""
+        self.weights_root = Path(weights_root)
+        directory = weights.version_dir(self.weights_root, published.version)
+        weights.verify(directory, published.sha256)
+        model, tokenizer = load_model_and_tokenizer(str(directory), device)
         self._bind(model.eval(), tokenizer, device, published.version)
 
     @classmethod
@@ -58,14 +63,15 @@ class LocalPolicy:
 
     def load(self, published: WeightsPublished) -> None:
         """Load a newer version's tensors into the live model (no re-construction)."""
-        weights.verify(published.uri, published.sha256)
+        directory = weights.version_dir(self.weights_root, published.version)
+        weights.verify(directory, published.sha256)
         state: dict[str, torch.Tensor] = {}
-        for f in sorted(Path(published.uri).glob("*.safetensors")):
+        for f in sorted(directory.glob("*.safetensors")):
             state.update(load_file(str(f), device=str(self.device)))
         missing, unexpected = self.model.load_state_dict(state, strict=False)
         tied = set(getattr(self.model, "_tied_weights_keys", None) or {})
         if unexpected or set(missing) - tied - {"lm_head.weight"}:
-            raise ValueError(f"weights {published.uri} do not fit the model: missing {missing}, unexpected {unexpected}")
+            raise ValueError(f"weights {directory} do not fit the model: missing {missing}, unexpected {unexpected}")
         self.version = published.version
 
     @torch.no_grad()

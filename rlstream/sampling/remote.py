@@ -14,10 +14,12 @@ The wire contract, and why:
 - ``top_k`` 0 ("off" in rlstream) is sent as -1, the value vLLM and SGLang read as off.
 
 Weight sync is pull-based as everywhere in rlstream: when a newer ``WeightsPublished``
-appears, the worker POSTs ``{"model_path": <weights dir>, "version": N}`` to
+appears, the worker POSTs ``{"model_path": <run dir>/weights/v<N>, "version": N}`` to
 ``inference.weight_sync_url`` (SGLang's ``/update_weights_from_disk`` takes exactly this)
 and stamps samples with N once the server said 2xx. The server must see the trainer's
-weights directory (a shared volume). Without a sync URL the server is never told, samples
+weights directory (a shared volume) at the path the worker sees. The path is derived from
+the worker's own run directory, never taken from the event (Redis is not trusted with
+paths). Without a sync URL the server is never told, samples
 are stamped with the version the worker last synced (0), and the trainer's offsets show it.
 
 Retries only here, at the I/O edge: connection errors, timeouts, 429 and 5xx are retried
@@ -31,10 +33,12 @@ import itertools
 import logging
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
 
+from rlstream.core import weights
 from rlstream.core.config import InferenceConfig
 from rlstream.core.errors import RlstreamError
 from rlstream.core.messages import WeightsPublished
@@ -101,9 +105,10 @@ class RemotePolicy:
     (loaded from the published weights directory), and the HTTP clients."""
 
     def __init__(self, cfg: InferenceConfig, published: WeightsPublished, tokenizer: Any, model_name: str,
-                 transport: httpx.AsyncBaseTransport | None = None,
+                 weights_root: str | Path, transport: httpx.AsyncBaseTransport | None = None,
                  sync_transport: httpx.BaseTransport | None = None):
         self.cfg, self.tokenizer, self.model_name = cfg, tokenizer, model_name
+        self.weights_root = Path(weights_root)  # the run's weights/: version N is <weights_root>/v<N>
         headers = _headers(cfg)
         self._client = httpx.AsyncClient(base_url=cfg.base_url.rstrip("/"), timeout=cfg.timeout, headers=headers,
                                          transport=transport)
@@ -116,7 +121,8 @@ class RemotePolicy:
         """Tell the server to serve ``published`` (bounded retries), then stamp with it."""
         if self.cfg.weight_sync_url is None or published.version <= self.version:
             return
-        payload = {"model_path": published.uri, "version": published.version}
+        directory = weights.version_dir(self.weights_root, published.version).resolve()
+        payload = {"model_path": str(directory), "version": published.version}
         self._send(lambda: self._sync.post(self.cfg.weight_sync_url, json=payload), f"weight sync to v{published.version}")
         self.version = published.version
 

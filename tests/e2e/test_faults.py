@@ -25,7 +25,7 @@ from fault_harness import (
 
 from rlstream.core import bus, keys
 from rlstream.core.connection import connect
-from rlstream.core.embedded_redis import EmbeddedRedis
+from rlstream.core.embedded_redis import EmbeddedRedis, stored_password
 from rlstream.core.messages import WeightsPublished
 
 pytestmark = pytest.mark.e2e
@@ -38,8 +38,8 @@ def test_kill_worker_redis_trainer_and_fuzz(tmp_path: Path) -> None:
         run_dir = up.run_dir
         up.wait_steps(3, timeout=120)
 
-        url = (run_dir / "redis" / "url").read_text().strip()
-        r = connect(url)
+        url = (run_dir / "redis" / "url").read_text().strip()  # without the password: that is in its own file
+        r = connect(url, password=stored_password(run_dir / "redis"))
         try:
             # 1. SIGKILL a worker mid-job: one rq reports busy when there is one (jobs take tens
             #    of ms and run back to back, so one nearly always is), else the first.

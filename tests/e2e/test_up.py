@@ -14,6 +14,7 @@ from polling import wait_until
 from rlstream.core import bus, keys
 from rlstream.core.codec import decode
 from rlstream.core.connection import connect
+from rlstream.core.credentials import PASSWORD_ENV, without_password
 from rlstream.core.messages import RolloutSample, StepCommitted
 from rlstream.core.metrics import read_metrics
 
@@ -47,7 +48,7 @@ def test_short_run_on_external_redis_bumps_versions_and_stamps_samples(tmp_path:
         assert all(key in r for r in rows), key
     resolved = json.loads((run_dir / "config.json").read_text())
     assert resolved["run_id"] == "short"
-    assert resolved["redis"]["url"] == redis_server.url
+    assert resolved["redis"]["url"] == without_password(redis_server.url)  # the password is not written
     assert (run_dir / "weights" / "v5" / "manifest.json").is_file()
 
     # Audit what the trainer consumed, on the external server the run used.
@@ -72,7 +73,7 @@ def test_short_run_on_external_redis_bumps_versions_and_stamps_samples(tmp_path:
     finally:
         r.close()
 
-    status = rlstream("status", str(run_dir), cwd=tmp_path, timeout=60)
+    status = rlstream("status", str(run_dir), cwd=tmp_path, timeout=60, env={PASSWORD_ENV: redis_server.password})
     assert status.returncode == 0, status.stderr
     assert "published_version" in status.stdout and "finished" in status.stdout
     assert not (run_dir / "redis").exists(), "status started an embedded redis-server for an external-Redis run"

@@ -17,6 +17,7 @@ from rlstream.core import bus, keys
 from rlstream.core.bus import xrange_all
 from rlstream.core.config import Config
 from rlstream.core.connection import connect
+from rlstream.core.credentials import PASSWORD_ENV
 from rlstream.core.embedded_redis import EmbeddedRedis
 from rlstream.core.errors import RedisUnavailable
 from rlstream.core.messages import (
@@ -31,6 +32,12 @@ from rlstream.ops.audit import collect_audit
 from rlstream.trainer import buffer
 
 pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(autouse=True)
+def redis_password_in_env(monkeypatch, redis_server):
+    """config.json holds no password: the CLI gets it the way a user gives it."""
+    monkeypatch.setenv(PASSWORD_ENV, redis_server.password)
 G = 2
 
 

@@ -8,14 +8,18 @@ kill loses nothing; only an OS crash can lose ~1 s).
 from __future__ import annotations
 
 import socket
+import stat
 import threading
 import time
+from pathlib import Path
 
 import pytest
+import redis
 
-from rlstream.core import bus, keys
+from rlstream.core import bus, embedded_redis, keys
 from rlstream.core.codec import decode
 from rlstream.core.connection import connect
+from rlstream.core.credentials import PASSWORD_ENV, url_password, without_password
 from rlstream.core.embedded_redis import EmbeddedRedis
 from rlstream.core.errors import RedisUnavailable
 from rlstream.core.messages import RolloutSample
@@ -41,7 +45,7 @@ def test_aof_loses_no_acknowledged_write_on_sigkill(tmp_path):
     url = server.start()
     try:
         assert url == server.url
-        assert (tmp_path / "url").read_text() == url
+        assert (tmp_path / "url").read_text() == without_password(url)
         r = connect(url)
         stream = keys.rollouts("aof-test")
         ids = [bus.xadd(r, stream, sample(i)) for i in range(500)]  # each one acknowledged
@@ -56,7 +60,8 @@ def test_aof_loses_no_acknowledged_write_on_sigkill(tmp_path):
     restarted = EmbeddedRedis(tmp_path)
     try:
         r2 = connect(restarted.start())
-        assert (tmp_path / "url").read_text() == restarted.url
+        assert restarted.url == url  # the same password and socket: clients' URLs stay valid
+        assert (tmp_path / "url").read_text() == without_password(restarted.url)
         entries = r2.xrange(stream)
         assert [e for e, _ in entries] == ids
         assert [decode(f[bus.FIELD]) for _, f in entries] == [sample(i) for i in range(500)]
@@ -67,13 +72,56 @@ def test_aof_loses_no_acknowledged_write_on_sigkill(tmp_path):
     assert not (tmp_path / "url").exists()  # a clean stop removes the url file
 
 
-def test_long_directory_falls_back_to_tcp(tmp_path):
+def refuses_without_password(url: str) -> None:
+    bare = redis.Redis.from_url(without_password(url), socket_connect_timeout=2)
+    with pytest.raises(redis.AuthenticationError):
+        bare.ping()
+    bare.close()
+
+
+def test_the_server_requires_its_random_password(tmp_path, monkeypatch):
+    monkeypatch.delenv(PASSWORD_ENV, raising=False)
+    server = EmbeddedRedis(tmp_path / "run" / "redis")
+    try:
+        url = server.start()
+        password = (tmp_path / "run" / "redis" / "password").read_text().strip()
+        assert len(password) >= 32 and url_password(url) == password == server.password
+        assert stat.S_IMODE((tmp_path / "run" / "redis" / "password").stat().st_mode) == 0o600
+        assert stat.S_IMODE((tmp_path / "run" / "redis").stat().st_mode) == 0o700
+        refuses_without_password(url)
+        assert connect(without_password(url), password=password).ping()  # the file is the fallback
+        cmdline = Path(f"/proc/{server.process.pid}/cmdline").read_bytes()
+        assert password.encode() not in cmdline, "the password is on redis-server's command line (ps shows it)"
+        assert password not in (tmp_path / "run" / "redis" / "url").read_text()
+        assert password not in (tmp_path / "run" / "redis" / "redis.log").read_text()
+    finally:
+        server.stop()
+
+
+def test_long_directory_uses_a_short_private_socket_directory(tmp_path):
     deep = tmp_path / ("d" * 60) / ("e" * 60)
     server = EmbeddedRedis(deep)
     try:
         url = server.start()
-        assert url.startswith("redis://127.0.0.1:")
-        assert (deep / "url").read_text() == url
+        assert url.startswith("unix://"), "fell back to TCP: any local user could try to connect"
+        socket_dir = server.socket_dir
+        assert socket_dir is not None and stat.S_IMODE(socket_dir.stat().st_mode) == 0o700
+        assert (deep / "url").read_text() == without_password(url)
+        refuses_without_password(url)
+        assert connect(url).ping()
+    finally:
+        server.stop()
+    assert not socket_dir.exists()
+
+
+def test_tcp_fallback_still_requires_the_password(tmp_path, monkeypatch):
+    """When no socket path fits (an absurd TMPDIR), loopback TCP, never without a password."""
+    monkeypatch.setattr(embedded_redis, "_UNIX_PATH_MAX", 5)
+    server = EmbeddedRedis(tmp_path)
+    try:
+        url = server.start()
+        assert url.startswith("redis://:") and "@127.0.0.1:" in url
+        refuses_without_password(url)
         assert connect(url).ping()
     finally:
         server.stop()
@@ -115,3 +163,24 @@ def test_a_second_server_on_the_same_directory_is_refused(tmp_path):
         assert connect(first.url).ping()
     finally:
         first.stop()
+
+
+def test_a_standalone_worker_attached_to_an_up_run_finds_the_embedded_password(tmp_path, monkeypatch):
+    """`rlstream worker runs/<id>/config.json` next to `up` (workers.count = 0): config.json
+    has no password, so the CLI reads the embedded server's password file."""
+    import json
+
+    from rlstream import cli
+    from rlstream.core.config import Config, validate_config
+
+    monkeypatch.delenv(PASSWORD_ENV, raising=False)
+    server = EmbeddedRedis(tmp_path / "runs" / "r" / "redis")
+    try:
+        url = server.start()
+        written = json.dumps(Config(run_id="r", log_path=tmp_path / "runs", redis={"url": url}).model_dump(mode="json"))
+        assert server.password not in written
+        r = cli._connect(validate_config(json.loads(written)))
+        assert r.ping()
+        r.close()
+    finally:
+        server.stop()

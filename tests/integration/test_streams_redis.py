@@ -219,7 +219,7 @@ def test_garbage_entries_are_dead_lettered_and_acked(r, run_id):
     assert [e for e, _ in buffer.read_all_pending(r, run_id, "trainer-0")] == [good]
 
 
-# --------------------------------------------------------------------------- reclaim
+# --------------------------------------------------------------------------- group info
 
 
 def test_group_info_pending_and_lag(r, run_id):

@@ -234,7 +234,8 @@ def test_cli_config_error_exits_2_with_one_line(tmp_path):
 
 
 def test_cli_imports_no_torch():
-    code = ("import rlstream.cli, rlstream.core.config, rlstream.launcher, rlstream.ops.status, producers.producer, sys; "
+    code = ("import rlstream.cli, rlstream.core.config, rlstream.launcher, rlstream.ops.status, rlstream.ops.audit, "
+            "rlstream.producers.producer, rlstream.workers.main, sys; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr

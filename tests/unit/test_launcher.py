@@ -48,3 +48,25 @@ def test_crash_loop_stops_the_run_but_a_long_healthy_run_gets_a_fresh_budget(tmp
     child.started_at = time.monotonic() - launcher.HEALTHY_RUN_S - 1
     launcher._check_child(child, RunState(), tmp_path / "config.json")
     assert child.restarts == 1 and child.restart_at is not None
+
+
+def test_a_source_tree_in_the_working_directory_cannot_shadow_the_installed_package(tmp_path, monkeypatch):
+    """A child runs ``python -P -m rlstream.cli`` with ``_child_env``'s path: started from a
+    directory holding some other ``rlstream/`` (a source checkout, whose role packages
+    install inside rlstream and are absent from its folder), it still imports this one."""
+    import subprocess
+
+    import rlstream
+
+    fake = tmp_path / "rlstream"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("raise ImportError('the shadowing copy was imported')\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", ["", *sys.path])  # as under `python -m` from this directory
+    probe = "import rlstream, rlstream.trainer.trainer; print(rlstream.__file__)"
+    proc = subprocess.run([sys.executable, "-P", "-c", probe], env=_child_env(), cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == rlstream.__file__
+    spawned = launcher._spawn.__code__.co_consts
+    assert "-P" in spawned, "children must start with -P (no working directory in front of sys.path)"

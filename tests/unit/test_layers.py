@@ -88,8 +88,8 @@ def test_no_bare_role_imports(module):
     assert not bare, f"{module} imports {sorted(bare)}: the roles install as rlstream.producers/workers/trainer"
 
 
-def test_roles_never_import_each_other():
-    for module, deps in GRAPH.items():
+def test_roles_never_import_each_other(graph=GRAPH):
+    for module, deps in graph.items():
         role = next((r for r in ROLES if module.startswith(r)), None)
         if role is not None:
             others = sorted(d for d in deps if any(d.startswith(o) for o in ROLES if o != role))
@@ -116,6 +116,20 @@ def test_no_import_circle():
     for m in sorted(GRAPH):
         if m not in state:
             visit(m)
+
+
+def test_the_role_check_can_fail():
+    graph = {**GRAPH, "rlstream.trainer.trainer": GRAPH["rlstream.trainer.trainer"] | {"rlstream.workers.runtime"}}
+    with pytest.raises(AssertionError, match="imports another role"):
+        test_roles_never_import_each_other(graph)
+
+
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if layer_of(m) == "rlstream.core"))
+def test_contract_imports_no_torch(module):
+    """The CLI validates configs and answers --help before any heavy import: the contract
+    layer never imports torch or transformers, not even lazily."""
+    heavy = {n for n in imported_names(MODULES[module], module) if n.split(".")[0] in ("torch", "transformers")}
+    assert not heavy, f"{module} imports {sorted(heavy)}"
 
 
 def test_the_circle_check_can_fail(monkeypatch):

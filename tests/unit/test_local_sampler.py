@@ -4,6 +4,7 @@ Completion fields, per-row token budgets, and that every caller gets an answer."
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,7 +28,7 @@ def published(tmp_path_factory) -> WeightsPublished:
 @pytest.fixture
 def policy(published) -> LocalPolicy:
     torch.manual_seed(0)
-    return LocalPolicy(published, torch.device("cpu"))
+    return LocalPolicy(published, torch.device("cpu"), Path(published.uri).parent)
 
 
 def counting(policy: LocalPolicy) -> list[int]:

@@ -12,7 +12,7 @@ from rlstream.core.errors import ConfigError
 from rlstream.core.messages import RolloutSample
 from rlstream.sampling.torch_setup import load_model_and_tokenizer
 from rlstream.trainer.batch import collate
-from rlstream.trainer.policy_model import load_reference, token_logprobs, weights_dir, write_model_dir, write_weights
+from rlstream.trainer.policy_model import load_reference, token_logprobs, weights_dir, write_weights
 
 CPU = torch.device("cpu")
 # Two "a+b=c<eos>" rows in the tiny vocabulary, every token real (no padding).
@@ -117,7 +117,7 @@ def test_reference_model_with_another_tokenizer_is_a_config_error(tmp_path):
 
 def test_write_model_dir_seals_model_tokenizer_and_extra_files(tmp_path):
     final = tmp_path / "models" / "out"
-    digest, size = write_model_dir(final, build_model(0), build_tokenizer(), version=-1,
+    digest, size = weights.write_model_dir(final, build_model(0), build_tokenizer(), version=-1,
                                    extra_files=lambda tmp: (tmp / "extra.json").write_text("{}"))
     weights.verify(final, digest)  # complete and matching its manifest
     assert (final / "extra.json").is_file() and (final / "config.json").is_file() and size > 0

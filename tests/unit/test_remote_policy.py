@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 
 import httpx
 import pytest
 
 from rlstream.core.config import Config, InferenceConfig
 from rlstream.core.messages import WeightsPublished
-from rlstream.sampling.remote import InferenceError, RemotePolicy, RemoteSampler, completion_request, parse_completions
 from rlstream.sampling import remote as remote_policy
+from rlstream.sampling.remote import InferenceError, RemotePolicy, RemoteSampler, completion_request, parse_completions
 
 PROMPT = [3, 4, 5]
 
@@ -22,7 +23,8 @@ class FakeTokenizer:
         return {"input_ids": [len(m["content"]) for m in messages] + [99]}
 
 
-def published(version: int, uri: str = "/shared/weights") -> WeightsPublished:
+def published(version: int, uri: str = "/attacker/chosen") -> WeightsPublished:
+    """The event's uri is never used: the path POSTed is the worker's own run dir's."""
     return WeightsPublished(version=version, uri=f"{uri}/v{version}", sha256="0" * 64, bytes=1)
 
 
@@ -43,7 +45,7 @@ def no_backoff_sleep(monkeypatch):
 def make_policy(handler, *, sync_handler=None, version: int = 0, **inference) -> RemotePolicy:
     cfg = InferenceConfig(backend="openai", base_url="http://inference.test/v1", **inference)
     sync = httpx.MockTransport(sync_handler or (lambda request: httpx.Response(500)))
-    return RemotePolicy(cfg, published(version), FakeTokenizer(), "my-model",
+    return RemotePolicy(cfg, published(version), FakeTokenizer(), "my-model", Path("/shared/weights"),
                         transport=httpx.MockTransport(handler), sync_transport=sync)
 
 

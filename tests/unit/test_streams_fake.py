@@ -1,4 +1,5 @@
-"""rlstream.core.bus on fakeredis: consumer-group reads, dead-lettering, events, reclaim."""
+"""rlstream.core.bus and rlstream.trainer.buffer on fakeredis: consumer-group reads,
+dead-lettering, events."""
 from __future__ import annotations
 
 import msgpack

@@ -295,10 +295,10 @@ def test_vocab_size_of_a_remote_policy_is_its_tokenizer_length():
 
 
 def test_the_built_in_rollout_checks_rows_with_the_real_tokenizer(r, tmp_path):
-    model_dir = save_tiny_model(tmp_path / "model")
-    digest, size = weights.seal(model_dir, tmp_path / "v0", version=0)
-    bus.xadd(r, keys.events(RUN), WeightsPublished(version=0, uri=str(tmp_path / "v0"), sha256=digest, bytes=size))
-    rt = WorkerRuntime(Config(run_id=RUN, max_completion_tokens=1, max_seq_len=8), r, worker_id="w",
+    model_dir = save_tiny_model(tmp_path / RUN / "weights" / ".tmp-v0")
+    digest, size = weights.seal(model_dir, tmp_path / RUN / "weights" / "v0", version=0)
+    bus.xadd(r, keys.events(RUN), WeightsPublished(version=0, uri="unused", sha256=digest, bytes=size))
+    rt = WorkerRuntime(Config(run_id=RUN, max_completion_tokens=1, max_seq_len=8, log_path=tmp_path), r, worker_id="w",
                        device=torch.device("cpu"), rollout_fn_factory=single_turn_factory(lambda text, row: 1.0),
                        events=caught_up(r))
     long_prompt = rt.run_group(job(2, row={"prompt": "1+2=" * 3}))
@@ -312,9 +312,10 @@ def test_the_built_in_rollout_checks_rows_with_the_real_tokenizer(r, tmp_path):
 
 
 def test_real_policy_end_to_end_and_sample_kwargs_is_a_copy(r, tmp_path):
-    model_dir = save_tiny_model(tmp_path / "model")
-    digest, size = weights.seal(model_dir, tmp_path / "v0", version=0)
-    bus.xadd(r, keys.events(RUN), WeightsPublished(version=0, uri=str(tmp_path / "v0"), sha256=digest, bytes=size))
+    model_dir = save_tiny_model(tmp_path / RUN / "weights" / ".tmp-v0")
+    digest, size = weights.seal(model_dir, tmp_path / RUN / "weights" / "v0", version=0)
+    # The worker reads <log_path>/<run>/weights/v0: the event's uri is never opened.
+    bus.xadd(r, keys.events(RUN), WeightsPublished(version=0, uri="/attacker/chosen", sha256=digest, bytes=size))
     seen = {}
 
     def factory(setup):
@@ -322,8 +323,8 @@ def test_real_policy_end_to_end_and_sample_kwargs_is_a_copy(r, tmp_path):
         setup.sample_kwargs["max_tokens"] = 50  # a careless factory must not change the sampler's defaults
         return single_turn_factory(lambda text, row: 1.0)(setup)
 
-    rt = WorkerRuntime(Config(run_id=RUN, max_completion_tokens=3), r, worker_id="w", device=torch.device("cpu"),
-                       rollout_fn_factory=factory, events=caught_up(r))
+    rt = WorkerRuntime(Config(run_id=RUN, max_completion_tokens=3, log_path=tmp_path), r, worker_id="w",
+                       device=torch.device("cpu"), rollout_fn_factory=factory, events=caught_up(r))
     assert rt.run_group(job(2))["samples"] == 2
     assert seen["setup"].sampler.default_kwargs["max_tokens"] == 3
     assert rt.vocab_size == rt.policy.model.get_input_embeddings().num_embeddings
