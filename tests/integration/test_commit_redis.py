@@ -13,7 +13,7 @@ from rlstream.core import bus, keys
 from rlstream.core.connection import connect, count_connection_errors
 from rlstream.core.errors import RlstreamError
 from rlstream.core.messages import DatasetExhausted, RolloutSample, StepCommitted
-from rlstream.trainer import buffer
+from rlstream.trainer import reads
 from rlstream.trainer.commit import commit_step, sync_committed_step
 from rlstream.trainer.lease import TrainerLease
 
@@ -40,7 +40,7 @@ def delivered(r, run_id: str, n: int, start: int = 0) -> list[str]:
     bus.ensure_group(r, keys.rollouts(run_id))
     for i in range(start, start + n):
         bus.xadd(r, keys.rollouts(run_id), sample(i))
-    return [e for e, _ in buffer.read_group(r, run_id, "trainer-0", count=100, block_ms=None)]
+    return [e for e, _ in reads.read_group(r, run_id, "trainer-0", count=100, block_ms=None)]
 
 
 def step(n: int, entry_ids: list[str], **metrics) -> StepCommitted:
@@ -169,7 +169,7 @@ def test_connection_errors_are_counted_through_the_clients_retries(redis_url, ru
         # Kill the connection while it blocks in XREADGROUP: the client retries the read.
         timer = threading.Timer(0.3, killer.client_kill_filter, kwargs={"_id": victim})
         timer.start()
-        assert buffer.read_group(r, run_id, "trainer-0", count=10, block_ms=1500) == []
+        assert reads.read_group(r, run_id, "trainer-0", count=10, block_ms=1500) == []
         timer.join()
         assert errors() == 1
     finally:
@@ -180,14 +180,14 @@ def test_connection_errors_are_counted_through_the_clients_retries(redis_url, ru
 def test_read_all_pending_acks_deleted_entries(r, run_id):
     ids = delivered(r, run_id, 5)
     r.xdel(keys.rollouts(run_id), *ids[:3])
-    assert [e for e, _ in buffer.read_all_pending(r, run_id, "trainer-0", count=3)] == ids[3:]
+    assert [e for e, _ in reads.read_all_pending(r, run_id, "trainer-0", count=3)] == ids[3:]
     assert bus.group_info(r, keys.rollouts(run_id))["pending"] == 2
 
 
 def test_read_unheld_pending_fetches_only_what_is_not_held(r, run_id):
     ids = delivered(r, run_id, 6)
     r.xdel(keys.rollouts(run_id), ids[5])  # pending, payload gone: acked, never returned
-    got = buffer.read_unheld_pending(r, run_id, "trainer-0", held=set(ids[:3]), page=2)
+    got = reads.read_unheld_pending(r, run_id, "trainer-0", held=set(ids[:3]), page=2)
     assert [e for e, _ in got] == ids[3:5]
     pending = [row["message_id"].decode() for row in
                r.xpending_range(keys.rollouts(run_id), keys.TRAINER_GROUP, "-", "+", 10)]

@@ -17,7 +17,7 @@ from rlstream.core import bus, keys
 from rlstream.core.codec import decode
 from rlstream.core.connection import connect
 from rlstream.core.messages import DeadLetter, RolloutSample, StepCommitted, WeightsPublished
-from rlstream.trainer import buffer
+from rlstream.trainer import reads
 from rlstream.trainer.commit import commit_step
 from rlstream.trainer.lease import TrainerLease
 
@@ -61,9 +61,9 @@ def test_ensure_group_is_idempotent_and_never_rewinds(r, run_id):
     assert [sid(g["name"]) for g in groups] == [keys.TRAINER_GROUP]
 
     ids = add_samples(r, run_id, 2)
-    assert [e for e, _ in buffer.read_group(r, run_id, "c", count=10, block_ms=None)] == ids
+    assert [e for e, _ in reads.read_group(r, run_id, "c", count=10, block_ms=None)] == ids
     bus.ensure_group(r, stream)  # a restarted trainer calls it again: no BUSYGROUP, no rewind
-    assert buffer.read_group(r, run_id, "c", count=10, block_ms=None) == []
+    assert reads.read_group(r, run_id, "c", count=10, block_ms=None) == []
     assert bus.group_info(r, stream)["pending"] == 2
 
 
@@ -76,7 +76,7 @@ def test_xadd_then_read_group_returns_decoded_samples(r, run_id):
             bus.xadd(pipe, keys.rollouts(run_id), s)
         ids += [sid(e) for e in pipe.execute()]
 
-    got = buffer.read_group(r, run_id, "trainer-0", count=10, block_ms=None, vocab_size=16,
+    got = reads.read_group(r, run_id, "trainer-0", count=10, block_ms=None, vocab_size=16,
                              max_seq_len=8)
     assert [e for e, _ in got] == ids
     for (_, msg), expected in zip(got, sent):
@@ -84,7 +84,7 @@ def test_xadd_then_read_group_returns_decoded_samples(r, run_id):
         assert msg == expected
         assert msg.tokens.tolist() == expected.tokens.tolist()
         assert msg.logprobs.tolist() == [0.0, -0.5, -0.25, -0.125]
-    assert buffer.read_group(r, run_id, "trainer-0", count=10, block_ms=None) == []
+    assert reads.read_group(r, run_id, "trainer-0", count=10, block_ms=None) == []
 
 
 def test_blocking_read_returns_when_another_thread_xadds(r, redis_url, run_id):
@@ -109,7 +109,7 @@ def test_blocking_read_returns_when_another_thread_xadds(r, redis_url, run_id):
     thread.start()
     try:
         # A long block: only the XADD can end it with an entry (a timeout returns nothing).
-        got = buffer.read_group(r, run_id, "trainer-0", count=64, block_ms=5_000)
+        got = reads.read_group(r, run_id, "trainer-0", count=64, block_ms=5_000)
     finally:
         stop.set()
         thread.join(10)
@@ -122,39 +122,39 @@ def test_blocking_read_returns_when_another_thread_xadds(r, redis_url, run_id):
 def test_blocking_read_on_empty_stream_returns_empty(r, run_id):
     bus.ensure_group(r, keys.rollouts(run_id))
     t0 = time.perf_counter()
-    assert buffer.read_group(r, run_id, "trainer-0", count=64, block_ms=200) == []
+    assert reads.read_group(r, run_id, "trainer-0", count=64, block_ms=200) == []
     assert time.perf_counter() - t0 >= 0.15  # it blocked (fakeredis would return at once)
 
 
 def test_pending_entries_redelivered_until_acked(r, run_id):
     bus.ensure_group(r, keys.rollouts(run_id))
     ids = add_samples(r, run_id, 3)
-    first = buffer.read_group(r, run_id, "trainer-0", count=10, block_ms=None)
+    first = reads.read_group(r, run_id, "trainer-0", count=10, block_ms=None)
     assert [e for e, _ in first] == ids
 
     # a restarted trainer re-reads its pending-entries list from the start, as often as it likes
     for _ in range(2):
-        again = buffer.read_all_pending(r, run_id, "trainer-0")
+        again = reads.read_all_pending(r, run_id, "trainer-0")
         assert [e for e, _ in again] == ids
         assert [m for _, m in again] == [m for _, m in first]
     # another consumer does not see them, and ">" delivers nothing new
-    assert buffer.read_all_pending(r, run_id, "trainer-1") == []
-    assert buffer.read_group(r, run_id, "trainer-0", count=10, block_ms=None) == []
+    assert reads.read_all_pending(r, run_id, "trainer-1") == []
+    assert reads.read_group(r, run_id, "trainer-0", count=10, block_ms=None) == []
     # count bounds the pending read
-    assert [e for e, _ in buffer.read_pending(r, run_id, "trainer-0", "0", count=2)[0]] == ids[:2]
+    assert [e for e, _ in reads.read_pending(r, run_id, "trainer-0", "0", count=2)[0]] == ids[:2]
 
     assert r.xack(keys.rollouts(run_id), keys.TRAINER_GROUP, ids[0]) == 1
-    rest = buffer.read_all_pending(r, run_id, "trainer-0")
+    rest = reads.read_all_pending(r, run_id, "trainer-0")
     assert [e for e, _ in rest] == ids[1:]
     r.xack(keys.rollouts(run_id), keys.TRAINER_GROUP, *ids[1:])
-    assert buffer.read_all_pending(r, run_id, "trainer-0") == []
+    assert reads.read_all_pending(r, run_id, "trainer-0") == []
     assert bus.group_info(r, keys.rollouts(run_id))["pending"] == 0
 
 
 def test_commit_step_acks_and_records_step_committed(r, run_id):
     bus.ensure_group(r, keys.rollouts(run_id))
     ids = add_samples(r, run_id, 4)
-    got = buffer.read_group(r, run_id, "trainer-0", count=10, block_ms=None)
+    got = reads.read_group(r, run_id, "trainer-0", count=10, block_ms=None)
     assert bus.group_info(r, keys.rollouts(run_id))["pending"] == 4
 
     committed = StepCommitted(
@@ -168,7 +168,7 @@ def test_commit_step_acks_and_records_step_committed(r, run_id):
 
     assert bus.group_info(r, keys.rollouts(run_id))["pending"] == 0
     assert pending_ids(r, run_id) == {}
-    assert buffer.read_all_pending(r, run_id, "trainer-0") == []
+    assert reads.read_all_pending(r, run_id, "trainer-0") == []
     # the samples stay in the stream (replay needs them) until a checkpoint covers them
     assert r.xlen(keys.rollouts(run_id)) == 4
 
@@ -197,7 +197,7 @@ def test_garbage_entries_are_dead_lettered_and_acked(r, run_id):
         sid(bus.xadd(r, stream, sample(2, tokens=[1, 2, 3, 99]))): ("outside the vocabulary", None),
     }
 
-    got = buffer.read_group(r, run_id, "trainer-0", count=10, block_ms=None, vocab_size=64)
+    got = reads.read_group(r, run_id, "trainer-0", count=10, block_ms=None, vocab_size=64)
     assert [e for e, _ in got] == [good]  # the consumer keeps running with the good entry
 
     dead = r.xrange(keys.dead(run_id))
@@ -216,7 +216,7 @@ def test_garbage_entries_are_dead_lettered_and_acked(r, run_id):
             assert letter.raw == raw
     # the bad entries were acked in the same MULTI; only the good one is pending
     assert pending_ids(r, run_id) == {good: "trainer-0"}
-    assert [e for e, _ in buffer.read_all_pending(r, run_id, "trainer-0")] == [good]
+    assert [e for e, _ in reads.read_all_pending(r, run_id, "trainer-0")] == [good]
 
 
 # --------------------------------------------------------------------------- group info
@@ -227,8 +227,8 @@ def test_group_info_pending_and_lag(r, run_id):
     assert bus.group_info(r, stream) == {"pending": 0, "lag": None, "consumers": 0}  # no stream
     bus.ensure_group(r, stream)
     add_samples(r, run_id, 5)
-    buffer.read_group(r, run_id, "A", count=2, block_ms=None)
-    buffer.read_group(r, run_id, "B", count=1, block_ms=None)
+    reads.read_group(r, run_id, "A", count=2, block_ms=None)
+    reads.read_group(r, run_id, "B", count=1, block_ms=None)
 
     info = bus.group_info(r, stream)
     assert info["pending"] == 3

@@ -17,7 +17,7 @@ from rlstream.core.messages import (
     group_id_for,
     sample_id_for,
 )
-from rlstream.trainer import buffer
+from rlstream.trainer import reads
 
 RUN = "t1"
 ROLLOUTS = keys.rollouts(RUN)
@@ -54,16 +54,16 @@ def test_xadd_read_group_round_trip(r):
     msgs = [sample(0), sample(1)]
     ids = [sid(bus.xadd(r, ROLLOUTS, m)) for m in msgs]
     assert r.xrange(ROLLOUTS)[0][1] == {bus.FIELD: encode(msgs[0])}
-    got = buffer.read_group(r, RUN, "c1", count=10, block_ms=None)
+    got = reads.read_group(r, RUN, "c1", count=10, block_ms=None)
     assert [e for e, _ in got] == ids
     assert [m for _, m in got] == msgs
     assert pending_ids(r) == ids  # read, not yet acked: the trainer's durable buffer
     # nothing new
-    assert buffer.read_group(r, RUN, "c1", count=10, block_ms=None) == []
+    assert reads.read_group(r, RUN, "c1", count=10, block_ms=None) == []
     # a restarted consumer re-reads its own pending entries
-    again = buffer.read_all_pending(r, RUN, "c1")
+    again = reads.read_all_pending(r, RUN, "c1")
     assert [(e, m) for e, m in again] == list(zip(ids, msgs))
-    assert buffer.read_all_pending(r, RUN, "other") == []
+    assert reads.read_all_pending(r, RUN, "other") == []
     info = bus.group_info(r, ROLLOUTS)
     assert info["pending"] == 2 and info["consumers"] == 2
     r.xack(ROLLOUTS, keys.TRAINER_GROUP, *ids)
@@ -73,8 +73,8 @@ def test_xadd_read_group_round_trip(r):
 def test_read_group_respects_count(r):
     bus.ensure_group(r, ROLLOUTS)
     ids = [sid(bus.xadd(r, ROLLOUTS, sample(m % 2, row=m))) for m in range(5)]
-    first = buffer.read_group(r, RUN, "c", count=2, block_ms=1)
-    rest = buffer.read_group(r, RUN, "c", count=10, block_ms=1)
+    first = reads.read_group(r, RUN, "c", count=2, block_ms=1)
+    rest = reads.read_group(r, RUN, "c", count=10, block_ms=1)
     assert [e for e, _ in first] == ids[:2] and [e for e, _ in rest] == ids[2:]
 
 
@@ -97,7 +97,7 @@ def test_invalid_entries_are_dead_lettered_and_acked(r):
     }
     ok1 = sid(bus.xadd(r, ROLLOUTS, sample(1)))
 
-    got = buffer.read_group(r, RUN, "c", count=100, block_ms=None, vocab_size=16, max_seq_len=8)
+    got = reads.read_group(r, RUN, "c", count=100, block_ms=None, vocab_size=16, max_seq_len=8)
     assert [e for e, _ in got] == [ok0, ok1]
     assert pending_ids(r) == [ok0, ok1]  # bad entries were XACKed, valid ones stay pending
     assert bus.group_info(r, ROLLOUTS)["pending"] == 2
@@ -116,20 +116,20 @@ def test_invalid_entries_are_dead_lettered_and_acked(r):
         else:
             assert decode(d.raw) is not None  # the raw bytes are the original, decodable sample
     # nothing more to read, nothing is re-delivered
-    assert buffer.read_group(r, RUN, "c", count=100, block_ms=None, vocab_size=16, max_seq_len=8) == []
+    assert reads.read_group(r, RUN, "c", count=100, block_ms=None, vocab_size=16, max_seq_len=8) == []
 
 
 def test_boundaries_of_vocab_and_seq_len_are_inclusive(r):
     bus.ensure_group(r, ROLLOUTS)
     bus.xadd(r, ROLLOUTS, sample(0, tokens=(1, 2, 15)))
-    got = buffer.read_group(r, RUN, "c", count=10, block_ms=None, vocab_size=16, max_seq_len=3)
+    got = reads.read_group(r, RUN, "c", count=10, block_ms=None, vocab_size=16, max_seq_len=3)
     assert len(got) == 1 and not r.exists(DEAD)
 
 
 def test_dead_letter_raw_is_capped(r):
     bus.ensure_group(r, ROLLOUTS)
     r.xadd(ROLLOUTS, {bus.FIELD: b"\xc1" * 100_000})
-    assert buffer.read_group(r, RUN, "c", count=10, block_ms=None) == []
+    assert reads.read_group(r, RUN, "c", count=10, block_ms=None) == []
     (_, fields), = r.xrange(DEAD)
     assert len(decode(fields[bus.FIELD]).raw) == 65536
 
@@ -139,7 +139,7 @@ def test_decode_entries_without_group_does_not_ack(r):
     bad_id = sid(r.xadd(ROLLOUTS, {bus.FIELD: b"junk"}))
     r.xreadgroup(keys.TRAINER_GROUP, "c", {ROLLOUTS: ">"}, count=10)
     raw_entries = r.xrange(ROLLOUTS)
-    assert buffer.decode_entries(r, RUN, ROLLOUTS, raw_entries, group=None) == []
+    assert reads.decode_entries(r, RUN, ROLLOUTS, raw_entries, group=None) == []
     assert r.xlen(DEAD) == 1
     assert pending_ids(r) == [bad_id]
 
@@ -151,7 +151,7 @@ def test_invalid_collects_only_stamped_samples_failing_vocab_or_length(r):
     bus.xadd(r, ROLLOUTS, sample(0).model_copy(update={"sample_id": ""}))  # not stamped: no group to settle
     r.xadd(ROLLOUTS, {bus.FIELD: b"junk"})
     invalid: list = []
-    assert buffer.read_group(r, RUN, "c", count=10, block_ms=None, vocab_size=16, max_seq_len=8,
+    assert reads.read_group(r, RUN, "c", count=10, block_ms=None, vocab_size=16, max_seq_len=8,
                               invalid=invalid) == []
     assert [(e, s.sample_id) for e, s in invalid] == [(out_of_vocab, sample(0).sample_id),
                                                       (too_long, sample(1).sample_id)]
@@ -161,11 +161,11 @@ def test_invalid_collects_only_stamped_samples_failing_vocab_or_length(r):
 def test_read_pending_pages_past_deleted_entries_and_acks_them(r):
     bus.ensure_group(r, ROLLOUTS)
     ids = [sid(bus.xadd(r, ROLLOUTS, sample(m % 2, row=m // 2))) for m in range(5)]
-    buffer.read_group(r, RUN, "c", count=10, block_ms=None)
+    reads.read_group(r, RUN, "c", count=10, block_ms=None)
     r.xdel(ROLLOUTS, *ids[:3])  # a whole first page of deleted entries
-    entries, after = buffer.read_pending(r, RUN, "c", "0", count=3)
+    entries, after = reads.read_pending(r, RUN, "c", "0", count=3)
     assert entries == [] and after == ids[2]  # not the end: page on
-    assert [e for e, _ in buffer.read_all_pending(r, RUN, "c", count=3)] == ids[3:]
+    assert [e for e, _ in reads.read_all_pending(r, RUN, "c", count=3)] == ids[3:]
     assert pending_ids(r) == ids[3:]  # the deleted ones were acked: they can never be trained
 
 
@@ -175,8 +175,8 @@ def test_dead_members_name_the_sample_and_group_of_stamped_samples(r):
     r.xadd(ROLLOUTS, {bus.FIELD: b"junk"})
     long = sample(1, tokens=tuple([1] * 20_000))  # > 64 KiB encoded: its raw bytes are cut in the letter
     bus.xadd(r, ROLLOUTS, long)
-    buffer.read_group(r, RUN, "c", count=10, block_ms=None, vocab_size=16, max_seq_len=10_000)
-    members = list(buffer.dead_members(r, RUN, page=1))
+    reads.read_group(r, RUN, "c", count=10, block_ms=None, vocab_size=16, max_seq_len=10_000)
+    members = list(reads.dead_members(r, RUN, page=1))
     assert [(m.sample_id, m.group_id, m.group_size) for m in members] == [
         (s.sample_id, s.group_id, s.group_size) for s in (sample(0), long)]
 
