@@ -1,8 +1,9 @@
-"""Train-state checkpoints: ``checkpoints/step-<N>/`` holds the weights (HF directory),
-``train_state.pt`` (optimizer, RNG states) and ``state.json`` (step, version, event
-cursor, dataset progress), written like published weights (``write_model_dir``: fsync,
-sha256 manifest written last, atomic rename), so a directory with a manifest is complete by
-construction. Also the exported model, ``models/<output_model_id>/``.
+"""Train-state checkpoints: ``checkpoints/step-<N>/`` holds the weights (HF directory; with
+LoRA, only the adapter, in peft's format), ``train_state.pt`` (optimizer, RNG states) and
+``state.json`` (step, version, event cursor, dataset progress), written like published
+weights (``write_model_dir``: fsync, sha256 manifest written last, atomic rename), so a
+directory with a manifest is complete by construction. Also the exported model,
+``models/<output_model_id>/`` (merged, with LoRA).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import torch
 
 from rlstream.core import weights
 from rlstream.core.errors import ConfigError, RlstreamError
+from rlstream.trainer import lora
 from rlstream.trainer.policy_model import write_model_dir
 
 log = logging.getLogger(__name__)
@@ -44,7 +46,8 @@ def save_checkpoint(run_dir: Path, state: CheckpointState, model, tokenizer, opt
         (tmp / "state.json").write_text(json.dumps(asdict(state)))
 
     final = checkpoint_dir(run_dir, state.step)
-    write_model_dir(final, model, tokenizer, version=state.version, extra_files=train_state)
+    saved = lora.AdapterFiles(model) if lora.is_lora(model) else model  # LoRA: the adapter, not the frozen base
+    write_model_dir(final, saved, tokenizer, version=state.version, extra_files=train_state)
     log.info("checkpoint step %d -> %s", state.step, final)
     return final
 
@@ -91,7 +94,27 @@ def holds_commit(path: Path, events_cursor: str) -> bool:
 
 
 def load_checkpoint(path: Path, model, optimizer, device) -> CheckpointState:
-    """Load weights, optimizer and RNG states in place; return the recorded state."""
+    """Load weights (a LoRA policy: its adapter), optimizer and RNG states in place; return
+    the recorded state."""
+    if lora.holds_adapter(path) != lora.is_lora(model):
+        held, ours = ("a LoRA adapter", "full fine-tuning (lora_rank = 0)") if lora.holds_adapter(path) else (
+            "full weights", "LoRA (lora_rank > 0)")
+        raise RlstreamError(f"checkpoint {path} holds {held} but this run trains with {ours}: its optimizer state "
+                            "cannot carry over. Set lora_rank as the run that wrote it did, or start without it")
+    if lora.is_lora(model):
+        lora.load_adapter(path, model, device)
+    else:
+        _load_weights(path, model, device)
+    train_state = _load_train_state(path / "train_state.pt", device)
+    optimizer.load_state_dict(train_state["optimizer"])
+    torch.set_rng_state(train_state["rng"]["torch"].cpu())
+    random.setstate(train_state["rng"]["python"])
+    if "cuda" in train_state["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(train_state["rng"]["cuda"])
+    return read_state(path)
+
+
+def _load_weights(path: Path, model, device) -> None:
     from safetensors.torch import load_file
 
     state_dict: dict[str, torch.Tensor] = {}
@@ -105,13 +128,6 @@ def load_checkpoint(path: Path, model, optimizer, device) -> CheckpointState:
                             f"unexpected {sorted(unexpected)}): was it written for another base_model?")
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
-    train_state = _load_train_state(path / "train_state.pt", device)
-    optimizer.load_state_dict(train_state["optimizer"])
-    torch.set_rng_state(train_state["rng"]["torch"].cpu())
-    random.setstate(train_state["rng"]["python"])
-    if "cuda" in train_state["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(train_state["rng"]["cuda"])
-    return read_state(path)
 
 
 def _load_train_state(path: Path, device) -> dict:

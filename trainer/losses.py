@@ -1,9 +1,13 @@
 """Token-level policy-gradient losses for the GRPO family.
 
 Every loss is computed per token on (B, T) tensors, then reduced with the configured
-normalisation. Masked positions (mask == 0) are replaced with safe values through
-``torch.where`` *before* any arithmetic, so padding holding NaN/inf can never leak
-into the loss or its gradient (0 * NaN is NaN, so multiplying by the mask is not enough).
+normalisation: a sum over the batch (of tokens, or of per-sequence means) divided by a
+denominator, the batch's own unless given. A micro-batch passes its whole (mini)batch's
+denominator, so that the micro-batches' losses add up to the whole batch's loss, and their
+gradients to its gradient (docs/design.md §15.39 Micro-batches sum to the whole-batch step).
+Masked positions (mask == 0) are replaced with safe values through ``torch.where`` *before*
+any arithmetic, so padding holding NaN/inf can never leak into the loss or its gradient
+(0 * NaN is NaN, so multiplying by the mask is not enough).
 """
 
 from __future__ import annotations
@@ -174,17 +178,31 @@ def clipped_surrogate(
     return loss_B_T, clip_active_B_T
 
 
-def reduce_loss(loss_B_T: Tensor, mask_B_T: Tensor, normalization: str) -> Tensor:
-    """Reduce per-token losses to a scalar; empty masks give 0 with the graph intact."""
+def loss_denominator(mask_B_T: Tensor, normalization: str) -> float:
+    """What ``normalization`` divides the batch's loss sum by: its active tokens
+    (``token_mean``), its sequences with at least one (``sequence_mean``), 1 (``token_sum``);
+    at least 1, so an empty batch gives 0, not NaN."""
+    mask_B_T = mask_B_T != 0
     if normalization == "token_mean":
-        return masked_mean(loss_B_T, mask_B_T)
-    if normalization == "token_sum":
-        return torch.where(mask_B_T, loss_B_T, torch.zeros_like(loss_B_T)).sum()
+        return float(max(int(mask_B_T.sum()), 1))
     if normalization == "sequence_mean":
-        has_tokens_B = mask_B_T.any(-1)
-        per_seq_B = sequence_mean(loss_B_T, mask_B_T)
-        return per_seq_B.sum() / has_tokens_B.sum().clamp(min=1).to(loss_B_T.dtype)
+        return float(max(int(mask_B_T.any(-1).sum()), 1))
+    if normalization == "token_sum":
+        return 1.0
     raise ValueError(f"unknown normalization {normalization!r}; allowed: {NORMALIZATIONS}")
+
+
+def reduce_loss(loss_B_T: Tensor, mask_B_T: Tensor, normalization: str, denominator: float | None = None) -> Tensor:
+    """Reduce per-token losses to a scalar: the batch's sum (of active tokens' losses, or of
+    per-sequence means for ``sequence_mean``) over ``denominator``, by default this batch's
+    own (:func:`loss_denominator`). Empty masks give 0 with the graph intact."""
+    if normalization == "sequence_mean":
+        total = sequence_mean(loss_B_T, mask_B_T).sum()
+    elif normalization in NORMALIZATIONS:
+        total = torch.where(mask_B_T, loss_B_T, torch.zeros_like(loss_B_T)).sum()
+    else:
+        raise ValueError(f"unknown normalization {normalization!r}; allowed: {NORMALIZATIONS}")
+    return total / (loss_denominator(mask_B_T, normalization) if denominator is None else denominator)
 
 
 def _validate(policy_loss: str, tensors: dict[str, Tensor | None], adv: Tensor) -> None:
@@ -209,6 +227,7 @@ def compute_loss(
     mask: Tensor,
     ref_logprobs: Tensor | None = None,
     config: LossConfig = LossConfig(),
+    denominator: float | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """Scalar policy loss (differentiable w.r.t. ``logprobs``) and float metrics.
 
@@ -216,6 +235,8 @@ def compute_loss(
     ``old_logprobs`` of the policy that defined the PPO trust region, ``inf_logprobs``
     of the sampler (behaviour policy), ``mask`` (non-zero = trained token), optional
     frozen ``ref_logprobs`` for the KL penalty. All but ``logprobs`` are detached.
+    ``denominator``: the normalisation's divisor (see :func:`reduce_loss`), given when this
+    batch is a micro-batch of a larger one; the metrics are this batch's own means.
 
     Clamps (all at ±20, so exp() stays finite in float32): ``lp - old`` before the ratio,
     ``old - inf`` before the TIS weight, ``lp - inf`` (reinforce) and ``ref - lp`` (k3).
@@ -286,7 +307,7 @@ def compute_loss(
         if config.kl_beta > 0:
             loss_B_T = loss_B_T + config.kl_beta * kl_B_T
 
-    loss = reduce_loss(loss_B_T, mask_B_T, config.normalization)
+    loss = reduce_loss(loss_B_T, mask_B_T, config.normalization, denominator)
 
     with torch.no_grad():
         def mean(x: Tensor) -> float:

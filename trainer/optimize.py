@@ -8,6 +8,13 @@ the second minibatch on the ratio moves away from 1 and the clip acts:
 - ``anchor_logp = "rollout"``: the behaviour logprobs from the worker (then the TIS weight
   exp(old - inf) is 1 by construction).
 
+Each minibatch's step is accumulated over micro-batches of at most
+``trainer.micro_batch_tokens`` padded tokens (``micro_batch``): every micro-batch's loss is
+divided by its *minibatch's* normaliser, so the losses, gradients and metrics add up to the
+minibatch's, whatever the budget (docs/design.md §15.39 Micro-batches sum to the whole-batch
+step). The old-policy and reference forwards run on the same micro-batches, without a graph.
+Forwards compute in ``trainer.dtype`` (``precision``).
+
 A minibatch whose loss or gradient norm is not finite is skipped: its gradients are dropped
 and the optimizer does not step (``train/nonfinite_skipped`` counts them). The decision is a
 function of the batch and the weights, so a replay makes it again. Weights that are not all
@@ -23,25 +30,33 @@ import torch
 from rlstream.core.config import Config
 from rlstream.core.errors import RlstreamError
 from rlstream.trainer.batch import Batch
-from rlstream.trainer.losses import LossConfig, compute_loss
+from rlstream.trainer.losses import LossConfig, compute_loss, loss_denominator
+from rlstream.trainer.micro_batch import MicroMetrics, fits_in_memory, pack_by_length, padded_tokens, rows_of
 from rlstream.trainer.policy_model import all_finite, token_logprobs
+from rlstream.trainer.precision import Precision
 
 
 def loss_config(cfg: Config) -> LossConfig:
     return LossConfig(
         eps_clip=cfg.eps_clip, eps_clip_high=cfg.eps_clip_high, eps_clip_c=cfg.eps_clip_c,
         tis_cap=cfg.tis.cap, tis_level=cfg.tis.level, icepop_threshold=cfg.tis.icepop_threshold,
-        dro_beta=cfg.dro_beta, kl_beta=cfg.kl_beta, kl_estimator=cfg.kl_estimator,
+        dro_beta=cfg.dro_beta, gspo_clip=cfg.gspo_clip, cispo_eps_low=cfg.cispo_eps_low,
+        cispo_eps_high=cfg.cispo_eps_high, kl_beta=cfg.kl_beta, kl_estimator=cfg.kl_estimator,
         normalization=cfg.normalization,
     )
 
 
 def make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:
-    """AdamW with the cookbook's hyper-parameters: betas (0.9, 0.95) (a shorter second-moment
-    memory than 0.999, steadier under the non-stationary RL gradient), weight decay 0.01 on
-    every parameter, eps 1e-8. The LR is overwritten each step by :func:`policy_update`."""
-    return torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, betas=(0.9, 0.95),
-                             weight_decay=0.01, eps=1e-8)
+    """AdamW with ``[trainer]``'s ``beta1``, ``beta2``, ``eps``, ``weight_decay``: by default
+    (0.9, 0.95), 1e-8, 0.01 on every weight (the cookbook's seeds pass beta2 0.999; 0.95 is
+    OpenRLHF's, a shorter second-moment memory for the non-stationary RL gradient, and what
+    every measurement in the README was taken with). The LR is overwritten each step by
+    :func:`policy_update`.
+    Only trainable parameters: with LoRA, the adapters (the frozen base has no state)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    t = cfg.trainer
+    return torch.optim.AdamW(trainable, lr=cfg.learning_rate, betas=(t.beta1, t.beta2),
+                             weight_decay=t.weight_decay, eps=t.eps)
 
 
 def minibatch_indices(B: int, K: int) -> list[torch.Tensor]:
@@ -54,38 +69,34 @@ def minibatch_indices(B: int, K: int) -> list[torch.Tensor]:
 
 
 def policy_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: Batch, *, cfg: Config,
-                  lr: float, ref_model: torch.nn.Module | None = None) -> dict[str, float]:
-    """Run k = min(K, B) optimizer steps on one rollout batch; return ``train/`` metrics
-    averaged over the k steps (``train/minibatches`` = k)."""
-    temperature, config = cfg.temperature, loss_config(cfg)
-    slices = minibatch_indices(batch.tokens_B_N.shape[0], cfg.ppo_n_minibatches)
-    k = len(slices)
-    forward_args = (batch.tokens_B_N, batch.attention_B_N, temperature)
-    old_B_T = None
-    if cfg.anchor_logp == "rollout":
-        old_B_T = batch.inf_logprobs_B_T
-    elif k > 1:
-        with torch.no_grad():
-            old_B_T = token_logprobs(model, *forward_args)
-    ref_B_T = None
-    if ref_model is not None:
-        with torch.no_grad():
-            ref_B_T = token_logprobs(ref_model, *forward_args)
+                  lr: float, ref_model: torch.nn.Module | None = None,
+                  precision: Precision | None = None) -> dict[str, float]:
+    """Run k = min(K, B) optimizer steps on one rollout batch, each accumulated over its
+    slice's micro-batches; return ``train/`` metrics averaged over the k steps
+    (``train/minibatches`` = k), the micro-batch count and the padding share."""
+    precision = precision or Precision()
+    lengths_B = batch.attention_B_N.sum(-1).cpu()  # packing reads every length: one device sync, not B
+    plan = [pack_by_length(lengths_B, idx, cfg.trainer.micro_batch_tokens)
+            for idx in minibatch_indices(len(lengths_B), cfg.ppo_n_minibatches)]
+    k, every_micro = len(plan), [rows for micro in plan for rows in micro]
     for group in optimizer.param_groups:
         group["lr"] = lr
 
     sums: dict[str, float] = defaultdict(float)  # metrics of the applied minibatches
     skipped: dict[str, float] = defaultdict(float)  # ... and of the skipped ones
-    for idx in slices:
-        logprobs_B_T = token_logprobs(model, batch.tokens_B_N[idx], batch.attention_B_N[idx], temperature)
-        loss, metrics = compute_loss(
-            cfg.policy_loss, logprobs_B_T, logprobs_B_T.detach() if old_B_T is None else old_B_T[idx],
-            batch.inf_logprobs_B_T[idx], batch.advantages_B[idx], batch.mask_B_T[idx],
-            ref_logprobs=None if ref_B_T is None else ref_B_T[idx], config=config)
-        grad_norm, applied = backward_and_step(model, optimizer, loss, cfg.grad_clip_norm)
-        metrics.update(loss=float(loss.detach()), grad_norm=grad_norm, minibatches=1.0)
-        for key, value in metrics.items():
-            (sums if applied else skipped)[key] += value
+    with fits_in_memory(lengths_B, cfg.trainer.micro_batch_tokens):
+        old_B_T = None
+        if cfg.anchor_logp == "rollout":
+            old_B_T = batch.inf_logprobs_B_T
+        elif k > 1:
+            old_B_T = frozen_logprobs(model, batch, every_micro, cfg.temperature, precision)
+        ref_B_T = None if ref_model is None else frozen_logprobs(ref_model, batch, every_micro, cfg.temperature,
+                                                                 precision)
+        for micro in plan:
+            metrics, applied = minibatch_step(model, optimizer, batch, micro, old_B_T, ref_B_T, cfg=cfg,
+                                              precision=precision)
+            for key, value in metrics.items():
+                (sums if applied else skipped)[key] += value
     n_applied = int(sums["minibatches"])
     if n_applied and not all_finite(model):
         raise RlstreamError(f"the update made weights non-finite at lr {lr:g} although every applied loss and "
@@ -98,18 +109,71 @@ def policy_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batc
     out["train/lr"] = lr
     out["train/minibatches"] = k
     out["train/nonfinite_skipped"] = k - n_applied
+    out["train/micro_batches"] = len(every_micro)
+    out["perf/padding_share"] = 1.0 - float(lengths_B.sum()) / padded_tokens(lengths_B, every_micro)
     return out
 
 
-def backward_and_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor,
-                      clip: float | None) -> tuple[float, bool]:
-    """Backward, clip and step: (the gradient norm before clipping, whether the step was
-    applied). A non-finite loss or gradient norm applies nothing: stepping would write NaN
-    into the weights and into AdamW's moments, from which no later step recovers."""
+def minibatch_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: Batch,
+                   micro: list[torch.Tensor], old_B_T: torch.Tensor | None, ref_B_T: torch.Tensor | None, *,
+                   cfg: Config, precision: Precision) -> tuple[dict[str, float], bool]:
+    """One optimizer step on the minibatch made of ``micro``'s rows: (its ``compute_loss``
+    metrics with ``loss``, ``grad_norm``, ``minibatches`` = 1; whether the step was applied).
+
+    Each micro-batch's loss is its share of the minibatch's (the minibatch's normaliser
+    divides it), so the shares' gradients accumulate to the minibatch's gradient. Once a
+    share is not finite, the remaining forwards run without a graph (metrics only) and the
+    step is skipped."""
+    config = loss_config(cfg)
+    denominator = loss_denominator(batch.mask_B_T[torch.cat(micro)], config.normalization)
+    scale = denominator if precision.scales_backward else 1.0  # float16: per-token gradients of order 1
     optimizer.zero_grad(set_to_none=True)
-    if not torch.isfinite(loss):
+    acc, finite = MicroMetrics(), True
+    for rows in micro:
+        mb = rows_of(batch, rows)
+        T = mb.mask_B_T.shape[1]
+        with torch.set_grad_enabled(finite), precision.autocast():
+            logprobs_B_T = token_logprobs(model, mb.tokens_B_N, mb.attention_B_N, cfg.temperature)
+        loss, metrics = compute_loss(
+            cfg.policy_loss, logprobs_B_T, logprobs_B_T.detach() if old_B_T is None else old_B_T[rows, :T],
+            mb.inf_logprobs_B_T, mb.advantages_B, mb.mask_B_T,
+            ref_logprobs=None if ref_B_T is None else ref_B_T[rows, :T], config=config, denominator=denominator)
+        acc.add(metrics)
+        finite = finite and bool(torch.isfinite(loss))
+        if finite:
+            (loss * scale if scale != 1.0 else loss).backward()
+    grad_norm, applied = clip_and_step(model, optimizer, finite, cfg.grad_clip_norm, scale)
+    metrics = acc.result()
+    metrics.update(loss=metrics["mean_loss"], grad_norm=grad_norm, minibatches=1.0)
+    return metrics, applied
+
+
+@torch.no_grad()
+def frozen_logprobs(model: torch.nn.Module, batch: Batch, micro: list[torch.Tensor], temperature: float,
+                    precision: Precision) -> torch.Tensor:
+    """(B, T) logprobs of weights no step of this batch changes (the old policy before the
+    update, the reference), on the training forwards' micro-batches; 0 past each row's end."""
+    out_B_T = torch.zeros_like(batch.inf_logprobs_B_T)
+    for rows in micro:
+        mb = rows_of(batch, rows)
+        with precision.autocast():
+            out_B_T[rows, :mb.mask_B_T.shape[1]] = token_logprobs(model, mb.tokens_B_N, mb.attention_B_N, temperature)
+    return out_B_T
+
+
+def clip_and_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, finite: bool, clip: float | None,
+                  scale: float = 1.0) -> tuple[float, bool]:
+    """Clip and step on the accumulated gradients (divided by the backward's ``scale``
+    first): (the gradient norm before clipping, whether the step was applied). A non-finite
+    loss or gradient norm applies nothing: stepping would write NaN into the weights and into
+    AdamW's moments, from which no later step recovers."""
+    if not finite:
+        optimizer.zero_grad(set_to_none=True)
         return float("nan"), False
-    loss.backward()
+    if scale != 1.0:
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.div_(scale)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip or float("inf"))
     if not torch.isfinite(grad_norm):
         optimizer.zero_grad(set_to_none=True)

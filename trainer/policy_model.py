@@ -1,6 +1,6 @@
 """The trainer's model side: base model preparation, the reference copy, token logprobs,
 and the one writer of model directories (published weights, checkpoints and the exported
-model are all written by ``write_model_dir``).
+model are all written by ``write_model_dir``; a LoRA policy's are merged, ``lora``).
 """
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ from rlstream.core import weights
 from rlstream.core.config import BUILTIN_MODEL, Config
 from rlstream.core.errors import ConfigError, RlstreamError
 from rlstream.core.messages import WeightsPublished
+from rlstream.trainer import lora
+from rlstream.trainer.precision import checkpointed_layers
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +36,10 @@ def base_model_path(cfg: Config, run_dir: Path) -> Path:
 
 def load_reference(cfg: Config, model, tokenizer, device):
     """The frozen reference for the KL penalty: a copy of the base weights (or
-    ``reference_model``), eval mode, no grad. Its tokenizer must be the policy's."""
+    ``reference_model``), eval mode, no grad. Its tokenizer must be the policy's. A LoRA
+    policy's reference is its own base with the adapters disabled: no second copy."""
+    if cfg.reference_model is None and lora.is_lora(model):
+        return lora.AdapterDisabled(model)
     if cfg.reference_model is None:
         ref = copy.deepcopy(model)
     else:
@@ -57,13 +62,22 @@ def token_logprobs(model: torch.nn.Module, tokens_B_N: torch.Tensor, attention_B
     on, old and new logprobs would use different masks (ratio != 1 and the clip firing
     before any update), the TIS weight exp(old - inf) would measure dropout noise, and the
     reference KL (reference in eval) would not start at 0.
+
+    With gradient checkpointing (``trainer.gradient_checkpointing``) transformers checkpoints
+    only layers in training mode, and the backward replays each layer in the modes the
+    modules have *then*: so the decoder layers alone are flagged as training (their
+    submodules, dropout included, stay in eval), and the model is left in eval mode for the
+    caller's backward instead of restored.
     """
     was_training = model.training
     model.eval()
+    checkpointed = checkpointed_layers(model) if torch.is_grad_enabled() else []
+    for layer in checkpointed:
+        layer.training = True  # the flag alone: .train() would switch the layer's dropout on too
     try:
         logits_B_T_V = model(input_ids=tokens_B_N, attention_mask=attention_B_N).logits[:, :-1].float()
     finally:
-        model.train(was_training)
+        model.train(was_training and not checkpointed)
     logprobs_B_T_V = torch.log_softmax(logits_B_T_V / temperature, dim=-1)
     return logprobs_B_T_V.gather(-1, tokens_B_N[:, 1:, None])[..., 0]
 
@@ -76,7 +90,10 @@ def write_model_dir(final: Path, model, tokenizer, *, version: int,
                     extra_files: Callable[[Path], None] | None = None) -> tuple[str, int]:
     """The trainer's writer of model directories (published weights, checkpoints, the
     export): ``weights.write_model_dir`` (atomic, sealed), after refusing weights that are
-    not all finite: no worker, checkpoint or export may ever load NaN weights."""
+    not all finite: no worker, checkpoint or export may ever load NaN weights. A LoRA
+    policy is written merged: a plain HF directory of the base architecture."""
+    if lora.is_lora(model):
+        model = lora.MergedModel(model)
     if not all_finite(model):
         raise RlstreamError(f"refusing to write {final}: the weights of v{version} are not all finite (NaN or "
                             "inf), nothing was written. Check base_model / init_from_checkpoint, or lower "

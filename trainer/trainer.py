@@ -28,6 +28,7 @@ from rlstream.core.messages import Evaluated, RunFinished, StepCommitted, Weight
 from rlstream.core.metrics import MetricsLog
 from rlstream.core.run_state import RunState
 from rlstream.sampling.torch_setup import load_model_and_tokenizer, setup_torch
+from rlstream.trainer import lora
 from rlstream.trainer.advantages import resolve_advantage
 from rlstream.trainer.batch import Group, collate
 from rlstream.trainer.buffer import RolloutBuffer
@@ -54,6 +55,7 @@ from rlstream.trainer.hooks import (
 from rlstream.trainer.lease import RollbackWatch, TrainerLease, fenced_write
 from rlstream.trainer.optimize import make_optimizer, policy_update
 from rlstream.trainer.policy_model import base_model_path, load_reference, write_weights
+from rlstream.trainer.precision import prepare
 from rlstream.trainer.resume import (
     check_replayed,
     committed_groups,
@@ -75,9 +77,14 @@ NO_STEP_TRAINED = "no step was trained: every admitted group was rejected; see `
 class Trainer:
     def __init__(self, cfg: Config, r: redis.Redis, run_dir: Path):
         self.cfg, self.r, self.run_dir = cfg, r, run_dir
-        self.device = setup_torch(cfg.device, cfg.torch_threads, cfg.seed)
+        self.device = setup_torch(cfg.trainer_device, cfg.torch_threads, cfg.seed)
         self.model, self.tokenizer = load_model_and_tokenizer(str(base_model_path(cfg, run_dir)), self.device)
         self.model.train()
+        if cfg.lora_rank:  # peft adapters train, the base stays frozen
+            self.model = lora.wrap(self.model, cfg)  # docs/design.md §15.38 LoRA through peft, merged when published
+        # Float32 masters of the trainable weights (after the LoRA wrap: a frozen base keeps its dtype), before the
+        # reference copies them (docs/design.md §15.40 Float32 masters, autocast compute, weights published as stored)
+        self.precision = prepare(self.model, cfg.trainer.dtype, self.device, cfg.trainer.gradient_checkpointing)
         if cfg.tokenizer_model:  # before the reference: its tokenizer must match this one
             from transformers import AutoTokenizer
 
@@ -202,13 +209,15 @@ class Trainer:
             lr = self.cfg.learning_rate * lr_multiplier(self.step, schedule=self.cfg.lr_schedule,
                                                         warmup_steps=self.cfg.lr_warmup_steps,
                                                         total_steps=self.cfg.max_steps)
-        train_metrics = policy_update(self.model, self.optimizer, batch, cfg=self.cfg, lr=lr, ref_model=self.ref_model)
+        train_metrics = policy_update(self.model, self.optimizer, batch, cfg=self.cfg, lr=lr, ref_model=self.ref_model,
+                                      precision=self.precision)
         self.step, self.version = self.step + 1, self.version + 1
         return train_metrics
 
     def write_weights(self) -> WeightsPublished:
         self.lease.confirm()  # the directory of a version that another trainer may have published
-        return write_weights(self.model, self.tokenizer, self.run_dir, self.version, self.cfg.keep_weights)
+        with self.precision.published():  # in the dtype the base model was stored in
+            return write_weights(self.model, self.tokenizer, self.run_dir, self.version, self.cfg.keep_weights)
 
     def live_run(self, wait_time: float) -> LiveRun:
         return LiveRun(wait_time=wait_time, rejected_groups=rejected_total(self.state),
@@ -311,7 +320,8 @@ class Trainer:
         if self.cfg.save_final_checkpoint and self.step > 0:
             self.checkpoint()
         if self.cfg.output_model_id:
-            log.info("exported %s", export_model(self.model, self.tokenizer, self.run_dir, self.cfg.output_model_id))
+            with self.precision.published():
+                log.info("exported %s", export_model(self.model, self.tokenizer, self.run_dir, self.cfg.output_model_id))
 
     def finish(self, reason: str, failed: bool = False) -> None:
         self.lease.confirm()  # a trainer that lost the lease must not export or checkpoint over its successor

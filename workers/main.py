@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 def run_worker(cfg: Config, r: redis.Redis, worker_id: str) -> None:
     factory = resolve_factory(cfg)  # before torch: a bad name fails fast
-    device = setup_torch(cfg.device, cfg.torch_threads, cfg.seed)
+    device = setup_torch(cfg.workers_device, cfg.torch_threads, cfg.seed)
     events = EventFollower(r, cfg.run_id, on_finished=warm_shutdown)  # the process's one read of the events
     runtime = WorkerRuntime(cfg, r, worker_id, device, rollout_fn_factory=factory, events=events)
     worker = RolloutWorker([job_queue(r, cfg)], connection=r, serializer=JSONSerializer,

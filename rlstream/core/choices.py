@@ -1,5 +1,5 @@
 """The closed sets of names a config field chooses from (policy losses, advantages, built-in
-rewards, KL estimators, normalisations, TIS levels, learning-rate schedules), each written
+rewards, KL estimators, normalisations, TIS levels, learning-rate schedules, trainer dtypes), each written
 once: the config validates against it, and the code that implements each name (the
 trainer's losses and advantages, the built-in rewards, preflight) imports it from here.
 
@@ -24,6 +24,7 @@ TisLevel = Literal["token", "sequence"]
 TIS_LEVELS: tuple[str, ...] = get_args(TisLevel)
 
 LrSchedule = Literal["constant", "linear", "cosine"]  # only the config needs it as names
+TrainerDtype = Literal["float32", "bfloat16", "float16"]  # likewise
 
 # grpo: (r - mean) / std; dr_grpo: r - mean. Anything else is a 'module:function'.
 ADVANTAGE_METHODS: tuple[str, ...] = ("grpo", "dr_grpo")

@@ -20,10 +20,12 @@ from pydantic import BaseModel, BeforeValidator, Field, ValidationError, model_v
 
 from rlstream.core.choices import ADVANTAGE_METHODS, BUILTIN_REWARDS, KlEstimator, LrSchedule, Normalization, PolicyLoss
 from rlstream.core.config_sections import (
+    DEVICE_PATTERN,
     ConfigSection,
     InferenceConfig,
     RedisConfig,
     TisConfig,
+    TrainerConfig,
     WandbConfig,
     WorkersConfig,
 )
@@ -37,6 +39,9 @@ MAX_SEQ_LEN_LIMIT = 1_048_576
 # Path fields take a pathlib.Path from Python too (the config is otherwise strict).
 PathText = Annotated[str, BeforeValidator(lambda v: os.fspath(v) if isinstance(v, os.PathLike) else v)]
 ENV_PREFIX = "RLSTREAM_"
+# A module name (or dotted suffix) peft matches against the model's modules.
+LoraModuleName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.]{0,199}$")]
+LoraTargets = Literal["all-linear"] | Annotated[list[LoraModuleName], Field(min_length=1, max_length=256)]
 
 
 class Config(ConfigSection):
@@ -89,10 +94,24 @@ class Config(ConfigSection):
     reference_model: PathText | None = Field(
         None, description="HF directory of the frozen reference; unset = base_model (same tokenizer required)"
     )
+    lora_rank: int = Field(
+        0, ge=0, le=1024, description="LoRA rank (peft); 0 = full fine-tuning. Published weights are merged, "
+        "checkpoints hold the adapter"
+    )
+    lora_alpha: int | None = Field(
+        None, ge=1, le=65_536, description="LoRA scale numerator (scale = lora_alpha / lora_rank); unset = 2 x lora_rank"
+    )
+    lora_target_modules: LoraTargets = Field(
+        "all-linear", description="modules LoRA adapts: \"all-linear\" (every linear layer but the output head) "
+        "or a list of module names, e.g. [\"q_proj\", \"v_proj\"]"
+    )
     eps_clip: float = Field(0.2, gt=0, lt=1, description="PPO clip, low side")
     eps_clip_high: float | None = Field(None, gt=0, le=10, description="PPO clip, high side; unset = loss default")
     eps_clip_c: float | None = Field(None, gt=1, le=100, description="dual clip for A < 0 (grpo, dapo); unset = off")
     dro_beta: float = Field(0.05, ge=0, le=100, description="quadratic proximal penalty of the dro loss")
+    gspo_clip: float = Field(0.2, gt=0, lt=1, description="gspo: the sequence ratio is clipped to [1 - c, 1 + c]")
+    cispo_eps_low: float = Field(0.2, ge=0, lt=1, description="cispo: the detached ratio is clipped below at 1 - eps_low")
+    cispo_eps_high: float = Field(0.28, ge=0, le=10, description="cispo: ... and above at 1 + eps_high")
     normalization: Normalization = Field(
         "token_mean", description="how per-token losses reduce to the batch loss"
     )
@@ -106,6 +125,7 @@ class Config(ConfigSection):
         1, ge=1, le=4096, description="optimizer steps per rollout batch (min(K, B) slices); one version bump per batch"
     )
     tis: TisConfig = Field(default_factory=TisConfig)
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     grad_clip_norm: float | None = Field(1.0, ge=0, description="global grad-norm clip; 0 or unset = none (the cookbook's 0.0)")
     max_head_offpolicy_versions: int = Field(
         1, ge=0, le=1024, description="O: how many versions sampling may run ahead of training"
@@ -145,7 +165,8 @@ class Config(ConfigSection):
     job_timeout: int = Field(60, ge=5, le=86_400, description="seconds before a rollout job is presumed dead")
     keep_weights: int = Field(3, ge=1, le=10_000, description="published weight versions kept on disk")
     torch_threads: int = Field(1, ge=1, le=512, description="torch threads per process (1 is fastest when processes share cores)")
-    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$", description="torch device; auto = cuda if available")
+    device: str = Field("auto", pattern=DEVICE_PATTERN, description="torch device of every process; auto = cuda if "
+                        "available; trainer.device and workers.device override it per role")
     redis: RedisConfig = Field(default_factory=RedisConfig)
     workers: WorkersConfig = Field(default_factory=WorkersConfig)
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
@@ -186,6 +207,16 @@ class Config(ConfigSection):
     def batch_size(self) -> int:
         """B = P * G samples per optimizer step."""
         return self.prompt_groups_per_step * self.completions_per_prompt
+
+    @property
+    def trainer_device(self) -> str:
+        """``trainer.device`` when set, else the top-level ``device``."""
+        return self.trainer.device or self.device
+
+    @property
+    def workers_device(self) -> str:
+        """``workers.device`` when set, else the top-level ``device``."""
+        return self.workers.device or self.device
 
     @property
     def offpolicy_versions(self) -> int:

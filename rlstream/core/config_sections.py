@@ -1,12 +1,12 @@
 """The tables of the run configuration (``[redis]``, ``[workers]``, ``[inference]``,
-``[tis]``, ``[wandb]``). No torch here: the CLI validates configs before heavy imports."""
+``[tis]``, ``[trainer]``, ``[wandb]``). No torch here: the CLI validates configs before heavy imports."""
 from __future__ import annotations
 
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SerializationInfo, field_serializer, model_validator
 
-from rlstream.core.choices import TisLevel
+from rlstream.core.choices import TisLevel, TrainerDtype
 from rlstream.core.credentials import without_password
 
 
@@ -55,8 +55,39 @@ class WandbConfig(ConfigSection):
     mode: Literal["online", "offline"] = Field("offline", description="W&B mode")
 
 
+DEVICE_PATTERN = r"^(auto|cpu|cuda(:\d+)?|mps)$"
+
+
 class WorkersConfig(ConfigSection):
     count: int = Field(2, ge=0, le=256, description="rollout worker processes `rlstream up` starts")
+    device: str | None = Field(
+        None, pattern=DEVICE_PATTERN, description="the workers' torch device (local backend); unset = the top-level "
+        "`device`"
+    )
+
+
+class TrainerConfig(ConfigSection):
+    """How the trainer runs a step: micro-batches, precision, device, AdamW (docs/design.md §12
+    Algorithm). None of it changes the optimizer step but ``dtype`` and the AdamW parameters."""
+
+    micro_batch_tokens: int | None = Field(
+        None, ge=1, le=1 << 40, description="most padded tokens (rows x longest row) one forward/backward holds; "
+        "gradients accumulate to the same step; unset = the whole (mini)batch at once"
+    )
+    dtype: TrainerDtype = Field(
+        "float32", description="compute dtype of the trainer's forwards and backwards (autocast); weights and "
+        "AdamW state stay float32"
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="recompute each layer's activations in the backward instead of keeping them"
+    )
+    device: str | None = Field(
+        None, pattern=DEVICE_PATTERN, description="the trainer's torch device; unset = the top-level `device`"
+    )
+    beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1")
+    beta2: float = Field(0.95, ge=0, lt=1, description="AdamW beta2 (the cookbook's seeds pass 0.999)")
+    eps: float = Field(1e-8, gt=0, le=1, description="AdamW eps")
+    weight_decay: float = Field(0.01, ge=0, le=10, description="AdamW decoupled weight decay, on every weight")
 
 
 class InferenceConfig(ConfigSection):

@@ -1,6 +1,7 @@
 """``rlstream replay``: a fresh model trained on a recorded run's committed samples. With the
-source's own config it reproduces the source's training step for step; with another loss it
-trains on the same samples; the source run is only read."""
+source's own config it reproduces the source's training step for step, also in micro-batches
+(docs/design.md §15.39 Micro-batches sum to the whole-batch step); with another loss, or
+with LoRA, it trains on the same samples; the source run is only read."""
 from __future__ import annotations
 
 import json
@@ -57,10 +58,32 @@ def test_replay_reproduces_the_source_and_trains_other_losses_on_its_samples(tmp
     assert (run_dir / "weights/v5/manifest.json").is_file() and (run_dir / "checkpoints/step-5").is_dir()
     assert (run_dir / "models/m/config.json").is_file()
 
+    # The same steps accumulated over micro-batches of two 5-token samples (10 padded tokens <= 12).
+    rlstream("replay", "src", str(CONFIG), "--run-id", "micro", *SMALL, "--set", "trainer.micro_batch_tokens=12",
+             cwd=tmp_path)
+    micro = read_metrics(tmp_path / "runs/micro/metrics.jsonl")
+    assert len(micro) == 5 and all(m["train/micro_batches"] == 16 for m in micro)  # 32 samples, 2 per forward
+    # Step 1 starts from the same weights: only the summation order differs.
+    assert micro[0]["train/loss"] == pytest.approx(source[0]["train/loss"], abs=1e-7)
+    assert micro[0]["train/grad_norm"] == pytest.approx(source[0]["train/grad_norm"], rel=1e-6)
+    # From then on the weights differ at float rounding, amplified by AdamW where a gradient is near its eps
+    # (1e-8; GRPO's gradients cancel within groups): the replay bound resume uses (resume.LOSS_REL_TOL).
+    for a, b in zip(micro, source):
+        assert a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-3, abs=1e-5)
+        assert a["train/grad_norm"] == pytest.approx(b["train/grad_norm"], rel=1e-4)
+
     rlstream("replay", "runs/src", str(CONFIG), "--run-id", "cispo", *SMALL, "--set", 'policy_loss="cispo"',
              "--set", "max_steps=3", cwd=tmp_path)
     cispo = read_metrics(tmp_path / "runs/cispo/metrics.jsonl")
     assert [m["rollout/reward_mean"] for m in cispo] == [m["rollout/reward_mean"] for m in source[:3]]
     # another loss on the same samples (a step whose groups all had equal rewards has loss 0 under both)
     assert any(c["train/loss"] != pytest.approx(s["train/loss"], rel=1e-3) for c, s in zip(cispo, source))
+    # LoRA on the same samples (docs/design.md §15.38 LoRA through peft, merged when published): adapter
+    # checkpoints, merged weights.
+    rlstream("replay", "src", str(CONFIG), "--run-id", "lora", *SMALL, "--set", "lora_rank=8", "--set", "max_steps=3",
+             cwd=tmp_path)
+    lora = read_metrics(tmp_path / "runs/lora/metrics.jsonl")
+    assert [m["rollout/reward_mean"] for m in lora] == [m["rollout/reward_mean"] for m in source[:3]]
+    assert (tmp_path / "runs/lora/checkpoints/step-3/adapter_config.json").is_file()
+    assert not (tmp_path / "runs/lora/weights/v3/adapter_config.json").exists()
     assert events_length(tmp_path / "runs/src") == before  # the source was only read

@@ -13,7 +13,7 @@ README = (REPO / "README.md").read_text()
 
 def documented_fields() -> set[str]:
     section = README.split("## Config reference", 1)[1].split("\n## ", 1)[0]
-    return set(re.findall(r"^\| `([a-z_.]+)` \|", section, flags=re.M))
+    return set(re.findall(r"^\| `([a-z0-9_.]+)` \|", section, flags=re.M))
 
 
 def all_fields() -> set[str]:

@@ -1,0 +1,163 @@
+"""Micro-batched steps are the whole-batch step (docs/design.md §15.39 Micro-batches sum to the
+whole-batch step): for every loss and normalisation, with the KL term, TIS at both levels and
+IcePop, several PPO minibatches and mixed lengths, the losses, gradient norms, metrics and
+updated weights are the same whatever ``trainer.micro_batch_tokens`` is, to float32 rounding.
+
+AdamW runs with eps = 1e-3 here: its update g / (sqrt(v) + eps) is flat in g except where |g|
+is near eps, where the float32 rounding of an accumulated gradient (~1e-8, summed in another
+order) moves the update by up to lr / (4 eps) times as much; with the default eps 1e-8 that
+cliff, not the accumulation, would decide the comparison."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from rlstream.builtin.tiny_model import build_model
+from rlstream.core.choices import NORMALIZATIONS, POLICY_LOSSES
+from rlstream.core.config import Config
+from rlstream.trainer.batch import Batch
+from rlstream.trainer.micro_batch import MicroMetrics, pack_by_length, padded_tokens
+from rlstream.trainer.optimize import make_optimizer, policy_update
+from rlstream.trainer.policy_model import token_logprobs
+
+B = 12
+BUDGETS = [1, 30]  # 1: every row alone (each is longer than the budget); 30: one to seven rows per forward
+NOT_EQUAL_BY_DESIGN = {"train/micro_batches", "perf/padding_share"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny forwards: a second thread only contends (docs/design.md §15.17 One torch thread per process)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def mixed_batch(model, seed: int = 0) -> Batch:
+    """B right-padded rows of 4..20 tokens: a prompt, then trained targets with holes (a
+    multi-turn row), behaviour logprobs off the model's by up to ±0.6 (TIS caps and IcePop bind)."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(4, 21, (B,), generator=g)
+    lengths[3] = 20  # the longest row is not the first
+    N = int(lengths.max())
+    tokens = torch.randint(3, 16, (B, N), generator=g)
+    attention = (torch.arange(N)[None, :] < lengths[:, None]).long()
+    tokens = torch.where(attention.bool(), tokens, torch.zeros_like(tokens))
+    with torch.no_grad():
+        inf = token_logprobs(model, tokens, attention, 1.0) + (torch.rand(B, N - 1, generator=g) - 0.5) * 1.2
+    mask = torch.zeros(B, N - 1)
+    for i, n in enumerate(lengths.tolist()):
+        start = int(torch.randint(1, n - 1, (1,), generator=g))
+        mask[i, start:n - 1] = (torch.rand(n - 1 - start, generator=g) > 0.2).float()
+        mask[i, n - 2] = 1.0  # at least one trained target
+    return Batch(tokens, attention, inf, mask, torch.randn(B, generator=g))
+
+
+def train(budget: int | None, steps: int = 2, **overrides) -> tuple[list[dict[str, float]], list[torch.Tensor]]:
+    """``steps`` policy updates of a fresh tiny model (each on its own batch): their metrics, the weights after."""
+    cfg = Config(prompt_groups_per_step=3, completions_per_prompt=4, learning_rate=1e-2,
+                 trainer={"micro_batch_tokens": budget, "eps": 1e-3}, **overrides)
+    torch.manual_seed(0)
+    model = build_model(0)
+    ref = copy.deepcopy(model).eval().requires_grad_(False) if cfg.kl_beta > 0 else None
+    optimizer = make_optimizer(model, cfg)
+    out = [policy_update(model, optimizer, mixed_batch(model, seed=s), cfg=cfg, lr=cfg.learning_rate, ref_model=ref)
+           for s in range(steps)]
+    return out, [p.detach().clone() for p in model.parameters()]
+
+
+def assert_same_step(budget: int, **overrides) -> None:
+    whole, whole_weights = train(None, **overrides)
+    micro, micro_weights = train(budget, **overrides)
+    for w, m in zip(whole, micro):
+        assert m["train/micro_batches"] > w["train/micro_batches"]  # it did split
+        assert set(w) == set(m)
+        for key in set(w) - NOT_EQUAL_BY_DESIGN:
+            assert m[key] == pytest.approx(w[key], rel=1e-5, abs=1e-6), key
+    for a, b in zip(whole_weights, micro_weights):  # 1e-5 of each weight, or of its tensor's largest near 0
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5 * float(a.abs().max()))
+
+
+@pytest.mark.parametrize("normalization", NORMALIZATIONS)
+@pytest.mark.parametrize("loss", POLICY_LOSSES)
+def test_every_loss_and_normalization_with_kl_and_minibatches(loss, normalization):
+    assert_same_step(BUDGETS[1], policy_loss=loss, normalization=normalization, kl_beta=0.05, ppo_n_minibatches=2)
+
+
+@pytest.mark.parametrize("budget", BUDGETS)
+@pytest.mark.parametrize("tis", [
+    {"level": "token", "cap": 1.2},
+    {"level": "sequence", "cap": 1.1},
+    {"level": "token", "icepop_threshold": 1.4},
+    {"level": "sequence", "icepop_threshold": 1.4},
+], ids=["token", "sequence", "icepop-token", "icepop-sequence"])
+def test_tis_at_both_levels_and_icepop(tis, budget):
+    assert_same_step(budget, tis=tis, ppo_n_minibatches=3, normalization="sequence_mean")
+
+
+@pytest.mark.parametrize("overrides", [
+    {"anchor_logp": "rollout"},  # one minibatch, ratio != 1 from the start: the clips act
+    {"anchor_logp": "rollout", "policy_loss": "gspo", "gspo_clip": 0.05},
+    {"policy_loss": "cispo", "cispo_eps_low": 0.01, "cispo_eps_high": 0.02, "ppo_n_minibatches": 4},
+    {"eps_clip_c": 1.5, "policy_loss": "dapo", "ppo_n_minibatches": 6, "kl_beta": 0.1, "kl_estimator": "k1"},
+], ids=["rollout-anchor", "gspo-tight-clip", "cispo-tight-clip", "dual-clip-two-row-minibatches"])
+def test_clipping_regimes(overrides):
+    assert_same_step(37, **overrides)
+
+
+def test_the_clips_act_in_these_cases():
+    # The equalities above are not vacuous: the PPO clip, the TIS cap and IcePop bind on these batches.
+    out, _ = train(None, steps=1, anchor_logp="rollout")
+    assert 0.0 < out[0]["train/ppo_clip_frac"] < 1.0
+    capped, _ = train(None, steps=1, ppo_n_minibatches=3, tis={"cap": 1.2})
+    assert 0.0 < capped[0]["train/tis/clip_frac"] < 1.0 and capped[0]["train/ppo_clip_frac"] > 0.0
+    icepop, _ = train(None, steps=1, ppo_n_minibatches=3, tis={"cap": 1.2, "icepop_threshold": 1.4})
+    assert icepop[0]["train/tis/weight_mean"] < capped[0]["train/tis/weight_mean"]
+
+
+def test_pack_by_length_longest_first_within_budget():
+    lengths = torch.tensor([5, 9, 3, 9, 30, 2, 7])
+    micro = pack_by_length(lengths, torch.arange(7), budget=20)
+    assert [m.tolist() for m in micro] == [[4], [1, 3], [6, 0], [2, 5]]  # 30 alone (over budget); ties in row order
+    assert all(len(m) * int(lengths[m].max()) <= 20 for m in micro[1:])
+    assert sorted(torch.cat(micro).tolist()) == list(range(7))
+    assert padded_tokens(lengths, micro) == 30 + 18 + 14 + 6
+    assert [m.tolist() for m in pack_by_length(lengths, torch.tensor([2, 0]), None)] == [[2, 0]]
+    assert [m.tolist() for m in pack_by_length(lengths, torch.tensor([2, 0]), 1)] == [[0], [2]]
+
+
+def test_padding_share_drops_when_rows_are_packed_by_length():
+    whole, _ = train(None, steps=1)
+    micro, _ = train(BUDGETS[1], steps=1)
+    assert whole[0]["train/micro_batches"] == 1
+    assert 0.0 < micro[0]["perf/padding_share"] < whole[0]["perf/padding_share"] < 1.0
+
+
+def test_micro_metrics_weigh_means_by_active_tokens():
+    acc = MicroMetrics()
+    acc.add({"active_tokens": 3.0, "ppo_clip_frac": 1.0, "mean_loss": 0.5})
+    acc.add({"active_tokens": 1.0, "ppo_clip_frac": 0.0, "mean_loss": 0.25})
+    acc.add({"active_tokens": 0.0, "ppo_clip_frac": 0.0, "mean_loss": 0.0})  # an empty micro-batch weighs nothing
+    assert acc.result() == {"active_tokens": 4.0, "ppo_clip_frac": 0.75, "mean_loss": 0.75}
+
+
+@pytest.mark.parametrize(("budget", "advice"), [
+    (None, "trainer.micro_batch_tokens unset (one forward of 12 x 20 = 240 padded tokens)"),
+    (8, "trainer.micro_batch_tokens = 8; a row longer than the budget trains alone, and this batch has one of 20 "
+        "tokens: lower max_seq_len"),
+])
+def test_a_step_that_does_not_fit_says_what_to_do(monkeypatch, budget, advice):
+    from rlstream.core.errors import RlstreamError
+    from rlstream.trainer import optimize
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 7.62 GiB")
+
+    monkeypatch.setattr(optimize, "token_logprobs", out_of_memory)
+    with pytest.raises(RlstreamError) as info:
+        train(budget, steps=1)
+    assert advice in str(info.value)
+    assert "Tried to allocate 7.62 GiB" in str(info.value) and "samples stay pending" in str(info.value)

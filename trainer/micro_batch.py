@@ -1,0 +1,95 @@
+"""Micro-batches: the rows of a (mini)batch packed by length into forwards of at most
+``trainer.micro_batch_tokens`` padded tokens, and the sums that make the step accumulated
+over them the whole batch's step (docs/design.md §15.39 Micro-batches sum to the
+whole-batch step). Pure functions of lengths and metrics; the forwards are ``optimize``'s.
+
+Budget: a micro-batch of r rows whose longest row has n tokens costs r·n padded tokens
+(the forward's activations and logits grow with it). Rows are sorted longest first, so a
+micro-batch's first row sets its width and padding stays small; a row longer than the
+budget alone still trains, alone.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+from collections.abc import Iterator
+
+import torch
+
+from rlstream.core.errors import RlstreamError
+from rlstream.trainer.batch import Batch
+
+# compute_loss metrics that add up over micro-batches; every other one is a mean over
+# active tokens, so it is re-weighted by them (a mean of means would weigh a micro-batch
+# of 3 tokens like one of 3000).
+SUMMED = frozenset({"active_tokens", "mean_loss"})
+
+
+def pack_by_length(lengths_B: torch.Tensor, rows: torch.Tensor, budget: int | None) -> list[torch.Tensor]:
+    """``rows`` (indices into the batch) in micro-batches of at most ``budget`` padded
+    tokens: longest first (ties in row order), each filled greedily while rows × its first
+    (longest) row's length fits. ``budget`` None: one micro-batch holding ``rows`` as given."""
+    if budget is None:
+        return [rows]
+    order = sorted(rows.tolist(), key=lambda i: -int(lengths_B[i]))  # stable: ties keep row order
+    packed: list[list[int]] = []
+    width = 0
+    for i in order:
+        if not packed or (len(packed[-1]) + 1) * width > budget:
+            packed.append([])
+            width = int(lengths_B[i])  # the longest row of the new micro-batch
+        packed[-1].append(i)
+    return [torch.tensor(p, dtype=torch.long) for p in packed]
+
+
+def rows_of(batch: Batch, rows: torch.Tensor) -> Batch:
+    """The micro-batch of ``rows``, cut to its longest row (N tokens, T = N - 1 targets)."""
+    N = int(batch.attention_B_N[rows].sum(-1).max())
+    return Batch(batch.tokens_B_N[rows, :N], batch.attention_B_N[rows, :N], batch.inf_logprobs_B_T[rows, :N - 1],
+                 batch.mask_B_T[rows, :N - 1], batch.advantages_B[rows])
+
+
+def padded_tokens(lengths_B: torch.Tensor, micro: list[torch.Tensor]) -> int:
+    """Tokens the forwards of ``micro`` hold, padding included: Σ rows × longest row."""
+    return sum(len(rows) * int(lengths_B[rows].max()) for rows in micro)
+
+
+class MicroMetrics:
+    """``compute_loss`` metrics of a minibatch's micro-batches, summed so that ``result()``
+    is what ``compute_loss`` reports on the whole minibatch (to float rounding): sums
+    (the loss is already each micro-batch's share of the minibatch's) and token-weighted
+    means."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = defaultdict(float)
+
+    def add(self, metrics: dict[str, float]) -> None:
+        tokens = metrics["active_tokens"]
+        for key, value in metrics.items():
+            # A micro-batch with no active token has mean 0 and weight 0: 0, never NaN.
+            self.sums[key] += value if key in SUMMED else (value * tokens if tokens else 0.0)
+
+    def result(self) -> dict[str, float]:
+        tokens = max(self.sums["active_tokens"], 1.0)
+        return {key: value if key in SUMMED else value / tokens for key, value in self.sums.items()}
+
+
+@contextlib.contextmanager
+def fits_in_memory(lengths_B: torch.Tensor, budget: int | None) -> Iterator[None]:
+    """Turn an allocation failure inside the step into what to do about it: the step was not
+    committed, so its samples stay pending and a restarted trainer retrains them."""
+    try:
+        yield
+    except RuntimeError as exc:  # torch.OutOfMemoryError (CUDA), or the CPU allocator's refusal
+        if not isinstance(exc, torch.OutOfMemoryError) and "can't allocate memory" not in str(exc):
+            raise
+        longest, rows = int(lengths_B.max()), len(lengths_B)
+        now = f"trainer.micro_batch_tokens = {budget}" if budget else "trainer.micro_batch_tokens unset (one forward " \
+            f"of {rows} x {longest} = {rows * longest} padded tokens)"
+        alone = f"; a row longer than the budget trains alone, and this batch has one of {longest} tokens: lower " \
+            "max_seq_len" if budget and longest > budget else ""
+        raise RlstreamError(
+            f"the training step ran out of memory ({str(exc).splitlines()[0][:200]}) with {now}{alone}. Nothing was "
+            "committed: the samples stay pending. Set trainer.micro_batch_tokens (or halve it), or trainer.dtype = "
+            "\"bfloat16\" and trainer.gradient_checkpointing = true, then restart the trainer (`rlstream up --run-id "
+            "<id>` resumes the run)") from exc
