@@ -45,6 +45,45 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class _Probe:
+    """One kept connection sending inline PINGs (redis-py's client reconnects, with a
+    handshake, after every LOADING reply: each answer would cost several loading chunks)."""
+
+    def __init__(self, url: str, timeout: float):
+        if url.startswith("unix://"):
+            self.family, self.address = socket.AF_UNIX, url.removeprefix("unix://")
+        else:
+            host, _, port = url.removeprefix("redis://").split("/")[0].rpartition(":")
+            self.family, self.address = socket.AF_INET, (host, int(port))
+        self.timeout = timeout
+        self.sock: socket.socket | None = None
+
+    def ping(self) -> str:
+        """The first line of the reply ('+PONG', '-LOADING ...'), or '' when there is none."""
+        try:
+            if self.sock is None:
+                self.sock = socket.socket(self.family, socket.SOCK_STREAM)
+                self.sock.settimeout(1.0)
+                self.sock.connect(self.address)
+                self.sock.settimeout(self.timeout)  # a reply slower than the bound is no progress
+            self.sock.sendall(b"PING\r\n")
+            line = b""
+            while not line.endswith(b"\r\n"):
+                chunk = self.sock.recv(256)
+                if not chunk:
+                    raise ConnectionError("closed")
+                line += chunk
+            return line.decode(errors="replace").strip()
+        except OSError:  # not listening yet, refused, reset, timed out
+            self.close()
+            return ""
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
 class EmbeddedRedis:
     """Start/stop one redis-server whose data lives in ``directory`` (AOF + log)."""
 
@@ -71,6 +110,8 @@ class EmbeddedRedis:
         return pid if "redis-server" in cmdline and str(self.directory) in cmdline else None
 
     def start(self, timeout: float = 15.0) -> str:
+        """Start the server and return its URL once it answers; ``timeout`` bounds the time
+        without progress (replaying a large AOF may take longer, and is progress)."""
         self.directory.mkdir(parents=True, exist_ok=True)
         owner = self.owner_pid()
         if owner is not None:
@@ -104,20 +145,36 @@ class EmbeddedRedis:
         return self.url
 
     def _wait_ready(self, timeout: float) -> None:
-        import redis
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                tail = self.log_tail()
-                raise RedisUnavailable(f"embedded redis-server exited with {self.process.returncode}: {tail}")
-            try:
-                redis.Redis.from_url(self.url, socket_connect_timeout=1).ping()
-                return
-            except (redis.ConnectionError, redis.BusyLoadingError, OSError):
+        """Wait until PING answers. Loading a large AOF is progress, not failure: the bound is
+        ``timeout`` seconds *without progress*. While loading, redis answers its clients
+        (``-LOADING``) only between chunks of the AOF it has replayed, so each such answer
+        on our one kept connection is progress; a server that neither listens, answers,
+        nor exits within the bound is stopped."""
+        probe = _Probe(self.url, timeout)
+        last_progress, loading, last_reply = time.monotonic(), False, ""
+        try:
+            while True:
+                if self.process.poll() is not None:
+                    tail = self.log_tail()
+                    raise RedisUnavailable(f"embedded redis-server exited with {self.process.returncode}: {tail}")
+                reply = probe.ping()
+                if reply == "+PONG":
+                    return
+                if reply.startswith("-LOADING"):
+                    if not loading:
+                        log.info("embedded redis-server is loading its AOF (%s)", self.directory)
+                    loading, last_progress = True, time.monotonic()
+                    continue  # the next answer comes once the next chunk is replayed
+                last_reply = reply or last_reply
+                if time.monotonic() - last_progress > timeout:
+                    break
                 time.sleep(0.02)
+        finally:
+            probe.close()
         self.stop()
-        raise RedisUnavailable(f"embedded redis-server did not answer within {timeout:.0f} s: {self.log_tail()}")
+        doing = "loading its AOF" if loading else f"not answering{f' ({last_reply})' if last_reply else ''}"
+        raise RedisUnavailable(f"embedded redis-server made no progress for {timeout:.0f} s ({doing}); it was stopped. "
+                               f"Its log ({self.directory / 'redis.log'}) ends: {self.log_tail()}")
 
     def log_tail(self, lines: int = 5) -> str:
         path = self.directory / "redis.log"
