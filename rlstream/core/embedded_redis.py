@@ -10,12 +10,14 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
 
 from rlstream.core.errors import RedisUnavailable
+from rlstream.core.lifeline import die_with_parent
 
 log = logging.getLogger(__name__)
 _UNIX_PATH_MAX = 100
@@ -136,8 +138,11 @@ class EmbeddedRedis:
             self.port = self.port or _free_port()
             args += ["--port", str(self.port), "--bind", "127.0.0.1"]
             self.url = f"redis://127.0.0.1:{self.port}/0"
+        # SIGTERM when our process dies (redis-server flushes its AOF and exits): a killed
+        # `rlstream up` must not leave it running, holding the run's AOF.
         self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.DEVNULL, start_new_session=True)
+                                        stderr=subprocess.DEVNULL, start_new_session=True,
+                                        preexec_fn=die_with_parent(signal.SIGTERM))
         self._wait_ready(timeout)
         (self.directory / "url").write_text(self.url)
         (self.directory / "pid").write_text(str(self.process.pid))
