@@ -122,7 +122,17 @@ class WorkerRuntime:
             self.follow_events(block_ms=500)
         published = self.state.latest_weights
         if self.policy is None:
-            self.policy, sampler = make_policy(self.cfg, published, self.device)
+            try:
+                self.policy, sampler = make_policy(self.cfg, published, self.device)
+            except (OSError, ValueError) as exc:
+                # Pruned (keep_weights) while a freshly started worker loaded it: retry with
+                # the newest version if there is one, as a loaded policy does below.
+                self.follow_events()
+                if self.state.published_version <= published.version:
+                    raise
+                log.warning("worker %s: could not load v%d (%s); retrying with the newest", self.worker_id,
+                            published.version, exc)
+                return self.sync_weights(min_version)
             self.vocab_size = policy_vocab_size(self.policy)
             # A copy: a factory that edits setup.sample_kwargs must not change the sampler's defaults.
             setup = RolloutSetup(sampler=sampler, tokenizer=self.policy.tokenizer,
