@@ -63,7 +63,8 @@ def jobless_groups(r: redis.Redis, cfg: Config, state: RunState) -> list[GroupAd
     """Open groups that no worker has written and whose rq job no longer exists. The job
     hash lives from the admission's MULTI until the job succeeds (``result_ttl=0``), and a
     job writes ``GroupSampled`` before it succeeds, so such a group was lost with Redis's
-    last writes (an OS crash under ``appendfsync everysec``) or by hand. Call it *before*
+    last writes (an OS crash under ``appendfsync everysec``), by hand, or by a producer
+    killed between deleting a stranded job and enqueueing it again. Call it *before*
     folding the newest events: a job that succeeded meanwhile has its GroupSampled there."""
     candidates = state.unsampled_groups
     if not candidates:

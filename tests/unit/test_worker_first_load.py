@@ -44,7 +44,8 @@ def fake_make_policy(r, pruned: set[int]):
 
 
 def runtime(r) -> WorkerRuntime:
-    return WorkerRuntime(Config(run_id=RUN), r, worker_id="w", device="cpu", rollout_fn_factory=lambda setup: rollout_fn)
+    return WorkerRuntime(Config(run_id=RUN), r, worker_id="w", device="cpu",
+                         rollout_fn_factory=lambda setup: rollout_fn)
 
 
 def test_first_load_of_a_pruned_version_retries_with_the_newest(r, monkeypatch):
