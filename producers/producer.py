@@ -12,16 +12,18 @@ from typing import Any, Iterator
 
 import redis
 from rq import Queue, Retry
+from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job
 from rq.registry import FailedJobRegistry, StartedJobRegistry
 
 from rlstream.core import bus, keys
 from rlstream.core.config import Config
-from rlstream.core.jobs import JOB_FUNC, job_queue
+from rlstream.core.jobs import JOB_FUNC, delete_job, job_places, job_queue
 from rlstream.core.messages import DatasetExhausted, GroupAdmitted, GroupJob, GroupRejected, group_id_for
 from rlstream.core.run_state import RunState
 from rlstream.producers.datasets import epoch_order, load_rows
 from rlstream.producers.gate import can_admit
+from rlstream.producers.stranded import JobWatch
 
 log = logging.getLogger(__name__)
 MAINTENANCE_EVERY_S = 2.0
@@ -61,7 +63,8 @@ def jobless_groups(r: redis.Redis, cfg: Config, state: RunState) -> list[GroupAd
     """Open groups that no worker has written and whose rq job no longer exists. The job
     hash lives from the admission's MULTI until the job succeeds (``result_ttl=0``), and a
     job writes ``GroupSampled`` before it succeeds, so such a group was lost with Redis's
-    last writes (an OS crash under ``appendfsync everysec``) or by hand. Call it *before*
+    last writes (an OS crash under ``appendfsync everysec``), by hand, or by a producer
+    killed between deleting a stranded job and enqueueing it again. Call it *before*
     folding the newest events: a job that succeeded meanwhile has its GroupSampled there."""
     candidates = state.unsampled_groups
     if not candidates:
@@ -85,24 +88,69 @@ def handle_failed_jobs(r: redis.Redis, queue: Queue, cfg: Config, state: RunStat
                        redispatched: dict[str, int]) -> None:
     """Jobs whose rq retries are spent. One abandoned by dead workers is re-dispatched (same
     job id, so its samples deduplicate by sample_id), up to ``MAX_REDISPATCH`` times; any
-    other failure rejects the group explicitly, freeing its gate slots."""
+    other failure rejects the group explicitly, freeing its gate slots. A group whose
+    samples were written (``GroupSampled``) is the trainer's business: its spent job is only
+    removed. Fold the events first: a job fails only after its GroupSampled was written."""
     registry = FailedJobRegistry(queue=queue)
-    for job_id in registry.get_job_ids():
-        gid = keys.group_of_job(cfg.run_id, job_id)
-        job = queue.fetch_job(job_id)
-        result = job.latest_result() if job is not None else None
-        error = (result.exc_string or "").strip().splitlines()[-1][:300] if result and result.exc_string else ""
-        if gid not in state.admitted or gid in state.settled_groups:
-            registry.remove(job_id, delete_job=True)
-        elif "Abandoned" in error and redispatched.get(gid, 0) < MAX_REDISPATCH:
-            redispatched[gid] = redispatched.get(gid, 0) + 1
-            log.warning("group %s: job abandoned by a dead worker; re-dispatching (%d)", gid, redispatched[gid])
-            registry.requeue(job_id)
-        else:
-            reason = f"rollout job failed: {error}" if error else "rollout job failed"
-            log.error("group %s rejected: %s", gid, reason)
-            bus.xadd(r, keys.events(cfg.run_id), GroupRejected(group_id=gid, reason=reason, by="producer"))
-            registry.remove(job_id, delete_job=True)
+    for job_id in registry.get_job_ids(cleanup=False):
+        try:
+            _handle_failed_job(r, queue, cfg, state, redispatched, registry, job_id)
+        except (ValueError, NoSuchJobError, InvalidJobOperation) as exc:
+            # rq's bookkeeping after a kill (e.g. a job hash or execution gone): never crash
+            # on it. The job is deleted; the group, still open, is then re-dispatched as jobless.
+            log.warning("failed job %s: rq could not handle it (%s); deleting it", job_id, exc)
+            delete_job(queue, job_id)
+
+
+def _handle_failed_job(r: redis.Redis, queue: Queue, cfg: Config, state: RunState, redispatched: dict[str, int],
+                       registry: FailedJobRegistry, job_id: str) -> None:
+    gid = keys.group_of_job(cfg.run_id, job_id)
+    job = queue.fetch_job(job_id)
+    result = job.latest_result() if job is not None else None
+    error = (result.exc_string or "").strip().splitlines()[-1][:300] if result and result.exc_string else ""
+    if gid not in state.admitted or gid in state.settled_groups or gid in state.sampled:
+        delete_job(queue, job_id)
+    elif job is None:
+        registry.remove(job_id)  # hash gone: the group is jobless and is re-dispatched as such
+    elif "Abandoned" in error and redispatched.get(gid, 0) < MAX_REDISPATCH:
+        redispatched[gid] = redispatched.get(gid, 0) + 1
+        log.warning("group %s: job abandoned by a dead worker; re-dispatching (%d)", gid, redispatched[gid])
+        registry.requeue(job_id)
+    else:
+        reject(r, queue, cfg, gid, f"rollout job failed: {error}" if error else "rollout job failed")
+
+
+def reject(r: redis.Redis, queue: Queue, cfg: Config, gid: str, reason: str) -> None:
+    """Reject a group explicitly (frees its gate slots), then delete its job: killed in
+    between, a restarted producer finds the group settled and deletes the job."""
+    log.error("group %s rejected: %s", gid, reason)
+    bus.xadd(r, keys.events(cfg.run_id), GroupRejected(group_id=gid, reason=reason, by="producer"))
+    delete_job(queue, keys.job_id(cfg.run_id, gid))
+
+
+def stranded_groups(queue: Queue, cfg: Config, state: RunState, watch: JobWatch, now: float) -> dict[str, str]:
+    """{group id: reason} of open, unsampled groups whose job exists but no process will
+    move on (``producers.stranded``). Call it *before* folding the newest events, and
+    re-check ``unsampled_groups`` after folding (as for ``jobless_groups``)."""
+    groups = state.unsampled_groups
+    places = job_places(queue, [keys.job_id(cfg.run_id, g.group_id) for g in groups])
+    return watch.overdue({g.group_id: places[keys.job_id(cfg.run_id, g.group_id)] for g in groups
+                          if places[keys.job_id(cfg.run_id, g.group_id)].exists}, now)
+
+
+def redispatch_stranded(r: redis.Redis, queue: Queue, cfg: Config, state: RunState, overdue: dict[str, str],
+                        rows: list[dict], redispatched: dict[str, int]) -> None:
+    """Delete each stranded job and enqueue it afresh (same job id), at most
+    ``MAX_REDISPATCH`` times per group; then reject the group with the reason."""
+    for gid, why in overdue.items():
+        if redispatched.get(gid, 0) >= MAX_REDISPATCH:
+            reject(r, queue, cfg, gid, f"{why}; re-dispatched {MAX_REDISPATCH} times already")
+            continue
+        redispatched[gid] = redispatched.get(gid, 0) + 1
+        log.warning("group %s: %s; re-dispatching (%d of %d)", gid, why, redispatched[gid], MAX_REDISPATCH)
+        delete_job(queue, keys.job_id(cfg.run_id, gid))  # killed here: the group is jobless, re-dispatched as such
+        group = state.admitted[gid]
+        queue.enqueue_many([job_data(cfg, group, rows[group.row_index])])
 
 
 def events_rolled_back(r: redis.Redis, cfg: Config, cursor: str) -> bool:
@@ -129,6 +177,7 @@ def run_producer(cfg: Config, r: redis.Redis) -> RunState:
     announced = False
     last_maintenance = 0.0
     redispatched: dict[str, int] = {}
+    watch = JobWatch(cfg.job_timeout)
     log.info("producer: %d rows x %d epochs, G=%d, B=%d, O=%d", len(rows), cfg.epochs,
              cfg.completions_per_prompt, cfg.batch_size, cfg.offpolicy_versions)
     while True:
@@ -154,18 +203,43 @@ def run_producer(cfg: Config, r: redis.Redis) -> RunState:
             log.info("producer: dataset exhausted after %d groups", len(state.rows_admitted))
             announced = True
         if time.monotonic() - last_maintenance > MAINTENANCE_EVERY_S:
-            # Re-enqueues jobs of workers that died (heartbeat expired), then handles spent ones.
-            StartedJobRegistry(queue=queue).cleanup()
-            handle_failed_jobs(r, queue, cfg, state, redispatched)
-            lost = jobless_groups(r, cfg, state)
-            if lost:  # fold first: a group sampled since the last read is not lost
-                entries, cursor = bus.read_events(r, cfg.run_id, cursor)
-                for _, msg in entries:
-                    state.apply(msg)
-                still = {g.group_id for g in state.unsampled_groups}
-                redispatch(r, queue, cfg, [g for g in lost if g.group_id in still], rows)
+            cursor = maintain(r, queue, cfg, state, cursor, rows, redispatched, watch)
             if events_rolled_back(r, cfg, cursor):
                 log.warning("producer: events stream lost its tail (Redis restart); rebuilding state")
                 state, cursor, pending, announced = RunState(), "0-0", admission_order(cfg, len(rows)), False
                 next_row = next(pending, None)
             last_maintenance = time.monotonic()
+
+
+def maintain(r: redis.Redis, queue: Queue, cfg: Config, state: RunState, cursor: str, rows: list[dict],
+             redispatched: dict[str, int], watch: JobWatch) -> str:
+    """Move every open group's job on: re-enqueue dead workers' jobs, handle spent ones,
+    re-dispatch lost and stranded ones. Returns the events cursor (it folds into ``state``).
+    An rq error here (its bookkeeping as a kill left it) is logged, never fatal: the next
+    pass retries, and ``JobWatch`` bounds how long any group can stay stuck."""
+    entries, cursor = bus.read_events(r, cfg.run_id, cursor)  # GroupSampled precedes its job's failure
+    for _, msg in entries:
+        state.apply(msg)
+    for step in (lambda: StartedJobRegistry(queue=queue).cleanup(),  # jobs of dead workers (heartbeat expired)
+                 lambda: handle_failed_jobs(r, queue, cfg, state, redispatched)):
+        _guarded(step)
+    lost = jobless_groups(r, cfg, state)
+    overdue = stranded_groups(queue, cfg, state, watch, time.monotonic())
+    if lost or overdue:  # fold first: a group sampled since the last read is neither lost nor stranded
+        entries, cursor = bus.read_events(r, cfg.run_id, cursor)
+        for _, msg in entries:
+            state.apply(msg)
+        still = {g.group_id for g in state.unsampled_groups}
+        redispatch(r, queue, cfg, [g for g in lost if g.group_id in still], rows)
+        _guarded(lambda: redispatch_stranded(r, queue, cfg, state, {g: why for g, why in overdue.items() if g in still},
+                                             rows, redispatched))
+    return cursor
+
+
+def _guarded(step) -> None:
+    try:
+        step()
+    except (redis.ConnectionError, redis.TimeoutError):
+        raise  # Redis is down: the process's bounded retries and its supervisor deal with that
+    except Exception:
+        log.exception("producer: rq maintenance step failed; retrying on the next pass")

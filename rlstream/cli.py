@@ -122,6 +122,9 @@ def run(argv: list[str] | None = None) -> int:
 
         return up(cfg)
     _require_run_id(cfg)
+    from rlstream.core.lifeline import watch_supervisor_from_env
+
+    watch_supervisor_from_env()  # a child of `rlstream up` exits when up is gone
     r = _connect(cfg)
     try:
         return _run_role(args.command, cfg, r)

@@ -6,7 +6,10 @@ session (so a terminal's Ctrl-C reaches only us; we forward SIGTERM), with outpu
 ``runs/<id>/logs/<role>.log``. The run directory is owner-only (0700); config.json and
 the RunStarted event hold the Redis URL without its password, which children get in
 their environment (``RLSTREAM_REDIS_PASSWORD``), never on a command line or in a file.
-Supervision: a crashed child (or the embedded redis-server) is restarted with backoff, at most ``MAX_RESTARTS`` times; every restart is logged. Exit
+Supervision: a crashed child (or the embedded redis-server) is restarted with backoff, at
+most ``MAX_RESTARTS`` times (``RLSTREAM_MAX_RESTARTS`` overrides it, e.g. for chaos tests);
+every restart is logged. The children and redis-server die with us, even when we are
+SIGKILLed (``core.lifeline``). Exit
 code: 0 when the trainer finished the run, 1 when a child kept failing (its last log lines
 are printed) or the run failed (e.g. the rollout circuit breaker), 130 on Ctrl-C.
 """
@@ -29,7 +32,8 @@ from rlstream.core.config import Config, env_override_names, new_run_id
 from rlstream.core.connection import client, connect
 from rlstream.core.credentials import PASSWORD_ENV, private_dir, redacted, url_password
 from rlstream.core.embedded_redis import EmbeddedRedis
-from rlstream.core.errors import RunFailed
+from rlstream.core.errors import RedisUnavailable, RunFailed
+from rlstream.core.lifeline import SUPERVISOR_ENV, die_with_parent
 from rlstream.core.messages import RunStarted
 from rlstream.core.metrics import read_metrics, summary_line
 from rlstream.core.run_state import RunState
@@ -41,6 +45,14 @@ SHUTDOWN_GRACE_S = 30.0
 MAX_RESTARTS = 3
 RESTART_BACKOFF_S = 1.0
 HEALTHY_RUN_S = 600.0  # a child that ran this long before crashing gets a fresh restart budget
+MAX_RESTARTS_ENV = "RLSTREAM_MAX_RESTARTS"  # not a config field: how hard to try is the operator's call
+
+
+def max_restarts() -> int:
+    value = os.environ.get(MAX_RESTARTS_ENV, "")
+    if value and not value.isdigit():
+        raise RunFailed(f"{MAX_RESTARTS_ENV}={value!r} is not a whole number: unset it or set e.g. {MAX_RESTARTS}")
+    return int(value) if value else MAX_RESTARTS
 
 
 @dataclass
@@ -77,7 +89,8 @@ def _child_env(redis_password: str | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in overrides}
     if redis_password:
         env[PASSWORD_ENV] = redis_password
-    return {**env, "PYTHONPATH": os.pathsep.join(dict.fromkeys(p for p in paths if os.path.isdir(p)))}
+    return {**env, "PYTHONPATH": os.pathsep.join(dict.fromkeys(p for p in paths if os.path.isdir(p))),
+            SUPERVISOR_ENV: str(os.getpid())}
 
 
 def _spawn(name: str, role: str, config_path: Path, logs: Path, redis_password: str | None) -> Child:
@@ -85,7 +98,10 @@ def _spawn(name: str, role: str, config_path: Path, logs: Path, redis_password: 
     out = log_path.open("ab")
     process = subprocess.Popen([sys.executable, "-P", "-m", "rlstream.cli", role, str(config_path)],
                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                               start_new_session=True, env=_child_env(redis_password))
+                               start_new_session=True, env=_child_env(redis_password),
+                               # SIGKILL when we die (even by SIGKILL): crash-safe by design, and nothing
+                               # would supervise them any more. The child also watches our pid (lifeline).
+                               preexec_fn=die_with_parent(signal.SIGKILL))
     out.close()
     return Child(name, role, process, log_path, redis_password=redis_password)
 
@@ -109,6 +125,7 @@ def _raise_interrupt(signum, frame) -> None:
 
 
 def up(cfg: Config) -> int:
+    max_restarts()  # a bad RLSTREAM_MAX_RESTARTS fails now, not at the first crash
     preflight(cfg)
     cfg = cfg.model_copy(update={"run_id": cfg.run_id or new_run_id()})
     run_dir = cfg.run_dir()
@@ -167,11 +184,11 @@ def up(cfg: Config) -> int:
 def _restart_child(c: Child, config_path: Path) -> None:
     restarted = _spawn(c.name, c.role, config_path, c.log_path.parent, c.redis_password)
     c.process, c.restart_at, c.started_at = restarted.process, None, time.monotonic()
-    log.warning("restarted %s (pid %d, restart %d of %d)", c.name, c.process.pid, c.restarts, MAX_RESTARTS)
+    log.warning("restarted %s (pid %d, restart %d of %d)", c.name, c.process.pid, c.restarts, max_restarts())
 
 
 def _check_child(c: Child, state: RunState, config_path: Path) -> None:
-    """Restart a crashed child with backoff, at most ``MAX_RESTARTS`` times; then fail the run."""
+    """Restart a crashed child with backoff, at most ``max_restarts()`` times; then fail the run."""
     if c.restart_at is not None:
         if time.monotonic() >= c.restart_at:
             _restart_child(c, config_path)
@@ -183,7 +200,7 @@ def _check_child(c: Child, state: RunState, config_path: Path) -> None:
         return
     if time.monotonic() - c.started_at > HEALTHY_RUN_S:
         c.restarts = 0  # it ran fine for a long while: this crash is a new incident, not a crash loop
-    if c.restarts >= MAX_RESTARTS:
+    if c.restarts >= max_restarts():
         raise RunFailed(f"{c.name} exited with code {code} and was restarted {c.restarts} times; "
                         f"last lines of {c.log_path}:\n{c.tail()}")
     c.restarts += 1
@@ -193,13 +210,19 @@ def _check_child(c: Child, state: RunState, config_path: Path) -> None:
 
 
 def _check_redis(embedded: EmbeddedRedis | None, restarts: list[int]) -> None:
+    """Restart a dead embedded redis-server from its AOF, at most ``max_restarts()`` times.
+    A start that fails (e.g. killed again while loading) counts as one and is retried on
+    the next pass, so the budget, not the first mishap, ends the run."""
     if embedded is None or embedded.alive():
         return
-    if restarts[0] >= MAX_RESTARTS:
+    if restarts[0] >= max_restarts():
         raise RunFailed(f"embedded redis-server died {restarts[0] + 1} times: {embedded.log_tail()}")
     restarts[0] += 1
-    log.warning("embedded redis-server died; restarting it from its AOF (%d of %d)", restarts[0], MAX_RESTARTS)
-    embedded.start()
+    log.warning("embedded redis-server died; restarting it from its AOF (%d of %d)", restarts[0], max_restarts())
+    try:
+        embedded.start()
+    except RedisUnavailable as exc:
+        log.warning("embedded redis-server restart failed: %s", exc)
 
 
 def _supervise(cfg: Config, r, children: list[Child], progress: Progress, config_path: Path,

@@ -6,6 +6,17 @@ import uuid
 
 import pytest
 
+
+def pytest_collection_modifyitems(config, items):
+    """``slow`` tests (long chaos runs) run only when ``-m`` names them (``-m slow``,
+    ``-m "e2e and slow"``): the default suite, and ``-m e2e``, keep their time budget."""
+    if "slow" in (config.getoption("-m") or ""):
+        return
+    skip = pytest.mark.skip(reason="slow: run with `pytest -m slow`")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
 from rlstream.core.connection import connect
 from rlstream.core.embedded_redis import EmbeddedRedis
 

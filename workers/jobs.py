@@ -19,6 +19,7 @@ from typing import Any
 from rq import SimpleWorker
 from rq.worker import WorkerStatus
 
+from rlstream.core.jobs import prune_dead_executions
 from rlstream.core.messages import GroupJob
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,19 @@ class RolloutWorker(SimpleWorker):
             beat.join()
             _runtime.reset(token)
         self.set_state(WorkerStatus.IDLE)
+
+    def handle_job_success(self, job, queue, started_job_registry, execution):
+        """rq's success handling deletes the job (``result_ttl=0``), which raises on the dead
+        executions a killed worker left in the job's registry (``core.jobs``); rq would then
+        count the job as failed and re-run it. Prune them first; once more if one died
+        meanwhile (nothing was written: rq raises before its MULTI executes)."""
+        for attempt in range(2):
+            prune_dead_executions(self.connection, job.id)
+            try:
+                return super().handle_job_success(job, queue, started_job_registry, execution)
+            except ValueError:
+                if attempt:
+                    raise
 
     def _beat(self, job, execution, stop: threading.Event) -> None:
         started = time.monotonic()

@@ -1,4 +1,10 @@
-"""``rlstream worker``: one rq worker process holding the policy in memory."""
+"""``rlstream worker``: one rq worker process holding the policy in memory.
+
+rq's work loop ends quietly (it logs and returns) on an error it does not handle, e.g. a
+Redis restart that outlasts the client's retries; returning normally would look like a
+clean exit and a supervisor would not restart the worker, so a return before the run
+finished raises instead (exit code 1: ``rlstream up`` restarts it).
+"""
 from __future__ import annotations
 
 import logging
@@ -16,6 +22,27 @@ from rlstream.workers.jobs import RolloutWorker, warm_shutdown
 from rlstream.workers.runtime import WorkerRuntime
 
 log = logging.getLogger(__name__)
+# rq blocks in BLMOVE for worker_ttl - 15 s and raises the client's socket timeout to that
+# + 10 s (default worker_ttl 420: a 415 s read); 25 s keeps a half-open connection's stall short.
+WORKER_TTL_S = 25
+
+
+class WorkerStopped(RlstreamError):
+    """rq's work loop ended before the run finished."""
+
+
+def check_work_ended(worker: RolloutWorker, events: EventFollower, worker_id: str) -> None:
+    """Raise ``WorkerStopped`` unless rq's work loop ended on request (a SIGTERM: ``up``
+    stopping, or the RunFinished watch) or the run is finished."""
+    if worker._shutdown_requested_date is not None:  # rq sets it on SIGTERM / SIGINT
+        return
+    try:
+        events.catch_up()  # the follower has stopped: one last read of its own
+    except redis.RedisError:
+        pass  # judged on what was folded
+    if events.state.finished is None:
+        raise WorkerStopped(f"worker {worker_id}: rq's work loop ended before the run finished (see the error above "
+                            "in this log); restart the worker (`rlstream up` does so itself)")
 
 
 def run_worker(cfg: Config, r: redis.Redis, worker_id: str) -> None:
@@ -24,7 +51,7 @@ def run_worker(cfg: Config, r: redis.Redis, worker_id: str) -> None:
     events = EventFollower(r, cfg.run_id, on_finished=warm_shutdown)  # the process's one read of the events
     runtime = WorkerRuntime(cfg, r, worker_id, device, rollout_fn_factory=factory, events=events)
     worker = RolloutWorker([job_queue(r, cfg)], connection=r, serializer=JSONSerializer,
-                           name=f"rlstream-{cfg.run_id}-{worker_id}", runtime=runtime)
+                           name=f"rlstream-{cfg.run_id}-{worker_id}", runtime=runtime, worker_ttl=WORKER_TTL_S)
     events.start()
     log.info("worker %s: waiting for jobs", worker_id)
     try:
@@ -33,5 +60,6 @@ def run_worker(cfg: Config, r: redis.Redis, worker_id: str) -> None:
         events.stop()
     if events.error is not None:
         raise RlstreamError(f"worker {worker_id}: its events reader failed ({events.error!r}); restart the worker")
+    check_work_ended(worker, events, worker_id)
     log.info("worker %s: exiting (%d invalid samples, %d rollout failures)", worker_id,
              runtime.totals["invalid_samples"], runtime.totals["rollout_failures"])

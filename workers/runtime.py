@@ -135,7 +135,14 @@ class WorkerRuntime:
         """Build the policy at ``published`` or update it to there; False if those weights
         are gone or unreadable."""
         if self.policy is None:
-            self.policy, sampler = make_policy(self.cfg, published, self.device)
+            try:
+                self.policy, sampler = make_policy(self.cfg, published, self.device)
+            except (OSError, ValueError) as exc:
+                # Pruned (keep_weights) while a freshly started worker loaded it: wait for the
+                # next weights published, as a loaded policy does below (bounded by sync_weights).
+                log.warning("worker %s: could not load v%d (%s); waiting for the next weights published",
+                            self.worker_id, published.version, exc)
+                return False
             self.vocab_size = policy_vocab_size(self.policy)
             # A copy: a factory that edits setup.sample_kwargs must not change the sampler's defaults.
             setup = RolloutSetup(sampler=sampler, tokenizer=self.policy.tokenizer,

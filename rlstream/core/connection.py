@@ -1,6 +1,12 @@
 """Building Redis clients: the one I/O edge with retries (bounded, exponential backoff),
 and counting the connection errors a client's retries absorb (``count_connection_errors``).
 
+Every read on a client's socket is bounded (``SOCKET_TIMEOUT_S``, longer than the longest
+blocking read rlstream issues: XREAD / XREADGROUP block 200-1000 ms; rq's worker raises it
+to its own dequeue bound, see ``rlstream.workers.main``), and TCP connections use
+keepalive probes, so a half-open connection (a peer gone without a FIN) ends in an error
+that the bounded retries then handle, instead of a read that blocks forever.
+
 Connections are built in each process's ``main()`` and passed down; nothing here keeps a
 client at module level. The password comes from the URL, else ``RLSTREAM_REDIS_PASSWORD``,
 else the caller's ``password`` (the embedded server's file); messages show the URL with
@@ -10,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 from collections.abc import Callable
 
@@ -22,6 +29,20 @@ from rlstream.core.credentials import PASSWORD_ENV, redacted, url_password
 from rlstream.core.errors import RedisUnavailable
 
 log = logging.getLogger(__name__)
+LONGEST_BLOCK_S = 1.0  # the longest block_ms of any XREAD / XREADGROUP rlstream issues
+SOCKET_TIMEOUT_S = 10.0  # > LONGEST_BLOCK_S with room for a slow reply (a large XRANGE page, an fsync stall)
+KEEPALIVE_IDLE_S, KEEPALIVE_INTERVAL_S, KEEPALIVE_PROBES = 10, 5, 3  # a silent peer is dropped after ~25 s idle
+
+
+def keepalive_options() -> dict[int, int]:
+    """TCP keepalive settings this platform knows (Linux: TCP_KEEPIDLE; macOS: TCP_KEEPALIVE)."""
+    out = {}
+    for names, value in ((("TCP_KEEPIDLE", "TCP_KEEPALIVE"), KEEPALIVE_IDLE_S),
+                         (("TCP_KEEPINTVL",), KEEPALIVE_INTERVAL_S), (("TCP_KEEPCNT",), KEEPALIVE_PROBES)):
+        option = next((getattr(socket, n) for n in names if hasattr(socket, n)), None)
+        if option is not None:
+            out[option] = value
+    return out
 
 
 def _password(url: str, password: str | None) -> str | None:
@@ -30,15 +51,19 @@ def _password(url: str, password: str | None) -> str | None:
 
 def client(url: str, *, command_retries: int = 8, password: str | None = None) -> redis.Redis:
     """A client whose commands retry on connection loss (e.g. a redis-server restart) with
-    exponential backoff capped at 2 s, ``command_retries`` times, then raise."""
+    exponential backoff capped at 2 s, ``command_retries`` times, then raise; every socket
+    read is bounded by ``SOCKET_TIMEOUT_S`` (a timeout is retried like a lost connection)."""
+    tcp = {} if url.startswith("unix:") else {"socket_keepalive": True, "socket_keepalive_options": keepalive_options()}
     return redis.Redis.from_url(
         url,
         password=_password(url, password),  # a password in the URL wins (redis-py), so this is the fallback
         decode_responses=False,
         socket_connect_timeout=5,
+        socket_timeout=SOCKET_TIMEOUT_S,
         health_check_interval=15,
         retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=command_retries),
         retry_on_error=[ConnectionError, TimeoutError, BusyLoadingError],
+        **tcp,  # a unix socket has no keepalive (and redis-py rejects the options there)
     )
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -22,6 +23,7 @@ from pathlib import Path
 
 from rlstream.core.credentials import private_dir, read_or_create_secret, read_secret, redacted, without_password
 from rlstream.core.errors import RedisUnavailable
+from rlstream.core.lifeline import die_with_parent
 
 log = logging.getLogger(__name__)
 _UNIX_PATH_MAX = 100
@@ -56,6 +58,51 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class _Probe:
+    """One kept connection sending inline PINGs (redis-py's client reconnects, with a
+    handshake, after every LOADING reply: each answer would cost several loading chunks).
+    It authenticates first (AUTH is allowed while the server loads; PING is not before it)."""
+
+    def __init__(self, family: int, address, password: str, timeout: float):
+        self.family, self.address, self.password = family, address, password
+        self.timeout = timeout
+        self.sock: socket.socket | None = None
+
+    def ping(self) -> str:
+        """The first line of the reply ('+PONG', '-LOADING ...'), or '' when there is none."""
+        try:
+            if self.sock is None:
+                self.sock = socket.socket(self.family, socket.SOCK_STREAM)
+                self.sock.settimeout(1.0)
+                self.sock.connect(self.address)
+                self.sock.settimeout(self.timeout)  # a reply slower than the bound is no progress
+                if self.password:
+                    self.sock.sendall(b"AUTH " + self.password.encode() + b"\r\n")
+                    reply = self._line()
+                    if not reply.startswith("+OK"):
+                        self.close()  # authenticate again on the next try
+                        return reply
+            self.sock.sendall(b"PING\r\n")
+            return self._line()
+        except OSError:  # not listening yet, refused, reset, timed out
+            self.close()
+            return ""
+
+    def _line(self) -> str:
+        line = b""
+        while not line.endswith(b"\r\n"):
+            chunk = self.sock.recv(256)
+            if not chunk:
+                raise ConnectionError("closed")
+            line += chunk
+        return line.decode(errors="replace").strip()
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
 class EmbeddedRedis:
     """Start/stop one redis-server whose data lives in ``directory`` (AOF + log)."""
 
@@ -84,6 +131,8 @@ class EmbeddedRedis:
         return pid if "redis-server" in cmdline and str(self.directory) in cmdline else None
 
     def start(self, timeout: float = 15.0) -> str:
+        """Start the server and return its URL once it answers; ``timeout`` bounds the time
+        without progress (replaying a large AOF may take longer, and is progress)."""
         private_dir(self.directory)
         owner = self.owner_pid()
         if owner is not None:
@@ -110,14 +159,18 @@ class EmbeddedRedis:
             self.port = self.port or _free_port()
             args += ["--port", str(self.port), "--bind", "127.0.0.1"]
             self.url = f"redis://:{self.password}@127.0.0.1:{self.port}/0"
+        # SIGTERM when our process dies (redis-server flushes its AOF and exits): a killed
+        # `rlstream up` must not leave it running, holding the run's AOF.
         self.process = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.DEVNULL, start_new_session=True)
+                                        stderr=subprocess.DEVNULL, start_new_session=True,
+                                        preexec_fn=die_with_parent(signal.SIGTERM))
         try:
             self.process.stdin.write(f"requirepass {self.password}\n".encode())
             self.process.stdin.close()
         except OSError:  # it died at once: _wait_ready reports its log
             pass
-        self._wait_ready(timeout)
+        address = (socket.AF_UNIX, str(sock)) if sock is not None else (socket.AF_INET, ("127.0.0.1", self.port))
+        self._wait_ready(address, timeout)
         (self.directory / "url").write_text(without_password(self.url))
         (self.directory / "pid").write_text(str(self.process.pid))
         log.info("embedded redis-server pid %d at %s", self.process.pid, redacted(self.url))
@@ -134,21 +187,37 @@ class EmbeddedRedis:
         sock = self.socket_dir / "redis.sock"
         return sock if len(str(sock)) <= _UNIX_PATH_MAX else None
 
-    def _wait_ready(self, timeout: float) -> None:
-        import redis
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                tail = self.log_tail()
-                raise RedisUnavailable(f"embedded redis-server exited with {self.process.returncode}: {tail}")
-            try:
-                redis.Redis.from_url(self.url, socket_connect_timeout=1).ping()
-                return
-            except (redis.ConnectionError, redis.BusyLoadingError, OSError):
+    def _wait_ready(self, address: tuple, timeout: float) -> None:
+        """Wait until PING answers. Loading a large AOF is progress, not failure: the bound is
+        ``timeout`` seconds *without progress*. While loading, redis answers its clients
+        (``-LOADING``) only between chunks of the AOF it has replayed, so each such answer
+        on our one kept connection is progress; a server that neither listens, answers,
+        nor exits within the bound is stopped."""
+        probe = _Probe(*address, self.password, timeout)
+        last_progress, loading, last_reply = time.monotonic(), False, ""
+        try:
+            while True:
+                if self.process.poll() is not None:
+                    tail = self.log_tail()
+                    raise RedisUnavailable(f"embedded redis-server exited with {self.process.returncode}: {tail}")
+                reply = probe.ping()
+                if reply == "+PONG":
+                    return
+                if reply.startswith("-LOADING"):
+                    if not loading:
+                        log.info("embedded redis-server is loading its AOF (%s)", self.directory)
+                    loading, last_progress = True, time.monotonic()
+                    continue  # the next answer comes once the next chunk is replayed
+                last_reply = reply or last_reply
+                if time.monotonic() - last_progress > timeout:
+                    break
                 time.sleep(0.02)
+        finally:
+            probe.close()
         self.stop()
-        raise RedisUnavailable(f"embedded redis-server did not answer within {timeout:.0f} s: {self.log_tail()}")
+        doing = "loading its AOF" if loading else f"not answering{f' ({last_reply})' if last_reply else ''}"
+        raise RedisUnavailable(f"embedded redis-server made no progress for {timeout:.0f} s ({doing}); it was stopped. "
+                               f"Its log ({self.directory / 'redis.log'}) ends: {self.log_tail()}")
 
     def log_tail(self, lines: int = 5) -> str:
         path = self.directory / "redis.log"

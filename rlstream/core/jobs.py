@@ -1,15 +1,35 @@
 """The rq queue of prompt-group jobs, which the producer fills and the workers drain: its
-name, serializer (JSON, never pickle) and default timeout, and the job function both sides
-name. A group's job id comes from ``keys.job_id``."""
+name, serializer (JSON, never pickle) and default timeout, the job function both sides
+name, and the rq bookkeeping both sides must survive after a kill. A group's job id comes
+from ``keys.job_id``.
+
+rq 3.0 keeps, per job, an ``ExecutionRegistry`` (a sorted set of execution ids) next to
+one hash per execution. A killed worker's execution hash expires with its heartbeat TTL
+but its registry entry lives 60 s longer, and ``Job.delete`` fetches every entry, raising
+``ValueError("Execution <id> not found in Redis")`` on such a one: a re-run job that
+succeeds (``result_ttl=0`` deletes it) or a failed one the producer removes would crash.
+``prune_dead_executions`` drops those entries first; ``delete_job`` deletes a job whatever
+state a kill left it in.
+"""
 from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
 
 import redis
 from rq import Queue
+from rq.executions import Execution, ExecutionRegistry
+from rq.job import Job
+from rq.registry import FailedJobRegistry, StartedJobRegistry
+from rq.results import Result
 from rq.serializers import JSONSerializer
+from rq.utils import as_text, parse_composite_key
 
 from rlstream.core import keys
 from rlstream.core.config import Config
 
+log = logging.getLogger(__name__)
 # rq imports the job function by this name inside the worker process.
 JOB_FUNC = "rlstream.workers.jobs.run_group"
 
@@ -17,3 +37,95 @@ JOB_FUNC = "rlstream.workers.jobs.run_group"
 def job_queue(r: redis.Redis, cfg: Config) -> Queue:
     return Queue(keys.job_queue_name(cfg.run_id), connection=r, serializer=JSONSerializer,
                  default_timeout=cfg.job_timeout)
+
+
+def prune_dead_executions(r: redis.Redis, job_id: str) -> int:
+    """Remove the job's ExecutionRegistry entries whose execution hash is gone (a killed
+    worker's); return how many. Live executions are untouched: rq writes an execution's
+    hash and its entry in one MULTI, and deletes both in one."""
+    key = ExecutionRegistry(job_id, connection=r).key
+    ids = [as_text(e) for e in r.zrange(key, 0, -1)]
+    if not ids:
+        return 0
+    with r.pipeline(transaction=False) as pipe:
+        for execution_id in ids:
+            pipe.exists(Execution(execution_id, job_id, connection=r).key)
+        present = pipe.execute()
+    dead = [e for e, exists in zip(ids, present) if not exists]
+    if dead:
+        r.zrem(key, *dead)
+        log.debug("job %s: dropped %d dead execution(s) from its registry", job_id, len(dead))
+    return len(dead)
+
+
+def delete_job(queue: Queue, job_id: str) -> None:
+    """Delete a job and every trace rq keeps of it (queue, intermediate queue, failed and
+    started registries, executions), whatever state a killed process left it in."""
+    r = queue.connection
+    with r.pipeline(transaction=True) as pipe:  # the places rq's Job.delete may not look
+        pipe.lrem(queue.key, 0, job_id)
+        pipe.lrem(queue.intermediate_queue_key, 0, job_id)
+        pipe.zrem(FailedJobRegistry(queue=queue).key, job_id)
+        pipe.execute()
+    for attempt in range(2):  # a second pass only if an execution died between prune and delete
+        prune_dead_executions(r, job_id)
+        job = queue.fetch_job(job_id)  # None when the hash is gone
+        if job is None:
+            break
+        try:
+            job.delete()
+            break
+        except ValueError as exc:  # "Execution ... not found in Redis"
+            if attempt:
+                log.warning("job %s: rq could not delete it (%s); deleting its keys directly", job_id, exc)
+    started = StartedJobRegistry(queue=queue)
+    with r.pipeline(transaction=True) as pipe:
+        for entry in r.zrange(started.key, 0, -1):
+            if parse_composite_key(as_text(entry))[0] == job_id:
+                pipe.zrem(started.key, entry)
+        pipe.delete(Job.key_for(job_id), Result.get_key(job_id), ExecutionRegistry(job_id, connection=r).key)
+        pipe.execute()
+
+
+@dataclass(frozen=True)
+class JobPlace:
+    """Where a job is in rq's bookkeeping, from one consistent snapshot (``job_places``)."""
+
+    exists: bool  # its hash
+    status: str  # rq's status field ('' when absent)
+    queued: bool  # in the queue's list: a worker will take it
+    dequeued: bool  # in the intermediate queue: taken, not started yet (milliseconds, unless the worker died)
+    started: bool  # in the StartedJobRegistry with an unexpired entry: a live worker beats for it
+    failed: bool  # in the FailedJobRegistry: the producer handles it
+
+    @property
+    def live(self) -> bool:
+        """Somewhere rq (or the producer's failed-job handling) will move it on from."""
+        return self.queued or self.started or self.failed
+
+
+def job_places(queue: Queue, job_ids: list[str]) -> dict[str, JobPlace]:
+    """Where each job is, read in one MULTI so that no move between lists is seen half done."""
+    if not job_ids:
+        return {}
+    r, now = queue.connection, time.time()
+    started, failed = StartedJobRegistry(queue=queue), FailedJobRegistry(queue=queue)
+    with r.pipeline(transaction=True) as pipe:
+        pipe.lrange(queue.key, 0, -1)
+        pipe.lrange(queue.intermediate_queue_key, 0, -1)
+        pipe.zrangebyscore(started.key, now, "+inf")
+        pipe.zrange(failed.key, 0, -1)
+        for job_id in job_ids:
+            pipe.hget(Job.key_for(job_id), "status")
+            pipe.exists(Job.key_for(job_id))
+        replies = pipe.execute()
+    queued, dequeued = {as_text(j) for j in replies[0]}, {as_text(j) for j in replies[1]}
+    running = {parse_composite_key(as_text(e))[0] for e in replies[2]}
+    failed_ids = {as_text(j) for j in replies[3]}
+    out = {}
+    for i, job_id in enumerate(job_ids):
+        status, exists = replies[4 + 2 * i], replies[5 + 2 * i]
+        out[job_id] = JobPlace(exists=bool(exists), status=as_text(status) if status else "",
+                               queued=job_id in queued, dequeued=job_id in dequeued, started=job_id in running,
+                               failed=job_id in failed_ids)
+    return out

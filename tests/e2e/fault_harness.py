@@ -38,9 +38,10 @@ MAX_SEQ_LEN = 16  # examples/builtin/config.toml
 # --------------------------------------------------------------------------- helpers
 
 
-def rlstream(*args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+def rlstream(*args: str, cwd: Path, timeout: float = 120, env: dict[str, str] | None = None
+             ) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "rlstream.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, env=None if env is None else {**os.environ, **env})
 
 
 class Up:
@@ -197,8 +198,10 @@ def assert_summary(up: Up, steps: int) -> None:
     assert lines[-1].startswith(f"summary: steps={steps} final_version={steps}"), lines[-1] + "\n" + up.logs()
 
 
-def assert_audit_clean(run_dir: Path, cwd: Path, context: str = "") -> str:
-    audit = rlstream("audit", str(run_dir.relative_to(cwd)), cwd=cwd)
+def assert_audit_clean(run_dir: Path, cwd: Path, context: str = "", env: dict[str, str] | None = None) -> str:
+    """``env``: e.g. RLSTREAM_REDIS_PASSWORD for a run on an external Redis (config.json
+    holds its URL without the password; an embedded server's password file is found)."""
+    audit = rlstream("audit", str(run_dir.relative_to(cwd)), cwd=cwd, env=env)
     assert audit.returncode == 0, context + audit.stdout + audit.stderr
     assert "groups_lost: 0" in audit.stdout.splitlines(), audit.stdout
     assert "trained_twice: 0" in audit.stdout.splitlines(), audit.stdout

@@ -8,6 +8,7 @@ having written nothing.
 """
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -20,16 +21,20 @@ from polling import wait_until
 
 from rlstream.core import bus, keys
 from rlstream.core.connection import connect
+from rlstream.core.credentials import PASSWORD_ENV
 from rlstream.core.messages import RunFinished, StepCommitted, WeightsPublished
 
 pytestmark = pytest.mark.e2e
 RUN, STEPS = "two", 6
 
 
-def start(role: str, config_path: str, *args: str, cwd: Path, log: Path) -> subprocess.Popen:
+def start(role: str, config_path: str, *args: str, cwd: Path, log: Path, password: str) -> subprocess.Popen:
+    """A process started by hand on the run: config.json holds the Redis URL without its
+    password, which it takes from RLSTREAM_REDIS_PASSWORD (as an operator would give it)."""
+    env = {**os.environ, PASSWORD_ENV: password}
     with log.open("wb") as out:
         return subprocess.Popen([sys.executable, "-m", "rlstream.cli", role, config_path, *args], cwd=cwd,
-                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
 
 
 def test_second_trainers_stand_by_and_leave_the_run_unchanged(tmp_path: Path, redis_server) -> None:
@@ -47,9 +52,10 @@ def test_second_trainers_stand_by_and_leave_the_run_unchanged(tmp_path: Path, re
             holder = f"{socket.gethostname()}-{first}-"
             assert r.get(keys.trainer_lease(RUN)).decode().startswith(holder)
 
-            extra.append(start("trainer", up.config_path, cwd=tmp_path, log=logs["same"]))
+            extra.append(start("trainer", up.config_path, cwd=tmp_path, log=logs["same"],
+                               password=redis_server.password))
             extra.append(start("trainer", up.config_path, "--set", "max_steps=2", cwd=tmp_path,
-                               log=logs["fewer_steps"]))
+                               log=logs["fewer_steps"], password=redis_server.password))
 
             def standing_by(name: str) -> bool:
                 assert all(p.poll() is None for p in extra), "\n".join(path.read_text() for path in logs.values()
@@ -59,7 +65,8 @@ def test_second_trainers_stand_by_and_leave_the_run_unchanged(tmp_path: Path, re
             for name in ("same", "fewer_steps"):
                 wait_until(lambda name=name: standing_by(name), 120, f"trainer '{name}' to stand by", interval=0.2)
 
-            extra.append(start("worker", up.config_path, cwd=tmp_path, log=logs["worker"]))
+            extra.append(start("worker", up.config_path, cwd=tmp_path, log=logs["worker"],
+                               password=redis_server.password))
             code = up.wait_exit(timeout=180)
             assert code == 0, up.logs()
             wait_until(lambda: all(p.poll() is not None for p in extra), 60, "the standbys and the worker to exit",
@@ -72,7 +79,7 @@ def test_second_trainers_stand_by_and_leave_the_run_unchanged(tmp_path: Path, re
 
             assert_summary(up, STEPS)
             assert_steps_exactly(up.run_dir, STEPS)
-            assert_audit_clean(up.run_dir, tmp_path)
+            assert_audit_clean(up.run_dir, tmp_path, env={PASSWORD_ENV: redis_server.password})
             events = [m for _, m in bus.iter_all_events(r, RUN)]
             assert [m.step for m in events if isinstance(m, StepCommitted)] == list(range(1, STEPS + 1))
             assert [m.version for m in events if isinstance(m, WeightsPublished)] == list(range(STEPS + 1))

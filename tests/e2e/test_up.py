@@ -127,3 +127,31 @@ def test_unreachable_external_redis_fails_fast(tmp_path: Path) -> None:
                     "redis.connect_timeout=2", cwd=tmp_path, timeout=60)
     assert proc.returncode != 0
     assert "cannot reach Redis at redis://127.0.0.1:1/0" in proc.stderr
+
+
+def test_sigkill_to_up_leaves_no_child_or_redis_running(tmp_path: Path) -> None:
+    """A SIGKILLed `up` runs no `finally`: its children (own sessions) and redis-server
+    must still go, by themselves (prctl PDEATHSIG, and the children's watch of up's pid)."""
+    from fault_harness import running_up
+    from polling import wait_until
+
+    def gone(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().split(") ")[1].startswith("Z")
+        except OSError:
+            return True
+
+    with running_up(tmp_path, "orphans", "--set", "max_steps=1000", "--set", "prompt_groups_per_step=4",
+                    "--set", "completions_per_prompt=4") as up:
+        up.wait_steps(1, timeout=120)
+        pids = {role: up.child_pids(role) for role in ("trainer", "producer", "worker")}
+        pids["redis-server"] = [up.redis_pid()]
+        assert all(pids.values()) and len(pids["worker"]) == 2, (pids, up.logs())
+        up.proc.kill()
+        up.proc.wait(10)
+        everyone = [pid for group in pids.values() for pid in group]
+        try:
+            wait_until(lambda: all(gone(p) for p in everyone), 30, "every child of the killed up to exit")
+        except AssertionError as exc:
+            survivors = [(role, p) for role, group in pids.items() for p in group if not gone(p)]
+            raise AssertionError(f"{exc}: still running {survivors}") from None

@@ -184,3 +184,33 @@ def test_a_standalone_worker_attached_to_an_up_run_finds_the_embedded_password(t
         r.close()
     finally:
         server.stop()
+
+
+def debug_sleeps(path, n: int, seconds: str) -> None:
+    """An AOF whose replay takes n x ``seconds`` (DEBUG SLEEP is replayed like any command;
+    redis reports its loading progress and answers clients every 1024 commands)."""
+    cmd = f"*3\r\n$5\r\nDEBUG\r\n$5\r\nSLEEP\r\n${len(seconds)}\r\n{seconds}\r\n".encode()
+    path.write_bytes(cmd * n)
+
+
+def test_loading_a_long_aof_is_progress_not_failure(tmp_path):
+    """A restart that replays a large AOF (here ~4 s of replay) must not be killed by a
+    bound (here 2 s) that only means "no progress"."""
+    debug_sleeps(tmp_path / "appendonly.aof", 12288, "0.0002")
+    server = EmbeddedRedis(tmp_path)
+    try:
+        assert connect(server.start(timeout=2.0)).ping()
+        assert "DB loaded from append only file" in (tmp_path / "redis.log").read_text()
+    finally:
+        server.stop()
+
+
+def test_a_server_making_no_progress_is_stopped_with_a_clear_message(tmp_path):
+    debug_sleeps(tmp_path / "appendonly.aof", 1, "30")  # one command that never reports progress
+    server = EmbeddedRedis(tmp_path)
+    try:
+        with pytest.raises(RedisUnavailable, match="made no progress for 1 s"):
+            server.start(timeout=1.0)
+        assert not server.alive()
+    finally:
+        server.kill()

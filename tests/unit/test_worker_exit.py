@@ -1,0 +1,41 @@
+"""rq's work loop returns quietly on an error it does not handle (e.g. Redis gone past the
+client's retries): the worker process must then exit non-zero, so that ``rlstream up``
+restarts it, instead of exiting 0 as if the run were over (fakeredis)."""
+from __future__ import annotations
+
+import types
+from datetime import datetime, timezone
+
+import fakeredis
+import pytest
+
+from rlstream.core import bus, keys
+from rlstream.core.messages import RunFinished
+from rlstream.workers.events import EventFollower
+from rlstream.workers.main import WORKER_TTL_S, WorkerStopped, check_work_ended
+
+
+def follower(r, run_id: str) -> EventFollower:
+    return EventFollower(r, run_id, on_finished=lambda: None)  # never started: check_work_ended reads once
+
+
+def test_a_loop_that_ended_on_its_own_before_the_run_finished_is_an_error():
+    r = fakeredis.FakeRedis()
+    worker = types.SimpleNamespace(_shutdown_requested_date=None)
+    with pytest.raises(WorkerStopped, match="restart the worker"):
+        check_work_ended(worker, follower(r, "w1"), "w")
+    bus.xadd(r, keys.events("w1"), RunFinished(reason="max_steps"))
+    check_work_ended(worker, follower(r, "w1"), "w")  # the run is over: a normal exit
+
+
+def test_a_requested_stop_is_a_normal_exit():
+    worker = types.SimpleNamespace(_shutdown_requested_date=datetime.now(timezone.utc))
+    check_work_ended(worker, follower(fakeredis.FakeRedis(), "w2"), "w")
+
+
+def test_rq_bounds_the_dequeue_read_below_the_default():
+    """rq sets the client's socket timeout to worker_ttl - 5 s (its BLMOVE block + 10 s)."""
+    from rq import SimpleWorker
+
+    w = SimpleWorker(["q"], connection=fakeredis.FakeRedis(), worker_ttl=WORKER_TTL_S)
+    assert w.connection_timeout == WORKER_TTL_S - 5 <= 30
