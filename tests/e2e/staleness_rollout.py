@@ -1,4 +1,4 @@
-"""A deliberately slow rollout for tests/e2e/test_staleness.py: the built-in single-turn
+"""A deliberately slow rollout for tests/e2e/test_staleness_run.py: the built-in single-turn
 rollout, except that the rows named in ``extras.slow_rows`` wait, before they sample (so they
 keep the weights their job started with), until the trainer has logged ``extras.steps_ahead``
 more steps than when the row started: a straggler the trainer must drop as stale. The other

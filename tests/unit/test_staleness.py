@@ -3,7 +3,7 @@ trained more than O + 1 versions after the weights it was sampled with. A stragg
 arrives past the bound, or a group that goes stale while it waits in ``ready``, is dropped
 with an explicit GroupRejected naming the versions and the bound, and counted in the step's
 metrics. The trainer runs on fakeredis with the built-in tiny model; the end-to-end check,
-with deliberately slow rollouts, is tests/e2e/test_staleness.py."""
+with deliberately slow rollouts, is tests/e2e/test_staleness_run.py."""
 from __future__ import annotations
 
 import pytest
