@@ -15,8 +15,9 @@ Design:
   half done, as with real models (the tiny model's jobs take milliseconds).
 - ``job_timeout=10`` so that a killed worker's job is re-run within seconds (heartbeat TTL
   5 s), and a few checkpoints (``dcp_save_interval``) so that trainer restarts resume.
-- Two seeds run by default (budget: about a minute each on 2 shared cores); more seeds
-  and a longer kill sequence run under the ``slow`` marker (skipped unless ``pytest -m slow``).
+- One seed runs by default (about a minute on 2 cores: the whole suite must stay under 10
+  minutes); a second seed of the same length and six longer kill sequences run under the
+  ``slow`` marker (skipped unless ``pytest -m slow``).
 """
 from __future__ import annotations
 
@@ -83,7 +84,7 @@ def chaos_run(tmp_path: Path, seed: int, steps: int, kills: int, timeout: float)
     print(context + audit)
 
 
-@pytest.mark.parametrize("seed", [1, 2])
+@pytest.mark.parametrize("seed", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_chaos_kills_every_role_and_the_run_still_finishes(tmp_path: Path, seed: int) -> None:
     chaos_run(tmp_path, seed, steps=40, kills=12, timeout=240)
 
