@@ -113,3 +113,8 @@ def the_renewal_thread_keeps_the_lease_and_notices_its_loss(r, run_id: str) -> N
         a.check()
     a.release()
     assert holder(r, run_id) == "trainer-b"
+
+
+CASES = [take_renew_release, a_second_trainer_is_refused, a_lost_lease_stops_its_holder,
+         fenced_writes_need_the_lease, a_standby_takes_over_when_the_lease_lapses,
+         a_standby_exits_when_the_run_finishes, the_renewal_thread_keeps_the_lease_and_notices_its_loss]
