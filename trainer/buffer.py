@@ -45,6 +45,7 @@ class RolloutBuffer:
         self.score, self.follow_events = score, follow_events
         self.limits = {"vocab_size": vocab_size, "max_seq_len": cfg.max_seq_len}
         self.assembler, self.ready = GroupAssembler(), []
+        self.taken: list[Group] = []  # a streamed step's groups, until it is complete (``stream``)
         self.connection_errors, self.errors_seen = count_connection_errors(r), 0
         self.last_rescan = time.monotonic()
         self.bound, self.follows_weights = staleness_bound(cfg), sampling_follows_weights(cfg)
@@ -59,6 +60,25 @@ class RolloutBuffer:
         while len(self.ready) < n and not self.data_exhausted() and self.state.finished is None:
             self.collect()
             self.drop_stale(version)
+
+    def stream(self, n: int, version: int, chunk: Callable[[list[Group]], None]) -> list[Group]:
+        """``fill`` and ``take`` for a streamed step (``trainer.streaming``): each group goes to
+        ``chunk`` as soon as it is ready (oldest admitted first among the ready ones), so its
+        forward/backward runs while the rest of the batch is sampled. Taken groups stay held
+        (pending, skipped by rescans, counted by ``data_exhausted``) until the step commits."""
+        self.drop_stale(version)
+        while True:
+            groups, self.ready = take_oldest(self.ready, n - len(self.taken))
+            if groups:
+                self.taken += groups
+                chunk(groups)
+            if len(self.taken) >= n or self.data_exhausted() or self.state.finished is not None:
+                break
+            self.collect()
+            self.drop_stale(version)
+        taken, self.taken = self.taken, []
+        self.stale_in_batch, self.stale_dropped = self.stale_dropped, 0
+        return taken
 
     def take(self, n: int, version: int) -> list[Group]:
         """The ``n`` ready groups admitted at the oldest version, none past the staleness bound."""
@@ -80,7 +100,7 @@ class RolloutBuffer:
         """Every admitted group is settled or waiting in ``ready``, and no row is left."""
         if self.state.exhausted_groups is None:
             return False
-        ready_ids = {g.group_id for g in self.ready}
+        ready_ids = {g.group_id for g in self.ready + self.taken}
         return all(g.group_id in ready_ids for g in self.state.open_groups)
 
     def restore(self) -> None:
@@ -143,7 +163,7 @@ class RolloutBuffer:
         if errors == self.errors_seen and not (idle and time.monotonic() - self.last_rescan > RESCAN_EVERY_S):
             return
         self.errors_seen, self.last_rescan = errors, time.monotonic()
-        held = self.assembler.held_entry_ids() | {e for g in self.ready for e in g.entry_ids}
+        held = self.assembler.held_entry_ids() | {e for g in self.ready + self.taken for e in g.entry_ids}
         found = read_unheld_pending(self.r, self.cfg.run_id, CONSUMER, held, invalid=invalid, **self.limits)
         if found:
             log.warning("picked up %d pending entries no read had returned (a lost reply?)", len(found))

@@ -183,10 +183,16 @@ def loss_denominator(mask_B_T: Tensor, normalization: str) -> float:
     (``token_mean``), its sequences with at least one (``sequence_mean``), 1 (``token_sum``);
     at least 1, so an empty batch gives 0, not NaN."""
     mask_B_T = mask_B_T != 0
+    return denominator_of(int(mask_B_T.sum()), int(mask_B_T.any(-1).sum()), normalization)
+
+
+def denominator_of(tokens: int, sequences: int, normalization: str) -> float:
+    """:func:`loss_denominator` from a batch's counts of active tokens and of sequences with
+    at least one (a streamed step adds them up as its groups arrive)."""
     if normalization == "token_mean":
-        return float(max(int(mask_B_T.sum()), 1))
+        return float(max(tokens, 1))
     if normalization == "sequence_mean":
-        return float(max(int(mask_B_T.any(-1).sum()), 1))
+        return float(max(sequences, 1))
     if normalization == "token_sum":
         return 1.0
     raise ValueError(f"unknown normalization {normalization!r}; allowed: {NORMALIZATIONS}")

@@ -82,8 +82,6 @@ def policy_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batc
     for group in optimizer.param_groups:
         group["lr"] = lr
 
-    sums: dict[str, float] = defaultdict(float)  # metrics of the applied minibatches
-    skipped: dict[str, float] = defaultdict(float)  # ... and of the skipped ones
     with fits_in_memory(lengths_B, cfg.trainer.micro_batch_tokens):
         old_B_T = None
         if cfg.anchor_logp == "rollout":
@@ -92,12 +90,22 @@ def policy_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batc
             old_B_T = frozen_logprobs(model, batch, every_micro, cfg.temperature, precision)
         ref_B_T = None if ref_model is None else frozen_logprobs(ref_model, batch, every_micro, cfg.temperature,
                                                                  precision)
-        for micro in plan:
-            metrics, applied = minibatch_step(model, optimizer, batch, micro, old_B_T, ref_B_T, cfg=cfg,
-                                              precision=precision)
-            for key, value in metrics.items():
-                (sums if applied else skipped)[key] += value
-    n_applied = int(sums["minibatches"])
+        steps = [minibatch_step(model, optimizer, batch, micro, old_B_T, ref_B_T, cfg=cfg, precision=precision)
+                 for micro in plan]
+    padding_share = 1.0 - float(lengths_B.sum()) / padded_tokens(lengths_B, every_micro)
+    return update_report(model, steps, lr=lr, micro_batches=len(every_micro), padding_share=padding_share)
+
+
+def update_report(model: torch.nn.Module, steps: list[tuple[dict[str, float], bool]], *, lr: float,
+                  micro_batches: int, padding_share: float) -> dict[str, float]:
+    """The ``train/`` metrics of a rollout batch's minibatch steps ((metrics, applied) each),
+    averaged over the applied ones; raise when the update left a weight non-finite."""
+    sums: dict[str, float] = defaultdict(float)  # metrics of the applied minibatches
+    skipped: dict[str, float] = defaultdict(float)  # ... and of the skipped ones
+    for metrics, applied in steps:
+        for key, value in metrics.items():
+            (sums if applied else skipped)[key] += value
+    k, n_applied = len(steps), int(sums["minibatches"])
     if n_applied and not all_finite(model):
         raise RlstreamError(f"the update made weights non-finite at lr {lr:g} although every applied loss and "
                             "gradient norm was finite; nothing was committed or published. Lower learning_rate "
@@ -109,8 +117,8 @@ def policy_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batc
     out["train/lr"] = lr
     out["train/minibatches"] = k
     out["train/nonfinite_skipped"] = k - n_applied
-    out["train/micro_batches"] = len(every_micro)
-    out["perf/padding_share"] = 1.0 - float(lengths_B.sum()) / padded_tokens(lengths_B, every_micro)
+    out["train/micro_batches"] = micro_batches
+    out["perf/padding_share"] = padding_share
     return out
 
 
@@ -124,20 +132,16 @@ def minibatch_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, bat
     divides it), so the shares' gradients accumulate to the minibatch's gradient. Once a
     share is not finite, the remaining forwards run without a graph (metrics only) and the
     step is skipped."""
-    config = loss_config(cfg)
-    denominator = loss_denominator(batch.mask_B_T[torch.cat(micro)], config.normalization)
+    denominator = loss_denominator(batch.mask_B_T[torch.cat(micro)], cfg.normalization)
     scale = denominator if precision.scales_backward else 1.0  # float16: per-token gradients of order 1
     optimizer.zero_grad(set_to_none=True)
     acc, finite = MicroMetrics(), True
     for rows in micro:
         mb = rows_of(batch, rows)
         T = mb.mask_B_T.shape[1]
-        with torch.set_grad_enabled(finite), precision.autocast():
-            logprobs_B_T = token_logprobs(model, mb.tokens_B_N, mb.attention_B_N, cfg.temperature)
-        loss, metrics = compute_loss(
-            cfg.policy_loss, logprobs_B_T, logprobs_B_T.detach() if old_B_T is None else old_B_T[rows, :T],
-            mb.inf_logprobs_B_T, mb.advantages_B, mb.mask_B_T,
-            ref_logprobs=None if ref_B_T is None else ref_B_T[rows, :T], config=config, denominator=denominator)
+        loss, metrics = micro_loss(model, mb, None if old_B_T is None else old_B_T[rows, :T],
+                                   None if ref_B_T is None else ref_B_T[rows, :T], cfg=cfg, precision=precision,
+                                   denominator=denominator, grad=finite)
         acc.add(metrics)
         finite = finite and bool(torch.isfinite(loss))
         if finite:
@@ -146,6 +150,17 @@ def minibatch_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, bat
     metrics = acc.result()
     metrics.update(loss=metrics["mean_loss"], grad_norm=grad_norm, minibatches=1.0)
     return metrics, applied
+
+
+def micro_loss(model: torch.nn.Module, mb: Batch, old_B_T: torch.Tensor | None, ref_B_T: torch.Tensor | None, *,
+               cfg: Config, precision: Precision, denominator: float, grad: bool) -> tuple[torch.Tensor, dict[str, float]]:
+    """One micro-batch's forward and loss (its share: ``denominator`` is its (mini)batch's) with
+    its metrics; ``old_B_T`` None = the live forward's own logprobs, detached."""
+    with torch.set_grad_enabled(grad), precision.autocast():
+        logprobs_B_T = token_logprobs(model, mb.tokens_B_N, mb.attention_B_N, cfg.temperature)
+    return compute_loss(cfg.policy_loss, logprobs_B_T, logprobs_B_T.detach() if old_B_T is None else old_B_T,
+                        mb.inf_logprobs_B_T, mb.advantages_B, mb.mask_B_T, ref_logprobs=ref_B_T,
+                        config=loss_config(cfg), denominator=denominator)
 
 
 @torch.no_grad()

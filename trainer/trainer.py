@@ -67,6 +67,7 @@ from rlstream.trainer.resume import (
 from rlstream.trainer.schedule import due, lr_multiplier
 from rlstream.trainer.staleness import stale_total
 from rlstream.trainer.step_metrics import FILTER_REASON, LiveRun, eval_metrics, rejected_total, step_metrics
+from rlstream.trainer.streaming import StreamingStep
 from rlstream.trainer.wandb_log import make_logger
 
 log = logging.getLogger(__name__)
@@ -130,15 +131,15 @@ class Trainer:
         P, reason = self.cfg.prompt_groups_per_step, "max_steps"
         while self.state.finished is None and (self.cfg.max_steps is None or self.step < self.cfg.max_steps):
             t_wait = time.monotonic()
-            self.buffer.fill(P, self.version)
+            groups, streamed = self.gather(P)  # none past the staleness bound
             if self.state.finished is not None:
                 log.info("trainer: run ended elsewhere (%s)", self.state.finished.reason)
                 return self.step
-            groups = self.buffer.take(P, self.version)  # none past the staleness bound
             if not groups:
                 reason = "data exhausted"
                 break
-            m = self.train_step(groups, wait_time=time.monotonic() - t_wait)
+            busy = streamed.compute_time if streamed else 0.0  # forward/backward while the batch was sampled
+            m = self.train_step(groups, wait_time=time.monotonic() - t_wait - busy, streamed=streamed)
             log.info("step %d v%d reward %.3f loss %.4f offset<=%d wait %.2fs step %.2fs", m["step"], m["version"],
                      m["rollout/reward_mean"], m["train/loss"], m["async/version_offset_max"],
                      m["perf/train_wait_time"], m["perf/step_time"])
@@ -147,8 +148,18 @@ class Trainer:
             self.finish(NO_STEP_TRAINED.format(self.cfg.run_id) if failed else reason, failed=failed)
         return self.step
 
+    def gather(self, P: int) -> tuple[list[Group], StreamingStep | None]:
+        """The next batch's groups; with ``trainer.streaming``, their forward/backward ran as they
+        arrived (``StreamingStep``, docs/design.md §15.70 Streaming accumulation divides last)."""
+        if not self.cfg.trainer.streaming:
+            self.buffer.fill(P, self.version)
+            return ([] if self.state.finished is not None else self.buffer.take(P, self.version)), None
+        streamed = StreamingStep(self.model, self.optimizer, cfg=self.cfg, pad_id=self.pad_id, device=self.device,
+                                 precision=self.precision, ref_model=self.ref_model)
+        return self.buffer.stream(P, self.version, streamed.add), streamed
+
     # ----------------------------------------------------------------- the step
-    def train_step(self, groups: list[Group], wait_time: float) -> dict[str, float]:
+    def train_step(self, groups: list[Group], wait_time: float, streamed: StreamingStep | None = None) -> dict[str, float]:
         """One step on ``groups`` (scored with their advantages as they completed): update the
         policy, write the weights when a sync is due, commit, publish, log; checkpoint and
         evaluate when due. The order is the commit protocol's (``commit``): the weights are on
@@ -156,7 +167,7 @@ class Trainer:
         between leaves the step either retrained from its pending entries or published by
         ``resume``."""
         t0 = time.monotonic()
-        train_metrics = self.optimize(groups)
+        train_metrics = self.optimize(groups, streamed=streamed)
         written = self.write_weights() if due(self.cfg.weight_sync_interval, self.version) else None
         metrics = step_metrics(self.step, self.version, groups, train_metrics, live=self.live_run(wait_time),
                                step_time=time.monotonic() - t0)
@@ -200,17 +211,21 @@ class Trainer:
         log.debug("%s traceback", name, exc_info=exc)  # one per group could flood the log at WARNING
         return reason
 
-    def optimize(self, groups: list[Group], lr: float | None = None) -> dict[str, float]:
-        """One policy update on the groups' samples and advantages; ``lr`` = the schedule's
-        unless given (a replayed step passes the one it recorded)."""
-        samples = [s for g in groups for s in g.samples]
-        batch = collate(samples, torch.cat([g.advantages_G for g in groups]), self.pad_id, self.device)
+    def optimize(self, groups: list[Group], lr: float | None = None,
+                 streamed: StreamingStep | None = None) -> dict[str, float]:
+        """One policy update on the groups' samples and advantages (or the rest of ``streamed``'s);
+        ``lr`` = the schedule's unless given (a replayed step passes the one it recorded)."""
         if lr is None:
             lr = self.cfg.learning_rate * lr_multiplier(self.step, schedule=self.cfg.lr_schedule,
                                                         warmup_steps=self.cfg.lr_warmup_steps,
                                                         total_steps=self.cfg.max_steps)
-        train_metrics = policy_update(self.model, self.optimizer, batch, cfg=self.cfg, lr=lr, ref_model=self.ref_model,
-                                      precision=self.precision)
+        if streamed is not None:
+            train_metrics = streamed.finish(lr) | streamed.perf()
+        else:
+            samples = [s for g in groups for s in g.samples]
+            batch = collate(samples, torch.cat([g.advantages_G for g in groups]), self.pad_id, self.device)
+            train_metrics = policy_update(self.model, self.optimizer, batch, cfg=self.cfg, lr=lr,
+                                          ref_model=self.ref_model, precision=self.precision)
         self.step, self.version = self.step + 1, self.version + 1
         return train_metrics
 

@@ -199,6 +199,8 @@ class Config(ConfigSection):
             raise ValueError("min_group_size exceeds completions_per_prompt")
         if self.ppo_n_minibatches > self.batch_size:
             raise ValueError(f"ppo_n_minibatches {self.ppo_n_minibatches} exceeds the batch of {self.batch_size} samples")
+        if self.trainer.streaming and self.ppo_n_minibatches > 1:  # later minibatches need the first one's update
+            raise ValueError("trainer.streaming needs ppo_n_minibatches = 1")
         if self.lr_schedule != "constant" and self.max_steps is None:
             raise ValueError(f"lr_schedule {self.lr_schedule!r} decays to 0 at max_steps: set max_steps")
         return self

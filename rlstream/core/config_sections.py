@@ -88,6 +88,16 @@ class TrainerConfig(ConfigSection):
     beta2: float = Field(0.95, ge=0, lt=1, description="AdamW beta2 (the cookbook's seeds pass 0.999)")
     eps: float = Field(1e-8, gt=0, le=1, description="AdamW eps")
     weight_decay: float = Field(0.01, ge=0, le=10, description="AdamW decoupled weight decay, on every weight")
+    streaming: bool = Field(
+        False, description="forward/backward on a batch's groups as they arrive, one optimizer step when it is "
+        "complete (the cookbook's pipeline chunks); needs micro_batch_tokens and ppo_n_minibatches = 1"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainerConfig:
+        if self.streaming and self.micro_batch_tokens is None:
+            raise ValueError("streaming runs the batch in micro-batches as its groups arrive: set micro_batch_tokens")
+        return self
 
 
 class InferenceConfig(ConfigSection):

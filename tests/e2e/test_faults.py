@@ -27,6 +27,7 @@ from rlstream.core import bus, keys
 from rlstream.core.connection import connect
 from rlstream.core.embedded_redis import EmbeddedRedis, stored_password
 from rlstream.core.messages import WeightsPublished
+from rlstream.core.metrics import read_metrics
 
 pytestmark = pytest.mark.e2e
 SMALL = ["--set", "max_steps=40", "--set", "prompt_groups_per_step=8", "--set", "completions_per_prompt=4",
@@ -109,7 +110,11 @@ def test_kill_worker_redis_trainer_and_fuzz(tmp_path: Path) -> None:
 def test_crash_between_commit_and_publish_then_continue(tmp_path: Path) -> None:
     run_dir = tmp_path / "runs" / "resume"
     small = [*SMALL, "--set", "max_steps=8"]
-    with running_up(tmp_path, "resume", *small, env={"RLSTREAM_FAULT": "after_commit:4"}, tag="up1") as up:
+    # The first part streams (docs/design.md §15.70 Streaming accumulation divides last): a trainer
+    # killed with a batch half accumulated commits nothing, and its replacement replays and goes on.
+    streaming = ["--set", "trainer.streaming=true", "--set", "trainer.micro_batch_tokens=24"]
+    with running_up(tmp_path, "resume", *small, *streaming, env={"RLSTREAM_FAULT": "after_commit:4"},
+                    tag="up1") as up:
         code = up.wait_exit(timeout=240)
         assert code == 0, up.logs()
         assert_summary(up, 8)
@@ -120,6 +125,8 @@ def test_crash_between_commit_and_publish_then_continue(tmp_path: Path) -> None:
     assert_steps_exactly(run_dir, 8)
     assert_audit_clean(run_dir, tmp_path)
     assert (run_dir / "checkpoints" / "step-8").is_dir()
+    streamed = [m["perf/streamed_share"] for m in read_metrics(run_dir / "metrics.jsonl") if m["step"] > 4]
+    assert len(streamed) == 4 and all(share > 0 for share in streamed), streamed
 
     # The crash fell between commit and publish: the restarted trainer published v4, once.
     server = EmbeddedRedis(run_dir / "redis")

@@ -1,0 +1,159 @@
+"""Streaming accumulation is the whole-batch step (docs/design.md §15.70 Streaming accumulation
+divides last): groups added in chunks as they "arrive", then one step, give the losses,
+gradient norms, metrics and weights of ``policy_update`` on the whole batch, for every loss and
+normalisation, with the KL term and TIS at both levels, to float32 rounding."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from test_microbatch import mixed_batch, one_thread  # noqa: F401  (the fixture applies here too)
+
+from rlstream.builtin.tiny_model import build_model
+from rlstream.core.choices import NORMALIZATIONS, POLICY_LOSSES
+from rlstream.core.config import Config
+from rlstream.core.errors import ConfigError
+from rlstream.core.messages import RolloutSample, group_id_for, sample_id_for
+from rlstream.trainer.batch import Batch, Group, collate
+from rlstream.trainer.optimize import make_optimizer, policy_update
+from rlstream.trainer.precision import Precision
+from rlstream.trainer.streaming import StreamingStep
+
+G = 4  # mixed_batch's 12 rows: 3 groups of 4
+NOT_EQUAL_BY_DESIGN = {"train/micro_batches", "perf/padding_share"}
+
+
+def groups_of(batch: Batch) -> list[Group]:
+    """The batch's rows as three scored groups of RolloutSamples (what the buffer hands over)."""
+    groups = []
+    for g in range(len(batch.advantages_B) // G):
+        gid = group_id_for(0, g, 0)
+        group = Group(gid, G, advantages_G=batch.advantages_B[g * G:(g + 1) * G])
+        for m in range(G):
+            i, n = g * G + m, int(batch.attention_B_N[g * G + m].sum())
+            group.members[str(m)] = (f"1-{i}", RolloutSample(
+                tokens=batch.tokens_B_N[i, :n].tolist(), logprobs=[0.0] + batch.inf_logprobs_B_T[i, :n - 1].tolist(),
+                loss_mask=[0] + [int(v) for v in batch.mask_B_T[i, :n - 1].tolist()], reward=0.0,
+                sample_id=sample_id_for(gid, m), group_id=gid, group_size=G, row_index=g))
+        groups.append(group)
+    return groups
+
+
+def run(streamed: bool, chunks=((0,), (1, 2)), steps: int = 2, budget: int = 30, **overrides):
+    """``steps`` updates of a fresh tiny model, whole-batch or streamed in ``chunks`` of groups."""
+    cfg = Config(prompt_groups_per_step=3, completions_per_prompt=G, learning_rate=1e-2,
+                 trainer={"micro_batch_tokens": budget, "eps": 1e-3, "streaming": streamed}, **overrides)
+    torch.manual_seed(0)
+    model = build_model(0)
+    ref = copy.deepcopy(model).eval().requires_grad_(False) if cfg.kl_beta > 0 else None
+    optimizer = make_optimizer(model, cfg)
+    out = []
+    for s in range(steps):
+        groups = groups_of(mixed_batch(model, seed=s))
+        if not streamed:
+            samples = [x for g in groups for x in g.samples]
+            batch = collate(samples, torch.cat([g.advantages_G for g in groups]), 0, torch.device("cpu"))
+            out.append(policy_update(model, optimizer, batch, cfg=cfg, lr=cfg.learning_rate, ref_model=ref))
+            continue
+        step = StreamingStep(model, optimizer, cfg=cfg, pad_id=0, device=torch.device("cpu"), precision=Precision(),
+                             ref_model=ref)
+        for chunk in chunks:
+            step.add([groups[i] for i in chunk])
+        out.append(step.finish(cfg.learning_rate))
+        out[-1]["streamed"] = step.streamed_samples
+    return out, [p.detach().clone() for p in model.parameters()]
+
+
+def assert_same_step(**overrides) -> list[dict[str, float]]:
+    whole, whole_weights = run(False, **overrides)
+    streamed, streamed_weights = run(True, **overrides)
+    for w, s in zip(whole, streamed):
+        assert set(w) == set(s) - {"streamed"}
+        for key in set(w) - NOT_EQUAL_BY_DESIGN:
+            assert s[key] == pytest.approx(w[key], rel=1e-5, abs=1e-6), key
+    for a, b in zip(whole_weights, streamed_weights):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5 * float(a.abs().max()))
+    return streamed
+
+
+@pytest.mark.parametrize("normalization", NORMALIZATIONS)
+@pytest.mark.parametrize("loss", POLICY_LOSSES)
+def test_every_loss_and_normalization_with_kl(loss, normalization):
+    out = assert_same_step(policy_loss=loss, normalization=normalization, kl_beta=0.05)
+    assert 0 < out[0]["streamed"] < 3 * G  # some of the batch ran before it was complete, not all of it
+
+
+@pytest.mark.parametrize("tis", [{"level": "token", "cap": 1.2}, {"level": "sequence", "cap": 1.1},
+                                 {"level": "sequence", "icepop_threshold": 1.4}], ids=["token", "sequence", "icepop"])
+def test_tis_and_the_rollout_anchor(tis):
+    assert_same_step(tis=tis, anchor_logp="rollout", normalization="sequence_mean")
+
+
+@pytest.mark.parametrize("chunks", [((0,), (1,), (2,)), ((0, 1, 2),), ((2,), (0, 1))])
+def test_any_arrival_pattern_and_budget(chunks):
+    assert_same_step(chunks=chunks, budget=1)  # budget 1: every row its own micro-batch
+    assert_same_step(chunks=chunks, budget=200, kl_beta=0.1)
+
+
+def test_a_nonfinite_chunk_skips_the_step():
+    cfg = Config(prompt_groups_per_step=3, completions_per_prompt=G, trainer={"micro_batch_tokens": 30,
+                                                                              "streaming": True})
+    torch.manual_seed(0)
+    model = build_model(0)
+    before = [p.detach().clone() for p in model.parameters()]
+    groups = groups_of(mixed_batch(model))
+    groups[1].advantages_G = torch.full((G,), float("nan"))
+    step = StreamingStep(model, make_optimizer(model, cfg), cfg=cfg, pad_id=0, device=torch.device("cpu"),
+                         precision=Precision())
+    step.add(groups[:2])
+    out = step.finish(1e-3)
+    assert out["train/nonfinite_skipped"] == 1
+    for a, b in zip(before, model.parameters()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(("trainer", "extra", "needed"), [
+    ({"streaming": True}, {}, "set micro_batch_tokens"),
+    ({"streaming": True, "micro_batch_tokens": 64}, {"ppo_n_minibatches": 2}, "ppo_n_minibatches = 1"),
+])
+def test_streaming_config_says_what_it_needs(trainer, extra, needed):
+    from rlstream.core.config import validate_config
+
+    with pytest.raises(ConfigError, match=needed):
+        validate_config({"trainer": trainer, **extra})
+
+
+def test_the_trainer_streams_groups_as_they_arrive_and_holds_them_until_the_commit(r, tmp_path):
+    """Through the trainer's own buffer on fakeredis: the first group runs before the second
+    arrives (a full micro-batch runs at once; a partly filled one waits, see the loss tests); a rescan of the pending list meanwhile (a connection error was retried) must not
+    take the first group's pending entries for strays and ack them (they would be lost in a
+    crash before the commit); the step commits both groups."""
+    from test_staleness import RUN, add_group, config, last_commit
+
+    from rlstream.core import bus, keys
+    from rlstream.trainer.trainer import Trainer
+
+    bus.ensure_group(r, keys.rollouts(RUN))
+    cfg = config(tmp_path, prompt_groups_per_step=2, trainer={"micro_batch_tokens": 6, "streaming": True})
+    t = Trainer(cfg, r, cfg.run_dir())
+    t.resume()
+    first = add_group(r, 0, sampled=0)  # two rows of 3 tokens: one full micro-batch of 6
+    step = StreamingStep(t.model, t.optimizer, cfg=cfg, pad_id=t.pad_id, device=t.device, precision=t.precision)
+    arrivals: list[int] = []
+
+    def chunk(groups):
+        step.add(groups)
+        arrivals.append(step.streamed_samples)
+        if len(arrivals) == 1:
+            t.buffer.errors_seen = -1  # as after a retried connection error: the next read rescans
+            add_group(r, 1, sampled=0)
+
+    groups = t.buffer.stream(2, t.version, chunk)
+    assert arrivals == [2, 4]  # each group's micro-batch (full: 2 rows x 3 tokens) ran as it arrived
+    assert [g.group_id for g in groups][0] == first and len(groups) == 2
+    assert bus.group_info(r, keys.rollouts(RUN))["pending"] == 4  # nothing acked before the commit
+    m = t.train_step(groups, wait_time=0.0, streamed=step)
+    assert m["perf/streamed_share"] == 1.0 and m["train/micro_batches"] == 2
+    assert sorted(last_commit(r).group_ids) == sorted(g.group_id for g in groups)
+    assert bus.group_info(r, keys.rollouts(RUN))["pending"] == 0
