@@ -9,7 +9,15 @@ import pytest
 
 def pytest_collection_modifyitems(config, items):
     """``slow`` tests (long chaos runs) run only when ``-m`` names them (``-m slow``,
-    ``-m "e2e and slow"``): the default suite, and ``-m e2e``, keep their time budget."""
+    ``-m "e2e and slow"``): the default suite, and ``-m e2e``, keep their time budget.
+
+    Under pytest-xdist (``-n``, on by default in pyproject.toml) every end-to-end test goes to
+    one worker, one after another (``--dist loadgroup``): each starts a redis-server and four
+    processes of its own, and two at once on a 2-core machine would only stretch their
+    deadlines; the unit and integration tests run beside them on the other workers."""
+    for item in items:
+        if item.path.parent.name == "e2e":
+            item.add_marker(pytest.mark.xdist_group("e2e"))
     if "slow" in (config.getoption("-m") or ""):
         return
     skip = pytest.mark.skip(reason="slow: run with `pytest -m slow`")
