@@ -83,7 +83,7 @@ class TrainingClient:
         cfg, self.session, self.tokenizer = session.cfg, session, tokenizer
         model, _ = load_model_and_tokenizer(str(session.base_path()), session.device)
         model.train()
-        if cfg.lora_rank:  # peft adapters train, the base stays frozen (docs/design.md §15.38)
+        if cfg.lora_rank:  # peft adapters train, the base stays frozen (§15.38 LoRA through peft, merged when published)
             model = lora.wrap(model, cfg)
         self.model = model
         self.precision = prepare(model, cfg.trainer.dtype, session.device, cfg.trainer.gradient_checkpointing)

@@ -22,8 +22,8 @@ ALLOWED = {
     "rlstream.producers": {"rlstream.core", "rlstream.builtin"},
     "rlstream.workers": {"rlstream.core", "rlstream.builtin", "rlstream.sampling"},
     "rlstream.trainer": {"rlstream.core", "rlstream.builtin", "rlstream.sampling"},
-    # The SDK trains in the caller's process with the trainer's pieces (docs/design.md §15.65); the roles' loops
-    # (workers, producers) and the face stay out of it.
+    # The SDK uses the trainer's pieces (docs/design.md §15.65 The SDK trains in the caller's process); the roles'
+    # loops (workers, producers) and the face stay out of it.
     "rlstream.sdk": {"rlstream.core", "rlstream.builtin", "rlstream.sampling", "rlstream.trainer"},
 }
 MAX_LINES = 350

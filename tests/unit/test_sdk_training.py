@@ -1,7 +1,7 @@
 """The SDK's training client, reference client and deployment on the tiny model, over
 fakeredis: the objective's tensors, gradient accumulation, optim_step and its event, the
 non-finite guard, sampler snapshots and their sync, states saved and loaded, the lease fence
-(docs/design.md §15.65 The SDK trains in the caller's process, §15.66 The SDK's events)."""
+(docs/design.md §15.65 The SDK trains in the caller's process, §15.66 The SDK's events: steps, snapshots and states in the run's log)."""
 from __future__ import annotations
 
 import asyncio
