@@ -40,6 +40,7 @@ HOSTED_ONLY = {
     "cleanup_deployment_on_close": "a local deployment ends with the service; an inference server is yours",
     "hotload_timeout": "syncs are bounded by inference.timeout",
 }
+RECONNECT_OPTIONS = ("redis", "inference", "device", "torch_threads", "trainer")  # may differ on a reconnect
 CLOSE_STATE = "close-step-{step:06d}"  # what close() saves when the service stays up for a reconnect
 
 
@@ -91,42 +92,48 @@ class ServiceClient:
         run_dir = Path(log_path) / run_id
         given = {"base_model": str(base_model), "tokenizer_model": tokenizer_model, "lora_rank": lora_rank}
         if trainer_job_id is not None:
-            cfg = cls._saved_config(run_dir, given)
+            cfg = cls._saved_config(run_dir, given, {k: _dumped(v) for k, v in options.items() if k in RECONNECT_OPTIONS})
         else:
             fields = {**{k: _dumped(v) for k, v in options.items()}, **given, "learning_rate": learning_rate,
                       "log_path": str(log_path), "run_id": run_id}
             cfg = validate_config(fields)
         private_dir(run_dir)
         r, embedded, attached = cls._redis(cfg, run_dir, keep_running=not cleanup_trainer_on_close)
-        if cfg.redis.url is None:  # record where the bus is, for a reconnect and for `rlstream status`
-            cfg = cfg.model_copy(update={"redis": cfg.redis.model_copy(update={"url": embedded.url})})
-        (run_dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=1))
         lease = TrainerLease(r, run_id)
-        deadline = time.monotonic() + LEASE_TTL_S + 1.0  # a crashed client's lease lapses within one TTL
-        while not lease.try_take() and time.monotonic() < deadline:
-            time.sleep(0.2)
-        try:
+        try:  # a service that fails to start leaves nothing running
+            if cfg.redis.url is None:  # record where the bus is, for a reconnect and for `rlstream status`
+                cfg = cfg.model_copy(update={"redis": cfg.redis.model_copy(update={"url": embedded.url})})
+            (run_dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=1))
+            deadline = time.monotonic() + LEASE_TTL_S + 1.0  # a crashed client's lease lapses within one TTL
+            while not lease.try_take() and time.monotonic() < deadline:
+                time.sleep(0.2)
             lease.hold()
-        except RlstreamError:
-            r.close()
-            raise
-        from rlstream.sampling.torch_setup import setup_torch
+            from rlstream.sampling.torch_setup import setup_torch
 
-        session = Session(cfg, run_dir, r, lease, Ledger(), setup_torch(cfg.trainer_device, cfg.torch_threads, cfg.seed))
-        session.ledger.follow(r, run_id)
-        session.record(RunStarted(run_id=run_id, config=cfg.model_dump(mode="json")))
+            device = setup_torch(cfg.trainer_device, cfg.torch_threads, cfg.seed)
+            session = Session(cfg, run_dir, r, lease, Ledger(), device)
+            session.ledger.follow(r, run_id)
+            session.record(RunStarted(run_id=run_id, config=cfg.model_dump(mode="json")))
+        except BaseException:
+            lease.release()
+            r.close()
+            if embedded is not None:
+                embedded.stop()
+            raise
         log.info("SDK service %s run %s in %s", "reconnected to" if trainer_job_id else "started", run_id, run_dir)
         return cls(session, embedded, attached, cleanup_trainer_on_close, replica_count)
 
     from_firetitan_config = from_config  # the seed's name
 
     @staticmethod
-    def _saved_config(run_dir: Path, given: dict[str, Any]) -> Config:
+    def _saved_config(run_dir: Path, given: dict[str, Any], overrides: dict[str, Any]) -> Config:
+        """The run's config; ``overrides`` (where the bus and the deployment are, the devices) win,
+        since a saved config holds no password and a reconnect may come from another machine."""
         path = run_dir / "config.json"
         if not path.is_file():
             raise ConfigError(f"no run {run_dir.name!r} under {run_dir.parent}: reconnect with the log_path it was "
                               "started with (trainer_job_id is its run id, service.trainer_job_id)")
-        cfg = validate_config(json.loads(path.read_text()))
+        cfg = validate_config({**json.loads(path.read_text()), **overrides})
         differs = {k: (getattr(cfg, k), v) for k, v in given.items() if v is not None and getattr(cfg, k) != v}
         if differs:
             raise ConfigError(f"run {cfg.run_id} was started with " + ", ".join(

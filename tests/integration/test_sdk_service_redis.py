@@ -1,0 +1,40 @@
+"""The SDK service on an external Redis (the session's real redis-server): one training client
+per run (a second service is refused while the first holds the run's lease, and leaves nothing
+behind), a reconnect that names the bus again, and the events a service writes
+(docs/design.md §15.68 Reconnect and close)."""
+from __future__ import annotations
+
+import pytest
+
+from rlstream.core import bus
+from rlstream.core.config_sections import RedisConfig
+from rlstream.core.credentials import url_password
+from rlstream.core.errors import ConfigError, RlstreamError
+from rlstream.core.messages import RunFinished, RunStarted
+from rlstream.sdk import service as service_module
+from rlstream.sdk.service import ServiceClient
+
+
+def test_one_service_per_run_and_a_reconnect_that_names_its_bus(tmp_path, redis_url, r, monkeypatch):
+    first = ServiceClient.from_config(base_model="builtin:tiny", log_path=tmp_path, redis=RedisConfig(url=redis_url))
+    run_id = first.trainer_job_id
+    assert url_password(redis_url) not in (tmp_path / run_id / "config.json").read_text()  # so a reconnect names it
+    monkeypatch.setattr(service_module, "LEASE_TTL_S", 0.2)  # how long a reconnect waits for a crashed client
+    try:
+        with pytest.raises(RlstreamError, match="already has a trainer"):
+            ServiceClient.from_config(base_model="builtin:tiny", log_path=tmp_path, trainer_job_id=run_id,
+                                      redis=RedisConfig(url=redis_url))
+        with pytest.raises(ConfigError, match="lora_rank=0 \\(not 4\\)"):
+            ServiceClient.from_config(base_model="builtin:tiny", lora_rank=4, log_path=tmp_path, trainer_job_id=run_id,
+                                      redis=RedisConfig(url=redis_url))
+    finally:
+        first.close()
+    with pytest.raises(RlstreamError, match="is closed"):
+        first.create_training_client()
+    again = ServiceClient.from_config(base_model="builtin:tiny", log_path=tmp_path, trainer_job_id=run_id,
+                                      redis=RedisConfig(url=redis_url))
+    again.close()
+    kinds = [type(m) for _, m in bus.iter_all_events(r, run_id)]
+    assert kinds == [RunStarted, RunFinished, RunStarted, RunFinished]
+    with pytest.raises(ConfigError, match="no run 'nope'"):
+        ServiceClient.from_config(base_model="builtin:tiny", log_path=tmp_path, trainer_job_id="nope")
