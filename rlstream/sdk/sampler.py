@@ -131,7 +131,8 @@ class DeploymentSampler:
             self._inner, self._inner_policy = cls(policy, self.defaults), policy
         return self._inner
 
-    async def sample_with_prompt_tokens(self, prompt_token_ids: list[int], n: int = 1, **kwargs: Any) -> list[Completion]:
+    async def sample_with_prompt_tokens(self, prompt_token_ids: list[int], n: int = 1,
+                                        **kwargs: Any) -> list[Completion]:
         return await self._sampler().sample_with_prompt_tokens(list(prompt_token_ids), n=n, **kwargs)
 
     async def sample_with_tokens(self, messages: list[dict[str, Any]], n: int = 1, **kwargs: Any) -> list[Completion]:

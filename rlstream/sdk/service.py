@@ -92,7 +92,8 @@ class ServiceClient:
         run_dir = Path(log_path) / run_id
         given = {"base_model": str(base_model), "tokenizer_model": tokenizer_model, "lora_rank": lora_rank}
         if trainer_job_id is not None:
-            cfg = cls._saved_config(run_dir, given, {k: _dumped(v) for k, v in options.items() if k in RECONNECT_OPTIONS})
+            overrides = {k: _dumped(v) for k, v in options.items() if k in RECONNECT_OPTIONS}
+            cfg = cls._saved_config(run_dir, given, overrides)
         else:
             fields = {**{k: _dumped(v) for k, v in options.items()}, **given, "learning_rate": learning_rate,
                       "log_path": str(log_path), "run_id": run_id}
@@ -222,11 +223,11 @@ class ServiceClient:
 
         policy = self.training_client
         if policy is not None and lora.is_lora(policy.model) and base_model in (None, self.session.cfg.base_model):
-            return ReferenceClient(lora.AdapterDisabled(policy.model), policy.pad_id, policy.precision)
+            return ReferenceClient(lora.AdapterDisabled(policy.model), policy.pad_id, policy.precision, policy.device)
         tokenizer = self.tokenizer()
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         return ReferenceClient(frozen_base(self.session, base_model, tokenizer), pad_id,
-                               policy.precision if policy is not None else Precision())
+                               policy.precision if policy is not None else Precision(), self.session.device)
 
     def _same_model(self, base_model: str | None, lora_rank: int | None) -> None:
         cfg = self.session.cfg

@@ -36,7 +36,8 @@ log = logging.getLogger(__name__)
 Objective = Callable[[list[Datum], list[torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]
 
 
-def datum_logprobs(model, data: Sequence[Datum], pad_id: int, precision: Precision) -> list[torch.Tensor]:
+def datum_logprobs(model, data: Sequence[Datum], pad_id: int, precision: Precision,
+                   device: torch.device) -> list[torch.Tensor]:
     """One forward over ``data`` (right-padded): for each datum the log-probability of
     tokens[1:] given what precedes them, ``len(tokens) - 1`` values, differentiable when grad
     is enabled (temperature 1, dropout off: ``token_logprobs``)."""
@@ -48,7 +49,6 @@ def datum_logprobs(model, data: Sequence[Datum], pad_id: int, precision: Precisi
     for i, d in enumerate(data):
         tokens_B_N[i, :lengths[i]] = torch.tensor(d.tokens)
         attention_B_N[i, :lengths[i]] = 1
-    device = next(model.parameters()).device
     with precision.autocast():
         logprobs_B_T = token_logprobs(model, tokens_B_N.to(device), attention_B_N.to(device), 1.0)
     return [logprobs_B_T[i, :n - 1] for i, n in enumerate(lengths)]
@@ -83,7 +83,7 @@ class TrainingClient:
         cfg, self.session, self.tokenizer = session.cfg, session, tokenizer
         model, _ = load_model_and_tokenizer(str(session.base_path()), session.device)
         model.train()
-        if cfg.lora_rank:  # peft adapters train, the base stays frozen (§15.38 LoRA through peft, merged when published)
+        if cfg.lora_rank:  # adapters train, the base stays frozen (§15.38 LoRA through peft, merged when published)
             model = lora.wrap(model, cfg)
         self.model = model
         self.precision = prepare(model, cfg.trainer.dtype, session.device, cfg.trainer.gradient_checkpointing)
@@ -92,7 +92,7 @@ class TrainingClient:
                               "cannot be given; use 'bfloat16' or 'float32'")
         self.optimizer = make_optimizer(model, cfg)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.step = 0
+        self.device, self.step = session.device, 0
         self._reset_accumulation()
 
     def _reset_accumulation(self) -> None:
@@ -107,7 +107,7 @@ class TrainingClient:
         """The policy's per-datum next-token logprobs, without a graph."""
         check_loss_fn(loss_fn)
         with torch.no_grad():
-            logprobs_list = datum_logprobs(self.model, data, self.pad_id, self.precision)
+            logprobs_list = datum_logprobs(self.model, data, self.pad_id, self.precision, self.device)
         return Done(ForwardBackwardOutput(_outputs(logprobs_list)))
 
     def forward_backward(self, data: Sequence[Datum], loss_fn: str = "cross_entropy") -> Done[ForwardBackwardOutput]:
@@ -120,7 +120,7 @@ class TrainingClient:
         non-finite loss is not backpropagated and makes the next ``optim_step`` a skipped one
         (docs/design.md §15.33 Non-finite steps are skipped, never published)."""
         data = list(data)
-        logprobs_list = datum_logprobs(self.model, data, self.pad_id, self.precision)
+        logprobs_list = datum_logprobs(self.model, data, self.pad_id, self.precision, self.device)
         loss, metrics = objective(data, logprobs_list)
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.requires_grad:
             raise TypeError("the objective must return (loss, metrics) with loss a scalar tensor computed from the "
@@ -227,13 +227,14 @@ class ReferenceClient:
     """Frozen reference logprobs (``forward(data, "cross_entropy")``): a LoRA policy's own base
     with its adapters disabled (no second copy), else a frozen copy of the base model."""
 
-    def __init__(self, model, pad_id: int, precision: Precision):
-        self.model, self.pad_id, self.precision = model, pad_id, precision
+    def __init__(self, model, pad_id: int, precision: Precision, device: torch.device):
+        self.model, self.pad_id, self.precision, self.device = model, pad_id, precision, device
 
     def forward(self, data: Sequence[Datum], loss_fn: str = "cross_entropy") -> Done[ForwardBackwardOutput]:
         check_loss_fn(loss_fn)
         with torch.no_grad():
-            return Done(ForwardBackwardOutput(_outputs(datum_logprobs(self.model, data, self.pad_id, self.precision))))
+            logprobs_list = datum_logprobs(self.model, data, self.pad_id, self.precision, self.device)
+        return Done(ForwardBackwardOutput(_outputs(logprobs_list)))
 
 
 def frozen_base(session: Session, base_model: str | None, tokenizer) -> Any:

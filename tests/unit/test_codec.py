@@ -76,7 +76,8 @@ EXAMPLES = {
     "evaluated": Evaluated(step=4, version=4, metrics={"eval/accuracy": 0.5}),
     "run_finished": RunFinished(reason="max_steps", step=10, version=10, failed=True),
 }
-EXAMPLES.update({  # the SDK's events (docs/design.md §15.66 The SDK's events: steps, snapshots and states in the run's log)
+# the SDK's events (docs/design.md §15.66 The SDK's events: steps, snapshots and states in the run's log)
+EXAMPLES.update({
     "optim_stepped": OptimStepped(step=2, metrics={"train/loss": 0.5, "train/datums": 8}),
     "sampler_saved": SamplerSaved(name="step-00002", step=2, version=1, sha256="cd" * 32, bytes=456),
     "state_saved": StateSaved(name="step-00002", step=2, sha256="ef" * 32, bytes=789),

@@ -1,7 +1,8 @@
 """The SDK's training client, reference client and deployment on the tiny model, over
 fakeredis: the objective's tensors, gradient accumulation, optim_step and its event, the
 non-finite guard, sampler snapshots and their sync, states saved and loaded, the lease fence
-(docs/design.md §15.65 The SDK trains in the caller's process, §15.66 The SDK's events: steps, snapshots and states in the run's log)."""
+(docs/design.md §15.65 The SDK trains in the caller's process, §15.66 The SDK's events: steps,
+snapshots and states in the run's log)."""
 from __future__ import annotations
 
 import asyncio
@@ -165,7 +166,8 @@ def test_every_write_is_fenced_by_the_trainer_lease(policy, session):
 
 
 def test_the_reference_stays_at_the_base_while_the_policy_moves(policy, session):
-    reference = ReferenceClient(frozen_base(session, None, policy.tokenizer), policy.pad_id, policy.precision)
+    reference = ReferenceClient(frozen_base(session, None, policy.tokenizer), policy.pad_id, policy.precision,
+                                session.device)
     base = [o["logprobs"].data for o in reference.forward(DATA, "cross_entropy").loss_fn_outputs]
     for got, want in zip(base, [o["logprobs"].data for o in policy.forward(DATA).result().loss_fn_outputs]):
         assert got == pytest.approx(want, abs=1e-5)
