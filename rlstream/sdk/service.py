@@ -208,7 +208,8 @@ class ServiceClient:
         if model_path is not None or self._deployment.policy is None:
             self._deployment.sync(model_path)
         cfg = self.session.cfg
-        defaults = {"max_tokens": cfg.max_completion_tokens, "temperature": cfg.temperature, **sample_defaults}
+        defaults = {"max_tokens": cfg.max_completion_tokens, "temperature": cfg.temperature,
+                    "max_seq_len": cfg.max_seq_len, **sample_defaults}
         return DeploymentSampler(self._deployment, tokenizer, concurrency_controller, defaults)
 
     def create_sampling_client(self, model_path: str | None = None, **sample_defaults: Any) -> SamplingClient:

@@ -44,6 +44,11 @@ def datum_logprobs(model, data: Sequence[Datum], pad_id: int, precision: Precisi
     if not data or not all(isinstance(d, Datum) for d in data):
         raise TypeError("data must be a non-empty list of rlstream.sdk.Datum(tokens=[...], loss_fn_inputs={...})")
     lengths = [len(d.tokens) for d in data]
+    vocab = getattr(model, "policy", model).get_input_embeddings().num_embeddings  # AdapterDisabled wraps its policy
+    top = max(max(d.tokens) for d in data)
+    if top >= vocab or min(min(d.tokens) for d in data) < 0:
+        raise ValueError(f"a datum holds token id {top} outside the model's vocabulary (size {vocab}): tokenize with "
+                         "the service's tokenizer (training_client.get_tokenizer())")
     tokens_B_N = torch.full((len(data), max(lengths)), pad_id, dtype=torch.long)
     attention_B_N = torch.zeros_like(tokens_B_N)
     for i, d in enumerate(data):

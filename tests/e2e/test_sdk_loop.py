@@ -11,10 +11,12 @@ import json
 import runpy
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 import torch
+from polling import wait_until
 
 from rlstream.core import bus
 from rlstream.core.connection import connect
@@ -111,6 +113,8 @@ def test_reconnect_by_trainer_job_id_restores_a_saved_state(tmp_path):
     finally:
         again.close()
     assert processes_of(run_dir) == []
+    wait_until(lambda: not any(t.name == "trainer-lease" for t in threading.enumerate()), 10,
+               "the lease's renewal thread to end with the service")
     events = logged_events(run_dir, run_id)
     assert [e.name for e in events if isinstance(e, StateLoaded)] == ["step-3", "step-2"]
     assert [e.step for e in events if isinstance(e, OptimStepped)] == [1, 2, 3, 3]

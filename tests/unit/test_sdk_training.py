@@ -69,6 +69,8 @@ def test_the_objective_gets_one_differentiable_tensor_per_datum(policy):
 
     out = policy.forward_backward_custom(DATA, objective).result()
     assert seen["shapes"] == [(4,), (3,)] and seen["grad"]
+    with pytest.raises(ValueError, match="token id 999 outside the model's vocabulary"):
+        policy.forward([Datum(tokens=[1, 999])])
     assert out.metrics["custom"] == 2.0 and "loss" in out.metrics
     plain = policy.forward(DATA).result().loss_fn_outputs
     for got, want in zip(plain, seen["values"]):  # padding changes nothing: the forward is the same
