@@ -22,6 +22,7 @@ import torch
 from rlstream.core import weights
 from rlstream.core.errors import ConfigError, RlstreamError
 from rlstream.core.messages import OptimStepped, SamplerSaved, StateLoaded, StateSaved
+from rlstream.core.metrics import MetricsLog
 from rlstream.sampling.torch_setup import load_model_and_tokenizer
 from rlstream.sdk.ledger import check_name, identity, parse_identity
 from rlstream.sdk.session import Session
@@ -169,6 +170,7 @@ class TrainingClient:
                         "train/tokens": self._tokens, "train/forward_backward_calls": self._calls})
         self._reset_accumulation()
         self.session.record(OptimStepped(step=self.step, metrics=metrics))
+        MetricsLog(self.session.run_dir / "metrics.jsonl").write({"step": self.step, **metrics})  # as `main` writes
         return Done(OptimStepResult(self.step, metrics))
 
     # ----------------------------------------------------------------- snapshots and states

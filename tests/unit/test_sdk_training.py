@@ -16,6 +16,7 @@ from rlstream.core import bus
 from rlstream.core.config import validate_config
 from rlstream.core.errors import RlstreamError
 from rlstream.core.messages import OptimStepped, SamplerSaved, StateLoaded, StateSaved
+from rlstream.core.metrics import read_metrics
 from rlstream.sdk.ledger import Ledger
 from rlstream.sdk.sampler import Deployment, DeploymentSampler
 from rlstream.sdk.session import Session
@@ -103,6 +104,7 @@ def test_optim_step_applies_adam_params_and_logs_the_step(policy, session):
     assert logged.step == result.step == 1
     assert logged.metrics["train/custom"] == 2.0 and logged.metrics["train/forward_backward_calls"] == 2
     assert logged.metrics["train/datums"] == 4 and logged.metrics["train/lr"] == 1e-2
+    assert read_metrics(session.run_dir / "metrics.jsonl") == [{"step": 1, **logged.metrics}]
 
 
 def test_a_non_finite_loss_skips_the_step(policy, session):
