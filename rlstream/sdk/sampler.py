@@ -34,8 +34,9 @@ class Deployment:
     """The one deployment of a service: ``sync(model_path)`` makes it serve that snapshot
     (None: the newest snapshot, else the base model)."""
 
-    def __init__(self, session: Session, tokenizer):
-        self.session, self.tokenizer = session, tokenizer
+    def __init__(self, session: Session, tokenizer, transports: tuple[Any, Any] = (None, None)):
+        """``transports``: httpx transports of the server's (completions, weight sync) clients (tests)."""
+        self.session, self.tokenizer, self.transports = session, tokenizer, transports
         self.backend = session.cfg.inference.backend
         self.policy = None
         self.model_path: str | None = None  # the identity it serves; None = the base model
@@ -79,7 +80,7 @@ class Deployment:
         s, inference = self.session, self.session.cfg.inference
         base = WeightsPublished(version=0, uri="", sha256="", bytes=0)  # what the server serves at start
         policy = RemotePolicy(inference, base, self.tokenizer, inference.model or s.cfg.base_model,
-                              s.run_dir / "weights")
+                              s.run_dir / "weights", *self.transports)
         if saved is not None:
             self._load(saved, policy)
         return policy

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
 import shutil
 
 import pytest
@@ -180,3 +181,41 @@ def test_the_reference_stays_at_the_base_while_the_policy_moves(policy, session)
     assert [o["logprobs"].data for o in reference.forward(DATA).result().loss_fn_outputs] == base
     with pytest.raises(ValueError, match="cross_entropy"):
         reference.forward(DATA, "ppo")
+
+
+def test_a_remote_deployment_is_told_to_load_the_snapshot_directory(policy, session):
+    import httpx
+
+    from rlstream.core.config_sections import InferenceConfig
+    from rlstream.core.errors import ConfigError
+
+    synced, asked = [], []
+
+    def completions(request):
+        asked.append(request)
+        choice = {"index": 0, "token_ids": [12], "text": "9", "finish_reason": "length",
+                  "logprobs": {"token_logprobs": [-0.5]}}
+        return httpx.Response(200, json={"choices": [choice]})
+
+    def sync(request):
+        synced.append(request.read())
+        return httpx.Response(200, json={"success": True})
+
+    transports = (httpx.MockTransport(completions), httpx.MockTransport(sync))
+    saved = policy.save_weights_for_sampler("remote-1").result()
+    no_sync = InferenceConfig(backend="openai", base_url="http://inference/v1")
+    session.cfg = session.cfg.model_copy(update={"inference": no_sync})
+    with pytest.raises(ConfigError, match="weight_sync_url is unset"):
+        Deployment(session, policy.tokenizer, transports).sync(saved.path)
+    inference = no_sync.model_copy(update={"weight_sync_url": "http://inference/update_weights_from_disk"})
+    session.cfg = session.cfg.model_copy(update={"inference": inference})
+    deployment = Deployment(session, policy.tokenizer, transports)
+    deployment.sync(saved.path)
+    assert [json.loads(body) for body in synced] == [
+        {"model_path": str((session.run_dir / "weights/v1").resolve()), "version": 1}]
+    sampler = DeploymentSampler(deployment, policy.tokenizer, None, {"max_tokens": 1, "temperature": 1.0})
+    [c] = asyncio.run(sampler.sample_with_prompt_tokens([6, 13, 7, 14]))
+    assert (c.output_tokens, c.inference_logprobs, c.version) == ([12], [-0.5], 1)
+    deployment.sync(saved.path)  # the same snapshot again (or an older one) is still sent
+    assert len(synced) == 2
+    deployment.close()
