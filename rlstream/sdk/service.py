@@ -199,7 +199,8 @@ class ServiceClient:
     def create_deployment_sampler(self, tokenizer=None, concurrency_controller: Any = None,
                                   model_path: str | None = None, **sample_defaults: Any) -> DeploymentSampler:
         """A sampler over the service's deployment, synced to ``model_path`` (a
-        ``save_weights_for_sampler`` identity; None: the newest snapshot, else the base).
+        ``save_weights_for_sampler`` identity; None: as it is, and at first the run's newest
+        snapshot, else the base model).
         ``sample_defaults`` (max_tokens, temperature, top_p, top_k, max_seq_len) apply to every call."""
         self._check_open()
         tokenizer = tokenizer or self.tokenizer()
