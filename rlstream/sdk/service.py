@@ -12,17 +12,16 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 from rlstream.core.config import Config, new_run_id, validate_config
-from rlstream.core.connection import connect
 from rlstream.core.credentials import private_dir
-from rlstream.core.embedded_redis import EmbeddedRedis, stored_password
-from rlstream.core.errors import ConfigError, RedisUnavailable, RlstreamError
+from rlstream.core.embedded_redis import EmbeddedRedis
+from rlstream.core.errors import ConfigError, RlstreamError
 from rlstream.core.messages import RunFinished, RunStarted
+from rlstream.sdk.bus_server import open_bus, stop_bus
 from rlstream.sdk.ledger import Ledger
 from rlstream.sdk.sampler import Deployment, DeploymentSampler, SamplingClient
 from rlstream.sdk.session import Session
@@ -99,7 +98,7 @@ class ServiceClient:
                       "log_path": str(log_path), "run_id": run_id}
             cfg = validate_config(fields)
         private_dir(run_dir)
-        r, embedded, attached = cls._redis(cfg, run_dir, keep_running=not cleanup_trainer_on_close)
+        r, embedded, attached = open_bus(cfg, run_dir, keep_running=not cleanup_trainer_on_close)
         lease = TrainerLease(r, run_id)
         try:  # a service that fails to start leaves nothing running
             if cfg.redis.url is None:  # record where the bus is, for a reconnect and for `rlstream status`
@@ -140,21 +139,6 @@ class ServiceClient:
             raise ConfigError(f"run {cfg.run_id} was started with " + ", ".join(
                 f"{k}={old!r} (not {new!r})" for k, (old, new) in differs.items()) + ": reconnect with the same")
         return cfg
-
-    @staticmethod
-    def _redis(cfg: Config, run_dir: Path, *, keep_running: bool):
-        """(client, embedded server we started or None, whether we attached to a running
-        embedded one). An external ``redis.url`` is used as is."""
-        embedded_dir = run_dir / "redis"
-        if cfg.redis.url is not None and not embedded_dir.is_dir():
-            return connect(cfg.redis.url, cfg.redis.connect_timeout), None, False
-        if cfg.redis.url is not None:  # a reconnect: is the run's embedded server still up?
-            try:
-                return connect(cfg.redis.url, 1.0, password=stored_password(embedded_dir)), None, True
-            except RedisUnavailable:
-                pass
-        embedded = EmbeddedRedis(embedded_dir, detached=keep_running)
-        return connect(embedded.start(), cfg.redis.connect_timeout), embedded, False
 
     # ----------------------------------------------------------------- the seed's surface
     @property
@@ -263,22 +247,8 @@ class ServiceClient:
                 self._deployment.close()
             self.training_client = self._deployment = None
             if self.cleanup_trainer_on_close:
-                self._stop_redis()
+                stop_bus(s.r, s.run_dir, self._embedded, self._attached)
             s.r.close()
-
-    def _stop_redis(self) -> None:
-        if self._embedded is not None:
-            self._embedded.stop()
-        elif self._attached:  # started by an earlier service that kept it up: SHUTDOWN flushes its AOF
-            pid_file = self.session.run_dir / "redis" / "pid"
-            pid = int(pid_file.read_text()) if pid_file.is_file() else None
-            try:
-                self.session.r.shutdown()
-            except Exception as exc:  # redis-py reports the closed connection of a successful SHUTDOWN
-                log.debug("SHUTDOWN: %s", exc)
-            deadline = time.monotonic() + 10.0
-            while pid is not None and _alive(pid) and time.monotonic() < deadline:
-                time.sleep(0.05)
 
     def __enter__(self) -> ServiceClient:
         return self
@@ -286,14 +256,3 @@ class ServiceClient:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except OSError:
-        return False
-    # a zombie (an exited child not yet reaped) is gone for every purpose here
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-    except OSError:
-        return True
