@@ -75,13 +75,14 @@ class ServiceClient:
 
     # ----------------------------------------------------------------- start / reconnect
     @classmethod
-    def from_config(cls, *, base_model: str, tokenizer_model: str | None = None, lora_rank: int = 0,
+    def from_config(cls, *, base_model: str, tokenizer_model: str | None = None, lora_rank: int | None = None,
                     learning_rate: float = 1e-5, replica_count: int = 1, log_path: str | Path = "runs",
                     trainer_job_id: str | None = None, cleanup_trainer_on_close: bool = True,
                     **options: Any) -> ServiceClient:
         """Start a service for ``base_model`` (a new run), or reconnect to the run
         ``trainer_job_id``: its Redis, its lease, and (at ``create_training_client``) its
-        newest saved state. ``replica_count`` > 1 is noted and served by one deployment."""
+        newest saved state (``lora_rank`` None: 0 for a new run, the run's own on a reconnect).
+        ``replica_count`` > 1 is noted and served by one deployment."""
         options = _options(options)
         if replica_count > 1:
             log.warning("ServiceClient: replica_count=%d: the deployment is one local model or your inference "
@@ -94,8 +95,8 @@ class ServiceClient:
             overrides = {k: _dumped(v) for k, v in options.items() if k in RECONNECT_OPTIONS}
             cfg = cls._saved_config(run_dir, given, overrides)
         else:
-            fields = {**{k: _dumped(v) for k, v in options.items()}, **given, "learning_rate": learning_rate,
-                      "log_path": str(log_path), "run_id": run_id}
+            fields = {**{k: _dumped(v) for k, v in options.items()}, **given, "lora_rank": lora_rank or 0,
+                      "learning_rate": learning_rate, "log_path": str(log_path), "run_id": run_id}
             cfg = validate_config(fields)
         private_dir(run_dir)
         r, embedded, attached = open_bus(cfg, run_dir, keep_running=not cleanup_trainer_on_close)
