@@ -6,9 +6,11 @@ objective with ``forward_backward_custom``, ``optim_step`` with ``AdamParams``, 
 
     python examples/sdk/rl_loop.py --steps 60
 
-Compared with the seed, only the imports and the model names changed; the loop batches
-``--groups`` prompts per step (the seed takes one row per step) so the tiny model learns in
-seconds. The last line printed is a JSON summary (first and last rewards, the run id).
+Compared with the seed's loop: the imports and the model names; ``--groups`` prompts per step
+(the seed takes one row per step), so that the tiny model learns in seconds; and the seed's
+``WeightSyncer.save_and_hotload`` written as the SDK lifecycle writes it,
+``save_weights_for_sampler`` + ``create_deployment_sampler(model_path=...)``. The last line
+printed is a JSON summary (first and last rewards, the run id).
 """
 from __future__ import annotations
 
