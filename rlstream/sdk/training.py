@@ -32,8 +32,10 @@ from rlstream.trainer.checkpoint import CheckpointState, load_checkpoint, save_c
 from rlstream.trainer.optimize import clip_and_step, make_optimizer
 from rlstream.trainer.policy_model import all_finite, token_logprobs, weights_dir, write_model_dir
 from rlstream.trainer.precision import Precision, prepare
+from rlstream.trainer.schedule import due
 
 log = logging.getLogger(__name__)
+AUTO_STATE = "auto-step-{step:06d}"  # the states dcp_save_interval saves
 Objective = Callable[[list[Datum], list[torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]
 
 
@@ -171,6 +173,8 @@ class TrainingClient:
         self._reset_accumulation()
         self.session.record(OptimStepped(step=self.step, metrics=metrics))
         MetricsLog(self.session.run_dir / "metrics.jsonl").write({"step": self.step, **metrics})  # as `main` writes
+        if due(self.session.cfg.dcp_save_interval, self.step):  # bounds what a crash loses to the interval
+            self.save_state(AUTO_STATE.format(step=self.step))
         return Done(OptimStepResult(self.step, metrics))
 
     # ----------------------------------------------------------------- snapshots and states

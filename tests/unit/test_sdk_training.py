@@ -219,3 +219,11 @@ def test_a_remote_deployment_is_told_to_load_the_snapshot_directory(policy, sess
     deployment.sync(saved.path)  # the same snapshot again (or an older one) is still sent
     assert len(synced) == 2
     deployment.close()
+
+
+def test_dcp_save_interval_saves_states_as_the_steps_go(policy, session):
+    session.cfg = session.cfg.model_copy(update={"dcp_save_interval": 2})
+    for _ in range(3):
+        policy.forward_backward_custom(DATA, weighted)
+        policy.optim_step(AdamParams(learning_rate=1e-2))
+    assert [(e.name, e.step) for e in events(session, StateSaved)] == [("auto-step-000002", 2)]
