@@ -159,3 +159,43 @@ def test_close_without_cleanup_keeps_the_service_for_a_later_reconnect(tmp_path)
     finally:
         for pid in processes_of(run_dir):  # never leave the detached server behind a failed assertion
             subprocess.run(["kill", str(pid)], check=False)
+
+
+def test_the_deployment_can_be_an_inference_server_synced_to_a_snapshot(tmp_path):
+    """inference.backend = "openai": the stand-in server (tests/e2e/openai_server.py) is told to
+    load the snapshot's directory, and then samples with exactly the policy's logprobs."""
+    import asyncio
+
+    from rlstream.builtin.tiny_model import save_tiny_model
+    from rlstream.core.config_sections import InferenceConfig
+    from rlstream.sdk import Datum, ServiceClient
+
+    model_dir = save_tiny_model(tmp_path / "tiny")
+    port_file = tmp_path / "server.port"
+    server = subprocess.Popen([sys.executable, str(EXAMPLE.parents[2] / "tests/e2e/openai_server.py"), str(model_dir),
+                               str(port_file)], stderr=subprocess.DEVNULL)
+    try:
+        def port() -> str:
+            assert server.poll() is None, "the stand-in inference server exited"
+            return port_file.read_text().strip() if port_file.is_file() else ""
+
+        base = f"http://127.0.0.1:{wait_until(port, 60, 'the stand-in inference server', interval=0.1)}"
+        inference = InferenceConfig(backend="openai", base_url=f"{base}/v1",
+                                    weight_sync_url=f"{base}/update_weights_from_disk")
+        service = ServiceClient.from_config(base_model=str(model_dir), log_path=tmp_path / "runs", inference=inference)
+        try:
+            policy = service.create_training_client()
+            one_step(policy, lr=5e-2)
+            one_step(policy, lr=5e-2)
+            saved = policy.save_weights_for_sampler("remote").result()
+            sampler = service.create_deployment_sampler(model_path=saved.path, tokenizer=policy.get_tokenizer())
+            [c] = asyncio.run(sampler.sample_with_prompt_tokens([6, 13, 7, 14], n=1, max_tokens=1, temperature=1.0))
+            mine = policy.forward([Datum(tokens=c.full_tokens)]).result().loss_fn_outputs[0]["logprobs"].data[-1]
+            assert c.version == 1 and mine == pytest.approx(c.inference_logprobs[0], abs=1e-4)
+            updates = [json.loads(line) for line in port_file.with_name("server.port.updates").read_text().splitlines()]
+            assert updates == [{"model_path": str((service.run_dir / "weights" / "v1").resolve()), "version": 1}]
+        finally:
+            service.close()
+    finally:
+        server.kill()
+        server.wait()
