@@ -37,7 +37,9 @@ def checkpoint_dir(run_dir: Path, step: int) -> Path:
     return run_dir / "checkpoints" / f"step-{step}"
 
 
-def save_checkpoint(run_dir: Path, state: CheckpointState, model, tokenizer, optimizer) -> Path:
+def save_checkpoint(run_dir: Path, state: CheckpointState, model, tokenizer, optimizer,
+                    final: Path | None = None) -> Path:
+    """``checkpoints/step-<N>/``, or ``final`` (an SDK state saved by name)."""
     def train_state(tmp: Path) -> None:
         rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
         if torch.cuda.is_available():
@@ -45,7 +47,7 @@ def save_checkpoint(run_dir: Path, state: CheckpointState, model, tokenizer, opt
         torch.save({"optimizer": optimizer.state_dict(), "rng": rng}, tmp / "train_state.pt")
         (tmp / "state.json").write_text(json.dumps(asdict(state)))
 
-    final = checkpoint_dir(run_dir, state.step)
+    final = final or checkpoint_dir(run_dir, state.step)
     saved = lora.AdapterFiles(model) if lora.is_lora(model) else model  # LoRA: the adapter, not the frozen base
     write_model_dir(final, saved, tokenizer, version=state.version, extra_files=train_state)
     log.info("checkpoint step %d -> %s", state.step, final)

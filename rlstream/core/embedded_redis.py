@@ -106,8 +106,12 @@ class _Probe:
 class EmbeddedRedis:
     """Start/stop one redis-server whose data lives in ``directory`` (AOF + log)."""
 
-    def __init__(self, directory: str | Path):
+    def __init__(self, directory: str | Path, *, detached: bool = False):
+        """``detached``: the server outlives this process (an SDK service closed with
+        ``cleanup_trainer_on_close=False`` keeps its bus up for a later reconnect); by default
+        it dies with its parent."""
         self.directory = Path(directory).resolve()
+        self.detached = detached
         self.process: subprocess.Popen | None = None
         self.url = ""
         self.port: int | None = None  # kept across restarts so clients' URLs stay valid
@@ -163,7 +167,7 @@ class EmbeddedRedis:
         # `rlstream up` must not leave it running, holding the run's AOF.
         self.process = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                         stderr=subprocess.DEVNULL, start_new_session=True,
-                                        preexec_fn=die_with_parent(signal.SIGTERM))
+                                        preexec_fn=None if self.detached else die_with_parent(signal.SIGTERM))
         try:
             self.process.stdin.write(f"requirepass {self.password}\n".encode())
             self.process.stdin.close()

@@ -267,6 +267,45 @@ class RunFinished(Message):
     failed: bool = False  # e.g. the rollout circuit breaker stopped the run
 
 
+
+# The SDK's events (docs/design.md §15.66 The SDK's events: steps, snapshots and states in the run's log).
+class OptimStepped(Message):
+    """An SDK ``optim_step`` (``step`` counts them; a loaded state sets it back); ``train/...`` metrics."""
+
+    kind: Literal["optim_stepped"] = "optim_stepped"
+    step: int = Field(ge=1)
+    metrics: dict[str, int | float] = Field(default_factory=dict)
+
+
+class SamplerSaved(Message):
+    """``save_weights_for_sampler(name)``: the weights at ``step`` sealed in ``<run dir>/weights/v<version>``."""
+
+    kind: Literal["sampler_saved"] = "sampler_saved"
+    name: str
+    step: int = Field(ge=0)
+    version: int = Field(ge=1)
+    sha256: str
+    bytes: int = Field(ge=0)
+
+
+class StateSaved(Message):
+    """``save_state(name)``: weights, optimizer and RNG at ``step``, sealed in ``<run dir>/states/<name>``."""
+
+    kind: Literal["state_saved"] = "state_saved"
+    name: str
+    step: int = Field(ge=0)
+    sha256: str
+    bytes: int = Field(ge=0)
+
+
+class StateLoaded(Message):
+    """A training client loaded state ``name``: the steps after it continue from ``step``."""
+
+    kind: Literal["state_loaded"] = "state_loaded"
+    name: str
+    step: int = Field(ge=0)
+    with_optimizer: bool = True
+
 class DeadLetter(Message):
     """What ``rl:{run}:dead`` holds: the source entry, the reason, the raw bytes."""
 
@@ -286,6 +325,7 @@ EVENT_TYPES: tuple[type[Message], ...] = (
     RunStarted, GroupAdmitted, GroupRejected, GroupSampled, StepCommitted, WeightsPublished, Evaluated,
     DatasetExhausted, RunFinished,
 )
+EVENT_TYPES = (*EVENT_TYPES, OptimStepped, SamplerSaved, StateSaved, StateLoaded)  # the SDK's
 MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.model_fields["kind"].default: cls
     for cls in (RolloutSample, GroupJob, DeadLetter, *EVENT_TYPES)

@@ -10,6 +10,7 @@ import msgpack
 import pytest
 
 from rlstream.core.codec import DecodeError, decode, encode
+from rlstream.core.messages import OptimStepped, SamplerSaved, StateLoaded, StateSaved
 from rlstream.core.messages import (
     MESSAGE_TYPES,
     SCHEMA_VERSION,
@@ -75,6 +76,13 @@ EXAMPLES = {
     "evaluated": Evaluated(step=4, version=4, metrics={"eval/accuracy": 0.5}),
     "run_finished": RunFinished(reason="max_steps", step=10, version=10, failed=True),
 }
+# the SDK's events (docs/design.md §15.66 The SDK's events: steps, snapshots and states in the run's log)
+EXAMPLES.update({
+    "optim_stepped": OptimStepped(step=2, metrics={"train/loss": 0.5, "train/datums": 8}),
+    "sampler_saved": SamplerSaved(name="step-00002", step=2, version=1, sha256="cd" * 32, bytes=456),
+    "state_saved": StateSaved(name="step-00002", step=2, sha256="ef" * 32, bytes=789),
+    "state_loaded": StateLoaded(name="step-00002", step=2, with_optimizer=False),
+})
 
 
 def test_examples_cover_every_message_type():

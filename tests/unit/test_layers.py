@@ -22,6 +22,9 @@ ALLOWED = {
     "rlstream.producers": {"rlstream.core", "rlstream.builtin"},
     "rlstream.workers": {"rlstream.core", "rlstream.builtin", "rlstream.sampling"},
     "rlstream.trainer": {"rlstream.core", "rlstream.builtin", "rlstream.sampling"},
+    # The SDK uses the trainer's pieces (docs/design.md §15.65 The SDK trains in the caller's process); the roles'
+    # loops (workers, producers) and the face stay out of it.
+    "rlstream.sdk": {"rlstream.core", "rlstream.builtin", "rlstream.sampling", "rlstream.trainer"},
 }
 MAX_LINES = 350
 
@@ -146,3 +149,13 @@ def test_module_docstring_and_size(module):
         return
     assert ast.get_docstring(ast.parse(text)), f"{path} has no module docstring saying what it owns"
     assert len(text.splitlines()) <= MAX_LINES, f"{path} has {len(text.splitlines())} lines (> {MAX_LINES}): split it"
+
+
+def test_every_package_is_installed():
+    """pyproject.toml lists the packages by name: a new folder left out of it would import from
+    a source checkout and be missing from an installed rlstream."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    packages = {name for name, path in MODULES.items() if path.name == "__init__.py"}
+    assert packages <= listed, f"add {sorted(packages - listed)} to [tool.setuptools] packages in pyproject.toml"

@@ -1,0 +1,40 @@
+"""``rlstream.sdk``: the SDK lifecycle of research loops (train -> save -> sync -> sample), shaped
+like the Fireworks / Tinker SDK so seed code ports with its imports changed
+(docs/design.md §15.65 The SDK trains in the caller's process)::
+
+    from rlstream.sdk import AdamParams, Datum, ServiceClient
+
+    service = ServiceClient.from_config(base_model="builtin:tiny", lora_rank=0, learning_rate=1e-3)
+    policy = service.create_training_client()
+    policy.forward_backward_custom(datums, objective).result()
+    policy.optim_step(AdamParams(learning_rate=1e-3)).result()
+    saved = policy.save_weights_for_sampler("step-00001").result()
+    sampler = service.create_deployment_sampler(model_path=saved.path)
+    service.close()
+
+Importing it imports torch (the training client lives in the caller's process).
+"""
+from rlstream.core.rollout import Completion
+from rlstream.sdk.sampler import DeploymentSampler, SamplingClient
+from rlstream.sdk.service import ServiceClient
+from rlstream.sdk.training import ReferenceClient, TrainingClient
+from rlstream.sdk.types import (
+    AdamParams,
+    Datum,
+    Done,
+    ForwardBackwardOutput,
+    ModelInput,
+    OptimStepResult,
+    SampledSequence,
+    SampleResponse,
+    SamplingParams,
+    SaveResult,
+    TensorData,
+)
+
+FiretitanServiceClient = ServiceClient  # the seed's name
+
+__all__ = ["AdamParams", "Completion", "Datum", "DeploymentSampler", "Done", "FiretitanServiceClient",
+           "ForwardBackwardOutput", "ModelInput", "OptimStepResult", "ReferenceClient", "SampleResponse",
+           "SampledSequence", "SamplingClient", "SamplingParams", "SaveResult", "ServiceClient", "TrainingClient",
+           "TensorData"]

@@ -1,0 +1,162 @@
+"""The SDK's plain data types, shaped like the Tinker / Fireworks SDK's so seed code ports with
+its imports changed: ``Datum``, ``ModelInput``, ``TensorData``, ``AdamParams``,
+``SamplingParams``, the results the calls return, and ``Done``, the future every call returns.
+
+No torch at import: these are what a caller builds and reads.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class Done(Generic[T]):
+    """A call's future. The training client runs in the caller's process, so every call has
+    finished when it returns: ``result()`` hands the value back at once (a raised error was
+    raised by the call itself). Attribute access reaches the result, so code that forgets
+    ``.result()`` (``reference.forward(...).loss_fn_outputs``, as the seed's rl_loop writes
+    it) works too."""
+
+    def __init__(self, value: T):
+        self._value = value
+
+    def result(self, timeout: float | None = None) -> T:
+        return self._value
+
+    def done(self) -> bool:
+        return True
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self._value, name)
+
+
+@dataclass(frozen=True)
+class ModelInput:
+    """Tinker's model input: the tokens the model reads (``tokens[:-1]`` of a datum)."""
+
+    tokens: list[int]
+
+    @classmethod
+    def from_ints(cls, tokens: list[int]) -> ModelInput:
+        return cls([int(t) for t in tokens])
+
+    def to_ints(self) -> list[int]:
+        return list(self.tokens)
+
+    @property
+    def length(self) -> int:
+        return len(self.tokens)
+
+
+@dataclass(frozen=True)
+class TensorData:
+    """One per-token array of a result (``.data`` is a list, ``to_torch()`` a tensor)."""
+
+    data: list[float]
+
+    def tolist(self) -> list[float]:
+        return list(self.data)
+
+    def to_torch(self):
+        import torch
+
+        return torch.tensor(self.data, dtype=torch.float32)
+
+    @classmethod
+    def from_torch(cls, tensor) -> TensorData:
+        return cls(tensor.detach().float().cpu().tolist())
+
+
+@dataclass
+class Datum:
+    """One sequence to train on: ``tokens`` (prompt + completion) and whatever the objective
+    reads in ``loss_fn_inputs`` (advantages, masks, old logprobs...). Tinker's form is
+    accepted too: ``Datum(model_input=ModelInput.from_ints(tokens[:-1]),
+    loss_fn_inputs={"target_tokens": tokens[1:], ...})``. Either way the model computes
+    ``len(tokens) - 1`` next-token logprobs for it."""
+
+    tokens: list[int] = field(default_factory=list)
+    loss_fn_inputs: dict[str, Any] = field(default_factory=dict)
+    model_input: ModelInput | None = None
+
+    def __post_init__(self) -> None:
+        if self.model_input is not None and not self.tokens:
+            targets = self.loss_fn_inputs.get("target_tokens")
+            targets = list(getattr(targets, "data", targets) or [])
+            if len(targets) != self.model_input.length:
+                raise ValueError(f"Datum: model_input has {self.model_input.length} tokens but target_tokens has "
+                                 f"{len(targets)}; they must be equal (targets = inputs shifted by one)")
+            self.tokens = self.model_input.to_ints() + [int(targets[-1])] if targets else []
+        self.tokens = [int(t) for t in self.tokens]
+        if len(self.tokens) < 2:
+            raise ValueError(f"Datum needs at least 2 tokens (one to read, one to predict), got {len(self.tokens)}")
+
+
+@dataclass(frozen=True)
+class AdamParams:
+    """One ``optim_step``'s AdamW settings (Tinker's defaults; ``grad_clip_norm`` 0 = no clip)."""
+
+    learning_rate: float = 1e-4
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-12
+    weight_decay: float = 0.0
+    grad_clip_norm: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not (self.learning_rate >= 0 and 0 <= self.beta1 < 1 and 0 <= self.beta2 < 1 and self.eps > 0
+                and self.weight_decay >= 0 and self.grad_clip_norm >= 0):
+            raise ValueError(f"AdamParams out of range: {self}; need learning_rate >= 0, 0 <= beta1, beta2 < 1, "
+                             "eps > 0, weight_decay >= 0, grad_clip_norm >= 0")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Tinker's sampling settings (``create_sampling_client(...).sample``)."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stop: Any = None  # accepted for compatibility; generation stops at the model's eos
+
+
+@dataclass(frozen=True)
+class ForwardBackwardOutput:
+    """``forward`` / ``forward_backward*``: one ``{"logprobs": TensorData}`` per datum, and metrics."""
+
+    loss_fn_outputs: list[dict[str, TensorData]]
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class OptimStepResult:
+    step: int
+    metrics: dict[str, float]
+
+
+@dataclass(frozen=True)
+class SaveResult:
+    """``save_weights_for_sampler`` / ``save_state``: ``path`` is the snapshot's identity
+    (``rlstream://<run>/sampler_weights/<name>`` or ``.../state/<name>``), which the service
+    resolves through the run's log; ``directory`` is where it lies on disk."""
+
+    path: str
+    directory: str
+    step: int
+
+
+@dataclass(frozen=True)
+class SampledSequence:
+    tokens: list[int]
+    logprobs: list[float]
+    stop_reason: str
+
+
+@dataclass(frozen=True)
+class SampleResponse:
+    sequences: list[SampledSequence]
