@@ -54,6 +54,7 @@ from rlstream.trainer.hooks import (
 )
 from rlstream.trainer.lease import RollbackWatch, TrainerLease, fenced_write
 from rlstream.trainer.optimize import make_optimizer, policy_update
+from rlstream.trainer.perf_metrics import PerfClock
 from rlstream.trainer.policy_model import base_model_path, load_reference, write_weights
 from rlstream.trainer.precision import prepare
 from rlstream.trainer.resume import (
@@ -105,6 +106,7 @@ class Trainer:
         self.rollback = RollbackWatch(r, cfg.run_id, self.buffer.connection_errors)
         self.metrics = MetricsLog(run_dir / "metrics.jsonl")
         self.step = self.version = 0
+        self.perf = PerfClock()  # the perf/* metrics' timestamps (trainer/perf_metrics.py)
 
     # ----------------------------------------------------------------- the loop
     def run(self) -> int:
@@ -127,6 +129,7 @@ class Trainer:
         self.resume()
         if self.step == 0:
             self.evaluate()  # the base model, before any update
+        self.perf.restart(self.state, bus.rollout_stats(self.r, self.cfg.run_id))
         P, reason = self.cfg.prompt_groups_per_step, "max_steps"
         while self.state.finished is None and (self.cfg.max_steps is None or self.step < self.cfg.max_steps):
             t_wait = time.monotonic()
@@ -155,11 +158,11 @@ class Trainer:
         disk before the commit names their version and announced only after it, so a crash in
         between leaves the step either retrained from its pending entries or published by
         ``resume``."""
-        t0 = time.monotonic()
+        t0, compute_began = time.monotonic(), time.time()
         train_metrics = self.optimize(groups)
         written = self.write_weights() if due(self.cfg.weight_sync_interval, self.version) else None
-        metrics = step_metrics(self.step, self.version, groups, train_metrics, live=self.live_run(wait_time),
-                               step_time=time.monotonic() - t0)
+        metrics = step_metrics(self.step, self.version, groups, train_metrics, step_time=time.monotonic() - t0,
+                               live=self.live_run(wait_time, groups, compute_began))
         self.filtered = {"kept": 0, "rejected": 0}
         committed = step_record(self.step, self.version, groups, metrics)
         self.last_commit_id = commit_step(self.r, self.cfg.run_id, committed, self.lease, last_event=self.cursor)
@@ -216,12 +219,16 @@ class Trainer:
 
     def write_weights(self) -> WeightsPublished:
         self.lease.confirm()  # the directory of a version that another trainer may have published
+        t0 = time.monotonic()
         with self.precision.published():  # in the dtype the base model was stored in
-            return write_weights(self.model, self.tokenizer, self.run_dir, self.version, self.cfg.keep_weights)
+            written = write_weights(self.model, self.tokenizer, self.run_dir, self.version, self.cfg.keep_weights)
+        self.perf.weights_written(time.monotonic() - t0)
+        return written
 
-    def live_run(self, wait_time: float) -> LiveRun:
-        return LiveRun(wait_time=wait_time, rejected_groups=rejected_total(self.state),
-                       worker_counts=bus.rollout_stats(self.r, self.cfg.run_id),
+    def live_run(self, wait_time: float, groups: list[Group], compute_began: float) -> LiveRun:
+        stats = bus.rollout_stats(self.r, self.cfg.run_id)
+        return LiveRun(wait_time=wait_time, rejected_groups=rejected_total(self.state), worker_counts=stats,
+                       perf=self.perf.line(groups, wait_time, compute_began, self.state, stats),
                        filter_kept=self.filtered["kept"], filter_rejected=self.filtered["rejected"],
                        stale_dropped=self.buffer.stale_in_batch, stale_dropped_total=stale_total(self.state))
 

@@ -112,6 +112,10 @@ class RolloutSample(Message):
     min_version: Int = 0
     max_version: Int = 0
     worker_id: str = ""
+    # Wall-clock seconds (time.time() on the worker) its group's sampling began and ended; 0.0 when
+    # unknown (older workers). The trainer's perf/overlap_ratio reads them (README "Perf metrics").
+    started_at: Float = 0.0
+    finished_at: Float = 0.0
 
     POSITIONAL: ClassVar[tuple[str, ...]] = ("tokens", "logprobs", "loss_mask", "reward", "finish_reason", "text")
 
@@ -222,6 +226,7 @@ class GroupSampled(Message):
     samples: int = Field(ge=0)
     worker_id: str = ""
     version: int = Field(0, ge=0)
+    tokens: int = Field(0, ge=0, description="generated (loss_mask 1) tokens of the samples; 0 from older workers")
 
 
 class StepCommitted(Message):
