@@ -111,3 +111,18 @@ def test_random_field_mutations_get_the_same_verdict_on_both_paths(monkeypatch):
         assert fast == validated_path(raw, monkeypatch), data
         seen.add(fast[0])
     assert seen == {"accepted", "rejected"}  # both outcomes were exercised
+
+
+def test_messages_of_older_workers_decode_with_zero_timings(monkeypatch):
+    """Backward compatibility of the perf fields (docs/design.md §15.56): a sample without
+    started_at/finished_at and a GroupSampled without tokens, as older workers wrote them."""
+    from rlstream.core.messages import GroupSampled
+
+    data = msgpack.unpackb(encode(sample()), raw=False)
+    del data["started_at"], data["finished_at"]
+    monkeypatch.setattr(RolloutSample, "model_validate", lambda *a, **k: pytest.fail("slow path taken"))
+    old = decode(msgpack.packb(data, use_bin_type=True), expect=RolloutSample)
+    assert (old.started_at, old.finished_at) == (0.0, 0.0) and old.reward == 0.5
+    event = msgpack.unpackb(encode(GroupSampled(group_id="g", samples=2, tokens=7)), raw=False)
+    del event["tokens"]
+    assert decode(msgpack.packb(event, use_bin_type=True)).tokens == 0
