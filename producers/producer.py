@@ -220,10 +220,13 @@ def count_gate_wait(r: redis.Redis, cfg: Config, state: RunState, closed_since: 
     returns when the current closed spell began (None: open)."""
     now = time.monotonic()
     if closed_since is not None:
-        r.hincrby(keys.rollout_stats(cfg.run_id), "gate_closed_ms", int((now - closed_since) * 1000))
+        ms = int((now - closed_since) * 1000)
+        if ms:
+            r.hincrby(keys.rollout_stats(cfg.run_id), "gate_closed_ms", ms)
+        closed_since += ms / 1000  # the sub-millisecond rest carries into the next pass
     closed = rows_left and staleness_capacity(gate_version(cfg, state), cfg.offpolicy_versions, cfg.batch_size,
                                               state.reserved_samples) < cfg.completions_per_prompt
-    return now if closed else None
+    return (now if closed_since is None else closed_since) if closed else None
 
 
 def maintain(r: redis.Redis, queue: Queue, cfg: Config, state: RunState, cursor: str, rows: list[dict],

@@ -136,3 +136,20 @@ def test_the_producer_counts_the_time_its_gate_holds_rows_back(r, monkeypatch, t
     now["t"] = 52.0
     assert count_gate_wait(r, cfg, state, since, rows_left=False) is None  # no rows left: nothing held back
     assert int(r.hget(stats, GATE_CLOSED)) == 2000
+
+
+def test_gate_time_counted_in_many_short_passes_loses_no_fraction(r, monkeypatch, tmp_path):
+    from rlstream.producers.producer import count_gate_wait
+
+    now = {"t": 10.0}
+    monkeypatch.setattr("rlstream.producers.producer.time.monotonic", lambda: now["t"])
+    cfg = Config(run_id="gate2", log_path=str(tmp_path), prompt_groups_per_step=1, completions_per_prompt=2)
+    state = RunState()
+    for row in range(cfg.offpolicy_versions + 1):
+        state.apply(GroupAdmitted(group_id=group_id_for(0, row, 0), row_index=row, epoch=0, attempt=0,
+                                  submit_version=0, group_size=2))
+    since = count_gate_wait(r, cfg, state, None, rows_left=True)
+    for _ in range(1000):  # 1000 passes of 0.7 ms each: 700 ms, though no pass reaches 1 ms
+        now["t"] += 0.0007
+        since = count_gate_wait(r, cfg, state, since, rows_left=True)
+    assert int(r.hget(keys.rollout_stats("gate2"), GATE_CLOSED)) in (699, 700)
