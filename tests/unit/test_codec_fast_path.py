@@ -114,8 +114,9 @@ def test_random_field_mutations_get_the_same_verdict_on_both_paths(monkeypatch):
 
 
 def test_messages_of_older_workers_decode_with_zero_timings(monkeypatch):
-    """Backward compatibility of the perf fields (docs/design.md §15.56): a sample without
-    started_at/finished_at and a GroupSampled without tokens, as older workers wrote them."""
+    """Backward compatibility of the perf fields (docs/design.md §15.56 Perf metrics from timestamps
+    the processes already have): a sample without started_at/finished_at and a GroupSampled
+    without tokens, as older workers wrote them."""
     from rlstream.core.messages import GroupSampled
 
     data = msgpack.unpackb(encode(sample()), raw=False)
