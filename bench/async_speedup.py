@@ -4,7 +4,7 @@ theoretical bound of each. Also the trainer's idle share (benchmark 4) for every
 
 Run (from the repository root, in the project's venv)::
 
-    python bench/async_speedup.py                    # defaults below, ~5 min on 2 cores
+    python bench/async_speedup.py                    # defaults below (the README's run), ~5 min on 2 cores
     python bench/async_speedup.py --steps 20 --workers 8 --rounds 2
 
 Every run is a real ``rlstream up`` of the built-in task (tiny model, trained for real) with
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=16, help="steps per run (steps 2..N are timed)")
     ap.add_argument("--groups", type=int, default=8, help="prompt groups per step (P)")
     ap.add_argument("--group-size", type=int, default=4, help="completions per prompt (G)")
-    ap.add_argument("--workers", type=int, default=8, help="worker processes (K)")
+    ap.add_argument("--workers", type=int, default=12, help="worker processes (K)")
     ap.add_argument("--offpolicy", type=int, default=2, help="max_head_offpolicy_versions of the async runs (O)")
     ap.add_argument("--tail", default="lognormal:0.25,1.0", help="the long-tail latency (latency_server.py syntax)")
     ap.add_argument("--flat", default=None, help="the tail-free latency (default: fixed at the tail's mean)")
