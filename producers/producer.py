@@ -22,7 +22,7 @@ from rlstream.core.jobs import JOB_FUNC, delete_job, job_places, job_queue
 from rlstream.core.messages import DatasetExhausted, GroupAdmitted, GroupJob, GroupRejected, group_id_for
 from rlstream.core.run_state import RunState
 from rlstream.producers.datasets import epoch_order, load_rows
-from rlstream.producers.gate import can_admit
+from rlstream.producers.gate import can_admit, staleness_capacity
 from rlstream.producers.stranded import JobWatch
 
 log = logging.getLogger(__name__)
@@ -178,6 +178,7 @@ def run_producer(cfg: Config, r: redis.Redis) -> RunState:
     last_maintenance = 0.0
     redispatched: dict[str, int] = {}
     watch = JobWatch(cfg.job_timeout)
+    gate_closed_since: float | None = None
     log.info("producer: %d rows x %d epochs, G=%d, B=%d, O=%d", len(rows), cfg.epochs,
              cfg.completions_per_prompt, cfg.batch_size, cfg.offpolicy_versions)
     while True:
@@ -198,6 +199,7 @@ def run_producer(cfg: Config, r: redis.Redis) -> RunState:
             if next_row not in state.rows_admitted:  # a restarted producer skips admitted rows
                 state.apply(admit(r, queue, cfg, epoch, row_index, rows[row_index], state.published_version))
             next_row = next(pending, None)
+        gate_closed_since = count_gate_wait(r, cfg, state, gate_closed_since, rows_left=next_row is not None)
         if next_row is None and not announced and state.exhausted_groups is None:
             bus.xadd(r, keys.events(cfg.run_id), DatasetExhausted(groups=len(state.rows_admitted)))
             log.info("producer: dataset exhausted after %d groups", len(state.rows_admitted))
@@ -209,6 +211,22 @@ def run_producer(cfg: Config, r: redis.Redis) -> RunState:
                 state, cursor, pending, announced = RunState(), "0-0", admission_order(cfg, len(rows)), False
                 next_row = next(pending, None)
             last_maintenance = time.monotonic()
+
+
+def count_gate_wait(r: redis.Redis, cfg: Config, state: RunState, closed_since: float | None, *,
+                    rows_left: bool) -> float | None:
+    """Add the time the staleness gate has held rows back (waiting for the trainer's next version)
+    to the run's ``gate_closed_ms`` counter, the trainer's perf/sampler_wait_for_trainer_time;
+    returns when the current closed spell began (None: open)."""
+    now = time.monotonic()
+    if closed_since is not None:
+        ms = int((now - closed_since) * 1000)
+        if ms:
+            r.hincrby(keys.rollout_stats(cfg.run_id), "gate_closed_ms", ms)
+        closed_since += ms / 1000  # the sub-millisecond rest carries into the next pass
+    closed = rows_left and staleness_capacity(gate_version(cfg, state), cfg.offpolicy_versions, cfg.batch_size,
+                                              state.reserved_samples) < cfg.completions_per_prompt
+    return (now if closed_since is None else closed_since) if closed else None
 
 
 def maintain(r: redis.Redis, queue: Queue, cfg: Config, state: RunState, cursor: str, rows: list[dict],

@@ -40,6 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="versions, streams, pending, workers, last reward of a run")
     status.add_argument("run", nargs="?", help="run directory or run id (default: newest under --log-path)")
     status.add_argument("--log-path", default="runs", help="directory holding run directories")
+    status.add_argument("--json", action="store_true", help="one JSON object: backlog and rates for scripts, autoscalers")
+    report = sub.add_parser("report", help="an HTML page of a run's plots: reward, offsets, throughput, step time, eval")
+    report.add_argument("run", nargs="?", help="run directory or run id (default: newest under --log-path)")
+    report.add_argument("--log-path", default="runs", help="directory holding run directories")
+    report.add_argument("--out", help="where to write the page (default: RUN/report.html)")
     for name, text in [("audit", "check the sample ledger: every admitted group trained once or rejected; exit 1 if not"),
                        ("dead", "list the dead-letter stream: entry id, source entry id, reason")]:
         p = sub.add_parser(name, help=text)
@@ -104,7 +109,11 @@ def run(argv: list[str] | None = None) -> int:
     if args.command == "status":
         from rlstream.ops.status import status_main
 
-        return status_main(args.run, args.log_path)
+        return status_main(args.run, args.log_path, as_json=args.json)
+    if args.command == "report":
+        from rlstream.ops.report import report_main
+
+        return report_main(args.run, args.log_path, args.out)
     if args.command == "audit":
         from rlstream.ops.audit import audit_main
 

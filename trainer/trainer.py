@@ -46,14 +46,15 @@ from rlstream.trainer.commit import commit_step, publish, step_record
 from rlstream.trainer.hooks import (
     EVAL_FAILED,
     EvaluationContext,
-    filter_keeps,
     hook_failed,
     load_evaluation,
     load_filter,
     run_evaluation,
+    score_group,
 )
 from rlstream.trainer.lease import RollbackWatch, TrainerLease, fenced_write
 from rlstream.trainer.optimize import make_optimizer, policy_update
+from rlstream.trainer.perf_metrics import PerfClock
 from rlstream.trainer.policy_model import base_model_path, load_reference, write_weights
 from rlstream.trainer.precision import prepare
 from rlstream.trainer.resume import (
@@ -66,7 +67,7 @@ from rlstream.trainer.resume import (
 )
 from rlstream.trainer.schedule import due, lr_multiplier
 from rlstream.trainer.staleness import stale_total
-from rlstream.trainer.step_metrics import FILTER_REASON, LiveRun, eval_metrics, rejected_total, step_metrics
+from rlstream.trainer.step_metrics import LiveRun, eval_metrics, rejected_total, step_metrics
 from rlstream.trainer.streaming import StreamingStep
 from rlstream.trainer.wandb_log import make_logger
 
@@ -106,6 +107,7 @@ class Trainer:
         self.rollback = RollbackWatch(r, cfg.run_id, self.buffer.connection_errors)
         self.metrics = MetricsLog(run_dir / "metrics.jsonl")
         self.step = self.version = 0
+        self.perf = PerfClock()  # the perf/* metrics' timestamps (trainer/perf_metrics.py)
 
     # ----------------------------------------------------------------- the loop
     def run(self) -> int:
@@ -128,6 +130,7 @@ class Trainer:
         self.resume()
         if self.step == 0:
             self.evaluate()  # the base model, before any update
+        self.perf.restart(self.state, bus.rollout_stats(self.r, self.cfg.run_id))
         P, reason = self.cfg.prompt_groups_per_step, "max_steps"
         while self.state.finished is None and (self.cfg.max_steps is None or self.step < self.cfg.max_steps):
             t_wait = time.monotonic()
@@ -166,11 +169,11 @@ class Trainer:
         disk before the commit names their version and announced only after it, so a crash in
         between leaves the step either retrained from its pending entries or published by
         ``resume``."""
-        t0 = time.monotonic()
+        t0, compute_began = time.monotonic(), time.time()
         train_metrics = self.optimize(groups, streamed=streamed)
         written = self.write_weights() if due(self.cfg.weight_sync_interval, self.version) else None
-        metrics = step_metrics(self.step, self.version, groups, train_metrics, live=self.live_run(wait_time),
-                               step_time=time.monotonic() - t0)
+        metrics = step_metrics(self.step, self.version, groups, train_metrics, step_time=time.monotonic() - t0,
+                               live=self.live_run(wait_time, groups, compute_began))
         self.filtered = {"kept": 0, "rejected": 0}
         committed = step_record(self.step, self.version, groups, metrics)
         self.last_commit_id = commit_step(self.r, self.cfg.run_id, committed, self.lease, last_event=self.cursor)
@@ -185,31 +188,9 @@ class Trainer:
         return metrics
 
     def score(self, group: Group) -> str | None:
-        """Advantages of a group that will grow no more, then ``dynamic_filter_fn`` on it: the
-        reason to reject it, or None to train it (``RolloutBuffer`` calls this). A user
-        function that raises (or answers NaN) rejects the group with its error as the reason."""
-        try:
-            group.advantages_G = self.advantage_fn(group.rewards_G)
-            finite = bool(torch.isfinite(group.advantages_G).all())
-        except Exception as exc:
-            return self.hook_rejection(f"advantage {self.cfg.advantage!r}", exc, group)
-        if not finite:
-            return f"advantage is not finite for {len(group.members)} sample(s)"
-        if self.filter_fn is None:
-            return None
-        try:
-            keep = filter_keeps(self.filter_fn(group))
-        except Exception as exc:
-            return self.hook_rejection("dynamic_filter_fn", exc, group)
-        self.filtered["kept" if keep else "rejected"] += 1
-        return None if keep else FILTER_REASON
-
-    @staticmethod
-    def hook_rejection(name: str, exc: Exception, group: Group) -> str:
-        reason = hook_failed(name, exc)
-        log.warning("rejecting group %s: %s", group.group_id, reason)
-        log.debug("%s traceback", name, exc_info=exc)  # one per group could flood the log at WARNING
-        return reason
+        """The group's advantages, then ``dynamic_filter_fn`` (``hooks.score_group``): the reason to
+        reject it, or None to train it (``RolloutBuffer`` calls this once it will grow no more)."""
+        return score_group(group, self.advantage_fn, self.cfg.advantage, self.filter_fn, self.filtered)
 
     def optimize(self, groups: list[Group], lr: float | None = None,
                  streamed: StreamingStep | None = None) -> dict[str, float]:
@@ -231,12 +212,16 @@ class Trainer:
 
     def write_weights(self) -> WeightsPublished:
         self.lease.confirm()  # the directory of a version that another trainer may have published
+        t0 = time.monotonic()
         with self.precision.published():  # in the dtype the base model was stored in
-            return write_weights(self.model, self.tokenizer, self.run_dir, self.version, self.cfg.keep_weights)
+            written = write_weights(self.model, self.tokenizer, self.run_dir, self.version, self.cfg.keep_weights)
+        self.perf.weights_written(time.monotonic() - t0)
+        return written
 
-    def live_run(self, wait_time: float) -> LiveRun:
-        return LiveRun(wait_time=wait_time, rejected_groups=rejected_total(self.state),
-                       worker_counts=bus.rollout_stats(self.r, self.cfg.run_id),
+    def live_run(self, wait_time: float, groups: list[Group], compute_began: float) -> LiveRun:
+        stats = bus.rollout_stats(self.r, self.cfg.run_id)
+        return LiveRun(wait_time=wait_time, rejected_groups=rejected_total(self.state), worker_counts=stats,
+                       perf=self.perf.line(groups, wait_time, compute_began, self.state, stats),
                        filter_kept=self.filtered["kept"], filter_rejected=self.filtered["rejected"],
                        stale_dropped=self.buffer.stale_in_batch, stale_dropped_total=stale_total(self.state))
 

@@ -220,9 +220,12 @@ class WorkerRuntime:
         tally = DrawTally()
         rejection = self._row_problem(job)
         samples: list[RolloutSample] = []
+        window = (0.0, 0.0)  # wall-clock start and end of the sampling
         if rejection is None:  # a row no draw can use is not a rollout failure: the breaker never hears of it
             seed_torch(job_seed(self.cfg.seed, job.group_id))
+            started_at = time.time()  # wall clock: the trainer compares it with its own (perf/overlap_ratio)
             samples = self._run(self._group(job, tally))
+            window = (started_at, time.time())
             rejection = group_rejection(len(samples), job.group_size, self.cfg.min_group_size, tally.last_error)
             if rejection is None or tally.failed:  # (a group lost to draws returning None is the user's choice)
                 self.breaker.record(rejection is None, job.row_index, tally.last_error)
@@ -234,7 +237,7 @@ class WorkerRuntime:
                 bus.xadd(pipe, keys.events(self.cfg.run_id),
                          GroupRejected(group_id=job.group_id, by=self.worker_id, reason=rejection))
             else:
-                self._add_samples(pipe, job, samples, version)
+                self._add_samples(pipe, job, samples, version, window)
             if tripped:
                 bus.xadd(pipe, keys.events(self.cfg.run_id), RunFinished(reason=self.breaker.reason(), failed=True))
             pipe.set(keys.worker_heartbeat(self.cfg.run_id, self.worker_id), version, ex=60)
@@ -256,16 +259,18 @@ class WorkerRuntime:
             problem = f"the prompt could not be tokenized: {error_text(exc)}"
         return f"row {job.row_index}: {problem}" if problem else None
 
-    def _add_samples(self, pipe: Any, job: GroupJob, samples: list[RolloutSample], version: int) -> None:
+    def _add_samples(self, pipe: Any, job: GroupJob, samples: list[RolloutSample], version: int,
+                     window: tuple[float, float] = (0.0, 0.0)) -> None:
         """The group's samples, stamped with their provenance, and its ``GroupSampled``."""
         bus.xadd(pipe, keys.events(self.cfg.run_id), GroupSampled(
-            group_id=job.group_id, samples=len(samples), worker_id=self.worker_id, version=version))
+            group_id=job.group_id, samples=len(samples), worker_id=self.worker_id, version=version,
+            tokens=sum(s.loss_mask.count(1) for s in samples)))
         for member, s in enumerate(samples):
             bus.xadd(pipe, keys.rollouts(self.cfg.run_id), s.model_copy(update=dict(
                 sample_id=sample_id_for(job.group_id, member), group_id=job.group_id,
                 group_size=len(samples), row_index=job.row_index, epoch=job.epoch,
                 submit_version=job.submit_version, min_version=version, max_version=version,
-                worker_id=self.worker_id)))
+                worker_id=self.worker_id, started_at=window[0], finished_at=window[1])))
 
     def _run(self, coro: Any) -> Any:
         """Run one job's coroutine on the process loop. Whatever ends it (a result, rq's

@@ -84,6 +84,9 @@ def sample_id_for(group_id: str, member: int) -> str:
 # The byte holding an int32's sign bit in native order, and the byte values without it.
 _SIGN_BYTE = 0 if sys.byteorder == "big" else 3
 _NON_NEGATIVE_HIGH_BYTES = bytes(range(128))
+# A float32's high byte holds its sign and 7 exponent bits: 0x7F or 0xFF there means |x| >= 2**127,
+# inf or NaN. Only samples with such a byte pay for the exact per-value check.
+_SMALL_FLOAT_HIGH_BYTES = bytes(b for b in range(256) if b & 0x7F != 0x7F)
 
 
 class RolloutSample(Message):
@@ -109,6 +112,10 @@ class RolloutSample(Message):
     min_version: Int = 0
     max_version: Int = 0
     worker_id: str = ""
+    # Wall-clock seconds (time.time() on the worker) its group's sampling began and ended; 0.0 when
+    # unknown (older workers). The trainer's perf/overlap_ratio reads them (README "Perf metrics").
+    started_at: Float = 0.0
+    finished_at: Float = 0.0
 
     POSITIONAL: ClassVar[tuple[str, ...]] = ("tokens", "logprobs", "loss_mask", "reward", "finish_reason", "text")
 
@@ -144,7 +151,8 @@ class RolloutSample(Message):
             raise ValueError("token ids must be >= 0")
         if not math.isfinite(self.reward):
             raise ValueError(f"reward must be finite, got {self.reward}")
-        if not math.isfinite(sum(self.logprobs)):  # float32 values cannot overflow a float64 sum
+        if self.logprobs.tobytes()[_SIGN_BYTE::4].translate(None, _SMALL_FLOAT_HIGH_BYTES) \
+                and not math.isfinite(sum(self.logprobs)):  # float32 values cannot overflow a float64 sum
             raise ValueError("logprobs must all be finite")
         if self.max_version < self.min_version:
             raise ValueError("max_version < min_version")
@@ -218,6 +226,7 @@ class GroupSampled(Message):
     samples: int = Field(ge=0)
     worker_id: str = ""
     version: int = Field(0, ge=0)
+    tokens: int = Field(0, ge=0, description="generated (loss_mask 1) tokens of the samples; 0 from older workers")
 
 
 class StepCommitted(Message):

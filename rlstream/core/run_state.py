@@ -42,6 +42,8 @@ class RunState:
     _reserved: int = 0  # samples of admitted groups not rejected
     _in_flight: int = 0  # samples of open groups
     _trained_samples: int = 0  # samples of admitted groups that were trained
+    sampled_samples: int = 0  # samples workers wrote (GroupSampled), for the rollout rates
+    sampled_tokens: int = 0  # ... and their generated tokens
 
     def apply(self, msg: Message) -> None:
         if isinstance(msg, GroupAdmitted):
@@ -53,6 +55,9 @@ class RunState:
                 self._reserved -= admitted.group_size if admitted is not None else 0
                 self._settle(msg.group_id)
         elif isinstance(msg, GroupSampled):
+            if msg.group_id not in self.sampled:
+                self.sampled_samples += msg.samples
+                self.sampled_tokens += msg.tokens
             self.sampled.add(msg.group_id)
         elif isinstance(msg, StepCommitted):
             for gid in msg.group_ids:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from rq import Worker
+from rq.registry import StartedJobRegistry
 
 from rlstream.core import bus, keys
 from rlstream.core.config import validate_config
@@ -19,8 +20,12 @@ from rlstream.core.connection import connect
 from rlstream.core.embedded_redis import EmbeddedRedis, stored_password
 from rlstream.core.errors import ConfigError, RedisUnavailable
 from rlstream.core.jobs import job_queue
+from rlstream.core.messages import GroupSampled, StepCommitted
 from rlstream.core.run_state import RunState
 from rlstream.ops.progress import buffered_samples
+
+RATE_WINDOW_S = 60.0  # status's rates: the last minute
+GATE_CLOSED = "gate_closed_ms"  # the producer's counter (producers/producer.py count_gate_wait)
 
 
 def find_run_dir(run: str | None, log_path: str) -> Path:
@@ -70,12 +75,15 @@ def opened_run(run: str | None, log_path: str) -> Iterator[tuple[Path, Any, Any]
             embedded.stop()
 
 
-def collect_status(cfg, r) -> dict:
-    state = RunState()
-    for _, msg in bus.iter_all_events(r, cfg.run_id):
+def collect_status(cfg, r, window_s: float = RATE_WINDOW_S) -> dict:
+    state, rates = RunState(), EventRates()
+    for event_id, msg in bus.iter_all_events(r, cfg.run_id):
         state.apply(msg)
+        rates.add(event_id, msg)
     m = state.last_step.metrics if state.last_step else {}
     queue = job_queue(r, cfg)
+    seconds, micros = r.time()
+    stats = bus.rollout_stats(r, cfg.run_id)
     return {
         "run_id": cfg.run_id,
         "state": f"finished ({state.finished.reason})" if state.finished else "running",
@@ -91,8 +99,45 @@ def collect_status(cfg, r) -> dict:
         "queued_jobs": queue.count,
         "live_workers": len(Worker.all(queue=queue)),
         "worker_versions": worker_versions(r, cfg.run_id),
-        "rollout_errors": dict(sorted(bus.rollout_stats(r, cfg.run_id).items())),
+        "rollout_errors": {k: v for k, v in sorted(stats.items()) if k != GATE_CLOSED},
+        "backlog": backlog(cfg, state, queue),
+        "rates": rates.over(window_s, None if state.finished else seconds + micros / 1e6),
+        "gate_closed_s_total": stats.get(GATE_CLOSED, 0) / 1000,
     }
+
+
+def backlog(cfg, state: RunState, queue) -> dict:
+    """What an autoscaler reads: work waiting for a worker, work being sampled, and room the gate
+    has left (``gate_headroom_samples`` <= 0: workers are ahead of the trainer, adding more will not help)."""
+    # The producer's staleness capacity (docs/design.md §5 Versions and the gate; ops may not import producers).
+    version = state.published_version if cfg.weight_sync_interval else state.steps
+    return {"queued_jobs": queue.count, "started_jobs": StartedJobRegistry(queue=queue).count,
+            "unsampled_groups": len(state.unsampled_groups), "in_flight_groups": len(state.open_groups),
+            "gate_headroom_samples": (version + cfg.offpolicy_versions + 1) * cfg.batch_size - state.reserved_samples}
+
+
+class EventRates:
+    """Rates from the events stream alone: an entry id is the Redis server's clock in ms, so the
+    samples, tokens, steps and groups of a trailing window need no timestamps of their own."""
+
+    def __init__(self):
+        self.events: list[tuple[float, int, int, int]] = []  # (time, samples, tokens, steps)
+
+    def add(self, event_id: str, msg) -> None:
+        if isinstance(msg, (GroupSampled, StepCommitted)):
+            t = int(event_id.split("-")[0]) / 1000
+            sampled = isinstance(msg, GroupSampled)
+            self.events.append((t, msg.samples if sampled else 0, msg.tokens if sampled else 0, 0 if sampled else 1))
+
+    def over(self, window_s: float, now: float | None) -> dict:
+        """Per-second rates over the ``window_s`` seconds up to ``now`` (a finished run: up to its
+        last sample or step, so the figures describe it rather than read zero)."""
+        end = now if now is not None else max((e[0] for e in self.events), default=0.0)
+        recent = [e for e in self.events if e[0] > end - window_s]
+        out = {"window_s": window_s}
+        for i, name in ((1, "samples_per_s"), (2, "tokens_per_s"), (3, "steps_per_s")):
+            out[name] = round(sum(e[i] for e in recent) / window_s, 4)
+        return out
 
 
 def worker_versions(r, run_id: str) -> dict[str, int]:
@@ -103,9 +148,12 @@ def worker_versions(r, run_id: str) -> dict[str, int]:
     return {n.decode().removeprefix(prefix): int(v) for n, v in zip(names, values) if v is not None}
 
 
-def status_main(run: str | None, log_path: str) -> int:
+def status_main(run: str | None, log_path: str, as_json: bool = False) -> int:
     with opened_run(run, log_path) as (_, cfg, r):
         status = collect_status(cfg, r)
+    if as_json:
+        print(json.dumps(status, indent=1, sort_keys=True))
+        return 0
     width = max(len(k) for k in status)
     for k, v in status.items():
         if isinstance(v, dict):

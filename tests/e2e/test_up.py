@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from polling import wait_until
+from report_pages import open_report
 
 from rlstream.core import bus, keys
 from rlstream.core.codec import decode
@@ -77,6 +78,23 @@ def test_short_run_on_external_redis_bumps_versions_and_stamps_samples(tmp_path:
     assert status.returncode == 0, status.stderr
     assert "published_version" in status.stdout and "finished" in status.stdout
     assert not (run_dir / "redis").exists(), "status started an embedded redis-server for an external-Redis run"
+
+    # The perf and rollout families, status --json and the report, on this real run.
+    for key in ("perf/trainer_wait_for_sampler_time", "perf/sampler_wait_for_trainer_time", "perf/overlap_ratio",
+                "perf/step_wall_time", "perf/rollout_samples_per_s", "perf/rollout_tokens_per_s",
+                "perf/weight_sync_time", "rollout/accuracy", "rollout/truncated_ratio", "rollout/response_len/mean",
+                "rollout/entropy", "async/stale_groups_dropped"):
+        assert all(key in r for r in rows), key
+    assert sum(r["perf/rollout_samples_per_s"] for r in rows) > 0
+    status = rlstream("status", str(run_dir), "--json", cwd=tmp_path, timeout=60,
+                      env={PASSWORD_ENV: redis_server.password})
+    assert status.returncode == 0, status.stderr
+    out = json.loads(status.stdout)
+    assert out["steps"] == 5 and out["rates"]["steps_per_s"] > 0 and out["rates"]["samples_per_s"] > 0
+    report = rlstream("report", str(run_dir), cwd=tmp_path, timeout=120)
+    assert report.returncode == 0, report.stderr
+    headings, images, missing = open_report(run_dir / "report.html")
+    assert missing == ["Evaluation"] and len(images) == len(headings) - 1  # the built-in run has no evaluation_fn
 
 
 def test_builtin_task_learns(tmp_path: Path) -> None:

@@ -9,7 +9,10 @@ from rlstream.trainer.commit import step_record
 from rlstream.trainer.step_metrics import FILTER_REASON, LiveRun, eval_metrics, rejected_total, step_metrics
 
 TRAIN = {"train/loss": 0.5, "train/lr": 1e-3}
-COMMON = {"step", "version", "rollout/reward_mean", "rollout/samples", "rollout/groups", "perf/step_time", *TRAIN}
+ROLLOUT = {"rollout/accuracy", "rollout/truncated_ratio", "rollout/response_len/mean", "rollout/response_len/max",
+           "rollout/response_len/min", "rollout/entropy"}
+COMMON = {"step", "version", "rollout/reward_mean", "rollout/samples", "rollout/groups", "perf/step_time", *TRAIN,
+          *ROLLOUT}
 LIVE = {"rollout/rejected_groups_total", "rollout/invalid_samples_total", "rollout/failures_total",
         "async/version_offset_max", "async/version_offset_mean", "async/submit_offset_max",
         "rollout/filter_reject_ratio", "perf/train_wait_time", "async/stale_groups_dropped",

@@ -1,0 +1,166 @@
+"""Asynchronous vs synchronous training, the same steps, against a stand-in inference server with
+a long-tail latency and against one without a tail (the same mean latency, fixed); next to the
+theoretical bound of each. Also the trainer's idle share (benchmark 4) for every run.
+
+Run (from the repository root, in the project's venv)::
+
+    python bench/async_speedup.py                    # defaults below (the README's run), ~5 min on 2 cores
+    python bench/async_speedup.py --steps 20 --workers 8 --rounds 2
+
+Every run is a real ``rlstream up`` of the built-in task (tiny model, trained for real) with
+``inference.backend = "openai"`` pointed at bench/latency_server.py (started in a thread of
+this process; it also takes the weight syncs), on one embedded redis-server shared by all runs.
+The two modes differ only in ``synchronous_training`` (true: O = 0, every batch sampled by
+the weights of the step before it; false: O = ``--offpolicy``). The runs alternate sync/async
+(the order flips every round) so that load from other processes hits both alike.
+
+What is timed: the wall time of steps 2..N, the sum of the trainer's ``perf/step_wall_time``
+(the time between its first and last metrics line), so process start-up and model loading,
+identical in both modes, are left out. Idle share = sum of ``perf/trainer_wait_for_sampler_time``
+over that sum.
+
+The theoretical bound of the speedup, for the latency distribution and the trainer's measured
+compute time per step (``c``, from the synchronous run: wall - wait): a synchronous step takes at
+least ``c`` + the time its P groups take on K workers (each group as long as its slowest of G
+completions; Monte Carlo over the same distribution); an asynchronous step at least
+max(``c``, P * E[group time] / K) (the workers never idle, the trainer never waits).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from latency_server import LatencyServer, parse_latency  # noqa: E402
+
+from rlstream.core.embedded_redis import EmbeddedRedis  # noqa: E402
+from rlstream.core.metrics import read_metrics  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "examples" / "builtin" / "config.toml"
+
+
+def run_once(workdir: Path, redis_url: str, server: LatencyServer, run_id: str, args, synchronous: bool) -> dict:
+    """One ``rlstream up``; the figures of its steps 2..N."""
+    overrides = {
+        "max_steps": args.steps, "prompt_groups_per_step": args.groups, "completions_per_prompt": args.group_size,
+        "workers.count": args.workers, "synchronous_training": str(synchronous).lower(),
+        "max_head_offpolicy_versions": args.offpolicy, "inference.backend": '"openai"',
+        "inference.base_url": f'"{server.base_url}/v1"',
+        "inference.weight_sync_url": f'"{server.base_url}/update_weights_from_disk"',
+        "dcp_save_interval": 0, "save_final_checkpoint": "false",
+    }
+    cmd = [sys.executable, "-m", "rlstream.cli", "up", str(CONFIG), "--run-id", run_id]
+    for k, v in overrides.items():
+        cmd += ["--set", f"{k}={v}"]
+    server.reset_stats()
+    env = {**os.environ, "RLSTREAM_REDIS_URL": redis_url, "RLSTREAM_LOG_LEVEL": "WARNING"}
+    proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=args.timeout, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{run_id} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    rows = read_metrics(workdir / "runs" / run_id / "metrics.jsonl")[1:]  # steps 2..N
+    wall = sum(r["perf/step_wall_time"] for r in rows)
+    wait = sum(r["perf/trainer_wait_for_sampler_time"] for r in rows)
+    return {"wall": wall, "idle": wait / wall, "compute": (wall - wait) / len(rows),
+            "stale": rows[-1]["async/stale_groups_dropped_total"] if rows else 0,
+            "reward": statistics.mean(r["rollout/reward_mean"] for r in rows),
+            "overlap": statistics.mean(r.get("perf/overlap_ratio", 0.0) for r in rows),
+            "max_in_flight": server.stats()["max_in_flight"]}
+
+
+def bound(spec: str, groups: int, group_size: int, workers: int, compute: float, trials: int = 4000) -> float:
+    """The theoretical speedup (module docstring) by Monte Carlo over ``spec``."""
+    draw = parse_latency(spec, seed=12345)
+    rng = random.Random(7)
+
+    def group() -> float:
+        return max(draw() for _ in range(group_size))
+
+    sync_steps, group_times = [], []
+    for _ in range(trials):
+        load = [0.0] * workers
+        for _ in range(groups):  # each group to the worker that frees first
+            t = group()
+            group_times.append(t)
+            i = min(range(workers), key=lambda k: (load[k], rng.random()))
+            load[i] += t
+        sync_steps.append(max(load))
+    sync = compute + statistics.mean(sync_steps)
+    asynchronous = max(compute, groups * statistics.mean(group_times) / workers)
+    return sync / asynchronous
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=16, help="steps per run (steps 2..N are timed)")
+    ap.add_argument("--groups", type=int, default=8, help="prompt groups per step (P)")
+    ap.add_argument("--group-size", type=int, default=4, help="completions per prompt (G)")
+    ap.add_argument("--workers", type=int, default=12, help="worker processes (K)")
+    ap.add_argument("--offpolicy", type=int, default=2, help="max_head_offpolicy_versions of the async runs (O)")
+    ap.add_argument("--tail", default="lognormal:0.25,1.0", help="the long-tail latency (latency_server.py syntax)")
+    ap.add_argument("--flat", default=None, help="the tail-free latency (default: fixed at the tail's mean)")
+    ap.add_argument("--rounds", type=int, default=1, help="sync/async pairs per latency (order flips each round)")
+    ap.add_argument("--timeout", type=float, default=600, help="seconds per run")
+    args = ap.parse_args(argv)
+    if args.flat is None:
+        draw = parse_latency(args.tail, seed=99)
+        args.flat = f"fixed:{statistics.mean(draw() for _ in range(200_000)):.3f}"
+    load = os.getloadavg()[0]
+    tmp = Path(tempfile.mkdtemp(prefix="rlbench-async-"))
+    redis_server = EmbeddedRedis(tmp / "redis")
+    results: dict[tuple[str, str], list[dict]] = {}
+    t_start = time.monotonic()
+    try:
+        url = redis_server.start()
+        for name, spec in (("long tail", args.tail), ("no tail", args.flat)):
+            server = LatencyServer(spec, seed=len(results)).start()
+            for rnd in range(args.rounds):
+                order = (True, False) if rnd % 2 == 0 else (False, True)
+                for synchronous in order:
+                    mode = "sync" if synchronous else "async"
+                    run_id = f"{mode}-{name.replace(' ', '')}-{rnd}"
+                    results.setdefault((name, mode), []).append(run_once(tmp, url, server, run_id, args, synchronous))
+                    print(f"  {run_id}: {results[(name, mode)][-1]}", file=sys.stderr, flush=True)
+    finally:
+        redis_server.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    print(f"async vs sync benchmark  {time.strftime('%Y-%m-%d')}  {platform.machine()} {os.cpu_count()} cpus  "
+          f"load avg {load:.2f} at start  ({time.monotonic() - t_start:.0f} s)")
+    print(f"built-in task, {args.steps} steps (2..{args.steps} timed), P={args.groups} G={args.group_size} "
+          f"(B={args.groups * args.group_size}), {args.workers} worker processes, async O={args.offpolicy}, "
+          f"{args.rounds} round(s)")
+    print()
+    print("| latency | mode | wall s (steps 2..N) | trainer idle share | overlap | compute s/step | stale drops "
+          "| max requests in flight | speedup | bound |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name, spec in (("long tail", args.tail), ("no tail", args.flat)):
+        s, a = results[(name, "sync")], results[(name, "async")]
+        sync_wall, async_wall = sum(x["wall"] for x in s), sum(x["wall"] for x in a)
+        compute = statistics.mean(x["compute"] for x in s)
+        limit = bound(spec, args.groups, args.group_size, args.workers, compute)
+        for mode, runs in (("sync", s), ("async", a)):
+            wall = sum(x["wall"] for x in runs)
+            speed = f"{sync_wall / async_wall:.2f}x" if mode == "async" else ""
+            print(f"| {name} `{spec}` | {mode} | {wall:.1f} | {statistics.mean(x['idle'] for x in runs):.0%} "
+                  f"| {statistics.mean(x['overlap'] for x in runs):.2f} | {statistics.mean(x['compute'] for x in runs):.2f} "
+                  f"| {sum(x['stale'] for x in runs)} | {max(x['max_in_flight'] for x in runs)} | {speed} "
+                  f"| {f'{limit:.2f}x' if mode == 'async' else ''} |")
+    print()
+    for name in ("long tail", "no tail"):  # benchmark 4: the share of its wall time the trainer sat idle
+        idle = {m: statistics.mean(x["idle"] for x in results[(name, m)]) for m in ("sync", "async")}
+        print(f"trainer idle share, {name}: sync {idle['sync']:.0%}, async {idle['async']:.0%} "
+              f"(async/sync {idle['async'] / idle['sync']:.2f})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""The benchmarks of bench/ still run end to end (tiny settings; their figures are never
+asserted, docs/design.md §13 Tests). Slow: skipped unless `pytest -m slow`."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+REPO = Path(__file__).resolve().parents[2]
+
+
+def bench(*args: str, timeout: float) -> str:
+    proc = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_async_speedup_prints_both_latencies_with_a_speedup_and_a_bound():
+    out = bench("bench/async_speedup.py", "--steps", "3", "--workers", "2", "--groups", "2", timeout=900)
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "| async |" in line]
+    assert len(rows) == 2 and all(line.count("x |") == 2 for line in rows), out
+    assert "trainer idle share, long tail: sync" in out
+
+
+def test_weight_sync_prints_the_ratio():
+    out = bench("bench/weight_sync.py", "--steps", "4", timeout=600)
+    assert "| publish -> every worker sampling with it |" in out and "ratio sync latency / (write + read):" in out
+
+
+def test_bus_prints_the_ratio():
+    out = bench("bench/bus.py", "--samples", "500", "--repeats", "1", timeout=300)
+    assert "ratio rlstream/raw (end-to-end samples/s):" in out
