@@ -13,6 +13,7 @@ so a crashed forked trainer is restarted (forked again) like any child.
 from __future__ import annotations
 
 import os
+import runpy
 import signal
 import subprocess
 import sys
@@ -62,11 +63,9 @@ def _child_main(role: str, config_path: Path, env: dict[str, str]) -> int:
     os.environ.update(env)
     for sig in (signal.SIGINT, signal.SIGTERM):  # the supervisor's handlers are not ours
         signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
-    from rlstream.cli import entrypoint
-
     sys.argv = ["rlstream", role, str(config_path)]
-    try:
-        entrypoint()  # exits with rlstream's own code for every outcome it knows
+    try:  # exactly `python -m rlstream.cli <role> config.json`, which exits with rlstream's own codes
+        runpy.run_module("rlstream.cli", run_name="__main__", alter_sys=True)
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     return 0
