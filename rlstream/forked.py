@@ -65,7 +65,7 @@ def _child_main(role: str, config_path: Path, env: dict[str, str]) -> int:
         signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
     sys.argv = ["rlstream", role, str(config_path)]
     try:  # exactly `python -m rlstream.cli <role> config.json`, which exits with rlstream's own codes
-        runpy.run_module("rlstream.cli", run_name="__main__", alter_sys=True)
+        runpy.run_module("rlstream.cli", run_name="__main__")  # the script's __main__ stays in place
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     return 0
