@@ -107,8 +107,8 @@ def _set_once(data: dict[str, Any], dotted: str, value: Any, nested: str) -> Non
         if not isinstance(node, dict):
             return  # pydantic reports the table's type
     if node.get(leaf) is not None and node[leaf] != value:
-        raise ValueError(f"{nested} = {value!r} and {dotted} = {node[leaf]!r} disagree: they are one setting; "
-                         f"keep one of them (rlstream's own name is {dotted})")
+        raise ValueError(f"{nested} = {value!r} and {dotted} = {node[leaf]!r} disagree, and they are one setting: "
+                         f"keep {dotted} (rlstream's name) with the value you mean and drop {nested}")
     node[leaf] = value
 
 

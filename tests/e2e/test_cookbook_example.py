@@ -96,6 +96,8 @@ def test_the_cookbook_train_py_runs_with_its_sections_and_lambda_filter_and_lear
 @pytest.mark.slow
 def test_the_cookbook_train_py_learns_the_builtin_task(tmp_path: Path) -> None:
     steps = 100
-    _, run_dir = run_train_py(tmp_path, steps, 5e-3, {"RLSTREAM_EPOCHS": "5"}, timeout=1200)
+    _, run_dir = run_train_py(tmp_path, steps, 5e-3, {"RLSTREAM_EPOCHS": "20"}, timeout=1200)
+    assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == list(range(1, steps + 1))
     before, after = expected_reward(run_dir / "weights" / "v0"), expected_reward(run_dir / "weights" / f"v{steps}")
+    print(f"expected reward v0 {before:.3f} -> v{steps} {after:.3f}")
     assert after >= before + 0.3, (before, after)
