@@ -76,9 +76,11 @@ def _as_dict(value: Any) -> Any:
 class CookbookSections(ConfigSection):
     """Config's cookbook tables, and the move of their self-hosted spellings onto rlstream's fields."""
 
-    deployment: DeployConfig = Field(default_factory=DeployConfig)
-    weight_sync: WeightSyncConfig = Field(default_factory=WeightSyncConfig)
-    infra: InfraConfig = Field(default_factory=InfraConfig)
+    # frozen: assigning a table to a built Config would skip the move (two copies of one value);
+    # set rlstream's own field instead
+    deployment: DeployConfig = Field(default_factory=DeployConfig, frozen=True)
+    weight_sync: WeightSyncConfig = Field(default_factory=WeightSyncConfig, frozen=True)
+    infra: InfraConfig = Field(default_factory=InfraConfig, frozen=True)
 
     @model_validator(mode="before")
     @classmethod

@@ -93,6 +93,10 @@ def test_a_nested_and_a_flat_value_that_disagree_are_an_error_naming_both():
     with pytest.raises(ConfigError, match=r"deployment.replica_count = 4 and workers.count = 2 disagree"):
         load_config(None, ["workers.count=2", "deployment.replica_count=4"])
     assert Config(dcp_save_interval=5, weight_sync=WeightSyncConfig(dcp_save_interval=5)).dcp_save_interval == 5
+    cfg = Config()
+    with pytest.raises(ValueError, match="frozen"):  # assigning a table later would skip the move
+        cfg.weight_sync = WeightSyncConfig(max_concurrent=16)
+    cfg.max_concurrency_rollout_sample = 16  # rlstream's own name is the one to set
 
 
 def test_cookbook_defaults_strict_on_policy_and_both_wandb_spellings():
