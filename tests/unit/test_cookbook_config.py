@@ -160,3 +160,28 @@ def test_preflight_refuses_wandb_logging_without_wandb(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
     with pytest.raises(ConfigError, match="wandb is not installed"):
         preflight(Config(wandb=WandBConfig(project="p")))
+
+
+def test_the_rl_loop_example_runs_its_config_through_main(monkeypatch, tmp_path, caplog):
+    """examples/cookbook/rl_loop.py (the page's block, imports and names changed) goes through the
+    real ``main`` up to the launcher, which reports the hosted fields once."""
+    import runpy
+    from pathlib import Path
+
+    from rlstream import launcher
+
+    seen = []
+    monkeypatch.setattr(launcher, "preflight", lambda cfg: seen.append(cfg))
+    monkeypatch.setattr(launcher, "EmbeddedRedis", type("NoRedis", (), {
+        "__init__": lambda self, path: None, "start": lambda self: (_ for _ in ()).throw(RunFailed("stop")),
+        "stop": lambda self: None}))
+    monkeypatch.chdir(tmp_path)
+    example = Path(__file__).resolve().parents[2] / "examples" / "cookbook" / "rl_loop.py"
+    with caplog.at_level(logging.WARNING, logger="rlstream.launcher"), pytest.raises(RunFailed, match="exit 1"):
+        runpy.run_path(str(example), run_name="__main__")
+    [cfg] = seen
+    assert (cfg.weight_sync_interval, cfg.tokenizer_model, cfg.completions_per_prompt) == (1, None, 4)
+    assert cfg.dataset.endswith("multi_turn_message_in/data.jsonl") and cfg.max_head_offpolicy_versions == 0
+    [report] = [r.getMessage() for r in caplog.records if "ignored" in r.getMessage()]
+    assert all(f in report for f in ("infra.training_shape_id", "infra.ref_training_shape_id",
+                                     "deployment.deployment_id"))
