@@ -89,8 +89,9 @@ def test_the_cookbook_train_py_runs_with_its_sections_and_lambda_filter_and_lear
     assert_audit_clean(run_dir, tmp_path)
     before, after = expected_reward(run_dir / "weights" / "v0"), expected_reward(run_dir / "weights" / f"v{steps}")
     print(f"expected reward v0 {before:.3f} -> v{steps} {after:.3f}")
-    # Measured (2026-11-29, 2 shared cores): 0.061 -> 0.122 in 10 steps at lr 1e-2 (0.139 in 14 at 2e-2).
-    assert after >= before + 0.03, (before, after)
+    # Measured (2026-11-29, 2 cores, 5 runs): 0.061 -> 0.100-0.125 in 10 steps at lr 1e-2; the bar is half the
+    # smallest rise seen (how far the async run gets between syncs varies with the machine's load).
+    assert after >= before + 0.02, (before, after)
 
 
 @pytest.mark.slow
