@@ -9,12 +9,10 @@ build_deployment_sampler.
 """
 from rlstream.api import RunResult, main
 from rlstream.core.config import Config
-from rlstream.core.config_sections import TrainerConfig
-from rlstream.core.config_sections import WandbConfig
+from rlstream.core.config_sections import TrainerConfig, WandbConfig
 from rlstream.core.cookbook_config import DeployConfig, InfraConfig, WandBConfig, WeightSyncConfig
 from rlstream.core.messages import RolloutSample
-from rlstream.core.rollout import Completion, RolloutSetup, chat_prompt_ids
-from rlstream.core.rollout import build_deployment_sampler
+from rlstream.core.rollout import Completion, RolloutSetup, build_deployment_sampler, chat_prompt_ids
 
 __all__ = ["Config", "Completion", "RolloutSample", "RolloutSetup", "RunResult", "TrainerConfig", "chat_prompt_ids",
            "main"]

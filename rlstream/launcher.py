@@ -29,8 +29,8 @@ import redis
 
 from rlstream.core import bus, keys
 from rlstream.core.config import Config, env_override_names, new_run_id
-from rlstream.core.cookbook_config import ignored_settings
 from rlstream.core.connection import client, connect
+from rlstream.core.cookbook_config import ignored_settings
 from rlstream.core.credentials import PASSWORD_ENV, private_dir, redacted, url_password
 from rlstream.core.embedded_redis import EmbeddedRedis
 from rlstream.core.errors import RedisUnavailable, RunFailed

@@ -11,11 +11,9 @@ import time
 
 import pytest
 
-from rlstream import Config, main
-from rlstream import launcher
+from rlstream import Config, forked, launcher, main
 from rlstream.core.errors import ConfigError
 from rlstream.core.imports import hold_script_functions, import_object, script_functions
-from rlstream import forked
 
 
 def keep_all(group):  # importable by name: passed as a spec, no fork needed
