@@ -3,13 +3,18 @@
 Public API (light: no torch import here)::
 
     from rlstream import Config, TrainerConfig, main, RolloutSample, RolloutSetup, chat_prompt_ids
+
+and the Fireworks cookbook's other names: DeployConfig, WandBConfig, WeightSyncConfig, InfraConfig,
+build_deployment_sampler.
 """
 from rlstream.api import RunResult, main
 from rlstream.core.config import Config
-from rlstream.core.config_sections import TrainerConfig
+from rlstream.core.config_sections import TrainerConfig, WandbConfig
+from rlstream.core.cookbook_config import DeployConfig, InfraConfig, WandBConfig, WeightSyncConfig
 from rlstream.core.messages import RolloutSample
-from rlstream.core.rollout import Completion, RolloutSetup, chat_prompt_ids
+from rlstream.core.rollout import Completion, RolloutSetup, build_deployment_sampler, chat_prompt_ids
 
 __all__ = ["Config", "Completion", "RolloutSample", "RolloutSetup", "RunResult", "TrainerConfig", "chat_prompt_ids",
            "main"]
+__all__ += ["DeployConfig", "InfraConfig", "WandBConfig", "WandbConfig", "WeightSyncConfig", "build_deployment_sampler"]
 __version__ = "0.1.0"

@@ -3,20 +3,26 @@
     from rlstream import Config, main
     result = main(cfg, rollout_fn_factory=make_rollout_fn, rows=rows)
 
-It runs the whole pipeline exactly like ``rlstream up`` (child processes, Redis streams).
-Worker and trainer processes import user functions by name, so each must be a
-module-level function of an importable module (or a ``"module:function"`` string).
+It runs the whole pipeline exactly like ``rlstream up`` (child processes, Redis streams),
+over ``cfg`` with the ``RLSTREAM_<FIELD>`` environment overrides applied, as ``up`` applies
+them over a TOML file. Worker processes import ``rollout_fn_factory`` by name, so it must be
+a module-level function of an importable module (or a ``"module:function"`` string). The
+trainer's hooks (``dynamic_filter_fn``, ``evaluation_fn``) may be anything callable, a lambda
+or a function of the script included: then the trainer is forked from this process, which
+holds them (docs/design.md §15.61 Script hooks run in a forked trainer).
 """
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from rlstream.core.config import Config, new_run_id
+from rlstream.core.config import Config, env_overrides, new_run_id
 from rlstream.core.errors import ConfigError, RunFailed
-from rlstream.core.imports import check_spec, import_object
+from rlstream.core.imports import SCRIPT_MODULE, check_spec, hold_script_functions, import_object
+from rlstream.core.overrides import set_path
 
 
 @dataclass(frozen=True)
@@ -36,18 +42,37 @@ def importable_spec(fn: Callable | str, what: str) -> str:
         module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", "")
         if module in (None, "__main__"):
             raise ConfigError(
-                f"{what} {qualname or fn!r} is defined in the script being run (__main__): worker and trainer "
-                "processes cannot import it. Move it into a module next to your script (e.g. rollout.py) "
-                f"and import it from there, or pass '{what}=\"module:function\"'")
+                f"{what} {qualname or fn!r} is defined in the script being run (__main__): it runs in the rollout "
+                "worker processes, which import it by name. Move it into a module next to your script (e.g. "
+                f"rollout.py) and import it from there, or pass '{what}=\"module:function\"'")
         if "<lambda>" in qualname or "<locals>" in qualname:
-            raise ConfigError(f"{what} {module}.{qualname} is a lambda or a nested function: worker and trainer "
-                              "processes cannot import it; define it at module level")
+            raise ConfigError(f"{what} {module}.{qualname} is a lambda or a nested function: it runs in the rollout "
+                              "worker processes, which import it by name; define it at module level of an "
+                              "importable module")
         spec = f"{module}:{qualname}"
     try:
         import_object(spec, what)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     return spec
+
+
+def trainer_hook_spec(fn: Callable | str, what: str, held: dict[str, Callable]) -> str:
+    """The spec of a trainer hook: by name when the trainer can import it, else
+    ``"__script__:<what>"`` with ``fn`` put in ``held`` (the trainer is then forked)."""
+    if isinstance(fn, str):
+        return importable_spec(fn, what)
+    if not callable(fn):
+        raise ConfigError(f"{what} must be a callable or a 'module:function' string, got {type(fn).__name__}")
+    module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", "")
+    if module not in (None, "__main__") and qualname and "<" not in qualname:
+        try:
+            if import_object(f"{module}:{qualname}", what) is fn:
+                return f"{module}:{qualname}"
+        except ValueError:
+            pass  # not importable under that name: hold it
+    held[what] = fn
+    return f"{SCRIPT_MODULE}:{what}"
 
 
 def _write_rows(rows: Iterable[dict[str, Any]], path: Path) -> None:
@@ -66,24 +91,36 @@ def main(
     rows: Iterable[dict[str, Any]] | None = None,
     dynamic_filter_fn: Callable | str | None = None,
     evaluation_fn: Callable | str | None = None,
-    evaluation_interval: int = 1,
+    evaluation_interval: int | None = None,
 ) -> RunResult:
-    """Run the pipeline to the end; raise ``RunFailed`` when it fails."""
+    """Run the pipeline to the end; raise ``RunFailed`` when it fails. ``evaluation_interval``
+    overrides ``cfg.evaluation_interval`` only when given."""
     from rlstream.core.config import validate_config
     from rlstream.core.metrics import read_metrics
     from rlstream.launcher import up
 
-    updates: dict[str, Any] = {"run_id": cfg.run_id or new_run_id(), "evaluation_interval": evaluation_interval}
-    for name, fn in (("rollout_fn_factory", rollout_fn_factory), ("dynamic_filter_fn", dynamic_filter_fn),
-                     ("evaluation_fn", evaluation_fn)):
+    data = cfg.model_dump(mode="json", context={"secrets": True})
+    for dotted, value in env_overrides(os.environ):  # as `rlstream up` over a file: the script, then the env
+        set_path(data, dotted, value)
+    updates: dict[str, Any] = {"run_id": data.get("run_id") or new_run_id()}
+    if evaluation_interval is not None:
+        updates["evaluation_interval"] = evaluation_interval
+    if rollout_fn_factory is not None:
+        updates["rollout_fn_factory"] = importable_spec(rollout_fn_factory, "rollout_fn_factory")
+    held: dict[str, Callable] = {}
+    for name, fn in (("dynamic_filter_fn", dynamic_filter_fn), ("evaluation_fn", evaluation_fn)):
         if fn is not None:
-            updates[name] = importable_spec(fn, name)
-    run_dir = Path(cfg.log_path) / updates["run_id"]
+            updates[name] = trainer_hook_spec(fn, name, held)
+    cfg = validate_config({**data, **updates})
+    run_dir = cfg.run_dir()
     if rows is not None:
         _write_rows(rows, run_dir / "dataset.jsonl")
-        updates["dataset"] = str(run_dir / "dataset.jsonl")
-    cfg = validate_config({**cfg.model_dump(mode="json", context={"secrets": True}), **updates})
-    code = up(cfg)
+        cfg = cfg.model_copy(update={"dataset": str(run_dir / "dataset.jsonl")})
+    hold_script_functions(held)
+    try:
+        code = up(cfg)
+    finally:
+        hold_script_functions({})
     if code != 0:
         raise RunFailed(f"run {cfg.run_id} failed (exit {code}); logs in {run_dir / 'logs'}")
     metrics = read_metrics(run_dir / "metrics.jsonl")

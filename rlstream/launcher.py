@@ -30,13 +30,16 @@ import redis
 from rlstream.core import bus, keys
 from rlstream.core.config import Config, env_override_names, new_run_id
 from rlstream.core.connection import client, connect
+from rlstream.core.cookbook_config import ignored_settings
 from rlstream.core.credentials import PASSWORD_ENV, private_dir, redacted, url_password
 from rlstream.core.embedded_redis import EmbeddedRedis
 from rlstream.core.errors import RedisUnavailable, RunFailed
+from rlstream.core.imports import script_functions
 from rlstream.core.lifeline import SUPERVISOR_ENV, die_with_parent
 from rlstream.core.messages import RunStarted
 from rlstream.core.metrics import read_metrics, summary_line
 from rlstream.core.run_state import RunState
+from rlstream.forked import fork_role
 from rlstream.ops.progress import Progress
 from rlstream.preflight import preflight
 
@@ -95,6 +98,10 @@ def _child_env(redis_password: str | None = None) -> dict[str, str]:
 
 def _spawn(name: str, role: str, config_path: Path, logs: Path, redis_password: str | None) -> Child:
     log_path = logs / f"{name}.log"
+    if role == "trainer" and script_functions():  # hooks only this process holds: fork it from here
+        # (docs/design.md §15.61 Script hooks run in a forked trainer)
+        forked = fork_role(role, config_path, log_path, _child_env(redis_password), die_with_parent(signal.SIGKILL))
+        return Child(name, role, forked, log_path, redis_password=redis_password)  # type: ignore[arg-type]
     out = log_path.open("ab")
     process = subprocess.Popen([sys.executable, "-P", "-m", "rlstream.cli", role, str(config_path)],
                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -127,6 +134,8 @@ def _raise_interrupt(signum, frame) -> None:
 def up(cfg: Config) -> int:
     max_restarts()  # a bad RLSTREAM_MAX_RESTARTS fails now, not at the first crash
     preflight(cfg)
+    if ignored := ignored_settings(cfg):  # once per run, here: children load the same config again
+        log.warning("ignored (only a hosted service can honour them): %s", "; ".join(ignored))
     cfg = cfg.model_copy(update={"run_id": cfg.run_id or new_run_id()})
     run_dir = cfg.run_dir()
     started = time.monotonic()

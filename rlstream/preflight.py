@@ -2,6 +2,7 @@
 would hit on its first line is reported here as one line (exit 2) instead."""
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 from rlstream.core.choices import ADVANTAGE_METHODS, BUILTIN_REWARDS
@@ -34,6 +35,9 @@ def preflight(cfg: Config) -> None:
     if cfg.base_model != BUILTIN_MODEL and not (Path(cfg.base_model) / "config.json").is_file():
         raise ConfigError(f"config error: base_model: {cfg.base_model!r} is neither 'builtin:tiny' nor an HF model "
                           "directory (no config.json)")
+    if cfg.wandb.project and importlib.util.find_spec("wandb") is None:  # the trainer would fail at its start
+        raise ConfigError(f"config error: wandb.project = {cfg.wandb.project!r} but wandb is not installed: "
+                          "`pip install wandb`, or drop the wandb section (RLSTREAM_WANDB_PROJECT='' turns it off)")
     if cfg.init_from_checkpoint and not (Path(cfg.init_from_checkpoint) / "train_state.pt").is_file():
         raise ConfigError(f"config error: init_from_checkpoint: {cfg.init_from_checkpoint!r} is not a checkpoint "
                           "directory (no train_state.pt)")

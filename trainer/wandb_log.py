@@ -15,8 +15,8 @@ class WandbLogger:
         except ImportError:
             raise ConfigError("config error: wandb.project is set but wandb is not installed: "
                               "`pip install wandb`, or remove the [wandb] table") from None
-        self.run = wandb.init(project=cfg.wandb.project, name=cfg.wandb.name or cfg.run_id, mode=cfg.wandb.mode,
-                              config=cfg.model_dump(mode="json"), id=cfg.run_id, resume="allow")
+        self.run = wandb.init(project=cfg.wandb.project, entity=cfg.wandb.entity, name=cfg.wandb.name or cfg.run_id,
+                              mode=cfg.wandb.mode, config=cfg.model_dump(mode="json"), id=cfg.run_id, resume="allow")
 
     def log(self, metrics: dict[str, Any]) -> None:
         self.run.log({k: v for k, v in metrics.items() if k != "step"}, step=int(metrics["step"]))

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SerializationInfo, field_serializer, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SerializationInfo, field_serializer, model_validator
 
 from rlstream.core.choices import TisLevel, TrainerDtype
 from rlstream.core.credentials import without_password
+from rlstream.core.hosted_fields import HostedTrainerFields
 
 
 class ConfigSection(BaseModel):
@@ -51,7 +52,9 @@ class WandbConfig(ConfigSection):
     """Optional Weights & Biases logging from the trainer (needs `pip install wandb`)."""
 
     project: str | None = Field(None, description="W&B project; unset = no W&B logging")
-    name: str | None = Field(None, description="W&B run name; unset = the run id")
+    entity: str | None = Field(None, description="W&B entity (team or user); unset = your default entity")
+    name: str | None = Field(None, validation_alias=AliasChoices("name", "run_name"),
+                             description="W&B run name (the cookbook's `run_name` is accepted); unset = the run id")
     mode: Literal["online", "offline"] = Field("offline", description="W&B mode")
 
 
@@ -66,7 +69,7 @@ class WorkersConfig(ConfigSection):
     )
 
 
-class TrainerConfig(ConfigSection):
+class TrainerConfig(ConfigSection, HostedTrainerFields):  # + the cookbook's hosted-only shape fields
     """How the trainer runs a step: micro-batches, precision, device, AdamW (docs/design.md §12
     Algorithm). None of it changes the optimizer step but ``dtype`` and the AdamW parameters."""
 

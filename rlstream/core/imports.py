@@ -8,6 +8,21 @@ import re
 from typing import Any, Callable
 
 _SPEC_RE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
+# "__script__:<hook>" names a hook held by the script that called rlstream.main (a lambda, a
+# function of its __main__): only that process and the trainer it forks have it
+# (docs/design.md §15.61 Script hooks run in a forked trainer).
+SCRIPT_MODULE = "__script__"
+_script_functions: dict[str, Callable[..., Any]] = {}
+
+
+def hold_script_functions(functions: dict[str, Callable[..., Any]]) -> None:
+    """Replace the hooks this process holds for ``"__script__:<name>"`` specs."""
+    _script_functions.clear()
+    _script_functions.update(functions)
+
+
+def script_functions() -> dict[str, Callable[..., Any]]:
+    return dict(_script_functions)
 
 
 def check_spec(spec: str, what: str, builtin: tuple[str, ...] = ()) -> str:
@@ -22,6 +37,12 @@ def check_spec(spec: str, what: str, builtin: tuple[str, ...] = ()) -> str:
 def import_object(spec: str, what: str = "object") -> Callable[..., Any]:
     """Import ``"pkg.module:attr"``; raise ValueError naming the spec and the fix."""
     module_name, _, attr = check_spec(spec, what).partition(":")
+    if module_name == SCRIPT_MODULE:
+        if attr not in _script_functions:
+            raise ValueError(f"{what} {spec!r} is a function held by the script that called rlstream.main (a lambda "
+                             "or a function of its __main__); only that script's run can use it: a process started "
+                             "by hand cannot. Move the function into an importable module to name it here")
+        return _script_functions[attr]
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:

@@ -36,6 +36,18 @@ class RolloutSetup:
     extras: dict[str, Any] = field(default_factory=dict)
 
 
+def build_deployment_sampler(setup: RolloutSetup) -> Any:
+    """The cookbook's ``build_deployment_sampler(setup)``: the sampler this worker built for the
+    run (the local model on the newest published weights, or the configured inference server),
+    with ``sample_with_prompt_tokens`` and ``sample_with_tokens``. There is nothing to build:
+    the worker owns it, keeps its weights current and closes it."""
+    sampler = getattr(setup, "sampler", None)
+    if sampler is None:
+        raise ValueError("build_deployment_sampler takes the RolloutSetup your rollout_fn_factory received; "
+                         f"got {type(setup).__name__} without a sampler")
+    return sampler
+
+
 NO_LIMIT = 1 << 30  # max_seq_len when a caller gives none
 
 

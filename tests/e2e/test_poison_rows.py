@@ -48,6 +48,7 @@ max_completion_tokens = 1
 max_seq_len = 16
 learning_rate = 2e-3
 max_steps = 10
+max_head_offpolicy_versions = 1  # the default was 1 when this test was measured (now 0)
 
 [workers]
 count = 1

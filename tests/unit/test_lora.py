@@ -31,7 +31,8 @@ TOKENS = torch.tensor([[3, 13, 4, 14, 7, 1], [5, 13, 9, 14, 8, 1]])  # "a+b=c<eo
 
 def lora_cfg(tmp_path=None, **over) -> Config:
     fields = {"run_id": RUN, "prompt_groups_per_step": 1, "completions_per_prompt": 2, "lora_rank": 4,
-              "learning_rate": 1e-2, "max_steps": 2, "dcp_save_interval": 0}
+              "learning_rate": 1e-2, "max_steps": 2, "dcp_save_interval": 0,
+              "max_head_offpolicy_versions": 1}  # groups of v0 train at later steps (the default is 0 now)
     if tmp_path is not None:
         fields["log_path"] = str(tmp_path)
     fields.update(over)
@@ -256,7 +257,7 @@ def test_replay_with_a_lora_config_trains_the_recorded_steps(r, tmp_path):
     for row in range(2):
         add_group(r, row)
     source = Config(run_id=RUN, log_path=str(tmp_path), prompt_groups_per_step=1, completions_per_prompt=2,
-                    max_steps=2, learning_rate=1e-2)
+                    max_steps=2, learning_rate=1e-2, max_head_offpolicy_versions=1)
     assert Trainer(source, r, source.run_dir()).run() == 2
     recorded = [m for _, m in bus.iter_all_events(r, RUN) if isinstance(m, StepCommitted)]
     cfg = lora_cfg(tmp_path, run_id="lora-replay", max_steps=None, output_model_id="m", kl_beta=0.1)

@@ -181,6 +181,7 @@ def test_trainer_keeps_float32_masters_and_publishes_in_the_stored_dtype(r, tmp_
     cfg = Config(run_id=RUN, log_path=str(tmp_path), base_model=str(bfloat16_base(tmp_path)), max_steps=2,
                  prompt_groups_per_step=1, completions_per_prompt=4, lr_schedule="constant", learning_rate=1e-2,
                  dcp_save_interval=1, save_final_checkpoint=False, output_model_id="final",
+                 max_head_offpolicy_versions=1,  # both groups are of v0 (the default O is 0 now)
                  trainer={"dtype": "bfloat16", "micro_batch_tokens": 16, "gradient_checkpointing": True})
     t = Trainer(cfg, r, cfg.run_dir())
     assert t.run() == 2
