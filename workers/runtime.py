@@ -159,7 +159,8 @@ class WorkerRuntime:
         are gone or unreadable."""
         if self.policy is None:
             try:
-                self.policy, sampler = make_policy(self.cfg, published, self.device, self.controller)
+                extra = {} if self.controller is None else {"controller": self.controller}  # openai backend only
+                self.policy, sampler = make_policy(self.cfg, published, self.device, **extra)
             except (OSError, ValueError) as exc:
                 # Pruned (keep_weights) while a freshly started worker loaded it: wait for the
                 # next weights published, as a loaded policy does below (bounded by sync_weights).
