@@ -126,6 +126,7 @@ def main() -> None:
     parser.add_argument("--windows", type=int, nargs="*", default=[4, 16, 64, 128],
                         help="max_concurrency values for one worker (the group size = one group at a time)")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: stop the workers and the redis-server
     if not args.latency.startswith("const:"):
         raise SystemExit("--latency: the ideal needs a constant latency (const:S)")
     latency_sampler(args.latency)

@@ -17,7 +17,9 @@ import threading
 import time
 from typing import Any
 
+import redis
 from rq import SimpleWorker
+from rq.exceptions import DequeueTimeout
 from rq.timeouts import UnixSignalDeathPenalty
 from rq.worker import WorkerStatus
 
@@ -98,7 +100,7 @@ class RolloutWorker(SimpleWorker):
             self._perform(job, queue, execution)
             self.set_state(WorkerStatus.IDLE)
             return
-        self.slots.take()  # released by the job's thread, whatever ends it
+        self.slots.take(job.id)  # released by the job's thread, whatever ends it
         threading.Thread(target=self._perform_in_thread, args=(job, queue, execution), name=f"job-{job.id}",
                          daemon=True).start()
 
@@ -123,7 +125,7 @@ class RolloutWorker(SimpleWorker):
             log.exception("worker %s: job %s: rq could not record its outcome; its heartbeat stops, so the producer "
                           "re-dispatches it", self.name, job.id)
         finally:
-            self.slots.release()
+            self.slots.release(job.id)
             sampling = getattr(self.runtime, "sampling", None)
             if sampling is not None and sampling.stuck:
                 warm_shutdown()
@@ -150,9 +152,35 @@ class RolloutWorker(SimpleWorker):
                 return None
             if not self.slots.busy:  # idle: rq's blocking wait; a SIGTERM ends it at once (StopRequested)
                 return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
-            result = super().dequeue_job_and_maintain_ttl(1, 1)
+            result = self._dequeue_while_busy()
             if result is not None or self._stop_requested:
                 return result
+
+    def _dequeue_while_busy(self):
+        """rq's dequeue without its per-call bookkeeping (state, procline, two heartbeats):
+        while jobs run their heartbeat threads keep the worker key alive, and a worker
+        filling a window of many groups takes them one after another on this thread."""
+        try:
+            result = self.queue_class.dequeue_any(self._ordered_queues, 1, connection=self.connection,
+                                                  job_class=self.job_class, serializer=self.serializer,
+                                                  death_penalty_class=self.death_penalty_class)
+        except DequeueTimeout:
+            return None
+        except (redis.ConnectionError, redis.TimeoutError) as exc:  # Redis restarting: the next round retries
+            log.warning("worker %s: dequeue failed (%s); retrying", self.name, exc)
+            time.sleep(1.0)
+            return None
+        if result is not None:
+            result[0].redis_server_version = self.get_redis_server_version()
+        return result
+
+    def heartbeat(self, timeout=None, pipeline=None):
+        """rq's worker heartbeat (three commands) in one round trip."""
+        if pipeline is not None:
+            return super().heartbeat(timeout, pipeline=pipeline)
+        with self.connection.pipeline(transaction=False) as pipe:
+            super().heartbeat(timeout, pipeline=pipe)
+            pipe.execute()
 
     def teardown(self):
         """A warm shutdown finishes the groups in flight first (bounded by ``drain_s``);

@@ -53,6 +53,8 @@ def run_worker(cfg: Config, r: redis.Redis, worker_id: str) -> None:
     runtime = WorkerRuntime(cfg, r, worker_id, device, rollout_fn_factory=factory, events=events,
                             concurrent=holds_several(cfg))
     slots = worker_slots(cfg, runtime.controller)
+    if slots is not None:
+        runtime.on_drawn = slots.drawn
     worker = RolloutWorker([job_queue(r, cfg)], connection=r, serializer=JSONSerializer,
                            name=f"rlstream-{cfg.run_id}-{worker_id}", runtime=runtime, worker_ttl=WORKER_TTL_S,
                            slots=slots, drain_s=cfg.job_timeout + 15.0)

@@ -84,12 +84,21 @@ def weights_to_load(state: RunState, min_version: int, failed: WeightsPublished 
 
 def make_controller(cfg: Config) -> Any:
     """The process's concurrency controller for the openai backend (``workers.concurrency_control``)."""
-    from rlstream.sampling.concurrency import AdaptiveConcurrencyController, FixedConcurrencyController
+    from rlstream.sampling.concurrency import (
+        AdaptiveConcurrencyController,
+        FixedConcurrencyController,
+        MetricsPoller,
+        vllm_queue_time_probe,
+    )
 
     limit = cfg.inference.max_concurrency
-    if cfg.workers.concurrency_control == "adaptive":
-        return AdaptiveConcurrencyController(initial_window=min(16, limit), max_window=limit)
-    return FixedConcurrencyController(limit)
+    if cfg.workers.concurrency_control == "fixed":
+        return FixedConcurrencyController(limit)
+    # vLLM serves /metrics beside /v1: its queue-time histogram is the better signal, where present
+    root = cfg.inference.base_url.rstrip("/").removesuffix("/v1")
+    poller = MetricsPoller(f"{root}/metrics").start()
+    return AdaptiveConcurrencyController(initial_window=min(16, limit), max_window=limit,
+                                         queue_time_probe=vllm_queue_time_probe(lambda: poller.text))
 
 
 def make_policy(cfg: Config, published: WeightsPublished, device: Any, controller: Any = None) -> tuple[Any, Any]:
@@ -136,6 +145,7 @@ class WorkerRuntime:
         self.loop = self.sampling.loop if concurrent else asyncio.new_event_loop()
         self._weights_lock = threading.Lock()  # one job at a time builds or updates the policy
         self._breaker_lock = threading.Lock()
+        self.on_drawn: Any = None  # called with the rq job id once a group's draws are done (JobSlots.drawn)
 
     def sync_weights(self, min_version: int, deadline: float | None = None) -> None:
         """Load the newest published version; wait (bounded by job_timeout) until one >=
@@ -251,6 +261,8 @@ class WorkerRuntime:
             if self.sampling is None:  # with several groups in flight the torch RNG is shared by all of them
                 seed_torch(job_seed(self.cfg.seed, job.group_id))
             samples = self._run(self._group(job, tally), deadline)
+            if self.on_drawn is not None:  # its room goes to the next group while this one is written
+                self.on_drawn(keys.job_id(self.cfg.run_id, job.group_id))
             rejection = group_rejection(len(samples), job.group_size, self.cfg.min_group_size, tally.last_error)
             with self._breaker_lock:
                 if rejection is None or tally.failed:  # (a group lost to draws returning None is the user's choice)

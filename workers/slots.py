@@ -11,18 +11,26 @@ from typing import Any, Callable
 
 
 class JobSlots:
+    """Jobs held (taken, not yet recorded by rq) and, among them, jobs drawing. Room counts
+    the drawing ones: a job whose draws are done frees its room while rq records it."""
+
     def __init__(self, capacity: Callable[[], int]):
         self.capacity = capacity
-        self.running = 0
-        self.peak = 0  # most jobs ever in flight at once (tests)
+        self.held: set[str] = set()
+        self.drawing: set[str] = set()
+        self.peak = 0  # most jobs ever drawing at once (tests)
         self._changed = threading.Condition()
 
     @property
+    def running(self) -> int:
+        return len(self.held)
+
+    @property
     def busy(self) -> bool:
-        return self.running > 0
+        return bool(self.held)
 
     def has_room(self) -> bool:
-        return self.running < max(1, self.capacity())
+        return len(self.drawing) < max(1, self.capacity())
 
     def wait_for_room(self, timeout: float) -> bool:
         """True once another job fits; False after ``timeout`` s (the caller beats and asks
@@ -30,19 +38,26 @@ class JobSlots:
         with self._changed:
             return self._changed.wait_for(self.has_room, timeout)
 
-    def take(self) -> None:
+    def take(self, job_id: str) -> None:
         with self._changed:
-            self.running += 1
-            self.peak = max(self.peak, self.running)
+            self.held.add(job_id)
+            self.drawing.add(job_id)
+            self.peak = max(self.peak, len(self.drawing))
 
-    def release(self) -> None:
+    def drawn(self, job_id: str) -> None:
         with self._changed:
-            self.running -= 1
+            self.drawing.discard(job_id)
+            self._changed.notify_all()
+
+    def release(self, job_id: str) -> None:
+        with self._changed:
+            self.held.discard(job_id)
+            self.drawing.discard(job_id)
             self._changed.notify_all()
 
     def wait_idle(self, timeout: float) -> bool:
         with self._changed:
-            return self._changed.wait_for(lambda: self.running == 0, timeout)
+            return self._changed.wait_for(lambda: not self.held, timeout)
 
 
 def job_capacity(window: Callable[[], int], group_size: int) -> Callable[[], int]:

@@ -196,7 +196,7 @@ def vllm_queue_time_probe(metrics_text: Callable[[], str | None]) -> Callable[[]
         text = metrics_text()
         if not text:
             return None
-        total, count = parse_histogram(text, "vllm:request_queue_time_seconds")
+        total, count = parse_histogram(text, QUEUE_TIME)
         if total is None or count is None:
             return None
         previous_sum, previous_count = last["sum"], last["count"]
@@ -223,3 +223,47 @@ def parse_histogram(text: str, name: str) -> tuple[float | None, float | None]:
                 else:
                     counts = (counts or 0.0) + value
     return sums, counts
+
+
+class MetricsPoller:
+    """The newest text of a server's Prometheus ``/metrics``, fetched by a daemon thread every
+    ``period_s`` (one GET, off the sampling loop: cheap). It stops for good once the server
+    answers anything but 200 with vLLM's queue-time histogram (then latency is the signal)."""
+
+    def __init__(self, url: str, period_s: float = 2.0, headers: dict[str, str] | None = None,
+                 transport: object = None):
+        import httpx  # only the openai backend polls
+
+        self.url, self.period_s, self.text = url, period_s, None
+        self._client = httpx.Client(timeout=min(5.0, period_s), headers=headers or {}, transport=transport)
+        self._stop = threading.Event()
+        self.available: bool | None = None  # unknown until the first answer
+
+    def poll_once(self) -> bool:
+        """One fetch; False once the server has no usable metrics."""
+        try:
+            response = self._client.get(self.url)
+        except Exception as exc:  # a server restarting: try again next period
+            log.debug("metrics poll of %s: %s", self.url, exc)
+            return True
+        usable = response.status_code == 200 and parse_histogram(response.text, QUEUE_TIME)[1] is not None
+        if not usable:
+            log.info("no vLLM queue-time metrics at %s: the concurrency window follows request latency", self.url)
+            self.available = False
+            return False
+        self.available, self.text = True, response.text
+        return True
+
+    def start(self) -> MetricsPoller:
+        def run() -> None:
+            while self.poll_once() and not self._stop.wait(self.period_s):
+                pass
+
+        threading.Thread(target=run, name="metrics-poller", daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+QUEUE_TIME = "vllm:request_queue_time_seconds"

@@ -1,5 +1,6 @@
 """Workers with many groups in flight, killed, added and stopped mid-run (docs/design.md
-§15.50 Many groups in flight per worker, §15.52 Elastic workers). ``rlstream up`` with the
+§15.50 Many groups in flight per worker; docs/design.md §15.52 Elastic workers: join any time,
+leave with a SIGTERM). ``rlstream up`` with the
 openai backend against a stand-in server whose requests take 2 s (bench/standin_server.py,
 in this process), one worker holding up to 64 groups of 2:
 

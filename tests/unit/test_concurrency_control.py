@@ -18,6 +18,7 @@ from rlstream.sampling import remote as remote_policy
 from rlstream.sampling.concurrency import (
     AdaptiveConcurrencyController,
     FixedConcurrencyController,
+    MetricsPoller,
     parse_histogram,
     vllm_queue_time_probe,
 )
@@ -153,6 +154,15 @@ def test_queue_time_probe_reads_vllm_histogram_deltas():
     assert probe() == pytest.approx(0.5)  # 3 s over 6 requests
     assert probe() is None  # no metrics: fall back to latency
     assert parse_histogram("other 1\n", "vllm:request_queue_time_seconds") == (None, None)
+
+
+def test_metrics_poller_keeps_vllm_metrics_and_gives_up_on_a_server_without_them():
+    vllm = httpx.MockTransport(lambda request: httpx.Response(
+        200, text="vllm:request_queue_time_seconds_sum 2.0\nvllm:request_queue_time_seconds_count 4\n"))
+    poller = MetricsPoller("http://server.test/metrics", transport=vllm)
+    assert poller.poll_once() and poller.available and "queue_time" in poller.text
+    plain = MetricsPoller("http://server.test/metrics", transport=httpx.MockTransport(lambda r: httpx.Response(404)))
+    assert not plain.poll_once() and plain.available is False and plain.text is None
 
 
 def test_adaptive_controller_settles_under_a_server_that_refuses_above_its_capacity(monkeypatch):

@@ -84,18 +84,21 @@ def test_a_loop_blocked_by_a_rollout_fn_is_reported_stuck():
 def test_job_slots_follow_a_changing_capacity():
     window = {"now": 8}
     slots = JobSlots(job_capacity(lambda: window["now"], group_size=4))
-    slots.take()
-    slots.take()
+    slots.take("a")
+    slots.take("b")
     assert not slots.wait_for_room(0.01)  # 2 groups of 4 fill a window of 8
     window["now"] = 12
     assert slots.wait_for_room(0.01)
+    window["now"] = 8
+    slots.drawn("a")  # its draws are done: its room is free while rq records it
+    assert slots.wait_for_room(0.01) and slots.busy and not slots.wait_idle(0.01)
     window["now"] = 1
-    slots.release()
-    slots.release()
+    slots.release("a")
+    slots.release("b")
     assert slots.wait_for_room(0.01)  # one group always fits, however small the window
-    slots.take()
+    slots.take("c")
     assert not slots.wait_for_room(0.01) and slots.peak == 2
-    slots.release()
+    slots.release("c")
     assert slots.wait_idle(0.01)
 
 
