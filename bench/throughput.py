@@ -17,7 +17,9 @@ tokenizer), and real ``rlstream worker`` processes with ``inference.backend = "o
 and registered with rq first (their start-up is not timed), then enough prompt groups of
 the built-in task are admitted for ``--rounds`` full windows of requests, and the clock runs
 from the first admission to the last sample in the rollouts stream (after two untimed
-warm-up groups per worker: a worker's first job loads its tokenizer).
+warm-up groups per worker: a worker's first job loads its tokenizer). A second table: one
+local-backend worker (the built-in tiny model, one token per completion) with
+``workers.local_max_batch`` unset (one group per ``generate``) and larger, in samples/s.
 
 ideal = rounds x latency: every worker keeps its whole window of requests in flight all the
 time; share = ideal / measured. Against a latency-bound server the share says how much of
@@ -31,6 +33,7 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
@@ -45,7 +48,7 @@ from standin_server import StandinServer, latency_sampler  # noqa: E402
 
 from rlstream.builtin.task import builtin_rows  # noqa: E402
 from rlstream.builtin.tiny_model import save_tiny_model  # noqa: E402
-from rlstream.core import bus, keys  # noqa: E402
+from rlstream.core import bus, keys, weights  # noqa: E402
 from rlstream.core.config import Config  # noqa: E402
 from rlstream.core.connection import connect  # noqa: E402
 from rlstream.core.credentials import PASSWORD_ENV  # noqa: E402
@@ -55,16 +58,29 @@ from rlstream.core.messages import WeightsPublished  # noqa: E402
 from rlstream.producers.producer import admit  # noqa: E402
 
 
-def run_config(name: str, workers: int, window: int, args, redis_server, r, model: Path, base: str, root: Path) -> dict:
+def run_config(name: str, workers: int, window: int, args, redis_server, r, model: Path, base: str, root: Path,
+               local_batch: int | None = None) -> dict:
+    """One configuration: openai backend with ``window`` = max_concurrency, or (``local_batch``
+    given) the local backend with ``workers.local_max_batch`` = it (0: unset, one group)."""
     run_id = f"bench-tp-{name}"
-    cfg = Config(run_id=run_id, log_path=str(root / "runs"), base_model=str(model), tokenizer_model=str(model),
-                 completions_per_prompt=args.group, max_completion_tokens=1, max_seq_len=16, job_timeout=600,
-                 redis={"url": redis_server.url},
-                 workers={"concurrency_control": "fixed"},
-                 inference={"backend": "openai", "base_url": f"{base}/v1", "max_concurrency": window, "timeout": 600})
+    common = dict(run_id=run_id, log_path=str(root / "runs"), base_model=str(model), tokenizer_model=str(model),
+                  completions_per_prompt=args.group, max_completion_tokens=1, max_seq_len=16, job_timeout=600,
+                  redis={"url": redis_server.url}, device="cpu")
+    if local_batch is None:
+        cfg = Config(**common, workers={"concurrency_control": "fixed"},
+                     inference={"backend": "openai", "base_url": f"{base}/v1", "max_concurrency": window,
+                                "timeout": 600})
+        bus.xadd(r, keys.events(run_id), WeightsPublished(version=0, uri="v0", sha256="0" * 64, bytes=1))
+    else:
+        common.update(max_completion_tokens=args.local_tokens)
+        cfg = Config(**common, workers={"local_max_batch": local_batch or None})
+        (cfg.run_dir() / "weights").mkdir(parents=True, exist_ok=True)
+        staging = root / f"{run_id}-v0"
+        shutil.copytree(model, staging)
+        digest, size = weights.seal(staging, weights.version_dir(cfg.run_dir() / "weights", 0), version=0)
+        bus.xadd(r, keys.events(run_id), WeightsPublished(version=0, uri="v0", sha256=digest, bytes=size))
     config = root / f"{run_id}.json"
     config.write_text(json.dumps(cfg.model_dump(mode="json")))
-    bus.xadd(r, keys.events(run_id), WeightsPublished(version=0, uri="v0", sha256="0" * 64, bytes=1))
     queue = job_queue(r, cfg)
     procs = []
     for i in range(workers):
@@ -91,9 +107,10 @@ def run_config(name: str, workers: int, window: int, args, redis_server, r, mode
                 raise RuntimeError(f"{name}: the warm-up groups were not sampled; see {root}/{run_id}-*.log")
             time.sleep(0.05)
         groups_per_window = max(1, window // args.group)
-        groups = args.rounds * workers * groups_per_window
+        groups = args.rounds * workers * groups_per_window if local_batch is None else args.local_groups
         samples = groups * args.group
         rows = list(builtin_rows(groups, seed=0))
+        cpu_before = sum(cpu_seconds(p.pid) for p in procs)
         started = time.perf_counter()
         for i, row in enumerate(rows):
             admit(r, queue, cfg, 0, i, row, 0)
@@ -102,6 +119,7 @@ def run_config(name: str, workers: int, window: int, args, redis_server, r, mode
                 raise RuntimeError(f"{name}: {r.xlen(stream) - warm} of {samples} samples after 600 s")
             time.sleep(0.01)
         elapsed = time.perf_counter() - started
+        cpu = sum(cpu_seconds(p.pid) for p in procs) - cpu_before
     finally:
         for p in procs:
             p.send_signal(signal.SIGTERM)
@@ -110,10 +128,19 @@ def run_config(name: str, workers: int, window: int, args, redis_server, r, mode
                 p.wait(60)
             except subprocess.TimeoutExpired:
                 p.kill()
-    ideal = samples / (workers * window) * args.latency_s  # every window full, all the time
+    ideal = samples / (workers * window) * args.latency_s if local_batch is None else elapsed  # local: no ideal
     return {"name": name, "workers": workers, "window": window, "groups": groups, "samples": samples,
             "elapsed": elapsed, "samples_per_s": samples / elapsed, "ideal_samples_per_s": samples / ideal,
-            "share": ideal / elapsed}
+            "share": ideal / elapsed, "cpu_ms_per_sample": 1000 * cpu / samples}
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc; 0 elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def main() -> None:
@@ -125,6 +152,10 @@ def main() -> None:
     parser.add_argument("--worker-window", type=int, default=32, help="max_concurrency of the worker-count sweep")
     parser.add_argument("--windows", type=int, nargs="*", default=[4, 16, 64, 128],
                         help="max_concurrency values for one worker (the group size = one group at a time)")
+    parser.add_argument("--local-batches", type=int, nargs="*", default=[0, 16, 64],
+                        help="workers.local_max_batch values for one local-backend worker (0 = unset: one group)")
+    parser.add_argument("--local-groups", type=int, default=200, help="groups per local-backend configuration")
+    parser.add_argument("--local-tokens", type=int, default=8, help="max_completion_tokens of the local configurations")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: stop the workers and the redis-server
     if not args.latency.startswith("const:"):
@@ -153,6 +184,11 @@ def main() -> None:
                 results.append(run_config(f"c{w}", 1, w, args, redis_server, r, model, base, root))
                 print_row(results[-1], flush=True)
             print_table(results, args)
+            local = []
+            for b in args.local_batches:
+                local.append(run_config(f"l{b}", 1, args.group, args, redis_server, r, model, base, root, local_batch=b))
+                print_row(local[-1], flush=True)
+            print_local_table(local)
         finally:
             redis_server.stop()
             server.stop()
@@ -165,12 +201,26 @@ def print_row(res: dict, flush: bool = False) -> None:
 def print_table(results: list[dict], args) -> None:
     one_group = next((x for x in results if x["workers"] == 1 and x["window"] == args.group), None)
     print()
-    print("| workers | max_concurrency | samples | samples/s | ideal samples/s | share of ideal | vs one group at a time |")
-    print("|---|---|---|---|---|---|---|")
+    print("| workers | max_concurrency | samples | samples/s | ideal samples/s | share of ideal | vs one group at a time "
+          "| worker CPU ms/sample |")
+    print("|---|---|---|---|---|---|---|---|")
     for x in results:
         speedup = f"{x['samples_per_s'] / one_group['samples_per_s']:.1f}x" if one_group else "-"
         print(f"| {x['workers']} | {x['window']} | {x['samples']} | {x['samples_per_s']:.0f} | "
-              f"{x['ideal_samples_per_s']:.0f} | {x['share']:.2f} | {speedup} |")
+              f"{x['ideal_samples_per_s']:.0f} | {x['share']:.2f} | {speedup} | {x['cpu_ms_per_sample']:.1f} |")
+
+
+def print_local_table(results: list[dict]) -> None:
+    if not results:
+        return
+    first = results[0]
+    print()
+    print("| local backend: workers.local_max_batch | samples | samples/s | vs the first | worker CPU ms/sample |")
+    print("|---|---|---|---|---|")
+    for x in results:
+        batch = x["name"].removeprefix("l")
+        print(f"| {'unset (one group)' if batch == '0' else batch} | {x['samples']} | {x['samples_per_s']:.0f} | "
+              f"{x['samples_per_s'] / first['samples_per_s']:.1f}x | {x['cpu_ms_per_sample']:.1f} |")
 
 
 if __name__ == "__main__":
