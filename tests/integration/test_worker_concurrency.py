@@ -1,9 +1,9 @@
 """One ``rlstream worker`` process with the openai backend holds many prompt groups at once
 (docs/design.md §15.50 Many groups in flight per worker): against a stand-in server
 (bench/standin_server.py, in this process) whose requests take a while, it keeps
-``inference.max_concurrency`` = 64 requests in flight across groups of 4, never more; every
-group is sampled exactly once; and a SIGTERM with groups in flight lets it finish them and
-exit 0. Real redis-server, real worker process; asserts counts, never timings."""
+``inference.max_concurrency`` = 64 requests in flight across groups of 4, never more, and
+every group is sampled exactly once (a SIGTERM with groups in flight: tests/e2e/test_elastic_workers.py).
+Real redis-server, real worker process; asserts counts, never timings."""
 from __future__ import annotations
 
 import json
@@ -75,16 +75,8 @@ def test_one_worker_keeps_max_concurrency_requests_in_flight_across_groups(r, re
         sampled = events_of(r, run_id, GroupSampled)
         assert len({g.group_id for g in sampled}) == GROUPS and all(g.samples == GROUP for g in sampled)
 
-        # A warm stop with groups in flight: they are finished, then the worker exits 0.
-        server.reset_peak()
-        for i, row in enumerate(builtin_rows(GROUPS + 8, seed=0)):
-            if i >= GROUPS:
-                admit(r, queue, cfg, 0, i, row, 0)
-        wait_until(lambda: len(started.get_job_ids()) == 8, 60, "the new jobs to start", interval=0.05)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(90) == 0, log.read_text()[-3000:]
-        assert "finishing" in log.read_text(), log.read_text()[-3000:]
-        assert len(events_of(r, run_id, GroupSampled)) == GROUPS + 8
+        proc.send_signal(signal.SIGTERM)  # idle now: rq's warm shutdown
+        assert proc.wait(60) == 0, log.read_text()[-3000:]
         assert not started.get_job_ids() and not queue.job_ids  # nothing left behind
     finally:
         if proc.poll() is None:
