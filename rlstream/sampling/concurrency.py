@@ -228,24 +228,31 @@ def parse_histogram(text: str, name: str) -> tuple[float | None, float | None]:
 class MetricsPoller:
     """The newest text of a server's Prometheus ``/metrics``, fetched by a daemon thread every
     ``period_s`` (one GET, off the sampling loop: cheap). It stops for good once the server
-    answers anything but 200 with vLLM's queue-time histogram (then latency is the signal)."""
+    answers anything but 200 with vLLM's queue-time histogram, or after ``max_failures``
+    fetches in a row fail (then latency is the signal)."""
 
     def __init__(self, url: str, period_s: float = 2.0, headers: dict[str, str] | None = None,
-                 transport: object = None):
+                 transport: object = None, max_failures: int = 5):
         import httpx  # only the openai backend polls
 
         self.url, self.period_s, self.text = url, period_s, None
         self._client = httpx.Client(timeout=min(5.0, period_s), headers=headers or {}, transport=transport)
         self._stop = threading.Event()
         self.available: bool | None = None  # unknown until the first answer
+        self.max_failures, self._failures = max_failures, 0
 
     def poll_once(self) -> bool:
         """One fetch; False once the server has no usable metrics."""
         try:
             response = self._client.get(self.url)
-        except Exception as exc:  # a server restarting: try again next period
+        except Exception as exc:  # a server restarting: try again next period, a few times
             log.debug("metrics poll of %s: %s", self.url, exc)
+            self._failures += 1
+            if self._failures >= self.max_failures:
+                self.available = False
+                return False
             return True
+        self._failures = 0
         usable = response.status_code == 200 and parse_histogram(response.text, QUEUE_TIME)[1] is not None
         if not usable:
             log.info("no vLLM queue-time metrics at %s: the concurrency window follows request latency", self.url)

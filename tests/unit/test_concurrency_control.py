@@ -164,6 +164,12 @@ def test_metrics_poller_keeps_vllm_metrics_and_gives_up_on_a_server_without_them
     plain = MetricsPoller("http://server.test/metrics", transport=httpx.MockTransport(lambda r: httpx.Response(404)))
     assert not plain.poll_once() and plain.available is False and plain.text is None
 
+    def refuse(request):
+        raise httpx.ConnectError("refused")
+
+    down = MetricsPoller("http://server.test/metrics", transport=httpx.MockTransport(refuse), max_failures=3)
+    assert [down.poll_once() for _ in range(3)] == [True, True, False]  # bounded: then latency is the signal
+
 
 def test_adaptive_controller_settles_under_a_server_that_refuses_above_its_capacity(monkeypatch):
     """A server that answers 429 to every request beyond CAPACITY in flight. 64 concurrent
@@ -212,3 +218,17 @@ def test_adaptive_controller_settles_under_a_server_that_refuses_above_its_capac
     late = windows[-300:]
     assert max(late) <= 2 * capacity and min(late) >= capacity // 4, (min(late), max(late))
     assert controller.in_flight == 0
+
+
+def test_workers_choose_their_controller_from_the_config():
+    from rlstream.core.config import Config
+    from rlstream.workers.runtime import make_controller
+
+    openai = {"backend": "openai", "base_url": "http://127.0.0.1:9/v1", "max_concurrency": 96}
+    fixed = make_controller(Config(inference=openai))
+    assert isinstance(fixed, FixedConcurrencyController) and fixed.window == 96
+    adaptive = make_controller(Config(inference=openai, workers={"concurrency_control": "adaptive"}))
+    assert isinstance(adaptive, AdaptiveConcurrencyController)
+    assert (adaptive.window, adaptive.max_window) == (16, 96) and adaptive.queue_time_probe is not None
+    small = make_controller(Config(inference={**openai, "max_concurrency": 8}, workers={"concurrency_control": "adaptive"}))
+    assert (small.window, small.max_window) == (8, 8)
