@@ -83,3 +83,39 @@ def test_one_worker_keeps_max_concurrency_requests_in_flight_across_groups(r, re
             proc.kill()
             proc.wait()
         server.stop()
+
+
+@pytest.mark.slow
+def test_an_adaptive_worker_backs_off_a_server_that_refuses_above_its_capacity(r, redis_server, run_id, tmp_path):
+    """``workers.concurrency_control = "adaptive"`` against a server answering 429 beyond 24
+    requests in flight: the worker probes past it, backs off, and every group is sampled
+    (no failed draw, no rejected group). The default suite checks the same through the
+    remote sampler (tests/unit/test_concurrency_control.py)."""
+    capacity, groups = 24, 120
+    server = StandinServer("const:0.3", capacity=capacity, vocab_size=16)
+    base = server.start()
+    model = save_tiny_model(tmp_path / "tiny")
+    cfg = Config(run_id=run_id, log_path=str(tmp_path / "runs"), base_model=str(model), tokenizer_model=str(model),
+                 completions_per_prompt=GROUP, max_completion_tokens=1, max_seq_len=16, job_timeout=120,
+                 redis={"url": redis_server.url}, workers={"concurrency_control": "adaptive"},
+                 inference={"backend": "openai", "base_url": f"{base}/v1", "max_concurrency": 128})
+    bus.xadd(r, keys.events(run_id), WeightsPublished(version=0, uri="v0", sha256="0" * 64, bytes=1))
+    queue = job_queue(r, cfg)
+    for i, row in enumerate(builtin_rows(groups, seed=0)):
+        admit(r, queue, cfg, 0, i, row, 0)
+    proc, log = start_worker(cfg, tmp_path, redis_server.password)
+    try:
+        wait_until(lambda: len(events_of(r, run_id, GroupSampled)) == groups, 300, "every group sampled",
+                   interval=0.2)
+        assert not events_of(r, run_id, GroupRejected), log.read_text()[-3000:]
+        assert server.rejected > 0, server.stats  # it did grow past the capacity ...
+        assert "concurrency window" in log.read_text()  # ... and was cut back
+        assert int(r.hget(keys.rollout_stats(run_id), "rollout_failures") or 0) == 0
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        server.stop()
