@@ -192,7 +192,11 @@ def test_adaptive_controller_settles_under_a_server_that_refuses_above_its_capac
         return httpx.Response(200, json={"choices": [{"index": 0, "text": "x", "finish_reason": "stop",
                                                       "token_ids": [5], "logprobs": {"token_logprobs": [-0.5]}}]})
 
-    controller = AdaptiveConcurrencyController(initial_window=16, cooldown_s=0.02)  # ~ the latency, as 1 s is for a real server
+    # The cooldown is counted in served requests, not seconds (one window's worth, as 1 s is for a
+    # real server), and the latency target is far above the stand-in's: only the 429s steer the
+    # window, so a loaded machine's pauses cannot change what the test sees.
+    controller = AdaptiveConcurrencyController(initial_window=16, cooldown_s=1.0, target=10.0,
+                                               clock=lambda: state["served"] / capacity)
     cfg = InferenceConfig(backend="openai", base_url="http://inference.test/v1", max_retries=4)
     published = WeightsPublished(version=0, uri="/w/v0", sha256="0" * 64, bytes=1)
     windows: list[int] = []
