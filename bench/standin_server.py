@@ -86,9 +86,19 @@ class StandinServer:
         return f"http://{self.host}:{self.port}"
 
     def stop(self) -> None:
-        if self.loop is not None and self._server is not None:
-            self.loop.call_soon_threadsafe(self._server.close)
-            self.loop.call_soon_threadsafe(self.loop.stop)
+        """Close the listener and every open connection, then stop the loop."""
+        if self.loop is None or self._server is None or not self.loop.is_running():
+            return
+
+        async def shutdown() -> None:
+            self._server.close()
+            others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in others:
+                task.cancel()
+            await asyncio.gather(*others, return_exceptions=True)
+
+        asyncio.run_coroutine_threadsafe(shutdown(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
