@@ -1,6 +1,7 @@
 """The rq side of a worker: the job function, a worker class that keeps the policy in
-process (rq's ``SimpleWorker``: no fork per job, so the model is loaded once), and its
-warm shutdown.
+process (rq's ``SimpleWorker``: no fork per job, so the model is loaded once) and may hold
+several jobs at once (``JobSlots``: docs/design.md §15.50 Many groups in flight per
+worker), and its warm shutdown.
 
 rq imports a job's function by name and passes only JSON arguments, so the function
 finds the process's ``WorkerRuntime`` through a ContextVar that the worker binds around
@@ -16,7 +17,10 @@ import threading
 import time
 from typing import Any
 
+import redis
 from rq import SimpleWorker
+from rq.exceptions import DequeueTimeout
+from rq.timeouts import UnixSignalDeathPenalty
 from rq.worker import WorkerStatus
 
 from rlstream.core.jobs import prune_dead_executions
@@ -45,6 +49,19 @@ def still_alive(elapsed_s: float, job_timeout: int | None, grace_s: float = HUNG
     return not job_timeout or job_timeout <= 0 or elapsed_s <= job_timeout + grace_s
 
 
+class MainThreadDeathPenalty(UnixSignalDeathPenalty):
+    """rq's SIGALRM job timeout where a signal can reach the job (the main thread). A job
+    run in a thread of its own is timed by the worker runtime instead (workers/sampling_loop.py)."""
+
+    def setup_death_penalty(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            super().setup_death_penalty()
+
+    def cancel_death_penalty(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            super().cancel_death_penalty()
+
+
 def run_group(payload: dict[str, Any]) -> dict[str, Any]:
     """rq job: roll out one prompt group (``rlstream.core.jobs.JOB_FUNC`` names this)."""
     runtime = _runtime.get(None)
@@ -65,17 +82,32 @@ class RolloutWorker(SimpleWorker):
     """
 
     hung_grace_s = HUNG_GRACE_S
+    death_penalty_class = MainThreadDeathPenalty
 
-    def __init__(self, *args: Any, runtime: Any, **kwargs: Any):
+    def __init__(self, *args: Any, runtime: Any, slots: Any = None, drain_s: float = 120.0, **kwargs: Any):
+        """``slots``: a ``workers.slots.JobSlots`` to hold several jobs at once, each run in a
+        thread of its own with its own rq execution and heartbeat; None = one at a time.
+        ``drain_s``: how long a warm shutdown waits for the jobs in flight."""
         super().__init__(*args, **kwargs)
-        self.runtime = runtime
+        self.runtime, self.slots, self.drain_s = runtime, slots, drain_s
 
     def get_heartbeat_ttl(self, job, working_time: float = 0.0) -> int:
         return heartbeat_ttl(job.timeout)
 
     def execute_job(self, job, queue):
-        token = _runtime.set(self.runtime)
         execution = self.prepare_execution(job)
+        if self.slots is None:
+            self._perform(job, queue, execution)
+            self.set_state(WorkerStatus.IDLE)
+            return
+        self.slots.take(job.id)  # released by the job's thread, whatever ends it
+        threading.Thread(target=self._perform_in_thread, args=(job, queue, execution), name=f"job-{job.id}",
+                         daemon=True).start()
+
+    def _perform(self, job, queue, execution) -> None:
+        """rq's perform_job (success or failure handling included) with the job's
+        heartbeat kept by a side thread."""
+        token = _runtime.set(self.runtime)
         stop = threading.Event()
         beat = threading.Thread(target=self._beat, args=(job, execution, stop), name="job-heartbeat", daemon=True)
         beat.start()
@@ -85,7 +117,81 @@ class RolloutWorker(SimpleWorker):
             stop.set()
             beat.join()
             _runtime.reset(token)
-        self.set_state(WorkerStatus.IDLE)
+
+    def _perform_in_thread(self, job, queue, execution) -> None:
+        try:
+            self._perform(job, queue, execution)
+        except Exception:  # rq's perform_job handles the job's own errors: this is its bookkeeping failing
+            log.exception("worker %s: job %s: rq could not record its outcome; its heartbeat stops, so the producer "
+                          "re-dispatches it", self.name, job.id)
+        finally:
+            self.slots.release(job.id)
+            sampling = getattr(self.runtime, "sampling", None)
+            if sampling is not None and sampling.stuck:
+                warm_shutdown()
+
+    def set_state(self, state, pipeline=None):
+        """Busy while any job is in flight: rq's SIGTERM handler then asks the loop to stop
+        after its work (a warm shutdown) instead of raising wherever the main thread is."""
+        if state == WorkerStatus.IDLE and self.slots is not None and self.slots.busy:
+            state = WorkerStatus.BUSY
+        super().set_state(state, pipeline)
+
+    def dequeue_job_and_maintain_ttl(self, timeout, max_idle_time=None):
+        """Take the next job once there is room for it. While jobs are in flight, wait in
+        one-second rounds, so that a stop request is noticed (rq's own wait only ends with
+        a job) and the worker key keeps beating."""
+        if self.slots is None:
+            return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+        while True:
+            while not self.slots.wait_for_room(1.0):
+                self.heartbeat()
+                if self._stop_requested:
+                    return None
+            if self._stop_requested:
+                return None
+            if not self.slots.busy:  # idle: rq's blocking wait; a SIGTERM ends it at once (StopRequested)
+                return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+            result = self._dequeue_while_busy()
+            if result is not None or self._stop_requested:
+                return result
+
+    def _dequeue_while_busy(self):
+        """rq's dequeue without its per-call bookkeeping (state, procline, two heartbeats):
+        while jobs run their heartbeat threads keep the worker key alive, and a worker
+        filling a window of many groups takes them one after another on this thread."""
+        try:
+            result = self.queue_class.dequeue_any(self._ordered_queues, 1, connection=self.connection,
+                                                  job_class=self.job_class, serializer=self.serializer,
+                                                  death_penalty_class=self.death_penalty_class)
+        except DequeueTimeout:
+            return None
+        except (redis.ConnectionError, redis.TimeoutError) as exc:  # Redis restarting: the next round retries
+            log.warning("worker %s: dequeue failed (%s); retrying", self.name, exc)
+            time.sleep(1.0)
+            return None
+        if result is not None:
+            result[0].redis_server_version = self.get_redis_server_version()
+        return result
+
+    def heartbeat(self, timeout=None, pipeline=None):
+        """rq's worker heartbeat (three commands) in one round trip."""
+        if pipeline is not None:
+            return super().heartbeat(timeout, pipeline=pipeline)
+        with self.connection.pipeline(transaction=False) as pipe:
+            super().heartbeat(timeout, pipeline=pipe)
+            pipe.execute()
+
+    def teardown(self):
+        """A warm shutdown finishes the groups in flight first (bounded by ``drain_s``);
+        any left then are handed back: their heartbeats stop with the process and the
+        producer re-dispatches them."""
+        if self.slots is not None and self.slots.busy:
+            log.info("worker %s: finishing %d group(s) in flight before exiting", self.name, self.slots.running)
+            if not self.slots.wait_idle(self.drain_s):
+                log.warning("worker %s: %d group(s) still in flight after %.0fs: exiting; the producer re-dispatches "
+                            "them once their heartbeats lapse", self.name, self.slots.running, self.drain_s)
+        super().teardown()
 
     def handle_job_success(self, job, queue, started_job_registry, execution):
         """rq's success handling deletes the job (``result_ttl=0``), which raises on the dead

@@ -20,6 +20,7 @@ from rlstream.sampling.torch_setup import setup_torch
 from rlstream.workers.events import EventFollower
 from rlstream.workers.jobs import RolloutWorker, warm_shutdown
 from rlstream.workers.runtime import WorkerRuntime
+from rlstream.workers.slots import holds_several, worker_slots
 
 log = logging.getLogger(__name__)
 # rq blocks in BLMOVE for worker_ttl - 15 s and raises the client's socket timeout to that
@@ -49,17 +50,26 @@ def run_worker(cfg: Config, r: redis.Redis, worker_id: str) -> None:
     factory = resolve_factory(cfg)  # before torch: a bad name fails fast
     device = setup_torch(cfg.workers_device, cfg.torch_threads, cfg.seed)
     events = EventFollower(r, cfg.run_id, on_finished=warm_shutdown)  # the process's one read of the events
-    runtime = WorkerRuntime(cfg, r, worker_id, device, rollout_fn_factory=factory, events=events)
+    runtime = WorkerRuntime(cfg, r, worker_id, device, rollout_fn_factory=factory, events=events,
+                            concurrent=holds_several(cfg))
+    slots = worker_slots(cfg, runtime.controller)
+    if slots is not None:
+        runtime.on_drawn = slots.drawn
     worker = RolloutWorker([job_queue(r, cfg)], connection=r, serializer=JSONSerializer,
-                           name=f"rlstream-{cfg.run_id}-{worker_id}", runtime=runtime, worker_ttl=WORKER_TTL_S)
+                           name=f"rlstream-{cfg.run_id}-{worker_id}", runtime=runtime, worker_ttl=WORKER_TTL_S,
+                           slots=slots, drain_s=cfg.job_timeout + 15.0)
     events.start()
-    log.info("worker %s: waiting for jobs", worker_id)
+    log.info("worker %s: waiting for jobs (%s)", worker_id, "one group at a time" if slots is None else
+             f"up to {slots.capacity()} groups at once now")
     try:
         worker.work(logging_level="WARNING")
     finally:
         events.stop()
     if events.error is not None:
         raise RlstreamError(f"worker {worker_id}: its events reader failed ({events.error!r}); restart the worker")
+    if runtime.sampling is not None and runtime.sampling.stuck:
+        raise RlstreamError(f"worker {worker_id}: its sampling loop got stuck (see the error above); restart the "
+                            "worker (`rlstream up` does so itself) and make the rollout_fn's blocking calls async")
     check_work_ended(worker, events, worker_id)
     log.info("worker %s: exiting (%d invalid samples, %d rollout failures)", worker_id,
              runtime.totals["invalid_samples"], runtime.totals["rollout_failures"])

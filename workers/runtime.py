@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import threading
 import time
 import zlib
 from collections import Counter
@@ -41,6 +42,7 @@ from rlstream.workers.checks import (
     validation_message,
 )
 from rlstream.workers.events import EventFollower
+from rlstream.workers.sampling_loop import SamplingLoop
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +82,26 @@ def weights_to_load(state: RunState, min_version: int, failed: WeightsPublished 
     return latest
 
 
-def make_policy(cfg: Config, published: WeightsPublished, device: Any) -> tuple[Any, Any]:
+def make_controller(cfg: Config) -> Any:
+    """The process's concurrency controller for the openai backend (``workers.concurrency_control``)."""
+    from rlstream.sampling.concurrency import (
+        AdaptiveConcurrencyController,
+        FixedConcurrencyController,
+        MetricsPoller,
+        vllm_queue_time_probe,
+    )
+
+    limit = cfg.inference.max_concurrency
+    if cfg.workers.concurrency_control == "fixed":
+        return FixedConcurrencyController(limit)
+    # vLLM serves /metrics beside /v1: its queue-time histogram is the better signal, where present
+    root = cfg.inference.base_url.rstrip("/").removesuffix("/v1")
+    poller = MetricsPoller(f"{root}/metrics").start()
+    return AdaptiveConcurrencyController(initial_window=min(16, limit), max_window=limit,
+                                         queue_time_probe=vllm_queue_time_probe(lambda: poller.text))
+
+
+def make_policy(cfg: Config, published: WeightsPublished, device: Any, controller: Any = None) -> tuple[Any, Any]:
     """(policy, sampler) for ``inference.backend``: the transformers model in this process,
     or an OpenAI-compatible server (then only the tokenizer is loaded here). Weights are
     read from this run's ``weights/v<N>``, never from the path the event names."""
@@ -92,17 +113,22 @@ def make_policy(cfg: Config, published: WeightsPublished, device: Any) -> tuple[
 
         tokenizer_dir = cfg.tokenizer_model or str(weights.version_dir(root, published.version))
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-        policy = RemotePolicy(cfg.inference, published, tokenizer, cfg.inference.model or cfg.base_model, root)
+        policy = RemotePolicy(cfg.inference, published, tokenizer, cfg.inference.model or cfg.base_model, root,
+                              controller=controller)
         return policy, RemoteSampler(policy, cfg.sample_kwargs())
     from rlstream.sampling.local import LocalPolicy, LocalSampler
 
     policy = LocalPolicy(published, device, root)
-    return policy, LocalSampler(policy, cfg.sample_kwargs())
+    return policy, LocalSampler(policy, cfg.sample_kwargs(), max_batch_rows=cfg.workers.local_max_batch)
 
 
 class WorkerRuntime:
+    """``concurrent``: jobs run in threads of their own, several at a time, their draws on
+    one ``SamplingLoop`` (docs/design.md §15.50 Many groups in flight per worker); else one
+    job at a time on the calling thread, as rq's SimpleWorker runs it."""
+
     def __init__(self, cfg: Config, r: redis.Redis, worker_id: str, device: Any,
-                 rollout_fn_factory: RolloutFnFactory, events: EventFollower):
+                 rollout_fn_factory: RolloutFnFactory, events: EventFollower, concurrent: bool = False):
         self.cfg, self.r, self.worker_id, self.device = cfg, r, worker_id, device
         self.factory, self.events = rollout_fn_factory, events
         self.policy = None
@@ -112,14 +138,19 @@ class WorkerRuntime:
         self.prompt_ids: Any = None  # the built-in rollout's tokenization of a row: checked before drawing
         self.totals: Counter[str] = Counter()  # this process's invalid_samples / rollout_failures
         self.breaker = CircuitBreaker()
+        self.controller = make_controller(cfg) if cfg.inference.backend == "openai" else None
         # One loop for the process, not asyncio.run per job: an HTTP sampler's pooled
         # connections belong to the loop that opened them.
-        self.loop = asyncio.new_event_loop()
+        self.sampling = SamplingLoop() if concurrent else None
+        self.loop = self.sampling.loop if concurrent else asyncio.new_event_loop()
+        self._weights_lock = threading.Lock()  # one job at a time builds or updates the policy
+        self._breaker_lock = threading.Lock()
+        self.on_drawn: Any = None  # called with the rq job id once a group's draws are done (JobSlots.drawn)
 
-    def sync_weights(self, min_version: int) -> None:
+    def sync_weights(self, min_version: int, deadline: float | None = None) -> None:
         """Load the newest published version; wait (bounded by job_timeout) until one >=
         ``min_version`` exists: the producer admitted this group after seeing it published."""
-        deadline = time.monotonic() + self.cfg.job_timeout
+        deadline = time.monotonic() + self.cfg.job_timeout if deadline is None else deadline
         failed: WeightsPublished | None = None
         while True:
             published = self.events.wait_for(lambda state, failed=failed: weights_to_load(state, min_version, failed),
@@ -127,7 +158,9 @@ class WorkerRuntime:
             if published is None:
                 unloadable = f" (v{failed.version} at {failed.uri} could not be loaded)" if failed else ""
                 raise TimeoutError(f"no weights >= v{min_version} published within {self.cfg.job_timeout}s{unloadable}")
-            if self._load_weights(published):
+            with self._weights_lock:
+                loaded = self._load_weights(published)
+            if loaded:
                 return
             failed = published
 
@@ -136,7 +169,8 @@ class WorkerRuntime:
         are gone or unreadable."""
         if self.policy is None:
             try:
-                self.policy, sampler = make_policy(self.cfg, published, self.device)
+                extra = {} if self.controller is None else {"controller": self.controller}  # openai backend only
+                self.policy, sampler = make_policy(self.cfg, published, self.device, **extra)
             except (OSError, ValueError) as exc:
                 # Pruned (keep_weights) while a freshly started worker loaded it: wait for the
                 # next weights published, as a loaded policy does below (bounded by sync_weights).
@@ -215,21 +249,30 @@ class WorkerRuntime:
         ``GroupSampled``, or ``GroupRejected`` with the reason. A bad row costs its group,
         not the run; the circuit breaker ends the run (``RunFinished{failed}``, in the same
         MULTI) only when groups of many rows fail (workers/breaker.py)."""
-        self.sync_weights(job.submit_version)
+        deadline = time.monotonic() + self.cfg.job_timeout
+        self.sync_weights(job.submit_version, deadline)
+        # Another job of this worker may load newer weights while this group is drawn: its
+        # samples are stamped with the versions at its start and end (equal when one job runs).
         version = self.policy.version
         tally = DrawTally()
         rejection = self._row_problem(job)
         samples: list[RolloutSample] = []
         window = (0.0, 0.0)  # wall-clock start and end of the sampling
         if rejection is None:  # a row no draw can use is not a rollout failure: the breaker never hears of it
-            seed_torch(job_seed(self.cfg.seed, job.group_id))
+            if self.sampling is None:  # with several groups in flight the torch RNG is shared by all of them
+                seed_torch(job_seed(self.cfg.seed, job.group_id))
             started_at = time.time()  # wall clock: the trainer compares it with its own (perf/overlap_ratio)
-            samples = self._run(self._group(job, tally))
-            window = (started_at, time.time())
+            samples = self._run(self._group(job, tally), deadline)
+            window = (started_at, time.time())  # this group's own window, however many others are in flight
+            if self.on_drawn is not None:  # its room goes to the next group while this one is written
+                self.on_drawn(keys.job_id(self.cfg.run_id, job.group_id))
             rejection = group_rejection(len(samples), job.group_size, self.cfg.min_group_size, tally.last_error)
-            if rejection is None or tally.failed:  # (a group lost to draws returning None is the user's choice)
-                self.breaker.record(rejection is None, job.row_index, tally.last_error)
-        tripped = self.breaker.tripped
+            with self._breaker_lock:
+                if rejection is None or tally.failed:  # (a group lost to draws returning None is the user's choice)
+                    self.breaker.record(rejection is None, job.row_index, tally.last_error)
+        with self._breaker_lock:
+            tripped = self.breaker.tripped
+        end_version = max(version, self.policy.version)
         with self.r.pipeline(transaction=True) as pipe:
             self._add_stats(pipe, tally.counts)  # run-wide counters ride along: no extra round trip
             if rejection is not None:
@@ -237,10 +280,10 @@ class WorkerRuntime:
                 bus.xadd(pipe, keys.events(self.cfg.run_id),
                          GroupRejected(group_id=job.group_id, by=self.worker_id, reason=rejection))
             else:
-                self._add_samples(pipe, job, samples, version, window)
+                self._add_samples(pipe, job, samples, version, end_version, window)
             if tripped:
                 bus.xadd(pipe, keys.events(self.cfg.run_id), RunFinished(reason=self.breaker.reason(), failed=True))
-            pipe.set(keys.worker_heartbeat(self.cfg.run_id, self.worker_id), version, ex=60)
+            pipe.set(keys.worker_heartbeat(self.cfg.run_id, self.worker_id), end_version, ex=60)
             pipe.execute()
         if tripped:
             log.error("worker %s: %s: stopping the run", self.worker_id, self.breaker.reason())
@@ -260,7 +303,7 @@ class WorkerRuntime:
         return f"row {job.row_index}: {problem}" if problem else None
 
     def _add_samples(self, pipe: Any, job: GroupJob, samples: list[RolloutSample], version: int,
-                     window: tuple[float, float] = (0.0, 0.0)) -> None:
+                     end_version: int | None = None, window: tuple[float, float] = (0.0, 0.0)) -> None:
         """The group's samples, stamped with their provenance, and its ``GroupSampled``."""
         bus.xadd(pipe, keys.events(self.cfg.run_id), GroupSampled(
             group_id=job.group_id, samples=len(samples), worker_id=self.worker_id, version=version,
@@ -269,13 +312,18 @@ class WorkerRuntime:
             bus.xadd(pipe, keys.rollouts(self.cfg.run_id), s.model_copy(update=dict(
                 sample_id=sample_id_for(job.group_id, member), group_id=job.group_id,
                 group_size=len(samples), row_index=job.row_index, epoch=job.epoch,
-                submit_version=job.submit_version, min_version=version, max_version=version,
+                submit_version=job.submit_version, min_version=version,
+                max_version=version if end_version is None else end_version,
                 worker_id=self.worker_id, started_at=window[0], finished_at=window[1])))
 
-    def _run(self, coro: Any) -> Any:
+    def _run(self, coro: Any, deadline: float | None = None) -> Any:
         """Run one job's coroutine on the process loop. Whatever ends it (a result, rq's
         job timeout), no draw of this job may live on into the next job's run: gather does
-        not cancel its siblings, and the loop outlives the job."""
+        not cancel its siblings, and the loop outlives the job. With concurrent jobs the
+        loop runs in its own thread and the job's deadline is enforced here."""
+        if self.sampling is not None:
+            left = self.cfg.job_timeout if deadline is None else deadline - time.monotonic()
+            return self.sampling.run(coro, left)
         try:
             return self.loop.run_until_complete(coro)
         finally:

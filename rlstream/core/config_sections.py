@@ -67,6 +67,16 @@ class WorkersConfig(ConfigSection):
         None, pattern=DEVICE_PATTERN, description="the workers' torch device (local backend); unset = the top-level "
         "`device`"
     )
+    concurrency_control: Literal["fixed", "adaptive"] = Field(
+        "fixed", description="openai backend: requests in flight per worker stay at `inference.max_concurrency` "
+        "(fixed), or adapt to the server's latency and 429/503 answers between 1 and it, starting at 16 (adaptive, "
+        "AIMD); a worker takes more groups while the window has room"
+    )
+    local_max_batch: int | None = Field(
+        None, ge=1, le=65536, description="local backend: most rows one `generate` holds; a worker then samples up "
+        "to local_max_batch / completions_per_prompt groups at once, batching their draws; unset = one group at a "
+        "time (each job's draws reproducible from its seed)"
+    )
 
 
 class TrainerConfig(ConfigSection, HostedTrainerFields):  # + the cookbook's hosted-only shape fields
@@ -125,7 +135,8 @@ class InferenceConfig(ConfigSection):
     timeout: float = Field(120.0, gt=0, le=3600, description="seconds per HTTP request")
     max_retries: int = Field(4, ge=0, le=20, description="retries of a request on connection errors, 429 and 5xx "
                              "(exponential backoff from 0.5 s, capped at 8 s)")
-    max_concurrency: int = Field(64, ge=1, le=4096, description="requests in flight per worker")
+    max_concurrency: int = Field(64, ge=1, le=4096, description="requests in flight per worker (across the groups it "
+                                 "samples at once)")
 
     @model_validator(mode="after")
     def _check(self) -> InferenceConfig:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,9 @@ class LocalPolicy:
 
     def _bind(self, model, tokenizer, device: torch.device, version: int) -> None:
         self.model, self.tokenizer, self.device, self.version = model, tokenizer, device, version
+        # A worker with several groups in flight loads new weights from one job's thread while
+        # the sampling loop's thread may be generating: never both at once.
+        self._lock = threading.Lock()
         # The ids the model can emit (and the trainer accepts): the embedding rows, which
         # may exceed len(tokenizer) when the vocabulary is padded.
         self.vocab_size = model.get_input_embeddings().num_embeddings
@@ -68,20 +72,25 @@ class LocalPolicy:
         state: dict[str, torch.Tensor] = {}
         for f in sorted(directory.glob("*.safetensors")):
             state.update(load_file(str(f), device=str(self.device)))
+        with self._lock:
+            self._load_state(state, directory)
+            self.version = published.version
+
+    def _load_state(self, state: dict[str, torch.Tensor], directory: Path) -> None:
         missing, unexpected = self.model.load_state_dict(state, strict=False)
         tied = set(getattr(self.model, "_tied_weights_keys", None) or {})
         if unexpected or set(missing) - tied - {"lm_head.weight"}:
             raise ValueError(f"weights {directory} do not fit the model: missing {missing}, unexpected {unexpected}")
-        self.version = published.version
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], **kwargs: Any) -> list[Completion]:
-        was_training = self.model.training
-        self.model.eval()  # dropout off while sampling, whoever owns the model
-        try:
-            return self._generate(prompts, **kwargs)
-        finally:
-            self.model.train(was_training)
+        with self._lock:
+            was_training = self.model.training
+            self.model.eval()  # dropout off while sampling, whoever owns the model
+            try:
+                return self._generate(prompts, **kwargs)
+            finally:
+                self.model.train(was_training)
 
     def _generate(self, prompts: list[list[int]], *, max_tokens: int, temperature: float,
                   top_p: float = 1.0, top_k: int = 0, max_seq_len: int = NO_LIMIT) -> list[Completion]:
@@ -120,11 +129,14 @@ class LocalPolicy:
 
 class LocalSampler:
     """``setup.sampler``: async calls from concurrent rollout_fn invocations that arrive in
-    the same event-loop tick are answered by one batched ``generate``."""
+    the same event-loop tick (in a worker with several groups in flight: the draws of all of
+    them) are answered by batched ``generate`` calls of at most ``max_batch_rows`` rows
+    (unset = one call for all)."""
 
-    def __init__(self, policy: LocalPolicy, default_kwargs: dict[str, Any]):
+    def __init__(self, policy: LocalPolicy, default_kwargs: dict[str, Any], max_batch_rows: int | None = None):
         self.policy = policy
         self.default_kwargs = default_kwargs
+        self.max_batch_rows = max_batch_rows
         self._pending: list[tuple[list[int], int, dict[str, Any], asyncio.Future]] = []
 
     async def sample_with_prompt_tokens(self, prompt_token_ids: list[int], n: int = 1, **kwargs: Any) -> list[Completion]:
@@ -171,15 +183,30 @@ class LocalSampler:
                     _fail([fut], no_room(len(prompt), limit))
                 else:
                     fits.append((prompt, n, fut))
-            prompts = [p for p, n, _ in fits for _ in range(n)]
-            completions = self.policy.generate(prompts, **kw) if prompts else []
-            start = 0
-            for _, n, fut in fits:
-                if not fut.done():  # a caller may have been cancelled meanwhile
-                    fut.set_result(completions[start:start + n])
-                start += n
+            for chunk in batches(fits, self.max_batch_rows):
+                prompts = [p for p, n, _ in chunk for _ in range(n)]
+                completions = self.policy.generate(prompts, **kw)
+                start = 0
+                for _, n, fut in chunk:
+                    if not fut.done():  # a caller may have been cancelled meanwhile
+                        fut.set_result(completions[start:start + n])
+                    start += n
         except Exception as exc:  # hand the error to each caller's rollout_fn
             _fail([fut for *_, fut in items], exc)
+
+
+def batches(calls: list[tuple[list[int], int, asyncio.Future]], max_rows: int | None) -> list[list]:
+    """Consecutive calls grouped so that each group asks for at most ``max_rows`` rows (a
+    call asking for more goes alone: its ``n`` completions are never split)."""
+    out: list[list] = []
+    rows = 0
+    for call in calls:
+        if not out or (max_rows is not None and rows + call[1] > max_rows):
+            out.append([])
+            rows = 0
+        out[-1].append(call)
+        rows += call[1]
+    return out
 
 
 def _fail(futures: list[asyncio.Future], exc: BaseException) -> None:

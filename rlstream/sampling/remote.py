@@ -43,10 +43,12 @@ from rlstream.core.config import InferenceConfig
 from rlstream.core.errors import RlstreamError
 from rlstream.core.messages import WeightsPublished
 from rlstream.core.rollout import NO_LIMIT, Completion, chat_prompt_ids, no_room, token_budget
+from rlstream.sampling.concurrency import FixedConcurrencyController
 
 log = logging.getLogger(__name__)
 BACKOFF_BASE_S, BACKOFF_CAP_S = 0.5, 8.0
 RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+OVERLOAD_STATUS = frozenset({429, 503})  # the server asks for less: the concurrency window shrinks at once
 
 
 class InferenceError(RlstreamError):
@@ -106,14 +108,16 @@ class RemotePolicy:
 
     def __init__(self, cfg: InferenceConfig, published: WeightsPublished, tokenizer: Any, model_name: str,
                  weights_root: str | Path, transport: httpx.AsyncBaseTransport | None = None,
-                 sync_transport: httpx.BaseTransport | None = None):
+                 sync_transport: httpx.BaseTransport | None = None, controller: Any = None):
+        """``controller``: the concurrency controller every request goes through
+        (rlstream.sampling.concurrency); unset = a fixed window of ``max_concurrency``."""
         self.cfg, self.tokenizer, self.model_name = cfg, tokenizer, model_name
         self.weights_root = Path(weights_root)  # the run's weights/: version N is <weights_root>/v<N>
         headers = _headers(cfg)
         self._client = httpx.AsyncClient(base_url=cfg.base_url.rstrip("/"), timeout=cfg.timeout, headers=headers,
                                          transport=transport)
         self._sync = httpx.Client(timeout=cfg.timeout, headers=headers, transport=sync_transport)
-        self._semaphore: asyncio.Semaphore | None = None
+        self.controller = controller if controller is not None else FixedConcurrencyController(cfg.max_concurrency)
         self.version = 0  # what the server is known to serve: the base model until a sync succeeds
         self.load(published)
 
@@ -126,13 +130,12 @@ class RemotePolicy:
         self._send(lambda: self._sync.post(self.cfg.weight_sync_url, json=payload), f"weight sync to v{published.version}")
         self.version = published.version
 
-    async def complete(self, prompt: list[int], n: int, **sample_kwargs: Any) -> list[Completion]:
+    async def complete(self, prompt: list[int], n: int, controller: Any = None, **sample_kwargs: Any
+                       ) -> list[Completion]:
         body = completion_request(self.model_name, prompt, n, **sample_kwargs)
-        if self._semaphore is None:  # created in the loop that uses it
-            self._semaphore = asyncio.Semaphore(self.cfg.max_concurrency)
         version = self.version
-        async with self._semaphore:
-            response = await self._asend(lambda: self._client.post("/completions", json=body), "completion")
+        response = await self._asend(lambda: self._client.post("/completions", json=body), "completion",
+                                     controller if controller is not None else self.controller)
         return parse_completions(response.json(), prompt, version)
 
     def _send(self, request, what: str) -> httpx.Response:
@@ -145,12 +148,24 @@ class RemotePolicy:
                 return outcome
             time.sleep(outcome)
 
-    async def _asend(self, request, what: str) -> httpx.Response:
+    async def _asend(self, request, what: str, controller: Any) -> httpx.Response:
+        """Each attempt holds one slot of ``controller`` and tells it how the server
+        answered; the back-off before a retry holds none (a shrunk window then applies)."""
         for attempt in itertools.count():
+            await controller.acquire()
+            started, released = time.monotonic(), False
             try:
-                outcome = self._judge(await request(), what, attempt)
-            except httpx.TransportError as exc:
-                outcome = self._judge(exc, what, attempt)
+                try:
+                    result: httpx.Response | httpx.TransportError = await request()
+                except httpx.TransportError as exc:
+                    result = exc
+                latency, overloaded = _server_signal(result, time.monotonic() - started)
+                controller.release(latency, overloaded=overloaded)
+                released = True
+            finally:
+                if not released:  # cancelled (the job's timeout) or a bug: never leak a slot
+                    controller.release()
+            outcome = self._judge(result, what, attempt)
             if isinstance(outcome, httpx.Response):
                 return outcome
             await asyncio.sleep(outcome)
@@ -174,18 +189,31 @@ class RemotePolicy:
         return delay
 
 
+def _server_signal(result: httpx.Response | httpx.TransportError, latency_s: float) -> tuple[float | None, bool]:
+    """(latency to learn from, overloaded) for a concurrency controller's ``release``."""
+    if isinstance(result, httpx.TransportError):
+        return None, True
+    if result.status_code in OVERLOAD_STATUS:
+        return None, True
+    return (latency_s if result.is_success else None), False
+
+
 class RemoteSampler:
     """``setup.sampler`` over an inference server. Concurrent calls are not merged here:
-    the server batches them itself (continuous batching); at most
-    ``inference.max_concurrency`` requests are in flight per worker."""
+    the server batches them itself (continuous batching). ``concurrency_controller``
+    (rlstream.sampling.concurrency: ``AdaptiveConcurrencyController`` or
+    ``FixedConcurrencyController``) bounds the requests in flight; unset = the policy's
+    (in a worker: one per process, chosen by ``workers.concurrency_control``)."""
 
-    def __init__(self, policy: RemotePolicy, default_kwargs: dict[str, Any]):
+    def __init__(self, policy: RemotePolicy, default_kwargs: dict[str, Any], concurrency_controller: Any = None):
         self.policy, self.default_kwargs = policy, default_kwargs
+        self.concurrency_controller = concurrency_controller if concurrency_controller is not None \
+            else policy.controller
 
     async def sample_with_prompt_tokens(self, prompt_token_ids: list[int], n: int = 1, **kwargs: Any) -> list[Completion]:
         kw = {**self.default_kwargs, **kwargs}
         kw.pop("logprobs", None)  # always requested
-        return await self.policy.complete(list(prompt_token_ids), n, **kw)
+        return await self.policy.complete(list(prompt_token_ids), n, controller=self.concurrency_controller, **kw)
 
     async def sample_with_tokens(self, messages: list[dict[str, Any]], n: int = 1, **kwargs: Any) -> list[Completion]:
         return await self.sample_with_prompt_tokens(chat_prompt_ids(self.policy.tokenizer, messages), n=n, **kwargs)

@@ -138,3 +138,16 @@ def test_a_cancelled_caller_does_not_strand_the_others(policy):
         return await asyncio.wait_for(b, 20)
 
     assert len(asyncio.run(run())) == 1
+
+
+def test_max_batch_rows_splits_the_draws_of_several_groups(policy):
+    """A worker with several groups in flight: their draws arrive in one tick and go out in
+    generate calls of at most max_batch_rows rows; a call's n completions are never split."""
+    calls = counting(policy)
+    sampler = LocalSampler(policy, dict(KW), max_batch_rows=8)
+    prompt = ids(policy, "1+2=")
+    results = gather(*(sampler.sample_with_prompt_tokens(prompt, n=2) for _ in range(7)),
+                     sampler.sample_with_prompt_tokens(prompt, n=9))
+    assert all(not isinstance(r, BaseException) for r in results), results
+    assert [len(r) for r in results] == [2] * 7 + [9]
+    assert calls == [8, 6, 9]

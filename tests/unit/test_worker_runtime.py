@@ -364,3 +364,26 @@ def test_draws_of_a_failed_job_do_not_live_on_into_the_next_job(r):
     assert not asyncio.all_tasks(rt.loop)
     rt.loop.run_until_complete(asyncio.sleep(0.3))  # the next job's run on the same loop
     assert finished == []
+
+
+def test_concurrent_groups_are_stamped_with_the_versions_at_their_start_and_end(r):
+    """With several groups in flight another job may load newer weights while a group is
+    drawn (docs/design.md §15.50 Many groups in flight per worker): its samples carry
+    min_version = the version when it started and max_version = the one when it ended."""
+    async def rollout_fn(row):
+        await asyncio.sleep(0)
+        rt.policy.version = 1  # as if another job of this worker loaded v1 meanwhile
+        return sample()
+
+    rt = stub_runtime(r, rollout_fn)
+    concurrent = WorkerRuntime(rt.cfg, r, worker_id="w", device="cpu", rollout_fn_factory=lambda setup: rollout_fn,
+                               events=rt.events, concurrent=True)
+    concurrent.policy, concurrent.rollout_fn = rt.policy, rollout_fn
+    concurrent.vocab_size, concurrent.context_params = rt.vocab_size, rt.context_params
+    rt = concurrent
+    try:
+        out = rt.run_group(job())
+    finally:
+        rt.sampling.close()
+    assert out["samples"] == 2
+    assert [(s.min_version, s.max_version) for s in emitted(r)] == [(0, 1), (0, 1)]

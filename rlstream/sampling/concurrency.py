@@ -1,0 +1,276 @@
+"""How many requests a sampler keeps in flight against an inference server: a fixed window
+(``FixedConcurrencyController``) or one that adapts to what the server says
+(``AdaptiveConcurrencyController``, additive increase / multiplicative decrease).
+
+Both are used the same way around every HTTP request::
+
+    await controller.acquire()           # waits while the window is full
+    ...send...
+    controller.release(latency_s=0.31)   # or overloaded=True on 429/503/transport errors
+
+A request that is retried releases its slot before the back-off and acquires one again, so
+a window that shrank on the error really carries fewer requests on the retry.
+
+The controllers are thread-safe and loop-agnostic (waiters are futures of whichever event
+loop awaited them, woken with ``call_soon_threadsafe``): one controller can serve a worker's
+sampling loop, several ``asyncio.run`` calls in a row (the cookbook's SDK loop does that), or
+samplers on several loops. docs/design.md §15.51 Adaptive concurrency, AIMD over latency.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import threading
+import time
+from collections import deque
+from typing import Callable
+
+log = logging.getLogger(__name__)
+MIN_WINDOW, MAX_WINDOW = 1, 256
+
+
+class _Window:
+    """A counting semaphore whose size may change while requests are in flight."""
+
+    def __init__(self, window: int):
+        self._lock = threading.Lock()
+        self._window = window
+        self.in_flight = 0
+        self.peak_in_flight = 0  # the most requests ever in flight at once (tests, metrics)
+        self._waiters: deque[asyncio.Future] = deque()
+
+    @property
+    def window(self) -> int:
+        return self._window
+
+    async def acquire(self) -> None:
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            if not self._waiters and self.in_flight < self._window:
+                self._take()
+                return
+            fut = loop.create_future()
+            self._waiters.append(fut)
+        try:
+            await fut
+        except asyncio.CancelledError:
+            with self._lock:
+                if fut in self._waiters:
+                    self._waiters.remove(fut)
+                else:  # the slot was handed over as the cancellation landed: give it back
+                    self.in_flight -= 1
+                    self._wake()
+            raise
+
+    def _release_slot(self) -> None:
+        with self._lock:
+            self.in_flight = max(0, self.in_flight - 1)
+            self._wake()
+
+    def _set_window(self, window: int) -> None:
+        with self._lock:
+            self._window = window
+            self._wake()
+
+    def _take(self) -> None:
+        self.in_flight += 1
+        self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+
+    def _wake(self) -> None:
+        """Hand free slots to waiters in arrival order (called with the lock held)."""
+        while self._waiters and self.in_flight < self._window:
+            fut = self._waiters.popleft()
+            if fut.done():  # cancelled while queued
+                continue
+            self._take()
+            fut.get_loop().call_soon_threadsafe(_resolve, fut)
+
+
+def _resolve(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+class FixedConcurrencyController(_Window):
+    """At most ``window`` requests in flight: for a server whose capacity is known."""
+
+    def __init__(self, window: int):
+        if window < 1:
+            raise ValueError(f"FixedConcurrencyController: window must be >= 1, got {window}")
+        super().__init__(window)
+
+    def release(self, latency_s: float | None = None, *, overloaded: bool = False) -> None:
+        self._release_slot()
+
+
+class AdaptiveConcurrencyController(_Window):
+    """AIMD over what the server says.
+
+    Every ``adjust_every`` completions the window is judged on the EMA (``alpha``) of the
+    signal: the server's queue time when ``queue_time_probe`` gives one (vLLM's /metrics,
+    ``vllm_queue_time_probe``), else the request latency. Above ``target`` the window is
+    halved (``decrease``); at or below it, and only if the window was full during the
+    interval (a window that is never used must not grow), it grows by
+    ``increase x min(target / EMA, max_increase_scale)``. Without an explicit target the
+    latency target is ``latency_tolerance`` x the lowest interval latency seen (latency
+    grows with output length, so no absolute number fits every task). A 429/503 or a
+    transport error (``release(overloaded=True)``) halves the window at once, at most once
+    per ``cooldown_s``: a burst of errors from one full window is one signal, not many.
+    """
+
+    def __init__(self, initial_window: int = 16, *, min_window: int = MIN_WINDOW, max_window: int = MAX_WINDOW,
+                 target: float | None = None, alpha: float = 0.3, adjust_every: int = 32, increase: float = 1.0,
+                 max_increase_scale: float = 4.0, decrease: float = 0.5, cooldown_s: float = 1.0,
+                 latency_tolerance: float = 2.0, queue_time_probe: Callable[[], float | None] | None = None,
+                 clock: Callable[[], float] = time.monotonic):
+        if not 1 <= min_window <= max_window:
+            raise ValueError(f"AdaptiveConcurrencyController: need 1 <= min_window <= max_window, got "
+                             f"{min_window}, {max_window}")
+        if not 0 < alpha <= 1 or not 0 < decrease < 1 or adjust_every < 1 or target is not None and target <= 0:
+            raise ValueError("AdaptiveConcurrencyController: need 0 < alpha <= 1, 0 < decrease < 1, "
+                             "adjust_every >= 1 and target > 0")
+        super().__init__(min(max(initial_window, min_window), max_window))
+        self.min_window, self.max_window = min_window, max_window
+        self.target, self.alpha, self.adjust_every = target, alpha, adjust_every
+        self.increase, self.max_increase_scale, self.decrease = increase, max_increase_scale, decrease
+        self.cooldown_s, self.latency_tolerance = cooldown_s, latency_tolerance
+        self.queue_time_probe, self.clock = queue_time_probe, clock
+        self.ema: float | None = None
+        self.baseline: float | None = None  # lowest interval mean latency seen
+        self.shrinks = 0  # how often the window was cut (tests, metrics)
+        self._state = threading.Lock()
+        self._completions, self._interval_latency, self._full = 0, 0.0, False
+        self._cooldown_until = -math.inf
+
+    def release(self, latency_s: float | None = None, *, overloaded: bool = False) -> None:
+        with self._state:
+            self._full |= self.in_flight >= self.window
+            if overloaded:
+                self._shrink("the server is overloaded (429/503 or a transport error)")
+            elif latency_s is not None:
+                self._completions += 1
+                self._interval_latency += latency_s
+                if self._completions >= self.adjust_every:
+                    self._adjust()
+        self._release_slot()
+
+    def _adjust(self) -> None:
+        mean_latency = self._interval_latency / self._completions
+        full = self._full
+        self._completions, self._interval_latency, self._full = 0, 0.0, False
+        signal, target = mean_latency, self.target
+        queue_time = self.queue_time_probe() if self.queue_time_probe is not None else None
+        if queue_time is not None:
+            signal, target = queue_time, self.target if self.target is not None else 0.5
+        elif target is None:
+            self.baseline = mean_latency if self.baseline is None else min(self.baseline, mean_latency)
+            target = self.latency_tolerance * self.baseline
+        self.ema = signal if self.ema is None else self.alpha * signal + (1 - self.alpha) * self.ema
+        if self.ema > target:
+            self._shrink(f"EMA {self.ema:.3f}s over the target {target:.3f}s")
+        elif full:
+            scale = self.max_increase_scale if self.ema <= 0 else min(target / self.ema, self.max_increase_scale)
+            grown = min(self.max_window, self.window + max(1, round(self.increase * scale)))
+            self._set_window(grown)
+
+    def _shrink(self, why: str) -> None:
+        now = self.clock()
+        if now < self._cooldown_until:
+            return
+        self._cooldown_until = now + self.cooldown_s
+        smaller = max(self.min_window, int(self.window * self.decrease))
+        if smaller < self.window:
+            self.shrinks += 1
+            log.info("concurrency window %d -> %d: %s", self.window, smaller, why)
+        self._set_window(smaller)
+
+
+def vllm_queue_time_probe(metrics_text: Callable[[], str | None]) -> Callable[[], float | None]:
+    """A ``queue_time_probe`` over vLLM's Prometheus text (``GET /metrics``): the mean
+    ``vllm:request_queue_time_seconds`` of the requests finished since the previous call,
+    or None when the server exposes no such histogram (then latency is used)."""
+    last = {"sum": None, "count": None}
+
+    def probe() -> float | None:
+        text = metrics_text()
+        if not text:
+            return None
+        total, count = parse_histogram(text, QUEUE_TIME)
+        if total is None or count is None:
+            return None
+        previous_sum, previous_count = last["sum"], last["count"]
+        last.update(sum=total, count=count)
+        if previous_count is None or count <= previous_count:
+            return None
+        return (total - previous_sum) / (count - previous_count)
+
+    return probe
+
+
+def parse_histogram(text: str, name: str) -> tuple[float | None, float | None]:
+    """(sum, count) of a Prometheus histogram, added over its label sets."""
+    sums = counts = None
+    for line in text.splitlines():
+        for suffix in ("_sum", "_count"):
+            if line.startswith(name + suffix):
+                try:
+                    value = float(line.rsplit(" ", 1)[1])
+                except (IndexError, ValueError):
+                    continue
+                if suffix == "_sum":
+                    sums = (sums or 0.0) + value
+                else:
+                    counts = (counts or 0.0) + value
+    return sums, counts
+
+
+class MetricsPoller:
+    """The newest text of a server's Prometheus ``/metrics``, fetched by a daemon thread every
+    ``period_s`` (one GET, off the sampling loop: cheap). It stops for good once the server
+    answers anything but 200 with vLLM's queue-time histogram, or after ``max_failures``
+    fetches in a row fail (then latency is the signal)."""
+
+    def __init__(self, url: str, period_s: float = 2.0, headers: dict[str, str] | None = None,
+                 transport: object = None, max_failures: int = 5):
+        import httpx  # only the openai backend polls
+
+        self.url, self.period_s, self.text = url, period_s, None
+        self._client = httpx.Client(timeout=min(5.0, period_s), headers=headers or {}, transport=transport)
+        self._stop = threading.Event()
+        self.available: bool | None = None  # unknown until the first answer
+        self.max_failures, self._failures = max_failures, 0
+
+    def poll_once(self) -> bool:
+        """One fetch; False once the server has no usable metrics."""
+        try:
+            response = self._client.get(self.url)
+        except Exception as exc:  # a server restarting: try again next period, a few times
+            log.debug("metrics poll of %s: %s", self.url, exc)
+            self._failures += 1
+            if self._failures >= self.max_failures:
+                self.available = False
+                return False
+            return True
+        self._failures = 0
+        usable = response.status_code == 200 and parse_histogram(response.text, QUEUE_TIME)[1] is not None
+        if not usable:
+            log.info("no vLLM queue-time metrics at %s: the concurrency window follows request latency", self.url)
+            self.available = False
+            return False
+        self.available, self.text = True, response.text
+        return True
+
+    def start(self) -> MetricsPoller:
+        def run() -> None:
+            while self.poll_once() and not self._stop.wait(self.period_s):
+                pass
+
+        threading.Thread(target=run, name="metrics-poller", daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+QUEUE_TIME = "vllm:request_queue_time_seconds"

@@ -1,0 +1,121 @@
+"""One ``rlstream worker`` process with the openai backend holds many prompt groups at once
+(docs/design.md §15.50 Many groups in flight per worker): against a stand-in server
+(bench/standin_server.py, in this process) whose requests take a while, it keeps
+``inference.max_concurrency`` = 64 requests in flight across groups of 4, never more, and
+every group is sampled exactly once (a SIGTERM with groups in flight: tests/e2e/test_elastic_workers.py).
+Real redis-server, real worker process; asserts counts, never timings."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from polling import wait_until
+from rq.registry import StartedJobRegistry
+
+from rlstream.builtin.task import builtin_rows
+from rlstream.builtin.tiny_model import save_tiny_model
+from rlstream.core import bus, keys
+from rlstream.core.config import Config
+from rlstream.core.credentials import PASSWORD_ENV
+from rlstream.core.jobs import job_queue
+from rlstream.core.messages import GroupRejected, GroupSampled, WeightsPublished
+from rlstream.producers.producer import admit
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "bench"))
+from standin_server import StandinServer  # noqa: E402
+
+GROUP, WINDOW, GROUPS = 4, 64, 24
+
+
+def start_worker(cfg: Config, tmp_path: Path, password: str) -> tuple[subprocess.Popen, Path]:
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(cfg.model_dump(mode="json")))  # the URL without its password, as `up` writes it
+    log = tmp_path / "worker.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "rlstream.cli", "worker", str(config)], cwd=tmp_path,
+                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env={**os.environ, PASSWORD_ENV: password})
+    return proc, log
+
+
+def events_of(r, run_id: str, kind: type) -> list:
+    return [m for _, m in bus.iter_all_events(r, run_id) if isinstance(m, kind)]
+
+
+def test_one_worker_keeps_max_concurrency_requests_in_flight_across_groups(r, redis_server, run_id, tmp_path):
+    server = StandinServer("const:1.0", vocab_size=16)
+    base = server.start()
+    model = save_tiny_model(tmp_path / "tiny")
+    cfg = Config(run_id=run_id, log_path=str(tmp_path / "runs"), base_model=str(model), tokenizer_model=str(model),
+                 completions_per_prompt=GROUP, max_completion_tokens=1, max_seq_len=16, job_timeout=60,
+                 redis={"url": redis_server.url},
+                 inference={"backend": "openai", "base_url": f"{base}/v1", "max_concurrency": WINDOW})
+    bus.xadd(r, keys.events(run_id), WeightsPublished(version=0, uri="v0", sha256="0" * 64, bytes=1))
+    queue = job_queue(r, cfg)
+    for i, row in enumerate(builtin_rows(GROUPS, seed=0)):
+        admit(r, queue, cfg, 0, i, row, 0)
+    proc, log = start_worker(cfg, tmp_path, redis_server.password)
+    try:
+        # Many groups in flight at once, each with its own rq execution in the started registry.
+        started = StartedJobRegistry(queue=queue)
+        wait_until(lambda: len(started.get_job_ids()) >= WINDOW // GROUP, 90,
+                   f"{WINDOW // GROUP} jobs started at once", interval=0.05)
+        wait_until(lambda: server.peak_in_flight >= WINDOW, 60, f"{WINDOW} requests in flight", interval=0.05)
+        wait_until(lambda: len(events_of(r, run_id, GroupSampled)) == GROUPS, 120, "every group sampled",
+                   interval=0.2)
+        assert server.peak_in_flight == WINDOW, server.stats  # the window is filled and never exceeded
+        assert not events_of(r, run_id, GroupRejected), log.read_text()[-3000:]
+        sampled = events_of(r, run_id, GroupSampled)
+        assert len({g.group_id for g in sampled}) == GROUPS and all(g.samples == GROUP for g in sampled)
+
+        proc.send_signal(signal.SIGTERM)  # idle now: rq's warm shutdown
+        assert proc.wait(60) == 0, log.read_text()[-3000:]
+        assert not started.get_job_ids() and not queue.job_ids  # nothing left behind
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        server.stop()
+
+
+@pytest.mark.slow
+def test_an_adaptive_worker_backs_off_a_server_that_refuses_above_its_capacity(r, redis_server, run_id, tmp_path):
+    """``workers.concurrency_control = "adaptive"`` against a server answering 429 beyond 24
+    requests in flight: the worker probes past it, backs off, and every group is sampled
+    (no failed draw, no rejected group). The default suite checks the same through the
+    remote sampler (tests/unit/test_concurrency_control.py)."""
+    capacity, groups = 24, 120
+    server = StandinServer("const:0.3", capacity=capacity, vocab_size=16)
+    base = server.start()
+    model = save_tiny_model(tmp_path / "tiny")
+    cfg = Config(run_id=run_id, log_path=str(tmp_path / "runs"), base_model=str(model), tokenizer_model=str(model),
+                 completions_per_prompt=GROUP, max_completion_tokens=1, max_seq_len=16, job_timeout=120,
+                 redis={"url": redis_server.url}, workers={"concurrency_control": "adaptive"},
+                 inference={"backend": "openai", "base_url": f"{base}/v1", "max_concurrency": 128})
+    bus.xadd(r, keys.events(run_id), WeightsPublished(version=0, uri="v0", sha256="0" * 64, bytes=1))
+    queue = job_queue(r, cfg)
+    for i, row in enumerate(builtin_rows(groups, seed=0)):
+        admit(r, queue, cfg, 0, i, row, 0)
+    proc, log = start_worker(cfg, tmp_path, redis_server.password)
+    try:
+        wait_until(lambda: len(events_of(r, run_id, GroupSampled)) == groups, 300, "every group sampled",
+                   interval=0.2)
+        assert not events_of(r, run_id, GroupRejected), log.read_text()[-3000:]
+        assert server.rejected > 0, server.stats  # it did grow past the capacity ...
+        assert "concurrency window" in log.read_text()  # ... and was cut back
+        assert int(r.hget(keys.rollout_stats(run_id), "rollout_failures") or 0) == 0
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        server.stop()

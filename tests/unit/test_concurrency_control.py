@@ -1,0 +1,238 @@
+"""Concurrency controllers (rlstream/sampling/concurrency.py): the window bounds what is in
+flight; the adaptive one grows while the server answers fast, halves on 429/503 (once per
+cooldown) and on rising latency, and, driven through the remote sampler against a server
+that answers 429 above a fixed capacity, settles near that capacity with no failed draw.
+Counts, never timings, are asserted."""
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+
+import httpx
+import pytest
+
+from rlstream.core.config import InferenceConfig
+from rlstream.core.messages import WeightsPublished
+from rlstream.sampling import remote as remote_policy
+from rlstream.sampling.concurrency import (
+    AdaptiveConcurrencyController,
+    FixedConcurrencyController,
+    MetricsPoller,
+    parse_histogram,
+    vllm_queue_time_probe,
+)
+from rlstream.sampling.remote import RemotePolicy, RemoteSampler
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def hold(controller, counter: dict, release=lambda c: c.release(0.1)) -> None:
+    await controller.acquire()
+    counter["max"] = max(counter["max"], controller.in_flight)
+    await asyncio.sleep(0.001)
+    release(controller)
+
+
+def test_fixed_window_bounds_requests_in_flight():
+    controller, seen = FixedConcurrencyController(3), {"max": 0}
+
+    async def main():
+        await asyncio.gather(*(hold(controller, seen) for _ in range(20)))
+
+    asyncio.run(main())
+    assert seen["max"] == 3 == controller.peak_in_flight
+    assert controller.in_flight == 0
+    with pytest.raises(ValueError):
+        FixedConcurrencyController(0)
+
+
+def test_one_controller_serves_several_loops_and_threads():
+    """The SDK loop calls asyncio.run per row; a worker has its own loop thread."""
+    controller, seen = FixedConcurrencyController(2), {"max": 0}
+
+    def run_batch():
+        async def main():
+            await asyncio.gather(*(hold(controller, seen) for _ in range(10)))
+        asyncio.run(main())
+
+    run_batch()
+    run_batch()  # a second loop: nothing is bound to the first
+    threads = [threading.Thread(target=run_batch) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert seen["max"] <= 2 and controller.in_flight == 0
+
+
+def test_a_cancelled_waiter_gives_its_slot_back():
+    controller = FixedConcurrencyController(1)
+
+    async def main():
+        await controller.acquire()
+        waiter = asyncio.ensure_future(controller.acquire())
+        await asyncio.sleep(0)
+        waiter.cancel()
+        controller.release()
+        await asyncio.gather(waiter, return_exceptions=True)
+        await asyncio.wait_for(controller.acquire(), 5)  # the slot is free again
+        controller.release()
+
+    asyncio.run(main())
+    assert controller.in_flight == 0
+
+
+def fill_and_release(controller, latency: float, completions: int) -> None:
+    """``completions`` requests, each taken while the window is full (so it may grow)."""
+    async def main():
+        for _ in range(completions):
+            takers = [asyncio.ensure_future(controller.acquire()) for _ in range(controller.window)]
+            await asyncio.gather(*takers)
+            for _ in takers:
+                controller.release(latency)
+
+    asyncio.run(main())
+
+
+def test_adaptive_window_grows_while_fast_and_full_and_not_when_unused():
+    grows = AdaptiveConcurrencyController(initial_window=16, adjust_every=32)
+    fill_and_release(grows, latency=0.1, completions=10)
+    assert grows.window > 16 and grows.shrinks == 0
+
+    idle = AdaptiveConcurrencyController(initial_window=16, adjust_every=32)
+
+    async def one_at_a_time():
+        for _ in range(200):
+            await idle.acquire()
+            idle.release(0.1)
+
+    asyncio.run(one_at_a_time())
+    assert idle.window == 16  # never full: nothing to learn about more concurrency
+
+
+def test_adaptive_window_halves_on_overload_once_per_cooldown():
+    clock = FakeClock()
+    controller = AdaptiveConcurrencyController(initial_window=16, cooldown_s=1.0, clock=clock)
+
+    async def overloaded(times: int):
+        for _ in range(times):
+            await controller.acquire()
+            controller.release(overloaded=True)
+
+    asyncio.run(overloaded(5))
+    assert controller.window == 8 and controller.shrinks == 1  # a burst of 429s is one signal
+    clock.now = 1.5
+    asyncio.run(overloaded(1))
+    assert controller.window == 4
+    clock.now = 10.0
+    asyncio.run(overloaded(10))
+    assert controller.window == 2
+
+
+def test_adaptive_window_halves_when_latency_rises_over_its_target():
+    controller = AdaptiveConcurrencyController(initial_window=32, adjust_every=32)
+    fill_and_release(controller, latency=0.1, completions=2)  # baseline 0.1 s
+    before = controller.window
+    fill_and_release(controller, latency=5.0, completions=3)  # the EMA passes 2 x baseline
+    assert controller.window < before and controller.shrinks >= 1
+
+
+def test_queue_time_probe_reads_vllm_histogram_deltas():
+    texts = iter(["vllm:request_queue_time_seconds_sum{model=\"m\"} 1.0\n"
+                  "vllm:request_queue_time_seconds_count{model=\"m\"} 10\n",
+                  "vllm:request_queue_time_seconds_sum{model=\"m\"} 4.0\n"
+                  "vllm:request_queue_time_seconds_count{model=\"m\"} 16\n", ""])
+    probe = vllm_queue_time_probe(lambda: next(texts))
+    assert probe() is None  # the first reading is a baseline
+    assert probe() == pytest.approx(0.5)  # 3 s over 6 requests
+    assert probe() is None  # no metrics: fall back to latency
+    assert parse_histogram("other 1\n", "vllm:request_queue_time_seconds") == (None, None)
+
+
+def test_metrics_poller_keeps_vllm_metrics_and_gives_up_on_a_server_without_them():
+    vllm = httpx.MockTransport(lambda request: httpx.Response(
+        200, text="vllm:request_queue_time_seconds_sum 2.0\nvllm:request_queue_time_seconds_count 4\n"))
+    poller = MetricsPoller("http://server.test/metrics", transport=vllm)
+    assert poller.poll_once() and poller.available and "queue_time" in poller.text
+    plain = MetricsPoller("http://server.test/metrics", transport=httpx.MockTransport(lambda r: httpx.Response(404)))
+    assert not plain.poll_once() and plain.available is False and plain.text is None
+
+    def refuse(request):
+        raise httpx.ConnectError("refused")
+
+    down = MetricsPoller("http://server.test/metrics", transport=httpx.MockTransport(refuse), max_failures=3)
+    assert [down.poll_once() for _ in range(3)] == [True, True, False]  # bounded: then latency is the signal
+
+
+def test_adaptive_controller_settles_under_a_server_that_refuses_above_its_capacity(monkeypatch):
+    """A server that answers 429 to every request beyond CAPACITY in flight. 64 concurrent
+    callers draw 1200 completions through the remote sampler: every draw succeeds (the
+    window backs off instead of hammering into failures) and the window ends near the
+    capacity, having been cut at least once."""
+    monkeypatch.setattr(remote_policy, "BACKOFF_BASE_S", 0.001)
+    capacity, state = 24, {"in_flight": 0, "refused": 0, "served": 0}
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        if state["in_flight"] >= capacity:
+            state["refused"] += 1
+            return httpx.Response(429, json={"error": "overloaded"})
+        state["in_flight"] += 1
+        try:
+            await asyncio.sleep(0.005)
+        finally:
+            state["in_flight"] -= 1
+        state["served"] += 1
+        return httpx.Response(200, json={"choices": [{"index": 0, "text": "x", "finish_reason": "stop",
+                                                      "token_ids": [5], "logprobs": {"token_logprobs": [-0.5]}}]})
+
+    # The cooldown is counted in served requests, not seconds (one window's worth, as 1 s is for a
+    # real server), and the latency target is far above the stand-in's: only the 429s steer the
+    # window, so a loaded machine's pauses cannot change what the test sees.
+    controller = AdaptiveConcurrencyController(initial_window=16, cooldown_s=1.0, target=10.0,
+                                               clock=lambda: state["served"] / capacity)
+    cfg = InferenceConfig(backend="openai", base_url="http://inference.test/v1", max_retries=4)
+    published = WeightsPublished(version=0, uri="/w/v0", sha256="0" * 64, bytes=1)
+    windows: list[int] = []
+
+    async def main():
+        policy = RemotePolicy(cfg, published, tokenizer=None, model_name="m", weights_root=Path("/w"),
+                              transport=httpx.MockTransport(handler))
+        sampler = RemoteSampler(policy, {"max_tokens": 4, "temperature": 1.0}, concurrency_controller=controller)
+        queue = list(range(1200))
+
+        async def caller():
+            while queue:
+                queue.pop()
+                out = await sampler.sample_with_prompt_tokens([1, 2, 3])
+                assert len(out) == 1
+                windows.append(controller.window)
+
+        await asyncio.gather(*(caller() for _ in range(64)))
+
+    asyncio.run(main())
+    assert state["served"] == 1200  # no failed draw: each one was eventually served
+    assert controller.shrinks >= 1 and state["refused"] > 0  # it did probe past the capacity, and backed off
+    late = windows[-300:]
+    assert max(late) <= 2 * capacity and min(late) >= capacity // 4, (min(late), max(late))
+    assert controller.in_flight == 0
+
+
+def test_workers_choose_their_controller_from_the_config():
+    from rlstream.core.config import Config
+    from rlstream.workers.runtime import make_controller
+
+    openai = {"backend": "openai", "base_url": "http://127.0.0.1:9/v1", "max_concurrency": 96}
+    fixed = make_controller(Config(inference=openai))
+    assert isinstance(fixed, FixedConcurrencyController) and fixed.window == 96
+    adaptive = make_controller(Config(inference=openai, workers={"concurrency_control": "adaptive"}))
+    assert isinstance(adaptive, AdaptiveConcurrencyController)
+    assert (adaptive.window, adaptive.max_window) == (16, 96) and adaptive.queue_time_probe is not None
+    small = make_controller(Config(inference={**openai, "max_concurrency": 8}, workers={"concurrency_control": "adaptive"}))
+    assert (small.window, small.max_window) == (8, 8)

@@ -1,0 +1,112 @@
+"""The shared sampling loop of a worker holding several groups (workers/sampling_loop.py)
+and its job slots (workers/slots.py): a job's coroutine runs on the loop thread; past its
+deadline it fails with rq's JobTimeoutException and every task it started is cancelled,
+while another job's draws go on; a loop that cannot cancel is reported stuck; slots bound
+the jobs held at once by a capacity that may change."""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+from rq.timeouts import JobTimeoutException
+
+from rlstream.core.config import Config
+from rlstream.workers.sampling_loop import SamplingLoop
+from rlstream.workers.slots import JobSlots, holds_several, job_capacity, worker_slots
+
+
+@pytest.fixture
+def sampling():
+    loop = SamplingLoop(grace_s=5.0)
+    yield loop
+    loop.close()
+
+
+def test_a_job_past_its_deadline_is_cancelled_with_its_tasks_and_others_go_on(sampling):
+    cancelled: dict = {}
+    other: dict = {}
+    gate = threading.Event()
+
+    async def slow_job():
+        async def draw():
+            try:
+                await asyncio.sleep(60)
+            except asyncio.CancelledError:
+                cancelled["draw"] = True
+                raise
+
+        asyncio.ensure_future(draw())  # a task the rollout_fn started and never awaited
+        await asyncio.gather(draw(), draw())
+
+    async def other_job():
+        await asyncio.get_running_loop().run_in_executor(None, gate.wait, 30)
+        return "done"
+
+    thread = threading.Thread(target=lambda: other.update(result=sampling.run(other_job(), 60)))
+    thread.start()
+    with pytest.raises(JobTimeoutException):
+        sampling.run(slow_job(), 0.2)
+    assert cancelled == {"draw": True} and not sampling.stuck
+    gate.set()
+    thread.join(30)
+    assert other == {"result": "done"}  # the timeout of one job cancelled none of another's tasks
+
+
+def test_tasks_a_job_left_behind_end_with_it(sampling):
+    leftover: list[asyncio.Task] = []
+
+    async def job():
+        leftover.append(asyncio.ensure_future(asyncio.sleep(60)))
+        return 7
+
+    assert sampling.run(job(), 10) == 7
+    deadline = time.monotonic() + 10
+    while not leftover[0].done() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert leftover[0].cancelled()
+
+
+def test_a_loop_blocked_by_a_rollout_fn_is_reported_stuck():
+    sampling = SamplingLoop(grace_s=0.1)
+
+    async def blocking():
+        time.sleep(1.0)  # a blocking call inside an async function: nothing can cancel it
+
+    with pytest.raises(JobTimeoutException):
+        sampling.run(blocking(), 0.05)
+    assert sampling.stuck
+    assert sampling.run(asyncio.sleep(0, result="free"), 10) == "free"  # once the call returns, the loop runs again
+    sampling.close()
+
+
+def test_job_slots_follow_a_changing_capacity():
+    window = {"now": 8}
+    slots = JobSlots(job_capacity(lambda: window["now"], group_size=4))
+    slots.take("a")
+    slots.take("b")
+    assert not slots.wait_for_room(0.01)  # 2 groups of 4 fill a window of 8
+    window["now"] = 12
+    assert slots.wait_for_room(0.01)
+    window["now"] = 8
+    slots.drawn("a")  # its draws are done: its room is free while rq records it
+    assert slots.wait_for_room(0.01) and slots.busy and not slots.wait_idle(0.01)
+    window["now"] = 1
+    slots.release("a")
+    slots.release("b")
+    assert slots.wait_for_room(0.01)  # one group always fits, however small the window
+    slots.take("c")
+    assert not slots.wait_for_room(0.01) and slots.peak == 2
+    slots.release("c")
+    assert slots.wait_idle(0.01)
+
+
+def test_which_workers_hold_several_groups():
+    openai = {"backend": "openai", "base_url": "http://x/v1"}
+    assert not holds_several(Config(completions_per_prompt=8))  # local, one group: as before
+    assert holds_several(Config(completions_per_prompt=8, workers={"local_max_batch": 32}))
+    assert holds_several(Config(completions_per_prompt=8, inference=openai))
+    assert not holds_several(Config(completions_per_prompt=8, inference={**openai, "max_concurrency": 8}))
+    slots = worker_slots(Config(completions_per_prompt=8, workers={"local_max_batch": 32}), controller=None)
+    assert slots is not None and slots.capacity() == 4
