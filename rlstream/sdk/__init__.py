@@ -15,6 +15,7 @@ like the Fireworks / Tinker SDK so seed code ports with its imports changed
 Importing it imports torch (the training client lives in the caller's process).
 """
 from rlstream.core.rollout import Completion
+from rlstream.sampling.concurrency import AdaptiveConcurrencyController, FixedConcurrencyController
 from rlstream.sdk.sampler import DeploymentSampler, SamplingClient
 from rlstream.sdk.service import ServiceClient
 from rlstream.sdk.training import ReferenceClient, TrainingClient
@@ -34,7 +35,7 @@ from rlstream.sdk.types import (
 
 FiretitanServiceClient = ServiceClient  # the seed's name
 
-__all__ = ["AdamParams", "Completion", "Datum", "DeploymentSampler", "Done", "FiretitanServiceClient",
+__all__ = ["AdamParams", "AdaptiveConcurrencyController", "Completion", "Datum", "DeploymentSampler", "Done", "FiretitanServiceClient", "FixedConcurrencyController",
            "ForwardBackwardOutput", "ModelInput", "OptimStepResult", "ReferenceClient", "SampleResponse",
            "SampledSequence", "SamplingClient", "SamplingParams", "SaveResult", "ServiceClient", "TrainingClient",
            "TensorData"]

@@ -109,7 +109,9 @@ class DeploymentSampler:
     """``sample_with_tokens(messages, n, max_tokens, ...)`` and ``sample_with_prompt_tokens(ids,
     n, ...)`` (async, as in the seed: wrap them in ``asyncio.run`` in a synchronous loop), each
     returning ``n`` ``Completion``s (``full_tokens``, ``prompt_len``, ``inference_logprobs``,
-    ``text``, ``finish_reason``). ``concurrency_controller`` is kept for the deployment's requests."""
+    ``text``, ``finish_reason``). ``concurrency_controller`` (``AdaptiveConcurrencyController`` or
+    ``FixedConcurrencyController``; None = the server sampler's default) bounds the requests in
+    flight to an inference server; a local deployment ignores it."""
 
     def __init__(self, deployment: Deployment, tokenizer, concurrency_controller: Any, defaults: dict[str, Any]):
         self.deployment, self.tokenizer = deployment, tokenizer
@@ -128,8 +130,11 @@ class DeploymentSampler:
         if policy is None:
             raise RlstreamError("this sampler's service was closed; create the service again to sample")
         if policy is not self._inner_policy:
-            cls = LocalSampler if self.deployment.backend == "local" else RemoteSampler
-            self._inner, self._inner_policy = cls(policy, self.defaults), policy
+            if self.deployment.backend == "local":  # one process, one generate: no request window to control
+                self._inner = LocalSampler(policy, self.defaults)
+            else:  # the server's request window: adaptive or fixed, as the workers' (docs/design.md §15.51)
+                self._inner = RemoteSampler(policy, self.defaults, concurrency_controller=self.concurrency_controller)
+            self._inner_policy = policy
         return self._inner
 
     async def sample_with_prompt_tokens(self, prompt_token_ids: list[int], n: int = 1,

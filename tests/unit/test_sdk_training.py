@@ -188,6 +188,7 @@ def test_a_remote_deployment_is_told_to_load_the_snapshot_directory(policy, sess
 
     from rlstream.core.config_sections import InferenceConfig
     from rlstream.core.errors import ConfigError
+    from rlstream.sdk import FixedConcurrencyController
 
     synced, asked = [], []
 
@@ -213,9 +214,11 @@ def test_a_remote_deployment_is_told_to_load_the_snapshot_directory(policy, sess
     deployment.sync(saved.path)
     assert [json.loads(body) for body in synced] == [
         {"model_path": str((session.run_dir / "weights/v1").resolve()), "version": 1}]
-    sampler = DeploymentSampler(deployment, policy.tokenizer, None, {"max_tokens": 1, "temperature": 1.0})
+    controller = FixedConcurrencyController(2)  # the seed passes its controller to the deployment sampler
+    sampler = DeploymentSampler(deployment, policy.tokenizer, controller, {"max_tokens": 1, "temperature": 1.0})
     [c] = asyncio.run(sampler.sample_with_prompt_tokens([6, 13, 7, 14]))
     assert (c.output_tokens, c.inference_logprobs, c.version) == ([12], [-0.5], 1)
+    assert controller.peak_in_flight == 1 and controller.in_flight == 0  # the request went through its window
     deployment.sync(saved.path)  # the same snapshot again (or an older one) is still sent
     assert len(synced) == 2
     deployment.close()
