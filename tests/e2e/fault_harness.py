@@ -122,9 +122,11 @@ class Up:
         pid = int(pid_file.read_text())
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            cwd = Path(os.readlink(f"/proc/{pid}/cwd"))  # redis-server chdirs to its --dir
         except OSError:
             return None
-        return pid if "redis-server" in cmdline and str(self.run_dir.resolve()) in cmdline else None
+        # Not the command line's socket path: a long run directory (pytest-xdist's) puts the socket in /tmp.
+        return pid if "redis-server" in cmdline and cwd == (self.run_dir / "redis").resolve() else None
 
     def stop(self) -> None:
         """Cleanup after a failed test: Ctrl-C ``up`` (it stops its children), then SIGKILL

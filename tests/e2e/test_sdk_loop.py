@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import runpy
 import subprocess
 import sys
@@ -29,12 +30,16 @@ DATA_TOKENS = [[6, 13, 7, 14, 12], [3, 13, 4, 14, 9], [1, 13, 1, 14, 5]]
 
 
 def processes_of(run_dir: Path) -> list[int]:
-    """Live (not zombie) processes whose command line names ``run_dir``: the run's redis-server."""
-    needle, out = str(run_dir.resolve()).encode(), []
+    """Live (not zombie) processes whose command line names ``run_dir`` or that run inside it: the
+    run's redis-server (it chdirs to its --dir; its socket, named on its command line, is in /tmp
+    when the run directory's path is too long for one, as under pytest-xdist)."""
+    root, out = run_dir.resolve(), []
     for proc in Path("/proc").iterdir():
         try:
-            if proc.name.isdigit() and needle in (proc / "cmdline").read_bytes() and \
-                    (proc / "stat").read_text().split()[2] != "Z":
+            if not proc.name.isdigit() or (proc / "stat").read_text().split()[2] == "Z":
+                continue
+            if str(root).encode() in (proc / "cmdline").read_bytes() or \
+                    Path(os.readlink(proc / "cwd")).is_relative_to(root):
                 out.append(int(proc.name))
         except OSError:
             continue
