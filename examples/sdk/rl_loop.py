@@ -22,7 +22,7 @@ import statistics
 import torch
 
 from rlstream.builtin.task import builtin_rows, exact_match_reward
-from rlstream.sdk import AdamParams, Datum, ServiceClient
+from rlstream.sdk import AdamParams, AdaptiveConcurrencyController, Datum, ServiceClient
 
 BASE_MODEL = "builtin:tiny"  # the seed: "accounts/fireworks/models/qwen3-8b"
 
@@ -83,7 +83,10 @@ def main() -> None:
         policy = service.create_training_client(base_model=BASE_MODEL, lora_rank=0)
         reference = service.create_reference_client(BASE_MODEL, lora_rank=0)
         tokenizer = policy.get_tokenizer()
-        sampler = service.create_deployment_sampler(tokenizer=tokenizer, concurrency_controller=None)
+        # As the seed: the controller bounds the requests in flight to an inference server (a local
+        # deployment, as here by default, samples in one generate and does not need it).
+        controller = AdaptiveConcurrencyController(initial_window=16)
+        sampler = service.create_deployment_sampler(tokenizer=tokenizer, concurrency_controller=controller)
         rows = [{"messages": [{"role": "user", "content": r["prompt"].removesuffix("=")}], "answer": r["answer"]}
                 for r in builtin_rows(args.steps * args.groups, args.seed)]
         step_rewards = []
@@ -107,7 +110,7 @@ def main() -> None:
             if (step + 1) % args.sync_every == 0:
                 saved = policy.save_weights_for_sampler(f"step-{step + 1:05d}").result()
                 sampler = service.create_deployment_sampler(model_path=saved.path, tokenizer=tokenizer,
-                                                            concurrency_controller=None)
+                                                            concurrency_controller=controller)
             print(f"step {step + 1} reward {step_rewards[-1]:.3f} datums {len(datums)}", flush=True)
         k = max(1, min(10, len(step_rewards) // 3))
         print(json.dumps({"run_id": service.trainer_job_id, "steps": args.steps, "policy_steps": policy.step,

@@ -137,6 +137,7 @@ class AdaptiveConcurrencyController(_Window):
         self.cooldown_s, self.latency_tolerance = cooldown_s, latency_tolerance
         self.queue_time_probe, self.clock = queue_time_probe, clock
         self.ema: float | None = None
+        self.last_queue_time: float | None = None  # the probe's newest reading
         self.baseline: float | None = None  # lowest interval mean latency seen
         self.shrinks = 0  # how often the window was cut (tests, metrics)
         self._state = threading.Lock()
@@ -161,6 +162,11 @@ class AdaptiveConcurrencyController(_Window):
         self._completions, self._interval_latency, self._full = 0, 0.0, False
         signal, target = mean_latency, self.target
         queue_time = self.queue_time_probe() if self.queue_time_probe is not None else None
+        if queue_time is None:  # no reading this interval: once the server told its queue time, its last word
+            queue_time = self.last_queue_time  # stands; seconds of latency must never meet the queue-time target
+        if (queue_time is not None) != (self.last_queue_time is not None):
+            self.ema = None  # the first queue-time reading: an average of latencies is no queue time
+        self.last_queue_time = queue_time
         if queue_time is not None:
             signal, target = queue_time, self.target if self.target is not None else 0.5
         elif target is None:

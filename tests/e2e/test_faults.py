@@ -110,8 +110,9 @@ def test_kill_worker_redis_trainer_and_fuzz(tmp_path: Path) -> None:
 def test_crash_between_commit_and_publish_then_continue(tmp_path: Path) -> None:
     run_dir = tmp_path / "runs" / "resume"
     small = [*SMALL, "--set", "max_steps=8"]
-    # The first part streams (docs/design.md §15.70 Streaming accumulation divides last): a trainer
-    # killed with a batch half accumulated commits nothing, and its replacement replays and goes on.
+    # The first part streams (docs/design.md §15.70 Streaming accumulation divides last): the kill,
+    # the replay of streamed steps and the streamed steps after it (a trainer killed with a batch half
+    # accumulated is tests/unit/test_streaming.py's).
     streaming = ["--set", "trainer.streaming=true", "--set", "trainer.micro_batch_tokens=24"]
     with running_up(tmp_path, "resume", *small, *streaming, env={"RLSTREAM_FAULT": "after_commit:4"},
                     tag="up1") as up:

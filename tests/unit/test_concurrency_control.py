@@ -6,6 +6,7 @@ Counts, never timings, are asserted."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
 from pathlib import Path
 
@@ -142,6 +143,16 @@ def test_adaptive_window_halves_when_latency_rises_over_its_target():
     before = controller.window
     fill_and_release(controller, latency=5.0, completions=3)  # the EMA passes 2 x baseline
     assert controller.window < before and controller.shrinks >= 1
+
+
+def test_a_queue_time_server_is_judged_by_queue_time_even_between_its_readings():
+    """vLLM's /metrics answers only every few seconds (no news between): long generations (2 s
+    of latency) must not be judged against the 0.5 s queue-time target meanwhile."""
+    readings = itertools.cycle([None, 0.01])
+    controller = AdaptiveConcurrencyController(initial_window=16, adjust_every=4,
+                                               queue_time_probe=lambda: next(readings))
+    fill_and_release(controller, latency=2.0, completions=12)
+    assert controller.shrinks == 0 and controller.window >= 16
 
 
 def test_queue_time_probe_reads_vllm_histogram_deltas():

@@ -157,3 +157,41 @@ def test_the_trainer_streams_groups_as_they_arrive_and_holds_them_until_the_comm
     assert m["perf/streamed_share"] == 1.0 and m["train/micro_batches"] == 2
     assert sorted(last_commit(r).group_ids) == sorted(g.group_id for g in groups)
     assert bus.group_info(r, keys.rollouts(RUN))["pending"] == 0
+
+
+def test_a_trainer_that_dies_mid_batch_commits_nothing_and_its_successor_trains_the_batch(r, tmp_path):
+    """A crash with a batch half accumulated: the gradients die with the process, nothing was
+    acked or committed, and the next trainer (after the lease lapses) retrains those samples."""
+    from test_staleness import RUN, add_group, config, last_commit
+
+    from rlstream.core import bus, keys
+    from rlstream.trainer.trainer import Trainer
+
+    class Killed(Exception):
+        pass
+
+    bus.ensure_group(r, keys.rollouts(RUN))
+    cfg = config(tmp_path, prompt_groups_per_step=2, trainer={"micro_batch_tokens": 6, "streaming": True})
+    first = Trainer(cfg, r, cfg.run_dir())
+    first.resume()
+    add_group(r, 0, sampled=0)
+    step = StreamingStep(first.model, first.optimizer, cfg=cfg, pad_id=first.pad_id, device=first.device,
+                         precision=first.precision)
+
+    def die_after_the_forward(groups):
+        step.add(groups)
+        raise Killed
+
+    with pytest.raises(Killed):
+        first.buffer.stream(2, first.version, die_after_the_forward)
+    assert step.streamed_samples == 2  # its forward/backward had run
+    assert bus.group_info(r, keys.rollouts(RUN))["pending"] == 2 and first.state.steps == 0
+    first.lease.release()  # as when the dead trainer's lease expires
+
+    second = Trainer(cfg, r, cfg.run_dir())
+    second.resume()
+    add_group(r, 1, sampled=0)
+    groups, streamed = second.gather(2)
+    m = second.train_step(groups, wait_time=0.0, streamed=streamed)
+    assert m["step"] == 1 and len(last_commit(r).group_ids) == 2
+    assert bus.group_info(r, keys.rollouts(RUN))["pending"] == 0
