@@ -137,10 +137,10 @@ def _replay(args: argparse.Namespace, cfg) -> int:
     from rlstream.ops.status import opened_run
 
     cfg = cfg if cfg.run_id else cfg.model_copy(update={"run_id": new_run_id()})
-    with opened_run(args.source, args.source_log_path) as (_, source_cfg, r):
+    with opened_run(args.source, args.source_log_path) as (source_dir, source_cfg, r):
         from rlstream.trainer.replay_run import replay_run
 
-        steps = replay_run(cfg, r, source_cfg.run_id)
+        steps = replay_run(cfg, r, source_cfg.run_id, source_dir)
     print(f"replayed {steps} steps of run {source_cfg.run_id} into {cfg.run_dir()}", flush=True)
     return 0
 

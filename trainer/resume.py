@@ -16,6 +16,7 @@ from pathlib import Path
 import redis
 
 from rlstream.core import keys
+from rlstream.core.archive import Archive, fetch_rollouts
 from rlstream.core.codec import decode
 from rlstream.core.errors import RlstreamError
 from rlstream.core.messages import Evaluated, RolloutSample, StepCommitted
@@ -58,14 +59,19 @@ def loss_matches(replayed: float, recorded: float) -> bool:
     return math.isclose(replayed, recorded, rel_tol=LOSS_REL_TOL, abs_tol=1e-6)
 
 
-def committed_groups(r: redis.Redis, run_id: str, committed: StepCommitted, advantage_fn) -> list[Group]:
+def committed_groups(r: redis.Redis, run_id: str, committed: StepCommitted, advantage_fn,
+                     archive: Archive | None = None) -> list[Group]:
     """The groups a committed step trained, rebuilt from the very entries it names, in the
-    same order, with advantages from ``advantage_fn``."""
-    raw = reads.fetch_entries(r, keys.rollouts(run_id), committed.entry_ids)
+    same order, with advantages from ``advantage_fn``; entries trimmed from the stream are
+    read from the run's ``archive`` (docs/design.md §15.45 Archive, then trim)."""
+    raw = (fetch_rollouts(r, archive, committed.entry_ids) if archive is not None else
+           reads.fetch_entries(r, keys.rollouts(run_id), committed.entry_ids))
     missing = [e for e in committed.entry_ids if e not in raw]
     if missing:
-        raise RlstreamError(f"cannot replay step {committed.step}: {len(missing)} of its samples are gone from "
-                            "the rollouts stream (was it trimmed past the newest checkpoint?)")
+        where = f"the rollouts stream and the archive {archive.dir}" if archive is not None else "the rollouts stream"
+        raise RlstreamError(f"cannot replay step {committed.step}: {len(missing)} of its samples (e.g. {missing[0]}) "
+                            f"are in neither {where}: were rollouts trimmed without archiving, or archive segments "
+                            "deleted? Restore them, or start from a checkpoint after that step")
     groups: dict[str, Group] = {gid: Group(gid, 0) for gid in committed.group_ids}
     for entry_id in committed.entry_ids:
         sample = decode(raw[entry_id], expect=RolloutSample)

@@ -24,6 +24,7 @@ from rlstream.core.config_sections import (
     ConfigSection,
     InferenceConfig,
     RedisConfig,
+    RetentionConfig,
     TisConfig,
     TrainerConfig,
     WandbConfig,
@@ -148,7 +149,8 @@ class Config(ConfigSection):
         "group-relative advantage and is rejected with that reason)"
     )
     dcp_save_interval: int = Field(
-        0, ge=0, le=10_000_000, description="train-state checkpoint every N steps; 0 = only the final one"
+        50, ge=0, le=10_000_000, description="train-state checkpoint every N steps (then the rollouts it covers are "
+        "archived); 0 = only the final one"
     )
     save_final_checkpoint: bool = Field(True, description="write a train-state checkpoint when the run ends")
     init_from_checkpoint: PathText | None = Field(
@@ -171,6 +173,7 @@ class Config(ConfigSection):
     workers: WorkersConfig = Field(default_factory=WorkersConfig)
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
     wandb: WandbConfig = Field(default_factory=WandbConfig)
+    retention: RetentionConfig = Field(default_factory=RetentionConfig)
 
     @model_validator(mode="after")
     def _check(self) -> Config:

@@ -1,0 +1,83 @@
+"""What a long run keeps, and where (docs/design.md §15.45 Archive, then trim; §15.46 Checkpoints are
+pruned): after each checkpoint the trainer moves the rollouts the checkpoint covers out of
+Redis into the run's archive, trims the stream below them, and prunes old checkpoints; under
+memory pressure it checkpoints early so that the trim frees Redis (§15.48).
+
+The archive pass copies every rollouts entry below the *safe bound* (the oldest entry still
+pending in the consumer group, or the first one not yet delivered, whichever is lower):
+each such entry is acked, so it was trained by a committed step (covered by the checkpoint
+just written, since the checkpoint follows its step's commit), acked as a duplicate, or
+rejected or dead-lettered with its group. Pending and undelivered entries are never copied
+nor trimmed. The order (segment fsynced, manifest fsynced, then XTRIM MINID) is what makes
+every crash point safe: see the failure table (docs/design.md §10 Failure semantics).
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import redis
+
+from rlstream.core import keys
+from rlstream.core.archive import Archive, Segment, id_key
+from rlstream.core.bus import as_text, xrange_all
+from rlstream.trainer.checkpoint import complete_checkpoints
+
+log = logging.getLogger(__name__)
+PIN_SUFFIX = ".keep"  # checkpoints/step-<N>.keep next to a checkpoint: the user still needs it
+
+
+def next_id(entry_id: str) -> str:
+    ms, seq = id_key(entry_id)
+    return f"{ms}-{seq + 1}"
+
+
+def safe_bound(r: redis.Redis, stream: str) -> str:
+    """The lowest rollouts id the archive pass must not reach: the oldest pending entry, or
+    the first entry after the last one delivered to the consumer group, whichever is lower."""
+    delivered = "0-0"
+    for g in r.xinfo_groups(stream):
+        if as_text(g.get("name", b"")) == keys.TRAINER_GROUP:
+            delivered = as_text(g.get("last-delivered-id", "0-0"))
+    bound = next_id(delivered)
+    pending = r.xpending(stream, keys.TRAINER_GROUP)
+    if pending.get("pending") and pending.get("min") is not None:
+        oldest = as_text(pending["min"])
+        bound = oldest if id_key(oldest) < id_key(bound) else bound
+    return bound
+
+
+def archive_and_trim(r: redis.Redis, archive: Archive, covered_step: int) -> tuple[Segment | None, int]:
+    """Copy the entries below the safe bound that the archive does not hold yet into a new
+    segment, then trim the stream below the bound: (the segment or None, entries trimmed).
+    Run only after the checkpoint of ``covered_step`` is sealed."""
+    stream = keys.rollouts(archive.run_id)
+    bound, upto = safe_bound(r, stream), archive.upto()
+    segment = None
+    if upto is None or id_key(upto) < id_key(bound):
+        entries = xrange_all(r, stream, start="-" if upto is None else "(" + upto, end="(" + bound)
+        segment = archive.append(entries, after=upto, before=bound, covered_step=covered_step)
+    # Everything below the bound is now archived (at or below ``upto`` earlier, or just now),
+    # so the trim loses nothing; repeated after a crash between manifest and trim, it is a no-op.
+    trimmed = r.xtrim(stream, minid=bound, approximate=False)
+    if trimmed:
+        log.info("trimmed %d archived rollouts from %s (below %s)", trimmed, stream, bound)
+    return segment, trimmed
+
+
+def prune_checkpoints(run_dir: Path, keep: int) -> list[Path]:
+    """Delete complete checkpoints beyond the newest ``keep`` (0 = keep all), except the ones
+    a user pinned with a ``step-<N>.keep`` file beside them. Incomplete directories (a save
+    cut short) are left for the next save of that step to replace."""
+    if keep <= 0:
+        return []
+    removed = []
+    for path in list(complete_checkpoints(run_dir))[keep:]:
+        if path.with_name(path.name + PIN_SUFFIX).exists():
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    if removed:
+        log.info("pruned %d checkpoint(s) beyond the newest %d: %s", len(removed), keep, [p.name for p in removed])
+    return removed
