@@ -19,6 +19,7 @@ from rq.registry import FailedJobRegistry, StartedJobRegistry
 from rlstream.core import bus, keys
 from rlstream.core.config import Config
 from rlstream.core.jobs import JOB_FUNC, delete_job, job_places, job_queue
+from rlstream.core.memory_guard import AdmissionGuard
 from rlstream.core.messages import DatasetExhausted, GroupAdmitted, GroupJob, GroupRejected, group_id_for
 from rlstream.core.run_state import RunState
 from rlstream.producers.datasets import epoch_order, load_rows
@@ -178,6 +179,8 @@ def run_producer(cfg: Config, r: redis.Redis) -> RunState:
     last_maintenance = 0.0
     redispatched: dict[str, int] = {}
     watch = JobWatch(cfg.job_timeout)
+    guard = AdmissionGuard(cfg.retention.memory_high_water)  # docs/design.md §15.48 A memory guard before Redis refuses writes
+    memory_full = guard.closed(r)
     log.info("producer: %d rows x %d epochs, G=%d, B=%d, O=%d", len(rows), cfg.epochs,
              cfg.completions_per_prompt, cfg.batch_size, cfg.offpolicy_versions)
     while True:
@@ -188,7 +191,7 @@ def run_producer(cfg: Config, r: redis.Redis) -> RunState:
         if state.finished is not None:
             log.info("producer: run finished (%s)", state.finished.reason)
             return state
-        while next_row is not None and (next_row in state.rows_admitted or can_admit(
+        while next_row is not None and not memory_full and (next_row in state.rows_admitted or can_admit(
             cfg.completions_per_prompt, published_version=gate_version(cfg, state),
             offpolicy_versions=cfg.offpolicy_versions, batch_size=cfg.batch_size,
             accepted_plus_reserved=state.reserved_samples,
@@ -204,6 +207,7 @@ def run_producer(cfg: Config, r: redis.Redis) -> RunState:
             announced = True
         if time.monotonic() - last_maintenance > MAINTENANCE_EVERY_S:
             cursor = maintain(r, queue, cfg, state, cursor, rows, redispatched, watch)
+            memory_full = guard.closed(r)
             if events_rolled_back(r, cfg, cursor):
                 log.warning("producer: events stream lost its tail (Redis restart); rebuilding state")
                 state, cursor, pending, announced = RunState(), "0-0", admission_order(cfg, len(rows)), False

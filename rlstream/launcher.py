@@ -32,6 +32,7 @@ from rlstream.core.config import Config, env_override_names, new_run_id
 from rlstream.core.connection import client, connect
 from rlstream.core.credentials import PASSWORD_ENV, private_dir, redacted, url_password
 from rlstream.core.embedded_redis import EmbeddedRedis
+from rlstream.core.memory_guard import embedded_maxmemory_mb
 from rlstream.core.errors import RedisUnavailable, RunFailed
 from rlstream.core.lifeline import SUPERVISOR_ENV, die_with_parent
 from rlstream.core.messages import RunStarted
@@ -130,7 +131,8 @@ def up(cfg: Config) -> int:
     cfg = cfg.model_copy(update={"run_id": cfg.run_id or new_run_id()})
     run_dir = cfg.run_dir()
     started = time.monotonic()
-    embedded = EmbeddedRedis(run_dir / "redis") if cfg.redis.url is None else None
+    embedded = EmbeddedRedis(run_dir / "redis", embedded_maxmemory_mb(cfg.redis.maxmemory_mb)) \
+        if cfg.redis.url is None else None
     children: list[Child] = []
     # `kill <pid of up>` must stop the children too: they run in their own sessions, so
     # nothing else would reach them, and a SIGTERM would otherwise skip every `finally`.

@@ -22,6 +22,7 @@ import redis
 from rlstream.core import keys
 from rlstream.core.archive import Archive, Segment, id_key
 from rlstream.core.bus import as_text, xrange_all
+from rlstream.core.memory_guard import memory_pressure
 from rlstream.trainer.checkpoint import complete_checkpoints
 
 log = logging.getLogger(__name__)
@@ -81,3 +82,39 @@ def prune_checkpoints(run_dir: Path, keep: int) -> list[Path]:
     if removed:
         log.info("pruned %d checkpoint(s) beyond the newest %d: %s", len(removed), keep, [p.name for p in removed])
     return removed
+
+
+class Retention:
+    """The trainer's side of a long run: archive + trim after each checkpoint, checkpoint
+    pruning, an early checkpoint under memory pressure, and the archive's rewind at resume.
+    ``enabled`` only on the trainer's own run (``Trainer.train_run``), never on the source
+    of a replay, whose stream is only read."""
+
+    def __init__(self, r: redis.Redis, cfg, run_dir: Path, lease):
+        self.r, self.cfg, self.run_dir, self.lease = r, cfg, run_dir, lease
+        self.archive = Archive(run_dir, cfg.run_id)
+        self.enabled = False
+
+    def start(self, steps: int) -> None:
+        """At resume, after the events fold: archive segments Redis no longer follows are set aside."""
+        self.enabled = self.cfg.retention.archive
+        if self.enabled:
+            self.archive.rewind(steps)
+
+    def after_checkpoint(self, step: int, saved: bool) -> None:
+        if saved:
+            prune_checkpoints(self.run_dir, self.cfg.retention.keep_checkpoints)
+        if self.enabled:
+            self.lease.confirm()  # the archive is this run's: no trainer without the lease writes or trims it
+            archive_and_trim(self.r, self.archive, step)
+
+    def pressed(self) -> bool:
+        """Redis is past ``retention.memory_high_water`` of its maxmemory: checkpoint now, so
+        that the trim frees what the steps since the last checkpoint hold."""
+        if not self.enabled:
+            return False
+        fraction = memory_pressure(self.r, self.cfg.retention.memory_high_water)
+        if fraction is not None:
+            log.warning("Redis is at %.0f%% of its maxmemory: checkpointing early to archive and trim the rollouts "
+                        "(raise redis.maxmemory_mb or lower dcp_save_interval if this repeats)", 100 * fraction)
+        return fraction is not None

@@ -21,7 +21,6 @@ import redis
 import torch
 
 from rlstream.core import bus, keys
-from rlstream.core.archive import Archive
 from rlstream.core.config import Config
 from rlstream.core.credentials import private_dir
 from rlstream.core.errors import RlstreamError
@@ -65,7 +64,7 @@ from rlstream.trainer.resume import (
     sync_committed_record,
     usable_checkpoint,
 )
-from rlstream.trainer.retention import archive_and_trim, prune_checkpoints
+from rlstream.trainer.retention import Retention
 from rlstream.trainer.schedule import due, lr_multiplier
 from rlstream.trainer.staleness import stale_total
 from rlstream.trainer.step_metrics import FILTER_REASON, LiveRun, eval_metrics, rejected_total, step_metrics
@@ -107,8 +106,7 @@ class Trainer:
         self.rollback = RollbackWatch(r, cfg.run_id, self.buffer.connection_errors)
         self.metrics = MetricsLog(run_dir / "metrics.jsonl")
         self.step = self.version = 0
-        # archive + trim after each checkpoint: only on this trainer's own run (train_run), never a replay's source
-        self.archive, self.retaining = Archive(run_dir, cfg.run_id), False
+        self.retention = Retention(r, cfg, run_dir, self.lease)  # docs/design.md §15.45 Archive, then trim
 
     # ----------------------------------------------------------------- the loop
     def run(self) -> int:
@@ -128,7 +126,6 @@ class Trainer:
         if not config_path.exists():  # standalone (compose) runs: status/audit/dead find the run by it
             config_path.write_text(json.dumps(self.cfg.model_dump(mode="json"), indent=1))
         bus.ensure_group(self.r, keys.rollouts(self.cfg.run_id))
-        self.retaining = self.cfg.retention.archive
         self.resume()
         if self.step == 0:
             self.evaluate()  # the base model, before any update
@@ -172,7 +169,7 @@ class Trainer:
         if written is not None:
             publish(self.r, self.cfg.run_id, written, self.lease)
         self.log_metrics(metrics)
-        if due(self.cfg.dcp_save_interval, self.step):
+        if due(self.cfg.dcp_save_interval, self.step) or self.retention.pressed():
             self.checkpoint()
         if written is not None and self.version % self.cfg.evaluation_interval == 0:
             self.evaluate()
@@ -265,8 +262,7 @@ class Trainer:
         the run's trainer lease (``run`` waits for it; here it is taken or refused)."""
         self.lease.hold()
         history = [(i, m) for i, m in self.follow_events() if isinstance(m, (StepCommitted, Evaluated))]
-        if self.retaining:  # docs/design.md §15.45 Archive, then trim: segments Redis no longer follows
-            self.archive.rewind(self.state.steps)
+        self.retention.start(self.state.steps)
         found = usable_checkpoint(self.run_dir, {m.step: i for i, m in history if isinstance(m, StepCommitted)})
         if found is not None:
             restored = load_checkpoint(found[0], self.model, self.optimizer, self.device)
@@ -276,7 +272,7 @@ class Trainer:
             if isinstance(record, StepCommitted) and record.step > self.step:
                 # On exactly the samples it names, in the same order, with the learning rate it
                 # recorded (the schedule depends on max_steps, which users raise to extend a run).
-                groups = committed_groups(self.r, self.cfg.run_id, record, self.advantage_fn, self.archive)
+                groups = committed_groups(self.r, self.cfg.run_id, record, self.advantage_fn, self.retention.archive)
                 train_metrics = self.optimize(groups, lr=record.metrics.get("train/lr"))
                 check_replayed(record, train_metrics, self.step, self.version)
         if self.step != self.state.steps:
@@ -318,14 +314,12 @@ class Trainer:
     def checkpoint(self) -> None:
         """Save the train state after the step just committed, then (docs/design.md §15.45
         Archive, then trim) move the rollouts it covers out of Redis and prune old checkpoints."""
-        if not holds_commit(checkpoint_dir(self.run_dir, self.step), self.last_commit_id):  # else saved at this step
+        saved = not holds_commit(checkpoint_dir(self.run_dir, self.step), self.last_commit_id)  # else saved already
+        if saved:
             save_checkpoint(self.run_dir, CheckpointState(self.step, self.version, self.last_commit_id,
                                                           len(self.state.rows_admitted)),
                             self.model, self.tokenizer, self.optimizer)
-            prune_checkpoints(self.run_dir, self.cfg.retention.keep_checkpoints)
-        if self.retaining:
-            self.lease.confirm()  # the archive is this run's: no trainer without the lease writes or trims it
-            archive_and_trim(self.r, self.archive, self.step)
+        self.retention.after_checkpoint(self.step, saved)
 
     def save_outputs(self) -> None:
         """The final checkpoint (``save_final_checkpoint``) and the exported model (``output_model_id``)."""

@@ -106,8 +106,9 @@ class _Probe:
 class EmbeddedRedis:
     """Start/stop one redis-server whose data lives in ``directory`` (AOF + log)."""
 
-    def __init__(self, directory: str | Path):
+    def __init__(self, directory: str | Path, maxmemory_mb: int = 0):
         self.directory = Path(directory).resolve()
+        self.maxmemory_mb = maxmemory_mb  # 0 = no limit; with one, noeviction: writes fail, data never does
         self.process: subprocess.Popen | None = None
         self.url = ""
         self.port: int | None = None  # kept across restarts so clients' URLs stay valid
@@ -150,6 +151,7 @@ class EmbeddedRedis:
             "--logfile", str(self.directory / "redis.log"),
             "--daemonize", "no",
             "--protected-mode", "yes",
+            "--maxmemory", f"{self.maxmemory_mb}mb", "--maxmemory-policy", "noeviction",
         ]
         sock = self._socket_path()
         if sock is not None:

@@ -53,3 +53,23 @@ def memory_pressure(r: redis.Redis, high_water: float) -> float | None:
         return None
     fraction = used / limit
     return fraction if fraction >= high_water else None
+
+
+class AdmissionGuard:
+    """The producer's back-pressure: ``closed(r)`` says whether admission must pause (Redis
+    past the high-water mark), logging each change once, with what to do when it lasts."""
+
+    def __init__(self, high_water: float):
+        self.high_water, self.paused = high_water, False
+
+    def closed(self, r: redis.Redis) -> bool:
+        fraction = memory_pressure(r, self.high_water)
+        if (fraction is not None) != self.paused:
+            self.paused = fraction is not None
+            if self.paused:
+                log.warning("producer: Redis is at %.0f%% of its maxmemory (high water %.0f%%): admission paused until "
+                            "the trainer's next checkpoint archives and trims the rollouts. If it stays paused, raise "
+                            "redis.maxmemory_mb or lower dcp_save_interval", 100 * fraction, 100 * self.high_water)
+            else:
+                log.info("producer: Redis memory is below the high-water mark again: admission resumed")
+        return self.paused
