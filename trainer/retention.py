@@ -14,8 +14,11 @@ every crash point safe: see the failure table (docs/design.md §10 Failure seman
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import signal
 from pathlib import Path
+from typing import Callable, Iterator
 
 import redis
 
@@ -26,6 +29,7 @@ from rlstream.core.memory_guard import memory_pressure
 from rlstream.trainer.checkpoint import complete_checkpoints
 
 log = logging.getLogger(__name__)
+FAULT_ENV = "RLSTREAM_FAULT"  # crash tests: "mid_archive:<step>,after_trim:<step>" (see _failpoint)
 PIN_SUFFIX = ".keep"  # checkpoints/step-<N>.keep next to a checkpoint: the user still needs it
 
 
@@ -49,7 +53,8 @@ def safe_bound(r: redis.Redis, stream: str) -> str:
     return bound
 
 
-def archive_and_trim(r: redis.Redis, archive: Archive, covered_step: int) -> tuple[Segment | None, int]:
+def archive_and_trim(r: redis.Redis, archive: Archive, covered_step: int,
+                     tap: Callable[[Iterator], Iterator] | None = None) -> tuple[Segment | None, int]:
     """Copy the entries below the safe bound that the archive does not hold yet into a new
     segment, then trim the stream below the bound: (the segment or None, entries trimmed).
     Run only after the checkpoint of ``covered_step`` is sealed."""
@@ -58,6 +63,7 @@ def archive_and_trim(r: redis.Redis, archive: Archive, covered_step: int) -> tup
     segment = None
     if upto is None or id_key(upto) < id_key(bound):
         entries = xrange_all(r, stream, start="-" if upto is None else "(" + upto, end="(" + bound)
+        entries = tap(entries) if tap is not None else entries
         segment = archive.append(entries, after=upto, before=bound, covered_step=covered_step)
     # Everything below the bound is now archived (at or below ``upto`` earlier, or just now),
     # so the trim loses nothing; repeated after a crash between manifest and trim, it is a no-op.
@@ -106,7 +112,9 @@ class Retention:
             prune_checkpoints(self.run_dir, self.cfg.retention.keep_checkpoints)
         if self.enabled:
             self.lease.confirm()  # the archive is this run's: no trainer without the lease writes or trims it
-            archive_and_trim(self.r, self.archive, step)
+            archive_and_trim(self.r, self.archive, step, tap=_die_mid_write if _failpoint("mid_archive", step) else None)
+            if _failpoint("after_trim", step):
+                _kill_embedded_redis(self.run_dir)
 
     def pressed(self) -> bool:
         """Redis is past ``retention.memory_high_water`` of its maxmemory: checkpoint now, so
@@ -118,3 +126,26 @@ class Retention:
             log.warning("Redis is at %.0f%% of its maxmemory: checkpointing early to archive and trim the rollouts "
                         "(raise redis.maxmemory_mb or lower dcp_save_interval if this repeats)", 100 * fraction)
         return fraction is not None
+
+
+def _failpoint(name: str, step: int) -> bool:
+    return f"{name}:{step}" in os.environ.get(FAULT_ENV, "").split(",")
+
+
+def _die_mid_write(entries: Iterator) -> Iterator:
+    """Crash tests: SIGKILL this trainer once part of a segment is written (before its rename)."""
+    for i, entry in enumerate(entries):
+        if i == 1:
+            log.warning("failpoint mid_archive: SIGKILL")
+            os.kill(os.getpid(), signal.SIGKILL)
+        yield entry
+
+
+def _kill_embedded_redis(run_dir: Path) -> None:
+    """Crash tests: SIGKILL the run's embedded redis-server right after a trim."""
+    try:
+        pid = int((run_dir / "redis" / "pid").read_text())
+    except (OSError, ValueError):
+        return
+    log.warning("failpoint after_trim: SIGKILL redis-server %d", pid)
+    os.kill(pid, signal.SIGKILL)
