@@ -18,6 +18,7 @@ from rq.registry import FailedJobRegistry, StartedJobRegistry
 
 from rlstream.core import bus, keys
 from rlstream.core.config import Config
+from rlstream.core.fold_snapshot import start_fold
 from rlstream.core.jobs import JOB_FUNC, delete_job, job_places, job_queue
 from rlstream.core.memory_guard import AdmissionGuard
 from rlstream.core.messages import DatasetExhausted, GroupAdmitted, GroupJob, GroupRejected, group_id_for
@@ -172,7 +173,7 @@ def gate_version(cfg: Config, state: RunState) -> int:
 def run_producer(cfg: Config, r: redis.Redis) -> RunState:
     rows = load_rows(cfg)
     queue = job_queue(r, cfg)
-    state, cursor = RunState(), "0-0"
+    state, cursor = start_fold(cfg.run_dir(), r, cfg.run_id)  # docs/design.md §15.47: from the newest checkpoint's fold
     pending = admission_order(cfg, len(rows))
     next_row: tuple[int, int] | None = next(pending, None)
     announced = False

@@ -48,8 +48,8 @@ def recorded_steps(r: redis.Redis, run_id: str) -> list[StepCommitted]:
 def replay_run(cfg: Config, source: redis.Redis, source_run_id: str, source_dir: Path | None = None) -> int:
     """Train ``cfg``'s model on ``source_run_id``'s committed steps; return the steps run.
     ``source_dir``: the source run's directory, whose archive holds the rollouts trimmed
-    from its stream."""
-    archive = Archive(source_dir, source_run_id) if source_dir is not None else None
+    from its stream (default: beside the replay's, under the same ``log_path``)."""
+    archive = Archive(source_dir if source_dir is not None else cfg.run_dir().parent / source_run_id, source_run_id)
     if cfg.run_id == source_run_id:
         raise ConfigError(f"replay needs a new run id (--run-id), not the source's {source_run_id!r}")
     steps = recorded_steps(source, source_run_id)

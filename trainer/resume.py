@@ -12,13 +12,15 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
+from typing import Callable
 
 import redis
 
-from rlstream.core import keys
+from rlstream.core import fold_snapshot, keys
 from rlstream.core.archive import Archive, fetch_rollouts
 from rlstream.core.codec import decode
 from rlstream.core.errors import RlstreamError
+from rlstream.core.metrics import MetricsLog
 from rlstream.core.messages import Evaluated, RolloutSample, StepCommitted
 from rlstream.core.run_state import RunState
 from rlstream.trainer import reads
@@ -31,6 +33,38 @@ from rlstream.trainer.step_metrics import eval_metrics
 
 log = logging.getLogger(__name__)
 LOSS_REL_TOL = 1e-3
+
+
+def snapshot_checkpoint(run_dir: Path, r: redis.Redis, run_id: str) -> fold_snapshot.Snapshot | None:
+    """The newest complete checkpoint whose fold snapshot the events stream agrees with
+    (docs/design.md §15.47 Processes start from the checkpoint's fold): resume folds only the events
+    after it. None: fold the whole stream and choose with ``usable_checkpoint``."""
+    complete = {p.name for p in complete_checkpoints(run_dir)}
+    for path in fold_snapshot.candidates(run_dir):
+        if path.name in complete:
+            snap = fold_snapshot.read(path)
+            if snap is not None and fold_snapshot.agrees_with_events(r, run_id, snap):
+                return snap
+            log.warning("skipping checkpoint %s: the events stream no longer holds its step's commit or its fold's "
+                        "cursor (Redis lost its last writes, e.g. an OS crash with appendfsync everysec); trying an "
+                        "older one", path)
+    return None
+
+
+def rebuild_metrics(metrics: MetricsLog, snap: fold_snapshot.Snapshot | None, history: list,
+                    full_history: Callable[[], list]) -> None:
+    """metrics.jsonl = the lines the events record. From a snapshot: the file as it was at
+    the checkpoint, then the lines of the events after it; a file shorter than that (deleted,
+    truncated) is rebuilt from every event (``full_history``)."""
+    size = metrics.path.stat().st_size if metrics.path.exists() else 0
+    if snap is not None and size >= snap.metrics_bytes:
+        with metrics.path.open("r+b") as f:
+            f.truncate(snap.metrics_bytes)
+    else:
+        history = full_history() if snap is not None else history
+        metrics.path.write_text("")
+    for line in recorded_metrics(history):
+        metrics.write(line)
 
 
 def usable_checkpoint(run_dir: Path, commits: dict[int, str]) -> tuple[Path, CheckpointState] | None:

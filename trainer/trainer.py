@@ -20,7 +20,7 @@ from pathlib import Path
 import redis
 import torch
 
-from rlstream.core import bus, keys
+from rlstream.core import bus, fold_snapshot, keys
 from rlstream.core.config import Config
 from rlstream.core.credentials import private_dir
 from rlstream.core.errors import RlstreamError
@@ -38,6 +38,7 @@ from rlstream.trainer.checkpoint import (
     export_model,
     holds_commit,
     load_checkpoint,
+    read_state,
     rng_untouched,
     save_checkpoint,
     verify_checkpoint,
@@ -60,7 +61,8 @@ from rlstream.trainer.resume import (
     check_replayed,
     committed_groups,
     must_publish,
-    recorded_metrics,
+    rebuild_metrics,
+    snapshot_checkpoint,
     sync_committed_record,
     usable_checkpoint,
 )
@@ -261,9 +263,14 @@ class Trainer:
         events (they are the record); then the pending entries, back in the buffer. Only with
         the run's trainer lease (``run`` waits for it; here it is taken or refused)."""
         self.lease.hold()
+        snap = snapshot_checkpoint(self.run_dir, self.r, self.cfg.run_id)  # fold only the events after it (§15.47)
+        if snap is not None:
+            vars(self.state).update(vars(snap.state))  # in place: the buffer shares this state
+            self.cursor, self.last_commit_id = snap.cursor, snap.commit_id
         history = [(i, m) for i, m in self.follow_events() if isinstance(m, (StepCommitted, Evaluated))]
         self.retention.start(self.state.steps)
-        found = usable_checkpoint(self.run_dir, {m.step: i for i, m in history if isinstance(m, StepCommitted)})
+        found = (snap.path, read_state(snap.path)) if snap is not None else usable_checkpoint(
+            self.run_dir, {m.step: i for i, m in history if isinstance(m, StepCommitted)})
         if found is not None:
             restored = load_checkpoint(found[0], self.model, self.optimizer, self.device)
             self.step, self.version = restored.step, restored.version
@@ -282,9 +289,8 @@ class Trainer:
         sync_committed_record(self.r, self.cfg.run_id, self.step, self.last_commit_id, self.lease)
         if must_publish(self.state, self.version, self.cfg.weight_sync_interval):
             publish(self.r, self.cfg.run_id, self.write_weights(), self.lease)
-        self.metrics.path.write_text("")
-        for line in recorded_metrics(history):
-            self.metrics.write(line)
+        rebuild_metrics(self.metrics, snap, history, lambda: [
+            (i, m) for i, m in bus.iter_all_events(self.r, self.cfg.run_id) if isinstance(m, (StepCommitted, Evaluated))])
         self.buffer.restore()
 
     # ----------------------------------------------------------------- evaluate, checkpoint, finish
@@ -316,9 +322,12 @@ class Trainer:
         Archive, then trim) move the rollouts it covers out of Redis and prune old checkpoints."""
         saved = not holds_commit(checkpoint_dir(self.run_dir, self.step), self.last_commit_id)  # else saved already
         if saved:
+            self.follow_events()  # the fold recorded with it then includes this step's own commit
+            fold = fold_snapshot.dump(self.state, cursor=self.cursor, commit_id=self.last_commit_id, step=self.step,
+                                      metrics_bytes=self.metrics.path.stat().st_size if self.metrics.path.exists() else 0)
             save_checkpoint(self.run_dir, CheckpointState(self.step, self.version, self.last_commit_id,
                                                           len(self.state.rows_admitted)),
-                            self.model, self.tokenizer, self.optimizer)
+                            self.model, self.tokenizer, self.optimizer, fold)
         self.retention.after_checkpoint(self.step, saved)
 
     def save_outputs(self) -> None:
