@@ -173,7 +173,8 @@ def gate_version(cfg: Config, state: RunState) -> int:
 def run_producer(cfg: Config, r: redis.Redis) -> RunState:
     rows = load_rows(cfg)
     queue = job_queue(r, cfg)
-    state, cursor = start_fold(cfg.run_dir(), r, cfg.run_id)  # docs/design.md §15.47: from the newest checkpoint's fold
+    # docs/design.md §15.47 Processes start from the checkpoint's fold
+    state, cursor = start_fold(cfg.run_dir(), r, cfg.run_id)
     pending = admission_order(cfg, len(rows))
     next_row: tuple[int, int] | None = next(pending, None)
     announced = False

@@ -51,6 +51,12 @@ def snapshot_checkpoint(run_dir: Path, r: redis.Redis, run_id: str) -> fold_snap
     return None
 
 
+def fold_record(state: RunState, cursor: str, commit_id: str, step: int, metrics: MetricsLog) -> str:
+    """The ``fold.json`` a checkpoint seals: the run state folded to ``cursor`` and metrics.jsonl's size."""
+    size = metrics.path.stat().st_size if metrics.path.exists() else 0
+    return fold_snapshot.dump(state, cursor=cursor, commit_id=commit_id, step=step, metrics_bytes=size)
+
+
 def rebuild_metrics(metrics: MetricsLog, snap: fold_snapshot.Snapshot | None, history: list,
                     full_history: Callable[[], list]) -> None:
     """metrics.jsonl = the lines the events record. From a snapshot: the file as it was at

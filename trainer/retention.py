@@ -1,7 +1,7 @@
-"""What a long run keeps, and where (docs/design.md §15.45 Archive, then trim; §15.46 Checkpoints are
-pruned): after each checkpoint the trainer moves the rollouts the checkpoint covers out of
+"""What a long run keeps, and where (docs/design.md §15.45 Archive, then trim; §15.46 Checkpoints
+every 50 steps, pruned): after each checkpoint the trainer moves the rollouts the checkpoint covers out of
 Redis into the run's archive, trims the stream below them, and prunes old checkpoints; under
-memory pressure it checkpoints early so that the trim frees Redis (§15.48).
+memory pressure it checkpoints early so that the trim frees Redis (§15.48 A memory guard before Redis refuses writes).
 
 The archive pass copies every rollouts entry below the *safe bound* (the oldest entry still
 pending in the consumer group, or the first one not yet delivered, whichever is lower):

@@ -20,7 +20,7 @@ from pathlib import Path
 import redis
 import torch
 
-from rlstream.core import bus, fold_snapshot, keys
+from rlstream.core import bus, keys
 from rlstream.core.config import Config
 from rlstream.core.credentials import private_dir
 from rlstream.core.errors import RlstreamError
@@ -60,6 +60,7 @@ from rlstream.trainer.precision import prepare
 from rlstream.trainer.resume import (
     check_replayed,
     committed_groups,
+    fold_record,
     must_publish,
     rebuild_metrics,
     snapshot_checkpoint,
@@ -263,7 +264,7 @@ class Trainer:
         events (they are the record); then the pending entries, back in the buffer. Only with
         the run's trainer lease (``run`` waits for it; here it is taken or refused)."""
         self.lease.hold()
-        snap = snapshot_checkpoint(self.run_dir, self.r, self.cfg.run_id)  # fold only the events after it (§15.47)
+        snap = snapshot_checkpoint(self.run_dir, self.r, self.cfg.run_id)  # fold only the events after it
         if snap is not None:
             vars(self.state).update(vars(snap.state))  # in place: the buffer shares this state
             self.cursor, self.last_commit_id = snap.cursor, snap.commit_id
@@ -323,8 +324,7 @@ class Trainer:
         saved = not holds_commit(checkpoint_dir(self.run_dir, self.step), self.last_commit_id)  # else saved already
         if saved:
             self.follow_events()  # the fold recorded with it then includes this step's own commit
-            fold = fold_snapshot.dump(self.state, cursor=self.cursor, commit_id=self.last_commit_id, step=self.step,
-                                      metrics_bytes=self.metrics.path.stat().st_size if self.metrics.path.exists() else 0)
+            fold = fold_record(self.state, self.cursor, self.last_commit_id, self.step, self.metrics)
             save_checkpoint(self.run_dir, CheckpointState(self.step, self.version, self.last_commit_id,
                                                           len(self.state.rows_admitted)),
                             self.model, self.tokenizer, self.optimizer, fold)

@@ -30,8 +30,8 @@ class EventFollower:
     def __init__(self, r: redis.Redis, run_id: str, on_finished: Callable[[], None],
                  start: tuple[RunState, str] | None = None):
         self.r, self.run_id, self.on_finished = r, run_id, on_finished
-        # A lean fold (no group bookkeeping), from ``start`` (a checkpoint's, docs/design.md §15.47) or the beginning;
-        # the cursor is only touched by the reading thread.
+        # A lean fold (no group bookkeeping), from ``start`` or the beginning (docs/design.md §15.47 Processes
+        # start from the checkpoint's fold); the cursor is only touched by the reading thread.
         state, self.cursor = start or (RunState(), "0-0")
         self.state = lean(state)
         self.changed = threading.Condition()
