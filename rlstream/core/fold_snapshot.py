@@ -24,12 +24,15 @@ import redis
 from rlstream.core import keys
 from rlstream.core.bus import FIELD
 from rlstream.core.codec import DecodeError, decode, encode
-from rlstream.core.messages import Message, StepCommitted
+from rlstream.core.messages import SCHEMA_VERSION, GroupAdmitted, Message, StepCommitted
 from rlstream.core.run_state import RunState
 
 log = logging.getLogger(__name__)
 FOLD_FILE = "fold.json"
 FORMAT = "rlstream-fold"
+ADMITTED_FIELDS = ("group_id", "row_index", "epoch", "attempt", "submit_version", "group_size")
+_ADMITTED_DEFAULTS = {"schema_version": SCHEMA_VERSION, "kind": "group_admitted"}
+_ADMITTED_SET = frozenset(ADMITTED_FIELDS)
 
 
 @dataclass
@@ -50,13 +53,29 @@ def _dec(text: str | None) -> Message | None:
     return None if text is None else decode(base64.b64decode(text))
 
 
+def _admitted(row: list) -> GroupAdmitted:
+    """A ``GroupAdmitted`` from its snapshot row. There is one per group ever admitted:
+    building each through pydantic (validation ~50 µs, ``model_construct`` ~30 µs) made
+    loading grow visibly with the run, so the row's types are checked here and the frozen
+    message's attributes set as pydantic itself stores them (~2 µs)."""
+    if len(row) != len(ADMITTED_FIELDS) or not isinstance(row[0], str) or not all(type(v) is int for v in row[1:]):
+        raise ValueError(f"malformed admitted group in fold snapshot: {row!r:.200}")
+    msg = GroupAdmitted.__new__(GroupAdmitted)
+    object.__setattr__(msg, "__dict__", {**_ADMITTED_DEFAULTS, **dict(zip(ADMITTED_FIELDS, row))})
+    object.__setattr__(msg, "__pydantic_fields_set__", _ADMITTED_SET)
+    object.__setattr__(msg, "__pydantic_extra__", None)
+    object.__setattr__(msg, "__pydantic_private__", None)
+    return msg
+
+
 def dump(state: RunState, *, cursor: str, commit_id: str, step: int, metrics_bytes: int) -> str:
     return json.dumps({
         "format": FORMAT, "version": 1, "cursor": cursor, "commit_id": commit_id, "step": step,
         "metrics_bytes": metrics_bytes,
         "state": {
             "published_version": state.published_version, "latest_weights": _enc(state.latest_weights),
-            "admitted": [_enc(g) for g in state.admitted.values()], "rejected": state.rejected,
+            "admitted": [[getattr(g, f) for f in ADMITTED_FIELDS] for g in state.admitted.values()],
+            "rejected": state.rejected,
             "trained": sorted(state.trained), "sampled": sorted(state.sampled), "last_step": _enc(state.last_step),
             "steps": state.steps, "exhausted_groups": state.exhausted_groups, "finished": _enc(state.finished),
             "started": _enc(state.started), "rows_admitted": sorted(state.rows_admitted),
@@ -72,7 +91,7 @@ def load(text: str) -> Snapshot:
     if data.get("format") != FORMAT or data.get("version") != 1:
         raise ValueError(f"not a fold snapshot of this version: {data.get('format')!r} {data.get('version')!r}")
     s = data["state"]
-    admitted = [_dec(g) for g in s["admitted"]]
+    admitted = [_admitted(row) for row in s["admitted"]]
     state = RunState(
         published_version=s["published_version"], latest_weights=_dec(s["latest_weights"]),
         admitted={g.group_id: g for g in admitted}, rejected=dict(s["rejected"]), trained=set(s["trained"]),
