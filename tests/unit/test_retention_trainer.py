@@ -8,6 +8,7 @@ from rlstream.core import keys
 from rlstream.core.archive import Archive
 from rlstream.ops.audit import collect_audit
 from rlstream.ops.export import export_lines
+from rlstream.ops.status import archive_status
 from rlstream.trainer import retention
 from rlstream.trainer.checkpoint import checkpoint_dir
 from rlstream.trainer.trainer import Trainer
@@ -35,6 +36,11 @@ def test_checkpoints_archive_and_trim_and_every_reader_follows(r, tmp_path):
     again.resume()
     again.lease.release()
     assert again.step == 3 and all((a == b).all() for a, b in zip(params(first), params(again)))
+    status = archive_status(cfg.run_dir(), RUN)
+    assert (status["segments"], status["rollouts"]) == (3, 6) and "MISSING" not in status
+    (archive.dir / archive.segments()[2].file).rename(archive.dir / "elsewhere")
+    assert archive_status(cfg.run_dir(), RUN)["MISSING"] == archive.segments()[2].file
+    (archive.dir / "elsewhere").rename(archive.dir / archive.segments()[2].file)
     # A damaged segment fails the audit, naming it.
     path = archive.dir / archive.segments()[0].file
     path.write_bytes(path.read_bytes()[:-5] + b"xxxx\n")
