@@ -30,7 +30,8 @@ from rlstream.trainer.checkpoint import complete_checkpoints
 
 log = logging.getLogger(__name__)
 FAULT_ENV = "RLSTREAM_FAULT"  # crash tests: "mid_archive:<step>,after_trim:<step>" (see _failpoint)
-PIN_SUFFIX = ".keep"  # checkpoints/step-<N>.keep next to a checkpoint: the user still needs it
+PIN_SUFFIX = ".keep"
+SEGMENT_BYTES = 64 << 20  # entry bytes per archive segment  # checkpoints/step-<N>.keep next to a checkpoint: the user still needs it
 
 
 def next_id(entry_id: str) -> str:
@@ -53,24 +54,39 @@ def safe_bound(r: redis.Redis, stream: str) -> str:
     return bound
 
 
+def _chunks(entries: Iterator[tuple[str, bytes]], max_bytes: int) -> Iterator[list[tuple[str, bytes]]]:
+    chunk, size = [], 0
+    for entry in entries:
+        chunk.append(entry)
+        size += len(entry[1])
+        if size >= max_bytes:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
+
+
 def archive_and_trim(r: redis.Redis, archive: Archive, covered_step: int,
-                     tap: Callable[[Iterator], Iterator] | None = None) -> tuple[Segment | None, int]:
-    """Copy the entries below the safe bound that the archive does not hold yet into a new
-    segment, then trim the stream below the bound: (the segment or None, entries trimmed).
-    Run only after the checkpoint of ``covered_step`` is sealed."""
+                     tap: Callable[[Iterator], Iterator] | None = None) -> tuple[list[Segment], int]:
+    """Copy the entries below the safe bound that the archive does not hold yet into new
+    segments (at most ``SEGMENT_BYTES`` of entries each, so a reader holds one in memory),
+    then trim the stream below the bound: (the segments written, entries trimmed). Run only
+    after the checkpoint of ``covered_step`` is sealed."""
     stream = keys.rollouts(archive.run_id)
     bound, upto = safe_bound(r, stream), archive.upto()
-    segment = None
+    segments: list[Segment] = []
     if upto is None or id_key(upto) < id_key(bound):
         entries = xrange_all(r, stream, start="-" if upto is None else "(" + upto, end="(" + bound)
-        entries = tap(entries) if tap is not None else entries
-        segment = archive.append(entries, after=upto, before=bound, covered_step=covered_step)
+        for chunk in _chunks(entries, SEGMENT_BYTES):
+            segment = archive.append(tap(iter(chunk)) if tap is not None else chunk, after=archive.upto(),
+                                     before=bound, covered_step=covered_step)
+            segments += [segment] if segment is not None else []
     # Everything below the bound is now archived (at or below ``upto`` earlier, or just now),
     # so the trim loses nothing; repeated after a crash between manifest and trim, it is a no-op.
     trimmed = r.xtrim(stream, minid=bound, approximate=False)
     if trimmed:
         log.info("trimmed %d archived rollouts from %s (below %s)", trimmed, stream, bound)
-    return segment, trimmed
+    return segments, trimmed
 
 
 def prune_checkpoints(run_dir: Path, keep: int) -> list[Path]:

@@ -7,8 +7,8 @@ every reader of the whole stream reads this archive first and the stream after i
 Layout, under ``<run_dir>/archive/``:
 
 - ``seg-000001.jsonl``, ... JSON Lines. Line 1 is a header naming the format, its version,
-  the run, the stream, the id range ``(after, before)`` it copies and the checkpointed step
-  that allowed it; every other line is one stream entry ``{"id": "<ms>-<seq>", "m": "<base64
+  the run, the stream, the id range ``(after, before)`` of the archive pass that wrote it and
+  the checkpointed step that allowed it; every other line is one stream entry ``{"id": "<ms>-<seq>", "m": "<base64
   of the entry's exact bytes>"}``. The bytes are the stream's own (the codec's msgpack), so
   a reader decodes, validates and replays exactly what the trainer read; ``rlstream export``
   writes the decoded, data-tool friendly form.

@@ -43,13 +43,13 @@ def test_only_acked_entries_are_archived_and_trimmed(stream, tmp_path):
     delivered = deliver(r, 6)
     r.xack(STREAM, keys.TRAINER_GROUP, *delivered[:2], delivered[3])  # ids[2] stays pending
     archive = Archive(tmp_path, RUN)
-    segment, trimmed = archive_and_trim(r, archive, covered_step=1)
+    [segment], trimmed = archive_and_trim(r, archive, covered_step=1)
     assert (segment.first_id, segment.last_id, segment.entries) == (ids[0], ids[1], 2)
     assert trimmed == 2
     assert [e[0].decode() for e in r.xrange(STREAM)] == ids[2:]  # the pending one and everything after stay
     assert whole(r, archive) == before  # archive + stream = the stream as it was
     r.xack(STREAM, keys.TRAINER_GROUP, delivered[2], *delivered[4:])
-    segment, trimmed = archive_and_trim(r, archive, covered_step=2)
+    [segment], trimmed = archive_and_trim(r, archive, covered_step=2)
     assert (segment.first_id, segment.last_id) == (ids[2], ids[5])  # undelivered ids[6:] untouched
     assert [e[0].decode() for e in r.xrange(STREAM)] == ids[6:]
     assert whole(r, archive) == before
@@ -59,7 +59,7 @@ def test_only_acked_entries_are_archived_and_trimmed(stream, tmp_path):
 
 def test_nothing_delivered_nothing_archived(stream, tmp_path):
     add(stream, 3)
-    assert archive_and_trim(stream, Archive(tmp_path, RUN), covered_step=1) == (None, 0)
+    assert archive_and_trim(stream, Archive(tmp_path, RUN), covered_step=1) == ([], 0)
     assert stream.xlen(STREAM) == 3
     assert safe_bound(stream, STREAM) == "0-1"
 
@@ -128,8 +128,8 @@ def test_crash_after_manifest_before_trim_reads_each_entry_once(stream, tmp_path
         archive_and_trim(r, Archive(tmp_path, RUN), covered_step=1)
     monkeypatch.undo()
     assert r.xlen(STREAM) == 3 and whole(r, Archive(tmp_path, RUN)) == before  # both hold them: read once
-    segment, trimmed = archive_and_trim(r, Archive(tmp_path, RUN), covered_step=2)
-    assert segment is None and trimmed == 3
+    segments, trimmed = archive_and_trim(r, Archive(tmp_path, RUN), covered_step=2)
+    assert segments == [] and trimmed == 3
 
 
 def test_rewind_drops_segments_the_events_no_longer_record(stream, tmp_path):
@@ -177,3 +177,16 @@ def test_prune_checkpoints_keeps_newest_and_pinned(tmp_path):
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*") if p.is_dir()) == \
         ["step-10", "step-30", "step-40"]
     assert prune_checkpoints(tmp_path, keep=0) == []
+
+
+def test_a_large_pass_is_split_into_bounded_segments(stream, tmp_path, monkeypatch):
+    from rlstream.trainer import retention
+
+    monkeypatch.setattr(retention, "SEGMENT_BYTES", 30)  # each payload is ~11 bytes: 3 a segment
+    r = stream
+    add(r, 7)
+    before = whole(r, Archive(tmp_path, RUN))
+    r.xack(STREAM, keys.TRAINER_GROUP, *deliver(r, 7))
+    segments, trimmed = archive_and_trim(r, Archive(tmp_path, RUN), covered_step=1)
+    assert [s.entries for s in segments] == [3, 3, 1] and trimmed == 7
+    assert whole(r, Archive(tmp_path, RUN)) == before
