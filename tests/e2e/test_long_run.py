@@ -1,10 +1,11 @@
-"""Long runs at bounded cost (README "Long runs: retention and recovery", docs/design.md §15.45
+"""Long runs at bounded cost (README "Long runs: retention, recovery, export", docs/design.md §15.45
 Archive, then trim): a real ``rlstream up`` run with a short checkpoint interval archives
 the rollouts each checkpoint covers and trims them from Redis; its trainer is SIGKILLed in
 the middle of an archive write and its redis-server right after a trim (failpoints), and
 still ``rlstream audit`` is clean, ``rlstream export`` writes one line per trained sample,
 and ``rlstream replay`` of the run's first steps, served from the archive, reproduces their
-losses. The several-hundred-step run that asserts Redis stays flat is under ``-m slow``."""
+losses (under ``-m slow``, with the several-hundred-step run that asserts Redis stays flat;
+the default suite replays a wholly archived run in test_replay.py)."""
 from __future__ import annotations
 
 import json
@@ -45,7 +46,8 @@ def stream_state(run_dir: Path, run_id: str) -> tuple[int, list[StepCommitted], 
 
 
 def check_archive_audit_export_replay(tmp_path: Path, run_id: str, steps: int, replayed: int) -> None:
-    """The finished run: archive whole, audit clean, export complete, replay from the archive exact."""
+    """The finished run: archive whole, audit clean, export complete, replay of its first
+    ``replayed`` steps (0: none) from the archive exact."""
     run_dir = tmp_path / "runs" / run_id
     assert_steps_exactly(run_dir, steps)
     archive = Archive(run_dir, run_id)
@@ -58,7 +60,7 @@ def check_archive_audit_export_replay(tmp_path: Path, run_id: str, steps: int, r
     assert [c.step for c in committed] == list(range(1, steps + 1))
     # After the final checkpoint only undelivered samples are left in Redis; the first steps' are archived only.
     assert length <= 4 * 2 * 2, length
-    first = [e for c in committed[:replayed] for e in c.entry_ids]
+    first = [e for c in committed[:max(replayed, 2)] for e in c.entry_ids]
     assert not in_stream & set(first) and len(archive.fetch(first)) == len(first)
 
     out = tmp_path / f"{run_id}.jsonl"
@@ -67,6 +69,8 @@ def check_archive_audit_export_replay(tmp_path: Path, run_id: str, steps: int, r
     assert len(lines) == trained == sum(len(c.entry_ids) for c in committed)
     assert [(x["step"], x["entry_id"]) for x in lines] == [(c.step, e) for c in committed for e in c.entry_ids]
     assert {"tokens", "logprobs", "loss_mask", "reward", "text", "version_offset", "group_id"} <= lines[0].keys()
+    if not replayed:
+        return
 
     proc = rlstream("replay", run_id, str(CONFIG), "--run-id", f"{run_id}-replay", *TINY,
                     "--set", f"max_steps={replayed}", cwd=tmp_path, timeout=240)
@@ -90,7 +94,9 @@ def test_archive_survives_kills_then_audit_export_and_replay_from_it(tmp_path: P
         logs = up.logs() + "".join(p.read_text(errors="replace") for p in (up.run_dir / "logs").glob("trainer*.log"))
         assert "failpoint mid_archive: SIGKILL" in logs and "failpoint after_trim: SIGKILL redis-server" in logs
         assert "embedded redis-server died; restarting it from its AOF" in up.stderr(), up.logs()
-    check_archive_audit_export_replay(tmp_path, "kept", steps, replayed=4)
+    # The first steps' samples are in the archive only (checked above); a replay of them is in the slow variant,
+    # and tests/e2e/test_replay.py replays a finished (so wholly archived) run in the default suite.
+    check_archive_audit_export_replay(tmp_path, "kept", steps, replayed=0)
 
 
 @pytest.mark.slow
