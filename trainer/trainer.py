@@ -319,8 +319,7 @@ class Trainer:
         self.log_metrics(eval_metrics(self.step, self.version, metrics))
 
     def checkpoint(self) -> None:
-        """Save the train state after the step just committed, then (docs/design.md §15.45
-        Archive, then trim) move the rollouts it covers out of Redis and prune old checkpoints."""
+        """Save the train state after this step's commit, then archive + trim (docs/design.md §15.45 Archive, then trim)."""
         saved = not holds_commit(checkpoint_dir(self.run_dir, self.step), self.last_commit_id)  # else saved already
         if saved:
             self.follow_events()  # the fold recorded with it then includes this step's own commit

@@ -149,8 +149,7 @@ class Config(ConfigSection):
         "group-relative advantage and is rejected with that reason)"
     )
     dcp_save_interval: int = Field(
-        50, ge=0, le=10_000_000, description="train-state checkpoint every N steps (then the rollouts it covers are "
-        "archived); 0 = only the final one"
+        50, ge=0, le=10_000_000, description="train-state checkpoint every N steps, then archive + trim; 0 = final only"
     )
     save_final_checkpoint: bool = Field(True, description="write a train-state checkpoint when the run ends")
     init_from_checkpoint: PathText | None = Field(
