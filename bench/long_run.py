@@ -6,13 +6,14 @@
 Runs ``rlstream up`` on the built-in task (examples/builtin/config.toml) to the first step
 count, then continues the same run (``up --run-id``) to each next one, sampling the rollouts
 stream's length and Redis's ``used_memory`` every 0.5 s. At each step count it starts the
-finished run's Redis from its AOF and times ``Trainer.resume()`` (what a restarted trainer
-does before its next step; building the model is not included) twice, interleaved
-``--rounds`` times: from the newest checkpoint's fold snapshot (the default, docs/design.md
-§15.47 Processes start from the checkpoint's fold), and folding the events stream from its
-first entry (the snapshot ignored: what every restart did before). It reports Redis memory and stream length at each count, the
-archive's size per 1,000 steps, and both resume times; the resume time from the snapshot
-must not grow with the step. Not a test: timings are never asserted (docs/design.md §13 Tests).
+finished run's Redis from its AOF and times ``Trainer.resume()`` (what a restarted trainer does
+before its next step; building the model is not included) twice, interleaved ``--rounds``
+times: from the newest checkpoint's fold snapshot (the default, docs/design.md §15.47 Processes
+start from the checkpoint's fold), and folding the events stream from its first entry (the
+snapshot ignored: what every restart did before). It reports Redis memory and stream length at
+each count, the archive's size per 1,000 steps, and both resume times; the resume time from the
+snapshot must not grow with the step. Not a test: timings are never asserted (docs/design.md
+§13 Tests).
 """
 from __future__ import annotations
 

@@ -181,7 +181,8 @@ def run_producer(cfg: Config, r: redis.Redis) -> RunState:
     last_maintenance = 0.0
     redispatched: dict[str, int] = {}
     watch = JobWatch(cfg.job_timeout)
-    guard = AdmissionGuard(cfg.retention.memory_high_water)  # docs/design.md §15.48 A memory guard before Redis refuses writes
+    # docs/design.md §15.48 A memory guard before Redis refuses writes
+    guard = AdmissionGuard(cfg.retention.memory_high_water)
     memory_full = guard.closed(r)
     log.info("producer: %d rows x %d epochs, G=%d, B=%d, O=%d", len(rows), cfg.epochs,
              cfg.completions_per_prompt, cfg.batch_size, cfg.offpolicy_versions)

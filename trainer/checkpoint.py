@@ -1,7 +1,8 @@
 """Train-state checkpoints: ``checkpoints/step-<N>/`` holds the weights (HF directory; with
 LoRA, only the adapter, in peft's format), ``train_state.pt`` (optimizer, RNG states) and
 ``state.json`` (step, version, event cursor, dataset progress), ``fold.json`` (the run state
-folded to that commit: processes start from it, docs/design.md §15.47 Processes start from the checkpoint's fold), written like published
+folded to that commit: processes start from it, docs/design.md §15.47 Processes start from
+the checkpoint's fold), written like published
 weights (``write_model_dir``: fsync, sha256 manifest written last, atomic rename), so a
 directory with a manifest is complete by construction. Also the exported model,
 ``models/<output_model_id>/`` (merged, with LoRA).
@@ -39,7 +40,8 @@ def checkpoint_dir(run_dir: Path, step: int) -> Path:
     return run_dir / "checkpoints" / f"step-{step}"
 
 
-def save_checkpoint(run_dir: Path, state: CheckpointState, model, tokenizer, optimizer, fold: str | None = None) -> Path:
+def save_checkpoint(run_dir: Path, state: CheckpointState, model, tokenizer, optimizer,
+                    fold: str | None = None) -> Path:
     """``fold``: the run state folded to the commit (``core/fold_snapshot.py``), written as ``fold.json``."""
     def train_state(tmp: Path) -> None:
         if fold is not None:

@@ -1,7 +1,8 @@
 """``rlstream replay SOURCE CONFIG``: train a fresh model on a recorded run's rollouts.
 
 Every ``StepCommitted`` of the source run names the exact rollouts-stream entries it trained
-on, in order, and the stream or the run's archive keeps them (docs/design.md §15.45 Archive, then trim). Replay walks those steps
+on, in order, and the stream or the run's archive keeps them (docs/design.md §15.45
+Archive, then trim). Replay walks those steps
 and runs one optimizer step per recorded step on the very same samples, with CONFIG's
 algorithm: another ``policy_loss``, ``kl_beta``, ``advantage``, learning rate, or base model
 (same tokenizer). It is the trainer's resume path (docs/design.md §8 Resume and replay;

@@ -30,8 +30,8 @@ from rlstream.trainer.checkpoint import complete_checkpoints
 
 log = logging.getLogger(__name__)
 FAULT_ENV = "RLSTREAM_FAULT"  # crash tests: "mid_archive:<step>,after_trim:<step>" (see _failpoint)
-PIN_SUFFIX = ".keep"
-SEGMENT_BYTES = 64 << 20  # entry bytes per archive segment  # checkpoints/step-<N>.keep next to a checkpoint: the user still needs it
+PIN_SUFFIX = ".keep"  # checkpoints/step-<N>.keep next to a checkpoint: the user still needs it
+SEGMENT_BYTES = 64 << 20  # entry bytes per archive segment
 
 
 def next_id(entry_id: str) -> str:
@@ -128,7 +128,8 @@ class Retention:
             prune_checkpoints(self.run_dir, self.cfg.retention.keep_checkpoints)
         if self.enabled:
             self.lease.confirm()  # the archive is this run's: no trainer without the lease writes or trims it
-            archive_and_trim(self.r, self.archive, step, tap=_die_mid_write if _failpoint("mid_archive", step) else None)
+            tap = _die_mid_write if _failpoint("mid_archive", step) else None
+            archive_and_trim(self.r, self.archive, step, tap=tap)
             if _failpoint("after_trim", step):
                 _kill_embedded_redis(self.run_dir)
 

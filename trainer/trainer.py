@@ -290,8 +290,8 @@ class Trainer:
         sync_committed_record(self.r, self.cfg.run_id, self.step, self.last_commit_id, self.lease)
         if must_publish(self.state, self.version, self.cfg.weight_sync_interval):
             publish(self.r, self.cfg.run_id, self.write_weights(), self.lease)
-        rebuild_metrics(self.metrics, snap, history, lambda: [
-            (i, m) for i, m in bus.iter_all_events(self.r, self.cfg.run_id) if isinstance(m, (StepCommitted, Evaluated))])
+        rebuild_metrics(self.metrics, snap, history, lambda: [(i, m) for i, m in bus.iter_all_events(
+            self.r, self.cfg.run_id) if isinstance(m, (StepCommitted, Evaluated))])
         self.buffer.restore()
 
     # ----------------------------------------------------------------- evaluate, checkpoint, finish
@@ -319,7 +319,7 @@ class Trainer:
         self.log_metrics(eval_metrics(self.step, self.version, metrics))
 
     def checkpoint(self) -> None:
-        """Save the train state after this step's commit, then archive + trim (docs/design.md §15.45 Archive, then trim)."""
+        """Save the train state after this step's commit, then archive and trim what it covers."""
         saved = not holds_commit(checkpoint_dir(self.run_dir, self.step), self.last_commit_id)  # else saved already
         if saved:
             self.follow_events()  # the fold recorded with it then includes this step's own commit

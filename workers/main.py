@@ -49,7 +49,8 @@ def check_work_ended(worker: RolloutWorker, events: EventFollower, worker_id: st
 def run_worker(cfg: Config, r: redis.Redis, worker_id: str) -> None:
     factory = resolve_factory(cfg)  # before torch: a bad name fails fast
     device = setup_torch(cfg.workers_device, cfg.torch_threads, cfg.seed)
-    events = EventFollower(r, cfg.run_id, on_finished=warm_shutdown, start=start_fold(cfg.run_dir(), r, cfg.run_id))  # the process's one read of the events
+    events = EventFollower(r, cfg.run_id, on_finished=warm_shutdown,  # the process's one read of the events
+                           start=start_fold(cfg.run_dir(), r, cfg.run_id))
     runtime = WorkerRuntime(cfg, r, worker_id, device, rollout_fn_factory=factory, events=events)
     worker = RolloutWorker([job_queue(r, cfg)], connection=r, serializer=JSONSerializer,
                            name=f"rlstream-{cfg.run_id}-{worker_id}", runtime=runtime, worker_ttl=WORKER_TTL_S)

@@ -189,7 +189,8 @@ class Archive:
             except ArchiveError as exc:
                 out.append(str(exc))
         listed = {s.file for s in segments}
-        orphans = sorted(p.name for p in self.dir.glob(SEGMENT_GLOB) if p.name not in listed) if self.dir.is_dir() else []
+        found = self.dir.glob(SEGMENT_GLOB) if self.dir.is_dir() else []
+        orphans = sorted(p.name for p in found if p.name not in listed)
         if orphans:  # a crash between a segment and its manifest: the stream still holds the entries
             log.warning("ignoring %s in %s: not in the manifest (left by a crash mid-archive; the entries are still "
                         "in the stream)", orphans, self.dir)

@@ -1,5 +1,6 @@
 """The tables of the run configuration (``[redis]``, ``[workers]``, ``[inference]``,
-``[tis]``, ``[trainer]``, ``[wandb]``, ``[retention]``). No torch here: the CLI validates configs before heavy imports."""
+``[tis]``, ``[trainer]``, ``[wandb]``, ``[retention]``). No torch here: the CLI validates configs
+before heavy imports."""
 from __future__ import annotations
 
 from typing import Literal

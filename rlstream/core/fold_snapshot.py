@@ -7,8 +7,10 @@ run.
 
 A snapshot is used only when the events stream still holds both its cursor and the
 ``StepCommitted`` of its step at the recorded id (Redis may have lost its last second in an
-OS crash, §15.37 The commit checks that Redis kept what the trainer read); otherwise the reader folds from the beginning, as before. Messages are
-stored with the wire codec (base64), so the snapshot decodes under the same strict checks.
+OS crash, §15.37 The commit checks that Redis kept what the trainer read); otherwise the
+reader folds from the beginning, as before. Messages are stored with the wire codec
+(base64), so the snapshot decodes under the same strict checks; admitted groups, one per
+group ever admitted, as plain rows.
 """
 from __future__ import annotations
 

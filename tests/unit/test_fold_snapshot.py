@@ -1,7 +1,8 @@
-"""The fold recorded with each checkpoint (rlstream.core.fold_snapshot, docs/design.md §15.47 Processes start from the checkpoint's fold):
-it round-trips the run state exactly, is used only while the events stream still holds its
-cursor and commit, and a resumed trainer folds only the events after it, reaching the same
-state, weights and metrics.jsonl as a fold of the whole stream."""
+"""The fold recorded with each checkpoint (rlstream.core.fold_snapshot, docs/design.md §15.47
+Processes start from the checkpoint's fold): it round-trips the run state exactly, is used only
+while the events stream still holds its cursor and commit, and a resumed trainer folds only the
+events after it, reaching the same state, weights and metrics.jsonl as a fold of the whole
+stream."""
 from __future__ import annotations
 
 from rlstream.core import bus, fold_snapshot, keys
