@@ -57,7 +57,7 @@ def test_short_run_on_external_redis_bumps_versions_and_stamps_samples(tmp_path:
     try:
         committed = [m for _, m in bus.iter_all_events(r, "short") if isinstance(m, StepCommitted)]
         assert [c.step for c in committed] == [1, 2, 3, 4, 5]
-        # Every rollout the run had: the archive (the final checkpoint moved the trained ones out of Redis,
+        # Every rollout the run had: the archive (the final checkpoint moved the trained ones out of Redis;
         # docs/design.md §15.45 Archive, then trim), then the stream.
         everything = list(all_rollouts(r, Archive(run_dir, "short")))
         assert len(everything) >= 5 * 32
