@@ -81,3 +81,20 @@ def test_start_fold_for_producer_and_workers(r, tmp_path):
         state.apply(msg)
     assert vars(state) == vars(folded(r))
     assert fold_snapshot.start_fold(tmp_path / "nowhere", r, RUN) == (RunState(), "0-0")
+
+
+def test_workers_keep_a_lean_fold(r, tmp_path):
+    """A worker's fold keeps versions and the end of the run, not one entry per group."""
+    from rlstream.workers.events import EventFollower
+
+    for row in range(2):
+        add_group(r, row)
+    cfg = config(tmp_path, dcp_save_interval=1, max_steps=2)
+    Trainer(cfg, r, cfg.run_dir()).run()
+    follower = EventFollower(r, RUN, on_finished=lambda: None, start=fold_snapshot.start_fold(cfg.run_dir(), r, RUN))
+    assert follower.cursor != "0-0" and not follower.state.admitted and follower.state.steps == 2
+    admit(r, 7)
+    bus.xadd(r, keys.events(RUN), WeightsPublished(version=3, uri="/w/v3", sha256="0" * 64, bytes=1))
+    follower.catch_up()
+    assert not follower.state.admitted and not follower.state.open_groups
+    assert follower.state.published_version == 3 and follower.state.latest_weights.version == 3
