@@ -32,9 +32,9 @@ from rlstream.core.config import Config, env_override_names, new_run_id
 from rlstream.core.connection import client, connect
 from rlstream.core.credentials import PASSWORD_ENV, private_dir, redacted, url_password
 from rlstream.core.embedded_redis import EmbeddedRedis
-from rlstream.core.memory_guard import embedded_maxmemory_mb
 from rlstream.core.errors import RedisUnavailable, RunFailed
 from rlstream.core.lifeline import SUPERVISOR_ENV, die_with_parent
+from rlstream.core.memory_guard import embedded_maxmemory_mb
 from rlstream.core.messages import RunStarted
 from rlstream.core.metrics import read_metrics, summary_line
 from rlstream.core.run_state import RunState
