@@ -97,12 +97,17 @@ class Archive:
     def __init__(self, run_dir: Path, run_id: str):
         self.dir, self.run_id = Path(run_dir) / "archive", run_id
         self._cache: dict[str, dict[str, bytes]] = {}  # file -> entries, the last few loaded
+        self._manifest: tuple[tuple, dict] | None = None  # ((inode, mtime_ns, size), data): parsed once per change
 
     # ------------------------------------------------------------------ manifest
     def manifest(self) -> dict:
         path = self.dir / MANIFEST
-        if not path.exists():
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
             return {"format": FORMAT, "version": VERSION, "run_id": self.run_id, "upto": None, "segments": []}
+        if self._manifest is not None and self._manifest[0] == (stat.st_ino, stat.st_mtime_ns, stat.st_size):
+            return self._manifest[1]
         try:
             data = json.loads(path.read_text())
             if data.get("format") != FORMAT or data.get("version") != VERSION:
@@ -111,6 +116,7 @@ class Archive:
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ArchiveError(f"the rollouts archive manifest {path} is unreadable ({exc}): the archived rollouts "
                                "cannot be read. Restore it from a backup; do not delete it") from None
+        self._manifest = ((stat.st_ino, stat.st_mtime_ns, stat.st_size), data)
         return data
 
     def segments(self) -> list[Segment]:
