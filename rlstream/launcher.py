@@ -33,6 +33,7 @@ from rlstream.core.connection import client, connect
 from rlstream.core.credentials import PASSWORD_ENV, private_dir, redacted, url_password
 from rlstream.core.embedded_redis import EmbeddedRedis
 from rlstream.core.errors import RedisUnavailable, RunFailed
+from rlstream.core.fold_snapshot import start_fold
 from rlstream.core.lifeline import SUPERVISOR_ENV, die_with_parent
 from rlstream.core.memory_guard import embedded_maxmemory_mb
 from rlstream.core.messages import RunStarted
@@ -231,7 +232,8 @@ def _supervise(cfg: Config, r, children: list[Child], progress: Progress, config
                embedded: EmbeddedRedis | None) -> RunState:
     """Follow events for the display, keep children and Redis alive; return when the
     trainer has finished the run (raise ``RunFailed`` when the run cannot go on)."""
-    state, cursor, redis_restarts = RunState(), "0-0", [0]
+    # docs/design.md §15.47 Processes start from the checkpoint's fold (a continued run's history)
+    (state, cursor), redis_restarts = start_fold(cfg.run_dir(), r, cfg.run_id), [0]
     trainer = next(c for c in children if c.role == "trainer")
     with progress:
         while True:

@@ -42,8 +42,10 @@ def snapshot_checkpoint(run_dir: Path, r: redis.Redis, run_id: str) -> fold_snap
     complete = {p.name for p in complete_checkpoints(run_dir)}
     for path in fold_snapshot.candidates(run_dir):
         if path.name in complete:
-            snap = fold_snapshot.read(path)
-            if snap is not None and fold_snapshot.agrees_with_events(r, run_id, snap):
+            snap = fold_snapshot.read(path)  # None: unreadable, and it said why
+            if snap is None:
+                continue
+            if fold_snapshot.agrees_with_events(r, run_id, snap):
                 return snap
             log.warning("skipping checkpoint %s: the events stream no longer holds its step's commit or its fold's "
                         "cursor (Redis lost its last writes, e.g. an OS crash with appendfsync everysec); trying an "
