@@ -116,6 +116,7 @@ class Retention:
         self.r, self.cfg, self.run_dir, self.lease = r, cfg, run_dir, lease
         self.archive = Archive(run_dir, cfg.run_id)
         self.enabled = False
+        self.last_checkpoint = 0
 
     def start(self, steps: int) -> None:
         """At resume, after the events fold: archive segments Redis no longer follows are set aside."""
@@ -124,6 +125,7 @@ class Retention:
             self.archive.rewind(steps)
 
     def after_checkpoint(self, step: int, saved: bool) -> None:
+        self.last_checkpoint = step
         if saved:
             prune_checkpoints(self.run_dir, self.cfg.retention.keep_checkpoints)
         if self.enabled:
@@ -133,10 +135,12 @@ class Retention:
             if _failpoint("after_trim", step):
                 _kill_embedded_redis(self.run_dir)
 
-    def pressed(self) -> bool:
+    def pressed(self, step: int) -> bool:
         """Redis is past ``retention.memory_high_water`` of its maxmemory: checkpoint now, so
-        that the trim frees what the steps since the last checkpoint hold."""
-        if not self.enabled:
+        that the trim frees what the steps since the last checkpoint hold. At most every
+        tenth of ``dcp_save_interval`` steps: when what fills Redis cannot be trimmed (pending
+        samples), a checkpoint per step would only slow training down."""
+        if not self.enabled or step - self.last_checkpoint < max(1, self.cfg.dcp_save_interval // 10):
             return False
         fraction = memory_pressure(self.r, self.cfg.retention.memory_high_water)
         if fraction is not None:

@@ -172,7 +172,7 @@ class Trainer:
         if written is not None:
             publish(self.r, self.cfg.run_id, written, self.lease)
         self.log_metrics(metrics)
-        if due(self.cfg.dcp_save_interval, self.step) or self.retention.pressed():
+        if due(self.cfg.dcp_save_interval, self.step) or self.retention.pressed(self.step):
             self.checkpoint()
         if written is not None and self.version % self.cfg.evaluation_interval == 0:
             self.evaluate()

@@ -49,13 +49,14 @@ def test_checkpoints_archive_and_trim_and_every_reader_follows(r, tmp_path):
 
 
 def test_memory_pressure_checkpoints_before_the_interval(r, tmp_path, monkeypatch):
+    """Under pressure, a checkpoint (archive + trim) every tenth of the interval, not every step."""
     for row in range(2):
         add_group(r, row)
-    cfg = config(tmp_path, dcp_save_interval=100, max_steps=2, save_final_checkpoint=False)
+    cfg = config(tmp_path, dcp_save_interval=20, max_steps=2, save_final_checkpoint=False)
     monkeypatch.setattr(retention, "memory_pressure", lambda r_, high_water: 0.9)
     assert Trainer(cfg, r, cfg.run_dir()).run() == 2
-    assert checkpoint_dir(cfg.run_dir(), 1).is_dir() and checkpoint_dir(cfg.run_dir(), 2).is_dir()
-    assert Archive(cfg.run_dir(), RUN).segments()
+    assert sorted(p.name for p in (cfg.run_dir() / "checkpoints").iterdir()) == ["step-2"]  # not step-1 too
+    assert [s.covered_step for s in Archive(cfg.run_dir(), RUN).segments()] == [2]
 
 
 def test_no_pressure_no_early_checkpoint(r, tmp_path):
