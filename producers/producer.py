@@ -18,7 +18,9 @@ from rq.registry import FailedJobRegistry, StartedJobRegistry
 
 from rlstream.core import bus, keys
 from rlstream.core.config import Config
+from rlstream.core.fold_snapshot import start_fold
 from rlstream.core.jobs import JOB_FUNC, delete_job, job_places, job_queue
+from rlstream.core.memory_guard import AdmissionGuard
 from rlstream.core.messages import DatasetExhausted, GroupAdmitted, GroupJob, GroupRejected, group_id_for
 from rlstream.core.run_state import RunState
 from rlstream.producers.datasets import epoch_order, load_rows
@@ -171,7 +173,8 @@ def gate_version(cfg: Config, state: RunState) -> int:
 def run_producer(cfg: Config, r: redis.Redis) -> RunState:
     rows = load_rows(cfg)
     queue = job_queue(r, cfg)
-    state, cursor = RunState(), "0-0"
+    # docs/design.md §15.47 Processes start from the checkpoint's fold
+    state, cursor = start_fold(cfg.run_dir(), r, cfg.run_id)
     pending = admission_order(cfg, len(rows))
     next_row: tuple[int, int] | None = next(pending, None)
     announced = False
@@ -179,6 +182,9 @@ def run_producer(cfg: Config, r: redis.Redis) -> RunState:
     redispatched: dict[str, int] = {}
     watch = JobWatch(cfg.job_timeout)
     gate_closed_since: float | None = None
+    # docs/design.md §15.48 A memory guard before Redis refuses writes
+    guard = AdmissionGuard(cfg.retention.memory_high_water)
+    memory_full = guard.closed(r)
     log.info("producer: %d rows x %d epochs, G=%d, B=%d, O=%d", len(rows), cfg.epochs,
              cfg.completions_per_prompt, cfg.batch_size, cfg.offpolicy_versions)
     while True:
@@ -189,7 +195,7 @@ def run_producer(cfg: Config, r: redis.Redis) -> RunState:
         if state.finished is not None:
             log.info("producer: run finished (%s)", state.finished.reason)
             return state
-        while next_row is not None and (next_row in state.rows_admitted or can_admit(
+        while next_row is not None and not memory_full and (next_row in state.rows_admitted or can_admit(
             cfg.completions_per_prompt, published_version=gate_version(cfg, state),
             offpolicy_versions=cfg.offpolicy_versions, batch_size=cfg.batch_size,
             accepted_plus_reserved=state.reserved_samples,
@@ -206,6 +212,7 @@ def run_producer(cfg: Config, r: redis.Redis) -> RunState:
             announced = True
         if time.monotonic() - last_maintenance > MAINTENANCE_EVERY_S:
             cursor = maintain(r, queue, cfg, state, cursor, rows, redispatched, watch)
+            memory_full = guard.closed(r)
             if events_rolled_back(r, cfg, cursor):
                 log.warning("producer: events stream lost its tail (Redis restart); rebuilding state")
                 state, cursor, pending, announced = RunState(), "0-0", admission_order(cfg, len(rows)), False

@@ -50,6 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text)
         p.add_argument("run", nargs="?", help="run directory or run id (default: newest under --log-path)")
         p.add_argument("--log-path", default="runs", help="directory holding run directories")
+    export = sub.add_parser("export", help="write every trained sample of a run as JSON lines (archive + stream)")
+    export.add_argument("run", nargs="?", help="run directory or run id (default: newest under --log-path)")
+    export.add_argument("--out", required=True, help="output file (written whole, then renamed into place)")
+    export.add_argument("--format", default="jsonl", choices=["jsonl"], help="one JSON object per trained sample")
+    export.add_argument("--log-path", default="runs", help="directory holding run directories")
     return parser
 
 
@@ -118,6 +123,10 @@ def run(argv: list[str] | None = None) -> int:
         from rlstream.ops.audit import audit_main
 
         return audit_main(args.run, args.log_path)
+    if args.command == "export":
+        from rlstream.ops.export import export_main
+
+        return export_main(args.run, args.log_path, args.out)
     if args.command == "dead":
         from rlstream.ops.dead import dead_main
 
@@ -146,10 +155,10 @@ def _replay(args: argparse.Namespace, cfg) -> int:
     from rlstream.ops.status import opened_run
 
     cfg = cfg if cfg.run_id else cfg.model_copy(update={"run_id": new_run_id()})
-    with opened_run(args.source, args.source_log_path) as (_, source_cfg, r):
+    with opened_run(args.source, args.source_log_path) as (source_dir, source_cfg, r):
         from rlstream.trainer.replay_run import replay_run
 
-        steps = replay_run(cfg, r, source_cfg.run_id)
+        steps = replay_run(cfg, r, source_cfg.run_id, source_dir)
     print(f"replayed {steps} steps of run {source_cfg.run_id} into {cfg.run_dir()}", flush=True)
     return 0
 

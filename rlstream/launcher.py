@@ -34,8 +34,10 @@ from rlstream.core.cookbook_config import ignored_settings
 from rlstream.core.credentials import PASSWORD_ENV, private_dir, redacted, url_password
 from rlstream.core.embedded_redis import EmbeddedRedis
 from rlstream.core.errors import RedisUnavailable, RunFailed
+from rlstream.core.fold_snapshot import start_fold
 from rlstream.core.imports import script_functions
 from rlstream.core.lifeline import SUPERVISOR_ENV, die_with_parent
+from rlstream.core.memory_guard import embedded_maxmemory_mb
 from rlstream.core.messages import RunStarted
 from rlstream.core.metrics import read_metrics, summary_line
 from rlstream.core.run_state import RunState
@@ -139,7 +141,8 @@ def up(cfg: Config) -> int:
     cfg = cfg.model_copy(update={"run_id": cfg.run_id or new_run_id()})
     run_dir = cfg.run_dir()
     started = time.monotonic()
-    embedded = EmbeddedRedis(run_dir / "redis") if cfg.redis.url is None else None
+    embedded = EmbeddedRedis(run_dir / "redis", embedded_maxmemory_mb(cfg.redis.maxmemory_mb)) \
+        if cfg.redis.url is None else None
     children: list[Child] = []
     # `kill <pid of up>` must stop the children too: they run in their own sessions, so
     # nothing else would reach them, and a SIGTERM would otherwise skip every `finally`.
@@ -238,7 +241,8 @@ def _supervise(cfg: Config, r, children: list[Child], progress: Progress, config
                embedded: EmbeddedRedis | None) -> RunState:
     """Follow events for the display, keep children and Redis alive; return when the
     trainer has finished the run (raise ``RunFailed`` when the run cannot go on)."""
-    state, cursor, redis_restarts = RunState(), "0-0", [0]
+    # docs/design.md §15.47 Processes start from the checkpoint's fold (a continued run's history)
+    (state, cursor), redis_restarts = start_fold(cfg.run_dir(), r, cfg.run_id), [0]
     trainer = next(c for c in children if c.role == "trainer")
     with progress:
         while True:

@@ -1,6 +1,8 @@
 """Train-state checkpoints: ``checkpoints/step-<N>/`` holds the weights (HF directory; with
 LoRA, only the adapter, in peft's format), ``train_state.pt`` (optimizer, RNG states) and
-``state.json`` (step, version, event cursor, dataset progress), written like published
+``state.json`` (step, version, event cursor, dataset progress), ``fold.json`` (the run state
+folded to that commit: processes start from it, docs/design.md §15.47 Processes start from
+the checkpoint's fold), written like published
 weights (``write_model_dir``: fsync, sha256 manifest written last, atomic rename), so a
 directory with a manifest is complete by construction. Also the exported model,
 ``models/<output_model_id>/`` (merged, with LoRA).
@@ -19,6 +21,7 @@ import torch
 
 from rlstream.core import weights
 from rlstream.core.errors import ConfigError, RlstreamError
+from rlstream.core.fold_snapshot import FOLD_FILE
 from rlstream.trainer import lora
 from rlstream.trainer.policy_model import write_model_dir
 
@@ -38,9 +41,12 @@ def checkpoint_dir(run_dir: Path, step: int) -> Path:
 
 
 def save_checkpoint(run_dir: Path, state: CheckpointState, model, tokenizer, optimizer,
-                    final: Path | None = None) -> Path:
-    """``checkpoints/step-<N>/``, or ``final`` (an SDK state saved by name)."""
+                    final: Path | None = None, fold: str | None = None) -> Path:
+    """``checkpoints/step-<N>/``, or ``final`` (an SDK state saved by name). ``fold``: the run
+    state folded to the commit (``core/fold_snapshot.py``), written as ``fold.json``."""
     def train_state(tmp: Path) -> None:
+        if fold is not None:
+            (tmp / FOLD_FILE).write_text(fold)
         rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()

@@ -1,7 +1,8 @@
 """``rlstream replay SOURCE CONFIG``: train a fresh model on a recorded run's rollouts.
 
 Every ``StepCommitted`` of the source run names the exact rollouts-stream entries it trained
-on, in order, and the stream keeps them (rlstream never trims it). Replay walks those steps
+on, in order, and the stream or the run's archive keeps them (docs/design.md §15.45
+Archive, then trim). Replay walks those steps
 and runs one optimizer step per recorded step on the very same samples, with CONFIG's
 algorithm: another ``policy_loss``, ``kl_beta``, ``advantage``, learning rate, or base model
 (same tokenizer). It is the trainer's resume path (docs/design.md §8 Resume and replay;
@@ -20,10 +21,12 @@ from __future__ import annotations
 import json
 import logging
 import time
+from pathlib import Path
 
 import redis
 
 from rlstream.core import bus
+from rlstream.core.archive import Archive
 from rlstream.core.config import Config
 from rlstream.core.credentials import private_dir
 from rlstream.core.errors import ConfigError
@@ -43,8 +46,11 @@ def recorded_steps(r: redis.Redis, run_id: str) -> list[StepCommitted]:
     return steps
 
 
-def replay_run(cfg: Config, source: redis.Redis, source_run_id: str) -> int:
-    """Train ``cfg``'s model on ``source_run_id``'s committed steps; return the steps run."""
+def replay_run(cfg: Config, source: redis.Redis, source_run_id: str, source_dir: Path | None = None) -> int:
+    """Train ``cfg``'s model on ``source_run_id``'s committed steps; return the steps run.
+    ``source_dir``: the source run's directory, whose archive holds the rollouts trimmed
+    from its stream (default: beside the replay's, under the same ``log_path``)."""
+    archive = Archive(source_dir if source_dir is not None else cfg.run_dir().parent / source_run_id, source_run_id)
     if cfg.run_id == source_run_id:
         raise ConfigError(f"replay needs a new run id (--run-id), not the source's {source_run_id!r}")
     steps = recorded_steps(source, source_run_id)
@@ -59,7 +65,7 @@ def replay_run(cfg: Config, source: redis.Redis, source_run_id: str) -> int:
     log.info("replaying %d steps of run %s into %s", len(steps), source_run_id, run_dir)
     for committed in steps:
         t0 = time.monotonic()
-        groups = committed_groups(source, source_run_id, committed, t.advantage_fn)
+        groups = committed_groups(source, source_run_id, committed, t.advantage_fn, archive)
         train_metrics = t.optimize(groups)
         metrics = step_metrics(t.step, t.version, groups, train_metrics, step_time=time.monotonic() - t0)
         t.metrics.write({**metrics, "replay/source_step": committed.step})

@@ -12,13 +12,16 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
+from typing import Callable
 
 import redis
 
-from rlstream.core import keys
+from rlstream.core import fold_snapshot, keys
+from rlstream.core.archive import Archive, fetch_rollouts
 from rlstream.core.codec import decode
 from rlstream.core.errors import RlstreamError
 from rlstream.core.messages import Evaluated, RolloutSample, StepCommitted
+from rlstream.core.metrics import MetricsLog
 from rlstream.core.run_state import RunState
 from rlstream.trainer import reads
 from rlstream.trainer.batch import Group
@@ -30,6 +33,46 @@ from rlstream.trainer.step_metrics import eval_metrics
 
 log = logging.getLogger(__name__)
 LOSS_REL_TOL = 1e-3
+
+
+def snapshot_checkpoint(run_dir: Path, r: redis.Redis, run_id: str) -> fold_snapshot.Snapshot | None:
+    """The newest complete checkpoint whose fold snapshot the events stream agrees with
+    (docs/design.md §15.47 Processes start from the checkpoint's fold): resume folds only the events
+    after it. None: fold the whole stream and choose with ``usable_checkpoint``."""
+    complete = {p.name for p in complete_checkpoints(run_dir)}
+    for path in fold_snapshot.candidates(run_dir):
+        if path.name in complete:
+            snap = fold_snapshot.read(path)  # None: unreadable, and it said why
+            if snap is None:
+                continue
+            if fold_snapshot.agrees_with_events(r, run_id, snap):
+                return snap
+            log.warning("skipping checkpoint %s: the events stream no longer holds its step's commit or its fold's "
+                        "cursor (Redis lost its last writes, e.g. an OS crash with appendfsync everysec); trying an "
+                        "older one", path)
+    return None
+
+
+def fold_record(state: RunState, cursor: str, commit_id: str, step: int, metrics: MetricsLog) -> str:
+    """The ``fold.json`` a checkpoint seals: the run state folded to ``cursor`` and metrics.jsonl's size."""
+    size = metrics.path.stat().st_size if metrics.path.exists() else 0
+    return fold_snapshot.dump(state, cursor=cursor, commit_id=commit_id, step=step, metrics_bytes=size)
+
+
+def rebuild_metrics(metrics: MetricsLog, snap: fold_snapshot.Snapshot | None, history: list,
+                    full_history: Callable[[], list]) -> None:
+    """metrics.jsonl = the lines the events record. From a snapshot: the file as it was at
+    the checkpoint, then the lines of the events after it; a file shorter than that (deleted,
+    truncated) is rebuilt from every event (``full_history``)."""
+    size = metrics.path.stat().st_size if metrics.path.exists() else 0
+    if snap is not None and size >= snap.metrics_bytes:
+        with metrics.path.open("r+b") as f:
+            f.truncate(snap.metrics_bytes)
+    else:
+        history = full_history() if snap is not None else history
+        metrics.path.write_text("")
+    for line in recorded_metrics(history):
+        metrics.write(line)
 
 
 def usable_checkpoint(run_dir: Path, commits: dict[int, str]) -> tuple[Path, CheckpointState] | None:
@@ -58,14 +101,19 @@ def loss_matches(replayed: float, recorded: float) -> bool:
     return math.isclose(replayed, recorded, rel_tol=LOSS_REL_TOL, abs_tol=1e-6)
 
 
-def committed_groups(r: redis.Redis, run_id: str, committed: StepCommitted, advantage_fn) -> list[Group]:
+def committed_groups(r: redis.Redis, run_id: str, committed: StepCommitted, advantage_fn,
+                     archive: Archive | None = None) -> list[Group]:
     """The groups a committed step trained, rebuilt from the very entries it names, in the
-    same order, with advantages from ``advantage_fn``."""
-    raw = reads.fetch_entries(r, keys.rollouts(run_id), committed.entry_ids)
+    same order, with advantages from ``advantage_fn``; entries trimmed from the stream are
+    read from the run's ``archive`` (docs/design.md §15.45 Archive, then trim)."""
+    raw = (fetch_rollouts(r, archive, committed.entry_ids) if archive is not None else
+           reads.fetch_entries(r, keys.rollouts(run_id), committed.entry_ids))
     missing = [e for e in committed.entry_ids if e not in raw]
     if missing:
-        raise RlstreamError(f"cannot replay step {committed.step}: {len(missing)} of its samples are gone from "
-                            "the rollouts stream (was it trimmed past the newest checkpoint?)")
+        where = f"the rollouts stream and the archive {archive.dir}" if archive is not None else "the rollouts stream"
+        raise RlstreamError(f"cannot replay step {committed.step}: {len(missing)} of its samples (e.g. {missing[0]}) "
+                            f"are in neither {where}: were rollouts trimmed without archiving, or archive segments "
+                            "deleted? Restore them, or start from a checkpoint after that step")
     groups: dict[str, Group] = {gid: Group(gid, 0) for gid in committed.group_ids}
     for entry_id in committed.entry_ids:
         sample = decode(raw[entry_id], expect=RolloutSample)

@@ -38,6 +38,7 @@ from rlstream.trainer.checkpoint import (
     export_model,
     holds_commit,
     load_checkpoint,
+    read_state,
     rng_untouched,
     save_checkpoint,
     verify_checkpoint,
@@ -60,11 +61,14 @@ from rlstream.trainer.precision import prepare
 from rlstream.trainer.resume import (
     check_replayed,
     committed_groups,
+    fold_record,
     must_publish,
-    recorded_metrics,
+    rebuild_metrics,
+    snapshot_checkpoint,
     sync_committed_record,
     usable_checkpoint,
 )
+from rlstream.trainer.retention import Retention
 from rlstream.trainer.schedule import due, lr_multiplier
 from rlstream.trainer.staleness import stale_total
 from rlstream.trainer.step_metrics import LiveRun, eval_metrics, rejected_total, step_metrics
@@ -108,6 +112,7 @@ class Trainer:
         self.metrics = MetricsLog(run_dir / "metrics.jsonl")
         self.step = self.version = 0
         self.perf = PerfClock()  # the perf/* metrics' timestamps (trainer/perf_metrics.py)
+        self.retention = Retention(r, cfg, run_dir, self.lease)  # docs/design.md §15.45 Archive, then trim
 
     # ----------------------------------------------------------------- the loop
     def run(self) -> int:
@@ -181,7 +186,7 @@ class Trainer:
         if written is not None:
             publish(self.r, self.cfg.run_id, written, self.lease)
         self.log_metrics(metrics)
-        if due(self.cfg.dcp_save_interval, self.step):
+        if due(self.cfg.dcp_save_interval, self.step) or self.retention.pressed(self.step):
             self.checkpoint()
         if written is not None and self.version % self.cfg.evaluation_interval == 0:
             self.evaluate()
@@ -259,8 +264,14 @@ class Trainer:
         events (they are the record); then the pending entries, back in the buffer. Only with
         the run's trainer lease (``run`` waits for it; here it is taken or refused)."""
         self.lease.hold()
+        snap = snapshot_checkpoint(self.run_dir, self.r, self.cfg.run_id)  # fold only the events after it
+        if snap is not None:
+            vars(self.state).update(vars(snap.state))  # in place: the buffer shares this state
+            self.cursor, self.last_commit_id = snap.cursor, snap.commit_id
         history = [(i, m) for i, m in self.follow_events() if isinstance(m, (StepCommitted, Evaluated))]
-        found = usable_checkpoint(self.run_dir, {m.step: i for i, m in history if isinstance(m, StepCommitted)})
+        self.retention.start(self.state.steps)
+        found = (snap.path, read_state(snap.path)) if snap is not None else usable_checkpoint(
+            self.run_dir, {m.step: i for i, m in history if isinstance(m, StepCommitted)})
         if found is not None:
             restored = load_checkpoint(found[0], self.model, self.optimizer, self.device)
             self.step, self.version = restored.step, restored.version
@@ -269,7 +280,7 @@ class Trainer:
             if isinstance(record, StepCommitted) and record.step > self.step:
                 # On exactly the samples it names, in the same order, with the learning rate it
                 # recorded (the schedule depends on max_steps, which users raise to extend a run).
-                groups = committed_groups(self.r, self.cfg.run_id, record, self.advantage_fn)
+                groups = committed_groups(self.r, self.cfg.run_id, record, self.advantage_fn, self.retention.archive)
                 train_metrics = self.optimize(groups, lr=record.metrics.get("train/lr"))
                 check_replayed(record, train_metrics, self.step, self.version)
         if self.step != self.state.steps:
@@ -279,9 +290,8 @@ class Trainer:
         sync_committed_record(self.r, self.cfg.run_id, self.step, self.last_commit_id, self.lease)
         if must_publish(self.state, self.version, self.cfg.weight_sync_interval):
             publish(self.r, self.cfg.run_id, self.write_weights(), self.lease)
-        self.metrics.path.write_text("")
-        for line in recorded_metrics(history):
-            self.metrics.write(line)
+        rebuild_metrics(self.metrics, snap, history, lambda: [(i, m) for i, m in bus.iter_all_events(
+            self.r, self.cfg.run_id) if isinstance(m, (StepCommitted, Evaluated))])
         self.buffer.restore()
 
     # ----------------------------------------------------------------- evaluate, checkpoint, finish
@@ -309,11 +319,15 @@ class Trainer:
         self.log_metrics(eval_metrics(self.step, self.version, metrics))
 
     def checkpoint(self) -> None:
-        if holds_commit(checkpoint_dir(self.run_dir, self.step), self.last_commit_id):
-            return  # already saved at this step (interval and final coincide)
-        save_checkpoint(self.run_dir, CheckpointState(self.step, self.version, self.last_commit_id,
-                                                      len(self.state.rows_admitted)),
-                        self.model, self.tokenizer, self.optimizer)
+        """Save the train state after this step's commit, then archive and trim what it covers."""
+        saved = not holds_commit(checkpoint_dir(self.run_dir, self.step), self.last_commit_id)  # else saved already
+        if saved:
+            self.follow_events()  # the fold recorded with it then includes this step's own commit
+            fold = fold_record(self.state, self.cursor, self.last_commit_id, self.step, self.metrics)
+            save_checkpoint(self.run_dir, CheckpointState(self.step, self.version, self.last_commit_id,
+                                                          len(self.state.rows_admitted)),
+                            self.model, self.tokenizer, self.optimizer, fold=fold)
+        self.retention.after_checkpoint(self.step, saved)
 
     def save_outputs(self) -> None:
         """The final checkpoint (``save_final_checkpoint``) and the exported model (``output_model_id``)."""

@@ -13,6 +13,7 @@ from typing import Callable, TypeVar
 import redis
 
 from rlstream.core import bus
+from rlstream.core.fold_snapshot import lean
 from rlstream.core.run_state import RunState
 
 log = logging.getLogger(__name__)
@@ -26,9 +27,13 @@ class EventFollower:
     applies it under the lock, then wakes every ``wait_for``. The thread started by ``start``
     calls ``catch_up`` in a loop; without it (unit tests) a caller catches up itself."""
 
-    def __init__(self, r: redis.Redis, run_id: str, on_finished: Callable[[], None]):
+    def __init__(self, r: redis.Redis, run_id: str, on_finished: Callable[[], None],
+                 start: tuple[RunState, str] | None = None):
         self.r, self.run_id, self.on_finished = r, run_id, on_finished
-        self.state, self.cursor = RunState(), "0-0"  # the cursor is only touched by the reading thread
+        # A lean fold (no group bookkeeping), from ``start`` or the beginning (docs/design.md §15.47 Processes
+        # start from the checkpoint's fold); the cursor is only touched by the reading thread.
+        state, self.cursor = start or (RunState(), "0-0")
+        self.state = lean(state)
         self.changed = threading.Condition()
         self.error: BaseException | None = None  # what stopped the thread, told to every waiter
         self._finish_called = False

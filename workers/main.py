@@ -14,6 +14,7 @@ from rq.serializers import JSONSerializer
 
 from rlstream.core.config import Config
 from rlstream.core.errors import RlstreamError
+from rlstream.core.fold_snapshot import start_fold
 from rlstream.core.jobs import job_queue
 from rlstream.sampling.rollout_fn import resolve_factory
 from rlstream.sampling.torch_setup import setup_torch
@@ -49,7 +50,8 @@ def check_work_ended(worker: RolloutWorker, events: EventFollower, worker_id: st
 def run_worker(cfg: Config, r: redis.Redis, worker_id: str) -> None:
     factory = resolve_factory(cfg)  # before torch: a bad name fails fast
     device = setup_torch(cfg.workers_device, cfg.torch_threads, cfg.seed)
-    events = EventFollower(r, cfg.run_id, on_finished=warm_shutdown)  # the process's one read of the events
+    events = EventFollower(r, cfg.run_id, on_finished=warm_shutdown,  # the process's one read of the events
+                           start=start_fold(cfg.run_dir(), r, cfg.run_id))
     runtime = WorkerRuntime(cfg, r, worker_id, device, rollout_fn_factory=factory, events=events,
                             concurrent=holds_several(cfg))
     slots = worker_slots(cfg, runtime.controller)

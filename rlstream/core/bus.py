@@ -41,11 +41,12 @@ def ensure_group(r: redis.Redis, stream: str, group: str = keys.TRAINER_GROUP) -
             raise
 
 
-def xrange_all(r: redis.Redis, stream: str, *, page: int = 1000, start: str = "-") -> Iterator[tuple[str, bytes]]:
-    """Every entry of ``stream`` from ``start`` as (entry id, raw message bytes), read in
-    pages of ``page`` (exclusive ``(id`` ranges need Redis >= 6.2)."""
+def xrange_all(r: redis.Redis, stream: str, *, page: int = 1000, start: str = "-",
+               end: str = "+") -> Iterator[tuple[str, bytes]]:
+    """Every entry of ``stream`` from ``start`` to ``end`` as (entry id, raw message bytes),
+    read in pages of ``page`` (exclusive ``(id`` ranges need Redis >= 6.2)."""
     while True:
-        batch = r.xrange(stream, min=start, max="+", count=page)
+        batch = r.xrange(stream, min=start, max=end, count=page)
         for entry_id, fields in batch:
             yield as_text(entry_id), (fields or {}).get(FIELD, b"")
         if len(batch) < page:

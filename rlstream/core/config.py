@@ -21,6 +21,7 @@ from rlstream.core.config_sections import (
     DEVICE_PATTERN,
     InferenceConfig,
     RedisConfig,
+    RetentionConfig,
     TisConfig,
     TrainerConfig,
     WandbConfig,
@@ -147,7 +148,7 @@ class Config(CookbookSections):  # + the cookbook's deployment, weight_sync, inf
         "group-relative advantage and is rejected with that reason)"
     )
     dcp_save_interval: int = Field(
-        0, ge=0, le=10_000_000, description="train-state checkpoint every N steps; 0 = only the final one"
+        50, ge=0, le=10_000_000, description="train-state checkpoint every N steps, then archive + trim; 0 = final only"
     )
     save_final_checkpoint: bool = Field(True, description="write a train-state checkpoint when the run ends")
     init_from_checkpoint: PathText | None = Field(
@@ -170,6 +171,7 @@ class Config(CookbookSections):  # + the cookbook's deployment, weight_sync, inf
     workers: WorkersConfig = Field(default_factory=WorkersConfig)
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
     wandb: WandbConfig = Field(default_factory=WandbConfig)
+    retention: RetentionConfig = Field(default_factory=RetentionConfig)
 
     @model_validator(mode="after")
     def _check(self) -> Config:

@@ -1,5 +1,6 @@
 """The tables of the run configuration (``[redis]``, ``[workers]``, ``[inference]``,
-``[tis]``, ``[trainer]``, ``[wandb]``). No torch here: the CLI validates configs before heavy imports."""
+``[tis]``, ``[trainer]``, ``[wandb]``, ``[retention]``). No torch here: the CLI validates configs
+before heavy imports."""
 from __future__ import annotations
 
 from typing import Literal
@@ -27,6 +28,10 @@ class RedisConfig(ConfigSection):
     )
     connect_timeout: float = Field(
         15.0, gt=0, le=600, description="seconds of bounded, backed-off retries before giving up"
+    )
+    maxmemory_mb: int | None = Field(
+        None, ge=0, le=1 << 30, description="the embedded server's maxmemory in MiB (noeviction); unset = half the "
+        "machine's memory, 0 = no limit. An external server's own maxmemory is read instead"
     )
 
     @field_serializer("url")
@@ -143,3 +148,20 @@ class InferenceConfig(ConfigSection):
         if self.backend == "openai" and self.base_url is None:
             raise ValueError("backend 'openai' needs base_url (e.g. http://127.0.0.1:8000/v1)")
         return self
+
+
+class RetentionConfig(ConfigSection):
+    """What a long run keeps in Redis and on disk (docs/design.md §15.45 Archive, then trim)."""
+
+    archive: bool = Field(
+        True, description="after each checkpoint, move the rollouts it covers out of Redis into "
+        "runs/<run>/archive/ and trim the stream; off = the stream keeps every sample (Redis grows with the run)"
+    )
+    keep_checkpoints: int = Field(
+        3, ge=0, le=1_000_000, description="checkpoints kept on disk: the newest N plus any pinned with a "
+        "checkpoints/step-<N>.keep file; 0 = keep all"
+    )
+    memory_high_water: float = Field(
+        0.8, gt=0, le=1, description="fraction of Redis's maxmemory at which the producer stops admitting and the "
+        "trainer checkpoints (archive + trim) early"
+    )

@@ -106,11 +106,12 @@ class _Probe:
 class EmbeddedRedis:
     """Start/stop one redis-server whose data lives in ``directory`` (AOF + log)."""
 
-    def __init__(self, directory: str | Path, *, detached: bool = False):
+    def __init__(self, directory: str | Path, maxmemory_mb: int = 0, *, detached: bool = False):
         """``detached``: the server outlives this process (an SDK service closed with
         ``cleanup_trainer_on_close=False`` keeps its bus up for a later reconnect); by default
         it dies with its parent."""
         self.directory = Path(directory).resolve()
+        self.maxmemory_mb = maxmemory_mb  # 0 = no limit; with one, noeviction: writes fail, data never does
         self.detached = detached
         self.process: subprocess.Popen | None = None
         self.url = ""
@@ -154,6 +155,7 @@ class EmbeddedRedis:
             "--logfile", str(self.directory / "redis.log"),
             "--daemonize", "no",
             "--protected-mode", "yes",
+            "--maxmemory", f"{self.maxmemory_mb}mb", "--maxmemory-policy", "noeviction",
         ]
         sock = self._socket_path()
         if sock is not None:

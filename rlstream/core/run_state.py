@@ -37,6 +37,7 @@ class RunState:
     started: RunStarted | None = None
     rows_admitted: set[tuple[int, int]] = field(default_factory=set)  # (epoch, row)
     last_evaluated: int | None = None  # version of the newest Evaluated event
+    track_groups: bool = True  # False: a worker's lean fold (versions, end of run), O(1) memory however long the run
     _settled: set[str] = field(default_factory=set)  # trained | rejected
     _open: dict[str, GroupAdmitted] = field(default_factory=dict)  # admitted, not settled (admission order)
     _reserved: int = 0  # samples of admitted groups not rejected
@@ -46,6 +47,8 @@ class RunState:
     sampled_tokens: int = 0  # ... and their generated tokens
 
     def apply(self, msg: Message) -> None:
+        if not self.track_groups and isinstance(msg, (GroupAdmitted, GroupRejected, GroupSampled)):
+            return
         if isinstance(msg, GroupAdmitted):
             self._admit(msg)
         elif isinstance(msg, GroupRejected):
@@ -60,7 +63,7 @@ class RunState:
                 self.sampled_tokens += msg.tokens
             self.sampled.add(msg.group_id)
         elif isinstance(msg, StepCommitted):
-            for gid in msg.group_ids:
+            for gid in msg.group_ids if self.track_groups else ():
                 if gid not in self.trained:
                     self.trained.add(gid)
                     admitted = self.admitted.get(gid)

@@ -2,8 +2,11 @@
 docs/design.md §10 Failure semantics: every admitted group is trained exactly once or explicitly rejected,
 no sample is trained twice, step numbering is continuous.
 
-The audit folds the whole events stream and reads the whole rollouts stream (XRANGE in
-pages of 1000). Entries that do not decode are counted, never fatal. Like ``status``, it
+The audit folds the whole events stream and reads every rollout the run ever had: the
+run's archive (the rollouts moved out of Redis after a checkpoint, docs/design.md §15.45
+Archive, then trim), then the rollouts stream (XRANGE in pages of 1000). Entries that do not
+decode are counted, never fatal; an archive segment that is missing or damaged fails the
+audit, named (the ledger cannot be exact without it). Like ``status``, it
 starts a finished run's embedded redis-server from the run directory's AOF for the time
 of the query.
 
@@ -31,7 +34,8 @@ Definitions (``audit_ledger`` computes them from plain messages, without Redis):
   numbers committed more than once, ``missing_steps`` the gaps in ``1..N``.
 - **samples trained**: distinct sample ids named by all ``StepCommitted`` events.
 
-Exit code: 0 only when lost == 0, trained twice == 0 and the steps are exactly 1..N;
+Exit code: 0 only when lost == 0, trained twice == 0, the steps are exactly 1..N and the
+archive is whole;
 else 1, with a last line ``result: FAILED: ...`` naming each failed check.
 Output is ``key: value`` lines (grep- and awk-friendly); id lists are capped.
 """
@@ -39,11 +43,13 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
 
 import redis
 
 from rlstream.core import keys
+from rlstream.core.archive import Archive, ArchiveError, all_rollouts
 from rlstream.core.bus import xrange_all
 from rlstream.core.codec import DecodeError, decode
 from rlstream.core.messages import GroupAdmitted, GroupRejected, Message, RolloutSample, StepCommitted
@@ -80,6 +86,8 @@ class AuditReport:
     rollouts_read: int = 0
     rollouts_undecodable: int = 0
     dead_letters: int = 0
+    rollouts_archived: int = 0  # of rollouts_read: read from the archive
+    archive_problems: list[str] = field(default_factory=list)
 
     @property
     def trained_twice(self) -> int:
@@ -97,6 +105,8 @@ class AuditReport:
         if self.trained_twice:
             out.append(f"trained twice ({self.trained_twice}: groups={len(self.twice_groups)} "
                        f"samples={len(self.twice_samples)} entries={len(self.twice_entries)})")
+        if self.archive_problems:
+            out.append(f"archive damaged ({len(self.archive_problems)}): " + "; ".join(self.archive_problems))
         if not self.steps_ok:
             out.append(f"steps are not exactly 1..N (duplicates {_ids(self.duplicate_steps)}, "
                        f"missing {_ids(self.missing_steps)})")
@@ -137,6 +147,7 @@ class AuditReport:
             f"events_undecodable: {self.events_undecodable}",
             f"rollouts_read: {self.rollouts_read}",
             f"rollouts_undecodable: {self.rollouts_undecodable}",
+            f"rollouts_archived: {self.rollouts_archived}",
             f"dead_letters: {self.dead_letters}",
         ]
         out.append("result: ok" if self.ok else "result: FAILED: " + "; ".join(self.failures))
@@ -164,7 +175,7 @@ def _one_line(text: str, width: int = REASON_WIDTH) -> str:
     return " ".join(text.split())[:width]
 
 
-def audit_ledger(events: list[Message], samples: list[RolloutSample],
+def audit_ledger(events: list[Message], samples: Iterable[RolloutSample],
                  job_exists: Callable[[str], bool]) -> AuditReport:
     """The ledger check on plain messages (see the module docstring for the definitions).
 
@@ -248,15 +259,35 @@ def decode_all(entries: Iterable[tuple[str, bytes]],
     return good, bad
 
 
-def collect_audit(r: redis.Redis, run_id: str) -> AuditReport:
+def collect_audit(r: redis.Redis, run_id: str, run_dir: Path | None = None) -> AuditReport:
+    """The audit of ``run_id``; ``run_dir`` holds its archive (None: the stream alone)."""
     from rq.job import Job
 
     events, bad_events = decode_all(xrange_all(r, keys.events(run_id)))
-    samples, bad_samples = decode_all(xrange_all(r, keys.rollouts(run_id)), expect=RolloutSample)
-    report = audit_ledger([m for _, m in events], [m for _, m in samples],
+    counts = {"read": 0, "bad": 0, "archived": 0}
+    problems: list[str] = []
+
+    def samples() -> Iterator[RolloutSample]:  # one at a time: a long run's rollouts do not fit in memory
+        entries: Iterable[tuple[str, bytes]] = xrange_all(r, keys.rollouts(run_id))
+        if run_dir is not None:
+            archive = Archive(run_dir, run_id)
+            try:
+                counts["archived"] = sum(s.entries for s in archive.segments())
+                entries = all_rollouts(r, archive, problems)
+            except ArchiveError as exc:  # the manifest itself: no segment can be read
+                problems.append(str(exc))
+        for _, raw in entries:
+            counts["read"] += 1
+            try:
+                yield decode(raw, expect=RolloutSample)
+            except DecodeError:
+                counts["bad"] += 1
+
+    report = audit_ledger([m for _, m in events], samples(),
                           lambda gid: bool(r.exists(Job.key_for(keys.job_id(run_id, gid)))))
     report.events_read, report.events_undecodable = len(events) + len(bad_events), len(bad_events)
-    report.rollouts_read, report.rollouts_undecodable = len(samples) + len(bad_samples), len(bad_samples)
+    report.rollouts_read, report.rollouts_undecodable = counts["read"], counts["bad"]
+    report.rollouts_archived, report.archive_problems = counts["archived"], problems
     report.dead_letters = r.xlen(keys.dead(run_id))
     return report
 
@@ -265,7 +296,7 @@ def audit_main(run: str | None, log_path: str) -> int:
     from rlstream.ops.status import opened_run
 
     with opened_run(run, log_path) as (run_dir, cfg, r):
-        report = collect_audit(r, cfg.run_id)
+        report = collect_audit(r, cfg.run_id, run_dir)
     print(f"run: {cfg.run_id}")
     print(f"run_dir: {run_dir}")
     for line in report.lines():

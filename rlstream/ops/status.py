@@ -15,11 +15,13 @@ from rq import Worker
 from rq.registry import StartedJobRegistry
 
 from rlstream.core import bus, keys
+from rlstream.core.archive import Archive, ArchiveError
 from rlstream.core.config import validate_config
 from rlstream.core.connection import connect
 from rlstream.core.embedded_redis import EmbeddedRedis, stored_password
 from rlstream.core.errors import ConfigError, RedisUnavailable
 from rlstream.core.jobs import job_queue
+from rlstream.core.memory_guard import memory_use
 from rlstream.core.messages import GroupSampled, StepCommitted
 from rlstream.core.run_state import RunState
 from rlstream.ops.progress import buffered_samples
@@ -75,7 +77,23 @@ def opened_run(run: str | None, log_path: str) -> Iterator[tuple[Path, Any, Any]
             embedded.stop()
 
 
-def collect_status(cfg, r, window_s: float = RATE_WINDOW_S) -> dict:
+def archive_status(run_dir: Path | None, run_id: str) -> dict:
+    """The archive's size from its manifest, and the segments it lists that are missing
+    (a cheap check; ``rlstream audit`` verifies every segment's digest)."""
+    if run_dir is None:
+        return {}
+    archive = Archive(run_dir, run_id)
+    try:
+        segments = archive.segments()
+    except ArchiveError as exc:
+        return {"error": str(exc)}
+    missing = [s.file for s in segments if not (archive.dir / s.file).is_file()]
+    return {"segments": len(segments), "rollouts": sum(s.entries for s in segments),
+            "mb": round(sum(s.bytes for s in segments) / 1e6, 1), "upto": archive.upto() or "-",
+            **({"MISSING": ",".join(missing)} if missing else {})}
+
+
+def collect_status(cfg, r, run_dir: Path | None = None, window_s: float = RATE_WINDOW_S) -> dict:
     state, rates = RunState(), EventRates()
     for event_id, msg in bus.iter_all_events(r, cfg.run_id):
         state.apply(msg)
@@ -94,6 +112,8 @@ def collect_status(cfg, r, window_s: float = RATE_WINDOW_S) -> dict:
                    "rejected": len(state.rejected), "in_flight": len(state.open_groups)},
         "streams": {name: r.xlen(key(cfg.run_id)) for name, key in
                     (("rollouts", keys.rollouts), ("events", keys.events), ("dead", keys.dead))},
+        "archive": archive_status(run_dir, cfg.run_id),
+        "redis_memory_mb": redis_memory_mb(r),
         "trainer_pending": bus.group_info(r, keys.rollouts(cfg.run_id))["pending"],
         "buffered_samples": buffered_samples(r, cfg.run_id),
         "queued_jobs": queue.count,
@@ -140,6 +160,12 @@ class EventRates:
         return out
 
 
+def redis_memory_mb(r) -> dict:
+    """used / maxmemory (MiB; max 0 = no limit), as the memory guard sees them."""
+    used, limit = memory_use(r)
+    return {"used": round(used / 2**20, 1), "max": round(limit / 2**20, 1)} if used is not None else {}
+
+
 def worker_versions(r, run_id: str) -> dict[str, int]:
     """Worker id -> the policy version it last sampled with (its heartbeat key, 60 s TTL)."""
     prefix = keys.worker_heartbeat(run_id, "")
@@ -149,8 +175,8 @@ def worker_versions(r, run_id: str) -> dict[str, int]:
 
 
 def status_main(run: str | None, log_path: str, as_json: bool = False) -> int:
-    with opened_run(run, log_path) as (_, cfg, r):
-        status = collect_status(cfg, r)
+    with opened_run(run, log_path) as (run_dir, cfg, r):
+        status = collect_status(cfg, r, run_dir)
     if as_json:
         print(json.dumps(status, indent=1, sort_keys=True))
         return 0

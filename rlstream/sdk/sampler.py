@@ -132,7 +132,7 @@ class DeploymentSampler:
         if policy is not self._inner_policy:
             if self.deployment.backend == "local":  # one process, one generate: no request window to control
                 self._inner = LocalSampler(policy, self.defaults)
-            else:  # the server's request window: adaptive or fixed, as the workers' (docs/design.md §15.51)
+            else:  # the request window to the server (docs/design.md §15.51 Adaptive concurrency, AIMD over latency)
                 self._inner = RemoteSampler(policy, self.defaults, concurrency_controller=self.concurrency_controller)
             self._inner_policy = policy
         return self._inner

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from rlstream.core import keys
+from rlstream.core.archive import Archive, all_rollouts
 from rlstream.core.codec import decode
 from rlstream.core.connection import connect
 from rlstream.core.embedded_redis import EmbeddedRedis
@@ -53,7 +53,9 @@ def test_multi_turn_message_in_synchronous_with_interior_mask_zeros(tmp_path: Pa
     server = EmbeddedRedis(tmp_path / "runs/mt/redis")
     r = connect(server.start())
     try:
-        samples = [decode(f[b"m"]) for _, f in r.xrange(keys.rollouts("mt"))]
+        # archive + stream: the final checkpoint moved the trained samples out of Redis
+        # (docs/design.md §15.45 Archive, then trim)
+        samples = [decode(raw) for _, raw in all_rollouts(r, Archive(tmp_path / "runs/mt", "mt"))]
     finally:
         server.stop()
     assert samples

@@ -113,7 +113,7 @@ def test_up_reports_ignored_hosted_fields_once_before_starting(tmp_path, monkeyp
     from rlstream import launcher
 
     class NoRedis:
-        def __init__(self, path):
+        def __init__(self, path, *args, **kwargs):
             pass
 
         def start(self):
@@ -173,7 +173,7 @@ def test_the_rl_loop_example_runs_its_config_through_main(monkeypatch, tmp_path,
     seen = []
     monkeypatch.setattr(launcher, "preflight", lambda cfg: seen.append(cfg))
     monkeypatch.setattr(launcher, "EmbeddedRedis", type("NoRedis", (), {
-        "__init__": lambda self, path: None, "start": lambda self: (_ for _ in ()).throw(RunFailed("stop")),
+        "__init__": lambda self, path, *args, **kwargs: None, "start": lambda self: (_ for _ in ()).throw(RunFailed("stop")),
         "stop": lambda self: None}))
     monkeypatch.chdir(tmp_path)
     example = Path(__file__).resolve().parents[2] / "examples" / "cookbook" / "rl_loop.py"

@@ -35,8 +35,11 @@ def r(r):  # tests/unit/conftest.py's FakeRedis, with the trainer's consumer gro
 
 
 def config(tmp_path, **over) -> Config:
+    # O = 1 (the default before the cookbook's strict on-policy one): groups admitted at v0 stay
+    # trainable for two steps, and no producer here admits more.
     fields = dict(run_id=RUN, log_path=str(tmp_path), max_steps=2, prompt_groups_per_step=1,
-                  completions_per_prompt=2, dcp_save_interval=0, lr_schedule="linear", learning_rate=1e-2)
+                  completions_per_prompt=2, dcp_save_interval=0, lr_schedule="linear", learning_rate=1e-2,
+                  max_head_offpolicy_versions=1)
     fields.update(over)
     return Config(**fields)
 
