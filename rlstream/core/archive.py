@@ -38,6 +38,7 @@ import redis
 from rlstream.core import keys
 from rlstream.core.bus import FIELD, as_text, xrange_all
 from rlstream.core.errors import RlstreamError
+from rlstream.core.weights import fsync_dir
 
 log = logging.getLogger(__name__)
 FORMAT = "rlstream-rollouts-archive"
@@ -67,14 +68,6 @@ class Segment:
     covered_step: int  # the checkpointed step whose archive pass wrote it
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _atomic_write(path: Path, lines: Iterable[bytes]) -> tuple[int, str]:
     """Write ``lines`` to ``path`` via a fsynced temp file and a rename: (bytes, sha256)."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -87,7 +80,7 @@ def _atomic_write(path: Path, lines: Iterable[bytes]) -> tuple[int, str]:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return size, digest.hexdigest()
 
 

@@ -37,7 +37,8 @@ def directory_digest(directory: str | Path) -> tuple[str, int, dict[str, str]]:
     return h.hexdigest(), sum(p.stat().st_size for p in files), per_file
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
+    """Make a rename or a new file in ``directory`` durable (the directory entry itself)."""
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -74,7 +75,7 @@ def _swap_in(tmp_dir: Path, final_dir: Path) -> None:
         if aside is not None:
             os.rename(aside, final_dir)
         raise
-    _fsync_dir(final_dir.parent)
+    fsync_dir(final_dir.parent)
     if aside is not None:
         shutil.rmtree(aside, ignore_errors=True)
 
