@@ -54,6 +54,7 @@ def run_once(workdir: Path, redis_url: str, server: LatencyServer, run_id: str, 
     overrides = {
         "max_steps": args.steps, "prompt_groups_per_step": args.groups, "completions_per_prompt": args.group_size,
         "workers.count": args.workers, "synchronous_training": str(synchronous).lower(),
+        "inference.max_concurrency": args.groups_per_worker * args.group_size,  # groups in flight per worker
         "max_head_offpolicy_versions": args.offpolicy, "inference.backend": '"openai"',
         "inference.base_url": f'"{server.base_url}/v1"',
         "inference.weight_sync_url": f'"{server.base_url}/update_weights_from_disk"',
@@ -104,7 +105,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=16, help="steps per run (steps 2..N are timed)")
     ap.add_argument("--groups", type=int, default=8, help="prompt groups per step (P)")
     ap.add_argument("--group-size", type=int, default=4, help="completions per prompt (G)")
-    ap.add_argument("--workers", type=int, default=12, help="worker processes (K)")
+    ap.add_argument("--workers", type=int, default=12, help="worker processes")
+    ap.add_argument("--groups-per-worker", type=int, default=1,
+                    help="groups each worker keeps in flight (inference.max_concurrency = this x G); K = workers x this")
     ap.add_argument("--offpolicy", type=int, default=2, help="max_head_offpolicy_versions of the async runs (O)")
     ap.add_argument("--tail", default="lognormal:0.25,1.0", help="the long-tail latency (latency_server.py syntax)")
     ap.add_argument("--flat", default=None, help="the tail-free latency (default: fixed at the tail's mean)")
@@ -137,7 +140,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"async vs sync benchmark  {time.strftime('%Y-%m-%d')}  {platform.machine()} {os.cpu_count()} cpus  "
           f"load avg {load:.2f} at start  ({time.monotonic() - t_start:.0f} s)")
     print(f"built-in task, {args.steps} steps (2..{args.steps} timed), P={args.groups} G={args.group_size} "
-          f"(B={args.groups * args.group_size}), {args.workers} worker processes, async O={args.offpolicy}, "
+          f"(B={args.groups * args.group_size}), {args.workers} worker processes x {args.groups_per_worker} group(s) "
+          f"in flight, async O={args.offpolicy}, "
           f"{args.rounds} round(s)")
     print()
     print("| latency | mode | wall s (steps 2..N) | trainer idle share | overlap | compute s/step | stale drops "
@@ -147,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
         s, a = results[(name, "sync")], results[(name, "async")]
         sync_wall, async_wall = sum(x["wall"] for x in s), sum(x["wall"] for x in a)
         compute = statistics.mean(x["compute"] for x in s)
-        limit = bound(spec, args.groups, args.group_size, args.workers, compute)
+        limit = bound(spec, args.groups, args.group_size, args.workers * args.groups_per_worker, compute)
         for mode, runs in (("sync", s), ("async", a)):
             wall = sum(x["wall"] for x in runs)
             speed = f"{sync_wall / async_wall:.2f}x" if mode == "async" else ""
