@@ -27,13 +27,7 @@ BUDGETS = [1, 30]  # 1: every row alone (each is longer than the budget); 30: on
 NOT_EQUAL_BY_DESIGN = {"train/micro_batches", "perf/padding_share"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny forwards: a second thread only contends (docs/design.md §15.17 One torch thread per process)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/unit/conftest.py
 
 
 def mixed_batch(model, seed: int = 0) -> Batch:

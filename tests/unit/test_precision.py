@@ -29,12 +29,7 @@ CPU = torch.device("cpu")
 RUN = "prec"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/unit/conftest.py
 
 
 def builtin_run(dtype: str, steps: int = 60, P: int = 32, G: int = 8, lr: float = 5e-3) -> list[float]:

@@ -8,7 +8,7 @@ import copy
 
 import pytest
 import torch
-from test_microbatch import mixed_batch, one_thread  # noqa: F401  (the fixture applies here too)
+from test_microbatch import mixed_batch
 
 from rlstream.builtin.tiny_model import build_model
 from rlstream.core.choices import NORMALIZATIONS, POLICY_LOSSES
@@ -20,6 +20,7 @@ from rlstream.trainer.optimize import make_optimizer, policy_update
 from rlstream.trainer.precision import Precision
 from rlstream.trainer.streaming import StreamingStep
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/unit/conftest.py
 G = 4  # mixed_batch's 12 rows: 3 groups of 4
 NOT_EQUAL_BY_DESIGN = {"train/micro_batches", "perf/padding_share"}
 
