@@ -61,8 +61,6 @@ def _child_main(role: str, config_path: Path, env: dict[str, str]) -> int:
     """In the forked child: become what ``python -m rlstream.cli <role> config.json`` is."""
     os.environ.clear()
     os.environ.update(env)
-    for sig in (signal.SIGINT, signal.SIGTERM):  # the supervisor's handlers are not ours
-        signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
     sys.argv = ["rlstream", role, str(config_path)]
     try:  # exactly `python -m rlstream.cli <role> config.json`, which exits with rlstream's own codes
         runpy.run_module("rlstream.cli", run_name="__main__")  # the script's __main__ stays in place
@@ -87,6 +85,8 @@ def fork_role(role: str, config_path: Path, log_path: Path, env: dict[str, str],
     code = 1
     try:  # the child: never return into the caller's stack
         os.setsid()
+        for sig in (signal.SIGINT, signal.SIGTERM):  # the parent's handlers are not ours: a fresh process's
+            signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
         if preexec is not None:
             preexec()
         os.dup2(devnull, 0)
