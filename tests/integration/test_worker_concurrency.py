@@ -49,19 +49,28 @@ def events_of(r, run_id: str, kind: type) -> list:
     return [m for _, m in bus.iter_all_events(r, run_id) if isinstance(m, kind)]
 
 
-def test_one_worker_keeps_max_concurrency_requests_in_flight_across_groups(r, redis_server, run_id, tmp_path):
-    server = StandinServer("const:1.0", vocab_size=16)
+def worker_on_admitted_groups(r, redis_server, run_id, tmp_path, server, groups: int, *, job_timeout: int,
+                              inference: dict, **sections):
+    """Start ``server``, admit ``groups`` built-in rows at v0 (weights v0 published), then one
+    ``rlstream worker`` sampling them from the server: (its queue, its process, its log)."""
     base = server.start()
     model = save_tiny_model(tmp_path / "tiny")
     cfg = Config(run_id=run_id, log_path=str(tmp_path / "runs"), base_model=str(model), tokenizer_model=str(model),
-                 completions_per_prompt=GROUP, max_completion_tokens=1, max_seq_len=16, job_timeout=60,
+                 completions_per_prompt=GROUP, max_completion_tokens=1, max_seq_len=16, job_timeout=job_timeout,
                  redis={"url": redis_server.url},
-                 inference={"backend": "openai", "base_url": f"{base}/v1", "max_concurrency": WINDOW})
+                 inference={"backend": "openai", "base_url": f"{base}/v1", **inference}, **sections)
     bus.xadd(r, keys.events(run_id), WeightsPublished(version=0, uri="v0", sha256="0" * 64, bytes=1))
     queue = job_queue(r, cfg)
-    for i, row in enumerate(builtin_rows(GROUPS, seed=0)):
+    for i, row in enumerate(builtin_rows(groups, seed=0)):
         admit(r, queue, cfg, 0, i, row, 0)
     proc, log = start_worker(cfg, tmp_path, redis_server.password)
+    return queue, proc, log
+
+
+def test_one_worker_keeps_max_concurrency_requests_in_flight_across_groups(r, redis_server, run_id, tmp_path):
+    server = StandinServer("const:1.0", vocab_size=16)
+    queue, proc, log = worker_on_admitted_groups(r, redis_server, run_id, tmp_path, server, GROUPS, job_timeout=60,
+                                                 inference={"max_concurrency": WINDOW})
     try:
         # Many groups in flight at once, each with its own rq execution in the started registry.
         started = StartedJobRegistry(queue=queue)
@@ -93,17 +102,9 @@ def test_an_adaptive_worker_backs_off_a_server_that_refuses_above_its_capacity(r
     remote sampler (tests/unit/test_concurrency_control.py)."""
     capacity, groups = 24, 120
     server = StandinServer("const:0.3", capacity=capacity, vocab_size=16)
-    base = server.start()
-    model = save_tiny_model(tmp_path / "tiny")
-    cfg = Config(run_id=run_id, log_path=str(tmp_path / "runs"), base_model=str(model), tokenizer_model=str(model),
-                 completions_per_prompt=GROUP, max_completion_tokens=1, max_seq_len=16, job_timeout=120,
-                 redis={"url": redis_server.url}, workers={"concurrency_control": "adaptive"},
-                 inference={"backend": "openai", "base_url": f"{base}/v1", "max_concurrency": 128})
-    bus.xadd(r, keys.events(run_id), WeightsPublished(version=0, uri="v0", sha256="0" * 64, bytes=1))
-    queue = job_queue(r, cfg)
-    for i, row in enumerate(builtin_rows(groups, seed=0)):
-        admit(r, queue, cfg, 0, i, row, 0)
-    proc, log = start_worker(cfg, tmp_path, redis_server.password)
+    _, proc, log = worker_on_admitted_groups(r, redis_server, run_id, tmp_path, server, groups, job_timeout=120,
+                                             inference={"max_concurrency": 128},
+                                             workers={"concurrency_control": "adaptive"})
     try:
         wait_until(lambda: len(events_of(r, run_id, GroupSampled)) == groups, 300, "every group sampled",
                    interval=0.2)
