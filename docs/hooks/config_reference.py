@@ -96,7 +96,7 @@ def default(field: FieldInfo) -> str:
 def text(value: str) -> str:
     """Prose for a table cell: HTML-escaped outside code spans (``runs/<run>/`` is not a tag),
     pipes escaped everywhere (they would split the cell)."""
-    parts = value.split("`")
+    parts = value.replace("``", "`").split("`")
     parts = [part if i % 2 else html.escape(part, quote=False) for i, part in enumerate(parts)]
     return "`".join(parts).replace("|", "\\|").replace("\n", " ")
 
