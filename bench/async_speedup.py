@@ -4,7 +4,7 @@ theoretical bound of each. Also the trainer's idle share (benchmark 4) for every
 
 Run (from the repository root, in the project's venv)::
 
-    python bench/async_speedup.py                    # defaults below (the README's run), ~5 min on 2 cores
+    python bench/async_speedup.py                    # defaults below (docs/benchmarks.md's run), ~5 min on 2 cores
     python bench/async_speedup.py --steps 20 --workers 8 --rounds 2
 
 Every run is a real ``rlstream up`` of the built-in task (tiny model, trained for real) with

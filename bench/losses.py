@@ -7,7 +7,7 @@ Each loss runs ``rlstream up examples/builtin/config.toml`` (2 workers, O = 1, l
 over the budget) with ``policy_loss`` set, then the table reports the mean
 ``rollout/reward_mean`` of the first and last 10 steps, the gain, whether the gain meets the
 acceptance bar (last-10 mean - first-10 mean >= 0.3, ``--min-gain``) and the wall time. The exit
-status is 1 when any loss misses the bar. The README's loss table is this script's output.
+status is 1 when any loss misses the bar. The loss table in docs/benchmarks.md is this script's output.
 """
 from __future__ import annotations
 

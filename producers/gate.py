@@ -12,7 +12,7 @@ admission order it lands in one of the first v+O+1 batches and is trained by wei
 O versions newer than the ones it was submitted at. The trainer takes the oldest-submitted
 ready groups first, but it cannot wait for a group that is still being sampled: one that
 completes late (a slow or re-dispatched job) can land a batch later, hence the O + 1 bound
-the README states and the learning test checks.
+docs/algorithms.md states and the learning test checks.
 """
 from __future__ import annotations
 

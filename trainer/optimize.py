@@ -50,7 +50,7 @@ def make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:
     """AdamW with ``[trainer]``'s ``beta1``, ``beta2``, ``eps``, ``weight_decay``: by default
     (0.9, 0.95), 1e-8, 0.01 on every weight (the cookbook's seeds pass beta2 0.999; 0.95 is
     OpenRLHF's, a shorter second-moment memory for the non-stationary RL gradient, and what
-    every measurement in the README was taken with). The LR is overwritten each step by
+    every measurement in docs/benchmarks.md was taken with). The LR is overwritten each step by
     :func:`policy_update`.
     Only trainable parameters: with LoRA, the adapters (the frozen base has no state)."""
     trainable = [p for p in model.parameters() if p.requires_grad]

@@ -1,7 +1,7 @@
 """The ``perf/*`` family of a live run's metrics line: where the wall time of each step went
 (waiting for rollouts, computing, writing weights), how fast the workers produced, how long the
 sampler side stood idle for the trainer, and how much of the sampling was hidden behind
-training. The definitions are the README's ("Perf and rollout metrics").
+training. The definitions are docs/operations.md's ("Perf and rollout metrics").
 
 ``PerfClock`` is the trainer's stopwatch: it keeps the few timestamps and counters of earlier
 steps the rates and the overlap need; the arithmetic is in pure functions below it.

@@ -71,7 +71,7 @@ def step_metrics(step: int, version: int, groups: list[Group], train_metrics: di
 
 
 def rollout_quality(samples: list) -> dict[str, float]:
-    """The batch's rollout/* family (README "Perf and rollout metrics"): accuracy (the mean of the
+    """The batch's rollout/* family (docs/operations.md "Perf and rollout metrics"): accuracy (the mean of the
     rollouts' own ``accuracy`` metric where every sample reports one, else the share with reward
     > 0), truncation (finish_reason "length"), response length in generated (loss_mask 1) tokens,
     and the entropy estimate -mean(behaviour logprob) over generated tokens."""

@@ -113,7 +113,8 @@ class RolloutSample(Message):
     max_version: Int = 0
     worker_id: str = ""
     # Wall-clock seconds (time.time() on the worker) its group's sampling began and ended; 0.0 when
-    # unknown (older workers). The trainer's perf/overlap_ratio reads them (README "Perf metrics").
+    # unknown (older workers). The trainer's perf/overlap_ratio reads them (docs/operations.md, "Perf and
+    # rollout metrics").
     started_at: Float = 0.0
     finished_at: Float = 0.0
 

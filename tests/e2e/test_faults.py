@@ -1,4 +1,4 @@
-"""Fault injection end to end (README "Fault tolerance", docs/design.md §10 Failure semantics): real
+"""Fault injection end to end (docs/operations.md "Fault tolerance", docs/design.md §10 Failure semantics): real
 ``rlstream up`` runs whose worker, redis-server and trainer are SIGKILLed mid-run, whose
 rollouts stream is fed a few hundred malformed entries, and whose trainer crashes between
 commit and publish; every run must finish its steps with ``rlstream audit`` exiting 0.

@@ -1,4 +1,4 @@
-"""Long runs at bounded cost (README "Long runs: retention, recovery, export", docs/design.md §15.45
+"""Long runs at bounded cost (docs/operations.md "Long runs: retention, recovery, export", docs/design.md §15.45
 Archive, then trim): a real ``rlstream up`` run with a short checkpoint interval archives
 the rollouts each checkpoint covers and trims them from Redis; its trainer is SIGKILLed in
 the middle of an archive write and its redis-server right after a trim (failpoints), and

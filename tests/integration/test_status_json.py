@@ -1,5 +1,5 @@
 """``rlstream status --json``: one JSON object with the backlog and the rates an operator or an
-autoscaler reads (README "Status for operators and autoscalers"), the rates taken from the
+autoscaler reads (docs/operations.md "Status for operators and autoscalers"), the rates taken from the
 events stream's entry ids (the Redis server's clock)."""
 from __future__ import annotations
 

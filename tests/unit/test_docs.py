@@ -1,5 +1,6 @@
 """The design document stays cited correctly: docs/design.md exists and the README links it;
-nothing in the repository names the original design file any more; every citation of a
+nothing in the repository (the documentation site's pages in docs/ included) names the original
+design file any more; every citation of a
 section ("docs/design.md §7 Commit protocol": number and exact title, whitespace and comment
 markers folded) names a heading that docs/design.md has; every link to a design.md anchor and
 every in-page README anchor resolves. The checks are pure functions over text, so the

@@ -1,4 +1,4 @@
-"""The perf/* and rollout/* metric families (README "Perf and rollout metrics"): the pure
+"""The perf/* and rollout/* metric families (docs/operations.md "Perf and rollout metrics"): the pure
 arithmetic (overlap, rates, the rollout quality figures), the trainer's stopwatch, and a live
 trainer step on fakeredis writing every cookbook key to metrics.jsonl."""
 from __future__ import annotations
