@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from rlstream.core.choices import POLICY_LOSSES
+from rlstream.core.config import POLICY_LOSSES
 
 REPO = Path(__file__).resolve().parents[1]
 ACCEPTANCE_GAIN = 0.3  # issue 4: each loss raises the reward by >= 0.3 (last 10 vs first 10 steps)

@@ -229,7 +229,7 @@ def count_gate_wait(r: redis.Redis, cfg: Config, state: RunState, closed_since: 
     if closed_since is not None:
         ms = int((now - closed_since) * 1000)
         if ms:
-            r.hincrby(keys.rollout_stats(cfg.run_id), "gate_closed_ms", ms)
+            r.hincrby(keys.rollout_stats(cfg.run_id), keys.GATE_CLOSED_MS, ms)
         closed_since += ms / 1000  # the sub-millisecond rest carries into the next pass
     closed = rows_left and staleness_capacity(gate_version(cfg, state), cfg.offpolicy_versions, cfg.batch_size,
                                               state.reserved_samples) < cfg.completions_per_prompt

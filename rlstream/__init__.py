@@ -8,13 +8,13 @@ and the Fireworks cookbook's other names: DeployConfig, WandBConfig, WeightSyncC
 build_deployment_sampler.
 """
 from rlstream.api import RunResult, main
-from rlstream.core.config import Config
-from rlstream.core.config_sections import TrainerConfig, WandbConfig
-from rlstream.core.cookbook_config import DeployConfig, InfraConfig, WandBConfig, WeightSyncConfig
+from rlstream.core.config import Config, TrainerConfig, WandbConfig
+from rlstream.core.cookbook_config import DeployConfig, InfraConfig, WeightSyncConfig
 from rlstream.core.messages import RolloutSample
 from rlstream.core.rollout import Completion, RolloutSetup, build_deployment_sampler, chat_prompt_ids
 
 __all__ = ["Config", "Completion", "RolloutSample", "RolloutSetup", "RunResult", "TrainerConfig", "chat_prompt_ids",
            "main"]
 __all__ += ["DeployConfig", "InfraConfig", "WandBConfig", "WandbConfig", "WeightSyncConfig", "build_deployment_sampler"]
+WandBConfig = WandbConfig  # the cookbook's spelling of rlstream's [wandb] table: one class
 __version__ = "0.1.0"

@@ -19,10 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from rlstream.core.config import Config, env_overrides, new_run_id
+from rlstream.core.config import Config, env_overrides, new_run_id, set_path
 from rlstream.core.errors import ConfigError, RunFailed
 from rlstream.core.imports import SCRIPT_MODULE, check_spec, hold_script_functions, import_object
-from rlstream.core.overrides import set_path
 
 
 @dataclass(frozen=True)

@@ -174,11 +174,12 @@ def _run_role(command: str, cfg, r) -> int:
 
         run_worker(cfg, r, worker_id=f"{socket.gethostname()}-{os.getpid()}")
     elif command == "trainer":
+        from rlstream.core.lifeline import raise_interrupt
         from rlstream.trainer.trainer import Trainer
 
         # SIGTERM (`rlstream up` stopping it, docker stop) unwinds like Ctrl-C, so the trainer
         # releases its lease and a successor starts at once instead of after one lease TTL.
-        signal.signal(signal.SIGTERM, _raise_interrupt)
+        signal.signal(signal.SIGTERM, raise_interrupt)
         trainer = Trainer(cfg, r, cfg.run_dir())
         trainer.run()
         finished = trainer.state.finished
@@ -186,10 +187,6 @@ def _run_role(command: str, cfg, r) -> int:
             print(f"rlstream: run failed: {finished.reason}", file=sys.stderr)
             return 1
     return 0
-
-
-def _raise_interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
 
 
 def entrypoint() -> None:

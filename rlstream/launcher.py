@@ -36,7 +36,7 @@ from rlstream.core.embedded_redis import EmbeddedRedis
 from rlstream.core.errors import RedisUnavailable, RunFailed
 from rlstream.core.fold_snapshot import start_fold
 from rlstream.core.imports import script_functions
-from rlstream.core.lifeline import SUPERVISOR_ENV, die_with_parent
+from rlstream.core.lifeline import SUPERVISOR_ENV, die_with_parent, raise_interrupt
 from rlstream.core.memory_guard import embedded_maxmemory_mb
 from rlstream.core.messages import RunStarted
 from rlstream.core.metrics import read_metrics, summary_line
@@ -129,10 +129,6 @@ def _stop(children: list[Child], grace: float) -> None:
             c.process.wait()
 
 
-def _raise_interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
-
-
 def up(cfg: Config) -> int:
     max_restarts()  # a bad RLSTREAM_MAX_RESTARTS fails now, not at the first crash
     preflight(cfg)
@@ -146,7 +142,7 @@ def up(cfg: Config) -> int:
     children: list[Child] = []
     # `kill <pid of up>` must stop the children too: they run in their own sessions, so
     # nothing else would reach them, and a SIGTERM would otherwise skip every `finally`.
-    previous_handler = signal.signal(signal.SIGTERM, _raise_interrupt)
+    previous_handler = signal.signal(signal.SIGTERM, raise_interrupt)
     grace = 5.0  # for children still running when something unexpected escapes
     try:
         if embedded:

@@ -5,8 +5,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from rlstream.core.choices import ADVANTAGE_METHODS, BUILTIN_REWARDS
-from rlstream.core.config import BUILTIN_MODEL, Config
+from rlstream.core.config import ADVANTAGE_METHODS, BUILTIN_MODEL, BUILTIN_REWARDS, Config
 from rlstream.core.errors import ConfigError
 from rlstream.core.imports import import_object
 

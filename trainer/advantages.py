@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from rlstream.core.choices import ADVANTAGE_METHODS
+from rlstream.core.config import ADVANTAGE_METHODS
 
 _STD_EPS = 1e-8
 
@@ -65,7 +65,8 @@ def resolve_advantage(spec: str):
     def user_advantage(rewards_G: Tensor) -> Tensor:
         out = torch.as_tensor(fn(rewards_G), dtype=rewards_G.dtype)
         if out.shape != rewards_G.shape:
-            raise ValueError(f"advantage {spec!r} returned shape {tuple(out.shape)} for rewards {tuple(rewards_G.shape)}")
+            raise ValueError(
+                f"advantage {spec!r} returned shape {tuple(out.shape)} for rewards {tuple(rewards_G.shape)}")
         return out
 
     return user_advantage

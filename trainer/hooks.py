@@ -13,21 +13,13 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
-import logging
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
-
-import torch
 
 from rlstream.core.config import Config
 from rlstream.core.imports import import_object
 from rlstream.sampling.rollout_fn import evaluation_rollout, resolve_factory
-from rlstream.trainer.batch import Group
-from rlstream.trainer.step_metrics import FILTER_REASON
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -63,35 +55,6 @@ def hook_failed(name: str, exc: BaseException) -> str:
     """``"<name> raised <Type>: <message>"``, truncated to REASON_LIMIT characters."""
     text = f"{name} raised {type(exc).__name__}: {exc}"
     return text if len(text) <= REASON_LIMIT else text[:REASON_LIMIT - 3] + "..."
-
-
-def score_group(group: Group, advantage_fn: Callable, advantage_name: str, filter_fn: Callable | None,
-                filtered: dict[str, int]) -> str | None:
-    """Advantages of a group that will grow no more, then ``dynamic_filter_fn`` on it (its
-    decision counted in ``filtered``): the reason to reject it, or None to train it. A user
-    function that raises (or answers NaN) rejects the group with its error as the reason."""
-    try:
-        group.advantages_G = advantage_fn(group.rewards_G)
-        finite = bool(torch.isfinite(group.advantages_G).all())
-    except Exception as exc:
-        return _rejection(f"advantage {advantage_name!r}", exc, group)
-    if not finite:
-        return f"advantage is not finite for {len(group.members)} sample(s)"
-    if filter_fn is None:
-        return None
-    try:
-        keep = filter_keeps(filter_fn(group))
-    except Exception as exc:
-        return _rejection("dynamic_filter_fn", exc, group)
-    filtered["kept" if keep else "rejected"] += 1
-    return None if keep else FILTER_REASON
-
-
-def _rejection(name: str, exc: Exception, group: Group) -> str:
-    reason = hook_failed(name, exc)
-    log.warning("rejecting group %s: %s", group.group_id, reason)
-    log.debug("%s traceback", name, exc_info=exc)  # one per group could flood the log at WARNING
-    return reason
 
 
 def filter_keeps(answer: Any) -> bool:

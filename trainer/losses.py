@@ -18,11 +18,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from rlstream.core.choices import (
+from rlstream.core.config import (
     KL_ESTIMATORS,
     NORMALIZATIONS,
     POLICY_LOSSES,
-    TIS_LEVELS,
+    Config,
     KlEstimator,
     Normalization,
     TisLevel,
@@ -38,7 +38,9 @@ _DAPO_CLIP_HIGH = 0.28
 
 @dataclass(frozen=True)
 class LossConfig:
-    """Hyper-parameters of :func:`compute_loss`. Immutable, validated on construction.
+    """Hyper-parameters of :func:`compute_loss`, immutable. The trainer builds it from the run's
+    validated ``Config`` (``LossConfig.of``), which owns the fields' ranges; tests of the pure
+    functions below build one directly, defaults being ``Config``'s.
 
     ``eps_clip_high=None`` means the per-loss default: ``eps_clip`` (symmetric, 0.2) for
     grpo and 0.28 ("clip-higher") for dapo. ``eps_clip_c`` enables dual-clip PPO on
@@ -67,33 +69,15 @@ class LossConfig:
     kl_estimator: KlEstimator = "k3"
     normalization: Normalization = "token_mean"
 
-    def __post_init__(self) -> None:
-        # Written as `not (lo < x < hi)` so that NaN is rejected too.
-        def check(ok: bool, msg: str) -> None:
-            if not ok:
-                raise ValueError(f"LossConfig: {msg}")
-
-        check(0.0 < self.eps_clip < 1.0, f"eps_clip must be in (0, 1), got {self.eps_clip}")
-        check(self.eps_clip_high is None or self.eps_clip_high > 0.0,
-              f"eps_clip_high must be > 0 or None, got {self.eps_clip_high}")
-        check(self.eps_clip_c is None or self.eps_clip_c > 1.0,
-              f"eps_clip_c (dual clip) must be > 1 or None, got {self.eps_clip_c}")
-        check(self.tis_cap > 0.0, f"tis_cap must be > 0, got {self.tis_cap}")
-        check(self.tis_level in TIS_LEVELS,
-              f"tis_level must be one of {TIS_LEVELS}, got {self.tis_level!r}")
-        check(self.icepop_threshold is None or self.icepop_threshold > 1.0,
-              f"icepop_threshold must be > 1 or None, got {self.icepop_threshold}")
-        check(self.dro_beta >= 0.0, f"dro_beta must be >= 0, got {self.dro_beta}")
-        check(0.0 < self.gspo_clip < 1.0, f"gspo_clip must be in (0, 1), got {self.gspo_clip}")
-        check(0.0 <= self.cispo_eps_low < 1.0,
-              f"cispo_eps_low must be in [0, 1), got {self.cispo_eps_low}")
-        check(self.cispo_eps_high >= 0.0,
-              f"cispo_eps_high must be >= 0, got {self.cispo_eps_high}")
-        check(self.kl_beta >= 0.0, f"kl_beta must be >= 0, got {self.kl_beta}")
-        check(self.kl_estimator in KL_ESTIMATORS,
-              f"kl_estimator must be one of {KL_ESTIMATORS}, got {self.kl_estimator!r}")
-        check(self.normalization in NORMALIZATIONS,
-              f"normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}")
+    @classmethod
+    def of(cls, cfg: Config) -> LossConfig:
+        """The loss fields of a validated ``Config``, copied as they are: ``Config`` checked
+        their types and ranges, so nothing is checked again here."""
+        return cls(eps_clip=cfg.eps_clip, eps_clip_high=cfg.eps_clip_high, eps_clip_c=cfg.eps_clip_c,
+                   tis_cap=cfg.tis.cap, tis_level=cfg.tis.level, icepop_threshold=cfg.tis.icepop_threshold,
+                   dro_beta=cfg.dro_beta, gspo_clip=cfg.gspo_clip, cispo_eps_low=cfg.cispo_eps_low,
+                   cispo_eps_high=cfg.cispo_eps_high, kl_beta=cfg.kl_beta, kl_estimator=cfg.kl_estimator,
+                   normalization=cfg.normalization)
 
     def clip_high(self, policy_loss: str) -> float:
         """Upper PPO clip epsilon after resolving the per-loss default."""

@@ -36,16 +36,6 @@ from rlstream.trainer.policy_model import all_finite, token_logprobs
 from rlstream.trainer.precision import Precision
 
 
-def loss_config(cfg: Config) -> LossConfig:
-    return LossConfig(
-        eps_clip=cfg.eps_clip, eps_clip_high=cfg.eps_clip_high, eps_clip_c=cfg.eps_clip_c,
-        tis_cap=cfg.tis.cap, tis_level=cfg.tis.level, icepop_threshold=cfg.tis.icepop_threshold,
-        dro_beta=cfg.dro_beta, gspo_clip=cfg.gspo_clip, cispo_eps_low=cfg.cispo_eps_low,
-        cispo_eps_high=cfg.cispo_eps_high, kl_beta=cfg.kl_beta, kl_estimator=cfg.kl_estimator,
-        normalization=cfg.normalization,
-    )
-
-
 def make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:
     """AdamW with ``[trainer]``'s ``beta1``, ``beta2``, ``eps``, ``weight_decay``: by default
     (0.9, 0.95), 1e-8, 0.01 on every weight (the cookbook's seeds pass beta2 0.999; 0.95 is
@@ -153,14 +143,15 @@ def minibatch_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, bat
 
 
 def micro_loss(model: torch.nn.Module, mb: Batch, old_B_T: torch.Tensor | None, ref_B_T: torch.Tensor | None, *,
-               cfg: Config, precision: Precision, denominator: float, grad: bool) -> tuple[torch.Tensor, dict[str, float]]:
+               cfg: Config, precision: Precision, denominator: float,
+               grad: bool) -> tuple[torch.Tensor, dict[str, float]]:
     """One micro-batch's forward and loss (its share: ``denominator`` is its (mini)batch's) with
     its metrics; ``old_B_T`` None = the live forward's own logprobs, detached."""
     with torch.set_grad_enabled(grad), precision.autocast():
         logprobs_B_T = token_logprobs(model, mb.tokens_B_N, mb.attention_B_N, cfg.temperature)
     return compute_loss(cfg.policy_loss, logprobs_B_T, logprobs_B_T.detach() if old_B_T is None else old_B_T,
                         mb.inf_logprobs_B_T, mb.advantages_B, mb.mask_B_T, ref_logprobs=ref_B_T,
-                        config=loss_config(cfg), denominator=denominator)
+                        config=LossConfig.of(cfg), denominator=denominator)
 
 
 @torch.no_grad()

@@ -12,11 +12,11 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from rlstream.core import keys
 from rlstream.core.messages import RolloutSample
 from rlstream.core.run_state import RunState
 from rlstream.trainer.batch import Group
 
-GATE_CLOSED = "gate_closed_ms"  # the producer's counter in rl:{run}:rollout_stats (producers/producer.py)
 BUSY_KEPT = 256  # trainer busy intervals remembered: far more steps than any sample can be behind
 
 
@@ -35,7 +35,7 @@ class PerfClock:
     def restart(self, state: RunState, stats: dict[str, int]) -> None:
         self.last_line, self.busy_since, self.weight_write_s = time.monotonic(), time.time(), 0.0
         self.sampled = (state.sampled_samples, state.sampled_tokens)
-        self.gate_closed_ms = stats.get(GATE_CLOSED, 0)
+        self.gate_closed_ms = stats.get(keys.GATE_CLOSED_MS, 0)
 
     def weights_written(self, seconds: float) -> None:
         self.weight_write_s += seconds
@@ -47,7 +47,7 @@ class PerfClock:
         wall = max(now - self.last_line, 1e-9)
         self.busy.append((self.busy_since, compute_began - wait_time))  # busy until this step's wait began
         self.busy_since = compute_began
-        gate = stats.get(GATE_CLOSED, 0)
+        gate = stats.get(keys.GATE_CLOSED_MS, 0)
         samples_n, tokens_n = state.sampled_samples - self.sampled[0], state.sampled_tokens - self.sampled[1]
         line = {
             "perf/step_wall_time": wall,

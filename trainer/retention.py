@@ -14,9 +14,7 @@ every crash point safe: see the failure table (docs/design.md §10 Failure seman
 from __future__ import annotations
 
 import logging
-import os
 import shutil
-import signal
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -26,10 +24,10 @@ from rlstream.core import keys
 from rlstream.core.archive import Archive, Segment, id_key
 from rlstream.core.bus import as_text, xrange_all
 from rlstream.core.memory_guard import memory_pressure
+from rlstream.trainer import failpoints
 from rlstream.trainer.checkpoint import complete_checkpoints
 
 log = logging.getLogger(__name__)
-FAULT_ENV = "RLSTREAM_FAULT"  # crash tests: "mid_archive:<step>,after_trim:<step>" (see _failpoint)
 PIN_SUFFIX = ".keep"  # checkpoints/step-<N>.keep next to a checkpoint: the user still needs it
 SEGMENT_BYTES = 64 << 20  # entry bytes per archive segment
 
@@ -130,10 +128,10 @@ class Retention:
             prune_checkpoints(self.run_dir, self.cfg.retention.keep_checkpoints)
         if self.enabled:
             self.lease.confirm()  # the archive is this run's: no trainer without the lease writes or trims it
-            tap = _die_mid_write if _failpoint("mid_archive", step) else None
+            tap = failpoints.die_mid_write if failpoints.armed("mid_archive", step) else None
             archive_and_trim(self.r, self.archive, step, tap=tap)
-            if _failpoint("after_trim", step):
-                _kill_embedded_redis(self.run_dir)
+            if failpoints.armed("after_trim", step):
+                failpoints.kill_embedded_redis(self.run_dir)
 
     def pressed(self, step: int) -> bool:
         """Redis is past ``retention.memory_high_water`` of its maxmemory: checkpoint now, so
@@ -147,26 +145,3 @@ class Retention:
             log.warning("Redis is at %.0f%% of its maxmemory: checkpointing early to archive and trim the rollouts "
                         "(raise redis.maxmemory_mb or lower dcp_save_interval if this repeats)", 100 * fraction)
         return fraction is not None
-
-
-def _failpoint(name: str, step: int) -> bool:
-    return f"{name}:{step}" in os.environ.get(FAULT_ENV, "").split(",")
-
-
-def _die_mid_write(entries: Iterator) -> Iterator:
-    """Crash tests: SIGKILL this trainer once part of a segment is written (before its rename)."""
-    for i, entry in enumerate(entries):
-        if i == 1:
-            log.warning("failpoint mid_archive: SIGKILL")
-            os.kill(os.getpid(), signal.SIGKILL)
-        yield entry
-
-
-def _kill_embedded_redis(run_dir: Path) -> None:
-    """Crash tests: SIGKILL the run's embedded redis-server right after a trim."""
-    try:
-        pid = int((run_dir / "redis" / "pid").read_text())
-    except (OSError, ValueError):
-        return
-    log.warning("failpoint after_trim: SIGKILL redis-server %d", pid)
-    os.kill(pid, signal.SIGKILL)

@@ -10,6 +10,7 @@ from itertools import compress
 
 import torch
 
+from rlstream.core import keys
 from rlstream.core.run_state import RunState
 from rlstream.trainer.batch import Group
 
@@ -22,7 +23,7 @@ class LiveRun:
 
     wait_time: float  # seconds the trainer waited for the batch's groups
     rejected_groups: int  # rejected_total(state)
-    worker_counts: dict[str, int]  # bus.rollout_stats: invalid_samples, rollout_failures
+    worker_counts: dict[str, int]  # bus.rollout_stats (keys.WORKER_STATS among them)
     filter_kept: int  # dynamic_filter_fn decisions since the last step
     filter_rejected: int
     stale_dropped: int = 0  # groups dropped past the staleness bound while this batch was gathered
@@ -53,8 +54,8 @@ def step_metrics(step: int, version: int, groups: list[Group], train_metrics: di
         decided = live.filter_kept + live.filter_rejected
         metrics.update({
             "rollout/rejected_groups_total": live.rejected_groups,
-            "rollout/invalid_samples_total": live.worker_counts.get("invalid_samples", 0),
-            "rollout/failures_total": live.worker_counts.get("rollout_failures", 0),
+            "rollout/invalid_samples_total": live.worker_counts.get(keys.INVALID_SAMPLES, 0),
+            "rollout/failures_total": live.worker_counts.get(keys.ROLLOUT_FAILURES, 0),
             "async/version_offset_max": (version - 1 - sampled_at_B).max().item(),
             "async/version_offset_mean": (version - 1 - sampled_at_B).mean().item(),
             "async/submit_offset_max": max(version - 1 - s.submit_version for s in samples),

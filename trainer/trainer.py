@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import signal
 import time
 from pathlib import Path
 
@@ -28,7 +26,7 @@ from rlstream.core.messages import Evaluated, RunFinished, StepCommitted, Weight
 from rlstream.core.metrics import MetricsLog
 from rlstream.core.run_state import RunState
 from rlstream.sampling.torch_setup import load_model_and_tokenizer, setup_torch
-from rlstream.trainer import lora
+from rlstream.trainer import failpoints, lora
 from rlstream.trainer.advantages import resolve_advantage
 from rlstream.trainer.batch import Group, collate
 from rlstream.trainer.buffer import RolloutBuffer
@@ -47,11 +45,11 @@ from rlstream.trainer.commit import commit_step, publish, step_record
 from rlstream.trainer.hooks import (
     EVAL_FAILED,
     EvaluationContext,
+    filter_keeps,
     hook_failed,
     load_evaluation,
     load_filter,
     run_evaluation,
-    score_group,
 )
 from rlstream.trainer.lease import RollbackWatch, TrainerLease, fenced_write
 from rlstream.trainer.optimize import make_optimizer, policy_update
@@ -71,12 +69,11 @@ from rlstream.trainer.resume import (
 from rlstream.trainer.retention import Retention
 from rlstream.trainer.schedule import due, lr_multiplier
 from rlstream.trainer.staleness import stale_total
-from rlstream.trainer.step_metrics import LiveRun, eval_metrics, rejected_total, step_metrics
+from rlstream.trainer.step_metrics import FILTER_REASON, LiveRun, eval_metrics, rejected_total, step_metrics
 from rlstream.trainer.streaming import StreamingStep
 from rlstream.trainer.wandb_log import make_logger
 
 log = logging.getLogger(__name__)
-FAULT_ENV = "RLSTREAM_FAULT"  # failpoint for crash tests: "after_commit:<step>" SIGKILLs there
 NO_STEP_TRAINED = "no step was trained: every admitted group was rejected; see `rlstream audit {}` and the worker logs"
 
 
@@ -167,7 +164,8 @@ class Trainer:
         return self.buffer.stream(P, self.version, streamed.add), streamed
 
     # ----------------------------------------------------------------- the step
-    def train_step(self, groups: list[Group], wait_time: float, streamed: StreamingStep | None = None) -> dict[str, float]:
+    def train_step(self, groups: list[Group], wait_time: float,
+                   streamed: StreamingStep | None = None) -> dict[str, float]:
         """One step on ``groups`` (scored with their advantages as they completed): update the
         policy, write the weights when a sync is due, commit, publish, log; checkpoint and
         evaluate when due. The order is the commit protocol's (``commit``): the weights are on
@@ -182,7 +180,7 @@ class Trainer:
         self.filtered = {"kept": 0, "rejected": 0}
         committed = step_record(self.step, self.version, groups, metrics)
         self.last_commit_id = commit_step(self.r, self.cfg.run_id, committed, self.lease, last_event=self.cursor)
-        self._failpoint("after_commit")
+        failpoints.kill_self("after_commit", self.step)  # crash tests (trainer/failpoints.py)
         if written is not None:
             publish(self.r, self.cfg.run_id, written, self.lease)
         self.log_metrics(metrics)
@@ -193,9 +191,25 @@ class Trainer:
         return metrics
 
     def score(self, group: Group) -> str | None:
-        """The group's advantages, then ``dynamic_filter_fn`` (``hooks.score_group``): the reason to
-        reject it, or None to train it (``RolloutBuffer`` calls this once it will grow no more)."""
-        return score_group(group, self.advantage_fn, self.cfg.advantage, self.filter_fn, self.filtered)
+        """The group's advantages, then ``dynamic_filter_fn`` on it (its decision counted in
+        ``filtered``): the reason to reject it, or None to train it (``RolloutBuffer`` calls this
+        once it will grow no more). A user function that raises (or answers NaN) rejects the
+        group with its error as the reason."""
+        try:
+            group.advantages_G = self.advantage_fn(group.rewards_G)
+            finite = bool(torch.isfinite(group.advantages_G).all())
+        except Exception as exc:
+            return _rejection(f"advantage {self.cfg.advantage!r}", exc, group)
+        if not finite:
+            return f"advantage is not finite for {len(group.members)} sample(s)"
+        if self.filter_fn is None:
+            return None
+        try:
+            keep = filter_keeps(self.filter_fn(group))
+        except Exception as exc:
+            return _rejection("dynamic_filter_fn", exc, group)
+        self.filtered["kept" if keep else "rejected"] += 1
+        return None if keep else FILTER_REASON
 
     def optimize(self, groups: list[Group], lr: float | None = None,
                  streamed: StreamingStep | None = None) -> dict[str, float]:
@@ -251,11 +265,6 @@ class Trainer:
         entries = self.follow_events()
         self.rollback.check(before)
         return entries
-
-    def _failpoint(self, name: str) -> None:
-        if os.environ.get(FAULT_ENV) == f"{name}:{self.step}":
-            log.warning("failpoint %s:%d: SIGKILL", name, self.step)
-            os.kill(os.getpid(), signal.SIGKILL)
 
     # ----------------------------------------------------------------- resume
     def resume(self) -> None:
@@ -335,7 +344,8 @@ class Trainer:
             self.checkpoint()
         if self.cfg.output_model_id:
             with self.precision.published():
-                log.info("exported %s", export_model(self.model, self.tokenizer, self.run_dir, self.cfg.output_model_id))
+                exported = export_model(self.model, self.tokenizer, self.run_dir, self.cfg.output_model_id)
+                log.info("exported %s", exported)
 
     def finish(self, reason: str, failed: bool = False) -> None:
         self.lease.confirm()  # a trainer that lost the lease must not export or checkpoint over its successor
@@ -347,3 +357,10 @@ class Trainer:
         fenced_write(self.r, self.lease, add=(keys.events(self.cfg.run_id), finished))
         self.state.apply(finished)
         (log.error if failed else log.info)("trainer: run finished (%s) at step %d", reason, self.step)
+
+
+def _rejection(name: str, exc: Exception, group: Group) -> str:
+    reason = hook_failed(name, exc)
+    log.warning("rejecting group %s: %s", group.group_id, reason)
+    log.debug("%s traceback", name, exc_info=exc)  # one per group could flood the log at WARNING
+    return reason

@@ -12,6 +12,7 @@ import logging
 import redis
 from rq.serializers import JSONSerializer
 
+from rlstream.core import keys
 from rlstream.core.config import Config
 from rlstream.core.errors import RlstreamError
 from rlstream.core.fold_snapshot import start_fold
@@ -74,4 +75,4 @@ def run_worker(cfg: Config, r: redis.Redis, worker_id: str) -> None:
                             "worker (`rlstream up` does so itself) and make the rollout_fn's blocking calls async")
     check_work_ended(worker, events, worker_id)
     log.info("worker %s: exiting (%d invalid samples, %d rollout failures)", worker_id,
-             runtime.totals["invalid_samples"], runtime.totals["rollout_failures"])
+             runtime.totals[keys.INVALID_SAMPLES], runtime.totals[keys.ROLLOUT_FAILURES])

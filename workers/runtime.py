@@ -218,11 +218,11 @@ class WorkerRuntime:
                 raise
             except Exception as exc:
                 log.warning("worker %s: rollout_fn failed (attempt %d): %r", self.worker_id, attempt + 1, exc)
-                self._count(tally, "rollout_failures", error_text(exc))
+                self._count(tally, keys.ROLLOUT_FAILURES, error_text(exc))
                 continue
             if problem is not None:
                 log.warning("worker %s: invalid sample dropped: %s", self.worker_id, problem)
-                self._count(tally, "invalid_samples", f"invalid sample: {problem}")
+                self._count(tally, keys.INVALID_SAMPLES, f"invalid sample: {problem}")
                 return None
             return result
         return None
@@ -289,7 +289,7 @@ class WorkerRuntime:
             log.error("worker %s: %s: stopping the run", self.worker_id, self.breaker.reason())
             raise CircuitOpen(self.breaker.reason())
         return {"group_id": job.group_id, "samples": len(samples), "version": version, "rejected": rejection,
-                **{field: tally.counts[field] for field in ("invalid_samples", "rollout_failures")}}
+                **{field: tally.counts[field] for field in keys.WORKER_STATS}}
 
     def _row_problem(self, job: GroupJob) -> str | None:
         """Why the built-in rollout cannot sample this row at all (None: draw). A user's
@@ -335,6 +335,6 @@ class WorkerRuntime:
 
     def _add_stats(self, pipe: Any, counts: Counter) -> None:
         """Run-wide counters the trainer reports (per-process ones die with the worker)."""
-        for field in ("invalid_samples", "rollout_failures"):
+        for field in keys.WORKER_STATS:
             if counts[field]:
                 pipe.hincrby(keys.rollout_stats(self.cfg.run_id), field, counts[field])

@@ -7,7 +7,7 @@ import re
 from typing import Any, Callable
 
 from rlstream.builtin.task import exact_match_reward
-from rlstream.core.choices import BUILTIN_REWARDS
+from rlstream.core.config import BUILTIN_REWARDS
 
 RewardFn = Callable[[str, dict[str, Any]], float]
 _NUMBER_RE = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
@@ -37,7 +37,7 @@ def math_answer(completion_text: str, row: dict[str, Any]) -> float:
     return 1.0 if got is not None and want is not None and abs(got - want) < 1e-6 else 0.0
 
 
-# keyed by function name: the names are rlstream.core.choices.BUILTIN_REWARDS
+# keyed by function name: the names are rlstream.core.config.BUILTIN_REWARDS
 _BUILTIN: dict[str, RewardFn] = {fn.__name__: fn for fn in (exact_match, math_answer)}
 
 

@@ -55,7 +55,7 @@ def xrange_all(r: redis.Redis, stream: str, *, page: int = 1000, start: str = "-
 
 
 def rollout_stats(r: redis.Redis, run_id: str) -> dict[str, int]:
-    """The workers' run-wide counters (``invalid_samples``, ``rollout_failures``)."""
+    """The run-wide rollout counters (``keys.WORKER_STATS``, ``keys.GATE_CLOSED_MS``)."""
     return {as_text(k): int(v) for k, v in r.hgetall(keys.rollout_stats(run_id)).items()}
 
 

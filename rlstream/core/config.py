@@ -1,6 +1,13 @@
-"""The run configuration: one pydantic model, loaded from TOML (or the resolved JSON a run
-writes), then overridden by ``RLSTREAM_<FIELD>`` environment variables, then by
-``--set field=value``. Field names follow the Fireworks cookbook's recipe Config.
+"""The run configuration: one pydantic model, ``Config``, with its tables, loaded from TOML (or
+the resolved JSON a run writes), then overridden by ``RLSTREAM_<FIELD>`` environment variables,
+then by ``--set field=value``. Field names follow the Fireworks cookbook's recipe Config; the
+cookbook's nested spellings and hosted-only fields are ``core.cookbook_config``'s, which
+``Config`` composes (its ``deployment``, ``weight_sync`` and ``infra`` tables) and runs before it
+validates.
+
+In order: the closed sets of names a field chooses from, the tables (``[redis]``, ``[tis]``,
+``[wandb]``, ``[workers]``, ``[trainer]``, ``[inference]``, ``[retention]``), ``Config``, and how a
+file, the environment and ``--set`` become one.
 
 This module imports neither torch nor transformers: the CLI validates a config and
 reports a bad one before any heavy import.
@@ -10,31 +17,221 @@ from __future__ import annotations
 import json
 import os
 import tomllib
+import types
+import typing
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, Mapping
+from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BeforeValidator, Field, ValidationError, model_validator
-
-from rlstream.core.choices import ADVANTAGE_METHODS, BUILTIN_REWARDS, KlEstimator, LrSchedule, Normalization, PolicyLoss
-from rlstream.core.config_sections import (
-    DEVICE_PATTERN,
-    InferenceConfig,
-    RedisConfig,
-    RetentionConfig,
-    TisConfig,
-    TrainerConfig,
-    WandbConfig,
-    WorkersConfig,
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SerializationInfo,
+    ValidationError,
+    field_serializer,
+    model_validator,
 )
-from rlstream.core.cookbook_config import CookbookSections
-from rlstream.core.credentials import redacted
+
+from rlstream.core.cookbook_config import (
+    DeployConfig,
+    HostedTrainerFields,
+    InfraConfig,
+    WeightSyncConfig,
+    move_cookbook_spellings,
+)
+from rlstream.core.credentials import redacted, without_password
 from rlstream.core.errors import ConfigError
 from rlstream.core.imports import check_spec
 from rlstream.core.keys import check_run_id
-from rlstream.core.overrides import env_names, parse_value, set_path
-from rlstream.core.overrides import env_overrides as env_overrides_of
 
+# --------------------------------------------------------------------------- the closed name sets
+
+# The closed sets of names a config field chooses from, each written once: the config validates
+# against it, and the code that implements each name (the trainer's losses and advantages, the
+# built-in rewards, preflight) imports it from here. A set whose field admits nothing else is a
+# ``Literal`` type (pydantic validates and reports it, type checkers see it), with its names as a
+# tuple beside it for code that checks at run time; ``advantage`` and ``reward_fn`` also take a
+# ``'module:function'``, so theirs is a plain tuple.
+PolicyLoss = Literal["grpo", "importance_sampling", "reinforce", "dapo", "dro", "gspo", "cispo"]
+POLICY_LOSSES: tuple[str, ...] = get_args(PolicyLoss)
+
+KlEstimator = Literal["k1", "k2", "k3"]
+KL_ESTIMATORS: tuple[str, ...] = get_args(KlEstimator)
+
+Normalization = Literal["token_mean", "sequence_mean", "token_sum"]
+NORMALIZATIONS: tuple[str, ...] = get_args(Normalization)
+
+TisLevel = Literal["token", "sequence"]  # only the config (and the losses' types) need it as names
+LrSchedule = Literal["constant", "linear", "cosine"]  # likewise
+TrainerDtype = Literal["float32", "bfloat16", "float16"]  # likewise
+
+# grpo: (r - mean) / std; dr_grpo: r - mean. Anything else is a 'module:function'.
+ADVANTAGE_METHODS: tuple[str, ...] = ("grpo", "dr_grpo")
+# rlstream.builtin.rewards implements each. Anything else is a 'module:function'.
+BUILTIN_REWARDS: tuple[str, ...] = ("exact_match", "math_answer")
+
+
+# --------------------------------------------------------------------------- the tables
+class ConfigSection(BaseModel):
+    # strict: TOML has real types, so `seed = true` or `learning_rate = "1e-3"` is a mistake to
+    # report, not to coerce (`--set` and environment values are parsed as TOML literals first).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True)
+
+
+class RedisConfig(ConfigSection):
+    url: str | None = Field(
+        None, pattern=r"^(redis|rediss|unix)://",
+        description="redis://, rediss:// (TLS) or unix:// URL of an external server, with a user name for an ACL "
+        "user (redis://USER@host:6379/0); the password goes in RLSTREAM_REDIS_PASSWORD. Unset = `rlstream up` "
+        "starts an embedded redis-server (AOF on, random password) under the run directory",
+        repr=False,  # may carry a password
+    )
+    connect_timeout: float = Field(
+        15.0, gt=0, le=600, description="seconds of bounded, backed-off retries before giving up"
+    )
+    maxmemory_mb: int | None = Field(
+        None, ge=0, le=1 << 30, description="the embedded server's maxmemory in MiB (noeviction); unset = half the "
+        "machine's memory, 0 = no limit. An external server's own maxmemory is read instead"
+    )
+
+    @field_serializer("url")
+    def _url_without_password(self, url: str | None, info: SerializationInfo) -> str | None:
+        """Every dump (config.json, the RunStarted event, W&B) drops the password; only an
+        in-process round trip asks for it with ``context={"secrets": True}``."""
+        return url if (info.context or {}).get("secrets") else without_password(url)
+
+
+class TisConfig(ConfigSection):
+    """Truncated importance sampling between the trainer's and the sampler's logprobs."""
+
+    cap: float = Field(5.0, ge=1.0, le=1e6, description="cap on the train/inference weight exp(old - inf)")
+    level: TisLevel = Field(
+        "token", description="weight per token, or the geometric mean over the sequence's trained tokens"
+    )
+    icepop_threshold: float | None = Field(
+        None, gt=1.0, description="zero tokens whose ratio leaves [1/θ, θ] (IcePop); unset = off"
+    )
+
+
+class WandbConfig(ConfigSection):
+    """Optional Weights & Biases logging from the trainer (needs `pip install wandb`)."""
+
+    project: str | None = Field(None, description="W&B project; unset = no W&B logging")
+    entity: str | None = Field(None, description="W&B entity (team or user); unset = your default entity")
+    name: str | None = Field(None, validation_alias=AliasChoices("name", "run_name"),
+                             description="W&B run name (the cookbook's `run_name` is accepted); unset = the run id")
+    mode: Literal["online", "offline"] = Field("offline", description="W&B mode")
+
+
+DEVICE_PATTERN = r"^(auto|cpu|cuda(:\d+)?|mps)$"
+
+
+class WorkersConfig(ConfigSection):
+    count: int = Field(2, ge=0, le=256, description="rollout worker processes `rlstream up` starts")
+    device: str | None = Field(
+        None, pattern=DEVICE_PATTERN, description="the workers' torch device (local backend); unset = the top-level "
+        "`device`"
+    )
+    concurrency_control: Literal["fixed", "adaptive"] = Field(
+        "fixed", description="openai backend: requests in flight per worker stay at `inference.max_concurrency` "
+        "(fixed), or adapt to the server's latency and 429/503 answers between 1 and it, starting at 16 (adaptive, "
+        "AIMD); a worker takes more groups while the window has room"
+    )
+    local_max_batch: int | None = Field(
+        None, ge=1, le=65536, description="local backend: most rows one `generate` holds; a worker then samples up "
+        "to local_max_batch / completions_per_prompt groups at once, batching their draws; unset = one group at a "
+        "time (each job's draws reproducible from its seed)"
+    )
+
+
+class TrainerConfig(ConfigSection, HostedTrainerFields):  # + the cookbook's hosted-only shape fields
+    """How the trainer runs a step: micro-batches, precision, device, AdamW (docs/design.md §12
+    Algorithm). None of it changes the optimizer step but ``dtype`` and the AdamW parameters."""
+
+    micro_batch_tokens: int | None = Field(
+        None, ge=1, le=1 << 40, description="most padded tokens (rows x longest row) one forward/backward holds; "
+        "gradients accumulate to the same step; unset = the whole (mini)batch at once"
+    )
+    dtype: TrainerDtype = Field(
+        "float32", description="compute dtype of the trainer's forwards and backwards (autocast); weights and "
+        "AdamW state stay float32"
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="recompute each layer's activations in the backward instead of keeping them"
+    )
+    device: str | None = Field(
+        None, pattern=DEVICE_PATTERN, description="the trainer's torch device; unset = the top-level `device`"
+    )
+    beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1")
+    beta2: float = Field(0.95, ge=0, lt=1, description="AdamW beta2 (the cookbook's seeds pass 0.999)")
+    eps: float = Field(1e-8, gt=0, le=1, description="AdamW eps")
+    weight_decay: float = Field(0.01, ge=0, le=10, description="AdamW decoupled weight decay, on every weight")
+    streaming: bool = Field(
+        False, description="forward/backward on a batch's groups as they arrive, one optimizer step when it is "
+        "complete (the cookbook's pipeline chunks); needs micro_batch_tokens and ppo_n_minibatches = 1"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainerConfig:
+        if self.streaming and self.micro_batch_tokens is None:
+            raise ValueError("streaming runs the batch in micro-batches as its groups arrive: set micro_batch_tokens")
+        return self
+
+
+class InferenceConfig(ConfigSection):
+    """Where workers sample: the local transformers model, or an OpenAI-compatible server."""
+
+    backend: Literal["local", "openai"] = Field(
+        "local", description="local = a transformers model in each worker; openai = an OpenAI-compatible "
+        "server (vLLM, SGLang) over httpx"
+    )
+    base_url: str | None = Field(
+        None, pattern=r"^https?://", description="the server's API root, e.g. http://127.0.0.1:8000/v1 (openai backend)"
+    )
+    model: str | None = Field(None, description="model name sent with each request; unset = base_model")
+    api_key_env: str | None = Field(
+        None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="environment variable holding a bearer token (the key itself never goes in a config file)",
+    )
+    weight_sync_url: str | None = Field(
+        None, pattern=r"^https?://", description="POSTed {model_path, version} for each new version "
+        "(SGLang: .../update_weights_from_disk); unset = the server is never updated"
+    )
+    timeout: float = Field(120.0, gt=0, le=3600, description="seconds per HTTP request")
+    max_retries: int = Field(4, ge=0, le=20, description="retries of a request on connection errors, 429 and 5xx "
+                             "(exponential backoff from 0.5 s, capped at 8 s)")
+    max_concurrency: int = Field(64, ge=1, le=4096, description="requests in flight per worker (across the groups it "
+                                 "samples at once)")
+
+    @model_validator(mode="after")
+    def _check(self) -> InferenceConfig:
+        if self.backend == "openai" and self.base_url is None:
+            raise ValueError("backend 'openai' needs base_url (e.g. http://127.0.0.1:8000/v1)")
+        return self
+
+
+class RetentionConfig(ConfigSection):
+    """What a long run keeps in Redis and on disk (docs/design.md §15.45 Archive, then trim)."""
+
+    archive: bool = Field(
+        True, description="after each checkpoint, move the rollouts it covers out of Redis into "
+        "runs/<run>/archive/ and trim the stream; off = the stream keeps every sample (Redis grows with the run)"
+    )
+    keep_checkpoints: int = Field(
+        3, ge=0, le=1_000_000, description="checkpoints kept on disk: the newest N plus any pinned with a "
+        "checkpoints/step-<N>.keep file; 0 = keep all"
+    )
+    memory_high_water: float = Field(
+        0.8, gt=0, le=1, description="fraction of Redis's maxmemory at which the producer stops admitting and the "
+        "trainer checkpoints (archive + trim) early"
+    )
+
+
+# --------------------------------------------------------------------------- the run
 BUILTIN_MODEL = "builtin:tiny"
 MAX_SEQ_LEN_LIMIT = 1_048_576
 # Path fields take a pathlib.Path from Python too (the config is otherwise strict).
@@ -44,7 +241,7 @@ LoraModuleName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.]{0,199
 LoraTargets = Literal["all-linear"] | Annotated[list[LoraModuleName], Field(min_length=1, max_length=256)]
 
 
-class Config(CookbookSections):  # + the cookbook's deployment, weight_sync, infra tables
+class Config(ConfigSection):
     """A run. Every field has a type, a range and a description (README "Config reference")."""
 
     run_id: str | None = Field(None, description="run id; generated by `rlstream up` when unset")
@@ -79,7 +276,8 @@ class Config(CookbookSections):  # + the cookbook's deployment, weight_sync, inf
     prompt_groups_per_step: int = Field(32, ge=1, le=65_536, description="P: groups per optimizer step")
     max_completion_tokens: int = Field(16, ge=1, le=131_072, description="max generated tokens per completion")
     max_seq_len: Annotated[int, BeforeValidator(lambda v: MAX_SEQ_LEN_LIMIT if v is None else v)] = Field(
-        2048, ge=2, le=MAX_SEQ_LEN_LIMIT, description="max prompt + completion tokens; None (the cookbook's default) = no limit"
+        2048, ge=2, le=MAX_SEQ_LEN_LIMIT,
+        description="max prompt + completion tokens; None (the cookbook's default) = no limit"
     )
     temperature: float = Field(1.0, gt=0, le=10.0, description="sampling temperature (trainer logprobs use it too)")
     policy_loss: PolicyLoss = Field(
@@ -99,7 +297,8 @@ class Config(CookbookSections):  # + the cookbook's deployment, weight_sync, inf
         "checkpoints hold the adapter"
     )
     lora_alpha: int | None = Field(
-        None, ge=1, le=65_536, description="LoRA scale numerator (scale = lora_alpha / lora_rank); unset = 2 x lora_rank"
+        None, ge=1, le=65_536,
+        description="LoRA scale numerator (scale = lora_alpha / lora_rank); unset = 2 x lora_rank"
     )
     lora_target_modules: LoraTargets = Field(
         "all-linear", description="modules LoRA adapts: \"all-linear\" (every linear layer but the output head) "
@@ -110,7 +309,8 @@ class Config(CookbookSections):  # + the cookbook's deployment, weight_sync, inf
     eps_clip_c: float | None = Field(None, gt=1, le=100, description="dual clip for A < 0 (grpo, dapo); unset = off")
     dro_beta: float = Field(0.05, ge=0, le=100, description="quadratic proximal penalty of the dro loss")
     gspo_clip: float = Field(0.2, gt=0, lt=1, description="gspo: the sequence ratio is clipped to [1 - c, 1 + c]")
-    cispo_eps_low: float = Field(0.2, ge=0, lt=1, description="cispo: the detached ratio is clipped below at 1 - eps_low")
+    cispo_eps_low: float = Field(
+        0.2, ge=0, lt=1, description="cispo: the detached ratio is clipped below at 1 - eps_low")
     cispo_eps_high: float = Field(0.28, ge=0, le=10, description="cispo: ... and above at 1 + eps_high")
     normalization: Normalization = Field(
         "token_mean", description="how per-token losses reduce to the batch loss"
@@ -126,7 +326,8 @@ class Config(CookbookSections):  # + the cookbook's deployment, weight_sync, inf
     )
     tis: TisConfig = Field(default_factory=TisConfig)
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
-    grad_clip_norm: float | None = Field(1.0, ge=0, description="global grad-norm clip; 0 or unset = none (the cookbook's 0.0)")
+    grad_clip_norm: float | None = Field(
+        1.0, ge=0, description="global grad-norm clip; 0 or unset = none (the cookbook's 0.0)")
     max_head_offpolicy_versions: int = Field(
         0, ge=0, le=1024, description="O: how many versions sampling may run ahead of training"
     )
@@ -164,7 +365,8 @@ class Config(CookbookSections):  # + the cookbook's deployment, weight_sync, inf
     rollout_max_retries: int = Field(2, ge=0, le=100, description="retries of a rollout_fn draw that raised")
     job_timeout: int = Field(60, ge=5, le=86_400, description="seconds before a rollout job is presumed dead")
     keep_weights: int = Field(3, ge=1, le=10_000, description="published weight versions kept on disk")
-    torch_threads: int = Field(1, ge=1, le=512, description="torch threads per process (1 is fastest when processes share cores)")
+    torch_threads: int = Field(
+        1, ge=1, le=512, description="torch threads per process (1 is fastest when processes share cores)")
     device: str = Field("auto", pattern=DEVICE_PATTERN, description="torch device of every process; auto = cuda if "
                         "available; trainer.device and workers.device override it per role")
     redis: RedisConfig = Field(default_factory=RedisConfig)
@@ -172,6 +374,17 @@ class Config(CookbookSections):  # + the cookbook's deployment, weight_sync, inf
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
     wandb: WandbConfig = Field(default_factory=WandbConfig)
     retention: RetentionConfig = Field(default_factory=RetentionConfig)
+    # The cookbook's tables (core.cookbook_config): their self-hosted spellings are moved onto the
+    # fields above before validation, their hosted-only fields kept as written. frozen: assigning a
+    # table to a built Config would skip the move (two copies of one value); set rlstream's field.
+    deployment: DeployConfig = Field(default_factory=DeployConfig, frozen=True)
+    weight_sync: WeightSyncConfig = Field(default_factory=WeightSyncConfig, frozen=True)
+    infra: InfraConfig = Field(default_factory=InfraConfig, frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _move_cookbook_spellings(cls, data: Any) -> Any:
+        return move_cookbook_spellings(data, cls.model_fields["base_model"].default)
 
     @model_validator(mode="after")
     def _check(self) -> Config:
@@ -199,7 +412,8 @@ class Config(CookbookSections):  # + the cookbook's deployment, weight_sync, inf
         if self.min_group_size > self.completions_per_prompt:
             raise ValueError("min_group_size exceeds completions_per_prompt")
         if self.ppo_n_minibatches > self.batch_size:
-            raise ValueError(f"ppo_n_minibatches {self.ppo_n_minibatches} exceeds the batch of {self.batch_size} samples")
+            raise ValueError(
+                f"ppo_n_minibatches {self.ppo_n_minibatches} exceeds the batch of {self.batch_size} samples")
         if self.trainer.streaming and self.ppo_n_minibatches > 1:  # later minibatches need the first one's update
             raise ValueError("trainer.streaming needs ppo_n_minibatches = 1")
         if self.lr_schedule != "constant" and self.max_steps is None:
@@ -239,18 +453,70 @@ class Config(CookbookSections):  # + the cookbook's deployment, weight_sync, inf
         return Path(self.log_path) / self.run_id
 
 
+# --------------------------------------------------------------------------- file, environment, --set
 def new_run_id() -> str:
     return "run-" + uuid.uuid4().hex[:8]
 
 
+ENV_PREFIX = "RLSTREAM_"
+
+
+def _is_text_field(dotted: str) -> bool:
+    """True when the field at ``dotted`` is a string field (``run_id = 42`` means "42")."""
+    model: Any = Config
+    for part in dotted.split("."):
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return False
+        model = field.annotation
+    options = typing.get_args(model) if typing.get_origin(model) in (typing.Union, types.UnionType) else (model,)
+    # Annotated[str, ...] (PathText) counts as str
+    return any(typing.get_args(o)[0] is str if typing.get_origin(o) is Annotated else o is str for o in options)
+
+
+def _parse_value(text: str, dotted: str = "") -> Any:
+    """``--set``/env values are TOML literals when they parse as one, else plain strings;
+    a string field keeps the text as given (unless it is a quoted TOML string)."""
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+    if _is_text_field(dotted) and not isinstance(value, str):
+        return text
+    return value
+
+
+def set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """Put ``value`` at the dotted field of a config's data, making its tables as needed."""
+    *parents, leaf = dotted.split(".")
+    node = data
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"config error: {dotted}: {part} is not a table")
+    node[leaf] = value
+
+
+def _env_names() -> dict[str, str]:
+    """``RLSTREAM_<FIELD>`` (``RLSTREAM_<TABLE>_<FIELD>`` for tables) -> dotted field."""
+    out = {}
+    for name, field in Config.model_fields.items():
+        sub = field.annotation if isinstance(field.annotation, type) else None
+        if sub is not None and issubclass(sub, BaseModel):
+            out |= {f"{ENV_PREFIX}{name}_{inner}".upper(): f"{name}.{inner}" for inner in sub.model_fields}
+        else:
+            out[f"{ENV_PREFIX}{name}".upper()] = name
+    return out
+
+
 def env_override_names() -> frozenset[str]:
     """The environment variables that override config fields."""
-    return frozenset(env_names(Config))
+    return frozenset(_env_names())
 
 
 def env_overrides(environ: Mapping[str, str]) -> list[tuple[str, Any]]:
     """(dotted field, value) for every ``RLSTREAM_*`` variable in ``environ``."""
-    return env_overrides_of(Config, environ)
+    return [(dotted, _parse_value(environ[key], dotted)) for key, dotted in _env_names().items() if key in environ]
 
 
 def _read_file(path: str | Path) -> dict[str, Any]:
@@ -281,7 +547,8 @@ def validate_config(data: dict[str, Any]) -> Config:
             loc = ".".join(str(p) for p in err["loc"]) or "config"
             msg = err["msg"].removeprefix("Value error, ")
             shown = _shown(err["input"])  # a URL's password never reaches the terminal or a log
-            parts.append((f"{loc}: " if loc != "config" else "") + msg + (f" (got {shown!r})" if err["type"] != "extra_forbidden" and loc != "config" and not isinstance(err["input"], dict) else ""))
+            got = err["type"] != "extra_forbidden" and loc != "config" and not isinstance(err["input"], dict)
+            parts.append((f"{loc}: " if loc != "config" else "") + msg + (f" (got {shown!r})" if got else ""))
         raise ConfigError("config error: " + "; ".join(parts)) from None
 
 
@@ -300,5 +567,5 @@ def load_config(
         dotted, _, text = item.partition("=")
         if not dotted.strip():
             raise ConfigError(f"config error: --set {item!r} names no field")
-        set_path(data, dotted.strip(), parse_value(Config, text.strip(), dotted.strip()))
+        set_path(data, dotted.strip(), _parse_value(text.strip(), dotted.strip()))
     return validate_config(data)

@@ -1,31 +1,123 @@
-"""The Fireworks cookbook's nested config sections, so a cookbook ``train.py`` builds its
+"""The Fireworks cookbook's spellings of a config, so a cookbook ``train.py`` builds its
 ``Config`` unchanged: ``deployment=DeployConfig(...)``, ``weight_sync=WeightSyncConfig(...)``,
 ``infra=InfraConfig(...)`` (and ``trainer=TrainerConfig(...)``, ``wandb=WandBConfig(...)``,
 which are rlstream's own ``[trainer]`` and ``[wandb]`` tables), in Python or as TOML tables.
 
 One source of truth (docs/design.md §15.60 Cookbook config sections): a nested field that
-means something self-hosted is another *spelling* of one of rlstream's fields. Validation
-moves its value there (``weight_sync.weight_sync_interval`` -> ``weight_sync_interval``,
-``deployment.replica_count`` -> ``workers.count``, ...) and leaves the nested field None, so
-the config, config.json and every reader see one value; a nested and a flat value that
-disagree are an error naming both. Hosted-only fields (shapes, deployment ids) are kept as
-written and listed by ``ignored_settings`` (``core.hosted_fields``).
+means something self-hosted is another *spelling* of one of rlstream's fields.
+``move_cookbook_spellings`` (run by ``Config`` before it validates) moves its value there
+(``weight_sync.weight_sync_interval`` -> ``weight_sync_interval``, ``deployment.replica_count``
+-> ``workers.count``, ...) and leaves the nested field None, so the config, config.json and
+every reader see one value; a nested and a flat value that disagree are an error naming both.
+
+Hosted-only fields (training shapes, deployment ids, regions, provisioning timeouts) only a
+hosted service can honour: they are accepted, stored as written, and reported once by
+``rlstream up`` / ``rlstream.main`` as ignored, with the reason (``ignored_settings``).
+
+The dependency runs one way: ``core.config`` composes these tables into ``Config`` (and
+``HostedTrainerFields`` into its ``[trainer]`` table); this module imports nothing of
+rlstream's and knows rlstream's fields only by the dotted names in ``MOVES``. Only pydantic
+here (no torch).
 """
 from __future__ import annotations
 
 import os
 from typing import Any, Callable
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
-from rlstream.core.config_sections import ConfigSection, WandbConfig
-from rlstream.core.hosted_fields import HostedDeployFields, HostedTrainerFields, HostedWeightSyncFields, hosted_settings
+_SHAPE = "rlstream trains on this machine: the trainer's device is trainer.device (or device)"
+_DEPLOYMENT = ("rlstream samples in its rollout workers (inference.backend = \"local\") or on your own server "
+               "(inference.base_url): there is no deployment to provision")
+_FILES = "weights travel as files under the run directory and workers pull them (docs/design.md §9 Weight sync)"
 
-WandBConfig = WandbConfig  # the cookbook's spelling; one class
+# field name -> why rlstream ignores it (the report quotes it)
+HOSTED_REASONS: dict[str, str] = {
+    "training_shape_id": _SHAPE,
+    "ref_training_shape_id": "the reference model is loaded by the trainer when kl_beta > 0 (reference_model; unset "
+                             "= base_model)",
+    "region": _SHAPE,
+    "custom_image_tag": _SHAPE,
+    "accelerator_type": _SHAPE,
+    "accelerator_count": _SHAPE,
+    "node_count": _SHAPE,
+    "trainer_timeout_s": "nothing is provisioned, so there is no trainer to wait for",
+    "extra_args": _SHAPE,
+    "deployment_id": _DEPLOYMENT,
+    "deployment_shape": _DEPLOYMENT,
+    "deployment_region": _DEPLOYMENT,
+    "deployment_accelerator_type": _DEPLOYMENT,
+    "hot_load_bucket_type": _FILES,
+    "deployment_timeout_s": _DEPLOYMENT,
+    "deployment_extra_args": _DEPLOYMENT,
+    "disable_speculative_decoding": _DEPLOYMENT,
+    "extra_values": _DEPLOYMENT,
+    "weight_sync_scope": _FILES,
+    "dcp_timeout": "checkpoints are local files the trainer writes itself, not a service call with a timeout",
+    "first_checkpoint_type": "workers always start from v0, the base weights",
+    "weight_sync_before_training": "v0 (the base weights) is always published before the first step",
+    "weight_sync_timeout": "workers pull weights; a rollout job waits at most job_timeout for its version",
+}
+
+
+def hosted(reason_of: str) -> Any:
+    """A hosted-only field: None = not set; any value is accepted and ignored."""
+    return Field(None, description=f"hosted only, accepted and ignored: {HOSTED_REASONS[reason_of]}")
+
+
+class HostedTrainerFields(BaseModel):
+    """The cookbook's ``InfraConfig`` / ``TrainerConfig`` fields (a hosted trainer's shape)."""
+
+    training_shape_id: str | None = hosted("training_shape_id")
+    ref_training_shape_id: str | None = hosted("ref_training_shape_id")
+    region: str | None = hosted("region")
+    custom_image_tag: str | None = hosted("custom_image_tag")
+    accelerator_type: str | None = hosted("accelerator_type")
+    accelerator_count: int | None = hosted("accelerator_count")
+    node_count: int | None = hosted("node_count")
+    trainer_timeout_s: float | None = hosted("trainer_timeout_s")
+    extra_args: list[str] | None = hosted("extra_args")
+
+
+class HostedDeployFields(BaseModel):
+    """The cookbook's ``DeployConfig`` fields that provision a hosted deployment."""
+
+    deployment_id: str | None = hosted("deployment_id")
+    deployment_shape: str | None = hosted("deployment_shape")
+    deployment_region: str | None = hosted("deployment_region")
+    deployment_accelerator_type: str | None = hosted("deployment_accelerator_type")
+    hot_load_bucket_type: str | None = hosted("hot_load_bucket_type")
+    deployment_timeout_s: float | None = hosted("deployment_timeout_s")
+    deployment_extra_args: list[str] | None = hosted("deployment_extra_args")
+    disable_speculative_decoding: bool | None = hosted("disable_speculative_decoding")
+    extra_values: dict[str, str] | None = hosted("extra_values")
+    weight_sync_scope: str | None = hosted("weight_sync_scope")
+
+
+class HostedWeightSyncFields(BaseModel):
+    """The cookbook's ``WeightSyncConfig`` fields about a hosted checkpoint service."""
+
+    dcp_timeout: float | None = hosted("dcp_timeout")
+    first_checkpoint_type: str | None = hosted("first_checkpoint_type")
+    weight_sync_before_training: bool | None = hosted("weight_sync_before_training")
+    weight_sync_timeout: float | None = hosted("weight_sync_timeout")
+
+
+def hosted_settings(section_name: str, section: BaseModel) -> list[str]:
+    """``"<section>.<field> = <value> (<reason>)"`` for each hosted field set in ``section``."""
+    return [f"{section_name}.{name} = {getattr(section, name)!r} ({HOSTED_REASONS[name]})"
+            for name in type(section).model_fields if name in HOSTED_REASONS and getattr(section, name) is not None]
+
+
 _SKIP = object()  # a nested value that sets nothing (it names the default)
 
 
-class DeployConfig(HostedDeployFields, ConfigSection):
+class CookbookSection(BaseModel):
+    # as strict as rlstream's own tables (core.config.ConfigSection; a test holds the two equal)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True)
+
+
+class DeployConfig(HostedDeployFields, CookbookSection):
     """The cookbook's ``DeployConfig``: where rollouts are sampled. ``tokenizer_model``,
     ``replica_count`` and ``sample_timeout`` are spellings of rlstream fields; the rest is
     hosted-only."""
@@ -36,7 +128,7 @@ class DeployConfig(HostedDeployFields, ConfigSection):
     sample_timeout: float | None = Field(None, gt=0, le=3600, description="spelling of `inference.timeout`")
 
 
-class WeightSyncConfig(HostedWeightSyncFields, ConfigSection):
+class WeightSyncConfig(HostedWeightSyncFields, CookbookSection):
     """The cookbook's ``WeightSyncConfig``: publish and checkpoint intervals."""
 
     weight_sync_interval: int | None = Field(None, ge=0, description="spelling of `weight_sync_interval`")
@@ -45,7 +137,7 @@ class WeightSyncConfig(HostedWeightSyncFields, ConfigSection):
         None, ge=0, description="spelling of `max_concurrency_rollout_sample` (0 = unlimited = unset)")
 
 
-class InfraConfig(HostedTrainerFields, ConfigSection):
+class InfraConfig(HostedTrainerFields, CookbookSection):
     """The cookbook's ``InfraConfig``: a hosted trainer's shape. Every field is hosted-only."""
 
 
@@ -73,31 +165,22 @@ def _as_dict(value: Any) -> Any:
     return dict(value) if isinstance(value, dict) else value
 
 
-class CookbookSections(ConfigSection):
-    """Config's cookbook tables, and the move of their self-hosted spellings onto rlstream's fields."""
-
-    # frozen: assigning a table to a built Config would skip the move (two copies of one value);
-    # set rlstream's own field instead
-    deployment: DeployConfig = Field(default_factory=DeployConfig, frozen=True)
-    weight_sync: WeightSyncConfig = Field(default_factory=WeightSyncConfig, frozen=True)
-    infra: InfraConfig = Field(default_factory=InfraConfig, frozen=True)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _move_cookbook_spellings(cls, data: Any) -> Any:
-        if not isinstance(data, dict):
-            return data
-        data = dict(data)
-        base_default = cls.model_fields["base_model"].default if "base_model" in cls.model_fields else None
-        for (section, name), (dotted, convert) in MOVES.items():
-            given = _as_dict(data.get(section))
-            if not isinstance(given, dict) or given.get(name) is None:
-                continue  # absent (or not a table: pydantic reports that)
-            value = convert(given.pop(name), data, base_default)
-            data[section] = given
-            if value is not _SKIP:
-                _set_once(data, dotted, value, f"{section}.{name}")
+def move_cookbook_spellings(data: Any, base_model_default: Any) -> Any:
+    """``data`` (a config's input, before validation) with every self-hosted spelling in its
+    cookbook tables moved onto rlstream's field (``MOVES``); anything but a dict is returned as
+    is (pydantic reports it)."""
+    if not isinstance(data, dict):
         return data
+    data = dict(data)
+    for (section, name), (dotted, convert) in MOVES.items():
+        given = _as_dict(data.get(section))
+        if not isinstance(given, dict) or given.get(name) is None:
+            continue  # absent (or not a table: pydantic reports that)
+        value = convert(given.pop(name), data, base_model_default)
+        data[section] = given
+        if value is not _SKIP:
+            _set_once(data, dotted, value, f"{section}.{name}")
+    return data
 
 
 def _set_once(data: dict[str, Any], dotted: str, value: Any, nested: str) -> None:

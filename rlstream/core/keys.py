@@ -68,9 +68,16 @@ def worker_heartbeat_pattern(run_id: str) -> str:
 
 
 def rollout_stats(run_id: str) -> str:
-    """Hash of run-wide rollout counters workers HINCRBY (``invalid_samples``,
-    ``rollout_failures``); the trainer logs them, ``rlstream status`` shows them."""
+    """Hash of run-wide rollout counters, HINCRBY'd: the workers' ``WORKER_STATS``, the producer's
+    ``GATE_CLOSED_MS``; the trainer logs them, ``rlstream status`` shows them."""
     return key_for(run_id, "rollout_stats")
+
+
+# The fields of the ``rollout_stats`` hash, named once for the roles that write and read them.
+INVALID_SAMPLES = "invalid_samples"  # workers: samples that failed the checks (docs/design.md §10 Failure semantics)
+ROLLOUT_FAILURES = "rollout_failures"  # workers: rollout_fn draws that raised
+WORKER_STATS = (INVALID_SAMPLES, ROLLOUT_FAILURES)
+GATE_CLOSED_MS = "gate_closed_ms"  # the producer: milliseconds the staleness gate kept it from admitting
 
 
 def committed_step(run_id: str) -> str:

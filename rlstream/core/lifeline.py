@@ -12,6 +12,9 @@ SIGKILLed ``up`` therefore used to leave them all running. Two mechanisms:
 - ``watch_parent(pid)``: a daemon thread in a Python child that kills the process once its
   parent is no longer ``pid`` (it was re-parented: the supervisor died). It also works
   where prctl is absent (macOS); ``rlstream up`` passes its pid in ``SUPERVISOR_ENV``.
+
+And a SIGTERM that stops a process of the run (``rlstream up`` itself, or a trainer it stops)
+unwinds like Ctrl-C (``raise_interrupt``), so that every ``finally`` runs.
 """
 from __future__ import annotations
 
@@ -74,3 +77,9 @@ def watch_supervisor_from_env() -> threading.Thread | None:
     if not value.isdigit():
         return None
     return watch_parent(int(value))
+
+
+def raise_interrupt(signum, frame) -> None:
+    """A SIGTERM handler: raise ``KeyboardInterrupt``, as Ctrl-C does (a SIGTERM's default
+    action would end the process without running a single ``finally``)."""
+    raise KeyboardInterrupt

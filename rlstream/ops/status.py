@@ -27,7 +27,6 @@ from rlstream.core.run_state import RunState
 from rlstream.ops.progress import buffered_samples
 
 RATE_WINDOW_S = 60.0  # status's rates: the last minute
-GATE_CLOSED = "gate_closed_ms"  # the producer's counter (producers/producer.py count_gate_wait)
 
 
 def find_run_dir(run: str | None, log_path: str) -> Path:
@@ -119,10 +118,10 @@ def collect_status(cfg, r, run_dir: Path | None = None, window_s: float = RATE_W
         "queued_jobs": queue.count,
         "live_workers": len(Worker.all(queue=queue)),
         "worker_versions": worker_versions(r, cfg.run_id),
-        "rollout_errors": {k: v for k, v in sorted(stats.items()) if k != GATE_CLOSED},
+        "rollout_errors": {k: v for k, v in sorted(stats.items()) if k != keys.GATE_CLOSED_MS},
         "backlog": backlog(cfg, state, queue),
         "rates": rates.over(window_s, None if state.finished else seconds + micros / 1e6),
-        "gate_closed_s_total": stats.get(GATE_CLOSED, 0) / 1000,
+        "gate_closed_s_total": stats.get(keys.GATE_CLOSED_MS, 0) / 1000,
     }
 
 

@@ -172,7 +172,7 @@ def test_the_deployment_can_be_an_inference_server_synced_to_a_snapshot(tmp_path
     import asyncio
 
     from rlstream.builtin.tiny_model import save_tiny_model
-    from rlstream.core.config_sections import InferenceConfig
+    from rlstream.core.config import InferenceConfig
     from rlstream.sdk import Datum, ServiceClient
 
     model_dir = save_tiny_model(tmp_path / "tiny")

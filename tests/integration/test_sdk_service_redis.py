@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from rlstream.core import bus
-from rlstream.core.config_sections import RedisConfig
+from rlstream.core.config import RedisConfig
 from rlstream.core.credentials import url_password
 from rlstream.core.errors import ConfigError, RlstreamError
 from rlstream.core.messages import RunFinished, RunStarted

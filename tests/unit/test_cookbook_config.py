@@ -185,3 +185,14 @@ def test_the_rl_loop_example_runs_its_config_through_main(monkeypatch, tmp_path,
     [report] = [r.getMessage() for r in caplog.records if "ignored" in r.getMessage()]
     assert all(f in report for f in ("infra.training_shape_id", "infra.ref_training_shape_id",
                                      "deployment.deployment_id"))
+
+
+def test_the_cookbook_tables_are_as_strict_as_rlstreams_own():
+    """``core.cookbook_config`` imports nothing of ``core.config`` (the dependency runs one way), so
+    its tables carry their own pydantic settings: they must be the ones rlstream's tables have."""
+    from rlstream.core.config import ConfigSection
+    from rlstream.core.cookbook_config import CookbookSection
+
+    assert CookbookSection.model_config == ConfigSection.model_config
+    with pytest.raises(ValueError):
+        WeightSyncConfig(dcp_save_interval="5")  # strict: TOML has real types

@@ -1,6 +1,10 @@
 """The layout's rules, checked on the source (docs/design.md §11 Layout and layer rules): which layer may
-import which, no import circle, no generic top-level names, a docstring and a bounded size
-for every module. Imports are read with ``ast``, lazy (in-function) ones included."""
+import which, no import circle, no generic top-level names, a docstring for every module.
+Imports are read with ``ast``, lazy (in-function) ones included.
+
+A module's length is not checked: a module owns one thing, however long that takes. A line cap
+made modules split where their meaning did not (docs/design.md §11 Layout and layer rules), so
+size is a smell for review, not a test."""
 from __future__ import annotations
 
 import ast
@@ -26,7 +30,6 @@ ALLOWED = {
     # loops (workers, producers) and the face stay out of it.
     "rlstream.sdk": {"rlstream.core", "rlstream.builtin", "rlstream.sampling", "rlstream.trainer"},
 }
-MAX_LINES = 350
 
 
 def module_files() -> dict[str, Path]:
@@ -142,13 +145,12 @@ def test_the_circle_check_can_fail(monkeypatch):
 
 
 @pytest.mark.parametrize("module", sorted(MODULES))
-def test_module_docstring_and_size(module):
+def test_module_docstring(module):
     path = MODULES[module]
     text = path.read_text()
     if path.name == "__init__.py" and not text.strip():
         return
     assert ast.get_docstring(ast.parse(text)), f"{path} has no module docstring saying what it owns"
-    assert len(text.splitlines()) <= MAX_LINES, f"{path} has {len(text.splitlines())} lines (> {MAX_LINES}): split it"
 
 
 def test_every_package_is_installed():

@@ -10,6 +10,8 @@ import pytest
 import torch
 from loss_inputs import F64, PPO, make, run
 
+from rlstream.core.config import validate_config
+from rlstream.core.errors import ConfigError
 from rlstream.trainer.losses import POLICY_LOSSES, LossConfig, compute_loss
 
 # ±20 clamps, in float32. exp(20) = 485165195.4097903 ; exp(30) = 1.07e13 would also be
@@ -166,14 +168,29 @@ def test_shape_validation() -> None:
 
 @pytest.mark.parametrize("bad", [
     dict(eps_clip=0.0), dict(eps_clip=float("nan")), dict(eps_clip_high=-0.1),
-    dict(eps_clip_c=1.0), dict(tis_cap=0.0), dict(tis_level="batch"),
-    dict(icepop_threshold=0.5), dict(dro_beta=-1.0), dict(gspo_clip=1.0),
+    dict(eps_clip_c=1.0), dict(tis={"cap": 0.0}), dict(tis={"level": "batch"}),
+    dict(tis={"icepop_threshold": 0.5}), dict(dro_beta=-1.0), dict(gspo_clip=1.0),
     dict(cispo_eps_low=1.0), dict(cispo_eps_high=-0.1), dict(kl_beta=-0.1),
     dict(kl_estimator="k4"), dict(normalization="mean"),
 ])
-def test_config_validation(bad) -> None:
-    with pytest.raises(ValueError, match=next(iter(bad))):
-        LossConfig(**bad)
+def test_the_run_config_owns_the_loss_bounds(bad) -> None:
+    """``LossConfig.of`` copies a validated ``Config`` without checking again: the bounds are
+    the Config's, so each out-of-range loss setting is refused there, naming its field."""
+    field = next(iter(bad))
+    with pytest.raises(ConfigError, match=field):
+        validate_config(bad)
+
+
+def test_loss_config_of_copies_the_run_config() -> None:
+    cfg = validate_config(dict(eps_clip=0.1, eps_clip_high=0.3, eps_clip_c=3.0, dro_beta=0.5, gspo_clip=0.3,
+                               cispo_eps_low=0.1, cispo_eps_high=0.5, kl_beta=0.2, kl_estimator="k1",
+                               normalization="token_sum", tis={"cap": 2.0, "level": "sequence",
+                                                                "icepop_threshold": 4.0}))
+    assert LossConfig.of(cfg) == LossConfig(
+        eps_clip=0.1, eps_clip_high=0.3, eps_clip_c=3.0, tis_cap=2.0, tis_level="sequence", icepop_threshold=4.0,
+        dro_beta=0.5, gspo_clip=0.3, cispo_eps_low=0.1, cispo_eps_high=0.5, kl_beta=0.2, kl_estimator="k1",
+        normalization="token_sum")
+    assert LossConfig.of(validate_config({})) == LossConfig()  # one set of defaults
 
 
 def test_config_frozen_and_clip_defaults() -> None:

@@ -15,8 +15,7 @@ import pytest
 import torch
 
 from rlstream.builtin.tiny_model import build_model
-from rlstream.core.choices import NORMALIZATIONS, POLICY_LOSSES
-from rlstream.core.config import Config
+from rlstream.core.config import NORMALIZATIONS, POLICY_LOSSES, Config
 from rlstream.trainer.batch import Batch
 from rlstream.trainer.micro_batch import MicroMetrics, pack_by_length, padded_tokens
 from rlstream.trainer.optimize import make_optimizer, policy_update

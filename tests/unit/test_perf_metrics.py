@@ -13,7 +13,7 @@ from rlstream.core.messages import GroupAdmitted, GroupSampled, RolloutSample, g
 from rlstream.core.metrics import read_metrics
 from rlstream.core.run_state import RunState
 from rlstream.trainer.batch import Group
-from rlstream.trainer.perf_metrics import GATE_CLOSED, PerfClock, overlap_ratio, sampling_windows
+from rlstream.trainer.perf_metrics import PerfClock, overlap_ratio, sampling_windows
 from rlstream.trainer.step_metrics import rollout_quality
 
 COOKBOOK = {"perf/trainer_wait_for_sampler_time", "perf/sampler_wait_for_trainer_time", "perf/overlap_ratio",
@@ -68,7 +68,7 @@ def test_perf_clock_rates_waits_and_weight_time(monkeypatch):
     monkeypatch.setattr("rlstream.trainer.perf_metrics.time.time", lambda: clock["wall"])
     state = RunState()
     perf = PerfClock()
-    perf.restart(state, {GATE_CLOSED: 500})
+    perf.restart(state, {keys.GATE_CLOSED_MS: 500})
     for row in range(2):  # 2 groups of 4 samples, 12 generated tokens each, written by workers
         state.apply(GroupSampled(group_id=f"g{row}", samples=4, tokens=12))
     state.apply(GroupSampled(group_id="g1", samples=4, tokens=12))  # a re-delivered event counts once
@@ -77,7 +77,7 @@ def test_perf_clock_rates_waits_and_weight_time(monkeypatch):
     g = Group("g0", 2)
     for m in range(2):  # sampled 1000.0-1002.0: 1 s of it while the trainer was busy (1000-1001)
         g.members[f"s{m}"] = ("1-0", sample([0, 1], [0.0, -1.0], window=(1000.0, 1002.0)))
-    line = perf.line([g], wait_time=3.0, compute_began=1004.0, state=state, stats={GATE_CLOSED: 2500})
+    line = perf.line([g], wait_time=3.0, compute_began=1004.0, state=state, stats={keys.GATE_CLOSED_MS: 2500})
     assert line["perf/step_wall_time"] == 4.0
     assert line["perf/trainer_wait_for_sampler_time"] == 3.0
     assert line["perf/sampler_wait_for_trainer_time"] == 2.0
@@ -85,7 +85,7 @@ def test_perf_clock_rates_waits_and_weight_time(monkeypatch):
     assert line["perf/rollout_samples_per_s"] == 2.0 and line["perf/rollout_tokens_per_s"] == 6.0
     assert line["perf/overlap_ratio"] == pytest.approx(0.5)
     clock["mono"] = 106.0
-    line = perf.line([g], wait_time=1.0, compute_began=1006.0, state=state, stats={GATE_CLOSED: 2500})
+    line = perf.line([g], wait_time=1.0, compute_began=1006.0, state=state, stats={keys.GATE_CLOSED_MS: 2500})
     assert (line["perf/weight_sync_time"], line["perf/rollout_samples_per_s"]) == (0.0, 0.0)  # reset per step
     assert line["perf/step_wall_time"] == 2.0 and line["perf/sampler_wait_for_trainer_time"] == 0.0
 
@@ -129,13 +129,13 @@ def test_the_producer_counts_the_time_its_gate_holds_rows_back(r, monkeypatch, t
         state.apply(GroupAdmitted(group_id=group_id_for(0, row, 0), row_index=row, epoch=0, attempt=0,
                                   submit_version=0, group_size=2))
     since = count_gate_wait(r, cfg, state, None, rows_left=True)
-    assert since == 50.0 and r.hget(stats, GATE_CLOSED) is None
+    assert since == 50.0 and r.hget(stats, keys.GATE_CLOSED_MS) is None
     now["t"] = 51.5
     since = count_gate_wait(r, cfg, state, since, rows_left=True)
-    assert since == 51.5 and int(r.hget(stats, GATE_CLOSED)) == 1500
+    assert since == 51.5 and int(r.hget(stats, keys.GATE_CLOSED_MS)) == 1500
     now["t"] = 52.0
     assert count_gate_wait(r, cfg, state, since, rows_left=False) is None  # no rows left: nothing held back
-    assert int(r.hget(stats, GATE_CLOSED)) == 2000
+    assert int(r.hget(stats, keys.GATE_CLOSED_MS)) == 2000
 
 
 def test_gate_time_counted_in_many_short_passes_loses_no_fraction(r, monkeypatch, tmp_path):
@@ -152,4 +152,4 @@ def test_gate_time_counted_in_many_short_passes_loses_no_fraction(r, monkeypatch
     for _ in range(1000):  # 1000 passes of 0.7 ms each: 700 ms, though no pass reaches 1 ms
         now["t"] += 0.0007
         since = count_gate_wait(r, cfg, state, since, rows_left=True)
-    assert int(r.hget(keys.rollout_stats("gate2"), GATE_CLOSED)) in (699, 700)
+    assert int(r.hget(keys.rollout_stats("gate2"), keys.GATE_CLOSED_MS)) in (699, 700)

@@ -20,7 +20,8 @@ from rlstream.core.messages import GroupAdmitted, RolloutSample, StepCommitted, 
 from rlstream.sampling.local import LocalPolicy
 from rlstream.trainer.advantages import resolve_advantage
 from rlstream.trainer.batch import collate
-from rlstream.trainer.optimize import loss_config, make_optimizer, policy_update
+from rlstream.trainer.losses import LossConfig
+from rlstream.trainer.optimize import make_optimizer, policy_update
 from rlstream.trainer.policy_model import weights_dir
 from rlstream.trainer.precision import prepare
 from rlstream.trainer.trainer import Trainer
@@ -136,7 +137,7 @@ def test_optimizer_and_clip_parameters_reach_adamw_and_the_losses():
                  gspo_clip=0.01, cispo_eps_low=0.1, cispo_eps_high=0.5)
     group = make_optimizer(build_model(0), cfg).param_groups[0]
     assert group["betas"] == (0.8, 0.999) and group["eps"] == 1e-6 and group["weight_decay"] == 0.0
-    losses = loss_config(cfg)
+    losses = LossConfig.of(cfg)
     assert (losses.gspo_clip, losses.cispo_eps_low, losses.cispo_eps_high) == (0.01, 0.1, 0.5)
 
 

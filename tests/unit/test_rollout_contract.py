@@ -12,7 +12,7 @@ from rlstream import Config, RolloutSample, RolloutSetup, main
 from rlstream.api import importable_spec
 from rlstream.builtin.rewards import exact_match, final_number, math_answer, resolve_reward
 from rlstream.core import bus, keys
-from rlstream.core.choices import BUILTIN_REWARDS
+from rlstream.core.config import BUILTIN_REWARDS
 from rlstream.core.errors import ConfigError
 from rlstream.core.messages import GroupJob, WeightsPublished
 from rlstream.preflight import preflight

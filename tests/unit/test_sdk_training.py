@@ -186,7 +186,7 @@ def test_the_reference_stays_at_the_base_while_the_policy_moves(policy, session)
 def test_a_remote_deployment_is_told_to_load_the_snapshot_directory(policy, session):
     import httpx
 
-    from rlstream.core.config_sections import InferenceConfig
+    from rlstream.core.config import InferenceConfig
     from rlstream.core.errors import ConfigError
     from rlstream.sdk import FixedConcurrencyController
 

@@ -11,8 +11,7 @@ import torch
 from test_microbatch import mixed_batch
 
 from rlstream.builtin.tiny_model import build_model
-from rlstream.core.choices import NORMALIZATIONS, POLICY_LOSSES
-from rlstream.core.config import Config
+from rlstream.core.config import NORMALIZATIONS, POLICY_LOSSES, Config
 from rlstream.core.errors import ConfigError
 from rlstream.core.messages import RolloutSample, group_id_for, sample_id_for
 from rlstream.trainer.batch import Batch, Group, collate
