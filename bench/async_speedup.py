@@ -107,7 +107,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--group-size", type=int, default=4, help="completions per prompt (G)")
     ap.add_argument("--workers", type=int, default=12, help="worker processes")
     ap.add_argument("--groups-per-worker", type=int, default=1,
-                    help="groups each worker keeps in flight (inference.max_concurrency = this x G); K = workers x this")
+                    help="groups each worker keeps in flight (inference.max_concurrency = this x G); "
+                         "K = workers x this")
     ap.add_argument("--offpolicy", type=int, default=2, help="max_head_offpolicy_versions of the async runs (O)")
     ap.add_argument("--tail", default="lognormal:0.25,1.0", help="the long-tail latency (latency_server.py syntax)")
     ap.add_argument("--flat", default=None, help="the tail-free latency (default: fixed at the tail's mean)")
@@ -156,7 +157,8 @@ def main(argv: list[str] | None = None) -> None:
             wall = sum(x["wall"] for x in runs)
             speed = f"{sync_wall / async_wall:.2f}x" if mode == "async" else ""
             print(f"| {name} `{spec}` | {mode} | {wall:.1f} | {statistics.mean(x['idle'] for x in runs):.0%} "
-                  f"| {statistics.mean(x['overlap'] for x in runs):.2f} | {statistics.mean(x['compute'] for x in runs):.2f} "
+                  f"| {statistics.mean(x['overlap'] for x in runs):.2f} "
+                  f"| {statistics.mean(x['compute'] for x in runs):.2f} "
                   f"| {sum(x['stale'] for x in runs)} | {max(x['max_in_flight'] for x in runs)} | {speed} "
                   f"| {f'{limit:.2f}x' if mode == 'async' else ''} |")
     print()

@@ -145,7 +145,8 @@ class LatencyServer:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--latency", default="lognormal:0.25,1.0", help="fixed:S | lognormal:MEDIAN,SIGMA | mix:FAST,SLOW,P")
+    ap.add_argument("--latency", default="lognormal:0.25,1.0",
+                    help="fixed:S | lognormal:MEDIAN,SIGMA | mix:FAST,SLOW,P")
     ap.add_argument("--vocab", type=int, default=16, help="token ids are drawn below this (the built-in model's 16)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--read-weights", action="store_true", help="read the safetensors files on a weight sync")

@@ -70,7 +70,8 @@ def main() -> None:
             for o in args.offpolicy:
                 for streaming in (False, True):
                     results.setdefault((o, streaming), []).append(run(args.steps, o, streaming, args.budget, tmp))
-    print("\n| O | streaming | wall (s) | trainer wait/step (s) | step after batch (s) | streamed share | reward last 10 |")
+    print("\n| O | streaming | wall (s) | trainer wait/step (s) | step after batch (s) | streamed share "
+          "| reward last 10 |")
     print("|---|---|---|---|---|---|---|")
     for (o, streaming), rs in results.items():
         med = {k: statistics.median(r[k] for r in rs) for k in rs[0]}

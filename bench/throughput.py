@@ -186,7 +186,8 @@ def main() -> None:
             print_table(results, args)
             local = []
             for b in args.local_batches:
-                local.append(run_config(f"l{b}", 1, args.group, args, redis_server, r, model, base, root, local_batch=b))
+                local.append(run_config(f"l{b}", 1, args.group, args, redis_server, r, model, base, root,
+                                        local_batch=b))
                 print_row(local[-1], flush=True)
             print_local_table(local)
         finally:
@@ -201,7 +202,8 @@ def print_row(res: dict, flush: bool = False) -> None:
 def print_table(results: list[dict], args) -> None:
     one_group = next((x for x in results if x["workers"] == 1 and x["window"] == args.group), None)
     print()
-    print("| workers | max_concurrency | samples | samples/s | ideal samples/s | share of ideal | vs one group at a time "
+    print("| workers | max_concurrency | samples | samples/s | ideal samples/s | share of ideal "
+          "| vs one group at a time "
           "| worker CPU ms/sample |")
     print("|---|---|---|---|---|---|---|---|")
     for x in results:

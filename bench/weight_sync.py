@@ -109,7 +109,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         url = server.start()
         cmd = [sys.executable, "-m", "rlstream.cli", "up", str(CONFIG), "--run-id", run_id,
-               "--set", f"max_steps={args.steps}", "--set", "prompt_groups_per_step=8", "--set", "completions_per_prompt=4",
+               "--set", f"max_steps={args.steps}", "--set", "prompt_groups_per_step=8",
+               "--set", "completions_per_prompt=4",
                "--set", f"workers.count={args.workers}", "--set", f"keep_weights={args.steps + 1}",
                "--set", "dcp_save_interval=0", "--set", "save_final_checkpoint=false"]
         if args.hidden:

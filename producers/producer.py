@@ -45,7 +45,8 @@ def job_data(cfg: Config, admitted: GroupAdmitted, row: dict[str, Any]) -> Any:
     job = GroupJob(run_id=cfg.run_id, group_id=admitted.group_id, row_index=admitted.row_index,
                    epoch=admitted.epoch, attempt=admitted.attempt, submit_version=admitted.submit_version,
                    group_size=admitted.group_size, row=row)
-    return Queue.prepare_data(JOB_FUNC, args=(job.model_dump(mode="json"),), job_id=keys.job_id(cfg.run_id, admitted.group_id),
+    return Queue.prepare_data(JOB_FUNC, args=(job.model_dump(mode="json"),),
+                              job_id=keys.job_id(cfg.run_id, admitted.group_id),
                               timeout=cfg.job_timeout, result_ttl=0, failure_ttl=7 * 86400,
                               retry=Retry(max=2))  # no interval: a scheduled retry would need an rq scheduler
 

@@ -40,12 +40,15 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="versions, streams, pending, workers, last reward of a run")
     status.add_argument("run", nargs="?", help="run directory or run id (default: newest under --log-path)")
     status.add_argument("--log-path", default="runs", help="directory holding run directories")
-    status.add_argument("--json", action="store_true", help="one JSON object: backlog and rates for scripts, autoscalers")
-    report = sub.add_parser("report", help="an HTML page of a run's plots: reward, offsets, throughput, step time, eval")
+    status.add_argument("--json", action="store_true",
+                        help="one JSON object: backlog and rates for scripts, autoscalers")
+    report = sub.add_parser("report",
+                            help="an HTML page of a run's plots: reward, offsets, throughput, step time, eval")
     report.add_argument("run", nargs="?", help="run directory or run id (default: newest under --log-path)")
     report.add_argument("--log-path", default="runs", help="directory holding run directories")
     report.add_argument("--out", help="where to write the page (default: RUN/report.html)")
-    for name, text in [("audit", "check the sample ledger: every admitted group trained once or rejected; exit 1 if not"),
+    for name, text in [("audit",
+                        "check the sample ledger: every admitted group trained once or rejected; exit 1 if not"),
                        ("dead", "list the dead-letter stream: entry id, source entry id, reason")]:
         p = sub.add_parser(name, help=text)
         p.add_argument("run", nargs="?", help="run directory or run id (default: newest under --log-path)")
@@ -103,7 +106,8 @@ def _user_import_path(config_path: str | None) -> None:
 def _lost_redis(cfg, exc: Exception) -> RedisUnavailable:
     from rlstream.core.credentials import redacted
 
-    return RedisUnavailable(f"lost Redis at {redacted(cfg.redis.url)} and could not reconnect within the bounded retries "
+    return RedisUnavailable(f"lost Redis at {redacted(cfg.redis.url)} and could not reconnect within the bounded "
+                            f"retries "
                             f"({exc}); restart the server (with its AOF, nothing acknowledged is lost) and restart "
                             "this process: it resumes from the streams")
 

@@ -12,9 +12,10 @@ run's own config it reproduces that run's training step for step (the e2e test c
 losses).
 
 The source run is only read. The replay's outputs are files in its own run directory:
-``config.json``, ``replay.json`` (the source run and step count), ``metrics.jsonl`` (``replay/source_step`` on each line),
-``weights/v<N>/``, checkpoints and ``models/<output_model_id>/``. No sampling happens, so
-``evaluation_fn`` and ``dynamic_filter_fn`` are not run; groups are trained as recorded.
+``config.json``, ``replay.json`` (the source run and step count), ``metrics.jsonl``
+(``replay/source_step`` on each line), ``weights/v<N>/``, checkpoints and
+``models/<output_model_id>/``. No sampling happens, so ``evaluation_fn`` and
+``dynamic_filter_fn`` are not run; groups are trained as recorded.
 """
 from __future__ import annotations
 

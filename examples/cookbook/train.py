@@ -12,7 +12,7 @@ from pathlib import Path  # was: (not needed)
 
 from rlstream import Config, main  # was: from training.recipes.async_rl_loop import Config, main
 from rlstream import DeployConfig, TrainerConfig, WandBConfig  # was: from training.utils import ...
-from rollout import make_rollout_fn  # your rollout.py  (was: from my_rollout import make_rollout_fn)
+from rollout import make_rollout_fn  # your rollout.py (was: from my_rollout import ...)
 
 cfg = Config(
     log_path="./gsm8k_logs",

@@ -2,8 +2,9 @@
 
 A version directory is complete once it holds ``manifest.json`` (written last, after
 every file is fsynced), and is published by renaming a temp directory into place, so a
-reader never sees a partial one; one it replaces is renamed aside, never deleted first. ``sha256`` in ``WeightsPublished`` is the digest of the
-directory: sha256 over the sorted (file name, file sha256) pairs.
+reader never sees a partial one; one it replaces is renamed aside, never deleted first.
+``sha256`` in ``WeightsPublished`` is the digest of the directory: sha256 over the sorted
+(file name, file sha256) pairs.
 """
 from __future__ import annotations
 

@@ -22,7 +22,8 @@ Rows = list[dict[str, Any]]
 
 def series(rows: Rows, key: str) -> tuple[list[float], list[float]]:
     """(steps, values) of the rows that carry ``key`` with a number."""
-    pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool)]
+    pts = [(r["step"], r[key]) for r in rows
+           if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool)]
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
@@ -53,14 +54,16 @@ def summary(rows: Rows) -> dict[str, str]:
     def fmt(v: float | None, spec: str = ".3f") -> str:
         return "n/a" if v is None else format(v, spec)
 
-    walls = [r.get("perf/step_wall_time") for r in rows if r.get("perf/step_wall_time") is not None]
-    waits = [r.get("perf/trainer_wait_for_sampler_time") or 0.0 for r in rows if r.get("perf/step_wall_time") is not None]
+    timed = [r for r in rows if r.get("perf/step_wall_time") is not None]
+    walls = [r["perf/step_wall_time"] for r in timed]
+    waits = [r.get("perf/trainer_wait_for_sampler_time") or 0.0 for r in timed]
     return {
         "steps": str(len(rows)), "final version": str(rows[-1]["version"]) if rows else "n/a",
         "reward, first 10 steps": fmt(mean("rollout/reward_mean", rows[:10])),
         "reward, last 10 steps": fmt(mean("rollout/reward_mean", rows[-10:])),
         "mean version offset": fmt(mean("async/version_offset_mean", rows), ".2f"),
-        "trainer idle share (waiting for rollouts)": fmt(sum(waits) / sum(walls) if walls and sum(walls) else None, ".1%"),
+        "trainer idle share (waiting for rollouts)": fmt(sum(waits) / sum(walls) if walls and sum(walls) else None,
+                                                         ".1%"),
         "mean overlap ratio": fmt(mean("perf/overlap_ratio", rows), ".2f"),
         "rollout samples/s (mean)": fmt(mean("perf/rollout_samples_per_s", rows), ".1f"),
     }

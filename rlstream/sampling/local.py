@@ -139,7 +139,8 @@ class LocalSampler:
         self.max_batch_rows = max_batch_rows
         self._pending: list[tuple[list[int], int, dict[str, Any], asyncio.Future]] = []
 
-    async def sample_with_prompt_tokens(self, prompt_token_ids: list[int], n: int = 1, **kwargs: Any) -> list[Completion]:
+    async def sample_with_prompt_tokens(self, prompt_token_ids: list[int], n: int = 1,
+                                        **kwargs: Any) -> list[Completion]:
         kw = {**self.default_kwargs, **kwargs}
         unknown = sorted(set(kw) - SAMPLE_KWARGS)
         if unknown:

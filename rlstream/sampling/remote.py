@@ -127,7 +127,8 @@ class RemotePolicy:
             return
         directory = weights.version_dir(self.weights_root, published.version).resolve()
         payload = {"model_path": str(directory), "version": published.version}
-        self._send(lambda: self._sync.post(self.cfg.weight_sync_url, json=payload), f"weight sync to v{published.version}")
+        self._send(lambda: self._sync.post(self.cfg.weight_sync_url, json=payload),
+                   f"weight sync to v{published.version}")
         self.version = published.version
 
     async def complete(self, prompt: list[int], n: int, controller: Any = None, **sample_kwargs: Any
@@ -170,7 +171,8 @@ class RemotePolicy:
                 return outcome
             await asyncio.sleep(outcome)
 
-    def _judge(self, response: httpx.Response | httpx.TransportError, what: str, attempt: int) -> httpx.Response | float:
+    def _judge(self, response: httpx.Response | httpx.TransportError, what: str,
+               attempt: int) -> httpx.Response | float:
         """The response to use, or the seconds to wait before the next attempt; raises
         ``InferenceError`` when the request must not (or can no longer) be retried."""
         if isinstance(response, httpx.Response):
@@ -210,7 +212,8 @@ class RemoteSampler:
         self.concurrency_controller = concurrency_controller if concurrency_controller is not None \
             else policy.controller
 
-    async def sample_with_prompt_tokens(self, prompt_token_ids: list[int], n: int = 1, **kwargs: Any) -> list[Completion]:
+    async def sample_with_prompt_tokens(self, prompt_token_ids: list[int], n: int = 1,
+                                        **kwargs: Any) -> list[Completion]:
         kw = {**self.default_kwargs, **kwargs}
         kw.pop("logprobs", None)  # always requested
         return await self.policy.complete(list(prompt_token_ids), n, controller=self.concurrency_controller, **kw)

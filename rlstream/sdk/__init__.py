@@ -35,7 +35,7 @@ from rlstream.sdk.types import (
 
 FiretitanServiceClient = ServiceClient  # the seed's name
 
-__all__ = ["AdamParams", "AdaptiveConcurrencyController", "Completion", "Datum", "DeploymentSampler", "Done", "FiretitanServiceClient", "FixedConcurrencyController",
-           "ForwardBackwardOutput", "ModelInput", "OptimStepResult", "ReferenceClient", "SampleResponse",
-           "SampledSequence", "SamplingClient", "SamplingParams", "SaveResult", "ServiceClient", "TrainingClient",
-           "TensorData"]
+__all__ = ["AdamParams", "AdaptiveConcurrencyController", "Completion", "Datum", "DeploymentSampler", "Done",
+           "FiretitanServiceClient", "FixedConcurrencyController", "ForwardBackwardOutput", "ModelInput",
+           "OptimStepResult", "ReferenceClient", "SampleResponse", "SampledSequence", "SamplingClient",
+           "SamplingParams", "SaveResult", "ServiceClient", "TrainingClient", "TensorData"]
