@@ -56,6 +56,28 @@ def test_a_field_missing_from_the_reference_would_be_seen():
     assert all_fields() - listed_fields(shortened) == {"trainer.dtype"}
 
 
+def test_the_reference_shows_bounds_and_patterns_and_puts_hosted_fields_last():
+    from typing import Annotated
+
+    from pydantic import Field
+
+    hook = config_reference_hook()
+    Name = Annotated[str, Field(pattern=r"^[a-z]+$")]
+
+    class Section(BaseModel):
+        region: str | None = Field(None, description="hosted only, accepted and ignored: nothing to provision")
+        device: str = Field("cpu", pattern=r"^(cpu|cuda)$", description="the `a|b` device | or another")
+        names: Annotated[list[Name], Field(min_length=1, max_length=4)] = Field(default_factory=lambda: ["q"])
+        budget: float = Field(1.0, gt=0, le=1_000_000.0, description="runs/<run>/ budget")
+
+    lines = {row.split(" | ")[0]: row for row in hook.table(hook.rows(Section, "s.")).splitlines()[2:]}
+    assert list(lines) == ["| `s.device`", "| `s.names`", "| `s.budget`", "| `s.region`"]
+    # a pattern and a code span keep their pipes (Python-Markdown splits no cell inside code), prose escapes them
+    assert "| matches `^(cpu|cuda)$` | the `a|b` device \\| or another |" in lines["| `s.device`"]
+    assert "length ≥ 1, length ≤ 4, each item matches `^[a-z]+$`" in lines["| `s.names`"]
+    assert "| > 0, ≤ 1,000,000 | runs/&lt;run&gt;/ budget |" in lines["| `s.budget`"]
+
+
 def test_the_reference_needs_its_placeholder():
     with pytest.raises(ValueError, match="placeholder"):
         config_reference_hook().render("# Configuration\n")
