@@ -277,7 +277,7 @@ class Config(ConfigSection):
     max_completion_tokens: int = Field(16, ge=1, le=131_072, description="max generated tokens per completion")
     max_seq_len: Annotated[int, BeforeValidator(lambda v: MAX_SEQ_LEN_LIMIT if v is None else v)] = Field(
         2048, ge=2, le=MAX_SEQ_LEN_LIMIT,
-        description="max prompt + completion tokens; None (the cookbook's default) = no limit"
+        description="max prompt + completion tokens; None from Python or JSON (the cookbook's default) = no limit"
     )
     temperature: float = Field(1.0, gt=0, le=10.0, description="sampling temperature (trainer logprobs use it too)")
     policy_loss: PolicyLoss = Field(
@@ -329,7 +329,8 @@ class Config(ConfigSection):
     grad_clip_norm: float | None = Field(
         1.0, ge=0, description="global grad-norm clip; 0 or unset = none (the cookbook's 0.0)")
     max_head_offpolicy_versions: int = Field(
-        0, ge=0, le=1024, description="O: how many versions sampling may run ahead of training"
+        0, ge=0, le=1024, description="O: how many versions sampling may run ahead of training "
+                                  "(0 = strict on-policy, the cookbook's default)"
     )
     max_concurrency_rollout_sample: int | None = Field(
         None, ge=2, description="C: max in-flight samples; unset = limited by the staleness gate only"
