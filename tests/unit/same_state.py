@@ -155,12 +155,14 @@ def compare_steps(mine: StepRecorder, theirs: StepRecorder, rows: StepRecorder,
 
 
 def compare_metrics(mine: dict[str, float], theirs: dict[str, float], rows: StepRecorder, steps: slice,
-                    report: list[tuple[str, float]] | None = None, ignore: frozenset[str] = frozenset()) -> None:
+                    report: list[tuple[str, float]] | None = None, ignore: frozenset[str] = frozenset(),
+                    normalization: str = "token_mean") -> None:
     """A step's ``train/`` metrics (averaged over its minibatch steps, ``steps`` of ``rows``): counts
     exactly; the gradient norm to the norm of the gradients' tolerance; every other one is a mean
     over the n active tokens of terms of order ``METRIC_SCALE``, which another order of the sum
     moves by at most 2(n - 1)·U·``METRIC_SCALE`` (the terms themselves are computed from logprobs
-    that differ at rounding, well inside that)."""
+    that differ at rounding, well inside that), except the loss under ``token_sum``: a sum of those
+    n terms, n times that."""
     assert set(mine) == set(theirs)
     n = max(theirs.get("train/active_tokens", 1.0), 1.0)
     elements = sum(p.numel() for p in rows.params)
@@ -169,7 +171,11 @@ def compare_metrics(mine: dict[str, float], theirs: dict[str, float], rows: Step
         if key in ("train/active_tokens", "train/minibatches", "train/nonfinite_skipped", "train/lr"):
             assert mine[key] == theirs[key], key
             continue
-        tol = norm_tol + 8 * U * abs(theirs[key]) if key == "train/grad_norm" else 2 * n * U * METRIC_SCALE
+        tol = 2 * n * U * METRIC_SCALE
+        if key in ("train/loss", "train/mean_loss") and normalization == "token_sum":
+            tol *= n
+        if key == "train/grad_norm":
+            tol = norm_tol + 8 * U * abs(theirs[key])
         if report is not None:
             report.append((key, abs(mine[key] - theirs[key]) / tol))
         assert abs(mine[key] - theirs[key]) <= tol, f"{key}: {mine[key]!r} vs {theirs[key]!r}, {tol:.3g} allowed"

@@ -81,9 +81,10 @@ def assert_same_step(**overrides) -> list[dict[str, float]]:
     _, rows = run("rows", follow=whole_steps, **overrides)
     report: list[tuple[str, float]] = []
     compare_steps(streamed_steps, whole_steps, rows, report)
+    normalization = overrides.get("normalization", Config().normalization)
     for k, (w, s) in enumerate(zip(whole, streamed)):
         compare_metrics({key: v for key, v in s.items() if key != "streamed"}, w, rows, slice(k, k + 1), report,
-                        ignore=NOT_EQUAL_BY_DESIGN)
+                        ignore=NOT_EQUAL_BY_DESIGN, normalization=normalization)
     print("largest error / tolerance:", max(report, key=lambda x: x[1]))
     return streamed
 
