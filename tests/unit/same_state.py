@@ -31,7 +31,7 @@ U = torch.finfo(torch.float32).eps / 2  # float32's unit roundoff, 2**-24
 # Reordering a sum of n terms changes it by at most 2(n - 1)·U·Σ|terms| (each order's error is at
 # most (n - 1)·U·Σ|terms|); with the batch's 12 rows that is 22·U. 32 leaves room for the kernels of
 # other shapes inside each row's gradient (other blockings of the same dot products). Measured on
-# AVX-512, AVX2 and the default ISA: at most 2.4·U.
+# AVX-512, AVX2 and the default ISA: at most 6.4·U.
 GRAD_ROUNDING = 32
 METRIC_SCALE = 4.0  # |advantage| · the (clipped) ratio · the TIS weight, plus the KL term: a few units
 

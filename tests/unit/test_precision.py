@@ -62,6 +62,7 @@ def builtin_run(dtype: str, steps: int = 60, P: int = 32, G: int = 8, lr: float 
 @pytest.mark.numeric
 def test_bfloat16_trains_the_builtin_task_on_cpu():
     # Measured: float32 0.144 -> 0.565, bfloat16 0.145 -> 0.533 over these 60 steps.
+    # bfloat16 by ATEN_CPU_CAPABILITY, AMD EPYC: default 0.149 -> 0.575, avx2 0.145 -> 0.555, avx512 0.145 -> 0.533.
     rewards = builtin_run("bfloat16")
     first, last = sum(rewards[:10]) / 10, sum(rewards[-10:]) / 10
     assert last >= first + 0.25, (first, last)
