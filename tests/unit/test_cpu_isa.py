@@ -1,0 +1,58 @@
+"""The numeric-equivalence tests (marker ``numeric``) once more under every other vector ISA this
+machine supports (docs/design.md §13 Tests): torch picks its CPU kernels by ISA (AVX-512, AVX2, or
+the default), each rounds differently, and a tolerance that holds on one has failed on another. So
+a machine of one kind checks what the others would see: each ``ATEN_CPU_CAPABILITY`` value runs
+``pytest -m numeric`` in a subprocess.
+
+A value the CPU does not support falls back to one it does (torch warns and runs another), which
+its own parameter covers; the ISA this process runs with is the suite's own run. This test is not
+marked ``numeric`` (the subprocess does not collect it), and ``RERUN`` guards it as well."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+NUMERIC_FILES = ["tests/unit/test_microbatch.py", "tests/unit/test_streaming.py", "tests/unit/test_precision.py"]
+CAPABILITIES = ["default", "avx2", "avx512"]  # x86-64's ATEN_CPU_CAPABILITY values
+RERUN = "RLSTREAM_ISA_RERUN"  # set in the subprocess
+TIMEOUT = 420.0  # seconds per ISA: about 90 s on an idle 2-core machine, several times that under a loaded suite
+
+
+def resolved(value: str) -> str:
+    """The capability torch runs with when ``ATEN_CPU_CAPABILITY`` is ``value``, lower case."""
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": value}
+    proc = subprocess.run([sys.executable, "-c", "import torch; print(torch.backends.cpu.get_cpu_capability())"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout.strip().lower()
+
+
+@pytest.mark.parametrize("capability", CAPABILITIES)
+def test_the_numeric_tests_pass_under_every_cpu_capability_the_machine_supports(capability):
+    if os.environ.get(RERUN):
+        pytest.skip("already inside an ISA rerun")
+    current = torch.backends.cpu.get_cpu_capability().lower()
+    if capability == current:
+        pytest.skip(f"{capability}: the ISA this run uses; the suite's own run covers it")
+    actual = resolved(capability)
+    if actual != capability:
+        pytest.skip(f"{capability}: not supported by this CPU (torch falls back to {actual}, covered by its own case)")
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability, RERUN: "1"}
+    env.pop("PYTEST_XDIST_WORKER", None)
+    env.pop("PYTEST_ADDOPTS", None)
+    command = [sys.executable, "-m", "pytest", "-m", "numeric", "-n", "0", "-p", "no:cacheprovider", "-q",
+               *NUMERIC_FILES]
+    try:
+        proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    except subprocess.TimeoutExpired as timeout:
+        out = timeout.stdout.decode(errors="replace") if isinstance(timeout.stdout, bytes) else timeout.stdout or ""
+        pytest.fail(f"ATEN_CPU_CAPABILITY={capability}: the numeric tests took over {TIMEOUT:.0f} s\n{out[-4000:]}")
+    assert proc.returncode == 0, (f"ATEN_CPU_CAPABILITY={capability}: {' '.join(command)} failed\n"
+                                  f"{proc.stdout[-6000:]}\n{proc.stderr[-2000:]}")
+    assert " passed" in proc.stdout.splitlines()[-1], proc.stdout[-2000:]  # it ran tests, not none
