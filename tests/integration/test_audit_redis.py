@@ -7,8 +7,10 @@ import json
 import os
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
+import factories
 import pytest
 from rq import Queue
 from rq.serializers import JSONSerializer
@@ -20,14 +22,7 @@ from rlstream.core.connection import connect
 from rlstream.core.credentials import PASSWORD_ENV
 from rlstream.core.embedded_redis import EmbeddedRedis
 from rlstream.core.errors import RedisUnavailable
-from rlstream.core.messages import (
-    GroupAdmitted,
-    GroupRejected,
-    RolloutSample,
-    StepCommitted,
-    group_id_for,
-    sample_id_for,
-)
+from rlstream.core.messages import GroupAdmitted, GroupRejected, StepCommitted, group_id_for, sample_id_for
 from rlstream.ops.audit import collect_audit
 from rlstream.trainer import reads
 
@@ -49,10 +44,7 @@ def admitted(row: int) -> GroupAdmitted:
     return GroupAdmitted(group_id=gid(row), row_index=row, epoch=0, attempt=0, submit_version=0, group_size=G)
 
 
-def sample(row: int, member: int) -> RolloutSample:
-    return RolloutSample(tokens=[1, 2, 3], logprobs=[0.0, -0.5, -0.5], loss_mask=[0, 1, 1], reward=float(member),
-                         sample_id=sample_id_for(gid(row), member), group_id=gid(row), group_size=G,
-                         row_index=row, worker_id="w0")
+sample = partial(factories.sample, group_size=G, worker_id="w0")
 
 
 def sid(entry_id) -> str:
