@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import msgpack
+from factories import rlstream  # noqa: F401  (re-exported: the harness's tests run the CLI with it)
 from polling import wait_until
 
 from rlstream.core import keys
@@ -36,12 +37,6 @@ MAX_SEQ_LEN = 16  # examples/builtin/config.toml
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def rlstream(*args: str, cwd: Path, timeout: float = 120, env: dict[str, str] | None = None
-             ) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "rlstream.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env=None if env is None else {**os.environ, **env})
 
 
 class Up:

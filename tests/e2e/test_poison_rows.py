@@ -7,12 +7,10 @@ that fails on every row still stops the run, naming its error."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from factories import rlstream
 
 from rlstream.builtin.task import builtin_rows
 
@@ -53,11 +51,6 @@ max_head_offpolicy_versions = 1  # the default was 1 when this test was measured
 [workers]
 count = 1
 '''
-
-
-def rlstream(*args: str, cwd: Path, timeout: float) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "rlstream.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env=dict(os.environ))
 
 
 def write_run(tmp_path: Path, rows: list[dict], reward: str) -> Path:

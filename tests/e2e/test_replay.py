@@ -5,16 +5,16 @@ with LoRA, it trains on the same samples; the source run is only read."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
+from functools import partial
 from pathlib import Path
 
+import factories
 import pytest
 
 from rlstream.core import keys
-from rlstream.core.connection import connect
-from rlstream.core.embedded_redis import EmbeddedRedis
+from rlstream.core.credentials import PASSWORD_ENV
 from rlstream.core.metrics import read_metrics
+from rlstream.ops.status import opened_run
 
 pytestmark = pytest.mark.e2e
 CONFIG = Path(__file__).resolve().parents[2] / "examples" / "builtin" / "config.toml"
@@ -22,25 +22,21 @@ SMALL = ["--set", "max_steps=5", "--set", "prompt_groups_per_step=8", "--set", "
          "--set", "workers.count=1"]
 
 
-def rlstream(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "rlstream.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=240)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    return proc
+rlstream = partial(factories.rlstream, check=True)
 
 
 def events_length(run_dir: Path) -> int:
-    server = EmbeddedRedis(run_dir / "redis")
-    r = connect(server.start())
-    try:
-        return r.xlen(keys.events("src"))
-    finally:
-        r.close()
-        server.stop()
+    with opened_run(str(run_dir), "runs") as (_, cfg, r):
+        return r.xlen(keys.events(cfg.run_id))
 
 
-def test_replay_reproduces_the_source_and_trains_other_losses_on_its_samples(tmp_path: Path) -> None:
-    rlstream("up", str(CONFIG), "--run-id", "src", *SMALL, cwd=tmp_path)
+def test_replay_reproduces_the_source_and_trains_other_losses_on_its_samples(tmp_path: Path, builtin_run,
+                                                                              monkeypatch) -> None:
+    # The source: the session's shared built-in run "src" (tests/e2e/conftest.py: max_steps=5, P = 8, G = 4, as
+    # SMALL), on the session's redis-server, whose password the replays and events_length read from the env.
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs/src").symlink_to(builtin_run.run_dir)
+    monkeypatch.setenv(PASSWORD_ENV, builtin_run.password)
     source = read_metrics(tmp_path / "runs/src/metrics.jsonl")
     before = events_length(tmp_path / "runs/src")
 

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from factories import rlstream
 from polling import wait_until
 from report_pages import open_report
 
@@ -16,7 +17,7 @@ from rlstream.core import bus, keys
 from rlstream.core.archive import Archive, all_rollouts
 from rlstream.core.codec import decode
 from rlstream.core.connection import connect
-from rlstream.core.credentials import PASSWORD_ENV, without_password
+from rlstream.core.credentials import without_password
 from rlstream.core.messages import RolloutSample, StepCommitted
 from rlstream.core.metrics import read_metrics
 
@@ -25,22 +26,15 @@ REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "examples" / "builtin" / "config.toml"
 
 
-def rlstream(*args: str, cwd: Path, timeout: float, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "rlstream.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})})
-
-
-def test_short_run_on_external_redis_bumps_versions_and_stamps_samples(tmp_path: Path, redis_server) -> None:
-    """A short run against an external Redis (RLSTREAM_REDIS_URL): no embedded server is
-    started, versions bump once per step and every trained sample is stamped correctly."""
-    proc = rlstream("up", str(CONFIG), "--run-id", "short", "--set", "max_steps=5", "--set", "prompt_groups_per_step=8",
-                    "--set", "completions_per_prompt=4", cwd=tmp_path, timeout=240,
-                    env={"RLSTREAM_REDIS_URL": redis_server.url})
+def test_short_run_on_external_redis_bumps_versions_and_stamps_samples(builtin_run) -> None:
+    """A short run against an external Redis (RLSTREAM_REDIS_URL; the session's shared run,
+    tests/e2e/conftest.py): no embedded server is started, versions bump once per step and
+    every trained sample is stamped correctly."""
+    proc, run_dir, run_id = builtin_run.up, builtin_run.run_dir, builtin_run.run_id
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     last_line = proc.stdout.strip().splitlines()[-1]
     assert last_line.startswith("summary: steps=5 final_version=5"), last_line
 
-    run_dir = tmp_path / "runs" / "short"
     assert not (run_dir / "redis").exists(), "an embedded redis-server was started despite RLSTREAM_REDIS_URL"
     rows = read_metrics(run_dir / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
@@ -49,18 +43,18 @@ def test_short_run_on_external_redis_bumps_versions_and_stamps_samples(tmp_path:
                 "train/loss", "perf/step_time", "perf/train_wait_time"):
         assert all(key in r for r in rows), key
     resolved = json.loads((run_dir / "config.json").read_text())
-    assert resolved["run_id"] == "short"
-    assert resolved["redis"]["url"] == without_password(redis_server.url)  # the password is not written
+    assert resolved["run_id"] == run_id
+    assert resolved["redis"]["url"] == without_password(builtin_run.url)  # the password is not written
     assert (run_dir / "weights" / "v5" / "manifest.json").is_file()
 
     # Audit what the trainer consumed, on the external server the run used.
-    r = connect(redis_server.url)
+    r = connect(builtin_run.url)
     try:
-        committed = [m for _, m in bus.iter_all_events(r, "short") if isinstance(m, StepCommitted)]
+        committed = [m for _, m in bus.iter_all_events(r, run_id) if isinstance(m, StepCommitted)]
         assert [c.step for c in committed] == [1, 2, 3, 4, 5]
         # Every rollout the run had: the archive (the final checkpoint moved the trained ones out of Redis;
         # docs/design.md §15.45 Archive, then trim), then the stream.
-        everything = list(all_rollouts(r, Archive(run_dir, "short")))
+        everything = list(all_rollouts(r, Archive(run_dir, run_id)))
         assert len(everything) >= 5 * 32
         by_id = {entry_id: decode(raw) for entry_id, raw in everything}
         versions_seen = set()
@@ -74,28 +68,33 @@ def test_short_run_on_external_redis_bumps_versions_and_stamps_samples(tmp_path:
                 assert c.version - 1 - sample.submit_version <= 2  # O + 1 with O = 1
                 versions_seen.add(sample.min_version)
         assert max(versions_seen) >= 1, "no sample was generated with updated weights"
-        assert bus.group_info(r, keys.rollouts("short"))["pending"] == 0
+        assert bus.group_info(r, keys.rollouts(run_id))["pending"] == 0
     finally:
         r.close()
 
-    status = rlstream("status", str(run_dir), cwd=tmp_path, timeout=60, env={PASSWORD_ENV: redis_server.password})
+
+def test_status_and_report_of_a_finished_run(builtin_run, tmp_path: Path) -> None:
+    """``rlstream status`` (text and --json) and ``rlstream report`` on the session's shared run,
+    on the external Redis it ran on; the perf and rollout metric families it logged."""
+    run_dir = builtin_run.run_dir
+    status = rlstream("status", str(run_dir), cwd=tmp_path, timeout=60, env=builtin_run.env)
     assert status.returncode == 0, status.stderr
     assert "published_version" in status.stdout and "finished" in status.stdout
     assert not (run_dir / "redis").exists(), "status started an embedded redis-server for an external-Redis run"
 
     # The perf and rollout families, status --json and the report, on this real run.
+    rows = read_metrics(run_dir / "metrics.jsonl")
     for key in ("perf/trainer_wait_for_sampler_time", "perf/sampler_wait_for_trainer_time", "perf/overlap_ratio",
                 "perf/step_wall_time", "perf/rollout_samples_per_s", "perf/rollout_tokens_per_s",
                 "perf/weight_sync_time", "rollout/accuracy", "rollout/truncated_ratio", "rollout/response_len/mean",
                 "rollout/entropy", "async/stale_groups_dropped"):
         assert all(key in r for r in rows), key
     assert sum(r["perf/rollout_samples_per_s"] for r in rows) > 0
-    status = rlstream("status", str(run_dir), "--json", cwd=tmp_path, timeout=60,
-                      env={PASSWORD_ENV: redis_server.password})
+    status = rlstream("status", str(run_dir), "--json", cwd=tmp_path, timeout=60, env=builtin_run.env)
     assert status.returncode == 0, status.stderr
     out = json.loads(status.stdout)
     assert out["steps"] == 5 and out["rates"]["steps_per_s"] > 0 and out["rates"]["samples_per_s"] > 0
-    report = rlstream("report", str(run_dir), cwd=tmp_path, timeout=120)
+    report = rlstream("report", str(run_dir), cwd=tmp_path, timeout=120)  # RUN/report.html
     assert report.returncode == 0, report.stderr
     headings, images, missing = open_report(run_dir / "report.html")
     assert missing == ["Evaluation"] and len(images) == len(headings) - 1  # the built-in run has no evaluation_fn

@@ -4,12 +4,12 @@ samples written under the test's run id."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
+from functools import partial
 from pathlib import Path
 
+import factories
 import pytest
+from factories import rlstream
 from rq import Queue
 from rq.serializers import JSONSerializer
 
@@ -20,14 +20,7 @@ from rlstream.core.connection import connect
 from rlstream.core.credentials import PASSWORD_ENV
 from rlstream.core.embedded_redis import EmbeddedRedis
 from rlstream.core.errors import RedisUnavailable
-from rlstream.core.messages import (
-    GroupAdmitted,
-    GroupRejected,
-    RolloutSample,
-    StepCommitted,
-    group_id_for,
-    sample_id_for,
-)
+from rlstream.core.messages import GroupAdmitted, GroupRejected, StepCommitted, group_id_for, sample_id_for
 from rlstream.ops.audit import collect_audit
 from rlstream.trainer import reads
 
@@ -49,10 +42,7 @@ def admitted(row: int) -> GroupAdmitted:
     return GroupAdmitted(group_id=gid(row), row_index=row, epoch=0, attempt=0, submit_version=0, group_size=G)
 
 
-def sample(row: int, member: int) -> RolloutSample:
-    return RolloutSample(tokens=[1, 2, 3], logprobs=[0.0, -0.5, -0.5], loss_mask=[0, 1, 1], reward=float(member),
-                         sample_id=sample_id_for(gid(row), member), group_id=gid(row), group_size=G,
-                         row_index=row, worker_id="w0")
+sample = partial(factories.sample, group_size=G, worker_id="w0")
 
 
 def sid(entry_id) -> str:
@@ -79,12 +69,6 @@ def write_run_dir(path: Path, run_id: str, redis_url: str) -> Path:
     cfg = Config(run_id=run_id, redis={"url": redis_url})
     (path / "config.json").write_text(json.dumps(cfg.model_dump(mode="json")))
     return path
-
-
-def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "-m", "rlstream.cli", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=60)
 
 
 def fields(stdout: str) -> dict[str, str]:
@@ -121,7 +105,7 @@ def test_audit_clean_ledger_exits_0(r, run_id, redis_url, tmp_path):
     write_clean_ledger(r, run_id)
     bus.xadd(r, keys.rollouts(run_id), sample(99, 0))  # a trace: row 99 is in flight, not lost
     run_dir = write_run_dir(tmp_path / "run", run_id, redis_url)
-    proc = cli("audit", str(run_dir), cwd=tmp_path)
+    proc = rlstream("audit", str(run_dir), cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     f = fields(proc.stdout)
     assert f["run"] == run_id
@@ -143,7 +127,7 @@ def test_audit_clean_ledger_exits_0(r, run_id, redis_url, tmp_path):
 def test_audit_lost_group_exits_1(r, run_id, redis_url, tmp_path):
     write_clean_ledger(r, run_id)  # row 99: admitted, no job, no sample -> lost
     write_run_dir(tmp_path / "logs" / run_id, run_id, redis_url)
-    proc = cli("audit", run_id, "--log-path", str(tmp_path / "logs"), cwd=tmp_path)
+    proc = rlstream("audit", run_id, "--log-path", str(tmp_path / "logs"), cwd=tmp_path)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     f = fields(proc.stdout)
     assert f["groups_lost"] == f"1  [{gid(99)}]"
@@ -157,7 +141,7 @@ def test_audit_twice_and_step_gap_exit_1(r, run_id, redis_url, tmp_path):
     commit(r, run_id, 1, [0], e0)
     commit(r, run_id, 3, [0, 1], e0 + add_samples(r, run_id, 1))
     run_dir = write_run_dir(tmp_path / "run", run_id, redis_url)
-    proc = cli("audit", str(run_dir), cwd=tmp_path)
+    proc = rlstream("audit", str(run_dir), cwd=tmp_path)
     assert proc.returncode == 1
     f = fields(proc.stdout)
     assert f["trained_twice"] == str(1 + 2 * G)  # the group, its G sample ids, its G entry ids
@@ -174,7 +158,7 @@ def test_dead_lists_entries(r, run_id, redis_url, tmp_path):
     r.xadd(keys.dead(run_id), {bus.FIELD: b"\xc1"})  # not a DeadLetter at all
     dead_ids = [sid(e) for e, _ in r.xrange(keys.dead(run_id))]
     run_dir = write_run_dir(tmp_path / "run", run_id, redis_url)
-    proc = cli("dead", str(run_dir), cwd=tmp_path)
+    proc = rlstream("dead", str(run_dir), cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[0] == f"{dead_ids[0]}  5-0  invalid rollout_sample: tokens"
@@ -186,7 +170,7 @@ def test_dead_lists_entries(r, run_id, redis_url, tmp_path):
 
 def test_dead_empty(r, run_id, redis_url, tmp_path):
     run_dir = write_run_dir(tmp_path / "run", run_id, redis_url)
-    proc = cli("dead", str(run_dir), cwd=tmp_path)
+    proc = rlstream("dead", str(run_dir), cwd=tmp_path)
     assert (proc.returncode, proc.stdout) == (0, "dead_letters: 0\n")
 
 
@@ -217,7 +201,7 @@ def test_audit_starts_and_stops_the_embedded_server(tmp_path):
     finally:
         server.stop()
     write_run_dir(run_dir, run_id, url)
-    proc = cli("audit", str(run_dir), cwd=tmp_path)
+    proc = rlstream("audit", str(run_dir), cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert fields(proc.stdout)["groups_trained"] == "1"
     assert not (run_dir / "redis" / "url").exists()  # stopped cleanly

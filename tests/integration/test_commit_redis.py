@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 
+import factories
 import pytest
 
 from rlstream.core import bus, keys
@@ -30,9 +31,8 @@ def lease(r, run_id):
 
 
 def sample(i: int) -> RolloutSample:
-    return RolloutSample(tokens=[1, 2, 3], logprobs=[0.0, -0.5, -0.5], loss_mask=[0, 1, 1], reward=float(i),
-                         sample_id=f"e0-r{i // 2}-a0-m{i % 2}", group_id=f"e0-r{i // 2}-a0", group_size=2,
-                         row_index=i // 2)
+    """The ``i``-th sample written: member ``i % 2`` of row ``i // 2``."""
+    return factories.sample(i // 2, i % 2, reward=float(i))
 
 
 def delivered(r, run_id: str, n: int, start: int = 0) -> list[str]:

@@ -13,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 
+import factories
 import pytest
 import redis
 
@@ -28,9 +29,8 @@ pytestmark = pytest.mark.integration
 
 
 def sample(i: int) -> RolloutSample:
-    return RolloutSample(tokens=[1, 2, 3, i], logprobs=[0.0, -1.0, -0.5, -0.25], loss_mask=[0, 1, 1, 1],
-                         reward=float(i), sample_id=f"e0-r{i}-a0-m0", group_id=f"e0-r{i}-a0",
-                         group_size=1, row_index=i)
+    """Row ``i``'s group of one."""
+    return factories.sample(i, tokens=(1, 2, 3, i), logprobs=[0.0, -1.0, -0.5, -0.25], reward=float(i), group_size=1)
 
 
 def dead_url() -> str:

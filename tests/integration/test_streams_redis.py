@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 import time
 
+import factories
 import pytest
 from polling import wait_until
 
@@ -25,14 +26,11 @@ pytestmark = pytest.mark.integration
 
 
 def sample(i: int = 0, **update) -> RolloutSample:
-    fields = dict(
-        tokens=[5, 6, 7, 8 + i], logprobs=[0.0, -0.5, -0.25, -0.125], loss_mask=[0, 1, 1, 1],
-        reward=float(i), finish_reason="stop", text=f"s{i}",
-        sample_id=f"e0-r{i // 2}-a0-m{i % 2}", group_id=f"e0-r{i // 2}-a0", group_size=2,
-        row_index=i // 2, worker_id="w0",
-    )
+    """The ``i``-th sample written (member ``i % 2`` of row ``i // 2``), its fields all distinct from the next's."""
+    fields = dict(tokens=(5, 6, 7, 8 + i), logprobs=[0.0, -0.5, -0.25, -0.125], reward=float(i), text=f"s{i}",
+                  worker_id="w0")
     fields.update(update)
-    return RolloutSample(**fields)
+    return factories.sample(i // 2, i % 2, **fields)
 
 
 def sid(entry_id) -> str:

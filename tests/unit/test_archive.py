@@ -10,11 +10,11 @@ import pytest
 
 from rlstream.core import keys
 from rlstream.core.archive import Archive, ArchiveError, all_rollouts, fetch_rollouts
-from rlstream.core.bus import ensure_group
 from rlstream.trainer.retention import archive_and_trim, prune_checkpoints, safe_bound
 
 RUN = "arch"
 STREAM = keys.rollouts(RUN)
+pytestmark = pytest.mark.usefixtures("r_group")  # tests/unit/conftest.py: fakeredis with the trainer's group
 
 
 def add(r, n: int) -> list[str]:
@@ -30,14 +30,7 @@ def whole(r, archive) -> list[tuple[str, bytes]]:
     return list(all_rollouts(r, archive))
 
 
-@pytest.fixture
-def stream(r):
-    ensure_group(r, STREAM)
-    return r
-
-
-def test_only_acked_entries_are_archived_and_trimmed(stream, tmp_path):
-    r = stream
+def test_only_acked_entries_are_archived_and_trimmed(r, tmp_path):
     ids = add(r, 10)
     before = [(i, r.xrange(STREAM, i, i)[0][1][b"m"]) for i in ids]
     delivered = deliver(r, 6)
@@ -57,17 +50,17 @@ def test_only_acked_entries_are_archived_and_trimmed(stream, tmp_path):
     assert archive.problems() == []
 
 
-def test_nothing_delivered_nothing_archived(stream, tmp_path):
-    add(stream, 3)
-    assert archive_and_trim(stream, Archive(tmp_path, RUN), covered_step=1) == ([], 0)
-    assert stream.xlen(STREAM) == 3
-    assert safe_bound(stream, STREAM) == "0-1"
+def test_nothing_delivered_nothing_archived(r, tmp_path):
+    add(r, 3)
+    assert archive_and_trim(r, Archive(tmp_path, RUN), covered_step=1) == ([], 0)
+    assert r.xlen(STREAM) == 3
+    assert safe_bound(r, STREAM) == "0-1"
 
 
-def test_segment_is_self_describing_json_lines(stream, tmp_path):
-    ids = add(stream, 2)
-    stream.xack(STREAM, keys.TRAINER_GROUP, *deliver(stream, 2))
-    archive_and_trim(stream, Archive(tmp_path, RUN), covered_step=7)
+def test_segment_is_self_describing_json_lines(r, tmp_path):
+    ids = add(r, 2)
+    r.xack(STREAM, keys.TRAINER_GROUP, *deliver(r, 2))
+    archive_and_trim(r, Archive(tmp_path, RUN), covered_step=7)
     lines = (tmp_path / "archive" / "seg-000001.jsonl").read_text().splitlines()
     header = json.loads(lines[0])
     assert header["format"] == "rlstream-rollouts-archive" and header["version"] == 1
@@ -77,11 +70,10 @@ def test_segment_is_self_describing_json_lines(stream, tmp_path):
     assert manifest["upto"] == ids[-1] and manifest["segments"][0]["entries"] == 2
 
 
-def test_crash_after_segment_before_manifest_is_repaired(stream, tmp_path, monkeypatch):
+def test_crash_after_segment_before_manifest_is_repaired(r, tmp_path, monkeypatch):
     """Killed between the segment's rename and the manifest's: an orphan file, no trim. The
     next pass writes the same segment name again, whole, and trims."""
-    r = stream
-    ids = add(r, 4)
+    add(r, 4)
     before = whole(r, Archive(tmp_path, RUN))
     r.xack(STREAM, keys.TRAINER_GROUP, *deliver(r, 4))
     archive = Archive(tmp_path, RUN)
@@ -99,8 +91,7 @@ def test_crash_after_segment_before_manifest_is_repaired(stream, tmp_path, monke
     assert [s.file for s in archive.segments()] == ["seg-000001.jsonl"]
 
 
-def test_crash_mid_segment_write_leaves_no_segment(stream, tmp_path, monkeypatch):
-    r = stream
+def test_crash_mid_segment_write_leaves_no_segment(r, tmp_path, monkeypatch):
     add(r, 3)
     r.xack(STREAM, keys.TRAINER_GROUP, *deliver(r, 3))
     real_replace = os.replace
@@ -118,8 +109,7 @@ def test_crash_mid_segment_write_leaves_no_segment(stream, tmp_path, monkeypatch
     assert r.xlen(STREAM) == 0 and len(list(all_rollouts(r, Archive(tmp_path, RUN)))) == 3
 
 
-def test_crash_after_manifest_before_trim_reads_each_entry_once(stream, tmp_path, monkeypatch):
-    r = stream
+def test_crash_after_manifest_before_trim_reads_each_entry_once(r, tmp_path, monkeypatch):
     add(r, 3)
     r.xack(STREAM, keys.TRAINER_GROUP, *deliver(r, 3))
     before = whole(r, Archive(tmp_path, RUN))
@@ -132,8 +122,7 @@ def test_crash_after_manifest_before_trim_reads_each_entry_once(stream, tmp_path
     assert segments == [] and trimmed == 3
 
 
-def test_rewind_drops_segments_the_events_no_longer_record(stream, tmp_path):
-    r = stream
+def test_rewind_drops_segments_the_events_no_longer_record(r, tmp_path):
     add(r, 2)
     r.xack(STREAM, keys.TRAINER_GROUP, *deliver(r, 2))
     archive = Archive(tmp_path, RUN)
@@ -148,8 +137,7 @@ def test_rewind_drops_segments_the_events_no_longer_record(stream, tmp_path):
     assert archive.rewind(steps=7) == []
 
 
-def test_damaged_or_missing_segment_is_an_error_never_skipped(stream, tmp_path):
-    r = stream
+def test_damaged_or_missing_segment_is_an_error_never_skipped(r, tmp_path):
     add(r, 3)
     r.xack(STREAM, keys.TRAINER_GROUP, *deliver(r, 3))
     archive_and_trim(r, Archive(tmp_path, RUN), covered_step=1)
@@ -179,11 +167,10 @@ def test_prune_checkpoints_keeps_newest_and_pinned(tmp_path):
     assert prune_checkpoints(tmp_path, keep=0) == []
 
 
-def test_a_large_pass_is_split_into_bounded_segments(stream, tmp_path, monkeypatch):
+def test_a_large_pass_is_split_into_bounded_segments(r, tmp_path, monkeypatch):
     from rlstream.trainer import retention
 
     monkeypatch.setattr(retention, "SEGMENT_BYTES", 30)  # each payload is ~11 bytes: 3 a segment
-    r = stream
     add(r, 7)
     before = whole(r, Archive(tmp_path, RUN))
     r.xack(STREAM, keys.TRAINER_GROUP, *deliver(r, 7))

@@ -1,14 +1,9 @@
 """rlstream.ops.audit.audit_ledger on synthetic messages: each definition and exit condition."""
 from __future__ import annotations
 
-from rlstream.core.messages import (
-    GroupAdmitted,
-    GroupRejected,
-    RolloutSample,
-    StepCommitted,
-    group_id_for,
-    sample_id_for,
-)
+from factories import sample
+
+from rlstream.core.messages import GroupAdmitted, GroupRejected, StepCommitted, group_id_for, sample_id_for
 from rlstream.ops.audit import AuditReport, audit_ledger
 
 G = 2
@@ -21,11 +16,6 @@ def gid(row: int, attempt: int = 0) -> str:
 def admitted(row: int, attempt: int = 0) -> GroupAdmitted:
     return GroupAdmitted(group_id=gid(row, attempt), row_index=row, epoch=0, attempt=attempt,
                          submit_version=0, group_size=G)
-
-
-def sample(group_id: str, member: int = 0) -> RolloutSample:
-    return RolloutSample(tokens=[1, 2, 3], logprobs=[0.0, -0.5, -0.5], loss_mask=[0, 1, 1], reward=1.0,
-                         sample_id=sample_id_for(group_id, member), group_id=group_id, group_size=G)
 
 
 def step(n: int, *group_ids: str, entries: list[str] | None = None, samples: list[str] | None = None) -> StepCommitted:
@@ -91,13 +81,13 @@ def test_in_flight_by_job():
 
 
 def test_in_flight_by_sample():
-    report = audit([admitted(0), admitted(1), step(1, gid(0))], samples=[sample(gid(1), 1)])
+    report = audit([admitted(0), admitted(1), step(1, gid(0))], samples=[sample(1, 1)])
     assert report.in_flight == [gid(1)] and report.in_flight_by_sample == 1 and report.lost == []
     assert report.ok
 
 
 def test_samples_of_other_groups_are_no_trace():
-    report = audit([admitted(0), admitted(1)], samples=[sample(gid(0))])
+    report = audit([admitted(0), admitted(1)], samples=[sample(0)])
     assert report.in_flight == [gid(0)] and report.lost == [gid(1)]
 
 

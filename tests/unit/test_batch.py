@@ -1,18 +1,15 @@
 """rlstream.trainer.batch: group assembly with dedup, and collation/alignment."""
 from __future__ import annotations
 
+from functools import partial
+
+import factories
 import torch
 
 from rlstream.core.messages import RolloutSample, group_id_for, sample_id_for
 from rlstream.trainer.batch import Group, GroupAssembler, collate, take_oldest
 
-
-def sample(row: int, member: int, size: int = 3, reward: float = 0.0, **over) -> RolloutSample:
-    gid = group_id_for(0, row, 0)
-    fields = dict(tokens=[1, 2, 3], logprobs=[0.0, -1.0, -2.0], loss_mask=[0, 1, 1], reward=reward,
-                  sample_id=sample_id_for(gid, member), group_id=gid, group_size=size, row_index=row)
-    fields.update(over)
-    return RolloutSample(**fields)
+sample = partial(factories.sample, tokens=(1, 2, 3), reward=0.0, group_size=3)  # groups of three equal members
 
 
 def test_group_completes_at_group_size():
@@ -49,16 +46,16 @@ def test_samples_of_settled_groups_come_back_as_duplicates():
 
 def test_group_size_one_completes_at_once():
     a = GroupAssembler()
-    group, dup = a.add("3-0", sample(4, 0, size=1), set())
+    group, dup = a.add("3-0", sample(4, 0, group_size=1), set())
     assert group is not None and group.entry_ids == ["3-0"] and dup is None
 
 
 def test_duplicate_of_a_completed_but_unsettled_group():
     a = GroupAssembler()
-    a.add("1-0", sample(0, 0, size=2), set())
-    group, _ = a.add("1-1", sample(0, 1, size=2), set())
+    a.add("1-0", sample(0, 0, group_size=2), set())
+    group, _ = a.add("1-1", sample(0, 1, group_size=2), set())
     assert group is not None
-    assert a.add("1-9", sample(0, 0, size=2), set()) == (None, "1-9")
+    assert a.add("1-9", sample(0, 0, group_size=2), set()) == (None, "1-9")
 
 
 # --------------------------------------------------------------------------- collate
@@ -144,7 +141,7 @@ def test_held_entry_ids_are_the_open_groups_entries():
 def test_take_oldest_prefers_the_oldest_submit_version_then_arrival():
     def group(row: int, version: int) -> Group:
         g = Group(group_id_for(0, row, 0), 1)
-        g.members["s"] = (f"{row}-0", sample(row, 0, size=1, submit_version=version))
+        g.members["s"] = (f"{row}-0", sample(row, 0, group_size=1, submit_version=version))
         return g
 
     ready = [group(0, 3), group(1, 1), group(2, 3), group(3, 2), group(4, 1)]

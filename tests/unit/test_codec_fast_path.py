@@ -10,6 +10,7 @@ import sys
 from array import array
 from pathlib import Path
 
+import factories
 import msgpack
 import pytest
 
@@ -22,12 +23,11 @@ from fault_harness import malformed_entries  # noqa: E402  (the fuzz of the faul
 
 
 def sample(n: int = 12, **over) -> RolloutSample:
-    fields = dict(tokens=list(range(1, n + 1)), logprobs=[0.0] * 4 + [-0.25] * (n - 4),
-                  loss_mask=[0] * 4 + [1] * (n - 4), reward=0.5, text="ok", metrics={"len": float(n)},
-                  sample_id="e0-r1-a0-m0", group_id="e0-r1-a0", group_size=4, row_index=1,
-                  submit_version=2, min_version=2, max_version=3, worker_id="w")
+    """A stamped sample with every field set (a 4-token prompt): what the fast path decodes."""
+    fields = dict(reward=0.5, group_size=4, text="ok", metrics={"len": float(n)}, submit_version=2, min_version=2,
+                  max_version=3, worker_id="w")
     fields.update(over)
-    return RolloutSample(**fields)
+    return factories.sample(1, 0, tokens=range(1, n + 1), prompt=4, logprob=-0.25, **fields)
 
 
 def validated_path(raw: bytes, monkeypatch) -> tuple[str, object]:

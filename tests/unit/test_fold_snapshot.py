@@ -5,13 +5,16 @@ events after it, reaching the same state, weights and metrics.jsonl as a fold of
 stream."""
 from __future__ import annotations
 
+import pytest
+from test_trainer_resume import RUN, add_group, admit, config, params
+
 from rlstream.core import bus, fold_snapshot, keys
 from rlstream.core.messages import GroupRejected, GroupSampled, StepCommitted, WeightsPublished
 from rlstream.core.run_state import RunState
 from rlstream.trainer.checkpoint import checkpoint_dir
 from rlstream.trainer.trainer import Trainer
-from test_trainer_resume import RUN, add_group, admit, config, params
-from test_trainer_resume import r  # noqa: F401  (the fixture: fakeredis with the consumer group)
+
+pytestmark = pytest.mark.usefixtures("r_group")  # tests/unit/conftest.py: fakeredis with the trainer's group
 
 
 def folded(r) -> RunState:

@@ -215,12 +215,6 @@ def test_checkpoint_of_another_kind_or_shape_is_refused(tmp_path):
 
 
 # ----------------------------------------------------------------- the trainer, on fakeredis
-@pytest.fixture
-def r(r):
-    bus.ensure_group(r, keys.rollouts(RUN))
-    return r
-
-
 def add_group(r, row: int) -> None:
     gid = group_id_for(0, row, 0)
     bus.xadd(r, keys.events(RUN), GroupAdmitted(group_id=gid, row_index=row, epoch=0, attempt=0,
@@ -231,6 +225,7 @@ def add_group(r, row: int) -> None:
             reward=float(m), sample_id=sample_id_for(gid, m), group_id=gid, group_size=2, row_index=row))
 
 
+@pytest.mark.usefixtures("r_group")  # tests/unit/conftest.py
 def test_a_lora_trainer_resumed_from_its_checkpoint_reproduces_the_adapter(r, tmp_path):
     for row in range(3):
         add_group(r, row)
@@ -253,6 +248,7 @@ def test_a_lora_trainer_resumed_from_its_checkpoint_reproduces_the_adapter(r, tm
     assert any(not torch.equal(v, adapter(lora.wrap(build_model(0), cfg))[k]) for k, v in mine.items())  # it trained
 
 
+@pytest.mark.usefixtures("r_group")  # tests/unit/conftest.py
 def test_replay_with_a_lora_config_trains_the_recorded_steps(r, tmp_path):
     for row in range(2):
         add_group(r, row)
@@ -268,7 +264,8 @@ def test_replay_with_a_lora_config_trains_the_recorded_steps(r, tmp_path):
     assert lora.holds_adapter(checkpoint_dir(run_dir, 2))
     model, _ = load_model_and_tokenizer(str(run_dir / "models" / "m"), CPU)  # merged
     assert not (run_dir / "models" / "m" / lora.ADAPTER_CONFIG).exists()
-    assert not torch.equal(logits(model), logits(load_model_and_tokenizer(str(save_tiny_model(tmp_path / "b")), CPU)[0]))
+    base, _ = load_model_and_tokenizer(str(save_tiny_model(tmp_path / "b")), CPU)
+    assert not torch.equal(logits(model), logits(base))
 
 
 @pytest.mark.parametrize("override, message", [

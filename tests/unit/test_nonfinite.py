@@ -8,6 +8,7 @@ import logging
 
 import pytest
 import torch
+from factories import sample
 from safetensors.torch import load_file
 from test_optimize import make_batch
 
@@ -15,7 +16,7 @@ from rlstream.builtin.tiny_model import build_model
 from rlstream.core import bus, keys
 from rlstream.core.config import Config
 from rlstream.core.errors import RlstreamError
-from rlstream.core.messages import GroupAdmitted, RolloutSample, StepCommitted, group_id_for, sample_id_for
+from rlstream.core.messages import GroupAdmitted, StepCommitted, group_id_for
 from rlstream.trainer import optimize
 from rlstream.trainer.optimize import policy_update
 from rlstream.trainer.policy_model import all_finite, weights_dir, write_model_dir
@@ -107,20 +108,12 @@ def test_no_writer_puts_non_finite_weights_on_disk(tmp_path):
 # --------------------------------------------------------------------------- the trainer
 
 
-@pytest.fixture
-def r(r):
-    bus.ensure_group(r, keys.rollouts(RUN))
-    return r
-
-
 def add_group(r, row: int, rewards: list[float]) -> None:
     gid = group_id_for(0, row, 0)
     bus.xadd(r, keys.events(RUN), GroupAdmitted(group_id=gid, row_index=row, epoch=0, attempt=0, submit_version=0,
                                                     group_size=len(rewards)))
     for m, reward in enumerate(rewards):
-        bus.xadd(r, keys.rollouts(RUN), RolloutSample(
-            tokens=[1, 2 + m, 3], logprobs=[0.0, -1.0, -1.0], loss_mask=[0, 1, 1], reward=reward,
-            sample_id=sample_id_for(gid, m), group_id=gid, group_size=len(rewards), row_index=row))
+        bus.xadd(r, keys.rollouts(RUN), sample(row, m, reward=reward, group_size=len(rewards)))
 
 
 def nan_on_large_advantages(*args, **kwargs):
@@ -130,6 +123,7 @@ def nan_on_large_advantages(*args, **kwargs):
     return (loss * float("nan") if args[4].abs().max() > 2 else loss), metrics
 
 
+@pytest.mark.usefixtures("r_group")  # tests/unit/conftest.py
 def test_the_trainer_skips_publishes_finite_weights_and_replays_the_same_decision(r, tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(optimize, "compute_loss", nan_on_large_advantages)
     add_group(r, 0, [0.0, 5.0])  # step 1: NaN

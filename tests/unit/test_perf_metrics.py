@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import math
 
+import factories
 import pytest
+from factories import user_sample
 
 from rlstream.core import bus, keys
 from rlstream.core.config import Config
-from rlstream.core.messages import GroupAdmitted, GroupSampled, RolloutSample, group_id_for, sample_id_for
+from rlstream.core.messages import GroupAdmitted, GroupSampled, RolloutSample, group_id_for
 from rlstream.core.metrics import read_metrics
 from rlstream.core.run_state import RunState
 from rlstream.trainer.batch import Group
@@ -25,8 +27,8 @@ COOKBOOK = {"perf/trainer_wait_for_sampler_time", "perf/sampler_wait_for_trainer
 
 def sample(mask: list[int], logprobs: list[float], reward: float = 1.0, finish: str = "stop", window=(0.0, 0.0),
            **metrics: float) -> RolloutSample:
-    return RolloutSample(tokens=list(range(1, len(mask) + 1)), logprobs=logprobs, loss_mask=mask, reward=reward,
-                         finish_reason=finish, metrics=metrics, started_at=window[0], finished_at=window[1])
+    return user_sample(range(1, len(mask) + 1), reward, logprobs=logprobs, loss_mask=mask, finish_reason=finish,
+                       metrics=metrics, started_at=window[0], finished_at=window[1])
 
 
 def test_rollout_quality_of_a_batch():
@@ -42,7 +44,8 @@ def test_rollout_quality_of_a_batch():
 
 
 def test_accuracy_is_the_rollouts_own_metric_when_every_sample_reports_one():
-    batch = [sample([0, 1], [0.0, -1.0], reward=0.2, accuracy=1.0), sample([0, 1], [0.0, -1.0], reward=0.9, accuracy=0.0)]
+    batch = [sample([0, 1], [0.0, -1.0], reward=0.2, accuracy=1.0),
+             sample([0, 1], [0.0, -1.0], reward=0.9, accuracy=0.0)]
     assert rollout_quality(batch)["rollout/accuracy"] == 0.5
 
 
@@ -102,10 +105,7 @@ def test_a_live_trainer_step_logs_every_cookbook_metric(r, tmp_path):
                                                 group_size=2))
     bus.xadd(r, keys.events(run), GroupSampled(group_id=gid, samples=2, tokens=4, worker_id="w"))
     for m in range(2):
-        bus.xadd(r, keys.rollouts(run), RolloutSample(
-            tokens=[1, 2 + m, 3], logprobs=[0.0, -1.0, -1.0], loss_mask=[0, 1, 1], reward=float(m),
-            sample_id=sample_id_for(gid, m), group_id=gid, group_size=2, row_index=0, started_at=1.0,
-            finished_at=2.0))
+        bus.xadd(r, keys.rollouts(run), factories.sample(0, m, started_at=1.0, finished_at=2.0))
     t = Trainer(cfg, r, tmp_path / run)
     assert t.run() == 1
     line = read_metrics(tmp_path / run / "metrics.jsonl")[-1]

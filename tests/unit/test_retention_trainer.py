@@ -4,6 +4,9 @@ covers, the audit and export read archive + stream, a resume replays from the ar
 memory pressure makes the trainer checkpoint before its interval."""
 from __future__ import annotations
 
+import pytest
+from test_trainer_resume import RUN, add_group, config, params
+
 from rlstream.core import keys
 from rlstream.core.archive import Archive
 from rlstream.ops.audit import collect_audit
@@ -12,8 +15,8 @@ from rlstream.ops.status import archive_status
 from rlstream.trainer import retention
 from rlstream.trainer.checkpoint import checkpoint_dir
 from rlstream.trainer.trainer import Trainer
-from test_trainer_resume import RUN, add_group, config, params
-from test_trainer_resume import r  # noqa: F401  (the fixture: fakeredis with the consumer group)
+
+pytestmark = pytest.mark.usefixtures("r_group")  # tests/unit/conftest.py: fakeredis with the trainer's group
 
 
 def test_checkpoints_archive_and_trim_and_every_reader_follows(r, tmp_path):

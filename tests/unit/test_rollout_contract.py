@@ -7,6 +7,7 @@ import json
 import types
 
 import pytest
+from factories import user_sample
 
 from rlstream import Config, RolloutSample, RolloutSetup, main
 from rlstream.api import importable_spec
@@ -29,7 +30,8 @@ def module_level_factory(setup):  # importable by name, as workers need
 def test_importable_spec_accepts_module_functions_and_strings():
     assert importable_spec(module_level_factory, "rollout_fn_factory") == \
         f"{module_level_factory.__module__}:module_level_factory"
-    assert importable_spec("rlstream.builtin.rewards:math_answer", "reward_fn") == "rlstream.builtin.rewards:math_answer"
+    spec = "rlstream.builtin.rewards:math_answer"
+    assert importable_spec(spec, "reward_fn") == spec
 
 
 def test_importable_spec_rejects_lambdas_nested_and_main():
@@ -113,16 +115,12 @@ def job(G: int = 4, row_index: int = 3) -> GroupJob:
                     submit_version=0, group_size=G, row={"prompt": "1+1="})
 
 
-def sample(reward: float = 1.0) -> RolloutSample:
-    return RolloutSample(tokens=[1, 2], logprobs=[0.0, -0.5], loss_mask=[0, 1], reward=reward)
-
-
 def test_group_redraws_missing_members_and_passes_declared_context():
     seen = []
 
     async def rollout_fn(sample_prompt, sample_index, row_index):
         seen.append((sample_index, row_index))
-        return None if sample_index in (1, 2) else sample()  # draws 1 and 2 return None
+        return None if sample_index in (1, 2) else user_sample()  # draws 1 and 2 return None
 
     rt = runtime_with(rollout_fn, max_incomplete_group_retries=1)
     samples = asyncio.run(rt._group(job(4)))
@@ -139,7 +137,7 @@ def test_invalid_samples_are_counted_and_failures_retried():
             return RolloutSample(tokens=[1], logprobs=[0.0], loss_mask=[1], reward=1.0)  # invalid: < 2 tokens
         if calls["n"] == 2:
             raise RuntimeError("flaky tool")
-        return sample()
+        return user_sample()
 
     rt = runtime_with(rollout_fn, max_incomplete_group_retries=0, rollout_max_retries=2)
     samples = asyncio.run(rt._group(job(2)))
@@ -177,7 +175,8 @@ def test_public_api_imports_without_torch():
     import subprocess
     import sys
 
-    code = "import sys; from rlstream import Config, main, RolloutSample, RolloutSetup; assert 'torch' not in sys.modules"
+    code = ("import sys; from rlstream import Config, main, RolloutSample, RolloutSetup; "
+            "assert 'torch' not in sys.modules")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
     assert RolloutSetup.__dataclass_fields__.keys() >= {"sampler", "tokenizer", "sample_kwargs",
                                                         "completions_per_prompt", "extras"}

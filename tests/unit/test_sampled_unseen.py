@@ -8,22 +8,17 @@ from __future__ import annotations
 import types
 
 import pytest
+from factories import config, sample
 
 from rlstream.core import bus, keys
-from rlstream.core.config import Config
-from rlstream.core.messages import GroupAdmitted, GroupSampled, RolloutSample, group_id_for, sample_id_for
+from rlstream.core.messages import GroupAdmitted, GroupSampled, RolloutSample, group_id_for
 from rlstream.trainer import buffer
 from rlstream.trainer.batch import overdue_unseen
 from rlstream.trainer.trainer import Trainer
 
 RUN = "un"
+pytestmark = pytest.mark.usefixtures("r_group")  # tests/unit/conftest.py: fakeredis with the trainer's group
 TIMEOUT = 5  # job_timeout: the limit is 2 x 5 s
-
-
-@pytest.fixture
-def r(r):
-    bus.ensure_group(r, keys.rollouts(RUN))
-    return r
 
 
 @pytest.fixture
@@ -51,15 +46,8 @@ def sampled(r, gid: str, entries: list[bytes | RolloutSample]) -> None:
     bus.xadd(r, keys.events(RUN), GroupSampled(group_id=gid, samples=len(entries), worker_id="w", version=0))
 
 
-def member(gid: str, row: int, m: int) -> RolloutSample:
-    return RolloutSample(tokens=[1, 2, 3], logprobs=[0.0, -1.0, -1.0], loss_mask=[0, 1, 1], reward=float(m),
-                         sample_id=sample_id_for(gid, m), group_id=gid, group_size=2, row_index=row)
-
-
 def trainer(r, tmp_path) -> Trainer:
-    cfg = Config(run_id=RUN, log_path=str(tmp_path), job_timeout=TIMEOUT, prompt_groups_per_step=1,
-                 completions_per_prompt=2, max_head_offpolicy_versions=0, dcp_save_interval=0,
-                 lr_schedule="constant")
+    cfg = config(tmp_path, run_id=RUN, job_timeout=TIMEOUT, max_head_offpolicy_versions=0)
     t = Trainer(cfg, r, cfg.run_dir())
     t.resume()
     return t
@@ -69,7 +57,7 @@ def test_a_sampled_group_whose_entries_never_decode_is_rejected_naming_it(r, tmp
     lost = admit(r, 0)
     sampled(r, lost, [b"\x00garbage", b"\xc1"])  # neither decodes: dead-lettered without a group id
     waiting = admit(r, 1)
-    sampled(r, waiting, [member(waiting, 1, 0)])  # one member here, the other still coming: not this rule's
+    sampled(r, waiting, [sample(1, 0)])  # one member here, the other still coming: not this rule's
     t = trainer(r, tmp_path)
     t.buffer.collect()
     assert r.xlen(keys.dead(RUN)) == 2

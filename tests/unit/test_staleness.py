@@ -6,7 +6,11 @@ metrics. The trainer runs on fakeredis with the built-in tiny model; the end-to-
 with deliberately slow rollouts, is tests/e2e/test_staleness_run.py."""
 from __future__ import annotations
 
+from functools import partial
+
+import factories
 import pytest
+from factories import sample
 
 from rlstream.core import bus, keys
 from rlstream.core.config import Config
@@ -23,26 +27,16 @@ from rlstream.trainer.staleness import sampling_follows_weights, split_stale, st
 from rlstream.trainer.trainer import Trainer
 
 RUN = "st"
+pytestmark = pytest.mark.usefixtures("r_group")  # tests/unit/conftest.py: fakeredis with the trainer's group
 
 
-@pytest.fixture
-def r(r):  # tests/unit/conftest.py's FakeRedis, with the trainer's consumer group
-    bus.ensure_group(r, keys.rollouts(RUN))
-    return r
+config = partial(factories.config, run_id=RUN, max_steps=10, max_head_offpolicy_versions=0,
+                 save_final_checkpoint=False)
 
 
-def config(tmp_path, **over) -> Config:
-    fields = dict(run_id=RUN, log_path=str(tmp_path), max_steps=10, prompt_groups_per_step=1,
-                  completions_per_prompt=2, max_head_offpolicy_versions=0, dcp_save_interval=0,
-                  save_final_checkpoint=False, lr_schedule="constant", learning_rate=1e-2)
-    fields.update(over)
-    return Config(**fields)
-
-
-def sample(gid: str, row: int, m: int, sampled: int, submit: int) -> RolloutSample:
-    return RolloutSample(tokens=[1, 2 + m, 3], logprobs=[0.0, -1.0, -1.0], loss_mask=[0, 1, 1], reward=float(m),
-                         sample_id=sample_id_for(gid, m), group_id=gid, group_size=2, row_index=row,
-                         submit_version=submit, min_version=sampled, max_version=sampled)
+def sampled_with(row: int, m: int, sampled: int, submit: int) -> RolloutSample:
+    """Member ``m`` of row ``row``'s group, admitted at ``submit``, sampled with the weights of ``sampled``."""
+    return sample(row, m, submit_version=submit, min_version=sampled, max_version=sampled)
 
 
 def add_group(r, row: int, sampled: int, submit: int | None = None) -> str:
@@ -53,7 +47,7 @@ def add_group(r, row: int, sampled: int, submit: int | None = None) -> str:
     bus.xadd(r, keys.events(RUN), GroupAdmitted(group_id=gid, row_index=row, epoch=0, attempt=0,
                                                     submit_version=submit, group_size=2))
     for m in range(2):
-        bus.xadd(r, keys.rollouts(RUN), sample(gid, row, m, sampled, submit))
+        bus.xadd(r, keys.rollouts(RUN), sampled_with(row, m, sampled, submit))
     return gid
 
 
@@ -61,7 +55,7 @@ def group(row: int, *sampled: int, submit: int = 0) -> Group:
     gid = group_id_for(0, row, 0)
     g = Group(gid, len(sampled))
     for m, version in enumerate(sampled):
-        g.members[sample_id_for(gid, m)] = (f"1-{m}", sample(gid, row, m, version, submit))
+        g.members[sample_id_for(gid, m)] = (f"1-{m}", sampled_with(row, m, version, submit))
     return g
 
 

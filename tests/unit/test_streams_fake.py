@@ -3,34 +3,17 @@ dead-lettering, events."""
 from __future__ import annotations
 
 import msgpack
+from factories import sample
 
 from rlstream.core import bus, keys
 from rlstream.core.codec import decode, encode
 from rlstream.core.connection import count_connection_errors
-from rlstream.core.messages import (
-    DeadLetter,
-    GroupAdmitted,
-    GroupRejected,
-    RolloutSample,
-    RunFinished,
-    WeightsPublished,
-    group_id_for,
-    sample_id_for,
-)
+from rlstream.core.messages import DeadLetter, GroupAdmitted, GroupRejected, RunFinished, WeightsPublished, group_id_for
 from rlstream.trainer import reads
 
 RUN = "t1"
 ROLLOUTS = keys.rollouts(RUN)
 DEAD = keys.dead(RUN)
-
-
-def sample(member: int = 0, row: int = 0, tokens=(3, 4, 5), **over) -> RolloutSample:
-    gid = group_id_for(0, row, 0)
-    fields = dict(tokens=list(tokens), logprobs=[0.0] + [-0.5] * (len(tokens) - 1),
-                  loss_mask=[0] + [1] * (len(tokens) - 1), reward=float(member),
-                  sample_id=sample_id_for(gid, member), group_id=gid, group_size=2, row_index=row)
-    fields.update(over)
-    return RolloutSample(**fields)
 
 
 def pending_ids(r) -> list[str]:
@@ -51,7 +34,7 @@ def test_ensure_group_is_idempotent_and_creates_the_stream(r):
 
 def test_xadd_read_group_round_trip(r):
     bus.ensure_group(r, ROLLOUTS)
-    msgs = [sample(0), sample(1)]
+    msgs = [sample(), sample(member=1)]
     ids = [sid(bus.xadd(r, ROLLOUTS, m)) for m in msgs]
     assert r.xrange(ROLLOUTS)[0][1] == {bus.FIELD: encode(msgs[0])}
     got = reads.read_group(r, RUN, "c1", count=10, block_ms=None)
@@ -72,7 +55,7 @@ def test_xadd_read_group_round_trip(r):
 
 def test_read_group_respects_count(r):
     bus.ensure_group(r, ROLLOUTS)
-    ids = [sid(bus.xadd(r, ROLLOUTS, sample(m % 2, row=m))) for m in range(5)]
+    ids = [sid(bus.xadd(r, ROLLOUTS, sample(m, m % 2))) for m in range(5)]
     first = reads.read_group(r, RUN, "c", count=2, block_ms=1)
     rest = reads.read_group(r, RUN, "c", count=10, block_ms=1)
     assert [e for e, _ in first] == ids[:2] and [e for e, _ in rest] == ids[2:]
@@ -80,22 +63,22 @@ def test_read_group_respects_count(r):
 
 def test_invalid_entries_are_dead_lettered_and_acked(r):
     bus.ensure_group(r, ROLLOUTS)
-    unstamped = sample(0).model_copy(update={"sample_id": ""})
+    unstamped = sample().model_copy(update={"sample_id": ""})
     garbage = b"\xc1 not msgpack"
     bad_event = encode(GroupRejected(group_id="g", reason="x"))  # valid message, wrong kind
-    ok0 = sid(bus.xadd(r, ROLLOUTS, sample(0)))
+    ok0 = sid(bus.xadd(r, ROLLOUTS, sample()))
     bad = {
         sid(r.xadd(ROLLOUTS, {bus.FIELD: garbage})): ("not msgpack", garbage),
         sid(bus.xadd(r, ROLLOUTS, unstamped)): ("no sample_id", encode(unstamped)),
-        sid(bus.xadd(r, ROLLOUTS, sample(1, tokens=(3, 16, 5)))): (
+        sid(bus.xadd(r, ROLLOUTS, sample(member=1, tokens=(3, 16, 5)))): (
             "token id 16 outside the vocabulary (size 16)", None),
-        sid(bus.xadd(r, ROLLOUTS, sample(1, tokens=tuple(range(1, 10))))): (
+        sid(bus.xadd(r, ROLLOUTS, sample(member=1, tokens=tuple(range(1, 10))))): (
             "9 tokens exceed max_seq_len 8", None),
         sid(r.xadd(ROLLOUTS, {b"other": b"x"})): ("not msgpack", b""),
         sid(r.xadd(ROLLOUTS, {bus.FIELD: bad_event})): ("expected rollout_sample, got group_rejected",
                                                             bad_event),
     }
-    ok1 = sid(bus.xadd(r, ROLLOUTS, sample(1)))
+    ok1 = sid(bus.xadd(r, ROLLOUTS, sample(member=1)))
 
     got = reads.read_group(r, RUN, "c", count=100, block_ms=None, vocab_size=16, max_seq_len=8)
     assert [e for e, _ in got] == [ok0, ok1]
@@ -121,7 +104,7 @@ def test_invalid_entries_are_dead_lettered_and_acked(r):
 
 def test_boundaries_of_vocab_and_seq_len_are_inclusive(r):
     bus.ensure_group(r, ROLLOUTS)
-    bus.xadd(r, ROLLOUTS, sample(0, tokens=(1, 2, 15)))
+    bus.xadd(r, ROLLOUTS, sample(tokens=(1, 2, 15)))
     got = reads.read_group(r, RUN, "c", count=10, block_ms=None, vocab_size=16, max_seq_len=3)
     assert len(got) == 1 and not r.exists(DEAD)
 
@@ -146,21 +129,21 @@ def test_decode_entries_without_group_does_not_ack(r):
 
 def test_invalid_collects_only_stamped_samples_failing_vocab_or_length(r):
     bus.ensure_group(r, ROLLOUTS)
-    out_of_vocab = sid(bus.xadd(r, ROLLOUTS, sample(0, tokens=(3, 16, 5))))
-    too_long = sid(bus.xadd(r, ROLLOUTS, sample(1, tokens=tuple(range(1, 10)))))
-    bus.xadd(r, ROLLOUTS, sample(0).model_copy(update={"sample_id": ""}))  # not stamped: no group to settle
+    out_of_vocab = sid(bus.xadd(r, ROLLOUTS, sample(tokens=(3, 16, 5))))
+    too_long = sid(bus.xadd(r, ROLLOUTS, sample(member=1, tokens=tuple(range(1, 10)))))
+    bus.xadd(r, ROLLOUTS, sample().model_copy(update={"sample_id": ""}))  # not stamped: no group to settle
     r.xadd(ROLLOUTS, {bus.FIELD: b"junk"})
     invalid: list = []
     assert reads.read_group(r, RUN, "c", count=10, block_ms=None, vocab_size=16, max_seq_len=8,
                               invalid=invalid) == []
-    assert [(e, s.sample_id) for e, s in invalid] == [(out_of_vocab, sample(0).sample_id),
-                                                      (too_long, sample(1).sample_id)]
+    assert [(e, s.sample_id) for e, s in invalid] == [(out_of_vocab, sample().sample_id),
+                                                      (too_long, sample(member=1).sample_id)]
     assert r.xlen(DEAD) == 4 and pending_ids(r) == []
 
 
 def test_read_pending_pages_past_deleted_entries_and_acks_them(r):
     bus.ensure_group(r, ROLLOUTS)
-    ids = [sid(bus.xadd(r, ROLLOUTS, sample(m % 2, row=m // 2))) for m in range(5)]
+    ids = [sid(bus.xadd(r, ROLLOUTS, sample(m // 2, m % 2))) for m in range(5)]
     reads.read_group(r, RUN, "c", count=10, block_ms=None)
     r.xdel(ROLLOUTS, *ids[:3])  # a whole first page of deleted entries
     entries, after = reads.read_pending(r, RUN, "c", "0", count=3)
@@ -171,14 +154,14 @@ def test_read_pending_pages_past_deleted_entries_and_acks_them(r):
 
 def test_dead_members_name_the_sample_and_group_of_stamped_samples(r):
     bus.ensure_group(r, ROLLOUTS)
-    bus.xadd(r, ROLLOUTS, sample(0, tokens=(3, 16, 5)))
+    bus.xadd(r, ROLLOUTS, sample(tokens=(3, 16, 5)))
     r.xadd(ROLLOUTS, {bus.FIELD: b"junk"})
-    long = sample(1, tokens=tuple([1] * 20_000))  # > 64 KiB encoded: its raw bytes are cut in the letter
+    long = sample(member=1, tokens=tuple([1] * 20_000))  # > 64 KiB encoded: its raw bytes are cut in the letter
     bus.xadd(r, ROLLOUTS, long)
     reads.read_group(r, RUN, "c", count=10, block_ms=None, vocab_size=16, max_seq_len=10_000)
     members = list(reads.dead_members(r, RUN, page=1))
     assert [(m.sample_id, m.group_id, m.group_size) for m in members] == [
-        (s.sample_id, s.group_id, s.group_size) for s in (sample(0), long)]
+        (s.sample_id, s.group_id, s.group_size) for s in (sample(), long)]
 
 
 def test_rollout_stats(r):

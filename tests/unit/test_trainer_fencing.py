@@ -16,12 +16,7 @@ from rlstream.trainer.commit import publish
 from rlstream.trainer.trainer import Trainer
 
 LOST = f"lost the trainer lease of run {RUN} to usurper: another trainer took over this run; this one stops"
-
-
-@pytest.fixture
-def r(r):  # tests/unit/conftest.py's FakeRedis, with the trainer's consumer group
-    bus.ensure_group(r, keys.rollouts(RUN))
-    return r
+pytestmark = pytest.mark.usefixtures("r_group")  # tests/unit/conftest.py: fakeredis with the trainer's group
 
 
 def pending(r) -> int:

@@ -8,32 +8,21 @@ from __future__ import annotations
 import logging
 import sys
 import types
+from functools import partial
 
+import factories
 import pytest
+from factories import sample
 
 from rlstream.core import bus, keys
-from rlstream.core.config import Config
-from rlstream.core.messages import (
-    Evaluated,
-    GroupAdmitted,
-    GroupRejected,
-    RolloutSample,
-    StepCommitted,
-    group_id_for,
-    sample_id_for,
-)
+from rlstream.core.messages import Evaluated, GroupAdmitted, GroupRejected, StepCommitted, group_id_for
 from rlstream.core.metrics import read_metrics
 from rlstream.ops.audit import audit_ledger
 from rlstream.trainer.hooks import REASON_LIMIT, filter_keeps, hook_failed
 from rlstream.trainer.trainer import Trainer
 
 RUN = "hk"
-
-
-@pytest.fixture
-def r(r):
-    bus.ensure_group(r, keys.rollouts(RUN))
-    return r
+pytestmark = pytest.mark.usefixtures("r_group")  # tests/unit/conftest.py: fakeredis with the trainer's group
 
 
 @pytest.fixture
@@ -67,11 +56,7 @@ def hooks(monkeypatch):
     return module
 
 
-def config(tmp_path, **over) -> Config:
-    fields = dict(run_id=RUN, log_path=str(tmp_path), max_steps=1, prompt_groups_per_step=1, completions_per_prompt=2,
-                  dcp_save_interval=0, save_final_checkpoint=False, lr_schedule="constant", learning_rate=1e-2)
-    fields.update(over)
-    return Config(**fields)
+config = partial(factories.config, run_id=RUN, max_steps=1, save_final_checkpoint=False)
 
 
 def add_group(r, row: int) -> str:
@@ -80,9 +65,7 @@ def add_group(r, row: int) -> str:
     bus.xadd(r, keys.events(RUN), GroupAdmitted(group_id=gid, row_index=row, epoch=0, attempt=0, submit_version=0,
                                                     group_size=2))
     for m, reward in enumerate([0.0, row + 1.0]):
-        bus.xadd(r, keys.rollouts(RUN), RolloutSample(
-            tokens=[1, 2 + m, 3], logprobs=[0.0, -1.0, -1.0], loss_mask=[0, 1, 1], reward=reward,
-            sample_id=sample_id_for(gid, m), group_id=gid, group_size=2, row_index=row))
+        bus.xadd(r, keys.rollouts(RUN), sample(row, m, reward=reward))
     return gid
 
 

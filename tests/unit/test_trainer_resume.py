@@ -4,21 +4,21 @@ an all-invalid group settles, a run that trained nothing fails, metrics survive 
 from __future__ import annotations
 
 import logging
+from functools import partial
 
+import factories
 import pytest
 import torch
+from factories import sample
 
 from rlstream.core import bus, keys
-from rlstream.core.config import Config
 from rlstream.core.messages import (
     DatasetExhausted,
     GroupAdmitted,
     GroupRejected,
-    RolloutSample,
     RunFinished,
     StepCommitted,
     group_id_for,
-    sample_id_for,
 )
 from rlstream.trainer.buffer import CONSUMER
 from rlstream.trainer.checkpoint import checkpoint_dir, read_state
@@ -26,22 +26,12 @@ from rlstream.trainer.step_metrics import rejected_total
 from rlstream.trainer.trainer import Trainer
 
 RUN = "tr"
+pytestmark = pytest.mark.usefixtures("r_group")  # tests/unit/conftest.py: fakeredis with the trainer's group
 
 
-@pytest.fixture
-def r(r):  # tests/unit/conftest.py's FakeRedis, with the trainer's consumer group
-    bus.ensure_group(r, keys.rollouts(RUN))
-    return r
-
-
-def config(tmp_path, **over) -> Config:
-    # O = 1 (the default before the cookbook's strict on-policy one): groups admitted at v0 stay
-    # trainable for two steps, and no producer here admits more.
-    fields = dict(run_id=RUN, log_path=str(tmp_path), max_steps=2, prompt_groups_per_step=1,
-                  completions_per_prompt=2, dcp_save_interval=0, lr_schedule="linear", learning_rate=1e-2,
-                  max_head_offpolicy_versions=1)
-    fields.update(over)
-    return Config(**fields)
+# O = 1 (the default before the cookbook's strict on-policy one): groups admitted at v0 stay
+# trainable for two steps, and no producer here admits more.
+config = partial(factories.config, run_id=RUN, max_steps=2, lr_schedule="linear", max_head_offpolicy_versions=1)
 
 
 def admit(r, row: int, group_size: int = 2) -> str:
@@ -53,11 +43,9 @@ def admit(r, row: int, group_size: int = 2) -> str:
 
 def add_group(r, row: int, group_size: int = 2, token: int = 3) -> list[str]:
     """Admit row ``row`` and XADD its samples (rewards 0, 1, ...: a finite, nonzero advantage)."""
-    gid = admit(r, row, group_size)
-    return [bus.xadd(r, keys.rollouts(RUN), RolloutSample(
-        tokens=[1, 2 + m, token], logprobs=[0.0, -1.0, -1.0], loss_mask=[0, 1, 1], reward=float(m),
-        sample_id=sample_id_for(gid, m), group_id=gid, group_size=group_size, row_index=row)).decode()
-        for m in range(group_size)]
+    admit(r, row, group_size)
+    return [bus.xadd(r, keys.rollouts(RUN), sample(row, m, tokens=(1, 2 + m, token), group_size=group_size)).decode()
+            for m in range(group_size)]
 
 
 def params(t: Trainer) -> list[torch.Tensor]:

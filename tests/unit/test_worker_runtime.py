@@ -11,6 +11,7 @@ import types
 import fakeredis
 import pytest
 import torch
+from factories import user_sample
 from rq.timeouts import JobTimeoutException
 
 from rlstream.builtin.rollout import single_turn_factory
@@ -52,11 +53,6 @@ def job(G: int = 2, group_id: str = "e0-r3-a0", row_index: int = 3, row: dict | 
 def row_job(row_index: int, epoch: int = 0, G: int = 2) -> GroupJob:
     return GroupJob(run_id=RUN, group_id=f"e{epoch}-r{row_index}-a0", row_index=row_index, epoch=epoch, attempt=0,
                     submit_version=0, group_size=G, row={"prompt": "1+1="})
-
-
-def sample(tokens=(1, 2), reward: float = 1.0) -> RolloutSample:
-    n = len(tokens)
-    return RolloutSample(tokens=list(tokens), logprobs=[0.0] * n, loss_mask=[0] + [1] * (n - 1), reward=reward)
 
 
 def stats(r) -> dict[str, int]:
@@ -111,7 +107,7 @@ def test_a_poison_row_costs_its_group_never_the_run(r):
     async def rollout_fn(sample_prompt, row_index):
         if row_index == 7:
             raise ValueError("reward_fn cannot score row 7")
-        return sample()
+        return user_sample()
 
     rt = stub_runtime(r, rollout_fn, rollout_max_retries=2, max_incomplete_group_retries=1)
     for epoch in range(12):  # back to back, and between good rows
@@ -129,7 +125,7 @@ def test_a_poison_row_costs_its_group_never_the_run(r):
 
 def test_a_nan_reward_rejects_the_group_with_the_validation_message(r):
     async def rollout_fn(sample_prompt, row_index):
-        return sample(reward=math.nan if row_index == 5 else 1.0)  # the model refuses a non-finite reward
+        return user_sample(reward=math.nan if row_index == 5 else 1.0)  # the model refuses a non-finite reward
 
     rt = stub_runtime(r, rollout_fn)
     for epoch in range(8):
@@ -157,7 +153,7 @@ def test_failures_on_a_few_rows_do_not_trip_but_on_many_rows_do(r):
     async def rollout_fn(sample_prompt, row_index):
         if row_index in bad_rows:
             raise ConnectionError(f"tool server down for row {row_index}")
-        return sample()
+        return user_sample()
 
     rt = stub_runtime(r, rollout_fn, rollout_max_retries=0, max_incomplete_group_retries=0)
     for epoch in range(3):
@@ -188,7 +184,7 @@ def test_a_row_no_draw_can_use_is_rejected_before_drawing(r, ids, reason):
 
     async def rollout_fn(sample_prompt):
         calls.append(1)
-        return sample()
+        return user_sample()
 
     rt = stub_runtime(r, rollout_fn, vocab_size=10, max_seq_len=6)
     rt.prompt_ids = lambda row: row["prompt_token_ids"]  # what the built-in rollout sets up
@@ -202,7 +198,7 @@ def test_a_row_no_draw_can_use_is_rejected_before_drawing(r, ids, reason):
 
 def test_a_row_the_tokenizer_rejects_is_rejected_with_the_error(r):
     async def rollout_fn(sample_prompt):
-        return sample()
+        return user_sample()
 
     def prompt_ids(row):
         raise KeyError("messages")
@@ -217,7 +213,7 @@ def test_mutating_the_frozen_sample_is_an_invalid_sample(r):
 
     async def rollout_fn(sample_prompt):
         calls.append(1)
-        s = sample()
+        s = user_sample()
         if len(calls) == 1:
             s.reward = 0.5  # frozen: pydantic raises ValidationError
         return s
@@ -236,7 +232,7 @@ def test_counters_accumulate_run_wide_and_per_job(r):
             return RolloutSample(tokens=[1], logprobs=[0.0], loss_mask=[1], reward=1.0)
         if len(calls) == 2:
             raise RuntimeError("flaky tool")
-        return sample()
+        return user_sample()
 
     rt = stub_runtime(r, rollout_fn)
     result = rt.run_group(job(2))
@@ -255,7 +251,7 @@ def test_out_of_vocab_or_too_long_samples_are_dropped_and_redrawn(r, bad):
 
     async def rollout_fn(sample_prompt):
         calls.append(1)
-        return sample(bad) if len(calls) == 1 else sample()
+        return user_sample(bad) if len(calls) == 1 else user_sample()
 
     rt = stub_runtime(r, rollout_fn, vocab_size=10, max_seq_len=6)
     assert rt.run_group(job(2))["samples"] == 2
@@ -265,7 +261,7 @@ def test_out_of_vocab_or_too_long_samples_are_dropped_and_redrawn(r, bad):
 
 def test_a_group_left_too_small_is_rejected_and_still_counted(r):
     async def rollout_fn(sample_prompt, sample_index):
-        return sample() if sample_index == 0 else sample((1, 99))
+        return user_sample() if sample_index == 0 else user_sample((1, 99))
 
     rt = stub_runtime(r, rollout_fn, max_incomplete_group_retries=0)
     assert rt.run_group(job(3))["samples"] == 1
@@ -275,7 +271,7 @@ def test_a_group_left_too_small_is_rejected_and_still_counted(r):
 
 def test_each_job_seeds_torch_from_its_group_id(r):
     async def rollout_fn(sample_prompt):
-        return sample(reward=torch.rand(()).item())
+        return user_sample(reward=torch.rand(()).item())
 
     def rewards(group_id: str) -> list[float]:
         torch.manual_seed(0)  # what every worker process starts from
@@ -354,7 +350,7 @@ def test_draws_of_a_failed_job_do_not_live_on_into_the_next_job(r):
         if sample_index == 0:
             await asyncio.sleep(0.2)  # still running when the job times out
             finished.append(sample_index)
-            return sample()
+            return user_sample()
         raise JobTimeoutException("Task exceeded maximum timeout value (60 seconds)")
 
     rt = stub_runtime(r, rollout_fn, rollout_max_retries=10)
@@ -373,7 +369,7 @@ def test_concurrent_groups_are_stamped_with_the_versions_at_their_start_and_end(
     async def rollout_fn(row):
         await asyncio.sleep(0)
         rt.policy.version = 1  # as if another job of this worker loaded v1 meanwhile
-        return sample()
+        return user_sample()
 
     rt = stub_runtime(r, rollout_fn)
     concurrent = WorkerRuntime(rt.cfg, r, worker_id="w", device="cpu", rollout_fn_factory=lambda setup: rollout_fn,

@@ -1,0 +1,67 @@
+"""Test factories, one place for what many tests build: a ``RolloutSample`` of a group
+(``sample``) or as a user's rollout returns it (``user_sample``), a trainer ``Config`` for the
+tiny model (``config``), and the ``rlstream`` command line run as a subprocess (``rlstream``).
+Each takes keyword overrides of its defaults; a module that always overrides the same ones
+binds them once (``functools.partial``). Importable as ``factories`` from every test folder,
+like ``polling``. The fixtures built on them are in tests/conftest.py (``builtin_run`` in
+tests/e2e/conftest.py) and tests/unit/conftest.py (``r_group``)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from rlstream.core.config import Config
+from rlstream.core.messages import RolloutSample, group_id_for, sample_id_for
+
+
+def sample(row: int = 0, member: int = 0, *, tokens: Sequence[int] | None = None, prompt: int = 1,
+           logprob: float = -1.0, reward: float | None = None, group_size: int = 2, **over) -> RolloutSample:
+    """Member ``member`` of row ``row``'s group (epoch 0, attempt 0), stamped as a worker
+    stamps it: ``tokens`` (default ``1, 2 + member, 3``: the members differ) whose first
+    ``prompt`` are the prompt (mask 0, logprob 0.0) and the rest generated (mask 1,
+    ``logprob``); the reward is the member's index unless given (two members: a nonzero
+    advantage). ``over`` sets any other field (``group_id``: the member's ``sample_id`` follows
+    it)."""
+    gid = over.pop("group_id", group_id_for(0, row, 0))
+    tokens = (1, 2 + member, 3) if tokens is None else tokens
+    n = len(tokens)
+    fields = dict(tokens=list(tokens), logprobs=[0.0] * prompt + [logprob] * (n - prompt),
+                  loss_mask=[0] * prompt + [1] * (n - prompt), reward=float(member) if reward is None else reward,
+                  sample_id=sample_id_for(gid, member), group_id=gid, group_size=group_size, row_index=row)
+    fields.update(over)
+    return RolloutSample(**fields)
+
+
+def user_sample(tokens: Sequence[int] = (1, 2), reward: float = 1.0, **over) -> RolloutSample:
+    """A sample as a user's rollout function returns it, unstamped: one prompt token, the rest
+    generated (logprob -0.5)."""
+    n = len(tokens)
+    fields = dict(tokens=list(tokens), logprobs=[0.0] + [-0.5] * (n - 1), loss_mask=[0] + [1] * (n - 1), reward=reward)
+    fields.update(over)
+    return RolloutSample(**fields)
+
+
+def config(tmp_path: Path | None = None, **over) -> Config:
+    """A trainer config for the built-in tiny model: one group of two per step, no periodic
+    checkpoint, a constant learning rate large enough to move the weights in one step; logs
+    under ``tmp_path`` when given."""
+    fields = dict(run_id="t", prompt_groups_per_step=1, completions_per_prompt=2, dcp_save_interval=0,
+                  lr_schedule="constant", learning_rate=1e-2)
+    if tmp_path is not None:
+        fields["log_path"] = str(tmp_path)
+    fields.update(over)
+    return Config(**fields)
+
+
+def rlstream(*args: str, cwd: Path, timeout: float = 240, env: dict[str, str] | None = None,
+             check: bool = False) -> subprocess.CompletedProcess:
+    """``rlstream ARGS`` in ``cwd`` with this interpreter, output captured; ``env`` is added to
+    this process's environment. ``check``: assert it exited 0, showing its output's tail."""
+    proc = subprocess.run([sys.executable, "-m", "rlstream.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+    if check:
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc
