@@ -6,6 +6,9 @@ import uuid
 
 import pytest
 
+from rlstream.core.connection import connect
+from rlstream.core.embedded_redis import EmbeddedRedis
+
 
 def pytest_collection_modifyitems(config, items):
     """``slow`` tests (long chaos runs) run only when ``-m`` names them (``-m slow``,
@@ -24,9 +27,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
-
-from rlstream.core.connection import connect
-from rlstream.core.embedded_redis import EmbeddedRedis
 
 
 @pytest.fixture(scope="session")

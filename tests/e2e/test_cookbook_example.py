@@ -2,8 +2,9 @@
 rollout.py`` and ``train.py`` are the page's code with only import lines, model names and
 rows changed, with its nested sections (trainer / deployment / wandb), a hosted-only field and
 its ``dynamic_filter_fn`` lambda (run by a trainer forked from the script, docs/design.md §15.61
-Script hooks run in a forked trainer), which is SIGKILLed once and forked again. The page's hyperparameters are for an 8B model; the run
-here overrides some through ``RLSTREAM_<FIELD>`` variables, leaving the script's text alone.
+Script hooks run in a forked trainer), which is SIGKILLed once and forked again. The page's
+hyperparameters are for an 8B model; the run here overrides some through ``RLSTREAM_<FIELD>``
+variables, leaving the script's text alone.
 
 Learning is measured without sampling noise: with one answer token at temperature 1, the
 expected reward of a policy is its mean probability of the right digit over the task's 100

@@ -44,7 +44,8 @@ def test_killed_added_and_stopped_workers_lose_no_group(tmp_path: Path) -> None:
     base = server.start()
     hand: subprocess.Popen | None = None
     try:
-        with running_up(tmp_path, RUN, "--set", "max_rows=160", "--set", "max_steps=100", "--set", "prompt_groups_per_step=32",
+        with running_up(tmp_path, RUN, "--set", "max_rows=160", "--set", "max_steps=100",
+                        "--set", "prompt_groups_per_step=32",
                         "--set", "completions_per_prompt=2", "--set", "workers.count=1", "--set", "job_timeout=10",
                         # O = 4: the 5 steps of 160 rows never leave a re-dispatched group past the staleness
                         # bound (with O = 1 a loaded machine let the trainer pass it while one was stranded)

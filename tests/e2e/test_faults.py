@@ -101,7 +101,8 @@ def test_kill_worker_redis_trainer_and_fuzz(tmp_path: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     inputs = tokenizer("1+2=", return_tensors="pt")
-    out = model.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], max_new_tokens=2, min_new_tokens=2, do_sample=False,
+    out = model.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], max_new_tokens=2,
+                         min_new_tokens=2, do_sample=False,
                          pad_token_id=tokenizer.pad_token_id)
     assert out.shape[1] == inputs["input_ids"].shape[1] + 2
     assert isinstance(tokenizer.decode(out[0]), str)

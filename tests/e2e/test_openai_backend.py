@@ -35,7 +35,8 @@ def test_workers_sample_from_an_openai_compatible_server(tmp_path: Path) -> None
 
     model_dir = save_tiny_model(tmp_path / "tiny")
     port_file = tmp_path / "server.port"
-    server = subprocess.Popen([sys.executable, str(REPO / "tests/e2e/openai_server.py"), str(model_dir), str(port_file)],
+    server = subprocess.Popen([sys.executable, str(REPO / "tests/e2e/openai_server.py"), str(model_dir),
+                               str(port_file)],
                               cwd=REPO, stderr=subprocess.PIPE, text=True)
     try:
         port = wait_for_file(port_file, server, timeout=60)
@@ -45,7 +46,8 @@ def test_workers_sample_from_an_openai_compatible_server(tmp_path: Path) -> None
              "--set", f'base_model="{model_dir}"', "--set", "max_steps=4", "--set", "prompt_groups_per_step=4",
              "--set", "completions_per_prompt=4", "--set", "workers.count=1",
              "--set", "max_head_offpolicy_versions=0", "--set", 'inference.backend="openai"',
-             "--set", f'inference.base_url="{base}/v1"', "--set", f'inference.weight_sync_url="{base}/update_weights_from_disk"'],
+             "--set", f'inference.base_url="{base}/v1"',
+             "--set", f'inference.weight_sync_url="{base}/update_weights_from_disk"'],
             cwd=tmp_path, capture_output=True, text=True, timeout=240)
     finally:
         server.kill()

@@ -10,7 +10,6 @@ import msgpack
 import pytest
 
 from rlstream.core.codec import DecodeError, decode, encode
-from rlstream.core.messages import OptimStepped, SamplerSaved, StateLoaded, StateSaved
 from rlstream.core.messages import (
     MESSAGE_TYPES,
     SCHEMA_VERSION,
@@ -21,9 +20,13 @@ from rlstream.core.messages import (
     GroupJob,
     GroupRejected,
     GroupSampled,
+    OptimStepped,
     RolloutSample,
     RunFinished,
     RunStarted,
+    SamplerSaved,
+    StateLoaded,
+    StateSaved,
     StepCommitted,
     WeightsPublished,
     group_id_for,

@@ -245,5 +245,6 @@ def test_workers_choose_their_controller_from_the_config():
     adaptive = make_controller(Config(inference=openai, workers={"concurrency_control": "adaptive"}))
     assert isinstance(adaptive, AdaptiveConcurrencyController)
     assert (adaptive.window, adaptive.max_window) == (16, 96) and adaptive.queue_time_probe is not None
-    small = make_controller(Config(inference={**openai, "max_concurrency": 8}, workers={"concurrency_control": "adaptive"}))
+    small = make_controller(Config(inference={**openai, "max_concurrency": 8},
+                                   workers={"concurrency_control": "adaptive"}))
     assert (small.window, small.max_window) == (8, 8)

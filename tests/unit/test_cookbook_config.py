@@ -88,7 +88,8 @@ def test_the_sections_load_from_toml(tmp_path):
 
 def test_a_nested_and_a_flat_value_that_disagree_are_an_error_naming_both():
     with pytest.raises(ValueError, match=r"weight_sync.dcp_save_interval = 5 and dcp_save_interval = 3 disagree.*"
-                                         r"keep dcp_save_interval \(rlstream's name\).*drop weight_sync.dcp_save_interval"):
+                                         r"keep dcp_save_interval \(rlstream's name\)"
+                                         r".*drop weight_sync.dcp_save_interval"):
         Config(dcp_save_interval=3, weight_sync=WeightSyncConfig(dcp_save_interval=5))
     with pytest.raises(ConfigError, match=r"deployment.replica_count = 4 and workers.count = 2 disagree"):
         load_config(None, ["workers.count=2", "deployment.replica_count=4"])
@@ -173,7 +174,8 @@ def test_the_rl_loop_example_runs_its_config_through_main(monkeypatch, tmp_path,
     seen = []
     monkeypatch.setattr(launcher, "preflight", lambda cfg: seen.append(cfg))
     monkeypatch.setattr(launcher, "EmbeddedRedis", type("NoRedis", (), {
-        "__init__": lambda self, path, *args, **kwargs: None, "start": lambda self: (_ for _ in ()).throw(RunFailed("stop")),
+        "__init__": lambda self, path, *args, **kwargs: None,
+        "start": lambda self: (_ for _ in ()).throw(RunFailed("stop")),
         "stop": lambda self: None}))
     monkeypatch.chdir(tmp_path)
     example = Path(__file__).resolve().parents[2] / "examples" / "cookbook" / "rl_loop.py"

@@ -156,5 +156,6 @@ def test_ctx_rollout_fn_passes_only_the_declared_context(monkeypatch, rollout_fn
     module = types.ModuleType("ctxmod")
     module.factory = lambda setup: rollout_fn
     monkeypatch.setitem(sys.modules, "ctxmod", module)
-    ctx = EvaluationContext(FakeSampler(), None, 0, 0, {}, config=Config(run_id="r", rollout_fn_factory="ctxmod:factory"))
+    ctx = EvaluationContext(FakeSampler(), None, 0, 0, {},
+                            config=Config(run_id="r", rollout_fn_factory="ctxmod:factory"))
     assert asyncio.run(ctx.rollout_fn({"x": 1}, row_index=3, sample_index=2)) == expected

@@ -98,7 +98,8 @@ def encode(tokenizer, text: str) -> list[int]:
 
 def run(tokenizer, outputs, *, max_turns=2, max_seq_len=10_000, extras=None, question="3+4"):
     sampler = ScriptedSampler(tokenizer, outputs)
-    setup = RolloutSetup(sampler=sampler, tokenizer=tokenizer, sample_kwargs={"max_tokens": 8, "max_seq_len": max_seq_len},
+    setup = RolloutSetup(sampler=sampler, tokenizer=tokenizer,
+                         sample_kwargs={"max_tokens": 8, "max_seq_len": max_seq_len},
                          completions_per_prompt=1, extras={"max_turns": max_turns, **(extras or {})})
     row = {"messages": [{"role": "user", "content": question}], "answer": "3 + 4 = 7\n#### 7"}
     sample = asyncio.run(ex.make_rollout_fn(setup)(row))  # a validated RolloutSample (arrays inside)

@@ -41,7 +41,8 @@ def test_answers_like_vllm_and_refuses_above_its_capacity():
             server.in_flight = 1  # as if one request were being served: the next is refused
             assert client.post("/v1/completions", json=body).status_code == 429
             server.in_flight = 0
-            assert client.post("/update_weights_from_disk", json={"model_path": "/w/v1", "version": 1}).status_code == 200
+            synced = client.post("/update_weights_from_disk", json={"model_path": "/w/v1", "version": 1})
+            assert synced.status_code == 200
             stats = client.get("/stats").json()
         assert stats == {"requests": 2, "in_flight": 0, "peak_in_flight": 1, "rejected": 1, "weight_updates": 1}
         assert json.dumps(server.weight_updates) == '[{"model_path": "/w/v1", "version": 1}]'
