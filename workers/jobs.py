@@ -151,6 +151,12 @@ class RolloutWorker(SimpleWorker):
             if self._stop_requested:
                 return None
             if not self.slots.busy:  # idle: rq's blocking wait; a SIGTERM ends it at once (StopRequested)
+                # IDLE before the last look at the stop flag: a SIGTERM that came while the last group
+                # was finishing found the worker BUSY and only set the flag, and rq's wait would then
+                # block for its whole timeout (seen under load as a worker that ignored its SIGTERM).
+                self.set_state(WorkerStatus.IDLE)
+                if self._stop_requested:
+                    return None
                 return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
             result = self._dequeue_while_busy()
             if result is not None or self._stop_requested:

@@ -85,7 +85,10 @@ def test_one_worker_keeps_max_concurrency_requests_in_flight_across_groups(r, re
         assert len({g.group_id for g in sampled}) == GROUPS and all(g.samples == GROUP for g in sampled)
 
         proc.send_signal(signal.SIGTERM)  # idle now: rq's warm shutdown
-        assert proc.wait(60) == 0, log.read_text()[-3000:]
+        try:
+            assert proc.wait(60) == 0, log.read_text()[-3000:]
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the worker did not exit within 60 s of its SIGTERM:\n{log.read_text()[-3000:]}")
         assert not started.get_job_ids() and not queue.job_ids  # nothing left behind
     finally:
         if proc.poll() is None:

@@ -39,3 +39,31 @@ def test_rq_bounds_the_dequeue_read_below_the_default():
 
     w = SimpleWorker(["q"], connection=fakeredis.FakeRedis(), worker_ttl=WORKER_TTL_S)
     assert w.connection_timeout == WORKER_TTL_S - 5 <= 30
+
+
+def test_a_sigterm_as_the_last_group_finishes_stops_the_idle_wait(monkeypatch):
+    """A SIGTERM that arrives as the worker sees its last group finish finds it still BUSY, so rq
+    only sets its stop flag (no StopRequested raised); the loop must not then start rq's blocking
+    wait for a job, which would ignore the request until its timeout (seen under load)."""
+    from rq import Queue
+    from rq.worker import WorkerStatus
+
+    from rlstream.workers.jobs import RolloutWorker
+    from rlstream.workers.slots import JobSlots
+
+    class SignalOnLook(JobSlots):
+        @property
+        def busy(self) -> bool:  # the signal lands right after the worker looked
+            if worker.get_state() == WorkerStatus.BUSY and not worker._stop_requested:
+                worker._shutdown_requested_date = datetime.now(timezone.utc)  # rq's SIGTERM handler, without
+                worker._shutdown()  # installing its signal handlers in the test process
+            return False
+
+    waits = []
+    monkeypatch.setattr(Queue, "dequeue_any", classmethod(lambda cls, *args, **kwargs: waits.append(args)))
+    r = fakeredis.FakeRedis()
+    worker = RolloutWorker([Queue("q", connection=r)], connection=r, runtime=None, slots=SignalOnLook(lambda: 4))
+    worker.set_state(WorkerStatus.BUSY)  # as the last group's rq bookkeeping left it
+    assert worker.dequeue_job_and_maintain_ttl(20) is None
+    assert worker._stop_requested
+    assert waits == [], "the worker went back to waiting for a job after its stop was requested"
