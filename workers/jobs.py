@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 _runtime: contextvars.ContextVar = contextvars.ContextVar("rlstream_worker_runtime")
 MAX_HEARTBEAT_TTL_S, MIN_HEARTBEAT_TTL_S = 15, 3
 HUNG_GRACE_S = 10.0
+PUBSUB_WAKE_S = 1.0  # rq's command-channel thread: how often it wakes (its stop waits for that)
 
 
 def heartbeat_ttl(job_timeout: int | None) -> int:
@@ -187,6 +188,18 @@ class RolloutWorker(SimpleWorker):
         with self.connection.pipeline(transaction=False) as pipe:
             super().heartbeat(timeout, pipeline=pipe)
             pipe.execute()
+
+    def subscribe(self):
+        """rq's command channel, its thread waking every second instead of every 60 s. rq's
+        teardown stops that thread with redis-py's ``stop()``, which (redis-py 7 and later)
+        joins it with no bound, and once unsubscribed the thread sleeps its whole wake-up
+        interval: a warm shutdown took up to a minute (seen under load as a worker ignoring its
+        SIGTERM)."""
+        self.log.info("Worker %s: subscribing to channel %s", self.name, self.pubsub_channel_name)
+        self.pubsub = self.connection.pubsub()
+        self.pubsub.subscribe(**{self.pubsub_channel_name: self.handle_payload})
+        self.pubsub_thread = self.pubsub.run_in_thread(sleep_time=PUBSUB_WAKE_S, daemon=True,
+                                                       exception_handler=self._pubsub_exception_handler)
 
     def teardown(self):
         """A warm shutdown finishes the groups in flight first (bounded by ``drain_s``);

@@ -34,7 +34,7 @@ def resolved(value: str) -> str:
 
 
 @pytest.mark.parametrize("capability", CAPABILITIES)
-def test_the_numeric_tests_pass_under_every_cpu_capability_the_machine_supports(capability):
+def test_the_numeric_tests_pass_under_every_cpu_capability_the_machine_supports(capability, tmp_path):
     if os.environ.get(RERUN):
         pytest.skip("already inside an ISA rerun")
     current = torch.backends.cpu.get_cpu_capability().lower()
@@ -46,8 +46,11 @@ def test_the_numeric_tests_pass_under_every_cpu_capability_the_machine_supports(
     env = {**os.environ, "ATEN_CPU_CAPABILITY": capability, RERUN: "1"}
     env.pop("PYTEST_XDIST_WORKER", None)
     env.pop("PYTEST_ADDOPTS", None)
+    # --basetemp: a pytest session prunes all but the newest three /tmp/pytest-of-<user>/pytest-N,
+    # which would delete the running suite's own (its redis-server's socket and AOF among them:
+    # a worker under test then lost Redis and hung).
     command = [sys.executable, "-m", "pytest", "-m", "numeric", "-n", "0", "-p", "no:cacheprovider", "-q",
-               *NUMERIC_FILES]
+               "--basetemp", str(tmp_path / "rerun"), *NUMERIC_FILES]
     try:
         proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT)
     except subprocess.TimeoutExpired as timeout:

@@ -8,6 +8,7 @@ from datetime import datetime, timezone
 
 import fakeredis
 import pytest
+from polling import wait_until
 
 from rlstream.core import bus, keys
 from rlstream.core.messages import RunFinished
@@ -67,3 +68,25 @@ def test_a_sigterm_as_the_last_group_finishes_stops_the_idle_wait(monkeypatch):
     assert worker.dequeue_job_and_maintain_ttl(20) is None
     assert worker._stop_requested
     assert waits == [], "the worker went back to waiting for a job after its stop was requested"
+
+
+def test_rqs_command_channel_lets_a_warm_shutdown_end_promptly():
+    """rq's teardown unsubscribes and stops the command-channel thread, and redis-py's stop()
+    waits for that thread with no bound: it must wake often enough for a shutdown to end in
+    seconds (it slept 60 s at a time, and workers took a minute to exit)."""
+    import threading
+
+    from rq import Queue
+
+    from rlstream.workers.jobs import RolloutWorker
+
+    r = fakeredis.FakeRedis()
+    worker = RolloutWorker([Queue("q", connection=r)], connection=r, runtime=None)
+    worker.subscribe()
+    wait_until(lambda: worker.pubsub.subscribed, 10, "subscribed")
+    worker.pubsub.unsubscribe()  # what rq's teardown does first; the thread then sleeps unsubscribed
+    wait_until(lambda: not worker.pubsub.subscribed, 10, "the thread saw the unsubscribe")
+    ending = threading.Thread(target=worker.unsubscribe, daemon=True)
+    ending.start()
+    ending.join(10)
+    assert not ending.is_alive(), "unsubscribing (rq's teardown) did not end within 10 s"
