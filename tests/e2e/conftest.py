@@ -1,7 +1,7 @@
 """The end-to-end tests' shared run: ``builtin_run`` is one finished built-in run per test
 session, read by every check that only reads a run (up's summary and outputs, status, audit,
-report, replay's source) instead of each starting its own. Every end-to-end test runs on one
-xdist worker (tests/conftest.py), so the run is made once, the first time a test asks for it.
+report, replay's source) instead of each starting its own: made the first time a test asks for
+it, once per xdist worker that runs such a test (each worker has its own redis-server).
 
 It runs on the session's redis-server (tests/conftest.py ``redis_server``) as an external
 Redis (``RLSTREAM_REDIS_URL``): that server outlives the run, so ``status``, ``audit`` and
