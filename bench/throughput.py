@@ -25,6 +25,15 @@ ideal = rounds x latency: every worker keeps its whole window of requests in fli
 time; share = ideal / measured. Against a latency-bound server the share says how much of
 the concurrency the workers actually use; samples/s is printed too, and the speed-up over
 one group at a time. Nothing here trains: only workers, the queue and the server run.
+
+``--capacity N`` measures something else instead: backoff against an overloaded server. One
+worker at ``--capacity-window`` (default: the default ``inference.max_concurrency``) against
+a stand-in that answers 429 above N requests in flight, with the default
+``workers.concurrency_control`` ("adaptive") and with "fixed", side by side; then the same
+two against the stand-in without a capacity (a free server). Per configuration: the share of
+requests refused, samples/s, failed draws (``rollout_failures``) and rejected groups::
+
+    python bench/throughput.py --capacity 24 --latency const:0.3 --rounds 10   # ~2 min
 """
 from __future__ import annotations
 
@@ -54,20 +63,23 @@ from rlstream.core.connection import connect  # noqa: E402
 from rlstream.core.credentials import PASSWORD_ENV  # noqa: E402
 from rlstream.core.embedded_redis import EmbeddedRedis  # noqa: E402
 from rlstream.core.jobs import job_queue  # noqa: E402
-from rlstream.core.messages import WeightsPublished  # noqa: E402
+from rlstream.core.messages import GroupRejected, WeightsPublished  # noqa: E402
 from rlstream.producers.producer import admit  # noqa: E402
 
 
 def run_config(name: str, workers: int, window: int, args, redis_server, r, model: Path, base: str, root: Path,
-               local_batch: int | None = None) -> dict:
-    """One configuration: openai backend with ``window`` = max_concurrency, or (``local_batch``
-    given) the local backend with ``workers.local_max_batch`` = it (0: unset, one group)."""
+               local_batch: int | None = None, control: str | None = "fixed", server: StandinServer | None = None
+               ) -> dict:
+    """One configuration: openai backend with ``window`` = max_concurrency and
+    ``workers.concurrency_control`` = ``control`` (None: the default), or (``local_batch``
+    given) the local backend with ``workers.local_max_batch`` = it (0: unset, one group).
+    ``server``: the stand-in behind ``base``, whose requests and 429s are counted."""
     run_id = f"bench-tp-{name}"
     common = dict(run_id=run_id, log_path=str(root / "runs"), base_model=str(model), tokenizer_model=str(model),
                   completions_per_prompt=args.group, max_completion_tokens=1, max_seq_len=16, job_timeout=600,
                   redis={"url": redis_server.url}, device="cpu")
     if local_batch is None:
-        cfg = Config(**common, workers={"concurrency_control": "fixed"},
+        cfg = Config(**common, workers={} if control is None else {"concurrency_control": control},
                      inference={"backend": "openai", "base_url": f"{base}/v1", "max_concurrency": window,
                                 "timeout": 600})
         bus.xadd(r, keys.events(run_id), WeightsPublished(version=0, uri="v0", sha256="0" * 64, bytes=1))
@@ -111,15 +123,22 @@ def run_config(name: str, workers: int, window: int, args, redis_server, r, mode
         samples = groups * args.group
         rows = list(builtin_rows(groups, seed=0))
         cpu_before = sum(cpu_seconds(p.pid) for p in procs)
-        started = time.perf_counter()
+        requests_before, refused_before = (server.requests, server.rejected) if server else (0, 0)
+        started, rejected, checked = time.perf_counter(), 0, 0.0
         for i, row in enumerate(rows):
             admit(r, queue, cfg, 0, i, row, 0)
-        while r.xlen(stream) < warm + samples:
+        while r.xlen(stream) + rejected * args.group < warm + samples:  # a rejected group never comes
             if time.perf_counter() - started > 600:
                 raise RuntimeError(f"{name}: {r.xlen(stream) - warm} of {samples} samples after 600 s")
+            if time.perf_counter() - checked > 1.0:
+                rejected, checked = rejected_groups(r, run_id), time.perf_counter()
             time.sleep(0.01)
         elapsed = time.perf_counter() - started
         cpu = sum(cpu_seconds(p.pid) for p in procs) - cpu_before
+        requests = server.requests - requests_before if server else 0
+        refused = server.rejected - refused_before if server else 0
+        failures = int(r.hget(keys.rollout_stats(run_id), keys.ROLLOUT_FAILURES) or 0)
+        rejected = rejected_groups(r, run_id)
     finally:
         for p in procs:
             p.send_signal(signal.SIGTERM)
@@ -129,9 +148,16 @@ def run_config(name: str, workers: int, window: int, args, redis_server, r, mode
             except subprocess.TimeoutExpired:
                 p.kill()
     ideal = samples / (workers * window) * args.latency_s if local_batch is None else elapsed  # local: no ideal
+    sampled = samples - rejected * args.group
     return {"name": name, "workers": workers, "window": window, "groups": groups, "samples": samples,
-            "elapsed": elapsed, "samples_per_s": samples / elapsed, "ideal_samples_per_s": samples / ideal,
-            "share": ideal / elapsed, "cpu_ms_per_sample": 1000 * cpu / samples}
+            "elapsed": elapsed, "samples_per_s": sampled / elapsed, "ideal_samples_per_s": samples / ideal,
+            "share": ideal / elapsed, "cpu_ms_per_sample": 1000 * cpu / samples, "requests": requests,
+            "refused": refused, "rollout_failures": failures, "rejected_groups": rejected,
+            "control": control or f"{Config().workers.concurrency_control} (default)"}
+
+
+def rejected_groups(r, run_id: str) -> int:
+    return sum(isinstance(m, GroupRejected) for _, m in bus.iter_all_events(r, run_id))
 
 
 def cpu_seconds(pid: int) -> float:
@@ -156,6 +182,11 @@ def main() -> None:
                         help="workers.local_max_batch values for one local-backend worker (0 = unset: one group)")
     parser.add_argument("--local-groups", type=int, default=200, help="groups per local-backend configuration")
     parser.add_argument("--local-tokens", type=int, default=8, help="max_completion_tokens of the local configurations")
+    parser.add_argument("--capacity", type=int, default=None,
+                        help="instead of the tables: one worker, default vs fixed concurrency control, against a "
+                        "server answering 429 above this many requests in flight, then against a free one")
+    parser.add_argument("--capacity-window", type=int, default=Config().inference.max_concurrency,
+                        help="inference.max_concurrency of the --capacity runs")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: stop the workers and the redis-server
     if not args.latency.startswith("const:"):
@@ -163,6 +194,8 @@ def main() -> None:
     latency_sampler(args.latency)
     args.latency_s = float(args.latency.split(":")[1])
 
+    if args.capacity is not None:
+        return overload(args)
     server = StandinServer(args.latency, vocab_size=16)
     base = server.start()
     with tempfile.TemporaryDirectory(prefix="rlstream-bench-tp-") as tmp:
@@ -193,6 +226,48 @@ def main() -> None:
         finally:
             redis_server.stop()
             server.stop()
+
+
+def overload(args) -> None:
+    """``--capacity``: default vs fixed concurrency control against a server with that
+    capacity, then against a free one, one worker each, each configuration on a fresh server."""
+    with tempfile.TemporaryDirectory(prefix="rlstream-bench-tp-") as tmp:
+        root = Path(tmp)
+        redis_server = EmbeddedRedis(root / "redis")
+        redis_server.start()
+        try:
+            r = connect(redis_server.url)
+            model = save_tiny_model(root / "tiny")
+            print(f"rlstream backoff against an overloaded server  {datetime.date.today()}  {platform.machine()} "
+                  f"{os.cpu_count()} cpus  load avg {os.getloadavg()[0]:.2f} at start")
+            print(f"python {platform.python_version()}  stand-in server latency {args.latency}  "
+                  f"completions_per_prompt {args.group}  one worker, max_concurrency {args.capacity_window}, "
+                  f"{args.rounds} rounds ({args.rounds * args.capacity_window} samples) per configuration")
+            results = []
+            for capacity in (args.capacity, None):
+                for control in (None, "fixed"):
+                    server = StandinServer(args.latency, capacity=capacity, vocab_size=16)
+                    base = server.start()
+                    try:
+                        name = f"cap{capacity or 0}-{control or 'default'}"
+                        res = run_config(name, 1, args.capacity_window, args, redis_server, r, model, base, root,
+                                         control=control, server=server)
+                    finally:
+                        server.stop()
+                    res["capacity"] = capacity
+                    results.append(res)
+                    print_row(res, flush=True)
+        finally:
+            redis_server.stop()
+    print()
+    print("| server capacity | workers.concurrency_control | requests | refused (429) | samples/s "
+          "| failed draws | rejected groups |")
+    print("|---|---|---|---|---|---|---|")
+    for x in results:
+        share = x["refused"] / x["requests"] if x["requests"] else 0.0
+        print(f"| {x['capacity'] or 'none (free)'} | {x['control']} | {x['requests']} | {x['refused']} "
+              f"({100 * share:.0f}%) | {x['samples_per_s']:.0f} | {x['rollout_failures']} | "
+              f"{x['rejected_groups']} |")
 
 
 def print_row(res: dict, flush: bool = False) -> None:

@@ -137,9 +137,10 @@ class WorkersConfig(ConfigSection):
         "`device`"
     )
     concurrency_control: Literal["fixed", "adaptive"] = Field(
-        "fixed", description="openai backend: requests in flight per worker stay at `inference.max_concurrency` "
-        "(fixed), or adapt to the server's latency and 429/503 answers between 1 and it, starting at 16 (adaptive, "
-        "AIMD); a worker takes more groups while the window has room"
+        "adaptive", description="openai backend: requests in flight per worker adapt to the server's latency and "
+        "429/503 answers between 1 and `inference.max_concurrency`, starting at min(16, it) (adaptive, AIMD: an "
+        "overloaded server sees few refusals), or stay at `inference.max_concurrency` (fixed, for a server whose "
+        "capacity is known and yours alone); a worker takes more groups while the window has room"
     )
     local_max_batch: int | None = Field(
         None, ge=1, le=65536, description="local backend: most rows one `generate` holds; a worker then samples up "

@@ -51,7 +51,9 @@ def test_killed_added_and_stopped_workers_lose_no_group(tmp_path: Path) -> None:
                         # bound (with O = 1 a loaded machine let the trainer pass it while one was stranded)
                         "--set", "max_head_offpolicy_versions=4",
                         "--set", 'inference.backend="openai"', "--set", f'inference.base_url="{base}/v1"',
-                        "--set", "inference.max_concurrency=128") as up:
+                        "--set", "inference.max_concurrency=128",
+                        # a fixed window: 50 groups in flight at once (the default adaptive one starts at 16)
+                        "--set", 'workers.concurrency_control="fixed"') as up:
             wait_until(lambda: (up.run_dir / "redis" / "url").is_file(), 60, "the embedded redis", interval=0.2)
             url = (up.run_dir / "redis" / "url").read_text().strip()
             r = connect(url, password=stored_password(up.run_dir / "redis"))

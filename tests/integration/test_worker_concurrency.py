@@ -1,8 +1,9 @@
 """One ``rlstream worker`` process with the openai backend holds many prompt groups at once
 (docs/design.md §15.50 Many groups in flight per worker): against a stand-in server
 (bench/standin_server.py, in this process) whose requests take a while, it keeps
-``inference.max_concurrency`` = 64 requests in flight across groups of 4, never more, and
-every group is sampled exactly once (a SIGTERM with groups in flight: tests/e2e/test_elastic_workers.py).
+``inference.max_concurrency`` = 64 requests in flight across groups of 4 with
+``workers.concurrency_control = "fixed"``, never more, and every group is sampled exactly
+once (a SIGTERM with groups in flight: tests/e2e/test_elastic_workers.py).
 Real redis-server, real worker process; asserts counts, never timings."""
 from __future__ import annotations
 
@@ -70,7 +71,9 @@ def worker_on_admitted_groups(r, redis_server, run_id, tmp_path, server, groups:
 def test_one_worker_keeps_max_concurrency_requests_in_flight_across_groups(r, redis_server, run_id, tmp_path):
     server = StandinServer("const:1.0", vocab_size=16)
     queue, proc, log = worker_on_admitted_groups(r, redis_server, run_id, tmp_path, server, GROUPS, job_timeout=60,
-                                                 inference={"max_concurrency": WINDOW})
+                                                 inference={"max_concurrency": WINDOW},
+                                                 # the window under test is the fixed one (the default adapts)
+                                                 workers={"concurrency_control": "fixed"})
     try:
         # Many groups in flight at once, each with its own rq execution in the started registry.
         started = StartedJobRegistry(queue=queue)
