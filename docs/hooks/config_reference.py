@@ -22,7 +22,7 @@ from pydantic_core import PydanticUndefined
 PLACEHOLDER = "<!-- config-reference -->"
 PAGE = "configuration.md"
 
-# How a field's description marks a cookbook field (rlstream.core.hosted_fields, the cookbook
+# How a field's description marks a cookbook field (rlstream.core.cookbook_config, the cookbook
 # sections): only used to order rows and tables, so a changed wording costs the order, not a field.
 HOSTED = "hosted only"
 SPELLING = "spelling of"
