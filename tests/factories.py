@@ -56,12 +56,14 @@ def config(tmp_path: Path | None = None, **over) -> Config:
     return Config(**fields)
 
 
-def rlstream(*args: str, cwd: Path, timeout: float = 240, env: dict[str, str] | None = None,
-             check: bool = False) -> subprocess.CompletedProcess:
+def rlstream(*args: str, cwd: Path | None = None, timeout: float = 240, env: dict[str, str] | None = None,
+             unset: tuple[str, ...] = (), check: bool = False) -> subprocess.CompletedProcess:
     """``rlstream ARGS`` in ``cwd`` with this interpreter, output captured; ``env`` is added to
-    this process's environment. ``check``: assert it exited 0, showing its output's tail."""
+    this process's environment, and the variables ``unset`` names are removed from it.
+    ``check``: assert it exited 0, showing its output's tail."""
+    environ = {k: v for k, v in os.environ.items() if k not in unset}
     proc = subprocess.run([sys.executable, "-m", "rlstream.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})})
+                          timeout=timeout, env={**environ, **(env or {})})
     if check:
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return proc

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from factories import rlstream
 from polling import wait_until
 
 from rlstream.core.metrics import read_metrics
@@ -41,14 +42,13 @@ def test_workers_sample_from_an_openai_compatible_server(tmp_path: Path) -> None
     try:
         port = wait_for_file(port_file, server, timeout=60)
         base = f"http://127.0.0.1:{port}"
-        proc = subprocess.run(
-            [sys.executable, "-m", "rlstream.cli", "up", str(CONFIG), "--run-id", "remote",
-             "--set", f'base_model="{model_dir}"', "--set", "max_steps=4", "--set", "prompt_groups_per_step=4",
-             "--set", "completions_per_prompt=4", "--set", "workers.count=1",
-             "--set", "max_head_offpolicy_versions=0", "--set", 'inference.backend="openai"',
-             "--set", f'inference.base_url="{base}/v1"',
-             "--set", f'inference.weight_sync_url="{base}/update_weights_from_disk"'],
-            cwd=tmp_path, capture_output=True, text=True, timeout=240)
+        proc = rlstream("up", str(CONFIG), "--run-id", "remote",
+                        "--set", f'base_model="{model_dir}"', "--set", "max_steps=4",
+                        "--set", "prompt_groups_per_step=4",
+                        "--set", "completions_per_prompt=4", "--set", "workers.count=1",
+                        "--set", "max_head_offpolicy_versions=0", "--set", 'inference.backend="openai"',
+                        "--set", f'inference.base_url="{base}/v1"',
+                        "--set", f'inference.weight_sync_url="{base}/update_weights_from_disk"', cwd=tmp_path)
     finally:
         server.kill()
         server.wait()

@@ -5,15 +5,13 @@ compressed job data) and in nothing `up` printed (Reliability II, item 7)."""
 from __future__ import annotations
 
 import json
-import os
 import stat
-import subprocess
-import sys
 from pathlib import Path
 from urllib.parse import quote
 
 import pytest
 from external_redis import ExternalRedis, every_value
+from factories import rlstream
 
 from rlstream.core import keys
 from rlstream.core.connection import connect
@@ -31,12 +29,10 @@ def test_up_on_a_password_protected_redis_leaves_the_password_nowhere(tmp_path: 
     work.mkdir()
     with ExternalRedis(tmp_path / "redis", tls=tls) as server:
         secret = server.password
-        env = {k: v for k, v in os.environ.items() if k != PASSWORD_ENV}
-        env["RLSTREAM_REDIS_URL"] = server.url  # the password given the way a user would, in the URL
-        proc = subprocess.run([sys.executable, "-m", "rlstream.cli", "up", str(CONFIG), "--run-id", RUN,
-                               "--set", "max_steps=3", "--set", "workers.count=1",
-                               "--set", "prompt_groups_per_step=4", "--set", "completions_per_prompt=4"],
-                              cwd=work, capture_output=True, text=True, timeout=300, env=env)
+        # the password given the way a user would, in the URL
+        proc = rlstream("up", str(CONFIG), "--run-id", RUN, "--set", "max_steps=3", "--set", "workers.count=1",
+                        "--set", "prompt_groups_per_step=4", "--set", "completions_per_prompt=4", cwd=work,
+                        timeout=300, env={"RLSTREAM_REDIS_URL": server.url}, unset=(PASSWORD_ENV,))
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         assert proc.stdout.strip().splitlines()[-1].startswith("summary: steps=3"), proc.stdout[-500:]
         assert secret not in proc.stdout + proc.stderr

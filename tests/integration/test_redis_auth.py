@@ -5,12 +5,10 @@ can come from RLSTREAM_REDIS_PASSWORD instead of the URL, and refused credential
 at once with what to do (Reliability II, item 7)."""
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import redis
 from external_redis import ExternalRedis
+from factories import rlstream
 from rq import Queue
 from rq.serializers import JSONSerializer
 
@@ -83,7 +81,6 @@ def test_plain_tcp_to_a_tls_port_does_not_connect(tmp_path):
 def test_status_cli_reads_an_acl_run_with_the_password_from_the_environment(server, run_id, tmp_path):
     """A standalone process (here `rlstream status`) on a config.json that has no password."""
     import json
-    import os
 
     from rlstream.core.config import Config
 
@@ -92,8 +89,6 @@ def test_status_cli_reads_an_acl_run_with_the_password_from_the_environment(serv
     cfg = Config(run_id=run_id, redis={"url": server.url})
     (run_dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json")))
     assert server.password not in (run_dir / "config.json").read_text()
-    env = {**os.environ, PASSWORD_ENV: server.password}
-    proc = subprocess.run([sys.executable, "-m", "rlstream.cli", "status", str(run_dir)], capture_output=True,
-                          text=True, timeout=60, env=env)
+    proc = rlstream("status", str(run_dir), timeout=60, env={PASSWORD_ENV: server.password})
     assert proc.returncode == 0, proc.stderr
     assert server.password not in proc.stdout + proc.stderr

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from factories import rlstream
 
 from rlstream.core.config import BUILTIN_MODEL, Config, load_config, validate_config
 from rlstream.core.errors import ConfigError
@@ -221,10 +222,7 @@ def test_validate_config_direct():
 
 
 def test_cli_config_error_exits_2_with_one_line(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "rlstream.cli", "up", str(EXAMPLE), "--set", "completions_per_prompt=1"],
-        capture_output=True, text=True, timeout=60, cwd=tmp_path,
-    )
+    proc = rlstream("up", str(EXAMPLE), "--set", "completions_per_prompt=1", cwd=tmp_path, timeout=60)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr

@@ -4,11 +4,10 @@ directory over an existing one never deletes the old one before the new one is i
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from factories import rlstream
 
 from rlstream.core import weights
 from rlstream.core.config import load_config
@@ -31,8 +30,7 @@ def test_plain_output_model_ids_are_accepted(value):
 
 
 def test_cli_refuses_dot_dot_with_exit_2_before_anything_starts(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "rlstream.cli", "up", str(EXAMPLE), "--run-id", "r",
-                           "--set", 'output_model_id=".."'], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    proc = rlstream("up", str(EXAMPLE), "--run-id", "r", "--set", 'output_model_id=".."', cwd=tmp_path, timeout=60)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith("rlstream: config error: output_model_id:"), proc.stderr
     assert not (tmp_path / "runs").exists()
