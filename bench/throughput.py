@@ -38,6 +38,7 @@ requests refused, samples/s, failed draws (``rollout_failures``) and rejected gr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -198,13 +199,8 @@ def main() -> None:
         return overload(args)
     server = StandinServer(args.latency, vocab_size=16)
     base = server.start()
-    with tempfile.TemporaryDirectory(prefix="rlstream-bench-tp-") as tmp:
-        root = Path(tmp)
-        redis_server = EmbeddedRedis(root / "redis")
-        redis_server.start()
+    with bench_world() as (root, redis_server, r, model):
         try:
-            r = connect(redis_server.url)
-            model = save_tiny_model(root / "tiny")
             print(f"rlstream rollout throughput  {datetime.date.today()}  {platform.machine()} {os.cpu_count()} cpus  "
                   f"load avg {os.getloadavg()[0]:.2f} at start")
             print(f"python {platform.python_version()}  stand-in server latency {args.latency}  "
@@ -224,41 +220,46 @@ def main() -> None:
                 print_row(local[-1], flush=True)
             print_local_table(local)
         finally:
-            redis_server.stop()
             server.stop()
 
 
-def overload(args) -> None:
-    """``--capacity``: default vs fixed concurrency control against a server with that
-    capacity, then against a free one, one worker each, each configuration on a fresh server."""
+@contextlib.contextmanager
+def bench_world():
+    """A temporary directory with an embedded redis-server (stopped on exit), a client of it and
+    the tiny model saved there: (root, server, client, model directory)."""
     with tempfile.TemporaryDirectory(prefix="rlstream-bench-tp-") as tmp:
         root = Path(tmp)
         redis_server = EmbeddedRedis(root / "redis")
         redis_server.start()
         try:
-            r = connect(redis_server.url)
-            model = save_tiny_model(root / "tiny")
-            print(f"rlstream backoff against an overloaded server  {datetime.date.today()}  {platform.machine()} "
-                  f"{os.cpu_count()} cpus  load avg {os.getloadavg()[0]:.2f} at start")
-            print(f"python {platform.python_version()}  stand-in server latency {args.latency}  "
-                  f"completions_per_prompt {args.group}  one worker, max_concurrency {args.capacity_window}, "
-                  f"{args.rounds} rounds ({args.rounds * args.capacity_window} samples) per configuration")
-            results = []
-            for capacity in (args.capacity, None):
-                for control in (None, "fixed"):
-                    server = StandinServer(args.latency, capacity=capacity, vocab_size=16)
-                    base = server.start()
-                    try:
-                        name = f"cap{capacity or 0}-{control or 'default'}"
-                        res = run_config(name, 1, args.capacity_window, args, redis_server, r, model, base, root,
-                                         control=control, server=server)
-                    finally:
-                        server.stop()
-                    res["capacity"] = capacity
-                    results.append(res)
-                    print_row(res, flush=True)
+            yield root, redis_server, connect(redis_server.url), save_tiny_model(root / "tiny")
         finally:
             redis_server.stop()
+
+
+def overload(args) -> None:
+    """``--capacity``: default vs fixed concurrency control against a server with that
+    capacity, then against a free one, one worker each, each configuration on a fresh server."""
+    with bench_world() as (root, redis_server, r, model):
+        print(f"rlstream backoff against an overloaded server  {datetime.date.today()}  {platform.machine()} "
+              f"{os.cpu_count()} cpus  load avg {os.getloadavg()[0]:.2f} at start")
+        print(f"python {platform.python_version()}  stand-in server latency {args.latency}  "
+              f"completions_per_prompt {args.group}  one worker, max_concurrency {args.capacity_window}, "
+              f"{args.rounds} rounds ({args.rounds * args.capacity_window} samples) per configuration")
+        results = []
+        for capacity in (args.capacity, None):
+            for control in (None, "fixed"):
+                server = StandinServer(args.latency, capacity=capacity, vocab_size=16)
+                base = server.start()
+                try:
+                    name = f"cap{capacity or 0}-{control or 'default'}"
+                    res = run_config(name, 1, args.capacity_window, args, redis_server, r, model, base, root,
+                                     control=control, server=server)
+                finally:
+                    server.stop()
+                res["capacity"] = capacity
+                results.append(res)
+                print_row(res, flush=True)
     print()
     print("| server capacity | workers.concurrency_control | requests | refused (429) | samples/s "
           "| failed draws | rejected groups |")
