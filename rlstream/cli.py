@@ -107,9 +107,8 @@ def _lost_redis(cfg, exc: Exception) -> RedisUnavailable:
     from rlstream.core.credentials import redacted
 
     return RedisUnavailable(f"lost Redis at {redacted(cfg.redis.url)} and could not reconnect within the bounded "
-                            f"retries "
-                            f"({exc}); restart the server (with its AOF, nothing acknowledged is lost) and restart "
-                            "this process: it resumes from the streams")
+                            f"retries ({exc}); restart the server (with its AOF, nothing acknowledged is lost) and "
+                            "restart this process: it resumes from the streams")
 
 
 def run(argv: list[str] | None = None) -> int:

@@ -28,7 +28,6 @@ from pydantic import (
     AliasChoices,
     BaseModel,
     BeforeValidator,
-    ConfigDict,
     Field,
     SerializationInfo,
     ValidationError,
@@ -37,6 +36,7 @@ from pydantic import (
 )
 
 from rlstream.core.cookbook_config import (
+    STRICT_TABLE,
     DeployConfig,
     HostedTrainerFields,
     InfraConfig,
@@ -77,9 +77,7 @@ BUILTIN_REWARDS: tuple[str, ...] = ("exact_match", "math_answer")
 
 # --------------------------------------------------------------------------- the tables
 class ConfigSection(BaseModel):
-    # strict: TOML has real types, so `seed = true` or `learning_rate = "1e-3"` is a mistake to
-    # report, not to coerce (`--set` and environment values are parsed as TOML literals first).
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True)
+    model_config = STRICT_TABLE  # strict, no unknown fields (core.cookbook_config says why)
 
 
 class RedisConfig(ConfigSection):

@@ -112,9 +112,15 @@ def hosted_settings(section_name: str, section: BaseModel) -> list[str]:
 _SKIP = object()  # a nested value that sets nothing (it names the default)
 
 
+# Every config table's settings, rlstream's own (core.config.ConfigSection) and the cookbook's:
+# strict, because TOML has real types, so `seed = true` or `learning_rate = "1e-3"` is a mistake to
+# report, not to coerce (`--set` and environment values are parsed as TOML literals first). Defined
+# here, the module core.config imports, so that both kinds of table share one definition.
+STRICT_TABLE = ConfigDict(extra="forbid", validate_assignment=True, strict=True)
+
+
 class CookbookSection(BaseModel):
-    # as strict as rlstream's own tables (core.config.ConfigSection; a test holds the two equal)
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True)
+    model_config = STRICT_TABLE
 
 
 class DeployConfig(HostedDeployFields, CookbookSection):
