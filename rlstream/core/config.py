@@ -22,6 +22,7 @@ import typing
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
+from urllib.parse import urlsplit
 from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
@@ -181,15 +182,27 @@ class TrainerConfig(ConfigSection, HostedTrainerFields):  # + the cookbook's hos
         return self
 
 
-class InferenceConfig(ConfigSection):
-    """Where workers sample: the local transformers model, or an OpenAI-compatible server."""
+# Path fields take a pathlib.Path from Python too (the config is otherwise strict).
+PathText = Annotated[str, BeforeValidator(lambda v: os.fspath(v) if isinstance(v, os.PathLike) else v)]
+ServerUrl = Annotated[str, Field(pattern=r"^https?://")]
+# Engines that reload weights from a directory through their own HTTP routes, and can be launched
+# (rlstream.sampling.engines, rlstream.engine_launch); "openai" is any other OpenAI-compatible server.
+ENGINES = ("vllm", "sglang")
+LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 
-    backend: Literal["local", "openai"] = Field(
-        "local", description="local = a transformers model in each worker; openai = an OpenAI-compatible "
-        "server (vLLM, SGLang) over httpx"
+
+class InferenceConfig(ConfigSection):
+    """Where workers sample: the local transformers model, or inference servers over HTTP
+    (docs/inference-engines.md)."""
+
+    backend: Literal["local", "openai", "vllm", "sglang"] = Field(
+        "local", description="local = a transformers model in each worker; vllm / sglang = those servers, synced "
+        "through their own weight-reload routes; openai = any other OpenAI-compatible server (synced by POSTing "
+        "weight_sync_url, or never)"
     )
-    base_url: str | None = Field(
-        None, pattern=r"^https?://", description="the server's API root, e.g. http://127.0.0.1:8000/v1 (openai backend)"
+    base_url: ServerUrl | list[ServerUrl] | None = Field(
+        None, description="the server's API root, e.g. http://127.0.0.1:8000/v1, or a list of replicas: each worker "
+        "samples from one, every one is synced, a dead one is skipped and retried"
     )
     model: str | None = Field(None, description="model name sent with each request; unset = base_model")
     api_key_env: str | None = Field(
@@ -197,19 +210,64 @@ class InferenceConfig(ConfigSection):
         description="environment variable holding a bearer token (the key itself never goes in a config file)",
     )
     weight_sync_url: str | None = Field(
-        None, pattern=r"^https?://", description="POSTed {model_path, version} for each new version "
-        "(SGLang: .../update_weights_from_disk); unset = the server is never updated"
+        None, pattern=r"^https?://", description="openai backend: POSTed {model_path, version} for each new "
+        "version; unset = the server is never updated (vllm and sglang are synced through their own routes)"
+    )
+    weight_sync_timeout: float = Field(
+        600.0, gt=0, le=86_400, description="seconds one server may take to load a new version, retries "
+        "included; then the worker reports the reload as failed (the cookbook's weight_sync.weight_sync_timeout)"
     )
     timeout: float = Field(120.0, gt=0, le=3600, description="seconds per HTTP request")
     max_retries: int = Field(4, ge=0, le=20, description="retries of a request on connection errors, 429 and 5xx "
                              "(exponential backoff from 0.5 s, capped at 8 s)")
     max_concurrency: int = Field(64, ge=1, le=4096, description="requests in flight per worker (across the groups it "
                                  "samples at once)")
+    launch: bool = Field(
+        False, description="vllm / sglang: `rlstream up` starts one server per base_url (which must be on this "
+        "machine), waits for its health, restarts it when it dies and stops it with the run; off = the servers "
+        "are yours (another machine, a shared pool)"
+    )
+    engine_python: PathText | None = Field(
+        None, description="launch: the Python interpreter that has the engine installed (e.g. a separate venv "
+        "with vllm); unset = the one running rlstream"
+    )
+    engine_args: list[str] = Field(
+        default_factory=list, max_length=256, description="launch: extra command-line flags for the engine "
+        "(e.g. [\"--gpu-memory-utilization\", \"0.5\"]); rlstream adds the ones it needs itself"
+    )
+    engine_env: dict[str, str] = Field(
+        default_factory=dict, description="launch: extra environment variables for the engine (e.g. "
+        "CUDA_VISIBLE_DEVICES, VLLM_CPU_KVCACHE_SPACE)"
+    )
+    start_timeout: float = Field(
+        900.0, gt=0, le=86_400, description="seconds a server may take to come up: `up` waits this long for "
+        "its health after each start, a worker this long for a server that stopped answering"
+    )
+
+    @property
+    def base_urls(self) -> list[str]:
+        """Every server, in the order given (none for the local backend)."""
+        if self.base_url is None:
+            return []
+        return [self.base_url] if isinstance(self.base_url, str) else list(self.base_url)
 
     @model_validator(mode="after")
     def _check(self) -> InferenceConfig:
-        if self.backend == "openai" and self.base_url is None:
-            raise ValueError("backend 'openai' needs base_url (e.g. http://127.0.0.1:8000/v1)")
+        remote = self.backend != "local"
+        if remote and not self.base_urls:
+            raise ValueError(f"backend {self.backend!r} needs base_url (e.g. http://127.0.0.1:8000/v1)")
+        if len(set(self.base_urls)) != len(self.base_urls):
+            raise ValueError("base_url lists the same server twice: give each replica once")
+        if self.weight_sync_url is not None and self.backend != "openai":
+            raise ValueError(f"weight_sync_url is for backend 'openai'; backend {self.backend!r} "
+                             + ("samples in the worker and needs no sync: drop weight_sync_url" if not remote else
+                                "is synced through its own routes: drop weight_sync_url"))
+        if self.weight_sync_url is not None and len(self.base_urls) > 1:
+            raise ValueError("one weight_sync_url cannot sync several servers: use backend 'vllm' or 'sglang' "
+                             "(each server is synced through its own routes), or a single base_url")
+        if self.launch and self.backend not in ENGINES:
+            raise ValueError(f"launch = true starts vllm or sglang; backend {self.backend!r} has no server rlstream "
+                             "knows how to start: set backend = \"vllm\" or \"sglang\", or launch = false")
         return self
 
 
@@ -233,8 +291,6 @@ class RetentionConfig(ConfigSection):
 # --------------------------------------------------------------------------- the run
 BUILTIN_MODEL = "builtin:tiny"
 MAX_SEQ_LEN_LIMIT = 1_048_576
-# Path fields take a pathlib.Path from Python too (the config is otherwise strict).
-PathText = Annotated[str, BeforeValidator(lambda v: os.fspath(v) if isinstance(v, os.PathLike) else v)]
 # A module name (or dotted suffix) peft matches against the model's modules.
 LoraModuleName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.]{0,199}$")]
 LoraTargets = Literal["all-linear"] | Annotated[list[LoraModuleName], Field(min_length=1, max_length=256)]

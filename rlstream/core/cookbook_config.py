@@ -56,7 +56,6 @@ HOSTED_REASONS: dict[str, str] = {
     "dcp_timeout": "checkpoints are local files the trainer writes itself, not a service call with a timeout",
     "first_checkpoint_type": "workers always start from v0, the base weights",
     "weight_sync_before_training": "v0 (the base weights) is always published before the first step",
-    "weight_sync_timeout": "workers pull weights; a rollout job waits at most job_timeout for its version",
 }
 
 
@@ -100,7 +99,6 @@ class HostedWeightSyncFields(BaseModel):
     dcp_timeout: float | None = hosted("dcp_timeout")
     first_checkpoint_type: str | None = hosted("first_checkpoint_type")
     weight_sync_before_training: bool | None = hosted("weight_sync_before_training")
-    weight_sync_timeout: float | None = hosted("weight_sync_timeout")
 
 
 def hosted_settings(section_name: str, section: BaseModel) -> list[str]:
@@ -135,12 +133,14 @@ class DeployConfig(HostedDeployFields, CookbookSection):
 
 
 class WeightSyncConfig(HostedWeightSyncFields, CookbookSection):
-    """The cookbook's ``WeightSyncConfig``: publish and checkpoint intervals."""
+    """The cookbook's ``WeightSyncConfig``: publish and checkpoint intervals, the reload's bound."""
 
     weight_sync_interval: int | None = Field(None, ge=0, description="spelling of `weight_sync_interval`")
     dcp_save_interval: int | None = Field(None, ge=0, description="spelling of `dcp_save_interval`")
     max_concurrent: int | None = Field(
         None, ge=0, description="spelling of `max_concurrency_rollout_sample` (0 = unlimited = unset)")
+    weight_sync_timeout: float | None = Field(
+        None, gt=0, le=86_400, description="spelling of `inference.weight_sync_timeout`")
 
 
 class InfraConfig(HostedTrainerFields, CookbookSection):
@@ -161,6 +161,7 @@ MOVES: dict[tuple[str, str], tuple[str, Callable[..., Any]]] = {
     ("weight_sync", "weight_sync_interval"): ("weight_sync_interval", lambda v, *_: v),
     ("weight_sync", "dcp_save_interval"): ("dcp_save_interval", lambda v, *_: v),
     ("weight_sync", "max_concurrent"): ("max_concurrency_rollout_sample", lambda v, *_: v or _SKIP),
+    ("weight_sync", "weight_sync_timeout"): ("inference.weight_sync_timeout", lambda v, *_: v),
 }
 
 
