@@ -245,6 +245,11 @@ class InferenceConfig(ConfigSection):
     )
 
     @property
+    def remote(self) -> bool:
+        """Sampling happens on servers over HTTP (every backend but local)."""
+        return self.backend != "local"
+
+    @property
     def base_urls(self) -> list[str]:
         """Every server, in the order given (none for the local backend)."""
         if self.base_url is None:
