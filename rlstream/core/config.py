@@ -22,7 +22,6 @@ import typing
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
-from urllib.parse import urlsplit
 from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
