@@ -164,8 +164,9 @@ class RemotePolicy:
     url -> context manager held around a server's read-and-reload (``redis_sync_lock``;
     default: none). ``namespace``: the run id the engine labels versions with. ``exact``: a
     server must serve exactly ``version``, not a newer one (the SDK's deployment, which may go
-    back to an older snapshot). ``check_logprobs``: probe each vllm server once for
-    post-temperature logprobs (an external server, whose flags rlstream did not choose)."""
+    back to an older snapshot). ``check_logprobs``: probe each vllm server for post-temperature
+    logprobs before its first sync, and again after it restarted (an external server, whose
+    flags rlstream did not choose)."""
 
     def __init__(self, cfg: InferenceConfig, published: WeightsPublished, tokenizer: Any, model_name: str,
                  weights_root: str | Path, transport: httpx.AsyncBaseTransport | None = None,

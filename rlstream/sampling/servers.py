@@ -124,7 +124,7 @@ class ServerPool:
                     return s
                 if self.probe is None and now >= s.retry_at:
                     return s  # no health route: the request is the probe (mark_down() again if it fails)
-            for s in order:
+            for s in order if self.probe is not None else []:
                 if now >= s.retry_at and not s.probing and await self._probe(s):
                     return s
             now = self.clock()

@@ -408,3 +408,18 @@ def test_the_span_of_a_group_is_inherited_by_its_draw_tasks():
 def test_pool_prefers_its_server_and_spreads_by_worker_id():
     assert server_pool.preferred_index("host-1", 1) == 0
     assert {server_pool.preferred_index(f"host-{i}", 3) for i in range(30)} == {0, 1, 2}
+
+
+def test_an_openai_server_that_stopped_answering_is_tried_again_after_the_backoff(monkeypatch):
+    """A generic server has no health route: the next request after the back-off is the probe."""
+    monkeypatch.setattr(remote_policy, "BACKOFF_BASE_S", 0.01)
+    calls = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request.url.path)
+        if len(calls) <= 3:
+            raise httpx.ConnectError("refused", request=request)
+        return httpx.Response(200, json={"choices": [choice(0, [1], [-0.1])]})
+
+    out = asyncio.run(make_policy(handler, max_retries=0).complete(PROMPT, 1, max_tokens=1, temperature=1.0))
+    assert out[0].output_tokens == [1] and calls == ["/v1/completions"] * 4  # no failed attempt counted
