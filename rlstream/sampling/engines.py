@@ -40,6 +40,7 @@ BASE_LABELS = frozenset({"", "default", "none"})  # a server that was never relo
 VLLM_DEV_ROUTES = ("/collective_rpc", "/reset_prefix_cache")  # only with VLLM_SERVER_DEV_MODE=1
 VLLM_ROUTES = ("/pause", "/resume", "/update_weight_version", "/weight_info")
 PROBE_TEMPERATURE = 0.25
+RESUME_ATTEMPTS = 3
 
 
 class InferenceError(RlstreamError):
@@ -153,6 +154,7 @@ class VllmEngine(Engine):
         failure: a paused server would hang every worker's requests."""
         t = _timeout(timeout)
         _expect(client.post(f"{root}/pause", params={"mode": "wait"}, **t), "pausing vLLM")
+        failed = True
         try:
             _expect(client.post(f"{root}/collective_rpc", json={"method": "reload_weights",
                                                                  "kwargs": {"weights_path": str(directory)}}, **t),
@@ -160,11 +162,27 @@ class VllmEngine(Engine):
             _expect(client.post(f"{root}/reset_prefix_cache", **t), "resetting vLLM's prefix cache")
             _expect(client.post(f"{root}/update_weight_version", json={"new_version": self.label(version)}, **t),
                     "labelling the weights")
+            failed = False
         finally:
+            self._resume(client, root, t, quiet=failed)  # the reload's own error matters more
+
+    @staticmethod
+    def _resume(client: httpx.Client, root: str, t: dict[str, Any], quiet: bool) -> None:
+        """POST /resume, retried: after a failed call vLLM may close the connection, and the
+        first resume sent on it is reset (measured on vLLM 0.32)."""
+        problem: Exception | None = None
+        for _ in range(RESUME_ATTEMPTS):
             try:
                 _expect(client.post(f"{root}/resume", **t), "resuming vLLM")
-            except (httpx.TransportError, EngineError) as exc:  # the reload's own error matters more
-                log.warning("could not resume vLLM at %s after a reload: %s", root, exc)
+                return
+            except (httpx.TransportError, EngineError) as exc:
+                problem = exc
+        message = (f"vLLM at {root} stays paused: {RESUME_ATTEMPTS} resumes failed ({problem}); POST {root}/resume "
+                   "or restart it")
+        if quiet:
+            log.error(message)
+        else:
+            raise EngineError(message)
 
     def version_url(self, root: str) -> str:
         return f"{root}/weight_info"

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import os
@@ -183,8 +184,9 @@ class RemotePolicy:
         self._sync = httpx.Client(timeout=cfg.timeout, headers=headers, transport=sync_transport)  # reloads
         self._probe = httpx.Client(timeout=min(PROBE_TIMEOUT_S, cfg.timeout), headers=headers,
                                    transport=sync_transport)  # health and version reads
-        servers = [Server(i, url, httpx.AsyncClient(base_url=url.rstrip("/"), timeout=cfg.timeout, headers=headers,
-                                                    transport=transport)) for i, url in enumerate(cfg.base_urls)]
+        servers = [Server(i, url, functools.partial(httpx.AsyncClient, base_url=url.rstrip("/"), timeout=cfg.timeout,
+                                                    headers=headers, transport=transport))
+                   for i, url in enumerate(cfg.base_urls)]
         probe = (lambda s: healthy(self._probe, s.root)) if self.engine.tracks_versions else None
         self.pool = ServerPool(servers, prefer, probe, cfg.start_timeout, (BACKOFF_BASE_S, BACKOFF_CAP_S))
         self.controller = controller if controller is not None else FixedConcurrencyController(cfg.max_concurrency)
@@ -291,7 +293,7 @@ class RemotePolicy:
         loop, asked = asyncio.get_running_loop(), time.monotonic()
         entry = server.shared.get("version")
         if entry is None or entry[0] is not loop or entry[1] < asked:
-            read = loop.create_task(self.engine.aserved_version(server.client, server.root))
+            read = loop.create_task(self.engine.aserved_version(server.client(), server.root))
             entry = server.shared["version"] = (loop, time.monotonic(), read)
         return await asyncio.shield(entry[2])
 
@@ -338,7 +340,7 @@ class RemotePolicy:
         started, released = time.monotonic(), False
         try:
             try:
-                result: httpx.Response | httpx.TransportError = await server.client.post("/completions", json=body)
+                result: httpx.Response | httpx.TransportError = await server.client().post("/completions", json=body)
             except httpx.TransportError as exc:
                 result = exc
             latency, overloaded = _server_signal(result, time.monotonic() - started)

@@ -36,7 +36,7 @@ class Server:
 
     index: int
     url: str  # inference.base_url: the OpenAI API root, .../v1
-    client: Any  # the async HTTP client of its completions
+    new_client: Callable[[], Any]  # builds an async HTTP client for its completions
     version: int | None = None  # the version it is known to serve; None = unknown: read (or reload) before use
     down_since: float | None = None  # when it stopped answering; None = up
     retry_at: float = 0.0  # a down server is probed again from then on
@@ -45,6 +45,17 @@ class Server:
     refusal: str | None = None  # why it is unfit (the logprobs probe): every request to it fails with this
     sync_lock: threading.Lock = field(default_factory=threading.Lock)  # one sync of it at a time in this process
     shared: dict = field(default_factory=dict)  # in-flight calls shared by the draws on one loop (remote.py)
+
+    _client: tuple[Any, Any] | None = None  # (event loop, its client)
+
+    def client(self) -> Any:
+        """The async client of the running event loop. Pooled connections belong to the loop
+        that opened them: a caller that runs one loop after another (``asyncio.run`` per call,
+        as the SDK's loop does) gets a client per loop, never a connection of a closed one."""
+        loop = asyncio.get_running_loop()
+        if self._client is None or self._client[0] is not loop:
+            self._client = (loop, self.new_client())
+        return self._client[1]
 
     @property
     def root(self) -> str:

@@ -104,6 +104,8 @@ class FakeVllm(FakeEngine):
     def __init__(self, *args: Any, dev_mode: bool = True, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.dev_mode, self.paused = dev_mode, False
+        self.drop_after_error = False  # as vLLM 0.32 did: the request after a 500 finds its connection reset
+        self._dropping = False
 
     def complete(self, body: dict) -> httpx.Response:
         assert not self.paused, "a completion reached a paused vLLM"
@@ -111,6 +113,9 @@ class FakeVllm(FakeEngine):
 
     def route(self, request: httpx.Request) -> httpx.Response:
         path, body = request.url.path, _json(request)
+        if self._dropping:
+            self._dropping = False
+            raise httpx.ReadError("[Errno 104] Connection reset by peer", request=request)
         if path in VLLM_DEV_PATHS and not self.dev_mode:
             return httpx.Response(404, json={"detail": "Not Found"})
         if path == "/openapi.json":
@@ -129,6 +134,7 @@ class FakeVllm(FakeEngine):
             where = body["kwargs"]["weights_path"]
             if self.fail_next_reloads or not self.can_see(where):
                 self.fail_next_reloads = max(0, self.fail_next_reloads - 1)
+                self._dropping = self.drop_after_error
                 return httpx.Response(500, json={"error": {"message": f"Call to collective_rpc method failed: "
                                                                       f"[Errno 2] No such file or directory: '{where}'",
                                                            "type": "Internal Server Error", "code": 500}})

@@ -53,6 +53,14 @@ def test_vllm_failed_reload_reports_the_engine_message_and_still_resumes():
     assert vllm.label == "default"  # not labelled with a version it does not serve
 
 
+def test_vllm_is_resumed_even_when_it_drops_the_connection_after_a_failed_reload():
+    vllm = FakeVllm(visible=set())
+    vllm.drop_after_error = True
+    with pytest.raises(EngineError, match="HTTP 500"):
+        engine_for("vllm").reload(client(vllm), ROOT, DIR, 3)
+    assert not vllm.paused and [p for _, p in vllm.calls][-2:] == ["/resume", "/resume"]
+
+
 @pytest.mark.parametrize(("namespace", "label", "version"), [
     ("run", "default", 0), ("run", None, 0), ("run", "run:3", 3), ("run", "other:3", FOREIGN),
     ("run", "3", FOREIGN), ("", "3", 3), ("", "run:3", FOREIGN), ("run", "run:x", FOREIGN)])
