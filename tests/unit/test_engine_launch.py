@@ -270,3 +270,35 @@ def test_an_external_server_is_checked_and_a_refusal_names_its_url(standin, monk
     finally:
         server.stop(5)
     assert seen == [(server.root, "vllm", "builtin:tiny", 64)]
+
+
+def test_up_starts_the_engine_on_the_published_v0_and_stops_it_when_the_check_refuses(standin, monkeypatch, capsys):
+    """The whole order in ``up``: trainer, its v0, the engine on that directory, health, the check;
+    a refused check ends the run before any producer or worker started, and the engine's process
+    group is gone."""
+    cfg, records = standin
+
+    class Refused(Exception):
+        pass
+
+    def check_server(client, root, *, backend, model_name, max_seq_len):
+        raise Refused("its max_model_len 16 is below max_seq_len 64: start it with --max-model-len >= 64")
+
+    def healthy(client, root):  # as rlstream.sampling.engines.healthy: one GET, never raises
+        try:
+            return client.get(f"{root}/health").status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    monkeypatch.setattr(engine_launch, "engine_checks", lambda: (check_server, healthy, Refused))
+    cfg = Config.model_validate({**cfg.model_dump(), "max_steps": 1, "workers": {"count": 1}})
+    assert launcher.up(cfg) == 1
+    err = capsys.readouterr().err
+    assert f"inference server {cfg.inference.base_urls[0]}: its max_model_len 16 is below max_seq_len 64" in err
+    run_dir = cfg.run_dir()
+    [record] = starts(records)
+    v0 = run_dir / "weights" / "v0"
+    assert flags(record["argv"])["--model"] == str(v0)
+    assert (v0 / "manifest.json").stat().st_mtime_ns <= (records / f"{record['pid']}.json").stat().st_mtime_ns
+    assert not alive(record["pid"]) and not alive(record["helper"])
+    assert sorted(p.name for p in (run_dir / "logs").glob("*.log")) == ["engine-0.log", "trainer.log"]
