@@ -181,7 +181,7 @@ class EngineServer:
 
     def start(self, version: int) -> None:
         """Start the server on ``weights/v<version>`` (a complete published directory)."""
-        model_dir = weights.version_dir(self.weights_root, version)
+        model_dir = weights.version_dir(self.weights_root, version).resolve()  # the engine may resolve from elsewhere
         argv = engine_command(self.cfg, self.url, model_dir, version)
         with self.log_path.open("ab") as out:
             out.write(f"\n[rlstream] starting {self.name} on v{version}: {' '.join(argv)}\n".encode())

@@ -348,7 +348,7 @@ def _check_engine(e: EngineServer, state: RunState, http: httpx.Client) -> None:
         reason = f"did not answer {e.root}/health within inference.start_timeout = {e.cfg.inference.start_timeout:.0f}s"
     else:
         reason = f"exited with code {code}"
-    e.kill_group()  # what is left of it (vLLM's EngineCore outlives a SIGKILLed API server)
+    e.kill_group()  # what is left of it (vLLM's EngineCore and Worker are forks in its group)
     if time.monotonic() - e.started_at > HEALTHY_RUN_S:
         e.restarts = 0  # it ran fine for a long while: this is a new incident, not a crash loop
     if e.restarts >= max_restarts():

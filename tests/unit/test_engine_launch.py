@@ -27,7 +27,8 @@ from rlstream.engine_launch import EngineServer, engine_command, engine_env
 # The flags of sglang 0.5.23 (sglang/srt/arg_groups/fields/model.py and serving.py, read from the
 # wheel): model_path (alias --model), served_model_name, host, port, context_length, weight_version;
 # field names become flags as "--" + name.replace("_", "-") (arg_groups/arg_utils._field_to_cli_name).
-SGLANG_0_5_23_FLAGS = {"--model-path", "--served-model-name", "--host", "--port", "--context-length", "--weight-version"}
+SGLANG_0_5_23_FLAGS = {"--model-path", "--served-model-name", "--host", "--port", "--context-length",
+                       "--weight-version"}
 VLLM_0_32_FLAGS = {"--model", "--served-model-name", "--host", "--port", "--logprobs-mode", "--max-model-len"}
 
 
@@ -42,8 +43,8 @@ def flags(argv: list[str]) -> dict[str, str]:
 
 
 def test_vllm_command_line_and_environment(tmp_path):
-    cfg = config(tmp_path, engine_python="/venvs/vllm/bin/python", engine_args=["--enforce-eager", "--dtype", "float32"],
-                 engine_env={"VLLM_CPU_KVCACHE_SPACE": "1"})
+    cfg = config(tmp_path, engine_python="/venvs/vllm/bin/python",
+                 engine_args=["--enforce-eager", "--dtype", "float32"], engine_env={"VLLM_CPU_KVCACHE_SPACE": "1"})
     argv = engine_command(cfg, "http://127.0.0.1:8123/v1", "/runs/eng/weights/v0")
     assert argv[:3] == ["/venvs/vllm/bin/python", "-m", "vllm.entrypoints.openai.api_server"]
     assert flags(argv) | {"--enforce-eager": "x"} == {
@@ -265,7 +266,8 @@ def test_an_external_server_is_checked_and_a_refusal_names_its_url(standin, monk
     external = cfg.model_copy(update={"inference": cfg.inference.model_copy(update={"launch": False})})
     try:
         with httpx.Client(timeout=engine_launch.HEALTH_TIMEOUT) as http:
-            with pytest.raises(RunFailed, match=f"inference server {external.inference.base_urls[0]}: it serves another"):
+            refusal = f"inference server {external.inference.base_urls[0]}: it serves another"
+            with pytest.raises(RunFailed, match=refusal):
                 engine_launch.check_external(external, http, bound=30)
     finally:
         server.stop(5)
