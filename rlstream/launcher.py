@@ -303,7 +303,7 @@ def _newest_published(watch: Watch) -> int:
 def _launch_engines(watch: Watch, logs: Path, launched: list[EngineServer]) -> None:
     """Start one server per base_url on the trainer's newest published weights (v0 on a new
     run), wait for their health and check them, all bounded by ``inference.start_timeout``
-    while the trainer stays supervised (docs/design.md §15.72)."""
+    while the trainer stays supervised (docs/design.md §15.72 `up` launches and supervises the engine)."""
     cfg, bound = watch.cfg, watch.cfg.inference.start_timeout
     deadline = time.monotonic() + bound
     log.info("waiting (at most %.0fs) for the trainer to publish v0, which the %s servers will serve",
@@ -331,7 +331,7 @@ def _launch_engines(watch: Watch, logs: Path, launched: list[EngineServer]) -> N
 def _check_engine(e: EngineServer, state: RunState, http: httpx.Client) -> None:
     """Restart a dead (or never healthy) engine with backoff on the newest published weights,
     at most ``max_restarts()`` times, as ``_check_child`` does for children; workers wait for it
-    meanwhile (docs/design.md §15.72)."""
+    meanwhile (docs/design.md §15.72 `up` launches and supervises the engine)."""
     if state.finished is not None:  # shutting down anyway
         return
     if e.restart_at is not None:

@@ -1,7 +1,8 @@
-"""``rlstream up`` starts and supervises the inference engine (rlstream/engine_launch.py, docs/design.md
-§15.72): the command lines for vLLM and SGLang, and the start / health / restart / stop cycle against
-a stand-in engine process (tests/standin_engine.py), whose process group must be gone at the end.
-And servers that are not ours: one that does not answer fails `up` within a bound, naming its URL."""
+"""``rlstream up`` starts and supervises the inference engine (rlstream/engine_launch.py,
+docs/design.md §15.72 `up` launches and supervises the engine): the command lines for vLLM and
+SGLang, and the start / health / restart / stop cycle against a stand-in engine process
+(tests/standin_engine.py), whose process group must be gone at the end. And servers that are not
+ours: one that does not answer fails `up` within a bound, naming its URL."""
 from __future__ import annotations
 
 import json
