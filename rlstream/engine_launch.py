@@ -18,8 +18,9 @@ What rlstream sets, and why (the user's ``engine_args`` may not repeat any of th
   after temperature; an inherited 1 would return raw ones).
 
 A server is started on the newest published weights directory, derived from the run
-directory and a version number (never a path read from Redis), in its own session, so that
-stopping it reaches its whole process group (vLLM forks an EngineCore process).
+directory and a version number (never a path read from Redis), in its own session under
+``rlstream/engine_guard.py``, so that stopping it, or our death, reaches its whole process group
+(vLLM forks an EngineCore process).
 """
 from __future__ import annotations
 
@@ -49,6 +50,7 @@ ALIASES = {"--model": "--model-path"}
 REACH_TIMEOUT_S = 10.0  # an external server must answer within this, or `up` fails naming it
 PROBE_EVERY_S = 1.0  # health probes of a server coming up
 HEALTH_TIMEOUT = httpx.Timeout(5.0, connect=2.0)
+GUARD = Path(__file__).with_name("engine_guard.py")
 
 
 # --------------------------------------------------------------------------- H1's engine checks
@@ -183,13 +185,15 @@ class EngineServer:
         """Start the server on ``weights/v<version>`` (a complete published directory)."""
         model_dir = weights.version_dir(self.weights_root, version).resolve()  # the engine may resolve from elsewhere
         argv = engine_command(self.cfg, self.url, model_dir, version)
+        # The guard (its own group's leader) takes the engine's whole group down when we die
+        # (rlstream/engine_guard.py); stop() signals that group.
+        guarded = [sys.executable, "-I", str(GUARD), str(os.getpid()), "--", *argv]
         with self.log_path.open("ab") as out:
             out.write(f"\n[rlstream] starting {self.name} on v{version}: {' '.join(argv)}\n".encode())
             out.flush()
-            self.process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            self.process = subprocess.Popen(guarded, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                             env=_process_env(self.cfg), start_new_session=True,
-                                            # the server dies with us; its forks go with its group in stop()
-                                            preexec_fn=die_with_parent(signal.SIGKILL))
+                                            preexec_fn=die_with_parent(signal.SIGTERM))
         self.version, self.started_at, self.coming_up, self._next_probe = version, time.monotonic(), True, 0.0
         log.info("started %s (%s, pid %d) on v%d for %s; log %s", self.name, self.cfg.inference.backend,
                  self.process.pid, version, self.url, self.log_path)

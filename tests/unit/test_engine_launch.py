@@ -9,9 +9,11 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -158,13 +160,14 @@ def test_engine_started_watched_restarted_on_the_newest_weights_and_stopped_with
         assert first["env"] == {"VLLM_SERVER_DEV_MODE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}  # no Redis password
         assert server.log_path == run_dir / "logs" / "engine-0.log"
 
+        guard = server.process.pid  # up's child: rlstream/engine_guard.py, the engine's parent
         os.kill(first["pid"], signal.SIGKILL)  # the API server dies; its EngineCore-like helper would live on
         state = RunState()
         state.apply(WeightsPublished(version=3, uri="ignored", sha256="x", bytes=0))
 
         def restarted_and_up() -> bool:
             launcher._check_engine(server, state, http)
-            return server.process.pid != first["pid"] and not server.coming_up
+            return server.process.pid != guard and not server.coming_up
 
         wait_until(restarted_and_up, 60, "the engine to be restarted and healthy", interval=0.1)
         assert server.restarts == 1
@@ -217,6 +220,33 @@ def test_an_engine_that_never_answers_health_fails_within_start_timeout(standin)
     finally:
         server.stop(5)
     assert not server.group_alive()
+
+
+def test_the_engines_whole_group_dies_with_a_sigkilled_supervisor(standin):
+    """``up`` SIGKILLed: nothing of the engine may live on (vLLM's EngineCore did, before the guard)."""
+    cfg, records = standin
+    env = {**os.environ, **engine_launch._process_env(cfg)}
+    port = urlsplit(cfg.inference.base_urls[0]).port
+    supervisor = subprocess.Popen([sys.executable, "-c", f"""
+import os, signal, subprocess, sys, time
+from rlstream.core.lifeline import die_with_parent
+subprocess.Popen([sys.executable, "-I", {str(engine_launch.GUARD)!r}, str(os.getpid()), "--", sys.executable, "-m",
+                  "vllm.entrypoints.openai.api_server", "--port", "{port}"],
+                 start_new_session=True, preexec_fn=die_with_parent(signal.SIGTERM))
+time.sleep(600)
+"""], env=env)
+    try:
+        [record] = wait_until(lambda: starts(records), 60, "the stand-in engine to start")
+        assert alive(record["pid"]) and alive(record["helper"])
+        supervisor.kill()
+        supervisor.wait()
+        wait_until(lambda: not alive(record["pid"]) and not alive(record["helper"]), 30,
+                   "the engine and its helper to die with the supervisor", interval=0.1)
+    finally:
+        supervisor.kill()
+        for pid in [r[k] for r in starts(records) for k in ("pid", "helper")]:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
 
 
 class Exited:
