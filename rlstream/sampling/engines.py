@@ -26,6 +26,7 @@ as ``FOREIGN``, behind every version of this run, and reloaded before use, never
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,8 @@ VLLM_DEV_ROUTES = ("/collective_rpc", "/reset_prefix_cache")  # only with VLLM_S
 VLLM_ROUTES = ("/pause", "/resume", "/update_weight_version", "/weight_info")
 PROBE_TEMPERATURE = 0.25
 RESUME_ATTEMPTS = 3
+RESUME_TIMEOUT_S = 10.0  # each resume gets at least this, even past a reload's bound: a paused server hangs every request
+_clock = time.monotonic
 
 
 class InferenceError(RlstreamError):
@@ -116,12 +119,13 @@ class Engine:
 
     def reload(self, client: httpx.Client, root: str, directory: Path, version: int, *,
                timeout: float | None = None) -> None:
-        """One attempt at making the server serve ``directory`` as ``version``; raises
-        ``EngineError`` (the engine refused) or httpx's transport errors."""
+        """One attempt at making the server serve ``directory`` as ``version``, all of its HTTP
+        calls within ``timeout`` seconds; raises ``EngineError`` (the engine refused) or httpx's
+        transport errors."""
         if self.weight_sync_url is None:
             return
         _expect(client.post(self.weight_sync_url, json={"model_path": str(directory), "version": version},
-                            **_timeout(timeout)), f"weight sync to v{version}")
+                            **_Budget(timeout).left()), f"weight sync to v{version}")
 
     def version_url(self, root: str) -> str | None:
         return None
@@ -151,29 +155,30 @@ class VllmEngine(Engine):
                timeout: float | None = None) -> None:
         """Pause (waiting for requests in flight), reload from ``directory``, drop the prefix
         cache (its KV was computed with the old weights), label, and resume, also after a
-        failure: a paused server would hang every worker's requests."""
-        t = _timeout(timeout)
-        _expect(client.post(f"{root}/pause", params={"mode": "wait"}, **t), "pausing vLLM")
+        failure, the pause's own included: a client that gave up waiting for ``mode=wait``
+        leaves vLLM pausing anyway, and a paused server would hang every worker's requests.
+        Each call gets what is left of ``timeout``."""
+        budget = _Budget(timeout)
         failed = True
         try:
-            _expect(client.post(f"{root}/collective_rpc", json={"method": "reload_weights",
-                                                                 "kwargs": {"weights_path": str(directory)}}, **t),
-                    f"reloading v{version} from {directory}")
-            _expect(client.post(f"{root}/reset_prefix_cache", **t), "resetting vLLM's prefix cache")
-            _expect(client.post(f"{root}/update_weight_version", json={"new_version": self.label(version)}, **t),
-                    "labelling the weights")
+            _expect(client.post(f"{root}/pause", params={"mode": "wait"}, **budget.left()), "pausing vLLM")
+            _expect(client.post(f"{root}/collective_rpc", json={"method": "reload_weights", "kwargs": {
+                "weights_path": str(directory)}}, **budget.left()), f"reloading v{version} from {directory}")
+            _expect(client.post(f"{root}/reset_prefix_cache", **budget.left()), "resetting vLLM's prefix cache")
+            _expect(client.post(f"{root}/update_weight_version", json={"new_version": self.label(version)},
+                                **budget.left()), "labelling the weights")
             failed = False
         finally:
-            self._resume(client, root, t, quiet=failed)  # the reload's own error matters more
+            self._resume(client, root, budget, quiet=failed)  # the reload's own error matters more
 
     @staticmethod
-    def _resume(client: httpx.Client, root: str, t: dict[str, Any], quiet: bool) -> None:
+    def _resume(client: httpx.Client, root: str, budget: _Budget, quiet: bool) -> None:
         """POST /resume, retried: after a failed call vLLM may close the connection, and the
         first resume sent on it is reset (measured on vLLM 0.32)."""
         problem: Exception | None = None
         for _ in range(RESUME_ATTEMPTS):
             try:
-                _expect(client.post(f"{root}/resume", **t), "resuming vLLM")
+                _expect(client.post(f"{root}/resume", **budget.left(at_least=RESUME_TIMEOUT_S)), "resuming vLLM")
                 return
             except (httpx.TransportError, EngineError) as exc:
                 problem = exc
@@ -210,7 +215,7 @@ class SglangEngine(Engine):
         """SGLang waits for the requests in flight and flushes its cache itself (flush_cache's default)."""
         _expect(client.post(f"{root}/update_weights_from_disk",
                             json={"model_path": str(directory), "weight_version": self.label(version)},
-                            **_timeout(timeout)), f"reloading v{version} from {directory}")
+                            **_Budget(timeout).left()), f"reloading v{version} from {directory}")
 
     def version_url(self, root: str) -> str:
         return f"{root}/model_info"
@@ -234,8 +239,19 @@ def engine_for(backend: str, *, weight_sync_url: str | None = None, namespace: s
     return ENGINES[backend](weight_sync_url=weight_sync_url, namespace=namespace)
 
 
-def _timeout(timeout: float | None) -> dict[str, Any]:
-    return {} if timeout is None else {"timeout": timeout}
+class _Budget:
+    """What is left of one reload attempt's ``timeout`` (None: the client's own), as the
+    keyword arguments of its next HTTP call."""
+
+    MIN_CALL_S = 1.0  # a call past the bound still gets this much: it fails as a timeout, not at once
+
+    def __init__(self, timeout: float | None):
+        self.deadline = None if timeout is None else _clock() + timeout
+
+    def left(self, at_least: float = MIN_CALL_S) -> dict[str, Any]:
+        if self.deadline is None:
+            return {}
+        return {"timeout": max(at_least, self.deadline - _clock())}
 
 
 def healthy(client: httpx.Client, root: str) -> bool:

@@ -68,6 +68,9 @@ log = logging.getLogger(__name__)
 BACKOFF_BASE_S, BACKOFF_CAP_S = 0.5, 8.0
 RELOAD_BACKOFF_S = (1.0, 15.0)  # between refused reloads (base, cap), within inference.weight_sync_timeout
 PROBE_TIMEOUT_S = 5.0  # health probes and version reads: a server that takes longer is not answering
+# How long a sync lock's holder may hold it past weight_sync_timeout: the version read before the
+# reload (PROBE_TIMEOUT_S) and the resumes after a reload that used up its bound (engines.RESUME_*).
+SYNC_LOCK_MARGIN_S = 60.0
 RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 OVERLOAD_STATUS = frozenset({429, 503})  # the server asks for less: the concurrency window shrinks at once
 # The server did not answer at all (down, restarting): fail over, do not count a failed attempt.
@@ -132,16 +135,19 @@ def no_lock(url: str) -> ContextManager[None]:
 
 def redis_sync_lock(r: Any, run_id: str, timeout: float) -> Callable[[str], ContextManager[None]]:
     """``sync_lock`` for workers: one Redis lock per run and server (``keys.engine_sync_lock``),
-    held while a worker reads a server's version and reloads it. It expires after ``timeout``
-    (a holder that crashed mid-reload frees it); a waiter waits up to twice that, so it outlasts
-    a crashed holder's lock and then reloads itself."""
+    held while a worker reads a server's version and reloads it (``timeout``: the reload's
+    bound, ``inference.weight_sync_timeout``). It expires ``SYNC_LOCK_MARGIN_S`` after that, when
+    no live holder can still be reloading (a holder that crashed mid-reload frees it); a waiter
+    waits up to twice that, so it outlasts a crashed holder's lock and then reloads itself."""
     import redis
+
+    ttl = timeout + SYNC_LOCK_MARGIN_S
 
     @contextlib.contextmanager
     def hold(url: str):
-        lock = r.lock(keys.engine_sync_lock(run_id, url), timeout=timeout, blocking_timeout=2 * timeout)
+        lock = r.lock(keys.engine_sync_lock(run_id, url), timeout=ttl, blocking_timeout=2 * ttl)
         if not lock.acquire():
-            raise InferenceError(f"the weight-sync lock of {url} stayed taken for {2 * timeout:.0f}s: another "
+            raise InferenceError(f"the weight-sync lock of {url} stayed taken for {2 * ttl:.0f}s: another "
                                  "worker's reload hangs; check that server (inference.weight_sync_timeout bounds one "
                                  "reload)")
         try:
@@ -151,7 +157,7 @@ def redis_sync_lock(r: Any, run_id: str, timeout: float) -> Callable[[str], Cont
                 lock.release()
             except redis.exceptions.LockError:  # it expired: the reload outlasted the bound it was given
                 log.warning("the weight-sync lock of %s expired before its reload ended (inference.weight_sync_timeout"
-                            " %.0fs)", url, timeout)
+                            " %.0fs + %.0fs)", url, timeout, SYNC_LOCK_MARGIN_S)
 
     return hold
 

@@ -150,3 +150,23 @@ def test_sync_lock_key_hashes_the_server_url():
     key = engine_sync_lock("run", "http://10.0.0.1:8000/v1")
     assert key.startswith("rl:run:engine_sync:") and "10.0.0.1" not in key
     assert key != engine_sync_lock("run", "http://10.0.0.2:8000/v1")
+
+
+def test_each_call_of_a_reload_gets_only_what_is_left_of_its_bound(monkeypatch):
+    """``timeout`` bounds the whole attempt, not each of vLLM's five calls (which could
+    otherwise take five times the bound, past the sync lock's expiry)."""
+    import rlstream.sampling.engines as engines
+
+    now = [1000.0]
+    monkeypatch.setattr(engines, "_clock", lambda: now[0])
+    vllm, given = FakeVllm(), {}
+
+    def handler(request):
+        given[request.url.path] = request.extensions["timeout"]["read"]
+        if request.url.path == "/collective_rpc":
+            now[0] += 30.0  # a slow load
+        return vllm(request)
+
+    engine_for("vllm").reload(client(handler), ROOT, DIR, 3, timeout=60.0)
+    assert given["/pause"] == given["/collective_rpc"] == 60.0
+    assert given["/reset_prefix_cache"] == given["/update_weight_version"] == given["/resume"] == 30.0

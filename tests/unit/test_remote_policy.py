@@ -423,3 +423,40 @@ def test_an_openai_server_that_stopped_answering_is_tried_again_after_the_backof
 
     out = asyncio.run(make_policy(handler, max_retries=0).complete(PROMPT, 1, max_tokens=1, temperature=1.0))
     assert out[0].output_tokens == [1] and calls == ["/v1/completions"] * 4  # no failed attempt counted
+
+
+def test_a_pause_that_times_out_is_still_resumed(quick_reload_retries):
+    """vLLM's pause?mode=wait waits for the requests in flight: a client that gives up on it
+    leaves vLLM pausing anyway, so a resume must follow, or every worker's requests hang."""
+    vllm = FakeVllm()
+
+    def handler(request):
+        if request.url.path == "/pause":
+            vllm(request)  # it pauses once its requests in flight end, after the client gave up
+            raise httpx.ReadTimeout("timed out", request=request)
+        return vllm(request)
+
+    policy = engine_policy(handler, weight_sync_timeout=0.2)
+    with pytest.raises(InferenceError, match="did not load v1"):
+        policy.load(published(1))
+    assert not vllm.paused
+
+
+def test_the_sync_lock_outlasts_the_longest_hold(r):
+    """The holder reads the version, then reloads within weight_sync_timeout and resumes: a
+    lock that expired at weight_sync_timeout would let a second worker reload the same server
+    (and resume it in the middle of the first one's reload)."""
+    from rlstream.core import keys
+
+    vllm = FakeVllm()
+    ttls = []
+
+    def handler(request):
+        if request.url.path == "/collective_rpc":
+            ttls.append(r.pttl(keys.engine_sync_lock("run", "http://a.test/v1")) / 1000)
+        return vllm(request)
+
+    bound = 30.0
+    lock = remote_policy.redis_sync_lock(r, "run", timeout=bound)
+    engine_policy(handler, sync_lock=lock, weight_sync_timeout=bound).load(published(1))
+    assert ttls and min(ttls) > bound + remote_policy.PROBE_TIMEOUT_S
