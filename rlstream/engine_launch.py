@@ -31,7 +31,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ContextManager
 from urllib.parse import urlsplit
 
 import httpx
@@ -41,7 +41,8 @@ from rlstream.core.config import ENGINES, MAX_SEQ_LEN_LIMIT, Config
 from rlstream.core.credentials import PASSWORD_ENV
 from rlstream.core.errors import ConfigError, RunFailed
 from rlstream.core.lifeline import die_with_parent
-from rlstream.sampling.engines import EngineRefused, check_server, engine_for, healthy, server_root
+from rlstream.sampling.engines import EngineRefused, InferenceError, check_server, engine_for, healthy, server_root
+from rlstream.sampling.remote import SyncLockBusy, no_lock
 
 log = logging.getLogger(__name__)
 MODULES = {"vllm": "vllm.entrypoints.openai.api_server", "sglang": "sglang.launch_server"}
@@ -140,10 +141,14 @@ def validate(cfg: Config) -> None:
 
 class EngineServer:
     """One launched server: its process (the leader of a process group), its log, its restarts.
-    ``launcher.up`` decides when to start and restart it; this class knows how."""
+    ``launcher.up`` decides when to start and restart it; this class knows how. ``sync_lock``:
+    the workers' lock of a server's version (``remote.redis_sync_lock`` with ``wait=0``), taken
+    to label a restarted server."""
 
-    def __init__(self, cfg: Config, index: int, url: str, logs: Path):
+    def __init__(self, cfg: Config, index: int, url: str, logs: Path,
+                 sync_lock: Callable[[str], ContextManager[None]] = no_lock):
         self.cfg, self.url, self.root = cfg, url, server_root(url)
+        self.sync_lock = sync_lock
         self.name = f"engine-{index}"
         self.log_path = logs / f"{self.name}.log"
         self.weights_root = cfg.run_dir() / "weights"
@@ -190,15 +195,26 @@ class EngineServer:
 
     def _announce_version(self, client: httpx.Client) -> None:
         """A vLLM restarted on v<N> says "default" (= v0) until told: tell it, so workers need not
-        reload what it already serves (sglang got --weight-version). Best effort: a worker that
-        reads v0 reloads v<N>, which is only slower."""
+        reload what it already serves (sglang got --weight-version). Under the workers' sync lock,
+        and only while it still says "default": a worker that found it first may have reloaded
+        another version (its own, older than N), and a label of N on those weights would have
+        workers adopt it and stamp their samples N. Best effort: a worker that reads v0 reloads
+        v<N>, which is only slower."""
         if self.cfg.inference.backend != "vllm" or self.version == 0:
             return
+        engine = engine_for("vllm", namespace=self.cfg.run_id or "")
         try:
-            label = version_label(self.cfg, self.version)
-            answer = client.post(f"{self.root}/update_weight_version", json={"new_version": label})
-            answer.raise_for_status()
-        except httpx.HTTPError as exc:
+            with self.sync_lock(self.url):
+                if not engine.serves_base(client, self.root):
+                    log.info("%s: a worker reloaded it before it was labelled v%d; its label stands", self.name,
+                             self.version)
+                    return
+                answer = client.post(f"{self.root}/update_weight_version", json={"new_version": engine.label(
+                    self.version)})
+                answer.raise_for_status()
+        except SyncLockBusy:
+            log.info("%s: a worker is reloading it; that worker labels it", self.name)
+        except (httpx.HTTPError, InferenceError) as exc:
             log.warning("%s: could not record v%d as its weight version (%s); workers will reload it", self.name,
                         self.version, exc)
 

@@ -50,6 +50,7 @@ from rlstream.engine_launch import EngineServer
 from rlstream.forked import fork_role
 from rlstream.ops.progress import Progress
 from rlstream.preflight import preflight
+from rlstream.sampling.remote import redis_sync_lock
 
 log = logging.getLogger(__name__)
 SHUTDOWN_GRACE_S = 30.0
@@ -316,7 +317,9 @@ def _launch_engines(watch: Watch, logs: Path, launched: list[EngineServer]) -> N
                             f"there is nothing to start {cfg.inference.backend} on: see {logs / 'trainer.log'}")
         watch.step()
     version = watch.state.latest_weights.version
-    servers = [EngineServer(cfg, i, url, logs) for i, url in enumerate(cfg.inference.base_urls)]
+    # the workers' sync lock, never waited for: a worker holding it labels the server itself
+    lock = redis_sync_lock(watch.r, cfg.run_id, cfg.inference.weight_sync_timeout, wait=0)
+    servers = [EngineServer(cfg, i, url, logs, sync_lock=lock) for i, url in enumerate(cfg.inference.base_urls)]
     launched.extend(servers)  # stopped with the run from now on, whatever happens next
     for s in servers:
         s.start(version)

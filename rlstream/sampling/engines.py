@@ -42,7 +42,7 @@ VLLM_DEV_ROUTES = ("/collective_rpc", "/reset_prefix_cache")  # only with VLLM_S
 VLLM_ROUTES = ("/pause", "/resume", "/update_weight_version", "/weight_info")
 PROBE_TEMPERATURE = 0.25
 RESUME_ATTEMPTS = 3
-RESUME_TIMEOUT_S = 10.0  # each resume gets at least this, even past a reload's bound: a paused server hangs every request
+RESUME_TIMEOUT_S = 10.0  # each resume gets at least this, past a reload's bound too: paused, vLLM hangs every request
 _clock = time.monotonic
 
 
@@ -137,6 +137,15 @@ class Engine:
         """The version the server serves (``FOREIGN`` for another run's), None when it cannot say."""
         url = self.version_url(root)
         return None if url is None else self.read_version(_expect(client.get(url), "reading the served version"))
+
+    def serves_base(self, client: httpx.Client, root: str) -> bool:
+        """Whether the server still carries the label of a start (never reloaded, never labelled):
+        not the same as ``served_version`` 0, which a reload of v0 also reports."""
+        url = self.version_url(root)
+        if url is None:
+            return False
+        label = _expect(client.get(url), "reading the served version").json().get("weight_version")
+        return ("" if label is None else str(label).strip()).lower() in BASE_LABELS
 
     async def aserved_version(self, client: httpx.AsyncClient, root: str) -> int | None:
         url = self.version_url(root)

@@ -77,8 +77,8 @@ OVERLOAD_STATUS = frozenset({429, 503})  # the server asks for less: the concurr
 DOWN_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError,
                httpx.WriteError)
 PROBE_PROMPT = [0, 1, 2]  # token ids every vocabulary has: the logprobs probe's prompt
-__all__ = ["InferenceError", "RemotePolicy", "RemoteSampler", "completion_request", "parse_completions",
-           "redis_sync_lock"]
+__all__ = ["InferenceError", "RemotePolicy", "RemoteSampler", "SyncLockBusy", "completion_request",
+           "parse_completions", "redis_sync_lock"]
 
 
 def _headers(cfg: InferenceConfig) -> dict[str, str]:
@@ -133,20 +133,29 @@ def no_lock(url: str) -> ContextManager[None]:
     return contextlib.nullcontext()
 
 
-def redis_sync_lock(r: Any, run_id: str, timeout: float) -> Callable[[str], ContextManager[None]]:
+class SyncLockBusy(InferenceError):
+    """Another process holds a server's sync lock (raised only to a caller that would not wait)."""
+
+
+def redis_sync_lock(r: Any, run_id: str, timeout: float,
+                    wait: float | None = None) -> Callable[[str], ContextManager[None]]:
     """``sync_lock`` for workers: one Redis lock per run and server (``keys.engine_sync_lock``),
     held while a worker reads a server's version and reloads it (``timeout``: the reload's
     bound, ``inference.weight_sync_timeout``). It expires ``SYNC_LOCK_MARGIN_S`` after that, when
     no live holder can still be reloading (a holder that crashed mid-reload frees it); a waiter
-    waits up to twice that, so it outlasts a crashed holder's lock and then reloads itself."""
+    waits up to twice that, so it outlasts a crashed holder's lock and then reloads itself.
+    ``wait``: seconds to wait instead (0: one try), then ``SyncLockBusy``."""
     import redis
 
     ttl = timeout + SYNC_LOCK_MARGIN_S
 
     @contextlib.contextmanager
     def hold(url: str):
-        lock = r.lock(keys.engine_sync_lock(run_id, url), timeout=ttl, blocking_timeout=2 * ttl)
+        lock = r.lock(keys.engine_sync_lock(run_id, url), timeout=ttl,
+                      blocking_timeout=2 * ttl if wait is None else wait)
         if not lock.acquire():
+            if wait is not None:
+                raise SyncLockBusy(f"the weight-sync lock of {url} is held")
             raise InferenceError(f"the weight-sync lock of {url} stayed taken for {2 * ttl:.0f}s: another "
                                  "worker's reload hangs; check that server (inference.weight_sync_timeout bounds one "
                                  "reload)")

@@ -324,3 +324,36 @@ def test_up_starts_the_engine_on_the_published_v0_and_stops_it_when_the_check_re
     assert (v0 / "manifest.json").stat().st_mtime_ns <= (records / f"{record['pid']}.json").stat().st_mtime_ns
     assert not alive(record["pid"]) and not alive(record["helper"])
     assert sorted(p.name for p in (run_dir / "logs").glob("*.log")) == ["engine-0.log", "trainer.log"]
+
+
+def test_a_restarted_vllm_is_labelled_only_while_no_worker_reloaded_it(tmp_path, r):
+    """up restarted vLLM on v5 and tells it so once it answers /health; a worker still at v3
+    that found it first (label "default") reloaded its v3 and labelled it. Announcing v5 then
+    would make workers at v5 adopt it and stamp v3 samples v5."""
+    from engine_standins import FakeVllm
+
+    from rlstream.core import keys
+    from rlstream.sampling.remote import redis_sync_lock
+
+    cfg = config(tmp_path)
+    url = cfg.inference.base_urls[0]
+    held = []
+
+    def restarted(vllm):
+        def handler(request):
+            if request.url.path == "/weight_info":
+                held.append(r.exists(keys.engine_sync_lock("eng", url)))
+            return vllm(request)
+
+        server = EngineServer(cfg, 0, url, tmp_path, sync_lock=redis_sync_lock(r, "eng", 30.0))
+        server.version, server.coming_up = 5, True  # started on weights/v5
+        with httpx.Client(transport=httpx.MockTransport(handler)) as http:
+            assert server.probe(http)
+
+    reloaded_first = FakeVllm()
+    reloaded_first.weights, reloaded_first.label = "v3", "eng:3"
+    restarted(reloaded_first)
+    assert reloaded_first.label == "eng:3"
+    untouched = FakeVllm()
+    restarted(untouched)
+    assert untouched.label == "eng:5" and held == [1, 1]  # read and labelled under the workers' sync lock
