@@ -147,9 +147,6 @@ class Engine:
         label = _expect(client.get(url), "reading the served version").json().get("weight_version")
         return ("" if label is None else str(label).strip()).lower() in BASE_LABELS
 
-    async def aserved_version(self, client: httpx.AsyncClient, root: str) -> int | None:
-        url = self.version_url(root)
-        return None if url is None else self.read_version(_expect(await client.get(url), "reading the served version"))
 
     def missing_routes(self, paths: set[str]) -> str | None:
         """Why a server with these routes cannot be synced, with the fix; None when it can."""

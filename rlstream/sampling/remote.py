@@ -303,13 +303,23 @@ class RemotePolicy:
             await asyncio.shield(entry[1])
 
     async def _served_after(self, server: Server) -> int:
-        """The version ``server`` reports in a read begun after this call: concurrent draws
-        share one read (one GET per round trip, not per completion)."""
-        loop, asked = asyncio.get_running_loop(), time.monotonic()
+        """The version ``server`` reports in a read begun after this call. The read starts at
+        the loop's next pass, so the draws whose answers came in this pass share it (one GET
+        per round of answers, not per completion). It runs in the executor, not as a task: a
+        task would belong to the job of the draw that started it and be cancelled with it
+        (workers/sampling_loop.py), under the other jobs' draws awaiting it."""
+        loop = asyncio.get_running_loop()
         entry = server.shared.get("version")
-        if entry is None or entry[0] is not loop or entry[1] < asked:
-            read = loop.create_task(self.engine.aserved_version(server.client(), server.root))
-            entry = server.shared["version"] = (loop, time.monotonic(), read)
+        if entry is None or entry[0] is not loop or entry[1]:
+            result: asyncio.Future = loop.create_future()
+            entry = server.shared["version"] = [loop, False, result]
+
+            def start(entry: list = entry) -> None:
+                entry[1] = True  # begun: a later caller needs a read of its own
+                read = loop.run_in_executor(None, self.engine.served_version, self._sync, server.root)
+                read.add_done_callback(lambda done: _settle(result, done))
+
+            loop.call_soon(start)
         return await asyncio.shield(entry[2])
 
     async def _stamp(self, server: Server, before: int) -> int:
@@ -402,6 +412,18 @@ class RemotePolicy:
         """Close the blocking clients (the async ones belong to the loop that used them)."""
         self._sync.close()
         self._probe.close()
+
+
+def _settle(target: asyncio.Future, source: asyncio.Future) -> None:
+    """Give ``target`` the outcome of ``source`` (both of one loop)."""
+    if target.done():
+        return
+    if source.cancelled():
+        target.cancel()
+    elif source.exception() is not None:
+        target.set_exception(source.exception())
+    else:
+        target.set_result(source.result())
 
 
 def _server_signal(result: httpx.Response | httpx.TransportError, latency_s: float) -> tuple[float | None, bool]:

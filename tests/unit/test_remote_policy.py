@@ -460,3 +460,16 @@ def test_the_sync_lock_outlasts_the_longest_hold(r):
     lock = remote_policy.redis_sync_lock(r, "run", timeout=bound)
     engine_policy(handler, sync_lock=lock, weight_sync_timeout=bound).load(published(1))
     assert ttls and min(ttls) > bound + remote_policy.PROBE_TIMEOUT_S
+
+
+def test_draws_answered_together_share_one_version_read():
+    """One GET of the served version per round of answers, not one per completion."""
+    vllm = FakeVllm()
+    policy = engine_policy(vllm)
+
+    async def many():
+        await asyncio.gather(*(policy.complete(PROMPT, 1, max_tokens=1, temperature=1.0) for _ in range(16)))
+
+    asyncio.run(many())
+    reads = sum(1 for _, p in vllm.calls if p == "/weight_info")
+    assert len(vllm.completions) == 16 and reads < 8
