@@ -268,6 +268,18 @@ def healthy(client: httpx.Client, root: str) -> bool:
         return False
 
 
+def _json(response: httpx.Response, root: str) -> dict[str, Any]:
+    """A check's answer as a JSON object, or a refusal saying what answered instead."""
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        raise EngineRefused(f"{response.request.url} answered something that is not a JSON object "
+                            f"({response.text[:200]!r}): is {root} a vllm or sglang server (inference.base_url)?")
+    return body
+
+
 def check_server(client: httpx.Client, root: str, *, backend: str, model_name: str, max_seq_len: int) -> None:
     """Refuse (``EngineRefused``, naming the reason and the flag to change) a vllm or sglang
     server that cannot be synced, serves another model than ``model_name``, or holds fewer
@@ -282,7 +294,7 @@ def check_server(client: httpx.Client, root: str, *, backend: str, model_name: s
         raise EngineRefused(f"the {backend} server at {root} did not answer ({type(exc).__name__}: {exc}): is it up? "
                             "is inference.base_url right?") from None
     if routes.status_code == 200:  # a server that hides its route list is judged by its first reload
-        problem = engine.missing_routes(set((routes.json().get("paths") or {}).keys()))
+        problem = engine.missing_routes(set((_json(routes, root).get("paths") or {}).keys()))
         if problem:
             raise EngineRefused(f"{root}: {problem}")
     else:
@@ -291,7 +303,7 @@ def check_server(client: httpx.Client, root: str, *, backend: str, model_name: s
     if not models.is_success:
         raise EngineRefused(f"{root}/v1/models answered HTTP {models.status_code}: {_message(models)}; is "
                             f"inference.base_url the {backend} server's /v1?")
-    served = [m for m in models.json().get("data") or [] if isinstance(m, dict)]
+    served = [m for m in _json(models, root).get("data") or [] if isinstance(m, dict)]
     names = [str(m.get("id")) for m in served]
     if model_name not in names:
         raise EngineRefused(f"{root} serves {', '.join(names) or 'no model'}, not {model_name!r}: start it with "

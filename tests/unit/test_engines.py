@@ -170,3 +170,11 @@ def test_each_call_of_a_reload_gets_only_what_is_left_of_its_bound(monkeypatch):
     engine_for("vllm").reload(client(handler), ROOT, DIR, 3, timeout=60.0)
     assert given["/pause"] == given["/collective_rpc"] == 60.0
     assert given["/reset_prefix_cache"] == given["/update_weight_version"] == given["/resume"] == 30.0
+
+
+def test_check_server_refuses_an_answer_that_is_not_json_naming_the_url():
+    def proxy_page(request):  # e.g. a web server or proxy in front of the wrong port
+        return httpx.Response(200, text="<html>it works</html>")
+
+    with pytest.raises(EngineRefused, match=r"openapi.json answered something that is not a JSON object.*base_url"):
+        check_server(client(proxy_page), ROOT, backend="vllm", model_name="m", max_seq_len=128)
