@@ -19,7 +19,7 @@ from rq.registry import FailedJobRegistry, StartedJobRegistry
 from rlstream.core import bus, keys
 from rlstream.core.config import Config
 from rlstream.core.fold_snapshot import start_fold
-from rlstream.core.jobs import JOB_FUNC, delete_job, job_places, job_queue
+from rlstream.core.jobs import JOB_FUNC, JOB_RETRIES, delete_job, job_places, job_queue
 from rlstream.core.memory_guard import AdmissionGuard
 from rlstream.core.messages import DatasetExhausted, GroupAdmitted, GroupJob, GroupRejected, group_id_for
 from rlstream.core.run_state import RunState
@@ -48,7 +48,7 @@ def job_data(cfg: Config, admitted: GroupAdmitted, row: dict[str, Any]) -> Any:
     return Queue.prepare_data(JOB_FUNC, args=(job.model_dump(mode="json"),),
                               job_id=keys.job_id(cfg.run_id, admitted.group_id),
                               timeout=cfg.job_timeout, result_ttl=0, failure_ttl=7 * 86400,
-                              retry=Retry(max=2))  # no interval: a scheduled retry would need an rq scheduler
+                              retry=Retry(max=JOB_RETRIES))
 
 
 def admit(r: redis.Redis, queue: Queue, cfg: Config, epoch: int, row_index: int,

@@ -40,6 +40,7 @@ from rlstream.core import weights
 from rlstream.core.config import ENGINES, MAX_SEQ_LEN_LIMIT, Config
 from rlstream.core.credentials import PASSWORD_ENV
 from rlstream.core.errors import ConfigError, RunFailed
+from rlstream.core.jobs import JOB_RETRIES
 from rlstream.core.lifeline import die_with_parent
 from rlstream.sampling.engines import EngineRefused, InferenceError, check_server, engine_for, healthy, server_root
 from rlstream.sampling.remote import SyncLockBusy, no_lock
@@ -286,6 +287,20 @@ def wait_until_up(servers: list[EngineServer], client: httpx.Client, tick: Calla
                                 f"within inference.start_timeout = {s.cfg.inference.start_timeout:.0f}s; raise it if "
                                 f"the model is slow to load; last lines of {s.log_path}:\n{s.tail()}")
         tick()
+    warn_if_restart_outlasts_jobs(servers)
+
+
+def warn_if_restart_outlasts_jobs(servers: list[EngineServer]) -> None:
+    """A restarted engine takes about as long as its first start; a rollout job waiting for it
+    meanwhile times out after job_timeout and rq re-runs it JOB_RETRIES times, so a start longer
+    than that window costs groups (rejected by the producer as failed jobs). Say so, with the number."""
+    took = max(time.monotonic() - s.started_at for s in servers)
+    cfg = servers[0].cfg
+    window = cfg.job_timeout * (1 + JOB_RETRIES)
+    if took > window / 2:
+        log.warning("the inference server took %.0fs to start; a restart would take about as long, and rollout jobs "
+                    "give up after job_timeout x %d = %ds: raise job_timeout to at least %d so a restart loses no "
+                    "group", took, 1 + JOB_RETRIES, window, int(took * 2 / (1 + JOB_RETRIES)) + 1)
 
 
 def check_servers(cfg: Config, client: httpx.Client) -> None:

