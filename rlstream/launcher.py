@@ -8,7 +8,10 @@ the RunStarted event hold the Redis URL without its password, which children get
 their environment (``RLSTREAM_REDIS_PASSWORD``), never on a command line or in a file.
 Supervision: a crashed child (or the embedded redis-server) is restarted with backoff, at
 most ``MAX_RESTARTS`` times (``RLSTREAM_MAX_RESTARTS`` overrides it, e.g. for chaos tests);
-every restart is logged. The children and redis-server die with us, even when we are
+every restart is logged. With ``inference.launch`` the inference servers are children too
+(``rlstream.engine_launch``): started once the trainer has published v0, on the newest
+published weights, before the producer and workers; restarted under the same budget and
+stopped, process group and all, after the workers. The children and redis-server die with us, even when we are
 SIGKILLed (``core.lifeline``). Exit
 code: 0 when the trainer finished the run, 1 when a child kept failing (its last log lines
 are printed) or the run failed (e.g. the rollout circuit breaker), 130 on Ctrl-C.
@@ -25,9 +28,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 import redis
 
-from rlstream.core import bus, keys
+import rlstream.engine_launch as engine_launch
+from rlstream.core import bus, keys, weights
 from rlstream.core.config import Config, env_override_names, new_run_id
 from rlstream.core.connection import client, connect
 from rlstream.core.cookbook_config import ignored_settings
@@ -41,9 +46,11 @@ from rlstream.core.memory_guard import embedded_maxmemory_mb
 from rlstream.core.messages import RunStarted
 from rlstream.core.metrics import read_metrics, summary_line
 from rlstream.core.run_state import RunState
+from rlstream.engine_launch import EngineServer
 from rlstream.forked import fork_role
 from rlstream.ops.progress import Progress
 from rlstream.preflight import preflight
+from rlstream.sampling.remote import redis_sync_lock
 
 log = logging.getLogger(__name__)
 SHUTDOWN_GRACE_S = 30.0
@@ -132,6 +139,8 @@ def _stop(children: list[Child], grace: float) -> None:
 def up(cfg: Config) -> int:
     max_restarts()  # a bad RLSTREAM_MAX_RESTARTS fails now, not at the first crash
     preflight(cfg)
+    if cfg.inference.launch:
+        engine_launch.validate(cfg)  # a bad URL or a repeated flag fails now, before anything starts
     if ignored := ignored_settings(cfg):  # once per run, here: children load the same config again
         log.warning("ignored (only a hosted service can honour them): %s", "; ".join(ignored))
     cfg = cfg.model_copy(update={"run_id": cfg.run_id or new_run_id()})
@@ -140,11 +149,15 @@ def up(cfg: Config) -> int:
     embedded = EmbeddedRedis(run_dir / "redis", embedded_maxmemory_mb(cfg.redis.maxmemory_mb)) \
         if cfg.redis.url is None else None
     children: list[Child] = []
+    engines: list[EngineServer] = []
+    http = httpx.Client(timeout=engine_launch.HEALTH_TIMEOUT)  # health probes and checks of the inference servers
     # `kill <pid of up>` must stop the children too: they run in their own sessions, so
     # nothing else would reach them, and a SIGTERM would otherwise skip every `finally`.
     previous_handler = signal.signal(signal.SIGTERM, raise_interrupt)
     grace = 5.0  # for children still running when something unexpected escapes
     try:
+        if cfg.inference.remote and not cfg.inference.launch:  # someone else's servers: there, and right?
+            engine_launch.check_external(cfg, http)
         if embedded:
             private_dir(run_dir)  # owner-only before the server writes its AOF and password in it
         url = embedded.start() if embedded else cfg.redis.url
@@ -163,11 +176,15 @@ def up(cfg: Config) -> int:
         if cfg.workers.count == 0:
             log.warning("workers.count = 0: nothing samples until you start `rlstream worker %s`", config_path)
         logs = run_dir / "logs"
+        watch = Watch(cfg, r, children, [], config_path, embedded, http)
         children.append(_spawn("trainer", "trainer", config_path, logs, password))
+        if cfg.inference.launch:  # the engines serve the trainer's first published weights
+            _launch_engines(watch, logs, engines)
         children.append(_spawn("producer", "producer", config_path, logs, password))
         children += [_spawn(f"worker-{i}", "worker", config_path, logs, password) for i in range(cfg.workers.count)]
-        _supervise(cfg, r, children, Progress(cfg, sys.stdout), config_path, embedded)
+        _supervise(watch, Progress(cfg, sys.stdout))
         _stop(children, SHUTDOWN_GRACE_S)  # before the summary: metrics.jsonl is complete then
+        _stop_engines(engines, SHUTDOWN_GRACE_S)
         print(summary_line(read_metrics(run_dir / "metrics.jsonl"), time.monotonic() - started), flush=True)
         return 0
     except RunFailed as exc:
@@ -183,6 +200,8 @@ def up(cfg: Config) -> int:
         interrupt_handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         _stop(children, grace)  # no-op for children already stopped
+        _stop_engines(engines, grace)  # after the workers: nothing is sampling any more
+        http.close()
         if embedded is not None:
             embedded.stop()
         signal.signal(signal.SIGINT, interrupt_handler)
@@ -233,27 +252,117 @@ def _check_redis(embedded: EmbeddedRedis | None, restarts: list[int]) -> None:
         log.warning("embedded redis-server restart failed: %s", exc)
 
 
-def _supervise(cfg: Config, r, children: list[Child], progress: Progress, config_path: Path,
-               embedded: EmbeddedRedis | None) -> RunState:
-    """Follow events for the display, keep children and Redis alive; return when the
+class Watch:
+    """What the supervisor follows: the events (its fold), the children, the engines, Redis.
+    ``step`` is one pass, shared by the wait for the engines and the run's main loop."""
+
+    def __init__(self, cfg: Config, r, children: list[Child], engines: list[EngineServer], config_path: Path,
+                 embedded: EmbeddedRedis | None, http: httpx.Client):
+        self.cfg, self.r, self.children, self.engines = cfg, r, children, engines
+        self.config_path, self.embedded, self.http = config_path, embedded, http
+        # docs/design.md §15.47 Processes start from the checkpoint's fold (a continued run's history)
+        self.state, self.cursor = start_fold(cfg.run_dir(), r, cfg.run_id)
+        self.redis_restarts = [0]
+
+    def step(self, progress: Progress | None = None) -> None:
+        """Follow events (blocking at most 0.5 s), keep children, engines and Redis alive; raise
+        ``RunFailed`` when the run cannot go on."""
+        _check_redis(self.embedded, self.redis_restarts)
+        try:
+            entries, self.cursor = bus.read_events(self.r, self.cfg.run_id, self.cursor, block_ms=500)
+            for _, msg in entries:
+                self.state.apply(msg)
+            if progress is not None:
+                progress.update(self.state, self.r)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            log.warning("lost Redis while following events (%s)", exc)
+            time.sleep(0.2)
+        for c in self.children:
+            _check_child(c, self.state, self.config_path)
+        for e in self.engines:
+            _check_engine(e, self.state, self.http)
+        if self.state.finished is not None and self.state.finished.failed:
+            raise RunFailed(f"run failed: {self.state.finished.reason}")
+
+
+def _supervise(watch: Watch, progress: Progress) -> RunState:
+    """Follow events for the display, keep children, engines and Redis alive; return when the
     trainer has finished the run (raise ``RunFailed`` when the run cannot go on)."""
-    # docs/design.md §15.47 Processes start from the checkpoint's fold (a continued run's history)
-    (state, cursor), redis_restarts = start_fold(cfg.run_dir(), r, cfg.run_id), [0]
-    trainer = next(c for c in children if c.role == "trainer")
+    trainer = next(c for c in watch.children if c.role == "trainer")
     with progress:
         while True:
-            _check_redis(embedded, redis_restarts)
-            try:
-                entries, cursor = bus.read_events(r, cfg.run_id, cursor, block_ms=500)
-                for _, msg in entries:
-                    state.apply(msg)
-                progress.update(state, r)
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
-                log.warning("lost Redis while following events (%s)", exc)
-                time.sleep(0.2)
-            for c in children:
-                _check_child(c, state, config_path)
-            if state.finished is not None and state.finished.failed:
-                raise RunFailed(f"run failed: {state.finished.reason}")
-            if state.finished is not None and trainer.process.poll() is not None:
-                return state
+            watch.step(progress)
+            if watch.state.finished is not None and trainer.process.poll() is not None:
+                return watch.state
+
+
+def _newest_published(watch: Watch) -> int:
+    published = watch.state.latest_weights
+    return engine_launch.newest_complete(watch.cfg.run_dir() / "weights", published.version if published else 0)
+
+
+def _launch_engines(watch: Watch, logs: Path, launched: list[EngineServer]) -> None:
+    """Start one server per base_url on the trainer's newest published weights (v0 on a new
+    run), wait for their health and check them, all bounded by ``inference.start_timeout``
+    while the trainer stays supervised (docs/design.md §15.72 `up` launches and supervises the engine)."""
+    cfg, bound = watch.cfg, watch.cfg.inference.start_timeout
+    deadline = time.monotonic() + bound
+    log.info("waiting (at most %.0fs) for the trainer to publish v0, which the %s servers will serve",
+             bound, cfg.inference.backend)
+    weights_root = cfg.run_dir() / "weights"
+    while watch.state.latest_weights is None or not (
+            weights.version_dir(weights_root, watch.state.latest_weights.version) / weights.MANIFEST).is_file():
+        if time.monotonic() > deadline:
+            raise RunFailed(f"the trainer published no weights within inference.start_timeout = {bound:.0f}s, so "
+                            f"there is nothing to start {cfg.inference.backend} on: see {logs / 'trainer.log'}")
+        watch.step()
+    version = watch.state.latest_weights.version
+    # the workers' sync lock, never waited for: a worker holding it labels the server itself
+    lock = redis_sync_lock(watch.r, cfg.run_id, cfg.inference.weight_sync_timeout, wait=0)
+    servers = [EngineServer(cfg, i, url, logs, sync_lock=lock) for i, url in enumerate(cfg.inference.base_urls)]
+    launched.extend(servers)  # stopped with the run from now on, whatever happens next
+    for s in servers:
+        s.start(version)
+    log.info("waiting (at most %.0fs) for %d %s server(s) to answer /health", bound, len(servers),
+             cfg.inference.backend)
+    engine_launch.wait_until_up(servers, watch.http, watch.step)  # a first start that fails ends `up`
+    engine_launch.check_servers(cfg, watch.http)
+    watch.engines.extend(servers)  # supervised (restarted when they die) from now on
+    log.info("%s up at %s", cfg.inference.backend, ", ".join(cfg.inference.base_urls))
+
+
+def _check_engine(e: EngineServer, state: RunState, http: httpx.Client) -> None:
+    """Restart a dead (or never healthy) engine with backoff on the newest published weights,
+    at most ``max_restarts()`` times, as ``_check_child`` does for children; workers wait for it
+    meanwhile (docs/design.md §15.72 `up` launches and supervises the engine)."""
+    if state.finished is not None:  # shutting down anyway
+        return
+    if e.restart_at is not None:
+        if time.monotonic() >= e.restart_at:
+            published = state.latest_weights.version if state.latest_weights else 0
+            e.restart_at = None
+            e.start(engine_launch.newest_complete(e.weights_root, published))
+            log.warning("restarted %s (pid %d, restart %d of %d)", e.name, e.process.pid, e.restarts, max_restarts())
+        return
+    code = e.poll()
+    if code is None:
+        if e.probe(http) or not e.overdue():
+            return
+        reason = f"did not answer {e.root}/health within inference.start_timeout = {e.cfg.inference.start_timeout:.0f}s"
+    else:
+        reason = f"exited with code {code}"
+    e.kill_group()  # what is left of it (vLLM's EngineCore and Worker are forks in its group)
+    if time.monotonic() - e.started_at > HEALTHY_RUN_S:
+        e.restarts = 0  # it ran fine for a long while: this is a new incident, not a crash loop
+    if e.restarts >= max_restarts():
+        raise RunFailed(f"{e.name} ({e.url}) {reason} and was restarted {e.restarts} times; "
+                        f"last lines of {e.log_path}:\n{e.tail()}")
+    e.restarts += 1
+    delay = min(RESTART_BACKOFF_S * 2 ** (e.restarts - 1), 10.0)
+    log.warning("%s (%s) %s; restarting it in %.0fs (workers wait for it)", e.name, e.url, reason, delay)
+    e.restart_at = time.monotonic() + delay
+
+
+def _stop_engines(engines: list[EngineServer], grace: float) -> None:
+    for e in engines:
+        e.stop(grace)

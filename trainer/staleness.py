@@ -23,9 +23,10 @@ def staleness_bound(cfg: Config) -> int:
 
 def sampling_follows_weights(cfg: Config) -> bool:
     """Whether samples are stamped with the weights the trainer publishes. Not when no version
-    is published after v0 (``weight_sync_interval = 0``) or an OpenAI-compatible server is never
-    told of new weights (no ``inference.weight_sync_url``): every sample then says v0, by
-    configuration, and the bound counts from the version the group was admitted at instead."""
+    is published after v0 (``weight_sync_interval = 0``) or a generic OpenAI-compatible server
+    is never told of new weights (backend "openai" without ``inference.weight_sync_url``): every
+    sample then says v0, by configuration, and the bound counts from the version the group was
+    admitted at instead. vllm and sglang servers are always synced (through their own routes)."""
     unsynced_server = cfg.inference.backend == "openai" and cfg.inference.weight_sync_url is None
     return cfg.weight_sync_interval > 0 and not unsynced_server
 

@@ -32,6 +32,7 @@ from rlstream.core.messages import (
 from rlstream.core.rollout import RolloutFnFactory, RolloutSetup
 from rlstream.core.run_state import RunState
 from rlstream.sampling.rollout_fn import accepted_context
+from rlstream.sampling.stamps import VersionSpan, drawn_versions
 from rlstream.workers.breaker import CircuitBreaker
 from rlstream.workers.checks import (
     DrawTally,
@@ -82,39 +83,56 @@ def weights_to_load(state: RunState, min_version: int, failed: WeightsPublished 
     return latest
 
 
-def make_controller(cfg: Config) -> Any:
-    """The process's concurrency controller for the openai backend (``workers.concurrency_control``)."""
+def preferred_server(cfg: Config, r: redis.Redis) -> int:
+    """The inference server this worker prefers: workers take tickets in turn (INCR), so they
+    spread over the replicas; 0 with one server."""
+    servers = len(cfg.inference.base_urls)
+    if servers < 2:
+        return 0
+    return (int(r.incr(keys.server_tickets(cfg.run_id))) - 1) % servers
+
+
+def make_controller(cfg: Config, prefer: int = 0) -> Any:
+    """The process's concurrency controller for a remote backend (``workers.concurrency_control``)."""
     from rlstream.sampling.concurrency import (
         AdaptiveConcurrencyController,
         FixedConcurrencyController,
         MetricsPoller,
         vllm_queue_time_probe,
     )
+    from rlstream.sampling.engines import server_root
 
     limit = cfg.inference.max_concurrency
     if cfg.workers.concurrency_control == "fixed":
         return FixedConcurrencyController(limit)
-    # vLLM serves /metrics beside /v1: its queue-time histogram is the better signal, where present
-    root = cfg.inference.base_url.rstrip("/").removesuffix("/v1")
-    poller = MetricsPoller(f"{root}/metrics").start()
+    # vLLM serves /metrics beside /v1: its queue-time histogram is the better signal, where present.
+    # The preferred server's: this worker's requests go there (another only while it is down), and
+    # another server's queue says nothing of the load this worker puts on its own.
+    urls = cfg.inference.base_urls
+    poller = MetricsPoller(f"{server_root(urls[prefer % len(urls)])}/metrics").start()
     return AdaptiveConcurrencyController(initial_window=min(16, limit), max_window=limit,
                                          queue_time_probe=vllm_queue_time_probe(lambda: poller.text))
 
 
-def make_policy(cfg: Config, published: WeightsPublished, device: Any, controller: Any = None) -> tuple[Any, Any]:
+def make_policy(cfg: Config, published: WeightsPublished, device: Any, controller: Any = None, prefer: int = 0,
+                sync_lock: Any = None) -> tuple[Any, Any]:
     """(policy, sampler) for ``inference.backend``: the transformers model in this process,
-    or an OpenAI-compatible server (then only the tokenizer is loaded here). Weights are
-    read from this run's ``weights/v<N>``, never from the path the event names."""
+    or inference servers (then only the tokenizer is loaded here). Weights are read from this
+    run's ``weights/v<N>``, never from the path the event names. ``prefer``, ``sync_lock``: see
+    ``RemotePolicy``."""
     root = cfg.run_dir() / "weights"
-    if cfg.inference.backend == "openai":
+    if cfg.inference.remote:
         from transformers import AutoTokenizer
 
-        from rlstream.sampling.remote import RemotePolicy, RemoteSampler
+        from rlstream.sampling.remote import RemotePolicy, RemoteSampler, no_lock
 
         tokenizer_dir = cfg.tokenizer_model or str(weights.version_dir(root, published.version))
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        # A server rlstream launched got --logprobs-mode processed_logprobs; an external one is probed once.
+        probe = cfg.inference.backend == "vllm" and not cfg.inference.launch
         policy = RemotePolicy(cfg.inference, published, tokenizer, cfg.inference.model or cfg.base_model, root,
-                              controller=controller)
+                              controller=controller, prefer=prefer, sync_lock=sync_lock or no_lock,
+                              namespace=cfg.run_id, check_logprobs=probe)
         return policy, RemoteSampler(policy, cfg.sample_kwargs())
     from rlstream.sampling.local import LocalPolicy, LocalSampler
 
@@ -138,7 +156,15 @@ class WorkerRuntime:
         self.prompt_ids: Any = None  # the built-in rollout's tokenization of a row: checked before drawing
         self.totals: Counter[str] = Counter()  # this process's invalid_samples / rollout_failures
         self.breaker = CircuitBreaker()
-        self.controller = make_controller(cfg) if cfg.inference.backend == "openai" else None
+        self.remote: dict[str, Any] = {}  # make_policy's arguments for a remote backend
+        self.controller = None
+        if cfg.inference.remote:
+            from rlstream.sampling.remote import redis_sync_lock
+
+            prefer = preferred_server(cfg, r)
+            self.controller = make_controller(cfg, prefer)
+            self.remote = {"controller": self.controller, "prefer": prefer,
+                           "sync_lock": redis_sync_lock(r, cfg.run_id, cfg.inference.weight_sync_timeout)}
         # One loop for the process, not asyncio.run per job: an HTTP sampler's pooled
         # connections belong to the loop that opened them.
         self.sampling = SamplingLoop() if concurrent else None
@@ -169,8 +195,7 @@ class WorkerRuntime:
         are gone or unreadable."""
         if self.policy is None:
             try:
-                extra = {} if self.controller is None else {"controller": self.controller}  # openai backend only
-                self.policy, sampler = make_policy(self.cfg, published, self.device, **extra)
+                self.policy, sampler = make_policy(self.cfg, published, self.device, **self.remote)
             except (OSError, ValueError) as exc:
                 # Pruned (keep_weights) while a freshly started worker loaded it: wait for the
                 # next weights published, as a loaded policy does below (bounded by sync_weights).
@@ -227,10 +252,13 @@ class WorkerRuntime:
             return result
         return None
 
-    async def _group(self, job: GroupJob, tally: DrawTally | None = None) -> list[RolloutSample]:
+    async def _group(self, job: GroupJob, tally: DrawTally | None = None,
+                     span: VersionSpan | None = None) -> list[RolloutSample]:
         """G draws; missing members (None, invalid, failed) are re-drawn for up to
-        ``max_incomplete_group_retries`` more rounds. Failures are tallied in ``tally``."""
+        ``max_incomplete_group_retries`` more rounds. Failures are tallied in ``tally``; the
+        versions the servers drew them with, in ``span`` (every draw task inherits it)."""
         tally = DrawTally() if tally is None else tally
+        drawn_versions.set(span)
         samples: list[RolloutSample] = []
         next_index = 0
         for _ in range(self.cfg.max_incomplete_group_retries + 1):
@@ -252,9 +280,10 @@ class WorkerRuntime:
         deadline = time.monotonic() + self.cfg.job_timeout
         self.sync_weights(job.submit_version, deadline)
         # Another job of this worker may load newer weights while this group is drawn: its
-        # samples are stamped with the versions at its start and end (equal when one job runs).
+        # samples are stamped with the versions at its start and end (equal when one job runs),
+        # the start lowered to the oldest version a server reported for one of its completions.
         version = self.policy.version
-        tally = DrawTally()
+        tally, span = DrawTally(), VersionSpan()
         rejection = self._row_problem(job)
         samples: list[RolloutSample] = []
         window = (0.0, 0.0)  # wall-clock start and end of the sampling
@@ -262,7 +291,9 @@ class WorkerRuntime:
             if self.sampling is None:  # with several groups in flight the torch RNG is shared by all of them
                 seed_torch(job_seed(self.cfg.seed, job.group_id))
             started_at = time.time()  # wall clock: the trainer compares it with its own (perf/overlap_ratio)
-            samples = self._run(self._group(job, tally), deadline)
+            samples = self._run(self._group(job, tally, span), deadline)
+            # A server that restarted served older weights than the policy knew: stamp what it served.
+            version = span.floor(version)
             window = (started_at, time.time())  # this group's own window, however many others are in flight
             if self.on_drawn is not None:  # its room goes to the next group while this one is written
                 self.on_drawn(keys.job_id(self.cfg.run_id, job.group_id))

@@ -67,10 +67,10 @@ def job_capacity(window: Callable[[], int], group_size: int) -> Callable[[], int
 
 
 def most_rows(cfg: Any) -> int:
-    """The most draws a worker keeps in flight: the openai backend's request window
+    """The most draws a worker keeps in flight: a remote backend's request window
     (``inference.max_concurrency``; an adaptive window stays under it), or the local
     backend's ``workers.local_max_batch`` (unset: one group)."""
-    if cfg.inference.backend == "openai":
+    if cfg.inference.remote:
         return cfg.inference.max_concurrency
     return cfg.workers.local_max_batch or cfg.completions_per_prompt
 
@@ -80,12 +80,12 @@ def holds_several(cfg: Any) -> bool:
 
 
 def worker_slots(cfg: Any, controller: Any) -> JobSlots | None:
-    """The worker's job slots, or None when it runs one group at a time: the openai backend
+    """The worker's job slots, or None when it runs one group at a time: a remote backend
     fills its concurrency controller's current window; the local backend holds
     ``workers.local_max_batch`` rows' worth of groups."""
     if not holds_several(cfg):
         return None
-    if cfg.inference.backend == "openai":
+    if cfg.inference.remote:
         return JobSlots(job_capacity(lambda: controller.window, cfg.completions_per_prompt))
     rows = most_rows(cfg)
     return JobSlots(job_capacity(lambda: rows, cfg.completions_per_prompt))

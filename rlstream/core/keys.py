@@ -5,6 +5,7 @@ server. rq prefixes its own keys (``rq:queue:<name>``); we only choose the queue
 """
 from __future__ import annotations
 
+import hashlib
 import re
 
 PREFIX = "rl"
@@ -92,3 +93,17 @@ def trainer_lease(run_id: str) -> str:
     its holder keeps renewing (``SET NX PX``); every trainer write checks it atomically, so
     a second trainer stands by instead of forking the run (docs/design.md §7 Commit protocol)."""
     return key_for(run_id, "trainer_lease")
+
+
+def engine_sync_lock(run_id: str, server_url: str) -> str:
+    """Lock held by the worker that reads an inference server's version and reloads it, so
+    workers sharing the server reload it once per version (docs/design.md §15.71 Engines sync
+    through their own routes). The URL is hashed: it never goes into a key as written."""
+    digest = hashlib.sha256(server_url.encode()).hexdigest()[:16]
+    return key_for(run_id, f"engine_sync:{digest}")
+
+
+def server_tickets(run_id: str) -> str:
+    """Counter each starting worker INCRs: ticket modulo the number of inference servers is the
+    server it prefers, so workers spread over the replicas in turn."""
+    return key_for(run_id, "server_tickets")

@@ -1,5 +1,5 @@
-"""Sampling from an OpenAI-compatible inference server over httpx (``inference.backend =
-"openai"``): vLLM, SGLang or anything that serves ``POST {base_url}/completions``.
+"""Sampling from inference servers over httpx (``inference.backend`` "openai", "vllm" or
+"sglang"): anything that serves ``POST {base_url}/completions``, one server or several replicas.
 
 The wire contract, and why:
 - prompts go out as token ids (``"prompt": [ids]``, part of the OpenAI completions API), so
@@ -13,46 +13,72 @@ The wire contract, and why:
   ``--logprobs-mode processed_logprobs`` (its default reports the raw, un-tempered ones);
 - ``top_k`` 0 ("off" in rlstream) is sent as -1, the value vLLM and SGLang read as off.
 
-Weight sync is pull-based as everywhere in rlstream: when a newer ``WeightsPublished``
-appears, the worker POSTs ``{"model_path": <run dir>/weights/v<N>, "version": N}`` to
-``inference.weight_sync_url`` (SGLang's ``/update_weights_from_disk`` takes exactly this)
-and stamps samples with N once the server said 2xx. The server must see the trainer's
-weights directory (a shared volume) at the path the worker sees. The path is derived from
-the worker's own run directory, never taken from the event (Redis is not trusted with
-paths). Without a sync URL the server is never told, samples
-are stamped with the version the worker last synced (0), and the trainer's offsets show it.
+Weight sync is pull-based as everywhere in rlstream, through the engine's own routes
+(rlstream.sampling.engines) and the worker's own run directory (``<run>/weights/v<N>``, never a
+path from the event: Redis is not trusted with paths); the server must see that directory at
+the same path (a shared volume). docs/design.md §15.71 Engines sync through their own routes:
+- vllm, sglang: before a request goes to a server, it must serve the version the worker
+  loaded (``load``): the version it reports is adopted when new enough, else the worker takes
+  the server's sync lock (``sync_lock``: a Redis lock in workers, so several workers sharing a
+  server reload it once per version), reads again and reloads if still behind, retrying a
+  refused reload within ``inference.weight_sync_timeout``. Each completion is stamped with
+  min(the version the server was known to serve before it was sent, the version it reports
+  after the answer): a server that answers with an older version restarted with other weights,
+  so its samples are stamped with that older one and it is reloaded before its next request;
+- openai: ``{"model_path", "version"}`` is POSTed to ``inference.weight_sync_url``, and samples
+  are stamped N once the server said 2xx; without a sync URL the server is never told, samples
+  are stamped v0, and the trainer's offsets show it.
 
-Retries only here, at the I/O edge: connection errors, timeouts, 429 and 5xx are retried
-``max_retries`` times with exponential backoff; any other 4xx fails at once with the
-server's message.
+Servers are picked by rlstream.sampling.servers (a preferred one, fail-over, waiting while none
+is up). Retries only here, at the I/O edge: timeouts, 429 and 5xx are retried ``max_retries``
+times with exponential backoff; any other 4xx fails at once with the server's message; a server
+that does not answer at all (connection refused or dropped) is failed over, not counted.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import itertools
 import logging
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, ContextManager
 
 import httpx
 
-from rlstream.core import weights
+from rlstream.core import keys, weights
 from rlstream.core.config import InferenceConfig
-from rlstream.core.errors import RlstreamError
 from rlstream.core.messages import WeightsPublished
 from rlstream.core.rollout import NO_LIMIT, Completion, chat_prompt_ids, no_room, token_budget
+from rlstream.sampling import stamps
 from rlstream.sampling.concurrency import FixedConcurrencyController
+from rlstream.sampling.engines import (
+    EngineError,
+    EngineRefused,
+    InferenceError,
+    engine_for,
+    healthy,
+    logprobs_after_temperature,
+)
+from rlstream.sampling.servers import Server, ServerPool
 
 log = logging.getLogger(__name__)
 BACKOFF_BASE_S, BACKOFF_CAP_S = 0.5, 8.0
+RELOAD_BACKOFF_S = (1.0, 15.0)  # between refused reloads (base, cap), within inference.weight_sync_timeout
+PROBE_TIMEOUT_S = 5.0  # health probes and version reads: a server that takes longer is not answering
+# How long a sync lock's holder may hold it past weight_sync_timeout: the version read before the
+# reload (PROBE_TIMEOUT_S) and the resumes after a reload that used up its bound (engines.RESUME_*).
+SYNC_LOCK_MARGIN_S = 60.0
 RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 OVERLOAD_STATUS = frozenset({429, 503})  # the server asks for less: the concurrency window shrinks at once
-
-
-class InferenceError(RlstreamError):
-    """The inference server refused or kept failing a request."""
+# The server did not answer at all (down, restarting): fail over, do not count a failed attempt.
+DOWN_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError,
+               httpx.WriteError)
+PROBE_PROMPT = [0, 1, 2]  # token ids every vocabulary has: the logprobs probe's prompt
+__all__ = ["InferenceError", "RemotePolicy", "RemoteSampler", "SyncLockBusy", "completion_request",
+           "parse_completions", "redis_sync_lock"]
 
 
 def _headers(cfg: InferenceConfig) -> dict[str, str]:
@@ -102,77 +128,269 @@ def parse_completions(body: dict[str, Any], prompt: list[int], version: int) -> 
     return out
 
 
+def no_lock(url: str) -> ContextManager[None]:
+    """The sync lock of a process that shares its servers with no one (the SDK, tests)."""
+    return contextlib.nullcontext()
+
+
+class SyncLockBusy(InferenceError):
+    """Another process holds a server's sync lock (raised only to a caller that would not wait)."""
+
+
+def redis_sync_lock(r: Any, run_id: str, timeout: float,
+                    wait: float | None = None) -> Callable[[str], ContextManager[None]]:
+    """``sync_lock`` for workers: one Redis lock per run and server (``keys.engine_sync_lock``),
+    held while a worker reads a server's version and reloads it (``timeout``: the reload's
+    bound, ``inference.weight_sync_timeout``). It expires ``SYNC_LOCK_MARGIN_S`` after that, when
+    no live holder can still be reloading (a holder that crashed mid-reload frees it); a waiter
+    waits up to twice that, so it outlasts a crashed holder's lock and then reloads itself.
+    ``wait``: seconds to wait instead (0: one try), then ``SyncLockBusy``."""
+    import redis
+
+    ttl = timeout + SYNC_LOCK_MARGIN_S
+
+    @contextlib.contextmanager
+    def hold(url: str):
+        lock = r.lock(keys.engine_sync_lock(run_id, url), timeout=ttl,
+                      blocking_timeout=2 * ttl if wait is None else wait)
+        if not lock.acquire():
+            if wait is not None:
+                raise SyncLockBusy(f"the weight-sync lock of {url} is held")
+            raise InferenceError(f"the weight-sync lock of {url} stayed taken for {2 * ttl:.0f}s: another "
+                                 "worker's reload hangs; check that server (inference.weight_sync_timeout bounds one "
+                                 "reload)")
+        try:
+            yield
+        finally:
+            try:
+                lock.release()
+            except redis.exceptions.LockError:  # it expired: the reload outlasted the bound it was given
+                log.warning("the weight-sync lock of %s expired before its reload ended (inference.weight_sync_timeout"
+                            " %.0fs + %.0fs)", url, timeout, SYNC_LOCK_MARGIN_S)
+
+    return hold
+
+
 class RemotePolicy:
-    """The worker's view of one inference server: the version it serves, its tokenizer
-    (loaded from the published weights directory), and the HTTP clients."""
+    """The worker's view of its inference servers: the version it wants them to serve
+    (``version``), its tokenizer (loaded from the published weights directory), the servers
+    (``pool``) and the HTTP clients.
+
+    ``prefer``: the index of the server this worker sends to while it is up. ``sync_lock``:
+    url -> context manager held around a server's read-and-reload (``redis_sync_lock``;
+    default: none). ``namespace``: the run id the engine labels versions with. ``exact``: a
+    server must serve exactly ``version``, not a newer one (the SDK's deployment, which may go
+    back to an older snapshot). ``check_logprobs``: probe each vllm server for post-temperature
+    logprobs before its first sync, and again after it restarted (an external server, whose
+    flags rlstream did not choose)."""
 
     def __init__(self, cfg: InferenceConfig, published: WeightsPublished, tokenizer: Any, model_name: str,
                  weights_root: str | Path, transport: httpx.AsyncBaseTransport | None = None,
-                 sync_transport: httpx.BaseTransport | None = None, controller: Any = None):
+                 sync_transport: httpx.BaseTransport | None = None, controller: Any = None, *, prefer: int = 0,
+                 sync_lock: Callable[[str], ContextManager[None]] = no_lock, namespace: str = "",
+                 exact: bool = False, check_logprobs: bool = False):
         """``controller``: the concurrency controller every request goes through
         (rlstream.sampling.concurrency); unset = a fixed window of ``max_concurrency``."""
         self.cfg, self.tokenizer, self.model_name = cfg, tokenizer, model_name
         self.weights_root = Path(weights_root)  # the run's weights/: version N is <weights_root>/v<N>
+        self.engine = engine_for(cfg.backend, weight_sync_url=cfg.weight_sync_url, namespace=namespace)
+        self.sync_lock, self.exact, self.check_logprobs = sync_lock, exact, check_logprobs
         headers = _headers(cfg)
-        self._client = httpx.AsyncClient(base_url=cfg.base_url.rstrip("/"), timeout=cfg.timeout, headers=headers,
-                                         transport=transport)
-        self._sync = httpx.Client(timeout=cfg.timeout, headers=headers, transport=sync_transport)
+        self._sync = httpx.Client(timeout=cfg.timeout, headers=headers, transport=sync_transport)  # reloads
+        self._probe = httpx.Client(timeout=min(PROBE_TIMEOUT_S, cfg.timeout), headers=headers,
+                                   transport=sync_transport)  # health and version reads
+        servers = [Server(i, url, functools.partial(httpx.AsyncClient, base_url=url.rstrip("/"), timeout=cfg.timeout,
+                                                    headers=headers, transport=transport))
+                   for i, url in enumerate(cfg.base_urls)]
+        probe = (lambda s: healthy(self._probe, s.root)) if self.engine.tracks_versions else None
+        self.pool = ServerPool(servers, prefer, probe, cfg.start_timeout, (BACKOFF_BASE_S, BACKOFF_CAP_S))
         self.controller = controller if controller is not None else FixedConcurrencyController(cfg.max_concurrency)
-        self.version = 0  # what the server is known to serve: the base model until a sync succeeds
+        self.version = 0  # what the servers are to serve: the base model until a sync succeeds
         self.load(published)
 
     def load(self, published: WeightsPublished) -> None:
-        """Tell the server to serve ``published`` (bounded retries), then stamp with it."""
-        if self.cfg.weight_sync_url is None or published.version <= self.version:
+        """Serve ``published`` from now on. openai: POST it (bounded retries), then stamp with
+        it. vllm / sglang: the preferred server is synced now (its errors are the caller's),
+        any other before its next request."""
+        wanted = published.version
+        if not self.engine.tracks_versions:
+            if self.engine.syncs and wanted > self.version:
+                directory = weights.version_dir(self.weights_root, wanted).resolve()
+                self._send(lambda: self.engine.reload(self._sync, "", directory, wanted), f"weight sync to v{wanted}")
+                self.version = wanted
             return
-        directory = weights.version_dir(self.weights_root, published.version).resolve()
-        payload = {"model_path": str(directory), "version": published.version}
-        self._send(lambda: self._sync.post(self.cfg.weight_sync_url, json=payload),
-                   f"weight sync to v{published.version}")
-        self.version = published.version
+        if wanted == self.version or (wanted < self.version and not self.exact):
+            return
+        previous, self.version = self.version, wanted
+        server = self.pool.preferred
+        if not server.up:
+            return  # synced once it answers again
+        try:
+            self._sync_server(server)
+        except httpx.TransportError as exc:
+            self.pool.mark_down(server, f"{type(exc).__name__}: {exc}")
+        except InferenceError:
+            self.version = previous  # the next load tries again
+            raise
+
+    def _serves(self, server: Server) -> bool:
+        if server.version is None:
+            return False
+        return server.version == self.version if self.exact else server.version >= self.version
+
+    def _sync_server(self, server: Server) -> None:
+        """Make ``server`` serve ``self.version`` (blocking: a job's thread or the loop's executor).
+        Raises ``InferenceError`` (refused, within the bound) or a transport error (it is down)."""
+        with server.sync_lock:
+            if self.check_logprobs and server.version is None and server.refusal is None:
+                if not logprobs_after_temperature(self._probe, server.root, self.model_name, PROBE_PROMPT):
+                    server.refusal = (f"vLLM at {server.root} reports raw logprobs, not those of the tempered "
+                                      "distribution it samples from: start it with --logprobs-mode processed_logprobs")
+            if server.refusal is not None:
+                raise EngineRefused(server.refusal)
+            wanted = self.version
+            if self._serves(server):
+                return
+            served = self.engine.served_version(self._probe, server.root)
+            if not self._fits(served, wanted):
+                with self.sync_lock(server.url):  # other workers may share it: read again, under the lock
+                    served = self.engine.served_version(self._probe, server.root)
+                    if not self._fits(served, wanted):
+                        self._reload(server, wanted)
+                        served = wanted
+            server.version = served
+
+    def _fits(self, served: int | None, wanted: int) -> bool:
+        return served is not None and (served == wanted if self.exact else served >= wanted)
+
+    def _reload(self, server: Server, version: int) -> None:
+        """One reload, a refused one retried within ``weight_sync_timeout``."""
+        directory = weights.version_dir(self.weights_root, version).resolve()
+        bound = self.cfg.weight_sync_timeout
+        started = time.monotonic()
+        deadline = started + bound
+        for attempt in itertools.count():
+            try:
+                self.engine.reload(self._sync, server.root, directory, version,
+                                   timeout=max(1.0, deadline - time.monotonic()))
+                log.info("%s serves v%d (reloaded in %.2fs)", server.root, version, time.monotonic() - started)
+                return
+            except httpx.TimeoutException as exc:
+                problem = f"no answer within the bound ({type(exc).__name__})"
+            except EngineError as exc:
+                problem = str(exc)
+            delay = min(RELOAD_BACKOFF_S[0] * 2 ** attempt, RELOAD_BACKOFF_S[1])
+            if time.monotonic() + delay >= deadline:
+                raise InferenceError(
+                    f"{server.root} did not load v{version} from {directory} within {bound:.0f}s "
+                    f"(inference.weight_sync_timeout; {attempt + 1} attempts). The engine said: {problem}. Check that "
+                    "the server sees the run's weights/ at that path (a shared volume) and its log") from None
+            log.warning("%s refused v%d: %s; retry %d in %.1fs", server.root, version, problem, attempt + 1, delay)
+            time.sleep(delay)
+
+    async def _ready(self, server: Server) -> None:
+        """Wait until ``server`` serves the wanted version: one sync per server at a time, in
+        the loop's executor, shared by every draw that needs it."""
+        if server.refusal is not None:
+            raise EngineRefused(server.refusal)
+        if not self.engine.tracks_versions:
+            return
+        loop = asyncio.get_running_loop()
+        while not self._serves(server):
+            entry = server.shared.get("sync")
+            if entry is None or entry[0] is not loop or entry[1].done():
+                entry = server.shared["sync"] = (loop, loop.run_in_executor(None, self._sync_server, server))
+            await asyncio.shield(entry[1])
+
+    async def _served_after(self, server: Server) -> int:
+        """The version ``server`` reports in a read begun after this call. The read starts at
+        the loop's next pass, so the draws whose answers came in this pass share it (one GET
+        per round of answers, not per completion). It runs in the executor, not as a task: a
+        task would belong to the job of the draw that started it and be cancelled with it
+        (workers/sampling_loop.py), under the other jobs' draws awaiting it."""
+        loop = asyncio.get_running_loop()
+        entry = server.shared.get("version")
+        if entry is None or entry[0] is not loop or entry[1]:
+            result: asyncio.Future = loop.create_future()
+            entry = server.shared["version"] = [loop, False, result]
+
+            def start(entry: list = entry) -> None:
+                entry[1] = True  # begun: a later caller needs a read of its own
+                read = loop.run_in_executor(None, self.engine.served_version, self._sync, server.root)
+                read.add_done_callback(lambda done: _settle(result, done))
+
+            loop.call_soon(start)
+        return await asyncio.shield(entry[2])
+
+    async def _stamp(self, server: Server, before: int) -> int:
+        """min(known before sending, read after answering); a server that went back restarted."""
+        after = await self._served_after(server)
+        if after < before:
+            log.warning("%s now serves %s, v%d before this answer: it restarted with other weights; its samples are "
+                        "stamped v%d and it is reloaded before its next request", server.root,
+                        "another run's weights" if after < 0 else f"v{after}", before, max(0, after))
+            if server.version == before:
+                server.version = None
+        return max(0, min(before, after))
 
     async def complete(self, prompt: list[int], n: int, controller: Any = None, **sample_kwargs: Any
                        ) -> list[Completion]:
         body = completion_request(self.model_name, prompt, n, **sample_kwargs)
-        version = self.version
-        response = await self._asend(lambda: self._client.post("/completions", json=body), "completion",
-                                     controller if controller is not None else self.controller)
-        return parse_completions(response.json(), prompt, version)
-
-    def _send(self, request, what: str) -> httpx.Response:
-        for attempt in itertools.count():
+        controller = controller if controller is not None else self.controller
+        failures = 0  # failed attempts (a server that does not answer at all is failed over, not counted)
+        while True:
+            server = await self.pool.pick()
             try:
-                outcome = self._judge(request(), what, attempt)
-            except httpx.TransportError as exc:
-                outcome = self._judge(exc, what, attempt)
-            if isinstance(outcome, httpx.Response):
-                return outcome
-            time.sleep(outcome)
-
-    async def _asend(self, request, what: str, controller: Any) -> httpx.Response:
-        """Each attempt holds one slot of ``controller`` and tells it how the server
-        answered; the back-off before a retry holds none (a shrunk window then applies)."""
-        for attempt in itertools.count():
-            await controller.acquire()
-            started, released = time.monotonic(), False
-            try:
-                try:
-                    result: httpx.Response | httpx.TransportError = await request()
-                except httpx.TransportError as exc:
-                    result = exc
-                latency, overloaded = _server_signal(result, time.monotonic() - started)
-                controller.release(latency, overloaded=overloaded)
-                released = True
-            finally:
-                if not released:  # cancelled (the job's timeout) or a bug: never leak a slot
-                    controller.release()
-            outcome = self._judge(result, what, attempt)
-            if isinstance(outcome, httpx.Response):
-                return outcome
+                await self._ready(server)
+                before = server.version if self.engine.tracks_versions else self.version
+                result = await self._attempt(server, body, controller)
+                if isinstance(result, DOWN_ERRORS):
+                    raise result
+                outcome = self._judge(result, "completion", failures, server.url)
+                if isinstance(outcome, httpx.Response):
+                    stamp = await self._stamp(server, before) if self.engine.tracks_versions else before
+                    stamps.record(stamp)
+                    return parse_completions(outcome.json(), prompt, stamp)
+            except httpx.TransportError as exc:  # it stopped answering: another server, or this one once back
+                self.pool.mark_down(server, f"{type(exc).__name__}: {exc}")
+                continue
+            failures += 1
             await asyncio.sleep(outcome)
 
+    async def _attempt(self, server: Server, body: dict[str, Any],
+                       controller: Any) -> httpx.Response | httpx.TransportError:
+        """One request holding one slot of ``controller``, which is told how the server
+        answered; the back-off before a retry holds none (a shrunk window then applies)."""
+        await controller.acquire()
+        started, released = time.monotonic(), False
+        try:
+            try:
+                result: httpx.Response | httpx.TransportError = await server.client().post("/completions", json=body)
+            except httpx.TransportError as exc:
+                result = exc
+            latency, overloaded = _server_signal(result, time.monotonic() - started)
+            controller.release(latency, overloaded=overloaded)
+            released = True
+        finally:
+            if not released:  # cancelled (the job's timeout) or a bug: never leak a slot
+                controller.release()
+        return result
+
+    def _send(self, request, what: str) -> None:
+        for attempt in itertools.count():
+            try:
+                request()
+                return
+            except EngineError as exc:
+                outcome = self._judge(exc.response, what, attempt, self.cfg.weight_sync_url or "")
+            except httpx.TransportError as exc:
+                outcome = self._judge(exc, what, attempt, self.cfg.weight_sync_url or "")
+            if isinstance(outcome, httpx.Response):
+                return
+            time.sleep(outcome)
+
     def _judge(self, response: httpx.Response | httpx.TransportError, what: str,
-               attempt: int) -> httpx.Response | float:
+               attempt: int, url: str) -> httpx.Response | float:
         """The response to use, or the seconds to wait before the next attempt; raises
         ``InferenceError`` when the request must not (or can no longer) be retried."""
         if isinstance(response, httpx.Response):
@@ -184,11 +402,28 @@ class RemotePolicy:
         else:
             problem = f"{type(response).__name__}: {response}"
         if attempt >= self.cfg.max_retries:
-            raise InferenceError(f"{what} failed {attempt + 1} times against {self.cfg.base_url} ({problem}); "
+            raise InferenceError(f"{what} failed {attempt + 1} times against {url} ({problem}); "
                                  "check that the inference server is up and inference.base_url is right")
         delay = min(BACKOFF_BASE_S * 2 ** attempt, BACKOFF_CAP_S)
         log.warning("%s: %s; retry %d of %d in %.1fs", what, problem, attempt + 1, self.cfg.max_retries, delay)
         return delay
+
+    def close(self) -> None:
+        """Close the blocking clients (the async ones belong to the loop that used them)."""
+        self._sync.close()
+        self._probe.close()
+
+
+def _settle(target: asyncio.Future, source: asyncio.Future) -> None:
+    """Give ``target`` the outcome of ``source`` (both of one loop)."""
+    if target.done():
+        return
+    if source.cancelled():
+        target.cancel()
+    elif source.exception() is not None:
+        target.set_exception(source.exception())
+    else:
+        target.set_result(source.result())
 
 
 def _server_signal(result: httpx.Response | httpx.TransportError, latency_s: float) -> tuple[float | None, bool]:

@@ -3,8 +3,9 @@ service, synced to a snapshot identity).
 
 The deployment is what the workers use (``rlstream.sampling``): a local model in the caller's
 process (``inference.backend = "local"``: a second copy, apart from the policy, that holds the
-snapshot it was synced to) or the configured OpenAI-compatible server (``"openai"``: synced by
-POSTing the snapshot's directory to ``inference.weight_sync_url``, as the workers do). Syncing
+snapshot it was synced to) or the configured inference server: ``"vllm"`` and ``"sglang"`` are
+told to load the snapshot's directory through their own routes, ``"openai"`` by a POST to
+``inference.weight_sync_url``, as the workers do. Syncing
 resolves a snapshot identity through the run's log and verifies its directory's digest before
 anything loads it. Every sampler of a service shares its one deployment, as the seed's samplers
 share one deployment: a sync moves them all.
@@ -79,8 +80,9 @@ class Deployment:
 
         s, inference = self.session, self.session.cfg.inference
         base = WeightsPublished(version=0, uri="", sha256="", bytes=0)  # what the server serves at start
+        # exact: a sync may go back to an older snapshot, which a newer version on the server is not
         policy = RemotePolicy(inference, base, self.tokenizer, inference.model or s.cfg.base_model,
-                              s.run_dir / "weights", *self.transports)
+                              s.run_dir / "weights", *self.transports, namespace=s.run_id, exact=True)
         if saved is not None:
             self._load(saved, policy)
         return policy
@@ -99,9 +101,9 @@ class Deployment:
             raise RlstreamError(f"sampler snapshot {saved.name!r} cannot be loaded: {exc}") from None
 
     def close(self) -> None:
-        client = getattr(self.policy, "_sync", None)
-        if client is not None:
-            client.close()
+        close = getattr(self.policy, "close", None)
+        if self.backend != "local" and close is not None:
+            close()
         self.policy = None
 
 

@@ -187,3 +187,289 @@ def test_config_requires_base_url_for_the_openai_backend():
         validate_config({"inference": {"backend": "openai"}})
     with pytest.raises(ConfigError, match="inference.base_url"):
         validate_config({"inference": {"backend": "openai", "base_url": "localhost:8000"}})
+
+
+# ----------------------------------------------------------------- vllm / sglang: sync, stamps, replicas
+from engine_standins import FakeSglang, FakeVllm, Servers  # noqa: E402
+
+from rlstream.sampling import servers as server_pool  # noqa: E402
+from rlstream.sampling.engines import EngineRefused  # noqa: E402
+from rlstream.sampling.stamps import VersionSpan, drawn_versions  # noqa: E402
+
+WEIGHTS = Path("/shared/runs/run/weights")
+
+
+@pytest.fixture
+def quick_reload_retries(monkeypatch):
+    monkeypatch.setattr(remote_policy, "RELOAD_BACKOFF_S", (0.01, 0.02))
+
+
+def engine_policy(handler, backend: str = "vllm", urls=("http://a.test/v1",), version: int = 0,
+                  **kwargs) -> RemotePolicy:
+    inference = {k: kwargs.pop(k) for k in list(kwargs) if k in InferenceConfig.model_fields}
+    cfg = InferenceConfig(backend=backend, base_url=list(urls), **inference)
+    transport = httpx.MockTransport(handler)
+    return RemotePolicy(cfg, published(version), FakeTokenizer(), "m", WEIGHTS, transport=transport,
+                        sync_transport=transport, namespace="run", **kwargs)
+
+
+def draw(policy: RemotePolicy, span: VersionSpan | None = None):
+    async def one():
+        drawn_versions.set(span)
+        return (await policy.complete(PROMPT, 1, max_tokens=1, temperature=1.0))[0]
+
+    return asyncio.run(one())
+
+
+@pytest.mark.parametrize("engine", [FakeVllm, FakeSglang])
+def test_load_syncs_the_server_and_stamps_what_it_serves(engine):
+    server = engine()
+    policy = engine_policy(server, backend=engine.__name__.removeprefix("Fake").lower())
+    assert draw(policy).version == 0 and server.reloads == []  # a fresh server serves the base: v0, no reload
+    policy.load(published(2))
+    assert server.reloads == [str(WEIGHTS / "v2")] and server.label == "run:2"
+    assert draw(policy).version == 2 and server.completions[-1] == str(WEIGHTS / "v2")
+    policy.load(published(2))
+    assert len(server.reloads) == 1
+
+
+def test_two_workers_sharing_a_server_reload_it_once_per_version(r):
+    """Each worker process has its own RemotePolicy; the Redis lock (fakeredis) makes the
+    second one find the version loaded by the first and adopt it."""
+    import threading
+
+    vllm = FakeVllm()
+    both_read = threading.Barrier(2, timeout=10)
+    other_read_again = threading.Event()
+    reads = []
+
+    def handler(request):
+        """Both workers find the server behind before either reloads, and the first reload
+        lasts until the other worker reads again (or 0.5 s): without the lock, that read
+        finds it still behind and the other worker reloads too."""
+        if request.url.path == "/weight_info" and threading.current_thread() is not threading.main_thread():
+            reads.append(1)
+            if len(reads) <= 2:
+                both_read.wait()
+            elif len(reads) >= 4:
+                other_read_again.set()
+        if request.url.path == "/collective_rpc" and not vllm.reloads:
+            other_read_again.wait(timeout=0.5)
+        return vllm(request)
+
+    lock = remote_policy.redis_sync_lock(r, "run", timeout=30.0)
+    workers = [engine_policy(handler, sync_lock=lock) for _ in range(2)]
+    threads = [threading.Thread(target=w.load, args=(published(1),)) for w in workers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert vllm.reloads == [str(WEIGHTS / "v1")]
+    assert [draw(w).version for w in workers] == [1, 1]
+    for w in workers:
+        w.load(published(2))
+    assert vllm.reloads == [str(WEIGHTS / "v1"), str(WEIGHTS / "v2")]
+    assert not r.keys("rl:run:engine_sync:*")  # released
+
+
+def test_a_newer_version_on_the_server_is_adopted_not_reloaded():
+    vllm = FakeVllm()
+    vllm.label = "run:5"
+    policy = engine_policy(vllm)
+    policy.load(published(3))
+    assert vllm.reloads == [] and draw(policy).version == 5
+
+
+def test_another_runs_weights_are_reloaded_never_adopted():
+    vllm = FakeVllm()
+    vllm.label = "earlier-run:7"
+    policy = engine_policy(vllm)
+    assert draw(policy).version == 0 and vllm.reloads == [str(WEIGHTS / "v0")]
+
+
+def test_a_restarted_server_gets_its_samples_stamped_older_and_a_reload(caplog):
+    vllm = FakeVllm()
+    policy = engine_policy(vllm)
+    policy.load(published(2))
+    vllm.restart()  # died and came back with its start-up weights, between two requests
+    span = VersionSpan()
+    with caplog.at_level("WARNING"):
+        first = draw(policy, span)
+    assert first.version == 0 and vllm.completions[-1] == "base" and span.low == 0
+    assert "restarted with other weights" in caplog.text
+    assert span.floor(2) == 0  # the worker stamps the group's samples v0, not the v2 it wanted
+    second = draw(policy)
+    assert second.version == 2 and vllm.reloads == [str(WEIGHTS / "v2")] * 2 and vllm.completions[-1].endswith("v2")
+
+
+def test_a_dead_replica_is_skipped_with_a_warning_and_used_again_once_healthy(caplog, monkeypatch):
+    from polling import wait_until
+
+    monkeypatch.setattr(remote_policy, "BACKOFF_BASE_S", 0.01)
+    a, b = FakeVllm(), FakeVllm()
+    policy = engine_policy(Servers(**{"a.test": a, "b.test": b}), urls=("http://a.test/v1", "http://b.test/v1"))
+    policy.load(published(1))
+    assert a.reloads == [str(WEIGHTS / "v1")] and b.reloads == []  # the preferred one now, the other when used
+    a.alive = False
+    with caplog.at_level("WARNING"):
+        assert draw(policy).version == 1
+    assert "http://a.test/v1 stopped answering" in caplog.text and "using http://b.test/v1 meanwhile" in caplog.text
+    assert b.reloads == [str(WEIGHTS / "v1")] and len(b.completions) == 1  # synced before its first request
+    a.alive = True
+    a.restart()
+    wait_until(lambda: draw(policy) and len(a.completions) > 0, 10, "the preferred server to be used again")
+    assert a.completions[-1] == str(WEIGHTS / "v1")  # reloaded: it came back with other weights
+
+
+def test_with_none_up_draws_wait_for_one_and_nothing_fails(monkeypatch):
+    monkeypatch.setattr(remote_policy, "BACKOFF_BASE_S", 0.01)
+    vllm = FakeVllm()
+    policy = engine_policy(vllm)
+    policy.load(published(1))
+    vllm.alive = False
+    probes = []
+
+    def restarting(request):
+        if request.url.path == "/health" and not vllm.alive:
+            probes.append(1)
+            if len(probes) == 3:  # the engine is back, with its start-up weights
+                vllm.alive = True
+                vllm.restart()
+            raise httpx.ConnectError("connection refused", request=request)
+        return vllm(request)
+
+    transport = httpx.MockTransport(restarting)
+    policy = RemotePolicy(policy.cfg, published(1), FakeTokenizer(), "m", WEIGHTS, transport=transport,
+                          sync_transport=transport, namespace="run")
+    assert draw(policy).version == 1 and len(probes) >= 3 and vllm.completions[-1] == str(WEIGHTS / "v1")
+
+
+def test_no_server_up_within_start_timeout_fails_naming_them(monkeypatch):
+    monkeypatch.setattr(remote_policy, "BACKOFF_BASE_S", 0.01)
+    vllm = FakeVllm()
+    vllm.alive = False
+    policy = engine_policy(vllm, start_timeout=0.2)
+    with pytest.raises(InferenceError, match=r"no inference server answered for 0s .*start_timeout.*a.test/v1"):
+        draw(policy)
+
+
+def test_refused_reloads_are_retried_then_reported_by_name(quick_reload_retries):
+    vllm = FakeVllm()
+    vllm.fail_next_reloads = 2
+    policy = engine_policy(vllm)
+    policy.load(published(1))  # refused twice, then loaded
+    assert vllm.reloads == [str(WEIGHTS / "v1")] and not vllm.paused
+    hidden = FakeVllm(visible=set())
+    policy = engine_policy(hidden, weight_sync_timeout=0.2)
+    with pytest.raises(InferenceError, match=r"http://a.test did not load v1 from /shared/runs/run/weights/v1 within "
+                       r"0s \(inference.weight_sync_timeout; \d+ attempts\)\. The engine said: .*No such file"):
+        policy.load(published(1))
+    assert policy.version == 0 and not hidden.paused  # the next load tries again; the server is not left paused
+    assert sum(1 for _, p in hidden.calls if p == "/collective_rpc") >= 2
+
+
+def test_an_external_vllm_with_raw_logprobs_is_refused_once():
+    vllm = FakeVllm()
+    vllm.processed_logprobs = False
+    policy = engine_policy(vllm, check_logprobs=True)
+    for _ in range(2):
+        with pytest.raises(EngineRefused, match="--logprobs-mode processed_logprobs"):
+            draw(policy)
+    assert sum(1 for _, p in vllm.calls if p == "/v1/completions") == 2  # the probe's two requests, once
+    assert draw(engine_policy(FakeVllm(), check_logprobs=True)).version == 0
+
+
+def test_sdk_exact_sync_goes_back_to_an_older_snapshot():
+    vllm = FakeVllm()
+    policy = engine_policy(vllm, exact=True)
+    policy.load(published(3))
+    policy.load(published(1))
+    assert vllm.reloads == [str(WEIGHTS / "v3"), str(WEIGHTS / "v1")] and draw(policy).version == 1
+
+
+def test_the_span_of_a_group_is_inherited_by_its_draw_tasks():
+    span = VersionSpan()
+
+    async def group():
+        drawn_versions.set(span)
+
+        async def one(v):
+            from rlstream.sampling.stamps import record
+
+            record(v)
+
+        await asyncio.gather(one(3), one(1), one(2))
+
+    asyncio.run(group())
+    assert (span.low, span.high) == (1, 3) and span.floor(2) == 1 and VersionSpan().floor(2) == 2
+    assert drawn_versions.get() is None  # set in the group's own task only
+
+
+def test_pool_prefers_its_server_and_spreads_by_worker_id():
+    assert server_pool.preferred_index("host-1", 1) == 0
+    assert {server_pool.preferred_index(f"host-{i}", 3) for i in range(30)} == {0, 1, 2}
+
+
+def test_an_openai_server_that_stopped_answering_is_tried_again_after_the_backoff(monkeypatch):
+    """A generic server has no health route: the next request after the back-off is the probe."""
+    monkeypatch.setattr(remote_policy, "BACKOFF_BASE_S", 0.01)
+    calls = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request.url.path)
+        if len(calls) <= 3:
+            raise httpx.ConnectError("refused", request=request)
+        return httpx.Response(200, json={"choices": [choice(0, [1], [-0.1])]})
+
+    out = asyncio.run(make_policy(handler, max_retries=0).complete(PROMPT, 1, max_tokens=1, temperature=1.0))
+    assert out[0].output_tokens == [1] and calls == ["/v1/completions"] * 4  # no failed attempt counted
+
+
+def test_a_pause_that_times_out_is_still_resumed(quick_reload_retries):
+    """vLLM's pause?mode=wait waits for the requests in flight: a client that gives up on it
+    leaves vLLM pausing anyway, so a resume must follow, or every worker's requests hang."""
+    vllm = FakeVllm()
+
+    def handler(request):
+        if request.url.path == "/pause":
+            vllm(request)  # it pauses once its requests in flight end, after the client gave up
+            raise httpx.ReadTimeout("timed out", request=request)
+        return vllm(request)
+
+    policy = engine_policy(handler, weight_sync_timeout=0.2)
+    with pytest.raises(InferenceError, match="did not load v1"):
+        policy.load(published(1))
+    assert not vllm.paused
+
+
+def test_the_sync_lock_outlasts_the_longest_hold(r):
+    """The holder reads the version, then reloads within weight_sync_timeout and resumes: a
+    lock that expired at weight_sync_timeout would let a second worker reload the same server
+    (and resume it in the middle of the first one's reload)."""
+    from rlstream.core import keys
+
+    vllm = FakeVllm()
+    ttls = []
+
+    def handler(request):
+        if request.url.path == "/collective_rpc":
+            ttls.append(r.pttl(keys.engine_sync_lock("run", "http://a.test/v1")) / 1000)
+        return vllm(request)
+
+    bound = 30.0
+    lock = remote_policy.redis_sync_lock(r, "run", timeout=bound)
+    engine_policy(handler, sync_lock=lock, weight_sync_timeout=bound).load(published(1))
+    assert ttls and min(ttls) > bound + remote_policy.PROBE_TIMEOUT_S
+
+
+def test_draws_answered_together_share_one_version_read():
+    """One GET of the served version per round of answers, not one per completion."""
+    vllm = FakeVllm()
+    policy = engine_policy(vllm)
+
+    async def many():
+        await asyncio.gather(*(policy.complete(PROMPT, 1, max_tokens=1, temperature=1.0) for _ in range(16)))
+
+    asyncio.run(many())
+    reads = sum(1 for _, p in vllm.calls if p == "/weight_info")
+    assert len(vllm.completions) == 16 and reads < 8
