@@ -16,10 +16,11 @@ vLLM's CPU attention accepts), ``HIDDEN`` wide and ``LAYERS`` deep, MLP 4 x ``HI
 
 For each size: two weight directories A and B (B = A plus noise), one vLLM server started on A
 (``--dtype float32 --enforce-eager``, ``VLLM_CPU_KVCACHE_SPACE=1``), then ``--reloads`` reloads
-alternating B, A, B, ... Each reload is the sequence rlstream's vllm backend sends
-(docs/inference-engines.md): ``POST /pause?mode=wait``, ``POST /collective_rpc``
-``reload_weights`` from the directory, ``POST /reset_prefix_cache``, ``POST
-/update_weight_version``, ``POST /resume``; timed as a whole and the ``reload_weights`` call alone.
+alternating B, A, B, ... Each reload is rlstream's own (``rlstream.sampling.engines``, the vllm
+backend's ``reload``: ``POST /pause?mode=wait``, ``POST /collective_rpc`` ``reload_weights`` from
+the directory, ``POST /reset_prefix_cache``, ``POST /update_weight_version``, ``POST /resume``;
+docs/inference-engines.md), timed as a whole and the ``reload_weights`` call alone; the version
+the server then reports (``GET /weight_info``) must be the one just loaded.
 After each reload one completion of one token with its logprob is compared with the logprob the
 directory's weights give in torch (float32): equal to 1e-3 = the server really serves the new
 weights. The server is stopped (its process group) before the next size starts.
@@ -131,24 +132,25 @@ def wait_healthy(client: httpx.Client, root: str, proc: subprocess.Popen, log: P
     raise SystemExit(f"vLLM not healthy after {START_TIMEOUT:.0f} s; its log: {log}")
 
 
-def reload(client: httpx.Client, root: str, directory: Path, version: int) -> float:
-    """The vllm backend's reload sequence; the seconds the ``reload_weights`` call took."""
-    def post(path: str, **kw) -> httpx.Response:
-        resp = client.post(f"{root}{path}", timeout=RELOAD_TIMEOUT, **kw)
-        if resp.status_code != 200:
-            raise SystemExit(f"POST {path} -> {resp.status_code} {resp.text[:500]}")
-        return resp
+def reload(engine, client: httpx.Client, root: str, directory: Path, version: int) -> float:
+    """rlstream's vllm reload (``rlstream.sampling.engines``), with the ``reload_weights`` call
+    timed on its own (an event hook on the client); the seconds that call took."""
+    spans: list[float] = []
 
-    post("/pause", params={"mode": "wait"})
+    def start(request: httpx.Request) -> None:
+        if request.url.path == "/collective_rpc":
+            spans.append(-time.perf_counter())
+
+    def end(response: httpx.Response) -> None:
+        if response.request.url.path == "/collective_rpc":
+            spans[-1] += time.perf_counter()
+
+    client.event_hooks = {"request": [start], "response": [end]}
     try:
-        t0 = time.perf_counter()
-        post("/collective_rpc", json={"method": "reload_weights", "kwargs": {"weights_path": str(directory)}})
-        rpc = time.perf_counter() - t0
-        post("/reset_prefix_cache")
-        post("/update_weight_version", json={"new_version": str(version)})
+        engine.reload(client, root, directory, version, timeout=RELOAD_TIMEOUT)
     finally:
-        post("/resume")
-    return rpc
+        client.event_hooks = {"request": [], "response": []}
+    return spans[-1]
 
 
 def served_logprob(client: httpx.Client, root: str) -> tuple[int, float]:
@@ -162,6 +164,9 @@ def served_logprob(client: httpx.Client, root: str) -> tuple[int, float]:
 
 
 def bench_size(python: Path, root: Path, hidden: int, layers: int, reloads: int) -> dict:
+    from rlstream.sampling.engines import engine_for
+
+    engine = engine_for("vllm", namespace="bench")
     a, b, n_params = build_dirs(root, hidden, layers)
     size_mb = sum(p.stat().st_size for p in a.iterdir()) / 1e6
     port = free_port()
@@ -174,11 +179,10 @@ def bench_size(python: Path, root: Path, hidden: int, layers: int, reloads: int)
             for i in range(1, reloads + 1):
                 directory = b if i % 2 else a
                 t0 = time.perf_counter()
-                rpcs.append(reload(client, url, directory, i))
+                rpcs.append(reload(engine, client, url, directory, i))
                 totals.append(time.perf_counter() - t0)
-                served = client.get(f"{url}/weight_info", timeout=10).json().get("weight_version")
-                if served != str(i):
-                    raise SystemExit(f"/weight_info says {served!r} after reload {i}")
+                if (served := engine.served_version(client, url)) != i:
+                    raise SystemExit(f"the server says it serves v{served} after reload {i}")
                 token, lp = served_logprob(client, url)
                 errors.append(abs(lp - expected_logprob(directory, token)))
     finally:
