@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from rlstream.core.config import ADVANTAGE_METHODS, BUILTIN_MODEL, BUILTIN_REWARDS, Config
+from rlstream.core.config import ADVANTAGE_METHODS, BUILTIN_MODELS, BUILTIN_REWARDS, Config
 from rlstream.core.errors import ConfigError
 from rlstream.core.imports import import_object
 
@@ -31,9 +31,9 @@ def preflight(cfg: Config) -> None:
         path = getattr(cfg, name)
         if path and not Path(path).is_dir():
             raise ConfigError(f"config error: {name}: {path!r} is not a directory")
-    if cfg.base_model != BUILTIN_MODEL and not (Path(cfg.base_model) / "config.json").is_file():
-        raise ConfigError(f"config error: base_model: {cfg.base_model!r} is neither 'builtin:tiny' nor an HF model "
-                          "directory (no config.json)")
+    if cfg.base_model not in BUILTIN_MODELS and not (Path(cfg.base_model) / "config.json").is_file():
+        raise ConfigError(f"config error: base_model: {cfg.base_model!r} is neither a built-in model "
+                          f"({', '.join(BUILTIN_MODELS)}) nor an HF model directory (no config.json)")
     if cfg.wandb.project and importlib.util.find_spec("wandb") is None:  # the trainer would fail at its start
         raise ConfigError(f"config error: wandb.project = {cfg.wandb.project!r} but wandb is not installed: "
                           "`pip install wandb`, or drop the wandb section (RLSTREAM_WANDB_PROJECT='' turns it off)")

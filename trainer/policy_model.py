@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from rlstream.core import weights
-from rlstream.core.config import BUILTIN_MODEL, Config
+from rlstream.core.config import BUILTIN_MODELS, Config
 from rlstream.core.errors import ConfigError, RlstreamError
 from rlstream.core.messages import WeightsPublished
 from rlstream.trainer import lora
@@ -23,11 +23,12 @@ log = logging.getLogger(__name__)
 
 
 def base_model_path(cfg: Config, run_dir: Path) -> Path:
-    """The HF directory the run starts from; ``builtin:tiny`` is built into the run dir."""
-    if cfg.base_model == BUILTIN_MODEL:
+    """The HF directory the run starts from; a built-in model (``builtin:tiny``,
+    ``builtin:tiny-h64``) is built into the run dir."""
+    if cfg.base_model in BUILTIN_MODELS:
         from rlstream.builtin.tiny_model import save_tiny_model
 
-        return save_tiny_model(run_dir / "base_model", seed=cfg.seed)
+        return save_tiny_model(run_dir / "base_model", seed=cfg.seed, name=cfg.base_model)
     path = Path(cfg.base_model)
     if not (path / "config.json").is_file():
         raise ConfigError(f"base_model {cfg.base_model!r} is not an HF model directory (no config.json)")

@@ -41,7 +41,7 @@ class Session:
         return entry_id
 
     def base_path(self) -> Path:
-        """The base model's HF directory (``builtin:tiny`` is built into the run directory)."""
+        """The base model's HF directory (a built-in model is built into the run directory)."""
         from rlstream.trainer.policy_model import base_model_path
 
         return base_model_path(self.cfg, self.run_dir)

