@@ -5,9 +5,21 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from rlstream.core.config import ADVANTAGE_METHODS, BUILTIN_MODELS, BUILTIN_REWARDS, Config
+from rlstream.core.config import ADVANTAGE_METHODS, BUILTIN_MODEL, BUILTIN_MODELS, BUILTIN_REWARDS, Config
 from rlstream.core.errors import ConfigError
 from rlstream.core.imports import import_object
+
+
+def ties_word_embeddings(base_model: str) -> bool:
+    """Whether the model's lm_head is its input embedding matrix (transformers' default is tied)."""
+    if base_model in BUILTIN_MODELS:
+        return base_model == BUILTIN_MODEL  # builtin:tiny-h64 is untied for vLLM
+    from transformers import AutoConfig  # late: only a vllm run pays for the import
+
+    # The class's default applies when config.json omits the key (tied for most, not for all)
+    config = AutoConfig.from_pretrained(base_model)
+    return bool(getattr(config, "tie_word_embeddings", False) or
+                getattr(config.get_text_config(), "tie_word_embeddings", False))
 
 
 def preflight(cfg: Config) -> None:
@@ -34,6 +46,12 @@ def preflight(cfg: Config) -> None:
     if cfg.base_model not in BUILTIN_MODELS and not (Path(cfg.base_model) / "config.json").is_file():
         raise ConfigError(f"config error: base_model: {cfg.base_model!r} is neither a built-in model "
                           f"({', '.join(BUILTIN_MODELS)}) nor an HF model directory (no config.json)")
+    if cfg.inference.backend == "vllm" and ties_word_embeddings(cfg.base_model):
+        raise ConfigError(f"config error: base_model {cfg.base_model!r} ties its output projection to its input "
+                          "embeddings (tie_word_embeddings), and vLLM 0.32's in-place reload leaves a tied lm_head at "
+                          "the weights the server started with, so samples after the first sync would come from mixed "
+                          "weights: untie the model once before the run (docs/inference-engines.md, 'Tied word "
+                          "embeddings and vLLM 0.32'; builtin:tiny-h64 is untied)")
     if cfg.wandb.project and importlib.util.find_spec("wandb") is None:  # the trainer would fail at its start
         raise ConfigError(f"config error: wandb.project = {cfg.wandb.project!r} but wandb is not installed: "
                           "`pip install wandb`, or drop the wandb section (RLSTREAM_WANDB_PROJECT='' turns it off)")

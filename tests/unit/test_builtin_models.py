@@ -79,3 +79,20 @@ def test_h64_learns_the_builtin_task():
 
     before, after = builtin_run("float32", lr=2e-3, model_name=H64)
     assert before < 0.1 and after >= before + 0.3, (before, after)
+
+
+def test_up_refuses_a_tied_model_for_vllm_and_accepts_an_untied_one(tmp_path):
+    """vLLM 0.32's reload leaves a tied lm_head stale (docs/inference-engines.md): refused before
+    anything starts, naming the way out; builtin:tiny-h64 and an untied directory pass."""
+    def vllm(base_model):
+        return Config.model_validate({"base_model": str(base_model), "inference": {
+            "backend": "vllm", "base_url": "http://127.0.0.1:8000/v1"}})
+
+    tied = save_tiny_model(tmp_path / "tied", name="builtin:tiny")
+    with pytest.raises(ConfigError, match="tie_word_embeddings.*untie the model once"):
+        preflight(vllm(tied))
+    with pytest.raises(ConfigError, match="untie"):
+        preflight(vllm("builtin:tiny"))
+    preflight(vllm("builtin:tiny-h64"))
+    preflight(vllm(save_tiny_model(tmp_path / "untied", name="builtin:tiny-h64")))
+    preflight(Config.model_validate({"base_model": str(tied)}))  # the local backend reloads nothing
