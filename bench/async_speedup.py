@@ -29,17 +29,18 @@ identical in both modes, are left out. Idle share = sum of ``perf/trainer_wait_f
 over that sum.
 
 The theoretical bound of the speedup, for the latency distribution and the trainer's measured
-compute time per step (``c``, from the synchronous run: wall - wait): a synchronous step takes at
-least ``c`` + the time its P groups take on K workers (each group as long as its slowest of G
-completions; Monte Carlo over the same distribution); an asynchronous step at least
-max(``c``, P * E[group time] / K) (the workers never idle, the trainer never waits).
+compute time per step (``c``, from the synchronous run: wall - wait), with W = K * G request slots
+(a worker's window is one of requests, docs/design.md §15.73): a synchronous step takes at least
+``c`` + the time its P * G requests take on W slots (each request to the slot that frees first;
+Monte Carlo over the same distribution); an asynchronous step at least
+max(``c``, P * G * E[latency] / W) (the window never idles, the trainer never waits).
 """
 from __future__ import annotations
 
 import argparse
+import heapq
 import os
 import platform
-import random
 import shutil
 import statistics
 import subprocess
@@ -104,25 +105,19 @@ def run_once(workdir: Path, redis_url: str, server: LatencyServer, run_id: str, 
             "max_in_flight": stats["max_in_flight"]}
 
 
-def bound(spec: str, groups: int, group_size: int, workers: int, compute: float, trials: int = 4000) -> float:
-    """The theoretical speedup (module docstring) by Monte Carlo over ``spec``."""
+def bound(spec: str, groups: int, group_size: int, slots: int, compute: float, trials: int = 2000) -> float:
+    """The theoretical speedup (module docstring) by Monte Carlo over ``spec``; ``slots`` = W."""
     draw = parse_latency(spec, seed=12345)
-    rng = random.Random(7)
-
-    def group() -> float:
-        return max(draw() for _ in range(group_size))
-
-    sync_steps, group_times = [], []
+    sync_steps, latencies = [], []
     for _ in range(trials):
-        load = [0.0] * workers
-        for _ in range(groups):  # each group to the worker that frees first
-            t = group()
-            group_times.append(t)
-            i = min(range(workers), key=lambda k: (load[k], rng.random()))
-            load[i] += t
-        sync_steps.append(max(load))
+        free = [0.0] * slots  # a heap of the times the request slots free
+        for _ in range(groups * group_size):  # each request to the slot that frees first
+            t = draw()
+            latencies.append(t)
+            heapq.heapreplace(free, free[0] + t)
+        sync_steps.append(max(free))
     sync = compute + statistics.mean(sync_steps)
-    asynchronous = max(compute, groups * statistics.mean(group_times) / workers)
+    asynchronous = max(compute, groups * group_size * statistics.mean(latencies) / slots)
     return sync / asynchronous
 
 
@@ -189,7 +184,8 @@ def main(argv: list[str] | None = None) -> None:
             s, a = results[(label, name, "sync")], results[(label, name, "async")]
             sync_wall, async_wall = sum(x["wall"] for x in s), sum(x["wall"] for x in a)
             compute = statistics.mean(x["compute"] for x in s)
-            limit = bound(spec, args.groups, args.group_size, args.workers * args.groups_per_worker, compute)
+            limit = bound(spec, args.groups, args.group_size, args.workers * args.groups_per_worker * args.group_size,
+                          compute)
             for mode, runs in (("sync", s), ("async", a)):
                 wall = sum(x["wall"] for x in runs)
                 speed = f"{sync_wall / async_wall:.2f}x" if mode == "async" else ""
