@@ -30,7 +30,7 @@ over that sum.
 
 The theoretical bound of the speedup, for the latency distribution and the trainer's measured
 compute time per step (``c``, from the synchronous run: wall - wait), with W = K * G request slots
-(a worker's window is one of requests, docs/design.md §15.73): a synchronous step takes at least
+(a worker's window is one of requests, docs/design.md §15.73 A request-level window): a synchronous step takes at least
 ``c`` + the time its P * G requests take on W slots (each request to the slot that frees first;
 Monte Carlo over the same distribution); an asynchronous step at least
 max(``c``, P * G * E[latency] / W) (the window never idles, the trainer never waits).

@@ -4,7 +4,7 @@
 ``inference.max_concurrency`` = 64 requests in flight across groups of 4 with
 ``workers.concurrency_control = "fixed"``, never more, and every group is sampled exactly
 once (a SIGTERM with groups in flight: tests/e2e/test_elastic_workers.py). Its window is one of
-requests, not groups (§15.73): groups each waiting on one straggler do not idle the rest of it.
+requests, not groups (§15.73 A request-level window): groups each waiting on one straggler do not idle the rest of it.
 Real redis-server, real worker process; asserts counts, never timings."""
 from __future__ import annotations
 
@@ -130,7 +130,7 @@ class StragglerServer(StandinServer):
 
 
 def test_groups_waiting_on_stragglers_do_not_idle_the_request_window(r, redis_server, run_id, tmp_path):
-    """A request-level window (docs/design.md §15.73): with one straggler per G requests, each
+    """docs/design.md §15.73 A request-level window: with one straggler per G requests, each
     group held soon has one request in flight and G - 1 finished; the worker takes more groups
     until the stragglers alone fill its window of 16, so requests in flight stay at the window
     (counting groups, 16 / 4 = 4 groups would hold 4 or 5 requests and wait). The window is never
