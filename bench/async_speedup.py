@@ -1,18 +1,27 @@
 """Asynchronous vs synchronous training, the same steps, against a stand-in inference server with
 a long-tail latency and against one without a tail (the same mean latency, fixed); next to the
-theoretical bound of each. Also the trainer's idle share (benchmark 4) for every run.
+theoretical bound of each. Also the trainer's idle share (benchmark 4) for every run, and the
+requests in flight over time (the stand-in server's histogram of seconds at each count: their mean
+while any is in flight, and the share of that time at the worker's window).
 
 Run (from the repository root, in the project's venv)::
 
     python bench/async_speedup.py                    # defaults below (docs/benchmarks.md's run), ~5 min on 2 cores
     python bench/async_speedup.py --steps 20 --workers 8 --rounds 2
+    # issue 20's long-tail case: one worker, window 64, 90% of requests 0.2 s and 10% 2 s
+    python bench/async_speedup.py --tail mix:0.2,2.0,0.1 --skip-flat --workers 1 --groups 8 --group-size 8 \
+        --groups-per-worker 8 --steps 30
+    # two checkouts side by side in one run (each with its own venv): LABEL=PYTHON, runs interleaved
+    python bench/async_speedup.py ... --python old=/tmp/old/.venv/bin/python --python new=.venv/bin/python
 
 Every run is a real ``rlstream up`` of the built-in task (tiny model, trained for real) with
 ``inference.backend = "openai"`` pointed at bench/latency_server.py (started in a thread of
 this process; it also takes the weight syncs), on one embedded redis-server shared by all runs.
 The two modes differ only in ``synchronous_training`` (true: O = 0, every batch sampled by
 the weights of the step before it; false: O = ``--offpolicy``). The runs alternate sync/async
-(the order flips every round) so that load from other processes hits both alike.
+(the order flips every round) so that load from other processes hits both alike. The workers'
+window is fixed (``--concurrency-control fixed``, ``inference.max_concurrency`` requests) unless
+told otherwise, so that the window under test is the one the table names.
 
 What is timed: the wall time of steps 2..N, the sum of the trainer's ``perf/step_wall_time``
 (the time between its first and last metrics line), so process start-up and model loading,
@@ -20,17 +29,18 @@ identical in both modes, are left out. Idle share = sum of ``perf/trainer_wait_f
 over that sum.
 
 The theoretical bound of the speedup, for the latency distribution and the trainer's measured
-compute time per step (``c``, from the synchronous run: wall - wait): a synchronous step takes at
-least ``c`` + the time its P groups take on K workers (each group as long as its slowest of G
-completions; Monte Carlo over the same distribution); an asynchronous step at least
-max(``c``, P * E[group time] / K) (the workers never idle, the trainer never waits).
+compute time per step (``c``, from the synchronous run: wall - wait), with W = K * G request slots
+(a worker's window is one of requests, docs/design.md §15.73 A request-level window): a synchronous step takes at least
+``c`` + the time its P * G requests take on W slots (each request to the slot that frees first;
+Monte Carlo over the same distribution); an asynchronous step at least
+max(``c``, P * G * E[latency] / W) (the window never idles, the trainer never waits).
 """
 from __future__ import annotations
 
 import argparse
+import heapq
 import os
 import platform
-import random
 import shutil
 import statistics
 import subprocess
@@ -49,8 +59,20 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "examples" / "builtin" / "config.toml"
 
 
-def run_once(workdir: Path, redis_url: str, server: LatencyServer, run_id: str, args, synchronous: bool) -> dict:
-    """One ``rlstream up``; the figures of its steps 2..N."""
+def in_flight_figures(seconds: dict[int, float], window: int) -> tuple[float, float]:
+    """(mean requests in flight while any is, share of that time at ``window`` or more) from the
+    server's seconds at each in-flight count."""
+    busy = {level: t for level, t in seconds.items() if level > 0}
+    total = sum(busy.values())
+    if total <= 0:
+        return 0.0, 0.0
+    return (sum(level * t for level, t in busy.items()) / total,
+            sum(t for level, t in busy.items() if level >= window) / total)
+
+
+def run_once(workdir: Path, redis_url: str, server: LatencyServer, run_id: str, args, synchronous: bool,
+             python: str = sys.executable) -> dict:
+    """One ``rlstream up`` (run by ``python``); the figures of its steps 2..N."""
     overrides = {
         "max_steps": args.steps, "prompt_groups_per_step": args.groups, "completions_per_prompt": args.group_size,
         "workers.count": args.workers, "synchronous_training": str(synchronous).lower(),
@@ -59,8 +81,9 @@ def run_once(workdir: Path, redis_url: str, server: LatencyServer, run_id: str, 
         "inference.base_url": f'"{server.base_url}/v1"',
         "inference.weight_sync_url": f'"{server.base_url}/update_weights_from_disk"',
         "dcp_save_interval": 0, "save_final_checkpoint": "false",
+        "workers.concurrency_control": f'"{args.concurrency_control}"',
     }
-    cmd = [sys.executable, "-m", "rlstream.cli", "up", str(CONFIG), "--run-id", run_id]
+    cmd = [python, "-m", "rlstream.cli", "up", str(CONFIG), "--run-id", run_id]
     for k, v in overrides.items():
         cmd += ["--set", f"{k}={v}"]
     server.reset_stats()
@@ -71,32 +94,30 @@ def run_once(workdir: Path, redis_url: str, server: LatencyServer, run_id: str, 
     rows = read_metrics(workdir / "runs" / run_id / "metrics.jsonl")[1:]  # steps 2..N
     wall = sum(r["perf/step_wall_time"] for r in rows)
     wait = sum(r["perf/trainer_wait_for_sampler_time"] for r in rows)
+    stats = server.stats()
+    mean_in_flight, at_window = in_flight_figures(stats["in_flight_seconds"],
+                                                  args.workers * args.groups_per_worker * args.group_size)
     return {"wall": wall, "idle": wait / wall, "compute": (wall - wait) / len(rows),
             "stale": rows[-1]["async/stale_groups_dropped_total"] if rows else 0,
+            "groups": (len(rows) + 1) * args.groups, "mean_in_flight": mean_in_flight, "at_window": at_window,
             "reward": statistics.mean(r["rollout/reward_mean"] for r in rows),
             "overlap": statistics.mean(r.get("perf/overlap_ratio", 0.0) for r in rows),
-            "max_in_flight": server.stats()["max_in_flight"]}
+            "max_in_flight": stats["max_in_flight"]}
 
 
-def bound(spec: str, groups: int, group_size: int, workers: int, compute: float, trials: int = 4000) -> float:
-    """The theoretical speedup (module docstring) by Monte Carlo over ``spec``."""
+def bound(spec: str, groups: int, group_size: int, slots: int, compute: float, trials: int = 2000) -> float:
+    """The theoretical speedup (module docstring) by Monte Carlo over ``spec``; ``slots`` = W."""
     draw = parse_latency(spec, seed=12345)
-    rng = random.Random(7)
-
-    def group() -> float:
-        return max(draw() for _ in range(group_size))
-
-    sync_steps, group_times = [], []
+    sync_steps, latencies = [], []
     for _ in range(trials):
-        load = [0.0] * workers
-        for _ in range(groups):  # each group to the worker that frees first
-            t = group()
-            group_times.append(t)
-            i = min(range(workers), key=lambda k: (load[k], rng.random()))
-            load[i] += t
-        sync_steps.append(max(load))
+        free = [0.0] * slots  # a heap of the times the request slots free
+        for _ in range(groups * group_size):  # each request to the slot that frees first
+            t = draw()
+            latencies.append(t)
+            heapq.heapreplace(free, free[0] + t)
+        sync_steps.append(max(free))
     sync = compute + statistics.mean(sync_steps)
-    asynchronous = max(compute, groups * statistics.mean(group_times) / workers)
+    asynchronous = max(compute, groups * group_size * statistics.mean(latencies) / slots)
     return sync / asynchronous
 
 
@@ -114,26 +135,36 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--flat", default=None, help="the tail-free latency (default: fixed at the tail's mean)")
     ap.add_argument("--rounds", type=int, default=1, help="sync/async pairs per latency (order flips each round)")
     ap.add_argument("--timeout", type=float, default=600, help="seconds per run")
+    ap.add_argument("--skip-flat", action="store_true", help="only the long-tail latency")
+    ap.add_argument("--concurrency-control", choices=("fixed", "adaptive"), default="fixed",
+                    help="the workers' window (workers.concurrency_control)")
+    ap.add_argument("--python", action="append", default=None, metavar="LABEL=PATH",
+                    help="run `rlstream up` with this interpreter (another checkout's venv), labelled in the table; "
+                         "repeat to compare checkouts in one run (default: this interpreter)")
     args = ap.parse_args(argv)
+    pythons = [tuple(p.split("=", 1)) for p in args.python] if args.python else [("", sys.executable)]
     if args.flat is None:
         draw = parse_latency(args.tail, seed=99)
         args.flat = f"fixed:{statistics.mean(draw() for _ in range(200_000)):.3f}"
     load = os.getloadavg()[0]
     tmp = Path(tempfile.mkdtemp(prefix="rlbench-async-"))
     redis_server = EmbeddedRedis(tmp / "redis")
-    results: dict[tuple[str, str], list[dict]] = {}
+    results: dict[tuple[str, str, str], list[dict]] = {}
+    latencies = [("long tail", args.tail)] + ([] if args.skip_flat else [("no tail", args.flat)])
     t_start = time.monotonic()
     try:
         url = redis_server.start()
-        for name, spec in (("long tail", args.tail), ("no tail", args.flat)):
-            server = LatencyServer(spec, seed=len(results)).start()
+        for seed, (name, spec) in enumerate(latencies):
+            server = LatencyServer(spec, seed=seed).start()
             for rnd in range(args.rounds):
                 order = (True, False) if rnd % 2 == 0 else (False, True)
-                for synchronous in order:
-                    mode = "sync" if synchronous else "async"
-                    run_id = f"{mode}-{name.replace(' ', '')}-{rnd}"
-                    results.setdefault((name, mode), []).append(run_once(tmp, url, server, run_id, args, synchronous))
-                    print(f"  {run_id}: {results[(name, mode)][-1]}", file=sys.stderr, flush=True)
+                for label, python in pythons:
+                    for synchronous in order:
+                        mode = "sync" if synchronous else "async"
+                        run_id = f"{label or 'run'}-{mode}-{name.replace(' ', '')}-{rnd}"
+                        result = run_once(tmp, url, server, run_id, args, synchronous, python)
+                        results.setdefault((label, name, mode), []).append(result)
+                        print(f"  {run_id}: {result}", file=sys.stderr, flush=True)
     finally:
         redis_server.stop()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -145,27 +176,34 @@ def main(argv: list[str] | None = None) -> None:
           f"in flight, async O={args.offpolicy}, "
           f"{args.rounds} round(s)")
     print()
-    print("| latency | mode | wall s (steps 2..N) | trainer idle share | overlap | compute s/step | stale drops "
-          "| max requests in flight | speedup | bound |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for name, spec in (("long tail", args.tail), ("no tail", args.flat)):
-        s, a = results[(name, "sync")], results[(name, "async")]
-        sync_wall, async_wall = sum(x["wall"] for x in s), sum(x["wall"] for x in a)
-        compute = statistics.mean(x["compute"] for x in s)
-        limit = bound(spec, args.groups, args.group_size, args.workers * args.groups_per_worker, compute)
-        for mode, runs in (("sync", s), ("async", a)):
-            wall = sum(x["wall"] for x in runs)
-            speed = f"{sync_wall / async_wall:.2f}x" if mode == "async" else ""
-            print(f"| {name} `{spec}` | {mode} | {wall:.1f} | {statistics.mean(x['idle'] for x in runs):.0%} "
-                  f"| {statistics.mean(x['overlap'] for x in runs):.2f} "
-                  f"| {statistics.mean(x['compute'] for x in runs):.2f} "
-                  f"| {sum(x['stale'] for x in runs)} | {max(x['max_in_flight'] for x in runs)} | {speed} "
-                  f"| {f'{limit:.2f}x' if mode == 'async' else ''} |")
+    print("| checkout | latency | mode | wall s (steps 2..N) | trainer idle share | overlap | compute s/step "
+          "| stale drops (of groups) | max requests in flight | mean in flight (share at window) | speedup | bound |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for label, _ in pythons:
+        for name, spec in latencies:
+            s, a = results[(label, name, "sync")], results[(label, name, "async")]
+            sync_wall, async_wall = sum(x["wall"] for x in s), sum(x["wall"] for x in a)
+            compute = statistics.mean(x["compute"] for x in s)
+            limit = bound(spec, args.groups, args.group_size, args.workers * args.groups_per_worker * args.group_size,
+                          compute)
+            for mode, runs in (("sync", s), ("async", a)):
+                wall = sum(x["wall"] for x in runs)
+                speed = f"{sync_wall / async_wall:.2f}x" if mode == "async" else ""
+                stale, groups = sum(x["stale"] for x in runs), sum(x["groups"] for x in runs)
+                print(f"| {label or '-'} | {name} `{spec}` | {mode} | {wall:.1f} "
+                      f"| {statistics.mean(x['idle'] for x in runs):.0%} "
+                      f"| {statistics.mean(x['overlap'] for x in runs):.2f} "
+                      f"| {statistics.mean(x['compute'] for x in runs):.2f} "
+                      f"| {stale} ({stale / (groups + stale):.1%}) | {max(x['max_in_flight'] for x in runs)} "
+                      f"| {statistics.mean(x['mean_in_flight'] for x in runs):.1f} "
+                      f"({statistics.mean(x['at_window'] for x in runs):.0%}) | {speed} "
+                      f"| {f'{limit:.2f}x' if mode == 'async' else ''} |")
     print()
-    for name in ("long tail", "no tail"):  # benchmark 4: the share of its wall time the trainer sat idle
-        idle = {m: statistics.mean(x["idle"] for x in results[(name, m)]) for m in ("sync", "async")}
-        print(f"trainer idle share, {name}: sync {idle['sync']:.0%}, async {idle['async']:.0%} "
-              f"(async/sync {idle['async'] / idle['sync']:.2f})")
+    for label, _ in pythons:
+        for name, _ in latencies:  # benchmark 4: the share of its wall time the trainer sat idle
+            idle = {m: statistics.mean(x["idle"] for x in results[(label, name, m)]) for m in ("sync", "async")}
+            print(f"trainer idle share, {label + ', ' if label else ''}{name}: sync {idle['sync']:.0%}, "
+                  f"async {idle['async']:.0%} (async/sync {idle['async'] / idle['sync']:.2f})")
 
 
 if __name__ == "__main__":

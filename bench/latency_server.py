@@ -12,7 +12,8 @@ is the last token id mod 10 as a digit, so the built-in task's exact-match rewar
 p = 0.1 rather than always 0. ``POST /update_weights_from_disk`` (SGLang's weight sync) records
 the version, optionally reading every ``*.safetensors`` file of ``model_path`` (``--read-weights``)
 as a server loading them would. ``GET /stats`` reports requests served, the most in flight at
-once and the versions seen.
+once, the seconds spent at each count of requests in flight (``in_flight_seconds``: the
+in-flight count over time, as a histogram) and the versions seen.
 
 Latency distributions (seconds):
 
@@ -31,6 +32,8 @@ import json
 import math
 import random
 import threading
+import time
+from collections import Counter
 from pathlib import Path
 from typing import Callable
 
@@ -59,18 +62,20 @@ class LatencyServer:
         self.rng = random.Random(seed + 1)
         self.vocab, self.read_weights = vocab, read_weights
         self.in_flight = self.max_in_flight = self.requests = 0
+        self.in_flight_seconds: Counter[int] = Counter()  # seconds spent at each in-flight count
+        self._level_since = time.monotonic()
         self.versions: list[int] = []
         self.port = 0
         self.loop: asyncio.AbstractEventLoop | None = None
 
     async def completions(self, body: dict) -> dict:
         n, max_tokens = int(body.get("n", 1)), max(1, int(body.get("max_tokens", 1)))
-        self.in_flight += 1
+        self._move(+1)
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
             await asyncio.sleep(max(self.draw() for _ in range(n)))
         finally:
-            self.in_flight -= 1
+            self._move(-1)
             self.requests += 1
         logprob = -math.log(self.vocab)
         choices = []
@@ -80,6 +85,12 @@ class LatencyServer:
                             "logprobs": {"tokens": [f"token_id:{t}" for t in ids],
                                          "token_logprobs": [logprob] * len(ids)}})
         return {"choices": choices}
+
+    def _move(self, step: int) -> None:
+        """Change the in-flight count, charging the time since the last change to the old count."""
+        now = time.monotonic()
+        self.in_flight_seconds[self.in_flight] += now - self._level_since
+        self._level_since, self.in_flight = now, self.in_flight + step
 
     def update_weights(self, body: dict) -> dict:
         if self.read_weights:
@@ -115,11 +126,13 @@ class LatencyServer:
             writer.close()
 
     def stats(self) -> dict:
+        self._move(0)  # the current count's time up to now
         return {"requests": self.requests, "in_flight": self.in_flight, "max_in_flight": self.max_in_flight,
-                "versions": self.versions}
+                "in_flight_seconds": dict(self.in_flight_seconds), "versions": self.versions}
 
     def reset_stats(self) -> None:
         self.requests = self.max_in_flight = 0
+        self.in_flight_seconds, self._level_since = Counter(), time.monotonic()
         self.versions = []
 
     def start(self) -> LatencyServer:

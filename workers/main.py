@@ -56,14 +56,13 @@ def run_worker(cfg: Config, r: redis.Redis, worker_id: str) -> None:
     runtime = WorkerRuntime(cfg, r, worker_id, device, rollout_fn_factory=factory, events=events,
                             concurrent=holds_several(cfg))
     slots = worker_slots(cfg, runtime.controller)
-    if slots is not None:
-        runtime.on_drawn = slots.drawn
+    runtime.slots = slots
     worker = RolloutWorker([job_queue(r, cfg)], connection=r, serializer=JSONSerializer,
                            name=f"rlstream-{cfg.run_id}-{worker_id}", runtime=runtime, worker_ttl=WORKER_TTL_S,
                            slots=slots, drain_s=cfg.job_timeout + 15.0)
     events.start()
     log.info("worker %s: waiting for jobs (%s)", worker_id, "one group at a time" if slots is None else
-             f"up to {slots.capacity()} groups at once now")
+             f"groups while fewer than {slots.window()} draws are unfinished, at most {slots.max_jobs} held")
     try:
         worker.work(logging_level="WARNING")
     finally:

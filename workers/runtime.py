@@ -171,7 +171,9 @@ class WorkerRuntime:
         self.loop = self.sampling.loop if concurrent else asyncio.new_event_loop()
         self._weights_lock = threading.Lock()  # one job at a time builds or updates the policy
         self._breaker_lock = threading.Lock()
-        self.on_drawn: Any = None  # called with the rq job id once a group's draws are done (JobSlots.drawn)
+        # The worker's JobSlots (workers/slots.py), told of each group's draws by rq job id: how many a round
+        # starts, each one finished, all done. None: one job at a time, nothing to tell.
+        self.slots: Any = None
 
     def sync_weights(self, min_version: int, deadline: float | None = None) -> None:
         """Load the newest published version; wait (bounded by job_timeout) until one >=
@@ -259,6 +261,7 @@ class WorkerRuntime:
         versions the servers drew them with, in ``span`` (every draw task inherits it)."""
         tally = DrawTally() if tally is None else tally
         drawn_versions.set(span)
+        job_id = keys.job_id(self.cfg.run_id, job.group_id)
         samples: list[RolloutSample] = []
         next_index = 0
         for _ in range(self.cfg.max_incomplete_group_retries + 1):
@@ -268,9 +271,19 @@ class WorkerRuntime:
             contexts = [dict(row_index=job.row_index, epoch=job.epoch, sample_index=next_index + i, evaluation=False)
                         for i in range(missing)]
             next_index += missing
-            results = await asyncio.gather(*(self._draw(job.row, c, tally) for c in contexts))
+            if self.slots is not None:
+                self.slots.pending(job_id, missing)
+            results = await asyncio.gather(*(self._counted(job_id, self._draw(job.row, c, tally)) for c in contexts))
             samples += [s for s in results if s is not None]
         return samples
+
+    async def _counted(self, job_id: str, draw: Any) -> RolloutSample | None:
+        """``draw``, whose end (whatever it is) frees its request of the window for the next group."""
+        try:
+            return await draw
+        finally:
+            if self.slots is not None:
+                self.slots.draw_done(job_id)
 
     def run_group(self, job: GroupJob) -> dict[str, Any]:
         """Sample one group and write its outcome in one MULTI: its samples and
@@ -295,8 +308,8 @@ class WorkerRuntime:
             # A server that restarted served older weights than the policy knew: stamp what it served.
             version = span.floor(version)
             window = (started_at, time.time())  # this group's own window, however many others are in flight
-            if self.on_drawn is not None:  # its room goes to the next group while this one is written
-                self.on_drawn(keys.job_id(self.cfg.run_id, job.group_id))
+            if self.slots is not None:  # its room goes to the next group while this one is written
+                self.slots.drawn(keys.job_id(self.cfg.run_id, job.group_id))
             rejection = group_rejection(len(samples), job.group_size, self.cfg.min_group_size, tally.last_error)
             with self._breaker_lock:
                 if rejection is None or tally.failed:  # (a group lost to draws returning None is the user's choice)

@@ -1,8 +1,12 @@
-"""How many rq jobs (prompt groups) a worker holds at once (docs/design.md §15.50 Many
-groups in flight per worker). The worker takes another job only while there is room:
-fewer jobs in flight than ``capacity()``, which may change as it runs (an adaptive
-concurrency window). At least one job is always allowed, so a group larger than the window
-still runs."""
+"""How much work a worker holds at once (docs/design.md §15.50 Many groups in flight per worker,
+§15.73 A request-level window). The worker counts its room in draws, not in groups: it takes
+another rq job (a prompt group) whenever the draws of the groups it holds that are not yet
+finished (requests in flight plus draws not yet sent) fall below its request window, which may
+change as it runs (an adaptive concurrency window). A group waiting on one slow request then
+holds one request of the window, not G: its finished draws' room goes to the next group at once.
+The jobs held (drawing, or being recorded by rq) are bounded too (``max_jobs``: memory, and what
+a dead worker leaves to re-dispatch). At least one job is always allowed, so a group larger
+than the window still runs."""
 from __future__ import annotations
 
 import math
@@ -11,14 +15,19 @@ from typing import Any, Callable
 
 
 class JobSlots:
-    """Jobs held (taken, not yet recorded by rq) and, among them, jobs drawing. Room counts
-    the drawing ones: a job whose draws are done frees its room while rq records it."""
+    """Jobs held (taken, not yet recorded by rq) and, for each one still drawing, its draws not
+    yet finished. A job is counted as ``group_size`` draws from the moment it is taken (it may
+    first wait for weights: its draws are not yet sent, but they are coming); a redraw round sets
+    its count again (``pending``); each finished draw lowers it (``draw_done``)."""
 
-    def __init__(self, capacity: Callable[[], int]):
-        self.capacity = capacity
+    def __init__(self, window: Callable[[], int], group_size: int = 1, max_jobs: int | None = None):
+        self.window, self.group_size = window, max(1, group_size)
+        self.max_jobs = max_jobs  # None: bounded by the window only (each drawing job holds a draw of it)
         self.held: set[str] = set()
-        self.drawing: set[str] = set()
+        self.drawing: dict[str, int] = {}  # job id -> its draws not yet finished
+        self.outstanding = 0  # their sum
         self.peak = 0  # most jobs ever drawing at once (tests)
+        self.peak_outstanding = 0  # most draws ever outstanding at once (tests)
         self._changed = threading.Condition()
 
     @property
@@ -30,7 +39,9 @@ class JobSlots:
         return bool(self.held)
 
     def has_room(self) -> bool:
-        return len(self.drawing) < max(1, self.capacity())
+        if self.max_jobs is not None and len(self.held) >= max(1, self.max_jobs):
+            return False
+        return not self.drawing or self.outstanding < max(1, self.window())
 
     def wait_for_room(self, timeout: float) -> bool:
         """True once another job fits; False after ``timeout`` s (the caller beats and asks
@@ -41,29 +52,48 @@ class JobSlots:
     def take(self, job_id: str) -> None:
         with self._changed:
             self.held.add(job_id)
-            self.drawing.add(job_id)
+            self._set(job_id, self.group_size)
             self.peak = max(self.peak, len(self.drawing))
 
-    def drawn(self, job_id: str) -> None:
+    def pending(self, job_id: str, draws: int) -> None:
+        """A draw round of ``job_id`` starts with ``draws`` draws (the first G, or a redraw of the
+        missing ones)."""
         with self._changed:
-            self.drawing.discard(job_id)
+            if job_id in self.drawing:
+                self._set(job_id, draws)
+                self._changed.notify_all()
+
+    def draw_done(self, job_id: str) -> None:
+        """One draw of ``job_id`` finished (a sample, an invalid one, or a failure): its room
+        goes to the next group."""
+        with self._changed:
+            if self.drawing.get(job_id, 0) > 0:
+                self._set(job_id, self.drawing[job_id] - 1)
+                self._changed.notify_all()
+
+    def drawn(self, job_id: str) -> None:
+        """Every draw of ``job_id`` is done: rq records it now."""
+        with self._changed:
+            self._drop(job_id)
             self._changed.notify_all()
 
     def release(self, job_id: str) -> None:
         with self._changed:
             self.held.discard(job_id)
-            self.drawing.discard(job_id)
+            self._drop(job_id)
             self._changed.notify_all()
 
     def wait_idle(self, timeout: float) -> bool:
         with self._changed:
             return self._changed.wait_for(lambda: not self.held, timeout)
 
+    def _set(self, job_id: str, draws: int) -> None:
+        self.outstanding += draws - self.drawing.get(job_id, 0)
+        self.drawing[job_id] = draws
+        self.peak_outstanding = max(self.peak_outstanding, self.outstanding)
 
-def job_capacity(window: Callable[[], int], group_size: int) -> Callable[[], int]:
-    """Jobs to hold for a request window: enough groups to fill it (the last one may
-    overlap it: its extra draws wait for a slot of the window, they are never lost)."""
-    return lambda: max(1, math.ceil(window() / max(1, group_size)))
+    def _drop(self, job_id: str) -> None:
+        self.outstanding -= self.drawing.pop(job_id, 0)
 
 
 def most_rows(cfg: Any) -> int:
@@ -79,13 +109,21 @@ def holds_several(cfg: Any) -> bool:
     return math.ceil(most_rows(cfg) / cfg.completions_per_prompt) > 1
 
 
+def most_jobs(cfg: Any) -> int:
+    """The jobs a worker holds at most (``workers.max_groups_held``; unset: as many as its window
+    has draws, so that every group held can keep one request in flight, a straggler each)."""
+    return cfg.workers.max_groups_held or most_rows(cfg)
+
+
 def worker_slots(cfg: Any, controller: Any) -> JobSlots | None:
     """The worker's job slots, or None when it runs one group at a time: a remote backend
-    fills its concurrency controller's current window; the local backend holds
-    ``workers.local_max_batch`` rows' worth of groups."""
+    fills its concurrency controller's current window; the local backend keeps
+    ``workers.local_max_batch`` rows drawing."""
     if not holds_several(cfg):
         return None
     if cfg.inference.remote:
-        return JobSlots(job_capacity(lambda: controller.window, cfg.completions_per_prompt))
-    rows = most_rows(cfg)
-    return JobSlots(job_capacity(lambda: rows, cfg.completions_per_prompt))
+        window = lambda: controller.window  # noqa: E731
+    else:
+        rows = most_rows(cfg)
+        window = lambda: rows  # noqa: E731
+    return JobSlots(window, cfg.completions_per_prompt, most_jobs(cfg))

@@ -145,6 +145,12 @@ class WorkersConfig(ConfigSection):
         "to local_max_batch / completions_per_prompt groups at once, batching their draws; unset = one group at a "
         "time (each job's draws reproducible from its seed)"
     )
+    max_groups_held: int | None = Field(
+        None, ge=1, le=4096, description="most prompt groups (rq jobs) a worker holds at once, drawing or being "
+        "recorded, while it keeps its request window full (a group waiting on a slow request holds one request of "
+        "the window, so more groups than window / completions_per_prompt may be held); unset = the window's size in "
+        "requests (`inference.max_concurrency`, or `local_max_batch`)"
+    )
 
 
 class TrainerConfig(ConfigSection, HostedTrainerFields):  # + the cookbook's hosted-only shape fields

@@ -3,15 +3,18 @@
 (bench/standin_server.py, in this process) whose requests take a while, it keeps
 ``inference.max_concurrency`` = 64 requests in flight across groups of 4 with
 ``workers.concurrency_control = "fixed"``, never more, and every group is sampled exactly
-once (a SIGTERM with groups in flight: tests/e2e/test_elastic_workers.py).
+once (a SIGTERM with groups in flight: tests/e2e/test_elastic_workers.py). Its window is one of
+requests, not groups (§15.73 A request-level window): groups each waiting on one straggler do not idle the rest of it.
 Real redis-server, real worker process; asserts counts, never timings."""
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -94,6 +97,69 @@ def test_one_worker_keeps_max_concurrency_requests_in_flight_across_groups(r, re
             pytest.fail(f"the worker did not exit within 60 s of its SIGTERM:\n{log.read_text()[-3000:]}")
         assert not started.get_job_ids() and not queue.job_ids  # nothing left behind
     finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        server.stop()
+
+
+class StragglerServer(StandinServer):
+    """Every ``every``-th request (in arrival order) is a straggler: it stays in flight until the
+    test lets it go; the others are answered at once. With ``every`` = G, a group's worth of
+    requests brings one straggler."""
+
+    def __init__(self, every: int):
+        super().__init__("const:0.0", vocab_size=16)
+        self.every, self.arrivals, self.stragglers = every, 0, 0
+        self.let_go = threading.Event()
+
+    async def _complete(self, request):
+        self.arrivals += 1
+        if self.arrivals % self.every:
+            return await super()._complete(request)
+        self.requests += 1
+        self.in_flight += 1
+        self.stragglers += 1
+        self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+        try:
+            while not self.let_go.is_set():
+                await asyncio.sleep(0.02)
+            return 200, {"choices": [self._choice(i, int(request["max_tokens"])) for i in range(int(request["n"]))]}
+        finally:
+            self.in_flight -= 1
+
+
+def test_groups_waiting_on_stragglers_do_not_idle_the_request_window(r, redis_server, run_id, tmp_path):
+    """docs/design.md §15.73 A request-level window: with one straggler per G requests, each
+    group held soon has one request in flight and G - 1 finished; the worker takes more groups
+    until the stragglers alone fill its window of 16, so requests in flight stay at the window
+    (counting groups, 16 / 4 = 4 groups would hold 4 or 5 requests and wait). The window is never
+    exceeded, and once the stragglers answer every group is sampled exactly once."""
+    window, groups = 16, 24
+    server = StragglerServer(every=GROUP)
+    queue, proc, log = worker_on_admitted_groups(r, redis_server, run_id, tmp_path, server, groups, job_timeout=120,
+                                                 inference={"max_concurrency": window},
+                                                 workers={"concurrency_control": "fixed"})
+    try:
+        wait_until(lambda: server.in_flight >= window, 60,
+                   f"{window} requests in flight (stragglers holding {window} groups)", interval=0.05)
+        # The stragglers alone fill the window: nothing else is answered until one of them is.
+        assert server.in_flight == window and server.stragglers == window, server.stats
+        started = StartedJobRegistry(queue=queue)
+        assert len(started.get_job_ids()) > window // GROUP  # more groups held than the window has groups of G
+        server.let_go.set()
+        wait_until(lambda: len(events_of(r, run_id, GroupSampled)) == groups, 120, "every group sampled",
+                   interval=0.2)
+        assert server.peak_in_flight == window, server.stats  # filled, never exceeded
+        assert not events_of(r, run_id, GroupRejected), log.read_text()[-3000:]
+        sampled = events_of(r, run_id, GroupSampled)
+        assert len({g.group_id for g in sampled}) == groups and all(g.samples == GROUP for g in sampled)
+        assert int(r.hget(keys.rollout_stats(run_id), "rollout_failures") or 0) == 0
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0, log.read_text()[-3000:]
+        assert not started.get_job_ids() and not queue.job_ids  # nothing left behind
+    finally:
+        server.let_go.set()
         if proc.poll() is None:
             proc.kill()
             proc.wait()

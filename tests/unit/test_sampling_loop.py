@@ -14,7 +14,7 @@ from rq.timeouts import JobTimeoutException
 
 from rlstream.core.config import Config
 from rlstream.workers.sampling_loop import SamplingLoop
-from rlstream.workers.slots import JobSlots, holds_several, job_capacity, worker_slots
+from rlstream.workers.slots import JobSlots, holds_several, worker_slots
 
 
 @pytest.fixture
@@ -81,25 +81,52 @@ def test_a_loop_blocked_by_a_rollout_fn_is_reported_stuck():
     sampling.close()
 
 
-def test_job_slots_follow_a_changing_capacity():
+def test_job_slots_count_draws_not_groups():
+    """Room is counted in unfinished draws: a group waiting on one slow draw holds one request of
+    the window, and the next group is taken as soon as the draws fall below it."""
     window = {"now": 8}
-    slots = JobSlots(job_capacity(lambda: window["now"], group_size=4))
+    slots = JobSlots(lambda: window["now"], group_size=4, max_jobs=6)
     slots.take("a")
     slots.take("b")
-    assert not slots.wait_for_room(0.01)  # 2 groups of 4 fill a window of 8
+    assert not slots.wait_for_room(0.01)  # 2 groups of 4 draws fill a window of 8
     window["now"] = 12
     assert slots.wait_for_room(0.01)
     window["now"] = 8
-    slots.drawn("a")  # its draws are done: its room is free while rq records it
-    assert slots.wait_for_room(0.01) and slots.busy and not slots.wait_idle(0.01)
+    for _ in range(3):
+        slots.draw_done("a")  # three of a's draws finished, one (a straggler) still out
+    assert slots.outstanding == 5 and slots.wait_for_room(0.01)
+    slots.take("c")  # 9 draws for a window of 8: c's last draw waits for a request slot
+    assert slots.outstanding == 9 and not slots.wait_for_room(0.01)
+    slots.pending("b", 1)  # b's redraw round of its one missing member
+    assert slots.outstanding == 6 and slots.wait_for_room(0.01)
+    slots.drawn("b")  # its draws are done: no room held while rq records it
+    assert slots.outstanding == 5 and slots.busy and not slots.wait_idle(0.01)
+    slots.draw_done("zzz")  # a job the slots never took (one-group-at-a-time runtime): ignored
+    slots.drawn("a")
+    slots.draw_done("a")  # a late report of a finished job changes nothing
+    assert slots.outstanding == 4
     window["now"] = 1
-    slots.release("a")
-    slots.release("b")
-    assert slots.wait_for_room(0.01)  # one group always fits, however small the window
-    slots.take("c")
-    assert not slots.wait_for_room(0.01) and slots.peak == 2
-    slots.release("c")
+    for job in "abc":
+        slots.release(job)
+    assert slots.outstanding == 0 and slots.wait_for_room(0.01)  # one group always fits, however small the window
+    slots.take("d")
+    assert not slots.wait_for_room(0.01) and slots.peak == 3 and slots.peak_outstanding == 9
+    slots.release("d")
     assert slots.wait_idle(0.01)
+
+
+def test_job_slots_bound_the_jobs_held():
+    """However few draws are unfinished, at most ``max_jobs`` groups are held (memory), counting
+    the ones rq is still recording."""
+    slots = JobSlots(lambda: 64, group_size=4, max_jobs=3)
+    for job in "abc":
+        slots.take(job)
+        slots.pending(job, 1)  # each down to one straggler: 3 of 64 draws
+    assert not slots.wait_for_room(0.01)
+    slots.drawn("a")
+    assert not slots.wait_for_room(0.01)  # still held while rq records it
+    slots.release("a")
+    assert slots.wait_for_room(0.01)
 
 
 def test_which_workers_hold_several_groups():
@@ -109,4 +136,7 @@ def test_which_workers_hold_several_groups():
     assert holds_several(Config(completions_per_prompt=8, inference=openai))
     assert not holds_several(Config(completions_per_prompt=8, inference={**openai, "max_concurrency": 8}))
     slots = worker_slots(Config(completions_per_prompt=8, workers={"local_max_batch": 32}), controller=None)
-    assert slots is not None and slots.capacity() == 4
+    assert slots is not None and slots.window() == 32 and slots.max_jobs == 32
+    slots = worker_slots(Config(completions_per_prompt=8, inference=openai, workers={"max_groups_held": 12}),
+                         controller=type("Controller", (), {"window": 40})())
+    assert slots.window() == 40 and slots.max_jobs == 12 and slots.group_size == 8
