@@ -38,8 +38,9 @@ VLLM_0_32_FLAGS = {"--model", "--served-model-name", "--host", "--port", "--logp
 
 
 def config(tmp_path: Path, **inference) -> Config:
+    # builtin:tiny-h64: `up` refuses the tied builtin:tiny for vllm (rlstream.preflight)
     return Config.model_validate({"log_path": str(tmp_path / "runs"), "run_id": "eng", "max_seq_len": 64,
-                                  "inference": {"backend": "vllm", "base_url": "http://127.0.0.1:8123/v1",
+                                  "base_model": "builtin:tiny-h64", "inference": {"backend": "vllm", "base_url": "http://127.0.0.1:8123/v1",
                                                 "launch": True, **inference}})
 
 
@@ -53,7 +54,7 @@ def test_vllm_command_line_and_environment(tmp_path):
     argv = engine_command(cfg, "http://127.0.0.1:8123/v1", "/runs/eng/weights/v0")
     assert argv[:3] == ["/venvs/vllm/bin/python", "-m", "vllm.entrypoints.openai.api_server"]
     assert flags(argv) | {"--enforce-eager": "x"} == {
-        "--model": "/runs/eng/weights/v0", "--served-model-name": "builtin:tiny", "--host": "127.0.0.1",
+        "--model": "/runs/eng/weights/v0", "--served-model-name": "builtin:tiny-h64", "--host": "127.0.0.1",
         "--port": "8123", "--logprobs-mode": "processed_logprobs", "--max-model-len": "64", "--dtype": "float32",
         "--enforce-eager": "x"}
     assert argv[-3:] == ["--enforce-eager", "--dtype", "float32"]  # the user's flags come last, as given
@@ -72,7 +73,7 @@ def test_sglang_command_line_uses_its_own_flag_names(tmp_path):
     cfg = config(tmp_path, backend="sglang", engine_args=["--mem-fraction-static", "0.5"])
     argv = engine_command(cfg, "http://127.0.0.1:30000/v1", "/runs/eng/weights/v7", version=7)
     assert argv[1:3] == ["-m", "sglang.launch_server"]
-    assert flags(argv) == {"--model-path": "/runs/eng/weights/v7", "--served-model-name": "builtin:tiny",
+    assert flags(argv) == {"--model-path": "/runs/eng/weights/v7", "--served-model-name": "builtin:tiny-h64",
                            "--host": "127.0.0.1", "--port": "30000", "--weight-version": "eng:7",
                            "--context-length": "64", "--mem-fraction-static": "0.5"}
     assert set(flags(argv)) - {"--mem-fraction-static"} <= SGLANG_0_5_23_FLAGS
@@ -287,7 +288,7 @@ def test_an_external_server_is_checked_and_a_refusal_names_its_url(standin, monk
 
     def check_server(client, root, *, backend, model_name, max_seq_len):
         seen.append((root, backend, model_name, max_seq_len))
-        raise EngineRefused("it serves another model: start it with --served-model-name builtin:tiny")
+        raise EngineRefused("it serves another model: start it with --served-model-name builtin:tiny-h64")
 
     monkeypatch.setattr(engine_launch, "check_server", check_server)
     publish(cfg.run_dir(), 0)
@@ -301,7 +302,7 @@ def test_an_external_server_is_checked_and_a_refusal_names_its_url(standin, monk
                 engine_launch.check_external(external, http, bound=30)
     finally:
         server.stop(5)
-    assert seen == [(server.root, "vllm", "builtin:tiny", 64)]
+    assert seen == [(server.root, "vllm", "builtin:tiny-h64", 64)]
 
 
 def test_up_starts_the_engine_on_the_published_v0_and_stops_it_when_the_check_refuses(standin, monkeypatch, capsys):
