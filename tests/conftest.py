@@ -9,7 +9,6 @@ import pytest
 from rlstream.core.connection import connect
 from rlstream.core.embedded_redis import EmbeddedRedis
 
-
 FIRST = frozenset({"tests/e2e/test_vllm_engine.py"})
 
 
