@@ -29,7 +29,11 @@ from rlstream.core.codec import decode
 from rlstream.core.messages import RolloutSample
 from rlstream.core.metrics import read_metrics
 
-pytestmark = pytest.mark.e2e
+# slow (run with `pytest -m slow tests/e2e/test_vllm_engine.py`): measured 2026-12-07 on 2 cores, it
+# passes (0.063 -> 0.762, audit clean, 0 of 4,816 logprobs off) but costs ~8-9 CPU-minutes (the side
+# venv, two vLLM starts, 11.5k samples at ~50/s), and with it the suite took 21-22 min, over its
+# 20-minute bound. Issue 19 stays open until it fits (docs/design.md §16 Known gaps).
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 RUN = "vllm"
 # Measured 2026-12-07 in process (tests/unit/test_precision.py's builtin_run, six sampling seeds):
