@@ -31,6 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from rlstream.builtin.task import expected_reward
 from rlstream.core.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,18 +45,6 @@ def free_port() -> int:
             if s.connect_ex(("127.0.0.1", port)) != 0:
                 return port
     raise SystemExit("no free port in 18000-18999")
-
-
-def expected_reward(weights_dir: Path) -> float:
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(weights_dir).eval()
-    prompts = torch.tensor([[3 + a, 13, 3 + b, 14] for a in range(10) for b in range(10)])
-    answers = torch.tensor([3 + (a + b) % 10 for a in range(10) for b in range(10)])
-    with torch.no_grad():
-        probs = model(prompts).logits[:, -1].float().softmax(-1)
-    return probs.gather(1, answers[:, None]).mean().item()
 
 
 def run(backend: str, args: argparse.Namespace, root: Path) -> dict:

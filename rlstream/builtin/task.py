@@ -29,3 +29,20 @@ def exact_match_reward(completion_text: str, answer: str) -> float:
     for special in SPECIAL_TOKENS:
         text = text.replace(special, "")
     return 1.0 if text.strip() == str(answer).strip() else 0.0
+
+
+def expected_reward(weights_dir) -> float:
+    """The built-in task's reward without sampling noise: the probability the model at
+    ``weights_dir`` (an HF directory) gives the right answer token, averaged over the 100
+    "a+b=" problems. torch/transformers are imported here: this module stays light."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    ids = {tok: i for i, tok in enumerate(VOCAB)}
+    problems = [(a, b) for a in range(10) for b in range(10)]
+    model = AutoModelForCausalLM.from_pretrained(weights_dir).eval()
+    prompts_B_T = torch.tensor([[ids[str(a)], ids["+"], ids[str(b)], ids["="]] for a, b in problems])
+    answers_B = torch.tensor([ids[str((a + b) % 10)] for a, b in problems])
+    with torch.no_grad():
+        probs_B_V = model(prompts_B_T).logits[:, -1].float().softmax(-1)
+    return probs_B_V.gather(1, answers_B[:, None]).mean().item()

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from fault_harness import assert_audit_clean, assert_steps_exactly
 
+from rlstream.builtin.task import expected_reward
 from rlstream.core.metrics import read_metrics
 
 pytestmark = pytest.mark.e2e
@@ -34,20 +35,6 @@ def init(**kw):
         f.write(json.dumps({k: kw.get(k) for k in ("project", "entity", "name")}) + "\\n")
     return _Run()
 """
-
-
-def expected_reward(weights_dir: Path) -> float:
-    """Mean probability of the right answer token over the 100 "a+b=" problems."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(weights_dir).eval()
-    # token ids of the built-in vocabulary: digit d is 3 + d, "+" is 13, "=" is 14
-    prompts = torch.tensor([[3 + a, 13, 3 + b, 14] for a in range(10) for b in range(10)])
-    answers = torch.tensor([3 + (a + b) % 10 for a in range(10) for b in range(10)])
-    with torch.no_grad():
-        probs = model(prompts).logits[:, -1].float().softmax(-1)
-    return probs.gather(1, answers[:, None]).mean().item()
 
 
 def run_train_py(tmp_path: Path, steps: int, learning_rate: float, extra_env: dict[str, str] | None = None,

@@ -24,6 +24,7 @@ import pytest
 from fault_harness import assert_audit_clean, assert_summary, running_up, sigkill
 from polling import wait_until
 
+from rlstream.builtin.task import expected_reward
 from rlstream.core.archive import Archive
 from rlstream.core.codec import decode
 from rlstream.core.messages import RolloutSample
@@ -70,20 +71,6 @@ def vllm_pids(port: int) -> list[int]:
                 and argv[argv.index(b"--port") + 1] == str(port).encode():
             pids.append(int(proc.name))
     return pids
-
-
-def expected_reward(weights_dir: Path) -> float:
-    """Mean probability of the right answer token over the 100 "a+b=" problems."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(weights_dir).eval()
-    # token ids of the built-in vocabulary: digit d is 3 + d, "+" is 13, "=" is 14
-    prompts = torch.tensor([[3 + a, 13, 3 + b, 14] for a in range(10) for b in range(10)])
-    answers = torch.tensor([3 + (a + b) % 10 for a in range(10) for b in range(10)])
-    with torch.no_grad():
-        probs = model(prompts).logits[:, -1].float().softmax(-1)
-    return probs.gather(1, answers[:, None]).mean().item()
 
 
 def logprob_mismatches(run_dir: Path) -> tuple[int, int, list[str]]:
