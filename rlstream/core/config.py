@@ -227,6 +227,11 @@ class InferenceConfig(ConfigSection):
                              "(exponential backoff from 0.5 s, capped at 8 s)")
     max_concurrency: int = Field(64, ge=1, le=4096, description="requests in flight per worker (across the groups it "
                                  "samples at once)")
+    merge_requests: bool = Field(
+        True, description="send the draws of one prompt with the same sampling arguments that start in the same "
+        "event-loop pass (a group's G single-sample rollouts) as one request with n = their number: the server "
+        "prefills the prompt once and answers once (5x the samples/s of vLLM on CPU, docs/benchmarks.md); off for "
+        "a server that ignores n, or to send every draw alone")
     launch: bool = Field(
         False, description="vllm / sglang: `rlstream up` starts one server per base_url (which must be on this "
         "machine), waits for its health, restarts it when it dies and stops it with the run; off = the servers "

@@ -435,23 +435,85 @@ def _server_signal(result: httpx.Response | httpx.TransportError, latency_s: flo
     return (latency_s if result.is_success else None), False
 
 
+class _Merged:
+    """Draws of one prompt with the same sampling arguments that started in one loop pass: the
+    first (the leader) sends them as one request of n = ``sum(counts)``; each other draw takes
+    its slice of the answer."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, n: int):
+        self.counts = [n]
+        self.answer: asyncio.Future = loop.create_future()
+
+
+def merge_key(prompt: list[int], kwargs: dict[str, Any]) -> tuple:
+    """What two draws must share to go out as one request: the prompt and every sampling argument."""
+    return tuple(prompt), tuple(sorted((k, repr(v)) for k, v in kwargs.items()))
+
+
 class RemoteSampler:
-    """``setup.sampler`` over an inference server. Concurrent calls are not merged here:
-    the server batches them itself (continuous batching). ``concurrency_controller``
-    (rlstream.sampling.concurrency: ``AdaptiveConcurrencyController`` or
-    ``FixedConcurrencyController``) bounds the requests in flight; unset = the policy's
-    (in a worker: one per process, chosen by ``workers.concurrency_control``)."""
+    """``setup.sampler`` over an inference server. Concurrent calls of different prompts are not
+    merged here: the server batches them itself (continuous batching). Calls of one prompt with
+    the same arguments made in one loop pass (a group's G rollouts of one row) are sent as one
+    request with n = their number when ``inference.merge_requests`` is on (docs/design.md §15.74
+    One request per group): the server prefills the prompt once and sends one answer.
+    ``concurrency_controller`` (rlstream.sampling.concurrency: ``AdaptiveConcurrencyController``
+    or ``FixedConcurrencyController``) bounds the requests in flight; unset = the policy's (in a
+    worker: one per process, chosen by ``workers.concurrency_control``)."""
 
     def __init__(self, policy: RemotePolicy, default_kwargs: dict[str, Any], concurrency_controller: Any = None):
         self.policy, self.default_kwargs = policy, default_kwargs
         self.concurrency_controller = concurrency_controller if concurrency_controller is not None \
             else policy.controller
+        self.merge = policy.cfg.merge_requests
+        self._gathering: dict[tuple, _Merged] = {}  # merge key -> the request its draws are joining
 
     async def sample_with_prompt_tokens(self, prompt_token_ids: list[int], n: int = 1,
                                         **kwargs: Any) -> list[Completion]:
         kw = {**self.default_kwargs, **kwargs}
         kw.pop("logprobs", None)  # always requested
-        return await self.policy.complete(list(prompt_token_ids), n, controller=self.concurrency_controller, **kw)
+        prompt = list(prompt_token_ids)
+        key = merge_key(prompt, kw) if self.merge else None
+        while key is not None and key in self._gathering:
+            merged = self._gathering[key]
+            offset = sum(merged.counts)
+            merged.counts.append(n)
+            try:
+                return (await asyncio.shield(merged.answer))[offset:offset + n]
+            except asyncio.CancelledError:
+                # The leader's job ended (a timeout cancels its tasks), not this draw's: draw again.
+                if merged.answer.cancelled() and not asyncio.current_task().cancelling():
+                    continue
+                raise
+        if key is None:
+            return await self._complete(prompt, n, kw)
+        return await self._lead(key, prompt, n, kw)
+
+    async def _lead(self, key: tuple, prompt: list[int], n: int, kw: dict[str, Any]) -> list[Completion]:
+        merged = self._gathering[key] = _Merged(asyncio.get_running_loop(), n)
+        try:
+            await asyncio.sleep(0)  # one loop pass: the other draws of the group start now and join
+        finally:
+            del self._gathering[key]
+        total = sum(merged.counts)
+        try:
+            completions = await self._complete(prompt, total, kw)
+            if len(completions) != total:
+                raise InferenceError(f"asked the inference server for n={total} completions of one prompt, it "
+                                     f"returned {len(completions)}; set inference.merge_requests = false for a "
+                                     "server that ignores n")
+        except BaseException as exc:
+            if len(merged.counts) > 1:  # a lone draw's future is never awaited: leave it unset
+                if isinstance(exc, asyncio.CancelledError):
+                    merged.answer.cancel()
+                else:
+                    merged.answer.set_exception(exc)
+            raise
+        if len(merged.counts) > 1:
+            merged.answer.set_result(completions)
+        return completions[:n]
+
+    async def _complete(self, prompt: list[int], n: int, kw: dict[str, Any]) -> list[Completion]:
+        return await self.policy.complete(prompt, n, controller=self.concurrency_controller, **kw)
 
     async def sample_with_tokens(self, messages: list[dict[str, Any]], n: int = 1, **kwargs: Any) -> list[Completion]:
         return await self.sample_with_prompt_tokens(chat_prompt_ids(self.policy.tokenizer, messages), n=n, **kwargs)

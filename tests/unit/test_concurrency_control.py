@@ -208,7 +208,8 @@ def test_adaptive_controller_settles_under_a_server_that_refuses_above_its_capac
     # window, so a loaded machine's pauses cannot change what the test sees.
     controller = AdaptiveConcurrencyController(initial_window=16, cooldown_s=1.0, target=10.0,
                                                clock=lambda: state["served"] / capacity)
-    cfg = InferenceConfig(backend="openai", base_url="http://inference.test/v1", max_retries=4)
+    cfg = InferenceConfig(backend="openai", base_url="http://inference.test/v1", max_retries=4,
+                          merge_requests=False)  # each draw a request: the window counts them
     published = WeightsPublished(version=0, uri="/w/v0", sha256="0" * 64, bytes=1)
     windows: list[int] = []
 
