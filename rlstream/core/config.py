@@ -225,8 +225,8 @@ class InferenceConfig(ConfigSection):
     timeout: float = Field(120.0, gt=0, le=3600, description="seconds per HTTP request")
     max_retries: int = Field(4, ge=0, le=20, description="retries of a request on connection errors, 429 and 5xx "
                              "(exponential backoff from 0.5 s, capped at 8 s)")
-    max_concurrency: int = Field(64, ge=1, le=4096, description="requests in flight per worker (across the groups it "
-                                 "samples at once)")
+    max_concurrency: int = Field(64, ge=1, le=4096, description="completions in flight per worker, across the "
+                                 "groups it samples at once (a request of n completions counts n)")
     merge_requests: bool = Field(
         True, description="send the draws of one prompt with the same sampling arguments that start in the same "
         "event-loop pass (a group's G single-sample rollouts) as one request with n = their number: the server "

@@ -1,12 +1,14 @@
-"""How many requests a sampler keeps in flight against an inference server: a fixed window
+"""How many completions a sampler keeps in flight against an inference server: a fixed window
 (``FixedConcurrencyController``) or one that adapts to what the server says
 (``AdaptiveConcurrencyController``, additive increase / multiplicative decrease).
 
-Both are used the same way around every HTTP request::
+Both are used the same way around every HTTP request, which holds as many slots of the window
+as completions it asks for (its ``n``: a group's draws merged into one request hold G, as the
+G requests they replace did; docs/design.md §15.74 One request per group)::
 
-    await controller.acquire()           # waits while the window is full
+    await controller.acquire(n)                # waits while the window has no room for n
     ...send...
-    controller.release(latency_s=0.31)   # or overloaded=True on 429/503/transport errors
+    controller.release(latency_s=0.31, n=n)    # or overloaded=True on 429/503/transport errors
 
 A request that is retried releases its slot before the back-off and acquires one again, so
 a window that shrank on the error really carries fewer requests on the retry.
@@ -31,41 +33,43 @@ MIN_WINDOW, MAX_WINDOW = 1, 256
 
 
 class _Window:
-    """A counting semaphore whose size may change while requests are in flight."""
+    """A counting semaphore whose size may change while requests are in flight. A request takes
+    ``n`` slots; one larger than the whole window goes alone (with nothing else in flight), so
+    it is never stuck."""
 
     def __init__(self, window: int):
         self._lock = threading.Lock()
         self._window = window
-        self.in_flight = 0
-        self.peak_in_flight = 0  # the most requests ever in flight at once (tests, metrics)
-        self._waiters: deque[asyncio.Future] = deque()
+        self.in_flight = 0  # slots taken: completions asked for by the requests in flight
+        self.peak_in_flight = 0  # the most ever in flight at once (tests, metrics)
+        self._waiters: deque[_Waiter] = deque()
 
     @property
     def window(self) -> int:
         return self._window
 
-    async def acquire(self) -> None:
+    async def acquire(self, n: int = 1) -> None:
         loop = asyncio.get_running_loop()
         with self._lock:
-            if not self._waiters and self.in_flight < self._window:
-                self._take()
+            if not self._waiters and self._room(n):
+                self._take(n)
                 return
-            fut = loop.create_future()
-            self._waiters.append(fut)
+            waiter = _Waiter(loop.create_future(), n)
+            self._waiters.append(waiter)
         try:
-            await fut
+            await waiter.fut
         except asyncio.CancelledError:
             with self._lock:
-                if fut in self._waiters:
-                    self._waiters.remove(fut)
-                else:  # the slot was handed over as the cancellation landed: give it back
-                    self.in_flight -= 1
-                    self._wake()
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
+                elif waiter.granted:  # the slots were handed over as the cancellation landed: give them back
+                    self.in_flight -= n
+                self._wake()  # a waiter behind this one may fit now
             raise
 
-    def _release_slot(self) -> None:
+    def _release_slot(self, n: int = 1) -> None:
         with self._lock:
-            self.in_flight = max(0, self.in_flight - 1)
+            self.in_flight = max(0, self.in_flight - n)
             self._wake()
 
     def _set_window(self, window: int) -> None:
@@ -73,18 +77,30 @@ class _Window:
             self._window = window
             self._wake()
 
-    def _take(self) -> None:
-        self.in_flight += 1
+    def _room(self, n: int) -> bool:
+        return self.in_flight == 0 or self.in_flight + n <= self._window
+
+    def _take(self, n: int) -> None:
+        self.in_flight += n
         self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
 
     def _wake(self) -> None:
-        """Hand free slots to waiters in arrival order (called with the lock held)."""
-        while self._waiters and self.in_flight < self._window:
-            fut = self._waiters.popleft()
-            if fut.done():  # cancelled while queued
+        """Hand free slots to waiters in arrival order (called with the lock held): the first in
+        line waits for room for all its slots, and no later one passes it."""
+        while self._waiters and (self._waiters[0].fut.done() or self._room(self._waiters[0].n)):
+            waiter = self._waiters.popleft()
+            if waiter.fut.done():  # cancelled while queued: its own handler gives nothing back
                 continue
-            self._take()
-            fut.get_loop().call_soon_threadsafe(_resolve, fut)
+            self._take(waiter.n)
+            waiter.granted = True
+            waiter.fut.get_loop().call_soon_threadsafe(_resolve, waiter.fut)
+
+
+class _Waiter:
+    """A request queued for ``n`` slots; ``granted`` once they are taken for it."""
+
+    def __init__(self, fut: asyncio.Future, n: int):
+        self.fut, self.n, self.granted = fut, n, False
 
 
 def _resolve(fut: asyncio.Future) -> None:
@@ -93,21 +109,21 @@ def _resolve(fut: asyncio.Future) -> None:
 
 
 class FixedConcurrencyController(_Window):
-    """At most ``window`` requests in flight: for a server whose capacity is known."""
+    """At most ``window`` completions in flight: for a server whose capacity is known."""
 
     def __init__(self, window: int):
         if window < 1:
             raise ValueError(f"FixedConcurrencyController: window must be >= 1, got {window}")
         super().__init__(window)
 
-    def release(self, latency_s: float | None = None, *, overloaded: bool = False) -> None:
-        self._release_slot()
+    def release(self, latency_s: float | None = None, *, overloaded: bool = False, n: int = 1) -> None:
+        self._release_slot(n)
 
 
 class AdaptiveConcurrencyController(_Window):
     """AIMD over what the server says.
 
-    Every ``adjust_every`` completions the window is judged on the EMA (``alpha``) of the
+    Every ``adjust_every`` completions (a request of n counts n) the window is judged on the EMA (``alpha``) of the
     signal: the server's queue time when ``queue_time_probe`` gives one (vLLM's /metrics,
     ``vllm_queue_time_probe``), else the request latency. Above ``target`` the window is
     halved (``decrease``); at or below it, and only if the window was full during the
@@ -144,17 +160,17 @@ class AdaptiveConcurrencyController(_Window):
         self._completions, self._interval_latency, self._full = 0, 0.0, False
         self._cooldown_until = -math.inf
 
-    def release(self, latency_s: float | None = None, *, overloaded: bool = False) -> None:
+    def release(self, latency_s: float | None = None, *, overloaded: bool = False, n: int = 1) -> None:
         with self._state:
             self._full |= self.in_flight >= self.window
             if overloaded:
                 self._shrink("the server is overloaded (429/503 or a transport error)")
             elif latency_s is not None:
-                self._completions += 1
-                self._interval_latency += latency_s
+                self._completions += n
+                self._interval_latency += latency_s * n
                 if self._completions >= self.adjust_every:
                     self._adjust()
-        self._release_slot()
+        self._release_slot(n)
 
     def _adjust(self) -> None:
         mean_latency = self._interval_latency / self._completions

@@ -359,9 +359,11 @@ class RemotePolicy:
 
     async def _attempt(self, server: Server, body: dict[str, Any],
                        controller: Any) -> httpx.Response | httpx.TransportError:
-        """One request holding one slot of ``controller``, which is told how the server
-        answered; the back-off before a retry holds none (a shrunk window then applies)."""
-        await controller.acquire()
+        """One request holding ``n`` slots of ``controller`` (one per completion it asks for),
+        which is told how the server answered; the back-off before a retry holds none (a shrunk
+        window then applies)."""
+        n = body["n"]
+        await controller.acquire(n)
         started, released = time.monotonic(), False
         try:
             try:
@@ -369,11 +371,11 @@ class RemotePolicy:
             except httpx.TransportError as exc:
                 result = exc
             latency, overloaded = _server_signal(result, time.monotonic() - started)
-            controller.release(latency, overloaded=overloaded)
+            controller.release(latency, overloaded=overloaded, n=n)
             released = True
         finally:
             if not released:  # cancelled (the job's timeout) or a bug: never leak a slot
-                controller.release()
+                controller.release(n=n)
         return result
 
     def _send(self, request, what: str) -> None:
@@ -454,10 +456,10 @@ class RemoteSampler:
     """``setup.sampler`` over an inference server. Concurrent calls of different prompts are not
     merged here: the server batches them itself (continuous batching). Calls of one prompt with
     the same arguments made in one loop pass (a group's G rollouts of one row) are sent as one
-    request with n = their number when ``inference.merge_requests`` is on (docs/design.md §15.74
-    One request per group): the server prefills the prompt once and sends one answer.
+    request with n = their number when ``inference.merge_requests`` is on (docs/design.md
+    §15.74 One request per group): the server prefills the prompt once and sends one answer.
     ``concurrency_controller`` (rlstream.sampling.concurrency: ``AdaptiveConcurrencyController``
-    or ``FixedConcurrencyController``) bounds the requests in flight; unset = the policy's (in a
+    or ``FixedConcurrencyController``) bounds the completions in flight; unset = the policy's (in a
     worker: one per process, chosen by ``workers.concurrency_control``)."""
 
     def __init__(self, policy: RemotePolicy, default_kwargs: dict[str, Any], concurrency_controller: Any = None):

@@ -1,7 +1,8 @@
 """One ``rlstream worker`` process with the openai backend holds many prompt groups at once
 (docs/design.md §15.50 Many groups in flight per worker): against a stand-in server
 (bench/standin_server.py, in this process) whose requests take a while, it keeps
-``inference.max_concurrency`` = 64 requests in flight across groups of 4 with
+``inference.max_concurrency`` = 64 completions in flight across groups of 4 (16 requests of
+n = 4, each group's draws merged: §15.74 One request per group) with
 ``workers.concurrency_control = "fixed"``, never more, and every group is sampled exactly
 once (a SIGTERM with groups in flight: tests/e2e/test_elastic_workers.py). Its window is one of
 requests, not groups (§15.73 A request-level window): groups each waiting on one straggler do not idle the rest of it.
@@ -82,10 +83,12 @@ def test_one_worker_keeps_max_concurrency_requests_in_flight_across_groups(r, re
         started = StartedJobRegistry(queue=queue)
         wait_until(lambda: len(started.get_job_ids()) >= WINDOW // GROUP, 90,
                    f"{WINDOW // GROUP} jobs started at once", interval=0.05)
-        wait_until(lambda: server.peak_in_flight >= WINDOW, 60, f"{WINDOW} requests in flight", interval=0.05)
+        wait_until(lambda: server.peak_in_flight >= WINDOW, 60, f"{WINDOW} completions in flight", interval=0.05)
         wait_until(lambda: len(events_of(r, run_id, GroupSampled)) == GROUPS, 120, "every group sampled",
                    interval=0.2)
         assert server.peak_in_flight == WINDOW, server.stats  # the window is filled and never exceeded
+        # one request of n = G per group (two groups of one prompt drawn together may share one)
+        assert server.requests <= GROUPS, server.stats
         assert not events_of(r, run_id, GroupRejected), log.read_text()[-3000:]
         sampled = events_of(r, run_id, GroupSampled)
         assert len({g.group_id for g in sampled}) == GROUPS and all(g.samples == GROUP for g in sampled)
@@ -134,11 +137,12 @@ def test_groups_waiting_on_stragglers_do_not_idle_the_request_window(r, redis_se
     group held soon has one request in flight and G - 1 finished; the worker takes more groups
     until the stragglers alone fill its window of 16, so requests in flight stay at the window
     (counting groups, 16 / 4 = 4 groups would hold 4 or 5 requests and wait). The window is never
-    exceeded, and once the stragglers answer every group is sampled exactly once."""
+    exceeded, and once the stragglers answer every group is sampled exactly once. Each draw is
+    its own request here (``merge_requests`` off): a straggler is one draw of its group."""
     window, groups = 16, 24
     server = StragglerServer(every=GROUP)
     queue, proc, log = worker_on_admitted_groups(r, redis_server, run_id, tmp_path, server, groups, job_timeout=120,
-                                                 inference={"max_concurrency": window},
+                                                 inference={"max_concurrency": window, "merge_requests": False},
                                                  workers={"concurrency_control": "fixed"})
     try:
         wait_until(lambda: server.in_flight >= window, 60,

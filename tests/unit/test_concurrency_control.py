@@ -90,6 +90,79 @@ def test_a_cancelled_waiter_gives_its_slot_back():
     assert controller.in_flight == 0
 
 
+def test_a_request_of_n_holds_n_slots_in_arrival_order():
+    """A group merged into one request of n (docs/design.md §15.74 One request per group) holds
+    n slots, as its n single requests did; one larger than the window goes alone; none passes an earlier one."""
+    controller = FixedConcurrencyController(16)
+
+    async def main():
+        await controller.acquire(8)
+        await controller.acquire(8)
+        third = asyncio.ensure_future(controller.acquire(8))
+        small = asyncio.ensure_future(controller.acquire(1))  # queued behind the third: waits too
+        await asyncio.sleep(0.01)
+        assert controller.in_flight == 16 and not third.done() and not small.done()
+        controller.release(n=8)
+        await asyncio.wait_for(third, 5)
+        await asyncio.sleep(0.01)
+        assert controller.in_flight == 16 and not small.done()  # no room for one more
+        controller.release(n=8)
+        await asyncio.wait_for(small, 5)
+        for n in (8, 1):
+            controller.release(n=n)
+        await asyncio.wait_for(controller.acquire(40), 5)  # larger than the window: alone, not stuck
+        big_behind = asyncio.ensure_future(controller.acquire(1))
+        await asyncio.sleep(0.01)
+        assert not big_behind.done()
+        controller.release(n=40)
+        await asyncio.wait_for(big_behind, 5)
+        controller.release()
+
+    asyncio.run(main())
+    assert controller.in_flight == 0 and controller.peak_in_flight == 40
+
+
+def test_a_waiter_cancelled_after_its_slots_were_granted_gives_them_back_once():
+    controller = FixedConcurrencyController(8)
+
+    async def main():
+        await controller.acquire(8)
+        waiter = asyncio.ensure_future(controller.acquire(4))
+        await asyncio.sleep(0)
+        controller.release(n=8)  # grants the waiter its 4 slots (resolved on the next pass)...
+        waiter.cancel()  # ...but it is cancelled first: the 4 go back
+        await asyncio.gather(waiter, return_exceptions=True)
+        assert controller.in_flight == 0
+        queued = asyncio.ensure_future(controller.acquire(4))
+        await controller.acquire(8)
+        other = asyncio.ensure_future(controller.acquire(4))
+        await asyncio.sleep(0)
+        other.cancel()  # cancelled while queued: it took nothing, gives nothing back
+        await asyncio.gather(other, return_exceptions=True)
+        controller.release(n=8)
+        await asyncio.wait_for(queued, 5)
+        assert controller.in_flight == 4
+        controller.release(n=4)
+
+    asyncio.run(main())
+    assert controller.in_flight == 0
+
+
+def test_adaptive_window_grows_under_merged_requests():
+    """Requests of n = 8 fill a window of 16 two at a time: the window is full, so it grows."""
+    controller = AdaptiveConcurrencyController(initial_window=16, adjust_every=32)
+
+    async def main():
+        for _ in range(20):
+            takers = [asyncio.ensure_future(controller.acquire(8)) for _ in range(controller.window // 8)]
+            await asyncio.gather(*takers)
+            for _ in takers:
+                controller.release(0.1, n=8)
+
+    asyncio.run(main())
+    assert controller.window > 16 and controller.in_flight == 0
+
+
 def fill_and_release(controller, latency: float, completions: int) -> None:
     """``completions`` requests, each taken while the window is full (so it may grow)."""
     async def main():

@@ -1,5 +1,6 @@
 """``inference.merge_requests``: a group's single-sample draws of one prompt go out as one
-``/completions`` request with n = G (docs/design.md §15.74), against ``httpx.MockTransport``."""
+``/completions`` request with n = G (docs/design.md §15.74 One request per group), against
+``httpx.MockTransport``."""
 from __future__ import annotations
 
 import asyncio

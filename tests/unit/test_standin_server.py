@@ -38,13 +38,14 @@ def test_answers_like_vllm_and_refuses_above_its_capacity():
             completions = parse_completions(answer, [1, 2], version=0)
             assert len(completions) == 3 and all(1 <= len(c.inference_logprobs) <= 4 for c in completions)
             assert all(3 <= t < 16 for c in completions for t in c.full_tokens[2:])
-            server.in_flight = 1  # as if one request were being served: the next is refused
+            server.in_flight = 1  # as if one completion were being served: the next 3 do not fit
             assert client.post("/v1/completions", json=body).status_code == 429
             server.in_flight = 0
             synced = client.post("/update_weights_from_disk", json={"model_path": "/w/v1", "version": 1})
             assert synced.status_code == 200
             stats = client.get("/stats").json()
-        assert stats == {"requests": 2, "in_flight": 0, "peak_in_flight": 1, "rejected": 1, "weight_updates": 1}
+        # a request of n = 3 larger than the capacity of 1 is served alone (in flight counts completions)
+        assert stats == {"requests": 2, "in_flight": 0, "peak_in_flight": 3, "rejected": 1, "weight_updates": 1}
         assert json.dumps(server.weight_updates) == '[{"model_path": "/w/v1", "version": 1}]'
     finally:
         server.stop()
