@@ -30,9 +30,10 @@ from rlstream.core.codec import decode
 from rlstream.core.messages import RolloutSample
 from rlstream.core.metrics import read_metrics
 
-# Measured 2026-12-07 on 2 cores with the side venv built: 3 min 5 s alone (0.063 -> 0.683). A
-# group's 8 draws go out as one request of n=8 (inference.merge_requests); sent one by one, as
-# before, the test took 8-9 CPU-minutes and the suite 21-22 min, over its bound.
+# Measured 2026-12-07 on 2 cores: 3 min 5 s alone (0.063 -> 0.683), 202 s in the fresh-clone suite
+# plus 131 s building the side venv (docs/benchmarks.md, Test suite). A group's 8 draws go out as one
+# request of n=8 (inference.merge_requests); sent one by one, as before, the test took 8-9
+# CPU-minutes and the suite 21-22 min, over its bound.
 pytestmark = pytest.mark.e2e
 
 RUN = "vllm"
