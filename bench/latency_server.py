@@ -12,7 +12,7 @@ is the last token id mod 10 as a digit, so the built-in task's exact-match rewar
 p = 0.1 rather than always 0. ``POST /update_weights_from_disk`` (SGLang's weight sync) records
 the version, optionally reading every ``*.safetensors`` file of ``model_path`` (``--read-weights``)
 as a server loading them would. ``GET /stats`` reports requests served, the most in flight at
-once, the seconds spent at each count of requests in flight (``in_flight_seconds``: the
+once, the seconds spent at each count of completions in flight (``in_flight_seconds``: the
 in-flight count over time, as a histogram) and the versions seen.
 
 Latency distributions (seconds):
@@ -70,12 +70,12 @@ class LatencyServer:
 
     async def completions(self, body: dict) -> dict:
         n, max_tokens = int(body.get("n", 1)), max(1, int(body.get("max_tokens", 1)))
-        self._move(+1)
+        self._move(+n)  # in flight counts completions, as a server's batch does (a request of n counts n)
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
             await asyncio.sleep(max(self.draw() for _ in range(n)))
         finally:
-            self._move(-1)
+            self._move(-n)
             self.requests += 1
         logprob = -math.log(self.vocab)
         choices = []

@@ -228,10 +228,11 @@ class InferenceConfig(ConfigSection):
     max_concurrency: int = Field(64, ge=1, le=4096, description="completions in flight per worker, across the "
                                  "groups it samples at once (a request of n completions counts n)")
     merge_requests: bool = Field(
-        True, description="send the draws of one prompt with the same sampling arguments that start in the same "
+        False, description="send the draws of one prompt with the same sampling arguments that start in the same "
         "event-loop pass (a group's G single-sample rollouts) as one request with n = their number: the server "
-        "prefills the prompt once and answers once (5x the samples/s of vLLM on CPU, docs/benchmarks.md); off for "
-        "a server that ignores n, or to send every draw alone")
+        "prefills the prompt once and answers once (5x the samples/s of vLLM on CPU with one-token completions). "
+        "The request then holds its G completions of the window until its slowest is done: off (each draw its own "
+        "request) wins when completion lengths vary widely (docs/design.md §15.74 One request per group)")
     launch: bool = Field(
         False, description="vllm / sglang: `rlstream up` starts one server per base_url (which must be on this "
         "machine), waits for its health, restarts it when it dies and stops it with the run; off = the servers "

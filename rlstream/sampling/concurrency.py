@@ -77,6 +77,12 @@ class _Window:
             self._window = window
             self._wake()
 
+    def saturated(self) -> bool:
+        """Whether the window is what holds requests back: full, or too full for the next one in
+        line (requests of n = G rarely fill a window to its last slot)."""
+        with self._lock:
+            return self.in_flight >= self._window or bool(self._waiters) and not self._room(self._waiters[0].n)
+
     def _room(self, n: int) -> bool:
         return self.in_flight == 0 or self.in_flight + n <= self._window
 
@@ -127,7 +133,7 @@ class AdaptiveConcurrencyController(_Window):
     signal: the server's queue time when ``queue_time_probe`` gives one (vLLM's /metrics,
     ``vllm_queue_time_probe``), else the request latency. Above ``target`` the window is
     halved (``decrease``); at or below it, and only if the window was full during the
-    interval (a window that is never used must not grow), it grows by
+    interval (``saturated``: a window that is never used must not grow), it grows by
     ``increase x min(target / EMA, max_increase_scale)``. Without an explicit target the
     latency target is ``latency_tolerance`` x the lowest interval latency seen (latency
     grows with output length, so no absolute number fits every task). A 429/503 or a
@@ -162,7 +168,7 @@ class AdaptiveConcurrencyController(_Window):
 
     def release(self, latency_s: float | None = None, *, overloaded: bool = False, n: int = 1) -> None:
         with self._state:
-            self._full |= self.in_flight >= self.window
+            self._full |= self.saturated()
             if overloaded:
                 self._shrink("the server is overloaded (429/503 or a transport error)")
             elif latency_s is not None:

@@ -448,7 +448,8 @@ class _Merged:
 
 
 def merge_key(prompt: list[int], kwargs: dict[str, Any]) -> tuple:
-    """What two draws must share to go out as one request: the prompt and every sampling argument."""
+    """What two draws of one event loop must share to go out as one request: the prompt and every
+    sampling argument."""
     return tuple(prompt), tuple(sorted((k, repr(v)) for k, v in kwargs.items()))
 
 
@@ -474,30 +475,34 @@ class RemoteSampler:
         kw = {**self.default_kwargs, **kwargs}
         kw.pop("logprobs", None)  # always requested
         prompt = list(prompt_token_ids)
-        key = merge_key(prompt, kw) if self.merge else None
-        while key is not None and key in self._gathering:
+        if not self.merge:
+            return await self._complete(prompt, n, kw)
+        # The loop is part of the key: a sampler shared by threads (the SDK) merges within a loop only.
+        key = (asyncio.get_running_loop(), *merge_key(prompt, kw))
+        while key in self._gathering:
             merged = self._gathering[key]
             offset = sum(merged.counts)
             merged.counts.append(n)
             try:
-                return (await asyncio.shield(merged.answer))[offset:offset + n]
+                mine = (await asyncio.shield(merged.answer))[offset:offset + n]
             except asyncio.CancelledError:
                 # The leader's job ended (a timeout cancels its tasks), not this draw's: draw again.
                 if merged.answer.cancelled() and not asyncio.current_task().cancelling():
                     continue
                 raise
-        if key is None:
-            return await self._complete(prompt, n, kw)
+            for c in mine:  # the leader recorded its stamps in its own group's span, not in this one's
+                stamps.record(c.version)
+            return mine
         return await self._lead(key, prompt, n, kw)
 
     async def _lead(self, key: tuple, prompt: list[int], n: int, kw: dict[str, Any]) -> list[Completion]:
         merged = self._gathering[key] = _Merged(asyncio.get_running_loop(), n)
         try:
-            await asyncio.sleep(0)  # one loop pass: the other draws of the group start now and join
-        finally:
-            del self._gathering[key]
-        total = sum(merged.counts)
-        try:
+            try:
+                await asyncio.sleep(0)  # one loop pass: the other draws of the group start now and join
+            finally:
+                del self._gathering[key]
+            total = sum(merged.counts)
             completions = await self._complete(prompt, total, kw)
             if len(completions) != total:
                 raise InferenceError(f"asked the inference server for n={total} completions of one prompt, it "
@@ -506,7 +511,7 @@ class RemoteSampler:
         except BaseException as exc:
             if len(merged.counts) > 1:  # a lone draw's future is never awaited: leave it unset
                 if isinstance(exc, asyncio.CancelledError):
-                    merged.answer.cancel()
+                    merged.answer.cancel()  # the followers draw again
                 else:
                     merged.answer.set_exception(exc)
             raise

@@ -112,7 +112,7 @@ class DeploymentSampler:
     n, ...)`` (async, as in the seed: wrap them in ``asyncio.run`` in a synchronous loop), each
     returning ``n`` ``Completion``s (``full_tokens``, ``prompt_len``, ``inference_logprobs``,
     ``text``, ``finish_reason``). ``concurrency_controller`` (``AdaptiveConcurrencyController`` or
-    ``FixedConcurrencyController``; None = the server sampler's default) bounds the requests in
+    ``FixedConcurrencyController``; None = the server sampler's default) bounds the completions in
     flight to an inference server; a local deployment ignores it."""
 
     def __init__(self, deployment: Deployment, tokenizer, concurrency_controller: Any, defaults: dict[str, Any]):

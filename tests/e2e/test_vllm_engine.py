@@ -32,7 +32,7 @@ from rlstream.core.metrics import read_metrics
 
 # Measured 2026-12-07 on 2 cores: 3 min 5 s alone (0.063 -> 0.683), 202 s in the fresh-clone suite
 # plus 131 s building the side venv (docs/benchmarks.md, Test suite). A group's 8 draws go out as one
-# request of n=8 (inference.merge_requests); sent one by one, as before, the test took 8-9
+# request of n=8 (inference.merge_requests = true); sent one by one, as before, the test took 8-9
 # CPU-minutes and the suite 21-22 min, over its bound.
 pytestmark = pytest.mark.e2e
 
@@ -116,7 +116,8 @@ def test_builtin_task_through_a_real_vllm_started_by_up(tmp_path, vllm_python):
             "--set", 'inference.backend="vllm"', "--set", f'inference.base_url="http://127.0.0.1:{port}/v1"',
             "--set", "inference.launch=true", "--set", f'inference.engine_python="{vllm_python}"',
             "--set", 'inference.engine_args=["--enforce-eager", "--dtype", "float32"]',
-            "--set", 'inference.engine_env={VLLM_CPU_KVCACHE_SPACE = "1"}']
+            "--set", 'inference.engine_env={VLLM_CPU_KVCACHE_SPACE = "1"}',
+            "--set", "inference.merge_requests=true"]  # one request of n = 8 per group: see above
     with running_up(tmp_path, RUN, *args) as up:
         up.wait_steps(5, timeout=START_BOUND_S)
         [server] = wait_until(lambda: vllm_pids(port), 30, f"the vLLM server on port {port}")

@@ -75,7 +75,7 @@ def worker_on_admitted_groups(r, redis_server, run_id, tmp_path, server, groups:
 def test_one_worker_keeps_max_concurrency_requests_in_flight_across_groups(r, redis_server, run_id, tmp_path):
     server = StandinServer("const:1.0", vocab_size=16)
     queue, proc, log = worker_on_admitted_groups(r, redis_server, run_id, tmp_path, server, GROUPS, job_timeout=60,
-                                                 inference={"max_concurrency": WINDOW},
+                                                 inference={"max_concurrency": WINDOW, "merge_requests": True},
                                                  # the window under test is the fixed one (the default adapts)
                                                  workers={"concurrency_control": "fixed"})
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from pathlib import Path
 
 import httpx
@@ -41,8 +42,8 @@ class Server:
         return httpx.Response(200, json={"choices": choices})
 
 
-def sampler(server: Server, **inference) -> RemoteSampler:
-    cfg = InferenceConfig(backend="openai", base_url="http://inference.test/v1", **inference)
+def sampler(server: Server, merge_requests: bool = True) -> RemoteSampler:
+    cfg = InferenceConfig(backend="openai", base_url="http://inference.test/v1", merge_requests=merge_requests)
     policy = RemotePolicy(cfg, WeightsPublished(version=0, uri="v0", sha256="0" * 64, bytes=1), None, "m",
                           Path("/weights"), transport=httpx.MockTransport(server))
     return RemoteSampler(policy, dict(KWARGS))
@@ -78,7 +79,8 @@ def test_draws_with_other_prompts_or_arguments_go_apart():
     assert len(c) == 3 and len({x for x in a + b} | {t.output_tokens[0] for t in c}) == 10
 
 
-def test_merge_off_sends_each_draw_alone():
+def test_merge_off_by_default_sends_each_draw_alone():
+    assert InferenceConfig().merge_requests is False
     server = Server()
     asyncio.run(draws(sampler(server, merge_requests=False), [PROMPT] * 4))
     assert [b["n"] for b in server.bodies] == [1] * 4
@@ -134,3 +136,78 @@ def test_a_cancelled_follower_does_not_cancel_the_request():
     first, second, third = asyncio.run(asyncio.wait_for(run(), 10))
     assert isinstance(third, asyncio.CancelledError)
     assert [b["n"] for b in server.bodies] == [3] and first[0].output_tokens != second[0].output_tokens
+
+
+def test_a_leader_cancelled_while_its_group_gathers_leaves_the_joined_draws_to_draw_again():
+    """A cancel that lands in the leader's one gathering pass (another job's timeout in the same
+    pass): the draws that joined it must not wait on a request never sent."""
+    server = Server()
+    s = sampler(server)
+
+    async def run():
+        async def cancel_leader():
+            leader.cancel()
+
+        leader = asyncio.create_task(s.sample_with_prompt_tokens(PROMPT))
+        follower = asyncio.create_task(s.sample_with_prompt_tokens(PROMPT))
+        asyncio.create_task(cancel_leader())  # runs in the same pass, while the leader gathers
+        [c] = await asyncio.wait_for(follower, 5)
+        assert leader.cancelled()
+        return c
+
+    asyncio.run(run())
+    assert [b["n"] for b in server.bodies] == [1]  # the follower's own request
+
+
+def test_each_joined_draw_records_its_stamp_in_its_own_groups_span():
+    """Two groups (each with its VersionSpan, as workers/runtime.py sets it) share one request:
+    both spans see the version it was served with (docs/design.md §15.71 Engines sync through
+    their own routes: a restarted server's older weights must lower every group's stamp)."""
+    from rlstream.sampling.stamps import VersionSpan, drawn_versions
+
+    server = Server()
+    s = sampler(server)
+    spans = [VersionSpan(), VersionSpan()]
+
+    async def group(span):
+        drawn_versions.set(span)
+        return await s.sample_with_prompt_tokens(PROMPT)
+
+    async def run():
+        await asyncio.gather(*(asyncio.create_task(group(span)) for span in spans))
+
+    asyncio.run(run())
+    assert [b["n"] for b in server.bodies] == [2]
+    assert [span.low for span in spans] == [0, 0]
+
+
+def test_a_sampler_shared_by_two_event_loops_merges_within_each_loop_only():
+    """The SDK may call one sampler from several threads, each with its own loop: a draw never
+    joins a request gathering on another loop (it would await a future of that loop)."""
+    server = Server()
+    s = sampler(server)
+    gathering, other_done, result = threading.Event(), threading.Event(), {}
+
+    def other_thread():
+        gathering.wait(5)
+        try:
+            result["ok"] = asyncio.run(asyncio.wait_for(s.sample_with_prompt_tokens(PROMPT), 5))
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            result["error"] = repr(exc)
+        other_done.set()
+
+    async def first_loop():
+        async def hold_the_gathering_pass():  # keeps this loop busy while the other thread draws
+            gathering.set()
+            other_done.wait(10)
+
+        leader = asyncio.create_task(s.sample_with_prompt_tokens(PROMPT))
+        asyncio.create_task(hold_the_gathering_pass())
+        return await leader
+
+    thread = threading.Thread(target=other_thread)
+    thread.start()
+    asyncio.run(first_loop())
+    thread.join(10)
+    assert "ok" in result, result
+    assert sorted(b["n"] for b in server.bodies) == [1, 1]
