@@ -5,7 +5,7 @@ each with its default thread settings.
 
 Run (from the repository root, in the project's venv; TRL runs from its own venv)::
 
-    python bench/vs_trl.py                 # one round, ~3-4 min on 2 cores (+ ~2 min to build the TRL venv once)
+    python bench/vs_trl.py                 # one round, ~3-4 min on 2 cores (+ the TRL venv, once)
     python bench/vs_trl.py --rounds 3      # medians of 3 alternating rounds
     python bench/vs_trl.py --trl-threads default 1             # TRL twice a round: torch's threads, then 1
     python bench/vs_trl.py --python /path/to/venv/bin/python   # a Python with trl installed
@@ -65,7 +65,7 @@ def trl_side_python() -> Path:
     python, marker = SIDE_DIR / "venv" / "bin" / "python", SIDE_DIR / "complete"
     if marker.is_file() and python.is_file():
         return python
-    print(f"building the TRL venv in {SIDE_DIR} (once; ~2 min)", file=sys.stderr, flush=True)
+    print(f"building the TRL venv in {SIDE_DIR} (once; 20 s to a few minutes)", file=sys.stderr, flush=True)
     shutil.rmtree(SIDE_DIR / "venv", ignore_errors=True)
     SIDE_DIR.mkdir(parents=True, exist_ok=True)
     _check([sys.executable, "-m", "venv", str(SIDE_DIR / "venv")])
