@@ -35,10 +35,12 @@ import datetime
 import functools
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
 import time
+import types
 from collections import defaultdict
 from pathlib import Path
 
@@ -46,12 +48,14 @@ import torch
 import transformers
 
 from rlstream.builtin.task import builtin_rows, exact_match_reward
-from rlstream.core import bus, keys
+from rlstream.core import bus, keys, weights
 from rlstream.core.codec import decode, encode
 from rlstream.core.config import load_config
 from rlstream.core.connection import client
 from rlstream.core.embedded_redis import EmbeddedRedis
 from rlstream.core.messages import GroupAdmitted, GroupSampled, RolloutSample, group_id_for, sample_id_for
+from rlstream.trainer import optimize as optimize_module
+from rlstream.trainer import policy_model
 from rlstream.trainer import trainer as trainer_module
 from rlstream.trainer.batch import collate
 from rlstream.trainer.optimize import make_optimizer, policy_update
@@ -116,20 +120,26 @@ def prefill(r, run_id: str, groups: list[list[RolloutSample]], version: int) -> 
 
 
 # ----------------------------------------------------------------- the three steps
-def bare_step(model, optimizer, tokens_B_N, attention_B_N, mask_B_T, rewards_P_G, eps: float) -> float:
-    """The minimum of an in-process GRPO step on tensors in hand."""
-    advantages_P_G = (rewards_P_G - rewards_P_G.mean(-1, keepdim=True)) / (
-        rewards_P_G.std(-1, correction=0, keepdim=True) + 1e-8)
-    advantages_B = advantages_P_G.reshape(-1)
+def bare_step(model, optimizer, tokens_B_N, attention_B_N, mask_B_T, rewards_P_G, eps: float,
+              parts: dict[str, float]) -> float:
+    """The minimum of an in-process GRPO step on tensors in hand; ``parts`` gets its phases' times."""
+    t0 = time.perf_counter()
     logits_B_T_V = model(input_ids=tokens_B_N, attention_mask=attention_B_N).logits[:, :-1].float()
     logprobs_B_T = torch.log_softmax(logits_B_T_V, -1).gather(-1, tokens_B_N[:, 1:, None])[..., 0]
+    t1 = time.perf_counter()
+    advantages_P_G = (rewards_P_G - rewards_P_G.mean(-1, keepdim=True)) / (
+        rewards_P_G.std(-1, correction=0, keepdim=True) + 1e-8)
+    adv_B_T = advantages_P_G.reshape(-1)[:, None]
     ratio_B_T = torch.exp(logprobs_B_T - logprobs_B_T.detach())
-    adv_B_T = advantages_B[:, None]
     loss_B_T = -torch.min(ratio_B_T * adv_B_T, ratio_B_T.clamp(1 - eps, 1 + eps) * adv_B_T)
     loss = (loss_B_T * mask_B_T).sum() / mask_B_T.sum()
+    t2 = time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    t3 = time.perf_counter()
     optimizer.step()
+    t4 = time.perf_counter()
+    parts.update(forward=t1 - t0, loss=t2 - t1, backward=t3 - t2, step=t4 - t3)
     return float(loss.detach())
 
 
@@ -155,6 +165,13 @@ class PartClock:
             setattr(trainer_module, name, self.wrap(name, getattr(trainer_module, name)))
         for name in ("gather", "optimize", "write_weights", "live_run", "log_metrics", "checkpoint"):
             setattr(t, name, self.wrap(name, getattr(t, name)))
+        # policy_update's parts, as minibatch_step and update_report call them
+        for name in ("token_logprobs", "compute_loss", "clip_and_step", "all_finite"):
+            setattr(optimize_module, name, self.wrap(name, getattr(optimize_module, name)))
+        # write_weights' parts: the directory written (save_pretrained x2 + seal), sealed, old versions pruned
+        weights.write_model_dir = self.wrap("write_model_dir", weights.write_model_dir)
+        weights.seal = self.wrap("seal", weights.seal)
+        policy_model.shutil = types.SimpleNamespace(rmtree=self.wrap("prune", shutil.rmtree))  # its one use
 
     def wrap(self, name, fn):
         @functools.wraps(fn)
@@ -172,6 +189,7 @@ class PartClock:
 
 
 def whole_step(t: Trainer, clock: PartClock) -> dict[str, float]:
+    clock.take()  # drop what (a)'s policy_update left in the wrapped optimize functions
     t0 = time.perf_counter()
     groups, streamed = t.gather(t.cfg.prompt_groups_per_step)
     assert len(groups) == t.cfg.prompt_groups_per_step and streamed is None, (len(groups), streamed)
@@ -179,6 +197,9 @@ def whole_step(t: Trainer, clock: PartClock) -> dict[str, float]:
     total = time.perf_counter() - t0
     parts = clock.take()
     parts["total"] = total
+    parts["backward_rest"] = parts["policy_update"] - sum(
+        parts.get(k, 0.0) for k in ("token_logprobs", "compute_loss", "clip_and_step", "all_finite"))
+    parts["save"] = parts.get("write_model_dir", 0.0) - parts.get("seal", 0.0)
     return parts
 
 
@@ -202,14 +223,15 @@ def run_setting(t: Trainer, r, batch, clock: PartClock, threads: int, rounds: in
         # (a) trains on decoded samples, as the trainer gets them from the stream.
         decoded = [[decode(encode(s), expect=RolloutSample) for s in g] for g in stamped(batch, n, t.version, "a")]
         prefill(r, cfg.run_id, stamped(batch, n, t.version), t.version)
-        clock.take()
         order = ("bare", "optimize", "step") if i % 2 == 0 else ("step", "optimize", "bare")
         row: dict[str, float] = {}
         for which in order:
             if which == "bare":
+                part = {}
                 t0 = time.perf_counter()
-                bare_step(t.model, bare_opt, tokens_B_N, attention_B_N, mask_B_T, rewards_P_G, cfg.eps_clip)
+                bare_step(t.model, bare_opt, tokens_B_N, attention_B_N, mask_B_T, rewards_P_G, cfg.eps_clip, part)
                 row["bare"] = time.perf_counter() - t0
+                row.update({f"bare.{k}": v for k, v in part.items()})
             elif which == "optimize":
                 part: dict[str, float] = {}
                 t0 = time.perf_counter()
@@ -240,6 +262,10 @@ def environment(r, threads_default: int, cfg) -> str:
 
 ROWS = [  # (label, key): None key = a section line
     ("bare torch step", "bare"),
+    ("  forward + log-softmax gather", "bare.forward"),
+    ("  advantages + clipped surrogate", "bare.loss"),
+    ("  zero_grad + backward", "bare.backward"),
+    ("  AdamW step", "bare.step"),
     ("(a) optimize: advantages + collate + policy_update", "optimize"),
     ("  advantages (per group)", "optimize.advantages"),
     ("  collate", "optimize.collate"),
@@ -249,7 +275,15 @@ ROWS = [  # (label, key): None key = a section line
     ("  optimize (collate + policy_update)", "step.optimize"),
     ("    collate", "step.collate"),
     ("    policy_update", "step.policy_update"),
+    ("      token_logprobs (forward, eval/train switch)", "step.token_logprobs"),
+    ("      compute_loss (loss + 9 metrics)", "step.compute_loss"),
+    ("      zero_grad + backward + the rest", "step.backward_rest"),
+    ("      clip_and_step (grad norm + AdamW)", "step.clip_and_step"),
+    ("      all_finite (every weight checked)", "step.all_finite"),
     ("  write_weights (save_pretrained, fsync, sha256, rename)", "step.write_weights"),
+    ("    model + tokenizer save_pretrained", "step.save"),
+    ("    seal (fsync x8, sha256, manifest, rename, fsync dir)", "step.seal"),
+    ("    prune the version past keep_weights (rmtree)", "step.prune"),
     ("  live_run (rollout stats, perf line)", "step.live_run"),
     ("  step_metrics + step_record", None),
     ("  commit_step (Lua: XADD, XACK x256, record)", "step.commit_step"),
