@@ -136,18 +136,26 @@ class Batch:
 
 
 def collate(samples: list[RolloutSample], advantages_B: torch.Tensor, pad_id: int, device: torch.device) -> Batch:
-    N = max(len(s.tokens) for s in samples)
-    B = len(samples)
+    """Right-padded (B, N) tensors of ``samples`` (equal-length arrays each, ``RolloutSample``
+    checks it). Each field's arrays are joined into one buffer and scattered into the real
+    positions at once: read row by row, those are the samples' tokens in order. A handful of
+    tensor ops whatever B (one slice assignment per sample and field cost ~3.5 ms at B = 256,
+    bench/trainer_overhead.py)."""
+    lengths_B = torch.tensor([len(s.tokens) for s in samples], dtype=torch.long)
+    B, N = len(samples), int(lengths_B.max())
+    real_B_N = torch.arange(N)[None, :] < lengths_B[:, None]
     tokens = torch.full((B, N), pad_id, dtype=torch.long)
-    attention = torch.zeros((B, N), dtype=torch.long)
     inf = torch.zeros((B, N), dtype=torch.float32)
     mask = torch.zeros((B, N), dtype=torch.float32)
-    for i, s in enumerate(samples):
-        n = len(s.tokens)
-        # array.array -> tensor without a Python-level loop (the arrays own their buffers)
-        tokens[i, :n] = torch.frombuffer(s.tokens, dtype=torch.int32)
-        inf[i, :n] = torch.frombuffer(s.logprobs, dtype=torch.float32)
-        mask[i, :n] = torch.frombuffer(s.loss_mask, dtype=torch.uint8)
-        attention[i, :n] = 1
-    return Batch(tokens.to(device), attention.to(device), inf[:, 1:].to(device), mask[:, 1:].to(device),
+    tokens[real_B_N] = _joined(samples, "tokens", torch.int32).long()
+    inf[real_B_N] = _joined(samples, "logprobs", torch.float32)
+    mask[real_B_N] = _joined(samples, "loss_mask", torch.uint8).float()
+    return Batch(tokens.to(device), real_B_N.long().to(device), inf[:, 1:].to(device), mask[:, 1:].to(device),
                  advantages_B.to(device))
+
+
+def _joined(samples: list[RolloutSample], name: str, dtype: torch.dtype) -> torch.Tensor:
+    """Every sample's ``name`` array (array.array, native byte order) end to end, one 1-D tensor
+    that owns its memory (the samples' arrays are left untouched)."""
+    joined = bytearray(b"".join(getattr(s, name) for s in samples))
+    return torch.frombuffer(joined, dtype=dtype) if joined else torch.empty(0, dtype=dtype)

@@ -33,3 +33,9 @@ def test_weight_sync_prints_the_ratio():
 def test_bus_prints_the_ratio():
     out = bench("bench/bus.py", "--samples", "500", "--repeats", "1", timeout=300)
     assert "ratio rlstream/raw (end-to-end samples/s):" in out
+
+
+def test_trainer_overhead_prints_every_part_with_its_ratio():
+    out = bench("bench/trainer_overhead.py", "--rounds", "2", "--warmup", "1", "--threads", "1", timeout=300)
+    assert "| bare torch step | " in out and "| (b) whole step, no waiting: gather + train_step | " in out, out
+    assert "trainer reached step 3;" in out, out
