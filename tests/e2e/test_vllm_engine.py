@@ -138,7 +138,10 @@ def test_builtin_task_through_a_real_vllm_started_by_up(tmp_path, vllm_python):
     print(f"expected reward v0 {before:.3f} -> v{STEPS} {after:.3f}")
     assert after >= before + 0.3, (before, after)
     total, checked, bad = logprob_mismatches(up.run_dir)
-    # A group drawn across a reload carries a version range and is not checked: measured 4,816 of
-    # 11,536 samples with one version each (a sync every ~2 s step, 16 groups a step), none off.
-    assert total >= STEPS * GROUPS * COMPLETIONS and checked >= total // 4, (total, checked)
+    # Every trained sample is in the archive (a group may train with fewer than G members when draws
+    # failed around the kill: min_group_size). A group drawn across a reload carries a version range
+    # and is not checked: measured 4,816 of 11,536 samples with one version each sending draws one by
+    # one (a sync every ~2 s step), 10,784 of 11,512 with one request per group.
+    trained = sum(r["rollout/samples"] for r in rows)
+    assert total >= trained >= STEPS * GROUPS * 4 and checked >= total // 4, (total, trained, checked)
     assert not bad, f"{len(bad)} of {checked}: {bad[:10]}"
