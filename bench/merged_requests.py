@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 import httpx
-from engine_sync import SIDE_PYTHON, free_port, start_vllm, stop, wait_healthy
+from engine_sync import SIDE_PYTHON, free_port, require_vllm_python, start_vllm, stop, wait_healthy
 
 from rlstream.builtin.task import VOCAB
 from rlstream.builtin.tiny_model import save_tiny_model
@@ -73,9 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--completions", type=int, default=8)
     ap.add_argument("--window", type=int, default=64, help="draws in flight (inference.max_concurrency)")
     args = ap.parse_args(argv)
-    if not args.python.is_file():
-        raise SystemExit(f"no Python at {args.python}: pass --python (a venv with vllm), or run "
-                         "`pytest tests/e2e/test_vllm_engine.py` once to build the cached side venv")
+    require_vllm_python(args.python)
     load = os.getloadavg()[0]
     root = Path(tempfile.mkdtemp(prefix="rlbench-merge-"))
     port = free_port()

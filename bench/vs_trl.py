@@ -56,6 +56,8 @@ TORCH = "torch==2.13.0"  # the project's torch, on local disk; any other version
 SIDE_DIR = Path.home() / ".cache" / "rlstream-bench" / TRL.replace("==", "-")
 TARGET = 0.8
 WINDOW = 10
+BUILD_TIMEOUT_S = 1800.0  # building the TRL venv (measured 21 s from local disk; a download may be slow)
+RUN_TIMEOUT_S = 1800.0  # one run of 300 steps (measured 40-220 s on a shared 2-core machine)
 POLL_S = 0.05
 
 
@@ -77,8 +79,11 @@ def trl_side_python() -> Path:
     return python
 
 
-def _check(cmd: list[str]) -> subprocess.CompletedProcess:
-    done = subprocess.run(cmd, capture_output=True, text=True)
+def _check(cmd: list[str], timeout: float = BUILD_TIMEOUT_S) -> subprocess.CompletedProcess:
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise SystemExit(f"`{' '.join(cmd)}` did not finish within {timeout:.0f} s") from None
     if done.returncode != 0:
         raise SystemExit(f"`{' '.join(cmd)}` failed ({done.returncode}):\n{(done.stdout + done.stderr)[-3000:]}")
     return done
@@ -128,6 +133,12 @@ def watch(cmd: list[str], cwd: Path, log: Path, reward_of, env: dict | None = No
                     rewards.append(reward)
         if done:
             break
+        if now > RUN_TIMEOUT_S:  # a hung run must not hang the bench
+            proc.kill()
+            proc.wait()
+            out.close()
+            raise SystemExit(f"`{' '.join(cmd)}` still running after {RUN_TIMEOUT_S:.0f} s: killed; its output is in "
+                             f"{cwd / 'output.txt'}")
         time.sleep(POLL_S)
     wall = time.monotonic() - t0
     out.close()
