@@ -24,7 +24,7 @@ from rq.timeouts import UnixSignalDeathPenalty
 from rq.worker import WorkerStatus
 
 from rlstream.core.jobs import prune_dead_executions
-from rlstream.core.messages import GroupJob
+from rlstream.core.messages import GroupJob, RolloutJob
 
 log = logging.getLogger(__name__)
 _runtime: contextvars.ContextVar = contextvars.ContextVar("rlstream_worker_runtime")
@@ -63,12 +63,34 @@ class MainThreadDeathPenalty(UnixSignalDeathPenalty):
             super().cancel_death_penalty()
 
 
+def run_groups(payload: dict[str, Any]) -> dict[str, Any]:
+    """rq job: roll out the prompt groups of one ``RolloutJob`` (``rlstream.core.jobs.JOB_FUNC``)."""
+    return _bound_runtime().run_job(RolloutJob.model_validate(payload))
+
+
 def run_group(payload: dict[str, Any]) -> dict[str, Any]:
-    """rq job: roll out one prompt group (``rlstream.core.jobs.JOB_FUNC`` names this)."""
+    """rq job of one ``GroupJob``: what the producer enqueued before jobs carried several groups
+    (a run resumed across the upgrade may still hold some)."""
+    group = GroupJob.model_validate(payload)
+    return _bound_runtime().run_job(RolloutJob(run_id=group.run_id, groups=[group]))
+
+
+def _bound_runtime() -> Any:
     runtime = _runtime.get(None)
     if runtime is None:
-        raise RuntimeError("rlstream.workers.jobs.run_group must run inside `rlstream worker` (RolloutWorker)")
-    return runtime.run_group(GroupJob.model_validate(payload))
+        raise RuntimeError("rlstream's rollout jobs must run inside `rlstream worker` (RolloutWorker)")
+    return runtime
+
+
+def job_draws(job: Any) -> int | None:
+    """The draws a job's first rounds make (its groups' sizes), read from its payload; None when
+    the payload does not say (the slots then count one group)."""
+    try:
+        payload = job.args[0]
+        groups = payload["groups"] if payload.get("kind") == "rollout_job" else [payload]
+        return sum(int(g["group_size"]) for g in groups)
+    except (AttributeError, IndexError, KeyError, TypeError, ValueError):
+        return None
 
 
 class RolloutWorker(SimpleWorker):
@@ -101,7 +123,7 @@ class RolloutWorker(SimpleWorker):
             self._perform(job, queue, execution)
             self.set_state(WorkerStatus.IDLE)
             return
-        self.slots.take(job.id)  # released by the job's thread, whatever ends it
+        self.slots.take(job.id, job_draws(job))  # released by the job's thread, whatever ends it
         threading.Thread(target=self._perform_in_thread, args=(job, queue, execution), name=f"job-{job.id}",
                          daemon=True).start()
 

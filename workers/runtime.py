@@ -11,6 +11,7 @@ import threading
 import time
 import zlib
 from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
@@ -24,6 +25,7 @@ from rlstream.core.messages import (
     GroupJob,
     GroupRejected,
     GroupSampled,
+    RolloutJob,
     RolloutSample,
     RunFinished,
     WeightsPublished,
@@ -140,6 +142,20 @@ def make_policy(cfg: Config, published: WeightsPublished, device: Any, controlle
     return policy, LocalSampler(policy, cfg.sample_kwargs(), max_batch_rows=cfg.workers.local_max_batch)
 
 
+@dataclass
+class Drawn:
+    """One group of a job as it is drawn: its samples, failures, server versions and window,
+    or why it is rejected."""
+
+    rejection: str | None = None
+    samples: list[RolloutSample] = field(default_factory=list)
+    tally: DrawTally = field(default_factory=DrawTally)
+    span: VersionSpan = field(default_factory=VersionSpan)
+    version: int | None = None  # the version its samples are stamped with (set once drawn)
+    started_at: float = 0.0
+    finished_at: float = 0.0
+
+
 class WorkerRuntime:
     """``concurrent``: jobs run in threads of their own, several at a time, their draws on
     one ``SamplingLoop`` (docs/design.md §15.50 Many groups in flight per worker); else one
@@ -254,28 +270,38 @@ class WorkerRuntime:
             return result
         return None
 
-    async def _group(self, job: GroupJob, tally: DrawTally | None = None,
-                     span: VersionSpan | None = None) -> list[RolloutSample]:
+    async def _group(self, job: GroupJob, tally: DrawTally | None = None, span: VersionSpan | None = None,
+                     job_id: str | None = None) -> list[RolloutSample]:
         """G draws; missing members (None, invalid, failed) are re-drawn for up to
         ``max_incomplete_group_retries`` more rounds. Failures are tallied in ``tally``; the
-        versions the servers drew them with, in ``span`` (every draw task inherits it)."""
+        versions the servers drew them with, in ``span`` (every draw task inherits it). The
+        first round's draws were counted in the slots when the job (``job_id``) was taken."""
         tally = DrawTally() if tally is None else tally
         drawn_versions.set(span)
-        job_id = keys.job_id(self.cfg.run_id, job.group_id)
+        job_id = keys.job_id(self.cfg.run_id, job.group_id) if job_id is None else job_id
         samples: list[RolloutSample] = []
         next_index = 0
-        for _ in range(self.cfg.max_incomplete_group_retries + 1):
+        for round_ in range(self.cfg.max_incomplete_group_retries + 1):
             missing = job.group_size - len(samples)
             if missing == 0:
                 break
             contexts = [dict(row_index=job.row_index, epoch=job.epoch, sample_index=next_index + i, evaluation=False)
                         for i in range(missing)]
             next_index += missing
-            if self.slots is not None:
-                self.slots.pending(job_id, missing)
+            if self.slots is not None and round_:
+                self.slots.more(job_id, missing)
             results = await asyncio.gather(*(self._counted(job_id, self._draw(job.row, c, tally)) for c in contexts))
             samples += [s for s in results if s is not None]
         return samples
+
+    async def _groups(self, jobs: list[GroupJob], drawn: list[Drawn], job_id: str) -> None:
+        """Every group of a job at once: their draws meet in one pass of the loop (the local
+        backend answers them with one ``generate``), each group's end time its own."""
+        async def one(group: GroupJob, out: Drawn) -> None:
+            out.samples = await self._group(group, out.tally, out.span, job_id)
+            out.finished_at = time.time()
+
+        await asyncio.gather(*(one(g, d) for g, d in zip(jobs, drawn)))
 
     async def _counted(self, job_id: str, draw: Any) -> RolloutSample | None:
         """``draw``, whose end (whatever it is) frees its request of the window for the next group."""
@@ -286,45 +312,54 @@ class WorkerRuntime:
                 self.slots.draw_done(job_id)
 
     def run_group(self, job: GroupJob) -> dict[str, Any]:
-        """Sample one group and write its outcome in one MULTI: its samples and
-        ``GroupSampled``, or ``GroupRejected`` with the reason. A bad row costs its group,
-        not the run; the circuit breaker ends the run (``RunFinished{failed}``, in the same
-        MULTI) only when groups of many rows fail (workers/breaker.py)."""
+        """``run_job`` of a job carrying this one group; its outcome."""
+        return self.run_job(RolloutJob(run_id=job.run_id, groups=[job]))["groups"][0]
+
+    def run_job(self, job: RolloutJob) -> dict[str, Any]:
+        """Sample a job's groups together and write their outcomes in one MULTI: each group's
+        samples and ``GroupSampled``, or ``GroupRejected`` with the reason. A bad row costs its
+        group, not the job or the run; the circuit breaker ends the run (``RunFinished{failed}``,
+        in the same MULTI) only when groups of many rows fail (workers/breaker.py)."""
         deadline = time.monotonic() + self.cfg.job_timeout
-        self.sync_weights(job.submit_version, deadline)
-        # Another job of this worker may load newer weights while this group is drawn: its
-        # samples are stamped with the versions at its start and end (equal when one job runs),
-        # the start lowered to the oldest version a server reported for one of its completions.
+        job_id = keys.job_id(self.cfg.run_id, job.groups[0].group_id)
+        self.sync_weights(max(g.submit_version for g in job.groups), deadline)
+        # Another job of this worker may load newer weights while these groups are drawn: their
+        # samples are stamped with the versions at their start and end (equal when one job runs),
+        # the start lowered to the oldest version a server reported for one of a group's completions.
         version = self.policy.version
-        tally, span = DrawTally(), VersionSpan()
-        rejection = self._row_problem(job)
-        samples: list[RolloutSample] = []
-        window = (0.0, 0.0)  # wall-clock start and end of the sampling
-        if rejection is None:  # a row no draw can use is not a rollout failure: the breaker never hears of it
-            if self.sampling is None:  # with several groups in flight the torch RNG is shared by all of them
-                seed_torch(job_seed(self.cfg.seed, job.group_id))
+        drawn = [Drawn(rejection=self._row_problem(g)) for g in job.groups]
+        to_draw = [(g, d) for g, d in zip(job.groups, drawn) if d.rejection is None]
+        if self.slots is not None:  # a row no draw can use gives its room back at once
+            self.slots.draw_done(job_id, sum(g.group_size for g, d in zip(job.groups, drawn) if d.rejection))
+        if to_draw:  # a row no draw can use is not a rollout failure: the breaker never hears of it
+            if self.sampling is None:  # with several jobs in flight the torch RNG is shared by all of them
+                seed_torch(job_seed(self.cfg.seed, job.groups[0].group_id))
             started_at = time.time()  # wall clock: the trainer compares it with its own (perf/overlap_ratio)
-            samples = self._run(self._group(job, tally, span), deadline)
-            # A server that restarted served older weights than the policy knew: stamp what it served.
-            version = span.floor(version)
-            window = (started_at, time.time())  # this group's own window, however many others are in flight
-            if self.slots is not None:  # its room goes to the next group while this one is written
-                self.slots.drawn(keys.job_id(self.cfg.run_id, job.group_id))
-            rejection = group_rejection(len(samples), job.group_size, self.cfg.min_group_size, tally.last_error)
-            with self._breaker_lock:
-                if rejection is None or tally.failed:  # (a group lost to draws returning None is the user's choice)
-                    self.breaker.record(rejection is None, job.row_index, tally.last_error)
+            self._run(self._groups([g for g, _ in to_draw], [d for _, d in to_draw], job_id), deadline)
+            if self.slots is not None:  # its room goes to the next job while this one is written
+                self.slots.drawn(job_id)
+            for group, d in to_draw:
+                d.started_at = started_at
+                # A server that restarted served older weights than the policy knew: stamp what it served.
+                d.version = d.span.floor(version)
+                d.rejection = group_rejection(len(d.samples), group.group_size, self.cfg.min_group_size,
+                                              d.tally.last_error)
+                with self._breaker_lock:
+                    if d.rejection is None or d.tally.failed:  # (a group lost to draws returning None: the user's)
+                        self.breaker.record(d.rejection is None, group.row_index, d.tally.last_error)
         with self._breaker_lock:
             tripped = self.breaker.tripped
         end_version = max(version, self.policy.version)
         with self.r.pipeline(transaction=True) as pipe:
-            self._add_stats(pipe, tally.counts)  # run-wide counters ride along: no extra round trip
-            if rejection is not None:
-                log.warning("worker %s: group %s rejected: %s", self.worker_id, job.group_id, rejection)
-                bus.xadd(pipe, keys.events(self.cfg.run_id),
-                         GroupRejected(group_id=job.group_id, by=self.worker_id, reason=rejection))
-            else:
-                self._add_samples(pipe, job, samples, version, end_version, window)
+            self._add_stats(pipe, sum((d.tally.counts for d in drawn), Counter()))  # no extra round trip
+            for group, d in zip(job.groups, drawn):
+                if d.rejection is not None:
+                    log.warning("worker %s: group %s rejected: %s", self.worker_id, group.group_id, d.rejection)
+                    bus.xadd(pipe, keys.events(self.cfg.run_id),
+                             GroupRejected(group_id=group.group_id, by=self.worker_id, reason=d.rejection))
+                else:
+                    self._add_samples(pipe, group, d.samples, d.version if d.version is not None else version,
+                                      end_version, (d.started_at, d.finished_at))
             if tripped:
                 bus.xadd(pipe, keys.events(self.cfg.run_id), RunFinished(reason=self.breaker.reason(), failed=True))
             pipe.set(keys.worker_heartbeat(self.cfg.run_id, self.worker_id), end_version, ex=60)
@@ -332,8 +367,11 @@ class WorkerRuntime:
         if tripped:
             log.error("worker %s: %s: stopping the run", self.worker_id, self.breaker.reason())
             raise CircuitOpen(self.breaker.reason())
-        return {"group_id": job.group_id, "samples": len(samples), "version": version, "rejected": rejection,
-                **{field: tally.counts[field] for field in keys.WORKER_STATS}}
+        return {"job_id": job_id, "groups": [
+            {"group_id": g.group_id, "samples": len(d.samples),
+             "version": d.version if d.version is not None else version, "rejected": d.rejection,
+             **{name: d.tally.counts[name] for name in keys.WORKER_STATS}}
+            for g, d in zip(job.groups, drawn)]}
 
     def _row_problem(self, job: GroupJob) -> str | None:
         """Why the built-in rollout cannot sample this row at all (None: draw). A user's
@@ -379,6 +417,6 @@ class WorkerRuntime:
 
     def _add_stats(self, pipe: Any, counts: Counter) -> None:
         """Run-wide counters the trainer reports (per-process ones die with the worker)."""
-        for field in keys.WORKER_STATS:
-            if counts[field]:
-                pipe.hincrby(keys.rollout_stats(self.cfg.run_id), field, counts[field])
+        for name in keys.WORKER_STATS:
+            if counts[name]:
+                pipe.hincrby(keys.rollout_stats(self.cfg.run_id), name, counts[name])

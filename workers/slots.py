@@ -16,9 +16,9 @@ from typing import Any, Callable
 
 class JobSlots:
     """Jobs held (taken, not yet recorded by rq) and, for each one still drawing, its draws not
-    yet finished. A job is counted as ``group_size`` draws from the moment it is taken (it may
-    first wait for weights: its draws are not yet sent, but they are coming); a redraw round sets
-    its count again (``pending``); each finished draw lowers it (``draw_done``)."""
+    yet finished. A job is counted as its groups' draws from the moment it is taken (it may
+    first wait for weights: its draws are not yet sent, but they are coming); a redraw round
+    adds to its count (``more``); each finished draw lowers it (``draw_done``)."""
 
     def __init__(self, window: Callable[[], int], group_size: int = 1, max_jobs: int | None = None):
         self.window, self.group_size = window, max(1, group_size)
@@ -49,26 +49,27 @@ class JobSlots:
         with self._changed:
             return self._changed.wait_for(self.has_room, timeout)
 
-    def take(self, job_id: str) -> None:
+    def take(self, job_id: str, draws: int | None = None) -> None:
+        """``job_id`` is held from now, counted as ``draws`` draws (its groups' first rounds;
+        unset: one group's) before any is sent: it may first wait for weights."""
         with self._changed:
             self.held.add(job_id)
-            self._set(job_id, self.group_size)
+            self._set(job_id, self.group_size if draws is None else max(1, draws))
             self.peak = max(self.peak, len(self.drawing))
 
-    def pending(self, job_id: str, draws: int) -> None:
-        """A draw round of ``job_id`` starts with ``draws`` draws (the first G, or a redraw of the
-        missing ones)."""
+    def more(self, job_id: str, draws: int) -> None:
+        """A redraw round of one of ``job_id``'s groups adds ``draws`` draws (its missing members)."""
         with self._changed:
             if job_id in self.drawing:
-                self._set(job_id, draws)
+                self._set(job_id, self.drawing[job_id] + draws)
                 self._changed.notify_all()
 
-    def draw_done(self, job_id: str) -> None:
-        """One draw of ``job_id`` finished (a sample, an invalid one, or a failure): its room
-        goes to the next group."""
+    def draw_done(self, job_id: str, draws: int = 1) -> None:
+        """``draws`` draws of ``job_id`` finished (a sample, an invalid one, or a failure), or will
+        never be sent (a group skipped): their room goes to the next group."""
         with self._changed:
             if self.drawing.get(job_id, 0) > 0:
-                self._set(job_id, self.drawing[job_id] - 1)
+                self._set(job_id, max(0, self.drawing[job_id] - draws))
                 self._changed.notify_all()
 
     def drawn(self, job_id: str) -> None:

@@ -15,6 +15,7 @@ reports a bad one before any heavy import.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tomllib
 import types
@@ -140,10 +141,16 @@ class WorkersConfig(ConfigSection):
         "overloaded server sees few refusals), or stay at `inference.max_concurrency` (fixed, for a server whose "
         "capacity is known and yours alone); a worker takes more groups while the window has room"
     )
+    groups_per_job: int | None = Field(
+        None, ge=1, le=4096, description="most prompt groups one rq job carries: a worker samples them together (the "
+        "local backend in one `generate`) and records them in one MULTI, so rq's per-job cost is shared; unset = "
+        "prompt_groups_per_step / count for the local backend, 1 for remote ones (whose groups then finish "
+        "one by one instead of with the batch's slowest)"
+    )
     local_max_batch: int | None = Field(
-        None, ge=1, le=65536, description="local backend: most rows one `generate` holds; a worker then samples up "
-        "to local_max_batch / completions_per_prompt groups at once, batching their draws; unset = one group at a "
-        "time (each job's draws reproducible from its seed)"
+        None, ge=1, le=65536, description="local backend: most rows one `generate` holds, and a worker samples up "
+        "to local_max_batch / completions_per_prompt groups of several jobs at once, batching their draws; unset = "
+        "one job at a time, its groups' draws in one `generate` (reproducible from the job's seed)"
     )
     max_groups_held: int | None = Field(
         None, ge=1, le=4096, description="most prompt groups (rq jobs) a worker holds at once, drawing or being "
@@ -510,6 +517,16 @@ class Config(ConfigSection):
     def workers_device(self) -> str:
         """``workers.device`` when set, else the top-level ``device``."""
         return self.workers.device or self.device
+
+    @property
+    def groups_per_job(self) -> int:
+        """Most prompt groups one rq job carries (``workers.groups_per_job``; unset: the local
+        backend splits a step's groups over the workers, a remote one sends each group alone)."""
+        if self.workers.groups_per_job is not None:
+            return self.workers.groups_per_job
+        if self.inference.remote:
+            return 1
+        return max(1, math.ceil(self.prompt_groups_per_step / max(1, self.workers.count)))
 
     @property
     def offpolicy_versions(self) -> int:

@@ -32,8 +32,8 @@ from rlstream.core.run_state import RunState
 log = logging.getLogger(__name__)
 FOLD_FILE = "fold.json"
 FORMAT = "rlstream-fold"
-ADMITTED_FIELDS = ("group_id", "row_index", "epoch", "attempt", "submit_version", "group_size")
-_ADMITTED_DEFAULTS = {"schema_version": SCHEMA_VERSION, "kind": "group_admitted"}
+ADMITTED_FIELDS = ("group_id", "row_index", "epoch", "attempt", "submit_version", "group_size", "job_id")
+_ADMITTED_DEFAULTS = {"schema_version": SCHEMA_VERSION, "kind": "group_admitted", "job_id": ""}
 _ADMITTED_SET = frozenset(ADMITTED_FIELDS)
 
 
@@ -59,8 +59,10 @@ def _admitted(row: list) -> GroupAdmitted:
     """A ``GroupAdmitted`` from its snapshot row. There is one per group ever admitted:
     building each through pydantic (validation ~50 µs, ``model_construct`` ~30 µs) made
     loading grow visibly with the run, so the row's types are checked here and the frozen
-    message's attributes set as pydantic itself stores them (~2 µs)."""
-    if len(row) != len(ADMITTED_FIELDS) or not isinstance(row[0], str) or not all(type(v) is int for v in row[1:]):
+    message's attributes set as pydantic itself stores them (~2 µs). A row of a snapshot written
+    before jobs carried several groups has no job id."""
+    if (len(row) not in (len(ADMITTED_FIELDS) - 1, len(ADMITTED_FIELDS)) or not isinstance(row[0], str)
+            or not all(type(v) is int for v in row[1:6]) or (len(row) == 7 and not isinstance(row[6], str))):
         raise ValueError(f"malformed admitted group in fold snapshot: {row!r:.200}")
     msg = GroupAdmitted.__new__(GroupAdmitted)
     object.__setattr__(msg, "__dict__", {**_ADMITTED_DEFAULTS, **dict(zip(ADMITTED_FIELDS, row))})

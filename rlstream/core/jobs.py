@@ -1,7 +1,8 @@
-"""The rq queue of prompt-group jobs, which the producer fills and the workers drain: its
-name, serializer (JSON, never pickle) and default timeout, the job function both sides
-name, and the rq bookkeeping both sides must survive after a kill. A group's job id comes
-from ``keys.job_id``.
+"""The rq queue of rollout jobs, which the producer fills and the workers drain: its name,
+serializer (JSON, never pickle) and default timeout, the job function both sides name, which
+job carries which group (``job_of``), and the rq bookkeeping both sides must survive after a
+kill. A job carries one or several prompt groups (docs/design.md §15.75 Several groups per
+rq job); its id comes from ``keys.job_id`` of its first group.
 
 rq 3.0 keeps, per job, an ``ExecutionRegistry`` (a sorted set of execution ids) next to
 one hash per execution. A killed worker's execution hash expires with its heartbeat TTL
@@ -16,6 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import Iterable
 
 import redis
 from rq import Queue
@@ -28,11 +30,26 @@ from rq.utils import as_text, parse_composite_key
 
 from rlstream.core import keys
 from rlstream.core.config import Config
+from rlstream.core.messages import GroupAdmitted
 
 log = logging.getLogger(__name__)
 # rq imports the job function by this name inside the worker process.
-JOB_FUNC = "rlstream.workers.jobs.run_group"
+JOB_FUNC = "rlstream.workers.jobs.run_groups"
 JOB_RETRIES = 2  # rq re-runs a failed or timed-out job this many times (no interval: that needs its scheduler)
+
+
+def job_of(run_id: str, admitted: GroupAdmitted) -> str:
+    """The rq job id of the job carrying an admitted group (events written before jobs
+    carried several groups name none: the group's own)."""
+    return admitted.job_id or keys.job_id(run_id, admitted.group_id)
+
+
+def jobs_of(run_id: str, groups: Iterable[GroupAdmitted]) -> dict[str, list[GroupAdmitted]]:
+    """``groups`` by the job carrying them, in the order given."""
+    out: dict[str, list[GroupAdmitted]] = {}
+    for g in groups:
+        out.setdefault(job_of(run_id, g), []).append(g)
+    return out
 
 
 def job_queue(r: redis.Redis, cfg: Config) -> Queue:

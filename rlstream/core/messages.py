@@ -175,7 +175,7 @@ class RolloutSample(Message):
 
 
 class GroupJob(Message):
-    """Payload of one rq job: one prompt group of ``group_size`` completions."""
+    """One prompt group of ``group_size`` completions, as a ``RolloutJob`` carries it."""
 
     kind: Literal["group_job"] = "group_job"
     run_id: str
@@ -186,6 +186,17 @@ class GroupJob(Message):
     submit_version: int = Field(ge=0)
     group_size: int = Field(ge=2)
     row: dict[str, Any]
+
+
+class RolloutJob(Message):
+    """Payload of one rq job: the prompt groups one worker samples together and records in
+    one MULTI (``workers.groups_per_job``; docs/design.md §15.75 Several groups per rq job).
+    Its rq job id is ``keys.job_id(run_id, groups[0].group_id)``. It travels as rq's JSON
+    (``model_dump(mode="json")``), never through the msgpack codec."""
+
+    kind: Literal["rollout_job"] = "rollout_job"
+    run_id: str
+    groups: list[GroupJob] = Field(min_length=1)
 
 
 # --------------------------------------------------------------------------- events
@@ -207,6 +218,7 @@ class GroupAdmitted(Message):
     attempt: int
     submit_version: int
     group_size: int
+    job_id: str = ""  # the rq job carrying the group ("": keys.job_id(run, group_id), one group per job)
 
 
 class GroupRejected(Message):

@@ -176,12 +176,12 @@ def _one_line(text: str, width: int = REASON_WIDTH) -> str:
 
 
 def audit_ledger(events: list[Message], samples: Iterable[RolloutSample],
-                 job_exists: Callable[[str], bool]) -> AuditReport:
+                 job_exists: Callable[[GroupAdmitted], bool]) -> AuditReport:
     """The ledger check on plain messages (see the module docstring for the definitions).
 
     ``events`` in stream order; ``samples`` = the decodable rollouts-stream entries;
-    ``job_exists(group_id)`` says whether the group's rq job hash exists (it is asked only
-    about open groups without a sample in the stream)."""
+    ``job_exists(admitted)`` says whether the rq job hash of the job carrying that admitted
+    group exists (it is asked only about open groups without a sample in the stream)."""
     report = AuditReport()
     admitted: dict[str, GroupAdmitted] = {}
     rejected: dict[str, str] = {}  # group id -> first reason
@@ -228,7 +228,7 @@ def audit_ledger(events: list[Message], samples: Iterable[RolloutSample],
         if gid in with_samples:
             report.in_flight.append(gid)
             report.in_flight_by_sample += 1
-        elif job_exists(gid):
+        elif job_exists(admitted[gid]):
             report.in_flight.append(gid)
             report.in_flight_by_job += 1
         else:
@@ -261,7 +261,9 @@ def decode_all(entries: Iterable[tuple[str, bytes]],
 
 def collect_audit(r: redis.Redis, run_id: str, run_dir: Path | None = None) -> AuditReport:
     """The audit of ``run_id``; ``run_dir`` holds its archive (None: the stream alone)."""
-    from rq.job import Job
+    from rq.job import Job  # rq (and core.jobs, which imports it) only when an audit runs
+
+    from rlstream.core.jobs import job_of
 
     events, bad_events = decode_all(xrange_all(r, keys.events(run_id)))
     counts = {"read": 0, "bad": 0, "archived": 0}
@@ -284,7 +286,7 @@ def collect_audit(r: redis.Redis, run_id: str, run_dir: Path | None = None) -> A
                 counts["bad"] += 1
 
     report = audit_ledger([m for _, m in events], samples(),
-                          lambda gid: bool(r.exists(Job.key_for(keys.job_id(run_id, gid)))))
+                          lambda group: bool(r.exists(Job.key_for(job_of(run_id, group)))))
     report.events_read, report.events_undecodable = len(events) + len(bad_events), len(bad_events)
     report.rollouts_read, report.rollouts_undecodable = counts["read"], counts["bad"]
     report.rollouts_archived, report.archive_problems = counts["archived"], problems

@@ -18,7 +18,7 @@ from rlstream.core.config import Config
 from rlstream.core.jobs import delete_job, job_places, job_queue, prune_dead_executions
 from rlstream.core.messages import GroupRejected, GroupSampled
 from rlstream.core.run_state import RunState
-from rlstream.producers.producer import MAX_REDISPATCH, admit, handle_failed_jobs, redispatch_stranded, stranded_groups
+from rlstream.producers.producer import MAX_REDISPATCH, admit, handle_failed_jobs, redispatch_stranded, stranded_jobs
 from rlstream.producers.stranded import STRANDED_GRACE_S, JobWatch
 from rlstream.workers.jobs import RolloutWorker
 
@@ -91,7 +91,7 @@ def test_worker_success_with_a_dead_execution_deletes_the_job(r, run_id):
     cfg, queue, _, job = admitted(r, run_id)
     dead_execution(r, job)
     runs = []
-    runtime = types.SimpleNamespace(run_group=lambda group_job: runs.append(group_job.group_id) or {"ok": True})
+    runtime = types.SimpleNamespace(run_job=lambda job: runs.extend(g.group_id for g in job.groups) or {"ok": True})
     worker = RolloutWorker([queue], connection=r, serializer=JSONSerializer, runtime=runtime)
     worker.work(burst=True, logging_level="WARNING")
     assert runs == ["e0-r0-a0"]
@@ -113,8 +113,8 @@ def test_delete_job_clears_every_place(r, run_id):
 
 def stranded_passes(r, cfg, queue, state, watch, rows, redispatched, t0: float) -> dict[str, str]:
     """Two maintenance passes STRANDED_GRACE_S apart (explicit clock, no sleeping)."""
-    assert stranded_groups(queue, cfg, state, watch, t0) == {}  # first sight starts the clock
-    overdue = stranded_groups(queue, cfg, state, watch, t0 + STRANDED_GRACE_S)
+    assert stranded_jobs(queue, cfg, state, watch, t0) == {}  # first sight starts the clock
+    overdue = stranded_jobs(queue, cfg, state, watch, t0 + STRANDED_GRACE_S)
     redispatch_stranded(r, queue, cfg, state, overdue, rows, redispatched)
     return overdue
 
@@ -130,7 +130,7 @@ def test_stranded_job_is_redispatched_then_rejected_with_a_reason(r, run_id, str
             queue.remove(job.id)
             job.set_status(JobStatus.FAILED)
         overdue = stranded_passes(r, cfg, queue, state, watch, rows, redispatched, 1000.0 * attempt)
-        assert list(overdue) == ["e0-r0-a0"], overdue
+        assert list(overdue) == [job.id], overdue
         if attempt < MAX_REDISPATCH:
             assert queue.job_ids == [job.id], "a stranded job must be back in the queue"
             assert job_places(queue, [job.id])[job.id].status == "queued"
@@ -142,9 +142,9 @@ def test_stranded_job_is_redispatched_then_rejected_with_a_reason(r, run_id, str
 def test_queued_started_and_failed_jobs_are_not_stranded(r, run_id):
     cfg, queue, state, job = admitted(r, run_id)
     watch = JobWatch(cfg.job_timeout)
-    assert stranded_groups(queue, cfg, state, watch, 0.0) == {}
-    assert stranded_groups(queue, cfg, state, watch, 10_000.0) == {}  # queued: waits for a worker, however long
+    assert stranded_jobs(queue, cfg, state, watch, 0.0) == {}
+    assert stranded_jobs(queue, cfg, state, watch, 10_000.0) == {}  # queued: waits for a worker, however long
     queue.remove(job.id)
     FailedJobRegistry(queue=queue).add(job, ttl=600)
-    assert stranded_groups(queue, cfg, state, watch, 20_000.0) == {}  # failed: handle_failed_jobs' business
-    assert stranded_groups(queue, cfg, state, watch, 30_000.0) == {}
+    assert stranded_jobs(queue, cfg, state, watch, 20_000.0) == {}  # failed: handle_failed_jobs' business
+    assert stranded_jobs(queue, cfg, state, watch, 30_000.0) == {}

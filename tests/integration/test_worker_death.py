@@ -20,7 +20,7 @@ from rq.registry import FailedJobRegistry, StartedJobRegistry
 from rlstream.core import bus
 from rlstream.core.config import Config
 from rlstream.core.jobs import JOB_FUNC, job_queue
-from rlstream.core.messages import GroupJob, GroupRejected
+from rlstream.core.messages import GroupJob, GroupRejected, RolloutJob
 from rlstream.core.run_state import RunState
 from rlstream.producers.producer import MAX_REDISPATCH, admit, handle_failed_jobs
 
@@ -35,7 +35,7 @@ from rq.serializers import JSONSerializer
 from rlstream.workers.jobs import RolloutWorker
 
 class HangingRuntime:
-    def run_group(self, job):
+    def run_job(self, job):
         if sys.argv[3] == "uninterruptible":  # as if stuck in C code: rq's SIGALRM never lands
             signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
         time.sleep(60)
@@ -76,7 +76,7 @@ def test_killed_worker_job_is_reenqueued_then_redispatched_then_rejected(r, redi
         kill_worker_mid_job(redis_url, run_id, job)
         started.cleanup(timestamp=after_heartbeat_ttl())
         handle_failed_jobs(r, queue, cfg, state, redispatched)
-    assert redispatched == {"e0-r0-a0": MAX_REDISPATCH}
+    assert redispatched == {job.id: MAX_REDISPATCH}
     rejected = [m for _, m in bus.iter_all_events(r, run_id) if isinstance(m, GroupRejected)]
     assert len(rejected) == 1 and rejected[0].group_id == "e0-r0-a0" and "Abandoned" in rejected[0].reason
     assert job.id not in queue.job_ids and FailedJobRegistry(queue=queue).get_job_ids() == []
@@ -84,8 +84,9 @@ def test_killed_worker_job_is_reenqueued_then_redispatched_then_rejected(r, redi
 
 def test_hung_job_that_rq_cannot_interrupt_is_abandoned_after_its_timeout(r, redis_url, run_id):
     queue = job_queue(r, Config(run_id=run_id))
-    payload = GroupJob(run_id=run_id, group_id="e0-r0-a0", row_index=0, epoch=0, attempt=0, submit_version=0,
-                       group_size=2, row={"prompt": "1+1="}).model_dump(mode="json")
+    payload = RolloutJob(run_id=run_id, groups=[GroupJob(
+        run_id=run_id, group_id="e0-r0-a0", row_index=0, epoch=0, attempt=0, submit_version=0, group_size=2,
+        row={"prompt": "1+1="})]).model_dump(mode="json")
     job = queue.enqueue_call(JOB_FUNC, args=(payload,), job_id=f"{run_id}-hung", timeout=2, result_ttl=0,
                              retry=Retry(max=1))
     worker = subprocess.Popen([sys.executable, "-c", WORKER, redis_url, run_id, "uninterruptible"])

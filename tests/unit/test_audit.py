@@ -28,7 +28,7 @@ def rejected(group_id: str, reason: str = "rollout job failed") -> GroupRejected
     return GroupRejected(group_id=group_id, reason=reason, by="producer")
 
 
-def no_job(_: str) -> bool:
+def no_job(_: GroupAdmitted) -> bool:
     return False
 
 
@@ -70,9 +70,9 @@ def test_lost_group_fails():
 def test_in_flight_by_job():
     asked = []
 
-    def job_exists(group_id: str) -> bool:
-        asked.append(group_id)
-        return group_id == gid(1)
+    def job_exists(group: GroupAdmitted) -> bool:
+        asked.append(group.group_id)
+        return group.group_id == gid(1)
 
     report = audit([admitted(0), admitted(1), step(1, gid(0))], job_exists=job_exists)
     assert report.in_flight == [gid(1)] and report.in_flight_by_job == 1 and report.lost == []

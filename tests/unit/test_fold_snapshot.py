@@ -101,3 +101,14 @@ def test_workers_keep_a_lean_fold(r, tmp_path):
     follower.catch_up()
     assert not follower.state.admitted and not follower.state.open_groups
     assert follower.state.published_version == 3 and follower.state.latest_weights.version == 3
+
+
+def test_an_admitted_row_from_before_jobs_carried_groups_loads_without_a_job_id():
+    from rlstream.core.fold_snapshot import _admitted
+
+    old = _admitted(["e0-r1-a0", 1, 0, 0, 3, 8])
+    assert (old.group_id, old.submit_version, old.group_size, old.job_id) == ("e0-r1-a0", 3, 8, "")
+    assert _admitted(["e0-r2-a0", 2, 0, 0, 3, 8, "run-e0-r1-a0"]).job_id == "run-e0-r1-a0"
+    for bad in (["e0-r1-a0", 1, 0, 0, 3], ["e0-r1-a0", 1, 0, 0, 3, 8, 7], ["e0-r1-a0", "1", 0, 0, 3, 8]):
+        with pytest.raises(ValueError, match="malformed admitted group"):
+            _admitted(bad)

@@ -6,7 +6,7 @@ from rq.job import Job
 
 from rlstream.core.config import Config
 from rlstream.core.jobs import job_queue
-from rlstream.core.messages import GroupJob, GroupRejected, GroupSampled
+from rlstream.core.messages import GroupRejected, GroupSampled, RolloutJob
 from rlstream.core.run_state import RunState
 from rlstream.producers.producer import admit, jobless_groups, redispatch
 
@@ -47,7 +47,7 @@ def test_redispatch_enqueues_the_same_job_again(r):
     redispatch(r, queue, CFG, jobless_groups(r, CFG, state), ROWS)
     job_id = f"{CFG.run_id}-{gids[2]}"
     assert job_id in queue.job_ids
-    payload = GroupJob.model_validate(queue.fetch_job(job_id).args[0])
+    [payload] = RolloutJob.model_validate(queue.fetch_job(job_id).args[0]).groups
     assert (payload.group_id, payload.row, payload.group_size) == (gids[2], ROWS[payload.row_index], 4)
     assert jobless_groups(r, CFG, state) == []
 

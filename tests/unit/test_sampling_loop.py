@@ -97,7 +97,8 @@ def test_job_slots_count_draws_not_groups():
     assert slots.outstanding == 5 and slots.wait_for_room(0.01)
     slots.take("c")  # 9 draws for a window of 8: c's last draw waits for a request slot
     assert slots.outstanding == 9 and not slots.wait_for_room(0.01)
-    slots.pending("b", 1)  # b's redraw round of its one missing member
+    slots.draw_done("b", 4)  # b's first round is done, one member missing ...
+    slots.more("b", 1)  # ... and redrawn
     assert slots.outstanding == 6 and slots.wait_for_room(0.01)
     slots.drawn("b")  # its draws are done: no room held while rq records it
     assert slots.outstanding == 5 and slots.busy and not slots.wait_idle(0.01)
@@ -115,13 +116,27 @@ def test_job_slots_count_draws_not_groups():
     assert slots.wait_idle(0.01)
 
 
+def test_job_slots_count_every_group_a_job_carries():
+    """A job of several groups holds all their draws from the moment it is taken; a group the
+    job skips gives its room back at once."""
+    slots = JobSlots(lambda: 16, group_size=4, max_jobs=8)
+    slots.take("ab", 8)  # two groups of 4
+    assert slots.outstanding == 8 and slots.wait_for_room(0.01)
+    slots.take("cd", 8)
+    assert slots.outstanding == 16 and not slots.wait_for_room(0.01)
+    slots.draw_done("cd", 4)  # one of its groups skipped (a bad row): its 4 draws are never sent
+    assert slots.outstanding == 12 and slots.wait_for_room(0.01)
+    slots.draw_done("ab", 20)  # never below zero
+    assert slots.outstanding == 4
+
+
 def test_job_slots_bound_the_jobs_held():
     """However few draws are unfinished, at most ``max_jobs`` groups are held (memory), counting
     the ones rq is still recording."""
     slots = JobSlots(lambda: 64, group_size=4, max_jobs=3)
     for job in "abc":
         slots.take(job)
-        slots.pending(job, 1)  # each down to one straggler: 3 of 64 draws
+        slots.draw_done(job, 3)  # each down to one straggler: 3 of 64 draws
     assert not slots.wait_for_room(0.01)
     slots.drawn("a")
     assert not slots.wait_for_room(0.01)  # still held while rq records it
