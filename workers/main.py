@@ -60,6 +60,10 @@ def run_worker(cfg: Config, r: redis.Redis, worker_id: str) -> None:
     worker = RolloutWorker([job_queue(r, cfg)], connection=r, serializer=JSONSerializer,
                            name=f"rlstream-{cfg.run_id}-{worker_id}", runtime=runtime, worker_ttl=WORKER_TTL_S,
                            slots=slots, drain_s=cfg.job_timeout + 15.0)
+    if not cfg.inference.remote:  # while the trainer starts, not after its first weights are out
+        from rlstream.sampling.local import preload_model_code
+
+        preload_model_code(cfg.base_model)
     events.start()
     log.info("worker %s: waiting for jobs (%s)", worker_id, "one group at a time" if slots is None else
              f"groups while fewer than {slots.window()} draws are unfinished, at most {slots.max_jobs} held")

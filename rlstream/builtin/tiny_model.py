@@ -53,12 +53,11 @@ def build_tokenizer():
     )
 
 
-def build_model(seed: int = 0, name: str = BUILTIN_MODEL):
-    """The built-in model ``name`` (one of ``BUILTIN_MODELS``), initialised from ``seed``."""
-    import torch
-    from transformers import AutoModelForCausalLM, Qwen2Config
+def model_config(name: str = BUILTIN_MODEL):
+    """The transformers config of the built-in model ``name`` (one of ``BUILTIN_MODELS``)."""
+    from transformers import Qwen2Config
 
-    config = Qwen2Config(
+    return Qwen2Config(
         vocab_size=len(VOCAB),
         hidden_size=64,
         intermediate_size=256,
@@ -72,6 +71,14 @@ def build_model(seed: int = 0, name: str = BUILTIN_MODEL):
         bos_token_id=None,
         **SHAPES[name],
     )
+
+
+def build_model(seed: int = 0, name: str = BUILTIN_MODEL):
+    """The built-in model ``name`` (one of ``BUILTIN_MODELS``), initialised from ``seed``."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = model_config(name)
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config)
 

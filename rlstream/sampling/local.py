@@ -127,6 +127,24 @@ class LocalPolicy:
         return results
 
 
+def preload_model_code(base_model: str) -> None:
+    """Import the modeling code ``from_pretrained`` will need for ``base_model``'s architecture
+    (transformers' model-loading stack and the model class: ~2 s on a 2-core machine) while the
+    worker waits for the trainer's first weights, instead of after them, on the first step's
+    path. Best effort: whatever fails here is left to the real load to report."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    from rlstream.builtin.tiny_model import model_config
+    from rlstream.core.config import BUILTIN_MODELS
+
+    try:
+        config = model_config(base_model) if base_model in BUILTIN_MODELS else AutoConfig.from_pretrained(base_model)
+        MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except Exception as exc:  # an unknown architecture, a path that is not a model: the load says so
+        log.debug("preloading the modeling code of %s failed: %r", base_model, exc)
+
+
 class LocalSampler:
     """``setup.sampler``: async calls from concurrent rollout_fn invocations that arrive in
     the same event-loop tick (in a worker with several groups in flight: the draws of all of

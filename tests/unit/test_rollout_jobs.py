@@ -228,3 +228,23 @@ def test_a_job_reproduces_its_draws_when_rq_runs_it_again(r, tmp_path):
     first = tokens()
     torch.manual_seed(456)  # whatever the process drew in between
     assert tokens() == first
+
+
+def test_a_worker_preloads_the_modeling_code_of_its_model(tmp_path, monkeypatch):
+    from transformers import Qwen2Config
+
+    from rlstream.builtin.tiny_model import model_config
+    from rlstream.sampling.local import preload_model_code
+
+    asked = []
+
+    class Mapping:  # transformers' lazy mapping imports the model class's module when indexed
+        def __getitem__(self, config_class):
+            asked.append(config_class)
+
+    monkeypatch.setattr("transformers.models.auto.modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING", Mapping())
+    preload_model_code("builtin:tiny")
+    model_config().save_pretrained(tmp_path / "hf")
+    preload_model_code(str(tmp_path / "hf"))
+    preload_model_code(str(tmp_path / "not-a-model"))  # left to the real load to report
+    assert asked == [Qwen2Config, Qwen2Config]
