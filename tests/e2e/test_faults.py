@@ -31,7 +31,7 @@ from rlstream.core.metrics import read_metrics
 
 pytestmark = pytest.mark.e2e
 SMALL = ["--set", "max_steps=40", "--set", "prompt_groups_per_step=8", "--set", "completions_per_prompt=4",
-         "--set", "job_timeout=20", "--set", "dcp_save_interval=5"]
+         "--set", "workers.count=2", "--set", "job_timeout=20", "--set", "dcp_save_interval=5"]
 
 
 def test_kill_worker_redis_trainer_and_fuzz(tmp_path: Path) -> None:

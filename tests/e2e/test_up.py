@@ -163,7 +163,7 @@ def test_sigkill_to_up_leaves_no_child_or_redis_running(tmp_path: Path) -> None:
             return True
 
     with running_up(tmp_path, "orphans", "--set", "max_steps=1000", "--set", "prompt_groups_per_step=4",
-                    "--set", "completions_per_prompt=4") as up:
+                    "--set", "completions_per_prompt=4", "--set", "workers.count=2") as up:
         up.wait_steps(1, timeout=120)
         pids = {role: up.child_pids(role) for role in ("trainer", "producer", "worker")}
         pids["redis-server"] = [up.redis_pid()]
