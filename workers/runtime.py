@@ -5,7 +5,6 @@ all rebuilt from Redis and the published weights."""
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import threading
 import time
@@ -18,7 +17,7 @@ import redis
 from pydantic import ValidationError
 from rq.timeouts import JobTimeoutException
 
-from rlstream.builtin.rollout import prompt_token_ids
+from rlstream.builtin.rollout import PromptIds
 from rlstream.core import bus, keys, weights
 from rlstream.core.config import Config
 from rlstream.core.messages import (
@@ -227,7 +226,7 @@ class WorkerRuntime:
                                  completions_per_prompt=self.cfg.completions_per_prompt, extras=dict(self.cfg.extras))
             self.rollout_fn = self.factory(setup)
             if self.cfg.rollout_fn_factory is None:  # a user's rollout_fn builds its prompt its own way
-                self.prompt_ids = functools.partial(prompt_token_ids, tokenizer=self.policy.tokenizer)
+                self.prompt_ids = PromptIds(self.policy.tokenizer)
             self.context_params = accepted_context(self.rollout_fn)
             log.info("worker %s: %s policy at v%d from %s", self.worker_id, self.cfg.inference.backend,
                      self.policy.version, weights.version_dir(self.cfg.run_dir() / "weights", published.version))

@@ -6,6 +6,8 @@ removed; the chat template is applied with the tokenizer).
 """
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from typing import Any
 
 from rlstream.builtin.rewards import RewardFn
@@ -21,12 +23,42 @@ def prompt_token_ids(row: dict[str, Any], tokenizer: Any) -> list[int]:
     return tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
 
 
+class PromptIds:
+    """``prompt_token_ids`` with the tokenizer's work on a ``prompt`` text cached (the most
+    recent ``size`` texts): a group's G draws and the worker's row check tokenize one prompt, and
+    tokenizing was a quarter of a local worker's CPU on one-token completions. Jobs in threads of
+    their own share one (the lock)."""
+
+    def __init__(self, tokenizer: Any, size: int = 4096):
+        self.tokenizer, self.size = tokenizer, size
+        self._ids: OrderedDict[str, tuple[int, ...]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __call__(self, row: dict[str, Any]) -> list[int]:
+        text = row.get("prompt") if "prompt_token_ids" not in row and "messages" not in row else None
+        if not isinstance(text, str):
+            return prompt_token_ids(row, self.tokenizer)
+        with self._lock:
+            ids = self._ids.get(text)
+            if ids is not None:
+                self._ids.move_to_end(text)
+                return list(ids)
+        ids = tuple(prompt_token_ids(row, self.tokenizer))  # outside the lock: a tokenizer error is the row's
+        with self._lock:
+            self._ids[text] = ids
+            if len(self._ids) > self.size:
+                self._ids.popitem(last=False)
+        return list(ids)
+
+
 def single_turn_factory(reward_fn: RewardFn):
     """A ``rollout_fn_factory`` that scores with ``reward_fn(completion_text, row)``."""
 
     def make_rollout_fn(setup: RolloutSetup) -> RolloutFn:
+        ids_of = PromptIds(setup.tokenizer)
+
         async def rollout_fn(sample_prompt: dict[str, Any]) -> RolloutSample | None:
-            prompt = prompt_token_ids(sample_prompt, setup.tokenizer)
+            prompt = ids_of(sample_prompt)
             [c] = await setup.sampler.sample_with_prompt_tokens(prompt, n=1, **setup.sample_kwargs)
             return RolloutSample(
                 tokens=c.full_tokens,

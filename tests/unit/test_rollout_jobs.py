@@ -12,7 +12,7 @@ from rq.job import Job
 from rq.registry import FailedJobRegistry
 from rq.results import Result
 
-from rlstream.builtin.rollout import single_turn_factory
+from rlstream.builtin.rollout import PromptIds, single_turn_factory
 from rlstream.builtin.tiny_model import save_tiny_model
 from rlstream.core import bus, keys, weights
 from rlstream.core.codec import decode
@@ -248,3 +248,21 @@ def test_a_worker_preloads_the_modeling_code_of_its_model(tmp_path, monkeypatch)
     preload_model_code(str(tmp_path / "hf"))
     preload_model_code(str(tmp_path / "not-a-model"))  # left to the real load to report
     assert asked == [Qwen2Config, Qwen2Config]
+
+
+def test_prompt_ids_tokenize_a_prompt_once_and_stay_bounded():
+    calls = []
+
+    def tokenizer(text, add_special_tokens):
+        calls.append(text)
+        return {"input_ids": [ord(c) for c in text]}
+
+    ids_of = PromptIds(tokenizer, size=2)
+    assert ids_of({"prompt": "1+1="}) == [49, 43, 49, 61]
+    ids_of({"prompt": "1+1="}).append(0)  # a caller's list is its own
+    assert ids_of({"prompt": "1+1="}) == [49, 43, 49, 61] and calls == ["1+1="]
+    ids_of({"prompt": "2+2="})
+    ids_of({"prompt": "3+3="})  # evicts the least recently used: "1+1="
+    ids_of({"prompt": "1+1="})
+    assert calls == ["1+1=", "2+2=", "3+3=", "1+1="]
+    assert ids_of({"prompt": "x", "prompt_token_ids": [5, 6]}) == [5, 6]  # token ids win, as before
