@@ -10,9 +10,10 @@ and C = max in-flight rollouts:
 A group admitted while version v is published is one of the first (v+O+1)*B samples, so in
 admission order it lands in one of the first v+O+1 batches and is trained by weights at most
 O versions newer than the ones it was submitted at. The trainer takes the oldest-submitted
-ready groups first, but it cannot wait for a group that is still being sampled: one that
-completes late (a slow or re-dispatched job) can land a batch later, hence the O + 1 bound
-docs/algorithms.md states and the learning test checks.
+ready groups first, but it does not wait for a group that is still being sampled (only, bounded,
+for one the batch is the last allowed to train): one that completes late (a slow or re-dispatched
+job) can land a batch later, hence the O + 1 bound docs/algorithms.md states and the learning
+test checks.
 """
 from __future__ import annotations
 

@@ -4,8 +4,9 @@
 ``trainer`` (its pending-entries list holds every sample delivered and not yet committed:
 the durable buffer), group assembly, scoring of complete groups, settling of groups that
 will never complete (also sampled ones none of whose entries decodes), dropping groups past
-the staleness bound, and the re-reads of the pending list after a lost reply. The stream
-reads it is made of are ``reads``'.
+the staleness bound (after a bounded wait for those only the next batch can still train),
+and the re-reads of the pending list after a lost reply. The stream reads it is made of are
+``reads``'.
 """
 from __future__ import annotations
 
@@ -24,7 +25,13 @@ from rlstream.trainer.batch import Group, GroupAssembler, overdue_unseen, take_o
 from rlstream.trainer.commit import ack_untrained, reject_group
 from rlstream.trainer.lease import TrainerLease
 from rlstream.trainer.reads import dead_members, read_all_pending, read_group, read_unheld_pending
-from rlstream.trainer.staleness import sampling_follows_weights, split_stale, staleness_bound
+from rlstream.trainer.staleness import (
+    StragglerWait,
+    last_chance,
+    sampling_follows_weights,
+    split_stale,
+    staleness_bound,
+)
 
 log = logging.getLogger(__name__)
 CONSUMER = "trainer-0"  # one fixed name: a restarted trainer finds its own pending entries
@@ -50,14 +57,17 @@ class RolloutBuffer:
         self.last_rescan = time.monotonic()
         self.bound, self.follows_weights = staleness_bound(cfg), sampling_follows_weights(cfg)
         self.stale_dropped = self.stale_in_batch = 0  # dropped as stale since the last take / before it
+        self.straggler_wait = StragglerWait(cfg.trainer.straggler_wait)
         self.unseen: dict[str, float] = {}  # sampled groups no member of which is here -> first noticed
         self.caught_up_at = float("-inf")  # start of the newest read that left nothing unread
 
     def fill(self, n: int, version: int) -> None:
         """Read until ``n`` groups that the weights of ``version`` may train (the staleness
-        bound) are ready, the data is exhausted or the run has finished."""
+        bound) are ready and none this batch is the last to be allowed to train is still being
+        sampled (``hold_back``), the data is exhausted or the run has finished."""
         self.drop_stale(version)
-        while len(self.ready) < n and not self.data_exhausted() and self.state.finished is None:
+        while ((len(self.ready) < n or self.hold_back(n, version)) and not self.data_exhausted()
+               and self.state.finished is None):
             self.collect()
             self.drop_stale(version)
 
@@ -68,7 +78,7 @@ class RolloutBuffer:
         (pending, skipped by rescans, counted by ``data_exhausted``) until the step commits."""
         self.drop_stale(version)
         while True:
-            groups, self.ready = take_oldest(self.ready, n - len(self.taken))
+            groups, self.ready = take_oldest(self.ready, n - len(self.taken) - self.hold_back(n, version))
             if groups:
                 self.taken += groups
                 chunk(groups)
@@ -78,6 +88,7 @@ class RolloutBuffer:
             self.drop_stale(version)
         taken, self.taken = self.taken, []
         self.stale_in_batch, self.stale_dropped = self.stale_dropped, 0
+        self.batch_taken(taken, version)
         return taken
 
     def take(self, n: int, version: int) -> list[Group]:
@@ -85,7 +96,28 @@ class RolloutBuffer:
         self.drop_stale(version)
         groups, self.ready = take_oldest(self.ready, n)
         self.stale_in_batch, self.stale_dropped = self.stale_dropped, 0
+        self.batch_taken(groups, version)
         return groups
+
+    def hold_back(self, n: int, version: int) -> int:
+        """How many of the batch's ``n`` places to keep for groups still being sampled that this batch,
+        taken with the weights of ``version``, is the last one allowed to train (``last_chance``): all of
+        them while the wait for them lasts (``StragglerWait``; docs/design.md §15.76 A straggler's last step
+        waits for it), else 0. Arrived, they are the oldest admitted and take those places (``take_oldest``)."""
+        if self.straggler_wait.factor <= 0:
+            return 0
+        here = {g.group_id for g in self.ready + self.taken}
+        late = last_chance(self.state.open_groups, here, version, self.bound)
+        if not late or not self.straggler_wait.holding(time.monotonic(), len(self.ready) + len(self.taken) >= n):
+            return 0
+        return min(len(late), n - len(self.taken))
+
+    def batch_taken(self, groups: list[Group], version: int) -> None:
+        waited = self.straggler_wait.taken(time.monotonic())
+        if waited > 0:
+            saved = sum(1 for g in groups if version - g.submit_version == self.bound)
+            log.info("waited %.2fs for groups only the batch at v%d could still train: %d of them in it",
+                     waited, version, saved)
 
     def drop_stale(self, version: int) -> None:
         """Reject the ready groups the weights of ``version`` are more than O + 1 versions ahead

@@ -6,10 +6,18 @@ The gate bounds admission only; a straggler (a slow rollout, a re-run job) compl
 whatever version the trainer has reached by then. ``RolloutBuffer`` asks ``stale_reason``
 of every ready group when it fills and takes a batch, and drops (rejects) the ones past the
 bound, so the bound holds for every trained sample whatever the wall-clock lateness.
+
+Before it drops a group, the trainer gives it its last chance: a group still being sampled that
+the step about to be taken is the last one allowed to train (``last_chance``) keeps a place in
+that batch for a bounded time (``StragglerWait``, ``trainer.straggler_wait``; docs/design.md
+§15.76 A straggler's last step waits for it).
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from rlstream.core.config import Config
+from rlstream.core.messages import GroupAdmitted
 from rlstream.core.run_state import RunState
 from rlstream.trainer.batch import Group
 
@@ -62,6 +70,46 @@ def split_stale(ready: list[Group], trainer_version: int, bound: int,
         else:
             stale.append((group, reason))
     return keep, stale
+
+
+def last_chance(open_groups: Iterable[GroupAdmitted], here: set[str], trainer_version: int, bound: int) -> list[str]:
+    """The admitted groups not yet ``here`` (still being sampled) that a step taken at ``trainer_version`` is the
+    last one allowed to train: admitted ``bound`` versions before it, so the next step would drop them. Counted
+    from admission, the only version known before a group's samples arrive: a group whose draws started with
+    newer weights has more time (then waiting for it is merely early), and one admitted earlier is past saving
+    unless its draws started later (not waited for: each group has one last step, so each is waited for at most
+    once, however long it hangs)."""
+    return [g.group_id for g in open_groups if g.group_id not in here and trainer_version - g.submit_version == bound]
+
+
+class StragglerWait:
+    """How long a batch keeps places for its ``last_chance`` groups: from the moment it could be taken without
+    them, at most ``factor`` x the previous step's period (from one batch taken to the next, less what that step
+    waited here), so a step at most doubles (factor 1) and a hung group costs one wait. The first batch a
+    process takes does not wait: it has no period yet."""
+
+    def __init__(self, factor: float):
+        self.factor = factor
+        self.period = 0.0
+        self.last_take: float | None = None
+        self.since: float | None = None  # when the batch could first have been taken without them
+
+    def holding(self, now: float, batch_ready: bool) -> bool:
+        """Whether to keep the places now, asked while a last-chance group is still being sampled;
+        ``batch_ready``: enough groups are here to take the batch without it."""
+        if not batch_ready:
+            return True  # the batch waits for groups anyway: nothing is spent on this one yet
+        if self.since is None:
+            self.since = now
+        return now - self.since < self.factor * self.period
+
+    def taken(self, now: float) -> float:
+        """A batch was taken at ``now``: the seconds it waited for last-chance groups."""
+        waited = 0.0 if self.since is None else now - self.since
+        if self.last_take is not None:
+            self.period = max(0.0, now - self.last_take - waited)
+        self.last_take, self.since = now, None
+        return waited
 
 
 def stale_total(state: RunState) -> int:

@@ -186,6 +186,12 @@ class TrainerConfig(ConfigSection, HostedTrainerFields):  # + the cookbook's hos
         False, description="forward/backward on a batch's groups as they arrive, one optimizer step when it is "
         "complete (the cookbook's pipeline chunks); needs micro_batch_tokens and ppo_n_minibatches = 1"
     )
+    straggler_wait: float = Field(
+        1.0, ge=0, le=100, description="how long the trainer, with a batch ready, still waits for groups being "
+        "sampled that this step is the last one allowed to train (admitted O + 1 versions ago: the next step would "
+        "drop them as stale), in units of its previous step's time; they train in the batch in place of younger "
+        "groups. 0 = never wait (drop them)"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> TrainerConfig:
