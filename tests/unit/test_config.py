@@ -36,7 +36,7 @@ def config_error(*args, **kwargs) -> str:
 def test_defaults_without_file():
     cfg = load_config(None, environ={})
     assert cfg.base_model == BUILTIN_MODEL
-    assert cfg.redis.url is None and cfg.workers.count == 2
+    assert cfg.redis.url is None and cfg.workers.count == 1
     assert cfg.batch_size == 32 * 8
 
 
@@ -73,7 +73,7 @@ def test_shipped_example_validates():
     assert cfg.base_model == "builtin:tiny"
     assert cfg.completions_per_prompt == 8 and cfg.prompt_groups_per_step == 32
     assert cfg.batch_size == 256
-    assert cfg.max_steps == 300 and cfg.workers.count == 2 and cfg.redis.url is None
+    assert cfg.max_steps == 300 and cfg.workers.count == 1 and cfg.redis.url is None
     assert cfg.offpolicy_versions == 1
 
 
