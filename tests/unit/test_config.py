@@ -36,7 +36,7 @@ def config_error(*args, **kwargs) -> str:
 def test_defaults_without_file():
     cfg = load_config(None, environ={})
     assert cfg.base_model == BUILTIN_MODEL
-    assert cfg.redis.url is None and cfg.workers.count == 1
+    assert cfg.redis.url is None and cfg.workers.count == 2
     assert cfg.batch_size == 32 * 8
 
 
