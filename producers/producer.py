@@ -47,7 +47,7 @@ def job_data(cfg: Config, job_id: str, groups: list[GroupAdmitted], rows: Rows) 
     """The rq job carrying admitted ``groups`` (JSON, never pickle). Its id is fixed at
     admission (``GroupAdmitted.job_id``), so a re-dispatch is the same job and its samples
     deduplicate by sample_id."""
-    job = RolloutJob(run_id=cfg.run_id, groups=[GroupJob(
+    job = RolloutJob(run_id=cfg.run_id, job_id=job_id, groups=[GroupJob(
         run_id=cfg.run_id, group_id=g.group_id, row_index=g.row_index, epoch=g.epoch, attempt=g.attempt,
         submit_version=g.submit_version, group_size=g.group_size, row=rows[g.row_index]) for g in groups])
     return Queue.prepare_data(JOB_FUNC, args=(job.model_dump(mode="json"),), job_id=job_id,
@@ -134,7 +134,7 @@ def open_members(cfg: Config, state: RunState, job_id: str) -> list[GroupAdmitte
 
 
 def handle_failed_jobs(r: redis.Redis, queue: Queue, cfg: Config, state: RunState,
-                       redispatched: dict[str, int]) -> None:
+                       redispatched: dict[str, int], rows: Rows) -> None:
     """Jobs whose rq retries are spent. One abandoned by dead workers is re-dispatched (same
     job id, so its samples deduplicate by sample_id), up to ``MAX_REDISPATCH`` times; any
     other failure rejects its open groups explicitly, freeing their gate slots. Groups whose
@@ -144,7 +144,7 @@ def handle_failed_jobs(r: redis.Redis, queue: Queue, cfg: Config, state: RunStat
     registry = FailedJobRegistry(queue=queue)
     for job_id in registry.get_job_ids(cleanup=False):
         try:
-            _handle_failed_job(r, queue, cfg, state, redispatched, registry, job_id)
+            _handle_failed_job(r, queue, cfg, state, redispatched, registry, job_id, rows)
         except (ValueError, NoSuchJobError, InvalidJobOperation) as exc:
             # rq's bookkeeping after a kill (e.g. a job hash or execution gone): never crash
             # on it. The job is deleted; its groups, still open, are then re-dispatched as jobless.
@@ -153,7 +153,7 @@ def handle_failed_jobs(r: redis.Redis, queue: Queue, cfg: Config, state: RunStat
 
 
 def _handle_failed_job(r: redis.Redis, queue: Queue, cfg: Config, state: RunState, redispatched: dict[str, int],
-                       registry: FailedJobRegistry, job_id: str) -> None:
+                       registry: FailedJobRegistry, job_id: str, rows: Rows) -> None:
     groups = open_members(cfg, state, job_id)
     job = queue.fetch_job(job_id)
     result = job.latest_result() if job is not None else None
@@ -166,9 +166,23 @@ def _handle_failed_job(r: redis.Redis, queue: Queue, cfg: Config, state: RunStat
         redispatched[job_id] = redispatched.get(job_id, 0) + 1
         log.warning("job %s (%d group(s)): abandoned by a dead worker; re-dispatching (%d)", job_id, len(groups),
                     redispatched[job_id])
-        registry.requeue(job_id)
+        if carried_groups(job) == [g.group_id for g in groups]:
+            registry.requeue(job_id)
+        else:  # some of its groups were settled meanwhile (rejected by hand): re-run only the open ones
+            delete_job(queue, job_id)  # killed here: its groups are jobless, re-dispatched as such
+            enqueue_again(queue, cfg, {job_id: groups}, rows)
     else:
         reject(r, queue, cfg, job_id, groups, f"rollout job failed: {error}" if error else "rollout job failed")
+
+
+def carried_groups(job: Job) -> list[str]:
+    """The group ids a job's payload carries (none for a payload this build did not write)."""
+    try:
+        payload = job.args[0]
+        groups = payload["groups"] if payload.get("kind") == "rollout_job" else [payload]
+        return [str(g["group_id"]) for g in groups]
+    except (AttributeError, IndexError, KeyError, TypeError):
+        return []
 
 
 def reject(r: redis.Redis, queue: Queue, cfg: Config, job_id: str, groups: list[GroupAdmitted], reason: str) -> None:
@@ -296,7 +310,7 @@ def maintain(r: redis.Redis, queue: Queue, cfg: Config, state: RunState, cursor:
     for _, msg in entries:
         state.apply(msg)
     for step in (lambda: StartedJobRegistry(queue=queue).cleanup(),  # jobs of dead workers (heartbeat expired)
-                 lambda: handle_failed_jobs(r, queue, cfg, state, redispatched)):
+                 lambda: handle_failed_jobs(r, queue, cfg, state, redispatched, rows)):
         _guarded(step)
     lost = jobless_groups(r, cfg, state)
     overdue = stranded_jobs(queue, cfg, state, watch, time.monotonic())

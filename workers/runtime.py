@@ -45,6 +45,7 @@ from rlstream.workers.checks import (
 )
 from rlstream.workers.events import EventFollower
 from rlstream.workers.sampling_loop import SamplingLoop
+from rlstream.workers.slots import generate_rows
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +62,11 @@ def policy_vocab_size(policy: Any) -> int:
 
 
 def job_seed(seed: int, group_id: str) -> int:
-    """Torch seed for one job. Every worker starts from ``cfg.seed``, so without this two
-    workers (or a restarted one) would draw the same random stream and same-prompt groups
-    at one version would come out identical; keyed by the group id, draws differ across
-    groups and a job that rq re-runs (same group id, same version) reproduces its draws."""
+    """Torch seed for one job, keyed by the id of the group its rq job id names (its first
+    group at admission). Every worker starts from ``cfg.seed``, so without this two workers
+    (or a restarted one) would draw the same random stream and same-prompt groups at one
+    version would come out identical; keyed so, draws differ across jobs and a job that rq
+    re-runs (same job, same version) reproduces its draws."""
     return zlib.crc32(f"{seed}:{group_id}".encode())
 
 
@@ -138,7 +140,7 @@ def make_policy(cfg: Config, published: WeightsPublished, device: Any, controlle
     from rlstream.sampling.local import LocalPolicy, LocalSampler
 
     policy = LocalPolicy(published, device, root)
-    return policy, LocalSampler(policy, cfg.sample_kwargs(), max_batch_rows=cfg.workers.local_max_batch)
+    return policy, LocalSampler(policy, cfg.sample_kwargs(), max_batch_rows=generate_rows(cfg))
 
 
 @dataclass
@@ -320,7 +322,7 @@ class WorkerRuntime:
         group, not the job or the run; the circuit breaker ends the run (``RunFinished{failed}``,
         in the same MULTI) only when groups of many rows fail (workers/breaker.py)."""
         deadline = time.monotonic() + self.cfg.job_timeout
-        job_id = keys.job_id(self.cfg.run_id, job.groups[0].group_id)
+        job_id = job.job_id or keys.job_id(self.cfg.run_id, job.groups[0].group_id)  # (older jobs name none)
         self.sync_weights(max(g.submit_version for g in job.groups), deadline)
         # Another job of this worker may load newer weights while these groups are drawn: their
         # samples are stamped with the versions at their start and end (equal when one job runs),
@@ -332,7 +334,7 @@ class WorkerRuntime:
             self.slots.draw_done(job_id, sum(g.group_size for g, d in zip(job.groups, drawn) if d.rejection))
         if to_draw:  # a row no draw can use is not a rollout failure: the breaker never hears of it
             if self.sampling is None:  # with several jobs in flight the torch RNG is shared by all of them
-                seed_torch(job_seed(self.cfg.seed, job.groups[0].group_id))
+                seed_torch(job_seed(self.cfg.seed, keys.group_of_job(self.cfg.run_id, job_id)))
             started_at = time.time()  # wall clock: the trainer compares it with its own (perf/overlap_ratio)
             self._run(self._groups([g for g, _ in to_draw], [d for _, d in to_draw], job_id), deadline)
             if self.slots is not None:  # its room goes to the next job while this one is written
@@ -379,6 +381,8 @@ class WorkerRuntime:
             return None
         try:
             problem = prompt_problem(self.prompt_ids(job.row), self.vocab_size, self.cfg.max_seq_len)
+        except JobTimeoutException:  # rq's SIGALRM landed in the check: it ends the job, the row is fine
+            raise
         except Exception as exc:  # e.g. a chat template that rejects the row's messages
             problem = f"the prompt could not be tokenized: {error_text(exc)}"
         return f"row {job.row_index}: {problem}" if problem else None

@@ -1,6 +1,6 @@
 """How much work a worker holds at once (docs/design.md §15.50 Many groups in flight per worker,
 §15.73 A request-level window). The worker counts its room in draws, not in groups: it takes
-another rq job (a prompt group) whenever the draws of the groups it holds that are not yet
+another rq job (one or more prompt groups) whenever the draws of the groups it holds that are not yet
 finished (requests in flight plus draws not yet sent) fall below its request window, which may
 change as it runs (an adaptive concurrency window). A group waiting on one slow request then
 holds one request of the window, not G: its finished draws' room goes to the next group at once.
@@ -104,6 +104,22 @@ def most_rows(cfg: Any) -> int:
     if cfg.inference.remote:
         return cfg.inference.max_concurrency
     return cfg.workers.local_max_batch or cfg.completions_per_prompt
+
+
+# Rows x tokens one local `generate` holds by default: a group of 8 with 1k-token completions, the
+# memory one group per `generate` took before jobs carried several groups (docs/design.md §15.75 Several
+# groups per rq job).
+LOCAL_BATCH_TOKENS = 8192
+
+
+def generate_rows(cfg: Any) -> int:
+    """Most rows one local ``generate`` holds: ``workers.local_max_batch``, or as many rows of
+    ``max_seq_len`` tokens (unset: ``max_completion_tokens``) as fit ``LOCAL_BATCH_TOKENS``, never
+    fewer than one group: short completions batch a whole job, long ones stay one group per call."""
+    if cfg.workers.local_max_batch:
+        return cfg.workers.local_max_batch
+    row_tokens = cfg.max_seq_len or cfg.max_completion_tokens
+    return max(cfg.completions_per_prompt, LOCAL_BATCH_TOKENS // max(1, row_tokens))
 
 
 def holds_several(cfg: Any) -> bool:

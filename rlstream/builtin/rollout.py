@@ -25,9 +25,9 @@ def prompt_token_ids(row: dict[str, Any], tokenizer: Any) -> list[int]:
 
 class PromptIds:
     """``prompt_token_ids`` with the tokenizer's work on a ``prompt`` text cached (the most
-    recent ``size`` texts): a group's G draws and the worker's row check tokenize one prompt, and
-    tokenizing was a quarter of a local worker's CPU on one-token completions. Jobs in threads of
-    their own share one (the lock)."""
+    recent ``size`` texts): a group's G draws tokenize its prompt once (tokenizing each was a
+    quarter of a local worker's CPU on one-token completions); the worker's row check keeps a
+    cache of its own. Jobs in threads of their own share one (the lock)."""
 
     def __init__(self, tokenizer: Any, size: int = 4096):
         self.tokenizer, self.size = tokenizer, size

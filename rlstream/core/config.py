@@ -143,17 +143,18 @@ class WorkersConfig(ConfigSection):
     )
     groups_per_job: int | None = Field(
         None, ge=1, le=4096, description="most prompt groups one rq job carries: a worker samples them together (the "
-        "local backend in one `generate`) and records them in one MULTI, so rq's per-job cost is shared; unset = "
-        "prompt_groups_per_step / count for the local backend, 1 for remote ones (whose groups then finish "
-        "one by one instead of with the batch's slowest)"
+        "local backend in as few `generate` calls as local_max_batch allows) and records them in one MULTI, so rq's "
+        "per-job cost is shared; `job_timeout` bounds the whole job; unset = prompt_groups_per_step / count for the "
+        "local backend, 1 for remote ones (whose groups then finish one by one instead of with the job's slowest)"
     )
     local_max_batch: int | None = Field(
-        None, ge=1, le=65536, description="local backend: most rows one `generate` holds, and a worker samples up "
-        "to local_max_batch / completions_per_prompt groups of several jobs at once, batching their draws; unset = "
-        "one job at a time, its groups' draws in one `generate` (reproducible from the job's seed)"
+        None, ge=1, le=65536, description="local backend: most rows one `generate` holds (a job's groups are split "
+        "over several calls above it); set, a worker also holds up to local_max_batch / completions_per_prompt "
+        "groups of several jobs at once; unset = as many rows of max_seq_len (or max_completion_tokens) tokens as "
+        "fit 8192 tokens, at least one group, and one job at a time"
     )
     max_groups_held: int | None = Field(
-        None, ge=1, le=4096, description="most prompt groups (rq jobs) a worker holds at once, drawing or being "
+        None, ge=1, le=4096, description="most rq jobs a worker holds at once, drawing or being "
         "recorded, while it keeps its request window full (a group waiting on a slow request holds one request of "
         "the window, so more groups than window / completions_per_prompt may be held); unset = the window's size in "
         "requests (`inference.max_concurrency`, or `local_max_batch`)"

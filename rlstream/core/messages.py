@@ -191,11 +191,13 @@ class GroupJob(Message):
 class RolloutJob(Message):
     """Payload of one rq job: the prompt groups one worker samples together and records in
     one MULTI (``workers.groups_per_job``; docs/design.md §15.75 Several groups per rq job).
-    Its rq job id is ``keys.job_id(run_id, groups[0].group_id)``. It travels as rq's JSON
-    (``model_dump(mode="json")``), never through the msgpack codec."""
+    It travels as rq's JSON (``model_dump(mode="json")``), never through the msgpack codec."""
 
     kind: Literal["rollout_job"] = "rollout_job"
     run_id: str
+    # Its rq job id, fixed at admission: that of its first group's one-group job. A job enqueued
+    # again may carry fewer groups (the open ones), not always that first one.
+    job_id: str = ""
     groups: list[GroupJob] = Field(min_length=1)
 
 

@@ -203,15 +203,32 @@ class LocalSampler:
                 else:
                     fits.append((prompt, n, fut))
             for chunk in batches(fits, self.max_batch_rows):
-                prompts = [p for p, n, _ in chunk for _ in range(n)]
-                completions = self.policy.generate(prompts, **kw)
-                start = 0
-                for _, n, fut in chunk:
-                    if not fut.done():  # a caller may have been cancelled meanwhile
-                        fut.set_result(completions[start:start + n])
-                    start += n
+                self._generate_for(chunk, kw)
         except Exception as exc:  # hand the error to each caller's rollout_fn
             _fail([fut for *_, fut in items], exc)
+
+    def _generate_for(self, chunk: list[tuple[list[int], int, asyncio.Future]], kw: dict[str, Any]) -> None:
+        """One ``generate`` for ``chunk``'s callers. If it fails with several callers in it, each
+        is answered by a ``generate`` of its own: one poison prompt (an id the model cannot embed)
+        or one batch too large for the device must cost its own caller's draw, not every group
+        sharing the batch (docs/design.md §15.31 The circuit breaker judges rows, not draws)."""
+        try:
+            completions = self.policy.generate([p for p, n, _ in chunk for _ in range(n)], **kw)
+        except Exception as exc:
+            if len(chunk) == 1:
+                raise
+            log.warning("local sampler: a batch of %d calls failed (%r); answering each alone", len(chunk), exc)
+            for call in chunk:
+                try:
+                    self._generate_for([call], kw)
+                except Exception as alone:
+                    _fail([call[2]], alone)
+            return
+        start = 0
+        for _, n, fut in chunk:
+            if not fut.done():  # a caller may have been cancelled meanwhile
+                fut.set_result(completions[start:start + n])
+            start += n
 
 
 def batches(calls: list[tuple[list[int], int, asyncio.Future]], max_rows: int | None) -> list[list]:

@@ -66,7 +66,7 @@ def test_producer_removes_a_failed_job_with_a_dead_execution(r, run_id):
     queue.remove(job.id)
     job.set_status(JobStatus.FAILED)
     FailedJobRegistry(queue=queue).add(job, ttl=600)
-    handle_failed_jobs(r, queue, cfg, state, {})  # raised ValueError before the fix
+    handle_failed_jobs(r, queue, cfg, state, {}, [{"prompt": "1+1="}])  # raised ValueError before the fix
     rejected = [m for _, m in bus.iter_all_events(r, run_id) if isinstance(m, GroupRejected)]
     assert [m.group_id for m in rejected] == ["e0-r0-a0"]
     assert not r.exists(job.key) and FailedJobRegistry(queue=queue).get_job_ids() == []
@@ -80,7 +80,7 @@ def test_producer_does_not_reject_a_sampled_group_whose_job_failed_afterwards(r,
     queue.remove(job.id)
     job.set_status(JobStatus.FAILED)
     FailedJobRegistry(queue=queue).add(job, ttl=600)
-    handle_failed_jobs(r, queue, cfg, state, {})
+    handle_failed_jobs(r, queue, cfg, state, {}, [{"prompt": "1+1="}])
     assert not [m for _, m in bus.iter_all_events(r, run_id) if isinstance(m, GroupRejected)]
     assert not r.exists(job.key) and FailedJobRegistry(queue=queue).get_job_ids() == []
 

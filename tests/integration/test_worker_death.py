@@ -75,7 +75,7 @@ def test_killed_worker_job_is_reenqueued_then_redispatched_then_rejected(r, redi
             break
         kill_worker_mid_job(redis_url, run_id, job)
         started.cleanup(timestamp=after_heartbeat_ttl())
-        handle_failed_jobs(r, queue, cfg, state, redispatched)
+        handle_failed_jobs(r, queue, cfg, state, redispatched, [{"prompt": "1+1="}])
     assert redispatched == {job.id: MAX_REDISPATCH}
     rejected = [m for _, m in bus.iter_all_events(r, run_id) if isinstance(m, GroupRejected)]
     assert len(rejected) == 1 and rejected[0].group_id == "e0-r0-a0" and "Abandoned" in rejected[0].reason

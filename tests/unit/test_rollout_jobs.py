@@ -18,7 +18,15 @@ from rlstream.core import bus, keys, weights
 from rlstream.core.codec import decode
 from rlstream.core.config import Config
 from rlstream.core.jobs import JOB_FUNC, job_of, job_queue
-from rlstream.core.messages import GroupAdmitted, GroupJob, GroupRejected, GroupSampled, RolloutJob, WeightsPublished
+from rlstream.core.messages import (
+    GroupAdmitted,
+    GroupJob,
+    GroupRejected,
+    GroupSampled,
+    RolloutJob,
+    RolloutSample,
+    WeightsPublished,
+)
 from rlstream.core.run_state import RunState
 from rlstream.producers.producer import (
     admission_order,
@@ -31,9 +39,11 @@ from rlstream.producers.producer import (
     stranded_jobs,
 )
 from rlstream.producers.stranded import STRANDED_GRACE_S, JobWatch
+from rlstream.sampling.local import LocalSampler
 from rlstream.workers.events import EventFollower
 from rlstream.workers.jobs import job_draws
-from rlstream.workers.runtime import WorkerRuntime
+from rlstream.workers.runtime import WorkerRuntime, job_seed
+from rlstream.workers.slots import JobSlots, generate_rows
 
 RUN = "jobs"
 ROWS = [{"prompt": f"{i % 10}+1="} for i in range(40)]
@@ -124,7 +134,7 @@ def test_a_failed_job_rejects_each_open_group_and_is_deleted(r):
     [groups] = admit_all(r, cfg, state)
     job_id = keys.job_id(RUN, groups[0].group_id)
     fail(r, cfg, job_id, "Traceback ...\nValueError: the reward server said no")
-    handle_failed_jobs(r, job_queue(r, cfg), cfg, state, {})
+    handle_failed_jobs(r, job_queue(r, cfg), cfg, state, {}, ROWS)
     rejected = [m for _, m in bus.iter_all_events(r, RUN) if isinstance(m, GroupRejected)]
     assert [m.group_id for m in rejected] == [g.group_id for g in groups]
     assert {m.reason for m in rejected} == {"rollout job failed: ValueError: the reward server said no"}
@@ -141,7 +151,7 @@ def test_an_abandoned_job_is_requeued_whole_and_a_sampled_one_only_removed(r):
         state.apply(GroupSampled(group_id=g.group_id, samples=2))
     fail(r, cfg, sampled, "rq.exceptions.AbandonedJobError: Abandoned")
     redispatched: dict[str, int] = {}
-    handle_failed_jobs(r, job_queue(r, cfg), cfg, state, redispatched)
+    handle_failed_jobs(r, job_queue(r, cfg), cfg, state, redispatched, ROWS)
     assert redispatched == {abandoned: 1} and abandoned in job_queue(r, cfg).job_ids
     assert not r.exists(Job.key_for(sampled))
     assert not [m for _, m in bus.iter_all_events(r, RUN) if isinstance(m, GroupRejected)]
@@ -266,3 +276,72 @@ def test_prompt_ids_tokenize_a_prompt_once_and_stay_bounded():
     ids_of({"prompt": "1+1="})
     assert calls == ["1+1=", "2+2=", "3+3=", "1+1="]
     assert ids_of({"prompt": "x", "prompt_token_ids": [5, 6]}) == [5, 6]  # token ids win, as before
+
+
+def test_a_job_enqueued_again_without_its_first_group_keeps_its_id_and_seed(r, tmp_path):
+    """A lost job whose first group was settled by hand goes out again with its open groups only,
+    under its own id: the worker counts its draws under that id and seeds from it."""
+    cfg = config(workers={"groups_per_job": 3}, max_head_offpolicy_versions=0)
+    state = RunState()
+    jobs = admit_all(r, cfg, state)
+    rq_id = keys.job_id(RUN, jobs[0][0].group_id)
+    lose_job(r, cfg, rq_id)
+    state.apply(GroupRejected(group_id=jobs[0][0].group_id, reason="by hand"))
+    redispatch(r, job_queue(r, cfg), cfg, jobless_groups(r, cfg, state), ROWS)
+    rq_job = job_queue(r, cfg).fetch_job(rq_id)
+    carried = RolloutJob.model_validate(rq_job.args[0])
+    assert carried.job_id == rq_id and [g.group_id for g in carried.groups] == [g.group_id for g in jobs[0][1:]]
+    rt = real_runtime(r, tmp_path, [])
+    rt.slots = JobSlots(lambda: 64, group_size=2, max_jobs=8)
+    rt.slots.take(rq_id, job_draws(rq_job))  # what RolloutWorker.execute_job does
+    seeds = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("rlstream.workers.runtime.seed_torch", seeds.append)
+        assert rt.run_job(carried)["job_id"] == rq_id
+    assert rt.slots.drawing.get(rq_id, 0) == 0 and seeds == [job_seed(0, jobs[0][0].group_id)]
+
+
+def test_an_abandoned_job_with_a_settled_group_goes_out_again_with_its_open_groups(r):
+    cfg = config(workers={"groups_per_job": 3}, max_head_offpolicy_versions=0)
+    state = RunState()
+    first = admit_all(r, cfg, state)[0]
+    job_id = keys.job_id(RUN, first[0].group_id)
+    fail(r, cfg, job_id, "rq.exceptions.AbandonedJobError: Abandoned")
+    state.apply(GroupRejected(group_id=first[1].group_id, reason="by hand"))
+    handle_failed_jobs(r, job_queue(r, cfg), cfg, state, {}, ROWS)
+    assert [g.group_id for g in payload(r, cfg, job_id).groups] == [first[0].group_id, first[2].group_id]
+    assert job_id in job_queue(r, cfg).job_ids and FailedJobRegistry(queue=job_queue(r, cfg)).get_job_ids() == []
+
+
+def poison_runtime(r, tmp_path) -> WorkerRuntime:
+    """A user's rollout_fn (no built-in row check) that sends a row's own token ids to the sampler."""
+    rt = real_runtime(r, tmp_path, [])
+    sampler = LocalSampler(rt.policy, rt.cfg.sample_kwargs())
+
+    async def rollout_fn(row):
+        [c] = await sampler.sample_with_prompt_tokens(row["prompt_token_ids"], n=1, **rt.cfg.sample_kwargs())
+        return RolloutSample(tokens=c.full_tokens, logprobs=[0.0] * c.prompt_len + c.inference_logprobs,
+                             loss_mask=[0] * c.prompt_len + [1] * len(c.output_tokens), reward=1.0)
+
+    rt.rollout_fn, rt.prompt_ids = rollout_fn, None
+    return rt
+
+
+@pytest.mark.parametrize("groups_per_job", [1, 6])
+def test_one_poison_row_costs_its_group_only_however_many_share_its_generate(r, tmp_path, groups_per_job):
+    rt = poison_runtime(r, tmp_path)
+    rows = [{"prompt_token_ids": [5, 6]} for _ in range(5)] + [{"prompt_token_ids": [5, 10_000]}]  # row 5: poison
+    groups = [GroupJob(run_id=RUN, group_id=f"e0-r{i}-a0", row_index=i, epoch=0, attempt=0, submit_version=0,
+                       group_size=2, row=row) for i, row in enumerate(rows)]
+    rejected = []
+    for i in range(0, len(groups), groups_per_job):
+        out = rt.run_job(RolloutJob(run_id=RUN, groups=groups[i:i + groups_per_job]))
+        rejected += [g["group_id"] for g in out["groups"] if g["rejected"]]
+    assert rejected == ["e0-r5-a0"] and not rt.breaker.tripped
+
+
+def test_rows_per_generate_follow_the_token_budget():
+    assert generate_rows(config(max_seq_len=16, completions_per_prompt=8)) == 512  # a whole built-in job
+    assert generate_rows(config(max_seq_len=None, max_completion_tokens=1024, completions_per_prompt=8)) == 8
+    assert generate_rows(config(max_seq_len=4096, completions_per_prompt=4)) == 4  # never less than a group
+    assert generate_rows(config(max_seq_len=16, workers={"local_max_batch": 24})) == 24
