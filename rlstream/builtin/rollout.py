@@ -6,6 +6,7 @@ removed; the chat template is applied with the tokenizer).
 """
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 from rlstream.builtin.rewards import RewardFn
@@ -18,7 +19,39 @@ def prompt_token_ids(row: dict[str, Any], tokenizer: Any) -> list[int]:
         return list(row["prompt_token_ids"])
     if "messages" in row:
         return chat_prompt_ids(tokenizer, [m for m in row["messages"] if m["role"] != "assistant"])
-    return tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
+    return text_ids(tokenizer, row["prompt"])
+
+
+# A worker tokenizes a row's prompt once per group (the row check) and once per draw: G + 1 times
+# the same text. The ids of recent prompts are kept per tokenizer (a tokenizer's answer for a text
+# does not change); chat rows are not (a template may read the date).
+_TEXT_IDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> _TextCache
+CACHED_TEXTS, CACHED_TOKENS = 4096, 1 << 20  # the cache is emptied when it holds more of either
+
+
+class _TextCache:
+    def __init__(self) -> None:
+        self.ids: dict[str, tuple[int, ...]] = {}
+        self.tokens = 0  # about the ids held (job threads may add beside the sampling loop: a bound, not a count)
+
+
+def text_ids(tokenizer: Any, text: str) -> list[int]:
+    """``tokenizer(text, add_special_tokens=False)["input_ids"]``, from the cache when it was asked
+    lately (a new list each time: callers may change it)."""
+    try:
+        cache = _TEXT_IDS.get(tokenizer)
+        if cache is None:
+            cache = _TEXT_IDS[tokenizer] = _TextCache()
+    except TypeError:  # not hashable or not weakly referenceable: no cache
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = cache.ids.get(text)
+    if ids is None:
+        ids = tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if len(cache.ids) >= CACHED_TEXTS or cache.tokens + len(ids) > CACHED_TOKENS:
+            cache.ids, cache.tokens = {}, 0
+        cache.ids[text] = ids
+        cache.tokens += len(ids)
+    return list(ids)
 
 
 def single_turn_factory(reward_fn: RewardFn):

@@ -190,3 +190,37 @@ def test_a_broken_user_module_is_a_one_line_error(tmp_path, monkeypatch):
         importable_spec("broken_rollout_mod:make_rollout_fn", "rollout_fn_factory")
     with pytest.raises(ConfigError, match=r"RuntimeError: needs an API key; fix that module"):
         importable_spec("raising_rollout_mod:make_rollout_fn", "rollout_fn_factory")
+
+
+def test_a_prompt_is_tokenized_once_for_its_group_and_chat_rows_every_time():
+    """The built-in rollout asks for a row's ids G + 1 times (the row check, then each draw):
+    the tokenizer is called once per text, each caller gets a list of its own, the cache is
+    bounded, and chat rows (whose template may read the date) are never cached."""
+    from rlstream.builtin import rollout
+
+    calls = []
+
+    class Tokenizer:
+        def __call__(self, text, add_special_tokens=True):
+            calls.append(text)
+            return {"input_ids": [ord(c) for c in text]}
+
+        def apply_chat_template(self, messages, **kwargs):
+            calls.append("chat")
+            return [7, 8]
+
+    tok = Tokenizer()
+    first = rollout.prompt_token_ids({"prompt": "1+1="}, tok)
+    first.append(99)  # a caller's own list
+    assert [rollout.prompt_token_ids({"prompt": "1+1="}, tok) for _ in range(4)] == [[49, 43, 49, 61]] * 4
+    assert calls == ["1+1="]
+    assert rollout.prompt_token_ids({"prompt_token_ids": [3, 4]}, tok) == [3, 4] and len(calls) == 1
+    for _ in range(2):
+        rollout.prompt_token_ids({"messages": [{"role": "user", "content": "hi"}]}, tok)
+    assert calls.count("chat") == 2
+    other = Tokenizer()  # a cache per tokenizer
+    rollout.prompt_token_ids({"prompt": "1+1="}, other)
+    assert calls.count("1+1=") == 2
+    for i in range(rollout.CACHED_TEXTS + 1):
+        rollout.text_ids(tok, str(i))
+    assert len(rollout._TEXT_IDS[tok].ids) <= rollout.CACHED_TEXTS
