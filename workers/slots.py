@@ -29,6 +29,7 @@ class JobSlots:
         self.peak = 0  # most jobs ever drawing at once (tests)
         self.peak_outstanding = 0  # most draws ever outstanding at once (tests)
         self._changed = threading.Condition()
+        self._waiting = 0  # threads in wait_for_room
 
     @property
     def running(self) -> int:
@@ -47,7 +48,11 @@ class JobSlots:
         """True once another job fits; False after ``timeout`` s (the caller beats and asks
         again: a window that grew is noticed then)."""
         with self._changed:
-            return self._changed.wait_for(self.has_room, timeout)
+            self._waiting += 1
+            try:
+                return self._changed.wait_for(self.has_room, timeout)
+            finally:
+                self._waiting -= 1
 
     def take(self, job_id: str, draws: int | None = None) -> None:
         """``job_id`` is held from now, counted as ``draws`` draws (its groups' first rounds;
@@ -61,16 +66,14 @@ class JobSlots:
         """A redraw round of one of ``job_id``'s groups adds ``draws`` draws (its missing members)."""
         with self._changed:
             if job_id in self.drawing:
-                self._set(job_id, self.drawing[job_id] + draws)
-                self._changed.notify_all()
+                self._set_and_tell(job_id, self.drawing[job_id] + draws)
 
     def draw_done(self, job_id: str, draws: int = 1) -> None:
         """``draws`` draws of ``job_id`` finished (a sample, an invalid one, or a failure), or will
         never be sent (a group skipped): their room goes to the next group."""
         with self._changed:
             if self.drawing.get(job_id, 0) > 0:
-                self._set(job_id, max(0, self.drawing[job_id] - draws))
-                self._changed.notify_all()
+                self._set_and_tell(job_id, max(0, self.drawing[job_id] - draws))
 
     def drawn(self, job_id: str) -> None:
         """Every draw of ``job_id`` is done: rq records it now."""
@@ -87,6 +90,13 @@ class JobSlots:
     def wait_idle(self, timeout: float) -> bool:
         with self._changed:
             return self._changed.wait_for(lambda: not self.held, timeout)
+
+    def _set_and_tell(self, job_id: str, draws: int) -> None:
+        """``_set``, then wake whoever waits for room, only if there is room now: a thread woken to
+        find none goes back to sleep, and each wake-up costs CPU (G a group)."""
+        self._set(job_id, draws)
+        if self._waiting and self.has_room():
+            self._changed.notify_all()
 
     def _set(self, job_id: str, draws: int) -> None:
         self.outstanding += draws - self.drawing.get(job_id, 0)

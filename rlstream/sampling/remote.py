@@ -1,5 +1,7 @@
-"""Sampling from inference servers over httpx (``inference.backend`` "openai", "vllm" or
+"""Sampling from inference servers over HTTP (``inference.backend`` "openai", "vllm" or
 "sglang"): anything that serves ``POST {base_url}/completions``, one server or several replicas.
+The completions go through rlstream.sampling.http (a lean keep-alive transport for plain HTTP,
+httpx otherwise); weight syncs, version reads and probes through httpx's blocking clients.
 
 The wire contract, and why:
 - prompts go out as token ids (``"prompt": [ids]``, part of the OpenAI completions API), so
@@ -62,6 +64,7 @@ from rlstream.sampling.engines import (
     healthy,
     logprobs_after_temperature,
 )
+from rlstream.sampling.http import CompletionsClient
 from rlstream.sampling.servers import Server, ServerPool
 
 log = logging.getLogger(__name__)
@@ -199,8 +202,8 @@ class RemotePolicy:
         self._sync = httpx.Client(timeout=cfg.timeout, headers=headers, transport=sync_transport)  # reloads
         self._probe = httpx.Client(timeout=min(PROBE_TIMEOUT_S, cfg.timeout), headers=headers,
                                    transport=sync_transport)  # health and version reads
-        servers = [Server(i, url, functools.partial(httpx.AsyncClient, base_url=url.rstrip("/"), timeout=cfg.timeout,
-                                                    headers=headers, transport=transport))
+        servers = [Server(i, url, functools.partial(CompletionsClient, url, timeout=cfg.timeout, headers=headers,
+                                                    transport=transport))
                    for i, url in enumerate(cfg.base_urls)]
         probe = (lambda s: healthy(self._probe, s.root)) if self.engine.tracks_versions else None
         self.pool = ServerPool(servers, prefer, probe, cfg.start_timeout, (BACKOFF_BASE_S, BACKOFF_CAP_S))

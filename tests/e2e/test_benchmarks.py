@@ -39,3 +39,10 @@ def test_trainer_overhead_prints_every_part_with_its_ratio():
     out = bench("bench/trainer_overhead.py", "--rounds", "2", "--warmup", "1", "--threads", "1", timeout=300)
     assert "| bare torch step | " in out and "| (b) whole step, no waiting: gather + train_step | " in out, out
     assert "trainer reached step 3;" in out, out
+
+
+def test_worker_cpu_prints_cpu_per_sample_for_every_setting():
+    out = bench("bench/worker_cpu.py", "--repeats", "1", "--rounds", "1", "--window", "8", timeout=600)
+    rows = [line for line in out.splitlines() if line.startswith("| this | ")]
+    assert [row.split(" | ")[1] for row in rows] == ["fixed", "default", "merged"], out
+    assert all(float(row.split(" | ")[3]) > 0 for row in rows), out

@@ -130,6 +130,34 @@ def test_job_slots_count_every_group_a_job_carries():
     assert slots.outstanding == 4
 
 
+def test_job_slots_wake_the_waiter_only_when_there_is_room():
+    """A finished draw wakes the thread waiting for room only if it made room (a thread woken
+    to find none costs CPU and sleeps again), and at once when it did."""
+    import threading
+
+    slots = JobSlots(lambda: 4, group_size=2)
+    slots.take("a")
+    slots.take("b")
+    notified = []
+    original = slots._changed.notify_all
+    slots._changed.notify_all = lambda: (notified.append(slots.outstanding), original())
+    slots.draw_done("a")  # nobody waits: nobody is woken
+    assert notified == []
+    slots.take("c")  # 5 draws for a window of 4
+    woke = threading.Event()
+    waiter = threading.Thread(target=lambda: slots.wait_for_room(10) and woke.set())
+    waiter.start()
+    deadline = time.monotonic() + 10
+    while not slots._waiting:  # the waiter is inside wait_for_room (bounded: a hung start fails here)
+        assert time.monotonic() < deadline, "the waiter never started waiting"
+        time.sleep(0.001)
+    slots.draw_done("b")  # 4 left of 4: still full, the waiter sleeps on
+    assert notified == [] and not woke.wait(0.05)
+    slots.draw_done("b")  # 3 of 4: room
+    assert woke.wait(5) and notified == [3]
+    waiter.join()
+
+
 def test_job_slots_bound_the_jobs_held():
     """However few draws are unfinished, at most ``max_jobs`` groups are held (memory), counting
     the ones rq is still recording."""
