@@ -73,7 +73,7 @@ def test_shipped_example_validates():
     assert cfg.base_model == "builtin:tiny"
     assert cfg.completions_per_prompt == 8 and cfg.prompt_groups_per_step == 32
     assert cfg.batch_size == 256
-    assert cfg.max_steps == 300 and cfg.workers.count == 2 and cfg.redis.url is None
+    assert cfg.max_steps == 300 and cfg.workers.count == 1 and cfg.redis.url is None
     assert cfg.offpolicy_versions == 1
 
 
