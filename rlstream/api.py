@@ -5,11 +5,14 @@
 
 It runs the whole pipeline exactly like ``rlstream up`` (child processes, Redis streams),
 over ``cfg`` with the ``RLSTREAM_<FIELD>`` environment overrides applied, as ``up`` applies
-them over a TOML file. Worker processes import ``rollout_fn_factory`` by name, so it must be
-a module-level function of an importable module (or a ``"module:function"`` string). The
-trainer's hooks (``dynamic_filter_fn``, ``evaluation_fn``) may be anything callable, a lambda
-or a function of the script included: then the trainer is forked from this process, which
-holds them (docs/design.md §15.61 Script hooks run in a forked trainer).
+them over a TOML file. ``rollout_fn_factory`` and the trainer's hooks (``dynamic_filter_fn``,
+``evaluation_fn``) may be anything callable, a lambda or a function of the script (its
+``__main__``, a notebook cell, a nested function) included: one that cannot be imported by name
+is held by this process, and the processes that run it (the workers for the factory, the
+trainer for all three) are forked from it instead of exec'd (docs/design.md §15.61 Script
+hooks run in a forked trainer). An importable function still goes by name. Workers started
+elsewhere (``rlstream worker``, another machine) import the factory by name, so a run that
+relies on them (``workers.count = 0``) needs an importable factory.
 """
 from __future__ import annotations
 
@@ -56,9 +59,10 @@ def importable_spec(fn: Callable | str, what: str) -> str:
     return spec
 
 
-def trainer_hook_spec(fn: Callable | str, what: str, held: dict[str, Callable]) -> str:
-    """The spec of a trainer hook: by name when the trainer can import it, else
-    ``"__script__:<what>"`` with ``fn`` put in ``held`` (the trainer is then forked)."""
+def script_function_spec(fn: Callable | str, what: str, held: dict[str, Callable]) -> str:
+    """The spec of a user function: by name when a fresh process can import it, else
+    ``"__script__:<what>"`` with ``fn`` put in ``held`` (the processes that run it are then
+    forked from this one)."""
     if isinstance(fn, str):
         return importable_spec(fn, what)
     if not callable(fn):
@@ -72,6 +76,15 @@ def trainer_hook_spec(fn: Callable | str, what: str, held: dict[str, Callable]) 
             pass  # not importable under that name: hold it
     held[what] = fn
     return f"{SCRIPT_MODULE}:{what}"
+
+
+def held_factory_without_workers(fn: Callable) -> str:
+    name = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', fn)}"
+    return (f"config error: rollout_fn_factory {name} is defined in the script (its __main__, a notebook or a nested "
+            "function) and workers.count = 0: the workers `rlstream worker` starts (here or on another machine) "
+            "import the factory by name, and only workers this script starts are forked with it. Move it into a "
+            "module next to your script (e.g. rollout.py) and import it from there, or let this script start the "
+            "workers (workers.count >= 1)")
 
 
 def _write_rows(rows: Iterable[dict[str, Any]], path: Path) -> None:
@@ -104,13 +117,14 @@ def main(
     updates: dict[str, Any] = {"run_id": data.get("run_id") or new_run_id()}
     if evaluation_interval is not None:
         updates["evaluation_interval"] = evaluation_interval
-    if rollout_fn_factory is not None:
-        updates["rollout_fn_factory"] = importable_spec(rollout_fn_factory, "rollout_fn_factory")
     held: dict[str, Callable] = {}
-    for name, fn in (("dynamic_filter_fn", dynamic_filter_fn), ("evaluation_fn", evaluation_fn)):
+    for name, fn in (("rollout_fn_factory", rollout_fn_factory), ("dynamic_filter_fn", dynamic_filter_fn),
+                     ("evaluation_fn", evaluation_fn)):
         if fn is not None:
-            updates[name] = trainer_hook_spec(fn, name, held)
+            updates[name] = script_function_spec(fn, name, held)
     cfg = validate_config({**data, **updates})
+    if "rollout_fn_factory" in held and cfg.workers.count == 0:
+        raise ConfigError(held_factory_without_workers(rollout_fn_factory))
     run_dir = cfg.run_dir()
     if rows is not None:
         _write_rows(rows, run_dir / "dataset.jsonl")

@@ -105,9 +105,17 @@ def _child_env(redis_password: str | None = None) -> dict[str, str]:
             SUPERVISOR_ENV: str(os.getpid())}
 
 
+def forks(role: str, held: dict) -> bool:
+    """Whether a child of ``role`` must be forked from this process: it runs a function that
+    only this process holds (``rlstream.main`` with a lambda or a function of the script). The
+    trainer runs every hook (the rollout factory too, for ``ctx.rollout_fn`` in evaluations);
+    the workers run the rollout factory; the producer runs none."""
+    return bool(held) and (role == "trainer" or (role == "worker" and "rollout_fn_factory" in held))
+
+
 def _spawn(name: str, role: str, config_path: Path, logs: Path, redis_password: str | None) -> Child:
     log_path = logs / f"{name}.log"
-    if role == "trainer" and script_functions():  # hooks only this process holds: fork it from here
+    if forks(role, script_functions()):  # functions only this process holds: fork the child from here
         # (docs/design.md §15.61 Script hooks run in a forked trainer)
         forked = fork_role(role, config_path, log_path, _child_env(redis_password), die_with_parent(signal.SIGKILL))
         return Child(name, role, forked, log_path, redis_password=redis_password)  # type: ignore[arg-type]

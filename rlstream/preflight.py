@@ -36,9 +36,9 @@ def preflight(cfg: Config) -> None:
             except ValueError as exc:
                 raise ConfigError(f"config error: {exc}") from None
     if cfg.dataset is not None:
-        from rlstream.producers.datasets import load_jsonl
+        from rlstream.producers.datasets import load_rows
 
-        load_jsonl(cfg.dataset, cfg.max_rows, cfg.max_seq_len)  # raises with file:line on the first bad row
+        load_rows(cfg)  # raises with file:line on the first bad row; logs how many rows max_rows leaves out
     for name in ("tokenizer_model", "reference_model"):
         path = getattr(cfg, name)
         if path and not Path(path).is_dir():

@@ -2,15 +2,18 @@
 sample a group of completions per prompt through the deployment sampler, score them, skip
 groups whose rewards are all equal, build GRPO datums, take reference logprobs, run a custom
 objective with ``forward_backward_custom``, ``optim_step`` with ``AdamParams``, and every
-``--sync-every`` steps save sampler weights and refresh the sampler from the saved path.
+``--sync-every`` steps save sampler weights and hotload them into the deployment.
 
     python examples/sdk/rl_loop.py --steps 60
 
 Compared with the seed's loop: the imports and the model names; ``--groups`` prompts per step
-(the seed takes one row per step), so that the tiny model learns in seconds; and the seed's
-``WeightSyncer.save_and_hotload`` written as the SDK lifecycle writes it,
-``save_weights_for_sampler`` + ``create_deployment_sampler(model_path=...)``. The last line
-printed is a JSON summary (first and last rewards, the run id).
+(the seed takes one row per step), so that the tiny model learns in seconds; and, since the
+sampler is synced only every ``--sync-every`` steps, a PPO-clipped objective against the
+sampling logprobs (``build_clipped_datums`` / ``make_clipped_grpo_loss_fn`` below) where the
+seed's on-policy loop uses ``rlstream.sdk.build_grpo_datums`` / ``make_grpo_loss_fn``. The
+seed's ``WeightSyncer(...).save_and_hotload(name)`` syncs the deployment, so the sampler made
+once samples the new weights. The last line printed is a JSON summary (first and last rewards,
+the run id).
 """
 from __future__ import annotations
 
@@ -22,12 +25,12 @@ import statistics
 import torch
 
 from rlstream.builtin.task import builtin_rows, exact_match_reward
-from rlstream.sdk import AdamParams, AdaptiveConcurrencyController, Datum, ServiceClient
+from rlstream.sdk import AdamParams, AdaptiveConcurrencyController, Datum, ServiceClient, WeightSyncer
 
 BASE_MODEL = "builtin:tiny"  # the seed: "accounts/fireworks/models/qwen3-8b"
 
 
-def build_grpo_datums(completions, rewards: list[float]) -> list[Datum]:
+def build_clipped_datums(completions, rewards: list[float]) -> list[Datum]:
     """One datum per completion: its tokens, its group-relative advantage, where the
     completion starts, and the logprobs it was sampled with (for the importance ratio)."""
     mean, std = statistics.fmean(rewards), statistics.pstdev(rewards)
@@ -36,7 +39,7 @@ def build_grpo_datums(completions, rewards: list[float]) -> list[Datum]:
         "inference_logprobs": list(c.inference_logprobs)}) for c, r in zip(completions, rewards)]
 
 
-def make_grpo_loss_fn(ref_logprobs: list[list[float]], kl_beta: float, clip: float = 0.2):
+def make_clipped_grpo_loss_fn(ref_logprobs: list[list[float]], kl_beta: float, clip: float = 0.2):
     """PPO-clipped GRPO on the completion tokens (the ratio against the sampling logprobs
     corrects a sampler that is a few steps behind), plus a k3 KL to the reference."""
 
@@ -87,6 +90,7 @@ def main() -> None:
         # deployment, as here by default, samples in one generate and does not need it).
         controller = AdaptiveConcurrencyController(initial_window=16)
         sampler = service.create_deployment_sampler(tokenizer=tokenizer, concurrency_controller=controller)
+        tracker = WeightSyncer(policy_client=policy, deploy_mgr=service, base_model=BASE_MODEL)
         rows = [{"messages": [{"role": "user", "content": r["prompt"].removesuffix("=")}], "answer": r["answer"]}
                 for r in builtin_rows(args.steps * args.groups, args.seed)]
         step_rewards = []
@@ -99,18 +103,16 @@ def main() -> None:
                 all_rewards += rewards
                 if len(set(rewards)) == 1:
                     continue  # no learning signal
-                datums += build_grpo_datums(completions, rewards)
+                datums += build_clipped_datums(completions, rewards)
             step_rewards.append(statistics.fmean(all_rewards))
             if datums:
                 ref_fwd = reference.forward(datums, "cross_entropy")
                 ref_logprobs = [list(x["logprobs"].data) for x in ref_fwd.loss_fn_outputs]
-                policy.forward_backward_custom(datums, make_grpo_loss_fn(ref_logprobs, args.kl_beta)).result()
+                policy.forward_backward_custom(datums, make_clipped_grpo_loss_fn(ref_logprobs, args.kl_beta)).result()
                 policy.optim_step(AdamParams(learning_rate=args.lr, beta1=0.9, beta2=0.999, eps=1e-8,
                                              weight_decay=0.01, grad_clip_norm=1.0)).result()
-            if (step + 1) % args.sync_every == 0:
-                saved = policy.save_weights_for_sampler(f"step-{step + 1:05d}").result()
-                sampler = service.create_deployment_sampler(model_path=saved.path, tokenizer=tokenizer,
-                                                            concurrency_controller=controller)
+            if (step + 1) % args.sync_every == 0:  # the sampler above samples the synced weights from now on
+                tracker.save_and_hotload(f"step-{step + 1:05d}")
             print(f"step {step + 1} reward {step_rewards[-1]:.3f} datums {len(datums)}", flush=True)
         k = max(1, min(10, len(step_rewards) // 3))
         print(json.dumps({"run_id": service.trainer_job_id, "steps": args.steps, "policy_steps": policy.step,

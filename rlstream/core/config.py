@@ -39,9 +39,12 @@ from pydantic import (
 from rlstream.core.cookbook_config import (
     STRICT_TABLE,
     DeployConfig,
+    GradAccNormalization,
     HostedTrainerFields,
     InfraConfig,
+    LRSchedulerSpec,
     WeightSyncConfig,
+    hosted,
     move_cookbook_spellings,
 )
 from rlstream.core.credentials import redacted, without_password
@@ -193,6 +196,10 @@ class TrainerConfig(ConfigSection, HostedTrainerFields):  # + the cookbook's hos
         "drop them as stale), in units of its previous step's time; they train in the batch in place of younger "
         "groups. 0 = never wait (drop them)"
     )
+    job_id: str | None = Field(
+        None, description="spelling of `run_id` (the cookbook's trainer job to reattach to: the same run id "
+        "continues that run)"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> TrainerConfig:
@@ -340,7 +347,8 @@ class Config(ConfigSection):
     )
     tokenizer_model: PathText | None = Field(None, description="tokenizer directory; unset = base_model's")
     dataset: PathText | None = Field(
-        None, description="JSONL dataset path (rows with prompt, messages or prompt_token_ids); unset = built-in task"
+        None, description="JSONL dataset path (rows with prompt, messages or prompt_token_ids; with a "
+        "rollout_fn_factory, any JSON object); unset = built-in task"
     )
     rollout_fn_factory: str | None = Field(
         None, description="'module:function' returning rollout_fn; unset = the built-in single-turn rollout"
@@ -470,11 +478,37 @@ class Config(ConfigSection):
     deployment: DeployConfig = Field(default_factory=DeployConfig, frozen=True)
     weight_sync: WeightSyncConfig = Field(default_factory=WeightSyncConfig, frozen=True)
     infra: InfraConfig = Field(default_factory=InfraConfig, frozen=True)
+    # The cookbook recipe's own fields (core.cookbook_config): spellings are moved onto the fields
+    # above before validation (and read None after), hosted-only ones kept as written and reported.
+    lr_scheduler: LRSchedulerSpec | None = Field(
+        None, frozen=True, description="spelling of `lr_schedule` and `lr_warmup_steps` (the cookbook's "
+        "ConstantSchedule / LinearSchedule / CosineSchedule(warmup_steps=N), or a table with `type`); a "
+        "warmup ratio, a minimum ratio, a partial decay or WSD is refused (no equivalent)"
+    )
+    pipeline_chunks_per_step: int | None = Field(
+        None, ge=1, le=65_536, frozen=True, description="spelling of `trainer.streaming` (N > 1: on, and an unset "
+        "trainer.micro_batch_tokens becomes ceil(B / N) x max_seq_len, so a chunk holds at most B / N rows; 1: off)"
+    )
+    grad_accumulation_normalization: GradAccNormalization | Literal["num_loss_tokens", "num_sequences", "none"] | \
+        None = Field(None, frozen=True, description="spelling of `normalization` (num_loss_tokens = token_mean, "
+                     "num_sequences = sequence_mean); \"none\" is hosted only, accepted and ignored: gradients are "
+                     "never summed unnormalised here")
+    weight_sync_timeout: float | None = Field(
+        None, gt=0, le=86_400, frozen=True, description="spelling of `inference.weight_sync_timeout`")
+    warm_start_from_adapter: str | None = Field(
+        None, description="the cookbook's LoRA warm start from a PEFT adapter: not supported, refused with the "
+        "way round (merge the adapter into base_model)")
+    cleanup_on_exit: bool | None = hosted("cleanup_on_exit")
+    router_replay: bool | None = hosted("router_replay")
+    router_replay_completion_only: bool | None = hosted("router_replay_completion_only")
+    weight_sync_before_training: bool | None = hosted("weight_sync_before_training")
 
     @model_validator(mode="before")
     @classmethod
     def _move_cookbook_spellings(cls, data: Any) -> Any:
-        return move_cookbook_spellings(data, cls.model_fields["base_model"].default)
+        defaults = {name: cls.model_fields[name].default
+                    for name in ("base_model", "prompt_groups_per_step", "completions_per_prompt", "max_seq_len")}
+        return move_cookbook_spellings(data, {**defaults, "max_seq_len_limit": MAX_SEQ_LEN_LIMIT})
 
     @model_validator(mode="after")
     def _check(self) -> Config:
@@ -505,7 +539,14 @@ class Config(ConfigSection):
             raise ValueError(
                 f"ppo_n_minibatches {self.ppo_n_minibatches} exceeds the batch of {self.batch_size} samples")
         if self.trainer.streaming and self.ppo_n_minibatches > 1:  # later minibatches need the first one's update
-            raise ValueError("trainer.streaming needs ppo_n_minibatches = 1")
+            raise ValueError("trainer.streaming (the cookbook's pipeline_chunks_per_step > 1) needs "
+                             "ppo_n_minibatches = 1")
+        if self.warm_start_from_adapter is not None:
+            raise ValueError(
+                f"warm_start_from_adapter = {self.warm_start_from_adapter!r}: rlstream cannot start LoRA from a PEFT "
+                "adapter yet, and training without it would not be the run you asked for. Merge the adapter into "
+                "its base model (peft: PeftModel.from_pretrained(base, adapter).merge_and_unload().save_pretrained"
+                "(dir)) and set base_model to that directory, or continue an rlstream run (init_from_checkpoint)")
         if self.lr_schedule != "constant" and self.max_steps is None:
             raise ValueError(f"lr_schedule {self.lr_schedule!r} decays to 0 at max_steps: set max_steps")
         return self

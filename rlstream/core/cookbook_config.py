@@ -14,17 +14,31 @@ Hosted-only fields (training shapes, deployment ids, regions, provisioning timeo
 hosted service can honour: they are accepted, stored as written, and reported once by
 ``rlstream up`` / ``rlstream.main`` as ignored, with the reason (``ignored_settings``).
 
+The recipe's own top-level fields beyond those (``lr_scheduler``, ``pipeline_chunks_per_step``,
+``grad_accumulation_normalization``, ``weight_sync_timeout``, ``cleanup_on_exit``,
+``router_replay``, ``warm_start_from_adapter``...) and ``TrainerConfig.job_id`` follow the
+same two rules: a spelling is moved onto rlstream's field (``lr_scheduler`` onto
+``lr_schedule`` and ``lr_warmup_steps``, ``pipeline_chunks_per_step`` onto
+``trainer.streaming``, ``trainer.job_id`` onto ``run_id``), a hosted-only field is reported.
+A value whose meaning rlstream has but cannot give (a warm-up-stable-decay schedule, a warm
+start from a PEFT adapter) is an error that says what to do instead, never silently ignored.
+The enums cookbook code passes (``GradAccNormalization``, ``WeightSyncScope``) are here too.
+
 The dependency runs one way: ``core.config`` composes these tables into ``Config`` (and
 ``HostedTrainerFields`` into its ``[trainer]`` table); this module imports nothing of
-rlstream's and knows rlstream's fields only by the dotted names in ``MOVES``. Only pydantic
+rlstream's and knows rlstream's fields only by the dotted names in ``MOVES`` and the moves
+below, and their defaults only as ``move_cookbook_spellings`` is given them. Only pydantic
 here (no torch).
 """
 from __future__ import annotations
 
+import math
 import os
-from typing import Any, Callable
+from collections.abc import Mapping
+from enum import Enum, StrEnum
+from typing import Annotated, Any, Callable, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 _SHAPE = "rlstream trains on this machine: the trainer's device is trainer.device (or device)"
 _DEPLOYMENT = ("rlstream samples in its rollout workers (inference.backend = \"local\") or on your own server "
@@ -56,6 +70,16 @@ HOSTED_REASONS: dict[str, str] = {
     "dcp_timeout": "checkpoints are local files the trainer writes itself, not a service call with a timeout",
     "first_checkpoint_type": "workers always start from v0, the base weights",
     "weight_sync_before_training": "v0 (the base weights) is always published before the first step",
+    "reference_training_shape_id": "the reference model is loaded by the trainer when kl_beta > 0 "
+                                   "(reference_model; unset = base_model)",
+    "reference_job_id": "the reference is loaded by this run's trainer; there is no reference job to attach to",
+    "cleanup_on_exit": "`rlstream up` and `rlstream.main` always stop the processes and the embedded Redis they "
+                       "started when the run ends; the run directory stays (the same run id resumes it)",
+    "router_replay": "no expert routes are replayed: the trainer's forward routes a mixture-of-experts model "
+                     "itself, and the samplers return no routing matrices",
+    "router_replay_completion_only": "no expert routes are replayed (see router_replay)",
+    "grad_accumulation_normalization": "gradients are never summed unnormalised: each step's loss is reduced as "
+                                       "`normalization` says (token_mean, sequence_mean or token_sum)",
 }
 
 
@@ -76,6 +100,8 @@ class HostedTrainerFields(BaseModel):
     node_count: int | None = hosted("node_count")
     trainer_timeout_s: float | None = hosted("trainer_timeout_s")
     extra_args: list[str] | None = hosted("extra_args")
+    reference_training_shape_id: str | None = hosted("reference_training_shape_id")
+    reference_job_id: str | None = hosted("reference_job_id")
 
 
 class HostedDeployFields(BaseModel):
@@ -90,7 +116,7 @@ class HostedDeployFields(BaseModel):
     deployment_extra_args: list[str] | None = hosted("deployment_extra_args")
     disable_speculative_decoding: bool | None = hosted("disable_speculative_decoding")
     extra_values: dict[str, str] | None = hosted("extra_values")
-    weight_sync_scope: str | None = hosted("weight_sync_scope")
+    weight_sync_scope: WeightSyncScope | str | None = hosted("weight_sync_scope")
 
 
 class HostedWeightSyncFields(BaseModel):
@@ -102,9 +128,35 @@ class HostedWeightSyncFields(BaseModel):
 
 
 def hosted_settings(section_name: str, section: BaseModel) -> list[str]:
-    """``"<section>.<field> = <value> (<reason>)"`` for each hosted field set in ``section``."""
-    return [f"{section_name}.{name} = {getattr(section, name)!r} ({HOSTED_REASONS[name]})"
+    """``"<section>.<field> = <value> (<reason>)"`` for each hosted field set in ``section``
+    (``section_name`` "": the config's top-level fields, ``"<field> = ..."``)."""
+    prefix = f"{section_name}." if section_name else ""
+    return [f"{prefix}{name} = {_plain(getattr(section, name))!r} ({HOSTED_REASONS[name]})"
             for name in type(section).model_fields if name in HOSTED_REASONS and getattr(section, name) is not None]
+
+
+def _plain(value: Any) -> Any:
+    """An enum member as the value it stands for (``WeightSyncScope.PER_TRAINER`` -> its string)."""
+    return value.value if isinstance(value, Enum) else value
+
+
+class GradAccNormalization(StrEnum):
+    """The cookbook's ``grad_accumulation_normalization`` values: ``NUM_LOSS_TOKENS`` and
+    ``NUM_SEQUENCES`` are rlstream's ``normalization`` ``token_mean`` and ``sequence_mean``;
+    ``NONE`` (gradients summed as they are) has no equivalent and is reported as ignored."""
+
+    NUM_LOSS_TOKENS = "num_loss_tokens"
+    NUM_SEQUENCES = "num_sequences"
+    NONE = "none"
+
+
+class WeightSyncScope(StrEnum):
+    """The cookbook's ``DeployConfig.weight_sync_scope``: which bucket a hosted deployment pulls
+    weights from. Here weights are files under the run directory that the workers (or the
+    SDK's deployment) load, so both values mean the same and the field is reported as ignored."""
+
+    PER_TRAINER = "per_trainer"
+    PER_DEPLOYMENT = "per_deployment"
 
 
 _SKIP = object()  # a nested value that sets nothing (it names the default)
@@ -147,6 +199,82 @@ class InfraConfig(HostedTrainerFields, CookbookSection):
     """The cookbook's ``InfraConfig``: a hosted trainer's shape. Every field is hosted-only."""
 
 
+class _Schedule(CookbookSection):
+    """A cookbook learning-rate schedule (``lr_scheduler=CosineSchedule(warmup_steps=10)``):
+    linear warmup, then the schedule's shape. rlstream's ``lr_schedule`` decays to 0 at
+    ``max_steps`` after ``lr_warmup_steps``; the knobs it has no equivalent for must stay at
+    their defaults (an error says so), since they would change the learning rate."""
+
+    warmup_steps: int = Field(0, ge=0, le=1_000_000, description="spelling of `lr_warmup_steps`")
+    warmup_ratio: float | None = Field(None, ge=0, lt=1, description="not supported: give warmup_steps")
+    decay_ratio: float | None = Field(None, ge=0, le=1, description="not supported: decay runs from the end of "
+                                      "warmup to max_steps (None or 1)")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="not supported: decay ends at 0")
+
+
+class ConstantSchedule(_Schedule):
+    type: Literal["constant"] = "constant"
+
+
+class LinearSchedule(_Schedule):
+    type: Literal["linear"] = "linear"
+
+
+class CosineSchedule(_Schedule):
+    type: Literal["cosine"] = "cosine"
+
+
+class WSDSchedule(_Schedule):
+    """Warmup-stable-decay: accepted as a spelling so that the error can name it; rlstream has no
+    such schedule."""
+
+    type: Literal["wsd"] = "wsd"
+    decay_ratio: float | None = Field(0.1, ge=0, le=1, description="not supported")
+    decay_type: Literal["linear", "cosine", "sqrt"] = "linear"
+
+
+LRSchedulerSpec = Annotated[Union[ConstantSchedule, LinearSchedule, CosineSchedule, WSDSchedule],
+                            Field(discriminator="type")]
+_SCHEDULES: TypeAdapter[Any] = TypeAdapter(LRSchedulerSpec)
+
+
+def default_constant_schedule() -> ConstantSchedule:
+    """The cookbook's default ``lr_scheduler``: constant, no warmup (= rlstream's defaults)."""
+    return ConstantSchedule()
+
+
+def _schedule_fields(value: Any) -> dict[str, Any]:
+    """``lr_scheduler`` (a schedule, or its dict) as rlstream's ``lr_schedule`` and
+    ``lr_warmup_steps``; nothing for the default constant schedule; a ValueError for what
+    rlstream cannot do."""
+    try:
+        raw = value.model_dump() if isinstance(value, BaseModel) else value  # any schedule model, with its type
+        spec = value if isinstance(value, _Schedule) else _SCHEDULES.validate_python(raw)
+    except ValidationError as exc:
+        raise ValueError("lr_scheduler: " + "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
+                                                      for e in exc.errors())) from None
+    unsupported = []
+    if spec.type == "wsd":
+        unsupported.append("type 'wsd' (warmup-stable-decay)")
+    if spec.warmup_ratio is not None:
+        unsupported.append(f"warmup_ratio = {spec.warmup_ratio} (give warmup_steps)")
+    if spec.decay_ratio not in (None, 1.0) and spec.type != "wsd":
+        unsupported.append(f"decay_ratio = {spec.decay_ratio}")
+    if spec.min_lr_ratio:
+        unsupported.append(f"min_lr_ratio = {spec.min_lr_ratio}")
+    if unsupported:
+        raise ValueError(f"lr_scheduler: {', '.join(unsupported)} has no rlstream equivalent, and ignoring it would "
+                         "change the learning rate: rlstream's lr_schedule is constant, linear or cosine, with "
+                         "lr_warmup_steps of linear warmup and a decay to 0 at max_steps")
+    if spec == ConstantSchedule():
+        return {}
+    return {"lr_schedule": spec.type, "lr_warmup_steps": spec.warmup_steps}
+
+
+# grad_accumulation_normalization -> rlstream's normalization ("none" has none: it stays, reported)
+_NORMALIZATIONS = {"num_loss_tokens": "token_mean", "num_sequences": "sequence_mean"}
+
+
 def _tokenizer(value: Any, data: dict[str, Any], base_model_default: Any) -> Any:
     value = os.fspath(value) if isinstance(value, os.PathLike) else value
     base = data.get("base_model", base_model_default)
@@ -162,6 +290,12 @@ MOVES: dict[tuple[str, str], tuple[str, Callable[..., Any]]] = {
     ("weight_sync", "dcp_save_interval"): ("dcp_save_interval", lambda v, *_: v),
     ("weight_sync", "max_concurrent"): ("max_concurrency_rollout_sample", lambda v, *_: v or _SKIP),
     ("weight_sync", "weight_sync_timeout"): ("inference.weight_sync_timeout", lambda v, *_: v),
+    ("trainer", "job_id"): ("run_id", lambda v, *_: v),  # reattaching to a trainer job = continuing the run
+}
+# top-level recipe field -> (rlstream's dotted field, conversion of the value or _SKIP)
+TOP_LEVEL_MOVES: dict[str, tuple[str, Callable[[Any], Any]]] = {
+    "weight_sync_timeout": ("inference.weight_sync_timeout", lambda v: v),
+    "grad_accumulation_normalization": ("normalization", lambda v: _NORMALIZATIONS.get(_plain(v), _SKIP)),
 }
 
 
@@ -172,10 +306,13 @@ def _as_dict(value: Any) -> Any:
     return dict(value) if isinstance(value, dict) else value
 
 
-def move_cookbook_spellings(data: Any, base_model_default: Any) -> Any:
+def move_cookbook_spellings(data: Any, defaults: Mapping[str, Any]) -> Any:
     """``data`` (a config's input, before validation) with every self-hosted spelling in its
-    cookbook tables moved onto rlstream's field (``MOVES``); anything but a dict is returned as
-    is (pydantic reports it)."""
+    cookbook tables and top-level recipe fields moved onto rlstream's field (``MOVES``,
+    ``TOP_LEVEL_MOVES``, ``lr_scheduler``, ``pipeline_chunks_per_step``); anything but a dict is
+    returned as is (pydantic reports it). ``defaults``: rlstream's defaults of ``base_model``,
+    ``prompt_groups_per_step``, ``completions_per_prompt`` and ``max_seq_len`` (None = no limit:
+    ``max_seq_len_limit``), for the values a move derives from them."""
     if not isinstance(data, dict):
         return data
     data = dict(data)
@@ -183,11 +320,53 @@ def move_cookbook_spellings(data: Any, base_model_default: Any) -> Any:
         given = _as_dict(data.get(section))
         if not isinstance(given, dict) or given.get(name) is None:
             continue  # absent (or not a table: pydantic reports that)
-        value = convert(given.pop(name), data, base_model_default)
+        value = convert(given.pop(name), data, defaults["base_model"])
         data[section] = given
         if value is not _SKIP:
             _set_once(data, dotted, value, f"{section}.{name}")
+    for name, (dotted, convert) in TOP_LEVEL_MOVES.items():
+        if data.get(name) is None:
+            continue
+        value = convert(data[name])
+        if value is not _SKIP:
+            data[name] = None
+            _set_once(data, dotted, value, name)
+        else:
+            data[name] = _plain(data[name])  # kept as written (an enum as its value), reported as ignored
+    if data.get("lr_scheduler") is not None:
+        for dotted, value in _schedule_fields(data.pop("lr_scheduler")).items():
+            spelled = "lr_scheduler.type" if dotted == "lr_schedule" else "lr_scheduler.warmup_steps"
+            _set_once(data, dotted, value, spelled)
+    _move_pipeline_chunks(data, defaults)
     return data
+
+
+def _move_pipeline_chunks(data: dict[str, Any], defaults: Mapping[str, Any]) -> None:
+    """``pipeline_chunks_per_step = N > 1`` (the cookbook sends a step's groups to the trainer
+    in N chunks as they fill) is ``trainer.streaming``: forward/backward on groups as they
+    arrive. rlstream sizes those chunks in padded tokens (``trainer.micro_batch_tokens``): unset,
+    a chunk holds at most ceil(B / N) rows of ``max_seq_len`` tokens (more when shorter)."""
+    chunks = data.get("pipeline_chunks_per_step")
+    if not isinstance(chunks, int) or isinstance(chunks, bool) or chunks < 1:
+        return  # absent, or wrong: pydantic reports that
+    data["pipeline_chunks_per_step"] = None
+    if chunks == 1:
+        return  # the whole batch at once: rlstream's default
+    trainer = _as_dict(data.get("trainer", {}))
+    if not isinstance(trainer, dict):
+        return
+    if trainer.get("streaming") is False:
+        raise ValueError(f"pipeline_chunks_per_step = {chunks} streams the batch to the trainer in chunks, which is "
+                         "trainer.streaming, and trainer.streaming = false: keep one (rlstream's name is "
+                         "trainer.streaming)")
+    trainer["streaming"] = True
+    if trainer.get("micro_batch_tokens") is None:
+        sizes = [data.get(k, defaults[k]) for k in ("prompt_groups_per_step", "completions_per_prompt")]
+        length = data.get("max_seq_len", defaults["max_seq_len"])
+        length = defaults["max_seq_len_limit"] if length is None else length
+        if all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (*sizes, length)):
+            trainer["micro_batch_tokens"] = math.ceil(sizes[0] * sizes[1] / chunks) * length
+    data["trainer"] = trainer
 
 
 def _set_once(data: dict[str, Any], dotted: str, value: Any, nested: str) -> None:
@@ -206,5 +385,5 @@ def _set_once(data: dict[str, Any], dotted: str, value: Any, nested: str) -> Non
 
 def ignored_settings(cfg: Any) -> list[str]:
     """Every hosted-only field the config sets, with the reason it is ignored."""
-    return [line for name in ("trainer", "infra", "deployment", "weight_sync")
-            for line in hosted_settings(name, getattr(cfg, name))]
+    return hosted_settings("", cfg) + [line for name in ("trainer", "infra", "deployment", "weight_sync")
+                                       for line in hosted_settings(name, getattr(cfg, name))]

@@ -1,6 +1,7 @@
 """Resolving user code named as ``"module:function"`` (rollout factories, rewards,
 advantages, filters). Worker and trainer processes import it by name, so it must live in
-an importable module; errors say exactly what to fix."""
+an importable module, unless ``rlstream.main`` holds it for the processes it forks
+(``"__script__:<name>"``); errors say exactly what to fix."""
 from __future__ import annotations
 
 import importlib
@@ -8,8 +9,8 @@ import re
 from typing import Any, Callable
 
 _SPEC_RE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
-# "__script__:<hook>" names a hook held by the script that called rlstream.main (a lambda, a
-# function of its __main__): only that process and the trainer it forks have it
+# "__script__:<name>" names a function held by the script that called rlstream.main (a lambda, a
+# function of its __main__): only that process and the trainer and workers it forks have it
 # (docs/design.md §15.61 Script hooks run in a forked trainer).
 SCRIPT_MODULE = "__script__"
 _script_functions: dict[str, Callable[..., Any]] = {}
@@ -39,9 +40,12 @@ def import_object(spec: str, what: str = "object") -> Callable[..., Any]:
     module_name, _, attr = check_spec(spec, what).partition(":")
     if module_name == SCRIPT_MODULE:
         if attr not in _script_functions:
+            where = (" (`rlstream worker`, a worker on another machine, `rlstream up config.json`)"
+                     if attr == "rollout_fn_factory" else "")
             raise ValueError(f"{what} {spec!r} is a function held by the script that called rlstream.main (a lambda "
-                             "or a function of its __main__); only that script's run can use it: a process started "
-                             "by hand cannot. Move the function into an importable module to name it here")
+                             "or a function of its __main__); only the processes that script starts are forked with "
+                             f"it: a process started by hand{where} cannot import it. Move the function into an "
+                             "importable module (e.g. rollout.py next to the script) to name it here")
         return _script_functions[attr]
     try:
         module = importlib.import_module(module_name)

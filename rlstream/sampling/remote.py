@@ -191,14 +191,16 @@ class RemotePolicy:
                  weights_root: str | Path, transport: httpx.AsyncBaseTransport | None = None,
                  sync_transport: httpx.BaseTransport | None = None, controller: Any = None, *, prefer: int = 0,
                  sync_lock: Callable[[str], ContextManager[None]] = no_lock, namespace: str = "",
-                 exact: bool = False, check_logprobs: bool = False):
+                 exact: bool = False, check_logprobs: bool = False, api_key: str | None = None):
         """``controller``: the concurrency controller every request goes through
-        (rlstream.sampling.concurrency); unset = a fixed window of ``max_concurrency``."""
+        (rlstream.sampling.concurrency); unset = a fixed window of ``max_concurrency``.
+        ``api_key``: a bearer token given in code (the SDK's ``DeploymentSampler(api_key=)``),
+        instead of ``inference.api_key_env``."""
         self.cfg, self.tokenizer, self.model_name = cfg, tokenizer, model_name
         self.weights_root = Path(weights_root)  # the run's weights/: version N is <weights_root>/v<N>
         self.engine = engine_for(cfg.backend, weight_sync_url=cfg.weight_sync_url, namespace=namespace)
         self.sync_lock, self.exact, self.check_logprobs = sync_lock, exact, check_logprobs
-        headers = _headers(cfg)
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else _headers(cfg)
         self._sync = httpx.Client(timeout=cfg.timeout, headers=headers, transport=sync_transport)  # reloads
         self._probe = httpx.Client(timeout=min(PROBE_TIMEOUT_S, cfg.timeout), headers=headers,
                                    transport=sync_transport)  # health and version reads

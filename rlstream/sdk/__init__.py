@@ -12,10 +12,16 @@ like the Fireworks / Tinker SDK so seed code ports with its imports changed
     sampler = service.create_deployment_sampler(model_path=saved.path)
     service.close()
 
+and the seed's loop helpers: ``DeploymentSampler(inference_url=service.inference_url, ...)``,
+``WeightSyncer(policy_client=policy, deploy_mgr=service).save_and_hotload(name)``,
+``build_grpo_datums(completions)``, ``make_grpo_loss_fn(rewards, ref_logprobs, kl_beta)``.
+
 Importing it imports torch (the training client lives in the caller's process).
 """
+from rlstream.core.cookbook_config import WeightSyncScope
 from rlstream.core.rollout import Completion
 from rlstream.sampling.concurrency import AdaptiveConcurrencyController, FixedConcurrencyController
+from rlstream.sdk.losses import build_grpo_datums, make_grpo_loss_fn
 from rlstream.sdk.sampler import DeploymentSampler, SamplingClient
 from rlstream.sdk.service import ServiceClient
 from rlstream.sdk.training import ReferenceClient, TrainingClient
@@ -32,10 +38,12 @@ from rlstream.sdk.types import (
     SaveResult,
     TensorData,
 )
+from rlstream.sdk.weight_sync import WeightSyncer
 
 FiretitanServiceClient = ServiceClient  # the seed's name
 
 __all__ = ["AdamParams", "AdaptiveConcurrencyController", "Completion", "Datum", "DeploymentSampler", "Done",
            "FiretitanServiceClient", "FixedConcurrencyController", "ForwardBackwardOutput", "ModelInput",
            "OptimStepResult", "ReferenceClient", "SampleResponse", "SampledSequence", "SamplingClient",
-           "SamplingParams", "SaveResult", "ServiceClient", "TrainingClient", "TensorData"]
+           "SamplingParams", "SaveResult", "ServiceClient", "TrainingClient", "TensorData", "WeightSyncScope",
+           "WeightSyncer", "build_grpo_datums", "make_grpo_loss_fn"]

@@ -1,5 +1,6 @@
 """The service's deployment and the samplers over it (docs/design.md §15.67 One deployment per
-service, synced to a snapshot identity).
+service, synced to a snapshot identity), and the seed's ``DeploymentSampler(inference_url=,
+model=, api_key=, tokenizer=, concurrency_controller=)``, a sampler built from a URL.
 
 The deployment is what the workers use (``rlstream.sampling``): a local model in the caller's
 process (``inference.backend = "local"``: a second copy, apart from the policy, that holds the
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from typing import Any
 
 from rlstream.core.errors import ConfigError, RlstreamError
@@ -24,6 +26,12 @@ from rlstream.sdk.session import Session
 from rlstream.sdk.types import Done, ModelInput, SampledSequence, SampleResponse, SamplingParams
 
 log = logging.getLogger(__name__)
+# service.inference_url of a service whose deployment is a local model (no server, so no URL):
+# "rlstream-local://<run id>" names it, and DeploymentSampler(inference_url=...) finds it here.
+LOCAL_URL = "rlstream-local://"
+LOCAL_SERVICES: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()  # run id -> ServiceClient
+# What a URL-built sampler's calls use unless they say otherwise (the cookbook recipe's max_completion_tokens).
+URL_SAMPLER_DEFAULTS = {"max_tokens": 1024, "temperature": 1.0}
 
 
 def published(saved: SamplerSaved) -> WeightsPublished:
@@ -113,14 +121,58 @@ class DeploymentSampler:
     returning ``n`` ``Completion``s (``full_tokens``, ``prompt_len``, ``inference_logprobs``,
     ``text``, ``finish_reason``). ``concurrency_controller`` (``AdaptiveConcurrencyController`` or
     ``FixedConcurrencyController``; None = the server sampler's default) bounds the completions in
-    flight to an inference server; a local deployment ignores it."""
+    flight to an inference server; a local deployment ignores it.
 
-    def __init__(self, deployment: Deployment, tokenizer, concurrency_controller: Any, defaults: dict[str, Any]):
-        self.deployment, self.tokenizer = deployment, tokenizer
+    Built as the seed builds it, from a URL: ``DeploymentSampler(inference_url=, model=,
+    api_key=, tokenizer=, concurrency_controller=)``. ``inference_url`` is an OpenAI-compatible
+    server's API root (``http://host:8000/v1``, which serves ``POST /completions`` with token-id
+    prompts: vLLM, SGLang), ``model`` the name it serves, ``api_key`` a bearer token (None: no
+    header), ``tokenizer`` the one prompts are tokenized with (required: tokenization is
+    client-side). Or ``service.inference_url``: the service's own deployment (a local model has
+    the URL ``rlstream-local://<run id>``). Either way, ``WeightSyncer.save_and_hotload`` (or
+    ``create_deployment_sampler(model_path=...)``) moves the service's deployment to new weights;
+    a URL sampler samples whatever its server serves. ``**sample_defaults`` (max_tokens,
+    temperature, top_p, top_k, max_seq_len) apply to every call; a URL sampler's start from
+    max_tokens 1024, temperature 1. ``close()`` a URL sampler when done (its HTTP clients).
+
+    ``service.create_deployment_sampler`` builds it over the service's deployment
+    (``DeploymentSampler(deployment=, tokenizer=, concurrency_controller=, defaults=)``; the
+    positional form ``DeploymentSampler(deployment, tokenizer, controller, defaults)`` of
+    earlier releases is still accepted)."""
+
+    def __init__(self, inference_url: Any = None, model: Any = None, api_key: Any = None, tokenizer: Any = None,
+                 concurrency_controller: Any = None, *, deployment: Deployment | None = None,
+                 defaults: dict[str, Any] | None = None, transport: Any = None, **sample_defaults: Any):
+        """``transport``: an httpx async transport for a URL sampler's requests (tests)."""
+        if isinstance(inference_url, Deployment):  # the earlier positional form: (deployment, tokenizer, ctl, defaults)
+            deployment, tokenizer, concurrency_controller, defaults = inference_url, model, api_key, tokenizer
+            inference_url = model = api_key = None
         self.concurrency_controller = concurrency_controller
-        self.defaults = defaults
-        self.model_path = deployment.model_path
-        self._inner, self._inner_policy = None, None
+        self._inner, self._inner_policy, self._url_policy = None, None, None
+        if deployment is None and isinstance(inference_url, str) and inference_url.startswith(LOCAL_URL):
+            service = LOCAL_SERVICES.get(inference_url.removeprefix(LOCAL_URL))
+            if service is None:
+                raise RlstreamError(f"inference_url {inference_url!r} names no open service of this process: pass "
+                                    "service.inference_url of a service that is still open")
+            tokenizer = tokenizer or service.tokenizer()
+            deployment = service.deployment(tokenizer)
+            defaults = {**service.sample_defaults(), **(defaults or {})}
+        if deployment is not None:
+            self.deployment, self.tokenizer = deployment, tokenizer
+            self.defaults = {**(defaults or {}), **sample_defaults}
+            self.model_path, self.model = deployment.model_path, model
+            return
+        if not inference_url:
+            raise TypeError("DeploymentSampler needs inference_url= (an OpenAI-compatible server's API root, or "
+                            "service.inference_url), or use service.create_deployment_sampler(...)")
+        if tokenizer is None:
+            raise TypeError("DeploymentSampler(inference_url=...) needs tokenizer=: prompts are tokenized here, "
+                            "and the server is sent token ids")
+        if not model:
+            raise TypeError("DeploymentSampler(inference_url=...) needs model=: the model name the server serves")
+        self.deployment, self.tokenizer, self.model, self.model_path = None, tokenizer, model, None
+        self.defaults = {**URL_SAMPLER_DEFAULTS, **(defaults or {}), **sample_defaults}
+        self._url_policy = url_policy(inference_url, model, api_key, tokenizer, transport)
 
     def _sampler(self):
         """The workers' sampler over the deployment's current policy (kept, so concurrent
@@ -128,6 +180,11 @@ class DeploymentSampler:
         from rlstream.sampling.local import LocalSampler
         from rlstream.sampling.remote import RemoteSampler
 
+        if self._url_policy is not None:
+            if self._inner is None:
+                self._inner = RemoteSampler(self._url_policy, self.defaults,
+                                            concurrency_controller=self.concurrency_controller)
+            return self._inner
         policy = self.deployment.policy
         if policy is None:
             raise RlstreamError("this sampler's service was closed; create the service again to sample")
@@ -147,6 +204,29 @@ class DeploymentSampler:
         from rlstream.core.rollout import chat_prompt_ids
 
         return await self.sample_with_prompt_tokens(chat_prompt_ids(self.tokenizer, messages), n=n, **kwargs)
+
+    def close(self) -> None:
+        """A URL sampler's HTTP clients; a service's sampler leaves its deployment to the service."""
+        if self._url_policy is not None:
+            self._url_policy.close()
+
+
+def url_policy(inference_url: str, model: str, api_key: str | None, tokenizer: Any, transport: Any = None):
+    """The workers' server client (``RemotePolicy``) for one OpenAI-compatible server that this
+    sampler only samples from: it never syncs it (whoever serves it does)."""
+    from pydantic import ValidationError
+
+    from rlstream.core.config import InferenceConfig
+    from rlstream.sampling.remote import RemotePolicy
+
+    try:
+        cfg = InferenceConfig(backend="openai", base_url=inference_url, model=model)
+    except ValidationError as exc:
+        raise ConfigError(f"DeploymentSampler: inference_url {inference_url!r}: "
+                          f"{exc.errors()[0]['msg']} (an http(s):// API root such as http://127.0.0.1:8000/v1)"
+                          ) from None
+    base = WeightsPublished(version=0, uri="", sha256="", bytes=0)
+    return RemotePolicy(cfg, base, tokenizer, model, ".", transport, api_key=api_key)
 
 
 class SamplingClient:

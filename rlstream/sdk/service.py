@@ -23,7 +23,7 @@ from rlstream.core.errors import ConfigError, RlstreamError
 from rlstream.core.messages import RunFinished, RunStarted
 from rlstream.sdk.bus_server import open_bus, stop_bus
 from rlstream.sdk.ledger import Ledger
-from rlstream.sdk.sampler import Deployment, DeploymentSampler, SamplingClient
+from rlstream.sdk.sampler import LOCAL_SERVICES, LOCAL_URL, Deployment, DeploymentSampler, SamplingClient
 from rlstream.sdk.session import Session
 from rlstream.sdk.training import ReferenceClient, TrainingClient, frozen_base
 from rlstream.trainer.lease import LEASE_TTL_S, TrainerLease
@@ -35,7 +35,6 @@ HOSTED_ONLY = {
     "api_key": "no API: the service runs on this machine", "base_url": "no API: the service runs on this machine",
     "training_shape_id": "no training shapes: the model trains in this process",
     "reference_training_shape_id": "the reference runs in this process",
-    "deployment_id": "the deployment is inference.backend (local model or inference.base_url)",
     "cleanup_deployment_on_close": "a local deployment ends with the service; an inference server is yours",
     "hotload_timeout": "syncs are bounded by inference.timeout",
 }
@@ -65,24 +64,28 @@ class ServiceClient:
     ``create_sampling_client``, ``create_reference_client``, ``close``."""
 
     def __init__(self, session: Session, embedded: EmbeddedRedis | None, attached_embedded: bool,
-                 cleanup_trainer_on_close: bool, replica_count: int):
+                 cleanup_trainer_on_close: bool, replica_count: int, deployment_id: str | None = None):
         self.session, self._embedded, self._attached = session, embedded, attached_embedded
         self.cleanup_trainer_on_close, self.replica_count = cleanup_trainer_on_close, replica_count
+        self._deployment_id = deployment_id
         self.training_client: TrainingClient | None = None
         self._deployment: Deployment | None = None
         self._tokenizer = None
         self.closed = False
+        session.hotload = self.hotload
+        LOCAL_SERVICES[session.run_id] = self  # DeploymentSampler(inference_url=service.inference_url) finds it
 
     # ----------------------------------------------------------------- start / reconnect
     @classmethod
     def from_config(cls, *, base_model: str, tokenizer_model: str | None = None, lora_rank: int | None = None,
                     learning_rate: float = 1e-5, replica_count: int = 1, log_path: str | Path = "runs",
                     trainer_job_id: str | None = None, cleanup_trainer_on_close: bool = True,
-                    **options: Any) -> ServiceClient:
+                    deployment_id: str | None = None, **options: Any) -> ServiceClient:
         """Start a service for ``base_model`` (a new run), or reconnect to the run
         ``trainer_job_id``: its Redis, its lease, and (at ``create_training_client``) its
         newest saved state (``lora_rank`` None: 0 for a new run, the run's own on a reconnect).
-        ``replica_count`` > 1 is noted and served by one deployment."""
+        ``replica_count`` > 1 is noted and served by one deployment. ``deployment_id`` names the
+        service's deployment (``service.deployment_id``); nothing is provisioned for it."""
         options = _options(options)
         if replica_count > 1:
             log.warning("ServiceClient: replica_count=%d: the deployment is one local model or your inference "
@@ -122,7 +125,7 @@ class ServiceClient:
                 embedded.stop()
             raise
         log.info("SDK service %s run %s in %s", "reconnected to" if trainer_job_id else "started", run_id, run_dir)
-        return cls(session, embedded, attached, cleanup_trainer_on_close, replica_count)
+        return cls(session, embedded, attached, cleanup_trainer_on_close, replica_count, deployment_id)
 
     from_firetitan_config = from_config  # the seed's name
 
@@ -148,8 +151,21 @@ class ServiceClient:
 
     @property
     def deployment_id(self) -> str:
+        """The ``deployment_id`` the service was given; unset: ``"local"`` (a local model) or the
+        inference server's URL."""
+        if self._deployment_id is not None:
+            return self._deployment_id
         inference = self.session.cfg.inference
         return "local" if inference.backend == "local" else str(inference.base_url)
+
+    @property
+    def inference_url(self) -> str:
+        """Where the deployment serves, for ``DeploymentSampler(inference_url=...)`` (the seed's
+        ``deploy_mgr.inference_url``): the inference server's API root (the first of several
+        replicas), or ``rlstream-local://<run id>`` for a local model, which only this process
+        can sample."""
+        urls = self.session.cfg.inference.base_urls
+        return urls[0] if urls else f"{LOCAL_URL}{self.trainer_job_id}"
 
     @property
     def run_dir(self) -> Path:
@@ -189,14 +205,30 @@ class ServiceClient:
         ``sample_defaults`` (max_tokens, temperature, top_p, top_k, max_seq_len) apply to every call."""
         self._check_open()
         tokenizer = tokenizer or self.tokenizer()
+        deployment = self.deployment(tokenizer, model_path)
+        return DeploymentSampler(model=self.deployment_id, tokenizer=tokenizer,
+                                 concurrency_controller=concurrency_controller, deployment=deployment,
+                                 defaults={**self.sample_defaults(), **sample_defaults})
+
+    def deployment(self, tokenizer=None, model_path: str | None = None) -> Deployment:
+        """The service's one deployment, made on first use, synced to ``model_path`` (None: as it
+        is, and at first the run's newest snapshot, else the base model)."""
+        self._check_open()
         if self._deployment is None:
-            self._deployment = Deployment(self.session, tokenizer)
+            self._deployment = Deployment(self.session, tokenizer or self.tokenizer())
         if model_path is not None or self._deployment.policy is None:
             self._deployment.sync(model_path)
+        return self._deployment
+
+    def hotload(self, model_path: str) -> None:
+        """Sync the deployment to the snapshot ``model_path``: every sampler over it (and a server
+        that URL samplers reach) serves it from now on."""
+        self.deployment(model_path=model_path)
+
+    def sample_defaults(self) -> dict[str, Any]:
+        """What a sampler over the deployment uses when a call does not say: the run's settings."""
         cfg = self.session.cfg
-        defaults = {"max_tokens": cfg.max_completion_tokens, "temperature": cfg.temperature,
-                    "max_seq_len": cfg.max_seq_len, **sample_defaults}
-        return DeploymentSampler(self._deployment, tokenizer, concurrency_controller, defaults)
+        return {"max_tokens": cfg.max_completion_tokens, "temperature": cfg.temperature, "max_seq_len": cfg.max_seq_len}
 
     def create_sampling_client(self, model_path: str | None = None, **sample_defaults: Any) -> SamplingClient:
         return SamplingClient(self.create_deployment_sampler(model_path=model_path, **sample_defaults))
@@ -244,6 +276,7 @@ class ServiceClient:
                 s.record(RunFinished(reason="SDK service closed", step=step))
         finally:
             s.lease.release()
+            LOCAL_SERVICES.pop(s.run_id, None)
             if self._deployment is not None:
                 self._deployment.close()
             self.training_client = self._deployment = None

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import redis
 
@@ -29,6 +29,8 @@ class Session:
     lease: TrainerLease
     ledger: Ledger
     device: Any  # torch.device
+    # the service's "sync my deployment to this snapshot identity" (WeightSyncer.save_and_hotload)
+    hotload: Callable[[str], None] | None = None
 
     @property
     def run_id(self) -> str:

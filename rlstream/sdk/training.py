@@ -110,6 +110,11 @@ class TrainingClient:
     def get_tokenizer(self):
         return self.tokenizer
 
+    @property
+    def inner(self) -> TrainingClient:
+        """Itself: the seed's ``policy.inner`` (its reconnectable wrapper's training client)."""
+        return self
+
     # ----------------------------------------------------------------- forward / backward
     def forward(self, data: Sequence[Datum], loss_fn: str = "cross_entropy") -> Done[ForwardBackwardOutput]:
         """The policy's per-datum next-token logprobs, without a graph."""

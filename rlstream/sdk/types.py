@@ -6,6 +6,7 @@ No torch at import: these are what a caller builds and reads.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -52,23 +53,46 @@ class ModelInput:
         return len(self.tokens)
 
 
+TENSOR_DTYPES = ("float32", "int64")
+
+
 @dataclass(frozen=True)
 class TensorData:
-    """One per-token array of a result (``.data`` is a list, ``to_torch()`` a tensor)."""
+    """An array as Tinker passes it: ``data`` flat (a list), ``dtype`` ("float32" or "int64")
+    and ``shape`` (None: one dimension, ``len(data)``), e.g. ``TensorData(data=tokens[1:],
+    dtype="int64", shape=[n])``. ``to_torch()`` makes the tensor, ``from_torch`` the reverse;
+    a result's per-token logprobs are one (``.data`` is the list). ``TensorData(values)`` is a
+    float32 vector."""
 
-    data: list[float]
+    data: list
+    dtype: str = "float32"
+    shape: list[int] | None = None
 
-    def tolist(self) -> list[float]:
+    def __post_init__(self) -> None:
+        if self.dtype not in TENSOR_DTYPES:
+            raise ValueError(f"TensorData dtype must be one of {', '.join(TENSOR_DTYPES)}, got {self.dtype!r}")
+        object.__setattr__(self, "data", list(self.data))
+        if self.shape is not None:
+            shape = [int(d) for d in self.shape]
+            if any(d < 0 for d in shape) or math.prod(shape) != len(self.data):
+                raise ValueError(f"TensorData shape {shape} holds {math.prod(shape)} values, data has {len(self.data)}")
+            object.__setattr__(self, "shape", shape)
+
+    def tolist(self) -> list:
         return list(self.data)
 
     def to_torch(self):
         import torch
 
-        return torch.tensor(self.data, dtype=torch.float32)
+        tensor = torch.tensor(self.data, dtype=torch.int64 if self.dtype == "int64" else torch.float32)
+        return tensor.reshape(self.shape) if self.shape is not None else tensor
 
     @classmethod
     def from_torch(cls, tensor) -> TensorData:
-        return cls(tensor.detach().float().cpu().tolist())
+        tensor = tensor.detach().cpu()
+        integer = not tensor.is_floating_point()
+        flat = tensor.flatten().long() if integer else tensor.flatten().float()
+        return cls(flat.tolist(), "int64" if integer else "float32", list(tensor.shape))
 
 
 @dataclass

@@ -18,13 +18,15 @@ import sys
 from pathlib import Path
 
 import pytest
-from fault_harness import assert_audit_clean, assert_steps_exactly
+from fault_harness import assert_audit_clean, assert_steps_exactly, sigkill
+from polling import wait_until
 
 from rlstream.builtin.task import expected_reward
 from rlstream.core.metrics import read_metrics
 
 pytestmark = pytest.mark.e2e
 TRAIN = Path(__file__).resolve().parents[2] / "examples" / "cookbook" / "train.py"
+ONE_FILE = TRAIN.with_name("one_file.py")
 WANDB_STAND_IN = """
 import json, os
 class _Run:
@@ -94,3 +96,54 @@ def test_the_cookbook_train_py_learns_the_builtin_task(tmp_path: Path) -> None:
     before, after = expected_reward(run_dir / "weights" / "v0"), expected_reward(run_dir / "weights" / f"v{steps}")
     print(f"expected reward v0 {before:.3f} -> v{steps} {after:.3f}")
     assert after >= before + 0.3, (before, after)
+
+
+def forked_child(parent: int, log_name: str) -> int | None:
+    """The pid of the child of ``parent`` whose stdout is ``log_name`` (a forked child has the
+    script's own command line: its log is what tells the roles apart)."""
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and f"PPid:\t{parent}\n" in (proc / "status").read_text() \
+                    and os.readlink(proc / "fd" / "1").endswith(f"/logs/{log_name}"):
+                return int(proc.name)
+        except OSError:
+            continue
+    return None
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="finds the forked worker through /proc")
+def test_a_one_file_train_py_with_the_factory_in_the_script_runs_on_forked_workers(tmp_path: Path) -> None:
+    """Issue 22 item 1: examples/cookbook/one_file.py defines ``make_rollout_fn`` in its __main__.
+    The workers are forked from the script and sample with it; one SIGKILLed mid-run is forked
+    again (the restart path of any child), and the run ends with every step."""
+    steps = 6
+    env = {**os.environ, "RLSTREAM_RUN_ID": "one-file", "RLSTREAM_MAX_STEPS": str(steps),
+           "RLSTREAM_LEARNING_RATE": "1e-2", "RLSTREAM_MAX_COMPLETION_TOKENS": "1", "RLSTREAM_WORKERS_COUNT": "1",
+           "RLSTREAM_WANDB_PROJECT": "",
+           "RLSTREAM_MAX_HEAD_OFFPOLICY_VERSIONS": "0"}  # each step waits for its samples: the kill matters
+    run_dir = tmp_path / "gsm8k_logs" / "one-file"
+    out, err = (tmp_path / "stdout").open("w"), (tmp_path / "stderr").open("w")
+    proc = subprocess.Popen([sys.executable, str(ONE_FILE)], cwd=tmp_path, env=env, stdout=out, stderr=err,
+                            stdin=subprocess.DEVNULL)
+    try:
+        def metrics_steps() -> int:
+            if proc.poll() is not None:
+                raise AssertionError((tmp_path / "stderr").read_text()[-3000:])
+            path = run_dir / "metrics.jsonl"
+            return sum(1 for line in path.read_text().splitlines() if line.strip()) if path.is_file() else 0
+
+        wait_until(lambda: metrics_steps() >= 2, 240, "two steps")
+        worker = wait_until(lambda: forked_child(proc.pid, "worker-0.log"), 10, "the forked worker-0")
+        sigkill(worker)
+        assert proc.wait(timeout=300) == 0, (tmp_path / "stderr").read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        out.close()
+        err.close()
+    stderr = (tmp_path / "stderr").read_text()
+    assert "restarted worker-0" in stderr, stderr[-3000:]
+    assert json.loads((run_dir / "config.json").read_text())["rollout_fn_factory"] == "__script__:rollout_fn_factory"
+    assert_steps_exactly(run_dir, steps)
+    assert_audit_clean(run_dir, tmp_path)

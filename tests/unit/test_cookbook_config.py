@@ -6,20 +6,27 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 
 import pytest
 
 import rlstream
 from rlstream import (
     Config,
+    ConstantSchedule,
+    CosineSchedule,
     DeployConfig,
+    GradAccNormalization,
     InfraConfig,
     RolloutSetup,
     TrainerConfig,
     WandBConfig,
     WandbConfig,
     WeightSyncConfig,
+    WeightSyncScope,
+    WSDSchedule,
     build_deployment_sampler,
+    default_constant_schedule,
 )
 from rlstream.core.config import load_config, validate_config
 from rlstream.core.cookbook_config import ignored_settings
@@ -198,3 +205,73 @@ def test_the_cookbook_tables_are_as_strict_as_rlstreams_own():
     assert CookbookSection.model_config == ConfigSection.model_config
     with pytest.raises(ValueError):
         WeightSyncConfig(dcp_save_interval="5")  # strict: TOML has real types
+
+
+def test_the_recipes_other_fields_map_onto_rlstreams_or_are_reported():
+    """Issue 22 item 7: the real cookbook Config's fields beyond the pages' were unknown fields."""
+    cfg = async_rl_loop_config(
+        lr_scheduler=CosineSchedule(warmup_steps=10), max_steps=100, pipeline_chunks_per_step=2,
+        grad_accumulation_normalization=GradAccNormalization.NUM_SEQUENCES, weight_sync_timeout=300,
+        cleanup_on_exit=True, router_replay=True, router_replay_completion_only=True,
+        weight_sync_before_training=False, max_seq_len=64,
+        trainer=TrainerConfig(training_shape_id="ts", job_id="gsm8k-run", reference_job_id="ref"),
+        deployment=DeployConfig(tokenizer_model="builtin:tiny", weight_sync_scope=WeightSyncScope.PER_TRAINER))
+    assert (cfg.lr_schedule, cfg.lr_warmup_steps, cfg.normalization) == ("cosine", 10, "sequence_mean")
+    assert (cfg.inference.weight_sync_timeout, cfg.run_id) == (300, "gsm8k-run")  # job_id: reattach = same run id
+    # two chunks of a 64-sample batch: streaming on, a micro-batch of at most 32 rows of max_seq_len tokens
+    assert cfg.trainer.streaming and cfg.trainer.micro_batch_tokens == 32 * 64
+    assert (cfg.lr_scheduler, cfg.pipeline_chunks_per_step, cfg.grad_accumulation_normalization,
+            cfg.weight_sync_timeout, cfg.trainer.job_id) == (None,) * 5  # moved: one source of truth
+    assert [line.split(" = ")[0] for line in ignored_settings(cfg)] == [
+        "cleanup_on_exit", "router_replay", "router_replay_completion_only", "weight_sync_before_training",
+        "trainer.training_shape_id", "trainer.reference_job_id", "deployment.weight_sync_scope"]
+    assert "deployment.weight_sync_scope = 'per_trainer' (weights travel as files" in ignored_settings(cfg)[-1]
+    assert validate_config(json.loads(json.dumps(cfg.model_dump(mode="json")))) == cfg  # config.json round trip
+    none = Config(grad_accumulation_normalization="none", pipeline_chunks_per_step=1,
+                  lr_scheduler=default_constant_schedule(), trainer=TrainerConfig(micro_batch_tokens=128))
+    assert (none.normalization, none.lr_schedule, none.trainer.streaming) == ("token_mean", "constant", False)
+    assert ignored_settings(none) == ["grad_accumulation_normalization = 'none' (gradients are never summed "
+                                      "unnormalised: each step's loss is reduced as `normalization` says "
+                                      "(token_mean, sequence_mean or token_sum))"]
+    kept = Config(pipeline_chunks_per_step=4, trainer=TrainerConfig(micro_batch_tokens=512))
+    assert kept.trainer.streaming and kept.trainer.micro_batch_tokens == 512  # a size given is kept
+
+
+def test_the_recipes_fields_load_from_toml(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('max_steps = 50\npipeline_chunks_per_step = 2\ngrad_accumulation_normalization = '
+                    '"num_loss_tokens"\n[lr_scheduler]\ntype = "linear"\nwarmup_steps = 5\n[trainer]\njob_id = "r1"\n')
+    cfg = load_config(path)
+    assert (cfg.lr_schedule, cfg.lr_warmup_steps, cfg.normalization, cfg.run_id) == ("linear", 5, "token_mean", "r1")
+    assert cfg.trainer.streaming and cfg.trainer.micro_batch_tokens == 128 * 2048  # ceil(256 / 2) rows x 2048
+
+
+@pytest.mark.parametrize("given, needle", [
+    (dict(lr_scheduler=WSDSchedule()), "type 'wsd' (warmup-stable-decay)"),
+    (dict(lr_scheduler=CosineSchedule(min_lr_ratio=0.1)), "min_lr_ratio = 0.1"),
+    (dict(lr_scheduler={"type": "linear", "warmup_ratio": 0.1}), "warmup_ratio = 0.1 (give warmup_steps)"),
+    (dict(lr_scheduler={"type": "cosine", "decay_ratio": 0.5}), "decay_ratio = 0.5"),
+    (dict(lr_scheduler={"type": "step"}), "lr_scheduler: "),
+    (dict(lr_scheduler=ConstantSchedule(warmup_steps=3), lr_warmup_steps=2),
+     "lr_scheduler.warmup_steps = 3 and lr_warmup_steps = 2 disagree"),
+    (dict(pipeline_chunks_per_step=2, trainer=TrainerConfig(streaming=False)),
+     "pipeline_chunks_per_step = 2 streams the batch to the trainer in chunks"),
+    (dict(pipeline_chunks_per_step=2, ppo_n_minibatches=2), "pipeline_chunks_per_step > 1) needs ppo_n_minibatches"),
+    (dict(warm_start_from_adapter="/adapters/a"), "rlstream cannot start LoRA from a PEFT adapter yet"),
+    (dict(trainer=TrainerConfig(job_id="r1"), run_id="r2"), "trainer.job_id = 'r1' and run_id = 'r2' disagree"),
+])
+def test_what_the_recipes_fields_mean_but_rlstream_cannot_do_is_an_error(given, needle):
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        validate_config({"max_steps": 10, **given})
+
+
+def test_the_porting_page_gives_the_page_no_completion_length_it_does_not_set():
+    """Issue 22 item 10: the page's train.py sets no max_completion_tokens, so the porting page
+    must not call a completion length "the page's"."""
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    train = (repo / "examples" / "cookbook" / "train.py").read_text()
+    assert "max_completion_tokens" not in train.split("cfg = Config(")[1].split(")\n")[0]
+    page = " ".join((repo / "docs" / "rollouts.md").read_text().split())
+    assert "16-token completions" not in page and "the page sets no completion length" in page

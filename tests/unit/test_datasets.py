@@ -67,6 +67,34 @@ def test_load_jsonl_max_rows(tmp_path):
     assert load_rows(Config(dataset=str(p), max_rows=3)) == rows[:3]
 
 
+def test_rows_past_max_rows_are_counted_in_the_log(tmp_path, caplog):
+    """Issue 22 item 2: rows past max_rows were dropped silently."""
+    p = write_jsonl(tmp_path / "d.jsonl", [json.dumps({"prompt": f"p{i}"}) for i in range(10)] + ["", "{not json"])
+    with caplog.at_level("WARNING", logger="rlstream.producers.datasets"):
+        assert len(load_jsonl(p, 4)) == 4
+    assert caplog.messages == [f"dataset {p}: using its first 4 rows (max_rows); the 7 row(s) after them are not "
+                               "used"]  # blank lines do not count; the rest is counted, not parsed
+    caplog.clear()
+    exact = write_jsonl(tmp_path / "e.jsonl", [json.dumps({"prompt": "a"})] * 3 + ["", " "])
+    with caplog.at_level("WARNING", logger="rlstream.producers.datasets"):
+        assert len(load_jsonl(exact, 3)) == 3
+    assert caplog.messages == []  # exactly max_rows rows (and blank lines): nothing left out
+
+
+def test_with_a_user_rollout_factory_any_json_object_is_a_row(tmp_path):
+    """Issue 22 item 2: the factory decides what a row means; only a non-object is refused."""
+    rows = [{"question": "hi", "ground_truth": "42"}, {"prompt": ["not", "a", "string"]}, {"prompt_token_ids": []},
+            {"messages": "free text"}, {}]
+    p = write_jsonl(tmp_path / "d.jsonl", [json.dumps(r) for r in rows])
+    with pytest.raises(ConfigError, match="a row needs one of prompt, messages, prompt_token_ids"):
+        load_rows(Config(dataset=str(p)))  # the built-in rollout needs a prompt
+    cfg = Config(dataset=str(p), rollout_fn_factory="my_rollout:make_rollout_fn")
+    assert load_rows(cfg) == rows == load_jsonl(p, 100, any_object=True)
+    bad = write_jsonl(tmp_path / "bad.jsonl", [json.dumps(rows[0]), "[1, 2]"])
+    with pytest.raises(ConfigError, match=re.escape(f"{bad}:2: a row must be a JSON object, got list")):
+        load_rows(cfg.model_copy(update={"dataset": str(bad)}))
+
+
 BAD = {
     "not_json": ("{nope", "not JSON"),
     "list_row": ("[1, 2]", "a row must be a JSON object, got list"),

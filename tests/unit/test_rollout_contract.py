@@ -53,7 +53,9 @@ def test_importable_spec_rejects_lambdas_nested_and_main():
 
 def test_main_rejects_a_bad_factory_before_starting_anything(tmp_path):
     with pytest.raises(ConfigError):
-        main(Config(log_path=str(tmp_path)), rollout_fn_factory=lambda s: None)
+        main(Config(log_path=str(tmp_path)), rollout_fn_factory="no_such_module_abc:make_rollout_fn")
+    with pytest.raises(ConfigError):  # a factory of the script with only workers started by hand
+        main(Config(log_path=str(tmp_path), workers={"count": 0}), rollout_fn_factory=lambda s: None)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -1,8 +1,9 @@
 """Hooks passed to ``rlstream.main`` as the cookbook writes them (issue 14; docs/design.md
 §15.61 Script hooks run in a forked trainer): a lambda or a function of the script for the
-trainer's hooks is held by the calling process and the trainer is forked from it; the
-rollout factory still needs an importable module; ``main`` keeps ``cfg.evaluation_interval``
-and applies ``RLSTREAM_<FIELD>`` overrides."""
+trainer's hooks is held by the calling process and the trainer is forked from it; a rollout
+factory of the script is held too and the workers are forked (issue 22), unless only workers
+started elsewhere would run it; ``main`` keeps ``cfg.evaluation_interval`` and applies
+``RLSTREAM_<FIELD>`` overrides."""
 from __future__ import annotations
 
 import os
@@ -70,9 +71,52 @@ def test_a_lambda_and_a_script_function_are_held_for_a_forked_trainer(captured, 
     assert captured["cfg"].dynamic_filter_fn == f"{__name__}:keep_all" and captured["held"] == {}
 
 
-def test_the_rollout_factory_still_needs_an_importable_module(tmp_path):
-    with pytest.raises(ConfigError, match="rollout worker processes, which import it by name"):
-        main(Config(log_path=str(tmp_path)), rollout_fn_factory=lambda setup: None)
+def make_rollout_fn(setup):  # importable by name: passed as a spec, the workers are exec'd
+    return None
+
+
+def test_a_rollout_factory_of_the_script_is_held_for_forked_workers(captured, tmp_path):
+    """Issue 22 item 1: a factory defined in the script (nested here, as one of __main__ or a
+    notebook) is held, and the workers that run it are forked from the script."""
+    def make_rollout_fn_of_the_script(setup):
+        return None
+
+    with pytest.raises(Stop):
+        main(Config(log_path=str(tmp_path)), rollout_fn_factory=make_rollout_fn_of_the_script)
+    assert captured["cfg"].rollout_fn_factory == "__script__:rollout_fn_factory"
+    assert captured["held"] == {"rollout_fn_factory": make_rollout_fn_of_the_script}
+    assert script_functions() == {}
+    factory = lambda setup: None  # noqa: E731
+    with pytest.raises(Stop):
+        main(Config(log_path=str(tmp_path)), rollout_fn_factory=factory, dynamic_filter_fn=keep_all)
+    assert captured["held"] == {"rollout_fn_factory": factory}
+    assert captured["cfg"].dynamic_filter_fn == f"{__name__}:keep_all"
+    with pytest.raises(Stop):  # an importable factory still goes by name: nothing held, nothing forked
+        main(Config(log_path=str(tmp_path)), rollout_fn_factory=make_rollout_fn)
+    assert captured["cfg"].rollout_fn_factory == f"{__name__}:make_rollout_fn" and captured["held"] == {}
+
+
+def test_a_script_factory_with_only_workers_started_elsewhere_is_refused(captured, tmp_path):
+    with pytest.raises(ConfigError, match=r"workers.count = 0: the workers `rlstream worker` starts \(here or on "
+                       r"another machine\) import the factory by name"):
+        main(Config(log_path=str(tmp_path), workers={"count": 0}), rollout_fn_factory=lambda setup: None)
+    assert "cfg" not in captured and script_functions() == {}
+
+
+def test_a_worker_started_by_hand_for_a_script_factory_says_to_make_it_importable():
+    from rlstream.sampling.rollout_fn import resolve_factory
+
+    cfg = Config(rollout_fn_factory="__script__:rollout_fn_factory")
+    with pytest.raises(ValueError, match=r"a process started by hand \(`rlstream worker`, a worker on another "
+                       r"machine, `rlstream up config.json`\) cannot import it. Move the function into an importable "
+                       "module"):
+        resolve_factory(cfg)
+    factory = lambda setup: None  # noqa: E731
+    hold_script_functions({"rollout_fn_factory": factory})
+    try:
+        assert resolve_factory(cfg) is factory
+    finally:
+        hold_script_functions({})
 
 
 def test_the_trainer_resolves_held_hooks_and_a_process_without_them_says_why():
@@ -127,3 +171,17 @@ def test_the_launcher_forks_the_trainer_only_while_hooks_are_held(tmp_path, monk
         hold_script_functions({})
     assert launcher._spawn("trainer", "trainer", tmp_path / "c.json", tmp_path, None).process == "popen"
     assert len(forks) == 1 and forks[0][0] == "trainer" and len(popens) == 2
+
+
+def test_the_launcher_forks_the_workers_and_the_trainer_while_a_factory_is_held(tmp_path, monkeypatch):
+    forks, popens = [], []
+    monkeypatch.setattr(launcher, "fork_role", lambda *args: forks.append(args[0]) or "forked")
+    monkeypatch.setattr(launcher.subprocess, "Popen", lambda *a, **k: popens.append(a[0][4]) or "popen")
+    hold_script_functions({"rollout_fn_factory": lambda setup: None})
+    try:
+        for name, role in (("trainer", "trainer"), ("producer", "producer"), ("worker-0", "worker"),
+                           ("worker-1", "worker")):
+            launcher._spawn(name, role, tmp_path / "c.json", tmp_path, None)
+    finally:
+        hold_script_functions({})
+    assert forks == ["trainer", "worker", "worker"] and popens == ["producer"]

@@ -84,8 +84,8 @@ def test_the_ledger_folds_steps_snapshots_and_states():
 
 def test_hosted_only_arguments_are_reported_and_unknown_ones_refused(caplog):
     with caplog.at_level(logging.WARNING):
-        kept = _options({"training_shape_id": "shape", "deployment_id": "d", "seed": 3})
+        kept = _options({"training_shape_id": "shape", "api_key": "k", "seed": 3})
     assert kept == {"seed": 3}
-    assert "training_shape_id" in caplog.text and "deployment_id" in caplog.text
+    assert "training_shape_id" in caplog.text and "api_key" in caplog.text
     with pytest.raises(TypeError, match="unknown argument"):
         _options({"lora_rnk": 4})
