@@ -48,7 +48,7 @@ def child(args: argparse.Namespace) -> dict:
                          tie_word_embeddings=True)
     model = AutoModelForCausalLM.from_config(config).train()
     params = sum(p.numel() for p in model.parameters())
-    cfg = Config(prompt_groups_per_step=args.rows, completions_per_prompt=2, policy_loss="grpo",
+    cfg = Config(prompt_groups_per_step=args.rows, completions_per_prompt=2, policy_loss="grpo", kl_beta=0.0,
                  trainer={"micro_batch_tokens": args.budget, "dtype": args.dtype})
     precision = prepare(model, args.dtype, torch.device("cpu"), gradient_checkpointing=args.checkpointing)
     optimizer = make_optimizer(model, cfg)

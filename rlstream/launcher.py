@@ -35,7 +35,7 @@ import rlstream.engine_launch as engine_launch
 from rlstream.core import bus, keys, weights
 from rlstream.core.config import Config, env_override_names, new_run_id
 from rlstream.core.connection import client, connect
-from rlstream.core.cookbook_config import ignored_settings
+from rlstream.core.cookbook_config import ignored_settings, kept_differences
 from rlstream.core.credentials import PASSWORD_ENV, private_dir, redacted, url_password
 from rlstream.core.embedded_redis import EmbeddedRedis
 from rlstream.core.errors import RedisUnavailable, RunFailed
@@ -151,6 +151,8 @@ def up(cfg: Config) -> int:
         engine_launch.validate(cfg)  # a bad URL or a repeated flag fails now, before anything starts
     if ignored := ignored_settings(cfg):  # once per run, here: children load the same config again
         log.warning("ignored (only a hosted service can honour them): %s", "; ".join(ignored))
+    if kept := kept_differences(cfg):  # likewise once: the defaults that are not the cookbook's, on purpose
+        log.info("rlstream defaults that differ from the cookbook's: %s", "; ".join(kept))
     cfg = cfg.model_copy(update={"run_id": cfg.run_id or new_run_id()})
     run_dir = cfg.run_dir()
     started = time.monotonic()

@@ -3,9 +3,18 @@ would hit on its first line is reported here as one line (exit 2) instead."""
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
-from rlstream.core.config import ADVANTAGE_METHODS, BUILTIN_MODEL, BUILTIN_MODELS, BUILTIN_REWARDS, Config
+from rlstream.core.config import (
+    ADVANTAGE_METHODS,
+    BUILTIN_MODEL,
+    BUILTIN_MODELS,
+    BUILTIN_POSITIONS,
+    BUILTIN_REWARDS,
+    Config,
+)
+from rlstream.core.cookbook_config import COOKBOOK_DEFAULTS
 from rlstream.core.errors import ConfigError
 from rlstream.core.imports import import_object
 
@@ -20,6 +29,49 @@ def ties_word_embeddings(base_model: str) -> bool:
     config = AutoConfig.from_pretrained(base_model)
     return bool(getattr(config, "tie_word_embeddings", False) or
                 getattr(config.get_text_config(), "tie_word_embeddings", False))
+
+
+# config.json keys that hold a model's context length, in the order transformers' configs use them
+POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
+def model_positions(base_model: str) -> int | None:
+    """The positions ``base_model`` was built for (its config.json's context length; the
+    built-in models' 128); None when its config does not say."""
+    if base_model in BUILTIN_MODELS:
+        return BUILTIN_POSITIONS
+    try:
+        config = json.loads((Path(base_model) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    for section in (config, config.get("text_config") if isinstance(config, dict) else None):
+        for key in POSITION_KEYS if isinstance(section, dict) else ():
+            value = section.get(key)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    return None
+
+
+def check_positions(cfg: Config, positions: int | None) -> None:
+    """A sequence is at most ``max_seq_len`` tokens, and at most the prompt (one token at
+    least) plus ``max_completion_tokens``: the shorter bound must fit the model's positions, or
+    the run would sample and train past them (the cookbook's default of 1024 completion tokens
+    on the built-in model's 128, say). Raised here, before anything starts, with what to set."""
+    if positions is None:
+        return
+    longest = min(cfg.max_seq_len, 1 + cfg.max_completion_tokens)
+    if longest <= positions:
+        return
+    cookbook = " (the cookbook's default)" if cfg.max_completion_tokens == COOKBOOK_DEFAULTS["max_completion_tokens"] \
+        else ""
+    raise ConfigError(
+        f"config error: max_completion_tokens = {cfg.max_completion_tokens}{cookbook} and max_seq_len = "
+        f"{cfg.max_seq_len} let "
+        f"a sequence grow to {longest} tokens, past the {positions} positions of base_model {cfg.base_model!r}: set "
+        f"max_completion_tokens to at most {positions - 1} (minus your prompts' length), or max_seq_len to at most "
+        f"{positions}" + (" (the built-in task answers in one token: max_completion_tokens = 1, as "
+                          "examples/builtin/config.toml)" if cfg.base_model in BUILTIN_MODELS and cfg.dataset is None
+                          else ""))
 
 
 def preflight(cfg: Config) -> None:
@@ -46,6 +98,7 @@ def preflight(cfg: Config) -> None:
     if cfg.base_model not in BUILTIN_MODELS and not (Path(cfg.base_model) / "config.json").is_file():
         raise ConfigError(f"config error: base_model: {cfg.base_model!r} is neither a built-in model "
                           f"({', '.join(BUILTIN_MODELS)}) nor an HF model directory (no config.json)")
+    check_positions(cfg, model_positions(cfg.base_model))
     if cfg.inference.backend == "vllm" and ties_word_embeddings(cfg.base_model):
         raise ConfigError(f"config error: base_model {cfg.base_model!r} ties its output projection to its input "
                           "embeddings (tie_word_embeddings), and vLLM 0.32's in-place reload leaves a tied lm_head at "

@@ -1,6 +1,7 @@
 """Test factories, one place for what many tests build: a ``RolloutSample`` of a group
 (``sample``) or as a user's rollout returns it (``user_sample``), a trainer ``Config`` for the
-tiny model (``config``), and the ``rlstream`` command line run as a subprocess (``rlstream``).
+tiny model (``config``) or any ``Config`` with the defaults the tests were written against
+(``legacy_config``), and the ``rlstream`` command line run as a subprocess (``rlstream``).
 Each takes keyword overrides of its defaults; a module that always overrides the same ones
 binds them once (``functools.partial``). Importable as ``factories`` from every test folder,
 like ``polling``. The fixtures built on them are in tests/conftest.py (``builtin_run`` in
@@ -44,11 +45,23 @@ def user_sample(tokens: Sequence[int] = (1, 2), reward: float = 1.0, **over) -> 
     return RolloutSample(**fields)
 
 
+# rlstream's own defaults, before 0.2.0 took the cookbook recipe's for these fields (issue 22): the
+# values the tests were written against, given explicitly wherever a test's meaning depends on them.
+LEGACY_DEFAULTS = dict(learning_rate=1e-3, completions_per_prompt=8, prompt_groups_per_step=32,
+                       max_completion_tokens=16, kl_beta=0.0, max_rows=10_000)
+
+
+def legacy_config(**over) -> Config:
+    """``Config(**over)`` with ``LEGACY_DEFAULTS`` for the fields ``over`` leaves out."""
+    return Config(**{**LEGACY_DEFAULTS, **over})
+
+
 def config(tmp_path: Path | None = None, **over) -> Config:
     """A trainer config for the built-in tiny model: one group of two per step, no periodic
-    checkpoint, a constant learning rate large enough to move the weights in one step; logs
-    under ``tmp_path`` when given."""
-    fields = dict(run_id="t", prompt_groups_per_step=1, completions_per_prompt=2, dcp_save_interval=0,
+    checkpoint, a constant learning rate large enough to move the weights in one step, and
+    ``LEGACY_DEFAULTS`` otherwise (no reference model, 16-token completions); logs under
+    ``tmp_path`` when given."""
+    fields = dict(LEGACY_DEFAULTS, run_id="t", prompt_groups_per_step=1, completions_per_prompt=2, dcp_save_interval=0,
                   lr_schedule="constant", learning_rate=1e-2)
     if tmp_path is not None:
         fields["log_path"] = str(tmp_path)

@@ -3,9 +3,11 @@ is defined in this script (its ``__main__``), as a notebook or a one-file ``trai
 ``rlstream.main`` holds it and forks the rollout workers from this process, so they have it
 without importing anything (docs/design.md §15.61 Script hooks run in a forked trainer). Only
 the import lines, the model names and the rows are changed (``# was:`` says from what). Run it
-from anywhere; on the tiny built-in model, to watch it learn:
+from anywhere; on the tiny built-in model (the cookbook's 1024-token completions do not fit its
+128 positions, and its 100 rows would end the run early), to watch it learn:
 
-    RLSTREAM_LEARNING_RATE=1e-2 RLSTREAM_MAX_COMPLETION_TOKENS=1 RLSTREAM_MAX_STEPS=30 python one_file.py
+    RLSTREAM_LEARNING_RATE=1e-2 RLSTREAM_MAX_COMPLETION_TOKENS=1 RLSTREAM_MAX_ROWS=1000 RLSTREAM_MAX_STEPS=30 \
+      python one_file.py
 
 Workers started elsewhere (``rlstream worker``, another machine) import the factory by name:
 for them, keep it in a module (``rollout.py`` + ``train.py``, as next to this file).

@@ -2,7 +2,8 @@
 import lines, the model names and the dataset path changed (``# was:`` says from what). With no
 rollout factory, ``main(cfg)`` runs the built-in single-turn rollout over the dataset's rows,
 scored by ``reward_fn`` (``exact_match`` unless set). On the tiny model it only shows the
-plumbing (60 rows make 2 steps; the tiny model cannot answer GSM8K, so every reward is 0):
+plumbing (60 rows make 60 steps of the cookbook's one group; the tiny model cannot answer GSM8K,
+so every reward is 0), with completions short enough for its 128 positions:
 
     RLSTREAM_MAX_COMPLETION_TOKENS=4 RLSTREAM_WANDB_PROJECT="" python rl_loop.py
 

@@ -1,9 +1,11 @@
 """The cookbook's async_rl_loop ``train.py``, as its page shows it, with only the import lines,
 the model names and the dataset rows changed (``# was:`` says from what), plus the page's
-``dynamic_filter_fn`` lambda. Run it from this directory (``python train.py``); on the tiny
-built-in model the page's learning rate (1.7e-5) barely moves it, so to watch it learn:
+``dynamic_filter_fn`` lambda. Run it from this directory (``python train.py``). The page leaves
+the completion length and the rows used at the cookbook's defaults (1024 tokens, which the tiny
+built-in model's 128 positions cannot hold: the run stops at once and says so; 100 rows), and
+its learning rate (1.7e-5) barely moves the tiny model, so to watch it learn:
 
-    RLSTREAM_LEARNING_RATE=2e-3 python train.py
+    RLSTREAM_LEARNING_RATE=2e-3 RLSTREAM_MAX_COMPLETION_TOKENS=1 RLSTREAM_MAX_ROWS=1000 python train.py
 
 (``RLSTREAM_<FIELD>`` variables override the script's Config, as they do a TOML file).
 """

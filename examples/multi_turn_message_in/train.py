@@ -26,6 +26,7 @@ def build_config(args: argparse.Namespace) -> Config:
         prompt_groups_per_step=args.groups,
         max_completion_tokens=args.max_tokens,
         max_seq_len=args.max_seq_len,
+        kl_beta=0.0,  # no reference model (the cookbook's default, 0.001, loads one)
         epochs=100,
         synchronous_training=True,  # each step trains exactly the rollouts of the current weights
         extras={"max_turns": 2, **({"end_of_turn_token": args.end_of_turn_token} if args.end_of_turn_token else {})},

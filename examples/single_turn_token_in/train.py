@@ -26,6 +26,7 @@ def build_config(args: argparse.Namespace) -> Config:
         prompt_groups_per_step=args.groups,
         max_completion_tokens=1,
         max_seq_len=16,
+        kl_beta=0.0,  # no reference model (the cookbook's default, 0.001, loads one)
         epochs=100,
         max_head_offpolicy_versions=0,  # strictly on-policy admission
         workers={"count": args.workers},

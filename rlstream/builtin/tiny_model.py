@@ -18,7 +18,7 @@ from pathlib import Path
 
 from rlstream.builtin.task import VOCAB
 from rlstream.core import weights
-from rlstream.core.config import BUILTIN_MODEL
+from rlstream.core.config import BUILTIN_MODEL, BUILTIN_POSITIONS
 
 # What differs between the built-in models (hidden size 64 for both): head size 16 and 64, tied
 # and untied output projection.
@@ -62,7 +62,7 @@ def model_config(name: str = BUILTIN_MODEL):
         hidden_size=64,
         intermediate_size=256,
         num_hidden_layers=2,
-        max_position_embeddings=128,
+        max_position_embeddings=BUILTIN_POSITIONS,
         # Measured here (docs/benchmarks.md, "Built-in task"): at the default 0.02 init this model sits
         # on a plateau for hundreds of steps, even supervised; 0.1 learns the task in ~100.
         initializer_range=0.1,

@@ -1,9 +1,10 @@
 """The run configuration: one pydantic model, ``Config``, with its tables, loaded from TOML (or
 the resolved JSON a run writes), then overridden by ``RLSTREAM_<FIELD>`` environment variables,
-then by ``--set field=value``. Field names follow the Fireworks cookbook's recipe Config; the
-cookbook's nested spellings and hosted-only fields are ``core.cookbook_config``'s, which
-``Config`` composes (its ``deployment``, ``weight_sync`` and ``infra`` tables) and runs before it
-validates.
+then by ``--set field=value``. Field names follow the Fireworks cookbook's recipe Config, and so
+do the defaults of the fields it has (but those ``core.cookbook_config.KEPT_DIFFERENCES`` keeps,
+with its reasons); the cookbook's nested spellings and hosted-only fields are
+``core.cookbook_config``'s, which ``Config`` composes (its ``deployment``, ``weight_sync`` and
+``infra`` tables) and runs before it validates.
 
 In order: the closed sets of names a field chooses from, the tables (``[redis]``, ``[tis]``,
 ``[wandb]``, ``[workers]``, ``[trainer]``, ``[inference]``, ``[retention]``), ``Config``, and how a
@@ -330,6 +331,7 @@ BUILTIN_MODEL = "builtin:tiny"
 # The models built in code (rlstream/builtin/tiny_model.py): the default, and the same model with
 # one head of size 64, which vLLM's CPU attention accepts (it refuses the default's head size 16).
 BUILTIN_MODELS = (BUILTIN_MODEL, "builtin:tiny-h64")
+BUILTIN_POSITIONS = 128  # both built-in models' max_position_embeddings
 MAX_SEQ_LEN_LIMIT = 1_048_576
 # A module name (or dotted suffix) peft matches against the model's modules.
 LoraModuleName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.]{0,199}$")]
@@ -364,17 +366,26 @@ class Config(ConfigSection):
         None, description="'module:function'(ctx) -> dict[str, float], run by the trainer; metrics under eval/"
     )
     evaluation_interval: int = Field(1, ge=1, le=1_000_000, description="evaluate every N published versions")
-    max_rows: int = Field(10_000, ge=1, le=100_000_000, description="rows read from the dataset")
+    max_rows: int = Field(
+        100, ge=1, le=100_000_000, description="rows read from the dataset (the built-in task: problems drawn); the "
+        "cookbook's default"
+    )
     epochs: int = Field(1, ge=1, le=10_000, description="passes over the rows")
     shuffle: bool = Field(True, description="shuffle rows each epoch (seeded)")
     seed: int = Field(0, ge=0, description="seed for data order, sampling and init")
-    learning_rate: float = Field(1e-3, gt=0, le=1.0, description="AdamW learning rate")
-    completions_per_prompt: int = Field(8, ge=2, le=1024, description="G: completions per prompt group")
-    prompt_groups_per_step: int = Field(32, ge=1, le=65_536, description="P: groups per optimizer step")
-    max_completion_tokens: int = Field(16, ge=1, le=131_072, description="max generated tokens per completion")
+    learning_rate: float = Field(1e-5, gt=0, le=1.0, description="AdamW learning rate (the cookbook's default, for an "
+                                 "8B model)")
+    completions_per_prompt: int = Field(4, ge=2, le=1024, description="G: completions per prompt group")
+    prompt_groups_per_step: int = Field(1, ge=1, le=65_536, description="P: groups per optimizer step")
+    max_completion_tokens: int = Field(
+        1024, ge=1, le=131_072, description="max generated tokens per completion; must leave the prompt room in the "
+        "model's positions (checked when the run starts: builtin:tiny has 128)"
+    )
     max_seq_len: Annotated[int, BeforeValidator(lambda v: MAX_SEQ_LEN_LIMIT if v is None else v)] = Field(
         2048, ge=2, le=MAX_SEQ_LEN_LIMIT,
-        description="max prompt + completion tokens; None from Python or JSON (the cookbook's default) = no limit"
+        description="max prompt + completion tokens; with max_completion_tokens it must keep a sequence within the "
+        "model's positions (checked when the run starts); None from Python or JSON = no limit. The cookbook's None "
+        "takes a training shape's context length, which rlstream has not got: it keeps 2048"
     )
     temperature: float = Field(1.0, gt=0, le=10.0, description="sampling temperature (trainer logprobs use it too)")
     policy_loss: PolicyLoss = Field(
@@ -384,7 +395,10 @@ class Config(ConfigSection):
         "constant", description="learning-rate schedule after warmup; linear/cosine decay to 0 at max_steps"
     )
     lr_warmup_steps: int = Field(0, ge=0, le=1_000_000, description="linear warmup steps")
-    kl_beta: float = Field(0.0, ge=0, le=100.0, description="reference-KL coefficient; 0 = no reference model")
+    kl_beta: float = Field(
+        0.001, ge=0, le=100.0, description="reference-KL coefficient (the cookbook's 0.001); > 0 loads a frozen "
+        "reference model into the trainer (reference_model), as the cookbook provisions a reference trainer; 0 = none"
+    )
     kl_estimator: KlEstimator = Field("k3", description="KL estimator against the reference")
     reference_model: PathText | None = Field(
         None, description="HF directory of the frozen reference; unset = base_model (same tokenizer required)"
@@ -447,7 +461,8 @@ class Config(ConfigSection):
         "group-relative advantage and is rejected with that reason)"
     )
     dcp_save_interval: int = Field(
-        50, ge=0, le=10_000_000, description="train-state checkpoint every N steps, then archive + trim; 0 = final only"
+        50, ge=0, le=10_000_000, description="train-state checkpoint every N steps, then archive + trim; 0 = final "
+        "only (the cookbook's default; rlstream keeps 50 so that a crash costs at most 50 steps)"
     )
     save_final_checkpoint: bool = Field(True, description="write a train-state checkpoint when the run ends")
     init_from_checkpoint: PathText | None = Field(

@@ -24,6 +24,11 @@ A value whose meaning rlstream has but cannot give (a warm-up-stable-decay sched
 start from a PEFT adapter) is an error that says what to do instead, never silently ignored.
 The enums cookbook code passes (``GradAccNormalization``, ``WeightSyncScope``) are here too.
 
+The recipe's defaults are here too (``COOKBOOK_DEFAULTS``): ``core.config``'s defaults are the
+cookbook's for every field the recipe has, but for a few kept on purpose (``KEPT_DIFFERENCES``,
+each with its reason), which ``rlstream up`` / ``rlstream.main`` print once when they apply
+(``kept_differences``).
+
 The dependency runs one way: ``core.config`` composes these tables into ``Config`` (and
 ``HostedTrainerFields`` into its ``[trainer]`` table); this module imports nothing of
 rlstream's and knows rlstream's fields only by the dotted names in ``MOVES`` and the moves
@@ -381,6 +386,86 @@ def _set_once(data: dict[str, Any], dotted: str, value: Any, nested: str) -> Non
         raise ValueError(f"{nested} = {value!r} and {dotted} = {node[leaf]!r} disagree, and they are one setting: "
                          f"keep {dotted} (rlstream's name) with the value you mean and drop {nested}")
     node[leaf] = value
+
+
+# The cookbook recipe's defaults (the rl_loop Config of fw-ai/cookbook's training/recipes/rl_loop.py
+# and the seeds: WeightSyncConfig's intervals, async_rl_loop's gate, the optimizer's DEFAULT_ADAM),
+# by rlstream's dotted field. rlstream's own defaults equal these (a test holds them equal), except
+# the fields of KEPT_DIFFERENCES. Only fields a cookbook Config has (or, for AdamW, its recipe
+# passes) are here: rlstream's others have no cookbook default to follow.
+COOKBOOK_GSM8K = "https://raw.githubusercontent.com/eval-protocol/python-sdk/main/development/gsm8k_sample.jsonl"
+COOKBOOK_DEFAULTS: dict[str, Any] = {
+    "base_model": "accounts/fireworks/models/qwen3-8b",
+    "dataset": COOKBOOK_GSM8K,
+    "learning_rate": 1e-5,
+    "kl_beta": 0.001,
+    "completions_per_prompt": 4,
+    "max_completion_tokens": 1024,
+    "temperature": 1.0,
+    "epochs": 1,
+    "max_rows": 100,
+    "max_seq_len": None,
+    "lora_rank": 0,
+    "prompt_groups_per_step": 1,
+    "policy_loss": "grpo",
+    "eps_clip": 0.2,
+    "eps_clip_high": None,
+    "init_from_checkpoint": None,
+    "output_model_id": None,
+    "normalization": "token_mean",  # grad_accumulation_normalization = NUM_LOSS_TOKENS
+    "lr_schedule": "constant",  # lr_scheduler = ConstantSchedule()
+    "lr_warmup_steps": 0,
+    "max_head_offpolicy_versions": 0,
+    "synchronous_training": False,
+    "weight_sync_interval": 1,
+    "dcp_save_interval": 0,
+    "trainer.beta1": 0.9,
+    "trainer.beta2": 0.999,
+    "trainer.eps": 1e-8,
+    "trainer.weight_decay": 0.01,
+    "grad_clip_norm": 1.0,
+}
+
+# rlstream defaults that differ from the cookbook's on purpose: field -> why. `rlstream up` and
+# `rlstream.main` print the ones in effect once, beside the cookbook's value (kept_differences);
+# docs/design.md §15.78 The cookbook's defaults.
+KEPT_DIFFERENCES: dict[str, str] = {
+    "base_model": "nothing is downloaded: a hosted model name means nothing here, so the default is the model built "
+                  "in code; set a local HF model directory",
+    "dataset": "nothing is downloaded: unset is the built-in a+b task; set a local JSONL file (or pass rows=)",
+    "max_seq_len": "the cookbook's None takes a training shape's context length, and there are no shapes here: "
+                   "2048 bounds a sample's prompt + completion (set your model's context length)",
+    "dcp_save_interval": "durability: a train-state checkpoint every 50 steps, so a crash costs at most 50 steps "
+                         "(the cookbook saves only at the end), and each checkpoint lets the archive trim Redis",
+    "trainer.beta2": "docs/design.md §15.41 AdamW's defaults stay (0.9, 0.95): a second moment that follows the "
+                     "RL gradient's moving scale; every benchmark was measured with it",
+}
+
+
+def _field_default(model: type[BaseModel], dotted: str) -> Any:
+    """The default of the field at ``dotted`` in ``model`` (tables walked by their types)."""
+    *tables, leaf = dotted.split(".")
+    for name in tables:
+        model = model.model_fields[name].annotation
+    return model.model_fields[leaf].get_default(call_default_factory=True)
+
+
+def _value(cfg: BaseModel, dotted: str) -> Any:
+    for name in dotted.split("."):
+        cfg = getattr(cfg, name)
+    return cfg
+
+
+def kept_differences(cfg: BaseModel) -> list[str]:
+    """``"<field> = <rlstream's default> (cookbook: <its default>): <why>"`` for each field of
+    ``KEPT_DIFFERENCES`` that holds rlstream's default, i.e. where the run does what the
+    cookbook would not (a value the config sets itself is its author's, and not listed)."""
+    out = []
+    for dotted, why in KEPT_DIFFERENCES.items():
+        value = _value(cfg, dotted)
+        if value == _field_default(type(cfg), dotted) and value != COOKBOOK_DEFAULTS[dotted]:
+            out.append(f"{dotted} = {value!r} (cookbook: {COOKBOOK_DEFAULTS[dotted]!r}): {why}")
+    return out
 
 
 def ignored_settings(cfg: Any) -> list[str]:

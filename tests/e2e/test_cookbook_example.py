@@ -47,11 +47,12 @@ def run_train_py(tmp_path: Path, steps: int, learning_rate: float, extra_env: di
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(stand_in), os.environ.get("PYTHONPATH", "")]),
            "WANDB_STAND_IN_OUT": str(tmp_path / "wandb_init.jsonl"), "RLSTREAM_RUN_ID": "cookbook",
            "RLSTREAM_MAX_STEPS": str(steps), "RLSTREAM_LEARNING_RATE": str(learning_rate),
-           # the built-in task's answer is one token (the page's default allows 16)
+           # the built-in task's answer is one token (the cookbook's default, 1024, does not fit the model)
            "RLSTREAM_MAX_COMPLETION_TOKENS": "1", "RLSTREAM_WORKERS_COUNT": "1",
            # the filter rejects every group whose 8 answers agree, which a sharpening policy makes
-           # common: passes over the page's 1,000 rows so that data never ends the run before its steps
-           "RLSTREAM_EPOCHS": "5", **(extra_env or {})}
+           # common: passes over all of the script's 1,000 rows (the cookbook's max_rows keeps 100) so
+           # that data never ends the run before its steps
+           "RLSTREAM_MAX_ROWS": "1000", "RLSTREAM_EPOCHS": "5", **(extra_env or {})}
     proc = subprocess.run([sys.executable, str(TRAIN)], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -38,6 +38,7 @@ completions_per_prompt = 4
 prompt_groups_per_step = 2
 max_completion_tokens = 1
 max_seq_len = 16
+kl_beta = 0.0
 max_head_offpolicy_versions = {OFFPOLICY}
 max_steps = 6
 rollout_fn_factory = "staleness_rollout:make_rollout_fn"

@@ -9,13 +9,12 @@ from pathlib import Path
 
 import factories
 import pytest
-from factories import rlstream
+from factories import legacy_config, rlstream
 from rq import Queue
 from rq.serializers import JSONSerializer
 
 from rlstream.core import bus, keys
 from rlstream.core.bus import xrange_all
-from rlstream.core.config import Config
 from rlstream.core.connection import connect
 from rlstream.core.credentials import PASSWORD_ENV
 from rlstream.core.embedded_redis import EmbeddedRedis
@@ -66,7 +65,7 @@ def enqueue_job(r, run_id: str, row: int) -> None:
 
 def write_run_dir(path: Path, run_id: str, redis_url: str) -> Path:
     path.mkdir(parents=True, exist_ok=True)
-    cfg = Config(run_id=run_id, redis={"url": redis_url})
+    cfg = legacy_config(run_id=run_id, redis={"url": redis_url})
     (path / "config.json").write_text(json.dumps(cfg.model_dump(mode="json")))
     return path
 

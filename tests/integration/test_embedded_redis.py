@@ -16,6 +16,7 @@ from pathlib import Path
 import factories
 import pytest
 import redis
+from factories import legacy_config
 
 from rlstream.core import bus, embedded_redis, keys
 from rlstream.core.codec import decode
@@ -171,13 +172,14 @@ def test_a_standalone_worker_attached_to_an_up_run_finds_the_embedded_password(t
     import json
 
     from rlstream import cli
-    from rlstream.core.config import Config, validate_config
+    from rlstream.core.config import validate_config
 
     monkeypatch.delenv(PASSWORD_ENV, raising=False)
     server = EmbeddedRedis(tmp_path / "runs" / "r" / "redis")
     try:
         url = server.start()
-        written = json.dumps(Config(run_id="r", log_path=tmp_path / "runs", redis={"url": url}).model_dump(mode="json"))
+        cfg = legacy_config(run_id="r", log_path=tmp_path / "runs", redis={"url": url})
+        written = json.dumps(cfg.model_dump(mode="json"))
         assert server.password not in written
         r = cli._connect(validate_config(json.loads(written)))
         assert r.ping()

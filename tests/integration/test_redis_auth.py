@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import redis
 from external_redis import ExternalRedis
-from factories import rlstream
+from factories import legacy_config, rlstream
 from rq import Queue
 from rq.serializers import JSONSerializer
 
@@ -82,11 +82,10 @@ def test_status_cli_reads_an_acl_run_with_the_password_from_the_environment(serv
     """A standalone process (here `rlstream status`) on a config.json that has no password."""
     import json
 
-    from rlstream.core.config import Config
 
     run_dir = tmp_path / "runs" / run_id
     run_dir.mkdir(parents=True)
-    cfg = Config(run_id=run_id, redis={"url": server.url})
+    cfg = legacy_config(run_id=run_id, redis={"url": server.url})
     (run_dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json")))
     assert server.password not in (run_dir / "config.json").read_text()
     proc = rlstream("status", str(run_dir), timeout=60, env={PASSWORD_ENV: server.password})

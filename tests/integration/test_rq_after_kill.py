@@ -8,6 +8,7 @@ from __future__ import annotations
 import types
 
 import pytest
+from factories import legacy_config
 from rq.executions import Execution, ExecutionRegistry
 from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry
@@ -35,7 +36,7 @@ def dead_execution(r, job: Job) -> Execution:
 
 
 def admitted(r, run_id: str) -> tuple[Config, object, RunState, Job]:
-    cfg = Config(run_id=run_id, completions_per_prompt=2)
+    cfg = legacy_config(run_id=run_id, completions_per_prompt=2)
     queue, state = job_queue(r, cfg), RunState()
     state.apply(admit(r, queue, cfg, 0, 0, {"prompt": "1+1="}, 0))
     return cfg, queue, state, queue.fetch_job(f"{run_id}-e0-r0-a0")

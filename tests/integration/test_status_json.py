@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from factories import legacy_config
 
 from rlstream import cli
 from rlstream.core import bus, keys
 from rlstream.core.codec import encode
-from rlstream.core.config import Config
 from rlstream.core.credentials import PASSWORD_ENV
 from rlstream.core.messages import GroupAdmitted, GroupSampled, RunFinished, StepCommitted, group_id_for
 from rlstream.ops.status import collect_status
@@ -40,7 +40,7 @@ def fill(r, run_id: str, finished: bool) -> None:
 def test_rates_and_backlog_of_a_finished_run(r, run_id):
     fill(r, run_id, finished=True)
     r.hincrby(keys.rollout_stats(run_id), "gate_closed_ms", 2500)
-    cfg = Config(run_id=run_id, prompt_groups_per_step=1, completions_per_prompt=4)
+    cfg = legacy_config(run_id=run_id, prompt_groups_per_step=1, completions_per_prompt=4)
     status = collect_status(cfg, r)
     # window: the 60 s up to the last sample or step (t0+150 s): 3 groups sampled, 1 step
     assert status["rates"] == {"window_s": 60.0, "samples_per_s": 0.2, "tokens_per_s": 2.0, "steps_per_s": 0.0167}
@@ -54,7 +54,7 @@ def test_rates_and_backlog_of_a_finished_run(r, run_id):
 
 def test_a_running_run_counts_up_to_the_server_clock(r, run_id):
     fill(r, run_id, finished=False)  # every event is years old: nothing in the last minute
-    rates = collect_status(Config(run_id=run_id), r)["rates"]
+    rates = collect_status(legacy_config(run_id=run_id), r)["rates"]
     assert rates["samples_per_s"] == rates["steps_per_s"] == 0.0
 
 
@@ -63,7 +63,7 @@ def test_status_json_prints_one_object(r, run_id, redis_url, redis_server, tmp_p
     fill(r, run_id, finished=True)
     run_dir = tmp_path / run_id
     run_dir.mkdir()
-    cfg = Config(run_id=run_id, log_path=str(tmp_path), redis={"url": redis_url})
+    cfg = legacy_config(run_id=run_id, log_path=str(tmp_path), redis={"url": redis_url})
     (run_dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json")))
     assert cli.run(["status", str(run_dir), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)

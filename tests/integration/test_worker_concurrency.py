@@ -19,6 +19,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from factories import legacy_config
 from polling import wait_until
 from rq.registry import StartedJobRegistry
 
@@ -60,10 +61,10 @@ def worker_on_admitted_groups(r, redis_server, run_id, tmp_path, server, groups:
     ``rlstream worker`` sampling them from the server: (its queue, its process, its log)."""
     base = server.start()
     model = save_tiny_model(tmp_path / "tiny")
-    cfg = Config(run_id=run_id, log_path=str(tmp_path / "runs"), base_model=str(model), tokenizer_model=str(model),
-                 completions_per_prompt=GROUP, max_completion_tokens=1, max_seq_len=16, job_timeout=job_timeout,
-                 redis={"url": redis_server.url},
-                 inference={"backend": "openai", "base_url": f"{base}/v1", **inference}, **sections)
+    cfg = legacy_config(run_id=run_id, log_path=str(tmp_path / "runs"), base_model=str(model),
+                        tokenizer_model=str(model), completions_per_prompt=GROUP, max_completion_tokens=1,
+                        max_seq_len=16, job_timeout=job_timeout, redis={"url": redis_server.url},
+                        inference={"backend": "openai", "base_url": f"{base}/v1", **inference}, **sections)
     bus.xadd(r, keys.events(run_id), WeightsPublished(version=0, uri="v0", sha256="0" * 64, bytes=1))
     queue = job_queue(r, cfg)
     for i, row in enumerate(builtin_rows(groups, seed=0)):

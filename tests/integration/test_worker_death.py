@@ -12,13 +12,13 @@ import sys
 import time
 
 import pytest
+from factories import legacy_config
 from polling import wait_until
 from rq import Retry
 from rq.job import JobStatus
 from rq.registry import FailedJobRegistry, StartedJobRegistry
 
 from rlstream.core import bus
-from rlstream.core.config import Config
 from rlstream.core.jobs import JOB_FUNC, job_queue
 from rlstream.core.messages import GroupJob, GroupRejected, RolloutJob
 from rlstream.core.run_state import RunState
@@ -58,7 +58,7 @@ def kill_worker_mid_job(redis_url: str, run_id: str, job) -> None:
 
 
 def test_killed_worker_job_is_reenqueued_then_redispatched_then_rejected(r, redis_url, run_id):
-    cfg = Config(run_id=run_id, completions_per_prompt=2)
+    cfg = legacy_config(run_id=run_id, completions_per_prompt=2)
     queue = job_queue(r, cfg)
     state = RunState()
     state.apply(admit(r, queue, cfg, 0, 0, {"prompt": "1+1="}, 0))
@@ -83,7 +83,7 @@ def test_killed_worker_job_is_reenqueued_then_redispatched_then_rejected(r, redi
 
 
 def test_hung_job_that_rq_cannot_interrupt_is_abandoned_after_its_timeout(r, redis_url, run_id):
-    queue = job_queue(r, Config(run_id=run_id))
+    queue = job_queue(r, legacy_config(run_id=run_id))
     payload = RolloutJob(run_id=run_id, groups=[GroupJob(
         run_id=run_id, group_id="e0-r0-a0", row_index=0, epoch=0, attempt=0, submit_version=0, group_size=2,
         row={"prompt": "1+1="})]).model_dump(mode="json")

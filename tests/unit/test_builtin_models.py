@@ -9,6 +9,7 @@ import json
 
 import pytest
 import torch
+from factories import LEGACY_DEFAULTS, legacy_config
 
 from rlstream.builtin.tiny_model import SHAPES, build_model, save_tiny_model
 from rlstream.core.config import BUILTIN_MODEL, BUILTIN_MODELS, Config
@@ -48,7 +49,7 @@ def test_h64_has_one_head_of_64_and_an_untied_lm_head():
 
 @pytest.mark.parametrize("name", BUILTIN_MODELS)
 def test_a_run_builds_the_builtin_model_it_names(tmp_path, name):
-    cfg = Config(base_model=name, log_path=str(tmp_path), run_id="m")
+    cfg = legacy_config(base_model=name, log_path=str(tmp_path), run_id="m")
     preflight(cfg)
     path = base_model_path(cfg, tmp_path / "run")
     config = json.loads((path / "config.json").read_text())
@@ -63,7 +64,7 @@ def test_save_tiny_model_defaults_to_the_default_model(tmp_path):
 
 
 def test_an_unknown_builtin_name_is_refused_naming_the_builtin_models(tmp_path):
-    cfg = Config(base_model="builtin:tiny-h32", log_path=str(tmp_path), run_id="m")
+    cfg = legacy_config(base_model="builtin:tiny-h32", log_path=str(tmp_path), run_id="m")
     with pytest.raises(ConfigError, match=r"neither a built-in model \(builtin:tiny, builtin:tiny-h64\)"):
         preflight(cfg)
 
@@ -85,7 +86,7 @@ def test_up_refuses_a_tied_model_for_vllm_and_accepts_an_untied_one(tmp_path):
     """vLLM 0.32's reload leaves a tied lm_head stale (docs/inference-engines.md): refused before
     anything starts, naming the way out; builtin:tiny-h64 and an untied directory pass."""
     def vllm(base_model):
-        return Config.model_validate({"base_model": str(base_model), "inference": {
+        return Config.model_validate({**LEGACY_DEFAULTS, "base_model": str(base_model), "inference": {
             "backend": "vllm", "base_url": "http://127.0.0.1:8000/v1"}})
 
     tied = save_tiny_model(tmp_path / "tied", name="builtin:tiny")
@@ -95,4 +96,4 @@ def test_up_refuses_a_tied_model_for_vllm_and_accepts_an_untied_one(tmp_path):
         preflight(vllm("builtin:tiny"))
     preflight(vllm("builtin:tiny-h64"))
     preflight(vllm(save_tiny_model(tmp_path / "untied", name="builtin:tiny-h64")))
-    preflight(Config.model_validate({"base_model": str(tied)}))  # the local backend reloads nothing
+    preflight(Config.model_validate({**LEGACY_DEFAULTS, "base_model": str(tied)}))  # the local backend reloads nothing

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from factories import legacy_config
 
 from rlstream.core.config import InferenceConfig
 from rlstream.core.messages import WeightsPublished
@@ -315,29 +316,27 @@ def test_adaptive_controller_settles_under_a_server_that_refuses_above_its_capac
 
 
 def test_workers_choose_their_controller_from_the_config():
-    from rlstream.core.config import Config
     from rlstream.workers.runtime import make_controller
 
     openai = {"backend": "openai", "base_url": "http://127.0.0.1:9/v1", "max_concurrency": 96}
-    fixed = make_controller(Config(inference=openai, workers={"concurrency_control": "fixed"}))
+    fixed = make_controller(legacy_config(inference=openai, workers={"concurrency_control": "fixed"}))
     assert isinstance(fixed, FixedConcurrencyController) and fixed.window == 96
-    adaptive = make_controller(Config(inference=openai, workers={"concurrency_control": "adaptive"}))
+    adaptive = make_controller(legacy_config(inference=openai, workers={"concurrency_control": "adaptive"}))
     assert isinstance(adaptive, AdaptiveConcurrencyController)
     assert (adaptive.window, adaptive.max_window) == (16, 96) and adaptive.queue_time_probe is not None
-    small = make_controller(Config(inference={**openai, "max_concurrency": 8},
-                                   workers={"concurrency_control": "adaptive"}))
+    small = make_controller(legacy_config(inference={**openai, "max_concurrency": 8},
+                                          workers={"concurrency_control": "adaptive"}))
     assert (small.window, small.max_window) == (8, 8)
-    one = make_controller(Config(inference={**openai, "max_concurrency": 1}))
+    one = make_controller(legacy_config(inference={**openai, "max_concurrency": 1}))
     assert (one.window, one.min_window, one.max_window) == (1, 1, 1)
 
 
 def test_the_default_config_backs_off_a_remote_server():
     """Out of the box a worker against an openai server adapts its window (backs off on
     429/503), so a shared or overloaded server is not hammered (issue 20, item 3)."""
-    from rlstream.core.config import Config
     from rlstream.workers.runtime import make_controller
 
-    cfg = Config(inference={"backend": "openai", "base_url": "http://127.0.0.1:9/v1"})
+    cfg = legacy_config(inference={"backend": "openai", "base_url": "http://127.0.0.1:9/v1"})
     assert cfg.workers.concurrency_control == "adaptive"
     controller = make_controller(cfg)
     assert isinstance(controller, AdaptiveConcurrencyController)

@@ -37,7 +37,7 @@ def test_defaults_without_file():
     cfg = load_config(None, environ={})
     assert cfg.base_model == BUILTIN_MODEL
     assert cfg.redis.url is None and cfg.workers.count == 2
-    assert cfg.batch_size == 32 * 8
+    assert cfg.batch_size == 1 * 4  # the cookbook's prompt_groups_per_step x completions_per_prompt
 
 
 def test_toml_loading(tmp_path):

@@ -167,7 +167,7 @@ def test_preflight_refuses_wandb_logging_without_wandb(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
     with pytest.raises(ConfigError, match="wandb is not installed"):
-        preflight(Config(wandb=WandBConfig(project="p")))
+        preflight(Config(wandb=WandBConfig(project="p"), max_completion_tokens=16))
 
 
 def test_the_rl_loop_example_runs_its_config_through_main(monkeypatch, tmp_path, caplog):
@@ -243,7 +243,8 @@ def test_the_recipes_fields_load_from_toml(tmp_path):
                     '"num_loss_tokens"\n[lr_scheduler]\ntype = "linear"\nwarmup_steps = 5\n[trainer]\njob_id = "r1"\n')
     cfg = load_config(path)
     assert (cfg.lr_schedule, cfg.lr_warmup_steps, cfg.normalization, cfg.run_id) == ("linear", 5, "token_mean", "r1")
-    assert cfg.trainer.streaming and cfg.trainer.micro_batch_tokens == 128 * 2048  # ceil(256 / 2) rows x 2048
+    # ceil(B / 2) rows x max_seq_len, with the cookbook's B = 1 group x 4 completions and rlstream's 2048
+    assert cfg.trainer.streaming and cfg.trainer.micro_batch_tokens == 2 * 2048
 
 
 @pytest.mark.parametrize("given, needle", [

@@ -5,9 +5,9 @@ import json
 import re
 
 import pytest
+from factories import legacy_config
 
 from rlstream.builtin.task import builtin_rows, exact_match_reward
-from rlstream.core.config import Config
 from rlstream.core.errors import ConfigError
 from rlstream.preflight import preflight
 from rlstream.producers.datasets import epoch_order, load_jsonl, load_rows
@@ -35,7 +35,7 @@ def test_exact_match_reward():
 
 
 def test_load_rows_builtin_uses_max_rows_and_seed():
-    cfg = Config(max_rows=50, seed=2)
+    cfg = legacy_config(max_rows=50, seed=2)
     assert load_rows(cfg) == list(builtin_rows(50, 2))
 
 
@@ -55,7 +55,7 @@ def test_load_jsonl_all_row_kinds(tmp_path):
     p = write_jsonl(tmp_path / "d.jsonl", [json.dumps(ROWS[0]), "", "   ", json.dumps(ROWS[1]), json.dumps(ROWS[2])])
     assert load_jsonl(p, 100) == ROWS
     assert load_jsonl(str(p), 100) == ROWS
-    assert load_rows(Config(dataset=str(p))) == ROWS
+    assert load_rows(legacy_config(dataset=str(p))) == ROWS
 
 
 def test_load_jsonl_max_rows(tmp_path):
@@ -64,7 +64,7 @@ def test_load_jsonl_max_rows(tmp_path):
     rows = load_jsonl(p, 4)
     assert [r["prompt"] for r in rows] == ["p0", "p1", "p2", "p3"]
     assert len(load_jsonl(p, 10)) == 10  # stops before the bad line 11
-    assert load_rows(Config(dataset=str(p), max_rows=3)) == rows[:3]
+    assert load_rows(legacy_config(dataset=str(p), max_rows=3)) == rows[:3]
 
 
 def test_rows_past_max_rows_are_counted_in_the_log(tmp_path, caplog):
@@ -87,8 +87,8 @@ def test_with_a_user_rollout_factory_any_json_object_is_a_row(tmp_path):
             {"messages": "free text"}, {}]
     p = write_jsonl(tmp_path / "d.jsonl", [json.dumps(r) for r in rows])
     with pytest.raises(ConfigError, match="a row needs one of prompt, messages, prompt_token_ids"):
-        load_rows(Config(dataset=str(p)))  # the built-in rollout needs a prompt
-    cfg = Config(dataset=str(p), rollout_fn_factory="my_rollout:make_rollout_fn")
+        load_rows(legacy_config(dataset=str(p)))  # the built-in rollout needs a prompt
+    cfg = legacy_config(dataset=str(p), rollout_fn_factory="my_rollout:make_rollout_fn")
     assert load_rows(cfg) == rows == load_jsonl(p, 100, any_object=True)
     bad = write_jsonl(tmp_path / "bad.jsonl", [json.dumps(rows[0]), "[1, 2]"])
     with pytest.raises(ConfigError, match=re.escape(f"{bad}:2: a row must be a JSON object, got list")):
@@ -127,14 +127,14 @@ def test_bad_row_reported_with_file_and_line(tmp_path, case):
 def test_a_token_id_row_with_no_room_under_max_seq_len_is_a_dataset_error(tmp_path):
     p = write_jsonl(tmp_path / "ids.jsonl", [json.dumps({"prompt_token_ids": [1, 2, 3]}),
                                               json.dumps({"prompt_token_ids": [1, 2, 3, 4]})])
-    assert len(load_rows(Config(dataset=str(p), max_seq_len=5))) == 2  # 4 ids leave room for 1 token
+    assert len(load_rows(legacy_config(dataset=str(p), max_seq_len=5))) == 2  # 4 ids leave room for 1 token
     with pytest.raises(ConfigError) as info:
-        load_rows(Config(dataset=str(p), max_seq_len=4))
+        load_rows(legacy_config(dataset=str(p), max_seq_len=4))
     assert str(info.value) == (f"dataset error: {p}:2: 'prompt_token_ids' has 4 ids, which leaves no room to generate "
                                "under max_seq_len 4; shorten or drop the row, or raise max_seq_len")
     assert info.value.exit_code == 2
     with pytest.raises(ConfigError, match=re.escape(f"{p}:2")):
-        preflight(Config(dataset=str(p), max_seq_len=4))  # `rlstream up` reports it before starting anything
+        preflight(legacy_config(dataset=str(p), max_seq_len=4))  # `rlstream up` reports it before starting anything
 
 
 def test_missing_file(tmp_path):
@@ -142,7 +142,7 @@ def test_missing_file(tmp_path):
         load_jsonl(tmp_path / "nope.jsonl", 10)
     assert "nope.jsonl" in str(info.value)
     with pytest.raises(ConfigError, match="does not exist"):
-        load_rows(Config(dataset=str(tmp_path / "nope.jsonl")))
+        load_rows(legacy_config(dataset=str(tmp_path / "nope.jsonl")))
 
 
 def test_directory_is_not_a_file(tmp_path):

@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
+from factories import LEGACY_DEFAULTS
 from polling import wait_until
 from standin_engine import install
 
@@ -39,8 +40,9 @@ VLLM_0_32_FLAGS = {"--model", "--served-model-name", "--host", "--port", "--logp
 
 def config(tmp_path: Path, **inference) -> Config:
     # builtin:tiny-h64: `up` refuses the tied builtin:tiny for vllm (rlstream.preflight)
-    return Config.model_validate({"log_path": str(tmp_path / "runs"), "run_id": "eng", "max_seq_len": 64,
-                                  "base_model": "builtin:tiny-h64", "inference": {"backend": "vllm", "base_url": "http://127.0.0.1:8123/v1",
+    return Config.model_validate({**LEGACY_DEFAULTS, "log_path": str(tmp_path / "runs"), "run_id": "eng",
+                                  "max_seq_len": 64, "base_model": "builtin:tiny-h64",
+                                  "inference": {"backend": "vllm", "base_url": "http://127.0.0.1:8123/v1",
                                                 "launch": True, **inference}})
 
 

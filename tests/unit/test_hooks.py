@@ -7,6 +7,7 @@ import sys
 import types
 
 import pytest
+from factories import legacy_config
 
 from rlstream.core.config import Config
 from rlstream.core.errors import ConfigError
@@ -34,9 +35,9 @@ def test_run_evaluation_sync_and_async():
 
 def test_wandb_missing_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # makes `import wandb` raise ImportError
-    assert make_logger(Config(run_id="r")) is None
+    assert make_logger(legacy_config(run_id="r")) is None
     with pytest.raises(ConfigError, match="pip install wandb"):
-        make_logger(Config(run_id="r", wandb={"project": "p"}))
+        make_logger(legacy_config(run_id="r", wandb={"project": "p"}))
 
 
 def test_wandb_logs_each_step(monkeypatch):
@@ -51,7 +52,7 @@ def test_wandb_logs_each_step(monkeypatch):
 
     fake = types.SimpleNamespace(init=lambda **kw: calls.update(init=kw) or Run())
     monkeypatch.setitem(sys.modules, "wandb", fake)
-    logger = make_logger(Config(run_id="r1", wandb={"project": "p"}))
+    logger = make_logger(legacy_config(run_id="r1", wandb={"project": "p"}))
     logger.log({"step": 2, "train/loss": 0.5})
     logger.finish()
     assert calls["init"]["project"] == "p" and calls["init"]["name"] == "r1" and calls["init"]["mode"] == "offline"
@@ -104,8 +105,8 @@ def user_module(monkeypatch):
 
 
 def eval_config(**extras) -> Config:
-    return Config(run_id="r", rollout_fn_factory="evalmod:factory", evaluation_fn="evalmod:evaluate",
-                  completions_per_prompt=4, extras=extras)
+    return legacy_config(run_id="r", rollout_fn_factory="evalmod:factory", evaluation_fn="evalmod:evaluate",
+                         completions_per_prompt=4, extras=extras)
 
 
 def test_ctx_rollout_fn_is_the_run_rollout_fn_with_evaluation_true(user_module):
@@ -157,5 +158,5 @@ def test_ctx_rollout_fn_passes_only_the_declared_context(monkeypatch, rollout_fn
     module.factory = lambda setup: rollout_fn
     monkeypatch.setitem(sys.modules, "ctxmod", module)
     ctx = EvaluationContext(FakeSampler(), None, 0, 0, {},
-                            config=Config(run_id="r", rollout_fn_factory="ctxmod:factory"))
+                            config=legacy_config(run_id="r", rollout_fn_factory="ctxmod:factory"))
     assert asyncio.run(ctx.rollout_fn({"x": 1}, row_index=3, sample_index=2)) == expected

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+from factories import legacy_config
 
 from rlstream.core import keys
 
@@ -54,11 +55,10 @@ def test_every_accepted_run_id_can_enqueue_jobs(run_id, r):
     from rq import Queue
     from rq.serializers import JSONSerializer
 
-    from rlstream.core.config import Config
     from rlstream.producers.producer import admit
 
     keys.check_run_id(run_id)
-    cfg = Config(run_id=run_id, completions_per_prompt=2)
+    cfg = legacy_config(run_id=run_id, completions_per_prompt=2)
     queue = Queue(keys.job_queue_name(run_id), connection=r, serializer=JSONSerializer)
     admit(r, queue, cfg, 0, 0, {"prompt": "1+1="}, 0)
     assert queue.count == 1

@@ -9,6 +9,7 @@ import json
 
 import pytest
 import torch
+from factories import legacy_config
 
 from rlstream.builtin.tiny_model import build_model, build_tokenizer, save_tiny_model
 from rlstream.core import bus, keys, weights
@@ -36,7 +37,7 @@ def lora_cfg(tmp_path=None, **over) -> Config:
     if tmp_path is not None:
         fields["log_path"] = str(tmp_path)
     fields.update(over)
-    return Config(**fields)
+    return legacy_config(**fields)
 
 
 def wrapped(**over):
@@ -203,12 +204,12 @@ def test_checkpoint_of_another_kind_or_shape_is_refused(tmp_path):
                                 make_optimizer(model, lora_cfg()))
     full = build_model(0)
     with pytest.raises(RlstreamError, match="holds a LoRA adapter but this run trains with full fine-tuning"):
-        load_checkpoint(lora_path, full, make_optimizer(full, Config()), CPU)
+        load_checkpoint(lora_path, full, make_optimizer(full, legacy_config()), CPU)
     other = lora.wrap(build_model(0), lora_cfg(lora_rank=8))
     with pytest.raises(RlstreamError, match=r"lora_rank 4 \(this run: 8\)"):
         load_checkpoint(lora_path, other, make_optimizer(other, lora_cfg()), CPU)
     full_path = save_checkpoint(tmp_path / "b", CheckpointState(1, 1, "1-0", 0), full, build_tokenizer(),
-                                make_optimizer(full, Config()))
+                                make_optimizer(full, legacy_config()))
     fresh = lora.wrap(build_model(0), lora_cfg())
     with pytest.raises(RlstreamError, match="holds full weights but this run trains with LoRA"):
         load_checkpoint(full_path, fresh, make_optimizer(fresh, lora_cfg()), CPU)
@@ -252,8 +253,8 @@ def test_a_lora_trainer_resumed_from_its_checkpoint_reproduces_the_adapter(r, tm
 def test_replay_with_a_lora_config_trains_the_recorded_steps(r, tmp_path):
     for row in range(2):
         add_group(r, row)
-    source = Config(run_id=RUN, log_path=str(tmp_path), prompt_groups_per_step=1, completions_per_prompt=2,
-                    max_steps=2, learning_rate=1e-2, max_head_offpolicy_versions=1)
+    source = legacy_config(run_id=RUN, log_path=str(tmp_path), prompt_groups_per_step=1, completions_per_prompt=2,
+                           max_steps=2, learning_rate=1e-2, max_head_offpolicy_versions=1)
     assert Trainer(source, r, source.run_dir()).run() == 2
     recorded = [m for _, m in bus.iter_all_events(r, RUN) if isinstance(m, StepCommitted)]
     cfg = lora_cfg(tmp_path, run_id="lora-replay", max_steps=None, output_model_id="m", kl_beta=0.1)

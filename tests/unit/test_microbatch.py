@@ -15,10 +15,11 @@ import copy
 
 import pytest
 import torch
+from factories import legacy_config
 from same_state import StepRecorder, compare_metrics, compare_steps
 
 from rlstream.builtin.tiny_model import build_model
-from rlstream.core.config import NORMALIZATIONS, POLICY_LOSSES, Config
+from rlstream.core.config import NORMALIZATIONS, POLICY_LOSSES
 from rlstream.trainer.batch import Batch
 from rlstream.trainer.micro_batch import MicroMetrics, pack_by_length, padded_tokens
 from rlstream.trainer.optimize import make_optimizer, policy_update
@@ -59,8 +60,8 @@ def train(budget: int | None, steps: int = 2, follow: StepRecorder | None = None
     # No clipping: the gradients are compared as accumulated, which is what the derivation in
     # tests/unit/same_state.py bounds (a clip rescales both sides after it, by a coefficient with
     # its own rounding; tests/unit/test_optimize.py covers the clip).
-    cfg = Config(prompt_groups_per_step=3, completions_per_prompt=4, learning_rate=1e-2,
-                 trainer={"micro_batch_tokens": budget, "eps": 1e-3}, **{"grad_clip_norm": None, **overrides})
+    cfg = legacy_config(prompt_groups_per_step=3, completions_per_prompt=4, learning_rate=1e-2,
+                        trainer={"micro_batch_tokens": budget, "eps": 1e-3}, **{"grad_clip_norm": None, **overrides})
     torch.manual_seed(0)
     model = build_model(0)
     ref = copy.deepcopy(model).eval().requires_grad_(False) if cfg.kl_beta > 0 else None
@@ -83,7 +84,7 @@ def assert_same_step(budget: int, **overrides) -> None:
     for s, (w, m) in enumerate(zip(whole, micro)):
         assert m["train/micro_batches"] > w["train/micro_batches"]  # it did split
         compare_metrics(m, w, rows, slice(s * k, (s + 1) * k), report, ignore=NOT_EQUAL_BY_DESIGN,
-                        normalization=overrides.get("normalization", Config().normalization))
+                        normalization=overrides.get("normalization", legacy_config().normalization))
     print("largest error / tolerance:", max(report, key=lambda x: x[1]))
 
 

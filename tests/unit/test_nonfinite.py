@@ -8,13 +8,12 @@ import logging
 
 import pytest
 import torch
-from factories import sample
+from factories import legacy_config, sample
 from safetensors.torch import load_file
 from test_optimize import make_batch
 
 from rlstream.builtin.tiny_model import build_model
 from rlstream.core import bus, keys
-from rlstream.core.config import Config
 from rlstream.core.errors import RlstreamError
 from rlstream.core.messages import GroupAdmitted, StepCommitted, group_id_for
 from rlstream.trainer import optimize
@@ -58,8 +57,8 @@ def test_a_nan_minibatch_is_skipped_and_the_others_applied(monkeypatch):
     opt = torch.optim.AdamW(model.parameters(), lr=0.05)
     batch, before = make_batch(model), params(model)
     monkeypatch.setattr(optimize, "compute_loss", nan_loss_on({1}))
-    out = policy_update(model, opt, batch, cfg=Config(prompt_groups_per_step=2, completions_per_prompt=8,
-                                                      ppo_n_minibatches=2), lr=0.05)
+    out = policy_update(model, opt, batch, cfg=legacy_config(prompt_groups_per_step=2, completions_per_prompt=8,
+                                                             ppo_n_minibatches=2), lr=0.05)
     assert out["train/nonfinite_skipped"] == 1 and out["train/minibatches"] == 2
     assert torch.isfinite(torch.tensor(out["train/loss"])) and torch.isfinite(torch.tensor(out["train/grad_norm"]))
     assert all_finite(model) and not same(before, params(model))  # the first minibatch was applied
@@ -73,7 +72,8 @@ def test_a_batch_whose_only_minibatch_is_nan_leaves_the_weights_untouched(monkey
     opt = torch.optim.AdamW(model.parameters(), lr=0.05)
     batch, before = make_batch(model), params(model)
     monkeypatch.setattr(optimize, "compute_loss", poison)
-    out = policy_update(model, opt, batch, cfg=Config(prompt_groups_per_step=2, completions_per_prompt=8), lr=0.05)
+    out = policy_update(model, opt, batch, cfg=legacy_config(prompt_groups_per_step=2, completions_per_prompt=8),
+                        lr=0.05)
     assert out["train/nonfinite_skipped"] == 1
     assert same(before, params(model)) and opt.state == {}  # no step, no moment
 
@@ -90,8 +90,8 @@ def test_weights_made_non_finite_by_an_update_stop_the_trainer(monkeypatch):
 
     monkeypatch.setattr(opt, "step", step)
     with pytest.raises(RlstreamError, match=r"non-finite.*nothing was committed or published"):
-        policy_update(model, opt, make_batch(model), cfg=Config(prompt_groups_per_step=2, completions_per_prompt=8),
-                      lr=0.05)
+        policy_update(model, opt, make_batch(model),
+                      cfg=legacy_config(prompt_groups_per_step=2, completions_per_prompt=8), lr=0.05)
 
 
 def test_no_writer_puts_non_finite_weights_on_disk(tmp_path):
@@ -128,9 +128,9 @@ def test_the_trainer_skips_publishes_finite_weights_and_replays_the_same_decisio
     monkeypatch.setattr(optimize, "compute_loss", nan_on_large_advantages)
     add_group(r, 0, [0.0, 5.0])  # step 1: NaN
     add_group(r, 1, [0.0, 1.0])  # step 2: fine
-    cfg = Config(run_id=RUN, log_path=str(tmp_path), max_steps=2, prompt_groups_per_step=1, completions_per_prompt=2,
-                 advantage="dr_grpo", dcp_save_interval=0, save_final_checkpoint=False, lr_schedule="constant",
-                 learning_rate=1e-2)
+    cfg = legacy_config(run_id=RUN, log_path=str(tmp_path), max_steps=2, prompt_groups_per_step=1,
+                        completions_per_prompt=2, advantage="dr_grpo", dcp_save_interval=0,
+                        save_final_checkpoint=False, lr_schedule="constant", learning_rate=1e-2)
     t = Trainer(cfg, r, cfg.run_dir())
     base = params(t.model)
     assert t.run() == 2

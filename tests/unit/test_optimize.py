@@ -5,6 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from factories import legacy_config
 
 from rlstream.builtin.tiny_model import build_model
 from rlstream.core.config import Config
@@ -29,7 +30,7 @@ def make_batch(model, B: int = 16, seed: int = 0) -> Batch:
 
 
 def cfg(**overrides) -> Config:
-    return Config(prompt_groups_per_step=2, completions_per_prompt=8, **overrides)
+    return legacy_config(prompt_groups_per_step=2, completions_per_prompt=8, **overrides)
 
 
 def test_minibatches_make_the_clip_act():

@@ -7,10 +7,9 @@ import math
 
 import factories
 import pytest
-from factories import user_sample
+from factories import legacy_config, user_sample
 
 from rlstream.core import bus, keys
-from rlstream.core.config import Config
 from rlstream.core.messages import GroupAdmitted, GroupSampled, RolloutSample, group_id_for
 from rlstream.core.metrics import read_metrics
 from rlstream.core.run_state import RunState
@@ -98,8 +97,8 @@ def test_a_live_trainer_step_logs_every_cookbook_metric(r, tmp_path):
 
     run = "perf"
     bus.ensure_group(r, keys.rollouts(run))
-    cfg = Config(run_id=run, log_path=str(tmp_path), max_steps=1, prompt_groups_per_step=1, completions_per_prompt=2,
-                 dcp_save_interval=0)
+    cfg = legacy_config(run_id=run, log_path=str(tmp_path), max_steps=1, prompt_groups_per_step=1,
+                        completions_per_prompt=2, dcp_save_interval=0)
     gid = group_id_for(0, 0, 0)
     bus.xadd(r, keys.events(run), GroupAdmitted(group_id=gid, row_index=0, epoch=0, attempt=0, submit_version=0,
                                                 group_size=2))
@@ -121,7 +120,7 @@ def test_the_producer_counts_the_time_its_gate_holds_rows_back(r, monkeypatch, t
 
     now = {"t": 50.0}
     monkeypatch.setattr("rlstream.producers.producer.time.monotonic", lambda: now["t"])
-    cfg = Config(run_id="gate", log_path=str(tmp_path), prompt_groups_per_step=1, completions_per_prompt=2)
+    cfg = legacy_config(run_id="gate", log_path=str(tmp_path), prompt_groups_per_step=1, completions_per_prompt=2)
     state = RunState()
     stats = keys.rollout_stats("gate")
     assert count_gate_wait(r, cfg, state, None, rows_left=True) is None  # nothing admitted: open
@@ -143,7 +142,7 @@ def test_gate_time_counted_in_many_short_passes_loses_no_fraction(r, monkeypatch
 
     now = {"t": 10.0}
     monkeypatch.setattr("rlstream.producers.producer.time.monotonic", lambda: now["t"])
-    cfg = Config(run_id="gate2", log_path=str(tmp_path), prompt_groups_per_step=1, completions_per_prompt=2)
+    cfg = legacy_config(run_id="gate2", log_path=str(tmp_path), prompt_groups_per_step=1, completions_per_prompt=2)
     state = RunState()
     for row in range(cfg.offpolicy_versions + 1):
         state.apply(GroupAdmitted(group_id=group_id_for(0, row, 0), row_index=row, epoch=0, attempt=0,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from factories import legacy_config
 
 from rlstream.builtin.tiny_model import build_model, build_tokenizer, save_tiny_model
 from rlstream.core import weights
@@ -85,7 +86,7 @@ def test_trainer_logprobs_match_worker_behaviour_logprobs_at_temperature(tmp_pat
 
 
 def ref_cfg(**overrides) -> Config:
-    return Config(prompt_groups_per_step=2, completions_per_prompt=8, kl_beta=0.1, **overrides)
+    return legacy_config(prompt_groups_per_step=2, completions_per_prompt=8, kl_beta=0.1, **overrides)
 
 
 def test_reference_copy_is_frozen_eval_and_separate():

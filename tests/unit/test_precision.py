@@ -10,12 +10,13 @@ import json
 
 import pytest
 import torch
+from factories import legacy_config
 from safetensors.torch import load_file
 
 from rlstream.builtin.task import builtin_rows, exact_match_reward
 from rlstream.builtin.tiny_model import build_model, build_tokenizer
 from rlstream.core import bus, keys, weights
-from rlstream.core.config import BUILTIN_MODEL, Config
+from rlstream.core.config import BUILTIN_MODEL
 from rlstream.core.messages import GroupAdmitted, RolloutSample, StepCommitted, group_id_for, sample_id_for
 from rlstream.sampling.local import LocalPolicy
 from rlstream.trainer.advantages import resolve_advantage
@@ -38,7 +39,7 @@ def builtin_run(dtype: str, steps: int = 60, P: int = 32, G: int = 8, lr: float 
     """The built-in task trained in process on the built-in model ``model_name``: the trainer's
     own update on groups sampled from the live model (as a worker would, one answer token each);
     the expected reward before and after (``expected_reward``)."""
-    cfg = Config(prompt_groups_per_step=P, completions_per_prompt=G, learning_rate=lr, trainer={"dtype": dtype})
+    cfg = legacy_config(prompt_groups_per_step=P, completions_per_prompt=G, learning_rate=lr, trainer={"dtype": dtype})
     model, tokenizer = build_model(0, model_name), build_tokenizer()
     precision = prepare(model, dtype, CPU, gradient_checkpointing=False)
     optimizer = make_optimizer(model, cfg)
@@ -106,7 +107,7 @@ def test_float16_scaled_backward_matches_float32(advantage_scale):
 
     out = {}
     for dtype in ("float32", "float16"):
-        cfg = Config(prompt_groups_per_step=3, completions_per_prompt=4, trainer={"dtype": dtype})
+        cfg = legacy_config(prompt_groups_per_step=3, completions_per_prompt=4, trainer={"dtype": dtype})
         model, batch = build_model(0), mixed_batch(build_model(0))
         batch.advantages_B *= advantage_scale
         precision = prepare(model, dtype, CPU, gradient_checkpointing=False)
@@ -140,8 +141,8 @@ def test_gradient_checkpointing_recomputes_in_eval_mode_and_changes_nothing_else
         modes = calls[checkpointing] = []
         model.model.layers[0].self_attn.register_forward_hook(lambda m, a, o, modes=modes: modes.append(m.training))
         results[checkpointing] = policy_update(model, torch.optim.SGD(model.parameters(), lr=0.0), batch,
-                                               cfg=Config(prompt_groups_per_step=2, completions_per_prompt=8,
-                                                          kl_beta=0.1, ppo_n_minibatches=2),
+                                               cfg=legacy_config(prompt_groups_per_step=2, completions_per_prompt=8,
+                                                                 kl_beta=0.1, ppo_n_minibatches=2),
                                                lr=0.0, ref_model=ref, precision=precision)
     # 2 old-policy forwards (no graph) + 2 training forwards, and with checkpointing 2 replays
     assert calls == {False: [False] * 4, True: [False] * 6}
@@ -152,8 +153,8 @@ def test_gradient_checkpointing_recomputes_in_eval_mode_and_changes_nothing_else
 
 
 def test_optimizer_and_clip_parameters_reach_adamw_and_the_losses():
-    cfg = Config(trainer={"beta1": 0.8, "beta2": 0.999, "eps": 1e-6, "weight_decay": 0.0},
-                 gspo_clip=0.01, cispo_eps_low=0.1, cispo_eps_high=0.5)
+    cfg = legacy_config(trainer={"beta1": 0.8, "beta2": 0.999, "eps": 1e-6, "weight_decay": 0.0},
+                        gspo_clip=0.01, cispo_eps_low=0.1, cispo_eps_high=0.5)
     group = make_optimizer(build_model(0), cfg).param_groups[0]
     assert group["betas"] == (0.8, 0.999) and group["eps"] == 1e-6 and group["weight_decay"] == 0.0
     losses = LossConfig.of(cfg)
@@ -161,11 +162,11 @@ def test_optimizer_and_clip_parameters_reach_adamw_and_the_losses():
 
 
 def test_each_role_has_its_device_and_the_top_level_one_is_their_default():
-    assert (Config().trainer_device, Config().workers_device) == ("auto", "auto")
-    assert (Config(device="cpu").trainer_device, Config(device="cpu").workers_device) == ("cpu", "cpu")
-    split = Config(device="cpu", trainer={"device": "cuda:1"})
+    assert (legacy_config().trainer_device, legacy_config().workers_device) == ("auto", "auto")
+    assert (legacy_config(device="cpu").trainer_device, legacy_config(device="cpu").workers_device) == ("cpu", "cpu")
+    split = legacy_config(device="cpu", trainer={"device": "cuda:1"})
     assert (split.trainer_device, split.workers_device) == ("cuda:1", "cpu")
-    assert Config(workers={"device": "mps"}).workers_device == "mps"
+    assert legacy_config(workers={"device": "mps"}).workers_device == "mps"
 
 
 # --------------------------------------------------------------------------- the trainer
@@ -193,11 +194,11 @@ def test_trainer_keeps_float32_masters_and_publishes_in_the_stored_dtype(r, tmp_
     bus.ensure_group(r, keys.rollouts(RUN))
     for row in range(2):
         add_group(r, row, [3, 9, 5, 12])  # mixed lengths
-    cfg = Config(run_id=RUN, log_path=str(tmp_path), base_model=str(bfloat16_base(tmp_path)), max_steps=2,
-                 prompt_groups_per_step=1, completions_per_prompt=4, lr_schedule="constant", learning_rate=1e-2,
-                 dcp_save_interval=1, save_final_checkpoint=False, output_model_id="final",
-                 max_head_offpolicy_versions=1,  # both groups are of v0 (the default O is 0 now)
-                 trainer={"dtype": "bfloat16", "micro_batch_tokens": 16, "gradient_checkpointing": True})
+    cfg = legacy_config(run_id=RUN, log_path=str(tmp_path), base_model=str(bfloat16_base(tmp_path)), max_steps=2,
+                        prompt_groups_per_step=1, completions_per_prompt=4, lr_schedule="constant", learning_rate=1e-2,
+                        dcp_save_interval=1, save_final_checkpoint=False, output_model_id="final",
+                        max_head_offpolicy_versions=1,  # both groups are of v0 (the default O is 0 now)
+                        trainer={"dtype": "bfloat16", "micro_batch_tokens": 16, "gradient_checkpointing": True})
     t = Trainer(cfg, r, cfg.run_dir())
     assert t.run() == 2
     assert {p.dtype for p in t.model.parameters()} == {torch.float32}

@@ -2,12 +2,13 @@
 stream's tail (an OS crash with appendfsync everysec), even once new events were written."""
 from __future__ import annotations
 
+from factories import legacy_config
+
 from rlstream.core import bus, keys
-from rlstream.core.config import Config
 from rlstream.core.messages import DatasetExhausted
 from rlstream.producers.producer import events_rolled_back
 
-CFG = Config(run_id="p1")
+CFG = legacy_config(run_id="p1")
 
 
 def add_events(r, n: int) -> list[str]:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import threading
 
 import pytest
+from factories import legacy_config
 from polling import wait_until
 
 from rlstream.core import bus, keys, memory_guard
-from rlstream.core.config import Config
 from rlstream.core.messages import GroupAdmitted, RunFinished
 from rlstream.producers.producer import run_producer
 
@@ -21,8 +21,8 @@ def run_until_checked(r, tmp_path, monkeypatch, fraction: float | None) -> list[
         asked.append(1)
         return fraction if fraction is not None and fraction >= high_water else None
     monkeypatch.setattr(memory_guard, "memory_pressure", pressure)
-    cfg = Config(run_id="mg", log_path=str(tmp_path), max_rows=8, completions_per_prompt=2, prompt_groups_per_step=1,
-                 max_head_offpolicy_versions=0)
+    cfg = legacy_config(run_id="mg", log_path=str(tmp_path), max_rows=8, completions_per_prompt=2,
+                        prompt_groups_per_step=1, max_head_offpolicy_versions=0)
     thread = threading.Thread(target=run_producer, args=(cfg, r), daemon=True)
     thread.start()
     wait_until(lambda: len(asked) >= 2, 30, "the producer's second memory check")

@@ -2,15 +2,15 @@
 (Redis lost its last writes), and only such a group (fakeredis + rq's JSON serializer)."""
 from __future__ import annotations
 
+from factories import legacy_config
 from rq.job import Job
 
-from rlstream.core.config import Config
 from rlstream.core.jobs import job_queue
 from rlstream.core.messages import GroupRejected, GroupSampled, RolloutJob
 from rlstream.core.run_state import RunState
 from rlstream.producers.producer import admit, jobless_groups, redispatch
 
-CFG = Config(run_id="p2", completions_per_prompt=4)
+CFG = legacy_config(run_id="p2", completions_per_prompt=4)
 ROWS = [{"prompt": f"{i}+1="} for i in range(3)]
 
 

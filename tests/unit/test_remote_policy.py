@@ -8,8 +8,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from factories import legacy_config
 
-from rlstream.core.config import Config, InferenceConfig
+from rlstream.core.config import InferenceConfig
 from rlstream.core.messages import WeightsPublished
 from rlstream.sampling import remote as remote_policy
 from rlstream.sampling.remote import InferenceError, RemotePolicy, RemoteSampler, completion_request, parse_completions
@@ -84,7 +85,7 @@ def test_sampler_posts_completions_and_returns_completions():
         return httpx.Response(200, json={"choices": [choice(i, [9, i], [-1.0, -2.0]) for i in range(body["n"])]})
 
     policy = make_policy(handler)
-    sampler = RemoteSampler(policy, Config().sample_kwargs())
+    sampler = RemoteSampler(policy, legacy_config().sample_kwargs())
     out = asyncio.run(sampler.sample_with_prompt_tokens(PROMPT, n=2, temperature=0.5))
     assert [c.output_tokens for c in out] == [[9, 0], [9, 1]]
     path, body = seen[0]

@@ -7,9 +7,9 @@ import json
 import types
 
 import pytest
-from factories import user_sample
+from factories import legacy_config, user_sample
 
-from rlstream import Config, RolloutSample, RolloutSetup, main
+from rlstream import RolloutSample, RolloutSetup, main
 from rlstream.api import importable_spec
 from rlstream.builtin.rewards import exact_match, final_number, math_answer, resolve_reward
 from rlstream.core import bus, keys
@@ -53,31 +53,31 @@ def test_importable_spec_rejects_lambdas_nested_and_main():
 
 def test_main_rejects_a_bad_factory_before_starting_anything(tmp_path):
     with pytest.raises(ConfigError):
-        main(Config(log_path=str(tmp_path)), rollout_fn_factory="no_such_module_abc:make_rollout_fn")
+        main(legacy_config(log_path=str(tmp_path)), rollout_fn_factory="no_such_module_abc:make_rollout_fn")
     with pytest.raises(ConfigError):  # a factory of the script with only workers started by hand
-        main(Config(log_path=str(tmp_path), workers={"count": 0}), rollout_fn_factory=lambda s: None)
+        main(legacy_config(log_path=str(tmp_path), workers={"count": 0}), rollout_fn_factory=lambda s: None)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_preflight_names_the_problem(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
-        preflight(Config(dataset=str(tmp_path / "missing.jsonl")))
+        preflight(legacy_config(dataset=str(tmp_path / "missing.jsonl")))
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "1+1="}) + "\n{not json\n")
     with pytest.raises(ConfigError, match="bad.jsonl:2"):
-        preflight(Config(dataset=str(bad)))
+        preflight(legacy_config(dataset=str(bad)))
     with pytest.raises(ConfigError, match="rollout_fn_factory"):
-        preflight(Config(rollout_fn_factory="no_such_module_abc:f"))
+        preflight(legacy_config(rollout_fn_factory="no_such_module_abc:f"))
     with pytest.raises(ConfigError, match="base_model"):
-        preflight(Config(base_model=str(tmp_path)))
+        preflight(legacy_config(base_model=str(tmp_path)))
 
 
 def test_weight_sync_interval_bounded_by_offpolicy_versions():
-    Config(max_head_offpolicy_versions=2, weight_sync_interval=3)
+    legacy_config(max_head_offpolicy_versions=2, weight_sync_interval=3)
     with pytest.raises(ValueError, match="weight_sync_interval"):
-        Config(max_head_offpolicy_versions=1, weight_sync_interval=3)
+        legacy_config(max_head_offpolicy_versions=1, weight_sync_interval=3)
     with pytest.raises(ValueError, match="weight_sync_interval"):
-        Config(synchronous_training=True, weight_sync_interval=2)
+        legacy_config(synchronous_training=True, weight_sync_interval=2)
 
 
 def test_rewards():
@@ -106,7 +106,7 @@ def test_accepted_context():
 
 
 def runtime_with(rollout_fn, **cfg_overrides) -> WorkerRuntime:
-    rt = WorkerRuntime(Config(run_id="t", **cfg_overrides), r=None, worker_id="w", device="cpu",
+    rt = WorkerRuntime(legacy_config(run_id="t", **cfg_overrides), r=None, worker_id="w", device="cpu",
                        rollout_fn_factory=lambda setup: rollout_fn, events=None)  # _group reads no events
     rt.rollout_fn, rt.context_params = rollout_fn, accepted_context(rollout_fn)
     return rt

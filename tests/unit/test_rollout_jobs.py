@@ -8,6 +8,7 @@ import types
 
 import pytest
 import torch
+from factories import legacy_config
 from rq.job import Job
 from rq.registry import FailedJobRegistry
 from rq.results import Result
@@ -50,7 +51,7 @@ ROWS = [{"prompt": f"{i % 10}+1="} for i in range(40)]
 
 
 def config(**kw) -> Config:
-    return Config(run_id=RUN, **{"completions_per_prompt": 2, "prompt_groups_per_step": 4, **kw})
+    return legacy_config(run_id=RUN, **{"completions_per_prompt": 2, "prompt_groups_per_step": 4, **kw})
 
 
 def admit_all(r, cfg: Config, state: RunState) -> list[list[GroupAdmitted]]:

@@ -10,9 +10,9 @@ import threading
 import time
 
 import pytest
+from factories import legacy_config
 from rq.timeouts import JobTimeoutException
 
-from rlstream.core.config import Config
 from rlstream.workers.sampling_loop import SamplingLoop
 from rlstream.workers.slots import JobSlots, holds_several, worker_slots
 
@@ -174,12 +174,12 @@ def test_job_slots_bound_the_jobs_held():
 
 def test_which_workers_hold_several_groups():
     openai = {"backend": "openai", "base_url": "http://x/v1"}
-    assert not holds_several(Config(completions_per_prompt=8))  # local, one group: as before
-    assert holds_several(Config(completions_per_prompt=8, workers={"local_max_batch": 32}))
-    assert holds_several(Config(completions_per_prompt=8, inference=openai))
-    assert not holds_several(Config(completions_per_prompt=8, inference={**openai, "max_concurrency": 8}))
-    slots = worker_slots(Config(completions_per_prompt=8, workers={"local_max_batch": 32}), controller=None)
+    assert not holds_several(legacy_config(completions_per_prompt=8))  # local, one group: as before
+    assert holds_several(legacy_config(completions_per_prompt=8, workers={"local_max_batch": 32}))
+    assert holds_several(legacy_config(completions_per_prompt=8, inference=openai))
+    assert not holds_several(legacy_config(completions_per_prompt=8, inference={**openai, "max_concurrency": 8}))
+    slots = worker_slots(legacy_config(completions_per_prompt=8, workers={"local_max_batch": 32}), controller=None)
     assert slots is not None and slots.window() == 32 and slots.max_jobs == 32
-    slots = worker_slots(Config(completions_per_prompt=8, inference=openai, workers={"max_groups_held": 12}),
+    slots = worker_slots(legacy_config(completions_per_prompt=8, inference=openai, workers={"max_groups_held": 12}),
                          controller=type("Controller", (), {"window": 40})())
     assert slots.window() == 40 and slots.max_jobs == 12 and slots.group_size == 8

@@ -11,8 +11,9 @@ import signal
 import time
 
 import pytest
+from factories import legacy_config
 
-from rlstream import Config, forked, launcher, main
+from rlstream import forked, launcher, main
 from rlstream.core.errors import ConfigError
 from rlstream.core.imports import hold_script_functions, import_object, script_functions
 
@@ -40,10 +41,10 @@ def captured(monkeypatch):
 
 def test_main_keeps_the_configs_evaluation_interval(captured, tmp_path):
     with pytest.raises(Stop):
-        main(Config(log_path=str(tmp_path), evaluation_interval=7))
+        main(legacy_config(log_path=str(tmp_path), evaluation_interval=7))
     assert captured["cfg"].evaluation_interval == 7
     with pytest.raises(Stop):
-        main(Config(log_path=str(tmp_path), evaluation_interval=7), evaluation_interval=3)
+        main(legacy_config(log_path=str(tmp_path), evaluation_interval=7), evaluation_interval=3)
     assert captured["cfg"].evaluation_interval == 3
 
 
@@ -51,7 +52,7 @@ def test_main_applies_environment_overrides_over_the_scripts_config(captured, tm
     monkeypatch.setenv("RLSTREAM_LEARNING_RATE", "0.002")
     monkeypatch.setenv("RLSTREAM_WORKERS_COUNT", "1")
     with pytest.raises(Stop):
-        main(Config(log_path=str(tmp_path), learning_rate=1.7e-5, workers={"count": 4}))
+        main(legacy_config(log_path=str(tmp_path), learning_rate=1.7e-5, workers={"count": 4}))
     assert (captured["cfg"].learning_rate, captured["cfg"].workers.count) == (0.002, 1)
 
 
@@ -61,13 +62,13 @@ def test_a_lambda_and_a_script_function_are_held_for_a_forked_trainer(captured, 
 
     filter_fn = lambda pg: len(set(pg.rewards)) > 1  # noqa: E731 (the cookbook's own spelling)
     with pytest.raises(Stop):
-        main(Config(log_path=str(tmp_path)), dynamic_filter_fn=filter_fn, evaluation_fn=evaluate)
+        main(legacy_config(log_path=str(tmp_path)), dynamic_filter_fn=filter_fn, evaluation_fn=evaluate)
     cfg = captured["cfg"]
     assert (cfg.dynamic_filter_fn, cfg.evaluation_fn) == ("__script__:dynamic_filter_fn", "__script__:evaluation_fn")
     assert captured["held"] == {"dynamic_filter_fn": filter_fn, "evaluation_fn": evaluate}
     assert script_functions() == {}  # released when the run ends, however it ends
     with pytest.raises(Stop):  # an importable function still goes by name
-        main(Config(log_path=str(tmp_path)), dynamic_filter_fn=keep_all)
+        main(legacy_config(log_path=str(tmp_path)), dynamic_filter_fn=keep_all)
     assert captured["cfg"].dynamic_filter_fn == f"{__name__}:keep_all" and captured["held"] == {}
 
 
@@ -82,31 +83,31 @@ def test_a_rollout_factory_of_the_script_is_held_for_forked_workers(captured, tm
         return None
 
     with pytest.raises(Stop):
-        main(Config(log_path=str(tmp_path)), rollout_fn_factory=make_rollout_fn_of_the_script)
+        main(legacy_config(log_path=str(tmp_path)), rollout_fn_factory=make_rollout_fn_of_the_script)
     assert captured["cfg"].rollout_fn_factory == "__script__:rollout_fn_factory"
     assert captured["held"] == {"rollout_fn_factory": make_rollout_fn_of_the_script}
     assert script_functions() == {}
     factory = lambda setup: None  # noqa: E731
     with pytest.raises(Stop):
-        main(Config(log_path=str(tmp_path)), rollout_fn_factory=factory, dynamic_filter_fn=keep_all)
+        main(legacy_config(log_path=str(tmp_path)), rollout_fn_factory=factory, dynamic_filter_fn=keep_all)
     assert captured["held"] == {"rollout_fn_factory": factory}
     assert captured["cfg"].dynamic_filter_fn == f"{__name__}:keep_all"
     with pytest.raises(Stop):  # an importable factory still goes by name: nothing held, nothing forked
-        main(Config(log_path=str(tmp_path)), rollout_fn_factory=make_rollout_fn)
+        main(legacy_config(log_path=str(tmp_path)), rollout_fn_factory=make_rollout_fn)
     assert captured["cfg"].rollout_fn_factory == f"{__name__}:make_rollout_fn" and captured["held"] == {}
 
 
 def test_a_script_factory_with_only_workers_started_elsewhere_is_refused(captured, tmp_path):
     with pytest.raises(ConfigError, match=r"workers.count = 0: the workers `rlstream worker` starts \(here or on "
                        r"another machine\) import the factory by name"):
-        main(Config(log_path=str(tmp_path), workers={"count": 0}), rollout_fn_factory=lambda setup: None)
+        main(legacy_config(log_path=str(tmp_path), workers={"count": 0}), rollout_fn_factory=lambda setup: None)
     assert "cfg" not in captured and script_functions() == {}
 
 
 def test_a_worker_started_by_hand_for_a_script_factory_says_to_make_it_importable():
     from rlstream.sampling.rollout_fn import resolve_factory
 
-    cfg = Config(rollout_fn_factory="__script__:rollout_fn_factory")
+    cfg = legacy_config(rollout_fn_factory="__script__:rollout_fn_factory")
     with pytest.raises(ValueError, match=r"a process started by hand \(`rlstream worker`, a worker on another "
                        r"machine, `rlstream up config.json`\) cannot import it. Move the function into an importable "
                        "module"):
@@ -122,7 +123,7 @@ def test_a_worker_started_by_hand_for_a_script_factory_says_to_make_it_importabl
 def test_the_trainer_resolves_held_hooks_and_a_process_without_them_says_why():
     from rlstream.trainer.hooks import load_filter
 
-    cfg = Config(dynamic_filter_fn="__script__:dynamic_filter_fn")
+    cfg = legacy_config(dynamic_filter_fn="__script__:dynamic_filter_fn")
     with pytest.raises(ValueError, match="a process started by hand cannot"):
         load_filter(cfg)
     fn = lambda pg: True  # noqa: E731

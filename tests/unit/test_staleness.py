@@ -12,10 +12,9 @@ from functools import partial
 
 import factories
 import pytest
-from factories import sample
+from factories import legacy_config, sample
 
 from rlstream.core import bus, keys
-from rlstream.core.config import Config
 from rlstream.core.messages import (
     GroupAdmitted,
     GroupRejected,
@@ -104,11 +103,11 @@ def test_the_bound_is_o_plus_one_versions_from_the_oldest_member():
 
 def test_without_weight_sync_the_bound_counts_from_admission():
     """Samples stamped v0 forever (no weights reach the samplers) are not stale by that alone."""
-    assert sampling_follows_weights(Config())
-    assert not sampling_follows_weights(Config(weight_sync_interval=0))
+    assert sampling_follows_weights(legacy_config())
+    assert not sampling_follows_weights(legacy_config(weight_sync_interval=0))
     openai = {"backend": "openai", "base_url": "http://127.0.0.1:1/v1"}
-    assert not sampling_follows_weights(Config(inference=openai))
-    assert sampling_follows_weights(Config(inference={**openai, "weight_sync_url": "http://127.0.0.1:1/sync"}))
+    assert not sampling_follows_weights(legacy_config(inference=openai))
+    assert sampling_follows_weights(legacy_config(inference={**openai, "weight_sync_url": "http://127.0.0.1:1/sync"}))
     assert stale_reason(group(0, 0, 0, submit=5), trainer_version=6, bound=1, follows_weights=False) is None
     reason = stale_reason(group(0, 0, 0, submit=4), trainer_version=6, bound=1, follows_weights=False)
     assert reason is not None and reason.startswith("stale: admitted at v4, trainer at v6")

@@ -8,11 +8,12 @@ import copy
 
 import pytest
 import torch
+from factories import legacy_config
 from same_state import StepRecorder, compare_metrics, compare_steps
 from test_microbatch import mixed_batch
 
 from rlstream.builtin.tiny_model import build_model
-from rlstream.core.config import NORMALIZATIONS, POLICY_LOSSES, Config
+from rlstream.core.config import NORMALIZATIONS, POLICY_LOSSES
 from rlstream.core.errors import ConfigError
 from rlstream.core.messages import RolloutSample, group_id_for, sample_id_for
 from rlstream.trainer.batch import Batch, Group, collate
@@ -50,9 +51,10 @@ def run(how: str, chunks=((0,), (1, 2)), steps: int = 2, budget: int = 30, follo
     # No clipping: the gradients are compared as accumulated, which is what the derivation in
     # tests/unit/same_state.py bounds (a clip rescales both sides after it, by a coefficient with
     # its own rounding; tests/unit/test_optimize.py covers the clip).
-    cfg = Config(prompt_groups_per_step=3, completions_per_prompt=G, learning_rate=1e-2,
-                 trainer={"micro_batch_tokens": 1 if how == "rows" else budget, "eps": 1e-3, "streaming": streamed},
-                 **{"grad_clip_norm": None, **overrides})
+    cfg = legacy_config(prompt_groups_per_step=3, completions_per_prompt=G, learning_rate=1e-2,
+                        trainer={"micro_batch_tokens": 1 if how == "rows" else budget, "eps": 1e-3,
+                                 "streaming": streamed},
+                        **{"grad_clip_norm": None, **overrides})
     torch.manual_seed(0)
     model = build_model(0)
     ref = copy.deepcopy(model).eval().requires_grad_(False) if cfg.kl_beta > 0 else None
@@ -83,7 +85,7 @@ def assert_same_step(**overrides) -> list[dict[str, float]]:
     _, rows = run("rows", follow=whole_steps, **overrides)
     report: list[tuple[str, float]] = []
     compare_steps(streamed_steps, whole_steps, rows, report)
-    normalization = overrides.get("normalization", Config().normalization)
+    normalization = overrides.get("normalization", legacy_config().normalization)
     for k, (w, s) in enumerate(zip(whole, streamed)):
         compare_metrics({key: v for key, v in s.items() if key != "streamed"}, w, rows, slice(k, k + 1), report,
                         ignore=NOT_EQUAL_BY_DESIGN, normalization=normalization)
@@ -114,7 +116,7 @@ def test_any_arrival_pattern_and_budget(chunks):
 
 
 def test_a_nonfinite_chunk_skips_the_step():
-    cfg = Config(prompt_groups_per_step=3, completions_per_prompt=G, trainer={"micro_batch_tokens": 30,
+    cfg = legacy_config(prompt_groups_per_step=3, completions_per_prompt=G, trainer={"micro_batch_tokens": 30,
                                                                               "streaming": True})
     torch.manual_seed(0)
     model = build_model(0)

@@ -7,10 +7,10 @@ import threading
 import types
 
 import pytest
+from factories import legacy_config
 from polling import wait_until
 
 from rlstream.core import bus, keys
-from rlstream.core.config import Config
 from rlstream.core.messages import RunFinished, RunStarted, WeightsPublished
 from rlstream.core.run_state import RunState
 from rlstream.workers.events import EventFollower
@@ -106,7 +106,8 @@ class StubPolicy:
 def test_sync_weights_waits_past_weights_that_do_not_load(r, follower):
     publish(r, 0)
     publish(r, 1, sha256=BAD)
-    rt = WorkerRuntime(Config(run_id=RUN), r, worker_id="w", device="cpu", rollout_fn_factory=None, events=follower)
+    rt = WorkerRuntime(legacy_config(run_id=RUN), r, worker_id="w", device="cpu", rollout_fn_factory=None,
+                       events=follower)
     rt.policy = StubPolicy()
     follower.start()
     syncing = threading.Thread(target=rt.sync_weights, args=(1,), daemon=True)

@@ -8,9 +8,9 @@ from __future__ import annotations
 import types
 
 import pytest
+from factories import legacy_config
 
 from rlstream.core import bus, keys
-from rlstream.core.config import Config
 from rlstream.core.messages import WeightsPublished
 from rlstream.workers import runtime as runtime_mod
 from rlstream.workers.events import EventFollower
@@ -41,7 +41,7 @@ def fake_make_policy(r, events: EventFollower, pruned: set[int]):
 def runtime(r) -> WorkerRuntime:
     events = EventFollower(r, RUN, on_finished=lambda: None)  # not started: the test drives catch_up
     events.catch_up()
-    return WorkerRuntime(Config(run_id=RUN, job_timeout=5), r, worker_id="w", device="cpu",
+    return WorkerRuntime(legacy_config(run_id=RUN, job_timeout=5), r, worker_id="w", device="cpu",
                          rollout_fn_factory=lambda setup: rollout_fn, events=events)
 
 

@@ -11,14 +11,13 @@ import types
 import fakeredis
 import pytest
 import torch
-from factories import user_sample
+from factories import legacy_config, user_sample
 from rq.timeouts import JobTimeoutException
 
 from rlstream.builtin.rollout import single_turn_factory
 from rlstream.builtin.tiny_model import save_tiny_model
 from rlstream.core import bus, keys, weights
 from rlstream.core.codec import decode
-from rlstream.core.config import Config
 from rlstream.core.messages import GroupJob, GroupRejected, GroupSampled, RolloutSample, RunFinished, WeightsPublished
 from rlstream.sampling.rollout_fn import accepted_context
 from rlstream.workers.events import EventFollower
@@ -38,7 +37,7 @@ def caught_up(r) -> EventFollower:
 def stub_runtime(r, rollout_fn, vocab_size: int = 10, **cfg) -> WorkerRuntime:
     """A runtime whose policy is already 'loaded' at v0 (the rollout_fn never samples)."""
     bus.xadd(r, keys.events(RUN), WeightsPublished(version=0, uri="/nowhere", sha256="0" * 64, bytes=0))
-    rt = WorkerRuntime(Config(run_id=RUN, **cfg), r, worker_id="w", device="cpu",
+    rt = WorkerRuntime(legacy_config(run_id=RUN, **cfg), r, worker_id="w", device="cpu",
                        rollout_fn_factory=lambda setup: rollout_fn, events=caught_up(r))
     rt.policy = types.SimpleNamespace(version=0, tokenizer=None)
     rt.rollout_fn, rt.vocab_size, rt.context_params = rollout_fn, vocab_size, accepted_context(rollout_fn)
@@ -294,9 +293,9 @@ def test_the_built_in_rollout_checks_rows_with_the_real_tokenizer(r, tmp_path):
     model_dir = save_tiny_model(tmp_path / RUN / "weights" / ".tmp-v0")
     digest, size = weights.seal(model_dir, tmp_path / RUN / "weights" / "v0", version=0)
     bus.xadd(r, keys.events(RUN), WeightsPublished(version=0, uri="unused", sha256=digest, bytes=size))
-    rt = WorkerRuntime(Config(run_id=RUN, max_completion_tokens=1, max_seq_len=8, log_path=tmp_path), r, worker_id="w",
-                       device=torch.device("cpu"), rollout_fn_factory=single_turn_factory(lambda text, row: 1.0),
-                       events=caught_up(r))
+    rt = WorkerRuntime(legacy_config(run_id=RUN, max_completion_tokens=1, max_seq_len=8, log_path=tmp_path), r,
+                       worker_id="w", device=torch.device("cpu"),
+                       rollout_fn_factory=single_turn_factory(lambda text, row: 1.0), events=caught_up(r))
     long_prompt = rt.run_group(job(2, row={"prompt": "1+2=" * 3}))
     assert long_prompt["rejected"] == ("row 3: prompt of 12 tokens leaves no room under max_seq_len 8; "
                                        "shorten the prompt or raise max_seq_len")
@@ -319,7 +318,7 @@ def test_real_policy_end_to_end_and_sample_kwargs_is_a_copy(r, tmp_path):
         setup.sample_kwargs["max_tokens"] = 50  # a careless factory must not change the sampler's defaults
         return single_turn_factory(lambda text, row: 1.0)(setup)
 
-    rt = WorkerRuntime(Config(run_id=RUN, max_completion_tokens=3, log_path=tmp_path), r, worker_id="w",
+    rt = WorkerRuntime(legacy_config(run_id=RUN, max_completion_tokens=3, log_path=tmp_path), r, worker_id="w",
                        device=torch.device("cpu"), rollout_fn_factory=factory, events=caught_up(r))
     assert rt.run_group(job(2))["samples"] == 2
     assert seen["setup"].sampler.default_kwargs["max_tokens"] == 3
