@@ -1,8 +1,9 @@
 """The trainer's step on the built-in batch against a bare torch GRPO step on the same batch,
 in one process, on one model object (issue 20: "at most 1.3x a bare torch step").
 
-    python bench/trainer_overhead.py                 # 60 rounds per thread setting (~1 min)
+    python bench/trainer_overhead.py                 # 30 rounds of 8 steps per thread setting (~4 min)
     python bench/trainer_overhead.py --rounds 100 --threads 1
+    python bench/trainer_overhead.py --baseline ../old-tree --threads 1   # this code vs another tree's
 
 The batch is ``examples/builtin/config.toml``'s: 32 groups x 8 one-token completions of "a+b="
 prompts (5 tokens a sequence), drawn once from the model at temperature 1 and scored with the
@@ -15,30 +16,44 @@ task's exact-match reward; every round trains on that content under fresh group 
   advantages (``advantage_fn``), ``collate`` of the 256 decoded ``RolloutSample`` objects, and
   ``policy_update``.
 - **(b) whole step**: ``Trainer.gather`` from a rollouts stream pre-filled (untimed) with the
-  batch's 256 samples, its 32 ``GroupAdmitted`` and ``GroupSampled`` events, as producer and
-  workers write them, on the embedded redis-server (AOF, ``appendfsync everysec``) of ``rlstream up``,
-  then ``Trainer.train_step`` (optimize, ``write_weights`` every step, metrics, the commit's Lua
-  script, publish, metrics.jsonl; a checkpoint every ``dcp_save_interval`` steps). Waiting for
-  rollouts is not in it: the stream already holds the batch. Its parts are timed by wrappers
+  batches' samples, their ``GroupAdmitted`` and ``GroupSampled`` events, as producer and workers
+  write them, on the embedded redis-server (AOF, ``appendfsync everysec``) of ``rlstream up``,
+  then ``Trainer.train_step`` (optimize, the weights of every step written, metrics, the commit's
+  Lua script, publish, metrics.jsonl; a checkpoint every ``dcp_save_interval`` steps). Waiting for
+  rollouts is not in it: the stream already holds the batches. Its parts are timed by wrappers
   around the trainer's calls (a few microseconds each).
 
-Rounds alternate bare, (a), (b) (the order reversed every other round) after warm-up ones, for
-the process's default torch threads and rlstream's ``torch_threads`` (1); the table gives the
-medians and each one's ratio to bare. Medians of parts do not add up to the median of the whole.
-bare and rlstream use the same model object, each with its own AdamW (the trainer's
-hyper-parameters): both train it, which changes values, never shapes or costs.
+Each variant runs ``--block`` steps in a row (8), and its time is the block's divided by them:
+the trainer writes a version's weights beside the next step (docs/design.md §15.79 Weights are
+written beside the next step), so a step's cost is what it takes in a sequence of steps, the
+previous version's write running beside it. The row below (b) adds the wait for the block's last
+version to be written and published (``WeightSync.wait``), which no step overlaps: once per run
+for a trainer, here once per block. ``--block 1`` is a lone step. Rounds alternate bare, (a),
+(b) (the order reversed every other round) after warm-up ones, for the process's default torch
+threads and rlstream's ``torch_threads`` (1); the table gives the medians and each one's ratio to
+bare. Medians of parts do not add up to the median of the whole. bare and rlstream use the same
+model object, each with its own AdamW (the trainer's hyper-parameters): both train it, which
+changes values, never shapes or costs.
+
+``--baseline DIR`` measures another tree (an older commit, with its own ``DIR/.venv``) with this
+script, in chunks of rounds alternating with this tree's, each chunk a process of its own; the
+table puts both side by side. This script runs against trees from before the background weight
+write too (the parts they lack read 0).
 """
 from __future__ import annotations
 
 import argparse
 import datetime
 import functools
+import json
 import os
 import platform
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 import types
 from collections import defaultdict
@@ -122,7 +137,7 @@ def prefill(r, run_id: str, groups: list[list[RolloutSample]], version: int) -> 
 # ----------------------------------------------------------------- the three steps
 def bare_step(model, optimizer, tokens_B_N, attention_B_N, mask_B_T, rewards_P_G, eps: float,
               parts: dict[str, float]) -> float:
-    """The minimum of an in-process GRPO step on tensors in hand; ``parts`` gets its phases' times."""
+    """The minimum of an in-process GRPO step on tensors in hand; ``parts`` adds up its phases' times."""
     t0 = time.perf_counter()
     logits_B_T_V = model(input_ids=tokens_B_N, attention_mask=attention_B_N).logits[:, :-1].float()
     logprobs_B_T = torch.log_softmax(logits_B_T_V, -1).gather(-1, tokens_B_N[:, 1:, None])[..., 0]
@@ -139,12 +154,14 @@ def bare_step(model, optimizer, tokens_B_N, attention_B_N, mask_B_T, rewards_P_G
     t3 = time.perf_counter()
     optimizer.step()
     t4 = time.perf_counter()
-    parts.update(forward=t1 - t0, loss=t2 - t1, backward=t3 - t2, step=t4 - t3)
+    for name, seconds in (("forward", t1 - t0), ("loss", t2 - t1), ("backward", t3 - t2), ("step", t4 - t3)):
+        parts[name] = parts.get(name, 0.0) + seconds
     return float(loss.detach())
 
 
 def rlstream_optimize(t: Trainer, groups: list[list[RolloutSample]], lr: float, clock: dict) -> None:
-    """``Trainer.optimize``'s work without its step count: advantages, collate, policy_update."""
+    """``Trainer.optimize``'s work without its step count: advantages, collate, policy_update (``clock``
+    adds up their times)."""
     t0 = time.perf_counter()
     advantages = [t.advantage_fn(torch.tensor([s.reward for s in g], dtype=torch.float32)) for g in groups]
     t1 = time.perf_counter()
@@ -152,26 +169,43 @@ def rlstream_optimize(t: Trainer, groups: list[list[RolloutSample]], lr: float, 
     t2 = time.perf_counter()
     policy_update(t.model, t.optimizer, batch, cfg=t.cfg, lr=lr, ref_model=t.ref_model, precision=t.precision)
     t3 = time.perf_counter()
-    clock["advantages"], clock["collate"], clock["policy_update"] = t1 - t0, t2 - t1, t3 - t2
+    for name, seconds in (("advantages", t1 - t0), ("collate", t2 - t1), ("policy_update", t3 - t2)):
+        clock[name] = clock.get(name, 0.0) + seconds
 
 
 class PartClock:
-    """Times the trainer's calls by name while ``active``: wrappers installed on the trainer's
-    module names and bound methods (the same objects ``train_step`` calls)."""
+    """Times the trainer's calls by name: wrappers installed on the trainer's module names and
+    bound methods (the same objects ``train_step`` calls), on the step's thread and on the weight
+    writer's. Names a tree does not have are skipped (its rows read 0)."""
 
     def __init__(self, t: Trainer):
         self.times: dict[str, float] = defaultdict(float)
-        for name in ("collate", "policy_update", "commit_step", "publish", "step_metrics", "step_record"):
-            setattr(trainer_module, name, self.wrap(name, getattr(trainer_module, name)))
-        for name in ("gather", "optimize", "write_weights", "live_run", "log_metrics", "checkpoint"):
-            setattr(t, name, self.wrap(name, getattr(t, name)))
+        self.lock = threading.Lock()  # the weight writer's thread adds to the same table
+        self.install(trainer_module, "collate", "policy_update", "commit_step", "publish", "step_metrics",
+                     "step_record")
+        self.install(t, "gather", "optimize", "sync_weights", "write_weights", "live_run", "log_metrics", "checkpoint",
+                     "evaluate")
+        self.install(t.retention, "pressed")
         # policy_update's parts, as minibatch_step and update_report call them
-        for name in ("token_logprobs", "compute_loss", "clip_and_step", "all_finite"):
-            setattr(optimize_module, name, self.wrap(name, getattr(optimize_module, name)))
-        # write_weights' parts: the directory written (save_pretrained x2 + seal), sealed, old versions pruned
-        weights.write_model_dir = self.wrap("write_model_dir", weights.write_model_dir)
+        self.install(optimize_module, "token_logprobs", "compute_loss", "clip_and_step", "all_finite")
+        weight_sync = getattr(t, "weight_sync", None)
+        if weight_sync is not None:  # the weights written beside the next step
+            from rlstream.trainer import weight_sync as weight_sync_module
+
+            self.install(weight_sync, "wait")
+            self.install(weight_sync_module.DirTemplate, "snapshot")
+            self.install(weight_sync_module, "publish", prefix="bg.")
+            self.install(weight_sync_module, "prune_weights", prefix="bg.")
+            self.install(weight_sync_module.DirTemplate, "write", prefix="bg.")
+        else:  # the weights written on the step's thread: save_pretrained x2 + seal, sealed, pruned
+            weights.write_model_dir = self.wrap("write_model_dir", weights.write_model_dir)
+            policy_model.shutil = types.SimpleNamespace(rmtree=self.wrap("prune", shutil.rmtree))  # its one use
         weights.seal = self.wrap("seal", weights.seal)
-        policy_model.shutil = types.SimpleNamespace(rmtree=self.wrap("prune", shutil.rmtree))  # its one use
+
+    def install(self, owner, *names: str, prefix: str = "") -> None:
+        for name in names:
+            if hasattr(owner, name):
+                setattr(owner, name, self.wrap(prefix + name, getattr(owner, name)))
 
     def wrap(self, name, fn):
         @functools.wraps(fn)
@@ -180,31 +214,57 @@ class PartClock:
             try:
                 return fn(*args, **kwargs)
             finally:
-                self.times[name] += time.perf_counter() - t0
+                elapsed = time.perf_counter() - t0
+                with self.lock:
+                    self.times[name] += elapsed
         return timed
 
     def take(self) -> dict[str, float]:
-        times, self.times = dict(self.times), defaultdict(float)
+        with self.lock:
+            times, self.times = dict(self.times), defaultdict(float)
         return times
 
 
-def whole_step(t: Trainer, clock: PartClock) -> dict[str, float]:
+def drain(t: Trainer) -> None:
+    """Wait until the last version is written and published (nothing to wait for in a tree that
+    writes on the step's thread)."""
+    if hasattr(t, "weight_sync"):
+        type(t.weight_sync).wait(t.weight_sync)  # not PartClock's wrapper: the table times this wait as "drain"
+
+
+def whole_steps(t: Trainer, clock: PartClock, block: int) -> dict[str, float]:
+    """``block`` whole steps in a row, then the wait for the last version's publish: per step."""
+    drain(t)
     clock.take()  # drop what (a)'s policy_update left in the wrapped optimize functions
     t0 = time.perf_counter()
-    groups, streamed = t.gather(t.cfg.prompt_groups_per_step)
-    assert len(groups) == t.cfg.prompt_groups_per_step and streamed is None, (len(groups), streamed)
-    t.train_step(groups, wait_time=0.0)
+    for _ in range(block):
+        groups, streamed = t.gather(t.cfg.prompt_groups_per_step)
+        assert len(groups) == t.cfg.prompt_groups_per_step and streamed is None, (len(groups), streamed)
+        t.train_step(groups, wait_time=0.0)
+    t1 = time.perf_counter()
+    drain(t)
     total = time.perf_counter() - t0
     parts = clock.take()
-    parts["total"] = total
+    seal = parts.pop("seal", 0.0)
+    if "write_model_dir" in parts:  # written on the step's thread
+        parts["save"] = parts["write_model_dir"] - seal
+        parts["seal"] = seal
+    else:
+        parts["bg.seal"] = seal
+    parts["weights_main"] = parts.get("sync_weights", 0.0) + parts.get("write_weights", 0.0)
+    parts["total"] = t1 - t0
+    parts["rest"] = parts["total"] - sum(parts.get(k, 0.0) for k in (
+        "gather", "optimize", "weights_main", "live_run", "step_metrics", "step_record", "commit_step", "publish",
+        "log_metrics", "checkpoint", "evaluate", "pressed"))
+    parts["drained"] = total
     parts["backward_rest"] = parts["policy_update"] - sum(
         parts.get(k, 0.0) for k in ("token_logprobs", "compute_loss", "clip_and_step", "all_finite"))
-    parts["save"] = parts.get("write_model_dir", 0.0) - parts.get("seal", 0.0)
-    return parts
+    parts["step_metrics_record"] = parts.get("step_metrics", 0.0) + parts.get("step_record", 0.0)
+    return {k: v / block for k, v in parts.items()}
 
 
 # ----------------------------------------------------------------- rounds
-def run_setting(t: Trainer, r, batch, clock: PartClock, threads: int, rounds: int, warmup: int,
+def run_setting(t: Trainer, r, batch, clock: PartClock, threads: int, rounds: int, warmup: int, block: int,
                 round_base: int) -> dict:
     torch.set_num_threads(threads)
     cfg = t.cfg
@@ -219,34 +279,39 @@ def run_setting(t: Trainer, r, batch, clock: PartClock, threads: int, rounds: in
         group["lr"] = cfg.learning_rate
     samples: dict[str, list] = defaultdict(list)
     for i in range(warmup + rounds):
-        n = round_base + i
+        n = (round_base + i) * block
         # (a) trains on decoded samples, as the trainer gets them from the stream.
         decoded = [[decode(encode(s), expect=RolloutSample) for s in g] for g in stamped(batch, n, t.version, "a")]
-        prefill(r, cfg.run_id, stamped(batch, n, t.version), t.version)
+        for k in range(block):  # the block's batches, in the stream before it starts, each sampled by the
+            v = t.version + k      # version that trains it (the staleness bound drops older ones)
+            prefill(r, cfg.run_id, stamped(batch, n + k, v), v)
         order = ("bare", "optimize", "step") if i % 2 == 0 else ("step", "optimize", "bare")
         row: dict[str, float] = {}
         for which in order:
             if which == "bare":
-                part = {}
+                part: dict[str, float] = defaultdict(float)
                 t0 = time.perf_counter()
-                bare_step(t.model, bare_opt, tokens_B_N, attention_B_N, mask_B_T, rewards_P_G, cfg.eps_clip, part)
-                row["bare"] = time.perf_counter() - t0
-                row.update({f"bare.{k}": v for k, v in part.items()})
+                for _ in range(block):
+                    bare_step(t.model, bare_opt, tokens_B_N, attention_B_N, mask_B_T, rewards_P_G, cfg.eps_clip,
+                              part)
+                row["bare"] = (time.perf_counter() - t0) / block
+                row.update({f"bare.{k}": v / block for k, v in part.items()})
             elif which == "optimize":
-                part: dict[str, float] = {}
+                part = defaultdict(float)
                 t0 = time.perf_counter()
-                rlstream_optimize(t, decoded, cfg.learning_rate, part)
-                row["optimize"] = time.perf_counter() - t0
-                row.update({f"optimize.{k}": v for k, v in part.items()})
+                for _ in range(block):
+                    rlstream_optimize(t, decoded, cfg.learning_rate, part)
+                row["optimize"] = (time.perf_counter() - t0) / block
+                row.update({f"optimize.{k}": v / block for k, v in part.items()})
             else:
-                row.update({f"step.{k}": v for k, v in whole_step(t, clock).items()})
+                row.update({f"step.{k}": v for k, v in whole_steps(t, clock, block).items()})
         if i >= warmup:
             for key, value in row.items():
                 samples[key].append(value)
     return samples
 
 
-def environment(r, threads_default: int, cfg) -> str:
+def environment(r, threads_default: int, cfg, block: int) -> str:
     info = r.info("server")
     return (f"{datetime.date.today()}  {platform.machine()} {platform.processor() or ''}  "
             f"cpus {os.cpu_count()} (affinity {len(os.sched_getaffinity(0))})  "
@@ -257,10 +322,10 @@ def environment(r, threads_default: int, cfg) -> str:
             f"config {CONFIG.relative_to(REPO)}: {cfg.base_model}, {cfg.prompt_groups_per_step} groups x "
             f"{cfg.completions_per_prompt}, {cfg.max_completion_tokens}-token completions, {cfg.policy_loss}, "
             f"kl_beta {cfg.kl_beta}, lr {cfg.learning_rate:g}, weight_sync_interval {cfg.weight_sync_interval}, "
-            f"dcp_save_interval {cfg.dcp_save_interval}")
+            f"dcp_save_interval {cfg.dcp_save_interval}; blocks of {block} steps")
 
 
-ROWS = [  # (label, key): None key = a section line
+ROWS = [  # (label, key)
     ("bare torch step", "bare"),
     ("  forward + log-softmax gather", "bare.forward"),
     ("  advantages + clipped surrogate", "bare.loss"),
@@ -271,24 +336,34 @@ ROWS = [  # (label, key): None key = a section line
     ("  collate", "optimize.collate"),
     ("  policy_update", "optimize.policy_update"),
     ("(b) whole step, no waiting: gather + train_step", "step.total"),
+    ("(b) + the block's last version written and published", "step.drained"),
     ("  gather (XREADGROUP, decode, groups, advantages, events fold)", "step.gather"),
     ("  optimize (collate + policy_update)", "step.optimize"),
     ("    collate", "step.collate"),
     ("    policy_update", "step.policy_update"),
-    ("      token_logprobs (forward, eval/train switch)", "step.token_logprobs"),
+    ("      token_logprobs (forward)", "step.token_logprobs"),
     ("      compute_loss (loss + 9 metrics)", "step.compute_loss"),
     ("      zero_grad + backward + the rest", "step.backward_rest"),
     ("      clip_and_step (grad norm + AdamW)", "step.clip_and_step"),
     ("      all_finite (every weight checked)", "step.all_finite"),
-    ("  write_weights (save_pretrained, fsync, sha256, rename)", "step.write_weights"),
-    ("    model + tokenizer save_pretrained", "step.save"),
+    ("  weights, on the step's thread", "step.weights_main"),
+    ("    wait for the previous version's write", "step.wait"),
+    ("    snapshot (CPU copy of the weights file's tensors)", "step.snapshot"),
+    ("    save_pretrained x2 (old: every step; new: the first write)", "step.save"),
     ("    seal (fsync x8, sha256, manifest, rename, fsync dir)", "step.seal"),
     ("    prune the version past keep_weights (rmtree)", "step.prune"),
     ("  live_run (rollout stats, perf line)", "step.live_run"),
-    ("  step_metrics + step_record", None),
+    ("  step_metrics + step_record", "step.step_metrics_record"),
     ("  commit_step (Lua: XADD, XACK x256, record)", "step.commit_step"),
-    ("  publish (XADD WeightsPublished)", "step.publish"),
+    ("  publish (XADD WeightsPublished), on the step's thread", "step.publish"),
     ("  log_metrics (metrics.jsonl)", "step.log_metrics"),
+    ("  Redis memory check (retention: INFO memory)", "step.pressed"),
+    ("  the rest (checkpoints when due, failpoints, the loop, the timers)", "step.rest"),
+    ("weight writer's thread, beside the next step (per version)", None),
+    ("  write the snapshot (safetensors) and the template's files", "step.bg.write"),
+    ("  seal (fsync x7, sha256, manifest, rename, fsync dir)", "step.bg.seal"),
+    ("  publish (XADD WeightsPublished)", "step.bg.publish"),
+    ("  prune the version past keep_weights (rmtree)", "step.bg.prune_weights"),
 ]
 
 
@@ -296,73 +371,127 @@ def med_ms(values: list[float]) -> float:
     return 1000 * statistics.median(values) if values else 0.0
 
 
-def table(results: dict[int, dict], rounds: int) -> str:
-    settings = list(results)
-    head = "| part | " + " | ".join(f"{n} thread{'s' if n > 1 else ''}: ms | ratio to bare" for n in settings) + " |"
-    lines = [head, "|---|" + "---:|---:|" * len(settings)]
+def table(columns: dict[str, dict], rounds: int, block: int) -> str:
+    """One ms + ratio column pair per (name -> samples) in ``columns``."""
+    head = "| part | " + " | ".join(f"{name}: ms | ratio to bare" for name in columns) + " |"
+    lines = [head, "|---|" + "---:|---:|" * len(columns)]
     for label, key in ROWS:
+        if key is None:
+            lines.append(f"| *{label}* |" + " | |" * len(columns))
+            continue
         cells = []
-        for n in settings:
-            s = results[n]
-            if key is None:
-                ms = med_ms([a + b for a, b in zip(s.get("step.step_metrics", []), s.get("step.step_record", []))])
-            else:
-                ms = med_ms(s.get(key, []))
+        for s in columns.values():
+            ms = med_ms(s.get(key, []))
             cells.append(f"{ms:.2f} | {ms / med_ms(s['bare']):.2f}x")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lines.append(f"\nmedians of {rounds} rounds per setting; ratio = the part's median / the bare step's median")
+    lines.append(f"\nmedians of {rounds} rounds per column, each round's time per step of a block of {block}; "
+                 "ratio = the part's median / the bare step's median")
     return "\n".join(lines)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rounds", type=int, default=60, help="measured rounds per thread setting")
-    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=30, help="measured rounds per thread setting")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--block", type=int, default=8, help="steps in a row per variant and round")
     p.add_argument("--threads", type=int, nargs="+", default=None,
                    help="torch thread settings (default: the process's default and rlstream's torch_threads)")
     p.add_argument("--set", dest="extra", action="append", default=[], help="extra config override (field=value)")
+    p.add_argument("--baseline", type=Path, default=None,
+                   help="another tree (with DIR/.venv) to measure side by side, in alternating chunks of rounds")
+    p.add_argument("--chunks", type=int, default=4, help="with --baseline: chunks per tree (rounds split among them)")
+    p.add_argument("--json", action="store_true", help="print the raw samples as one JSON line at the end")
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def measure(args: argparse.Namespace) -> tuple[dict[int, dict], str]:
+    """The rounds of every thread setting in this process: (thread setting -> samples, the notes)."""
     threads_default = torch.get_num_threads()  # before the Trainer sets its own
     load_start = os.getloadavg()
+    notes = []
     with tempfile.TemporaryDirectory() as tmp:
         server = EmbeddedRedis(Path(tmp) / "redis")
         url = server.start()
         try:
+            settings_n = len(args.threads or [1, 2])
+            total_steps = (args.warmup + args.rounds) * args.block * settings_n + 1
             cfg = load_config(CONFIG, [f'log_path="{tmp}/runs"', 'run_id="overhead"', f'redis.url="{url}"',
-                                       *args.extra])
-            total_steps = (args.warmup + args.rounds) * len(args.threads or [1, 2])
-            if cfg.max_steps is not None and total_steps >= cfg.max_steps:
-                raise SystemExit(f"{total_steps} steps would reach max_steps {cfg.max_steps}: fewer rounds")
+                                       f"max_steps={max(total_steps + 1, 300)}", *args.extra])
             r = client(url)
             t = Trainer(cfg, r, cfg.run_dir())
             bus.ensure_group(r, keys.rollouts(cfg.run_id))
             t.resume()  # takes the trainer lease, as Trainer.run does
             t.perf.restart(t.state, bus.rollout_stats(r, cfg.run_id))
-            print(environment(r, threads_default, cfg), flush=True)
+            print(environment(r, threads_default, cfg, args.block), flush=True)
             batch = draw_batch(t, cfg.seed)
             print(f"batch: {sum(len(g) for g in batch)} sequences of {len(batch[0][0][0])} tokens, reward mean "
                   f"{statistics.mean(x[2] for g in batch for x in g):.3f}", flush=True)
             settings = args.threads or list(dict.fromkeys([threads_default, cfg.torch_threads]))
             results, base, clock = {}, 0, PartClock(t)
             for n in settings:
-                results[n] = run_setting(t, r, batch, clock, n, args.rounds, args.warmup, base)
+                results[n] = run_setting(t, r, batch, clock, n, args.rounds, args.warmup, args.block, base)
                 base += args.rounds + args.warmup
-            checkpoints = [v for s in results.values() for v in s.get("step.checkpoint", []) if v > 0]
-            print()
-            print(table(results, args.rounds))
+            checkpoints = [v * args.block for s in results.values() for v in s.get("step.checkpoint", []) if v > 0]
             if checkpoints:
-                print(f"checkpoints (every {cfg.dcp_save_interval} steps, inside the whole step's rounds): "
-                      + ", ".join(f"{1000 * v:.0f} ms" for v in checkpoints))
-            print(f"trainer reached step {t.step}; load avg {' '.join(f'{x:.2f}' for x in os.getloadavg())} at end "
-                  f"({load_start[0]:.2f} at start)")
+                notes.append(f"checkpoints (every {cfg.dcp_save_interval} steps, inside the whole step's rounds): "
+                             + ", ".join(f"{1000 * v:.0f} ms" for v in checkpoints))
+            notes.append(f"trainer reached step {t.step}; load avg {' '.join(f'{x:.2f}' for x in os.getloadavg())} "
+                         f"at end ({load_start[0]:.2f} at start)")
+            drain(t)
             t.lease.release()
             r.close()
         finally:
             server.stop()
+    return results, "\n".join(notes)
+
+
+def compare(args: argparse.Namespace, argv: list[str]) -> int:
+    """This tree and ``args.baseline`` in alternating chunks, each a process of its own."""
+    trees = {"this tree": (REPO, Path(sys.executable)), "baseline": (args.baseline.resolve(),
+                                                                      args.baseline.resolve() / ".venv/bin/python")}
+    passed, skip = [], False
+    for a in argv:  # the same options for each chunk, but its share of rounds and no --baseline
+        if skip:
+            skip = False
+        elif a in ("--baseline", "--chunks", "--rounds"):
+            skip = True
+        elif not a.startswith(("--baseline=", "--chunks=", "--rounds=")):
+            passed.append(a)
+    per_chunk = max(1, args.rounds // args.chunks)
+    samples: dict[str, dict[int, dict[str, list]]] = {name: {} for name in trees}
+    print(f"{datetime.date.today()}: this tree ({REPO}) vs baseline ({trees['baseline'][0]}), {args.chunks} chunks "
+          f"of {per_chunk} rounds each, alternating; load avg {os.getloadavg()[0]:.2f} at start", flush=True)
+    for c in range(args.chunks):
+        for name in (list(trees) if c % 2 == 0 else list(trees)[::-1]):
+            root, python = trees[name]
+            cmd = [str(python), str(Path(__file__).resolve()), *passed, "--rounds", str(per_chunk), "--json"]
+            out = subprocess.run(cmd, cwd=root, capture_output=True, text=True, check=True).stdout
+            lines = out.strip().splitlines()
+            if c < 2:
+                print(f"\n[{name}]\n" + "\n".join(lines[:-1]), flush=True)
+            for n, keyed in json.loads(lines[-1]).items():
+                for key, values in keyed.items():
+                    samples[name].setdefault(int(n), defaultdict(list))[key].extend(values)
+    for n in samples["this tree"]:
+        print(f"\n### {n} thread{'s' if n > 1 else ''}\n")
+        print(table({f"{name} ({n}t)": samples[name][n] for name in trees}, per_chunk * args.chunks, args.block))
+    print(f"load avg {' '.join(f'{x:.2f}' for x in os.getloadavg())} at end")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if args.baseline is not None:
+        return compare(args, argv)
+    results, notes = measure(args)
+    print()
+    print("\n\n".join(table({f"{n} thread{'s' if n > 1 else ''}": s}, args.rounds, args.block)
+                      for n, s in results.items()) if args.json else
+          table({f"{n} thread{'s' if n > 1 else ''}": s for n, s in results.items()}, args.rounds, args.block))
+    print(notes)
+    if args.json:
+        print(json.dumps({n: dict(s) for n, s in results.items()}))
     return 0
 
 

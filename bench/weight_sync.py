@@ -1,6 +1,8 @@
 """Weight-sync latency: from the trainer publishing version v (its ``WeightsPublished`` event) to
 every worker sampling with v, next to the time to write those weights (the trainer's
-``perf/weight_sync_time``) and to read them into a live model (``LocalPolicy.load``, timed here).
+``perf/weight_write_time``: the directory written and sealed, which the trainer does beside its
+next step, docs/design.md §15.79 Weights are written beside the next step; a step reports the
+version before its own) and to read them into a live model (``LocalPolicy.load``, timed here).
 
 Run (from the repository root, in the project's venv)::
 
@@ -131,14 +133,17 @@ def main(argv: list[str] | None = None) -> None:
         workers = {w for by in first.values() for w in by}
         latency = {v: max(first[v].values()) - published[v] for v in published
                    if v in first and set(first[v]) == workers}
-        write = {r["version"]: r["perf/weight_sync_time"] for r in read_metrics(run_dir / "metrics.jsonl")}
+        rows = read_metrics(run_dir / "metrics.jsonl")
+        # perf/weight_write_time: the previous version's write, 0 when none (before it: weight_sync_time, its own)
+        write = ({r["version"] - 1: r["perf/weight_write_time"] for r in rows if r.get("perf/weight_write_time")}
+                 or {r["version"]: r["perf/weight_sync_time"] for r in rows})
         reads = read_time(run_dir, sorted(events), events)
     finally:
         server.stop()
         shutil.rmtree(tmp, ignore_errors=True)
 
     lat = sorted(latency.values())
-    w, rd = statistics.median(write[v] for v in latency), statistics.median(reads)
+    w, rd = statistics.median(write[v] for v in latency if v in write), statistics.median(reads)
     print(f"weight-sync benchmark  {time.strftime('%Y-%m-%d')}  {platform.machine()} {os.cpu_count()} cpus  "
           f"load avg {load:.2f} at start")
     print(f"built-in task, {model_note}, local backend, {args.workers} workers, {args.steps} steps, "
@@ -146,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print("| what | median s | p90 s |")
     print("|---|---|---|")
-    print(f"| write (trainer, `perf/weight_sync_time`) | {w:.3f} | {_p90(list(write.values())):.3f} |")
+    print(f"| write (trainer, `perf/weight_write_time`) | {w:.3f} | {_p90(list(write.values())):.3f} |")
     print(f"| read (`LocalPolicy.load` into a live model) | {rd:.3f} | {_p90(reads):.3f} |")
     print(f"| publish -> every worker sampling with it | {statistics.median(lat):.3f} | {_p90(lat):.3f} |")
     print(f"\nratio sync latency / (write + read): {statistics.median(lat) / (w + rd):.2f}"

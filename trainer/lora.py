@@ -79,12 +79,14 @@ class AdapterDisabled(torch.nn.Module):
 
     def forward(self, **inputs):
         was_training = self.policy.training
-        self.policy.eval()
+        if was_training:  # the trainer keeps its policy in eval mode: no switch (each walks every module)
+            self.policy.eval()
         try:
             with self.policy.disable_adapter():
                 return self.policy(**inputs)
         finally:
-            self.policy.train(was_training)
+            if was_training:
+                self.policy.train()
 
 
 def _lora_layers(model) -> dict[str, torch.nn.Module]:

@@ -23,22 +23,32 @@ BUSY_KEPT = 256  # trainer busy intervals remembered: far more steps than any sa
 @dataclass
 class PerfClock:
     """Timestamps between steps. ``restart`` when the loop starts (after resume and the first
-    evaluation); ``weights_written`` with the seconds a weight write took; ``line`` once a step."""
+    evaluation); ``weights_written`` with the seconds the step spent on a weight sync,
+    ``weights_sealed`` with those a version's directory took to write; ``line`` once a step."""
 
     last_line: float = field(default_factory=time.monotonic)  # monotonic time of the previous line
     busy_since: float = field(default_factory=time.time)  # wall clock the trainer last stopped waiting
     busy: deque = field(default_factory=lambda: deque(maxlen=BUSY_KEPT))  # (wall start, wall end) not waiting
     sampled: tuple[int, int] = (0, 0)  # state.sampled_samples, sampled_tokens at the previous line
     gate_closed_ms: int | None = None
-    weight_write_s: float = 0.0
+    weight_write_s: float = 0.0  # the step's own time on its weight sync
+    weight_sealed_s: float = 0.0  # writing and sealing directories, wherever that ran
 
     def restart(self, state: RunState, stats: dict[str, int]) -> None:
-        self.last_line, self.busy_since, self.weight_write_s = time.monotonic(), time.time(), 0.0
+        self.last_line, self.busy_since, self.weight_write_s, self.weight_sealed_s = \
+            time.monotonic(), time.time(), 0.0, 0.0
         self.sampled = (state.sampled_samples, state.sampled_tokens)
         self.gate_closed_ms = stats.get(keys.GATE_CLOSED_MS, 0)
 
     def weights_written(self, seconds: float) -> None:
+        """Seconds the step's thread spent on a weight sync (the snapshot, a wait for the previous
+        version, or a whole synchronous write)."""
         self.weight_write_s += seconds
+
+    def weights_sealed(self, seconds: float) -> None:
+        """Seconds a finished version's directory took to write and seal (on the writer's thread,
+        beside the next step, or on the step's own)."""
+        self.weight_sealed_s += seconds
 
     def line(self, groups: list[Group], wait_time: float, compute_began: float, state: RunState,
              stats: dict[str, int]) -> dict[str, float]:
@@ -54,13 +64,14 @@ class PerfClock:
             "perf/trainer_wait_for_sampler_time": wait_time,
             "perf/sampler_wait_for_trainer_time": (gate - (self.gate_closed_ms or 0)) / 1000,
             "perf/weight_sync_time": self.weight_write_s,
+            "perf/weight_write_time": self.weight_sealed_s,
             "perf/rollout_samples_per_s": samples_n / wall,
             "perf/rollout_tokens_per_s": tokens_n / wall,
         }
         overlap = overlap_ratio(sampling_windows([s for g in groups for s in g.samples]), list(self.busy))
         if overlap is not None:
             line["perf/overlap_ratio"] = overlap
-        self.last_line, self.gate_closed_ms, self.weight_write_s = now, gate, 0.0
+        self.last_line, self.gate_closed_ms, self.weight_write_s, self.weight_sealed_s = now, gate, 0.0, 0.0
         self.sampled = (state.sampled_samples, state.sampled_tokens)
         return line
 
@@ -84,5 +95,9 @@ def overlap_ratio(windows: list[tuple[float, float, int]], busy: list[tuple[floa
     total = sum((b - a) * n for a, b, n in windows)
     if total <= 0:
         return 0.0
-    hidden = sum(n * sum(max(0.0, min(b, be) - max(a, bs)) for bs, be in busy) for a, b, n in windows)
+    # Only busy intervals that reach into the batch's span can overlap a window; every other
+    # one adds exactly 0.0 (the deque holds up to BUSY_KEPT: 32 windows x 256 intervals was ~1 ms).
+    lo, hi = min(a for a, _, _ in windows), max(b for _, b, _ in windows)
+    near = [(bs, be) for bs, be in busy if be > lo and bs < hi]
+    hidden = sum(n * sum(max(0.0, min(b, be) - max(a, bs)) for bs, be in near) for a, b, n in windows)
     return min(1.0, hidden / total)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import copy
 import logging
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -69,22 +69,41 @@ def token_logprobs(model: torch.nn.Module, tokens_B_N: torch.Tensor, attention_B
     modules have *then*: so the decoder layers alone are flagged as training (their
     submodules, dropout included, stay in eval), and the model is left in eval mode for the
     caller's backward instead of restored.
+
+    A model already in eval mode (the trainer keeps its policy there) is not switched at all:
+    ``eval()``/``train()`` walk every module (and transformers' override does more), ~0.15 ms
+    each on the built-in model even when nothing changes.
     """
     was_training = model.training
-    model.eval()
+    if was_training:
+        model.eval()
     checkpointed = checkpointed_layers(model) if torch.is_grad_enabled() else []
     for layer in checkpointed:
         layer.training = True  # the flag alone: .train() would switch the layer's dropout on too
     try:
         logits_B_T_V = model(input_ids=tokens_B_N, attention_mask=attention_B_N).logits[:, :-1].float()
     finally:
-        model.train(was_training and not checkpointed)
-    logprobs_B_T_V = torch.log_softmax(logits_B_T_V / temperature, dim=-1)
+        if was_training or checkpointed:
+            model.train(was_training and not checkpointed)
+    if temperature != 1.0:  # x / 1.0 is x: one op less forward and backward
+        logits_B_T_V = logits_B_T_V / temperature
+    logprobs_B_T_V = torch.log_softmax(logits_B_T_V, dim=-1)
     return logprobs_B_T_V.gather(-1, tokens_B_N[:, 1:, None])[..., 0]
 
 
 def all_finite(model: torch.nn.Module) -> bool:
-    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    """Whether every weight of ``model`` is finite: exactly whether the float64 sum of all of
+    them is (a NaN or an infinity reaches the sum, and float64 cannot overflow on a sum of
+    float32 or narrower values). One reduction per tensor and one sync, where ``isfinite``
+    per tensor costs an allocation, two kernels and a sync each (0.4 ms a step on the built-in
+    model, 0.1 ms this way)."""
+    return tensors_finite(model.parameters())
+
+
+def tensors_finite(tensors: Iterable[torch.Tensor]) -> bool:
+    """``all_finite`` of any tensors (a state dict's values)."""
+    sums = [t.detach().sum(dtype=torch.float64) for t in tensors]
+    return not sums or bool(torch.isfinite(torch.stack([s.to(sums[0].device) for s in sums]).sum()))
 
 
 def write_model_dir(final: Path, model, tokenizer, *, version: int,
@@ -96,24 +115,36 @@ def write_model_dir(final: Path, model, tokenizer, *, version: int,
     if lora.is_lora(model):
         model = lora.MergedModel(model)
     if not all_finite(model):
-        raise RlstreamError(f"refusing to write {final}: the weights of v{version} are not all finite (NaN or "
-                            "inf), nothing was written. Check base_model / init_from_checkpoint, or lower "
-                            "learning_rate (or set grad_clip_norm) and restart the trainer")
+        raise RlstreamError(nonfinite_refusal(final, version))
     return weights.write_model_dir(final, model, tokenizer, version=version, extra_files=extra_files)
+
+
+def nonfinite_refusal(final: Path, version: int) -> str:
+    return (f"refusing to write {final}: the weights of v{version} are not all finite (NaN or inf), nothing was "
+            "written. Check base_model / init_from_checkpoint, or lower learning_rate (or set grad_clip_norm) and "
+            "restart the trainer")
 
 
 def weights_dir(run_dir: Path, version: int) -> Path:
     return weights.version_dir(run_dir / "weights", version)
 
 
-def write_weights(model, tokenizer, run_dir: Path, version: int, keep: int) -> WeightsPublished:
+def write_weights(model, tokenizer, run_dir: Path, version: int, keep: int | None) -> WeightsPublished:
     """Write ``weights/v<version>`` and prune old versions, keeping the newest ``keep`` and
-    v0 (the base the reference copy uses). Returns the ``WeightsPublished`` event that
-    announces it; the caller publishes it once the step is committed (``commit.publish``)."""
+    v0 (the base the reference copy uses; ``keep`` None: prune nothing). Returns the
+    ``WeightsPublished`` event that announces it; the caller publishes it once the step is
+    committed (``commit.publish``). ``weight_sync.WeightSync`` calls it."""
     final = weights_dir(run_dir, version)
     digest, size = write_model_dir(final, model, tokenizer, version=version)
-    for old in final.parent.glob("v*"):
+    if keep is not None:
+        prune_weights(run_dir, version, keep)
+    return WeightsPublished(version=version, uri=str(final.resolve()), sha256=digest, bytes=size)
+
+
+def prune_weights(run_dir: Path, version: int, keep: int) -> None:
+    """Delete the weights versions past the newest ``keep`` as of ``version``; v0 stays (the
+    base the reference copy uses)."""
+    for old in (run_dir / "weights").glob("v*"):
         n = int(old.name[1:]) if old.name[1:].isdigit() else None
         if n is not None and 0 < n <= version - keep:
             shutil.rmtree(old, ignore_errors=True)
-    return WeightsPublished(version=version, uri=str(final.resolve()), sha256=digest, bytes=size)

@@ -8,8 +8,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from itertools import compress
 
-import torch
-
 from rlstream.core import keys
 from rlstream.core.run_state import RunState
 from rlstream.trainer.batch import Group
@@ -50,14 +48,14 @@ def step_metrics(step: int, version: int, groups: list[Group], train_metrics: di
         "rollout/groups": len(groups), **rollout_quality(samples),
     }
     if live is not None:
-        sampled_at_B = torch.tensor([float(s.min_version) for s in samples])
+        sampled_at = [s.min_version for s in samples]  # ints: Python sums them exactly, no tensor needed
         decided = live.filter_kept + live.filter_rejected
         metrics.update({
             "rollout/rejected_groups_total": live.rejected_groups,
             "rollout/invalid_samples_total": live.worker_counts.get(keys.INVALID_SAMPLES, 0),
             "rollout/failures_total": live.worker_counts.get(keys.ROLLOUT_FAILURES, 0),
-            "async/version_offset_max": (version - 1 - sampled_at_B).max().item(),
-            "async/version_offset_mean": (version - 1 - sampled_at_B).mean().item(),
+            "async/version_offset_max": float(version - 1 - min(sampled_at)),
+            "async/version_offset_mean": version - 1 - sum(sampled_at) / len(sampled_at),
             "async/submit_offset_max": max(version - 1 - s.submit_version for s in samples),
             "rollout/filter_reject_ratio": live.filter_rejected / decided if decided else 0.0,
             "async/stale_groups_dropped": live.stale_dropped,

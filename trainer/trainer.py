@@ -1,6 +1,6 @@
 """The trainer: the algorithm's loop. Take the oldest ready groups, update the policy on
-their advantages, write the weights, commit the step, publish, log; checkpoint and
-evaluate when due.
+their advantages, commit the step, log, and write and publish the weights beside the next
+step (``weight_sync``); checkpoint and evaluate when due.
 
 ``train_step`` is one step on one screen, in the commit protocol's order; ``run`` loops it
 until the run ends; ``resume`` first rebuilds the exact state of a crashed trainer, so no
@@ -54,7 +54,7 @@ from rlstream.trainer.hooks import (
 from rlstream.trainer.lease import RollbackWatch, TrainerLease, fenced_write
 from rlstream.trainer.optimize import make_optimizer, policy_update
 from rlstream.trainer.perf_metrics import PerfClock
-from rlstream.trainer.policy_model import base_model_path, load_reference, write_weights
+from rlstream.trainer.policy_model import base_model_path, load_reference
 from rlstream.trainer.precision import prepare
 from rlstream.trainer.resume import (
     check_replayed,
@@ -72,6 +72,7 @@ from rlstream.trainer.staleness import stale_total
 from rlstream.trainer.step_metrics import FILTER_REASON, LiveRun, eval_metrics, rejected_total, step_metrics
 from rlstream.trainer.streaming import StreamingStep
 from rlstream.trainer.wandb_log import make_logger
+from rlstream.trainer.weight_sync import Pending, WeightSync
 
 log = logging.getLogger(__name__)
 NO_STEP_TRAINED = "no step was trained: every admitted group was rejected; see `rlstream audit {}` and the worker logs"
@@ -82,12 +83,14 @@ class Trainer:
         self.cfg, self.r, self.run_dir = cfg, r, run_dir
         self.device = setup_torch(cfg.trainer_device, cfg.torch_threads, cfg.seed)
         self.model, self.tokenizer = load_model_and_tokenizer(str(base_model_path(cfg, run_dir)), self.device)
-        self.model.train()
         if cfg.lora_rank:  # peft adapters train, the base stays frozen
             self.model = lora.wrap(self.model, cfg)  # docs/design.md §15.38 LoRA through peft, merged when published
         # Float32 masters of the trainable weights (after the LoRA wrap: a frozen base keeps its dtype), before the
         # reference copies them (docs/design.md §15.40 Float32 masters, autocast compute, weights published as stored)
         self.precision = prepare(self.model, cfg.trainer.dtype, self.device, cfg.trainer.gradient_checkpointing)
+        # Every forward of the policy runs with dropout off (docs/design.md §15.19 The trainer computes logprobs
+        # with dropout off; autograd does not care about the mode): in eval mode for good, no forward switches it.
+        self.model.eval()
         if cfg.tokenizer_model:  # before the reference: its tokenizer must match this one
             from transformers import AutoTokenizer
 
@@ -110,6 +113,7 @@ class Trainer:
         self.step = self.version = 0
         self.perf = PerfClock()  # the perf/* metrics' timestamps (trainer/perf_metrics.py)
         self.retention = Retention(r, cfg, run_dir, self.lease)  # docs/design.md §15.45 Archive, then trim
+        self.weight_sync = WeightSync(r, cfg.run_id, self.lease, run_dir, cfg.keep_weights)
 
     # ----------------------------------------------------------------- the loop
     def run(self) -> int:
@@ -120,6 +124,7 @@ class Trainer:
                 return self.step  # the run finished while this trainer stood by
             return self.train_run()
         finally:
+            self.weight_sync.close()  # the last version's publish, while the lease is still ours
             self.lease.release()
 
     def train_run(self) -> int:
@@ -167,26 +172,32 @@ class Trainer:
     def train_step(self, groups: list[Group], wait_time: float,
                    streamed: StreamingStep | None = None) -> dict[str, float]:
         """One step on ``groups`` (scored with their advantages as they completed): update the
-        policy, write the weights when a sync is due, commit, publish, log; checkpoint and
-        evaluate when due. The order is the commit protocol's (``commit``): the weights are on
-        disk before the commit names their version and announced only after it, so a crash in
-        between leaves the step either retrained from its pending entries or published by
-        ``resume``."""
+        policy, snapshot the weights when a sync is due, commit, log; checkpoint and evaluate
+        when due. The order is the commit protocol's (``commit``): the snapshot's directory is
+        written and sealed in the background (``weight_sync``, beside the next step) and
+        announced only once sealed and after the commit, so a crash before the commit leaves the
+        step retrained from its pending entries, and one after it a version that ``resume``
+        writes and publishes."""
         t0, compute_began = time.monotonic(), time.time()
         train_metrics = self.optimize(groups, streamed=streamed)
-        written = self.write_weights() if due(self.cfg.weight_sync_interval, self.version) else None
-        metrics = step_metrics(self.step, self.version, groups, train_metrics, step_time=time.monotonic() - t0,
-                               live=self.live_run(wait_time, groups, compute_began))
-        self.filtered = {"kept": 0, "rejected": 0}
-        committed = step_record(self.step, self.version, groups, metrics)
-        self.last_commit_id = commit_step(self.r, self.cfg.run_id, committed, self.lease, last_event=self.cursor)
+        synced = self.sync_weights() if due(self.cfg.weight_sync_interval, self.version) else None
+        try:
+            metrics = step_metrics(self.step, self.version, groups, train_metrics, step_time=time.monotonic() - t0,
+                                   live=self.live_run(wait_time, groups, compute_began))
+            self.filtered = {"kept": 0, "rejected": 0}
+            committed = step_record(self.step, self.version, groups, metrics)
+            self.last_commit_id = commit_step(self.r, self.cfg.run_id, committed, self.lease, last_event=self.cursor)
+        except BaseException:
+            if synced is not None:
+                synced.cancel()  # its directory may be written, never announced: the step is not committed
+            raise
         failpoints.kill_self("after_commit", self.step)  # crash tests (trainer/failpoints.py)
-        if written is not None:
-            publish(self.r, self.cfg.run_id, written, self.lease)
+        if synced is not None:
+            synced.committed()  # published by the writer's thread once sealed (``weight_sync``)
         self.log_metrics(metrics)
         if due(self.cfg.dcp_save_interval, self.step) or self.retention.pressed(self.step):
             self.checkpoint()
-        if written is not None and self.version % self.cfg.evaluation_interval == 0:
+        if synced is not None and self.version % self.cfg.evaluation_interval == 0:
             self.evaluate()
         return metrics
 
@@ -229,11 +240,22 @@ class Trainer:
         self.step, self.version = self.step + 1, self.version + 1
         return train_metrics
 
+    def sync_weights(self) -> Pending:
+        """This version's weights directory, written, sealed and (once ``committed``) published
+        beside the next step (docs/design.md §15.79 Weights are written beside the next step)."""
+        t0 = time.monotonic()
+        self.perf.weights_sealed(self.weight_sync.wait())  # the previous version, if still being written
+        with self.precision.published():  # in the dtype the base model was stored in
+            pending = self.weight_sync.start(self.model, self.tokenizer, self.version)
+        self.perf.weights_written(time.monotonic() - t0)
+        return pending
+
     def write_weights(self) -> WeightsPublished:
+        """This version's weights directory, written now (resume's publish, a replay's final weights)."""
         self.lease.confirm()  # the directory of a version that another trainer may have published
         t0 = time.monotonic()
         with self.precision.published():  # in the dtype the base model was stored in
-            written = write_weights(self.model, self.tokenizer, self.run_dir, self.version, self.cfg.keep_weights)
+            written = self.weight_sync.write_now(self.model, self.tokenizer, self.version)
         self.perf.weights_written(time.monotonic() - t0)
         return written
 
@@ -349,6 +371,7 @@ class Trainer:
 
     def finish(self, reason: str, failed: bool = False) -> None:
         self.lease.confirm()  # a trainer that lost the lease must not export or checkpoint over its successor
+        self.perf.weights_sealed(self.weight_sync.wait())  # the last version published before RunFinished
         self.evaluate()  # the final weights (skipped when this version was just evaluated)
         if self.wandb is not None:
             self.wandb.finish()

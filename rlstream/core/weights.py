@@ -114,10 +114,19 @@ def write_model_dir(final: Path, model: Any, tokenizer: Any, *, version: int,
     ``extra_files(tmp)`` adds) into a temp dir beside it, sealed (fsync, sha256 manifest
     written last) and renamed into place, so a reader never sees a partial directory.
     Returns the directory's (digest, bytes)."""
+    def fill(tmp: Path) -> None:
+        model.save_pretrained(tmp)  # handles tied embeddings (raw safetensors.save_file refuses them)
+        tokenizer.save_pretrained(tmp)
+        if extra_files is not None:
+            extra_files(tmp)
+
+    return write_dir(final, fill, version=version)
+
+
+def write_dir(final: Path, fill: Callable[[Path], None], *, version: int) -> tuple[str, int]:
+    """Write the directory ``final`` atomically: ``fill(tmp)`` writes its files into a temp
+    dir beside it (creating it), which is sealed and renamed into place. Returns its (digest, bytes)."""
     tmp = final.with_name(f".tmp-{final.name}")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)  # handles tied embeddings (raw safetensors.save_file refuses them)
-    tokenizer.save_pretrained(tmp)
-    if extra_files is not None:
-        extra_files(tmp)
+    fill(tmp)
     return seal(tmp, final, version)

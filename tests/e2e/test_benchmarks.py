@@ -36,9 +36,11 @@ def test_bus_prints_the_ratio():
 
 
 def test_trainer_overhead_prints_every_part_with_its_ratio():
-    out = bench("bench/trainer_overhead.py", "--rounds", "2", "--warmup", "1", "--threads", "1", timeout=300)
+    out = bench("bench/trainer_overhead.py", "--rounds", "2", "--warmup", "1", "--block", "2", "--threads", "1",
+                timeout=300)
     assert "| bare torch step | " in out and "| (b) whole step, no waiting: gather + train_step | " in out, out
-    assert "trainer reached step 3;" in out, out
+    assert "|   write the snapshot (safetensors) and the template's files | " in out, out
+    assert "trainer reached step 6;" in out, out
 
 
 def test_worker_cpu_prints_cpu_per_sample_for_every_setting():

@@ -72,3 +72,18 @@ def test_compute_advantages_default_and_unknown() -> None:
     close(compute_advantages(torch.tensor([0.0, 1.0])), [-1.0, 1.0])
     with pytest.raises(ValueError, match="dr_grpo"):
         compute_advantages(torch.tensor([0.0, 1.0]), "ppo")
+
+
+@pytest.mark.parametrize("method", ADVANTAGE_METHODS)
+def test_one_group_is_the_batch_formula_to_float32_rounding(method) -> None:
+    """A 1-D group (what the trainer passes) is computed with Python floats, a batch of groups
+    with tensor ops: the same numbers, each row a function of its own group."""
+    gen = torch.Generator().manual_seed(0)
+    rewards_N_G = torch.cat([torch.randint(0, 2, (64, 8), generator=gen).float(),  # 0/1 rewards, some all-equal
+                             torch.rand(64, 8, generator=gen) * 10 - 5])
+    batch_N_G = compute_advantages(rewards_N_G, method)
+    one_by_one_N_G = torch.stack([compute_advantages(row_G, method) for row_G in rewards_N_G])
+    assert one_by_one_N_G.dtype == torch.float32
+    torch.testing.assert_close(one_by_one_N_G, batch_N_G, rtol=2e-7, atol=2e-7)
+    assert torch.equal(compute_advantages(torch.tensor([3.0, 3.0, 3.0]), method), torch.zeros(3))
+    assert compute_advantages(torch.tensor([float("nan"), 1.0]), method).isnan().all()

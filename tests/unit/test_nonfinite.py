@@ -18,7 +18,7 @@ from rlstream.core.errors import RlstreamError
 from rlstream.core.messages import GroupAdmitted, StepCommitted, group_id_for
 from rlstream.trainer import optimize
 from rlstream.trainer.optimize import policy_update
-from rlstream.trainer.policy_model import all_finite, weights_dir, write_model_dir
+from rlstream.trainer.policy_model import all_finite, tensors_finite, weights_dir, write_model_dir
 from rlstream.trainer.trainer import Trainer
 
 RUN = "nf"
@@ -92,6 +92,22 @@ def test_weights_made_non_finite_by_an_update_stop_the_trainer(monkeypatch):
     with pytest.raises(RlstreamError, match=r"non-finite.*nothing was committed or published"):
         policy_update(model, opt, make_batch(model),
                       cfg=legacy_config(prompt_groups_per_step=2, completions_per_prompt=8), lr=0.05)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_all_finite_finds_any_non_finite_weight_and_no_finite_one(bad):
+    """One float64 sum for all the weights: any NaN or infinity reaches it, and float32 weights
+    at the top of their range do not overflow it (``tensors_finite``)."""
+    model = build_model(0)
+    assert all_finite(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(torch.finfo(torch.float32).max)  # every weight finite, their float32 sum is not
+    assert all_finite(model)
+    with torch.no_grad():
+        list(model.parameters())[-1].view(-1)[-1] = bad
+    assert not all_finite(model)
+    assert tensors_finite([]) and not tensors_finite([torch.tensor([1.0, float("inf")]), torch.tensor([-float("inf")])])
 
 
 def test_no_writer_puts_non_finite_weights_on_disk(tmp_path):

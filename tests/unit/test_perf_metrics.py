@@ -59,6 +59,18 @@ def test_overlap_is_the_share_of_sampling_time_under_trainer_busy_time():
     assert overlap_ratio([(5.0, 5.0, 2)], busy) == 0.0
 
 
+def test_overlap_reads_only_the_busy_intervals_near_the_batch_and_gives_the_same_ratio():
+    import random
+
+    rng = random.Random(0)
+    busy = [(float(i), i + rng.uniform(0.1, 0.9)) for i in range(256)]  # the deque after 256 steps
+    windows = [(a, a + rng.uniform(0.0, 3.0), rng.randint(1, 8)) for a in (rng.uniform(240, 255) for _ in range(32))]
+    total = sum((b - a) * n for a, b, n in windows)
+    every = sum(n * sum(max(0.0, min(b, be) - max(a, bs)) for bs, be in busy) for a, b, n in windows)
+    assert overlap_ratio(windows, busy) == min(1.0, every / total)  # exactly: the others add 0.0
+    assert overlap_ratio(windows, [(0.0, 1.0)] * 200 + busy) == overlap_ratio(windows, busy)
+
+
 def test_sampling_windows_skip_untimed_samples_and_count_members():
     timed = [sample([0, 1], [0.0, -1.0], window=(1.0, 2.0)) for _ in range(3)]
     assert sampling_windows([*timed, sample([0, 1], [0.0, -1.0])]) == [(1.0, 2.0, 3)]
@@ -75,6 +87,7 @@ def test_perf_clock_rates_waits_and_weight_time(monkeypatch):
         state.apply(GroupSampled(group_id=f"g{row}", samples=4, tokens=12))
     state.apply(GroupSampled(group_id="g1", samples=4, tokens=12))  # a re-delivered event counts once
     perf.weights_written(0.75)
+    perf.weights_sealed(0.5)  # the previous version's directory, written beside this step
     clock["mono"], clock["wall"] = 104.0, 1004.0  # 4 s later; the trainer waited 3 s of them (1001-1004)
     g = Group("g0", 2)
     for m in range(2):  # sampled 1000.0-1002.0: 1 s of it while the trainer was busy (1000-1001)
@@ -83,12 +96,13 @@ def test_perf_clock_rates_waits_and_weight_time(monkeypatch):
     assert line["perf/step_wall_time"] == 4.0
     assert line["perf/trainer_wait_for_sampler_time"] == 3.0
     assert line["perf/sampler_wait_for_trainer_time"] == 2.0
-    assert line["perf/weight_sync_time"] == 0.75
+    assert line["perf/weight_sync_time"] == 0.75 and line["perf/weight_write_time"] == 0.5
     assert line["perf/rollout_samples_per_s"] == 2.0 and line["perf/rollout_tokens_per_s"] == 6.0
     assert line["perf/overlap_ratio"] == pytest.approx(0.5)
     clock["mono"] = 106.0
     line = perf.line([g], wait_time=1.0, compute_began=1006.0, state=state, stats={keys.GATE_CLOSED_MS: 2500})
-    assert (line["perf/weight_sync_time"], line["perf/rollout_samples_per_s"]) == (0.0, 0.0)  # reset per step
+    assert (line["perf/weight_sync_time"], line["perf/weight_write_time"], line["perf/rollout_samples_per_s"]) \
+        == (0.0, 0.0, 0.0)  # reset per step
     assert line["perf/step_wall_time"] == 2.0 and line["perf/sampler_wait_for_trainer_time"] == 0.0
 
 

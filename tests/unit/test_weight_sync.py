@@ -1,0 +1,159 @@
+"""The weights written beside the next step (docs/design.md §15.79 Weights are written beside
+the next step; trainer/weight_sync.py), on fakeredis with the built-in tiny model: a version
+written in the background is the very directory ``save_pretrained`` writes (float32, stored as
+bfloat16, LoRA merged); it is announced only once its step is committed and its directory is
+sealed, in order, and the old versions are pruned after that; a step that is not committed
+announces nothing; an error of the writer's thread stops the trainer at its next step; a crash
+between a commit and its version's write is repaired by resume."""
+from __future__ import annotations
+
+import threading
+from functools import partial
+
+import factories
+import pytest
+import torch
+
+from rlstream.builtin.tiny_model import build_model, build_tokenizer
+from rlstream.core import bus, keys, weights
+from rlstream.core.errors import RlstreamError
+from rlstream.core.messages import GroupAdmitted, StepCommitted, WeightsPublished, group_id_for
+from rlstream.trainer import weight_sync
+from rlstream.trainer.policy_model import weights_dir, write_model_dir
+from rlstream.trainer.trainer import Trainer
+
+RUN = "ws"
+pytestmark = pytest.mark.usefixtures("r_group")  # tests/unit/conftest.py: fakeredis with the trainer's group
+config = partial(factories.config, run_id=RUN, max_steps=4, max_head_offpolicy_versions=3, keep_weights=2)
+
+
+def add_group(r, row: int) -> None:
+    gid = group_id_for(0, row, 0)
+    bus.xadd(r, keys.events(RUN), GroupAdmitted(group_id=gid, row_index=row, epoch=0, attempt=0, submit_version=0,
+                                                group_size=2))
+    for m in range(2):
+        bus.xadd(r, keys.rollouts(RUN), factories.sample(row, m))
+
+
+def published(r) -> list[int]:
+    return [m.version for _, m in bus.iter_all_events(r, RUN) if isinstance(m, WeightsPublished)]
+
+
+def ready_trainer(r, tmp_path, groups: int = 1, **over) -> Trainer:
+    """A trainer after resume (which published v0 synchronously: the template), ``groups`` groups ready."""
+    cfg = config(tmp_path, **over)
+    t = Trainer(cfg, r, cfg.run_dir())
+    t.resume()
+    for row in range(groups):
+        add_group(r, row)
+    while len(t.buffer.ready) < groups:
+        t.buffer.collect()
+    return t
+
+
+def step(t: Trainer) -> dict[str, float]:
+    return t.train_step(t.buffer.take(1, t.version), wait_time=0.0)
+
+
+def bfloat16_base(tmp_path):
+    directory = tmp_path / "bf16-base"
+    weights.write_model_dir(directory, build_model(0).to(torch.bfloat16), build_tokenizer(), version=0)
+    return {"base_model": str(directory)}
+
+
+@pytest.mark.parametrize("variant", ["float32", "stored in bfloat16", "lora"])
+def test_a_version_written_in_the_background_is_the_directory_save_pretrained_writes(r, tmp_path, variant):
+    over = {"float32": {}, "stored in bfloat16": bfloat16_base(tmp_path), "lora": {"lora_rank": 4}}[variant]
+    t = ready_trainer(r, tmp_path, **over)
+    assert t.weight_sync.template is not None  # resume wrote v0 with save_pretrained and checked the snapshot
+    step(t)  # v1, written in the background
+    with t.precision.published():
+        expected = write_model_dir(tmp_path / "by-save-pretrained", t.model, t.tokenizer, version=1)
+    t.weight_sync.wait()
+    assert weights.directory_digest(weights_dir(t.run_dir, 1))[:2] == expected
+    assert published(r)[-1] == 1 and next(m for _, m in bus.iter_all_events(r, RUN)
+                                          if isinstance(m, WeightsPublished) and m.version == 1).sha256 == expected[0]
+
+
+def test_a_version_is_announced_once_committed_and_sealed_in_order_and_pruned_after(r, tmp_path, monkeypatch):
+    t = ready_trainer(r, tmp_path, groups=3)
+    sealed = threading.Event()
+    real_write = t.weight_sync.write
+
+    def slow_write(weights_file, version):  # v1's directory is sealed only when the test says so
+        if version == 1:
+            assert sealed.wait(10)
+        return real_write(weights_file, version)
+
+    monkeypatch.setattr(t.weight_sync, "write", slow_write)
+    step(t)
+    steps = [m.step for _, m in bus.iter_all_events(r, RUN) if isinstance(m, StepCommitted)]
+    assert steps == [1] and published(r) == [0]  # committed, not announced: v1 is not sealed yet
+    assert not (weights_dir(t.run_dir, 1) / weights.MANIFEST).exists()
+    sealed.set()
+    for _ in range(2):
+        step(t)  # each step waits for the version before it
+    assert published(r) == [0, 1, 2]
+    t.weight_sync.wait()
+    assert published(r) == [0, 1, 2, 3]
+    assert sorted(p.name for p in (t.run_dir / "weights").iterdir()) == ["v0", "v2", "v3"]  # keep_weights = 2, and v0
+
+
+def test_a_step_that_is_not_committed_announces_nothing(r, tmp_path):
+    t = ready_trainer(r, tmp_path)
+    r.set(keys.trainer_lease(RUN), "usurper")
+    with pytest.raises(RlstreamError, match="commit of step 1 refused"):
+        step(t)
+    assert t.weight_sync.pending is not None and t.weight_sync.pending.released.is_set()  # cancelled
+    t.weight_sync.close()  # finishes the write; never announces it
+    assert published(r) == [0]
+
+
+def test_an_error_on_the_writers_thread_stops_the_trainer_at_its_next_step(r, tmp_path, monkeypatch):
+    t = ready_trainer(r, tmp_path, groups=2)
+
+    def refused(*_, **__):
+        raise RlstreamError("the disk is full")
+
+    monkeypatch.setattr(weight_sync.weights, "write_dir", refused)
+    step(t)  # committed; v1's write fails on the writer's thread
+    with pytest.raises(RlstreamError, match="the disk is full"):
+        step(t)  # raised before step 2 commits anything
+    assert [m.step for _, m in bus.iter_all_events(r, RUN) if isinstance(m, StepCommitted)] == [1]
+    assert published(r) == [0]
+
+
+def test_a_crash_between_the_commit_and_the_write_is_repaired_by_resume(r, tmp_path, monkeypatch):
+    t = ready_trainer(r, tmp_path)
+    monkeypatch.setattr(weight_sync.Pending, "run", lambda self: None)  # the process dies before the writer runs
+    step(t)
+    assert published(r) == [0] and not weights_dir(t.run_dir, 1).exists()
+    t.lease.release()
+    again = Trainer(t.cfg, r, t.run_dir)
+    again.resume()  # replays step 1, then writes and publishes v1 (docs/design.md §8 Resume and replay)
+    assert published(r) == [0, 1] and (weights_dir(t.run_dir, 1) / weights.MANIFEST).is_file()
+    last = [m for _, m in bus.iter_all_events(r, RUN) if isinstance(m, WeightsPublished)][-1]
+    assert weights.directory_digest(weights_dir(t.run_dir, 1))[0] == last.sha256
+    assert all(torch.equal(a, b) for a, b in zip(t.model.parameters(), again.model.parameters()))  # the same v1
+
+
+def test_a_model_whose_directory_cannot_be_reproduced_is_written_on_the_steps_thread(r, tmp_path, monkeypatch):
+    monkeypatch.setattr(weight_sync, "dir_template", lambda directory, state: None)  # e.g. sharded weights
+    t = ready_trainer(r, tmp_path)
+    assert t.weight_sync.checked and t.weight_sync.template is None
+    step(t)
+    assert (weights_dir(t.run_dir, 1) / weights.MANIFEST).is_file()  # written before train_step returned
+    t.weight_sync.wait()
+    assert published(r) == [0, 1]
+
+
+def test_the_template_is_refused_when_the_snapshot_is_not_the_file(tmp_path):
+    model, tokenizer = build_model(0), build_tokenizer()
+    directory = tmp_path / "v0"
+    weights.write_model_dir(directory, model, tokenizer, version=0)
+    state = weight_sync.state_of(model)
+    template = weight_sync.dir_template(directory, state)
+    assert template is not None and "model.safetensors" not in template.files and "config.json" in template.files
+    other = {k: v + 1.0 for k, v in state.items()}  # not the weights the directory holds
+    assert weight_sync.dir_template(directory, other) is None
+    assert weight_sync.dir_template(directory, {}) is None  # a tensor the state does not have

@@ -1,0 +1,250 @@
+"""The trainer's side of the weight sync, off the step's thread: each synced version written,
+sealed, announced and the old ones pruned while the next step gathers and trains
+(docs/design.md §15.79 Weights are written beside the next step).
+
+``WeightSync.start`` runs on the step's thread right after the update: it waits for the
+previous version if that is still being written (one at a time, so versions are announced in
+order), copies the tensors of the weights file as they are now to CPU (``DirTemplate.snapshot``:
+the next update changes the model in place) and hands them to the writer's thread. That thread
+confirms the lease, writes and seals ``weights/v<N>`` (``weights.seal``: every file fsynced,
+manifest last, rename), then, once the step that produced v<N> is committed
+(``Pending.committed``), XADDs its ``WeightsPublished`` (fenced by the lease, as every trainer
+write) and prunes the versions past ``keep_weights``. A step that fails before its commit
+cancels it (``Pending.cancel``): its directory may be written, it is never announced. An error
+of the writer's thread is raised on the step's thread by the next ``wait``.
+
+The writer's thread touches no model object (the step's thread is training it): it writes the
+snapshot with safetensors (which lets go of the GIL while it writes) and the directory's other
+files (config, generation config, tokenizer: none changes during a run) as the bytes
+``save_pretrained`` wrote for the first version this trainer wrote (``DirTemplate``), once a
+comparison of digests showed that this gives the very weights file ``save_pretrained`` writes.
+A model for which it does not (sharded weights, renamed keys, custom code) keeps the
+synchronous write (``write_weights``) on the step's thread; only its publish and prune move off
+it.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import redis
+import torch
+
+from rlstream.core import weights
+from rlstream.core.errors import RlstreamError
+from rlstream.core.messages import WeightsPublished
+from rlstream.trainer import lora
+from rlstream.trainer.commit import publish
+from rlstream.trainer.lease import TrainerLease
+from rlstream.trainer.policy_model import nonfinite_refusal, prune_weights, tensors_finite, weights_dir, write_weights
+
+log = logging.getLogger(__name__)
+WEIGHTS_FILE = "model.safetensors"  # save_pretrained's one file of an unsharded safetensors checkpoint
+
+
+def state_of(model) -> dict[str, torch.Tensor]:
+    """The tensors a published directory of ``model`` holds, by name (the live ones, detached;
+    a LoRA policy's merged weights, ``lora.merged_state_dict``)."""
+    state = lora.merged_state_dict(model) if lora.is_lora(model) else model.state_dict()
+    return {k: v.detach() for k, v in state.items()}
+
+
+@dataclass(frozen=True)
+class DirTemplate:
+    """Everything a published directory of this trainer holds but its weights (``files``: name
+    -> bytes), and its weights file's tensor names and metadata."""
+
+    files: dict[str, bytes]
+    keys: tuple[str, ...]
+    metadata: dict[str, str] | None
+
+    def snapshot(self, model) -> dict[str, torch.Tensor] | None:
+        """The tensors of ``model``'s weights file as they are now, copied to CPU, in the dtypes in
+        effect (call it inside ``Precision.published``): later updates leave them alone. None when
+        one is not finite: what write_model_dir refuses (docs/design.md §15.33 Non-finite steps are
+        skipped, never published); the update checked the float32 masters, this the cast to the
+        published dtype. A copy, not the file's bytes: serializing holds the GIL for the whole
+        copy, ``safetensors`` writing a file on the writer's thread does not."""
+        state = state_of(model)
+        # A LoRA policy's merged weights are new tensors already, the rest its frozen base, which no update changes.
+        copy = not lora.is_lora(model)
+        tensors = {k: state[k].to("cpu", copy=copy) for k in self.keys}
+        return tensors if tensors_finite(tensors.values()) else None
+
+    def write(self, directory: Path, tensors: dict[str, torch.Tensor]) -> None:
+        from safetensors.torch import save_file
+
+        directory.mkdir(parents=True, exist_ok=True)
+        for name, data in self.files.items():
+            (directory / name).write_bytes(data)
+        save_file(tensors, str(directory / WEIGHTS_FILE), metadata=self.metadata)
+
+
+def dir_template(directory: Path, state: dict[str, torch.Tensor]) -> DirTemplate | None:
+    """The template of ``directory``, a sealed version ``save_pretrained`` wrote from the
+    weights ``state`` holds; None when ``DirTemplate.write`` would not give its weights file
+    byte for byte (written once to a probe directory beside it and compared by sha256 with its
+    manifest: a file, not bytes in memory, which for a large model would be one more copy)."""
+    from safetensors import safe_open
+
+    names = {p.name for p in directory.iterdir()} - {weights.MANIFEST}
+    others = names - {WEIGHTS_FILE}
+    if WEIGHTS_FILE not in names or any(n.endswith((".safetensors", ".index.json")) for n in others) \
+            or not all((directory / n).is_file() for n in names):
+        return None
+    with safe_open(str(directory / WEIGHTS_FILE), "pt") as f:
+        keys, metadata = tuple(f.keys()), f.metadata()
+    if not set(keys) <= set(state):
+        return None
+    expected = json.loads((directory / weights.MANIFEST).read_text())["files"][WEIGHTS_FILE]
+    template = DirTemplate({n: (directory / n).read_bytes() for n in sorted(others)}, keys, metadata)
+    probe = directory.with_name(f".probe-{directory.name}")
+    shutil.rmtree(probe, ignore_errors=True)
+    try:
+        template.write(probe, {k: state[k].contiguous() for k in keys})
+        same = weights.directory_digest(probe)[2][WEIGHTS_FILE] == expected
+    finally:
+        shutil.rmtree(probe, ignore_errors=True)
+    return template if same else None
+
+
+class Pending:
+    """One version on the writer's thread: ``write()`` (the directory, sealed; already done for
+    a synchronous write), then, once ``committed`` (not after ``cancel``), ``announce(written)``.
+    ``seconds``: how long the write took, wherever it ran."""
+
+    def __init__(self, version: int, write: Callable[[], WeightsPublished],
+                 announce: Callable[[WeightsPublished], None], seconds: float = 0.0):
+        self.version, self.write, self.announce, self.seconds = version, write, announce, seconds
+        self.released, self.done, self.publish = threading.Event(), threading.Event(), False
+        self.error: BaseException | None = None
+
+    def committed(self) -> None:
+        """The step that produced this version is committed: announce it once it is sealed."""
+        self.publish = True
+        self.released.set()
+
+    def cancel(self) -> None:
+        """The step was not committed: never announce this version."""
+        self.released.set()
+
+    def run(self) -> None:
+        try:
+            t0 = time.monotonic()
+            written = self.write()
+            self.seconds += time.monotonic() - t0
+            self.released.wait()
+            if self.publish:
+                self.announce(written)
+        except BaseException as exc:  # raised on the step's thread by WeightSync.wait
+            self.error = exc
+        finally:
+            self.done.set()
+
+
+class WeightSync:
+    """The trainer's weight writes: ``start`` (a step's version, in the background),
+    ``write_now`` (synchronous: resume's publish, a replay's final weights), ``wait`` (the one in
+    flight), ``close``."""
+
+    def __init__(self, r: redis.Redis, run_id: str, lease: TrainerLease, run_dir: Path, keep: int):
+        self.r, self.run_id, self.lease, self.run_dir, self.keep = r, run_id, lease, run_dir, keep
+        self.template: DirTemplate | None = None
+        self.checked = False  # whether a version was written synchronously and ``template`` derived from it
+        self.pending: Pending | None = None
+        # One long-lived thread: starting one per version costs a context switch the step waits for (~1 ms on
+        # 2 busy cores).
+        self.jobs: queue.SimpleQueue[Pending | None] = queue.SimpleQueue()
+        self.thread: threading.Thread | None = None
+
+    def write_now(self, model, tokenizer, version: int) -> WeightsPublished:
+        """Write ``weights/v<version>`` on this thread with ``save_pretrained`` and prune the old
+        versions (``policy_model.write_weights``); the first such write gives the template."""
+        self.wait()
+        return self._write_now(model, tokenizer, version, prune=True)
+
+    def _write_now(self, model, tokenizer, version: int, prune: bool) -> WeightsPublished:
+        state = None if self.checked else state_of(model)  # the model does not change meanwhile: no copy
+        written = write_weights(model, tokenizer, self.run_dir, version, self.keep if prune else None)
+        if state is not None:
+            self.template, self.checked = dir_template(weights_dir(self.run_dir, version), state), True
+            log.info("weights: each version is written %s", "in the background, from a snapshot" if self.template
+                     else "on the step's thread (save_pretrained's directory could not be reproduced from a "
+                     "snapshot: sharded, renamed or custom weights)")
+        return written
+
+    def start(self, model, tokenizer, version: int) -> Pending:
+        """This version's directory, written and sealed in the background from a snapshot (inside
+        ``Precision.published``), announced once ``committed`` is called. Without a template
+        (the first write of this trainer, or a model it cannot write) it is written here."""
+        self.wait()
+        if self.template is None:
+            t0 = time.monotonic()
+            self.lease.confirm()  # the directory of a version that another trainer may have published
+            written = self._write_now(model, tokenizer, version, prune=False)
+            pending = Pending(version, lambda: written, self.announce, seconds=time.monotonic() - t0)
+        else:
+            tensors = self.template.snapshot(model)
+            pending = Pending(version, lambda: self.write(tensors, version), self.announce)
+        if self.thread is None:
+            self.thread = threading.Thread(target=self.serve, name="weight-sync", daemon=True)
+            self.thread.start()
+        self.pending = pending
+        self.jobs.put(pending)
+        return pending
+
+    def serve(self) -> None:
+        """The writer's thread: one version after another, until ``close``."""
+        while (pending := self.jobs.get()) is not None:
+            pending.run()
+
+    def write(self, tensors: dict[str, torch.Tensor] | None, version: int) -> WeightsPublished:
+        """The background write: ``weights/v<version>`` from the snapshot and the template, sealed."""
+        template = self.template
+        assert template is not None
+        final = weights_dir(self.run_dir, version)
+        if tensors is None:  # a non-finite weight (DirTemplate.snapshot): stop the trainer, nothing written
+            raise RlstreamError(nonfinite_refusal(final, version))
+        self.lease.confirm()  # the directory of a version that another trainer may have published
+        digest, size = weights.write_dir(final, lambda tmp: template.write(tmp, tensors), version=version)
+        return WeightsPublished(version=version, uri=str(final.resolve()), sha256=digest, bytes=size)
+
+    def announce(self, written: WeightsPublished) -> None:
+        publish(self.r, self.run_id, written, self.lease)
+        prune_weights(self.run_dir, written.version, self.keep)  # after the publish: the newest is out first
+
+    def wait(self) -> float:
+        """Wait until the version in flight is written and announced (or cancelled); raise what
+        failed there. Returns how long its write took (0.0: none was in flight)."""
+        pending = self.pending
+        if pending is None:
+            return 0.0
+        if not pending.released.is_set():
+            raise RuntimeError(f"weights v{pending.version}: waited for before its step was committed or cancelled")
+        self.pending = None
+        pending.done.wait()
+        if pending.error is not None:
+            raise pending.error
+        return pending.seconds
+
+    def close(self) -> None:
+        """At the trainer's end: a version still in flight is finished (announced only if its
+        step was committed); an error there is logged, not raised (the trainer is stopping)."""
+        pending = self.pending
+        if pending is not None:
+            pending.cancel()  # a no-op once committed
+            try:
+                self.wait()
+            except Exception as exc:
+                log.error("weights v%d: %s", pending.version, exc)
+        if self.thread is not None:
+            self.jobs.put(None)
+            self.thread.join()
+            self.thread = None
