@@ -23,9 +23,9 @@ bounds the requests in flight); ``inference.timeout`` bounds each whole request;
 kept connection the server closed before answering goes out once more on a new one.
 
 A client's aiohttp session is closed with its loop: ``asyncio.run`` (the SDK's loop, one per
-call) closes it when it shuts the loop's async generators down, a worker by ``RemotePolicy.close``
-(``Server.close_client``).
-"""
+call) closes it when it shuts the loop's async generators down (``_close_with_loop``); a worker,
+whose loop outlives it, at exit (``WorkerRuntime.close`` -> ``RemotePolicy.close`` ->
+``Server.close_client``)."""
 from __future__ import annotations
 
 import asyncio
