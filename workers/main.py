@@ -71,6 +71,7 @@ def run_worker(cfg: Config, r: redis.Redis, worker_id: str) -> None:
         worker.work(logging_level="WARNING")
     finally:
         events.stop()
+        runtime.close()
     if events.error is not None:
         raise RlstreamError(f"worker {worker_id}: its events reader failed ({events.error!r}); restart the worker")
     if runtime.sampling is not None and runtime.sampling.stuck:

@@ -418,6 +418,14 @@ class WorkerRuntime:
             if stray:
                 self.loop.run_until_complete(asyncio.gather(*stray, return_exceptions=True))
 
+    def close(self) -> None:
+        """At the worker's exit: a remote policy's HTTP clients closed on the loop that used them
+        (an aiohttp session left open is reported as unclosed), then the sampling loop stopped."""
+        if self.remote and self.policy is not None:
+            self.policy.close()
+        if self.sampling is not None and not self.sampling.stuck:
+            self.sampling.close()
+
     def _add_stats(self, pipe: Any, counts: Counter) -> None:
         """Run-wide counters the trainer reports (per-process ones die with the worker)."""
         for name in keys.WORKER_STATS:

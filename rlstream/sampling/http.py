@@ -1,99 +1,55 @@
-"""How a worker's completions go over HTTP: ``CompletionsClient`` (one server, one event loop) on
-``KeepAliveTransport``, plain HTTP/1.1 with keep-alive over asyncio streams, wherever that is
-equivalent to httpx's own stack; httpx everywhere else (docs/design.md §15.77 A lean transport for
-completions).
+"""How a worker's completions go over HTTP: ``CompletionsClient`` (one server, one event loop),
+``post(path, json=body)`` as httpx's ``AsyncClient.post``, sent with aiohttp (docs/design.md
+§15.77 Completions over aiohttp).
 
-Why not httpx's own transport (httpcore): with a window of requests in flight its connection
-pool costs 2-4 ms of CPU per request (every request and every answer scans the pool's requests
-and connections, and each of its locks and events asks for the running async library, an import
-of ``sniffio`` that fails and searches ``sys.path`` when sniffio is not installed), about half a
-worker's CPU per sample against a latency-bound server; this transport costs ~0.1 ms, and
-``CompletionsClient`` leaves out httpx's per-request work too (~0.3 ms; bench/worker_cpu.py).
+Why aiohttp and not httpx's async transport (httpcore): with a window of requests in flight its
+connection pool costs 2-4 ms of CPU per request (each request and each answer scans the pool's
+requests and connections; each of its locks asks which async library runs), about half of a
+worker's CPU per sample against a latency-bound server; aiohttp's client costs ~0.2 ms.
 
-What the transport does: one connection per request in flight, reused once its answer is read (an
-idle one the server closed is dropped; a request whose reused connection was closed before any
-byte of the answer goes out again once on a new connection: the keep-alive race, which httpx
-turned into a ``RemoteProtocolError``); answers framed by Content-Length, chunked, or read to the
-close; httpx's exceptions for every failure (``ConnectError``, ``ConnectTimeout``,
-``ReadTimeout``, ``WriteError``, ``ReadError``, ``RemoteProtocolError``), so callers judge them as
-before. The request's timeouts: ``connect`` bounds the connect, ``read`` the whole exchange once
-connected. No connection limit: the concurrency controller bounds the requests in flight.
+Callers keep httpx's types: the answer is an ``httpx.Response`` (status, headers, body, the
+request's URL) and every failure one of httpx's ``TransportError``s (``ConnectError``,
+``ConnectTimeout``, ``ReadTimeout``, ``ReadError``, ``RemoteProtocolError``, ``ProxyError``), so
+``RemotePolicy`` judges them as before (rlstream.sampling.remote: which mark a server down,
+which are retried, which shrink the window).
 
-``completions_transport`` picks it only for ``http://`` URLs with no proxy in the environment
-(httpx honours ``HTTP_PROXY``/``ALL_PROXY`` only with its own transport); TLS and proxies stay
-with httpx's.
-"""
+What is kept of httpx's behaviour: the JSON body's bytes (``json_bytes``), no redirects followed,
+cookies a server sets sent back, certificates checked as httpx checks them (its SSL context:
+certifi, ``SSL_CERT_FILE``/``SSL_CERT_DIR``), the proxy httpx would take from the environment
+(``HTTP_PROXY``/``HTTPS_PROXY``/``ALL_PROXY``, ``NO_PROXY``), read once per client. httpx itself
+still sends when a test passes a transport (``httpx.MockTransport``) and through a SOCKS proxy
+(aiohttp has none). On purpose, as before: no connection limit (the concurrency controller
+bounds the requests in flight); ``inference.timeout`` bounds each whole request; a request whose
+kept connection the server closed before answering goes out once more on a new one.
+
+A client's aiohttp session is closed with its loop: ``asyncio.run`` (the SDK's loop, one per
+call) closes it when it shuts the loop's async generators down (``_close_with_loop``); a worker,
+whose loop outlives it, at exit (``WorkerRuntime.close`` -> ``RemotePolicy.close`` ->
+``Server.close_client``)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import base64
+import contextvars
+import functools
 import json
 import logging
+import urllib.parse
 import urllib.request
-from typing import Any
+import weakref
+from typing import Any, AsyncIterator
 
+import aiohttp
 import httpx
 
 log = logging.getLogger(__name__)
-MAX_HEADER_BYTES = 1 << 16  # the status line and headers of one answer
-NO_BODY_STATUS = frozenset({204, 304})
-
-
-def completions_transport(url: str) -> httpx.AsyncBaseTransport | None:
-    """The transport for a server at ``url``: ``KeepAliveTransport`` for plain HTTP without a
-    proxy, else None (httpx's own)."""
-    if not url.lower().startswith("http://"):
-        return None
-    proxies = urllib.request.getproxies()
-    if proxies.get("http") or proxies.get("all"):
-        return None
-    return KeepAliveTransport()
-
-
-class CompletionsClient:
-    """A server's async client for its completions, for one event loop: ``post(path, json=body)``
-    as httpx's ``AsyncClient.post``. It wraps an ``httpx.AsyncClient`` (``self.httpx``), which
-    sends the request when its transport is not a ``KeepAliveTransport`` (tests, TLS, a proxy)
-    or once the server has set a cookie (httpx's jar sends it back). Otherwise the request goes
-    to the transport as bytes: the request line and headers of a request httpx built for that path
-    (once per path, so they are httpx's own, Content-Length apart), the body encoded as httpx
-    encodes JSON. That leaves out httpx's per-request work (URL parsing and merging, header
-    objects, the cookie jar: ~0.3 ms of CPU a request), not what goes on the wire."""
-
-    def __init__(self, base_url: str, *, timeout: float, headers: dict[str, str],
-                 transport: httpx.AsyncBaseTransport | None = None):
-        transport = transport if transport is not None else completions_transport(base_url)
-        self.httpx = httpx.AsyncClient(base_url=base_url.rstrip("/"), timeout=timeout, headers=headers,
-                                       transport=transport)
-        self._lean = transport if isinstance(transport, KeepAliveTransport) else None
-        self._prepared: dict[str, tuple[httpx.Request, bytes, bytes]] = {}
-
-    async def post(self, path: str, *, json: Any) -> httpx.Response:
-        if self._lean is None or self.httpx.cookies:
-            return await self.httpx.post(path, json=json)
-        prepared = self._prepared.get(path)
-        if prepared is None:
-            prepared = self._prepared[path] = self._prepare(path)
-        request, before, after = prepared
-        content = json_bytes(json)
-        response = await self._lean.exchange(request, b"%sContent-Length: %d\r\n%s%s" % (before, len(content), after,
-                                                                                         content))
-        response.read()  # decodes a Content-Encoding, as httpx does
-        if "set-cookie" in response.headers:
-            self.httpx.cookies.extract_cookies(response)
-        return response
-
-    def _prepare(self, path: str) -> tuple[httpx.Request, bytes, bytes]:
-        """(httpx's request for ``path``, the bytes before its Content-Length header, those after
-        it up to the body)."""
-        request = self.httpx.build_request("POST", path, json={})
-        lines = [b"%s: %s\r\n" % pair for pair in request.headers.raw]
-        at = [name.lower() for name, _ in request.headers.raw].index(b"content-length")
-        line = b"%s %s HTTP/1.1\r\n" % (request.method.encode(), request.url.raw_path)
-        return request, line + b"".join(lines[:at]), b"".join(lines[at + 1:]) + b"\r\n"
-
-    async def aclose(self) -> None:
-        await self.httpx.aclose()
+# The connection the running request went out on: None while it has none (a timeout then is the
+# connect's), else whether it had carried an earlier request. Set by _Connector.connect, read by
+# CompletionsClient.post: both run in the request's own task.
+_KEPT: contextvars.ContextVar[bool | None] = contextvars.ContextVar("rlstream_http_kept", default=None)
+# The server closed the connection (or reset it) before any answer: on a kept connection, the
+# keep-alive race, and the request goes out once more.
+_STALE = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, ConnectionResetError)
 
 
 def json_bytes(value: Any) -> bytes:
@@ -101,215 +57,184 @@ def json_bytes(value: Any) -> bytes:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8")
 
 
-class _Stale(Exception):
-    """A reused connection was closed before any byte of the answer came."""
-
-
-class _Connection:
-    __slots__ = ("reader", "writer")
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
-        self.reader, self.writer = reader, writer
-
-    @property
-    def usable(self) -> bool:
-        return not (self.reader.at_eof() or self.writer.is_closing() or self.reader.exception() is not None)
-
-    def close(self) -> None:
-        self.writer.close()
-
-
-class KeepAliveTransport(httpx.AsyncBaseTransport):
-    """HTTP/1.1 over asyncio streams, idle connections kept per (host, port). One instance per
-    event loop (``Server.client`` builds a client per loop)."""
-
-    def __init__(self, max_idle: int = 1024):
-        self.max_idle = max_idle  # idle connections kept per origin; more are closed
-        self.opened = 0  # connections opened so far (tests)
-        self._idle: dict[tuple[str, int], list[_Connection]] = {}
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        try:
-            body = request.content
-        except httpx.RequestNotRead:
-            body = await request.aread()
-        head = [b"%s %s HTTP/1.1\r\n" % (request.method.encode(), request.url.raw_path)]
-        head += [b"%s: %s\r\n" % pair for pair in request.headers.raw]
-        return await self.exchange(request, b"".join(head) + b"\r\n" + body)
-
-    async def exchange(self, request: httpx.Request, data: bytes) -> httpx.Response:
-        """Send ``data`` (``request`` as bytes: request line, headers, body) to ``request``'s
-        origin with its timeouts; the answer, its body not yet decoded (``read()`` decodes it)."""
-        url = request.url
-        if url.scheme != "http":
-            raise httpx.UnsupportedProtocol(f"KeepAliveTransport speaks plain HTTP, not {url.scheme!r}",
-                                            request=request)
-        origin = (url.host, url.port or 80)
-        timeouts = request.extensions.get("timeout") or {}
-        for attempt in range(2):
-            connection = self._take(origin) if attempt == 0 else None
-            reused = connection is not None
-            if connection is None:
-                connection = await self._connect(origin, timeouts.get("connect"), request)
-            try:
-                status, reason, headers, content, version, keep = await self._exchange(
-                    connection, data, timeouts.get("read"), request, reused, request.method == "HEAD")
-            except _Stale:
-                connection.close()
-                continue  # the keep-alive race: once more, on a new connection (never reused: not stale)
-            except BaseException:  # cancelled mid-answer, or failed: the connection is in an unknown state
-                connection.close()
-                raise
-            if keep:
-                self._put(origin, connection)
-            else:
-                connection.close()
-            return httpx.Response(status, headers=headers, stream=httpx.ByteStream(content), request=request,
-                                  extensions={"http_version": version, "reason_phrase": reason})
-        raise httpx.RemoteProtocolError("Server disconnected without sending a response.", request=request)
-
-    def _take(self, origin: tuple[str, int]) -> _Connection | None:
-        idle = self._idle.get(origin)
-        while idle:
-            connection = idle.pop()
-            if connection.usable:
-                return connection
-            connection.close()
+def environment_proxy(url: str) -> str | None:
+    """The proxy httpx would take from the environment for ``url``: ``<SCHEME>_PROXY``, else
+    ``ALL_PROXY``, unless ``NO_PROXY`` names the host; None without one."""
+    parts = urllib.parse.urlsplit(url)
+    proxies = urllib.request.getproxies()
+    proxy = proxies.get(parts.scheme) or proxies.get("all")
+    if not proxy or urllib.request.proxy_bypass(parts.netloc):
         return None
+    return proxy if "://" in proxy else f"http://{proxy}"  # httpx reads a bare host:port as http
 
-    def _put(self, origin: tuple[str, int], connection: _Connection) -> None:
-        idle = self._idle.setdefault(origin, [])
-        if len(idle) >= self.max_idle:
-            connection.close()
-        else:
-            idle.append(connection)
 
-    async def _connect(self, origin: tuple[str, int], timeout: float | None, request: httpx.Request) -> _Connection:
-        try:
-            async with asyncio.timeout(timeout):
-                reader, writer = await asyncio.open_connection(*origin, limit=MAX_HEADER_BYTES)
-        except TimeoutError:
-            raise httpx.ConnectTimeout(f"no connection to {origin[0]}:{origin[1]} within {timeout}s",
-                                       request=request) from None
-        except OSError as exc:
-            raise httpx.ConnectError(str(exc) or type(exc).__name__, request=request) from exc
-        self.opened += 1
-        return _Connection(reader, writer)
+@functools.cache
+def _ssl_context() -> Any:
+    """httpx's default SSL context (certifi's roots, or ``SSL_CERT_FILE``/``SSL_CERT_DIR``), built
+    once: a client per ``asyncio.run`` would otherwise load the roots each time."""
+    return httpx.create_ssl_context()
 
-    async def _exchange(self, connection: _Connection, data: bytes, timeout: float | None, request: httpx.Request,
-                        reused: bool, head_only: bool
-                        ) -> tuple[int, bytes, list[tuple[bytes, bytes]], bytes, bytes, bool]:
-        """Send ``data``, read one answer: (status, reason, headers, body, HTTP version, keep the
-        connection)."""
-        reader, writer = connection.reader, connection.writer
-        try:
-            async with asyncio.timeout(timeout):
-                try:
-                    writer.write(data)
-                    await writer.drain()
-                except OSError as exc:
-                    if reused:
-                        raise _Stale from None
-                    raise httpx.WriteError(str(exc) or type(exc).__name__, request=request) from exc
-                while True:
-                    try:
-                        raw = await reader.readuntil(b"\r\n\r\n")
-                    except asyncio.IncompleteReadError as exc:
-                        if reused and not exc.partial:
-                            raise _Stale from None
-                        raise httpx.RemoteProtocolError("Server disconnected without sending a response.",
-                                                        request=request) from None
-                    except ConnectionError:
-                        if reused:
-                            raise _Stale from None
-                        raise
-                    status, reason, headers, version = _parse_head(raw, request)
-                    if status >= 200 or status == 101:
-                        break
-                    reused = False  # a 1xx came: the connection was live; the real answer follows
-                fields = _framing(headers)
-                if head_only or status in NO_BODY_STATUS:
-                    body = b""
-                elif b"chunked" in fields["transfer-encoding"]:
-                    body = await _read_chunked(reader, request)
-                elif fields["content-length"] is not None:
-                    body = await reader.readexactly(_content_length(fields["content-length"], request))
-                else:  # framed by the close
-                    body = await reader.read()
-                    return status, reason, headers, body, version, False
-        except TimeoutError:
-            raise httpx.ReadTimeout(f"no complete answer within {timeout}s", request=request) from None
-        except asyncio.IncompleteReadError:
-            raise httpx.RemoteProtocolError("peer closed connection without sending complete message body",
-                                            request=request) from None
-        except asyncio.LimitOverrunError:
-            raise httpx.RemoteProtocolError(f"the answer's headers exceed {MAX_HEADER_BYTES} bytes",
-                                            request=request) from None
-        except ConnectionError as exc:
-            raise httpx.ReadError(str(exc) or type(exc).__name__, request=request) from exc
-        keep = version == b"HTTP/1.1" and b"close" not in fields["connection"]
-        return status, reason, headers, body, version, keep
+
+class _Connector(aiohttp.TCPConnector):
+    """aiohttp's connector, which also tells the request that it has a connection and whether it
+    was a kept one (``_KEPT``): only then is a connection closed before the answer the keep-alive
+    race, and only before it is a timeout the connect's."""
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        self._used: weakref.WeakSet = weakref.WeakSet()  # protocols handed to a request already
+
+    async def connect(self, *args: Any, **kwargs: Any) -> Any:
+        connection = await super().connect(*args, **kwargs)
+        protocol = connection.protocol
+        _KEPT.set(protocol in self._used)
+        self._used.add(protocol)
+        return connection
+
+
+# Each event loop's open clients and the suspended async generator that closes them when the loop
+# shuts its async generators down (_close_with_loop). The loop's own hook, where nothing else is
+# told that a loop ends.
+_OPEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+async def _close_with_loop(client: CompletionsClient) -> None:
+    """Have ``client`` closed with the running loop: ``asyncio.run`` (and any loop closed as
+    asyncio documents it) shuts the loop's async generators down before closing it, and the
+    closer, suspended in its ``try``, then closes each client still open. It is held here (the
+    loop holds its generators weakly), so a client is closed even when dropped before."""
+    loop = asyncio.get_running_loop()
+    entry = _OPEN.get(loop)
+    if entry is None or entry[0].ag_frame is None:  # none yet, or this loop's was shut down already
+        clients: set[CompletionsClient] = set()
+        closer = _closer(clients)
+        await anext(closer)  # suspended at its yield: the loop now knows it
+        entry = _OPEN[loop] = (closer, clients)
+    entry[1].add(client)
+    client._tracked = True
+
+
+async def _closer(clients: set[CompletionsClient]) -> AsyncIterator[None]:
+    try:
+        yield
+    finally:
+        while clients:
+            await clients.pop().aclose()
+
+
+class CompletionsClient:
+    """A server's async client for its completions, for one event loop (``Server.client`` builds
+    one per loop). ``transport``: send with ``httpx.AsyncClient`` over it instead (tests)."""
+
+    def __init__(self, base_url: str, *, timeout: float, headers: dict[str, str],
+                 transport: httpx.AsyncBaseTransport | None = None):
+        self.base_url, self.timeout, self.headers = base_url.rstrip("/"), timeout, dict(headers)
+        self.httpx: httpx.AsyncClient | None = None  # the client when httpx sends
+        self.session: aiohttp.ClientSession | None = None  # aiohttp's, opened by the first request
+        self._proxy: dict[str, Any] = {}  # aiohttp's proxy arguments of every request
+        self._urls: dict[str, tuple[str, httpx.Request]] = {}  # path -> (URL, the request answers carry)
+        self._tracked = False  # known to its loop's closer (_close_with_loop)
+        proxy = environment_proxy(self.base_url) if transport is None else None
+        if transport is not None or (proxy is not None and not proxy.lower().startswith(("http://", "https://"))):
+            # A test's transport, or a SOCKS proxy (httpx speaks it with its socksio extra; aiohttp not).
+            self.httpx = httpx.AsyncClient(base_url=self.base_url, timeout=timeout, headers=headers,
+                                           transport=transport)
+        elif proxy is not None:
+            parts = urllib.parse.urlsplit(proxy)
+            self._proxy = {"proxy": parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()}
+            if parts.username is not None:  # credentials in its URL go as Proxy-Authorization, as httpx sends them
+                userpass = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
+                authorization = {"Proxy-Authorization": "Basic " + base64.b64encode(userpass.encode()).decode()}
+                if self.base_url.lower().startswith("https:"):  # to the proxy's CONNECT
+                    self._proxy["proxy_headers"] = authorization
+                else:  # plain HTTP goes to the proxy itself (aiohttp sends proxy_headers only with a CONNECT)
+                    self.headers.update(authorization)
+
+    async def post(self, path: str, *, json: Any) -> httpx.Response:
+        if not self._tracked:
+            await _close_with_loop(self)
+        if self.httpx is not None:
+            return await self.httpx.post(path, json=json)
+        prepared = self._urls.get(path)
+        if prepared is None:
+            prepared = self._urls[path] = (self.base_url + path, httpx.Request("POST", self.base_url + path))
+        url, request = prepared
+        content = json_bytes(json)
+        session = self.session if self.session is not None else self._open()
+        deadline = asyncio.get_running_loop().time() + self.timeout
+        for attempt in range(2):
+            _KEPT.set(None)
+            try:
+                kwargs = self._proxy
+                if attempt:  # what is left of the request's bound
+                    left = max(1e-3, deadline - asyncio.get_running_loop().time())  # 0 would be no bound
+                    kwargs = {**kwargs, "timeout": aiohttp.ClientTimeout(total=left)}
+                async with session.post(url, data=content, allow_redirects=False, **kwargs) as answer:
+                    body = await answer.read()
+                    return _response(answer, body, request)
+            except _STALE as exc:
+                if attempt == 0 and _KEPT.get():
+                    log.debug("a kept connection to %s was closed before the answer (%r): sending again", url, exc)
+                    continue
+                raise _httpx_error(exc, request) from exc
+            except asyncio.TimeoutError as exc:  # the request's bound (aiohttp's ConnectionTimeoutError too)
+                if _KEPT.get() is None:
+                    raise httpx.ConnectTimeout(f"no connection to {url} within the request's bound",
+                                               request=request) from exc
+                raise httpx.ReadTimeout(f"no complete answer from {url} within the request's bound",
+                                        request=request) from exc
+            except aiohttp.ClientError as exc:
+                raise _httpx_error(exc, request) from exc
+        raise AssertionError("unreachable")
+
+    def _open(self) -> aiohttp.ClientSession:
+        # limit=0: no connection limit (the window bounds requests in flight); trust_env=False:
+        # the proxy is read once above, where aiohttp's trust_env reads it (and ~/.netrc) in a
+        # thread for every request; CookieJar(unsafe=True): cookies of servers named by their IP
+        # address kept too, as httpx keeps them.
+        connector = _Connector(limit=0, ssl=_ssl_context() if self.base_url.lower().startswith("https:") else True)
+        self.session = aiohttp.ClientSession(
+            connector=connector, headers={**self.headers, "Content-Type": "application/json"},
+            timeout=aiohttp.ClientTimeout(total=self.timeout), cookie_jar=aiohttp.CookieJar(unsafe=True),
+            trust_env=False)
+        return self.session
 
     async def aclose(self) -> None:
-        for idle in self._idle.values():
-            for connection in idle:
-                with contextlib.suppress(Exception):
-                    connection.close()
-        self._idle.clear()
+        entry = _OPEN.get(asyncio.get_running_loop())
+        if entry is not None:
+            entry[1].discard(self)
+        session, self.session = self.session, None
+        if session is not None:
+            await session.close()
+        if self.httpx is not None:
+            await self.httpx.aclose()
 
 
-def _parse_head(raw: bytes, request: httpx.Request) -> tuple[int, bytes, list[tuple[bytes, bytes]], bytes]:
-    """The status line and headers of one answer: (status, reason, headers, HTTP version)."""
-    lines = raw[:-4].split(b"\r\n")
-    try:
-        version, status, *reason = lines[0].split(b" ", 2)
-        code = int(status)
-    except ValueError:
-        raise httpx.RemoteProtocolError(f"not an HTTP status line: {lines[0][:100]!r}", request=request) from None
-    if not version.startswith(b"HTTP/1."):
-        raise httpx.RemoteProtocolError(f"not an HTTP/1 answer: {lines[0][:100]!r}", request=request)
-    headers = []
-    for line in lines[1:]:
-        name, sep, value = line.partition(b":")
-        if not sep:
-            raise httpx.RemoteProtocolError(f"malformed header line {line[:100]!r}", request=request)
-        headers.append((name.strip(), value.strip()))
-    return code, reason[0] if reason else b"", headers, version
+def _response(answer: aiohttp.ClientResponse, body: bytes, request: httpx.Request) -> httpx.Response:
+    """aiohttp's answer as httpx's. aiohttp decoded the body already: a ``Content-Encoding`` it
+    names (and the length of the encoded body) are left out, or httpx would decode it again."""
+    headers: Any = answer.raw_headers
+    if "Content-Encoding" in answer.headers:
+        headers = [(k, v) for k, v in headers if k.lower() not in (b"content-encoding", b"content-length")]
+    return httpx.Response(answer.status, headers=headers, content=body, request=request,
+                          extensions={"http_version": b"HTTP/1.1", "reason_phrase": (answer.reason or "").encode()})
 
 
-def _framing(headers: list[tuple[bytes, bytes]]) -> dict[str, Any]:
-    """What frames the body and whether the connection stays: Content-Length (raw), and the
-    Transfer-Encoding and Connection values (lower case, joined)."""
-    fields: dict[str, Any] = {"content-length": None, "transfer-encoding": b"", "connection": b""}
-    for name, value in headers:
-        key = name.lower().decode("latin-1")
-        if key == "content-length":
-            fields[key] = value
-        elif key in ("transfer-encoding", "connection"):
-            fields[key] += value.lower()
-    return fields
-
-
-def _content_length(value: bytes, request: httpx.Request) -> int:
-    try:
-        length = int(value.split(b",")[0])  # repeated equal values are allowed (RFC 9110)
-    except ValueError:
-        raise httpx.RemoteProtocolError(f"bad Content-Length {value[:50]!r}", request=request) from None
-    if length < 0:
-        raise httpx.RemoteProtocolError(f"bad Content-Length {value[:50]!r}", request=request)
-    return length
-
-
-async def _read_chunked(reader: asyncio.StreamReader, request: httpx.Request) -> bytes:
-    parts = []
-    while True:
-        line = await reader.readuntil(b"\r\n")
-        try:
-            size = int(line.split(b";", 1)[0].strip(), 16)
-        except ValueError:
-            raise httpx.RemoteProtocolError(f"bad chunk size line {line[:50]!r}", request=request) from None
-        if size == 0:
-            while await reader.readuntil(b"\r\n") != b"\r\n":  # trailers, then the empty line
-                pass
-            return b"".join(parts)
-        parts.append((await reader.readexactly(size + 2))[:-2])
+def _httpx_error(exc: BaseException, request: httpx.Request) -> httpx.TransportError:
+    """The httpx exception callers judge for aiohttp's ``exc`` (a timeout apart: ``post`` tells a
+    connect's from an answer's)."""
+    what = str(exc) or type(exc).__name__
+    if isinstance(exc, aiohttp.ClientConnectorError):  # refused, unreachable, DNS, TLS, the proxy's too
+        return httpx.ConnectError(what, request=request)
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return httpx.RemoteProtocolError("Server disconnected without sending a response.", request=request)
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return httpx.RemoteProtocolError(f"peer closed connection without sending complete message body: {what}",
+                                         request=request)
+    if isinstance(exc, aiohttp.ClientHttpProxyError):  # the proxy refused the tunnel
+        return httpx.ProxyError(what, request=request)
+    if isinstance(exc, aiohttp.ClientResponseError):  # an answer that is not HTTP
+        return httpx.RemoteProtocolError(f"not a valid HTTP answer: {what}", request=request)
+    if isinstance(exc, (aiohttp.ClientOSError, aiohttp.ClientConnectionError)):  # reset, broken pipe
+        return httpx.ReadError(what, request=request)
+    return httpx.TransportError(f"{type(exc).__name__}: {what}", request=request)

@@ -1,7 +1,7 @@
 """Sampling from inference servers over HTTP (``inference.backend`` "openai", "vllm" or
 "sglang"): anything that serves ``POST {base_url}/completions``, one server or several replicas.
-The completions go through rlstream.sampling.http (a lean keep-alive transport for plain HTTP,
-httpx otherwise); weight syncs, version reads and probes through httpx's blocking clients.
+The completions go through rlstream.sampling.http (aiohttp, answers and errors as httpx's);
+weight syncs, version reads and probes through httpx's blocking clients.
 
 The wire contract, and why:
 - prompts go out as token ids (``"prompt": [ids]``, part of the OpenAI completions API), so
@@ -416,9 +416,12 @@ class RemotePolicy:
         return delay
 
     def close(self) -> None:
-        """Close the blocking clients (the async ones belong to the loop that used them)."""
+        """Close the blocking clients and each server's async client (on the loop it belongs
+        to: ``Server.close_client``)."""
         self._sync.close()
         self._probe.close()
+        for server in self.pool.servers:
+            server.close_client()
 
 
 def _settle(target: asyncio.Future, source: asyncio.Future) -> None:

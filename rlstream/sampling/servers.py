@@ -57,6 +57,30 @@ class Server:
             self._client = (loop, self.new_client())
         return self._client[1]
 
+    def close_client(self, timeout: float = 5.0) -> None:
+        """Close the async client from outside its loop (``RemotePolicy.close``): on the loop's
+        own thread while it runs (a worker's sampling loop), else on the loop here. Nothing to do
+        once the loop is closed: ``asyncio.run`` closed the client with it
+        (rlstream.sampling.http)."""
+        if self._client is None:
+            return
+        (loop, client), self._client = self._client, None
+        if loop.is_closed() or not hasattr(client, "aclose"):
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:  # called on the loop itself: close it in the background
+            _background(client.aclose())
+        elif loop.is_running():
+            try:
+                asyncio.run_coroutine_threadsafe(client.aclose(), loop).result(timeout)
+            except Exception as exc:  # a stuck loop (the worker stops anyway): leave it to the process's end
+                log.warning("the HTTP client of %s did not close within %.0fs: %r", self.url, timeout, exc)
+        elif running is None:
+            loop.run_until_complete(client.aclose())
+
     @property
     def root(self) -> str:
         return server_root(self.url)

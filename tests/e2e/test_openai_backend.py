@@ -55,7 +55,9 @@ def test_workers_sample_from_an_openai_compatible_server(tmp_path: Path) -> None
     run_dir = tmp_path / "runs" / "remote"
     logs = "\n".join(p.read_text()[-2000:] for p in sorted((run_dir / "logs").glob("*.log")))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:] + logs
-    assert "openai policy at v0" in (run_dir / "logs" / "worker-0.log").read_text()
+    worker_log = (run_dir / "logs" / "worker-0.log").read_text()
+    assert "openai policy at v0" in worker_log
+    assert "Unclosed" not in worker_log  # its aiohttp session closed at exit (WorkerRuntime.close)
 
     rows = read_metrics(run_dir / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
