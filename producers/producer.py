@@ -22,7 +22,7 @@ from rq.registry import FailedJobRegistry, StartedJobRegistry
 from rlstream.core import bus, keys
 from rlstream.core.config import Config
 from rlstream.core.fold_snapshot import start_fold
-from rlstream.core.jobs import JOB_FUNC, JOB_RETRIES, delete_job, job_of, job_places, job_queue, jobs_of
+from rlstream.core.jobs import JOB_FUNC, JOB_RETRIES, carried, delete_job, job_of, job_places, job_queue, jobs_of
 from rlstream.core.memory_guard import AdmissionGuard
 from rlstream.core.messages import DatasetExhausted, GroupAdmitted, GroupJob, GroupRejected, RolloutJob, group_id_for
 from rlstream.core.run_state import RunState
@@ -166,23 +166,13 @@ def _handle_failed_job(r: redis.Redis, queue: Queue, cfg: Config, state: RunStat
         redispatched[job_id] = redispatched.get(job_id, 0) + 1
         log.warning("job %s (%d group(s)): abandoned by a dead worker; re-dispatching (%d)", job_id, len(groups),
                     redispatched[job_id])
-        if carried_groups(job) == [g.group_id for g in groups]:
+        if [g.get("group_id") for g in carried(job)] == [g.group_id for g in groups]:
             registry.requeue(job_id)
         else:  # some of its groups were settled meanwhile (rejected by hand): re-run only the open ones
             delete_job(queue, job_id)  # killed here: its groups are jobless, re-dispatched as such
             enqueue_again(queue, cfg, {job_id: groups}, rows)
     else:
         reject(r, queue, cfg, job_id, groups, f"rollout job failed: {error}" if error else "rollout job failed")
-
-
-def carried_groups(job: Job) -> list[str]:
-    """The group ids a job's payload carries (none for a payload this build did not write)."""
-    try:
-        payload = job.args[0]
-        groups = payload["groups"] if payload.get("kind") == "rollout_job" else [payload]
-        return [str(g["group_id"]) for g in groups]
-    except (AttributeError, IndexError, KeyError, TypeError):
-        return []
 
 
 def reject(r: redis.Redis, queue: Queue, cfg: Config, job_id: str, groups: list[GroupAdmitted], reason: str) -> None:

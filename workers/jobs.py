@@ -23,7 +23,7 @@ from rq.exceptions import DequeueTimeout
 from rq.timeouts import UnixSignalDeathPenalty
 from rq.worker import WorkerStatus
 
-from rlstream.core.jobs import prune_dead_executions
+from rlstream.core.jobs import carried, prune_dead_executions
 from rlstream.core.messages import GroupJob, RolloutJob
 
 log = logging.getLogger(__name__)
@@ -86,10 +86,8 @@ def job_draws(job: Any) -> int | None:
     """The draws a job's first rounds make (its groups' sizes), read from its payload; None when
     the payload does not say (the slots then count one group)."""
     try:
-        payload = job.args[0]
-        groups = payload["groups"] if payload.get("kind") == "rollout_job" else [payload]
-        return sum(int(g["group_size"]) for g in groups)
-    except (AttributeError, IndexError, KeyError, TypeError, ValueError):
+        return sum(int(g["group_size"]) for g in carried(job)) or None
+    except (KeyError, TypeError, ValueError):
         return None
 
 

@@ -52,6 +52,18 @@ def jobs_of(run_id: str, groups: Iterable[GroupAdmitted]) -> dict[str, list[Grou
     return out
 
 
+def carried(job: Job) -> list[dict]:
+    """The groups a job's JSON payload carries, as dicts (a ``RolloutJob``'s, or the one
+    ``GroupJob`` of a job an older producer enqueued); [] for a payload of any other shape: it
+    came from Redis, so it is read, never trusted."""
+    try:
+        payload = job.args[0]
+        groups = payload["groups"] if payload.get("kind") == "rollout_job" else [payload]
+        return [g for g in groups if isinstance(g, dict)] if isinstance(groups, list) else []
+    except (AttributeError, IndexError, KeyError, TypeError):
+        return []
+
+
 def job_queue(r: redis.Redis, cfg: Config) -> Queue:
     return Queue(keys.job_queue_name(cfg.run_id), connection=r, serializer=JSONSerializer,
                  default_timeout=cfg.job_timeout)
