@@ -46,7 +46,10 @@ from rlstream.trainer.lease import TrainerLease
 from rlstream.trainer.policy_model import nonfinite_refusal, prune_weights, tensors_finite, weights_dir, write_weights
 
 log = logging.getLogger(__name__)
-WEIGHTS_FILE = "model.safetensors"  # save_pretrained's one file of an unsharded safetensors checkpoint
+WEIGHTS_FILE = "model.safetensors"
+# The most one version's background write and announcement may take before the step's thread gives
+# up on it (a disk or network filesystem that hangs): far above a healthy write of even a large model.
+WRITE_BOUND_S = 1800.0  # save_pretrained's one file of an unsharded safetensors checkpoint
 
 
 def state_of(model) -> dict[str, torch.Tensor]:
@@ -229,7 +232,11 @@ class WeightSync:
         if not pending.released.is_set():
             raise RuntimeError(f"weights v{pending.version}: waited for before its step was committed or cancelled")
         self.pending = None
-        pending.done.wait()
+        if not pending.done.wait(WRITE_BOUND_S):
+            where = weights_dir(self.run_dir, pending.version)
+            raise RlstreamError(f"weights v{pending.version}: its write under {where} "
+                                f"did not finish within {WRITE_BOUND_S:.0f}s; check that disk (and Redis, for the "
+                                "announcement), then restart the trainer: resume writes and publishes it again")
         if pending.error is not None:
             raise pending.error
         return pending.seconds
@@ -246,5 +253,5 @@ class WeightSync:
                 log.error("weights v%d: %s", pending.version, exc)
         if self.thread is not None:
             self.jobs.put(None)
-            self.thread.join()
+            self.thread.join(WRITE_BOUND_S)  # a daemon thread: one still hung does not keep the process alive
             self.thread = None

@@ -157,3 +157,15 @@ def test_the_template_is_refused_when_the_snapshot_is_not_the_file(tmp_path):
     other = {k: v + 1.0 for k, v in state.items()}  # not the weights the directory holds
     assert weight_sync.dir_template(directory, other) is None
     assert weight_sync.dir_template(directory, {}) is None  # a tensor the state does not have
+
+
+def test_a_write_that_hangs_stops_the_step_within_its_bound(tmp_path, monkeypatch):
+    from rlstream.core.errors import RlstreamError
+    from rlstream.trainer import weight_sync
+
+    monkeypatch.setattr(weight_sync, "WRITE_BOUND_S", 0.05)
+    sync = weight_sync.WeightSync(None, "t", None, tmp_path, keep=2)
+    sync.pending = weight_sync.Pending(3, write=lambda: None, announce=lambda written: None)
+    sync.pending.committed()  # its step committed; the writer thread never finishes it (a hung disk)
+    with pytest.raises(RlstreamError, match="v3: its write under .* did not finish within 0s"):
+        sync.wait()
