@@ -152,7 +152,8 @@ class Drawn:
     samples: list[RolloutSample] = field(default_factory=list)
     tally: DrawTally = field(default_factory=DrawTally)
     span: VersionSpan = field(default_factory=VersionSpan)
-    version: int | None = None  # the version its samples are stamped with (set once drawn)
+    version: int | None = None  # its samples' min_version (set once drawn)
+    end_version: int | None = None  # ... and max_version
     started_at: float = 0.0
     finished_at: float = 0.0
 
@@ -341,8 +342,9 @@ class WorkerRuntime:
                 self.slots.drawn(job_id)
             for group, d in to_draw:
                 d.started_at = started_at
-                # A server that restarted served older weights than the policy knew: stamp what it served.
-                d.version = d.span.floor(version)
+                # The versions the servers reported, which may differ from the policy's (a restarted or
+                # shared server): stamp what they served (rlstream/sampling/stamps.py).
+                d.version, d.end_version = d.span.bounds(version, max(version, self.policy.version))
                 d.rejection = group_rejection(len(d.samples), group.group_size, self.cfg.min_group_size,
                                               d.tally.last_error)
                 with self._breaker_lock:
@@ -360,7 +362,8 @@ class WorkerRuntime:
                              GroupRejected(group_id=group.group_id, by=self.worker_id, reason=d.rejection))
                 else:
                     self._add_samples(pipe, group, d.samples, d.version if d.version is not None else version,
-                                      end_version, (d.started_at, d.finished_at))
+                                      d.end_version if d.end_version is not None else end_version,
+                                      (d.started_at, d.finished_at))
             if tripped:
                 bus.xadd(pipe, keys.events(self.cfg.run_id), RunFinished(reason=self.breaker.reason(), failed=True))
             pipe.set(keys.worker_heartbeat(self.cfg.run_id, self.worker_id), end_version, ex=60)

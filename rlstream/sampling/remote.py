@@ -327,8 +327,11 @@ class RemotePolicy:
             loop.call_soon(start)
         return await asyncio.shield(entry[2])
 
-    async def _stamp(self, server: Server, before: int) -> int:
-        """min(known before sending, read after answering); a server that went back restarted."""
+    async def _stamp(self, server: Server, before: int) -> tuple[int, int]:
+        """(the oldest, the newest) version that may have answered: what was known before sending
+        and what is read after the answer. A server that went back restarted; one that went
+        forward was reloaded (by another worker or job) while the request was in flight, and
+        either version may have computed it."""
         after = await self._served_after(server)
         if after < before:
             log.warning("%s now serves %s, v%d before this answer: it restarted with other weights; its samples are "
@@ -336,7 +339,7 @@ class RemotePolicy:
                         "another run's weights" if after < 0 else f"v{after}", before, max(0, after))
             if server.version == before:
                 server.version = None
-        return max(0, min(before, after))
+        return max(0, min(before, after)), max(before, after)
 
     async def complete(self, prompt: list[int], n: int, controller: Any = None, **sample_kwargs: Any
                        ) -> list[Completion]:
@@ -353,8 +356,9 @@ class RemotePolicy:
                     raise result
                 outcome = self._judge(result, "completion", failures, server.url)
                 if isinstance(outcome, httpx.Response):
-                    stamp = await self._stamp(server, before) if self.engine.tracks_versions else before
-                    stamps.record(stamp)
+                    stamp, newest = await self._stamp(server, before) if self.engine.tracks_versions else (before,
+                                                                                                           before)
+                    stamps.record(stamp, newest)
                     return parse_completions(outcome.json(), prompt, stamp)
             except httpx.TransportError as exc:  # it stopped answering: another server, or this one once back
                 self.pool.mark_down(server, f"{type(exc).__name__}: {exc}")
@@ -453,6 +457,7 @@ class _Merged:
     def __init__(self, loop: asyncio.AbstractEventLoop, n: int):
         self.counts = [n]
         self.answer: asyncio.Future = loop.create_future()
+        self.span = stamps.VersionSpan()  # the versions that may have answered it, for every draw's group
 
 
 def merge_key(prompt: list[int], kwargs: dict[str, Any]) -> tuple:
@@ -498,8 +503,8 @@ class RemoteSampler:
                 if merged.answer.cancelled() and not asyncio.current_task().cancelling():
                     continue
                 raise
-            for c in mine:  # the leader recorded its stamps in its own group's span, not in this one's
-                stamps.record(c.version)
+            if (span := stamps.drawn_versions.get()) is not None:  # the answer's versions, in this draw's group
+                span.add_span(merged.span)
             return mine
         return await self._lead(key, prompt, n, kw)
 
@@ -511,7 +516,13 @@ class RemoteSampler:
             finally:
                 del self._gathering[key]
             total = sum(merged.counts)
-            completions = await self._complete(prompt, total, kw)
+            group_span = stamps.drawn_versions.set(merged.span)  # the answer's stamps, shared with the followers
+            try:
+                completions = await self._complete(prompt, total, kw)
+            finally:
+                stamps.drawn_versions.reset(group_span)
+                if (span := stamps.drawn_versions.get()) is not None:
+                    span.add_span(merged.span)
             if len(completions) != total:
                 raise InferenceError(f"asked the inference server for n={total} completions of one prompt, it "
                                      f"returned {len(completions)}; set inference.merge_requests = false for a "

@@ -17,17 +17,16 @@ Only the built-in model ``builtin:tiny-h64`` fits vLLM's CPU attention (docs/inf
 """
 from __future__ import annotations
 
+import json
 import socket
 from pathlib import Path
 
 import pytest
+from factories import rlstream
 from fault_harness import assert_audit_clean, assert_summary, running_up, sigkill
 from polling import wait_until
 
 from rlstream.builtin.task import expected_reward
-from rlstream.core.archive import Archive
-from rlstream.core.codec import decode
-from rlstream.core.messages import RolloutSample
 from rlstream.core.metrics import read_metrics
 
 # Measured 2026-12-07 on 2 cores: 3 min 5 s alone (0.063 -> 0.683), 202 s in the fresh-clone suite
@@ -73,36 +72,39 @@ def vllm_pids(port: int) -> list[int]:
     return pids
 
 
-def logprob_mismatches(run_dir: Path) -> tuple[int, int, list[str]]:
-    """(samples, samples checked, those whose behaviour logprob differs from torch's under the
-    weights of the version they are stamped with). Each sample is one answer token after its
-    prompt; a sample of a group drawn across a reload is stamped with a range of versions
-    (``min_version < max_version``) and is not checked."""
+def logprob_mismatches(tmp_path: Path, run_dir: Path) -> tuple[int, int, list[str]]:
+    """(samples trained, samples checked, those whose behaviour logprob differs from torch's under
+    the weights of the version they are stamped with). The samples are ``rlstream export``'s: every
+    one a committed step names, from the archive or, above the oldest entry still pending at the
+    last checkpoint, from the stream (a trained group can lie above an untrained one: the archive
+    alone does not hold every trained sample: docs/design.md §15.45 Archive, then trim). Each sample is one
+    answer token after its prompt; a sample of a group drawn across a reload is stamped with a
+    range of versions (``min_version < max_version``) and is not checked."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    by_version: dict[int, list[RolloutSample]] = {}
-    total = 0
-    for _, raw in Archive(run_dir, RUN).iter_entries():
-        s = decode(raw, expect=RolloutSample)
-        total += 1
-        if s.min_version == s.max_version:
-            by_version.setdefault(s.min_version, []).append(s)
+    out = tmp_path / "trained.jsonl"
+    rlstream("export", str(run_dir), "--out", str(out), cwd=tmp_path, check=True)
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    by_version: dict[int, list[dict]] = {}
+    for s in lines:
+        if s["min_version"] == s["max_version"]:
+            by_version.setdefault(s["min_version"], []).append(s)
     checked, bad = 0, []
     for version, samples in sorted(by_version.items()):
         model = AutoModelForCausalLM.from_pretrained(run_dir / "weights" / f"v{version}").eval()
-        by_length: dict[int, list[RolloutSample]] = {}
+        by_length: dict[int, list[dict]] = {}
         for s in samples:
-            by_length.setdefault(len(s.tokens), []).append(s)
+            by_length.setdefault(len(s["tokens"]), []).append(s)
         for same in by_length.values():  # one forward per version and length
-            tokens = torch.tensor([list(s.tokens) for s in same])
+            tokens = torch.tensor([s["tokens"] for s in same])
             with torch.no_grad():
                 logp = torch.log_softmax(model(tokens[:, :-1]).logits[:, -1].float(), -1)
             for s, lp in zip(same, logp.gather(1, tokens[:, -1:])[:, 0].tolist()):
                 checked += 1
-                if abs(lp - s.logprobs[-1]) > LOGPROB_TOLERANCE:
-                    bad.append(f"{s.sample_id} v{version}: sampled {s.logprobs[-1]:.5f}, torch {lp:.5f}")
-    return total, checked, bad
+                if abs(lp - s["logprobs"][-1]) > LOGPROB_TOLERANCE:
+                    bad.append(f"{s['sample_id']} v{version}: sampled {s['logprobs'][-1]:.5f}, torch {lp:.5f}")
+    return len(lines), checked, bad
 
 
 def test_builtin_task_through_a_real_vllm_started_by_up(tmp_path, vllm_python):
@@ -137,11 +139,11 @@ def test_builtin_task_through_a_real_vllm_started_by_up(tmp_path, vllm_python):
                                                                                     f"v{STEPS}")
     print(f"expected reward v0 {before:.3f} -> v{STEPS} {after:.3f}")
     assert after >= before + 0.3, (before, after)
-    total, checked, bad = logprob_mismatches(up.run_dir)
-    # Every trained sample is in the archive (a group may train with fewer than G members when draws
+    total, checked, bad = logprob_mismatches(tmp_path, up.run_dir)
+    # Every trained sample is exported (a group may train with fewer than G members when draws
     # failed around the kill: min_group_size). A group drawn across a reload carries a version range
     # and is not checked: measured 4,816 of 11,536 samples with one version each sending draws one by
     # one (a sync every ~2 s step), 10,784 of 11,512 with one request per group.
     trained = sum(r["rollout/samples"] for r in rows)
-    assert total >= trained >= STEPS * GROUPS * 4 and checked >= total // 4, (total, trained, checked)
+    assert total == trained >= STEPS * GROUPS * 4 and checked >= total // 4, (total, trained, checked)
     assert not bad, f"{len(bad)} of {checked}: {bad[:10]}"

@@ -274,11 +274,36 @@ def test_two_workers_sharing_a_server_reload_it_once_per_version(r):
 
 
 def test_a_newer_version_on_the_server_is_adopted_not_reloaded():
+    """A server restarted on the newest published version serves more than this worker wants: its
+    samples are stamped with what served them, v5, not the policy's v3 (the CI failure of 2026-12-07:
+    a group stamped [v5, v5] was drawn from a server restarted on v6)."""
     vllm = FakeVllm()
     vllm.label = "run:5"
     policy = engine_policy(vllm)
     policy.load(published(3))
-    assert vllm.reloads == [] and draw(policy).version == 5
+    span = VersionSpan()
+    assert vllm.reloads == [] and draw(policy, span).version == 5
+    assert span.bounds(3, 3) == (5, 5)
+
+
+def test_a_server_reloaded_while_answering_stamps_both_versions():
+    """Another worker reloads the shared server while this request is in flight: either version
+    may have computed the answer, so the group's range holds both (min_version < max_version)."""
+    vllm = FakeVllm()
+    policy = engine_policy(vllm)
+    policy.load(published(1))
+
+    def handler(request):
+        answer = vllm(request)
+        if request.url.path == "/v1/completions":
+            vllm.label = "run:2"  # reloaded and labelled by another worker before the version is read
+        return answer
+
+    policy = engine_policy(handler)
+    policy.load(published(1))
+    span = VersionSpan()
+    assert draw(policy, span).version == 1 and (span.low, span.high) == (1, 2)
+    assert span.bounds(1, 1) == (1, 2)
 
 
 def test_another_runs_weights_are_reloaded_never_adopted():
@@ -286,6 +311,35 @@ def test_another_runs_weights_are_reloaded_never_adopted():
     vllm.label = "earlier-run:7"
     policy = engine_policy(vllm)
     assert draw(policy).version == 0 and vllm.reloads == [str(WEIGHTS / "v0")]
+
+
+def test_every_group_sharing_a_merged_request_gets_both_versions_of_its_answer():
+    """Two groups' draws of one prompt go out as one request (merge_requests), answered while the
+    server was reloaded: the follower's group holds the range too, not only the leader's."""
+    vllm, sent = FakeVllm(), []
+
+    def handler(request):
+        answer = vllm(request)
+        if request.url.path == "/v1/completions":
+            sent.append(json.loads(request.content)["n"])
+            vllm.label = "run:2"
+        return answer
+
+    policy = engine_policy(handler, merge_requests=True)
+    policy.load(published(1))
+    sampler = RemoteSampler(policy, legacy_config().sample_kwargs())
+    spans = [VersionSpan(), VersionSpan()]
+
+    async def group(span):
+        drawn_versions.set(span)
+        return await sampler.sample_with_prompt_tokens(PROMPT)
+
+    async def run():
+        return await asyncio.gather(*(asyncio.create_task(group(span)) for span in spans))
+
+    asyncio.run(run())
+    assert sent == [2]
+    assert [(span.low, span.high) for span in spans] == [(1, 2), (1, 2)]
 
 
 def test_a_restarted_server_gets_its_samples_stamped_older_and_a_reload(caplog):
@@ -298,7 +352,7 @@ def test_a_restarted_server_gets_its_samples_stamped_older_and_a_reload(caplog):
         first = draw(policy, span)
     assert first.version == 0 and vllm.completions[-1] == "base" and span.low == 0
     assert "restarted with other weights" in caplog.text
-    assert span.floor(2) == 0  # the worker stamps the group's samples v0, not the v2 it wanted
+    assert span.bounds(2, 2) == (0, 2)  # the worker stamps the group's samples from v0, not the v2 it wanted
     second = draw(policy)
     assert second.version == 2 and vllm.reloads == [str(WEIGHTS / "v2")] * 2 and vllm.completions[-1].endswith("v2")
 
@@ -402,7 +456,8 @@ def test_the_span_of_a_group_is_inherited_by_its_draw_tasks():
         await asyncio.gather(one(3), one(1), one(2))
 
     asyncio.run(group())
-    assert (span.low, span.high) == (1, 3) and span.floor(2) == 1 and VersionSpan().floor(2) == 2
+    assert (span.low, span.high) == (1, 3) and span.bounds(2, 2) == (1, 3) and span.bounds(0, 4) == (1, 4)
+    assert VersionSpan().bounds(2, 3) == (2, 3)  # no server reported a version: the policy's
     assert drawn_versions.get() is None  # set in the group's own task only
 
 
