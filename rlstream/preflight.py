@@ -108,6 +108,9 @@ def preflight(cfg: Config) -> None:
     if cfg.wandb.project and importlib.util.find_spec("wandb") is None:  # the trainer would fail at its start
         raise ConfigError(f"config error: wandb.project = {cfg.wandb.project!r} but wandb is not installed: "
                           "`pip install wandb`, or drop the wandb section (RLSTREAM_WANDB_PROJECT='' turns it off)")
-    if cfg.init_from_checkpoint and not (Path(cfg.init_from_checkpoint) / "train_state.pt").is_file():
+    # dcp/: the checkpoint format since docs/design.md §15.80 Checkpoints with torch.distributed.checkpoint;
+    # train_state.pt: the one before
+    held = Path(cfg.init_from_checkpoint or ".")
+    if cfg.init_from_checkpoint and not ((held / "dcp" / ".metadata").is_file() or (held / "train_state.pt").is_file()):
         raise ConfigError(f"config error: init_from_checkpoint: {cfg.init_from_checkpoint!r} is not a checkpoint "
-                          "directory (no train_state.pt)")
+                          "directory (neither dcp/ nor train_state.pt)")

@@ -111,13 +111,36 @@ def merged_state_dict(model) -> dict[str, torch.Tensor]:
     return out
 
 
+def merged_from_full(model, full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``merged_state_dict`` of a sharded LoRA policy, from its gathered full state dict
+    (``sharded.full_state_dict``: names as ``model.state_dict()`` gives them): W + scale *
+    B @ A per adapted layer, as peft's ``get_delta_weight`` of a linear layer computes it
+    (float32 adapters), so the directory is the one the unsharded policy publishes."""
+    prefix = next(name for name, m in model.named_modules() if m is model.get_base_model())
+    prefix = f"{prefix}." if prefix else ""
+    layers = _lora_layers(model)
+    adapter = {f"{prefix}{name}.{p}" for name, m in layers.items() for p, _ in m.named_parameters()
+               if not p.startswith("base_layer.")}
+    out = {key[len(prefix):].replace(".base_layer.", "."): t for key, t in full.items()
+           if key.startswith(prefix) and key not in adapter}
+    with torch.no_grad():
+        for name, layer in layers.items():
+            base = full[f"{prefix}{name}.base_layer.weight"]
+            a, b = full[f"{prefix}{name}.lora_A.{ADAPTER}.weight"], full[f"{prefix}{name}.lora_B.{ADAPTER}.weight"]
+            delta = b.float() @ a.float()
+            delta = (delta.T if layer.fan_in_fan_out else delta) * layer.scaling[ADAPTER]
+            out[f"{name}.weight"] = (base.float() + delta.to(b.dtype).float()).to(base.dtype)
+    return out
+
+
 class MergedModel:
     """What ``write_model_dir`` saves for a LoRA policy: a plain HF directory (config and
     merged safetensors of the base architecture) that workers and ``from_pretrained`` load
-    as they load any model."""
+    as they load any model. ``full``: the gathered state dict of a sharded policy."""
 
-    def __init__(self, model):
-        self.base, self.state = model.get_base_model(), merged_state_dict(model)
+    def __init__(self, model, full: dict[str, torch.Tensor] | None = None):
+        self.base = model.get_base_model()
+        self.state = merged_state_dict(model) if full is None else merged_from_full(model, full)
 
     def parameters(self) -> Iterator[torch.Tensor]:  # the non-finite guard looks at what is written
         return iter(self.state.values())
@@ -130,13 +153,14 @@ class AdapterFiles:
     """What a checkpoint of a LoRA policy holds: the adapter in peft's own format
     (``adapter_model.safetensors`` + ``adapter_config.json``, loadable with
     ``PeftModel.from_pretrained`` onto the same base); the base weights are the run's
-    ``base_model``, unchanged."""
+    ``base_model``, unchanged. ``full``: the gathered state dict of a sharded policy."""
 
-    def __init__(self, model):
+    def __init__(self, model, full: dict[str, torch.Tensor] | None = None):
         from peft import get_peft_model_state_dict
 
         self.model = model
-        self.state = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
+        state = get_peft_model_state_dict(model, state_dict=full)
+        self.state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
 
     def parameters(self) -> Iterator[torch.Tensor]:
         return iter(self.state.values())
@@ -159,6 +183,18 @@ def load_adapter(path: Path, model, device) -> None:
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
     from safetensors.torch import load_file
 
+    check_adapter_config(path, model)
+    state = load_file(str(path / ADAPTER_WEIGHTS), device=str(device))
+    expected = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(model).items()}
+    if {k: tuple(v.shape) for k, v in state.items()} != expected:
+        raise RlstreamError(f"the adapter in {path} does not fit the model (other tensors or shapes): was it "
+                            "written for another base_model?")
+    set_peft_model_state_dict(model, state, adapter_name=ADAPTER)
+
+
+def check_adapter_config(path: Path, model) -> None:
+    """The checkpoint's adapter was trained with this run's rank, alpha and target modules (else
+    its weights would mean another update): raise naming what differs."""
     saved = json.loads((path / ADAPTER_CONFIG).read_text())
     ours = model.peft_config[ADAPTER]
     theirs = {"lora_rank": saved.get("r"), "lora_alpha": saved.get("lora_alpha"),
@@ -168,9 +204,3 @@ def load_adapter(path: Path, model, device) -> None:
         diff = ", ".join(f"{k} {theirs[k]} (this run: {mine[k]})" for k in mine if theirs[k] != mine[k])
         raise RlstreamError(f"checkpoint {path} holds a LoRA adapter with {diff}; set the same lora_rank, "
                             "lora_alpha and lora_target_modules to load it, or start without the checkpoint")
-    state = load_file(str(path / ADAPTER_WEIGHTS), device=str(device))
-    expected = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(model).items()}
-    if {k: tuple(v.shape) for k, v in state.items()} != expected:
-        raise RlstreamError(f"the adapter in {path} does not fit the model (other tensors or shapes): was it "
-                            "written for another base_model?")
-    set_peft_model_state_dict(model, state, adapter_name=ADAPTER)

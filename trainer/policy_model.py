@@ -1,6 +1,7 @@
 """The trainer's model side: base model preparation, the reference copy, token logprobs,
-and the one writer of model directories (published weights, checkpoints and the exported
-model are all written by ``write_model_dir``; a LoRA policy's are merged, ``lora``).
+and the writer of model directories (published weights and the exported model are written
+by ``write_model_dir``; a LoRA policy's are merged, ``lora``; a checkpoint's HF files are
+written by ``checkpoint.save_checkpoint`` with the same non-finite guard).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from rlstream.core import weights
 from rlstream.core.config import BUILTIN_MODELS, Config
 from rlstream.core.errors import ConfigError, RlstreamError
 from rlstream.core.messages import WeightsPublished
-from rlstream.trainer import lora
+from rlstream.trainer import lora, sharded
 from rlstream.trainer.precision import checkpointed_layers
 
 log = logging.getLogger(__name__)
@@ -107,13 +108,18 @@ def tensors_finite(tensors: Iterable[torch.Tensor]) -> bool:
 
 
 def write_model_dir(final: Path, model, tokenizer, *, version: int,
-                    extra_files: Callable[[Path], None] | None = None) -> tuple[str, int]:
-    """The trainer's writer of model directories (published weights, checkpoints, the
-    export): ``weights.write_model_dir`` (atomic, sealed), after refusing weights that are
+                    extra_files: Callable[[Path], None] | None = None,
+                    full: dict[str, torch.Tensor] | None = None) -> tuple[str, int]:
+    """The trainer's writer of model directories (published weights, the export):
+    ``weights.write_model_dir`` (atomic, sealed), after refusing weights that are
     not all finite: no worker, checkpoint or export may ever load NaN weights. A LoRA
-    policy is written merged: a plain HF directory of the base architecture."""
+    policy is written merged: a plain HF directory of the base architecture. ``full``: the
+    gathered state dict of a sharded model (``sharded.full_state_dict``, on rank 0), which
+    the directory is written from: the files the unsharded model writes."""
     if lora.is_lora(model):
-        model = lora.MergedModel(model)
+        model = lora.MergedModel(model, full)
+    elif full is not None:
+        model = sharded.StateModel(model, full)
     if not all_finite(model):
         raise RlstreamError(nonfinite_refusal(final, version))
     return weights.write_model_dir(final, model, tokenizer, version=version, extra_files=extra_files)
@@ -129,13 +135,15 @@ def weights_dir(run_dir: Path, version: int) -> Path:
     return weights.version_dir(run_dir / "weights", version)
 
 
-def write_weights(model, tokenizer, run_dir: Path, version: int, keep: int | None) -> WeightsPublished:
+def write_weights(model, tokenizer, run_dir: Path, version: int, keep: int | None,
+                  full: dict[str, torch.Tensor] | None = None) -> WeightsPublished:
     """Write ``weights/v<version>`` and prune old versions, keeping the newest ``keep`` and
     v0 (the base the reference copy uses; ``keep`` None: prune nothing). Returns the
     ``WeightsPublished`` event that announces it; the caller publishes it once the step is
-    committed (``commit.publish``). ``weight_sync.WeightSync`` calls it."""
+    committed (``commit.publish``). ``weight_sync.WeightSync`` calls it; ``full``: as for
+    ``write_model_dir``."""
     final = weights_dir(run_dir, version)
-    digest, size = write_model_dir(final, model, tokenizer, version=version)
+    digest, size = write_model_dir(final, model, tokenizer, version=version, full=full)
     if keep is not None:
         prune_weights(run_dir, version, keep)
     return WeightsPublished(version=version, uri=str(final.resolve()), sha256=digest, bytes=size)

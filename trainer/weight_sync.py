@@ -21,6 +21,13 @@ comparison of digests showed that this gives the very weights file ``save_pretra
 A model for which it does not (sharded weights, renamed keys, custom code) keeps the
 synchronous write (``write_weights``) on the step's thread; only its publish and prune move off
 it.
+
+A model sharded across torch.distributed ranks (FSDP2): every rank gathers its full weights on
+the step's thread (``sharded.full_state_dict``, a collective: all ranks, in one order), rank 0
+alone writes, seals and announces the directory from them as above (the gathered tensors are
+its snapshot); the other ranks' versions are done at once (``Pending.nothing``). Without a
+process group nothing of this runs (docs/design.md §15.80 Checkpoints with
+torch.distributed.checkpoint).
 """
 from __future__ import annotations
 
@@ -40,7 +47,7 @@ import torch
 from rlstream.core import weights
 from rlstream.core.errors import RlstreamError
 from rlstream.core.messages import WeightsPublished
-from rlstream.trainer import lora
+from rlstream.trainer import lora, sharded
 from rlstream.trainer.commit import publish
 from rlstream.trainer.lease import TrainerLease
 from rlstream.trainer.policy_model import nonfinite_refusal, prune_weights, tensors_finite, weights_dir, write_weights
@@ -52,9 +59,12 @@ WEIGHTS_FILE = "model.safetensors"
 WRITE_BOUND_S = 1800.0  # save_pretrained's one file of an unsharded safetensors checkpoint
 
 
-def state_of(model) -> dict[str, torch.Tensor]:
+def state_of(model, full: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The tensors a published directory of ``model`` holds, by name (the live ones, detached;
-    a LoRA policy's merged weights, ``lora.merged_state_dict``)."""
+    a LoRA policy's merged weights, ``lora.merged_state_dict``). ``full``: the gathered state
+    dict of a sharded model, which they are taken from instead."""
+    if full is not None:
+        return lora.merged_from_full(model, full) if lora.is_lora(model) else full
     state = lora.merged_state_dict(model) if lora.is_lora(model) else model.state_dict()
     return {k: v.detach() for k, v in state.items()}
 
@@ -68,16 +78,17 @@ class DirTemplate:
     keys: tuple[str, ...]
     metadata: dict[str, str] | None
 
-    def snapshot(self, model) -> dict[str, torch.Tensor] | None:
-        """The tensors of ``model``'s weights file as they are now, copied to CPU, in the dtypes in
+    def snapshot(self, model, full: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor] | None:
+        """The tensors of ``model``'s weights file as they are now (``full``: as gathered, new
+        tensors already), copied to CPU, in the dtypes in
         effect (call it inside ``Precision.published``): later updates leave them alone. None when
         one is not finite: what write_model_dir refuses (docs/design.md §15.33 Non-finite steps are
         skipped, never published); the update checked the float32 masters, this the cast to the
         published dtype. A copy, not the file's bytes: serializing holds the GIL for the whole
         copy, ``safetensors`` writing a file on the writer's thread does not."""
-        state = state_of(model)
+        state = state_of(model, full)
         # A LoRA policy's merged weights are new tensors already, the rest its frozen base, which no update changes.
-        copy = not lora.is_lora(model)
+        copy = not lora.is_lora(model) and full is None
         tensors = {k: state[k].to("cpu", copy=copy) for k in self.keys}
         return tensors if tensors_finite(tensors.values()) else None
 
@@ -138,6 +149,14 @@ class Pending:
         """The step was not committed: never announce this version."""
         self.released.set()
 
+    @classmethod
+    def nothing(cls, version: int) -> Pending:
+        """A rank other than 0 of a sharded model: it took part in the gather, rank 0 writes and
+        announces; its own version is done as soon as it is committed or cancelled."""
+        pending = cls(version, lambda: None, lambda written: None)
+        pending.done.set()
+        return pending
+
     def run(self) -> None:
         try:
             t0 = time.monotonic()
@@ -167,15 +186,20 @@ class WeightSync:
         self.jobs: queue.SimpleQueue[Pending | None] = queue.SimpleQueue()
         self.thread: threading.Thread | None = None
 
-    def write_now(self, model, tokenizer, version: int) -> WeightsPublished:
+    def write_now(self, model, tokenizer, version: int) -> WeightsPublished | None:
         """Write ``weights/v<version>`` on this thread with ``save_pretrained`` and prune the old
-        versions (``policy_model.write_weights``); the first such write gives the template."""
+        versions (``policy_model.write_weights``); the first such write gives the template. A
+        sharded model: every rank calls it (the gather), rank 0 writes; None on the others."""
         self.wait()
-        return self._write_now(model, tokenizer, version, prune=True)
+        full = sharded.full_state_dict(model) if sharded.is_sharded(model) else None  # collective
+        if full is None and sharded.is_sharded(model):
+            return None
+        return self._write_now(model, tokenizer, version, prune=True, full=full)
 
-    def _write_now(self, model, tokenizer, version: int, prune: bool) -> WeightsPublished:
-        state = None if self.checked else state_of(model)  # the model does not change meanwhile: no copy
-        written = write_weights(model, tokenizer, self.run_dir, version, self.keep if prune else None)
+    def _write_now(self, model, tokenizer, version: int, prune: bool,
+                   full: dict[str, torch.Tensor] | None = None) -> WeightsPublished:
+        state = None if self.checked else state_of(model, full)  # the model does not change meanwhile: no copy
+        written = write_weights(model, tokenizer, self.run_dir, version, self.keep if prune else None, full=full)
         if state is not None:
             self.template, self.checked = dir_template(weights_dir(self.run_dir, version), state), True
             log.info("weights: each version is written %s", "in the background, from a snapshot" if self.template
@@ -186,15 +210,21 @@ class WeightSync:
     def start(self, model, tokenizer, version: int) -> Pending:
         """This version's directory, written and sealed in the background from a snapshot (inside
         ``Precision.published``), announced once ``committed`` is called. Without a template
-        (the first write of this trainer, or a model it cannot write) it is written here."""
+        (the first write of this trainer, or a model it cannot write) it is written here. A
+        sharded model: every rank calls it, on the step's thread (the gather is a collective);
+        rank 0 goes on as above from the gathered tensors."""
         self.wait()
+        full = sharded.full_state_dict(model) if sharded.is_sharded(model) else None  # collective
+        if full is None and sharded.is_sharded(model):  # not rank 0: nothing to write
+            self.pending = Pending.nothing(version)
+            return self.pending
         if self.template is None:
             t0 = time.monotonic()
             self.lease.confirm()  # the directory of a version that another trainer may have published
-            written = self._write_now(model, tokenizer, version, prune=False)
+            written = self._write_now(model, tokenizer, version, prune=False, full=full)
             pending = Pending(version, lambda: written, self.announce, seconds=time.monotonic() - t0)
         else:
-            tensors = self.template.snapshot(model)
+            tensors = self.template.snapshot(model, full)
             pending = Pending(version, lambda: self.write(tensors, version), self.announce)
         if self.thread is None:
             self.thread = threading.Thread(target=self.serve, name="weight-sync", daemon=True)

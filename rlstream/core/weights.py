@@ -27,11 +27,20 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _files(directory: Path) -> list[Path]:
+    """Every file under ``directory`` but its manifest, subdirectories included (a checkpoint's
+    ``dcp/``), sorted by path relative to it. A published weights directory is flat, so its
+    digest is what it was before subdirectories counted."""
+    return sorted((p for p in directory.rglob("*") if p.is_file() and p != directory / MANIFEST),
+                  key=lambda p: p.relative_to(directory).as_posix())
+
+
 def directory_digest(directory: str | Path) -> tuple[str, int, dict[str, str]]:
-    """(digest, total bytes, per-file sha256) of every file but the manifest."""
+    """(digest, total bytes, per-file sha256) of every file but the manifest; a file in a
+    subdirectory is named by its relative path (``dcp/.metadata``)."""
     directory = Path(directory)
-    files = sorted(p for p in directory.iterdir() if p.is_file() and p.name != MANIFEST)
-    per_file = {p.name: _file_sha256(p) for p in files}
+    files = _files(directory)
+    per_file = {p.relative_to(directory).as_posix(): _file_sha256(p) for p in files}
     h = hashlib.sha256()
     for name, digest in per_file.items():
         h.update(name.encode() + b"\0" + digest.encode() + b"\n")
@@ -50,9 +59,11 @@ def fsync_dir(directory: Path) -> None:
 def seal(tmp_dir: str | Path, final_dir: str | Path, version: int) -> tuple[str, int]:
     """fsync every file of ``tmp_dir``, write its manifest, rename it to ``final_dir``."""
     tmp_dir, final_dir = Path(tmp_dir), Path(final_dir)
-    for p in tmp_dir.iterdir():
+    for p in _files(tmp_dir):
         with p.open("rb") as f:
             os.fsync(f.fileno())
+    for d in (p for p in tmp_dir.rglob("*") if p.is_dir()):
+        fsync_dir(d)  # a subdirectory's entries (its files' names) are durable too
     digest, size, per_file = directory_digest(tmp_dir)
     manifest = tmp_dir / MANIFEST
     manifest.write_text(json.dumps({"version": version, "sha256": digest, "bytes": size, "files": per_file}, indent=1))
@@ -123,10 +134,15 @@ def write_model_dir(final: Path, model: Any, tokenizer: Any, *, version: int,
     return write_dir(final, fill, version=version)
 
 
+def tmp_dir(final: Path) -> Path:
+    """Where ``final`` is written before it is sealed: beside it, so the rename stays on one filesystem."""
+    return final.with_name(f".tmp-{final.name}")
+
+
 def write_dir(final: Path, fill: Callable[[Path], None], *, version: int) -> tuple[str, int]:
     """Write the directory ``final`` atomically: ``fill(tmp)`` writes its files into a temp
     dir beside it (creating it), which is sealed and renamed into place. Returns its (digest, bytes)."""
-    tmp = final.with_name(f".tmp-{final.name}")
+    tmp = tmp_dir(final)
     shutil.rmtree(tmp, ignore_errors=True)
     fill(tmp)
     return seal(tmp, final, version)

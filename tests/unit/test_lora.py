@@ -178,7 +178,7 @@ def test_checkpoint_holds_the_adapter_and_its_optimizer_state_and_round_trips(tm
     stepped(model, optimizer)
     path = save_checkpoint(tmp_path, CheckpointState(1, 1, "1-0", 4), model, build_tokenizer(), optimizer)
     files = {p.name for p in path.iterdir()}
-    assert {lora.ADAPTER_WEIGHTS, lora.ADAPTER_CONFIG, "train_state.pt", "state.json"} <= files
+    assert {lora.ADAPTER_WEIGHTS, lora.ADAPTER_CONFIG, "dcp", "rng", "state.json"} <= files
     assert "model.safetensors" not in files  # not the frozen base
     assert json.loads((path / lora.ADAPTER_CONFIG).read_text())["r"] == 4
 
@@ -280,3 +280,17 @@ def test_lora_config_is_checked_before_anything_starts(override, message):
     assert load_config(None, ["lora_rank=8", "lora_target_modules=all-linear"], environ={}).lora_rank == 8
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override], environ={})
+
+
+def test_merged_weights_from_a_gathered_state_dict_are_the_live_merge():
+    """A sharded policy publishes ``merged_from_full`` of its gathered state dict (the names
+    ``state_dict()`` gives): the very tensors ``merged_state_dict`` computes on the live model."""
+    model = wrapped()
+    optimizer = make_optimizer(model, lora_cfg())
+    stepped(model, optimizer)  # B != 0: the merge is not the base
+    live = lora.merged_state_dict(model)
+    gathered = lora.merged_from_full(model, {k: v.detach().clone() for k, v in model.state_dict().items()})
+    assert live.keys() == gathered.keys()
+    assert all(torch.equal(live[k], gathered[k]) and live[k].dtype == gathered[k].dtype for k in live)
+    assert not torch.equal(live["model.layers.0.self_attn.q_proj.weight"],
+                           model.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight)
