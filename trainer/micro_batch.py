@@ -7,6 +7,10 @@ Budget: a micro-batch of r rows whose longest row has n tokens costs r·n padded
 (the forward's activations and logits grow with it). Rows are sorted longest first, so a
 micro-batch's first row sets its width and padding stays small; a row longer than the
 budget alone still trains, alone.
+
+Across trainer ranks every rank runs as many forwards as the others (``ranks.even_out``); a
+rank with fewer rows than forwards runs placeholders: an empty row set, whose forward is
+``placeholder``'s two tokens with nothing trained (loss 0, gradient 0, no metric weight).
 """
 from __future__ import annotations
 
@@ -49,9 +53,24 @@ def rows_of(batch: Batch, rows: torch.Tensor) -> Batch:
                  batch.mask_B_T[rows, :N - 1], batch.advantages_B[rows])
 
 
+def placeholder(batch: Batch) -> Batch:
+    """A forward that trains nothing: the first two tokens of the batch's first row with an
+    empty mask (``compute_loss`` gives 0 with its graph intact, so its backward runs the
+    collectives of a real one and adds 0 to every gradient)."""
+    N = min(2, batch.tokens_B_N.shape[1])
+    return Batch(batch.tokens_B_N[:1, :N], torch.ones_like(batch.attention_B_N[:1, :N]),
+                 torch.zeros_like(batch.inf_logprobs_B_T[:1, :N - 1]), torch.zeros_like(batch.mask_B_T[:1, :N - 1]),
+                 torch.zeros_like(batch.advantages_B[:1]))
+
+
+def micro_of(batch: Batch, rows: torch.Tensor) -> Batch:
+    """``rows_of``, or the placeholder for an empty row set."""
+    return rows_of(batch, rows) if len(rows) else placeholder(batch)
+
+
 def padded_tokens(lengths_B: torch.Tensor, micro: list[torch.Tensor]) -> int:
     """Tokens the forwards of ``micro`` hold, padding included: Σ rows × longest row."""
-    return sum(len(rows) * int(lengths_B[rows].max()) for rows in micro)
+    return sum(len(rows) * int(lengths_B[rows].max()) for rows in micro if len(rows))
 
 
 class MicroMetrics:

@@ -20,6 +20,12 @@ and the optimizer does not step (``train/nonfinite_skipped`` counts them). The d
 function of the batch and the weights, so a replay makes it again. Weights that are not all
 finite after the update stop the trainer before anything is committed or published
 (docs/design.md §15.33 Non-finite steps are skipped, never published).
+
+Across trainer ranks (``ranks``; docs/design.md §15.81 Exact steps across trainer ranks) each
+rank trains its share of every minibatch's rows, with as many forwards as every other rank;
+the normaliser, the finite decision, the gradient norm and the metrics are the whole
+minibatch's, so the step is the one-process step. In one process (``ranks.SINGLE``) nothing
+below calls a collective.
 """
 from __future__ import annotations
 
@@ -30,10 +36,11 @@ import torch
 from rlstream.core.config import Config
 from rlstream.core.errors import RlstreamError
 from rlstream.trainer.batch import Batch
-from rlstream.trainer.losses import LossConfig, compute_loss, loss_denominator
-from rlstream.trainer.micro_batch import MicroMetrics, fits_in_memory, pack_by_length, padded_tokens, rows_of
-from rlstream.trainer.policy_model import all_finite, token_logprobs
+from rlstream.trainer.losses import LossConfig, compute_loss
+from rlstream.trainer.micro_batch import MicroMetrics, fits_in_memory, micro_of, pack_by_length, padded_tokens
+from rlstream.trainer.policy_model import all_finite, tensors_finite, token_logprobs
 from rlstream.trainer.precision import Precision
+from rlstream.trainer.ranks import SINGLE, Ranks, even_out, local
 
 
 def make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:
@@ -60,14 +67,17 @@ def minibatch_indices(B: int, K: int) -> list[torch.Tensor]:
 
 def policy_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: Batch, *, cfg: Config,
                   lr: float, ref_model: torch.nn.Module | None = None,
-                  precision: Precision | None = None) -> dict[str, float]:
+                  precision: Precision | None = None, ranks: Ranks = SINGLE) -> dict[str, float]:
     """Run k = min(K, B) optimizer steps on one rollout batch, each accumulated over its
     slice's micro-batches; return ``train/`` metrics averaged over the k steps
-    (``train/minibatches`` = k), the micro-batch count and the padding share."""
+    (``train/minibatches`` = k), the micro-batch count and the padding share. With several
+    ``ranks``, every rank calls it on the same batch and trains its share of each slice."""
     precision = precision or Precision()
     lengths_B = batch.attention_B_N.sum(-1).cpu()  # packing reads every length: one device sync, not B
-    plan = [pack_by_length(lengths_B, idx, cfg.trainer.micro_batch_tokens)
+    plan = [pack_by_length(lengths_B, ranks.share(lengths_B, idx), cfg.trainer.micro_batch_tokens)
             for idx in minibatch_indices(len(lengths_B), cfg.ppo_n_minibatches)]
+    if ranks.distributed:  # as many forwards on every rank, minibatch by minibatch
+        plan = [even_out(micro, lengths_B, n) for micro, n in zip(plan, ranks.all_max([len(m) for m in plan]))]
     k, every_micro = len(plan), [rows for micro in plan for rows in micro]
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -80,23 +90,28 @@ def policy_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batc
             old_B_T = frozen_logprobs(model, batch, every_micro, cfg.temperature, precision)
         ref_B_T = None if ref_model is None else frozen_logprobs(ref_model, batch, every_micro, cfg.temperature,
                                                                  precision)
-        steps = [minibatch_step(model, optimizer, batch, micro, old_B_T, ref_B_T, cfg=cfg, precision=precision)
-                 for micro in plan]
-    padding_share = 1.0 - float(lengths_B.sum()) / padded_tokens(lengths_B, every_micro)
-    return update_report(model, steps, lr=lr, micro_batches=len(every_micro), padding_share=padding_share)
+        steps = [minibatch_step(model, optimizer, batch, micro, old_B_T, ref_B_T, cfg=cfg, precision=precision,
+                                ranks=ranks) for micro in plan]
+    padded = padded_tokens(lengths_B, every_micro)
+    if ranks.distributed:
+        padded = ranks.all_sum([padded])[0]
+    padding_share = 1.0 - float(lengths_B.sum()) / padded
+    return update_report(model, steps, lr=lr, micro_batches=len(every_micro), padding_share=padding_share,
+                         ranks=ranks)
 
 
 def update_report(model: torch.nn.Module, steps: list[tuple[dict[str, float], bool]], *, lr: float,
-                  micro_batches: int, padding_share: float) -> dict[str, float]:
+                  micro_batches: int, padding_share: float, ranks: Ranks = SINGLE) -> dict[str, float]:
     """The ``train/`` metrics of a rollout batch's minibatch steps ((metrics, applied) each),
-    averaged over the applied ones; raise when the update left a weight non-finite."""
+    averaged over the applied ones; raise when the update left a weight non-finite (on any
+    rank: every rank raises). ``micro_batches``: the forwards each rank ran."""
     sums: dict[str, float] = defaultdict(float)  # metrics of the applied minibatches
     skipped: dict[str, float] = defaultdict(float)  # ... and of the skipped ones
     for metrics, applied in steps:
         for key, value in metrics.items():
             (sums if applied else skipped)[key] += value
     k, n_applied = len(steps), int(sums["minibatches"])
-    if n_applied and not all_finite(model):
+    if n_applied and not weights_finite(model, ranks):
         raise RlstreamError(f"the update made weights non-finite at lr {lr:g} although every applied loss and "
                             "gradient norm was finite; nothing was committed or published. Lower learning_rate "
                             "or set grad_clip_norm, then restart the trainer")
@@ -114,29 +129,39 @@ def update_report(model: torch.nn.Module, steps: list[tuple[dict[str, float], bo
 
 def minibatch_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: Batch,
                    micro: list[torch.Tensor], old_B_T: torch.Tensor | None, ref_B_T: torch.Tensor | None, *,
-                   cfg: Config, precision: Precision) -> tuple[dict[str, float], bool]:
+                   cfg: Config, precision: Precision, ranks: Ranks = SINGLE) -> tuple[dict[str, float], bool]:
     """One optimizer step on the minibatch made of ``micro``'s rows: (its ``compute_loss``
     metrics with ``loss``, ``grad_norm``, ``minibatches`` = 1; whether the step was applied).
 
     Each micro-batch's loss is its share of the minibatch's (the minibatch's normaliser
     divides it), so the shares' gradients accumulate to the minibatch's gradient. Once a
     share is not finite, the remaining forwards run without a graph (metrics only) and the
-    step is skipped."""
-    denominator = loss_denominator(batch.mask_B_T[torch.cat(micro)], cfg.normalization)
+    step is skipped. Across ranks ``micro`` is this rank's share, the normaliser is the whole
+    minibatch's, every backward runs (each is a collective; a non-finite one is dropped with
+    the step, which every rank skips alike), and gradients are reduced on the last one only."""
+    rows_B = torch.cat(micro)
+    denominator = ranks.denominator(batch.mask_B_T[rows_B], cfg.normalization)
     scale = denominator if precision.scales_backward else 1.0  # float16: per-token gradients of order 1
     optimizer.zero_grad(set_to_none=True)
     acc, finite = MicroMetrics(), True
-    for rows in micro:
-        mb = rows_of(batch, rows)
+    for n, rows in enumerate(micro):
+        mb = micro_of(batch, rows)
         T = mb.mask_B_T.shape[1]
-        loss, metrics = micro_loss(model, mb, None if old_B_T is None else old_B_T[rows, :T],
-                                   None if ref_B_T is None else ref_B_T[rows, :T], cfg=cfg, precision=precision,
-                                   denominator=denominator, grad=finite)
+        empty = not len(rows)  # a placeholder (ranks.even_out): nothing trained, the mask holds no token
+        old = None if old_B_T is None or empty else old_B_T[rows, :T]
+        ref = None if ref_B_T is None else torch.zeros_like(mb.inf_logprobs_B_T) if empty else ref_B_T[rows, :T]
+        graph = finite or ranks.distributed
+        ranks.sync_gradients(model, n == len(micro) - 1)
+        loss, metrics = micro_loss(model, mb, old, ref, cfg=cfg, precision=precision, denominator=denominator,
+                                   grad=graph)
         acc.add(metrics)
         finite = finite and bool(torch.isfinite(loss))
-        if finite:
+        if finite or ranks.distributed:
             (loss * scale if scale != 1.0 else loss).backward()
-    grad_norm, applied = clip_and_step(model, optimizer, finite, cfg.grad_clip_norm, scale)
+    if ranks.distributed:
+        finite = ranks.all_agree(finite)
+        acc.sums.update(zip(list(acc.sums), ranks.all_sum(list(acc.sums.values()))))
+    grad_norm, applied = clip_and_step(model, optimizer, finite, cfg.grad_clip_norm, scale, ranks=ranks)
     metrics = acc.result()
     metrics.update(loss=metrics["mean_loss"], grad_norm=grad_norm, minibatches=1.0)
     return metrics, applied
@@ -161,18 +186,22 @@ def frozen_logprobs(model: torch.nn.Module, batch: Batch, micro: list[torch.Tens
     update, the reference), on the training forwards' micro-batches; 0 past each row's end."""
     out_B_T = torch.zeros_like(batch.inf_logprobs_B_T)
     for rows in micro:
-        mb = rows_of(batch, rows)
+        mb = micro_of(batch, rows)
         with precision.autocast():
-            out_B_T[rows, :mb.mask_B_T.shape[1]] = token_logprobs(model, mb.tokens_B_N, mb.attention_B_N, temperature)
+            logprobs_B_T = token_logprobs(model, mb.tokens_B_N, mb.attention_B_N, temperature)
+        if len(rows):  # a placeholder's forward only keeps the ranks' collectives in step
+            out_B_T[rows, :mb.mask_B_T.shape[1]] = logprobs_B_T
     return out_B_T
 
 
 def clip_and_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, finite: bool, clip: float | None,
-                  scale: float = 1.0) -> tuple[float, bool]:
+                  scale: float = 1.0, ranks: Ranks = SINGLE) -> tuple[float, bool]:
     """Clip and step on the accumulated gradients (divided by the backward's ``scale``
     first): (the gradient norm before clipping, whether the step was applied). A non-finite
     loss or gradient norm applies nothing: stepping would write NaN into the weights and into
-    AdamW's moments, from which no later step recovers."""
+    AdamW's moments, from which no later step recovers. Across ranks ``finite`` is already
+    every rank's, and the norm is the whole gradient's (its shards' norms combined), so
+    every rank clips by the same coefficient and decides alike."""
     if not finite:
         optimizer.zero_grad(set_to_none=True)
         return float("nan"), False
@@ -180,9 +209,31 @@ def clip_and_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, fini
         for p in model.parameters():
             if p.grad is not None:
                 p.grad.div_(scale)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip or float("inf"))
+    if ranks.distributed:
+        grad_norm = global_clip(model, clip)
+    else:
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip or float("inf"))
     if not torch.isfinite(grad_norm):
         optimizer.zero_grad(set_to_none=True)
         return float(grad_norm), False
     optimizer.step()
     return float(grad_norm), True
+
+
+def global_clip(model: torch.nn.Module, clip: float | None) -> torch.Tensor:
+    """``clip_grad_norm_`` on sharded gradients: the norm of the whole gradient (FSDP's
+    gradients are DTensors, whose norm is a partial one until ``full_tensor`` combines the
+    ranks'), then every shard scaled by the coefficient it gives."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    torch.nn.utils.clip_grads_with_norm_(params, clip or float("inf"), norm)
+    return norm
+
+
+def weights_finite(model: torch.nn.Module, ranks: Ranks = SINGLE) -> bool:
+    """``all_finite`` of the model; across ranks, of every rank's shards, agreed."""
+    if not ranks.distributed:
+        return all_finite(model)
+    return ranks.all_agree(tensors_finite(local(p) for p in model.parameters()))

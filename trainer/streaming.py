@@ -15,6 +15,12 @@ Chunks: arrived samples wait until they fill micro-batches of ``micro_batch_toke
 one (of the shortest rows) waits for more groups while it has room for another row, or for
 the end of the batch. One minibatch only (``ppo_n_minibatches = 1``, checked by the config): with
 more, every minibatch after the first needs the weights the first one's step produced.
+
+Across trainer ranks (docs/design.md §15.81 Exact steps across trainer ranks) every rank
+``add``s the same groups; each arriving sample goes to one rank (``ranks.assign``: balanced by
+Σ L² over the step so far), every rank runs as many full micro-batches as the rank with the
+fewest (the rest wait), gradients stay unreduced until the last backward of ``finish``, and
+the counts, the finite decision and the metrics are summed over the ranks before the division.
 """
 from __future__ import annotations
 
@@ -25,9 +31,17 @@ import torch
 from rlstream.core.config import Config
 from rlstream.trainer.batch import Group, collate
 from rlstream.trainer.losses import denominator_of
-from rlstream.trainer.micro_batch import MicroMetrics, fits_in_memory, pack_by_length, padded_tokens, rows_of
+from rlstream.trainer.micro_batch import (
+    MicroMetrics,
+    fits_in_memory,
+    pack_by_length,
+    padded_tokens,
+    placeholder,
+    rows_of,
+)
 from rlstream.trainer.optimize import clip_and_step, frozen_logprobs, micro_loss, update_report
 from rlstream.trainer.precision import Precision
+from rlstream.trainer.ranks import SINGLE, Ranks, assign, even_out
 
 
 class StreamingStep:
@@ -36,9 +50,11 @@ class StreamingStep:
     whose forward/backward ran before ``finish``; ``compute_time`` the seconds ``add`` spent."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, cfg: Config, pad_id: int,
-                 device: torch.device, precision: Precision, ref_model: torch.nn.Module | None = None):
+                 device: torch.device, precision: Precision, ref_model: torch.nn.Module | None = None,
+                 ranks: Ranks = SINGLE):
         self.model, self.optimizer, self.cfg, self.ref_model = model, optimizer, cfg, ref_model
-        self.pad_id, self.device, self.precision = pad_id, device, precision
+        self.pad_id, self.device, self.precision, self.ranks = pad_id, device, precision, ranks
+        self.loads = [0] * ranks.world  # Σ L² of the samples each rank was assigned this step
         self.groups: list[Group] = []
         self.waiting: list[tuple[object, torch.Tensor]] = []  # (sample, its advantage) not yet forwarded
         self.metrics, self.finite = MicroMetrics(), True
@@ -50,7 +66,11 @@ class StreamingStep:
         """Groups of the batch (scored): forward/backward on every full micro-batch they make."""
         t0 = time.monotonic()
         self.groups += groups
-        self.waiting += [(s, a) for g in groups for s, a in zip(g.samples, g.advantages_G)]
+        arrived = [(s, a) for g in groups for s, a in zip(g.samples, g.advantages_G)]
+        if self.ranks.distributed:  # this rank's share of them
+            shares, self.loads = assign(torch.tensor([len(s.tokens) for s, _ in arrived]), self.loads)
+            arrived = [arrived[i] for i in shares[self.ranks.rank].tolist()]
+        self.waiting += arrived
         self.streamed_samples += self.run(final=False)
         self.compute_time += time.monotonic() - t0
 
@@ -60,15 +80,22 @@ class StreamingStep:
         self.run(final=True)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        denominator = denominator_of(self.tokens, self.sequences, self.cfg.normalization)
-        grad_norm, applied = clip_and_step(self.model, self.optimizer, self.finite, self.cfg.grad_clip_norm,
-                                           scale=denominator)
+        tokens, sequences, finite = self.tokens, self.sequences, self.finite
+        if self.ranks.distributed:  # the whole batch's counts and decision, on every rank
+            finite = self.ranks.all_agree(finite)
+            sums = self.metrics.sums
+            tokens, sequences, self.padded, self.trained_tokens, self.streamed_samples, *values = self.ranks.all_sum(
+                [tokens, sequences, self.padded, self.trained_tokens, self.streamed_samples, *sums.values()])
+            sums.update(zip(list(sums), values))
+        denominator = denominator_of(int(tokens), int(sequences), self.cfg.normalization)
+        grad_norm, applied = clip_and_step(self.model, self.optimizer, finite, self.cfg.grad_clip_norm,
+                                           scale=denominator, ranks=self.ranks)
         metrics = self.metrics.result()
         metrics["mean_loss"] /= denominator  # each micro-batch reported its loss sum
         metrics.update(loss=metrics["mean_loss"], grad_norm=grad_norm, minibatches=1.0)
         padding_share = 1.0 - self.trained_tokens / self.padded if self.padded else 0.0
         return update_report(self.model, [(metrics, applied)], lr=lr, micro_batches=self.micro_batches,
-                             padding_share=padding_share)
+                             padding_share=padding_share, ranks=self.ranks)
 
     def perf(self) -> dict[str, float]:
         """How much of the step ran while its batch was still being sampled."""
@@ -79,23 +106,46 @@ class StreamingStep:
     def run(self, *, final: bool) -> int:
         """Forward/backward the waiting samples' full micro-batches (all of them when ``final``);
         the number of samples that ran."""
-        if not self.waiting:
+        if not self.waiting and not self.ranks.distributed:
             return 0
-        samples, advantages = zip(*self.waiting)
-        batch = collate(list(samples), torch.stack(list(advantages)), self.pad_id, self.device)
-        lengths_B = batch.attention_B_N.sum(-1).cpu()
-        micro = pack_by_length(lengths_B, torch.arange(len(lengths_B)), self.cfg.trainer.micro_batch_tokens)
-        budget, last = self.cfg.trainer.micro_batch_tokens, micro[-1]
-        room = (len(last) + 1) * int(lengths_B[last].max()) <= budget  # the last one could take another row
-        now, later = (micro[:-1], micro[-1:]) if room and not final else (micro, [])
+        batch, now, later = None, [], []
+        lengths_B = torch.zeros(0, dtype=torch.long)
+        if self.waiting:
+            samples, advantages = zip(*self.waiting)
+            batch = collate(list(samples), torch.stack(list(advantages)), self.pad_id, self.device)
+            lengths_B = batch.attention_B_N.sum(-1).cpu()
+            micro = pack_by_length(lengths_B, torch.arange(len(lengths_B)), self.cfg.trainer.micro_batch_tokens)
+            budget, last = self.cfg.trainer.micro_batch_tokens, micro[-1]
+            room = (len(last) + 1) * int(lengths_B[last].max()) <= budget  # the last one could take another row
+            now, later = (micro[:-1], micro[-1:]) if room and not final else (micro, [])
+        if self.ranks.distributed:
+            now, later = self.in_step(now, later, lengths_B, final)
         with fits_in_memory(lengths_B, self.cfg.trainer.micro_batch_tokens):
-            for rows in now:
-                self.backward(rows_of(batch, rows))
+            for n, rows in enumerate(now):
+                # gradients reduced once, by the step's last backward
+                self.ranks.sync_gradients(self.model, final and n == len(now) - 1)
+                self.backward(rows_of(batch, rows) if len(rows) else placeholder(batch or self.first()))
         self.padded += padded_tokens(lengths_B, now)
         self.trained_tokens += sum(int(lengths_B[rows].sum()) for rows in now)
         self.micro_batches += len(now)
         self.waiting = [self.waiting[i] for rows in later for i in rows.tolist()]
         return sum(len(rows) for rows in now)
+
+    def in_step(self, now: list[torch.Tensor], later: list[torch.Tensor], lengths_B: torch.Tensor,
+                final: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The micro-batches to run now and those that wait, as many now on every rank: while
+        the batch streams, the fewest any rank has full (the rest wait for the next call); at
+        the end, all of them, evened out to the most any rank has (at least one, the backward
+        that reduces the gradients)."""
+        if not final:
+            n = self.ranks.all_min(len(now))
+            return now[:n], now[n:] + later
+        return even_out(now, lengths_B, max(1, self.ranks.all_max([len(now)])[0])), []
+
+    def first(self):
+        """A batch of the step's first sample: what a rank with no sample of its own forwards."""
+        sample = self.groups[0].samples[0]
+        return collate([sample], self.groups[0].advantages_G[:1], self.pad_id, self.device)
 
     def backward(self, mb) -> None:
         """One micro-batch: its loss sum backpropagated (gradients add up in ``.grad``). Once a
@@ -106,9 +156,10 @@ class StreamingStep:
         old_B_T = mb.inf_logprobs_B_T if self.cfg.anchor_logp == "rollout" else None
         ref_B_T = None if self.ref_model is None else frozen_logprobs(
             self.ref_model, mb, [torch.arange(len(mb.advantages_B))], self.cfg.temperature, self.precision)
+        graph = self.finite or self.ranks.distributed  # across ranks every backward runs: each is a collective
         loss, metrics = micro_loss(self.model, mb, old_B_T, ref_B_T, cfg=self.cfg, precision=self.precision,
-                                   denominator=1.0, grad=self.finite)
+                                   denominator=1.0, grad=graph)
         self.metrics.add(metrics)
         self.finite = self.finite and bool(torch.isfinite(loss))
-        if self.finite:
+        if self.finite or self.ranks.distributed:
             loss.backward()

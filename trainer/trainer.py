@@ -56,6 +56,7 @@ from rlstream.trainer.optimize import make_optimizer, policy_update
 from rlstream.trainer.perf_metrics import PerfClock
 from rlstream.trainer.policy_model import base_model_path, load_reference
 from rlstream.trainer.precision import prepare
+from rlstream.trainer.ranks import SINGLE
 from rlstream.trainer.resume import (
     check_replayed,
     committed_groups,
@@ -96,6 +97,9 @@ class Trainer:
 
             self.tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_model)
         self.ref_model = load_reference(cfg, self.model, self.tokenizer, self.device) if cfg.kl_beta > 0 else None
+        # One process until the torchrun launch lands (issue 21): the steps below take every rank's share and sum
+        # over the ranks (docs/design.md §15.81 Exact steps across trainer ranks); SINGLE calls no collective.
+        self.ranks = SINGLE
         self.optimizer = make_optimizer(self.model, cfg)
         if cfg.init_from_checkpoint:  # a new run from another run's weights + optimizer
             load_checkpoint(verify_checkpoint(Path(cfg.init_from_checkpoint)), self.model, self.optimizer, self.device)
@@ -165,7 +169,7 @@ class Trainer:
             self.buffer.fill(P, self.version)
             return ([] if self.state.finished is not None else self.buffer.take(P, self.version)), None
         streamed = StreamingStep(self.model, self.optimizer, cfg=self.cfg, pad_id=self.pad_id, device=self.device,
-                                 precision=self.precision, ref_model=self.ref_model)
+                                 precision=self.precision, ref_model=self.ref_model, ranks=self.ranks)
         return self.buffer.stream(P, self.version, streamed.add), streamed
 
     # ----------------------------------------------------------------- the step
@@ -236,7 +240,7 @@ class Trainer:
             samples = [s for g in groups for s in g.samples]
             batch = collate(samples, torch.cat([g.advantages_G for g in groups]), self.pad_id, self.device)
             train_metrics = policy_update(self.model, self.optimizer, batch, cfg=self.cfg, lr=lr,
-                                          ref_model=self.ref_model, precision=self.precision)
+                                          ref_model=self.ref_model, precision=self.precision, ranks=self.ranks)
         self.step, self.version = self.step + 1, self.version + 1
         return train_metrics
 
