@@ -34,7 +34,7 @@ def build_config(args: argparse.Namespace) -> Config:
         kl_beta=0.0,  # no reference model (the cookbook's default, 0.001, loads one)
         epochs=1000,
         extras={"max_turns": args.max_turns},  # 1: no turn left to use a call, i.e. the tool is off
-        workers={"count": 1},
+        workers={"count": args.workers},
     )
 
 
@@ -45,5 +45,6 @@ if __name__ == "__main__":
     p.add_argument("--max-steps", type=int, default=150)
     p.add_argument("--groups", type=int, default=16)
     p.add_argument("--max-turns", type=int, default=2)
+    p.add_argument("--workers", type=int, default=1)
     result = main(build_config(p.parse_args()), rollout_fn_factory=make_rollout_fn)
     print(f"done: run {result.run_id}, {result.steps} steps, version {result.version}, in {result.run_dir}")

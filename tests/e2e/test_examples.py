@@ -64,3 +64,17 @@ def test_multi_turn_message_in_synchronous_with_interior_mask_zeros(tmp_path: Pa
     assert all(m.startswith("0") for m in masks)  # the prompt is never trained
     # an interior zero: a user turn between two assistant turns (1...0...1)
     assert any("0" in m.strip("0") for m in masks), "no sample with a retry turn"
+
+
+def test_tool_calls_the_policy_learns_to_call_the_tool_and_copy_its_result(tmp_path: Path) -> None:
+    """examples/tool_calls: an answer without the tool is never right, so the reward rises only as
+    the policy learns to call it (two sampled tokens an episode) and to copy its result. Measured
+    2026-12-07: reward 0.05 -> 0.89 over 150 steps, every episode calling by step ~60."""
+    train("tool_calls", tmp_path, "--run-id", "tc", "--groups", "16", "--max-steps", "150")
+    rows = read_metrics(tmp_path / "runs/tc/metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, 151))
+    first, last = rows[:10], rows[-10:]
+    reward = [sum(r["rollout/reward_mean"] for r in part) / 10 for part in (first, last)]
+    sampled = [sum(r["rollout/response_len/mean"] for r in part) / 10 for part in (first, last)]
+    assert reward[0] <= 0.3 and reward[1] >= 0.6, reward
+    assert sampled[1] >= 1.8, sampled  # a call and an answer
