@@ -6,12 +6,13 @@ session (so a terminal's Ctrl-C reaches only us; we forward SIGTERM), with outpu
 ``runs/<id>/logs/<role>.log``. The run directory is owner-only (0700); config.json and
 the RunStarted event hold the Redis URL without its password, which children get in
 their environment (``RLSTREAM_REDIS_PASSWORD``), never on a command line or in a file.
-Supervision: a crashed child (or the embedded redis-server) is restarted with backoff, at
-most ``MAX_RESTARTS`` times (``RLSTREAM_MAX_RESTARTS`` overrides it, e.g. for chaos tests);
-every restart is logged. With ``inference.launch`` the inference servers are children too
-(``rlstream.engine_launch``): started once the trainer has published v0, on the newest
-published weights, before the producer and workers; restarted under the same budget and
-stopped, process group and all, after the workers. The children and redis-server die with us, even when we are
+Supervision: a crashed child (or the embedded redis-server) is restarted with backoff; the
+run gives up on it only on a crash loop (``rlstream.restarts``: crashes soon after each start
+with no step committed in between), never on a lifetime count; every restart is logged. With
+``inference.launch`` the inference servers are children too (``rlstream.engine_launch``):
+started once the trainer has published v0, on the newest published weights, before the
+producer and workers; restarted under the same policy and stopped, process group and all,
+after the workers. The children and redis-server die with us, even when we are
 SIGKILLed (``core.lifeline``). Exit
 code: 0 when the trainer finished the run, 1 when a child kept failing (its last log lines
 are printed) or the run failed (e.g. the rollout circuit breaker), 130 on Ctrl-C.
@@ -50,21 +51,11 @@ from rlstream.engine_launch import EngineServer
 from rlstream.forked import fork_role
 from rlstream.ops.progress import Progress
 from rlstream.preflight import preflight
+from rlstream.restarts import RestartPolicy, check_settings
 from rlstream.sampling.remote import redis_sync_lock
 
 log = logging.getLogger(__name__)
 SHUTDOWN_GRACE_S = 30.0
-MAX_RESTARTS = 3
-RESTART_BACKOFF_S = 1.0
-HEALTHY_RUN_S = 600.0  # a child that ran this long before crashing gets a fresh restart budget
-MAX_RESTARTS_ENV = "RLSTREAM_MAX_RESTARTS"  # not a config field: how hard to try is the operator's call
-
-
-def max_restarts() -> int:
-    value = os.environ.get(MAX_RESTARTS_ENV, "")
-    if value and not value.isdigit():
-        raise RunFailed(f"{MAX_RESTARTS_ENV}={value!r} is not a whole number: unset it or set e.g. {MAX_RESTARTS}")
-    return int(value) if value else MAX_RESTARTS
 
 
 @dataclass
@@ -73,10 +64,13 @@ class Child:
     role: str
     process: subprocess.Popen
     log_path: Path
-    restarts: int = 0
     restart_at: float | None = None  # scheduled restart (backoff), None when running
     redis_password: str | None = field(default=None, repr=False)
-    started_at: float = field(default_factory=time.monotonic)
+    policy: RestartPolicy = None  # type: ignore[assignment]  # set in __post_init__: named after the child
+
+    def __post_init__(self) -> None:
+        if self.policy is None:
+            self.policy = RestartPolicy(self.name)
 
     def tail(self, lines: int = 20) -> str:
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -145,7 +139,7 @@ def _stop(children: list[Child], grace: float) -> None:
 
 
 def up(cfg: Config) -> int:
-    max_restarts()  # a bad RLSTREAM_MAX_RESTARTS fails now, not at the first crash
+    check_settings()  # a bad RLSTREAM_MAX_RESTARTS or RLSTREAM_MIN_UPTIME_S fails now, not at the first crash
     preflight(cfg)
     if cfg.inference.launch:
         engine_launch.validate(cfg)  # a bad URL or a repeated flag fails now, before anything starts
@@ -192,6 +186,8 @@ def up(cfg: Config) -> int:
             _launch_engines(watch, logs, engines)
         children.append(_spawn("producer", "producer", config_path, logs, password))
         children += [_spawn(f"worker-{i}", "worker", config_path, logs, password) for i in range(cfg.workers.count)]
+        for c in children:  # a continued run starts with its steps: a crash before the next one is quick
+            c.policy.started(watch.state.steps)
         _supervise(watch, Progress(cfg, sys.stdout))
         _stop(children, SHUTDOWN_GRACE_S)  # before the summary: metrics.jsonl is complete then
         _stop_engines(engines, SHUTDOWN_GRACE_S)
@@ -218,44 +214,44 @@ def up(cfg: Config) -> int:
         signal.signal(signal.SIGTERM, previous_handler)
 
 
-def _restart_child(c: Child, config_path: Path) -> None:
+def _restart_child(c: Child, config_path: Path, state: RunState) -> None:
     restarted = _spawn(c.name, c.role, config_path, c.log_path.parent, c.redis_password)
-    c.process, c.restart_at, c.started_at = restarted.process, None, time.monotonic()
-    log.warning("restarted %s (pid %d, restart %d of %d)", c.name, c.process.pid, c.restarts, max_restarts())
+    c.process, c.restart_at = restarted.process, None
+    c.policy.started(state.steps)
+    log.warning("restarted %s (pid %d, restart %d of this run)", c.name, c.process.pid, c.policy.restarts)
 
 
 def _check_child(c: Child, state: RunState, config_path: Path) -> None:
-    """Restart a crashed child with backoff, at most ``max_restarts()`` times; then fail the run."""
+    """Restart a crashed child after its back-off; fail the run on a crash loop (``restarts``)."""
     if c.restart_at is not None:
         if time.monotonic() >= c.restart_at:
-            _restart_child(c, config_path)
+            _restart_child(c, config_path, state)
         return
     code = c.process.poll()
     if code is None or (code == 0 and (c.role != "trainer" or state.finished is not None)):
         return
     if state.finished is not None:  # shutting down anyway
         return
-    if time.monotonic() - c.started_at > HEALTHY_RUN_S:
-        c.restarts = 0  # it ran fine for a long while: this crash is a new incident, not a crash loop
-    if c.restarts >= max_restarts():
-        raise RunFailed(f"{c.name} exited with code {code} and was restarted {c.restarts} times; "
-                        f"last lines of {c.log_path}:\n{c.tail()}")
-    c.restarts += 1
-    delay = min(RESTART_BACKOFF_S * 2 ** (c.restarts - 1), 10.0)
-    log.warning("%s exited with code %s; restarting in %.0fs", c.name, code, delay)
+    try:
+        delay = c.policy.crashed(state.steps, f"exited with code {code}")
+    except RunFailed as exc:
+        raise RunFailed(f"{exc}; last lines of {c.log_path}:\n{c.tail()}") from None
     c.restart_at = time.monotonic() + delay
 
 
-def _check_redis(embedded: EmbeddedRedis | None, restarts: list[int]) -> None:
-    """Restart a dead embedded redis-server from its AOF, at most ``max_restarts()`` times.
-    A start that fails (e.g. killed again while loading) counts as one and is retried on
-    the next pass, so the budget, not the first mishap, ends the run."""
+def _check_redis(embedded: EmbeddedRedis | None, policy: RestartPolicy, state: RunState) -> None:
+    """Restart a dead embedded redis-server from its AOF; fail the run on a crash loop. A start
+    that fails (e.g. killed again while loading) counts as a quick crash and is retried on the
+    next pass, so a crash loop, not the first mishap, ends the run. No back-off: every role
+    waits for Redis meanwhile."""
     if embedded is None or embedded.alive():
         return
-    if restarts[0] >= max_restarts():
-        raise RunFailed(f"embedded redis-server died {restarts[0] + 1} times: {embedded.log_tail()}")
-    restarts[0] += 1
-    log.warning("embedded redis-server died; restarting it from its AOF (%d of %d)", restarts[0], max_restarts())
+    try:
+        policy.crashed(state.steps, "died")
+    except RunFailed as exc:
+        raise RunFailed(f"{exc}; its log:\n{embedded.log_tail()}") from None
+    log.warning("restarting the embedded redis-server from its AOF")
+    policy.started(state.steps)
     try:
         embedded.start()
     except RedisUnavailable as exc:
@@ -272,12 +268,12 @@ class Watch:
         self.config_path, self.embedded, self.http = config_path, embedded, http
         # docs/design.md §15.47 Processes start from the checkpoint's fold (a continued run's history)
         self.state, self.cursor = start_fold(cfg.run_dir(), r, cfg.run_id)
-        self.redis_restarts = [0]
+        self.redis_policy = RestartPolicy("the embedded redis-server", steps_at_start=self.state.steps)
 
     def step(self, progress: Progress | None = None) -> None:
         """Follow events (blocking at most 0.5 s), keep children, engines and Redis alive; raise
         ``RunFailed`` when the run cannot go on."""
-        _check_redis(self.embedded, self.redis_restarts)
+        _check_redis(self.embedded, self.redis_policy, self.state)
         try:
             entries, self.cursor = bus.read_events(self.r, self.cfg.run_id, self.cursor, block_ms=500)
             for _, msg in entries:
@@ -333,6 +329,7 @@ def _launch_engines(watch: Watch, logs: Path, launched: list[EngineServer]) -> N
     launched.extend(servers)  # stopped with the run from now on, whatever happens next
     for s in servers:
         s.start(version)
+        s.policy.started(watch.state.steps)
     log.info("waiting (at most %.0fs) for %d %s server(s) to answer /health", bound, len(servers),
              cfg.inference.backend)
     engine_launch.wait_until_up(servers, watch.http, watch.step)  # a first start that fails ends `up`
@@ -342,9 +339,10 @@ def _launch_engines(watch: Watch, logs: Path, launched: list[EngineServer]) -> N
 
 
 def _check_engine(e: EngineServer, state: RunState, http: httpx.Client) -> None:
-    """Restart a dead (or never healthy) engine with backoff on the newest published weights,
-    at most ``max_restarts()`` times, as ``_check_child`` does for children; workers wait for it
-    meanwhile (docs/design.md §15.72 `up` launches and supervises the engine)."""
+    """Restart a dead (or never healthy) engine after its back-off on the newest published
+    weights, failing the run on a crash loop as ``_check_child`` does for children (a server
+    that never answered its health check crashed quickly, however long its start took); workers
+    wait for it meanwhile (docs/design.md §15.72 `up` launches and supervises the engine)."""
     if state.finished is not None:  # shutting down anyway
         return
     if e.restart_at is not None:
@@ -352,7 +350,8 @@ def _check_engine(e: EngineServer, state: RunState, http: httpx.Client) -> None:
             published = state.latest_weights.version if state.latest_weights else 0
             e.restart_at = None
             e.start(engine_launch.newest_complete(e.weights_root, published))
-            log.warning("restarted %s (pid %d, restart %d of %d)", e.name, e.process.pid, e.restarts, max_restarts())
+            e.policy.started(state.steps)
+            log.warning("restarted %s (pid %d, restart %d of this run)", e.name, e.process.pid, e.policy.restarts)
         return
     code = e.poll()
     if code is None:
@@ -361,15 +360,13 @@ def _check_engine(e: EngineServer, state: RunState, http: httpx.Client) -> None:
         reason = f"did not answer {e.root}/health within inference.start_timeout = {e.cfg.inference.start_timeout:.0f}s"
     else:
         reason = f"exited with code {code}"
+    came_up = not e.coming_up
     e.kill_group()  # what is left of it (vLLM's EngineCore and Worker are forks in its group)
-    if time.monotonic() - e.started_at > HEALTHY_RUN_S:
-        e.restarts = 0  # it ran fine for a long while: this is a new incident, not a crash loop
-    if e.restarts >= max_restarts():
-        raise RunFailed(f"{e.name} ({e.url}) {reason} and was restarted {e.restarts} times; "
-                        f"last lines of {e.log_path}:\n{e.tail()}")
-    e.restarts += 1
-    delay = min(RESTART_BACKOFF_S * 2 ** (e.restarts - 1), 10.0)
-    log.warning("%s (%s) %s; restarting it in %.0fs (workers wait for it)", e.name, e.url, reason, delay)
+    try:
+        delay = e.policy.crashed(state.steps, f"({e.url}) {reason}", came_up=came_up)
+    except RunFailed as exc:
+        raise RunFailed(f"{exc}; last lines of {e.log_path}:\n{e.tail()}") from None
+    log.warning("%s: workers wait for it meanwhile", e.name)
     e.restart_at = time.monotonic() + delay
 
 

@@ -6,10 +6,11 @@ Design:
 - Kills come in rounds; each round is a seeded random order of the four roles, so every
   role is killed about equally often, at seeded random moments (``GAP_S`` apart) wherever
   the run happens to be (mid-job, mid-commit, mid-restart, while Redis loads its AOF).
-- ``rlstream up``'s own supervision restarts what is killed. Its default budget (3 restarts
-  per child, fresh after 10 healthy minutes) is a production choice; the test raises it
-  through ``RLSTREAM_MAX_RESTARTS`` (the launcher's documented knob) instead of killing
-  within the default budget, because many kills per run is the point.
+- ``rlstream up``'s own supervision restarts what is killed. Its default policy ends a run on
+  a crash loop (more than 3 crashes in a row within a minute of each start with no step in
+  between: rlstream/restarts.py); kills seconds apart can look like one, so the test raises
+  the count through ``RLSTREAM_MAX_RESTARTS`` (the documented knob), because many kills per
+  run is the point. tests/e2e/test_restart_policy.py checks the default policy.
 - Rollouts pause ``DELAY_S`` per draw (``slow_rollout.py``: the built-in task otherwise),
   so that workers are mid-job most of the time and their kills leave rq's bookkeeping
   half done, as with real models (the tiny model's jobs take milliseconds).

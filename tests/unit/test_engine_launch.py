@@ -22,7 +22,7 @@ from factories import LEGACY_DEFAULTS
 from polling import wait_until
 from standin_engine import install
 
-from rlstream import engine_launch, launcher
+from rlstream import engine_launch, launcher, restarts
 from rlstream.core.config import Config
 from rlstream.core.errors import ConfigError, RunFailed
 from rlstream.core.messages import WeightsPublished
@@ -175,14 +175,14 @@ def test_engine_started_watched_restarted_on_the_newest_weights_and_stopped_with
             return server.process.pid != guard and not server.coming_up
 
         wait_until(restarted_and_up, 60, "the engine to be restarted and healthy", interval=0.1)
-        assert server.restarts == 1
+        assert server.policy.restarts == 1
         assert not alive(first["helper"]), "the dead server's process group must be killed before the restart"
         second = starts(records)[-1]
         assert flags(second["argv"])["--model"] == str(run_dir / "weights" / "v3")  # the newest, not a Redis path
         # told which version it serves, so workers need not reload it
         assert http.get(f"{server.root}/weight_info").json() == {"weight_version": "eng:3"}
         launcher._check_engine(server, state, http)  # healthy: nothing to do
-        assert server.restarts == 1 and server.restart_at is None
+        assert server.policy.restarts == 1 and server.restart_at is None
     finally:
         server.stop(10)
         http.close()
@@ -261,15 +261,23 @@ class Exited:
         return -9
 
 
-def test_an_engine_that_keeps_dying_ends_the_run_after_the_restart_budget(tmp_path):
+def test_an_engine_that_keeps_dying_ends_the_run_on_a_crash_loop(tmp_path):
     server = EngineServer(config(tmp_path), 0, "http://127.0.0.1:8123/v1", tmp_path)
-    server.process, server.coming_up, server.restarts = Exited(), False, launcher.MAX_RESTARTS
-    with pytest.raises(RunFailed, match=r"engine-0 \(http://127.0.0.1:8123/v1\) exited with code -9 and was "
-                                        "restarted 3 times"):
+    server.process, server.coming_up = Exited(), False
+    server.policy.quick_crashes = restarts.MAX_RESTARTS
+    with pytest.raises(RunFailed, match=r"engine-0 \(http://127.0.0.1:8123/v1\) exited with code -9: a crash loop"):
         launcher._check_engine(server, RunState(), httpx.Client())
-    server.started_at = time.monotonic() - launcher.HEALTHY_RUN_S - 1  # a long healthy run: a fresh budget
+    server.policy.started_at = time.monotonic() - restarts.MIN_UPTIME_S - 1  # it came up and ran a while
     launcher._check_engine(server, RunState(), httpx.Client())
-    assert server.restarts == 1 and server.restart_at is not None
+    assert server.policy.quick_crashes == 0 and server.restart_at is not None
+
+
+def test_an_engine_that_never_came_up_crashed_quickly_however_long_it_tried(tmp_path):
+    server = EngineServer(config(tmp_path), 0, "http://127.0.0.1:8123/v1", tmp_path)
+    server.process, server.coming_up = Exited(), True  # never answered /health since its start
+    server.policy.started_at = time.monotonic() - 10 * restarts.MIN_UPTIME_S
+    launcher._check_engine(server, RunState(), httpx.Client())
+    assert server.policy.quick_crashes == 1
 
 
 # --------------------------------------------------------------------------- servers that are not ours

@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import sys
-import time
 
 import pytest
 
-from rlstream import cli, launcher
+from rlstream import cli, launcher, restarts
 from rlstream.core.errors import RunFailed
 from rlstream.core.run_state import RunState
 from rlstream.launcher import _child_env
@@ -40,14 +39,15 @@ class ExitedProcess:
         return self.code
 
 
-def test_crash_loop_stops_the_run_but_a_long_healthy_run_gets_a_fresh_budget(tmp_path, monkeypatch):
+def test_crash_loop_stops_the_run_but_a_crash_after_progress_is_a_new_incident(tmp_path, monkeypatch):
     child = launcher.Child("worker-0", "worker", ExitedProcess(-9), tmp_path / "worker-0.log")
-    child.restarts = launcher.MAX_RESTARTS
-    with pytest.raises(RunFailed, match="worker-0 exited with code -9 and was restarted 3 times"):
-        launcher._check_child(child, RunState(), tmp_path / "config.json")
-    child.started_at = time.monotonic() - launcher.HEALTHY_RUN_S - 1
-    launcher._check_child(child, RunState(), tmp_path / "config.json")
-    assert child.restarts == 1 and child.restart_at is not None
+    child.policy.quick_crashes = restarts.MAX_RESTARTS  # three quick crashes in a row so far
+    state = RunState()
+    with pytest.raises(RunFailed, match="worker-0 exited with code -9: a crash loop, 4 crashes in a row"):
+        launcher._check_child(child, state, tmp_path / "config.json")
+    state.steps = 1  # a step was committed since it started: this crash is a new incident
+    launcher._check_child(child, state, tmp_path / "config.json")
+    assert child.policy.quick_crashes == 0 and child.restart_at is not None
 
 
 def test_a_source_tree_in_the_working_directory_cannot_shadow_the_installed_package(tmp_path, monkeypatch):

@@ -65,12 +65,20 @@ def test_grandchild_dies_when_its_supervisor_is_sigkilled(mode):
         middle.wait()
 
 
-def test_up_passes_its_pid_to_children_and_validates_the_restart_budget(monkeypatch):
+def test_up_passes_its_pid_to_children_and_validates_the_restart_settings(monkeypatch):
+    from rlstream import restarts
+
     assert launcher._child_env()[SUPERVISOR_ENV] == str(os.getpid())
-    monkeypatch.setenv(launcher.MAX_RESTARTS_ENV, "40")
-    assert launcher.max_restarts() == 40
-    monkeypatch.setenv(launcher.MAX_RESTARTS_ENV, "lots")
+    monkeypatch.setenv(restarts.MAX_RESTARTS_ENV, "40")
+    assert restarts.max_restarts() == 40
+    monkeypatch.setenv(restarts.MAX_RESTARTS_ENV, "lots")
     with pytest.raises(RunFailed, match="RLSTREAM_MAX_RESTARTS"):
-        launcher.max_restarts()
-    monkeypatch.delenv(launcher.MAX_RESTARTS_ENV)
-    assert launcher.max_restarts() == launcher.MAX_RESTARTS
+        restarts.check_settings()
+    monkeypatch.delenv(restarts.MAX_RESTARTS_ENV)
+    assert restarts.max_restarts() == restarts.MAX_RESTARTS
+    for bad in ("soon", "-1", "inf", "nan"):
+        monkeypatch.setenv(restarts.MIN_UPTIME_ENV, bad)
+        with pytest.raises(RunFailed, match="RLSTREAM_MIN_UPTIME_S"):
+            restarts.check_settings()
+    monkeypatch.setenv(restarts.MIN_UPTIME_ENV, "5")
+    assert restarts.min_uptime_s() == 5.0
