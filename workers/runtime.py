@@ -219,8 +219,7 @@ class WorkerRuntime:
             except (OSError, ValueError) as exc:
                 # Pruned (keep_weights) while a freshly started worker loaded it: wait for the
                 # next weights published, as a loaded policy does below (bounded by sync_weights).
-                log.warning("worker %s: could not load v%d (%s); waiting for the next weights published",
-                            self.worker_id, published.version, exc)
+                self._unloadable(published, exc)
                 return False
             self.vocab_size = policy_vocab_size(self.policy)
             # A copy: a factory that edits setup.sample_kwargs must not change the sampler's defaults.
@@ -237,10 +236,24 @@ class WorkerRuntime:
             try:
                 self.policy.load(published)
             except (FileNotFoundError, ValueError) as exc:
-                log.warning("worker %s: could not load v%d (%s); waiting for the next weights published",
-                            self.worker_id, published.version, exc)
+                self._unloadable(published, exc)
                 return False
         return True
+
+    def _unloadable(self, published: WeightsPublished, exc: Exception) -> None:
+        """Say why ``published`` would not load. A directory that is gone was pruned
+        (``keep_weights``) before this worker got to it: say so, not the error its load raised
+        (for a missing local path transformers reports a malformed hub repo id)."""
+        root = self.cfg.run_dir() / "weights"
+        if (weights.version_dir(root, published.version) / weights.MANIFEST).is_file():
+            log.warning("worker %s: could not load v%d (%s); waiting for the next weights published",
+                        self.worker_id, published.version, exc)
+            return
+        on_disk = weights.complete_versions(root)
+        log.warning("worker %s: v%d was pruned before this worker loaded it (keep_weights = %d keeps the newest "
+                    "versions; %s); it loads the next version published instead", self.worker_id,
+                    published.version, self.cfg.keep_weights,
+                    f"the newest on disk is v{on_disk[-1]}" if on_disk else f"none is left in {root}")
 
     def _count(self, tally: DrawTally, field: str, error: str) -> None:
         """One failed draw: counted for this job (Redis) and the process."""

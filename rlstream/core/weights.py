@@ -101,6 +101,17 @@ def version_dir(weights_root: str | Path, version: int) -> Path:
     return Path(weights_root) / f"v{version}"
 
 
+def complete_versions(weights_root: str | Path) -> list[int]:
+    """The versions under ``weights_root`` whose directory is complete (its manifest written),
+    oldest first."""
+    root = Path(weights_root)
+    found = []
+    for entry in root.glob("v*") if root.is_dir() else ():
+        if entry.name[1:].isdigit() and (entry / MANIFEST).is_file():
+            found.append(int(entry.name[1:]))
+    return sorted(found)
+
+
 def child_dir(parent: str | Path, name: str) -> Path:
     """``parent / name`` when ``name`` is one plain path component, else ValueError: a name
     such as ``..`` would make a replace-the-directory write land outside ``parent``."""
