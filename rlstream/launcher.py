@@ -49,6 +49,7 @@ from rlstream.core.run_state import RunState
 from rlstream.engine_launch import EngineServer
 from rlstream.forked import fork_role
 from rlstream.ops.progress import Progress
+from rlstream.ops.restarts import RestartLog
 from rlstream.preflight import preflight
 from rlstream.sampling.remote import redis_sync_lock
 
@@ -165,6 +166,7 @@ def up(cfg: Config) -> int:
     # nothing else would reach them, and a SIGTERM would otherwise skip every `finally`.
     previous_handler = signal.signal(signal.SIGTERM, raise_interrupt)
     grace = 5.0  # for children still running when something unexpected escapes
+    exporter = None  # the run's Prometheus exporter (metrics.port; docs/operating.md)
     try:
         if cfg.inference.remote and not cfg.inference.launch:  # someone else's servers: there, and right?
             engine_launch.check_external(cfg, http)
@@ -183,6 +185,10 @@ def up(cfg: Config) -> int:
         config_path.write_text(json.dumps(resolved.model_dump(mode="json"), indent=1))
         bus.xadd(r, keys.events(cfg.run_id), RunStarted(run_id=cfg.run_id, config=resolved.model_dump(mode="json")))
         log.info("run %s in %s (redis %s)", cfg.run_id, run_dir, redacted(url))
+        if cfg.metrics.port is not None:  # prometheus_client is imported only when asked for
+            from rlstream.ops.metrics_exporter import start_exporter
+
+            exporter = start_exporter(resolved, url, password, run_dir)
         if cfg.workers.count == 0:
             log.warning("workers.count = 0: nothing samples until you start `rlstream worker %s`", config_path)
         logs = run_dir / "logs"
@@ -212,6 +218,8 @@ def up(cfg: Config) -> int:
         _stop(children, grace)  # no-op for children already stopped
         _stop_engines(engines, grace)  # after the workers: nothing is sampling any more
         http.close()
+        if exporter is not None:  # before the embedded server it reads stops
+            exporter.close()
         if embedded is not None:
             embedded.stop()
         signal.signal(signal.SIGINT, interrupt_handler)
@@ -273,6 +281,7 @@ class Watch:
         # docs/design.md §15.47 Processes start from the checkpoint's fold (a continued run's history)
         self.state, self.cursor = start_fold(cfg.run_dir(), r, cfg.run_id)
         self.redis_restarts = [0]
+        self.restart_log = RestartLog(cfg.run_id)  # restarts by role, for the metrics (observed, not counted here)
 
     def step(self, progress: Progress | None = None) -> None:
         """Follow events (blocking at most 0.5 s), keep children, engines and Redis alive; raise
@@ -291,6 +300,7 @@ class Watch:
             _check_child(c, self.state, self.config_path)
         for e in self.engines:
             _check_engine(e, self.state, self.http)
+        self.restart_log.observe(self.r, self.children, self.engines, self.embedded)
         if self.state.finished is not None and self.state.finished.failed:
             raise RunFailed(f"run failed: {self.state.finished.reason}")
 
