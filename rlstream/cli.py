@@ -53,6 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text)
         p.add_argument("run", nargs="?", help="run directory or run id (default: newest under --log-path)")
         p.add_argument("--log-path", default="runs", help="directory holding run directories")
+    metrics = sub.add_parser("metrics", help="serve a run's Prometheus metrics on /metrics (for runs started role "
+                             "by role; `rlstream up` serves them itself with metrics.port set)")
+    metrics.add_argument("run", help="run directory or run id")
+    metrics.add_argument("--log-path", default="runs", help="directory holding run directories")
+    metrics.add_argument("--port", type=int, default=9877, help="port to serve on (default 9877; 0 = any free port)")
+    metrics.add_argument("--host", default="127.0.0.1",
+                         help="address to bind (default 127.0.0.1; 0.0.0.0 for a Prometheus on another host)")
     export = sub.add_parser("export", help="write every trained sample of a run as JSON lines (archive + stream)")
     export.add_argument("run", nargs="?", help="run directory or run id (default: newest under --log-path)")
     export.add_argument("--out", required=True, help="output file (written whole, then renamed into place)")
@@ -130,6 +137,11 @@ def run(argv: list[str] | None = None) -> int:
         from rlstream.ops.export import export_main
 
         return export_main(args.run, args.log_path, args.out)
+    if args.command == "metrics":
+        _setup_logging("metrics")
+        from rlstream.ops.metrics_exporter import metrics_main
+
+        return metrics_main(args.run, args.log_path, args.host, args.port)
     if args.command == "dead":
         from rlstream.ops.dead import dead_main
 

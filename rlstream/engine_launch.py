@@ -42,7 +42,7 @@ from rlstream.core.credentials import PASSWORD_ENV
 from rlstream.core.errors import ConfigError, RunFailed
 from rlstream.core.jobs import JOB_RETRIES
 from rlstream.core.lifeline import die_with_parent
-from rlstream.restarts import RestartPolicy
+from rlstream.restart_policy import RestartPolicy
 from rlstream.sampling.engines import EngineRefused, InferenceError, check_server, engine_for, healthy, server_root
 from rlstream.sampling.remote import SyncLockBusy, no_lock
 
@@ -156,7 +156,7 @@ class EngineServer:
         self.weights_root = cfg.run_dir() / "weights"
         self.process: subprocess.Popen | None = None
         self.version = 0
-        self.policy = RestartPolicy(self.name)  # when it is restarted, when up gives up on it (rlstream.restarts)
+        self.policy = RestartPolicy(self.name)  # when it is restarted, when up gives up on it (rlstream.restart_policy)
         self.restart_at: float | None = None  # scheduled restart (backoff), None otherwise
         self.started_at = time.monotonic()
         self.coming_up = False  # started, /health not yet 200

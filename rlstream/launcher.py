@@ -7,7 +7,7 @@ session (so a terminal's Ctrl-C reaches only us; we forward SIGTERM), with outpu
 the RunStarted event hold the Redis URL without its password, which children get in
 their environment (``RLSTREAM_REDIS_PASSWORD``), never on a command line or in a file.
 Supervision: a crashed child (or the embedded redis-server) is restarted with backoff; the
-run gives up on it only on a crash loop (``rlstream.restarts``: crashes soon after each start
+run gives up on it only on a crash loop (``rlstream.restart_policy``: crashes soon after each start
 with no step committed in between), never on a lifetime count; every restart is logged. With
 ``inference.launch`` the inference servers are children too (``rlstream.engine_launch``):
 started once the trainer has published v0, on the newest published weights, before the
@@ -50,8 +50,9 @@ from rlstream.core.run_state import RunState
 from rlstream.engine_launch import EngineServer
 from rlstream.forked import fork_role
 from rlstream.ops.progress import Progress
+from rlstream.ops.restarts import RestartLog
 from rlstream.preflight import preflight
-from rlstream.restarts import RestartPolicy, check_settings
+from rlstream.restart_policy import RestartPolicy, check_settings
 from rlstream.sampling.remote import redis_sync_lock
 
 log = logging.getLogger(__name__)
@@ -159,6 +160,7 @@ def up(cfg: Config) -> int:
     # nothing else would reach them, and a SIGTERM would otherwise skip every `finally`.
     previous_handler = signal.signal(signal.SIGTERM, raise_interrupt)
     grace = 5.0  # for children still running when something unexpected escapes
+    exporter = None  # the run's Prometheus exporter (metrics.port; docs/operating.md)
     try:
         if cfg.inference.remote and not cfg.inference.launch:  # someone else's servers: there, and right?
             engine_launch.check_external(cfg, http)
@@ -177,6 +179,10 @@ def up(cfg: Config) -> int:
         config_path.write_text(json.dumps(resolved.model_dump(mode="json"), indent=1))
         bus.xadd(r, keys.events(cfg.run_id), RunStarted(run_id=cfg.run_id, config=resolved.model_dump(mode="json")))
         log.info("run %s in %s (redis %s)", cfg.run_id, run_dir, redacted(url))
+        if cfg.metrics.port is not None:  # prometheus_client is imported only when asked for
+            from rlstream.ops.metrics_exporter import start_exporter
+
+            exporter = start_exporter(resolved, url, password, run_dir)
         if cfg.workers.count == 0:
             log.warning("workers.count = 0: nothing samples until you start `rlstream worker %s`", config_path)
         logs = run_dir / "logs"
@@ -208,6 +214,8 @@ def up(cfg: Config) -> int:
         _stop(children, grace)  # no-op for children already stopped
         _stop_engines(engines, grace)  # after the workers: nothing is sampling any more
         http.close()
+        if exporter is not None:  # before the embedded server it reads stops
+            exporter.close()
         if embedded is not None:
             embedded.stop()
         signal.signal(signal.SIGINT, interrupt_handler)
@@ -269,6 +277,7 @@ class Watch:
         # docs/design.md §15.47 Processes start from the checkpoint's fold (a continued run's history)
         self.state, self.cursor = start_fold(cfg.run_dir(), r, cfg.run_id)
         self.redis_policy = RestartPolicy("the embedded redis-server", steps_at_start=self.state.steps)
+        self.restart_log = RestartLog(cfg.run_id)  # restarts by role, for the metrics (observed, not counted here)
 
     def step(self, progress: Progress | None = None) -> None:
         """Follow events (blocking at most 0.5 s), keep children, engines and Redis alive; raise
@@ -287,6 +296,7 @@ class Watch:
             _check_child(c, self.state, self.config_path)
         for e in self.engines:
             _check_engine(e, self.state, self.http)
+        self.restart_log.observe(self.r, self.children, self.engines, self.embedded)
         if self.state.finished is not None and self.state.finished.failed:
             raise RunFailed(f"run failed: {self.state.finished.reason}")
 

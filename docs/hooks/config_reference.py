@@ -40,6 +40,7 @@ SEE: dict[str, tuple[str, str]] = {
                 "operations.md#throughput-many-groups-in-flight-per-worker"),
     "inference": ("Sampling from an inference server", "operations.md#sampling-from-an-inference-server-vllm-sglang"),
     "retention": ("Long runs", "operations.md#long-runs-retention-recovery-export"),
+    "metrics": ("Operating rlstream", "operating.md#running-the-exporter"),
     "deployment": ("Porting cookbook code", "rollouts.md#porting-cookbook-code"),
     "weight_sync": ("Porting cookbook code", "rollouts.md#porting-cookbook-code"),
     "infra": ("Porting cookbook code", "rollouts.md#porting-cookbook-code"),

@@ -326,6 +326,20 @@ class RetentionConfig(ConfigSection):
     )
 
 
+class MetricsConfig(ConfigSection):
+    """The run's Prometheus exporter (docs/operating.md): one per run, served by `rlstream up`."""
+
+    port: int | None = Field(
+        None, ge=0, le=65_535, description="port `rlstream up` serves the run's Prometheus metrics on (/metrics); "
+        "unset = no exporter (two runs on one host would fight over a fixed default, and a port nobody asked for "
+        "stays closed); 0 = any free port (logged). `rlstream metrics RUN` serves a run started role by role"
+    )
+    host: str = Field(
+        "127.0.0.1", min_length=1, max_length=255,
+        description="address the exporter binds; 0.0.0.0 lets a Prometheus on another host scrape it",
+    )
+
+
 # --------------------------------------------------------------------------- the run
 BUILTIN_MODEL = "builtin:tiny"
 # The models built in code (rlstream/builtin/tiny_model.py): the default, and the same model with
@@ -487,6 +501,7 @@ class Config(ConfigSection):
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
     wandb: WandbConfig = Field(default_factory=WandbConfig)
     retention: RetentionConfig = Field(default_factory=RetentionConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     # The cookbook's tables (core.cookbook_config): their self-hosted spellings are moved onto the
     # fields above before validation, their hosted-only fields kept as written. frozen: assigning a
     # table to a built Config would skip the move (two copies of one value); set rlstream's field.

@@ -81,6 +81,12 @@ WORKER_STATS = (INVALID_SAMPLES, ROLLOUT_FAILURES)
 GATE_CLOSED_MS = "gate_closed_ms"  # the producer: milliseconds the staleness gate kept it from admitting
 
 
+def restarts(run_id: str) -> str:
+    """Hash role -> restarts `rlstream up` made of that role's processes (HINCRBY'd by its
+    supervisor, ``rlstream.ops.restarts``); the metrics exporter serves it."""
+    return key_for(run_id, "restarts")
+
+
 def committed_step(run_id: str) -> str:
     """Hash ``{step, event_id, digest}`` of the newest ``StepCommitted``: the trainer's
     commit script checks it so a retried commit is written once and a stale or second

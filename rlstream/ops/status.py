@@ -16,13 +16,15 @@ from rq.registry import StartedJobRegistry
 
 from rlstream.core import bus, keys
 from rlstream.core.archive import Archive, ArchiveError
+from rlstream.core.codec import DecodeError, decode
 from rlstream.core.config import validate_config
 from rlstream.core.connection import connect
 from rlstream.core.embedded_redis import EmbeddedRedis, stored_password
 from rlstream.core.errors import ConfigError, RedisUnavailable
+from rlstream.core.fold_snapshot import start_fold
 from rlstream.core.jobs import job_queue
 from rlstream.core.memory_guard import memory_use
-from rlstream.core.messages import GroupSampled, StepCommitted
+from rlstream.core.messages import GroupSampled, Message, StepCommitted
 from rlstream.core.run_state import RunState
 from rlstream.ops.progress import buffered_samples
 
@@ -92,14 +94,61 @@ def archive_status(run_dir: Path | None, run_id: str) -> dict:
             **({"MISSING": ",".join(missing)} if missing else {})}
 
 
+def folded_state(r, run_id: str, run_dir: Path | None) -> RunState:
+    """The run's state: the newest checkpoint's fold snapshot plus the events after it
+    (docs/design.md §15.47 Processes start from the checkpoint's fold), so a status polled every
+    few seconds does not decode the whole events stream each time."""
+    state, cursor = start_fold(run_dir, r, run_id)
+    while True:
+        entries, last = bus.read_events(r, run_id, cursor, count=5000)
+        for _, msg in entries:
+            state.apply(msg)
+        if last == cursor:
+            return state
+        cursor = last
+
+
+def window_rates(r, run_id: str, window_s: float, finished: bool) -> dict:
+    """``EventRates`` over the trailing window, read by entry id (the Redis server's clock in
+    ms): the window's events only, however long the run. A finished run's window ends at its
+    last sample or step (found reading back from the stream's end)."""
+    stream, rates = keys.events(run_id), EventRates()
+    if finished:
+        end, upper = None, "+"
+        while end is None:
+            page = r.xrevrange(stream, max=upper, min="-", count=200)
+            for entry_id, fields in page:
+                msg = _decoded(fields)
+                if isinstance(msg, (GroupSampled, StepCommitted)):
+                    end = bus.as_text(entry_id)
+                    break
+            if end is None and len(page) < 200:
+                return rates.over(window_s, None)
+            upper = "(" + bus.as_text(page[-1][0]) if end is None else upper
+        end_ms = int(end.split("-")[0])
+    else:
+        seconds, micros = r.time()
+        end_ms = seconds * 1000 + micros // 1000
+    start = max(0, end_ms - int(window_s * 1000))
+    for entry_id, raw in bus.xrange_all(r, stream, start=f"({start}-{2**64 - 1}" if start else "-",
+                                        end=f"{end_ms}-{2**64 - 1}"):
+        msg = _decoded({bus.FIELD: raw})
+        if msg is not None:
+            rates.add(entry_id, msg)
+    return rates.over(window_s, None if finished else end_ms / 1000)
+
+
+def _decoded(fields) -> Message | None:
+    try:
+        return decode((fields or {}).get(bus.FIELD, b""))
+    except DecodeError:
+        return None
+
+
 def collect_status(cfg, r, run_dir: Path | None = None, window_s: float = RATE_WINDOW_S) -> dict:
-    state, rates = RunState(), EventRates()
-    for event_id, msg in bus.iter_all_events(r, cfg.run_id):
-        state.apply(msg)
-        rates.add(event_id, msg)
+    state = folded_state(r, cfg.run_id, run_dir)
     m = state.last_step.metrics if state.last_step else {}
     queue = job_queue(r, cfg)
-    seconds, micros = r.time()
     stats = bus.rollout_stats(r, cfg.run_id)
     return {
         "run_id": cfg.run_id,
@@ -120,7 +169,7 @@ def collect_status(cfg, r, run_dir: Path | None = None, window_s: float = RATE_W
         "worker_versions": worker_versions(r, cfg.run_id),
         "rollout_errors": {k: v for k, v in sorted(stats.items()) if k != keys.GATE_CLOSED_MS},
         "backlog": backlog(cfg, state, queue),
-        "rates": rates.over(window_s, None if state.finished else seconds + micros / 1e6),
+        "rates": window_rates(r, cfg.run_id, window_s, state.finished is not None),
         "gate_closed_s_total": stats.get(keys.GATE_CLOSED_MS, 0) / 1000,
     }
 

@@ -8,9 +8,9 @@ Design:
   the run happens to be (mid-job, mid-commit, mid-restart, while Redis loads its AOF).
 - ``rlstream up``'s own supervision restarts what is killed. Its default policy ends a run on
   a crash loop (more than 3 crashes in a row within a minute of each start with no step in
-  between: rlstream/restarts.py); kills seconds apart can look like one, so the test raises
+  between: rlstream/restart_policy.py); kills seconds apart can look like one, so the test raises
   the count through ``RLSTREAM_MAX_RESTARTS`` (the documented knob), because many kills per
-  run is the point. tests/e2e/test_restart_policy.py checks the default policy.
+  run is the point. tests/e2e/test_crash_loops.py checks the default policy.
 - Rollouts pause ``DELAY_S`` per draw (``slow_rollout.py``: the built-in task otherwise),
   so that workers are mid-job most of the time and their kills leave rq's bookkeeping
   half done, as with real models (the tiny model's jobs take milliseconds).

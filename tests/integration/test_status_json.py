@@ -71,3 +71,44 @@ def test_status_json_prints_one_object(r, run_id, redis_url, redis_server, tmp_p
     for key in ("backlog", "rates", "live_workers", "worker_versions", "groups", "trainer_pending"):
         assert key in out
     assert out["rates"]["samples_per_s"] == 0.2
+
+
+def test_status_folds_from_the_snapshot_plus_the_events_after_it(r, run_id, tmp_path, monkeypatch):
+    """``status`` reads incrementally (docs/design.md §15.47 Processes start from the checkpoint's
+    fold): the newest checkpoint's fold snapshot plus the events after its cursor. With every
+    event before the cursor deleted it reports what the full fold reports, and it never asks for an
+    event before the cursor."""
+    from rlstream.core import fold_snapshot
+    from rlstream.core.run_state import RunState
+
+    fill(r, run_id, finished=False)
+    state, commit_id = RunState(), None
+    for event_id, msg in bus.iter_all_events(r, run_id):
+        state.apply(msg)
+        if isinstance(msg, StepCommitted):
+            commit_id = event_id
+    step_dir = tmp_path / "checkpoints" / "step-1"
+    step_dir.mkdir(parents=True)
+    (step_dir / fold_snapshot.FOLD_FILE).write_text(
+        fold_snapshot.dump(state, cursor=commit_id, commit_id=commit_id, step=1, metrics_bytes=0))
+    t0 = 1_700_000_000_000  # after the snapshot: row 4 sampled, row 5 trained, the run finished
+    add_at(r, run_id, t0 + 150_500, GroupSampled(group_id=group_id_for(0, 4, 0), samples=4, tokens=40))
+    add_at(r, run_id, t0 + 150_600, StepCommitted(step=2, version=2, entry_ids=[], sample_ids=[],
+                                                  group_ids=[group_id_for(0, 5, 0)]))
+    add_at(r, run_id, t0 + 151_000, RunFinished(reason="max_steps", step=2, version=2))
+    cfg = legacy_config(run_id=run_id, prompt_groups_per_step=1, completions_per_prompt=4)
+    full = collect_status(cfg, r)  # no run directory: the whole stream
+
+    before_cursor = [i for i, _ in r.xrange(keys.events(run_id), max=f"({commit_id}")]
+    r.xdel(keys.events(run_id), *before_cursor)
+    reads: list[str] = []
+    real_read = bus.read_events
+    monkeypatch.setattr(bus, "read_events", lambda r_, rid, after="0-0", **kw: (reads.append(after),
+                                                                                real_read(r_, rid, after, **kw))[1])
+    incremental = collect_status(cfg, r, tmp_path)
+    assert reads and reads[0] == commit_id, reads  # from the snapshot's cursor on, never from 0-0
+    for key in ("state", "steps", "groups", "backlog", "published_version", "last_reward"):  # (rates: the
+        # window's events, some of which were deleted here)
+        assert incremental[key] == full[key], key
+    assert incremental["steps"] == 2 and incremental["groups"]["trained"] == 2
+    assert incremental["backlog"]["unsampled_groups"] == 0  # row 4 was sampled after the snapshot

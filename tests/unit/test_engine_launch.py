@@ -22,7 +22,8 @@ from factories import LEGACY_DEFAULTS
 from polling import wait_until
 from standin_engine import install
 
-from rlstream import engine_launch, launcher, restarts
+from rlstream import engine_launch, launcher
+from rlstream import restart_policy as restarts
 from rlstream.core.config import Config
 from rlstream.core.errors import ConfigError, RunFailed
 from rlstream.core.messages import WeightsPublished

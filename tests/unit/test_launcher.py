@@ -5,7 +5,8 @@ import sys
 
 import pytest
 
-from rlstream import cli, launcher, restarts
+from rlstream import cli, launcher
+from rlstream import restart_policy as restarts
 from rlstream.core.errors import RunFailed
 from rlstream.core.run_state import RunState
 from rlstream.launcher import _child_env

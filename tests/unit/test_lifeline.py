@@ -66,7 +66,7 @@ def test_grandchild_dies_when_its_supervisor_is_sigkilled(mode):
 
 
 def test_up_passes_its_pid_to_children_and_validates_the_restart_settings(monkeypatch):
-    from rlstream import restarts
+    from rlstream import restart_policy as restarts
 
     assert launcher._child_env()[SUPERVISOR_ENV] == str(os.getpid())
     monkeypatch.setenv(restarts.MAX_RESTARTS_ENV, "40")

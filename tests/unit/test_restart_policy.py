@@ -1,11 +1,11 @@
-"""The supervisor's restart policy (rlstream/restarts.py): a crash loop ends the run, separate
+"""The supervisor's restart policy (rlstream/restart_policy.py): a crash loop ends the run, separate
 incidents never do, however many over the run's life."""
 from __future__ import annotations
 
 import pytest
 
 from rlstream.core.errors import RunFailed
-from rlstream.restarts import BACKOFF_CAP_S, MAX_RESTARTS, MIN_UPTIME_S, RestartPolicy
+from rlstream.restart_policy import BACKOFF_CAP_S, MAX_RESTARTS, MIN_UPTIME_S, RestartPolicy
 
 
 def test_quick_crashes_in_a_row_end_the_run_with_the_thresholds_named():
