@@ -38,7 +38,7 @@ from rlstream.core.connection import client, connect
 from rlstream.core.cookbook_config import ignored_settings, kept_differences
 from rlstream.core.credentials import PASSWORD_ENV, private_dir, redacted, url_password
 from rlstream.core.embedded_redis import EmbeddedRedis
-from rlstream.core.errors import RedisUnavailable, RunFailed
+from rlstream.core.errors import ConfigError, RedisUnavailable, RunFailed
 from rlstream.core.fold_snapshot import start_fold
 from rlstream.core.imports import script_functions
 from rlstream.core.lifeline import SUPERVISOR_ENV, die_with_parent, raise_interrupt
@@ -147,6 +147,11 @@ def _stop(children: list[Child], grace: float) -> None:
 def up(cfg: Config) -> int:
     max_restarts()  # a bad RLSTREAM_MAX_RESTARTS fails now, not at the first crash
     preflight(cfg)
+    if cfg.trainer.world_size > 1 and forks("trainer", script_functions()):
+        raise ConfigError(f"config error: trainer.nproc_per_node = {cfg.trainer.nproc_per_node}: the trainer's ranks "
+                          "are started by torchrun, which cannot carry functions that only this script holds (a "
+                          f"lambda or a function of __main__: {', '.join(sorted(script_functions()))}); move them "
+                          "into a module and name them 'module:function'")
     if cfg.inference.launch:
         engine_launch.validate(cfg)  # a bad URL or a repeated flag fails now, before anything starts
     if ignored := ignored_settings(cfg):  # once per run, here: children load the same config again
