@@ -150,7 +150,7 @@ def run(argv: list[str] | None = None) -> int:
         _start_ranks(cfg, argv)  # several ranks: this process becomes torchrun's agent (no return)
     if torchrun.under_torchrun():
         torchrun.watch_agent()  # a rank exits when torchrun's agent is gone
-        if torchrun.rank() != 0:  # rank 0 alone speaks to Redis (docs/design.md §15.82)
+        if torchrun.rank() != 0:  # docs/design.md §15.82 Rank 0 speaks for the trainer's ranks
             return _run_role(args.command, cfg, None)
     else:
         from rlstream.core.lifeline import watch_supervisor_from_env

@@ -12,7 +12,9 @@ every restart is logged. With ``inference.launch`` the inference servers are chi
 (``rlstream.engine_launch``): started once the trainer has published v0, on the newest
 published weights, before the producer and workers; restarted under the same budget and
 stopped, process group and all, after the workers. The children and redis-server die with us, even when we are
-SIGKILLed (``core.lifeline``). Exit
+SIGKILLed (``core.lifeline``). A trainer of several ranks (``trainer.nproc_per_node``) is the
+same child, which replaces itself with torchrun's agent (``rlstream.torchrun``): it dies with
+us, its ranks die with it, and a dead rank ends the group, which is restarted as one child. Exit
 code: 0 when the trainer finished the run, 1 when a child kept failing (its last log lines
 are printed) or the run failed (e.g. the rollout circuit breaker), 130 on Ctrl-C.
 """

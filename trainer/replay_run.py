@@ -33,6 +33,7 @@ from rlstream.core.credentials import private_dir
 from rlstream.core.errors import ConfigError
 from rlstream.core.messages import StepCommitted
 from rlstream.trainer.rank_protocol import STOP
+from rlstream.trainer.ranks import close
 from rlstream.trainer.resume import committed_groups
 from rlstream.trainer.schedule import due
 from rlstream.trainer.step_metrics import step_metrics
@@ -77,10 +78,14 @@ def replay_run(cfg: Config, source: redis.Redis, source_run_id: str, source_dir:
     t.write_weights()  # written, never published: a replay writes no events
     t.save_outputs()
     t.channel.send(STOP)
+    close(t.ranks)
     return t.step
 
 
 def follow_replay(cfg: Config) -> int:
     """A rank other than 0 of a replay: the same steps, on the batches rank 0 reads and sends
     (docs/design.md §15.82 Rank 0 speaks for the trainer's ranks)."""
-    return Trainer(cfg, None, cfg.run_dir()).run()
+    t = Trainer(cfg, None, cfg.run_dir())
+    steps = t.run()
+    close(t.ranks)
+    return steps
