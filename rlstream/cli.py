@@ -60,6 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     metrics.add_argument("--port", type=int, default=9877, help="port to serve on (default 9877; 0 = any free port)")
     metrics.add_argument("--host", default="127.0.0.1",
                          help="address to bind (default 127.0.0.1; 0.0.0.0 for a Prometheus on another host)")
+    alive = sub.add_parser("worker-alive", help="liveness probe of a worker container: exit 0 while a worker of "
+                           "this run on this host sends rq heartbeats")
+    _config_args(alive)
+    alive.add_argument("--max-age", type=float, default=60.0,
+                       help="seconds since the last heartbeat that still count as alive (default 60)")
     export = sub.add_parser("export", help="write every trained sample of a run as JSON lines (archive + stream)")
     export.add_argument("run", nargs="?", help="run directory or run id (default: newest under --log-path)")
     export.add_argument("--out", required=True, help="output file (written whole, then renamed into place)")
@@ -119,6 +124,7 @@ def _lost_redis(cfg, exc: Exception) -> RedisUnavailable:
 
 
 def run(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     _user_import_path(getattr(args, "config", None))
     if args.command == "status":
@@ -149,15 +155,28 @@ def run(argv: list[str] | None = None) -> int:
     cfg = _load_config(args)
     _setup_logging(args.command)
     if args.command == "replay":
-        return _replay(args, cfg)
+        return _replay(args, cfg, argv)
     if args.command == "up":
         from rlstream.launcher import up
 
         return up(cfg)
     _require_run_id(cfg)
-    from rlstream.core.lifeline import watch_supervisor_from_env
+    if args.command == "worker-alive":
+        from rlstream.ops.liveness import worker_alive_main
 
-    watch_supervisor_from_env()  # a child of `rlstream up` exits when up is gone
+        return worker_alive_main(_connect(cfg), cfg.run_id, args.max_age)
+    from rlstream import torchrun
+
+    if args.command == "trainer":
+        _start_ranks(cfg, argv)  # several ranks: this process becomes torchrun's agent (no return)
+    if torchrun.under_torchrun():
+        torchrun.watch_agent()  # a rank exits when torchrun's agent is gone
+        if torchrun.rank() != 0:  # docs/design.md §15.82 Rank 0 speaks for the trainer's ranks
+            return _run_role(args.command, cfg, None)
+    else:
+        from rlstream.core.lifeline import watch_supervisor_from_env
+
+        watch_supervisor_from_env()  # a child of `rlstream up` exits when up is gone
     r = _connect(cfg)
     try:
         return _run_role(args.command, cfg, r)
@@ -165,11 +184,34 @@ def run(argv: list[str] | None = None) -> int:
         raise _lost_redis(cfg, exc) from exc
 
 
-def _replay(args: argparse.Namespace, cfg) -> int:
+def _start_ranks(cfg, argv: list[str]) -> None:
+    """With ``trainer.nproc_per_node * trainer.nnodes > 1`` (and not a rank already): check the
+    ranks' settings, then become torchrun's agent running ``rlstream <argv>`` on every rank."""
+    from rlstream import torchrun
+
+    if torchrun.launches(cfg.trainer):
+        from rlstream.preflight import check_ranks
+
+        check_ranks(cfg)
+        torchrun.exec_ranks(cfg.trainer, cfg.run_id, argv)
+
+
+def _replay(args: argparse.Namespace, cfg, argv: list[str]) -> int:
+    from rlstream import torchrun
     from rlstream.core.config import new_run_id
     from rlstream.ops.status import opened_run
 
-    cfg = cfg if cfg.run_id else cfg.model_copy(update={"run_id": new_run_id()})
+    if not cfg.run_id:  # one id for every rank: chosen before they start
+        cfg = cfg.model_copy(update={"run_id": new_run_id()})
+        argv = [*argv, "--run-id", cfg.run_id]
+    _start_ranks(cfg, argv)
+    if torchrun.under_torchrun():
+        torchrun.watch_agent()
+        if torchrun.rank() != 0:  # the source run is rank 0's to read; this rank follows it
+            from rlstream.trainer.replay_run import follow_replay
+
+            follow_replay(cfg)
+            return 0
     with opened_run(args.source, args.source_log_path) as (source_dir, source_cfg, r):
         from rlstream.trainer.replay_run import replay_run
 
@@ -195,8 +237,13 @@ def _run_role(command: str, cfg, r) -> int:
         # SIGTERM (`rlstream up` stopping it, docker stop) unwinds like Ctrl-C, so the trainer
         # releases its lease and a successor starts at once instead of after one lease TTL.
         signal.signal(signal.SIGTERM, raise_interrupt)
-        trainer = Trainer(cfg, r, cfg.run_dir())
+        from rlstream.trainer.ranks import close
+
+        trainer = Trainer(cfg, r, cfg.run_dir())  # r None: a rank other than 0, following rank 0
         trainer.run()
+        close(trainer.ranks)
+        if trainer.ranks.rank != 0:
+            return 0
         finished = trainer.state.finished
         if finished is not None and finished.failed:
             print(f"rlstream: run failed: {finished.reason}", file=sys.stderr)

@@ -13,7 +13,9 @@ with no step committed in between), never on a lifetime count; every restart is 
 started once the trainer has published v0, on the newest published weights, before the
 producer and workers; restarted under the same policy and stopped, process group and all,
 after the workers. The children and redis-server die with us, even when we are
-SIGKILLed (``core.lifeline``). Exit
+SIGKILLed (``core.lifeline``). A trainer of several ranks (``trainer.nproc_per_node``) is the
+same child, which replaces itself with torchrun's agent (``rlstream.torchrun``): it dies with
+us, its ranks die with it, and a dead rank ends the group, which is restarted as one child. Exit
 code: 0 when the trainer finished the run, 1 when a child kept failing (its last log lines
 are printed) or the run failed (e.g. the rollout circuit breaker), 130 on Ctrl-C.
 """
@@ -39,7 +41,7 @@ from rlstream.core.connection import client, connect
 from rlstream.core.cookbook_config import ignored_settings, kept_differences
 from rlstream.core.credentials import PASSWORD_ENV, private_dir, redacted, url_password
 from rlstream.core.embedded_redis import EmbeddedRedis
-from rlstream.core.errors import RedisUnavailable, RunFailed
+from rlstream.core.errors import ConfigError, RedisUnavailable, RunFailed
 from rlstream.core.fold_snapshot import start_fold
 from rlstream.core.imports import script_functions
 from rlstream.core.lifeline import SUPERVISOR_ENV, die_with_parent, raise_interrupt
@@ -142,6 +144,11 @@ def _stop(children: list[Child], grace: float) -> None:
 def up(cfg: Config) -> int:
     check_settings()  # a bad RLSTREAM_MAX_RESTARTS or RLSTREAM_MIN_UPTIME_S fails now, not at the first crash
     preflight(cfg)
+    if cfg.trainer.world_size > 1 and forks("trainer", script_functions()):
+        raise ConfigError(f"config error: trainer.nproc_per_node = {cfg.trainer.nproc_per_node}: the trainer's ranks "
+                          "are started by torchrun, which cannot carry functions that only this script holds (a "
+                          f"lambda or a function of __main__: {', '.join(sorted(script_functions()))}); move them "
+                          "into a module and name them 'module:function'")
     if cfg.inference.launch:
         engine_launch.validate(cfg)  # a bad URL or a repeated flag fails now, before anything starts
     if ignored := ignored_settings(cfg):  # once per run, here: children load the same config again

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 from pathlib import Path
 
 from rlstream.core.config import (
@@ -17,6 +18,8 @@ from rlstream.core.config import (
 from rlstream.core.cookbook_config import COOKBOOK_DEFAULTS
 from rlstream.core.errors import ConfigError
 from rlstream.core.imports import import_object
+
+log = logging.getLogger(__name__)
 
 
 def ties_word_embeddings(base_model: str) -> bool:
@@ -74,6 +77,44 @@ def check_positions(cfg: Config, positions: int | None) -> None:
                           else ""))
 
 
+def check_ranks(cfg: Config) -> None:
+    """A trainer of several ranks (``trainer.nproc_per_node * trainer.nnodes > 1``): what cannot
+    work is refused here, before torchrun starts any rank, with the reason (docs/scaling-trainer.md).
+    A batch with fewer rows than ranks is not refused: a rank without a row runs placeholders (an
+    empty forward and backward), and the step is still exact (docs/design.md §15.81 Exact steps
+    across trainer ranks); it only wastes that rank, which is logged."""
+    trainer = cfg.trainer
+    world = trainer.world_size
+    if world == 1:
+        return
+    if cfg.evaluation_fn is not None:
+        raise ConfigError(f"config error: evaluation_fn with {world} trainer ranks: evaluation samples from the "
+                          "policy in the trainer, and a sharded policy's forward is a collective of every rank, which "
+                          "only rank 0 would run; not supported yet: set trainer.nproc_per_node = 1 (and nnodes = 1) "
+                          "or evaluate the published weights outside the run")
+    if cfg.trainer_device.startswith("cuda") or cfg.trainer_device == "auto":
+        import torch  # late: only a run of several ranks on a GPU node pays for the import
+
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if cfg.trainer_device != "auto" and ":" in cfg.trainer_device:
+            raise ConfigError(f"config error: trainer.device = {cfg.trainer_device!r} names one GPU, but "
+                              f"{trainer.nproc_per_node} ranks per node each take the GPU of their LOCAL_RANK: set "
+                              "trainer.device = \"cuda\"")
+        if trainer.nproc_per_node > gpus and (gpus or cfg.trainer_device != "auto"):
+            raise ConfigError(f"config error: trainer.nproc_per_node = {trainer.nproc_per_node} ranks on a node "
+                              f"with {gpus} GPU(s): each rank takes one GPU; set it to at most {gpus} (or train "
+                              "on the CPU with trainer.device = \"cpu\")")
+    held = Path(cfg.init_from_checkpoint or ".")
+    if cfg.init_from_checkpoint and not (held / "dcp").is_dir() and (held / "train_state.pt").is_file():
+        raise ConfigError(f"config error: init_from_checkpoint {cfg.init_from_checkpoint!r} is in the "
+                          "single-process format (train_state.pt), which loads into one unsharded trainer only: run "
+                          "one rank from it until it writes a checkpoint (dcp/), then start from that one")
+    rows = cfg.batch_size // cfg.ppo_n_minibatches
+    if rows < world:
+        log.warning("trainer: a minibatch of %d rows on %d ranks: %d rank(s) train placeholders only (exact, but "
+                    "they only add their cost)", rows, world, world - rows)
+
+
 def preflight(cfg: Config) -> None:
     specs = {"rollout_fn_factory": cfg.rollout_fn_factory, "dynamic_filter_fn": cfg.dynamic_filter_fn,
              "evaluation_fn": cfg.evaluation_fn}
@@ -114,3 +155,4 @@ def preflight(cfg: Config) -> None:
     if cfg.init_from_checkpoint and not ((held / "dcp" / ".metadata").is_file() or (held / "train_state.pt").is_file()):
         raise ConfigError(f"config error: init_from_checkpoint: {cfg.init_from_checkpoint!r} is not a checkpoint "
                           "directory (neither dcp/ nor train_state.pt)")
+    check_ranks(cfg)

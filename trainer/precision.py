@@ -13,6 +13,9 @@ Float32 masters, autocast compute, weights published as stored).
 - Published weights (and the exported model) are written in the dtype the base model was
   stored in (what ``from_pretrained``, vLLM and SGLang load by default); checkpoints keep the
   float32 masters, so a resumed run continues from the very weights that crashed.
+- Sharded across ranks (FSDP2, which replaces every parameter by a sharded one), the masters
+  are made before sharding and published weights are cast once gathered (``sharded``), by
+  parameter name: no reference to the unsharded parameters is kept.
 """
 from __future__ import annotations
 
@@ -21,6 +24,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
+
+from rlstream.trainer import sharded
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -33,6 +38,8 @@ class Precision:
     compute: torch.dtype = torch.float32
     device_type: str = "cpu"
     masters: list[tuple[torch.nn.Parameter, torch.dtype]] = field(default_factory=list)
+    stored: dict[str, torch.dtype] = field(default_factory=dict)  # the masters' stored dtypes, by parameter name
+    gathered: bool = False  # sharded: cast the gathered weights (``stored``), not the parameters
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.compute == torch.float32:
@@ -45,8 +52,16 @@ class Precision:
         return self.compute == torch.float16
 
     def published(self) -> contextlib.AbstractContextManager:
-        """The masters in their stored dtypes while a published directory is written."""
+        """The masters in their stored dtypes while a published directory is written (sharded: the
+        full weights gathered inside the block come out in them)."""
+        if self.gathered:
+            return sharded.gathered_as(self.stored)
         return stored_dtypes(self.masters)
+
+    def sharded(self) -> Precision:
+        """This precision once the model is sharded: the parameters it recorded are gone (FSDP2
+        made new ones); published weights are cast by name as they are gathered."""
+        return Precision(self.compute, self.device_type, [], dict(self.stored), gathered=True)
 
 
 def prepare(model: torch.nn.Module, dtype: str, device: torch.device, gradient_checkpointing: bool) -> Precision:
@@ -55,11 +70,13 @@ def prepare(model: torch.nn.Module, dtype: str, device: torch.device, gradient_c
     weights become float32)."""
     masters = [(p, p.dtype) for p in model.parameters()
                if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32]
+    kept = {id(p) for p, _ in masters}
+    stored = {name: p.dtype for name, p in model.named_parameters(remove_duplicate=False) if id(p) in kept}
     for p, _ in masters:
         p.data = p.data.float()
     if gradient_checkpointing:
         enable_checkpointing(model)
-    return Precision(DTYPES[dtype], device.type, masters)
+    return Precision(DTYPES[dtype], device.type, masters, stored)
 
 
 def enable_checkpointing(model: torch.nn.Module) -> None:

@@ -32,6 +32,8 @@ from rlstream.core.config import Config
 from rlstream.core.credentials import private_dir
 from rlstream.core.errors import ConfigError
 from rlstream.core.messages import StepCommitted
+from rlstream.trainer.rank_protocol import STOP
+from rlstream.trainer.ranks import close
 from rlstream.trainer.resume import committed_groups
 from rlstream.trainer.schedule import due
 from rlstream.trainer.step_metrics import step_metrics
@@ -61,7 +63,7 @@ def replay_run(cfg: Config, source: redis.Redis, source_run_id: str, source_dir:
     private_dir(run_dir)  # owner-only (0700), as `rlstream up` makes it
     (run_dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=1))
     (run_dir / "replay.json").write_text(json.dumps({"source_run": source_run_id, "steps": len(steps)}))
-    t = Trainer(cfg, source, run_dir)
+    t = Trainer(cfg, source, run_dir)  # several ranks: this is rank 0, the others follow_replay
     t.metrics.path.write_text("")
     log.info("replaying %d steps of run %s into %s", len(steps), source_run_id, run_dir)
     for committed in steps:
@@ -75,4 +77,15 @@ def replay_run(cfg: Config, source: redis.Redis, source_run_id: str, source_dir:
         log.info("replay step %d (source step %d) loss %.4f", t.step, committed.step, metrics["train/loss"])
     t.write_weights()  # written, never published: a replay writes no events
     t.save_outputs()
+    t.channel.send(STOP)
+    close(t.ranks)
     return t.step
+
+
+def follow_replay(cfg: Config) -> int:
+    """A rank other than 0 of a replay: the same steps, on the batches rank 0 reads and sends
+    (docs/design.md §15.82 Rank 0 speaks for the trainer's ranks)."""
+    t = Trainer(cfg, None, cfg.run_dir())
+    steps = t.run()
+    close(t.ranks)
+    return steps

@@ -8,8 +8,9 @@ no-op or today's behaviour: rank 0 of 1, no collective, the model's own state di
 """
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 import torch
@@ -19,6 +20,19 @@ from rlstream.core.errors import RlstreamError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+_GATHER_DTYPES: dict[str, torch.dtype] = {}  # ``gathered_as``: the dtypes full tensors come out in, by name
+
+
+@contextlib.contextmanager
+def gathered_as(dtypes: dict[str, torch.dtype]) -> Iterator[None]:
+    """Inside the block, ``full_state_dict`` casts the tensors named in ``dtypes`` (a sharded
+    model's float32 masters, to the dtypes the base model was stored in: what is published)."""
+    global _GATHER_DTYPES
+    previous, _GATHER_DTYPES = _GATHER_DTYPES, dtypes
+    try:
+        yield
+    finally:
+        _GATHER_DTYPES = previous
 
 
 def in_group() -> bool:
@@ -65,6 +79,13 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
         owner = first.setdefault(id(param), name)
         if owner != name and owner in state and name in state:
             state[name] = state[owner]
+    cast: dict[int, torch.Tensor] = {}  # one cast per tensor: tied names stay one tensor
+    for name, dtype in _GATHER_DTYPES.items():
+        if name in state and state[name].dtype != dtype:
+            key = id(state[name])
+            if key not in cast:
+                cast[key] = state[name].to(dtype)
+            state[name] = cast[key]
     return state
 
 

@@ -7,6 +7,12 @@ until the run ends; ``resume`` first rebuilds the exact state of a crashed train
 sample is lost or trained twice and step numbers continue without gap. Reading and
 grouping the rollouts is ``buffer.RolloutBuffer``'s, the metrics lines are
 ``step_metrics``', and resume's decisions are pure helpers in ``resume``.
+
+Under torchrun (``trainer.nproc_per_node`` > 1) every rank builds a ``Trainer`` and shards
+its models (FSDP2); rank 0 alone has Redis and runs everything above, and before each piece of
+work every rank does together it tells the others (``rank_protocol``: the batch of a step, a
+weights gather, a checkpoint); the other ranks ``run`` by following it (docs/design.md §15.82
+Rank 0 speaks for the trainer's ranks).
 """
 from __future__ import annotations
 
@@ -26,7 +32,7 @@ from rlstream.core.messages import Evaluated, RunFinished, StepCommitted, Weight
 from rlstream.core.metrics import MetricsLog
 from rlstream.core.run_state import RunState
 from rlstream.sampling.torch_setup import load_model_and_tokenizer, setup_torch
-from rlstream.trainer import failpoints, lora
+from rlstream.trainer import failpoints, lora, sharded
 from rlstream.trainer.advantages import resolve_advantage
 from rlstream.trainer.batch import Group, collate
 from rlstream.trainer.buffer import RolloutBuffer
@@ -56,7 +62,20 @@ from rlstream.trainer.optimize import make_optimizer, policy_update
 from rlstream.trainer.perf_metrics import PerfClock
 from rlstream.trainer.policy_model import base_model_path, load_reference
 from rlstream.trainer.precision import prepare
-from rlstream.trainer.ranks import SINGLE
+from rlstream.trainer.rank_protocol import (
+    CHECKPOINT,
+    EXPORT,
+    LOAD,
+    OPTIMIZE,
+    STOP,
+    STREAM,
+    STREAM_ADD,
+    WEIGHTS,
+    WRITE_WEIGHTS,
+    Channel,
+    follow,
+)
+from rlstream.trainer.ranks import init_ranks, shard
 from rlstream.trainer.resume import (
     check_replayed,
     committed_groups,
@@ -80,9 +99,16 @@ NO_STEP_TRAINED = "no step was trained: every admitted group was rejected; see `
 
 
 class Trainer:
-    def __init__(self, cfg: Config, r: redis.Redis, run_dir: Path):
+    def __init__(self, cfg: Config, r: redis.Redis | None, run_dir: Path):
+        """``r``: the run's Redis; None on a rank other than 0, which never speaks to it."""
         self.cfg, self.r, self.run_dir = cfg, r, run_dir
-        self.device = setup_torch(cfg.trainer_device, cfg.torch_threads, cfg.seed)
+        # One process (ranks.SINGLE: no collective) unless torchrun started several; on CUDA each rank takes its
+        # LOCAL_RANK's GPU (docs/design.md §15.81 Exact steps across trainer ranks)
+        self.ranks = init_ranks(setup_torch(cfg.trainer_device, cfg.torch_threads, cfg.seed),
+                                cfg.trainer.collective_timeout)
+        self.device = self.ranks.device
+        self.channel = Channel(self.ranks)  # rank 0's commands to the others (rank_protocol)
+        sharded.on_rank0(lambda: base_model_path(cfg, run_dir))  # a built-in model is built once, by rank 0
         self.model, self.tokenizer = load_model_and_tokenizer(str(base_model_path(cfg, run_dir)), self.device)
         if cfg.lora_rank:  # peft adapters train, the base stays frozen
             self.model = lora.wrap(self.model, cfg)  # docs/design.md §15.38 LoRA through peft, merged when published
@@ -97,39 +123,56 @@ class Trainer:
 
             self.tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_model)
         self.ref_model = load_reference(cfg, self.model, self.tokenizer, self.device) if cfg.kl_beta > 0 else None
-        # One process until the torchrun launch lands (issue 21): the steps below take every rank's share and sum
-        # over the ranks (docs/design.md §15.81 Exact steps across trainer ranks); SINGLE calls no collective.
-        self.ranks = SINGLE
+        if self.ranks.distributed:  # FSDP2: every block, then the root, before the optimizer sees the parameters
+            self.model = shard(self.model, self.ranks, self.precision.compute)
+            if self.ref_model is not None and not isinstance(self.ref_model, lora.AdapterDisabled):
+                self.ref_model = shard(self.ref_model, self.ranks, self.precision.compute)  # a LoRA one is the policy
+            # the masters were the unsharded parameters: published weights are cast once gathered instead
+            self.precision = self.precision.sharded()
         self.optimizer = make_optimizer(self.model, cfg)
-        if cfg.init_from_checkpoint:  # a new run from another run's weights + optimizer
+        if cfg.init_from_checkpoint:  # a new run from another run's weights + optimizer (every rank: a collective)
             load_checkpoint(verify_checkpoint(Path(cfg.init_from_checkpoint)), self.model, self.optimizer, self.device)
+        self.pad_id = self.tokenizer.pad_token_id or 0
+        self.step = self.version = 0
+        self.lease = TrainerLease(r, cfg.run_id) if r is not None else None  # taken in run() (or resume())
+        self.weight_sync = WeightSync(r, cfg.run_id, self.lease, run_dir, cfg.keep_weights)
+        if self.ranks.rank == 0:
+            self._protocol(cfg, r, run_dir)
+
+    def _protocol(self, cfg: Config, r: redis.Redis, run_dir: Path) -> None:
+        """Rank 0's part: the run's protocol (Redis, the lease, the buffer, the logs, the hooks)."""
         self.advantage_fn = resolve_advantage(cfg.advantage)
         self.filter_fn, self.evaluation_fn = load_filter(cfg), load_evaluation(cfg)
+        if self.evaluation_fn is not None and self.ranks.distributed:  # preflight refuses it first
+            raise RlstreamError("evaluation_fn with several trainer ranks is not supported yet "
+                                "(docs/scaling-trainer.md): set trainer.nproc_per_node = 1 or drop evaluation_fn")
         self.wandb = make_logger(cfg)
         self.filtered = {"kept": 0, "rejected": 0}  # dynamic_filter_fn decisions since the last step
-        self.pad_id = self.tokenizer.pad_token_id or 0
         self.state, self.cursor, self.last_commit_id = RunState(), "0-0", "0-0"
-        self.lease = TrainerLease(r, cfg.run_id)  # taken in run() (or resume()); fences every write below
+        assert self.lease is not None  # fences every write below
         self.buffer = RolloutBuffer(r, cfg, self.state, vocab_size=self.model.get_input_embeddings().num_embeddings,
                                     score=self.score, follow_events=self.follow_and_watch, lease=self.lease)
         self.rollback = RollbackWatch(r, cfg.run_id, self.buffer.connection_errors)
         self.metrics = MetricsLog(run_dir / "metrics.jsonl")
-        self.step = self.version = 0
         self.perf = PerfClock()  # the perf/* metrics' timestamps (trainer/perf_metrics.py)
         self.retention = Retention(r, cfg, run_dir, self.lease)  # docs/design.md §15.45 Archive, then trim
-        self.weight_sync = WeightSync(r, cfg.run_id, self.lease, run_dir, cfg.keep_weights)
 
     # ----------------------------------------------------------------- the loop
     def run(self) -> int:
         """Take the run's trainer lease, standing by while another trainer holds it (docs/design.md
-        §7 Commit protocol), then train until the run ends; the lease is released however that ends."""
+        §7 Commit protocol), then train until the run ends; the lease is released however that ends.
+        A rank other than 0 follows rank 0's commands instead, until it says stop (which it says
+        only when it ends normally: on an error it exits, and torchrun ends the other ranks)."""
+        if self.ranks.rank != 0:
+            return follow(self)
         try:
-            if not self.lease.acquire():
-                return self.step  # the run finished while this trainer stood by
-            return self.train_run()
+            # the run finished while this trainer stood by: no step
+            steps = self.train_run() if self.lease.acquire() else self.step
         finally:
             self.weight_sync.close()  # the last version's publish, while the lease is still ours
             self.lease.release()
+        self.channel.send(STOP)
+        return steps
 
     def train_run(self) -> int:
         """With the lease: resume, then one step after another until the run ends."""
@@ -168,9 +211,18 @@ class Trainer:
         if not self.cfg.trainer.streaming:
             self.buffer.fill(P, self.version)
             return ([] if self.state.finished is not None else self.buffer.take(P, self.version)), None
-        streamed = StreamingStep(self.model, self.optimizer, cfg=self.cfg, pad_id=self.pad_id, device=self.device,
-                                 precision=self.precision, ref_model=self.ref_model, ranks=self.ranks)
-        return self.buffer.stream(P, self.version, streamed.add), streamed
+        self.channel.send(STREAM)
+        streamed = self.streaming_step()
+
+        def add(groups: list[Group]) -> None:
+            self.channel.send(STREAM_ADD, groups)  # every rank adds the same groups, in the same order
+            streamed.add(groups)
+
+        return self.buffer.stream(P, self.version, add), streamed
+
+    def streaming_step(self) -> StreamingStep:
+        return StreamingStep(self.model, self.optimizer, cfg=self.cfg, pad_id=self.pad_id, device=self.device,
+                             precision=self.precision, ref_model=self.ref_model, ranks=self.ranks)
 
     # ----------------------------------------------------------------- the step
     def train_step(self, groups: list[Group], wait_time: float,
@@ -234,6 +286,12 @@ class Trainer:
             lr = self.cfg.learning_rate * lr_multiplier(self.step, schedule=self.cfg.lr_schedule,
                                                         warmup_steps=self.cfg.lr_warmup_steps,
                                                         total_steps=self.cfg.max_steps)
+        # the other ranks: the same step on the same batch (a streamed one has it already)
+        self.channel.send(OPTIMIZE, None if streamed is not None else groups, lr, streamed is not None)
+        return self.update(groups, lr, streamed)
+
+    def update(self, groups: list[Group] | None, lr: float, streamed: StreamingStep | None) -> dict[str, float]:
+        """The policy update itself, on every rank (each its share; ``ranks``)."""
         if streamed is not None:
             train_metrics = streamed.finish(lr) | streamed.perf()
         else:
@@ -249,6 +307,7 @@ class Trainer:
         beside the next step (docs/design.md §15.79 Weights are written beside the next step)."""
         t0 = time.monotonic()
         self.perf.weights_sealed(self.weight_sync.wait())  # the previous version, if still being written
+        self.channel.send(WEIGHTS, self.version)  # every rank takes part in the gather
         with self.precision.published():  # in the dtype the base model was stored in
             pending = self.weight_sync.start(self.model, self.tokenizer, self.version)
         self.perf.weights_written(time.monotonic() - t0)
@@ -258,10 +317,15 @@ class Trainer:
         """This version's weights directory, written now (resume's publish, a replay's final weights)."""
         self.lease.confirm()  # the directory of a version that another trainer may have published
         t0 = time.monotonic()
-        with self.precision.published():  # in the dtype the base model was stored in
-            written = self.weight_sync.write_now(self.model, self.tokenizer, self.version)
+        self.channel.send(WRITE_WEIGHTS, self.version)
+        written = self.gather_weights(self.version)
         self.perf.weights_written(time.monotonic() - t0)
         return written
+
+    def gather_weights(self, version: int) -> WeightsPublished | None:
+        """``weights/v<version>`` written now: every rank gathers, rank 0 writes (None elsewhere)."""
+        with self.precision.published():  # in the dtype the base model was stored in
+            return self.weight_sync.write_now(self.model, self.tokenizer, version)
 
     def live_run(self, wait_time: float, groups: list[Group], compute_began: float) -> LiveRun:
         stats = bus.rollout_stats(self.r, self.cfg.run_id)
@@ -308,8 +372,8 @@ class Trainer:
         found = (snap.path, read_state(snap.path)) if snap is not None else usable_checkpoint(
             self.run_dir, {m.step: i for i, m in history if isinstance(m, StepCommitted)})
         if found is not None:
-            restored = load_checkpoint(found[0], self.model, self.optimizer, self.device)
-            self.step, self.version = restored.step, restored.version
+            self.channel.send(LOAD, found[0])  # every rank loads its shards (at whatever world size wrote them)
+            self.load_train_state(found[0])
             log.info("resuming from %s (step %d)", found[0], self.step)
         for _, record in history:
             if isinstance(record, StepCommitted) and record.step > self.step:
@@ -359,19 +423,33 @@ class Trainer:
         if saved:
             self.follow_events()  # the fold recorded with it then includes this step's own commit
             fold = fold_record(self.state, self.cursor, self.last_commit_id, self.step, self.metrics)
-            save_checkpoint(self.run_dir, CheckpointState(self.step, self.version, self.last_commit_id,
-                                                          len(self.state.rows_admitted)),
-                            self.model, self.tokenizer, self.optimizer, fold=fold)
+            state = CheckpointState(self.step, self.version, self.last_commit_id, len(self.state.rows_admitted))
+            self.channel.send(CHECKPOINT, state)  # every rank writes its shards
+            self.save_train_state(state, fold)
         self.retention.after_checkpoint(self.step, saved)
+
+    def save_train_state(self, state: CheckpointState, fold: str | None) -> None:
+        """The checkpoint of ``state`` (every rank; ``fold`` is rank 0's to write)."""
+        save_checkpoint(self.run_dir, state, self.model, self.tokenizer, self.optimizer, fold=fold)
+
+    def load_train_state(self, path: Path) -> CheckpointState:
+        """The checkpoint at ``path`` loaded in place (every rank: its shards)."""
+        restored = load_checkpoint(path, self.model, self.optimizer, self.device)
+        self.step, self.version = restored.step, restored.version
+        return restored
 
     def save_outputs(self) -> None:
         """The final checkpoint (``save_final_checkpoint``) and the exported model (``output_model_id``)."""
         if self.cfg.save_final_checkpoint and self.step > 0:
             self.checkpoint()
         if self.cfg.output_model_id:
-            with self.precision.published():
-                exported = export_model(self.model, self.tokenizer, self.run_dir, self.cfg.output_model_id)
-                log.info("exported %s", exported)
+            self.channel.send(EXPORT)
+            log.info("exported %s", self.export())
+
+    def export(self) -> Path:
+        """``models/<output_model_id>/`` (every rank gathers; rank 0 writes)."""
+        with self.precision.published():
+            return export_model(self.model, self.tokenizer, self.run_dir, self.cfg.output_model_id)
 
     def finish(self, reason: str, failed: bool = False) -> None:
         self.lease.confirm()  # a trainer that lost the lease must not export or checkpoint over its successor

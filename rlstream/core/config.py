@@ -201,12 +201,50 @@ class TrainerConfig(ConfigSection, HostedTrainerFields):  # + the cookbook's hos
         None, description="spelling of `run_id` (the cookbook's trainer job to reattach to: the same run id "
         "continues that run)"
     )
+    # The trainer's ranks (docs/scaling-trainer.md; docs/design.md §15.82 Rank 0 speaks for the trainer's ranks)
+    nproc_per_node: int = Field(
+        1, ge=1, le=1024, description="trainer ranks (processes) on each node: above 1 (or nnodes above 1) the "
+        "trainer runs under torchrun, FSDP2 data parallel, one rank per GPU on CUDA; 1 = one process (the "
+        "cookbook's accelerator_count)"
+    )
+    nnodes: int = Field(
+        1, ge=1, le=4096, description="machines the trainer spans, each running `rlstream trainer` with this "
+        "config; above 1 needs rdzv_endpoint (the cookbook's node_count)"
+    )
+    rdzv_endpoint: str | None = Field(
+        None, pattern=r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):\d{1,5}$", description="host:port where the "
+        "nodes' torchrun agents meet (torchrun --rdzv-endpoint; with node_rank, node 0's address for "
+        "--master-addr/--master-port); needed when nnodes > 1"
+    )
+    rdzv_id: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9_.-]{1,128}$", description="torchrun --rdzv-id, the same on every node of one "
+        "trainer; unset = the run id"
+    )
+    node_rank: int | None = Field(
+        None, ge=0, le=4095, description="this node's place (0 .. nnodes - 1) in a static rendezvous: node 0 holds "
+        "rank 0, which speaks to Redis; unset = torchrun's c10d rendezvous assigns the nodes' places"
+    )
+    collective_timeout: float = Field(
+        600.0, gt=0, le=86_400, description="seconds a collective of the step (a gather, a reduction, a checkpoint) "
+        "may wait for the other ranks; then the trainer's ranks stop with the reason and `rlstream up` restarts "
+        "them"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> TrainerConfig:
         if self.streaming and self.micro_batch_tokens is None:
             raise ValueError("streaming runs the batch in micro-batches as its groups arrive: set micro_batch_tokens")
+        if self.nnodes > 1 and self.rdzv_endpoint is None:
+            raise ValueError(f"nnodes = {self.nnodes}: set rdzv_endpoint (host:port) where the nodes' torchrun "
+                             "agents meet")
+        if self.node_rank is not None and self.node_rank >= self.nnodes:
+            raise ValueError(f"node_rank = {self.node_rank} is not below nnodes = {self.nnodes}")
         return self
+
+    @property
+    def world_size(self) -> int:
+        """Trainer ranks in all: ``nproc_per_node`` on each of ``nnodes`` nodes."""
+        return self.nproc_per_node * self.nnodes
 
 
 # Path fields take a pathlib.Path from Python too (the config is otherwise strict).

@@ -58,8 +58,6 @@ HOSTED_REASONS: dict[str, str] = {
     "region": _SHAPE,
     "custom_image_tag": _SHAPE,
     "accelerator_type": _SHAPE,
-    "accelerator_count": _SHAPE,
-    "node_count": _SHAPE,
     "trainer_timeout_s": "nothing is provisioned, so there is no trainer to wait for",
     "extra_args": _SHAPE,
     "deployment_id": _DEPLOYMENT,
@@ -94,15 +92,17 @@ def hosted(reason_of: str) -> Any:
 
 
 class HostedTrainerFields(BaseModel):
-    """The cookbook's ``InfraConfig`` / ``TrainerConfig`` fields (a hosted trainer's shape)."""
+    """The cookbook's ``InfraConfig`` / ``TrainerConfig`` fields (a hosted trainer's shape): hosted-only, but
+    ``accelerator_count`` and ``node_count``, spellings of ``trainer.nproc_per_node`` and ``trainer.nnodes``."""
 
     training_shape_id: str | None = hosted("training_shape_id")
     ref_training_shape_id: str | None = hosted("ref_training_shape_id")
     region: str | None = hosted("region")
     custom_image_tag: str | None = hosted("custom_image_tag")
     accelerator_type: str | None = hosted("accelerator_type")
-    accelerator_count: int | None = hosted("accelerator_count")
-    node_count: int | None = hosted("node_count")
+    accelerator_count: int | None = Field(
+        None, ge=1, le=1024, description="spelling of `trainer.nproc_per_node` (trainer ranks per node)")
+    node_count: int | None = Field(None, ge=1, le=4096, description="spelling of `trainer.nnodes`")
     trainer_timeout_s: float | None = hosted("trainer_timeout_s")
     extra_args: list[str] | None = hosted("extra_args")
     reference_training_shape_id: str | None = hosted("reference_training_shape_id")
@@ -201,7 +201,8 @@ class WeightSyncConfig(HostedWeightSyncFields, CookbookSection):
 
 
 class InfraConfig(HostedTrainerFields, CookbookSection):
-    """The cookbook's ``InfraConfig``: a hosted trainer's shape. Every field is hosted-only."""
+    """The cookbook's ``InfraConfig``: a hosted trainer's shape. Every field is hosted-only but
+    ``accelerator_count`` and ``node_count`` (the trainer's ranks per node and nodes)."""
 
 
 class _Schedule(CookbookSection):
@@ -296,6 +297,11 @@ MOVES: dict[tuple[str, str], tuple[str, Callable[..., Any]]] = {
     ("weight_sync", "max_concurrent"): ("max_concurrency_rollout_sample", lambda v, *_: v or _SKIP),
     ("weight_sync", "weight_sync_timeout"): ("inference.weight_sync_timeout", lambda v, *_: v),
     ("trainer", "job_id"): ("run_id", lambda v, *_: v),  # reattaching to a trainer job = continuing the run
+    # a trainer's accelerators and nodes: its ranks under torchrun (docs/scaling-trainer.md)
+    ("trainer", "accelerator_count"): ("trainer.nproc_per_node", lambda v, *_: v),
+    ("trainer", "node_count"): ("trainer.nnodes", lambda v, *_: v),
+    ("infra", "accelerator_count"): ("trainer.nproc_per_node", lambda v, *_: v),
+    ("infra", "node_count"): ("trainer.nnodes", lambda v, *_: v),
 }
 # top-level recipe field -> (rlstream's dotted field, conversion of the value or _SKIP)
 TOP_LEVEL_MOVES: dict[str, tuple[str, Callable[[Any], Any]]] = {

@@ -87,3 +87,29 @@ def test_replay_reproduces_the_source_and_trains_other_losses_on_its_samples(tmp
     assert (tmp_path / "runs/lora/checkpoints/step-3/adapter_config.json").is_file()
     assert not (tmp_path / "runs/lora/weights/v3/adapter_config.json").exists()
     assert events_length(tmp_path / "runs/src") == before  # the source was only read
+
+
+def test_replay_at_two_trainer_ranks_reproduces_the_source(tmp_path: Path, builtin_run, monkeypatch) -> None:
+    """``rlstream replay --set trainer.nproc_per_node=2``: torchrun's two ranks, rank 0 reading the
+    source's steps and sending each batch to the other (docs/design.md §15.82 Rank 0 speaks for the
+    trainer's ranks), one replay run id chosen before the ranks start."""
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs/src").symlink_to(builtin_run.run_dir)
+    monkeypatch.setenv(PASSWORD_ENV, builtin_run.password)
+    source = read_metrics(tmp_path / "runs/src/metrics.jsonl")
+    out = rlstream("replay", "src", str(CONFIG), *SMALL, "--set", "trainer.nproc_per_node=2", cwd=tmp_path,
+                   timeout=300)
+    replayed = [line for line in out.stdout.splitlines() if line.startswith("replayed 5 steps of run src into ")]
+    assert len(replayed) == 1, out.stdout + out.stderr  # rank 0 alone reports
+    run_dir = tmp_path / replayed[0].split(" into ")[1]
+    two = read_metrics(run_dir / "metrics.jsonl")
+    assert [m["replay/source_step"] for m in two] == [1, 2, 3, 4, 5]
+    assert [m["rollout/reward_mean"] for m in two] == [m["rollout/reward_mean"] for m in source]
+    assert [m["train/active_tokens"] for m in two] == [m["train/active_tokens"] for m in source]  # global counts
+    # Step 1 from the same weights, its rows split over two ranks: only the summation order differs (the
+    # bound of the micro-batch replay above); later steps are a trajectory, not compared.
+    n, u = two[0]["train/active_tokens"], 2.0 ** -24
+    assert two[0]["train/loss"] == pytest.approx(source[0]["train/loss"], rel=0, abs=2 * n * u * 4)
+    assert two[0]["train/grad_norm"] == pytest.approx(source[0]["train/grad_norm"], rel=2 * n * u)
+    assert (run_dir / "weights/v5/manifest.json").is_file()
+    assert {p.name for p in (run_dir / "checkpoints/step-5/rng").iterdir()} == {"rank-0.pt", "rank-1.pt"}

@@ -7,7 +7,9 @@ written at 1 rank loads at 2; a checkpoint written at 2 ranks loads at 2 and, ba
 test's own process without a process group, at 1, with the same weights, AdamW state and
 per-rank RNG streams; the weights published from the 2 sharded ranks are the very directory
 (sha256) the unsharded model publishes and load in ``from_pretrained``; a save that fails
-before its manifest leaves no checkpoint. Collectives have a generous timeout: the machine has
+before its manifest leaves no checkpoint; weights stored in bfloat16 train as float32 masters
+made before sharding and are gathered for publishing in bfloat16 (``Precision.sharded``).
+Collectives have a generous timeout: the machine has
 2 shared cores."""
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ from rlstream.trainer.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from rlstream.trainer.precision import prepare
 from rlstream.trainer.weight_sync import WeightSync
 
 WORLD = 2
@@ -179,6 +182,23 @@ def rank_main(rank: int, port: int, work: Path) -> None:
             weights.seal = real_seal
         assert [p.name for p in complete_checkpoints(run)] == ["step-1"]
         assert not checkpoint_dir(run, 2).exists() and (run / "checkpoints" / ".tmp-step-2" / "dcp").is_dir()
+
+        # Weights stored in bfloat16: float32 masters made before sharding (the trainer's order), and the
+        # published weights cast back once gathered, by name; no reference to the unsharded parameters is kept.
+        stored = build_model(0).to(torch.bfloat16)
+        original = {k: v.clone() for k, v in stored.state_dict().items()}
+        precision = prepare(stored, "float32", torch.device("cpu"), False)
+        shard(stored)
+        precision = precision.sharded()
+        assert precision.masters == [] and {p.dtype for p in stored.parameters()} == {torch.float32}
+        with precision.published():
+            full = sharded.full_state_dict(stored)
+        masters = sharded.full_state_dict(stored)  # outside the block: the float32 masters
+        if rank == 0:
+            assert {v.dtype for v in full.values()} == {torch.bfloat16}, {v.dtype for v in full.values()}
+            assert all(torch.equal(full[k], original[k]) for k in original)
+            assert full["lm_head.weight"] is full["model.embed_tokens.weight"]  # still tied: saved once
+            assert {v.dtype for v in masters.values()} == {torch.float32}
         sharded.barrier()
     finally:
         dist.destroy_process_group()

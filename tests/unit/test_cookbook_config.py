@@ -82,11 +82,13 @@ def test_the_sections_load_from_toml(tmp_path):
     path.write_text('base_model = "builtin:tiny"\n[deployment]\ntokenizer_model = "builtin:tiny"\nreplica_count = 1\n'
                     'deployment_id = "d"\n[weight_sync]\nweight_sync_interval = 1\ndcp_save_interval = 5\n'
                     'dcp_timeout = 2700\n[infra]\nnode_count = 2\n[trainer]\ntraining_shape_id = "ts"\n'
+                    'rdzv_endpoint = "head:29500"\n'
                     '[wandb]\nentity = "e"\nproject = "p"\nrun_name = "n"\n')
     cfg = load_config(path)
     assert (cfg.workers.count, cfg.dcp_save_interval, cfg.tokenizer_model, cfg.wandb.name) == (1, 5, None, "n")
     assert {line.split(" = ")[0] for line in ignored_settings(cfg)} == {
-        "trainer.training_shape_id", "infra.node_count", "deployment.deployment_id", "weight_sync.dcp_timeout"}
+        "trainer.training_shape_id", "deployment.deployment_id", "weight_sync.dcp_timeout"}
+    assert cfg.trainer.nnodes == 2 and cfg.trainer.rdzv_endpoint == "head:29500"  # node_count: the trainer's nodes
     # config.json round trip: the same config, with the moved fields left None
     dumped = cfg.model_dump(mode="json")
     assert dumped["weight_sync"]["dcp_save_interval"] is None and dumped["dcp_save_interval"] == 5
@@ -276,3 +278,18 @@ def test_the_porting_page_gives_the_page_no_completion_length_it_does_not_set():
     assert "max_completion_tokens" not in train.split("cfg = Config(")[1].split(")\n")[0]
     page = " ".join((repo / "docs" / "rollouts.md").read_text().split())
     assert "16-token completions" not in page and "the page sets no completion length" in page
+
+
+def test_accelerator_and_node_counts_are_the_trainers_ranks():
+    """``accelerator_count`` / ``node_count`` (InfraConfig or TrainerConfig) are the trainer's ranks under
+    torchrun: spellings of trainer.nproc_per_node and trainer.nnodes, not ignored settings."""
+    cfg = Config(infra=InfraConfig(accelerator_count=4, training_shape_id="ts"))
+    assert (cfg.trainer.nproc_per_node, cfg.trainer.nnodes, cfg.trainer.world_size) == (4, 1, 4)
+    assert cfg.infra.accelerator_count is None  # moved: one source of truth
+    assert [line.split(" = ")[0] for line in ignored_settings(cfg)] == ["infra.training_shape_id"]
+    cfg = Config(trainer=TrainerConfig(accelerator_count=2, node_count=3, rdzv_endpoint="head:29500"))
+    assert (cfg.trainer.nproc_per_node, cfg.trainer.nnodes, cfg.trainer.world_size) == (2, 3, 6)
+    with pytest.raises(ValueError, match="nnodes = 2: set rdzv_endpoint"):
+        Config(infra=InfraConfig(node_count=2))
+    with pytest.raises(ValueError, match=r"infra.accelerator_count = 2 and trainer.nproc_per_node = 4 disagree"):
+        Config(trainer=TrainerConfig(nproc_per_node=4), infra=InfraConfig(accelerator_count=2))
