@@ -7,8 +7,8 @@ Each variant is a whole ``rlstream up examples/builtin/config.toml`` run (embedd
 workers, the trainer) with ``trainer.micro_batch_tokens`` set, streaming off and on, variants
 interleaved round by round so that load on the machine hits them alike. Reported per variant
 (medians over rounds): the run's wall time, the trainer's mean wait for its batch
-(``perf/train_wait_time``), its mean step time after the batch was complete
-(``perf/step_time``), the share of samples that ran before the batch was complete
+(``perf/trainer_wait_for_sampler_time``), its mean step time after the batch was complete
+(``perf/train_time``), the share of samples that ran before the batch was complete
 (``perf/streamed_share``), and the final reward; then the ratio of wall times off/on. Not a
 test: timings are never asserted (docs/design.md §13 Tests).
 """
@@ -42,12 +42,12 @@ def run(steps: int, offpolicy: int, streaming: bool, budget: int, log_path: str)
     if out.returncode != 0:
         raise SystemExit(f"run failed ({out.returncode}): {' '.join(cmd)}\n{out.stderr[-3000:]}")
     lines = [json.loads(x) for x in (Path(log_path) / run_id / "metrics.jsonl").read_text().splitlines() if x]
-    steps_m = [m for m in lines if "perf/step_time" in m]
+    steps_m = [m for m in lines if "perf/train_time" in m]
     summary = re.search(r"wall=([\d.]+)s", out.stdout + out.stderr)
     return {
         "wall": float(summary.group(1)) if summary else wall,
-        "wait": statistics.mean(m["perf/train_wait_time"] for m in steps_m),
-        "step": statistics.mean(m["perf/step_time"] for m in steps_m),
+        "wait": statistics.mean(m["perf/trainer_wait_for_sampler_time"] for m in steps_m),
+        "step": statistics.mean(m["perf/train_time"] for m in steps_m),
         "streamed": statistics.mean(m.get("perf/streamed_share", 0.0) for m in steps_m),
         "reward": statistics.mean(m["rollout/reward_mean"] for m in steps_m[-10:]),
     }

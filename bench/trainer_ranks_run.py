@@ -46,7 +46,7 @@ def run_one(ranks: int, steps: int, workdir: Path, run_id: str) -> dict:
     rewards = [r["rollout/reward_mean"] for r in rows]
     return {"ranks": ranks, "steps": len(rows), "first10": statistics.fmean(rewards[:WINDOW]),
             "last10": statistics.fmean(rewards[-WINDOW:]), "wall_s": wall,
-            "step_s": statistics.fmean(r["perf/step_time"] for r in rows)}
+            "step_s": statistics.fmean(r["perf/train_time"] for r in rows)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -307,11 +307,31 @@ def compute_loss(
             "ppo_clip_frac": mean((clip_B_T & mask_B_T).to(logprobs.dtype)),
             "ppo_ratio_mean": mean(ratio_B_T),
             "ppo_kl": mean(torch.exp(-log_r_B_T) + log_r_B_T - 1.0),
+            "ppo_log_ratio_mean": mean(log_r_B_T),
             "ref_kl": mean(kl_B_T) if kl_B_T is not None else 0.0,
-            "mean_kl": mean(log_r_B_T),
             "tis/weight_mean": mean(w_B_T),
             "tis/clip_frac": mean(tis_capped_B_T),
             "active_tokens": float(mask_B_T.sum()),
             "mean_loss": float(loss),
+            **inference_drift(lp_B_T.detach(), inf_B_T, mask_B_T),
         }
+        if ref_B_T is not None:  # the cookbook's: the policy's KL to the reference, k1 per trained token
+            metrics["mean_kl"] = mean(lp_B_T.detach() - ref_B_T)
     return loss, metrics
+
+
+def inference_drift(logprobs_B_T: Tensor, inf_logprobs_B_T: Tensor, mask_B_T: Tensor) -> dict[str, float]:
+    """How far the trainer's logprobs are from the sampler's on the same tokens (the cookbook's
+    ``train/inference_k1`` / ``inference_k3``): per sample, the mean over its trained tokens of
+    d = logprob - behaviour logprob (k1) and of exp(d) - d - 1 (k3, >= 0), then the mean over
+    the samples that have a trained token (``inference_samples``). Detached inputs, masked
+    positions already 0."""
+    tokens_B = mask_B_T.sum(-1)
+    has_B = tokens_B > 0
+    d_B_T = torch.where(mask_B_T, logprobs_B_T - inf_logprobs_B_T, torch.zeros_like(logprobs_B_T))
+    k3_B_T = torch.where(mask_B_T, torch.exp(d_B_T.clamp(max=_LOG_RATIO_CLAMP)) - d_B_T - 1.0, torch.zeros_like(d_B_T))
+    n = int(has_B.sum())
+    per_B = tokens_B.clamp(min=1).to(d_B_T.dtype)
+    return {"inference_k1": float((d_B_T.sum(-1) / per_B)[has_B].sum()) / max(n, 1),
+            "inference_k3": float((k3_B_T.sum(-1) / per_B)[has_B].sum()) / max(n, 1),
+            "inference_samples": float(n)}

@@ -25,8 +25,9 @@ from rlstream.trainer.batch import Batch
 
 # compute_loss metrics that add up over micro-batches; every other one is a mean over
 # active tokens, so it is re-weighted by them (a mean of means would weigh a micro-batch
-# of 3 tokens like one of 3000).
-SUMMED = frozenset({"active_tokens", "mean_loss"})
+# of 3 tokens like one of 3000), but for the per-sample means, re-weighted by their samples.
+SUMMED = frozenset({"active_tokens", "mean_loss", "inference_samples"})
+PER_SAMPLE = frozenset({"inference_k1", "inference_k3"})  # weighted by "inference_samples"
 
 
 def pack_by_length(lengths_B: torch.Tensor, rows: torch.Tensor, budget: int | None) -> list[torch.Tensor]:
@@ -83,14 +84,16 @@ class MicroMetrics:
         self.sums: dict[str, float] = defaultdict(float)
 
     def add(self, metrics: dict[str, float]) -> None:
-        tokens = metrics["active_tokens"]
+        tokens, samples = metrics["active_tokens"], metrics.get("inference_samples", 0.0)
         for key, value in metrics.items():
+            weight = samples if key in PER_SAMPLE else tokens
             # A micro-batch with no active token has mean 0 and weight 0: 0, never NaN.
-            self.sums[key] += value if key in SUMMED else (value * tokens if tokens else 0.0)
+            self.sums[key] += value if key in SUMMED else (value * weight if weight else 0.0)
 
     def result(self) -> dict[str, float]:
-        tokens = max(self.sums["active_tokens"], 1.0)
-        return {key: value if key in SUMMED else value / tokens for key, value in self.sums.items()}
+        tokens, samples = max(self.sums["active_tokens"], 1.0), max(self.sums.get("inference_samples", 0.0), 1.0)
+        return {key: value if key in SUMMED else value / (samples if key in PER_SAMPLE else tokens)
+                for key, value in self.sums.items()}
 
 
 @contextlib.contextmanager

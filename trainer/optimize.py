@@ -29,6 +29,7 @@ below calls a collective.
 """
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 
 import torch
@@ -82,22 +83,36 @@ def policy_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batc
     for group in optimizer.param_groups:
         group["lr"] = lr
 
+    device, phases = batch.tokens_B_N.device, defaultdict(float)  # the perf/ forward-time family
     with fits_in_memory(lengths_B, cfg.trainer.micro_batch_tokens):
         old_B_T = None
+        t0 = phase_clock(device)
         if cfg.anchor_logp == "rollout":
             old_B_T = batch.inf_logprobs_B_T
         elif k > 1:
             old_B_T = frozen_logprobs(model, batch, every_micro, cfg.temperature, precision)
+        t1 = phase_clock(device)
         ref_B_T = None if ref_model is None else frozen_logprobs(ref_model, batch, every_micro, cfg.temperature,
                                                                  precision)
+        phases["fwd_bwd_time"], phases["ref_forward_time"] = t1 - t0, phase_clock(device) - t1
         steps = [minibatch_step(model, optimizer, batch, micro, old_B_T, ref_B_T, cfg=cfg, precision=precision,
-                                ranks=ranks) for micro in plan]
+                                ranks=ranks, phases=phases) for micro in plan]
     padded = padded_tokens(lengths_B, every_micro)
     if ranks.distributed:
         padded = ranks.all_sum([padded])[0]
     padding_share = 1.0 - float(lengths_B.sum()) / padded
-    return update_report(model, steps, lr=lr, micro_batches=len(every_micro), padding_share=padding_share,
-                         ranks=ranks)
+    report = update_report(model, steps, lr=lr, micro_batches=len(every_micro), padding_share=padding_share,
+                           ranks=ranks)
+    return report | {f"perf/{name}": seconds for name, seconds in phases.items()
+                     if name != "ref_forward_time" or ref_model is not None}
+
+
+def phase_clock(device: torch.device) -> float:
+    """Seconds for the step's phase timers; on CUDA once the device's queued work is done (a
+    phase would otherwise time its kernels' launch, not their run). Three syncs a step."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def update_report(model: torch.nn.Module, steps: list[tuple[dict[str, float], bool]], *, lr: float,
@@ -119,6 +134,7 @@ def update_report(model: torch.nn.Module, steps: list[tuple[dict[str, float], bo
     reported = sums if n_applied else skipped
     out = {f"train/{key}": value / reported["minibatches"] for key, value in reported.items()}
     out["train/active_tokens"] = reported["active_tokens"]  # a count: summed, not averaged
+    out.pop("train/inference_samples", None)  # the weight of inference_k1/k3, not a metric of its own
     out["train/lr"] = lr
     out["train/minibatches"] = k
     out["train/nonfinite_skipped"] = k - n_applied
@@ -129,7 +145,8 @@ def update_report(model: torch.nn.Module, steps: list[tuple[dict[str, float], bo
 
 def minibatch_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: Batch,
                    micro: list[torch.Tensor], old_B_T: torch.Tensor | None, ref_B_T: torch.Tensor | None, *,
-                   cfg: Config, precision: Precision, ranks: Ranks = SINGLE) -> tuple[dict[str, float], bool]:
+                   cfg: Config, precision: Precision, ranks: Ranks = SINGLE,
+                   phases: dict[str, float] | None = None) -> tuple[dict[str, float], bool]:
     """One optimizer step on the minibatch made of ``micro``'s rows: (its ``compute_loss``
     metrics with ``loss``, ``grad_norm``, ``minibatches`` = 1; whether the step was applied).
 
@@ -138,7 +155,9 @@ def minibatch_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, bat
     share is not finite, the remaining forwards run without a graph (metrics only) and the
     step is skipped. Across ranks ``micro`` is this rank's share, the normaliser is the whole
     minibatch's, every backward runs (each is a collective; a non-finite one is dropped with
-    the step, which every rank skips alike), and gradients are reduced on the last one only."""
+    the step, which every rank skips alike), and gradients are reduced on the last one only.
+    ``phases``: where to add the seconds of its forwards/backwards and of its optimizer step."""
+    t0 = phase_clock(batch.tokens_B_N.device)
     rows_B = torch.cat(micro)
     denominator = ranks.denominator(batch.mask_B_T[rows_B], cfg.normalization)
     scale = denominator if precision.scales_backward else 1.0  # float16: per-token gradients of order 1
@@ -161,7 +180,11 @@ def minibatch_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, bat
     if ranks.distributed:
         finite = ranks.all_agree(finite)
         acc.sums.update(zip(list(acc.sums), ranks.all_sum(list(acc.sums.values()))))
+    t1 = phase_clock(batch.tokens_B_N.device)
     grad_norm, applied = clip_and_step(model, optimizer, finite, cfg.grad_clip_norm, scale, ranks=ranks)
+    if phases is not None:
+        phases["fwd_bwd_time"] += t1 - t0
+        phases["optim_step_time"] += phase_clock(batch.tokens_B_N.device) - t1
     metrics = acc.result()
     metrics.update(loss=metrics["mean_loss"], grad_norm=grad_norm, minibatches=1.0)
     return metrics, applied

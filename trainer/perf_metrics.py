@@ -60,10 +60,10 @@ class PerfClock:
         gate = stats.get(keys.GATE_CLOSED_MS, 0)
         samples_n, tokens_n = state.sampled_samples - self.sampled[0], state.sampled_tokens - self.sampled[1]
         line = {
-            "perf/step_wall_time": wall,
+            "perf/step_time": wall,
             "perf/trainer_wait_for_sampler_time": wait_time,
             "perf/sampler_wait_for_trainer_time": (gate - (self.gate_closed_ms or 0)) / 1000,
-            "perf/weight_sync_time": self.weight_write_s,
+            "perf/weight_update_time": self.weight_write_s,
             "perf/weight_write_time": self.weight_sealed_s,
             "perf/rollout_samples_per_s": samples_n / wall,
             "perf/rollout_tokens_per_s": tokens_n / wall,

@@ -70,7 +70,7 @@ def replay_run(cfg: Config, source: redis.Redis, source_run_id: str, source_dir:
         t0 = time.monotonic()
         groups = committed_groups(source, source_run_id, committed, t.advantage_fn, archive)
         train_metrics = t.optimize(groups)
-        metrics = step_metrics(t.step, t.version, groups, train_metrics, step_time=time.monotonic() - t0)
+        metrics = step_metrics(t.step, t.version, groups, train_metrics, train_time=time.monotonic() - t0)
         t.metrics.write({**metrics, "replay/source_step": committed.step})
         if due(cfg.dcp_save_interval, t.step):
             t.checkpoint()

@@ -24,6 +24,8 @@ class LiveRun:
     worker_counts: dict[str, int]  # bus.rollout_stats (keys.WORKER_STATS among them)
     filter_kept: int  # dynamic_filter_fn decisions since the last step
     filter_rejected: int
+    filter_rejected_samples: int = 0  # ... the samples of the groups it rejected, and their rewards' sum
+    filter_rejected_reward: float = 0.0
     stale_dropped: int = 0  # groups dropped past the staleness bound while this batch was gathered
     stale_dropped_total: int = 0  # ... over the whole run
     perf: dict[str, float] = field(default_factory=dict)  # perf_metrics.PerfClock.line
@@ -36,16 +38,26 @@ def rejected_total(state: RunState) -> int:
 
 
 def step_metrics(step: int, version: int, groups: list[Group], train_metrics: dict[str, float], *,
-                 step_time: float, live: LiveRun | None = None) -> dict[str, float]:
+                 train_time: float, live: LiveRun | None = None) -> dict[str, float]:
     """The line of one step: the batch's rollouts, ``train_metrics`` (``policy_update``'s),
-    the step time and, for a live run, the stream around the batch. ``version`` is the one
-    the step produced, so ``version - 1`` is the policy it trained; the async offsets count
-    how many versions behind it each sample was generated (``min_version``) or admitted."""
+    the step's timing (``train_time``: its own work) and, for a live run, the stream around
+    the batch. ``version`` is the one the step produced, so ``version - 1`` is the policy it
+    trained; the async offsets count how many versions behind it each sample was generated
+    (``min_version``) or admitted. Names follow the cookbook's (docs/operations.md, "Perf and
+    rollout metrics"), with the old ones kept beside them for a release (``ALIASES``)."""
     samples = [s for g in groups for s in g.samples]
+    reward = sum(s.reward for s in samples)
+    raw_samples = len(samples) + (live.filter_rejected_samples if live else 0)
     metrics = {
         "step": step, "version": version,
-        "rollout/reward_mean": sum(s.reward for s in samples) / len(samples), "rollout/samples": len(samples),
+        "rollout/reward_mean": reward / len(samples), "rollout/samples": len(samples),
         "rollout/groups": len(groups), **rollout_quality(samples),
+        # The cookbook's filter family: before dynamic_filter_fn (this batch and the groups it rejected since
+        # the last step) and after it (this batch).
+        "rollout/raw_reward": (reward + (live.filter_rejected_reward if live else 0.0)) / raw_samples,
+        "rollout/filtered_reward": reward / len(samples),
+        "rollout/raw_samples": raw_samples, "rollout/filtered_samples": len(samples),
+        "rollout/filter_ratio": 1.0 - len(samples) / raw_samples,
     }
     if live is not None:
         sampled_at = [s.min_version for s in samples]  # ints: Python sums them exactly, no tensor needed
@@ -62,11 +74,25 @@ def step_metrics(step: int, version: int, groups: list[Group], train_metrics: di
             "async/stale_groups_dropped_total": live.stale_dropped_total,
         })
     metrics.update(train_metrics)
+    metrics["perf/train_time"] = train_time
     if live is not None:
-        metrics["perf/train_wait_time"] = live.wait_time
-        metrics.update(live.perf)
-    metrics["perf/step_time"] = step_time
+        metrics.update(live.perf)  # perf/step_time among them: the wall time since the previous step's line
+    step_time = metrics.setdefault("perf/step_time", train_time)  # a replayed step waits for nothing
+    metrics["perf/train_wait_time"] = max(step_time - train_time, 0.0)
+    metrics["perf/wait_time_ratio"] = metrics["perf/train_wait_time"] / step_time if step_time > 0 else 0.0
+    metrics["perf/step_samples_per_s"] = len(samples) / step_time if step_time > 0 else 0.0
+    metrics["perf/step_tokens_per_s"] = sum(s.loss_mask.count(1) for s in samples) / step_time \
+        if step_time > 0 else 0.0
+    for old, new in ALIASES.items():
+        if new in metrics:
+            metrics[old] = metrics[new]
     return metrics
+
+
+# Names this line had before the cookbook's, kept for a release (docs/changelog.md 0.2.0): old -> new.
+# Two old names changed meaning and cannot be kept: perf/step_time was the step's own work (now
+# perf/train_time) and perf/train_wait_time the wait for the batch (perf/trainer_wait_for_sampler_time).
+ALIASES = {"perf/step_wall_time": "perf/step_time", "perf/weight_sync_time": "perf/weight_update_time"}
 
 
 def rollout_quality(samples: list) -> dict[str, float]:

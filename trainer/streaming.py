@@ -39,7 +39,7 @@ from rlstream.trainer.micro_batch import (
     placeholder,
     rows_of,
 )
-from rlstream.trainer.optimize import clip_and_step, frozen_logprobs, micro_loss, update_report
+from rlstream.trainer.optimize import clip_and_step, frozen_logprobs, micro_loss, phase_clock, update_report
 from rlstream.trainer.precision import Precision
 from rlstream.trainer.ranks import SINGLE, Ranks, assign, even_out
 
@@ -60,6 +60,7 @@ class StreamingStep:
         self.metrics, self.finite = MicroMetrics(), True
         self.tokens = self.sequences = self.padded = self.trained_tokens = self.micro_batches = 0
         self.streamed_samples, self.compute_time = 0, 0.0
+        self.final_time = self.optim_time = 0.0  # the rest of the batch's forwards/backwards, the optimizer step
         optimizer.zero_grad(set_to_none=True)
 
     def add(self, groups: list[Group]) -> None:
@@ -77,7 +78,9 @@ class StreamingStep:
     def finish(self, lr: float) -> dict[str, float]:
         """The rest of the batch, then the optimizer step at ``lr``: the ``train/`` metrics of
         ``optimize.policy_update`` for the same batch (to float rounding)."""
+        t0 = phase_clock(self.device)
         self.run(final=True)
+        self.final_time = phase_clock(self.device) - t0
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         tokens, sequences, finite = self.tokens, self.sequences, self.finite
@@ -88,8 +91,10 @@ class StreamingStep:
                 [tokens, sequences, self.padded, self.trained_tokens, self.streamed_samples, *sums.values()])
             sums.update(zip(list(sums), values))
         denominator = denominator_of(int(tokens), int(sequences), self.cfg.normalization)
+        t0 = phase_clock(self.device)
         grad_norm, applied = clip_and_step(self.model, self.optimizer, finite, self.cfg.grad_clip_norm,
                                            scale=denominator, ranks=self.ranks)
+        self.optim_time = phase_clock(self.device) - t0
         metrics = self.metrics.result()
         metrics["mean_loss"] /= denominator  # each micro-batch reported its loss sum
         metrics.update(loss=metrics["mean_loss"], grad_norm=grad_norm, minibatches=1.0)
@@ -101,7 +106,9 @@ class StreamingStep:
         """How much of the step ran while its batch was still being sampled."""
         samples = sum(len(g.members) for g in self.groups)
         return {"perf/streamed_share": self.streamed_samples / samples if samples else 0.0,
-                "perf/streamed_compute_time": self.compute_time}
+                "perf/streamed_compute_time": self.compute_time,
+                # the forward/backward of every chunk (the reference's forward among them), then the step
+                "perf/fwd_bwd_time": self.compute_time + self.final_time, "perf/optim_step_time": self.optim_time}
 
     def run(self, *, final: bool) -> int:
         """Forward/backward the waiting samples' full micro-batches (all of them when ``final``);

@@ -147,7 +147,8 @@ class Trainer:
             raise RlstreamError("evaluation_fn with several trainer ranks is not supported yet "
                                 "(docs/scaling-trainer.md): set trainer.nproc_per_node = 1 or drop evaluation_fn")
         self.wandb = make_logger(cfg)
-        self.filtered = {"kept": 0, "rejected": 0}  # dynamic_filter_fn decisions since the last step
+        # dynamic_filter_fn decisions since the last step; the rejected groups' samples and rewards' sum
+        self.filtered = {"kept": 0, "rejected": 0, "rejected_samples": 0, "rejected_reward": 0.0}
         self.state, self.cursor, self.last_commit_id = RunState(), "0-0", "0-0"
         assert self.lease is not None  # fences every write below
         self.buffer = RolloutBuffer(r, cfg, self.state, vocab_size=self.model.get_input_embeddings().num_embeddings,
@@ -199,7 +200,7 @@ class Trainer:
             m = self.train_step(groups, wait_time=time.monotonic() - t_wait - busy, streamed=streamed)
             log.info("step %d v%d reward %.3f loss %.4f offset<=%d wait %.2fs step %.2fs", m["step"], m["version"],
                      m["rollout/reward_mean"], m["train/loss"], m["async/version_offset_max"],
-                     m["perf/train_wait_time"], m["perf/step_time"])
+                     m["perf/trainer_wait_for_sampler_time"], m["perf/train_time"])
         if self.state.finished is None:
             failed = reason == "data exhausted" and self.step == 0  # must not look like a success
             self.finish(NO_STEP_TRAINED.format(self.cfg.run_id) if failed else reason, failed=failed)
@@ -238,9 +239,9 @@ class Trainer:
         train_metrics = self.optimize(groups, streamed=streamed)
         synced = self.sync_weights() if due(self.cfg.weight_sync_interval, self.version) else None
         try:
-            metrics = step_metrics(self.step, self.version, groups, train_metrics, step_time=time.monotonic() - t0,
+            metrics = step_metrics(self.step, self.version, groups, train_metrics, train_time=time.monotonic() - t0,
                                    live=self.live_run(wait_time, groups, compute_began))
-            self.filtered = {"kept": 0, "rejected": 0}
+            self.filtered = dict.fromkeys(self.filtered, 0)
             committed = step_record(self.step, self.version, groups, metrics)
             self.last_commit_id = commit_step(self.r, self.cfg.run_id, committed, self.lease, last_event=self.cursor)
         except BaseException:
@@ -276,6 +277,9 @@ class Trainer:
         except Exception as exc:
             return _rejection("dynamic_filter_fn", exc, group)
         self.filtered["kept" if keep else "rejected"] += 1
+        if not keep:
+            self.filtered["rejected_samples"] += len(group.members)
+            self.filtered["rejected_reward"] += float(group.rewards_G.sum())
         return None if keep else FILTER_REASON
 
     def optimize(self, groups: list[Group], lr: float | None = None,
@@ -332,6 +336,8 @@ class Trainer:
         return LiveRun(wait_time=wait_time, rejected_groups=rejected_total(self.state), worker_counts=stats,
                        perf=self.perf.line(groups, wait_time, compute_began, self.state, stats),
                        filter_kept=self.filtered["kept"], filter_rejected=self.filtered["rejected"],
+                       filter_rejected_samples=self.filtered["rejected_samples"],
+                       filter_rejected_reward=self.filtered["rejected_reward"],
                        stale_dropped=self.buffer.stale_in_batch, stale_dropped_total=stale_total(self.state))
 
     def log_metrics(self, line: dict[str, float]) -> None:

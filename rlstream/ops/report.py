@@ -27,17 +27,23 @@ def series(rows: Rows, key: str) -> tuple[list[float], list[float]]:
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
+def step_wall_time(r: dict) -> float | None:
+    """A line's wall time since the previous one: ``perf/step_time`` in the cookbook's names
+    (lines with ``perf/train_time``, since 0.2.0), ``perf/step_wall_time`` before."""
+    return r.get("perf/step_time") if "perf/train_time" in r else r.get("perf/step_wall_time")
+
+
 def step_breakdown(rows: Rows) -> dict[str, list[float]]:
     """Per step: seconds waiting for rollouts, computing (the rest of the step's wall time), and
-    writing weights. Runs logged before ``perf/step_wall_time`` existed use the trainer's own
-    ``perf/train_wait_time`` and ``perf/step_time``."""
+    writing weights. Runs logged before the wall time existed use the trainer's own
+    ``perf/train_wait_time`` and ``perf/step_time`` (then its work, not its wall time)."""
     out: dict[str, list[float]] = {"step": [], "wait for rollouts": [], "compute": [], "write weights": []}
     for r in rows:
         wait = r.get("perf/trainer_wait_for_sampler_time", r.get("perf/train_wait_time"))
-        wall = r.get("perf/step_wall_time")
+        wall = step_wall_time(r)
         if wait is None or (wall is None and r.get("perf/step_time") is None):
             continue
-        weights = r.get("perf/weight_sync_time", 0.0) or 0.0
+        weights = r.get("perf/weight_update_time", r.get("perf/weight_sync_time", 0.0)) or 0.0
         compute = (wall - wait if wall is not None else r["perf/step_time"]) - weights
         out["step"].append(r["step"])
         out["wait for rollouts"].append(wait)
@@ -54,8 +60,8 @@ def summary(rows: Rows) -> dict[str, str]:
     def fmt(v: float | None, spec: str = ".3f") -> str:
         return "n/a" if v is None else format(v, spec)
 
-    timed = [r for r in rows if r.get("perf/step_wall_time") is not None]
-    walls = [r["perf/step_wall_time"] for r in timed]
+    timed = [r for r in rows if step_wall_time(r) is not None]
+    walls = [step_wall_time(r) for r in timed]
     waits = [r.get("perf/trainer_wait_for_sampler_time") or 0.0 for r in timed]
     return {
         "steps": str(len(rows)), "final version": str(rows[-1]["version"]) if rows else "n/a",

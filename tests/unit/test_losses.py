@@ -27,8 +27,10 @@ def test_grpo_values_grads_metrics(dtype) -> None:
     assert m["ppo_clip_frac"] == approx(0.4)                # 2 of 5
     assert m["ppo_ratio_mean"] == approx(1.02)              # (1.1+1.5+0.5+0.7+1.3)/5
     assert m["ppo_kl"] == approx(0.0973754)                 # mean of 1/r + ln r - 1
-    assert m["mean_kl"] == approx(-0.0573365)               # mean of ln r
-    assert m["ref_kl"] == 0.0
+    assert m["ppo_log_ratio_mean"] == approx(-0.0573365)    # mean of ln r
+    assert "mean_kl" not in m and m["ref_kl"] == 0.0        # no reference: no KL to it
+    # inf = old here, so d = ln r: per sample (ln 1.1 + ln 1.5 + ln 0.5)/3, (ln 0.7 + ln 1.3)/2, then their mean
+    assert m["inference_k1"] == approx(-0.0556396) and m["inference_samples"] == 2.0
     assert m["tis/weight_mean"] == approx(1.0) and m["tis/clip_frac"] == 0.0
     assert m["active_tokens"] == 5.0 and m["mean_loss"] == approx(0.28)
     assert all(isinstance(v, float) for v in m.values())
@@ -255,9 +257,22 @@ def test_kl_estimators(est, mean_kl, grad) -> None:
     assert loss == approx(0.1 * mean_kl)
     assert g == [approx(grad)]
     assert m["ref_kl"] == approx(mean_kl)
+    assert m["mean_kl"] == approx(-0.25)  # the cookbook's mean_kl: lp - ref per trained token, whatever the estimator
     # With kl_beta = 0 the metric is still reported but the loss ignores the reference.
     loss, m, _ = run("grpo", inputs, ref, kl_estimator=est)
     assert loss == 0.0 and m["ref_kl"] == approx(mean_kl)
+
+
+def test_inference_drift_is_a_mean_over_samples_of_per_token_means() -> None:
+    """The cookbook's train/inference_k1, k3: d = trainer logprob - behaviour logprob on the
+    trained tokens. Sample 0: d = 0.2, -0.4 -> k1 -0.1; k3 (e^0.2 - 1.2 = 0.0214028,
+    e^-0.4 - 0.6 = 0.0703200) 0.0458614. Sample 1: d = 1.0 -> k1 1.0, k3 e - 2 = 0.7182818.
+    Means over the 2 samples (not the 3 tokens): k1 0.45, k3 0.3820716."""
+    e = math.exp
+    inputs = make([[e(0.2), e(-0.4)], [e(1.0), 1.0]], [1.0, -1.0], [[1.0, 1.0], [1.0, 0.0]])
+    _, m, _ = run("grpo", inputs)
+    assert m["inference_k1"] == approx(0.45) and m["inference_k3"] == approx(0.3820716)
+    assert m["inference_samples"] == 2.0
 
 
 @pytest.mark.parametrize("policy", POLICY_LOSSES)

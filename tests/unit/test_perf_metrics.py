@@ -18,10 +18,15 @@ from rlstream.trainer.perf_metrics import PerfClock, overlap_ratio, sampling_win
 from rlstream.trainer.step_metrics import rollout_quality
 
 COOKBOOK = {"perf/trainer_wait_for_sampler_time", "perf/sampler_wait_for_trainer_time", "perf/overlap_ratio",
-            "perf/step_wall_time", "perf/rollout_samples_per_s", "perf/rollout_tokens_per_s",
-            "perf/weight_sync_time", "rollout/accuracy", "rollout/truncated_ratio", "rollout/response_len/mean",
+            "perf/step_time", "perf/train_time", "perf/train_wait_time", "perf/wait_time_ratio",
+            "perf/weight_update_time", "perf/step_samples_per_s", "perf/step_tokens_per_s",
+            "perf/fwd_bwd_time", "perf/optim_step_time", "perf/rollout_samples_per_s", "perf/rollout_tokens_per_s",
+            "rollout/raw_reward", "rollout/filtered_reward", "rollout/raw_samples", "rollout/filtered_samples",
+            "rollout/filter_ratio", "train/inference_k1", "train/inference_k3",
+            "rollout/accuracy", "rollout/truncated_ratio", "rollout/response_len/mean",
             "rollout/response_len/max", "rollout/response_len/min", "rollout/entropy",
             "async/stale_groups_dropped", "async/stale_groups_dropped_total"}
+ALIASES = {"perf/step_wall_time", "perf/weight_sync_time"}  # the old names, kept for a release
 
 
 def sample(mask: list[int], logprobs: list[float], reward: float = 1.0, finish: str = "stop", window=(0.0, 0.0),
@@ -93,17 +98,17 @@ def test_perf_clock_rates_waits_and_weight_time(monkeypatch):
     for m in range(2):  # sampled 1000.0-1002.0: 1 s of it while the trainer was busy (1000-1001)
         g.members[f"s{m}"] = ("1-0", sample([0, 1], [0.0, -1.0], window=(1000.0, 1002.0)))
     line = perf.line([g], wait_time=3.0, compute_began=1004.0, state=state, stats={keys.GATE_CLOSED_MS: 2500})
-    assert line["perf/step_wall_time"] == 4.0
+    assert line["perf/step_time"] == 4.0
     assert line["perf/trainer_wait_for_sampler_time"] == 3.0
     assert line["perf/sampler_wait_for_trainer_time"] == 2.0
-    assert line["perf/weight_sync_time"] == 0.75 and line["perf/weight_write_time"] == 0.5
+    assert line["perf/weight_update_time"] == 0.75 and line["perf/weight_write_time"] == 0.5
     assert line["perf/rollout_samples_per_s"] == 2.0 and line["perf/rollout_tokens_per_s"] == 6.0
     assert line["perf/overlap_ratio"] == pytest.approx(0.5)
     clock["mono"] = 106.0
     line = perf.line([g], wait_time=1.0, compute_began=1006.0, state=state, stats={keys.GATE_CLOSED_MS: 2500})
-    assert (line["perf/weight_sync_time"], line["perf/weight_write_time"], line["perf/rollout_samples_per_s"]) \
+    assert (line["perf/weight_update_time"], line["perf/weight_write_time"], line["perf/rollout_samples_per_s"]) \
         == (0.0, 0.0, 0.0)  # reset per step
-    assert line["perf/step_wall_time"] == 2.0 and line["perf/sampler_wait_for_trainer_time"] == 0.0
+    assert line["perf/step_time"] == 2.0 and line["perf/sampler_wait_for_trainer_time"] == 0.0
 
 
 def test_a_live_trainer_step_logs_every_cookbook_metric(r, tmp_path):
@@ -122,9 +127,12 @@ def test_a_live_trainer_step_logs_every_cookbook_metric(r, tmp_path):
     t = Trainer(cfg, r, tmp_path / run)
     assert t.run() == 1
     line = read_metrics(tmp_path / run / "metrics.jsonl")[-1]
-    assert COOKBOOK <= set(line), COOKBOOK - set(line)
+    assert COOKBOOK | ALIASES <= set(line), (COOKBOOK | ALIASES) - set(line)
     assert all(isinstance(line[k], (int, float)) and math.isfinite(line[k]) for k in COOKBOOK)
-    assert line["perf/weight_sync_time"] > 0  # weight_sync_interval 1: this step wrote its weights
+    assert line["perf/weight_update_time"] > 0  # weight_sync_interval 1: this step wrote its weights
+    assert line["perf/step_wall_time"] == line["perf/step_time"] >= line["perf/train_time"] > 0
+    assert line["perf/fwd_bwd_time"] > 0 and "perf/ref_forward_time" not in line  # kl_beta 0: no reference
+    assert "train/mean_kl" not in line and line["train/inference_k3"] >= 0  # mean_kl: KL to a reference only
     assert line["perf/overlap_ratio"] == 0.0  # sampled long before the trainer started
     assert line["rollout/accuracy"] == 0.5 and line["rollout/entropy"] == 1.0
 

@@ -29,6 +29,10 @@ def write_metrics(run_dir, perf: bool = True, evals: bool = True) -> None:
             row.update({"perf/step_wall_time": 1.0, "perf/trainer_wait_for_sampler_time": 0.4,
                         "perf/weight_sync_time": 0.1, "perf/rollout_samples_per_s": 200.0 + step,
                         "perf/rollout_tokens_per_s": 3000.0, "perf/overlap_ratio": 0.6})
+        if perf and step > 6:  # the cookbook's names (0.2.0): step_time is the wall time, train_time the work
+            row.update({"perf/step_time": 1.0, "perf/train_time": 0.5, "perf/train_wait_time": 0.5,
+                        "perf/weight_update_time": 0.1})
+            del row["perf/step_wall_time"], row["perf/weight_sync_time"]
         lines.append(row)
         if evals and step % 4 == 0:
             lines.append({"step": step, "version": step, "eval/version": step, "eval/accuracy": step / 20})
@@ -61,6 +65,10 @@ def test_step_breakdown_splits_the_wall_time():
     rows = [{"step": 1, "perf/step_wall_time": 2.0, "perf/trainer_wait_for_sampler_time": 0.5,
              "perf/weight_sync_time": 0.25}]
     assert step_breakdown(rows) == {"step": [1], "wait for rollouts": [0.5], "compute": [1.25], "write weights": [0.25]}
+    cookbook = [{"step": 2, "perf/step_time": 2.0, "perf/train_time": 1.5, "perf/trainer_wait_for_sampler_time": 0.5,
+                 "perf/weight_update_time": 0.25}]  # the cookbook's names: perf/step_time is the wall time
+    assert step_breakdown(cookbook) == {"step": [2], "wait for rollouts": [0.5], "compute": [1.25],
+                                        "write weights": [0.25]}
 
 
 def test_a_run_without_metrics_says_what_is_missing(tmp_path):

@@ -11,12 +11,15 @@ from rlstream.trainer.step_metrics import FILTER_REASON, LiveRun, eval_metrics, 
 TRAIN = {"train/loss": 0.5, "train/lr": 1e-3}
 ROLLOUT = {"rollout/accuracy", "rollout/truncated_ratio", "rollout/response_len/mean", "rollout/response_len/max",
            "rollout/response_len/min", "rollout/entropy"}
-COMMON = {"step", "version", "rollout/reward_mean", "rollout/samples", "rollout/groups", "perf/step_time", *TRAIN,
-          *ROLLOUT}
+FILTER = {"rollout/raw_reward", "rollout/filtered_reward", "rollout/raw_samples", "rollout/filtered_samples",
+          "rollout/filter_ratio"}
+PERF = {"perf/step_time", "perf/train_time", "perf/train_wait_time", "perf/wait_time_ratio", "perf/step_samples_per_s",
+        "perf/step_tokens_per_s"}
+COMMON = {"step", "version", "rollout/reward_mean", "rollout/samples", "rollout/groups", *PERF, *TRAIN, *ROLLOUT,
+          *FILTER}
 LIVE = {"rollout/rejected_groups_total", "rollout/invalid_samples_total", "rollout/failures_total",
         "async/version_offset_max", "async/version_offset_mean", "async/submit_offset_max",
-        "rollout/filter_reject_ratio", "perf/train_wait_time", "async/stale_groups_dropped",
-        "async/stale_groups_dropped_total"}
+        "rollout/filter_reject_ratio", "async/stale_groups_dropped", "async/stale_groups_dropped_total"}
 
 
 def group(row: int, rewards: list[float], min_version: int, submit_version: int) -> Group:
@@ -36,26 +39,37 @@ GROUPS = [group(0, [0.0, 1.0], min_version=4, submit_version=3), group(1, [1.0, 
 
 def test_a_live_step_logs_the_stream_around_its_batch():
     live = LiveRun(wait_time=1.5, rejected_groups=2, worker_counts={"invalid_samples": 3}, filter_kept=3,
-                   filter_rejected=1)
-    m = step_metrics(7, 6, GROUPS, TRAIN, step_time=0.25, live=live)
-    assert set(m) == COMMON | LIVE
+                   filter_rejected=1, filter_rejected_samples=4, filter_rejected_reward=1.0,
+                   perf={"perf/step_time": 2.0, "perf/weight_update_time": 0.1})
+    m = step_metrics(7, 6, GROUPS, TRAIN, train_time=0.5, live=live)
+    assert set(m) == COMMON | LIVE | {"perf/weight_update_time", "perf/step_wall_time", "perf/weight_sync_time"}
     assert (m["step"], m["version"], m["rollout/samples"], m["rollout/groups"]) == (7, 6, 4, 2)
-    assert m["rollout/reward_mean"] == 0.75 and m["train/loss"] == 0.5 and m["perf/step_time"] == 0.25
+    assert m["rollout/reward_mean"] == 0.75 and m["train/loss"] == 0.5
+    # the cookbook's timing: step_time (wall since the previous line), train_time (the step's work), the rest waiting
+    assert (m["perf/step_time"], m["perf/train_time"], m["perf/train_wait_time"]) == (2.0, 0.5, 1.5)
+    assert m["perf/wait_time_ratio"] == 0.75 and m["perf/step_samples_per_s"] == 2.0
+    assert m["perf/step_tokens_per_s"] == 4.0  # 4 samples of 2 trained tokens in 2 s
+    assert m["perf/step_wall_time"] == 2.0 and m["perf/weight_sync_time"] == 0.1  # the old names, for a release
+    # the filter family: this batch (4 samples, reward 3) and the group the filter rejected (4 samples, reward 1)
+    assert (m["rollout/raw_samples"], m["rollout/filtered_samples"], m["rollout/filter_ratio"]) == (8, 4, 0.5)
+    assert (m["rollout/raw_reward"], m["rollout/filtered_reward"]) == (0.5, 0.75)
     # version 6 trained on policy 5: samples from versions 4 and 2, admitted at 3 and 2
     assert m["async/version_offset_max"] == 3 and m["async/version_offset_mean"] == 2
     assert m["async/submit_offset_max"] == 3
     assert m["rollout/invalid_samples_total"] == 3 and m["rollout/failures_total"] == 0
     assert m["rollout/rejected_groups_total"] == 2 and m["rollout/filter_reject_ratio"] == 0.25
-    assert m["perf/train_wait_time"] == 1.5
 
 
 def test_a_replayed_step_logs_only_its_batch():
-    assert set(step_metrics(1, 1, GROUPS, TRAIN, step_time=0.1)) == COMMON
+    m = step_metrics(1, 1, GROUPS, TRAIN, train_time=0.1)
+    assert set(m) == COMMON | {"perf/step_wall_time"} and m["perf/step_time"] == m["perf/train_time"] == 0.1
+    assert m["perf/train_wait_time"] == 0
+    assert m["rollout/raw_reward"] == m["rollout/filtered_reward"] and m["rollout/filter_ratio"] == 0.0
 
 
 def test_no_filter_decision_is_a_zero_ratio():
     live = LiveRun(wait_time=0.0, rejected_groups=0, worker_counts={}, filter_kept=0, filter_rejected=0)
-    assert step_metrics(1, 1, GROUPS, TRAIN, step_time=0.1, live=live)["rollout/filter_reject_ratio"] == 0.0
+    assert step_metrics(1, 1, GROUPS, TRAIN, train_time=0.1, live=live)["rollout/filter_reject_ratio"] == 0.0
 
 
 def test_an_evaluation_line_is_marked_by_its_version():
