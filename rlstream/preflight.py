@@ -13,6 +13,7 @@ from rlstream.core.config import (
     BUILTIN_MODELS,
     BUILTIN_POSITIONS,
     BUILTIN_REWARDS,
+    TOKEN_ADVANTAGE_METHODS,
     Config,
 )
 from rlstream.core.cookbook_config import COOKBOOK_DEFAULTS
@@ -87,6 +88,11 @@ def check_ranks(cfg: Config) -> None:
     world = trainer.world_size
     if world == 1:
         return
+    if cfg.advantage == "igpo":
+        raise ConfigError(f"config error: advantage = \"igpo\" with {world} trainer ranks: its information gains "
+                          "come from forwards of the policy in the trainer, and a sharded policy's forward is a "
+                          "collective of every rank, which only rank 0 (which scores the groups) would run; not "
+                          "supported yet: set trainer.nproc_per_node = 1 (and nnodes = 1)")
     if cfg.evaluation_fn is not None:
         raise ConfigError(f"config error: evaluation_fn with {world} trainer ranks: evaluation samples from the "
                           "policy in the trainer, and a sharded policy's forward is a collective of every rank, which "
@@ -120,7 +126,7 @@ def preflight(cfg: Config) -> None:
              "evaluation_fn": cfg.evaluation_fn}
     if cfg.reward_fn not in BUILTIN_REWARDS:
         specs["reward_fn"] = cfg.reward_fn
-    if cfg.advantage not in ADVANTAGE_METHODS:
+    if cfg.advantage not in ADVANTAGE_METHODS + TOKEN_ADVANTAGE_METHODS:
         specs["advantage"] = cfg.advantage
     for name, spec in specs.items():
         if spec:

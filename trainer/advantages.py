@@ -12,7 +12,7 @@ import math
 import torch
 from torch import Tensor
 
-from rlstream.core.config import ADVANTAGE_METHODS
+from rlstream.core.config import ADVANTAGE_METHODS, TOKEN_ADVANTAGE_METHODS
 
 _STD_EPS = 1e-8
 
@@ -77,6 +77,9 @@ def compute_advantages(rewards_G: Tensor, method: str = "grpo") -> Tensor:
 def resolve_advantage(spec: str):
     """``"grpo"``/``"dr_grpo"``, or ``"module:function"`` taking rewards_G and returning
     advantages_G (a user function: imported by name, so the trainer process can load it)."""
+    if spec in TOKEN_ADVANTAGE_METHODS:  # no function of the rewards alone
+        raise ValueError(f"advantage {spec!r} needs the policy and the samples' turns, not only rewards: the "
+                         "trainer computes it (rlstream.trainer.igpo.igpo_advantages)")
     if spec in ADVANTAGE_METHODS:
         return lambda rewards_G: compute_advantages(rewards_G, spec)
     from rlstream.core.imports import import_object

@@ -20,6 +20,10 @@ class Group:
     size: int
     members: dict[str, tuple[str, RolloutSample]] = field(default_factory=dict)  # sample_id -> (entry, sample)
     advantages_G: torch.Tensor | None = None  # set by the trainer once the group is complete
+    # Per-token advantages (advantage = "igpo"): one (len(tokens) - 1,) tensor per sample, in ``samples``'
+    # order, aligned to the targets; None = each sample's advantages_G entry on every token
+    # (docs/design.md §15.84 Per-token advantages: a turn's tokens carry its advantage).
+    token_advantages: list[torch.Tensor] | None = None
     first_seen: float = field(default_factory=time.monotonic)
     invalid: set[str] = field(default_factory=set)  # sample ids dead-lettered by the trainer's checks
 
@@ -133,14 +137,26 @@ class Batch:
     inf_logprobs_B_T: torch.Tensor  # behaviour logprobs aligned to targets, T = N - 1
     mask_B_T: torch.Tensor  # float, 1 on trained targets
     advantages_B: torch.Tensor
+    # One advantage per target (IGPO's turns), used instead of advantages_B; None = advantages_B on every token.
+    advantages_B_T: torch.Tensor | None = None
+
+    @property
+    def advantages(self) -> torch.Tensor:
+        """What the loss takes: ``advantages_B_T`` when the batch has per-token advantages, else ``advantages_B``."""
+        return self.advantages_B if self.advantages_B_T is None else self.advantages_B_T
 
 
-def collate(samples: list[RolloutSample], advantages_B: torch.Tensor, pad_id: int, device: torch.device) -> Batch:
+def collate(samples: list[RolloutSample], advantages_B: torch.Tensor, pad_id: int, device: torch.device,
+            token_advantages: list[torch.Tensor | None] | None = None) -> Batch:
     """Right-padded (B, N) tensors of ``samples`` (equal-length arrays each, ``RolloutSample``
     checks it). Each field's arrays are joined into one buffer and scattered into the real
     positions at once: read row by row, those are the samples' tokens in order. A handful of
     tensor ops whatever B (one slice assignment per sample and field cost ~3.5 ms at B = 256,
-    bench/trainer_overhead.py)."""
+    bench/trainer_overhead.py).
+
+    ``token_advantages`` (None: scalar advantages only, nothing more is built): per sample, its
+    (len(tokens) - 1,) per-token advantages, or None for its ``advantages_B`` entry on every
+    token; the batch then carries ``advantages_B_T``."""
     lengths_B = torch.tensor([len(s.tokens) for s in samples], dtype=torch.long)
     B, N = len(samples), int(lengths_B.max())
     real_B_N = torch.arange(N)[None, :] < lengths_B[:, None]
@@ -150,8 +166,29 @@ def collate(samples: list[RolloutSample], advantages_B: torch.Tensor, pad_id: in
     tokens[real_B_N] = _joined(samples, "tokens", torch.int32).long()
     inf[real_B_N] = _joined(samples, "logprobs", torch.float32)
     mask[real_B_N] = _joined(samples, "loss_mask", torch.uint8).float()
+    adv_B_T = None if token_advantages is None else token_advantages_B_T(advantages_B, token_advantages, N - 1)
     return Batch(tokens.to(device), real_B_N.long().to(device), inf[:, 1:].to(device), mask[:, 1:].to(device),
-                 advantages_B.to(device))
+                 advantages_B.to(device), None if adv_B_T is None else adv_B_T.to(device))
+
+
+def token_advantages_B_T(advantages_B: torch.Tensor, token_advantages: list[torch.Tensor | None],
+                         T: int) -> torch.Tensor:
+    """(B, T) advantages: row i is ``token_advantages[i]`` (0 past its end: padding), or
+    ``advantages_B[i]`` on every target when that is None."""
+    adv_B_T = advantages_B.float()[:, None].expand(len(advantages_B), T).clone()
+    for i, adv_T in enumerate(token_advantages):
+        if adv_T is not None:
+            adv_B_T[i] = 0.0
+            adv_B_T[i, :len(adv_T)] = adv_T
+    return adv_B_T
+
+
+def token_advantages_of(groups: list[Group]) -> list[torch.Tensor | None] | None:
+    """The groups' per-token advantages, one entry per sample in order (None where a group has
+    none); None when no group has any: the scalar batch, built as it always was."""
+    if all(g.token_advantages is None for g in groups):
+        return None
+    return [t for g in groups for t in (g.token_advantages or [None] * len(g.members))]
 
 
 def _joined(samples: list[RolloutSample], name: str, dtype: torch.dtype) -> torch.Tensor:

@@ -204,8 +204,9 @@ def _validate(policy_loss: str, tensors: dict[str, Tensor | None], adv: Tensor) 
     for name, t in tensors.items():
         if t is not None and t.shape != shape:
             raise ValueError(f"{name} shape {tuple(t.shape)} != logprobs shape {tuple(shape)}")
-    if adv.shape != shape[:1]:
-        raise ValueError(f"advantages must have shape ({shape[0]},), got {tuple(adv.shape)}")
+    if adv.shape != shape[:1] and adv.shape != shape:
+        raise ValueError(f"advantages must have shape ({shape[0]},) or {tuple(shape)} (one per token), "
+                         f"got {tuple(adv.shape)}")
 
 
 def compute_loss(
@@ -221,8 +222,8 @@ def compute_loss(
 ) -> tuple[Tensor, dict[str, float]]:
     """Scalar policy loss (differentiable w.r.t. ``logprobs``) and float metrics.
 
-    Args (all (B, T) except ``advantages`` (B,)): ``logprobs`` of the current policy,
-    ``old_logprobs`` of the policy that defined the PPO trust region, ``inf_logprobs``
+    Args (all (B, T) except ``advantages``: (B,), or (B, T) for one per token): ``logprobs``
+    of the current policy, ``old_logprobs`` of the policy that defined the PPO trust region, ``inf_logprobs``
     of the sampler (behaviour policy), ``mask`` (non-zero = trained token), optional
     frozen ``ref_logprobs`` for the KL penalty. All but ``logprobs`` are detached.
     ``denominator``: the normalisation's divisor (see :func:`reduce_loss`), given when this
@@ -253,7 +254,8 @@ def compute_loss(
 
     lp_B_T = torch.where(mask_B_T, logprobs, zeros_B_T)
     old_B_T, inf_B_T = clean(old_logprobs), clean(inf_logprobs)
-    adv_B_T = clean(advantages[:, None].expand_as(logprobs))
+    # one advantage per sequence (the common case), or one per token (IGPO's turns)
+    adv_B_T = clean(advantages[:, None].expand_as(logprobs) if advantages.dim() == 1 else advantages)
     ref_B_T = clean(ref_logprobs) if ref_logprobs is not None else None
 
     log_r_B_T = (lp_B_T - old_B_T).clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)

@@ -50,8 +50,9 @@ def pack_by_length(lengths_B: torch.Tensor, rows: torch.Tensor, budget: int | No
 def rows_of(batch: Batch, rows: torch.Tensor) -> Batch:
     """The micro-batch of ``rows``, cut to its longest row (N tokens, T = N - 1 targets)."""
     N = int(batch.attention_B_N[rows].sum(-1).max())
+    adv_B_T = None if batch.advantages_B_T is None else batch.advantages_B_T[rows, :N - 1]
     return Batch(batch.tokens_B_N[rows, :N], batch.attention_B_N[rows, :N], batch.inf_logprobs_B_T[rows, :N - 1],
-                 batch.mask_B_T[rows, :N - 1], batch.advantages_B[rows])
+                 batch.mask_B_T[rows, :N - 1], batch.advantages_B[rows], adv_B_T)
 
 
 def placeholder(batch: Batch) -> Batch:
@@ -59,9 +60,10 @@ def placeholder(batch: Batch) -> Batch:
     empty mask (``compute_loss`` gives 0 with its graph intact, so its backward runs the
     collectives of a real one and adds 0 to every gradient)."""
     N = min(2, batch.tokens_B_N.shape[1])
+    adv_B_T = None if batch.advantages_B_T is None else torch.zeros_like(batch.advantages_B_T[:1, :N - 1])
     return Batch(batch.tokens_B_N[:1, :N], torch.ones_like(batch.attention_B_N[:1, :N]),
                  torch.zeros_like(batch.inf_logprobs_B_T[:1, :N - 1]), torch.zeros_like(batch.mask_B_T[:1, :N - 1]),
-                 torch.zeros_like(batch.advantages_B[:1]))
+                 torch.zeros_like(batch.advantages_B[:1]), adv_B_T)
 
 
 def micro_of(batch: Batch, rows: torch.Tensor) -> Batch:

@@ -198,7 +198,7 @@ def micro_loss(model: torch.nn.Module, mb: Batch, old_B_T: torch.Tensor | None, 
     with torch.set_grad_enabled(grad), precision.autocast():
         logprobs_B_T = token_logprobs(model, mb.tokens_B_N, mb.attention_B_N, cfg.temperature)
     return compute_loss(cfg.policy_loss, logprobs_B_T, logprobs_B_T.detach() if old_B_T is None else old_B_T,
-                        mb.inf_logprobs_B_T, mb.advantages_B, mb.mask_B_T, ref_logprobs=ref_B_T,
+                        mb.inf_logprobs_B_T, mb.advantages, mb.mask_B_T, ref_logprobs=ref_B_T,
                         config=LossConfig.of(cfg), denominator=denominator)
 
 

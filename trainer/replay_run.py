@@ -68,7 +68,7 @@ def replay_run(cfg: Config, source: redis.Redis, source_run_id: str, source_dir:
     log.info("replaying %d steps of run %s into %s", len(steps), source_run_id, run_dir)
     for committed in steps:
         t0 = time.monotonic()
-        groups = committed_groups(source, source_run_id, committed, t.advantage_fn, archive)
+        groups = committed_groups(source, source_run_id, committed, t.set_advantages, archive)
         train_metrics = t.optimize(groups)
         metrics = step_metrics(t.step, t.version, groups, train_metrics, train_time=time.monotonic() - t0)
         t.metrics.write({**metrics, "replay/source_step": committed.step})

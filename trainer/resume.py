@@ -101,10 +101,10 @@ def loss_matches(replayed: float, recorded: float) -> bool:
     return math.isclose(replayed, recorded, rel_tol=LOSS_REL_TOL, abs_tol=1e-6)
 
 
-def committed_groups(r: redis.Redis, run_id: str, committed: StepCommitted, advantage_fn,
+def committed_groups(r: redis.Redis, run_id: str, committed: StepCommitted, set_advantages,
                      archive: Archive | None = None) -> list[Group]:
     """The groups a committed step trained, rebuilt from the very entries it names, in the
-    same order, with advantages from ``advantage_fn``; entries trimmed from the stream are
+    same order, with advantages set by ``set_advantages(group)``; entries trimmed from the stream are
     read from the run's ``archive`` (docs/design.md §15.45 Archive, then trim)."""
     raw = (fetch_rollouts(r, archive, committed.entry_ids) if archive is not None else
            reads.fetch_entries(r, keys.rollouts(run_id), committed.entry_ids))
@@ -119,7 +119,7 @@ def committed_groups(r: redis.Redis, run_id: str, committed: StepCommitted, adva
         sample = decode(raw[entry_id], expect=RolloutSample)
         groups[sample.group_id].members[sample.sample_id] = (entry_id, sample)
     for group in groups.values():
-        group.advantages_G = advantage_fn(group.rewards_G)
+        set_advantages(group)
     return list(groups.values())
 
 

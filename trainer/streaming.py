@@ -56,7 +56,8 @@ class StreamingStep:
         self.pad_id, self.device, self.precision, self.ranks = pad_id, device, precision, ranks
         self.loads = [0] * ranks.world  # Σ L² of the samples each rank was assigned this step
         self.groups: list[Group] = []
-        self.waiting: list[tuple[object, torch.Tensor]] = []  # (sample, its advantage) not yet forwarded
+        # (sample, its advantage, its per-token advantages or None) not yet forwarded
+        self.waiting: list[tuple[object, torch.Tensor, torch.Tensor | None]] = []
         self.metrics, self.finite = MicroMetrics(), True
         self.tokens = self.sequences = self.padded = self.trained_tokens = self.micro_batches = 0
         self.streamed_samples, self.compute_time = 0, 0.0
@@ -67,9 +68,10 @@ class StreamingStep:
         """Groups of the batch (scored): forward/backward on every full micro-batch they make."""
         t0 = time.monotonic()
         self.groups += groups
-        arrived = [(s, a) for g in groups for s, a in zip(g.samples, g.advantages_G)]
+        arrived = [(s, a, None if g.token_advantages is None else g.token_advantages[i])
+                   for g in groups for i, (s, a) in enumerate(zip(g.samples, g.advantages_G))]
         if self.ranks.distributed:  # this rank's share of them
-            shares, self.loads = assign(torch.tensor([len(s.tokens) for s, _ in arrived]), self.loads)
+            shares, self.loads = assign(torch.tensor([len(s.tokens) for s, _, _ in arrived]), self.loads)
             arrived = [arrived[i] for i in shares[self.ranks.rank].tolist()]
         self.waiting += arrived
         self.streamed_samples += self.run(final=False)
@@ -118,8 +120,9 @@ class StreamingStep:
         batch, now, later = None, [], []
         lengths_B = torch.zeros(0, dtype=torch.long)
         if self.waiting:
-            samples, advantages = zip(*self.waiting)
-            batch = collate(list(samples), torch.stack(list(advantages)), self.pad_id, self.device)
+            samples, advantages, per_token = zip(*self.waiting)
+            batch = collate(list(samples), torch.stack(list(advantages)), self.pad_id, self.device,
+                            None if all(t is None for t in per_token) else list(per_token))
             lengths_B = batch.attention_B_N.sum(-1).cpu()
             micro = pack_by_length(lengths_B, torch.arange(len(lengths_B)), self.cfg.trainer.micro_batch_tokens)
             budget, last = self.cfg.trainer.micro_batch_tokens, micro[-1]
@@ -151,8 +154,9 @@ class StreamingStep:
 
     def first(self):
         """A batch of the step's first sample: what a rank with no sample of its own forwards."""
-        sample = self.groups[0].samples[0]
-        return collate([sample], self.groups[0].advantages_G[:1], self.pad_id, self.device)
+        group = self.groups[0]
+        return collate([group.samples[0]], group.advantages_G[:1], self.pad_id, self.device,
+                       None if group.token_advantages is None else group.token_advantages[:1])
 
     def backward(self, mb) -> None:
         """One micro-batch: its loss sum backpropagated (gradients add up in ``.grad``). Once a

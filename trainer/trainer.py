@@ -34,7 +34,7 @@ from rlstream.core.run_state import RunState
 from rlstream.sampling.torch_setup import load_model_and_tokenizer, setup_torch
 from rlstream.trainer import failpoints, lora, sharded
 from rlstream.trainer.advantages import resolve_advantage
-from rlstream.trainer.batch import Group, collate
+from rlstream.trainer.batch import Group, collate, token_advantages_of
 from rlstream.trainer.buffer import RolloutBuffer
 from rlstream.trainer.checkpoint import (
     CheckpointState,
@@ -57,6 +57,7 @@ from rlstream.trainer.hooks import (
     load_filter,
     run_evaluation,
 )
+from rlstream.trainer.igpo import igpo_advantages
 from rlstream.trainer.lease import RollbackWatch, TrainerLease, fenced_write
 from rlstream.trainer.optimize import make_optimizer, policy_update
 from rlstream.trainer.perf_metrics import PerfClock
@@ -141,8 +142,12 @@ class Trainer:
 
     def _protocol(self, cfg: Config, r: redis.Redis, run_dir: Path) -> None:
         """Rank 0's part: the run's protocol (Redis, the lease, the buffer, the logs, the hooks)."""
-        self.advantage_fn = resolve_advantage(cfg.advantage)
+        # igpo's advantages need the policy and the samples' turns: set_advantages computes them
+        self.advantage_fn = None if cfg.advantage == "igpo" else resolve_advantage(cfg.advantage)
         self.filter_fn, self.evaluation_fn = load_filter(cfg), load_evaluation(cfg)
+        if cfg.advantage == "igpo" and self.ranks.distributed:  # preflight refuses it first
+            raise RlstreamError("advantage = \"igpo\" with several trainer ranks is not supported yet "
+                                "(docs/scaling-trainer.md): set trainer.nproc_per_node = 1")
         if self.evaluation_fn is not None and self.ranks.distributed:  # preflight refuses it first
             raise RlstreamError("evaluation_fn with several trainer ranks is not supported yet "
                                 "(docs/scaling-trainer.md): set trainer.nproc_per_node = 1 or drop evaluation_fn")
@@ -264,7 +269,7 @@ class Trainer:
         once it will grow no more). A user function that raises (or answers NaN) rejects the
         group with its error as the reason."""
         try:
-            group.advantages_G = self.advantage_fn(group.rewards_G)
+            self.set_advantages(group)
             finite = bool(torch.isfinite(group.advantages_G).all())
         except Exception as exc:
             return _rejection(f"advantage {self.cfg.advantage!r}", exc, group)
@@ -281,6 +286,17 @@ class Trainer:
             self.filtered["rejected_samples"] += len(group.members)
             self.filtered["rejected_reward"] += float(group.rewards_G.sum())
         return None if keep else FILTER_REASON
+
+    def set_advantages(self, group: Group) -> None:
+        """The group's ``advantages_G``; with ``advantage = "igpo"`` also its per-token advantages,
+        from the current policy's probabilities of each sample's answer after each of its turns
+        (trainer/igpo.py; docs/design.md §15.84 Per-token advantages: a turn's tokens carry its advantage)."""
+        if self.advantage_fn is not None:
+            group.advantages_G = self.advantage_fn(group.rewards_G)
+            return
+        group.advantages_G, group.token_advantages = igpo_advantages(
+            group.samples, self.model, gamma=self.cfg.igpo_gamma, pad_id=self.pad_id, device=self.device,
+            temperature=self.cfg.temperature, precision=self.precision)
 
     def optimize(self, groups: list[Group], lr: float | None = None,
                  streamed: StreamingStep | None = None) -> dict[str, float]:
@@ -300,7 +316,8 @@ class Trainer:
             train_metrics = streamed.finish(lr) | streamed.perf()
         else:
             samples = [s for g in groups for s in g.samples]
-            batch = collate(samples, torch.cat([g.advantages_G for g in groups]), self.pad_id, self.device)
+            batch = collate(samples, torch.cat([g.advantages_G for g in groups]), self.pad_id, self.device,
+                            token_advantages_of(groups))
             train_metrics = policy_update(self.model, self.optimizer, batch, cfg=self.cfg, lr=lr,
                                           ref_model=self.ref_model, precision=self.precision, ranks=self.ranks)
         self.step, self.version = self.step + 1, self.version + 1
@@ -385,7 +402,7 @@ class Trainer:
             if isinstance(record, StepCommitted) and record.step > self.step:
                 # On exactly the samples it names, in the same order, with the learning rate it
                 # recorded (the schedule depends on max_steps, which users raise to extend a run).
-                groups = committed_groups(self.r, self.cfg.run_id, record, self.advantage_fn, self.retention.archive)
+                groups = committed_groups(self.r, self.cfg.run_id, record, self.set_advantages, self.retention.archive)
                 train_metrics = self.optimize(groups, lr=record.metrics.get("train/lr"))
                 check_replayed(record, train_metrics, self.step, self.version)
         if self.step != self.state.steps:

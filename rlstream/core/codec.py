@@ -110,7 +110,7 @@ def _canonical_sample(data: dict) -> bool:
     if metrics and not all(type(k) is str and type(v) is float for k, v in metrics.items()):
         return False
     return data.get("group_size", 0) >= 0 and all(a.typecode == c for a, c in
-                                                  ((data[f], c) for f, c in RolloutSample.PACKED.items()))
+                                                  ((data[f], c) for f, c in RolloutSample.PACKED.items() if f in data))
 
 
 # Every field in declaration order (required ones hold a placeholder that ``data`` overwrites).

@@ -74,8 +74,11 @@ TisLevel = Literal["token", "sequence"]  # only the config (and the losses' type
 LrSchedule = Literal["constant", "linear", "cosine"]  # likewise
 TrainerDtype = Literal["float32", "bfloat16", "float16"]  # likewise
 
-# grpo: (r - mean) / std; dr_grpo: r - mean. Anything else is a 'module:function'.
+# grpo: (r - mean) / std; dr_grpo: r - mean (functions of a group's rewards). igpo: turn-level
+# information gains, one advantage per token, computed by the trainer with its policy (trainer/igpo.py).
+# Anything else is a 'module:function'.
 ADVANTAGE_METHODS: tuple[str, ...] = ("grpo", "dr_grpo")
+TOKEN_ADVANTAGE_METHODS: tuple[str, ...] = ("igpo",)
 # rlstream.builtin.rewards implements each. Anything else is a 'module:function'.
 BUILTIN_REWARDS: tuple[str, ...] = ("exact_match", "math_answer")
 
@@ -479,7 +482,12 @@ class Config(ConfigSection):
         "token_mean", description="how per-token losses reduce to the batch loss"
     )
     advantage: str = Field(
-        "grpo", description="grpo ((r-mean)/std), dr_grpo (r-mean) or 'module:function' (rewards_G -> advantages_G)"
+        "grpo", description="grpo ((r-mean)/std), dr_grpo (r-mean), igpo (turn-level information gain, one "
+        "advantage per token: docs/algorithms.md) or 'module:function' (rewards_G -> advantages_G)"
+    )
+    igpo_gamma: float = Field(
+        0.99, ge=0, le=1, description="advantage igpo: the discount of the turns' normalised rewards, "
+        "A_t = sum over k >= t of gamma^(k-t) r_k (the cookbook's igpo_loop gamma, 0.99)"
     )
     anchor_logp: Literal["old_policy", "rollout"] = Field(
         "old_policy", description="PPO anchor: current weights before the update, or the behaviour logprobs (w = 1)"
@@ -589,7 +597,7 @@ class Config(ConfigSection):
             self.max_concurrency_rollout_sample < self.completions_per_prompt
         ):
             raise ValueError("max_concurrency_rollout_sample must be >= completions_per_prompt")
-        if self.advantage not in ADVANTAGE_METHODS:
+        if self.advantage not in ADVANTAGE_METHODS + TOKEN_ADVANTAGE_METHODS:
             check_spec(self.advantage, "advantage", ADVANTAGE_METHODS)
         if self.reward_fn not in BUILTIN_REWARDS:
             check_spec(self.reward_fn, "reward_fn", BUILTIN_REWARDS)

@@ -93,7 +93,7 @@ class RolloutSample(Message):
     """One completion: tokens (prompt + completion), behaviour logprobs, loss mask, reward."""
 
     kind: Literal["rollout_sample"] = "rollout_sample"
-    PACKED: ClassVar[dict[str, str]] = {"tokens": "i", "logprobs": "f", "loss_mask": "B"}
+    PACKED: ClassVar[dict[str, str]] = {"tokens": "i", "logprobs": "f", "loss_mask": "B", "answer_tokens": "i"}
 
     tokens: TokenArray
     logprobs: FloatArray = Field(description="behaviour logprob per token; 0.0 where not generated")
@@ -102,6 +102,10 @@ class RolloutSample(Message):
     finish_reason: str = "stop"
     text: str = ""
     metrics: dict[str, float] = Field(default_factory=dict)
+    # advantage = "igpo" only: the ground-truth answer's token ids, scored after each turn's prefix
+    # (trainer/igpo.py); empty for every other advantage.
+    answer_tokens: TokenArray = Field(default_factory=lambda: array("i"),
+                                      description="ground-truth answer token ids (advantage igpo); empty = none")
     # Provenance, stamped by the worker (defaults are what a user-built sample carries).
     sample_id: str = ""
     group_id: str = ""

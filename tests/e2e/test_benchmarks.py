@@ -48,3 +48,8 @@ def test_worker_cpu_prints_cpu_per_sample_for_every_setting():
     rows = [line for line in out.splitlines() if line.startswith("| this | ")]
     assert [row.split(" | ")[1] for row in rows] == ["fixed", "default", "merged"], out
     assert all(float(row.split(" | ")[3]) > 0 for row in rows), out
+
+
+def test_igpo_vs_grpo_prints_both_advantages():
+    out = bench("bench/igpo_vs_grpo.py", "--rounds", "1", "--steps", "12", "--groups", "2", timeout=600)
+    assert "| igpo, mean of 1 |" in out and "| grpo, mean of 1 |" in out, out

@@ -16,7 +16,7 @@ from rlstream.builtin.tiny_model import build_model
 from rlstream.core.config import NORMALIZATIONS, POLICY_LOSSES
 from rlstream.core.errors import ConfigError
 from rlstream.core.messages import RolloutSample, group_id_for, sample_id_for
-from rlstream.trainer.batch import Batch, Group, collate
+from rlstream.trainer.batch import Batch, Group, collate, token_advantages_of
 from rlstream.trainer.optimize import make_optimizer, policy_update
 from rlstream.trainer.precision import Precision
 from rlstream.trainer.streaming import StreamingStep
@@ -48,6 +48,7 @@ def run(how: str, chunks=((0,), (1, 2)), steps: int = 2, budget: int = 30, follo
     batch), "streamed" (in ``chunks`` of groups), or "rows" (one row per backward, recording the
     gradients' magnitudes); after every step the weights and AdamW state of ``follow``'s run."""
     streamed = how == "streamed"
+    per_token = overrides.pop("per_token", False)
     # No clipping: the gradients are compared as accumulated, which is what the derivation in
     # tests/unit/same_state.py bounds (a clip rescales both sides after it, by a coefficient with
     # its own rounding; tests/unit/test_optimize.py covers the clip).
@@ -63,9 +64,15 @@ def run(how: str, chunks=((0,), (1, 2)), steps: int = 2, budget: int = 30, follo
     out = []
     for s in range(steps):
         groups = groups_of(mixed_batch(model, seed=s))
+        if per_token:  # IGPO's shape: one advantage per target (docs/design.md §15.84 Per-token advantages: a
+            # turn's tokens carry its advantage); the middle group keeps its scalar advantages
+            gen = torch.Generator().manual_seed(s)
+            for g in (groups[0], groups[2]):
+                g.token_advantages = [torch.randn(len(x.tokens) - 1, generator=gen) for x in g.samples]
         if not streamed:
             samples = [x for g in groups for x in g.samples]
-            batch = collate(samples, torch.cat([g.advantages_G for g in groups]), 0, torch.device("cpu"))
+            batch = collate(samples, torch.cat([g.advantages_G for g in groups]), 0, torch.device("cpu"),
+                            token_advantages_of(groups))
             out.append(policy_update(model, optimizer, batch, cfg=cfg, lr=cfg.learning_rate, ref_model=ref))
             continue
         step = StreamingStep(model, optimizer, cfg=cfg, pad_id=0, device=torch.device("cpu"), precision=Precision(),
@@ -113,6 +120,15 @@ def test_tis_and_the_rollout_anchor(tis):
 def test_any_arrival_pattern_and_budget(chunks):
     assert_same_step(chunks=chunks, budget=1)  # budget 1: every row its own micro-batch
     assert_same_step(chunks=chunks, budget=200, kl_beta=0.1)
+
+
+@pytest.mark.numeric
+@pytest.mark.parametrize("loss", ["grpo", "gspo"])
+def test_per_token_advantages(loss):
+    """A batch whose groups carry per-token advantages (beside one with scalars) streams to the
+    whole-batch step too, micro-batch budget and arrival pattern whatever they are."""
+    assert_same_step(per_token=True, policy_loss=loss)
+    assert_same_step(per_token=True, policy_loss=loss, chunks=((2,), (0, 1)), budget=1, kl_beta=0.05)
 
 
 def test_a_nonfinite_chunk_skips_the_step():
