@@ -208,14 +208,18 @@ def _replay(args: argparse.Namespace, cfg, argv: list[str]) -> int:
     if torchrun.under_torchrun():
         torchrun.watch_agent()
         if torchrun.rank() != 0:  # the source run is rank 0's to read; this rank follows it
+            from rlstream.trainer.ranks import collectives_bounded
             from rlstream.trainer.replay_run import follow_replay
 
-            follow_replay(cfg)
+            with collectives_bounded(cfg.trainer.collective_timeout):
+                follow_replay(cfg)
             return 0
     with opened_run(args.source, args.source_log_path) as (source_dir, source_cfg, r):
+        from rlstream.trainer.ranks import collectives_bounded
         from rlstream.trainer.replay_run import replay_run
 
-        steps = replay_run(cfg, r, source_cfg.run_id, source_dir)
+        with collectives_bounded(cfg.trainer.collective_timeout):
+            steps = replay_run(cfg, r, source_cfg.run_id, source_dir)
     print(f"replayed {steps} steps of run {source_cfg.run_id} into {cfg.run_dir()}", flush=True)
     return 0
 
@@ -237,10 +241,11 @@ def _run_role(command: str, cfg, r) -> int:
         # SIGTERM (`rlstream up` stopping it, docker stop) unwinds like Ctrl-C, so the trainer
         # releases its lease and a successor starts at once instead of after one lease TTL.
         signal.signal(signal.SIGTERM, raise_interrupt)
-        from rlstream.trainer.ranks import close
+        from rlstream.trainer.ranks import close, collectives_bounded
 
-        trainer = Trainer(cfg, r, cfg.run_dir())  # r None: a rank other than 0, following rank 0
-        trainer.run()
+        with collectives_bounded(cfg.trainer.collective_timeout):  # a hung rank ends the group, with the reason
+            trainer = Trainer(cfg, r, cfg.run_dir())  # r None: a rank other than 0, following rank 0
+            trainer.run()
         close(trainer.ranks)
         if trainer.ranks.rank != 0:
             return 0

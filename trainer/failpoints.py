@@ -7,18 +7,27 @@ from exactly there (docs/design.md §10 Failure semantics). The points:
 - ``mid_archive:<step>``: the trainer SIGKILLs itself with an archive segment half written,
   before its rename (``retention``);
 - ``after_trim:<step>``: the run's embedded redis-server is SIGKILLed right after the trim
-  (``retention``).
+  (``retention``);
+- ``hang_before_backward@<rank>:<step>``: trainer rank ``<rank>`` sleeps for good after the
+  step's first forward, before its backward (``trainer``): the other ranks wait in the step's
+  next collective until ``trainer.collective_timeout`` ends the group (docs/design.md §15.82
+  Rank 0 speaks for the trainer's ranks).
 
-Each logs one ``failpoint ...: SIGKILL`` line before it acts (the e2e tests wait for it).
+Each logs one ``failpoint ...`` line before it acts (the tests wait for it).
 Unset, nothing here does anything.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
+import time
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import TYPE_CHECKING, Iterator, Mapping
+
+if TYPE_CHECKING:  # the retention's and the launcher's processes never import torch for this
+    import torch
 
 log = logging.getLogger(__name__)
 FAULT_ENV = "RLSTREAM_FAULT"
@@ -35,6 +44,28 @@ def kill_self(point: str, step: int) -> None:
     if armed(point, step):
         log.warning("failpoint %s:%d: SIGKILL", point, step)
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def hang_before_backward(model: torch.nn.Module, step: int, rank: int) -> Iterator[None]:
+    """Inside the block, ``model``'s first forward never returns on ``rank`` when
+    ``hang_before_backward@<rank>:<step>`` is armed (a rank stuck mid-step: its forward's
+    collectives done, its backward's never joined)."""
+    point = f"hang_before_backward@{rank}"
+    if not armed(point, step):
+        yield
+        return
+
+    def hang(*_) -> None:
+        log.warning("failpoint %s:%d: this rank sleeps for good", point, step)
+        while True:
+            time.sleep(3600)
+
+    handle = model.register_forward_hook(hang)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def die_mid_write(entries: Iterator) -> Iterator:

@@ -17,15 +17,17 @@ gradient is the one-process gradient with the additions in another order.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
+from rlstream.core.errors import RlstreamError
 from rlstream.trainer.losses import denominator_of, loss_denominator
 
 log = logging.getLogger(__name__)
@@ -133,6 +135,41 @@ def init_ranks(device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S) -> Ra
     log.info("trainer rank %d of %d (%s, %s, collectives time out after %.0f s)", rank, world, backend, device,
              timeout_s)
     return Ranks(rank, world, device, mesh)
+
+
+def timed_out(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective that waited ``trainer.collective_timeout`` for another rank:
+    gloo raises it in the waiting rank ("Timed out waiting <ms> for recv/send operation"), nccl
+    with blocking waits a DistBackendError ("... timed out ..."; its watchdog otherwise aborts the
+    process by itself, with its own log line)."""
+    return isinstance(exc, RuntimeError) and "timed out" in str(exc).lower()
+
+
+def timeout_reason(timeout_s: float, exc: BaseException) -> str:
+    rank = os.environ.get("RANK", "0")
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return (f"trainer rank {rank}: a collective of the step waited trainer.collective_timeout ({timeout_s:.0f} s) "
+            f"for another rank, which never joined it ({first}): that rank hangs (see its last log lines; "
+            "py-spy dump --pid shows where) or is slower than the bound. The trainer's ranks stop; `rlstream up` "
+            "starts a new group, which resumes from the last commit. If the ranks are only slow (a loaded "
+            "machine, long batches, a large checkpoint or gather), raise trainer.collective_timeout")
+
+
+@contextlib.contextmanager
+def collectives_bounded(timeout_s: float) -> Iterator[None]:
+    """Inside the block, a collective that timed out (``timed_out``) ends this rank with the
+    reason, logged and raised as an RlstreamError (the process exits non-zero, torchrun's agent
+    ends the other ranks and exits non-zero in turn): a rank that hangs in a collective costs
+    the group ``timeout_s``, not forever (docs/design.md §15.82 Rank 0 speaks for the trainer's
+    ranks)."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if not timed_out(exc):
+            raise
+        reason = timeout_reason(timeout_s, exc)
+        log.error("%s", reason)
+        raise RlstreamError(reason) from exc
 
 
 def close(ranks: Ranks) -> None:

@@ -318,8 +318,9 @@ class Trainer:
             samples = [s for g in groups for s in g.samples]
             batch = collate(samples, torch.cat([g.advantages_G for g in groups]), self.pad_id, self.device,
                             token_advantages_of(groups))
-            train_metrics = policy_update(self.model, self.optimizer, batch, cfg=self.cfg, lr=lr,
-                                          ref_model=self.ref_model, precision=self.precision, ranks=self.ranks)
+            with failpoints.hang_before_backward(self.model, self.step + 1, self.ranks.rank):  # the hang test
+                train_metrics = policy_update(self.model, self.optimizer, batch, cfg=self.cfg, lr=lr,
+                                              ref_model=self.ref_model, precision=self.precision, ranks=self.ranks)
         self.step, self.version = self.step + 1, self.version + 1
         return train_metrics
 

@@ -9,8 +9,11 @@ per-rank RNG streams; the weights published from the 2 sharded ranks are the ver
 (sha256) the unsharded model publishes and load in ``from_pretrained``; a save that fails
 before its manifest leaves no checkpoint; weights stored in bfloat16 train as float32 masters
 made before sharding and are gathered for publishing in bfloat16 (``Precision.sharded``).
-Collectives have a generous timeout: the machine has
-2 shared cores."""
+A LoRA (peft) policy sharded as the trainer shards it (``ranks.shard``): its checkpoint written at
+2 ranks holds the adapters alone (``dcp/`` and peft's adapter files, never the frozen base) and
+loads at 2 and at 1 with the same adapter weights and AdamW state; the merged weights it publishes
+from 2 ranks are the directory (sha256) the unsharded LoRA policy publishes. Collectives have a
+generous timeout: the machine has 2 shared cores."""
 from __future__ import annotations
 
 import copy
@@ -26,7 +29,8 @@ import torch
 
 from rlstream.builtin.tiny_model import build_model, build_tokenizer
 from rlstream.core import weights
-from rlstream.trainer import sharded
+from rlstream.core.config import Config
+from rlstream.trainer import lora, sharded
 from rlstream.trainer.checkpoint import (
     CheckpointState,
     checkpoint_dir,
@@ -35,6 +39,8 @@ from rlstream.trainer.checkpoint import (
     save_checkpoint,
 )
 from rlstream.trainer.precision import prepare
+from rlstream.trainer.ranks import Ranks
+from rlstream.trainer.ranks import shard as shard_as_trainer
 from rlstream.trainer.weight_sync import WeightSync
 
 WORLD = 2
@@ -64,6 +70,16 @@ def shard(model) -> None:
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
+
+
+def lora_model(mesh=None, rank: int = 0):
+    """The built-in model with LoRA adapters (the same A on every rank and in the test's process:
+    peft draws it from torch's stream), sharded over ``mesh`` as the trainer shards it."""
+    torch.manual_seed(11)
+    model = lora.wrap(build_model(0), Config(lora_rank=4, lora_target_modules="all-linear"))
+    if mesh is not None:
+        shard_as_trainer(model, Ranks(rank, WORLD, torch.device("cpu"), mesh))
+    return model
 
 
 def full_states(model, optimizer) -> tuple[dict, dict]:
@@ -200,8 +216,41 @@ def rank_main(rank: int, port: int, work: Path) -> None:
             assert full["lm_head.weight"] is full["model.embed_tokens.weight"]  # still tied: saved once
             assert {v.dtype for v in masters.values()} == {torch.float32}
         sharded.barrier()
+        lora_ranks(rank, work)
     finally:
         dist.destroy_process_group()
+
+
+def lora_ranks(rank: int, work: Path) -> None:
+    """The LoRA part of ``rank_main``: 2 ranks train, save, publish twice; a fresh pair loads."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    model = lora_model(mesh, rank)
+    optimizer = optimizer_of(model)
+    train_step(model, optimizer, seed=1)
+    run = work / "lora"
+    save_checkpoint(run, CheckpointState(1, 1, "1-0", 0), model, build_tokenizer(), optimizer, fold="{}")
+    states = full_states(model, optimizer)
+    sync, announced = weight_sync(run)
+    publish(sync, model, 1)
+    train_step(model, optimizer, seed=2)
+    publish(sync, model, 2)
+    after = full_states(model, optimizer)[0]
+    sync.close()
+    if rank == 0:
+        assert [w.version for w in announced] == [1, 2]
+        torch.save({"states": states, "after": after}, work / "lora-expected.pt")
+
+    model = lora_model(mesh, rank)  # 2 -> 2
+    optimizer = optimizer_of(model)
+    load_checkpoint(checkpoint_dir(run, 1), model, optimizer, torch.device("cpu"))
+    loaded = full_states(model, optimizer)
+    if rank == 0:
+        assert_same_states(states, loaded)
+        trained = [k for k in states[0] if "lora_" in k]
+        assert trained and all(not torch.equal(loaded[0][k], lora_model().state_dict()[k]) for k in trained)
+    sharded.barrier()
 
 
 def free_port() -> int:
@@ -272,6 +321,39 @@ def test_checkpoints_and_published_weights_across_ranks(tmp_path):
     files = set(weights.directory_digest(checkpoint_dir(run, 1))[2])
     assert {"dcp/.metadata", "dcp/__0_0.distcp", "dcp/__1_0.distcp", "rng/rank-0.pt", "rng/rank-1.pt",
             "model.safetensors", "state.json", "fold.json"} <= files
+
+    # LoRA: the checkpoint of the 2 sharded ranks holds the adapters alone, and loads at 1 rank.
+    run, expected = tmp_path / "lora", torch.load(tmp_path / "lora-expected.pt", weights_only=True)
+    adapters = {k for k, p in lora_model().named_parameters() if p.requires_grad}
+    assert adapters and all("lora_" in k for k in adapters)
+    files = set(weights.directory_digest(checkpoint_dir(run, 1))[2])
+    assert {"adapter_model.safetensors", "adapter_config.json", "dcp/.metadata"} <= files
+    assert not any(f.startswith("model") and f.endswith(".safetensors") for f in files), files
+    from torch.distributed.checkpoint import FileSystemReader
+
+    saved = set(FileSystemReader(checkpoint_dir(run, 1) / "dcp").read_metadata().state_dict_metadata)
+    assert {k.removeprefix("model.") for k in saved if k.startswith("model.")} == adapters, saved
+    from safetensors.torch import load_file
+
+    adapter_file = load_file(checkpoint_dir(run, 1) / "adapter_model.safetensors")
+    assert len(adapter_file) == len(adapters) and all("lora_" in k for k in adapter_file)
+    model = lora_model()
+    optimizer = optimizer_of(model)
+    load_checkpoint(checkpoint_dir(run, 1), model, optimizer, cpu)
+    assert_same_states(expected["states"], full_states(model, optimizer))
+
+    # The merged weights the 2 ranks published are the 1-rank policy's, byte for byte.
+    sync, _ = weight_sync(tmp_path / "lora-alone")
+    publish(sync, model, 1)
+    model.load_state_dict(expected["after"])
+    publish(sync, model, 2)
+    sync.close()
+    for version in (1, 2):
+        assert digest(run / "weights" / f"v{version}") == digest(tmp_path / "lora-alone" / "weights" / f"v{version}")
+    merged = AutoModelForCausalLM.from_pretrained(run / "weights" / "v2").state_dict()
+    assert all(torch.equal(merged[k], v) for k, v in lora.merged_state_dict(model).items())
+    assert not any(torch.equal(merged[k], v) for k, v in build_model(0).state_dict().items()
+                   if k.endswith("q_proj.weight"))  # the adapters are merged in: the weights moved
 
 
 if __name__ == "__main__":

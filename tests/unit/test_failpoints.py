@@ -25,3 +25,25 @@ def test_unarmed_points_do_nothing(monkeypatch, tmp_path):
     failpoints.kill_self("after_commit", 1)  # still alive
     failpoints.kill_embedded_redis(tmp_path)  # no redis/pid file: nothing to kill
     assert list(failpoints.die_mid_write(iter([1]))) == [1]  # dies only once a second entry is due
+
+
+def test_hang_before_backward_stops_only_the_named_rank_at_its_step(monkeypatch):
+    import pytest
+    import torch
+
+    class Slept(Exception):
+        pass
+
+    def sleep(_):
+        raise Slept
+
+    monkeypatch.setattr(failpoints.time, "sleep", sleep)
+    monkeypatch.setenv(FAULT_ENV, "hang_before_backward@1:2")
+    layer, x = torch.nn.Linear(2, 2), torch.ones(1, 2)
+    for rank, step in ((0, 2), (1, 1), (1, 3)):
+        with failpoints.hang_before_backward(layer, step, rank):
+            layer(x)
+    with pytest.raises(Slept):
+        with failpoints.hang_before_backward(layer, 2, 1):
+            layer(x)  # the forward returns into a sleep that never ends
+    layer(x)  # the hook is gone after the block
