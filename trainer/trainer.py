@@ -14,7 +14,6 @@ import json
 import logging
 import math
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import redis
@@ -116,7 +115,6 @@ class Trainer:
         self.perf = PerfClock()  # the perf/* metrics' timestamps (trainer/perf_metrics.py)
         self.retention = Retention(r, cfg, run_dir, self.lease)  # docs/design.md §15.45 Archive, then trim
         self.weight_sync = WeightSync(r, cfg.run_id, self.lease, run_dir, cfg.keep_weights)
-        self.beside = ThreadPoolExecutor(1, thread_name_prefix="trainer-reads")  # reads the update need not wait for
 
     # ----------------------------------------------------------------- the loop
     def run(self) -> int:
@@ -128,7 +126,6 @@ class Trainer:
             return self.train_run()
         finally:
             self.weight_sync.close()  # the last version's publish, while the lease is still ours
-            self.beside.shutdown(wait=False)
             self.lease.release()
 
     def train_run(self) -> int:
@@ -183,14 +180,11 @@ class Trainer:
         step retrained from its pending entries, and one after it a version that ``resume``
         writes and publishes."""
         t0, compute_began = time.monotonic(), time.time()
-        # The run-wide rollout counters as the update starts, read beside it: the round trip (a few ms on
-        # busy cores, bench/trainer_overhead.py) is not waited for.
-        counters = self.beside.submit(bus.rollout_stats, self.r, self.cfg.run_id)
         train_metrics = self.optimize(groups, streamed=streamed)
         synced = self.sync_weights() if due(self.cfg.weight_sync_interval, self.version) else None
         try:
             metrics = step_metrics(self.step, self.version, groups, train_metrics, step_time=time.monotonic() - t0,
-                                   live=self.live_run(wait_time, groups, compute_began, counters.result()))
+                                   live=self.live_run(wait_time, groups, compute_began))
             self.filtered = {"kept": 0, "rejected": 0}
             committed = step_record(self.step, self.version, groups, metrics)
             self.last_commit_id = commit_step(self.r, self.cfg.run_id, committed, self.lease, last_event=self.cursor)
@@ -266,8 +260,8 @@ class Trainer:
         self.perf.weights_written(time.monotonic() - t0)
         return written
 
-    def live_run(self, wait_time: float, groups: list[Group], compute_began: float, stats: dict[str, int]) -> LiveRun:
-        """What only a live run knows of the step; ``stats``: ``bus.rollout_stats`` as the update began."""
+    def live_run(self, wait_time: float, groups: list[Group], compute_began: float) -> LiveRun:
+        stats = bus.rollout_stats(self.r, self.cfg.run_id)
         return LiveRun(wait_time=wait_time, rejected_groups=rejected_total(self.state), worker_counts=stats,
                        perf=self.perf.line(groups, wait_time, compute_began, self.state, stats),
                        filter_kept=self.filtered["kept"], filter_rejected=self.filtered["rejected"],
