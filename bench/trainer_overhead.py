@@ -31,7 +31,10 @@ version to be written and published (``WeightSync.wait``), which no step overlap
 for a trainer, here once per block. ``--block 1`` is a lone step. Rounds alternate bare, (a),
 (b) (the order reversed every other round) after warm-up ones, for the process's default torch
 threads and rlstream's ``torch_threads`` (1); the table gives the medians and each one's ratio to
-bare. Medians of parts do not add up to the median of the whole. bare and rlstream use the same
+bare. Medians of parts do not add up to the median of the whole. On a machine whose load drifts
+(other processes on the same cores), the medians of each round's own ratio (bare and (b) measured
+moments apart) and the CPU time of the step's thread (``time.thread_time``: not the weight
+writer's, not redis-server's; against the bare step's) are the steadier figures. bare and rlstream use the same
 model object, each with its own AdamW (the trainer's hyper-parameters): both train it, which
 changes values, never shapes or costs.
 
@@ -236,12 +239,12 @@ def whole_steps(t: Trainer, clock: PartClock, block: int) -> dict[str, float]:
     """``block`` whole steps in a row, then the wait for the last version's publish: per step."""
     drain(t)
     clock.take()  # drop what (a)'s policy_update left in the wrapped optimize functions
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.thread_time()
     for _ in range(block):
         groups, streamed = t.gather(t.cfg.prompt_groups_per_step)
         assert len(groups) == t.cfg.prompt_groups_per_step and streamed is None, (len(groups), streamed)
         t.train_step(groups, wait_time=0.0)
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), time.thread_time()
     drain(t)
     total = time.perf_counter() - t0
     parts = clock.take()
@@ -253,6 +256,7 @@ def whole_steps(t: Trainer, clock: PartClock, block: int) -> dict[str, float]:
         parts["bg.seal"] = seal
     parts["weights_main"] = parts.get("sync_weights", 0.0) + parts.get("write_weights", 0.0)
     parts["total"] = t1 - t0
+    parts["cpu"] = c1 - c0  # the step's thread only: not the weight writer's, not redis-server's
     parts["rest"] = parts["total"] - sum(parts.get(k, 0.0) for k in (
         "gather", "optimize", "weights_main", "live_run", "step_metrics", "step_record", "commit_step", "publish",
         "log_metrics", "checkpoint", "evaluate", "pressed"))
@@ -290,21 +294,26 @@ def run_setting(t: Trainer, r, batch, clock: PartClock, threads: int, rounds: in
         for which in order:
             if which == "bare":
                 part: dict[str, float] = defaultdict(float)
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.thread_time()
                 for _ in range(block):
                     bare_step(t.model, bare_opt, tokens_B_N, attention_B_N, mask_B_T, rewards_P_G, cfg.eps_clip,
                               part)
-                row["bare"] = (time.perf_counter() - t0) / block
+                row["bare"], row["bare.cpu"] = (time.perf_counter() - t0) / block, (time.thread_time() - c0) / block
                 row.update({f"bare.{k}": v / block for k, v in part.items()})
             elif which == "optimize":
                 part = defaultdict(float)
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.thread_time()
                 for _ in range(block):
                     rlstream_optimize(t, decoded, cfg.learning_rate, part)
-                row["optimize"] = (time.perf_counter() - t0) / block
+                row["optimize"], row["optimize.cpu"] = (time.perf_counter() - t0) / block, \
+                    (time.thread_time() - c0) / block
                 row.update({f"optimize.{k}": v / block for k, v in part.items()})
             else:
                 row.update({f"step.{k}": v for k, v in whole_steps(t, clock, block).items()})
+        # Each round's own ratios: their medians hold up when the machine's load drifts between rounds
+        # (the medians of the parts, each over every round, do not).
+        row["ratio.optimize"], row["ratio.step"] = row["optimize"] / row["bare"], row["step.total"] / row["bare"]
+        row["ratio.step_cpu"] = row["step.cpu"] / row["bare.cpu"]
         if i >= warmup:
             for key, value in row.items():
                 samples[key].append(value)
@@ -337,6 +346,11 @@ ROWS = [  # (label, key)
     ("  policy_update", "optimize.policy_update"),
     ("(b) whole step, no waiting: gather + train_step", "step.total"),
     ("(b) + the block's last version written and published", "step.drained"),
+    ("(a) / bare, the median of each round's ratio", "ratio.optimize"),
+    ("(b) / bare, the median of each round's ratio", "ratio.step"),
+    ("bare, CPU of its thread", "bare.cpu"),
+    ("(b), CPU of the step's thread (not the writer's, not redis-server's)", "step.cpu"),
+    ("(b) / bare in CPU of their thread, the median of each round's ratio", "ratio.step_cpu"),
     ("  gather (XREADGROUP, decode, groups, advantages, events fold)", "step.gather"),
     ("  optimize (collate + policy_update)", "step.optimize"),
     ("    collate", "step.collate"),
@@ -382,10 +396,17 @@ def table(columns: dict[str, dict], rounds: int, block: int) -> str:
         cells = []
         for s in columns.values():
             ms = med_ms(s.get(key, []))
-            cells.append(f"{ms:.2f} | {ms / med_ms(s['bare']):.2f}x")
+            if key.startswith("ratio."):  # a ratio per round: its median, no time
+                cells.append(f"| {ms / 1000:.2f}x")
+            elif key.endswith(".cpu"):  # CPU against the bare step's CPU
+                cells.append(f"{ms:.2f} | {ms / med_ms(s['bare.cpu']):.2f}x")
+            else:
+                cells.append(f"{ms:.2f} | {ms / med_ms(s['bare']):.2f}x")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines.append(f"\nmedians of {rounds} rounds per column, each round's time per step of a block of {block}; "
-                 "ratio = the part's median / the bare step's median")
+                 "ratio = the part's median / the bare step's median (CPU rows: / the bare step's CPU); the rows "
+                 "'the median of each round's ratio' take each round's ratio first (robust to load drifting "
+                 "between rounds)")
     return "\n".join(lines)
 
 

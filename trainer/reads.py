@@ -14,7 +14,7 @@ import redis
 
 from rlstream.core import keys
 from rlstream.core.bus import FIELD, Entry, as_text, xadd, xrange_all
-from rlstream.core.codec import DecodeError, decode
+from rlstream.core.codec import DecodeError, decode, decode_samples
 from rlstream.core.messages import DeadLetter, RolloutSample
 
 log = logging.getLogger(__name__)
@@ -41,17 +41,23 @@ def decode_entries(
     complete, and the trainer must settle it rather than wait for it forever."""
     good: list[Entry] = []
     bad: list[tuple[str, str, bytes, RolloutSample | None]] = []
-    for entry_id, fields in raw_entries:
-        sid = as_text(entry_id)
-        raw = (fields or {}).get(FIELD, b"")
-        msg = None
+    raws = [(fields or {}).get(FIELD, b"") for _, fields in raw_entries]
+    decoded = decode_samples(raws)  # each a sample or the DecodeError that says why not
+    # The limits checked once for the batch; only when that fails does each sample get its own check (and message).
+    within = RolloutSample.within_limits([m for m in decoded if not isinstance(m, DecodeError)], vocab_size,
+                                         max_seq_len)
+    for (entry_id, _), raw, msg in zip(raw_entries, raws, decoded):
+        sid, blob = as_text(entry_id), raw if isinstance(raw, bytes) else b""
+        if isinstance(msg, DecodeError):
+            bad.append((sid, str(msg), blob, None))
+            continue
         try:
-            msg = decode(raw, expect=RolloutSample)
-            msg.check_limits(vocab_size, max_seq_len)
+            if not within:
+                msg.check_limits(vocab_size, max_seq_len)
             if not _stamped(msg):
                 raise ValueError("sample has no sample_id/group_id/group_size (not stamped by a worker)")
-        except (DecodeError, ValueError) as exc:
-            bad.append((sid, str(exc), raw if isinstance(raw, bytes) else b"", msg))
+        except ValueError as exc:
+            bad.append((sid, str(exc), blob, msg))
             if invalid is not None and _stamped(msg):
                 invalid.append((sid, msg))
             continue

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import time
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -30,6 +31,10 @@ from rlstream.trainer.checkpoint import complete_checkpoints
 log = logging.getLogger(__name__)
 PIN_SUFFIX = ".keep"  # checkpoints/step-<N>.keep next to a checkpoint: the user still needs it
 SEGMENT_BYTES = 64 << 20  # entry bytes per archive segment
+# Seconds between two reads of Redis's memory use (an INFO round trip, ~0.3 ms, was one per step):
+# the producer stops admitting past the same mark on its own, so a trainer that notices up to a
+# second late only starts its early checkpoint later, while the headroom above the mark remains.
+MEMORY_CHECK_S = 1.0
 
 
 def next_id(entry_id: str) -> str:
@@ -115,6 +120,7 @@ class Retention:
         self.archive = Archive(run_dir, cfg.run_id)
         self.enabled = False
         self.last_checkpoint = 0
+        self.next_memory_check = float("-inf")  # monotonic time the next INFO is due (``pressed``)
 
     def start(self, steps: int) -> None:
         """At resume, after the events fold: archive segments Redis no longer follows are set aside."""
@@ -137,9 +143,14 @@ class Retention:
         """Redis is past ``retention.memory_high_water`` of its maxmemory: checkpoint now, so
         that the trim frees what the steps since the last checkpoint hold. At most every
         tenth of ``dcp_save_interval`` steps: when what fills Redis cannot be trimmed (pending
-        samples), a checkpoint per step would only slow training down."""
+        samples), a checkpoint per step would only slow training down. Redis is asked at most every
+        ``MEMORY_CHECK_S``."""
         if not self.enabled or step - self.last_checkpoint < max(1, self.cfg.dcp_save_interval // 10):
             return False
+        now = time.monotonic()
+        if now < self.next_memory_check:
+            return False
+        self.next_memory_check = now + MEMORY_CHECK_S
         fraction = memory_pressure(self.r, self.cfg.retention.memory_high_water)
         if fraction is not None:
             log.warning("Redis is at %.0f%% of its maxmemory: checkpointing early to archive and trim the rollouts "

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -270,7 +271,7 @@ class Trainer:
         group with its error as the reason."""
         try:
             self.set_advantages(group)
-            finite = bool(torch.isfinite(group.advantages_G).all())
+            finite = all_finite(group.advantages_G)
         except Exception as exc:
             return _rejection(f"advantage {self.cfg.advantage!r}", exc, group)
         if not finite:
@@ -486,6 +487,14 @@ class Trainer:
         fenced_write(self.r, self.lease, add=(keys.events(self.cfg.run_id), finished))
         self.state.apply(finished)
         (log.error if failed else log.info)("trainer: run finished (%s) at step %d", reason, self.step)
+
+
+def all_finite(values: torch.Tensor) -> bool:
+    """``torch.isfinite(values).all()`` of a group's few advantages, in Python floats (~1 us
+    against ~6 for the two tensor ops, 32 groups a step)."""
+    if values.is_floating_point() and values.numel() <= 64:
+        return all(map(math.isfinite, values.reshape(-1).tolist()))
+    return bool(torch.isfinite(values).all())
 
 
 def _rejection(name: str, exc: Exception, group: Group) -> str:

@@ -163,6 +163,30 @@ class RolloutSample(Message):
             raise ValueError("max_version < min_version")
         return self
 
+    @staticmethod
+    def invariants_hold(samples: list[RolloutSample]) -> bool:
+        """Whether every one of ``samples`` passes ``_check_invariants``, checked at once: the byte
+        checks run on the batch's arrays joined (one call each, not one per sample). False when one
+        may fail (also when a logprob is >= 2**127 in magnitude, which only the exact check tells):
+        then check each, for its own verdict and message."""
+        for s in samples:
+            n = len(s.tokens)
+            if n < 2 or len(s.logprobs) != n or len(s.loss_mask) != n or 1 not in s.loss_mask \
+                    or not math.isfinite(s.reward) or s.max_version < s.min_version:
+                return False
+        if b"".join(s.loss_mask for s in samples).translate(None, b"\x00\x01"):
+            return False
+        if b"".join(s.tokens for s in samples)[_SIGN_BYTE::4].translate(None, _NON_NEGATIVE_HIGH_BYTES):
+            return False  # every array holds whole int32s: the join keeps each one's sign byte at _SIGN_BYTE mod 4
+        return not b"".join(s.logprobs for s in samples)[_SIGN_BYTE::4].translate(None, _SMALL_FLOAT_HIGH_BYTES)
+
+    @staticmethod
+    def within_limits(samples: list[RolloutSample], vocab_size: int | None, max_seq_len: int | None) -> bool:
+        """Whether ``check_limits`` passes for every one of ``samples`` (one max over them all)."""
+        if max_seq_len is not None and any(len(s.tokens) > max_seq_len for s in samples):
+            return False
+        return vocab_size is None or not samples or max(map(max, (s.tokens for s in samples))) < vocab_size
+
     def check_vocab(self, vocab_size: int) -> None:
         """Raise ValueError when a token id is outside ``[0, vocab_size)``."""
         top = max(self.tokens)

@@ -192,3 +192,25 @@ def test_read_unheld_pending_fetches_only_what_is_not_held(r, run_id):
     pending = [row["message_id"].decode() for row in
                r.xpending_range(keys.rollouts(run_id), keys.TRAINER_GROUP, "-", "+", 10)]
     assert pending == ids[:5]
+
+
+def test_commit_checks_entries_past_the_first_page_of_their_span(r, run_id, lease):
+    """The script reads the pending rows of the span the step's ids cover, two per id; entries the
+    page does not reach (other pending entries between them) are checked one by one, and a
+    missing one among them still refuses the commit."""
+    ids = delivered(r, run_id, 40)
+    step_ids = ids[::8]  # 5 entries spread over 33 pending ones: the page of 10 rows reaches 2 of them
+    r.xack(keys.rollouts(run_id), keys.TRAINER_GROUP, step_ids[-1])  # gone from the pending list
+    with pytest.raises(RlstreamError, match=f"1 of the 5 rollouts entries .*not pending .*{step_ids[-1]}"):
+        commit_step(r, run_id, step(1, step_ids), lease)
+    nothing_written(r, run_id, pending=39)
+    commit_step(r, run_id, step(1, step_ids[:-1]), lease)
+    assert bus.group_info(r, keys.rollouts(run_id))["pending"] == 35
+
+
+def test_commit_refuses_ids_that_are_not_stream_ids(r, run_id, lease):
+    ids = delivered(r, run_id, 2)
+    for bad in ([ids[0] + " " + ids[1]], ["", *ids]):  # ids travel space-separated: these would not
+        with pytest.raises(RlstreamError, match="refused, nothing written: .*space-separated ids for"):
+            commit_step(r, run_id, step(1, bad), lease)
+    nothing_written(r, run_id, pending=2)

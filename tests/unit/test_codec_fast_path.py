@@ -127,3 +127,115 @@ def test_messages_of_older_workers_decode_with_zero_timings(monkeypatch):
     event = msgpack.unpackb(encode(GroupSampled(group_id="g", samples=2, tokens=7)), raw=False)
     del event["tokens"]
     assert decode(msgpack.packb(event, use_bin_type=True)).tokens == 0
+
+
+# --------------------------------------------------------------------------- a batch of samples
+def batch_verdicts(raws: list) -> list[tuple[str, object]]:
+    """``decode_samples``' verdict on each entry, in ``verdict``'s terms."""
+    out = []
+    for got in codec.decode_samples(raws):
+        if isinstance(got, DecodeError):
+            out.append(("rejected", str(got)))
+        else:
+            out.append(("accepted", (repr(got.model_dump()), got.model_fields_set)))
+    return out
+
+
+def mutated_maps(rng: random.Random, n: int) -> list[bytes]:
+    """``n`` encoded maps of a sample with one or two fields changed, dropped or added (see ``_mutations``)."""
+    base = msgpack.unpackb(encode(sample()), raw=False)
+    fields, out = [*base, "surprise"], []
+    for _ in range(n):
+        data = dict(base)
+        for _ in range(rng.choice((1, 1, 2))):
+            name = rng.choice(fields)
+            if rng.random() < 0.1:
+                data.pop(name, None)
+            else:
+                data[name] = rng.choice(_mutations(rng))
+        out.append(msgpack.packb(data, use_bin_type=True))
+    return out
+
+
+def test_batch_decode_gives_every_entry_the_verdict_of_decode(monkeypatch):
+    """docs/design.md §15.85 Samples decode by the batch: the fault test's fuzz and random field mutations,
+    mixed with good samples in one batch, get entry by entry what ``decode`` (fast path and validated
+    path alike) says of each, message included; so does each one alone."""
+    rng = random.Random(7)
+    good = [encode(sample(n=6 + i % 5, sample_id=f"s{i}")) for i in range(40)]
+    hostile = [raw for _, raw, _ in malformed_entries(encode(sample()), random.Random(5))] + mutated_maps(rng, 600)
+    hostile += [None, "text", 3, encode(sample()).decode("latin-1")]  # not bytes at all (a damaged entry)
+    raws = good + hostile
+    rng.shuffle(raws)
+    expected = [verdict(raw) for raw in raws]
+    assert batch_verdicts(raws) == expected
+    assert expected == [validated_path(raw, monkeypatch) for raw in raws]
+    assert [batch_verdicts([raw])[0] for raw in raws] == expected
+    assert {v for v, _ in expected} == {"accepted", "rejected"}
+
+
+def test_batch_decode_builds_worker_samples_without_decode(monkeypatch):
+    """What workers write takes neither ``decode`` nor pydantic's validation."""
+    samples = [sample(sample_id=f"s{i}", metrics={"len": float(i)}) for i in range(8)]
+    monkeypatch.setattr(codec, "decode", lambda *a, **k: pytest.fail("decode called for a worker's sample"))
+    monkeypatch.setattr(RolloutSample, "model_validate", lambda *a, **k: pytest.fail("model_validate called"))
+    out = codec.decode_samples([encode(s) for s in samples])
+    assert out == samples and all(type(s) is RolloutSample for s in out)
+    assert [s.model_fields_set for s in out] == [set(RolloutSample.model_fields)] * 8
+    with pytest.raises(Exception):
+        out[0].reward = 2.0  # still frozen
+
+
+def test_one_bad_sample_fails_the_batch_check_and_only_itself():
+    """A batch whose joined check fails is checked sample by sample: the bad one gets the invariants'
+    message, every other one is accepted (each failure of ``_check_invariants``, one at a time)."""
+    lp_nan = [0.0] * 11 + [math.nan]
+    bad = {"loss mask value 2": dict(loss_mask=[0] * 4 + [1] * 7 + [2]),
+           "no 1 in the mask": dict(loss_mask=[0] * 12),
+           "negative token": dict(tokens=[-3] + list(range(2, 13))),
+           "NaN logprob": dict(logprobs=lp_nan),
+           "inf reward": dict(reward=math.inf),
+           "versions": dict(min_version=3, max_version=2)}
+    for what, over in bad.items():
+        data = msgpack.unpackb(encode(sample()), raw=False)
+        for name, value in over.items():  # past the model's own checks: as a hostile writer would send it
+            typecode = RolloutSample.PACKED.get(name)
+            data[name] = array(typecode, value).tobytes() if typecode else value
+        raws = [encode(sample(sample_id=f"s{i}")) for i in range(5)]
+        raws.insert(2, msgpack.packb(data, use_bin_type=True))
+        got = batch_verdicts(raws)
+        assert [v for v, _ in got] == ["accepted"] * 2 + ["rejected"] + ["accepted"] * 3, what
+        assert got[2] == verdict(raws[2]) and "Value error" in got[2][1], what
+
+
+def test_batch_invariants_hold_only_when_each_sample_passes():
+    """``RolloutSample.invariants_hold`` is never True for a batch with a sample ``_check_invariants``
+    refuses (it may be False for a good batch: the exact logprob check then decides)."""
+    rng = random.Random(3)
+    good = [codec._built_sample(codec._exact_map(encode(sample(sample_id=f"s{i}")))) for i in range(4)]
+    assert RolloutSample.invariants_hold(good) and RolloutSample.invariants_hold([])
+    for _ in range(400):
+        n = rng.randrange(0, 6)
+        fields = dict(tokens=array("i", [rng.choice((0, 1, 7, -1, 2**31 - 1)) for _ in range(n)]),
+                      logprobs=array("f", [rng.choice((0.0, -1.0, math.nan, math.inf, -3e38)) for _ in
+                                           range(n + rng.choice((0, 0, 1)))]),
+                      loss_mask=array("B", [rng.choice((0, 1, 1, 2)) for _ in range(n + rng.choice((0, 0, -1)))]),
+                      reward=rng.choice((0.0, 1.0, math.nan)), min_version=rng.choice((0, 1)),
+                      max_version=rng.choice((0, 1)))
+        odd = codec._built_sample({**msgpack.unpackb(encode(sample()), raw=False), **fields})
+        try:
+            odd._check_invariants()
+            passes = True
+        except ValueError:
+            passes = False
+        batch = good[:2] + [odd] + good[2:]
+        assert not RolloutSample.invariants_hold(batch) or passes, fields
+        assert not RolloutSample.invariants_hold([odd]) or passes, fields
+
+
+def test_batch_limits_hold_only_when_each_sample_is_within_them():
+    samples = [sample(n=n, sample_id=f"s{n}") for n in (6, 9, 12)]
+    assert RolloutSample.within_limits(samples, 13, 12) and RolloutSample.within_limits([], 1, 1)
+    assert RolloutSample.within_limits(samples, None, None)
+    assert not RolloutSample.within_limits(samples, 12, 12)  # token id 12 (the 12-token sample's last)
+    assert not RolloutSample.within_limits(samples, 13, 11)

@@ -68,3 +68,17 @@ def test_no_pressure_no_early_checkpoint(r, tmp_path):
     cfg = config(tmp_path, dcp_save_interval=100, max_steps=2, save_final_checkpoint=False)
     assert Trainer(cfg, r, cfg.run_dir()).run() == 2  # fakeredis has no INFO: no pressure
     assert not (cfg.run_dir() / "checkpoints").exists() and not Archive(cfg.run_dir(), RUN).segments()
+
+
+def test_memory_is_asked_at_most_once_a_second(r, tmp_path, monkeypatch):
+    """docs/design.md §15.85 Samples decode by the batch: one INFO a second at most, not one a step."""
+    cfg = config(tmp_path, dcp_save_interval=10)
+    keeper = retention.Retention(r, cfg, tmp_path, lease=None)
+    keeper.enabled = True
+    asked, now = [], {"t": 100.0}
+    monkeypatch.setattr(retention, "memory_pressure", lambda r_, high_water: asked.append(now["t"]))
+    monkeypatch.setattr(retention.time, "monotonic", lambda: now["t"])
+    for step in range(1, 30):
+        keeper.pressed(step)
+        now["t"] += 0.25
+    assert asked == [100.0, 101.0, 102.0, 103.0, 104.0, 105.0, 106.0, 107.0]
