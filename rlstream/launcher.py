@@ -251,6 +251,7 @@ def _check_child(c: Child, state: RunState, config_path: Path) -> None:
         delay = c.policy.crashed(state.steps, f"exited with code {code}")
     except RunFailed as exc:
         raise RunFailed(f"{exc}; last lines of {c.log_path}:\n{c.tail()}") from None
+    log.warning("%s exited with code %s; restarting in %.0fs (%s)", c.name, code, delay, c.policy.note)
     c.restart_at = time.monotonic() + delay
 
 
@@ -265,7 +266,7 @@ def _check_redis(embedded: EmbeddedRedis | None, policy: RestartPolicy, state: R
         policy.crashed(state.steps, "died")
     except RunFailed as exc:
         raise RunFailed(f"{exc}; its log:\n{embedded.log_tail()}") from None
-    log.warning("restarting the embedded redis-server from its AOF")
+    log.warning("embedded redis-server died; restarting it from its AOF (%s)", policy.note)
     policy.started(state.steps)
     try:
         embedded.start()
@@ -383,7 +384,8 @@ def _check_engine(e: EngineServer, state: RunState, http: httpx.Client) -> None:
         delay = e.policy.crashed(state.steps, f"({e.url}) {reason}", came_up=came_up)
     except RunFailed as exc:
         raise RunFailed(f"{exc}; last lines of {e.log_path}:\n{e.tail()}") from None
-    log.warning("%s: workers wait for it meanwhile", e.name)
+    log.warning("%s (%s) %s; restarting it in %.0fs (workers wait for it; %s)", e.name, e.url, reason, delay,
+                e.policy.note)
     e.restart_at = time.monotonic() + delay
 
 

@@ -19,14 +19,12 @@ config: how hard to try depends on the machine, not on the experiment):
 """
 from __future__ import annotations
 
-import logging
 import os
 import time
 from dataclasses import dataclass, field
 
 from rlstream.core.errors import RunFailed
 
-log = logging.getLogger(__name__)
 MAX_RESTARTS = 3
 MAX_RESTARTS_ENV = "RLSTREAM_MAX_RESTARTS"
 MIN_UPTIME_S = 60.0
@@ -74,6 +72,7 @@ class RestartPolicy:
     steps_at_start: int = 0
     quick_crashes: int = 0  # in a row
     restarts: int = 0  # over the run's life: for the logs and the operator, never a limit
+    note: str = ""  # what the last crash was, for the supervisor's log line
 
     def started(self, steps: int, now: float | None = None) -> None:
         self.started_at = time.monotonic() if now is None else now
@@ -94,8 +93,7 @@ class RestartPolicy:
                 f"{max_restarts()}, RLSTREAM_MIN_UPTIME_S={min_uptime_s():.0f}; {self.restarts} restarts in this "
                 "run). Fix what its log shows; raise those variables only to let it try longer")
         self.restarts += 1
-        delay = min(BACKOFF_BASE_S * 2 ** max(0, self.quick_crashes - 1), BACKOFF_CAP_S)
-        log.warning("%s %s after %.0fs (%s); restart %d of this run in %.0fs", self.name, what, uptime,
-                    f"quick crash {self.quick_crashes} of at most {max_restarts()} in a row" if quick
-                    else "a new incident", self.restarts, delay)
-        return delay
+        self.note = (f"{uptime:.0f}s after its start, " + (f"quick crash {self.quick_crashes} of at most "
+                     f"{max_restarts()} in a row" if quick else "a new incident") + f"; restart {self.restarts} "
+                     "of this run")
+        return min(BACKOFF_BASE_S * 2 ** max(0, self.quick_crashes - 1), BACKOFF_CAP_S)

@@ -173,7 +173,11 @@ def collectives_bounded(timeout_s: float) -> Iterator[None]:
 
 
 def close(ranks: Ranks) -> None:
+    """Tear the process group down once every rank is done with it: without the barrier a rank
+    that finished first closes its sockets under a peer still completing the last collective
+    (seen as a rank aborting, "terminate called without an active exception", in the suite)."""
     if ranks.distributed and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
