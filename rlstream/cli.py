@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import sys
+from pathlib import Path
 
 import redis
 
@@ -264,6 +265,22 @@ def entrypoint() -> None:
         code = exc.exit_code
     except KeyboardInterrupt:
         code = 130
+    except BaseException as exc:  # noqa: BLE001 - a full disk met by a writer without its own space_guard
+        from rlstream.core.disk import DiskFull, disk_full_error, message, redis_refusal
+
+        full, refused = disk_full_error(exc), redis_refusal(exc)
+        if full is None and refused is None:
+            raise
+        log.error("no space left on device", exc_info=exc)
+        # A role's command line names its run's config.json; the embedded server keeps its data beside it.
+        config = next((Path(a) for a in sys.argv[1:] if a.endswith("config.json")), None)
+        redis_dir = config.parent / "redis" if config is not None and (config.parent / "redis").is_dir() else None
+        where = redis_dir.resolve() if redis_dir else "runs/<id>/redis"
+        said = message(Path(full.filename or os.getcwd()), "to", 0) if full is not None else (
+            f"Redis refuses writes ({refused}): free space on the disk where it keeps its data (the embedded "
+            f"server's: {where})")
+        print(f"rlstream: {said}", file=sys.stderr)
+        code = DiskFull.exit_code
     sys.exit(code)
 
 

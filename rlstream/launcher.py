@@ -40,6 +40,7 @@ from rlstream.core.config import Config, env_override_names, new_run_id
 from rlstream.core.connection import client, connect
 from rlstream.core.cookbook_config import ignored_settings, kept_differences
 from rlstream.core.credentials import PASSWORD_ENV, private_dir, redacted, url_password
+from rlstream.core.disk import DiskFull, aof_refusal
 from rlstream.core.embedded_redis import EmbeddedRedis
 from rlstream.core.errors import ConfigError, RedisUnavailable, RunFailed
 from rlstream.core.fold_snapshot import start_fold
@@ -247,6 +248,11 @@ def _check_child(c: Child, state: RunState, config_path: Path) -> None:
         return
     if state.finished is not None:  # shutting down anyway
         return
+    if code == DiskFull.exit_code:  # no space left: a restart would only crash into the same full disk
+        said = next((line for line in reversed(c.tail(40).splitlines()) if line.startswith("rlstream: ")), "")
+        raise RunFailed(f"{c.name} stopped: {said.removeprefix('rlstream: ') or 'no space left on device'}. "
+                        f"Once there is space, `rlstream up CONFIG --run-id {config_path.parent.name}` continues "
+                        "the run")
     try:
         delay = c.policy.crashed(state.steps, f"exited with code {code}")
     except RunFailed as exc:
@@ -286,11 +292,28 @@ class Watch:
         self.state, self.cursor = start_fold(cfg.run_dir(), r, cfg.run_id)
         self.redis_policy = RestartPolicy("the embedded redis-server", steps_at_start=self.state.steps)
         self.restart_log = RestartLog(cfg.run_id)  # restarts by role, for the metrics (observed, not counted here)
+        self.disk_checked_at = 0.0
+
+    def _check_redis_disk(self) -> None:
+        """Stop the run when the embedded server cannot write its AOF (a full disk): every role
+        would otherwise crash on its next write, into a crash loop (rlstream.core.disk)."""
+        if self.embedded is None or time.monotonic() < self.disk_checked_at + 1.0:
+            return
+        self.disk_checked_at = time.monotonic()
+        try:
+            refusal = aof_refusal(self.r, self.embedded.directory)
+        except (redis.ConnectionError, redis.TimeoutError):
+            return
+        if refusal:
+            raise RunFailed(f"{refusal}. Once there is space, `rlstream up CONFIG --run-id {self.cfg.run_id}` "
+                            "continues the run (writes the server took but could not log are lost as in an OS "
+                            "crash, which the run recovers from)")
 
     def step(self, progress: Progress | None = None) -> None:
         """Follow events (blocking at most 0.5 s), keep children, engines and Redis alive; raise
         ``RunFailed`` when the run cannot go on."""
         _check_redis(self.embedded, self.redis_policy, self.state)
+        self._check_redis_disk()
         try:
             entries, self.cursor = bus.read_events(self.r, self.cfg.run_id, self.cursor, block_ms=500)
             for _, msg in entries:

@@ -29,6 +29,7 @@ from typing import Any, Iterator
 import torch
 
 from rlstream.core import weights
+from rlstream.core.disk import newest_sibling_bytes, space_guard
 from rlstream.core.errors import ConfigError, RlstreamError
 from rlstream.core.fold_snapshot import FOLD_FILE
 from rlstream.trainer import lora, sharded
@@ -63,6 +64,17 @@ def save_checkpoint(run_dir: Path, state: CheckpointState, model, tokenizer, opt
     rank, _ = sharded.rank_world()
     final = final or checkpoint_dir(run_dir, state.step)
     tmp = weights.tmp_dir(final)
+    # A full disk: rank 0's temp dir goes, DiskFull says where. The first checkpoint has no predecessor to
+    # size it by: it holds the weights, the optimizer's two moments and their HF copy, ~4x a weights version.
+    with space_guard(final, "checkpoint", partial=tmp if rank == 0 else None,
+                     needed=lambda: 4 * newest_sibling_bytes(run_dir / "weights" / "v0")):
+        _save_checkpoint(tmp, final, rank, state, model, tokenizer, optimizer, fold)
+    log.info("checkpoint step %d -> %s", state.step, final)
+    return final
+
+
+def _save_checkpoint(tmp: Path, final: Path, rank: int, state: CheckpointState, model, tokenizer, optimizer,
+                     fold: str | None) -> None:
     sharded.on_rank0(lambda: _fresh_dir(tmp))
     full = sharded.full_state_dict(model) if sharded.is_sharded(model) else None  # collective when sharded
     _save_train_state(tmp / DCP_DIR, model, optimizer)  # collective: every rank its shards
@@ -80,8 +92,6 @@ def save_checkpoint(run_dir: Path, state: CheckpointState, model, tokenizer, opt
         weights.seal(tmp, final, state.version)  # the manifest last, then the rename
 
     sharded.on_rank0(seal)  # returns on every rank once rank 0 sealed it (or raises what failed there)
-    log.info("checkpoint step %d -> %s", state.step, final)
-    return final
 
 
 def _fresh_dir(path: Path) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 
 import redis
 from rq import SimpleWorker
-from rq.exceptions import DequeueTimeout
+from rq.exceptions import DequeueTimeout, InvalidJobOperation
 from rq.timeouts import UnixSignalDeathPenalty
 from rq.worker import WorkerStatus
 
@@ -236,7 +236,15 @@ class RolloutWorker(SimpleWorker):
         """rq's success handling deletes the job (``result_ttl=0``), which raises on the dead
         executions a killed worker left in the job's registry (``core.jobs``); rq would then
         count the job as failed and re-run it. Prune them first; once more if one died
-        meanwhile (nothing was written: rq raises before its MULTI executes)."""
+        meanwhile (nothing was written: rq raises before its MULTI executes).
+
+        A connection cut after Redis ran that MULTI but before its reply came back makes rq
+        (watching the job's dependents) run its transaction again, and the second pass finds
+        the job already deleted: rq raises ``InvalidJobOperation`` and would fail a job whose
+        groups are written and whose success is recorded. The job's status gone (its hash
+        lives until its success, ``result_ttl=0``) is that success: nothing is left to do but
+        drop what a heartbeat re-created meanwhile (rq deletes a hash its heartbeat creates, but
+        not when that heartbeat's reply was lost too and its retry found the hash it had made)."""
         for attempt in range(2):
             prune_dead_executions(self.connection, job.id)
             try:
@@ -244,6 +252,13 @@ class RolloutWorker(SimpleWorker):
             except ValueError:
                 if attempt:
                     raise
+            except InvalidJobOperation:
+                if self.connection.hget(job.key, "status") is not None:
+                    raise
+                self.connection.delete(job.key)  # absent, or only a late heartbeat's last_heartbeat
+                log.info("job %s: its success was recorded before the connection to Redis dropped (the reply was "
+                         "lost); not failing it", job.id)
+                return None
 
     def _beat(self, job, execution, stop: threading.Event) -> None:
         started = time.monotonic()

@@ -37,6 +37,7 @@ import redis
 
 from rlstream.core import keys
 from rlstream.core.bus import FIELD, as_text, xrange_all
+from rlstream.core.disk import space_guard
 from rlstream.core.errors import RlstreamError
 from rlstream.core.weights import fsync_dir
 
@@ -72,7 +73,7 @@ def _atomic_write(path: Path, lines: Iterable[bytes]) -> tuple[int, str]:
     """Write ``lines`` to ``path`` via a fsynced temp file and a rename: (bytes, sha256)."""
     tmp = path.with_name(f".{path.name}.tmp")
     digest, size = hashlib.sha256(), 0
-    with open(tmp, "wb") as f:
+    with space_guard(path, "the archive file", partial=tmp), open(tmp, "wb") as f:
         for line in lines:
             f.write(line)
             digest.update(line)

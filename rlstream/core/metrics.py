@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
+
+from rlstream.core.disk import run_dir_needs, space_guard
 
 
 class MetricsLog:
@@ -14,10 +17,23 @@ class MetricsLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def write(self, metrics: dict[str, Any]) -> None:
+        """Append one line, whole or not at all: a full disk truncates a torn line away (every
+        reader parses each line) and raises ``DiskFull``."""
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
-        with self.path.open("a") as f:
-            f.write(json.dumps(clean, sort_keys=True) + "\n")
-            f.flush()
+        data = (json.dumps(clean, sort_keys=True) + "\n").encode()
+        with space_guard(self.path, "metrics", needed=lambda: run_dir_needs(self.path.parent)):
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+            try:
+                start = os.fstat(fd).st_size
+                try:
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(fd, view):]
+                except OSError:
+                    os.ftruncate(fd, start)
+                    raise
+            finally:
+                os.close(fd)
 
 
 def read_metrics(path: str | Path, evaluations: bool = False) -> list[dict[str, Any]]:

@@ -16,6 +16,8 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable
 
+from rlstream.core.disk import space_guard
+
 MANIFEST = "manifest.json"
 
 
@@ -155,5 +157,6 @@ def write_dir(final: Path, fill: Callable[[Path], None], *, version: int) -> tup
     dir beside it (creating it), which is sealed and renamed into place. Returns its (digest, bytes)."""
     tmp = tmp_dir(final)
     shutil.rmtree(tmp, ignore_errors=True)
-    fill(tmp)
-    return seal(tmp, final, version)
+    with space_guard(final, "weights", partial=tmp):  # a full disk: the temp dir goes, DiskFull says where
+        fill(tmp)
+        return seal(tmp, final, version)

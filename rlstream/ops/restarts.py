@@ -59,5 +59,6 @@ class RestartLog:
                     pipe.hincrby(keys.restarts(self.run_id), role, n)
                 pipe.execute()
             self.unwritten.clear()
-        except (redis.ConnectionError, redis.TimeoutError) as exc:  # written on a later pass
+        except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError) as exc:  # written on a later pass
+            # (ResponseError: MISCONF, a server that cannot write its AOF: up stops the run on it, rlstream.core.disk)
             log.debug("restart counts not written yet (%s)", exc)

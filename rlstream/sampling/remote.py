@@ -29,7 +29,10 @@ the same path (a shared volume). docs/design.md §15.71 Engines sync through the
   so its samples are stamped with that older one and it is reloaded before its next request;
 - openai: ``{"model_path", "version"}`` is POSTed to ``inference.weight_sync_url``, and samples
   are stamped N once the server said 2xx; without a sync URL the server is never told, samples
-  are stamped v0, and the trainer's offsets show it.
+  are stamped v0, and the trainer's offsets show it. Such a server cannot say which version it
+  serves, so one that stopped answering (it may have restarted with its base weights) is sent
+  the current version again before its next request; a restart that no request noticed cannot
+  be seen (use vllm / sglang, whose servers report their version, where that matters).
 
 Servers are picked by rlstream.sampling.servers (a preferred one, fail-over, waiting while none
 is up). Retries only here, at the I/O edge: timeouts, 429 and 5xx are retried ``max_retries``
@@ -221,8 +224,21 @@ class RemotePolicy:
         if not self.engine.tracks_versions:
             if self.engine.syncs and wanted > self.version:
                 directory = weights.version_dir(self.weights_root, wanted).resolve()
-                self._send(lambda: self.engine.reload(self._sync, "", directory, wanted), f"weight sync to v{wanted}")
+                try:
+                    self.engine.reload(self._sync, "", directory, wanted)
+                except httpx.TransportError as exc:  # down: told before its next request (_ready), once back
+                    log.warning("weight sync to v%d: no answer (%s: %s); sent again once the server answers",
+                                wanted, type(exc).__name__, exc)
+                    self.version = wanted
+                    for server in self.pool.servers:
+                        server.version = None
+                    return
+                except EngineError:  # refused: retried within max_retries, then the job fails with the reason
+                    self._send(lambda: self.engine.reload(self._sync, "", directory, wanted),
+                               f"weight sync to v{wanted}")
                 self.version = wanted
+                for server in self.pool.servers:  # told: until one stops answering (mark_down forgets it)
+                    server.version = wanted
             return
         if wanted == self.version or (wanted < self.version and not self.exact):
             return
@@ -265,6 +281,24 @@ class RemotePolicy:
                         served = wanted
             server.version = served
 
+    def _resync(self, server: Server) -> None:
+        """openai: POST the current version to ``weight_sync_url`` for ``server``, which stopped
+        answering since it was last told (blocking: the loop's executor). A transport error means
+        it is still down: raised, so that the caller fails over or waits (``ServerPool``); a refusal
+        is retried as any weight sync (``_send``)."""
+        with server.sync_lock:
+            version = self.version
+            if server.version == version:
+                return
+            log.info("%s stopped answering since it was sent v%d (a restarted server serves other weights): "
+                     "sending it again before its next request", server.url, version)
+            directory = weights.version_dir(self.weights_root, version).resolve()
+            try:
+                self.engine.reload(self._sync, "", directory, version)
+            except EngineError:
+                self._send(lambda: self.engine.reload(self._sync, "", directory, version), f"weight sync to v{version}")
+            server.version = version
+
     def _fits(self, served: int | None, wanted: int) -> bool:
         return served is not None and (served == wanted if self.exact else served >= wanted)
 
@@ -298,9 +332,17 @@ class RemotePolicy:
         the loop's executor, shared by every draw that needs it."""
         if server.refusal is not None:
             raise EngineRefused(server.refusal)
-        if not self.engine.tracks_versions:
-            return
         loop = asyncio.get_running_loop()
+        if not self.engine.tracks_versions:
+            # openai: the server cannot say what it serves. One that stopped answering may have
+            # restarted with its base weights: send it the run's version again before it serves
+            # (otherwise its samples would carry this version's stamp and the base model's logprobs).
+            while self.engine.syncs and self.version > 0 and server.version != self.version:
+                entry = server.shared.get("resync")
+                if entry is None or entry[0] is not loop or entry[1].done():
+                    entry = server.shared["resync"] = (loop, loop.run_in_executor(None, self._resync, server))
+                await asyncio.shield(entry[1])
+            return
         while not self._serves(server):
             entry = server.shared.get("sync")
             if entry is None or entry[0] is not loop or entry[1].done():

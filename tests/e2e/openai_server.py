@@ -4,10 +4,11 @@ the way vLLM answers with ``return_token_ids`` and ``--logprobs-mode processed_l
 and SGLang's ``POST /update_weights_from_disk {model_path}``. It serves a local HF
 directory with rlstream's own ``LocalPolicy``, one request at a time.
 
-    python tests/e2e/openai_server.py MODEL_DIR PORT_FILE
+    python tests/e2e/openai_server.py MODEL_DIR PORT_FILE [PORT]
 
-binds 127.0.0.1 on a free port, writes the port to PORT_FILE, and appends every weight
-update it applied to PORT_FILE.updates (one JSON line each).
+binds 127.0.0.1 on PORT (default: a free one; a restarted server takes its predecessor's), writes
+the port to PORT_FILE, and appends every weight update it applied to PORT_FILE.updates (one JSON
+line each). It starts with MODEL_DIR's weights, as a restarted engine would.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from rlstream.sampling.local import LocalPolicy
 from rlstream.sampling.torch_setup import load_model_and_tokenizer, setup_torch
 
 
-def serve(model_dir: str, port_file: Path) -> None:
+def serve(model_dir: str, port_file: Path, port: int = 0) -> None:
     device = setup_torch("cpu", 1, 0)
     model, tokenizer = load_model_and_tokenizer(model_dir, device)
     policy = LocalPolicy.from_model(model.eval(), tokenizer, device, version=0)
@@ -74,10 +75,10 @@ def serve(model_dir: str, port_file: Path) -> None:
         with updates.open("a") as out:
             out.write(json.dumps(body) + "\n")
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
     port_file.write_text(str(server.server_address[1]))
     server.serve_forever()
 
 
 if __name__ == "__main__":
-    serve(sys.argv[1], Path(sys.argv[2]))
+    serve(sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]) if len(sys.argv) > 3 else 0)

@@ -149,3 +149,29 @@ def test_queued_started_and_failed_jobs_are_not_stranded(r, run_id):
     FailedJobRegistry(queue=queue).add(job, ttl=600)
     assert stranded_jobs(queue, cfg, state, watch, 20_000.0) == {}  # failed: handle_failed_jobs' business
     assert stranded_jobs(queue, cfg, state, watch, 30_000.0) == {}
+
+
+def test_worker_success_whose_reply_was_lost_is_not_failed(r, run_id, monkeypatch):
+    """A cut connection after Redis ran rq's success MULTI: rq runs it again (it watches the
+    job's dependents) and finds the job deleted; a late heartbeat whose reply was lost too has
+    re-created the job hash with only ``last_heartbeat``. The job succeeded: it must not be
+    failed (and run again), and the stray hash must go (tests/e2e/test_network_faults.py)."""
+    rq_class = next(c for c in RolloutWorker.__mro__[1:] if "handle_job_success" in vars(c))
+    cfg, queue, _, job = admitted(r, run_id)
+    original = rq_class.handle_job_success
+    attempts = []
+
+    def lost_reply(self, job, queue, started_job_registry, execution):
+        original(self, job, queue, started_job_registry, execution)  # Redis ran it; the reply is lost
+        r.hset(job.key, "last_heartbeat", "2026-12-07T10:00:00Z")  # a heartbeat's retry re-created the hash
+        attempts.append(job.id)
+        original(self, job, queue, started_job_registry, execution)  # the retry: rq raises InvalidJobOperation
+
+    monkeypatch.setattr(rq_class, "handle_job_success", lost_reply)
+    runs = []
+    runtime = types.SimpleNamespace(run_job=lambda job: runs.extend(g.group_id for g in job.groups) or {"ok": True})
+    worker = RolloutWorker([queue], connection=r, serializer=JSONSerializer, runtime=runtime)
+    worker.work(burst=True, logging_level="WARNING")
+    assert runs == ["e0-r0-a0"] and attempts[-1] == job.id
+    assert FailedJobRegistry(queue=queue).get_job_ids() == []
+    assert not r.exists(job.key), "the succeeded job's hash (or a stray heartbeat's) should be gone"

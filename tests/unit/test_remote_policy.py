@@ -529,3 +529,50 @@ def test_draws_answered_together_share_one_version_read():
     asyncio.run(many())
     reads = sum(1 for _, p in vllm.calls if p == "/weight_info")
     assert len(vllm.completions) == 16 and reads < 8
+
+
+def test_an_openai_server_that_stopped_answering_is_sent_the_version_again():
+    """openai servers cannot say what they serve: one that stopped answering may have restarted
+    with its base weights, so the current version is POSTed again before its next completion
+    (tests/e2e/test_inference_outage.py shows the wrong logprobs it otherwise serves)."""
+    seen: list[str] = []
+
+    def complete(request: httpx.Request) -> httpx.Response:
+        seen.append("complete")
+        if seen.count("complete") == 1:
+            raise httpx.ConnectError("connection refused", request=request)
+        return httpx.Response(200, json={"choices": [choice(0, [1], [-0.1])]})
+
+    def sync(request: httpx.Request) -> httpx.Response:
+        seen.append(f"sync v{json.loads(request.content)['version']}")
+        return httpx.Response(200, json={})
+
+    policy = make_policy(complete, sync_handler=sync, weight_sync_url="http://inference.test/update")
+    policy.load(published(2))
+    [completion] = asyncio.run(policy.complete(PROMPT, 1, max_tokens=1, temperature=1.0))
+    assert seen == ["sync v2", "complete", "sync v2", "complete"]
+    assert completion.version == 2
+
+
+def test_a_weight_sync_the_server_does_not_answer_is_sent_once_it_does():
+    """A version published while the openai server is down is not a failed job: it is sent
+    before the next completion, once the server answers."""
+    seen: list[str] = []
+    down = [True]
+
+    def sync(request: httpx.Request) -> httpx.Response:
+        if down[0]:
+            raise httpx.ConnectError("connection refused", request=request)
+        seen.append(f"sync v{json.loads(request.content)['version']}")
+        return httpx.Response(200, json={})
+
+    def complete(request: httpx.Request) -> httpx.Response:
+        seen.append("complete")
+        return httpx.Response(200, json={"choices": [choice(0, [1], [-0.1])]})
+
+    policy = make_policy(complete, sync_handler=sync, weight_sync_url="http://inference.test/update")
+    policy.load(published(3))
+    assert policy.version == 3 and seen == []
+    down[0] = False
+    [completion] = asyncio.run(policy.complete(PROMPT, 1, max_tokens=1, temperature=1.0))
+    assert seen == ["sync v3", "complete"] and completion.version == 3
