@@ -221,6 +221,19 @@ class RolloutWorker(SimpleWorker):
         self.pubsub_thread = self.pubsub.run_in_thread(sleep_time=PUBSUB_WAKE_S, daemon=True,
                                                        exception_handler=self._pubsub_exception_handler)
 
+    def request_force_stop(self, signum, frame):
+        """rq's second stop signal (a cold shutdown: exit at once, the groups in flight and the
+        sampler's connections left as they are). Once the run has finished, the first stop was
+        this worker's own (``warm_shutdown``) and the second is ``rlstream up`` stopping its
+        children, a second behind: keep the warm shutdown, whose drain is bounded (``drain_s``),
+        so the worker still closes what it opened. Before that, a second signal is the
+        operator's, and it stops the worker cold as rq does."""
+        events = getattr(self.runtime, "events", None)
+        if events is not None and events.state.finished is not None:
+            log.info("worker %s: already stopping (the run finished); the second stop signal waits for it", self.name)
+            return
+        super().request_force_stop(signum, frame)
+
     def teardown(self):
         """A warm shutdown finishes the groups in flight first (bounded by ``drain_s``);
         any left then are handed back: their heartbeats stop with the process and the

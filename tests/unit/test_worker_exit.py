@@ -90,3 +90,25 @@ def test_rqs_command_channel_lets_a_warm_shutdown_end_promptly():
     ending.start()
     ending.join(10)
     assert not ending.is_alive(), "unsubscribing (rq's teardown) did not end within 10 s"
+
+
+def test_a_second_stop_after_the_run_finished_keeps_the_warm_shutdown():
+    """The run's end stops a worker (its own SIGTERM) and `rlstream up` stops it a moment later:
+    rq would take that second signal as a cold shutdown, leaving the sampler's connections
+    unclosed (seen as aiohttp's "Unclosed client session" in the suite). Before the run's end a
+    second signal is the operator's and stops the worker cold, as rq does."""
+    import signal
+
+    from rq import Queue
+
+    from rlstream.workers.jobs import RolloutWorker
+
+    r = fakeredis.FakeRedis()
+    state = types.SimpleNamespace(finished=None)
+    runtime = types.SimpleNamespace(events=types.SimpleNamespace(state=state))
+    worker = RolloutWorker([Queue("q", connection=r)], connection=r, runtime=runtime)
+    worker._shutdown_requested_date = datetime.now(timezone.utc)  # the first stop's (rq's request_stop)
+    with pytest.raises(SystemExit):
+        worker.request_force_stop(signal.SIGTERM, None)
+    state.finished = object()
+    worker.request_force_stop(signal.SIGTERM, None)  # kept warm: no exit
