@@ -4,7 +4,7 @@ restarts it, instead of exiting 0 as if the run were over (fakeredis)."""
 from __future__ import annotations
 
 import types
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import fakeredis
 import pytest
@@ -107,7 +107,7 @@ def test_a_second_stop_after_the_run_finished_keeps_the_warm_shutdown():
     state = types.SimpleNamespace(finished=None)
     runtime = types.SimpleNamespace(events=types.SimpleNamespace(state=state))
     worker = RolloutWorker([Queue("q", connection=r)], connection=r, runtime=runtime)
-    worker._shutdown_requested_date = datetime.now(timezone.utc)  # the first stop's (rq's request_stop)
+    worker._shutdown_requested_date = datetime.now(timezone.utc) - timedelta(seconds=5)  # the first stop, 5 s ago
     with pytest.raises(SystemExit):
         worker.request_force_stop(signal.SIGTERM, None)
     state.finished = object()
