@@ -118,7 +118,9 @@ def test_reconnect_by_trainer_job_id_restores_a_saved_state(tmp_path):
     finally:
         again.close()
     assert processes_of(run_dir) == []
-    wait_until(lambda: not any(t.name == "trainer-lease" for t in threading.enumerate()), 10,
+    # A renewal in flight when the service stopped its Redis runs the client's bounded retries first
+    # (8, backoff 0.05 s doubling to 2 s: ~7 s, more on a loaded machine) before the thread sees its stop.
+    wait_until(lambda: not any(t.name == "trainer-lease" for t in threading.enumerate()), 30,
                "the lease's renewal thread to end with the service")
     events = logged_events(run_dir, run_id)
     assert [e.name for e in events if isinstance(e, StateLoaded)] == ["step-3", "step-2"]
