@@ -267,9 +267,9 @@ class EngineServer:
 def newest_complete(weights_root: Path, version: int) -> int:
     """``version`` when its directory is complete, else the newest complete one below it (v0 is
     always kept): what a (re)started server can load."""
-    for v in range(version, -1, -1):
-        if (weights.version_dir(weights_root, v) / weights.MANIFEST).is_file():
-            return v
+    complete = [v for v in weights.complete_versions(weights_root) if v <= version]
+    if complete:
+        return complete[-1]
     raise RunFailed(f"no complete weights directory under {weights_root}: the trainer has published none; "
                     "see its log (logs/trainer.log)")
 

@@ -332,8 +332,8 @@ def inference_drift(logprobs_B_T: Tensor, inf_logprobs_B_T: Tensor, mask_B_T: Te
     has_B = tokens_B > 0
     d_B_T = torch.where(mask_B_T, logprobs_B_T - inf_logprobs_B_T, torch.zeros_like(logprobs_B_T))
     k3_B_T = torch.where(mask_B_T, torch.exp(d_B_T.clamp(max=_LOG_RATIO_CLAMP)) - d_B_T - 1.0, torch.zeros_like(d_B_T))
-    n = int(has_B.sum())
     per_B = tokens_B.clamp(min=1).to(d_B_T.dtype)
-    return {"inference_k1": float((d_B_T.sum(-1) / per_B)[has_B].sum()) / max(n, 1),
-            "inference_k3": float((k3_B_T.sum(-1) / per_B)[has_B].sum()) / max(n, 1),
-            "inference_samples": float(n)}
+    sums = torch.stack([(d_B_T.sum(-1) / per_B)[has_B].sum(), (k3_B_T.sum(-1) / per_B)[has_B].sum(),
+                        has_B.sum().to(d_B_T.dtype)])
+    k1, k3, n = sums.tolist()  # one device sync for the three
+    return {"inference_k1": k1 / max(n, 1.0), "inference_k3": k3 / max(n, 1.0), "inference_samples": n}

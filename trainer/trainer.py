@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from pathlib import Path
 
@@ -271,7 +270,7 @@ class Trainer:
         group with its error as the reason."""
         try:
             self.set_advantages(group)
-            finite = all_finite(group.advantages_G)
+            finite = bool(torch.isfinite(group.advantages_G).all())
         except Exception as exc:
             return _rejection(f"advantage {self.cfg.advantage!r}", exc, group)
         if not finite:
@@ -487,14 +486,6 @@ class Trainer:
         fenced_write(self.r, self.lease, add=(keys.events(self.cfg.run_id), finished))
         self.state.apply(finished)
         (log.error if failed else log.info)("trainer: run finished (%s) at step %d", reason, self.step)
-
-
-def all_finite(values: torch.Tensor) -> bool:
-    """``torch.isfinite(values).all()`` of a group's few advantages, in Python floats (~1 us
-    against ~6 for the two tensor ops, 32 groups a step)."""
-    if values.is_floating_point() and values.numel() <= 64:
-        return all(map(math.isfinite, values.reshape(-1).tolist()))
-    return bool(torch.isfinite(values).all())
 
 
 def _rejection(name: str, exc: Exception, group: Group) -> str:

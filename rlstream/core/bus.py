@@ -80,8 +80,8 @@ def read_events(
             return out, last
 
 
-def iter_all_events(r: redis.Redis, run_id: str, batch: int = 5000) -> Iterator[Entry]:
-    after = "0-0"
+def iter_all_events(r: redis.Redis, run_id: str, batch: int = 5000, after: str = "0-0") -> Iterator[Entry]:
+    """Every event after ``after`` (the whole stream by default), a page of ``batch`` at a time."""
     while True:
         entries, last = read_events(r, run_id, after, count=batch)
         if last == after:  # nothing new (undecodable entries still advance ``last``)

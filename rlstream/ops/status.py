@@ -99,13 +99,9 @@ def folded_state(r, run_id: str, run_dir: Path | None) -> RunState:
     (docs/design.md §15.47 Processes start from the checkpoint's fold), so a status polled every
     few seconds does not decode the whole events stream each time."""
     state, cursor = start_fold(run_dir, r, run_id)
-    while True:
-        entries, last = bus.read_events(r, run_id, cursor, count=5000)
-        for _, msg in entries:
-            state.apply(msg)
-        if last == cursor:
-            return state
-        cursor = last
+    for _, msg in bus.iter_all_events(r, run_id, after=cursor):
+        state.apply(msg)
+    return state
 
 
 def window_rates(r, run_id: str, window_s: float, finished: bool) -> dict:
