@@ -86,6 +86,9 @@ def test_the_seed_rl_loop_learns_on_the_sdk_and_leaves_nothing_running(tmp_path,
 def test_reconnect_by_trainer_job_id_restores_a_saved_state(tmp_path):
     from rlstream.sdk import ServiceClient
 
+    # Other tests of this xdist worker may have left lease threads of their own (their trainers, in
+    # this process): only the ones this test's services start must end with them.
+    before = {t for t in threading.enumerate() if t.name == "trainer-lease"}
     service = ServiceClient.from_config(base_model="builtin:tiny", lora_rank=0, learning_rate=1e-2,
                                         log_path=tmp_path, torch_threads=1)
     run_id, run_dir = service.trainer_job_id, service.run_dir
@@ -120,7 +123,7 @@ def test_reconnect_by_trainer_job_id_restores_a_saved_state(tmp_path):
     assert processes_of(run_dir) == []
     # A renewal in flight when the service stopped its Redis runs the client's bounded retries first
     # (8, backoff 0.05 s doubling to 2 s: ~7 s, more on a loaded machine) before the thread sees its stop.
-    wait_until(lambda: not any(t.name == "trainer-lease" for t in threading.enumerate()), 30,
+    wait_until(lambda: not any(t.name == "trainer-lease" and t not in before for t in threading.enumerate()), 30,
                "the lease's renewal thread to end with the service")
     events = logged_events(run_dir, run_id)
     assert [e.name for e in events if isinstance(e, StateLoaded)] == ["step-3", "step-2"]
