@@ -72,12 +72,21 @@ class Segment:
 def _atomic_write(path: Path, lines: Iterable[bytes]) -> tuple[int, str]:
     """Write ``lines`` to ``path`` via a fsynced temp file and a rename: (bytes, sha256)."""
     tmp = path.with_name(f".{path.name}.tmp")
-    digest, size = hashlib.sha256(), 0
-    with space_guard(path, "the archive file", partial=tmp), open(tmp, "wb") as f:
-        for line in lines:
+    digest, size, pending = hashlib.sha256(), 0, iter(lines)
+
+    def needed() -> int:
+        """On a full disk: the lines not yet written are counted (not written), so the message says
+        what the file needs even for a run's first segment, which has no older sibling to go by."""
+        try:
+            return size + sum(len(line) for line in pending)
+        except Exception:  # noqa: BLE001 - the source failed too: what was counted is all that is known
+            return size
+
+    with space_guard(path, "the archive file", partial=tmp, needed=needed), open(tmp, "wb") as f:
+        for line in pending:
+            size += len(line)  # before the write: a line the full disk refused counts as needed
             f.write(line)
             digest.update(line)
-            size += len(line)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

@@ -51,6 +51,39 @@ def test_archive_file_is_whole_or_absent(tmp_path: Path) -> None:
     assert list(target.parent.iterdir()) == []
 
 
+def test_a_first_archive_segment_says_what_it_needs(tmp_path: Path, monkeypatch) -> None:
+    """No older segment to go by: the lines the full disk refused are counted, not guessed."""
+    from rlstream.core import archive
+
+    real_open = open
+
+    class FullAfter:
+        """A file on a disk that takes ``room`` bytes."""
+
+        def __init__(self, path, mode, room: int = 1500):
+            self.f, self.room = real_open(path, mode), room
+
+        def write(self, data: bytes) -> int:
+            if len(data) > self.room:
+                raise enospc()
+            self.room -= len(data)
+            return self.f.write(data)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc) -> None:
+            self.f.close()
+
+    monkeypatch.setattr(archive, "open", FullAfter, raising=False)
+    target = tmp_path / "archive" / "seg-000001.jsonl"
+    target.parent.mkdir()
+    with pytest.raises(DiskFull) as caught:
+        _atomic_write(target, (b"x" * 999 + b"\n" for _ in range(10)))  # 10,000 bytes; one fits
+    assert "it needs about 9.8 KiB" in str(caught.value), caught.value
+    assert list(target.parent.iterdir()) == []
+
+
 def test_metrics_line_is_whole_or_absent(tmp_path: Path, monkeypatch) -> None:
     log = MetricsLog(tmp_path / "metrics.jsonl")
     log.write({"step": 1})
