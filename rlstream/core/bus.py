@@ -59,25 +59,40 @@ def rollout_stats(r: redis.Redis, run_id: str) -> dict[str, int]:
     return {as_text(k): int(v) for k, v in r.hgetall(keys.rollout_stats(run_id)).items()}
 
 
-def read_events(
+def event_pages(
     r: redis.Redis, run_id: str, after: str = "0-0", *, block_ms: int | None = None, count: int = 1000,
-) -> tuple[list[Entry], str]:
-    """Every event after ``after`` (XREAD, no group; blocks up to ``block_ms`` only when
-    there is none yet): (entries, last id read). Reads page after page until caught up, so
-    a fold over the result is never partial."""
-    out: list[Entry] = []
-    last = after
+) -> Iterator[tuple[list[Entry], str]]:
+    """The events after ``after`` (XREAD, no group), a page at a time until caught up: (entries,
+    last id read). Only the first read blocks (up to ``block_ms``), so a caller with a budget can
+    stop between pages and go on later from the last id."""
+    last, block = after, block_ms
     while True:
-        reply = r.xread({keys.events(run_id): last}, count=count, block=None if out else block_ms)
+        reply = r.xread({keys.events(run_id): last}, count=count, block=block)
+        block = None
         page = reply[0][1] if reply else []
+        entries: list[Entry] = []
         for entry_id, fields in page:
             last = as_text(entry_id)
             try:
-                out.append((last, decode(fields.get(FIELD, b""))))
+                entries.append((last, decode(fields.get(FIELD, b""))))
             except DecodeError as exc:  # every reader would dead-letter it again: just log it
                 log.error("skipping undecodable event %s: %s", last, exc)
+        yield entries, last
         if len(page) < count:
-            return out, last
+            return
+
+
+def read_events(
+    r: redis.Redis, run_id: str, after: str = "0-0", *, block_ms: int | None = None, count: int = 1000,
+) -> tuple[list[Entry], str]:
+    """Every event after ``after`` (blocks up to ``block_ms`` only when there is none yet):
+    (entries, last id read). Reads page after page until caught up, so a fold over the result
+    is never partial."""
+    out: list[Entry] = []
+    last = after
+    for entries, last in event_pages(r, run_id, after, block_ms=block_ms, count=count):
+        out.extend(entries)
+    return out, last
 
 
 def iter_all_events(r: redis.Redis, run_id: str, batch: int = 5000, after: str = "0-0") -> Iterator[Entry]:

@@ -36,7 +36,6 @@ from rq.registry import StartedJobRegistry
 
 from rlstream.core import bus, keys
 from rlstream.core.archive import Archive, ArchiveError
-from rlstream.core.codec import DecodeError, decode
 from rlstream.core.credentials import redacted
 from rlstream.core.fold_snapshot import start_fold
 from rlstream.core.jobs import job_queue
@@ -254,21 +253,17 @@ class RunCollector:
             self.rejected = Counter(reject_class(reason) for reason in self.state.rejected.values())
         stop = min(deadline, time.monotonic() + FOLD_BUDGET_S)
         self.caught_up = False
-        while time.monotonic() < stop:
-            reply = self.r.xread({keys.events(self.run_id): self.cursor}, count=1000)
-            page = reply[0][1] if reply else []
-            for entry_id, fields in page:
-                self.cursor = bus.as_text(entry_id)
-                try:
-                    msg = decode(fields.get(bus.FIELD, b""))
-                except DecodeError:
-                    continue
+        pages = bus.event_pages(self.r, self.run_id, self.cursor)
+        while time.monotonic() < stop:  # else the rest at the next scrape, from self.cursor
+            page, last = next(pages, ([], None))
+            if last is None:
+                self.caught_up = True
+                break
+            for _, msg in page:
                 if isinstance(msg, GroupRejected) and msg.group_id not in self.state.rejected:
                     self.rejected[reject_class(msg.reason)] += 1
                 self.state.apply(msg)
-            if len(page) < 1000:
-                self.caught_up = True
-                break
+            self.cursor = last
         s = self.state
         out.add("exporter_events_caught_up", 1 if self.caught_up else 0)
         out.add("step", s.steps)
