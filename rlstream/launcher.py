@@ -280,6 +280,9 @@ def _check_redis(embedded: EmbeddedRedis | None, policy: RestartPolicy, state: R
         log.warning("embedded redis-server restart failed: %s", exc)
 
 
+LOST_LOG_EVERY_S = 30.0
+
+
 class Watch:
     """What the supervisor follows: the events (its fold), the children, the engines, Redis.
     ``step`` is one pass, shared by the wait for the engines and the run's main loop."""
@@ -293,6 +296,18 @@ class Watch:
         self.redis_policy = RestartPolicy("the embedded redis-server", steps_at_start=self.state.steps)
         self.restart_log = RestartLog(cfg.run_id)  # restarts by role, for the metrics (observed, not counted here)
         self.disk_checked_at = 0.0
+        self.redis_lost: tuple[float, float, int] | None = None  # (since, last logged, failed reads) of an outage
+
+    def _redis_lost(self, exc: Exception) -> None:
+        """Log an outage when it starts and every LOST_LOG_EVERY_S while it lasts, not at every
+        pass (two a second: a flaky network filled the log with them)."""
+        now = time.monotonic()
+        since, logged, failures = self.redis_lost or (now, 0.0, 0)
+        if now - logged >= LOST_LOG_EVERY_S:
+            log.warning("lost Redis while following events (%s)%s", exc,
+                        f"; {failures + 1} failed reads in {now - since:.0f} s" if failures else "")
+            logged = now
+        self.redis_lost = (since, logged, failures + 1)
 
     def _check_redis_disk(self) -> None:
         """Stop the run when the embedded server cannot write its AOF (a full disk): every role
@@ -320,8 +335,11 @@ class Watch:
                 self.state.apply(msg)
             if progress is not None:
                 progress.update(self.state, self.r)
+            if self.redis_lost is not None:
+                log.info("Redis is back after %.0f s", time.monotonic() - self.redis_lost[0])
+                self.redis_lost = None
         except (redis.ConnectionError, redis.TimeoutError) as exc:
-            log.warning("lost Redis while following events (%s)", exc)
+            self._redis_lost(exc)
             time.sleep(0.2)
         for c in self.children:
             _check_child(c, self.state, self.config_path)

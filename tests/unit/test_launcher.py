@@ -71,3 +71,18 @@ def test_a_source_tree_in_the_working_directory_cannot_shadow_the_installed_pack
     assert proc.stdout.strip() == rlstream.__file__
     spawned = launcher._spawn.__code__.co_consts
     assert "-P" in spawned, "children must start with -P (no working directory in front of sys.path)"
+
+
+def test_an_outage_of_redis_is_logged_when_it_starts_and_then_every_30_s(monkeypatch, caplog):
+    """A flaky network made the supervisor log "lost Redis" twice a second for as long as it lasted."""
+    clock = [100.0]
+    monkeypatch.setattr(launcher.time, "monotonic", lambda: clock[0])
+    watch = launcher.Watch.__new__(launcher.Watch)
+    watch.redis_lost = None
+    with caplog.at_level("WARNING", logger=launcher.__name__):
+        for _ in range(100):  # 50 s of failed reads, two a second
+            watch._redis_lost(ConnectionError("Connection refused"))
+            clock[0] += 0.5
+    said = [r.getMessage() for r in caplog.records if "lost Redis" in r.getMessage()]
+    assert len(said) == 2, said
+    assert said[1].endswith("; 61 failed reads in 30 s"), said
