@@ -1,4 +1,4 @@
-"""Throughput of RolloutSamples through the Redis stream bus: rlstream vs raw redis-py.
+"""Throughput of RolloutRecords through the Redis stream bus: rlstream vs raw redis-py.
 
 Run (from the repository root, in the project's venv)::
 
@@ -42,19 +42,19 @@ import redis
 from rlstream.core import bus, codec, keys
 from rlstream.core.connection import connect
 from rlstream.core.embedded_redis import EmbeddedRedis
-from rlstream.core.messages import RolloutSample
+from rlstream.core.messages import RolloutRecord
 from rlstream.trainer import reads
 
 POOL = 64  # distinct samples, cycled (building pydantic models is not what we measure)
 
 
-def make_samples(n_tokens: int, seed: int = 0) -> list[RolloutSample]:
+def make_samples(n_tokens: int, seed: int = 0) -> list[RolloutRecord]:
     rng = random.Random(seed)
     prompt = n_tokens // 4
     out = []
     for i in range(POOL):
         gid = f"e0-r{i // 8}-a0"
-        out.append(RolloutSample(
+        out.append(RolloutRecord(
             tokens=[rng.randrange(32000) for _ in range(n_tokens)],
             logprobs=[0.0] * prompt + [-rng.random() * 5 for _ in range(n_tokens - prompt)],
             loss_mask=[0] * prompt + [1] * (n_tokens - prompt),
@@ -81,7 +81,7 @@ class Variant:
 class Rlstream(Variant):
     """codec.encode + pipelined XADD; read_group (XREADGROUP + codec.decode + checks) + XACK."""
 
-    def __init__(self, r, run_id, batch, samples: list[RolloutSample]):
+    def __init__(self, r, run_id, batch, samples: list[RolloutRecord]):
         super().__init__(r, run_id, batch)
         self.samples = samples
 
@@ -143,13 +143,13 @@ def one_round(variants: list[Variant], n: int, batch: int) -> None:
         k += 1
 
 
-def codec_us(samples: list[RolloutSample], blobs: list[bytes], reps: int = 2000) -> tuple[float, float]:
+def codec_us(samples: list[RolloutRecord], blobs: list[bytes], reps: int = 2000) -> tuple[float, float]:
     t0 = time.perf_counter()
     for i in range(reps):
         codec.encode(samples[i % POOL])
     t1 = time.perf_counter()
     for i in range(reps):
-        codec.decode(blobs[i % POOL], expect=RolloutSample)
+        codec.decode(blobs[i % POOL], expect=RolloutRecord)
     t2 = time.perf_counter()
     return (t1 - t0) / reps * 1e6, (t2 - t1) / reps * 1e6
 

@@ -13,7 +13,7 @@ task's exact-match reward; every round trains on that content under fresh group 
   advantages from the (32, 8) rewards, one forward of the 256 sequences, log-softmax gather of the
   completion tokens, the clipped surrogate (token mean), backward, AdamW step (zero_grad first).
 - **(a) optimize**: rlstream's optimize path as ``Trainer.optimize`` runs it, alone: each group's
-  advantages (``advantage_fn``), ``collate`` of the 256 decoded ``RolloutSample`` objects, and
+  advantages (``advantage_fn``), ``collate`` of the 256 decoded ``RolloutRecord`` objects, and
   ``policy_update``.
 - **(b) whole step**: ``Trainer.gather`` from a rollouts stream pre-filled (untimed) with the
   batches' samples, their ``GroupAdmitted`` and ``GroupSampled`` events, as producer and workers
@@ -71,7 +71,7 @@ from rlstream.core.codec import decode, encode
 from rlstream.core.config import load_config
 from rlstream.core.connection import client
 from rlstream.core.embedded_redis import EmbeddedRedis
-from rlstream.core.messages import GroupAdmitted, GroupSampled, RolloutSample, group_id_for, sample_id_for
+from rlstream.core.messages import GroupAdmitted, GroupSampled, RolloutRecord, group_id_for, sample_id_for
 from rlstream.trainer import optimize as optimize_module
 from rlstream.trainer import policy_model
 from rlstream.trainer import trainer as trainer_module
@@ -102,7 +102,7 @@ def draw_batch(t: Trainer, seed: int) -> list[list[tuple[list[int], float, float
     return batch
 
 
-def stamped(batch, round_no: int, version: int, worker: str = "bench") -> list[list[RolloutSample]]:
+def stamped(batch, round_no: int, version: int, worker: str = "bench") -> list[list[RolloutRecord]]:
     """The batch's samples under fresh group ids (rows of round ``round_no``), stamped as a worker stamps them."""
     P = len(batch)
     groups = []
@@ -110,7 +110,7 @@ def stamped(batch, round_no: int, version: int, worker: str = "bench") -> list[l
         row = round_no * P + g
         gid = group_id_for(0, row, 0)
         window = (time.time() - 0.01, time.time())  # a group's members share its sampling window
-        groups.append([RolloutSample(
+        groups.append([RolloutRecord(
             tokens=tokens, logprobs=[0.0] * (len(tokens) - 1) + [lp], loss_mask=[0] * (len(tokens) - 1) + [1],
             reward=reward, text="", sample_id=sample_id_for(gid, m), group_id=gid, group_size=len(members),
             row_index=row, submit_version=version, min_version=version, max_version=version, worker_id=worker,
@@ -118,7 +118,7 @@ def stamped(batch, round_no: int, version: int, worker: str = "bench") -> list[l
     return groups
 
 
-def prefill(r, run_id: str, groups: list[list[RolloutSample]], version: int) -> None:
+def prefill(r, run_id: str, groups: list[list[RolloutRecord]], version: int) -> None:
     """What the producer (``GroupAdmitted``) and the workers (``GroupSampled`` + samples, one MULTI
     per group) write for the batch: the trainer's gather then reads it without waiting."""
     with r.pipeline(transaction=True) as pipe:
@@ -162,7 +162,7 @@ def bare_step(model, optimizer, tokens_B_N, attention_B_N, mask_B_T, rewards_P_G
     return float(loss.detach())
 
 
-def rlstream_optimize(t: Trainer, groups: list[list[RolloutSample]], lr: float, clock: dict) -> None:
+def rlstream_optimize(t: Trainer, groups: list[list[RolloutRecord]], lr: float, clock: dict) -> None:
     """``Trainer.optimize``'s work without its step count: advantages, collate, policy_update (``clock``
     adds up their times)."""
     t0 = time.perf_counter()
@@ -285,7 +285,7 @@ def run_setting(t: Trainer, r, batch, clock: PartClock, threads: int, rounds: in
     for i in range(warmup + rounds):
         n = (round_base + i) * block
         # (a) trains on decoded samples, as the trainer gets them from the stream.
-        decoded = [[decode(encode(s), expect=RolloutSample) for s in g] for g in stamped(batch, n, t.version, "a")]
+        decoded = [[decode(encode(s), expect=RolloutRecord) for s in g] for g in stamped(batch, n, t.version, "a")]
         for k in range(block):  # the block's batches, in the stream before it starts, each sampled by the
             v = t.version + k      # version that trains it (the staleness bound drops older ones)
             prefill(r, cfg.run_id, stamped(batch, n + k, v), v)

@@ -40,7 +40,7 @@ from rlstream.core import bus, keys
 from rlstream.core.codec import decode
 from rlstream.core.connection import connect
 from rlstream.core.embedded_redis import EmbeddedRedis
-from rlstream.core.messages import RolloutSample, WeightsPublished
+from rlstream.core.messages import RolloutRecord, WeightsPublished
 from rlstream.core.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,7 +53,7 @@ def adoption(r, run_id: str) -> tuple[dict[int, float], dict[int, dict[str, floa
                  if isinstance(m, WeightsPublished) and m.version > 0}
     starts: dict[str, list[tuple[int, float]]] = {}
     for _, raw in bus.xrange_all(r, keys.rollouts(run_id)):
-        s = decode(raw, expect=RolloutSample)
+        s = decode(raw, expect=RolloutRecord)
         starts.setdefault(s.worker_id, []).append((s.min_version, s.started_at))
     first: dict[int, dict[str, float]] = {}
     for v in published:

@@ -22,8 +22,7 @@ from rlstream.core.cookbook_config import (
     WSDSchedule,
     default_constant_schedule,
 )
-from rlstream.core.messages import RolloutSample
-from rlstream.core.rollout import Completion, RolloutSetup, build_deployment_sampler, chat_prompt_ids
+from rlstream.core.rollout import Completion, RolloutSample, RolloutSetup, build_deployment_sampler, chat_prompt_ids
 
 __all__ = ["Config", "Completion", "RolloutSample", "RolloutSetup", "RunResult", "TrainerConfig", "chat_prompt_ids",
            "main"]

@@ -1,11 +1,12 @@
-"""Test factories, one place for what many tests build: a ``RolloutSample`` of a group
-(``sample``) or as a user's rollout returns it (``user_sample``), a trainer ``Config`` for the
-tiny model (``config``) or any ``Config`` with the defaults the tests were written against
-(``legacy_config``), and the ``rlstream`` command line run as a subprocess (``rlstream``).
-Each takes keyword overrides of its defaults; a module that always overrides the same ones
-binds them once (``functools.partial``). Importable as ``factories`` from every test folder,
-like ``polling``. The fixtures built on them are in tests/conftest.py (``builtin_run`` in
-tests/e2e/conftest.py) and tests/unit/conftest.py (``r_group``)."""
+"""Test factories, one place for what many tests build: a ``RolloutRecord`` of a group as a
+worker stamps it (``sample``), a ``RolloutSample`` as a user's rollout returns it
+(``user_sample``), a trainer ``Config`` for the tiny model (``config``) or any ``Config`` with
+the defaults the tests were written against (``legacy_config``), and the ``rlstream`` command
+line run as a subprocess (``rlstream``). Each takes keyword overrides of its defaults; a module
+that always overrides the same ones binds them once (``functools.partial``). Importable as
+``factories`` from every test folder, like ``polling``. The fixtures built on them are in
+tests/conftest.py (``builtin_run`` in tests/e2e/conftest.py) and tests/unit/conftest.py
+(``r_group``)."""
 from __future__ import annotations
 
 import os
@@ -15,11 +16,12 @@ from pathlib import Path
 from typing import Sequence
 
 from rlstream.core.config import Config
-from rlstream.core.messages import RolloutSample, group_id_for, sample_id_for
+from rlstream.core.messages import RolloutRecord, group_id_for, sample_id_for
+from rlstream.core.rollout import RolloutSample
 
 
 def sample(row: int = 0, member: int = 0, *, tokens: Sequence[int] | None = None, prompt: int = 1,
-           logprob: float = -1.0, reward: float | None = None, group_size: int = 2, **over) -> RolloutSample:
+           logprob: float = -1.0, reward: float | None = None, group_size: int = 2, **over) -> RolloutRecord:
     """Member ``member`` of row ``row``'s group (epoch 0, attempt 0), stamped as a worker
     stamps it: ``tokens`` (default ``1, 2 + member, 3``: the members differ) whose first
     ``prompt`` are the prompt (mask 0, logprob 0.0) and the rest generated (mask 1,
@@ -33,7 +35,7 @@ def sample(row: int = 0, member: int = 0, *, tokens: Sequence[int] | None = None
                   loss_mask=[0] * prompt + [1] * (n - prompt), reward=float(member) if reward is None else reward,
                   sample_id=sample_id_for(gid, member), group_id=gid, group_size=group_size, row_index=row)
     fields.update(over)
-    return RolloutSample(**fields)
+    return RolloutRecord(**fields)
 
 
 def user_sample(tokens: Sequence[int] = (1, 2), reward: float = 1.0, **over) -> RolloutSample:

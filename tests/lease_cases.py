@@ -10,7 +10,7 @@ from polling import wait_until
 
 from rlstream.core import bus, keys
 from rlstream.core.errors import RlstreamError
-from rlstream.core.messages import DatasetExhausted, RolloutSample, RunFinished
+from rlstream.core.messages import DatasetExhausted, RolloutRecord, RunFinished
 from rlstream.trainer.lease import TrainerLease, fenced_write
 
 
@@ -73,7 +73,7 @@ def a_lost_lease_stops_its_holder(r, run_id: str) -> None:
 def fenced_writes_need_the_lease(r, run_id: str) -> None:
     events, rollouts = keys.events(run_id), keys.rollouts(run_id)
     bus.ensure_group(r, rollouts)
-    entry = bus.xadd(r, rollouts, RolloutSample(tokens=[1, 2], logprobs=[0.0, -1.0], loss_mask=[0, 1], reward=1.0))
+    entry = bus.xadd(r, rollouts, RolloutRecord(tokens=[1, 2], logprobs=[0.0, -1.0], loss_mask=[0, 1], reward=1.0))
     r.xreadgroup(keys.TRAINER_GROUP, "trainer-0", {rollouts: ">"})
     a = TrainerLease(r, run_id, token="trainer-a")
     assert a.try_take()

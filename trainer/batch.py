@@ -11,14 +11,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rlstream.core.messages import DeadLetter, RolloutSample
+from rlstream.core.messages import DeadLetter, RolloutRecord
 
 
 @dataclass
 class Group:
     group_id: str
     size: int
-    members: dict[str, tuple[str, RolloutSample]] = field(default_factory=dict)  # sample_id -> (entry, sample)
+    members: dict[str, tuple[str, RolloutRecord]] = field(default_factory=dict)  # sample_id -> (entry, sample)
     advantages_G: torch.Tensor | None = None  # set by the trainer once the group is complete
     # Per-token advantages (advantage = "igpo"): one (len(tokens) - 1,) tensor per sample, in ``samples``'
     # order, aligned to the targets; None = each sample's advantages_G entry on every token
@@ -46,7 +46,7 @@ class Group:
         return [e for e, _ in self.members.values()]
 
     @property
-    def samples(self) -> list[RolloutSample]:
+    def samples(self) -> list[RolloutRecord]:
         return [s for _, s in self.members.values()]
 
     @property
@@ -73,7 +73,7 @@ class GroupAssembler:
         # re-delivers their samples before the commit marks them settled.
         self.completed: set[str] = set()
 
-    def add(self, entry_id: str, sample: RolloutSample, settled: set[str]) -> tuple[Group | None, str | None]:
+    def add(self, entry_id: str, sample: RolloutRecord, settled: set[str]) -> tuple[Group | None, str | None]:
         """Returns (the group if this sample completed it, the entry id if a duplicate)."""
         if sample.group_id in settled or sample.group_id in self.completed:
             return None, entry_id
@@ -86,7 +86,7 @@ class GroupAssembler:
             return self.open.pop(sample.group_id), None
         return None, None
 
-    def add_invalid(self, sample: RolloutSample | DeadLetter, settled: set[str]) -> None:
+    def add_invalid(self, sample: RolloutRecord | DeadLetter, settled: set[str]) -> None:
         """A member that was dead-lettered (e.g. a token outside the vocabulary): it counts
         towards settling its group, never towards training it. Either the decoded sample or
         its dead letter (both carry sample_id, group_id and group_size)."""
@@ -146,9 +146,9 @@ class Batch:
         return self.advantages_B if self.advantages_B_T is None else self.advantages_B_T
 
 
-def collate(samples: list[RolloutSample], advantages_B: torch.Tensor, pad_id: int, device: torch.device,
+def collate(samples: list[RolloutRecord], advantages_B: torch.Tensor, pad_id: int, device: torch.device,
             token_advantages: list[torch.Tensor | None] | None = None) -> Batch:
-    """Right-padded (B, N) tensors of ``samples`` (equal-length arrays each, ``RolloutSample``
+    """Right-padded (B, N) tensors of ``samples`` (equal-length arrays each, ``RolloutRecord``
     checks it). Each field's arrays are joined into one buffer and scattered into the real
     positions at once: read row by row, those are the samples' tokens in order. A handful of
     tensor ops whatever B (one slice assignment per sample and field cost ~3.5 ms at B = 256,
@@ -191,7 +191,7 @@ def token_advantages_of(groups: list[Group]) -> list[torch.Tensor | None] | None
     return [t for g in groups for t in (g.token_advantages or [None] * len(g.members))]
 
 
-def _joined(samples: list[RolloutSample], name: str, dtype: torch.dtype) -> torch.Tensor:
+def _joined(samples: list[RolloutRecord], name: str, dtype: torch.dtype) -> torch.Tensor:
     """Every sample's ``name`` array (array.array, native byte order) end to end, one 1-D tensor
     that owns its memory (the samples' arrays are left untouched)."""
     joined = bytearray(b"".join(getattr(s, name) for s in samples))

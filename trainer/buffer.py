@@ -19,7 +19,7 @@ import redis
 from rlstream.core.bus import Entry
 from rlstream.core.config import Config
 from rlstream.core.connection import count_connection_errors
-from rlstream.core.messages import DeadLetter, RolloutSample
+from rlstream.core.messages import DeadLetter, RolloutRecord
 from rlstream.core.run_state import RunState
 from rlstream.trainer.batch import Group, GroupAssembler, overdue_unseen, take_oldest
 from rlstream.trainer.commit import ack_untrained, reject_group
@@ -201,7 +201,7 @@ class RolloutBuffer:
             log.warning("picked up %d pending entries no read had returned (a lost reply?)", len(found))
             self.add_samples(found)
 
-    def add_samples(self, entries: list[tuple[str, RolloutSample]]) -> None:
+    def add_samples(self, entries: list[tuple[str, RolloutRecord]]) -> None:
         settled, duplicates = self.state.settled_groups, []
         for entry_id, sample in entries:
             group, dup = self.assembler.add(entry_id, sample, settled)
@@ -211,7 +211,7 @@ class RolloutBuffer:
                 duplicates.append(dup)
         ack_untrained(self.r, self.cfg.run_id, duplicates, self.lease)
 
-    def add_invalid(self, samples: list[RolloutSample | DeadLetter]) -> None:
+    def add_invalid(self, samples: list[RolloutRecord | DeadLetter]) -> None:
         """Dead-lettered members of admitted groups (their GroupAdmitted precedes them, so
         call this after a fold): they settle their group instead of leaving it open."""
         for sample in samples:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from rlstream.core.messages import RolloutSample
+from rlstream.core.messages import RolloutRecord
 from rlstream.trainer.advantages import group_advantages
 from rlstream.trainer.policy_model import token_logprobs
 from rlstream.trainer.precision import Precision
@@ -117,7 +117,7 @@ def mean_answer_logprobs(model: torch.nn.Module, prefixes: list[list[int]], answ
                         for i, (p, a) in enumerate(zip(prefixes, answers))])
 
 
-def igpo_advantages(samples: list[RolloutSample], model: torch.nn.Module, *, gamma: float, pad_id: int,
+def igpo_advantages(samples: list[RolloutRecord], model: torch.nn.Module, *, gamma: float, pad_id: int,
                     device: torch.device, temperature: float,
                     precision: Precision | None = None) -> tuple[Tensor, list[Tensor]]:
     """A group's IGPO advantages: (advantages_G, each sample's first turn's, what

@@ -13,7 +13,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from rlstream.core import keys
-from rlstream.core.messages import RolloutSample
+from rlstream.core.messages import RolloutRecord
 from rlstream.core.run_state import RunState
 from rlstream.trainer.batch import Group
 
@@ -76,7 +76,7 @@ class PerfClock:
         return line
 
 
-def sampling_windows(samples: list[RolloutSample]) -> list[tuple[float, float, int]]:
+def sampling_windows(samples: list[RolloutRecord]) -> list[tuple[float, float, int]]:
     """(start, end, samples) of each sampling window in the batch (one per group: its members
     share it); samples without timestamps (older workers) are left out."""
     windows: dict[tuple[float, float], int] = {}

@@ -15,13 +15,13 @@ import redis
 from rlstream.core import keys
 from rlstream.core.bus import FIELD, Entry, as_text, xadd, xrange_all
 from rlstream.core.codec import DecodeError, decode, decode_samples
-from rlstream.core.messages import DeadLetter, RolloutSample
+from rlstream.core.messages import DeadLetter, RolloutRecord
 
 log = logging.getLogger(__name__)
 
 
 def dead_letter(pipe: Any, run_id: str, source_stream: str, entry_id: str, reason: str, raw: bytes,
-                sample: RolloutSample | None = None) -> None:
+                sample: RolloutRecord | None = None) -> None:
     log.warning("dead-lettered %s %s: %s", source_stream, entry_id, reason)
     member = dict(sample_id=sample.sample_id, group_id=sample.group_id, group_size=sample.group_size) \
         if _stamped(sample) else {}
@@ -40,11 +40,11 @@ def decode_entries(
     samples failing only the vocabulary / ``max_seq_len`` checks: their group will never
     complete, and the trainer must settle it rather than wait for it forever."""
     good: list[Entry] = []
-    bad: list[tuple[str, str, bytes, RolloutSample | None]] = []
+    bad: list[tuple[str, str, bytes, RolloutRecord | None]] = []
     raws = [(fields or {}).get(FIELD, b"") for _, fields in raw_entries]
     decoded = decode_samples(raws)  # each a sample or the DecodeError that says why not
     # The limits checked once for the batch; only when that fails does each sample get its own check (and message).
-    within = RolloutSample.within_limits([m for m in decoded if not isinstance(m, DecodeError)], vocab_size,
+    within = RolloutRecord.within_limits([m for m in decoded if not isinstance(m, DecodeError)], vocab_size,
                                          max_seq_len)
     for (entry_id, _), raw, msg in zip(raw_entries, raws, decoded):
         sid, blob = as_text(entry_id), raw if isinstance(raw, bytes) else b""
@@ -72,7 +72,7 @@ def decode_entries(
     return good
 
 
-def _stamped(msg: RolloutSample | None) -> bool:
+def _stamped(msg: RolloutRecord | None) -> bool:
     return msg is not None and bool(msg.sample_id and msg.group_id) and msg.group_size >= 1
 
 

@@ -20,7 +20,7 @@ from rlstream.core import fold_snapshot, keys
 from rlstream.core.archive import Archive, fetch_rollouts
 from rlstream.core.codec import decode
 from rlstream.core.errors import RlstreamError
-from rlstream.core.messages import Evaluated, RolloutSample, StepCommitted
+from rlstream.core.messages import Evaluated, RolloutRecord, StepCommitted
 from rlstream.core.metrics import MetricsLog
 from rlstream.core.run_state import RunState
 from rlstream.trainer import reads
@@ -116,7 +116,7 @@ def committed_groups(r: redis.Redis, run_id: str, committed: StepCommitted, set_
                             "deleted? Restore them, or start from a checkpoint after that step")
     groups: dict[str, Group] = {gid: Group(gid, 0) for gid in committed.group_ids}
     for entry_id in committed.entry_ids:
-        sample = decode(raw[entry_id], expect=RolloutSample)
+        sample = decode(raw[entry_id], expect=RolloutRecord)
         groups[sample.group_id].members[sample.sample_id] = (entry_id, sample)
     for group in groups.values():
         set_advantages(group)

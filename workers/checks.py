@@ -7,24 +7,24 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from pydantic import ValidationError
-
-from rlstream.core.messages import RolloutSample
-from rlstream.core.rollout import no_room
+from rlstream.core.messages import RolloutRecord
+from rlstream.core.rollout import InvalidSample, RolloutSample, no_room, to_record
 
 ERROR_WIDTH = 200  # characters of an exception's text kept in a rejection reason
 
 
-def check_sample(result: Any, vocab_size: int | None, max_seq_len: int) -> str | None:
-    """Why the trainer would dead-letter this sample, or None. Caught here so that it is
+def checked_record(result: Any, vocab_size: int | None, max_seq_len: int) -> RolloutRecord:
+    """The wire record of what ``rollout_fn`` returned, checked as the trainer will check it;
+    ``InvalidSample`` says why the trainer would dead-letter it. Caught here so that it is
     redrawn now instead of leaving its group waiting 2 x job_timeout in the trainer."""
     if not isinstance(result, RolloutSample):
         raise TypeError(f"rollout_fn must return rlstream.RolloutSample or None, got {type(result).__name__}")
+    record = to_record(result)
     try:
-        result.check_limits(vocab_size, max_seq_len)
+        record.check_limits(vocab_size, max_seq_len)
     except ValueError as exc:
-        return str(exc)
-    return None
+        raise InvalidSample(str(exc)) from None
+    return record
 
 
 def prompt_problem(ids: list[int], vocab_size: int | None, max_seq_len: int) -> str | None:
@@ -70,10 +70,3 @@ class DrawTally:
     @property
     def failed(self) -> bool:
         return sum(self.counts.values()) > 0
-
-
-def validation_message(exc: ValidationError) -> str:
-    """pydantic's errors on one line: ``field: message``, or just the message for the
-    sample's invariants (pydantic's "Value error, " prefix dropped)."""
-    return "; ".join(": ".join(part for part in (".".join(map(str, e["loc"])), e["msg"].removeprefix("Value error, "))
-                               if part) for e in exc.errors())

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis
-from pydantic import ValidationError
 from rq.timeouts import JobTimeoutException
 
 from rlstream.builtin.rollout import PromptIds
@@ -25,24 +24,17 @@ from rlstream.core.messages import (
     GroupRejected,
     GroupSampled,
     RolloutJob,
-    RolloutSample,
+    RolloutRecord,
     RunFinished,
     WeightsPublished,
     sample_id_for,
 )
-from rlstream.core.rollout import RolloutFnFactory, RolloutSetup
+from rlstream.core.rollout import InvalidSample, RolloutFnFactory, RolloutSetup
 from rlstream.core.run_state import RunState
 from rlstream.sampling.rollout_fn import accepted_context
 from rlstream.sampling.stamps import VersionSpan, drawn_versions
 from rlstream.workers.breaker import CircuitBreaker
-from rlstream.workers.checks import (
-    DrawTally,
-    check_sample,
-    error_text,
-    group_rejection,
-    prompt_problem,
-    validation_message,
-)
+from rlstream.workers.checks import DrawTally, checked_record, error_text, group_rejection, prompt_problem
 from rlstream.workers.events import EventFollower
 from rlstream.workers.sampling_loop import SamplingLoop
 from rlstream.workers.slots import generate_rows
@@ -149,7 +141,7 @@ class Drawn:
     or why it is rejected."""
 
     rejection: str | None = None
-    samples: list[RolloutSample] = field(default_factory=list)
+    samples: list[RolloutRecord] = field(default_factory=list)
     tally: DrawTally = field(default_factory=DrawTally)
     span: VersionSpan = field(default_factory=VersionSpan)
     version: int | None = None  # its samples' min_version (set once drawn)
@@ -260,18 +252,20 @@ class WorkerRuntime:
         tally.fail(field, error)
         self.totals[field] += 1
 
-    async def _draw(self, row: dict[str, Any], context: dict[str, Any], tally: DrawTally) -> RolloutSample | None:
-        """One completion. An exception (or a return that is not a RolloutSample) is
-        retried, bounded; an invalid sample is dropped without a retry (the group's redraw
-        rounds replace it). Both are failures: a group left without enough samples by them
-        is rejected with the last one's text and counts for the circuit breaker."""
+    async def _draw(self, row: dict[str, Any], context: dict[str, Any], tally: DrawTally) -> RolloutRecord | None:
+        """One completion, as its wire record (not stamped yet). An exception (or a return that
+        is not a RolloutSample) is retried, bounded; an invalid sample is dropped without a retry
+        (the group's redraw rounds replace it). Both are failures: a group left without enough
+        samples by them is rejected with the last one's text and counts for the circuit breaker."""
         kwargs = {k: v for k, v in context.items() if k in self.context_params}
         for attempt in range(self.cfg.rollout_max_retries + 1):
+            problem = None
             try:
                 result = await self.rollout_fn(dict(row), **kwargs)
-                problem = None if result is None else check_sample(result, self.vocab_size, self.cfg.max_seq_len)
-            except ValidationError as exc:  # rollout_fn built (or tried to mutate) an invalid RolloutSample
-                problem = validation_message(exc)
+                if result is not None:
+                    result = checked_record(result, self.vocab_size, self.cfg.max_seq_len)
+            except InvalidSample as exc:  # rollout_fn returned a sample the trainer could not train on
+                problem = str(exc)
             except JobTimeoutException:  # rq's SIGALRM landed inside the draw: it ends the job, it is no draw failure
                 raise
             except Exception as exc:
@@ -286,7 +280,7 @@ class WorkerRuntime:
         return None
 
     async def _group(self, job: GroupJob, tally: DrawTally | None = None, span: VersionSpan | None = None,
-                     job_id: str | None = None) -> list[RolloutSample]:
+                     job_id: str | None = None) -> list[RolloutRecord]:
         """G draws; missing members (None, invalid, failed) are re-drawn for up to
         ``max_incomplete_group_retries`` more rounds. Failures are tallied in ``tally``; the
         versions the servers drew them with, in ``span`` (every draw task inherits it). The
@@ -294,7 +288,7 @@ class WorkerRuntime:
         tally = DrawTally() if tally is None else tally
         drawn_versions.set(span)
         job_id = keys.job_id(self.cfg.run_id, job.group_id) if job_id is None else job_id
-        samples: list[RolloutSample] = []
+        samples: list[RolloutRecord] = []
         next_index = 0
         for round_ in range(self.cfg.max_incomplete_group_retries + 1):
             missing = job.group_size - len(samples)
@@ -318,7 +312,7 @@ class WorkerRuntime:
 
         await asyncio.gather(*(one(g, d) for g, d in zip(jobs, drawn)))
 
-    async def _counted(self, job_id: str, draw: Any) -> RolloutSample | None:
+    async def _counted(self, job_id: str, draw: Any) -> RolloutRecord | None:
         """``draw``, whose end (whatever it is) frees its request of the window for the next group."""
         try:
             return await draw
@@ -403,7 +397,7 @@ class WorkerRuntime:
             problem = f"the prompt could not be tokenized: {error_text(exc)}"
         return f"row {job.row_index}: {problem}" if problem else None
 
-    def _add_samples(self, pipe: Any, job: GroupJob, samples: list[RolloutSample], version: int,
+    def _add_samples(self, pipe: Any, job: GroupJob, samples: list[RolloutRecord], version: int,
                      end_version: int | None = None, window: tuple[float, float] = (0.0, 0.0)) -> None:
         """The group's samples, stamped with their provenance, and its ``GroupSampled``."""
         bus.xadd(pipe, keys.events(self.cfg.run_id), GroupSampled(

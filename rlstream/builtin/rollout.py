@@ -11,8 +11,7 @@ from collections import OrderedDict
 from typing import Any
 
 from rlstream.builtin.rewards import RewardFn
-from rlstream.core.messages import RolloutSample
-from rlstream.core.rollout import RolloutFn, RolloutSetup, chat_prompt_ids
+from rlstream.core.rollout import RolloutFn, RolloutSample, RolloutSetup, chat_prompt_ids
 
 
 def prompt_token_ids(row: dict[str, Any], tokenizer: Any) -> list[int]:

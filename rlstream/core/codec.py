@@ -15,7 +15,7 @@ from typing import Any
 import msgpack
 from pydantic import ValidationError
 
-from rlstream.core.messages import MESSAGE_TYPES, SCHEMA_VERSION, Message, RolloutSample
+from rlstream.core.messages import MESSAGE_TYPES, SCHEMA_VERSION, Message, RolloutRecord
 
 _BIG_ENDIAN = sys.byteorder == "big"
 _ITEMSIZE = {"i": 4, "f": 4, "B": 1}
@@ -74,7 +74,7 @@ def decode(raw: bytes, expect: type[Message] | None = None) -> Message:
     for field, typecode in cls.PACKED.items():
         if field in data:
             data[field] = _unpack(data[field], typecode, field)
-    if cls is RolloutSample and _canonical_sample(data):
+    if cls is RolloutRecord and _canonical_sample(data):
         return _construct_sample(data)
     try:
         return cls.model_validate(data, strict=True)  # the wire has real types: "1.0" is no reward
@@ -85,23 +85,23 @@ def decode(raw: bytes, expect: type[Message] | None = None) -> Message:
 
 
 # --------------------------------------------------------------------------- the samples' fast path
-# A RolloutSample as encode() writes it: every value of exactly its field's type. Such a map
+# A RolloutRecord as encode() writes it: every value of exactly its field's type. Such a map
 # skips pydantic's validation (~15 us a sample: the custom __init__ makes it validate twice)
 # for a type check per field, then the model's own invariant checks (the same method the
 # validator runs); any other map goes through model_validate, whose verdict and error message
 # stand (docs/design.md §15.55 Samples decode by a structural check, then the invariants).
 # A field whose annotation is not a plain class (a new Optional[...], say) matches no value's
 # type: its samples take the validated path, never a looser one.
-_SAMPLE_TYPES: dict[str, type] = {name: f.annotation for name, f in RolloutSample.model_fields.items()}
-_SAMPLE_TYPES.update({field: array for field in RolloutSample.PACKED}, metrics=dict, kind=str)  # kind: checked above
-_SAMPLE_REQUIRED = frozenset(n for n, f in RolloutSample.model_fields.items() if f.is_required())
+_SAMPLE_TYPES: dict[str, type] = {name: f.annotation for name, f in RolloutRecord.model_fields.items()}
+_SAMPLE_TYPES.update({field: array for field in RolloutRecord.PACKED}, metrics=dict, kind=str)  # kind: checked above
+_SAMPLE_REQUIRED = frozenset(n for n, f in RolloutRecord.model_fields.items() if f.is_required())
 
 
 # A sample exactly as this build's encode() writes it: every field, in declaration order (a frozen
 # model's __dict__ order), each of its type. Two tuple comparisons at C speed decide it (~0.6 us
 # against ~2.5 for the field-by-field check below, 256 samples a step); any other map, including
 # a valid one in another order, takes that check, so the verdict is the same either way.
-_SAMPLE_FIELDS = tuple(RolloutSample.model_fields)
+_SAMPLE_FIELDS = tuple(RolloutRecord.model_fields)
 _SAMPLE_FIELD_TYPES = tuple(_SAMPLE_TYPES[name] for name in _SAMPLE_FIELDS)
 
 
@@ -131,16 +131,16 @@ def _canonical_sample(data: dict) -> bool:
     if metrics and not all(type(k) is str and type(v) is float for k, v in metrics.items()):
         return False
     return data.get("group_size", 0) >= 0 and all(a.typecode == c for a, c in
-                                                  ((data[f], c) for f, c in RolloutSample.PACKED.items() if f in data))
+                                                  ((data[f], c) for f, c in RolloutRecord.PACKED.items() if f in data))
 
 
 # Every field in declaration order (required ones hold a placeholder that ``data`` overwrites).
 _SAMPLE_TEMPLATE = {name: None if f.is_required() else f.get_default(call_default_factory=True)
-                    for name, f in RolloutSample.model_fields.items()}
+                    for name, f in RolloutRecord.model_fields.items()}
 assert all(not isinstance(v, (dict, list, set)) or not v for v in _SAMPLE_TEMPLATE.values())
 
 
-def _construct_sample(data: dict) -> RolloutSample:
+def _construct_sample(data: dict) -> RolloutRecord:
     """``model_construct`` without its per-field Python loop (~4 us), then the invariants."""
     try:
         return _built_sample(data)._check_invariants()
@@ -153,7 +153,7 @@ def _invalid(exc: ValueError) -> DecodeError:
     return DecodeError(f"invalid rollout_sample: rollout_sample: Value error, {exc}")
 
 
-def _built_sample(data: dict) -> RolloutSample:
+def _built_sample(data: dict) -> RolloutRecord:
     """The model on ``data``'s values, unchecked: the same four slots ``model_construct`` sets."""
     if len(data) == len(_SAMPLE_FIELDS) and tuple(data) == _SAMPLE_FIELDS:
         values = data  # every field, in order: the decoded map is the model's __dict__
@@ -161,7 +161,7 @@ def _built_sample(data: dict) -> RolloutSample:
         values = {**_SAMPLE_TEMPLATE, **data}
         if "metrics" not in data:
             values["metrics"] = {}  # a fresh default, as default_factory gives
-    msg = RolloutSample.__new__(RolloutSample)
+    msg = RolloutRecord.__new__(RolloutRecord)
     object.__setattr__(msg, "__dict__", values)
     object.__setattr__(msg, "__pydantic_fields_set__", set(data))
     object.__setattr__(msg, "__pydantic_extra__", None)
@@ -170,27 +170,27 @@ def _built_sample(data: dict) -> RolloutSample:
 
 
 # --------------------------------------------------------------------------- a batch of samples
-def decode_samples(raws: list) -> list[RolloutSample | DecodeError]:
-    """``decode(raw, expect=RolloutSample)`` of each of ``raws``, in order: the sample, or the
+def decode_samples(raws: list) -> list[RolloutRecord | DecodeError]:
+    """``decode(raw, expect=RolloutRecord)`` of each of ``raws``, in order: the sample, or the
     ``DecodeError`` it raises (the same verdict and message). What a worker writes (``_exact_map``)
     is built without a call per field, and the invariants of all such samples are checked at once
-    (``RolloutSample.invariants_hold``: the byte checks run once on the batch's arrays joined);
+    (``RolloutRecord.invariants_hold``: the byte checks run once on the batch's arrays joined);
     every other entry takes ``decode``, and so does the check of each sample when the batch's fails
     (docs/design.md §15.85 Samples decode by the batch)."""
     out: list = []
-    built: list[RolloutSample] = []
+    built: list[RolloutRecord] = []
     for raw in raws:
         data = _exact_map(raw)
         if data is None:
             try:
-                out.append(decode(raw, expect=RolloutSample))
+                out.append(decode(raw, expect=RolloutRecord))
             except DecodeError as exc:
                 out.append(exc)
         else:
             msg = _built_sample(data)
             out.append(msg)
             built.append(msg)
-    if built and not RolloutSample.invariants_hold(built):
+    if built and not RolloutRecord.invariants_hold(built):
         fresh = {id(msg) for msg in built}
         for i, msg in enumerate(out):
             if id(msg) in fresh:
@@ -201,9 +201,9 @@ def decode_samples(raws: list) -> list[RolloutSample | DecodeError]:
     return out
 
 
-_PACKED_SAMPLE = tuple((field, typecode, _ITEMSIZE[typecode]) for field, typecode in RolloutSample.PACKED.items())
+_PACKED_SAMPLE = tuple((field, typecode, _ITEMSIZE[typecode]) for field, typecode in RolloutRecord.PACKED.items())
 # The fields' types on the wire: packed bytes where the model holds arrays.
-_SAMPLE_WIRE_TYPES = tuple(bytes if name in RolloutSample.PACKED else _SAMPLE_TYPES[name] for name in _SAMPLE_FIELDS)
+_SAMPLE_WIRE_TYPES = tuple(bytes if name in RolloutRecord.PACKED else _SAMPLE_TYPES[name] for name in _SAMPLE_FIELDS)
 
 
 def _exact_map(raw: Any) -> dict | None:

@@ -29,7 +29,7 @@ def key_for(run_id: str, name: str) -> str:
 
 
 def rollouts(run_id: str) -> str:
-    """Stream of encoded ``RolloutSample`` entries (workers XADD, trainer XREADGROUP)."""
+    """Stream of encoded ``RolloutRecord`` entries (workers XADD, trainer XREADGROUP)."""
     return key_for(run_id, "rollouts")
 
 

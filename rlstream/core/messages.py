@@ -4,10 +4,12 @@ All messages are frozen pydantic models with a ``kind`` discriminator and a
 ``schema_version``; ``rlstream.core.codec`` turns them into msgpack bytes (per-token arrays
 travel packed, see ``PACKED``). Stream entries carry one encoded message each.
 
-``RolloutSample`` doubles as the user-facing return type of ``rollout_fn`` (the Fireworks
-cookbook contract ``RolloutSample(tokens, logprobs, loss_mask, reward, finish_reason,
-text)``): the user fills the per-token lists and the reward, the worker stamps the
-provenance fields (ids, versions, worker) with ``model_copy(update=...)`` before XADD.
+``RolloutRecord`` is a sample on the rollouts stream (kind ``"rollout_sample"``). Users never
+build it: their ``rollout_fn`` returns the cookbook's plain dataclass ``rlstream.RolloutSample``
+(rlstream/core/rollout.py), which the worker converts with ``to_record`` (the invariants checked
+there, with the message the user needs) and stamps with the provenance fields (ids, versions,
+worker) by ``model_copy(update=...)`` before XADD (docs/design.md §15.88 RolloutSample is the
+user's dataclass, the wire record is the codec's).
 """
 from __future__ import annotations
 
@@ -45,10 +47,9 @@ def _listify(value: array) -> list:
 
 
 def _no_text_or_bool(value: Any) -> Any:
-    """Scalars of RolloutSample are numbers, never coerced from text or bools. Its custom
-    ``__init__`` (positional arguments) makes pydantic ignore ``strict=True`` in
-    ``model_validate``, so the check lives on the fields, for the wire and users alike;
-    numpy scalars still pass."""
+    """Scalars of RolloutRecord are numbers, never coerced from text or bools (a sample's fields
+    come from the user's dataclass unchecked, so the check lives on the fields, not only in
+    ``model_validate(strict=True)``); numpy scalars still pass."""
     if isinstance(value, (str, bytes, bool)):
         raise ValueError(f"expected a number, got {type(value).__name__}")
     return value
@@ -89,8 +90,9 @@ _NON_NEGATIVE_HIGH_BYTES = bytes(range(128))
 _SMALL_FLOAT_HIGH_BYTES = bytes(b for b in range(256) if b & 0x7F != 0x7F)
 
 
-class RolloutSample(Message):
-    """One completion: tokens (prompt + completion), behaviour logprobs, loss mask, reward."""
+class RolloutRecord(Message):
+    """One completion on the wire: tokens (prompt + completion), behaviour logprobs, loss mask,
+    reward, and the worker's provenance stamp. The user's side is ``rlstream.RolloutSample``."""
 
     kind: Literal["rollout_sample"] = "rollout_sample"
     PACKED: ClassVar[dict[str, str]] = {"tokens": "i", "logprobs": "f", "loss_mask": "B", "answer_tokens": "i"}
@@ -106,7 +108,7 @@ class RolloutSample(Message):
     # (trainer/igpo.py); empty for every other advantage.
     answer_tokens: TokenArray = Field(default_factory=lambda: array("i"),
                                       description="ground-truth answer token ids (advantage igpo); empty = none")
-    # Provenance, stamped by the worker (defaults are what a user-built sample carries).
+    # Provenance, stamped by the worker (the defaults: not stamped yet).
     sample_id: str = ""
     group_id: str = ""
     group_size: Int = Field(0, ge=0, description="samples the worker emitted for this group")
@@ -122,22 +124,8 @@ class RolloutSample(Message):
     started_at: Float = 0.0
     finished_at: Float = 0.0
 
-    POSITIONAL: ClassVar[tuple[str, ...]] = ("tokens", "logprobs", "loss_mask", "reward", "finish_reason", "text")
-
-    def __init__(self, *args: Any, **data: Any):
-        """Keyword or, as in the cookbook, positional: ``RolloutSample(tokens, logprobs,
-        loss_mask, reward, finish_reason="stop", text="")``."""
-        if len(args) > len(self.POSITIONAL):
-            raise TypeError(f"RolloutSample takes at most {len(self.POSITIONAL)} positional arguments "
-                            f"({', '.join(self.POSITIONAL)}), got {len(args)}")
-        for name, value in zip(self.POSITIONAL, args):
-            if name in data:
-                raise TypeError(f"RolloutSample: {name} given twice (positionally and by keyword)")
-            data[name] = value
-        super().__init__(**data)
-
     @model_validator(mode="after")
-    def _check_invariants(self) -> RolloutSample:
+    def _check_invariants(self) -> RolloutRecord:
         n = len(self.tokens)
         if len(self.logprobs) != n or len(self.loss_mask) != n:
             raise ValueError(
@@ -164,7 +152,7 @@ class RolloutSample(Message):
         return self
 
     @staticmethod
-    def invariants_hold(samples: list[RolloutSample]) -> bool:
+    def invariants_hold(samples: list[RolloutRecord]) -> bool:
         """Whether every one of ``samples`` passes ``_check_invariants``, checked at once: the byte
         checks run on the batch's arrays joined (one call each, not one per sample). False when one
         may fail (also when a logprob is >= 2**127 in magnitude, which only the exact check tells):
@@ -181,7 +169,7 @@ class RolloutSample(Message):
         return not b"".join(s.logprobs for s in samples)[_SIGN_BYTE::4].translate(None, _SMALL_FLOAT_HIGH_BYTES)
 
     @staticmethod
-    def within_limits(samples: list[RolloutSample], vocab_size: int | None, max_seq_len: int | None) -> bool:
+    def within_limits(samples: list[RolloutRecord], vocab_size: int | None, max_seq_len: int | None) -> bool:
         """Whether ``check_limits`` passes for every one of ``samples`` (one max over them all)."""
         if max_seq_len is not None and any(len(s.tokens) > max_seq_len for s in samples):
             return False
@@ -380,5 +368,5 @@ EVENT_TYPES: tuple[type[Message], ...] = (
 EVENT_TYPES = (*EVENT_TYPES, OptimStepped, SamplerSaved, StateSaved, StateLoaded)  # the SDK's
 MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.model_fields["kind"].default: cls
-    for cls in (RolloutSample, GroupJob, DeadLetter, *EVENT_TYPES)
+    for cls in (RolloutRecord, GroupJob, DeadLetter, *EVENT_TYPES)
 }

@@ -52,7 +52,7 @@ from rlstream.core import keys
 from rlstream.core.archive import Archive, ArchiveError, all_rollouts
 from rlstream.core.bus import xrange_all
 from rlstream.core.codec import DecodeError, decode
-from rlstream.core.messages import GroupAdmitted, GroupRejected, Message, RolloutSample, StepCommitted
+from rlstream.core.messages import GroupAdmitted, GroupRejected, Message, RolloutRecord, StepCommitted
 
 REASON_WIDTH = 80
 MAX_IDS_SHOWN = 20
@@ -175,7 +175,7 @@ def _one_line(text: str, width: int = REASON_WIDTH) -> str:
     return " ".join(text.split())[:width]
 
 
-def audit_ledger(events: list[Message], samples: Iterable[RolloutSample],
+def audit_ledger(events: list[Message], samples: Iterable[RolloutRecord],
                  job_exists: Callable[[GroupAdmitted], bool]) -> AuditReport:
     """The ledger check on plain messages (see the module docstring for the definitions).
 
@@ -269,7 +269,7 @@ def collect_audit(r: redis.Redis, run_id: str, run_dir: Path | None = None) -> A
     counts = {"read": 0, "bad": 0, "archived": 0}
     problems: list[str] = []
 
-    def samples() -> Iterator[RolloutSample]:  # one at a time: a long run's rollouts do not fit in memory
+    def samples() -> Iterator[RolloutRecord]:  # one at a time: a long run's rollouts do not fit in memory
         entries: Iterable[tuple[str, bytes]] = xrange_all(r, keys.rollouts(run_id))
         if run_dir is not None:
             archive = Archive(run_dir, run_id)
@@ -281,7 +281,7 @@ def collect_audit(r: redis.Redis, run_id: str, run_dir: Path | None = None) -> A
         for _, raw in entries:
             counts["read"] += 1
             try:
-                yield decode(raw, expect=RolloutSample)
+                yield decode(raw, expect=RolloutRecord)
             except DecodeError:
                 counts["bad"] += 1
 

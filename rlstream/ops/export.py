@@ -30,10 +30,10 @@ import redis
 from rlstream.core import bus
 from rlstream.core.archive import Archive, ArchiveError, fetch_rollouts
 from rlstream.core.codec import DecodeError, decode
-from rlstream.core.messages import RolloutSample, StepCommitted
+from rlstream.core.messages import RolloutRecord, StepCommitted
 
 
-def sample_line(step: StepCommitted, entry_id: str, s: RolloutSample) -> dict:
+def sample_line(step: StepCommitted, entry_id: str, s: RolloutRecord) -> dict:
     trained = step.version - 1
     return {"step": step.step, "version": step.version, "entry_id": entry_id, "group_id": s.group_id,
             "sample_id": s.sample_id, "row_index": s.row_index, "epoch": s.epoch, "tokens": s.tokens.tolist(),
@@ -55,7 +55,7 @@ def export_lines(r: redis.Redis, run_id: str, run_dir: Path) -> Iterator[dict]:
                 raise ArchiveError(f"step {msg.step} trained rollouts entry {entry_id}, which is in neither the "
                                    f"stream nor the archive {archive.dir}: restore the missing archive segment")
             try:
-                sample = decode(raw[entry_id], expect=RolloutSample)
+                sample = decode(raw[entry_id], expect=RolloutRecord)
             except DecodeError as exc:
                 raise ArchiveError(f"step {msg.step}: entry {entry_id} does not decode ({exc})") from None
             yield sample_line(msg, entry_id, sample)

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from rlstream.core.rollout import RolloutSample, to_record
 from rlstream.sdk.types import Datum, TensorData
 
 Objective = Callable[[list[Datum], list[torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]
@@ -66,6 +67,8 @@ def _datum(completion: Any) -> Datum:
         weights = [0.0] * (start - 1) + [1.0] * len(generated)
         sampled = [0.0] * (start - 1) + generated
     elif hasattr(completion, "loss_mask"):
+        if isinstance(completion, RolloutSample):
+            to_record(completion)  # the worker's checks, with what to fix (InvalidSample)
         tokens = list(completion.tokens)
         weights = [float(m) for m in list(completion.loss_mask)[1:]]
         sampled = [float(x) for x in list(completion.logprobs)[1:]]

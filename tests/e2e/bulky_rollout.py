@@ -4,6 +4,7 @@ memory as it does with real completions (the tiny model's samples are ~0.4 KB). 
 ``--set rollout_fn_factory="bulky_rollout:factory"`` (tests/e2e on PYTHONPATH)."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from rlstream.builtin.rewards import resolve_reward
@@ -17,6 +18,6 @@ def factory(setup: Any):
 
     async def rollout_fn(sample_prompt: dict[str, Any]):
         sample = await inner(sample_prompt)
-        return None if sample is None else sample.model_copy(update={"text": sample.text + "." * BULK_BYTES})
+        return None if sample is None else dataclasses.replace(sample, text=sample.text + "." * BULK_BYTES)
 
     return rollout_fn

@@ -27,7 +27,7 @@ from polling import wait_until
 
 from rlstream.core import keys
 from rlstream.core.codec import decode
-from rlstream.core.messages import RolloutSample
+from rlstream.core.messages import RolloutRecord
 from rlstream.core.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[2]
@@ -221,8 +221,8 @@ def _packed(typecode: str, values: list) -> bytes:
 
 def malformed_entries(real_raw: bytes, rng: random.Random) -> list[tuple[bytes, bytes, str]]:
     """(field, value, what) triples: ~300 rollouts-stream entries no consumer may accept.
-    ``real_raw`` is the encoded bytes of a real worker-written ``RolloutSample``."""
-    real = decode(real_raw, expect=RolloutSample)
+    ``real_raw`` is the encoded bytes of a real worker-written ``RolloutRecord``."""
+    real = decode(real_raw, expect=RolloutRecord)
     base = msgpack.unpackb(real_raw, raw=False)  # the envelope as a plain map (arrays packed)
     n = len(real.tokens)
     out: list[tuple[bytes, bytes, str]] = []
@@ -269,7 +269,7 @@ def malformed_entries(real_raw: bytes, rng: random.Random) -> list[tuple[bytes, 
         if field != b"m":
             continue
         try:
-            sample = decode(value, expect=RolloutSample)
+            sample = decode(value, expect=RolloutRecord)
         except ValueError:
             continue
         assert (max(sample.tokens) >= VOCAB_SIZE or len(sample.tokens) > MAX_SEQ_LEN or not sample.sample_id), what

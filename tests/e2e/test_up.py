@@ -18,7 +18,7 @@ from rlstream.core.archive import Archive, all_rollouts
 from rlstream.core.codec import decode
 from rlstream.core.connection import connect
 from rlstream.core.credentials import without_password
-from rlstream.core.messages import RolloutSample, StepCommitted
+from rlstream.core.messages import RolloutRecord, StepCommitted
 from rlstream.core.metrics import read_metrics
 
 pytestmark = pytest.mark.e2e
@@ -62,7 +62,7 @@ def test_short_run_on_external_redis_bumps_versions_and_stamps_samples(builtin_r
             assert len(c.entry_ids) == 32
             for entry_id in c.entry_ids:
                 sample = by_id[entry_id]
-                assert isinstance(sample, RolloutSample)
+                assert isinstance(sample, RolloutRecord)
                 # sampled with a published version no newer than the weights it trained
                 assert 0 <= sample.min_version <= sample.max_version <= c.version - 1
                 assert c.version - 1 - sample.submit_version <= 2  # O + 1 with O = 1

@@ -13,7 +13,7 @@ import pytest
 from rlstream.core import bus, keys
 from rlstream.core.connection import connect, count_connection_errors
 from rlstream.core.errors import RlstreamError
-from rlstream.core.messages import DatasetExhausted, RolloutSample, StepCommitted
+from rlstream.core.messages import DatasetExhausted, RolloutRecord, StepCommitted
 from rlstream.trainer import reads
 from rlstream.trainer.commit import commit_step, sync_committed_step
 from rlstream.trainer.lease import TrainerLease
@@ -30,7 +30,7 @@ def lease(r, run_id):
     held.release()
 
 
-def sample(i: int) -> RolloutSample:
+def sample(i: int) -> RolloutRecord:
     """The ``i``-th sample written: member ``i % 2`` of row ``i // 2``."""
     return factories.sample(i // 2, i % 2, reward=float(i))
 

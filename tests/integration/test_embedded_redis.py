@@ -24,12 +24,12 @@ from rlstream.core.connection import connect
 from rlstream.core.credentials import PASSWORD_ENV, url_password, without_password
 from rlstream.core.embedded_redis import EmbeddedRedis
 from rlstream.core.errors import RedisUnavailable
-from rlstream.core.messages import RolloutSample
+from rlstream.core.messages import RolloutRecord
 
 pytestmark = pytest.mark.integration
 
 
-def sample(i: int) -> RolloutSample:
+def sample(i: int) -> RolloutRecord:
     """Row ``i``'s group of one."""
     return factories.sample(i, tokens=(1, 2, 3, i), logprobs=[0.0, -1.0, -0.5, -0.25], reward=float(i), group_size=1)
 

@@ -17,7 +17,7 @@ from polling import wait_until
 from rlstream.core import bus, keys
 from rlstream.core.codec import decode
 from rlstream.core.connection import connect
-from rlstream.core.messages import DeadLetter, RolloutSample, StepCommitted, WeightsPublished
+from rlstream.core.messages import DeadLetter, RolloutRecord, StepCommitted, WeightsPublished
 from rlstream.trainer import reads
 from rlstream.trainer.commit import commit_step
 from rlstream.trainer.lease import TrainerLease
@@ -25,7 +25,7 @@ from rlstream.trainer.lease import TrainerLease
 pytestmark = pytest.mark.integration
 
 
-def sample(i: int = 0, **update) -> RolloutSample:
+def sample(i: int = 0, **update) -> RolloutRecord:
     """The ``i``-th sample written (member ``i % 2`` of row ``i // 2``), its fields all distinct from the next's."""
     fields = dict(tokens=(5, 6, 7, 8 + i), logprobs=[0.0, -0.5, -0.25, -0.125], reward=float(i), text=f"s{i}",
                   worker_id="w0")
@@ -78,7 +78,7 @@ def test_xadd_then_read_group_returns_decoded_samples(r, run_id):
                              max_seq_len=8)
     assert [e for e, _ in got] == ids
     for (_, msg), expected in zip(got, sent):
-        assert isinstance(msg, RolloutSample)
+        assert isinstance(msg, RolloutRecord)
         assert msg == expected
         assert msg.tokens.tolist() == expected.tokens.tolist()
         assert msg.logprobs.tolist() == [0.0, -0.5, -0.25, -0.125]

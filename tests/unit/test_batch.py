@@ -6,7 +6,7 @@ from functools import partial
 import factories
 import torch
 
-from rlstream.core.messages import RolloutSample, group_id_for, sample_id_for
+from rlstream.core.messages import RolloutRecord, group_id_for, sample_id_for
 from rlstream.trainer.batch import Group, GroupAssembler, collate, take_oldest
 
 sample = partial(factories.sample, tokens=(1, 2, 3), reward=0.0, group_size=3)  # groups of three equal members
@@ -62,8 +62,8 @@ def test_duplicate_of_a_completed_but_unsettled_group():
 
 
 def test_collate_alignment_and_right_padding():
-    long = RolloutSample(tokens=[5, 6, 7, 8], logprobs=[0, -1, -2, -3], loss_mask=[0, 0, 1, 1], reward=1.0)
-    short = RolloutSample(tokens=[9, 10], logprobs=[0, -0.5], loss_mask=[0, 1], reward=0.0)
+    long = RolloutRecord(tokens=[5, 6, 7, 8], logprobs=[0, -1, -2, -3], loss_mask=[0, 0, 1, 1], reward=1.0)
+    short = RolloutRecord(tokens=[9, 10], logprobs=[0, -0.5], loss_mask=[0, 1], reward=0.0)
     adv = torch.tensor([0.5, -0.5])
     b = collate([long, short], adv, pad_id=0, device=torch.device("cpu"))
 
@@ -81,8 +81,8 @@ def test_collate_alignment_and_right_padding():
 
 
 def test_collate_uses_pad_id_and_keeps_samples_intact():
-    s1 = RolloutSample(tokens=[3, 4, 5], logprobs=[0, -0.25, -0.75], loss_mask=[0, 1, 1], reward=1.0)
-    s2 = RolloutSample(tokens=[7, 8], logprobs=[0, -1.5], loss_mask=[0, 1], reward=0.0)
+    s1 = RolloutRecord(tokens=[3, 4, 5], logprobs=[0, -0.25, -0.75], loss_mask=[0, 1, 1], reward=1.0)
+    s2 = RolloutRecord(tokens=[7, 8], logprobs=[0, -1.5], loss_mask=[0, 1], reward=0.0)
     b = collate([s2, s1], torch.zeros(2), pad_id=99, device=torch.device("cpu"))
     assert b.tokens_B_N.tolist() == [[7, 8, 99], [3, 4, 5]]
     assert b.inf_logprobs_B_T.tolist() == [[-1.5, 0.0], [-0.25, -0.75]]
@@ -93,7 +93,7 @@ def test_collate_uses_pad_id_and_keeps_samples_intact():
 
 
 def test_collate_large_token_ids():
-    s = RolloutSample(tokens=[2**31 - 1, 151_000], logprobs=[0, -1], loss_mask=[0, 1], reward=0.0)
+    s = RolloutRecord(tokens=[2**31 - 1, 151_000], logprobs=[0, -1], loss_mask=[0, 1], reward=0.0)
     b = collate([s], torch.zeros(1), pad_id=0, device=torch.device("cpu"))
     assert b.tokens_B_N.tolist() == [[2**31 - 1, 151_000]]
 

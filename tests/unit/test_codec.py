@@ -21,7 +21,7 @@ from rlstream.core.messages import (
     GroupRejected,
     GroupSampled,
     OptimStepped,
-    RolloutSample,
+    RolloutRecord,
     RunFinished,
     RunStarted,
     SamplerSaved,
@@ -40,9 +40,9 @@ def f32(x: float) -> float:
     return struct.unpack("<f", struct.pack("<f", x))[0]
 
 
-def big_sample(n: int = 1024) -> RolloutSample:
+def big_sample(n: int = 1024) -> RolloutRecord:
     prompt = 24
-    return RolloutSample(
+    return RolloutRecord(
         tokens=[(i * 7919) % 50_000 for i in range(n)],
         logprobs=[0.0] * prompt + [-0.1 - i / 1000 for i in range(n - prompt)],
         loss_mask=[0] * prompt + [1] * (n - prompt),
@@ -52,11 +52,11 @@ def big_sample(n: int = 1024) -> RolloutSample:
     )
 
 
-def small_sample(**over) -> RolloutSample:
+def small_sample(**over) -> RolloutRecord:
     fields = dict(tokens=[3, 4, 5], logprobs=[0.0, -0.5, -1.5], loss_mask=[0, 1, 1], reward=1.0,
                   sample_id="e0-r0-a0-m0", group_id="e0-r0-a0", group_size=2)
     fields.update(over)
-    return RolloutSample(**fields)
+    return RolloutRecord(**fields)
 
 
 EXAMPLES = {
@@ -109,7 +109,7 @@ def test_round_trip(kind):
 
 def test_rollout_sample_1024_tokens_round_trip_and_float32_logprobs():
     s = big_sample(1024)
-    back = decode(encode(s), expect=RolloutSample)
+    back = decode(encode(s), expect=RolloutRecord)
     assert len(back.tokens) == 1024
     assert back.tokens.tolist() == [(i * 7919) % 50_000 for i in range(1024)]
     assert back.loss_mask.tolist() == s.loss_mask.tolist()
@@ -234,7 +234,7 @@ def test_valid_mutation_baseline_decodes():
 def test_expect_mismatch():
     raw = encode(EXAMPLES["group_rejected"])
     with pytest.raises(DecodeError, match="expected rollout_sample, got group_rejected"):
-        decode(raw, expect=RolloutSample)
+        decode(raw, expect=RolloutRecord)
     with pytest.raises(DecodeError, match="expected group_admitted, got rollout_sample"):
         decode(encode(small_sample()), expect=GroupAdmitted)
 
@@ -248,17 +248,18 @@ def test_check_vocab():
         s.check_vocab(1)
 
 
-# --------------------------------------------------------------------------- user-facing construction
+# --------------------------------------------------------------------------- a record built from fields
+# (what to_record does with a user's RolloutSample: tests/unit/test_rollout_sample.py)
 
 
-def user(**over):
+def record(**over):
     fields = dict(tokens=[1, 2, 3, 4], logprobs=[0.0, 0.0, -0.3, -0.2], loss_mask=[0, 0, 1, 1], reward=1.0)
     fields.update(over)
-    return RolloutSample(**fields)
+    return RolloutRecord(**fields)
 
 
-def test_user_construction_defaults():
-    s = user()
+def test_record_construction_defaults():
+    s = record()
     assert s.finish_reason == "stop" and s.text == "" and s.metrics == {}
     assert s.sample_id == "" and s.group_id == "" and s.group_size == 0
     assert s.tokens.tolist() == [1, 2, 3, 4]
@@ -269,17 +270,6 @@ def test_user_construction_defaults():
     # frozen
     with pytest.raises(Exception):
         s.reward = 0.0  # type: ignore[misc]
-
-
-def test_user_construction_positional_like_the_cookbook():
-    """RolloutSample(tokens, logprobs, loss_mask, reward, finish_reason, text) positionally."""
-    s = RolloutSample([1, 2, 3], [0.0, -0.5, -0.25], [0, 1, 1], 1.0, "length", "ab")
-    assert s.tokens.tolist() == [1, 2, 3] and s.loss_mask.tolist() == [0, 1, 1]
-    assert (s.reward, s.finish_reason, s.text) == (1.0, "length", "ab")
-    with pytest.raises(TypeError, match="at most 6 positional"):
-        RolloutSample([1, 2], [0.0, 0.0], [0, 1], 1.0, "stop", "", {})
-    with pytest.raises(TypeError, match="reward given twice"):
-        RolloutSample([1, 2], [0.0, 0.0], [0, 1], 1.0, reward=2.0)
 
 
 USER_REJECTS = {
@@ -307,15 +297,15 @@ USER_REJECTS = {
 
 
 @pytest.mark.parametrize("case", sorted(USER_REJECTS))
-def test_user_construction_rejects(case):
+def test_record_construction_rejects(case):
     over, needle = USER_REJECTS[case]
     with pytest.raises(ValueError) as info:
-        user(**over)
+        record(**over)
     assert needle in str(info.value)
 
 
 def test_token_ids_up_to_int32_max_are_fine():
-    s = user(tokens=[0, 2**31 - 1, 3, 4])
+    s = record(tokens=[0, 2**31 - 1, 3, 4])
     assert decode(encode(s)).tokens[1] == 2**31 - 1
     with pytest.raises(ValueError, match="outside the vocabulary"):
         s.check_vocab(2**31 - 1)
@@ -323,7 +313,7 @@ def test_token_ids_up_to_int32_max_are_fine():
 
 def test_arrays_are_accepted_as_is():
     toks = array("i", [1, 2, 3])
-    s = RolloutSample(tokens=toks, logprobs=array("f", [0, -1, -1]), loss_mask=array("B", [0, 1, 1]), reward=0.0)
+    s = RolloutRecord(tokens=toks, logprobs=array("f", [0, -1, -1]), loss_mask=array("B", [0, 1, 1]), reward=0.0)
     assert s.tokens is toks
 
 

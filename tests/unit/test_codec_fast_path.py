@@ -16,13 +16,13 @@ import pytest
 
 from rlstream.core import codec
 from rlstream.core.codec import DecodeError, decode, encode
-from rlstream.core.messages import RolloutSample
+from rlstream.core.messages import RolloutRecord
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
 from fault_harness import malformed_entries  # noqa: E402  (the fuzz of the fault-injection test)
 
 
-def sample(n: int = 12, **over) -> RolloutSample:
+def sample(n: int = 12, **over) -> RolloutRecord:
     """A stamped sample with every field set (a 4-token prompt): what the fast path decodes."""
     fields = dict(reward=0.5, group_size=4, text="ok", metrics={"len": float(n)}, submit_version=2, min_version=2,
                   max_version=3, worker_id="w")
@@ -50,9 +50,9 @@ def test_worker_written_samples_skip_pydantic_validation(monkeypatch):
         raise AssertionError("model_validate called on the fast path")
 
     s = sample(sample_id="a-m1")
-    monkeypatch.setattr(RolloutSample, "model_validate", refuse)
-    out = decode(encode(s), expect=RolloutSample)
-    assert out == s and type(out) is RolloutSample
+    monkeypatch.setattr(RolloutRecord, "model_validate", refuse)
+    out = decode(encode(s), expect=RolloutRecord)
+    assert out == s and type(out) is RolloutRecord
     assert out.model_dump() == s.model_dump()
     assert out.model_copy(update={"reward": 1.0}).reward == 1.0  # the worker and trainer copy samples
     with pytest.raises(Exception):
@@ -62,7 +62,7 @@ def test_worker_written_samples_skip_pydantic_validation(monkeypatch):
 def test_fast_path_runs_the_invariants(monkeypatch):
     data = msgpack.unpackb(encode(sample()), raw=False)
     data["logprobs"] = struct.pack("<12f", *([0.0] * 11 + [math.nan]))
-    monkeypatch.setattr(RolloutSample, "model_validate", lambda *a, **k: pytest.fail("slow path taken"))
+    monkeypatch.setattr(RolloutRecord, "model_validate", lambda *a, **k: pytest.fail("slow path taken"))
     with pytest.raises(DecodeError, match="invalid rollout_sample: rollout_sample: Value error, logprobs must"):
         decode(msgpack.packb(data, use_bin_type=True))
 
@@ -121,8 +121,8 @@ def test_messages_of_older_workers_decode_with_zero_timings(monkeypatch):
 
     data = msgpack.unpackb(encode(sample()), raw=False)
     del data["started_at"], data["finished_at"]
-    monkeypatch.setattr(RolloutSample, "model_validate", lambda *a, **k: pytest.fail("slow path taken"))
-    old = decode(msgpack.packb(data, use_bin_type=True), expect=RolloutSample)
+    monkeypatch.setattr(RolloutRecord, "model_validate", lambda *a, **k: pytest.fail("slow path taken"))
+    old = decode(msgpack.packb(data, use_bin_type=True), expect=RolloutRecord)
     assert (old.started_at, old.finished_at) == (0.0, 0.0) and old.reward == 0.5
     event = msgpack.unpackb(encode(GroupSampled(group_id="g", samples=2, tokens=7)), raw=False)
     del event["tokens"]
@@ -178,10 +178,10 @@ def test_batch_decode_builds_worker_samples_without_decode(monkeypatch):
     """What workers write takes neither ``decode`` nor pydantic's validation."""
     samples = [sample(sample_id=f"s{i}", metrics={"len": float(i)}) for i in range(8)]
     monkeypatch.setattr(codec, "decode", lambda *a, **k: pytest.fail("decode called for a worker's sample"))
-    monkeypatch.setattr(RolloutSample, "model_validate", lambda *a, **k: pytest.fail("model_validate called"))
+    monkeypatch.setattr(RolloutRecord, "model_validate", lambda *a, **k: pytest.fail("model_validate called"))
     out = codec.decode_samples([encode(s) for s in samples])
-    assert out == samples and all(type(s) is RolloutSample for s in out)
-    assert [s.model_fields_set for s in out] == [set(RolloutSample.model_fields)] * 8
+    assert out == samples and all(type(s) is RolloutRecord for s in out)
+    assert [s.model_fields_set for s in out] == [set(RolloutRecord.model_fields)] * 8
     with pytest.raises(Exception):
         out[0].reward = 2.0  # still frozen
 
@@ -199,7 +199,7 @@ def test_one_bad_sample_fails_the_batch_check_and_only_itself():
     for what, over in bad.items():
         data = msgpack.unpackb(encode(sample()), raw=False)
         for name, value in over.items():  # past the model's own checks: as a hostile writer would send it
-            typecode = RolloutSample.PACKED.get(name)
+            typecode = RolloutRecord.PACKED.get(name)
             data[name] = array(typecode, value).tobytes() if typecode else value
         raws = [encode(sample(sample_id=f"s{i}")) for i in range(5)]
         raws.insert(2, msgpack.packb(data, use_bin_type=True))
@@ -209,11 +209,11 @@ def test_one_bad_sample_fails_the_batch_check_and_only_itself():
 
 
 def test_batch_invariants_hold_only_when_each_sample_passes():
-    """``RolloutSample.invariants_hold`` is never True for a batch with a sample ``_check_invariants``
+    """``RolloutRecord.invariants_hold`` is never True for a batch with a sample ``_check_invariants``
     refuses (it may be False for a good batch: the exact logprob check then decides)."""
     rng = random.Random(3)
     good = [codec._built_sample(codec._exact_map(encode(sample(sample_id=f"s{i}")))) for i in range(4)]
-    assert RolloutSample.invariants_hold(good) and RolloutSample.invariants_hold([])
+    assert RolloutRecord.invariants_hold(good) and RolloutRecord.invariants_hold([])
     for _ in range(400):
         n = rng.randrange(0, 6)
         fields = dict(tokens=array("i", [rng.choice((0, 1, 7, -1, 2**31 - 1)) for _ in range(n)]),
@@ -229,13 +229,13 @@ def test_batch_invariants_hold_only_when_each_sample_passes():
         except ValueError:
             passes = False
         batch = good[:2] + [odd] + good[2:]
-        assert not RolloutSample.invariants_hold(batch) or passes, fields
-        assert not RolloutSample.invariants_hold([odd]) or passes, fields
+        assert not RolloutRecord.invariants_hold(batch) or passes, fields
+        assert not RolloutRecord.invariants_hold([odd]) or passes, fields
 
 
 def test_batch_limits_hold_only_when_each_sample_is_within_them():
     samples = [sample(n=n, sample_id=f"s{n}") for n in (6, 9, 12)]
-    assert RolloutSample.within_limits(samples, 13, 12) and RolloutSample.within_limits([], 1, 1)
-    assert RolloutSample.within_limits(samples, None, None)
-    assert not RolloutSample.within_limits(samples, 12, 12)  # token id 12 (the 12-token sample's last)
-    assert not RolloutSample.within_limits(samples, 13, 11)
+    assert RolloutRecord.within_limits(samples, 13, 12) and RolloutRecord.within_limits([], 1, 1)
+    assert RolloutRecord.within_limits(samples, None, None)
+    assert not RolloutRecord.within_limits(samples, 12, 12)  # token id 12 (the 12-token sample's last)
+    assert not RolloutRecord.within_limits(samples, 13, 11)

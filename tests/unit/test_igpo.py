@@ -16,7 +16,7 @@ from rlstream.builtin.tiny_model import build_model
 from rlstream.core.codec import decode, encode
 from rlstream.core.config import validate_config
 from rlstream.core.errors import ConfigError
-from rlstream.core.messages import RolloutSample
+from rlstream.core.messages import RolloutRecord
 from rlstream.trainer import igpo
 from rlstream.trainer.advantages import group_advantages, resolve_advantage
 from rlstream.trainer.batch import Group, collate, token_advantages_of
@@ -79,7 +79,7 @@ def test_turns_are_the_runs_of_ones_in_the_loss_mask():
 
 
 def trajectory(turns: list[list[int]], between: list[list[int]], answer: list[int], reward: float,
-               prompt=(3, 4, 5)) -> RolloutSample:
+               prompt=(3, 4, 5)) -> RolloutRecord:
     """A sample of sampled ``turns`` with ``between[t]`` (an observation) after turn t."""
     tokens, mask = list(prompt), [0] * len(prompt)
     for t, turn in enumerate(turns):
@@ -88,7 +88,7 @@ def trajectory(turns: list[list[int]], between: list[list[int]], answer: list[in
         if t < len(turns) - 1:
             tokens += between[t]
             mask += [0] * len(between[t])
-    return RolloutSample(tokens=tokens, logprobs=[0.0] * len(tokens), loss_mask=mask, reward=reward,
+    return RolloutRecord(tokens=tokens, logprobs=[0.0] * len(tokens), loss_mask=mask, reward=reward,
                          answer_tokens=answer)
 
 
@@ -138,7 +138,7 @@ def test_the_answer_is_scored_by_the_policy_as_one_row_each():
 def test_answer_tokens_travel_on_the_wire_and_default_to_none():
     s = trajectory([[6], [7]], [[13]], [5, 6], 1.0)
     assert list(decode(encode(s)).answer_tokens) == [5, 6]
-    plain = RolloutSample(tokens=[1, 2], logprobs=[0.0, 0.0], loss_mask=[0, 1], reward=0.0)
+    plain = RolloutRecord(tokens=[1, 2], logprobs=[0.0, 0.0], loss_mask=[0, 1], reward=0.0)
     assert len(decode(encode(plain)).answer_tokens) == 0
     # a sample written before the field existed (an older worker, an archive segment) still decodes
     data = msgpack.unpackb(encode(plain), raw=False)
@@ -161,8 +161,8 @@ def test_per_token_advantages_reach_the_loss():
     """collate lays each sample's per-token advantages on its targets (a scalar group beside it on
     every target), micro-batches cut them with the rows, and compute_loss with (B, T) advantages
     equal to the scalar on every token is the scalar loss."""
-    a = RolloutSample(tokens=[3, 4, 5, 6], logprobs=[0.0] * 4, loss_mask=[0, 1, 0, 1], reward=0.0)
-    b = RolloutSample(tokens=[3, 4, 5], logprobs=[0.0] * 3, loss_mask=[0, 1, 1], reward=0.0)
+    a = RolloutRecord(tokens=[3, 4, 5, 6], logprobs=[0.0] * 4, loss_mask=[0, 1, 0, 1], reward=0.0)
+    b = RolloutRecord(tokens=[3, 4, 5], logprobs=[0.0] * 3, loss_mask=[0, 1, 1], reward=0.0)
     g1 = Group("g1", 1, {"a": ("1-0", a)}, advantages_G=torch.tensor([9.0]),
                token_advantages=[torch.tensor([1.0, 2.0, 3.0])])
     g2 = Group("g2", 1, {"b": ("1-1", b)}, advantages_G=torch.tensor([-1.5]))

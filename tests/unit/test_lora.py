@@ -15,7 +15,7 @@ from rlstream.builtin.tiny_model import build_model, build_tokenizer, save_tiny_
 from rlstream.core import bus, keys, weights
 from rlstream.core.config import Config, load_config
 from rlstream.core.errors import ConfigError, RlstreamError
-from rlstream.core.messages import GroupAdmitted, RolloutSample, StepCommitted, group_id_for, sample_id_for
+from rlstream.core.messages import GroupAdmitted, RolloutRecord, StepCommitted, group_id_for, sample_id_for
 from rlstream.sampling.local import LocalPolicy
 from rlstream.sampling.torch_setup import load_model_and_tokenizer
 from rlstream.trainer import lora
@@ -106,7 +106,7 @@ def test_kl_against_the_disabled_adapters_starts_at_zero_and_grows():
     model = lora.wrap(build_model(0).train(), lora_cfg())
     cfg = lora_cfg(kl_beta=0.1, prompt_groups_per_step=1, completions_per_prompt=2)
     ref, optimizer = load_reference(cfg, model, build_tokenizer(), CPU), make_optimizer(model, cfg)
-    samples = [RolloutSample(tokens=t, logprobs=[0.0] + [-2.0] * 5, loss_mask=[0, 0, 0, 0, 1, 1], reward=float(i))
+    samples = [RolloutRecord(tokens=t, logprobs=[0.0] + [-2.0] * 5, loss_mask=[0, 0, 0, 0, 1, 1], reward=float(i))
                for i, t in enumerate(TOKENS.tolist())]
     batch = collate(samples, torch.tensor([-1.0, 1.0]), 0, CPU)
     kls = [policy_update(model, optimizer, batch, cfg=cfg, lr=0.05, ref_model=ref)["train/ref_kl"] for _ in range(3)]
@@ -221,7 +221,7 @@ def add_group(r, row: int) -> None:
     bus.xadd(r, keys.events(RUN), GroupAdmitted(group_id=gid, row_index=row, epoch=0, attempt=0,
                                                 submit_version=0, group_size=2))
     for m in range(2):
-        bus.xadd(r, keys.rollouts(RUN), RolloutSample(
+        bus.xadd(r, keys.rollouts(RUN), RolloutRecord(
             tokens=[3, 13, 4, 14, 5 + m], logprobs=[0.0, -1.0, -1.0, -1.0, -2.0], loss_mask=[0, 0, 0, 0, 1],
             reward=float(m), sample_id=sample_id_for(gid, m), group_id=gid, group_size=2, row_index=row))
 

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 
 from rlstream.builtin.tiny_model import build_tokenizer
-from rlstream.core.rollout import Completion, RolloutSetup, chat_prompt_ids
+from rlstream.core.rollout import Completion, RolloutSetup, chat_prompt_ids, to_record
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "multi_turn_message_in"
 
@@ -102,7 +102,8 @@ def run(tokenizer, outputs, *, max_turns=2, max_seq_len=10_000, extras=None, que
                          sample_kwargs={"max_tokens": 8, "max_seq_len": max_seq_len},
                          completions_per_prompt=1, extras={"max_turns": max_turns, **(extras or {})})
     row = {"messages": [{"role": "user", "content": question}], "answer": "3 + 4 = 7\n#### 7"}
-    sample = asyncio.run(ex.make_rollout_fn(setup)(row))  # a validated RolloutSample (arrays inside)
+    sample = asyncio.run(ex.make_rollout_fn(setup)(row))
+    to_record(sample)  # valid, as the worker checks it
     return SimpleNamespace(tokens=list(sample.tokens), logprobs=list(sample.logprobs),
                            loss_mask=list(sample.loss_mask), reward=sample.reward, text=sample.text), sampler
 

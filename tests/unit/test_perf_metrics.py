@@ -7,10 +7,10 @@ import math
 
 import factories
 import pytest
-from factories import legacy_config, user_sample
+from factories import legacy_config
 
 from rlstream.core import bus, keys
-from rlstream.core.messages import GroupAdmitted, GroupSampled, RolloutSample, group_id_for
+from rlstream.core.messages import GroupAdmitted, GroupSampled, RolloutRecord, group_id_for
 from rlstream.core.metrics import read_metrics
 from rlstream.core.run_state import RunState
 from rlstream.trainer.batch import Group
@@ -30,9 +30,9 @@ ALIASES = {"perf/step_wall_time", "perf/weight_sync_time"}  # the old names, kep
 
 
 def sample(mask: list[int], logprobs: list[float], reward: float = 1.0, finish: str = "stop", window=(0.0, 0.0),
-           **metrics: float) -> RolloutSample:
-    return user_sample(range(1, len(mask) + 1), reward, logprobs=logprobs, loss_mask=mask, finish_reason=finish,
-                       metrics=metrics, started_at=window[0], finished_at=window[1])
+           **metrics: float) -> RolloutRecord:
+    return RolloutRecord(tokens=range(1, len(mask) + 1), logprobs=logprobs, loss_mask=mask, reward=reward,
+                         finish_reason=finish, metrics=metrics, started_at=window[0], finished_at=window[1])
 
 
 def test_rollout_quality_of_a_batch():

@@ -10,7 +10,7 @@ from rlstream.builtin.tiny_model import build_model, build_tokenizer, save_tiny_
 from rlstream.core import weights
 from rlstream.core.config import Config
 from rlstream.core.errors import ConfigError
-from rlstream.core.messages import RolloutSample
+from rlstream.core.messages import RolloutRecord
 from rlstream.sampling.torch_setup import load_model_and_tokenizer
 from rlstream.trainer.batch import collate
 from rlstream.trainer.policy_model import load_reference, token_logprobs, weights_dir, write_weights
@@ -90,7 +90,7 @@ def test_trainer_logprobs_match_worker_behaviour_logprobs_at_temperature(tmp_pat
     # Prompts of different lengths: left-padded when sampling, right-padded by collate.
     prompts = [tokenizer("3+4=")["input_ids"], tokenizer("12+9=")["input_ids"], tokenizer("7=")["input_ids"]]
     completions = policy.generate(prompts, max_tokens=6, temperature=0.7)
-    samples = [RolloutSample(tokens=c.full_tokens, logprobs=[0.0] * c.prompt_len + c.inference_logprobs,
+    samples = [RolloutRecord(tokens=c.full_tokens, logprobs=[0.0] * c.prompt_len + c.inference_logprobs,
                              loss_mask=[0] * c.prompt_len + [1] * len(c.output_tokens), reward=0.0)
                for c in completions]
     assert len({len(s.tokens) for s in samples}) > 1  # padding is exercised

@@ -17,7 +17,7 @@ from rlstream.builtin.task import builtin_rows, exact_match_reward
 from rlstream.builtin.tiny_model import build_model, build_tokenizer
 from rlstream.core import bus, keys, weights
 from rlstream.core.config import BUILTIN_MODEL
-from rlstream.core.messages import GroupAdmitted, RolloutSample, StepCommitted, group_id_for, sample_id_for
+from rlstream.core.messages import GroupAdmitted, RolloutRecord, StepCommitted, group_id_for, sample_id_for
 from rlstream.sampling.local import LocalPolicy
 from rlstream.trainer.advantages import resolve_advantage
 from rlstream.trainer.batch import collate
@@ -51,7 +51,7 @@ def builtin_run(dtype: str, steps: int = 60, P: int = 32, G: int = 8, lr: float 
         batch_rows = [next(rows) for _ in range(P)]
         prompts = [tokenizer(row["prompt"], add_special_tokens=False)["input_ids"] for row in batch_rows]
         completions = policy.generate([p for p in prompts for _ in range(G)], max_tokens=1, temperature=1.0)
-        samples = [RolloutSample(tokens=c.full_tokens, logprobs=[0.0] * c.prompt_len + c.inference_logprobs,
+        samples = [RolloutRecord(tokens=c.full_tokens, logprobs=[0.0] * c.prompt_len + c.inference_logprobs,
                                  loss_mask=[0] * c.prompt_len + [1] * (len(c.full_tokens) - c.prompt_len),
                                  reward=exact_match_reward(c.text, batch_rows[i // G]["answer"]),
                                  finish_reason=c.finish_reason, text=c.text) for i, c in enumerate(completions)]
@@ -184,7 +184,7 @@ def add_group(r, row: int, lengths: list[int]) -> None:
     bus.xadd(r, keys.events(RUN), GroupAdmitted(group_id=gid, row_index=row, epoch=0, attempt=0, submit_version=0,
                                                     group_size=len(lengths)))
     for m, n in enumerate(lengths):
-        bus.xadd(r, keys.rollouts(RUN), RolloutSample(
+        bus.xadd(r, keys.rollouts(RUN), RolloutRecord(
             tokens=[3 + (row + m + i) % 10 for i in range(n)], logprobs=[0.0] + [-2.0] * (n - 1),
             loss_mask=[0] + [1] * (n - 1), reward=float(m % 2), sample_id=sample_id_for(gid, m), group_id=gid,
             group_size=len(lengths), row_index=row))

@@ -19,15 +19,8 @@ from rlstream.core import bus, keys, weights
 from rlstream.core.codec import decode
 from rlstream.core.config import Config
 from rlstream.core.jobs import JOB_FUNC, job_of, job_queue
-from rlstream.core.messages import (
-    GroupAdmitted,
-    GroupJob,
-    GroupRejected,
-    GroupSampled,
-    RolloutJob,
-    RolloutSample,
-    WeightsPublished,
-)
+from rlstream.core.messages import GroupAdmitted, GroupJob, GroupRejected, GroupSampled, RolloutJob, WeightsPublished
+from rlstream.core.rollout import RolloutSample
 from rlstream.core.run_state import RunState
 from rlstream.producers.producer import (
     admission_order,

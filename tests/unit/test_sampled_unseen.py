@@ -11,7 +11,7 @@ import pytest
 from factories import config, sample
 
 from rlstream.core import bus, keys
-from rlstream.core.messages import GroupAdmitted, GroupSampled, RolloutSample, group_id_for
+from rlstream.core.messages import GroupAdmitted, GroupSampled, RolloutRecord, group_id_for
 from rlstream.trainer import buffer
 from rlstream.trainer.batch import overdue_unseen
 from rlstream.trainer.trainer import Trainer
@@ -36,7 +36,7 @@ def admit(r, row: int) -> str:
     return gid
 
 
-def sampled(r, gid: str, entries: list[bytes | RolloutSample]) -> None:
+def sampled(r, gid: str, entries: list[bytes | RolloutRecord]) -> None:
     """What a worker's MULTI writes: the entries, then GroupSampled."""
     for entry in entries:
         if isinstance(entry, bytes):

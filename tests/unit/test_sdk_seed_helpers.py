@@ -7,6 +7,7 @@ fakeredis with its imports and model names changed."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 
 import httpx
@@ -15,8 +16,7 @@ import torch
 
 from rlstream.core.config import validate_config
 from rlstream.core.errors import ConfigError, RlstreamError
-from rlstream.core.messages import RolloutSample
-from rlstream.core.rollout import Completion
+from rlstream.core.rollout import Completion, RolloutSample
 from rlstream.sdk import (
     AdamParams,
     AdaptiveConcurrencyController,
@@ -78,6 +78,8 @@ def test_build_grpo_datums_marks_the_generated_predictions():
         build_grpo_datums([completion([6, 13], [14, 12], [-0.1])])
     with pytest.raises(TypeError, match="sampled completions"):
         build_grpo_datums([{"tokens": [1, 2]}])
+    with pytest.raises(ValueError, match="tokens, logprobs and loss_mask must have equal lengths, got 5, 5, 4"):
+        build_grpo_datums([dataclasses.replace(sample, loss_mask=[0, 1, 0, 1])])  # checked as a worker checks it
 
 
 def test_the_grpo_loss_matches_a_hand_computation():

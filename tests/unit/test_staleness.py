@@ -18,7 +18,7 @@ from rlstream.core import bus, keys
 from rlstream.core.messages import (
     GroupAdmitted,
     GroupRejected,
-    RolloutSample,
+    RolloutRecord,
     StepCommitted,
     group_id_for,
     sample_id_for,
@@ -42,7 +42,7 @@ config = partial(factories.config, run_id=RUN, max_steps=10, max_head_offpolicy_
                  save_final_checkpoint=False)
 
 
-def sampled_with(row: int, m: int, sampled: int, submit: int) -> RolloutSample:
+def sampled_with(row: int, m: int, sampled: int, submit: int) -> RolloutRecord:
     """Member ``m`` of row ``row``'s group, admitted at ``submit``, sampled with the weights of ``sampled``."""
     return sample(row, m, submit_version=submit, min_version=sampled, max_version=sampled)
 

@@ -2,7 +2,7 @@
 async offsets, the filter ratio, and rejected groups counted once."""
 from __future__ import annotations
 
-from rlstream.core.messages import GroupRejected, RolloutSample, StepCommitted, group_id_for, sample_id_for
+from rlstream.core.messages import GroupRejected, RolloutRecord, StepCommitted, group_id_for, sample_id_for
 from rlstream.core.run_state import RunState
 from rlstream.trainer.batch import Group
 from rlstream.trainer.commit import step_record
@@ -26,7 +26,7 @@ def group(row: int, rewards: list[float], min_version: int, submit_version: int)
     gid = group_id_for(0, row, 0)
     g = Group(gid, len(rewards))
     for m, reward in enumerate(rewards):
-        sample = RolloutSample(tokens=[1, 2, 3], logprobs=[0.0, -1.0, -1.0], loss_mask=[0, 1, 1], reward=reward,
+        sample = RolloutRecord(tokens=[1, 2, 3], logprobs=[0.0, -1.0, -1.0], loss_mask=[0, 1, 1], reward=reward,
                                sample_id=sample_id_for(gid, m), group_id=gid, group_size=len(rewards),
                                row_index=row, min_version=min_version, max_version=min_version,
                                submit_version=submit_version)

@@ -15,7 +15,7 @@ from test_microbatch import mixed_batch
 from rlstream.builtin.tiny_model import build_model
 from rlstream.core.config import NORMALIZATIONS, POLICY_LOSSES
 from rlstream.core.errors import ConfigError
-from rlstream.core.messages import RolloutSample, group_id_for, sample_id_for
+from rlstream.core.messages import RolloutRecord, group_id_for, sample_id_for
 from rlstream.trainer.batch import Batch, Group, collate, token_advantages_of
 from rlstream.trainer.optimize import make_optimizer, policy_update
 from rlstream.trainer.precision import Precision
@@ -27,14 +27,14 @@ NOT_EQUAL_BY_DESIGN = {"train/micro_batches", "perf/padding_share"}
 
 
 def groups_of(batch: Batch) -> list[Group]:
-    """The batch's rows as three scored groups of RolloutSamples (what the buffer hands over)."""
+    """The batch's rows as three scored groups of RolloutRecords (what the buffer hands over)."""
     groups = []
     for g in range(len(batch.advantages_B) // G):
         gid = group_id_for(0, g, 0)
         group = Group(gid, G, advantages_G=batch.advantages_B[g * G:(g + 1) * G])
         for m in range(G):
             i, n = g * G + m, int(batch.attention_B_N[g * G + m].sum())
-            group.members[str(m)] = (f"1-{i}", RolloutSample(
+            group.members[str(m)] = (f"1-{i}", RolloutRecord(
                 tokens=batch.tokens_B_N[i, :n].tolist(), logprobs=[0.0] + batch.inf_logprobs_B_T[i, :n - 1].tolist(),
                 loss_mask=[0] + [int(v) for v in batch.mask_B_T[i, :n - 1].tolist()], reward=0.0,
                 sample_id=sample_id_for(gid, m), group_id=gid, group_size=G, row_index=g))

@@ -5,6 +5,7 @@ per-job seeding; and the rq heartbeat rules of workers.jobs."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import types
 
@@ -18,7 +19,8 @@ from rlstream.builtin.rollout import single_turn_factory
 from rlstream.builtin.tiny_model import save_tiny_model
 from rlstream.core import bus, keys, weights
 from rlstream.core.codec import decode
-from rlstream.core.messages import GroupJob, GroupRejected, GroupSampled, RolloutSample, RunFinished, WeightsPublished
+from rlstream.core.messages import GroupJob, GroupRejected, GroupSampled, RolloutRecord, RunFinished, WeightsPublished
+from rlstream.core.rollout import RolloutSample
 from rlstream.sampling.rollout_fn import accepted_context
 from rlstream.workers.events import EventFollower
 from rlstream.workers.jobs import heartbeat_ttl, still_alive
@@ -58,7 +60,7 @@ def stats(r) -> dict[str, int]:
     return {k.decode(): int(v) for k, v in r.hgetall(keys.rollout_stats(RUN)).items()}
 
 
-def emitted(r) -> list[RolloutSample]:
+def emitted(r) -> list[RolloutRecord]:
     return [decode(fields[bus.FIELD])
             for _, fields in r.xrange(keys.rollouts(RUN))]
 
@@ -207,19 +209,36 @@ def test_a_row_the_tokenizer_rejects_is_rejected_with_the_error(r):
     assert rt.run_group(job(2))["rejected"] == "row 3: the prompt could not be tokenized: KeyError: 'messages'"
 
 
-def test_mutating_the_frozen_sample_is_an_invalid_sample(r):
-    calls = []
-
-    async def rollout_fn(sample_prompt):
-        calls.append(1)
+def test_a_sample_edited_after_building_is_sent_as_edited(r):
+    """The user's RolloutSample is a plain dataclass: assigned fields and replace() copies are
+    what the worker converts, once rollout_fn returns."""
+    async def rollout_fn(sample_prompt, sample_index):
         s = user_sample()
-        if len(calls) == 1:
-            s.reward = 0.5  # frozen: pydantic raises ValidationError
-        return s
+        s.reward = 0.5
+        s.tokens.append(2), s.logprobs.append(-0.5), s.loss_mask.append(1)
+        return dataclasses.replace(s, text=f"draw {sample_index}")
 
     rt = stub_runtime(r, rollout_fn)
     assert rt.run_group(job(2))["samples"] == 2
-    assert stats(r) == {"invalid_samples": 1} and len(calls) == 3  # no failure: no field written
+    assert [(s.reward, s.tokens.tolist(), s.text) for s in emitted(r)] == [(0.5, [1, 2, 2], "draw 0"),
+                                                                        (0.5, [1, 2, 2], "draw 1")]
+    assert stats(r) == {}
+
+
+def test_an_invalid_sample_is_rejected_at_conversion_with_what_to_fix(r):
+    async def rollout_fn(sample_prompt, row_index):
+        if row_index == 5:
+            return user_sample(prompt_model_input={"image": "..."})
+        return user_sample(loss_mask=[0, 0]) if row_index == 6 else user_sample()
+
+    rt = stub_runtime(r, rollout_fn, max_incomplete_group_retries=0)
+    assert rt.run_group(row_job(5, G=2))["rejected"].startswith(
+        "invalid sample: prompt_model_input is set, but rlstream trains text-only causal LMs")
+    assert rt.run_group(row_job(6, G=2))["rejected"] == (
+        "invalid sample: loss_mask has no 1: nothing in this sample would be trained (only 0 of 2 draws returned a "
+        "valid sample)")
+    assert rt.run_group(row_job(7, G=2))["samples"] == 2
+    assert stats(r) == {"invalid_samples": 4}
 
 
 def test_counters_accumulate_run_wide_and_per_job(r):
