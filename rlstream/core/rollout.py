@@ -76,19 +76,26 @@ def to_record(sample: RolloutSample) -> RolloutRecord:
         raise InvalidSample(f"{name} must be a str, got {type(value).__name__}; RolloutSample's 5th and 6th "
                             "positional arguments are finish_reason and text: pass prompt_model_input, "
                             "routing_matrices and raw_logprobs by keyword")
-    if sample.raw_logprobs is not None and len(sample.raw_logprobs) != len(sample.tokens):
-        raise InvalidSample(f"raw_logprobs has {len(sample.raw_logprobs)} values for {len(sample.tokens)} tokens: "
-                            "when set, it needs one per token, as logprobs (or leave it None: it is not used)")
+    try:
+        record = RolloutRecord(tokens=sample.tokens, logprobs=sample.logprobs, loss_mask=sample.loss_mask,
+                               reward=sample.reward, finish_reason=sample.finish_reason, text=sample.text,
+                               metrics=sample.metrics, answer_tokens=sample.answer_tokens)
+    except ValidationError as exc:
+        raise InvalidSample(validation_message(exc)) from None
+    # Checked against the record's tokens (the user's may be anything, None included: the record
+    # has said what is wrong with them), so that a bad field is an InvalidSample, never a TypeError.
+    if sample.raw_logprobs is not None:
+        if not hasattr(sample.raw_logprobs, "__len__"):
+            raise InvalidSample(f"raw_logprobs must be a list of floats (or None), got "
+                                f"{type(sample.raw_logprobs).__name__}")
+        if len(sample.raw_logprobs) != len(record.tokens):
+            raise InvalidSample(f"raw_logprobs has {len(sample.raw_logprobs)} values for {len(record.tokens)} tokens: "
+                                "when set, it needs one per token, as logprobs (or leave it None: it is not used)")
     for name in ("routing_matrices", "raw_logprobs"):
         if getattr(sample, name) is not None and name not in _unused_noted:
             _unused_noted.add(name)
             log.info("RolloutSample.%s is accepted and not used (%s)", name, WHY_UNUSED)
-    try:
-        return RolloutRecord(tokens=sample.tokens, logprobs=sample.logprobs, loss_mask=sample.loss_mask,
-                             reward=sample.reward, finish_reason=sample.finish_reason, text=sample.text,
-                             metrics=sample.metrics, answer_tokens=sample.answer_tokens)
-    except ValidationError as exc:
-        raise InvalidSample(validation_message(exc)) from None
+    return record
 
 
 def validation_message(exc: ValidationError) -> str:

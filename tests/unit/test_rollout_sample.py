@@ -93,6 +93,9 @@ REJECTS = {
     "metric_str": (dict(metrics={"acc": "high"}), "metrics.acc"),
     "multimodal": (dict(prompt_model_input=object()), "prompt_model_input is set, but rlstream trains text-only"),
     "raw_logprobs_length": (dict(raw_logprobs=[0.0]), "raw_logprobs has 1 values for 4 tokens"),
+    # a bad field beside raw_logprobs is named, not a TypeError from len() (the worker would retry the draw)
+    "raw_logprobs_tokens_none": (dict(tokens=None, raw_logprobs=[0.0] * 4), "tokens: expected int32 token ids"),
+    "raw_logprobs_unsized": (dict(raw_logprobs=(0.0 for _ in range(4))), "raw_logprobs must be a list of floats"),
     # the cookbook's own positional order puts prompt_model_input fifth
     "cookbook_positional": (dict(finish_reason=None, text="stop"), "finish_reason must be a str, got NoneType; "
                             "RolloutSample's 5th and 6th positional arguments are finish_reason and text"),
