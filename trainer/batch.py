@@ -53,7 +53,7 @@ class Group:
     def rewards_G(self) -> torch.Tensor:
         return torch.tensor([s.reward for s in self.samples], dtype=torch.float32)
 
-    # What dynamic_filter_fn(group) sees, as plain lists: rewards, samples, advantages.
+    # What dynamic_filter_fn(group) sees: rewards and advantages as plain lists, and ``samples`` (the records).
     @property
     def rewards(self) -> list[float]:
         return [s.reward for s in self.samples]
