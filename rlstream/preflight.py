@@ -66,7 +66,7 @@ def check_positions(cfg: Config, positions: int | None) -> None:
     longest = min(cfg.max_seq_len, 1 + cfg.max_completion_tokens)
     if longest <= positions:
         return
-    cookbook = " (the cookbook's default)" if cfg.max_completion_tokens == COOKBOOK_DEFAULTS["max_completion_tokens"] \
+    cookbook = " (the cookbook's value)" if cfg.max_completion_tokens == COOKBOOK_DEFAULTS["max_completion_tokens"] \
         else ""
     raise ConfigError(
         f"config error: max_completion_tokens = {cfg.max_completion_tokens}{cookbook} and max_seq_len = "

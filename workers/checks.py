@@ -18,7 +18,11 @@ def checked_record(result: Any, vocab_size: int | None, max_seq_len: int) -> Rol
     ``InvalidSample`` says why the trainer would dead-letter it. Caught here so that it is
     redrawn now instead of leaving its group waiting 2 x job_timeout in the trainer."""
     if not isinstance(result, RolloutSample):
-        raise TypeError(f"rollout_fn must return rlstream.RolloutSample or None, got {type(result).__name__}")
+        kind = type(result)
+        name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+        hint = " (another class of that name: import RolloutSample from rlstream)" \
+            if kind.__name__ == "RolloutSample" else ""
+        raise TypeError(f"rollout_fn must return rlstream.RolloutSample or None, got {name}{hint}")
     record = to_record(result)
     try:
         record.check_limits(vocab_size, max_seq_len)

@@ -59,7 +59,7 @@ def test_a_default_the_builtin_model_cannot_hold_is_refused_before_anything_star
     with pytest.raises(ConfigError) as info:
         preflight(Config(log_path=str(tmp_path)))
     message = str(info.value)
-    for needle in ("max_completion_tokens = 1024 (the cookbook's default)", "max_seq_len = 2048",
+    for needle in ("max_completion_tokens = 1024 (the cookbook's value)", "max_seq_len = 2048",
                    "past the 128 positions of base_model 'builtin:tiny'", "at most 127", "max_seq_len to at most 128"):
         assert needle in message, message
     for name in BUILTIN_MODELS:

@@ -139,3 +139,16 @@ def test_the_wire_bytes_are_unchanged():
     assert encode(rec) == OLD_BYTES
     old = decode(OLD_BYTES, expect=RolloutRecord)
     assert old == rec and old.kind == "rollout_sample"
+
+
+def test_a_porters_own_rolloutsample_class_is_named_as_such():
+    """A porter who kept the cookbook's class in their own module is told which one to import."""
+    from rlstream.workers.checks import checked_record
+
+    @dataclasses.dataclass
+    class RolloutSample:  # the cookbook's, copied into the user's module
+        tokens: list
+
+    with pytest.raises(TypeError, match=r"got .*RolloutSample \(another class of that name: import RolloutSample "
+                                        r"from rlstream\)"):
+        checked_record(RolloutSample([1, 2]), None, 128)
