@@ -13,6 +13,14 @@ formula over the group's K turns), and turn t's advantage is the discounted sum
 ``sum_(k>=t) gamma^(k-t) rnorm_k``; every token of turn t gets it
 (docs/design.md §15.84 Per-token advantages: a turn's tokens carry its advantage).
 
+That z-score is ``normalization = "joint"`` (the paper's, the default). Two others
+(§15.87 IGPO's normalisation: what an all-failed group teaches): ``"mean"`` subtracts the
+group's mean turn reward and keeps the units (a gain is a difference of probabilities, the
+outcome a reward), and ``"separate"`` (the cookbook's ``compute_turn_advantages``) z-scores the
+gains and the outcomes each on their own and adds them. ``ig_weight`` is the gains' weight
+against the outcome: it multiplies each gain before a joint or mean normalisation, and the
+normalised gains after a separate one (a z-score would cancel it before).
+
 The math is the pure functions below; ``igpo_advantages`` runs the policy (the trainer's model,
 so p_t is the current policy's, not the sampler's) on one batch of (prefix + answer) rows per
 group: T rows (p_0 .. p_(T-1)) for a trajectory of T >= 2 turns; a one-turn trajectory needs
@@ -50,10 +58,13 @@ def answer_probs_from_logprobs(mean_logprobs_T: Tensor) -> Tensor:
     return torch.exp(mean_logprobs_T)
 
 
-def turn_rewards_T(answer_probs_T: Tensor, outcome: float) -> Tensor:
+NORMALIZATIONS: tuple[str, ...] = ("joint", "mean", "separate")
+
+
+def turn_rewards_T(answer_probs_T: Tensor, outcome: float, ig_weight: float = 1.0) -> Tensor:
     """The rewards of a trajectory of T turns from ``answer_probs_T`` = (p_0, ..., p_(T-1)):
-    ``r_t = p_t - p_(t-1)`` for turns t = 1..T-1 and ``r_T = outcome``."""
-    gains = answer_probs_T[1:] - answer_probs_T[:-1]
+    ``r_t = ig_weight * (p_t - p_(t-1))`` for turns t = 1..T-1 and ``r_T = outcome``."""
+    gains = ig_weight * (answer_probs_T[1:] - answer_probs_T[:-1])
     return torch.cat([gains, torch.tensor([outcome], dtype=answer_probs_T.dtype)])
 
 
@@ -62,6 +73,20 @@ def group_normalized_K(rewards_K: Tensor) -> Tensor:
     1e-8 counts as 1, so all-equal rewards give 0; one reward alone gives NaN, which rejects the
     group as GRPO does a group of one)."""
     return group_advantages(rewards_K, scale_std=True)
+
+
+def group_centred_K(rewards_K: Tensor) -> Tensor:
+    """``normalization = "mean"``: each of the group's K turn rewards minus their mean, not divided
+    by their std (dr_grpo's formula over the turns): a group of small gains and failed outcomes
+    gets small advantages instead of unit-variance ones."""
+    return group_advantages(rewards_K, scale_std=False)
+
+
+def separately_normalized_K(gains_K: Tensor, outcomes_K: Tensor, ig_weight: float) -> Tensor:
+    """``normalization = "separate"`` (the cookbook's ``compute_turn_advantages``): the K turns'
+    gains (0 on each trajectory's last turn) and outcomes (0 on every turn but the last) each
+    z-scored over the group's K turns, then ``ig_weight * z(gains) + z(outcomes)``."""
+    return ig_weight * group_normalized_K(gains_K) + group_normalized_K(outcomes_K)
 
 
 def discounted_returns_T(rewards_T: Tensor, gamma: float) -> Tensor:
@@ -84,11 +109,23 @@ def token_advantages_T(turn_advantages_T: Tensor, spans: list[tuple[int, int]], 
     return out
 
 
-def group_turn_advantages(answer_probs: list[Tensor], outcomes: list[float], gamma: float) -> list[Tensor]:
+def group_turn_advantages(answer_probs: list[Tensor], outcomes: list[float], gamma: float, *,
+                          normalization: str = "joint", ig_weight: float = 1.0) -> list[Tensor]:
     """Each trajectory's turn advantages from its answer probabilities (p_0..p_(T-1), T values)
-    and its outcome reward: turn rewards, the group's z-score over all of them, discounted sums."""
-    rewards = [turn_rewards_T(p_T, r) for p_T, r in zip(answer_probs, outcomes)]
-    normalized_K = group_normalized_K(torch.cat(rewards))
+    and its outcome reward: turn rewards, the group's normalisation over all of them
+    (``normalization``: joint z-score, mean only, or gains and outcomes z-scored separately),
+    discounted sums."""
+    if normalization == "separate":
+        rewards = [turn_rewards_T(p_T, r) for p_T, r in zip(answer_probs, outcomes)]
+        gains_K = torch.cat([torch.cat([r_T[:-1], r_T.new_zeros(1)]) for r_T in rewards])
+        outcomes_K = torch.cat([torch.cat([r_T.new_zeros(len(r_T) - 1), r_T[-1:]]) for r_T in rewards])
+        normalized_K = separately_normalized_K(gains_K, outcomes_K, ig_weight)
+    elif normalization in ("joint", "mean"):
+        rewards = [turn_rewards_T(p_T, r, ig_weight) for p_T, r in zip(answer_probs, outcomes)]
+        rewards_K = torch.cat(rewards)
+        normalized_K = group_normalized_K(rewards_K) if normalization == "joint" else group_centred_K(rewards_K)
+    else:
+        raise ValueError(f"IGPO normalization {normalization!r}: one of {', '.join(NORMALIZATIONS)}")
     out, k = [], 0
     for r_T in rewards:
         out.append(discounted_returns_T(normalized_K[k:k + len(r_T)], gamma))
@@ -118,8 +155,8 @@ def mean_answer_logprobs(model: torch.nn.Module, prefixes: list[list[int]], answ
 
 
 def igpo_advantages(samples: list[RolloutRecord], model: torch.nn.Module, *, gamma: float, pad_id: int,
-                    device: torch.device, temperature: float,
-                    precision: Precision | None = None) -> tuple[Tensor, list[Tensor]]:
+                    device: torch.device, temperature: float, precision: Precision | None = None,
+                    normalization: str = "joint", ig_weight: float = 1.0) -> tuple[Tensor, list[Tensor]]:
     """A group's IGPO advantages: (advantages_G, each sample's first turn's, what
     ``dynamic_filter_fn`` and the metrics see; the per-token advantages, one (len(tokens) - 1,)
     tensor per sample). A sample of more than one turn needs ``answer_tokens``."""
@@ -143,6 +180,7 @@ def igpo_advantages(samples: list[RolloutRecord], model: torch.nn.Module, *, gam
             probs[i].append(p)
     # one turn: no gain to measure (p_0 is unused), only the outcome
     answer_probs = [torch.tensor(p if len(turns) > 1 else [0.0], dtype=torch.float64) for p, turns in zip(probs, spans)]
-    turn_adv = group_turn_advantages(answer_probs, [s.reward for s in samples], gamma)
+    turn_adv = group_turn_advantages(answer_probs, [s.reward for s in samples], gamma,
+                                     normalization=normalization, ig_weight=ig_weight)
     tokens = [token_advantages_T(a_T, turns, len(s.tokens)).float() for a_T, turns, s in zip(turn_adv, spans, samples)]
     return torch.tensor([float(a_T[0]) for a_T in turn_adv], dtype=torch.float32), tokens

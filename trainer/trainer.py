@@ -296,7 +296,8 @@ class Trainer:
             return
         group.advantages_G, group.token_advantages = igpo_advantages(
             group.samples, self.model, gamma=self.cfg.igpo_gamma, pad_id=self.pad_id, device=self.device,
-            temperature=self.cfg.temperature, precision=self.precision)
+            temperature=self.cfg.temperature, precision=self.precision,
+            normalization=self.cfg.igpo_normalization, ig_weight=self.cfg.igpo_ig_weight)
 
     def optimize(self, groups: list[Group], lr: float | None = None,
                  streamed: StreamingStep | None = None) -> dict[str, float]:

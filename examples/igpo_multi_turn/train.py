@@ -29,6 +29,11 @@ def build_config(args: argparse.Namespace) -> Config:
         max_steps=args.max_steps,
         advantage=args.advantage,  # "igpo": turn-level information gain, one advantage per token
         igpo_gamma=args.gamma,
+        # the group's mean turn reward subtracted, not divided by the std: in a group whose outcomes all
+        # failed, the paper's z-score blows the gains up to unit-variance advantages and pushes every failed
+        # answer down by ~1 (README, "Why not the paper's z-score"); the gains at half an outcome's weight
+        igpo_normalization=args.normalization,
+        igpo_ig_weight=args.ig_weight,
         learning_rate=2e-3,
         lr_schedule="constant",
         completions_per_prompt=8,
@@ -46,8 +51,10 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser()
     p.add_argument("--log-path", default="runs")
     p.add_argument("--run-id", default=None)
-    p.add_argument("--advantage", default="igpo", choices=["igpo", "grpo"])
+    p.add_argument("--advantage", default="igpo", choices=["igpo", "grpo", "dr_grpo"])
     p.add_argument("--gamma", type=float, default=0.99)
+    p.add_argument("--normalization", default="mean", choices=["joint", "mean", "separate"])
+    p.add_argument("--ig-weight", type=float, default=0.5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-steps", type=int, default=150)
     p.add_argument("--groups", type=int, default=16)

@@ -489,6 +489,18 @@ class Config(ConfigSection):
         0.99, ge=0, le=1, description="advantage igpo: the discount of the turns' normalised rewards, "
         "A_t = sum over k >= t of gamma^(k-t) r_k (the cookbook's igpo_loop gamma, 0.99)"
     )
+    igpo_normalization: Literal["joint", "mean", "separate"] = Field(
+        "joint", description="advantage igpo: how a group's turn rewards are normalised. joint: all z-scored "
+        "together (the paper's); mean: minus their mean, not divided by their std (gains keep their probability "
+        "units beside the outcome: a group of failed outcomes and small gains gets small advantages); separate: "
+        "gains and outcomes each z-scored over the group's turns, then added (the cookbook's "
+        "compute_turn_advantages). docs/algorithms.md"
+    )
+    igpo_ig_weight: float = Field(
+        1.0, ge=0, le=100, description="advantage igpo: the information gains' weight against the outcome "
+        "(the cookbook's ig_weight): each gain is multiplied by it before a joint or mean normalisation, the "
+        "normalised gains after a separate one; 0 leaves only the outcome"
+    )
     anchor_logp: Literal["old_policy", "rollout"] = Field(
         "old_policy", description="PPO anchor: current weights before the update, or the behaviour logprobs (w = 1)"
     )

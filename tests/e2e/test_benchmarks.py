@@ -53,3 +53,4 @@ def test_worker_cpu_prints_cpu_per_sample_for_every_setting():
 def test_igpo_vs_grpo_prints_both_advantages():
     out = bench("bench/igpo_vs_grpo.py", "--rounds", "1", "--steps", "12", "--groups", "2", timeout=600)
     assert "| igpo, mean of 1 |" in out and "| grpo, mean of 1 |" in out, out
+    assert "igpo (normalization mean, ig_weight 0.5)" in out, out  # the example's settings, stated

@@ -82,10 +82,18 @@ def test_tool_calls_the_policy_learns_to_call_the_tool_and_copy_its_result(tmp_p
 
 @pytest.mark.slow
 def test_igpo_multi_turn_learns_the_lookup_with_per_token_advantages(tmp_path: Path) -> None:
-    """examples/igpo_multi_turn with advantage = "igpo" (issue 22's acceptance: the reward rises by
-    at least 0.2 on the built-in model); bench/igpo_vs_grpo.py compares it with plain GRPO."""
+    """examples/igpo_multi_turn with advantage = "igpo" and its settings (igpo_normalization "mean",
+    igpo_ig_weight 0.5), issue 22's acceptance: the reward rises by at least 0.2 on the built-in
+    model, and fast: its 10-step mean reaches 0.3 by step 40 (23 measured on this seed, GRPO 29;
+    with the paper's joint z-score 36, and on seed 1 never: docs/design.md §15.87 IGPO's
+    normalisation: what an all-failed group teaches). bench/igpo_vs_grpo.py compares it with
+    plain GRPO side by side."""
     train("igpo_multi_turn", tmp_path, "--run-id", "igpo", "--groups", "16", "--max-steps", "150")
     rows = read_metrics(tmp_path / "runs/igpo/metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(1, 151))
-    reward = [sum(r["rollout/reward_mean"] for r in part) / 10 for part in (rows[:10], rows[-10:])]
+    rewards = [r["rollout/reward_mean"] for r in rows]
+    reward = [sum(part) / 10 for part in (rewards[:10], rewards[-10:])]
     assert reward[1] - reward[0] >= 0.2, reward
+    windows = [sum(rewards[i - 9:i + 1]) / 10 for i in range(9, len(rewards))]
+    reached = next((i + 10 for i, w in enumerate(windows) if w >= 0.3), None)
+    assert reached is not None and reached <= 40, (reached, windows[:40])

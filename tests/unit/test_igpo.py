@@ -62,6 +62,80 @@ def test_turn_rewards_zscore_and_discounted_sums_against_the_hand_computation():
     close(igpo.answer_probs_from_logprobs(torch.tensor([math.log(0.5)])).tolist(), [0.5])
 
 
+# The same group under the other normalisations (igpo_normalization, igpo_ig_weight; docs/design.md
+# §15.87 IGPO's normalisation: what an all-failed group teaches), gamma = 0.5 again:
+# mean, ig_weight 0.5: r = A (0.15, 0.2, 1.0), B (-0.05, 0.0), C (0.0); sum 1.3, mean 13/60 = 0.216667;
+#   centred (-0.066667, -0.016667, 0.783333, -0.266667, -0.216667, -0.216667), not divided by a std:
+#   A: A_3 = 0.783333, A_2 = -0.016667 + 0.5 * 0.783333 = 0.375, A_1 = -0.066667 + 0.5 * 0.375 = 0.120833
+#   B: B_2 = -0.216667, B_1 = -0.266667 + 0.5 * (-0.216667) = -0.375;  C: C_1 = -0.216667
+# joint, ig_weight 0.5: the same centred rewards over their std (squares sum 0.783333, variance 0.130556,
+#   std 0.361325), so each advantage above / 0.361325.
+# separate, ig_weight 1: gains with 0 on each last turn, (0.3, 0.4, 0, -0.1, 0, 0): mean 0.1, deviations
+#   (0.2, 0.3, -0.1, -0.2, -0.1, -0.1), variance 0.2 / 6, std 0.182574,
+#   z = (1.095445, 1.643168, -0.547723, -1.095445, -0.547723, -0.547723);
+#   outcomes with 0 on every turn but the last, (0, 0, 1, 0, 0, 0): mean 1/6, std sqrt(5)/6 = 0.372678,
+#   z(0) = -0.447214, z(1) = 2.236068; summed: A (0.648232, 1.195954, 1.688345), B (-1.542659, -0.994936),
+#   C (-0.994936); A_3 = 1.688345, A_2 = 1.195954 + 0.5 * 1.688345 = 2.040127,
+#   A_1 = 0.648232 + 0.5 * 2.040127 = 1.668295; B_2 = -0.994936, B_1 = -1.542659 - 0.5 * 0.994936 = -2.040127
+# separate, ig_weight 0.5: 0.5 z(gains) + z(outcomes) = A (0.100509, 0.374370, 1.962207),
+#   B (-0.994936, -0.721075), C (-0.721075); A_2 = 0.374370 + 0.5 * 1.962207 = 1.355474,
+#   A_1 = 0.100509 + 0.5 * 1.355474 = 0.778246; B_1 = -0.994936 - 0.5 * 0.721075 = -1.355474
+OTHER_NORMALIZATIONS = {
+    ("mean", 0.5): [[0.120833, 0.375, 0.783333], [-0.375, -0.216667], [-0.216667]],
+    ("joint", 0.5): [[0.120833 / 0.361325, 0.375 / 0.361325, 0.783333 / 0.361325],
+                     [-0.375 / 0.361325, -0.216667 / 0.361325], [-0.216667 / 0.361325]],
+    ("separate", 1.0): [[1.668295, 2.040127, 1.688345], [-2.040127, -0.994936], [-0.994936]],
+    ("separate", 0.5): [[0.778246, 1.355474, 1.962207], [-1.355474, -0.721075], [-0.721075]],
+}
+
+
+@pytest.mark.parametrize(("normalization", "ig_weight"), list(OTHER_NORMALIZATIONS))
+def test_the_other_normalisations_and_the_gains_weight_against_the_hand_computation(normalization, ig_weight):
+    probs = [torch.tensor(p, dtype=torch.float64) for p in PROBS]
+    got = igpo.group_turn_advantages(probs, OUTCOMES, GAMMA, normalization=normalization, ig_weight=ig_weight)
+    for g, want in zip(got, OTHER_NORMALIZATIONS[normalization, ig_weight]):
+        close(g.tolist(), want)
+    # the defaults are the paper's: joint, weight 1
+    for g, want in zip(igpo.group_turn_advantages(probs, OUTCOMES, GAMMA, normalization="joint", ig_weight=1.0),
+                       EXPECTED):
+        close(g.tolist(), want)
+    with pytest.raises(ValueError, match="normalization"):
+        igpo.group_turn_advantages(probs, OUTCOMES, GAMMA, normalization="z")
+
+
+def test_an_all_failed_group_of_small_gains_gets_unit_advantages_from_the_joint_z_score_not_from_the_mean():
+    """The cause the example met (docs/design.md §15.87 IGPO's normalisation: what an all-failed
+    group teaches): two trajectories whose lookup raised the answer's
+    probability a little and failed, beside two one-turn guesses, every outcome 0. The joint
+    z-score gives each failed answer turn the same push down (-0.654654: the gains 0.02 and 0.01,
+    mean 0.005, std 0.007638) however small the gains are; the mean keeps their scale (-0.005)."""
+    outcomes = [0.0, 0.0, 0.0, 0.0]
+    for scale in (1.0, 0.1):
+        probs = [torch.tensor(p, dtype=torch.float64) * scale for p in ([0.1, 0.12], [0.1, 0.11], [0.0], [0.0])]
+        joint = igpo.group_turn_advantages(probs, outcomes, 0.0)
+        close([float(joint[0][1]), float(joint[1][1]), float(joint[2][0])], [-0.654654] * 3, tol=1e-4)  # + 1e-8
+        mean = igpo.group_turn_advantages(probs, outcomes, 0.0, normalization="mean")
+        close([float(mean[0][1]), float(mean[1][1]), float(mean[2][0])], [-0.005 * scale] * 3)
+        close([float(mean[0][0]), float(mean[1][0])], [0.015 * scale, 0.005 * scale])
+
+
+def test_the_trainer_passes_its_normalisation_and_weight(monkeypatch):
+    from types import SimpleNamespace
+
+    from rlstream.trainer import trainer as trainer_module
+    seen = {}
+
+    def fake(samples, model, **kwargs):
+        seen.update(kwargs)
+        return torch.zeros(len(samples)), [torch.zeros(1) for _ in samples]
+
+    monkeypatch.setattr(trainer_module, "igpo_advantages", fake)
+    cfg = legacy_config(advantage="igpo", igpo_normalization="separate", igpo_ig_weight=0.25, igpo_gamma=0.9)
+    me = SimpleNamespace(advantage_fn=None, cfg=cfg, model=None, pad_id=0, device=CPU, precision=None)
+    trainer_module.Trainer.set_advantages(me, SimpleNamespace(samples=[trajectory([[6]], [], [], 1.0)]))
+    assert (seen["normalization"], seen["ig_weight"], seen["gamma"]) == ("separate", 0.25, 0.9)
+
+
 def test_gamma_zero_keeps_each_turn_its_own_normalised_reward_and_one_turn_groups_are_grpo():
     probs = [torch.tensor(p, dtype=torch.float64) for p in PROBS]
     got = igpo.group_turn_advantages(probs, OUTCOMES, 0.0)
@@ -153,6 +227,12 @@ def test_config_names_igpo_and_its_gamma():
     assert legacy_config().igpo_gamma == 0.99
     with pytest.raises(ConfigError, match="igpo_gamma"):
         validate_config({**legacy_config().model_dump(), "igpo_gamma": 1.5})
+    assert (legacy_config().igpo_normalization, legacy_config().igpo_ig_weight) == ("joint", 1.0)  # the paper's
+    cfg = legacy_config(advantage="igpo", igpo_normalization="mean", igpo_ig_weight=0.5)
+    assert (cfg.igpo_normalization, cfg.igpo_ig_weight) == ("mean", 0.5)
+    for field, bad in (("igpo_normalization", "zscore"), ("igpo_ig_weight", -1.0), ("igpo_ig_weight", 101.0)):
+        with pytest.raises(ConfigError, match=field):
+            validate_config({**legacy_config().model_dump(), field: bad})
     with pytest.raises(ValueError, match="needs the policy"):
         resolve_advantage("igpo")
 
