@@ -266,10 +266,10 @@ class WeightSync:
         if tensors is None:  # a non-finite weight (DirTemplate.snapshot): stop the trainer, nothing written
             raise RlstreamError(nonfinite_refusal(final, version))
         self.lease.confirm()  # the directory of a version that another trainer may have published
-        digest, size, self.links = weights.write_linked_dir(
+        digest, size, links = weights.write_linked_dir(
             final, lambda tmp: template.write_weights(tmp, tensors), version=version, same=template.same,
             source=self.previous if self.links else None, known=self.known)
-        self.previous = final
+        self.previous, self.links = final, self.links and links
         return WeightsPublished(version=version, uri=str(final.resolve()), sha256=digest, bytes=size)
 
     def announce(self, written: WeightsPublished) -> None:

@@ -238,6 +238,7 @@ def test_a_filesystem_without_hard_links_gets_every_file_written(r, tmp_path, mo
     assert not t.weight_sync.links  # not tried again
     step(t)
     t.weight_sync.wait()
+    assert not t.weight_sync.links
     for n in (1, 2):
         weights.verify(weights_dir(t.run_dir, n), announced(r, n).sha256)
         assert (weights_dir(t.run_dir, n) / "config.json").stat().st_nlink == 1
