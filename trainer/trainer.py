@@ -498,19 +498,28 @@ class Trainer:
         (log.error if failed else log.info)("trainer: run finished (%s) at step %d", reason, self.step)
 
 
+YOUNG_THRESHOLD = 10_000  # allocations between young collections while the steps run (Python's default: 700)
+
+
 @contextlib.contextmanager
 def frozen_heap() -> Iterator[None]:
     """The steps run with every object alive before them (torch, transformers, the model and
     its modules: ~390k on the built-in task) out of the garbage collector's scans
     (``gc.freeze``): the full collections that the steps' allocations (samples, groups) set off
     every ~25 steps would otherwise walk them all, ~190 ms each (docs/design.md §15.89 Weights link
-    their unchanged files; the steps run on a frozen heap). Objects freed by reference count go
+    their unchanged files; the steps run on a frozen heap). And a young collection every
+    ``YOUNG_THRESHOLD`` allocations, not 700: a step allocates a few thousand objects that live
+    until its batch is trained (the samples), which the default scanned several times a step
+    and promoted into ever more frequent full collections. Objects freed by reference count go
     as before; garbage cycles among the frozen ones wait until the end, when they are handed
-    back to the collector (``gc.unfreeze``)."""
+    back to the collector (``gc.unfreeze``) and the thresholds restored."""
+    thresholds = gc.get_threshold()
     gc.freeze()
+    gc.set_threshold(YOUNG_THRESHOLD, *thresholds[1:])
     try:
         yield
     finally:
+        gc.set_threshold(*thresholds)
         gc.unfreeze()
 
 

@@ -9,7 +9,7 @@ import gc
 import pytest
 from test_trainer_resume import RUN, add_group, config  # noqa: F401 (RUN: the r_group fixture reads it)
 
-from rlstream.trainer.trainer import Trainer
+from rlstream.trainer.trainer import YOUNG_THRESHOLD, Trainer
 
 pytestmark = pytest.mark.usefixtures("r_group")  # tests/unit/conftest.py: fakeredis with the trainer's group
 
@@ -19,13 +19,15 @@ def test_the_steps_run_on_a_frozen_heap_which_is_handed_back_at_the_end(r, tmp_p
         add_group(r, row)
     cfg = config(tmp_path, max_steps=2)
     t = Trainer(cfg, r, cfg.run_dir())
-    frozen = []
+    frozen, thresholds = [], gc.get_threshold()
     real = t.train_step
-    monkeypatch.setattr(t, "train_step", lambda *a, **kw: frozen.append(gc.get_freeze_count()) or real(*a, **kw))
+    monkeypatch.setattr(t, "train_step", lambda *a, **kw: frozen.append((gc.get_freeze_count(), gc.get_threshold()))
+                        or real(*a, **kw))
     assert gc.get_freeze_count() == 0
     assert t.run() == 2
-    assert len(frozen) == 2 and min(frozen) > 1000  # torch's, transformers' and the model's objects among them
-    assert gc.get_freeze_count() == 0
+    assert len(frozen) == 2 and min(n for n, _ in frozen) > 1000  # torch's, transformers', the model's objects
+    assert all(during == (YOUNG_THRESHOLD, *thresholds[1:]) for _, during in frozen)
+    assert gc.get_freeze_count() == 0 and gc.get_threshold() == thresholds
 
 
 def test_a_step_that_fails_hands_the_heap_back_too(r, tmp_path, monkeypatch):
@@ -38,6 +40,7 @@ def test_a_step_that_fails_hands_the_heap_back_too(r, tmp_path, monkeypatch):
         raise RuntimeError("a step failed")
 
     monkeypatch.setattr(t, "train_step", fails)
+    thresholds = gc.get_threshold()
     with pytest.raises(RuntimeError, match="a step failed"):
         t.run()
-    assert gc.get_freeze_count() == 0
+    assert gc.get_freeze_count() == 0 and gc.get_threshold() == thresholds
