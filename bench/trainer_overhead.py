@@ -31,7 +31,13 @@ version to be written and published (``WeightSync.wait``), which no step overlap
 for a trainer, here once per block. ``--block 1`` is a lone step. Rounds alternate bare, (a),
 (b) (the order reversed every other round) after warm-up ones, for the process's default torch
 threads and rlstream's ``torch_threads`` (1); the table gives the medians and each one's ratio to
-bare. Medians of parts do not add up to the median of the whole. On a machine whose load drifts
+bare. Medians of parts do not add up to the median of the whole. The rows "the mean of every
+round" count the rounds that a full garbage collection of the process's heap fell into (~190 ms
+each on the built-in task unless the heap is frozen, as ``Trainer.train_run`` does since design
+§15.89 Weights link their unchanged files; the steps run on a frozen heap, and this script does
+the same way): what a run of many steps pays, which the medians leave out. The weight writer's
+thread gets the CPU time it spends per version (``time.thread_time``) beside its parts' wall
+times. On a machine whose load drifts
 (other processes on the same cores), the medians of each round's own ratio (bare and (b) measured
 moments apart) and the CPU time of the step's thread (``time.thread_time``: not the weight
 writer's, not redis-server's; against the bare step's) are the steadier figures. bare and rlstream use the same
@@ -46,6 +52,7 @@ write too (the parts they lack read 0).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import functools
 import json
@@ -200,24 +207,30 @@ class PartClock:
             self.install(weight_sync_module, "publish", prefix="bg.")
             self.install(weight_sync_module, "prune_weights", prefix="bg.")
             self.install(weight_sync_module.DirTemplate, "write", prefix="bg.")
+            # the template's files as links (design §15.89 Weights link their unchanged files; the steps run on a frozen
+            # heap): the weights file, and the linked directory's seal
+            self.install(weight_sync_module.DirTemplate, "write_weights", prefix="bg.")
+            self.install(weights, "write_linked_dir", prefix="bg.")
+            self.install(weight_sync_module.Pending, "run", prefix="bg.cpu.", clock=time.thread_time)
         else:  # the weights written on the step's thread: save_pretrained x2 + seal, sealed, pruned
             weights.write_model_dir = self.wrap("write_model_dir", weights.write_model_dir)
             policy_model.shutil = types.SimpleNamespace(rmtree=self.wrap("prune", shutil.rmtree))  # its one use
         weights.seal = self.wrap("seal", weights.seal)
 
-    def install(self, owner, *names: str, prefix: str = "") -> None:
+    def install(self, owner, *names: str, prefix: str = "", clock=time.perf_counter) -> None:
         for name in names:
             if hasattr(owner, name):
-                setattr(owner, name, self.wrap(prefix + name, getattr(owner, name)))
+                setattr(owner, name, self.wrap(prefix + name, getattr(owner, name), clock))
 
-    def wrap(self, name, fn):
+    def wrap(self, name, fn, clock=time.perf_counter):
+        """``fn`` timed by ``clock`` (``time.thread_time``: the CPU time of the thread that calls it)."""
         @functools.wraps(fn)
         def timed(*args, **kwargs):
-            t0 = time.perf_counter()
+            t0 = clock()
             try:
                 return fn(*args, **kwargs)
             finally:
-                elapsed = time.perf_counter() - t0
+                elapsed = clock() - t0
                 with self.lock:
                     self.times[name] += elapsed
         return timed
@@ -254,6 +267,10 @@ def whole_steps(t: Trainer, clock: PartClock, block: int) -> dict[str, float]:
         parts["seal"] = seal
     else:
         parts["bg.seal"] = seal
+    if "bg.write_linked_dir" in parts:  # the weights file written inside the linked directory's write
+        inside = parts.pop("bg.write_weights", 0.0)
+        parts["bg.write"] = parts.get("bg.write", 0.0) + inside
+        parts["bg.seal"] += parts.pop("bg.write_linked_dir") - inside
     parts["weights_main"] = parts.get("sync_weights", 0.0) + parts.get("write_weights", 0.0)
     parts["total"] = t1 - t0
     parts["cpu"] = c1 - c0  # the step's thread only: not the weight writer's, not redis-server's
@@ -351,6 +368,10 @@ ROWS = [  # (label, key)
     ("bare, CPU of its thread", "bare.cpu"),
     ("(b), CPU of the step's thread (not the writer's, not redis-server's)", "step.cpu"),
     ("(b) / bare in CPU of their thread, the median of each round's ratio", "ratio.step_cpu"),
+    ("bare, the mean of every round", "mean:bare"),
+    ("(b), the mean of every round (a full garbage collection counts where it falls)", "mean:step.total"),
+    ("bare, CPU of its thread, the mean of every round", "mean:bare.cpu"),
+    ("(b), CPU of the step's thread, the mean of every round", "mean:step.cpu"),
     ("  gather (XREADGROUP, decode, groups, advantages, events fold)", "step.gather"),
     ("  optimize (collate + policy_update)", "step.optimize"),
     ("    collate", "step.collate"),
@@ -374,10 +395,12 @@ ROWS = [  # (label, key)
     ("  Redis memory check (retention: INFO memory)", "step.pressed"),
     ("  the rest (checkpoints when due, failpoints, the loop, the timers)", "step.rest"),
     ("weight writer's thread, beside the next step (per version)", None),
-    ("  write the snapshot (safetensors) and the template's files", "step.bg.write"),
-    ("  seal (fsync x7, sha256, manifest, rename, fsync dir)", "step.bg.seal"),
+    ("  write the snapshot (safetensors) (before the links: and the template's files)", "step.bg.write"),
+    ("  seal (before: fsync x7, sha256 of each file; links: fsync x2, one sha256), manifest, rename",
+     "step.bg.seal"),
     ("  publish (XADD WeightsPublished)", "step.bg.publish"),
     ("  prune the version past keep_weights (rmtree)", "step.bg.prune_weights"),
+    ("  the writer thread's CPU per version (time.thread_time)", "step.bg.cpu.run"),
 ]
 
 
@@ -395,6 +418,11 @@ def table(columns: dict[str, dict], rounds: int, block: int) -> str:
             continue
         cells = []
         for s in columns.values():
+            if key.startswith("mean:"):  # against the bare step's mean (CPU: its CPU's)
+                base = "bare.cpu" if key.endswith(".cpu") else "bare"
+                ms, bare_ms = (1000 * statistics.mean(s.get(k) or [0.0]) for k in (key[5:], base))
+                cells.append(f"{ms:.2f} | {ms / bare_ms:.2f}x")
+                continue
             ms = med_ms(s.get(key, []))
             if key.startswith("ratio."):  # a ratio per round: its median, no time
                 cells.append(f"| {ms / 1000:.2f}x")
@@ -449,9 +477,12 @@ def measure(args: argparse.Namespace) -> tuple[dict[int, dict], str]:
                   f"{statistics.mean(x[2] for g in batch for x in g):.3f}", flush=True)
             settings = args.threads or list(dict.fromkeys([threads_default, cfg.torch_threads]))
             results, base, clock = {}, 0, PartClock(t)
-            for n in settings:
-                results[n] = run_setting(t, r, batch, clock, n, args.rounds, args.warmup, args.block, base)
-                base += args.rounds + args.warmup
+            # as Trainer.train_run steps: the heap alive before the steps out of the collector's scans (design §15.89
+            # Weights link their unchanged files; the steps run on a frozen heap)
+            with getattr(trainer_module, "frozen_heap", contextlib.nullcontext)():
+                for n in settings:
+                    results[n] = run_setting(t, r, batch, clock, n, args.rounds, args.warmup, args.block, base)
+                    base += args.rounds + args.warmup
             checkpoints = [v * args.block for s in results.values() for v in s.get("step.checkpoint", []) if v > 0]
             if checkpoints:
                 notes.append(f"checkpoints (every {cfg.dcp_save_interval} steps, inside the whole step's rounds): "

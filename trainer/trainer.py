@@ -16,9 +16,12 @@ Rank 0 speaks for the trainer's ranks).
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import redis
@@ -170,7 +173,8 @@ class Trainer:
         A rank other than 0 follows rank 0's commands instead, until it says stop (which it says
         only when it ends normally: on an error it exits, and torchrun ends the other ranks)."""
         if self.ranks.rank != 0:
-            return follow(self)
+            with frozen_heap():
+                return follow(self)
         try:
             # the run finished while this trainer stood by: no step
             steps = self.train_run() if self.lease.acquire() else self.step
@@ -181,7 +185,8 @@ class Trainer:
         return steps
 
     def train_run(self) -> int:
-        """With the lease: resume, then one step after another until the run ends."""
+        """With the lease: resume, then one step after another until the run ends (the objects
+        alive by then frozen out of the garbage collector's scans: ``frozen_heap``)."""
         config_path = self.run_dir / "config.json"
         private_dir(self.run_dir)  # owner-only (0700), as `rlstream up` makes it
         if not config_path.exists():  # standalone (compose) runs: status/audit/dead find the run by it
@@ -191,6 +196,11 @@ class Trainer:
         if self.step == 0:
             self.evaluate()  # the base model, before any update
         self.perf.restart(self.state, bus.rollout_stats(self.r, self.cfg.run_id))
+        with frozen_heap():
+            return self.train_steps()
+
+    def train_steps(self) -> int:
+        """One step after another until the run ends."""
         P, reason = self.cfg.prompt_groups_per_step, "max_steps"
         while self.state.finished is None and (self.cfg.max_steps is None or self.step < self.cfg.max_steps):
             t_wait = time.monotonic()
@@ -487,6 +497,31 @@ class Trainer:
         fenced_write(self.r, self.lease, add=(keys.events(self.cfg.run_id), finished))
         self.state.apply(finished)
         (log.error if failed else log.info)("trainer: run finished (%s) at step %d", reason, self.step)
+
+
+YOUNG_THRESHOLD = 10_000  # allocations between young collections while the steps run (Python's default: 700)
+
+
+@contextlib.contextmanager
+def frozen_heap() -> Iterator[None]:
+    """The steps run with every object alive before them (torch, transformers, the model and
+    its modules: ~390k on the built-in task) out of the garbage collector's scans
+    (``gc.freeze``): the full collections that the steps' allocations (samples, groups) set off
+    every ~25 steps would otherwise walk them all, ~190 ms each (docs/design.md §15.89 Weights link
+    their unchanged files; the steps run on a frozen heap). And a young collection every
+    ``YOUNG_THRESHOLD`` allocations, not 700: a step allocates a few thousand objects that live
+    until its batch is trained (the samples), which the default scanned several times a step
+    and promoted into ever more frequent full collections. Objects freed by reference count go
+    as before; garbage cycles among the frozen ones wait until the end, when they are handed
+    back to the collector (``gc.unfreeze``) and the thresholds restored."""
+    thresholds = gc.get_threshold()
+    gc.freeze()
+    gc.set_threshold(YOUNG_THRESHOLD, *thresholds[1:])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*thresholds)
+        gc.unfreeze()
 
 
 def _rejection(name: str, exc: Exception, group: Group) -> str:

@@ -6,8 +6,10 @@ sealed, announced and the old ones pruned while the next step gathers and trains
 previous version if that is still being written (one at a time, so versions are announced in
 order), copies the tensors of the weights file as they are now to CPU (``DirTemplate.snapshot``:
 the next update changes the model in place) and hands them to the writer's thread. That thread
-confirms the lease, writes and seals ``weights/v<N>`` (``weights.seal``: every file fsynced,
-manifest last, rename), then, once the step that produced v<N> is committed
+confirms the lease, writes and seals ``weights/v<N>`` (``weights.write_linked_dir``: the
+weights file written and fsynced, the template's files hard links to the previous version's,
+the directory fsynced, manifest last, rename; docs/design.md §15.89 Weights link their
+unchanged files; the steps run on a frozen heap), then, once the step that produced v<N> is committed
 (``Pending.committed``), XADDs its ``WeightsPublished`` (fenced by the lease, as every trainer
 write) and prunes the versions past ``keep_weights``. A step that fails before its commit
 cancels it (``Pending.cancel``): its directory may be written, it is never announced. An error
@@ -31,6 +33,7 @@ torch.distributed.checkpoint).
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import queue
@@ -92,12 +95,21 @@ class DirTemplate:
         tensors = {k: state[k].to("cpu", copy=copy) for k in self.keys}
         return tensors if tensors_finite(tensors.values()) else None
 
-    def write(self, directory: Path, tensors: dict[str, torch.Tensor]) -> None:
-        from safetensors.torch import save_file
+    @functools.cached_property
+    def same(self) -> dict[str, weights.SameFile]:
+        """The files every version holds unchanged, with their digests (for ``weights.write_linked_dir``)."""
+        return {name: weights.SameFile.of(data) for name, data in self.files.items()}
 
+    def write(self, directory: Path, tensors: dict[str, torch.Tensor]) -> None:
+        """The whole directory: the template's files from their bytes, and the weights file."""
         directory.mkdir(parents=True, exist_ok=True)
         for name, data in self.files.items():
             (directory / name).write_bytes(data)
+        self.write_weights(directory, tensors)
+
+    def write_weights(self, directory: Path, tensors: dict[str, torch.Tensor]) -> None:
+        from safetensors.torch import save_file
+
         save_file(tensors, str(directory / WEIGHTS_FILE), metadata=self.metadata)
 
 
@@ -180,6 +192,11 @@ class WeightSync:
         self.r, self.run_id, self.lease, self.run_dir, self.keep = r, run_id, lease, run_dir, keep
         self.template: DirTemplate | None = None
         self.checked = False  # whether a version was written synchronously and ``template`` derived from it
+        # The newest complete directory whose template files hold the template's bytes, which the next version
+        # links to (None: none yet, or this filesystem refuses hard links: ``links`` False), and those files' stamps.
+        self.previous: Path | None = None
+        self.known: dict[str, weights.FileStamp] = {}
+        self.links = True
         self.pending: Pending | None = None
         # One long-lived thread: starting one per version costs a context switch the step waits for (~1 ms on
         # 2 busy cores).
@@ -202,6 +219,9 @@ class WeightSync:
         written = write_weights(model, tokenizer, self.run_dir, version, self.keep if prune else None, full=full)
         if state is not None:
             self.template, self.checked = dir_template(weights_dir(self.run_dir, version), state), True
+            if self.template is not None:  # its files hold the template's bytes: the next version links to them
+                self.previous = weights_dir(self.run_dir, version)
+                self.known = weights.stamps(self.previous, self.template.files)
             log.info("weights: each version is written %s", "in the background, from a snapshot" if self.template
                      else "on the step's thread (save_pretrained's directory could not be reproduced from a "
                      "snapshot: sharded, renamed or custom weights)")
@@ -246,7 +266,10 @@ class WeightSync:
         if tensors is None:  # a non-finite weight (DirTemplate.snapshot): stop the trainer, nothing written
             raise RlstreamError(nonfinite_refusal(final, version))
         self.lease.confirm()  # the directory of a version that another trainer may have published
-        digest, size = weights.write_dir(final, lambda tmp: template.write(tmp, tensors), version=version)
+        digest, size, links = weights.write_linked_dir(
+            final, lambda tmp: template.write_weights(tmp, tensors), version=version, same=template.same,
+            source=self.previous if self.links else None, known=self.known)
+        self.previous, self.links = final, self.links and links
         return WeightsPublished(version=version, uri=str(final.resolve()), sha256=digest, bytes=size)
 
     def announce(self, written: WeightsPublished) -> None:

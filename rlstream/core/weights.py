@@ -5,16 +5,23 @@ every file is fsynced), and is published by renaming a temp directory into place
 reader never sees a partial one; one it replaces is renamed aside, never deleted first.
 ``sha256`` in ``WeightsPublished`` is the digest of the directory: sha256 over the sorted
 (file name, file sha256) pairs.
+
+``write_linked_dir`` writes a version whose files but one are the same bytes in every version
+(the trainer's background writer): those are hard links to the previous version's files, whose
+content and digest are known, and only the new files, the directory and the manifest are
+fsynced (docs/design.md §15.89 Weights link their unchanged files; the steps run on a frozen heap).
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import shutil
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from rlstream.core.disk import space_guard
 
@@ -67,12 +74,121 @@ def seal(tmp_dir: str | Path, final_dir: str | Path, version: int) -> tuple[str,
     for d in (p for p in tmp_dir.rglob("*") if p.is_dir()):
         fsync_dir(d)  # a subdirectory's entries (its files' names) are durable too
     digest, size, per_file = directory_digest(tmp_dir)
+    _write_manifest(tmp_dir, version, digest, size, per_file)
+    _swap_in(tmp_dir, final_dir)
+    return digest, size
+
+
+def _digest_of(per_file: dict[str, str]) -> str:
+    """``directory_digest``'s digest of these (name -> sha256) files."""
+    h = hashlib.sha256()
+    for name in sorted(per_file):
+        h.update(name.encode() + b"\0" + per_file[name].encode() + b"\n")
+    return h.hexdigest()
+
+
+def _write_manifest(tmp_dir: Path, version: int, digest: str, size: int, per_file: dict[str, str]) -> None:
+    """The manifest, written last and fsynced: from then on the directory is complete."""
     manifest = tmp_dir / MANIFEST
     manifest.write_text(json.dumps({"version": version, "sha256": digest, "bytes": size, "files": per_file}, indent=1))
     with manifest.open("rb") as f:
         os.fsync(f.fileno())
-    _swap_in(tmp_dir, final_dir)
-    return digest, size
+
+
+@dataclass(frozen=True)
+class SameFile:
+    """A file every version holds with the same bytes (``data``) and so the same ``sha256``."""
+
+    data: bytes
+    sha256: str
+
+    @classmethod
+    def of(cls, data: bytes) -> SameFile:
+        return cls(data, hashlib.sha256(data).hexdigest())
+
+
+def write_linked_dir(final: Path, fill: Callable[[Path], None], *, version: int, same: dict[str, SameFile],
+                     source: Path | None, known: dict[str, FileStamp]) -> tuple[str, int, bool]:
+    """``write_dir`` of a directory holding the files ``same`` and whatever ``fill(tmp)`` adds
+    (no subdirectory). Each file of ``same`` is a hard link to the file of that name in
+    ``source`` (a complete directory written before, durable already) when that file is still
+    the one ``known`` stamps (the same inode, size and modification time as when it was written
+    with those bytes); else, or where a link fails, it is written from its bytes. Only the files
+    written here are fsynced and hashed: a link's digest is its bytes', known, so a linked file
+    that no longer holds them fails ``verify`` as any other would. Then the directory's entries
+    are fsynced, the manifest written last, and it is renamed into place as ``seal`` does.
+    ``known`` is updated to this directory's files. Returns (digest, bytes, False when the
+    filesystem refused a hard link: every file was written, and links are not worth trying again)."""
+    tmp = tmp_dir(final)
+    shutil.rmtree(tmp, ignore_errors=True)
+    with space_guard(final, "weights", partial=tmp):  # a full disk: the temp dir goes, DiskFull says where
+        tmp.mkdir(parents=True)
+        linked, refused = {}, False
+        for name, same_file in same.items():
+            made = _link_same(source / name, tmp / name, known.get(name)) if source is not None and not refused \
+                else False
+            if made:
+                linked[name] = same_file.sha256
+                continue
+            refused = refused or made is None
+            (tmp / name).write_bytes(same_file.data)
+        fill(tmp)
+        per_file, size = {}, 0
+        for entry in os.scandir(tmp):
+            if entry.is_dir(follow_symlinks=False):  # not this function's kind of directory: sealed the long way
+                known.clear()
+                return (*seal(tmp, final, version), not refused)
+            stat = entry.stat()
+            size += stat.st_size
+            if entry.name in same:
+                known[entry.name] = FileStamp.of(stat)
+            if entry.name in linked:
+                per_file[entry.name] = linked[entry.name]
+                continue
+            path = Path(entry.path)
+            with path.open("rb") as f:
+                os.fsync(f.fileno())
+            per_file[entry.name] = _file_sha256(path)
+        fsync_dir(tmp)  # the links' names (and the written files'): no fsync of a linked file makes them durable
+        per_file = dict(sorted(per_file.items()))
+        digest = _digest_of(per_file)
+        _write_manifest(tmp, version, digest, size, per_file)
+        _swap_in(tmp, final)
+        return digest, size, not refused
+
+
+@dataclass(frozen=True)
+class FileStamp:
+    """What says a file is still the one written: its inode, size and modification time (an
+    in-place write changes the last; a link does not)."""
+
+    inode: int
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, stat: os.stat_result) -> FileStamp:
+        return cls(stat.st_ino, stat.st_size, stat.st_mtime_ns)
+
+
+def stamps(directory: Path, names: Iterable[str]) -> dict[str, FileStamp]:
+    """The ``FileStamp`` of each of ``names`` in ``directory``."""
+    return {name: FileStamp.of(os.stat(directory / name)) for name in names}
+
+
+_NO_LINKS = (errno.EPERM, errno.EXDEV, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP)
+
+
+def _link_same(source: Path, target: Path, stamp: FileStamp | None) -> bool | None:
+    """Hard-link ``source`` as ``target`` if it is still the file ``stamp`` describes: True;
+    False when it is not (the bytes are written instead); None when the filesystem refuses hard links."""
+    try:
+        if stamp is None or FileStamp.of(os.stat(source)) != stamp:
+            return False
+        os.link(source, target)
+        return True
+    except OSError as exc:
+        return None if exc.errno in _NO_LINKS else False
 
 
 def _swap_in(tmp_dir: Path, final_dir: Path) -> None:

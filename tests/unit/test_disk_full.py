@@ -39,6 +39,28 @@ def test_weights_directory_half_written_is_removed_and_named(tmp_path: Path) -> 
     assert weights.complete_versions(root) == [1]
 
 
+
+def test_a_linked_weights_directory_half_written_is_removed_and_its_source_kept(tmp_path: Path) -> None:
+    """The trainer's background writer (weights.write_linked_dir, docs/design.md §15.89 Weights link
+    their unchanged files; the steps run on a frozen heap): a full disk after the links are made
+    leaves no temp directory and no v2, and v1, whose files v2 had linked, complete and verified."""
+    root = tmp_path / "weights"
+    same = {"config.json": weights.SameFile.of(b'{"a": 1}')}
+    known: dict = {}
+    digest, _, _ = weights.write_linked_dir(root / "v1", lambda tmp: (tmp / "w.bin").write_bytes(b"x" * 50),
+                                            version=1, same=same, source=None, known=known)
+
+    def fill(tmp: Path) -> None:
+        assert (tmp / "config.json").stat().st_nlink == 2  # linked to v1's
+        (tmp / "w.bin").write_bytes(b"y" * 10)
+        raise enospc(tmp / "w.bin")
+
+    with pytest.raises(DiskFull):
+        weights.write_linked_dir(root / "v2", fill, version=2, same=same, source=root / "v1", known=known)
+    assert sorted(p.name for p in root.iterdir()) == ["v1"]  # no v2, no .tmp-v2
+    weights.verify(root / "v1", digest)
+    assert (root / "v1" / "config.json").stat().st_nlink == 1
+
 def test_archive_file_is_whole_or_absent(tmp_path: Path) -> None:
     def lines():
         yield b"a\n"

@@ -7,6 +7,7 @@ announces nothing; an error of the writer's thread stops the trainer at its next
 between a commit and its version's write is repaired by resume."""
 from __future__ import annotations
 
+import json
 import threading
 from functools import partial
 
@@ -115,7 +116,7 @@ def test_an_error_on_the_writers_thread_stops_the_trainer_at_its_next_step(r, tm
     def refused(*_, **__):
         raise RlstreamError("the disk is full")
 
-    monkeypatch.setattr(weight_sync.weights, "write_dir", refused)
+    monkeypatch.setattr(weight_sync.weights, "write_linked_dir", refused)
     step(t)  # committed; v1's write fails on the writer's thread
     with pytest.raises(RlstreamError, match="the disk is full"):
         step(t)  # raised before step 2 commits anything
@@ -169,3 +170,75 @@ def test_a_write_that_hangs_stops_the_step_within_its_bound(tmp_path, monkeypatc
     sync.pending.committed()  # its step committed; the writer thread never finishes it (a hung disk)
     with pytest.raises(RlstreamError, match="v3: its write under .* did not finish within 0s"):
         sync.wait()
+
+
+def inode(path) -> int:
+    return path.stat().st_ino
+
+
+def announced(r, version: int) -> WeightsPublished:
+    return next(m for _, m in bus.iter_all_events(r, RUN) if isinstance(m, WeightsPublished) and m.version == version)
+
+
+def test_a_versions_unchanged_files_are_links_to_the_previous_versions_and_it_verifies(r, tmp_path):
+    """docs/design.md §15.89 Weights link their unchanged files; the steps run on a frozen heap: the
+    template's files of v2
+    are v1's (one inode), v1's are v0's; the weights file is each version's own; every version
+    verifies against its announced digest, also once the versions it linked to are pruned."""
+    t = ready_trainer(r, tmp_path, groups=4)
+    names = sorted(t.weight_sync.template.files)
+    assert names and "config.json" in names
+    for _ in range(4):
+        step(t)
+    t.weight_sync.wait()
+    v = [weights_dir(t.run_dir, n) for n in range(5)]
+    assert sorted(p.name for p in (t.run_dir / "weights").iterdir()) == ["v0", "v3", "v4"]  # keep_weights = 2
+    for name in names:
+        assert inode(v[4] / name) == inode(v[3] / name) == inode(v[0] / name)  # v1 and v2, pruned, linked them
+    assert inode(v[4] / weight_sync.WEIGHTS_FILE) != inode(v[3] / weight_sync.WEIGHTS_FILE)
+    for n in (0, 3, 4):
+        weights.verify(v[n], announced(r, n).sha256)
+        manifest = json.loads((v[n] / weights.MANIFEST).read_text())
+        assert (manifest["sha256"], manifest["bytes"], manifest["files"]) == weights.directory_digest(v[n])
+
+
+def test_a_corrupted_linked_file_fails_verify_and_is_not_linked_again(r, tmp_path):
+    t = ready_trainer(r, tmp_path, groups=3)
+    step(t)
+    t.weight_sync.wait()
+    v1 = weights_dir(t.run_dir, 1)
+    config_v1 = v1 / "config.json"
+    assert config_v1.stat().st_nlink > 1  # v0's file, linked
+    good = config_v1.read_bytes()
+    config_v1.write_bytes(good.replace(b"}", b", \"x\": 1}", 1))  # in place: v0's, which is the same file, too
+    for n in (0, 1):
+        with pytest.raises(ValueError, match="does not match the published"):
+            weights.verify(weights_dir(t.run_dir, n), announced(r, n).sha256)
+    step(t)  # v2: its config.json written from the template's bytes, not linked to the changed file
+    t.weight_sync.wait()
+    v2 = weights_dir(t.run_dir, 2)
+    assert (v2 / "config.json").read_bytes() == good and inode(v2 / "config.json") != inode(config_v1)
+    weights.verify(v2, announced(r, 2).sha256)
+    step(t)  # v3 links v2's again
+    t.weight_sync.wait()
+    assert inode(weights_dir(t.run_dir, 3) / "config.json") == inode(v2 / "config.json")
+
+
+def test_a_filesystem_without_hard_links_gets_every_file_written(r, tmp_path, monkeypatch):
+    import errno
+    import os
+
+    def refuse(*_):
+        raise OSError(errno.EPERM, "no hard links here")
+
+    monkeypatch.setattr(os, "link", refuse)
+    t = ready_trainer(r, tmp_path, groups=2)
+    step(t)
+    t.weight_sync.wait()
+    assert not t.weight_sync.links  # not tried again
+    step(t)
+    t.weight_sync.wait()
+    assert not t.weight_sync.links
+    for n in (1, 2):
+        weights.verify(weights_dir(t.run_dir, n), announced(r, n).sha256)
+        assert (weights_dir(t.run_dir, n) / "config.json").stat().st_nlink == 1
