@@ -72,3 +72,25 @@ def r(redis_url):
 @pytest.fixture
 def run_id() -> str:
     return "t-" + uuid.uuid4().hex[:8]
+
+
+@pytest.fixture(autouse=True)
+def _lease_threads_end_with_their_test(monkeypatch):
+    """A test that takes a trainer lease without ``run()``'s release (``resume()``, ``hold()``)
+    left its renewal thread going for the rest of the xdist worker's life, renewing a lease on a
+    fake or stopped Redis; a later test counting "trainer-lease" threads then saw it. Each take's
+    thread is stopped when the test ends (its Event set: no Redis command)."""
+    from rlstream.trainer import lease
+
+    taken: list = []
+    real_try_take = lease.TrainerLease.try_take
+
+    def try_take(self) -> bool:
+        held = real_try_take(self)
+        taken.append(self._stop)
+        return held
+
+    monkeypatch.setattr(lease.TrainerLease, "try_take", try_take)
+    yield
+    for stop in taken:
+        stop.set()
