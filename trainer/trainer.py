@@ -515,6 +515,7 @@ def frozen_heap() -> Iterator[None]:
     as before; garbage cycles among the frozen ones wait until the end, when they are handed
     back to the collector (``gc.unfreeze``) and the thresholds restored."""
     thresholds = gc.get_threshold()
+    gc.collect()  # the garbage cycles already unreachable (resume's, evaluate's) go now: frozen, they stay to the end
     gc.freeze()
     gc.set_threshold(YOUNG_THRESHOLD, *thresholds[1:])
     try:

@@ -141,6 +141,10 @@ def dir_template(directory: Path, state: dict[str, torch.Tensor]) -> DirTemplate
     return template if same else None
 
 
+def _written() -> WeightsPublished:
+    raise RuntimeError("a version's write runs once")
+
+
 class Pending:
     """One version on the writer's thread: ``write()`` (the directory, sealed; already done for
     a synchronous write), then, once ``committed`` (not after ``cancel``), ``announce(written)``.
@@ -172,7 +176,14 @@ class Pending:
     def run(self) -> None:
         try:
             t0 = time.monotonic()
-            written = self.write()
+            try:
+                written = self.write()
+            finally:
+                # The snapshot's tensors (a CPU copy of the whole model, held by the write's closure) go as soon as
+                # they are written, not when this object does: a garbage cycle that holds it (a caught exception's
+                # frames, which run to the step's) waits for a collection, rare on a frozen heap (docs/design.md
+                # §15.89 Weights link their unchanged files; the steps run on a frozen heap).
+                self.write = _written
             self.seconds += time.monotonic() - t0
             self.released.wait()
             if self.publish:

@@ -5,11 +5,12 @@ ends, however it ends."""
 from __future__ import annotations
 
 import gc
+import weakref
 
 import pytest
 from test_trainer_resume import RUN, add_group, config  # noqa: F401 (RUN: the r_group fixture reads it)
 
-from rlstream.trainer.trainer import YOUNG_THRESHOLD, Trainer
+from rlstream.trainer.trainer import YOUNG_THRESHOLD, Trainer, frozen_heap
 
 pytestmark = pytest.mark.usefixtures("r_group")  # tests/unit/conftest.py: fakeredis with the trainer's group
 
@@ -44,3 +45,18 @@ def test_a_step_that_fails_hands_the_heap_back_too(r, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="a step failed"):
         t.run()
     assert gc.get_freeze_count() == 0 and gc.get_threshold() == thresholds
+
+
+class Node:
+    pass
+
+
+def test_garbage_already_unreachable_is_collected_before_the_heap_is_frozen():
+    """Else it would be frozen with the live objects, out of every collection until the steps end."""
+    node = Node()
+    node.self = node  # a garbage cycle once dropped
+    ref = weakref.ref(node)
+    del node
+    with frozen_heap():
+        gc.collect()
+        assert ref() is None

@@ -242,3 +242,48 @@ def test_a_filesystem_without_hard_links_gets_every_file_written(r, tmp_path, mo
     for n in (1, 2):
         weights.verify(weights_dir(t.run_dir, n), announced(r, n).sha256)
         assert (weights_dir(t.run_dir, n) / "config.json").stat().st_nlink == 1
+
+
+def holding(tensors):
+    return lambda: None if tensors else None
+
+
+def test_a_versions_snapshot_is_let_go_once_written_while_its_pending_lives_on():
+    """A Pending stays referenced (the step's frame, ``WeightSync.pending``, a garbage cycle through a caught
+    exception's traceback, collected rarely on a frozen heap) after its write: the snapshot must not."""
+    import weakref
+
+    tensor = torch.zeros(4)
+    ref = weakref.ref(tensor)
+    pending = weight_sync.Pending(1, holding({"w": tensor}), lambda written: None)
+    del tensor
+    assert ref() is not None
+    pending.committed()
+    pending.run()
+    assert pending.done.is_set() and pending.error is None and ref() is None
+
+
+def test_the_links_names_are_fsynced_before_the_manifest_is_written(tmp_path, monkeypatch):
+    """A linked file is not fsynced (its data was, when first written): the new directory's entries are, before
+    the manifest that makes it complete, else a crash could leave a manifest naming a link that is not there."""
+    same = {"config.json": weights.SameFile.of(b"{}"), "tokenizer.json": weights.SameFile.of(b"[]")}
+
+    def fill(tmp):
+        (tmp / "model.safetensors").write_bytes(b"weights")
+
+    def whole(tmp):
+        tmp.mkdir()
+        for name, same_file in same.items():
+            (tmp / name).write_bytes(same_file.data)
+        fill(tmp)
+
+    weights.write_dir(tmp_path / "v0", whole, version=0)
+    known = weights.stamps(tmp_path / "v0", same)
+    synced, real = [], weights.fsync_dir
+    monkeypatch.setattr(weights, "fsync_dir", lambda d: synced.append((d.name, (d / weights.MANIFEST).exists()))
+                        or real(d))
+    digest, _, links = weights.write_linked_dir(tmp_path / "v1", fill, version=1, same=same, source=tmp_path / "v0",
+                                                known=known)
+    assert links and inode(tmp_path / "v1" / "config.json") == inode(tmp_path / "v0" / "config.json")
+    assert (".tmp-v1", False) in synced  # the temp directory, while it had no manifest yet
+    weights.verify(tmp_path / "v1", digest)
