@@ -123,6 +123,12 @@ def write_linked_dir(final: Path, fill: Callable[[Path], None], *, version: int,
     shutil.rmtree(tmp, ignore_errors=True)
     with space_guard(final, "weights", partial=tmp):  # a full disk: the temp dir goes, DiskFull says where
         tmp.mkdir(parents=True)
+        # fill first: a file it wrote under a linked name would write through the link into every
+        # version sharing it (a template name in fill's output is a caller's bug: refused)
+        fill(tmp)
+        clash = sorted(set(os.listdir(tmp)) & set(same))
+        if clash:
+            raise ValueError(f"write_linked_dir: fill wrote {clash}, which are the shared files' names")
         linked, refused = {}, False
         for name, same_file in same.items():
             made = _link_same(source / name, tmp / name, known.get(name)) if source is not None and not refused \
@@ -132,7 +138,6 @@ def write_linked_dir(final: Path, fill: Callable[[Path], None], *, version: int,
                 continue
             refused = refused or made is None
             (tmp / name).write_bytes(same_file.data)
-        fill(tmp)
         per_file, size = {}, 0
         for entry in os.scandir(tmp):
             if entry.is_dir(follow_symlinks=False):  # not this function's kind of directory: sealed the long way

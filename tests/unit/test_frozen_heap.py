@@ -60,3 +60,23 @@ def test_garbage_already_unreachable_is_collected_before_the_heap_is_frozen():
     with frozen_heap():
         gc.collect()
         assert ref() is None
+
+
+def test_a_heap_frozen_already_is_left_as_it_was():
+    """Nested (two trainers in one process) or frozen by the user's own ``gc.freeze()``: the
+    inner one changes nothing and, at its end, does not unfreeze what the outer one froze."""
+    with frozen_heap():
+        frozen, thresholds = gc.get_freeze_count(), gc.get_threshold()
+        with frozen_heap():
+            pass
+        # not unfrozen (frozen objects freed by reference count meanwhile leave the count a little lower)
+        assert gc.get_freeze_count() > frozen * 0.9 and gc.get_threshold() == thresholds
+    assert gc.get_freeze_count() == 0
+    gc.freeze()
+    try:
+        mine, thresholds = gc.get_freeze_count(), gc.get_threshold()
+        with frozen_heap():
+            assert gc.get_threshold() == thresholds
+        assert gc.get_freeze_count() > mine * 0.9
+    finally:
+        gc.unfreeze()

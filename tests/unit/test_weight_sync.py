@@ -287,3 +287,19 @@ def test_the_links_names_are_fsynced_before_the_manifest_is_written(tmp_path, mo
     assert links and inode(tmp_path / "v1" / "config.json") == inode(tmp_path / "v0" / "config.json")
     assert (".tmp-v1", False) in synced  # the temp directory, while it had no manifest yet
     weights.verify(tmp_path / "v1", digest)
+
+
+def test_a_fill_that_writes_a_shared_files_name_is_refused_before_any_link(tmp_path):
+    """Its write would go through the link into every version sharing the file: refused, the source whole."""
+    same = {"config.json": weights.SameFile.of(b"{}")}
+    weights.write_dir(tmp_path / "v0", lambda tmp: (tmp.mkdir(), (tmp / "config.json").write_bytes(b"{}"),
+                                                    (tmp / "model.safetensors").write_bytes(b"w")), version=0)
+    known = weights.stamps(tmp_path / "v0", same)
+
+    def fill(tmp):
+        (tmp / "model.safetensors").write_bytes(b"weights")
+        (tmp / "config.json").write_bytes(b'{"changed": true}')
+
+    with pytest.raises(ValueError, match=r"fill wrote \['config.json'\]"):
+        weights.write_linked_dir(tmp_path / "v1", fill, version=1, same=same, source=tmp_path / "v0", known=known)
+    assert (tmp_path / "v0" / "config.json").read_bytes() == b"{}"
