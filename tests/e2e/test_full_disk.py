@@ -103,7 +103,9 @@ def untrusted_directories(run_dir: Path) -> list[str]:
     bad = []
     for parent in ("weights", "checkpoints", "archive"):
         for d in sorted((run_dir / parent).glob("*")) if (run_dir / parent).is_dir() else []:
-            if not d.is_dir() or d.name.startswith("."):
+            # archive/discarded: segments that Redis's lost writes had outrun, which no reader trusts
+            # (design §15.45 Archive, then trim)
+            if not d.is_dir() or d.name.startswith(".") or (parent, d.name) == ("archive", "discarded"):
                 continue
             manifest = d / weights.MANIFEST
             if not manifest.is_file():

@@ -40,7 +40,7 @@ def test_weights_directory_half_written_is_removed_and_named(tmp_path: Path) -> 
 
 
 
-def test_a_linked_weights_directory_half_written_is_removed_and_its_source_kept(tmp_path: Path) -> None:
+def test_a_linked_weights_directory_half_written_is_removed_and_its_source_kept(tmp_path: Path, monkeypatch) -> None:
     """The trainer's background writer (weights.write_linked_dir, docs/design.md §15.89 Weights link
     their unchanged files; the steps run on a frozen heap): a full disk after the links are made
     leaves no temp directory and no v2, and v1, whose files v2 had linked, complete and verified."""
@@ -50,13 +50,15 @@ def test_a_linked_weights_directory_half_written_is_removed_and_its_source_kept(
     digest, _, _ = weights.write_linked_dir(root / "v1", lambda tmp: (tmp / "w.bin").write_bytes(b"x" * 50),
                                             version=1, same=same, source=None, known=known)
 
-    def fill(tmp: Path) -> None:
+    def manifest_on_a_full_disk(tmp: Path, *_) -> None:  # the last write: every link is made by then
         assert (tmp / "config.json").stat().st_nlink == 2  # linked to v1's
-        (tmp / "w.bin").write_bytes(b"y" * 10)
-        raise enospc(tmp / "w.bin")
+        raise enospc(tmp / weights.MANIFEST)
 
+    monkeypatch.setattr(weights, "_write_manifest", manifest_on_a_full_disk)
     with pytest.raises(DiskFull):
-        weights.write_linked_dir(root / "v2", fill, version=2, same=same, source=root / "v1", known=known)
+        weights.write_linked_dir(root / "v2", lambda tmp: (tmp / "w.bin").write_bytes(b"y" * 10), version=2,
+                                 same=same, source=root / "v1", known=known)
+    monkeypatch.undo()
     assert sorted(p.name for p in root.iterdir()) == ["v1"]  # no v2, no .tmp-v2
     weights.verify(root / "v1", digest)
     assert (root / "v1" / "config.json").stat().st_nlink == 1
