@@ -514,7 +514,7 @@ def frozen_heap() -> Iterator[None]:
     and promoted into ever more frequent full collections. Objects freed by reference count go
     as before; garbage cycles among the frozen ones wait until the end, when they are handed
     back to the collector (``gc.unfreeze``) and the thresholds restored."""
-    if gc.get_freeze_count() or gc.get_threshold()[0] == YOUNG_THRESHOLD:
+    if gc.get_freeze_count():
         # frozen already (an enclosing trainer in this process, or the user's own gc.freeze()):
         # nothing to add, and unfreezing at the end would undo what the enclosing one froze
         yield
