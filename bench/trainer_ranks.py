@@ -156,7 +156,9 @@ def main() -> None:
     args = parse_args()
     if args.child:
         child(args)
-        return
+        from rlstream.torchrun import end_rank
+
+        end_rank(0)  # a rank ends without the interpreter's finalization, where gloo's threads can abort it
     import tempfile
 
     import torch

@@ -281,6 +281,10 @@ def entrypoint() -> None:
             f"server's: {where})")
         print(f"rlstream: {said}", file=sys.stderr)
         code = DiskFull.exit_code
+    from rlstream import torchrun
+
+    if torchrun.under_torchrun():  # a rank: its process group closed, it ends without finalization
+        torchrun.end_rank(code)
     sys.exit(code)
 
 

@@ -22,6 +22,7 @@ import logging
 import os
 import sys
 import threading
+from typing import NoReturn
 
 from rlstream.core.config import TrainerConfig
 from rlstream.core.lifeline import watch_parent
@@ -85,6 +86,25 @@ def exec_ranks(trainer: TrainerConfig, run_id: str | None, argv: list[str]) -> N
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
     os.execve(sys.executable, cmd, rank_env())
+
+
+def end_rank(code: int) -> NoReturn:
+    """End a rank's process with ``code`` once its work is done and its process group closed, without
+    the interpreter's finalization (``os._exit``, logging and stdio flushed first).
+
+    Why: gloo's worker threads drop a collective's work object a moment *after* the rank saw it
+    complete, and the last one (``close``'s barrier) holds a tensor with a Python object. When that
+    drop falls inside ``Py_FinalizeEx``, the worker thread asks for the GIL after it is gone, which
+    (Python < 3.14) ends the thread with ``pthread_exit`` through a ``noexcept`` destructor:
+    ``std::terminate``, "terminate called without an active exception", SIGABRT, and torchrun
+    reports a finished run as failed (seen in about one run in 12 of tests/unit/ranks_cases.py; a
+    core dump showed the worker in ``~AsyncBarrierWork`` and the main thread in ``Py_FinalizeEx``).
+    Skipping finalization skips ``atexit`` handlers: the roles join their own threads (weight
+    writer, lease) and finish wandb before they return, so nothing of theirs is cut short."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)
 
 
 def watch_agent() -> threading.Thread:

@@ -175,7 +175,10 @@ def collectives_bounded(timeout_s: float) -> Iterator[None]:
 def close(ranks: Ranks) -> None:
     """Tear the process group down once every rank is done with it: without the barrier a rank
     that finished first closes its sockets under a peer still completing the last collective
-    (seen as a rank aborting, "terminate called without an active exception", in the suite)."""
+    (seen as a rank aborting, "terminate called without an active exception", in the suite).
+    The barrier's own work is dropped by a gloo thread a moment later: the process must then end
+    without the interpreter's finalization (``rlstream.torchrun.end_rank``, docs/design.md §15.90
+    A rank ends without the interpreter's finalization)."""
     if ranks.distributed and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

@@ -30,6 +30,7 @@ import torch
 from rlstream.builtin.tiny_model import build_model, build_tokenizer
 from rlstream.core import weights
 from rlstream.core.config import Config
+from rlstream.torchrun import end_rank
 from rlstream.trainer import lora, sharded
 from rlstream.trainer.checkpoint import (
     CheckpointState,
@@ -358,3 +359,4 @@ def test_checkpoints_and_published_weights_across_ranks(tmp_path):
 
 if __name__ == "__main__":
     rank_main(int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3]))
+    end_rank(0)  # not through the interpreter's finalization, where gloo's threads can abort it

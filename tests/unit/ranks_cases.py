@@ -27,6 +27,7 @@ from test_microbatch import mixed_batch  # noqa: E402
 from test_streaming import groups_of  # noqa: E402
 
 from rlstream.builtin.tiny_model import build_model  # noqa: E402
+from rlstream.torchrun import end_rank  # noqa: E402
 from rlstream.trainer import lora  # noqa: E402
 from rlstream.trainer.batch import collate  # noqa: E402
 from rlstream.trainer.losses import loss_denominator  # noqa: E402
@@ -252,3 +253,4 @@ def main(path: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    end_rank(0)  # not through the interpreter's finalization, where gloo's threads abort it (its docstring)

@@ -5,6 +5,7 @@ refuses before any rank starts."""
 from __future__ import annotations
 
 import logging
+import subprocess
 import sys
 
 import pytest
@@ -131,3 +132,44 @@ def test_preflight_refuses_what_ranks_cannot_do(tmp_path, monkeypatch, caplog):
         check_ranks(Config(trainer=TrainerConfig(nproc_per_node=4, device="cpu"), prompt_groups_per_step=1,
                            completions_per_prompt=2))
     assert "a minibatch of 2 rows on 4 ranks: 2 rank(s) train placeholders only" in caplog.text
+
+
+def test_a_rank_ends_with_its_code_its_output_flushed_and_no_finalization(tmp_path):
+    """docs/design.md §15.90 A rank ends without the interpreter's finalization: ``end_rank``
+    exits with the code, after the log and stdout are flushed, and runs no ``atexit`` handler
+    (finalization, where gloo's worker threads abort a rank, is skipped with it)."""
+    log_file, atexit_ran = tmp_path / "rank.log", tmp_path / "atexit-ran"
+    script = (
+        "import atexit, logging, pathlib, sys\n"
+        "from rlstream.torchrun import end_rank\n"
+        f"logging.basicConfig(filename={str(log_file)!r})\n"
+        f"atexit.register(pathlib.Path({str(atexit_ran)!r}).touch)\n"
+        "logging.getLogger('rank').warning('last words')\n"
+        "sys.stdout.write('no newline, still buffered')\n"
+        "end_rank(7)\n"
+        "raise SystemExit('not reached')\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 7, proc.stderr
+    assert proc.stdout == "no newline, still buffered"
+    assert "last words" in log_file.read_text()
+    assert not atexit_ran.exists()
+
+
+@pytest.mark.parametrize("rank", [True, False])
+def test_the_entry_point_ends_a_rank_through_end_rank(monkeypatch, rank):
+    for name in torchrun.RANK_ENV:
+        monkeypatch.delenv(name, raising=False)
+    if rank:
+        for name in torchrun.RANK_ENV:
+            monkeypatch.setenv(name, "1")
+    ended = []
+
+    def end_rank(code):
+        ended.append(code)
+        raise SystemExit(code)
+
+    monkeypatch.setattr(torchrun, "end_rank", end_rank)
+    monkeypatch.setattr(cli, "run", lambda: 4)
+    with pytest.raises(SystemExit) as exited:
+        cli.entrypoint()
+    assert exited.value.code == 4 and ended == ([4] if rank else [])
