@@ -67,6 +67,14 @@ def _one_group(rewards: list[float], scale_std: bool) -> list[float]:
     return [c / (std + _STD_EPS) for c in centered]
 
 
+def finite_values(advantages_G: Tensor) -> bool:
+    """Whether every advantage of a group is finite. One group on the CPU is read as Python
+    floats (~1 us; ``torch.isfinite(...).all()`` is three dispatches, ~7 us, 32 groups a step)."""
+    if advantages_G.dim() == 1 and advantages_G.device.type == "cpu":
+        return all(map(math.isfinite, advantages_G.tolist()))
+    return bool(torch.isfinite(advantages_G).all())
+
+
 def compute_advantages(rewards_G: Tensor, method: str = "grpo") -> Tensor:
     """Dispatch by name: ``"grpo"`` (std-scaled) or ``"dr_grpo"`` (mean-centred only)."""
     if method not in ADVANTAGE_METHODS:

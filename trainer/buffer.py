@@ -175,9 +175,11 @@ class RolloutBuffer:
         of whose members reached this buffer, not even as a dead letter naming it (its entries
         did not decode): nothing would ever settle it, and with O = 0 the gate would wait for it
         forever. Rejected once noticed for ``2 × job_timeout`` and a read since then caught up."""
-        held = self.assembler.open.keys() | self.assembler.completed
+        # Membership in each, not their union: ``completed`` holds every group this trainer handed out,
+        # and a set built from it at every read grew with the run (O(groups so far) per read).
+        opened, completed = self.assembler.open, self.assembler.completed
         noticed = [g.group_id for g in self.state.open_groups if g.group_id in self.state.sampled
-                   and g.group_id not in held]
+                   and g.group_id not in opened and g.group_id not in completed]
         self.unseen, overdue = overdue_unseen(self.unseen, noticed, time.monotonic(), 2.0 * self.cfg.job_timeout,
                                               self.caught_up_at)
         for gid in overdue:

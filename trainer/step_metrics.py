@@ -11,6 +11,7 @@ from itertools import compress
 from rlstream.core import keys
 from rlstream.core.run_state import RunState
 from rlstream.trainer.batch import Group
+from rlstream.trainer.staleness import STALE_PREFIX
 
 FILTER_REASON = "dynamic_filter_fn"  # the GroupRejected reason of a dynamic_filter_fn rejection
 
@@ -35,6 +36,30 @@ def rejected_total(state: RunState) -> int:
     """Groups rejected and never trained, by anyone (incomplete, non-finite advantage, failed
     rollout job); dynamic_filter_fn rejections have their own ratio."""
     return sum(1 for gid, reason in state.rejected.items() if reason != FILTER_REASON and gid not in state.trained)
+
+
+class RejectionTally:
+    """``rejected_total`` and ``stale_total`` of a fold that keeps growing, at a cost that does not
+    grow with the run: each rejection is classified once, as ``state.rejected_order`` lists it, and
+    only the groups counted as never trained are checked again (a group rejected, then trained
+    anyway, leaves the count). Recounting every rejection of the run at every step cost O(run
+    length) a step: ~20 ms after 10,000 steps of a dynamic_filter_fn rejecting half the groups."""
+
+    def __init__(self, state: RunState):
+        self.state, self.seen, self.stale = state, 0, 0
+        self.untrained: set[str] = set()  # rejected (not by dynamic_filter_fn), not trained so far
+
+    def totals(self) -> tuple[int, int]:
+        """(``rejected_total(state)``, ``stale_total(state)``) now."""
+        state = self.state
+        for gid in state.rejected_order[self.seen:]:
+            reason = state.rejected[gid]
+            self.stale += reason.startswith(STALE_PREFIX)
+            if reason != FILTER_REASON:
+                self.untrained.add(gid)
+        self.seen = len(state.rejected_order)
+        self.untrained = {gid for gid in self.untrained if gid not in state.trained}
+        return len(self.untrained), self.stale
 
 
 def step_metrics(step: int, version: int, groups: list[Group], train_metrics: dict[str, float], *,

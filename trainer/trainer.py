@@ -36,7 +36,7 @@ from rlstream.core.metrics import MetricsLog
 from rlstream.core.run_state import RunState
 from rlstream.sampling.torch_setup import load_model_and_tokenizer, setup_torch
 from rlstream.trainer import failpoints, lora, sharded
-from rlstream.trainer.advantages import resolve_advantage
+from rlstream.trainer.advantages import finite_values, resolve_advantage
 from rlstream.trainer.batch import Group, collate, token_advantages_of
 from rlstream.trainer.buffer import RolloutBuffer
 from rlstream.trainer.checkpoint import (
@@ -92,8 +92,7 @@ from rlstream.trainer.resume import (
 )
 from rlstream.trainer.retention import Retention
 from rlstream.trainer.schedule import due, lr_multiplier
-from rlstream.trainer.staleness import stale_total
-from rlstream.trainer.step_metrics import FILTER_REASON, LiveRun, eval_metrics, rejected_total, step_metrics
+from rlstream.trainer.step_metrics import FILTER_REASON, LiveRun, RejectionTally, eval_metrics, step_metrics
 from rlstream.trainer.streaming import StreamingStep
 from rlstream.trainer.wandb_log import make_logger
 from rlstream.trainer.weight_sync import Pending, WeightSync
@@ -158,6 +157,7 @@ class Trainer:
         # dynamic_filter_fn decisions since the last step; the rejected groups' samples and rewards' sum
         self.filtered = {"kept": 0, "rejected": 0, "rejected_samples": 0, "rejected_reward": 0.0}
         self.state, self.cursor, self.last_commit_id = RunState(), "0-0", "0-0"
+        self.rejections = RejectionTally(self.state)  # the run's rejected and stale totals, counted as they come
         assert self.lease is not None  # fences every write below
         self.buffer = RolloutBuffer(r, cfg, self.state, vocab_size=self.model.get_input_embeddings().num_embeddings,
                                     score=self.score, follow_events=self.follow_and_watch, lease=self.lease)
@@ -280,7 +280,7 @@ class Trainer:
         group with its error as the reason."""
         try:
             self.set_advantages(group)
-            finite = bool(torch.isfinite(group.advantages_G).all())
+            finite = finite_values(group.advantages_G)
         except Exception as exc:
             return _rejection(f"advantage {self.cfg.advantage!r}", exc, group)
         if not finite:
@@ -362,12 +362,13 @@ class Trainer:
 
     def live_run(self, wait_time: float, groups: list[Group], compute_began: float) -> LiveRun:
         stats = bus.rollout_stats(self.r, self.cfg.run_id)
-        return LiveRun(wait_time=wait_time, rejected_groups=rejected_total(self.state), worker_counts=stats,
+        rejected, stale = self.rejections.totals()
+        return LiveRun(wait_time=wait_time, rejected_groups=rejected, worker_counts=stats,
                        perf=self.perf.line(groups, wait_time, compute_began, self.state, stats),
                        filter_kept=self.filtered["kept"], filter_rejected=self.filtered["rejected"],
                        filter_rejected_samples=self.filtered["rejected_samples"],
                        filter_rejected_reward=self.filtered["rejected_reward"],
-                       stale_dropped=self.buffer.stale_in_batch, stale_dropped_total=stale_total(self.state))
+                       stale_dropped=self.buffer.stale_in_batch, stale_dropped_total=stale)
 
     def log_metrics(self, line: dict[str, float]) -> None:
         self.metrics.write(line)

@@ -99,7 +99,8 @@ def load(text: str) -> Snapshot:
     admitted = [_admitted(row) for row in s["admitted"]]
     state = RunState(
         published_version=s["published_version"], latest_weights=_dec(s["latest_weights"]),
-        admitted={g.group_id: g for g in admitted}, rejected=dict(s["rejected"]), trained=set(s["trained"]),
+        admitted={g.group_id: g for g in admitted}, rejected=dict(s["rejected"]),
+        rejected_order=list(s["rejected"]), trained=set(s["trained"]),  # JSON keeps the dict's order: the rejections'
         sampled=set(s["sampled"]), last_step=_dec(s["last_step"]), steps=s["steps"],
         exhausted_groups=s["exhausted_groups"], finished=_dec(s["finished"]), started=_dec(s["started"]),
         rows_admitted={tuple(x) for x in s["rows_admitted"]}, last_evaluated=s["last_evaluated"],

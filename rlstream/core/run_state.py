@@ -28,6 +28,7 @@ class RunState:
     latest_weights: WeightsPublished | None = None
     admitted: dict[str, GroupAdmitted] = field(default_factory=dict)
     rejected: dict[str, str] = field(default_factory=dict)  # group_id -> reason
+    rejected_order: list[str] = field(default_factory=list)  # ... in the order they were rejected (append-only)
     trained: set[str] = field(default_factory=set)
     sampled: set[str] = field(default_factory=set)  # groups whose samples a worker wrote
     last_step: StepCommitted | None = None
@@ -54,6 +55,7 @@ class RunState:
         elif isinstance(msg, GroupRejected):
             if msg.group_id not in self.rejected:
                 self.rejected[msg.group_id] = msg.reason
+                self.rejected_order.append(msg.group_id)
                 admitted = self.admitted.get(msg.group_id)
                 self._reserved -= admitted.group_size if admitted is not None else 0
                 self._settle(msg.group_id)

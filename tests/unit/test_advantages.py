@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from rlstream.trainer.advantages import ADVANTAGE_METHODS, compute_advantages, group_advantages
+from rlstream.trainer.advantages import ADVANTAGE_METHODS, compute_advantages, finite_values, group_advantages
 
 
 def close(actual: torch.Tensor, expected: list, tol: float = 1e-6) -> None:
@@ -87,3 +87,16 @@ def test_one_group_is_the_batch_formula_to_float32_rounding(method) -> None:
     torch.testing.assert_close(one_by_one_N_G, batch_N_G, rtol=2e-7, atol=2e-7)
     assert torch.equal(compute_advantages(torch.tensor([3.0, 3.0, 3.0]), method), torch.zeros(3))
     assert compute_advantages(torch.tensor([float("nan"), 1.0]), method).isnan().all()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_finite_values_finds_any_non_finite_advantage(bad):
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        ok_G = torch.tensor([0.5, -0.5, 1.0, 0.0], dtype=dtype)
+        assert finite_values(ok_G) and finite_values(ok_G[None])  # one group, and a batch of them (tensor path)
+        for i in range(4):
+            bad_G = ok_G.clone()
+            bad_G[i] = bad
+            assert not finite_values(bad_G) and not finite_values(bad_G[None]), (dtype, i)
+    assert finite_values(torch.tensor([1, 0, -1]))  # integer advantages from a user function
+    assert finite_values(torch.tensor([]))

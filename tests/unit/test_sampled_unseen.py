@@ -93,3 +93,33 @@ def test_only_a_read_that_caught_up_since_judges_a_group():
     waiting, overdue = overdue_unseen({"g": 10.0}, ["g", "h"], now=100.0, limit_s=10.0, caught_up_at=50.0)
     assert (waiting, overdue) == ({"h": 100.0}, ["g"])
     assert overdue_unseen({"g": 10.0}, [], now=100.0, limit_s=10.0, caught_up_at=50.0) == ({}, [])  # it arrived
+
+
+class MembershipOnly:
+    """The groups handed out so far, as a container the buffer may ask ``in`` of and add to, but
+    not walk or copy (no ``__iter__``: a union or a loop raises): they grow with the run (320,000
+    after 10,000 steps of 32 groups), and a read that walked them cost O(run length)."""
+
+    def __init__(self, ids):
+        self.ids = set(ids)
+
+    def __contains__(self, group_id) -> bool:
+        return group_id in self.ids
+
+    def add(self, group_id) -> None:
+        self.ids.add(group_id)
+
+    def __ior__(self, other):
+        self.ids |= other
+        return self
+
+
+def test_a_read_asks_about_the_groups_handed_out_and_never_walks_them(r, tmp_path, clock):
+    lost = admit(r, 0)
+    sampled(r, lost, [b"\x00garbage", b"\xc1"])
+    t = trainer(r, tmp_path)
+    t.buffer.assembler.completed = MembershipOnly({f"old-{i}" for i in range(3)})
+    t.buffer.collect()
+    clock[0] += 2 * TIMEOUT + 1
+    t.buffer.collect()
+    assert lost in t.state.rejected  # the check still ran, on membership alone

@@ -2,11 +2,21 @@
 async offsets, the filter ratio, and rejected groups counted once."""
 from __future__ import annotations
 
+import random
+
 from rlstream.core.messages import GroupRejected, RolloutRecord, StepCommitted, group_id_for, sample_id_for
 from rlstream.core.run_state import RunState
 from rlstream.trainer.batch import Group
 from rlstream.trainer.commit import step_record
-from rlstream.trainer.step_metrics import FILTER_REASON, LiveRun, eval_metrics, rejected_total, step_metrics
+from rlstream.trainer.staleness import STALE_PREFIX, stale_total
+from rlstream.trainer.step_metrics import (
+    FILTER_REASON,
+    LiveRun,
+    RejectionTally,
+    eval_metrics,
+    rejected_total,
+    step_metrics,
+)
 
 TRAIN = {"train/loss": 0.5, "train/lr": 1e-3}
 ROLLOUT = {"rollout/accuracy", "rollout/truncated_ratio", "rollout/response_len/mean", "rollout/response_len/max",
@@ -83,6 +93,35 @@ def test_rejected_total_skips_filter_rejections_and_trained_groups():
     assert rejected_total(state) == 2
     state.apply(StepCommitted(step=1, version=1, entry_ids=[], sample_ids=[], group_ids=["c"], metrics={}))
     assert rejected_total(state) == 1
+
+
+def test_the_tally_counts_as_the_whole_fold_does_reading_only_what_is_new():
+    """RejectionTally gives rejected_total and stale_total at every point of a run in which groups
+    are rejected for every reason, some twice, some trained after their rejection, some trained
+    before it; it classifies each rejection once (the fold's reasons are not read again)."""
+    rng = random.Random(0)
+    state = RunState()
+    tally = RejectionTally(state)
+    reasons = [FILTER_REASON, f"{STALE_PREFIX} sampled with v1", "incomplete", "rollout job failed"]
+    read = []
+
+    class Reasons(dict):
+        def __getitem__(self, gid):
+            read.append(gid)
+            return super().__getitem__(gid)
+
+    state.rejected = Reasons()
+    for step in range(1, 60):
+        for _ in range(rng.randrange(4)):
+            gid = f"g{rng.randrange(120)}"
+            state.apply(GroupRejected(group_id=gid, reason=rng.choice(reasons), by="trainer"))
+        trained = [f"g{rng.randrange(120)}" for _ in range(rng.randrange(3))]
+        state.apply(StepCommitted(step=step, version=step, entry_ids=[], sample_ids=[], group_ids=trained,
+                                  metrics={}))
+        read.clear()
+        assert tally.totals() == (rejected_total(state), stale_total(state)), step
+        assert len(read) == len(set(read)) and not set(read) & set(state.rejected_order[:tally.seen - len(read)])
+    assert tally.totals()[0] > 0 and tally.totals()[1] > 0  # the run had both
 
 
 def test_a_step_record_names_what_it_trained_in_order():
