@@ -55,7 +55,16 @@ def _no_text_or_bool(value: Any) -> Any:
     return value
 
 
+def _no_text(value: Any) -> Any:
+    """A metric of a sample is a number, never text; a bool is one (``metrics["correct"] = reward > 0``
+    is 1.0 or 0.0, what the rollout metrics average)."""
+    if isinstance(value, (str, bytes)):
+        raise ValueError(f"expected a number, got {type(value).__name__} {value!r:.40}")
+    return value
+
+
 Float = Annotated[float, BeforeValidator(_no_text_or_bool)]
+MetricValue = Annotated[float, BeforeValidator(_no_text)]
 Int = Annotated[int, BeforeValidator(_no_text_or_bool)]
 TokenArray = Annotated[array, BeforeValidator(_to_array("i")), PlainSerializer(_listify, when_used="json")]
 FloatArray = Annotated[array, BeforeValidator(_to_array("f")), PlainSerializer(_listify, when_used="json")]
@@ -103,7 +112,7 @@ class RolloutRecord(Message):
     reward: Float
     finish_reason: str = "stop"
     text: str = ""
-    metrics: dict[str, float] = Field(default_factory=dict)
+    metrics: dict[str, MetricValue] = Field(default_factory=dict)
     # advantage = "igpo" only: the ground-truth answer's token ids, scored after each turn's prefix
     # (trainer/igpo.py); empty for every other advantage.
     answer_tokens: TokenArray = Field(default_factory=lambda: array("i"),

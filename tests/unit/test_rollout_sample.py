@@ -91,6 +91,9 @@ REJECTS = {
     "float_token": (dict(tokens=[1, 2.5, 3, 4]), "tokens: expected int32 token ids"),
     "tokens_str": (dict(tokens="abcd"), "tokens: expected a list of numbers, got str"),
     "metric_str": (dict(metrics={"acc": "high"}), "metrics.acc"),
+    # text that would parse as a number is refused too, as a reward given as text is
+    "metric_numeric_str": (dict(metrics={"acc": "0.5"}), "metrics.acc: expected a number, got str '0.5'"),
+    "metric_bytes": (dict(metrics={"acc": b"1"}), "metrics.acc: expected a number, got bytes"),
     "multimodal": (dict(prompt_model_input=object()), "prompt_model_input is set, but rlstream trains text-only"),
     "raw_logprobs_length": (dict(raw_logprobs=[0.0]), "raw_logprobs has 1 values for 4 tokens"),
     # a bad field beside raw_logprobs is named, not a TypeError from len() (the worker would retry the draw)
@@ -100,6 +103,10 @@ REJECTS = {
     "cookbook_positional": (dict(finish_reason=None, text="stop"), "finish_reason must be a str, got NoneType; "
                             "RolloutSample's 5th and 6th positional arguments are finish_reason and text"),
 }
+
+
+def test_a_bool_metric_is_a_number():
+    assert to_record(user(metrics={"correct": True, "wrong": False})).metrics == {"correct": 1.0, "wrong": 0.0}
 
 
 @pytest.mark.parametrize("case", sorted(REJECTS))
