@@ -37,7 +37,7 @@ from rlstream.trainer.ranks import close
 from rlstream.trainer.resume import committed_groups
 from rlstream.trainer.schedule import due
 from rlstream.trainer.step_metrics import step_metrics
-from rlstream.trainer.trainer import Trainer
+from rlstream.trainer.trainer import Trainer, frozen_heap
 
 log = logging.getLogger(__name__)
 
@@ -66,15 +66,18 @@ def replay_run(cfg: Config, source: redis.Redis, source_run_id: str, source_dir:
     t = Trainer(cfg, source, run_dir)  # several ranks: this is rank 0, the others follow_replay
     t.metrics.path.write_text("")
     log.info("replaying %d steps of run %s into %s", len(steps), source_run_id, run_dir)
-    for committed in steps:
-        t0 = time.monotonic()
-        groups = committed_groups(source, source_run_id, committed, t.set_advantages, archive)
-        train_metrics = t.optimize(groups)
-        metrics = step_metrics(t.step, t.version, groups, train_metrics, train_time=time.monotonic() - t0)
-        t.metrics.write({**metrics, "replay/source_step": committed.step})
-        if due(cfg.dcp_save_interval, t.step):
-            t.checkpoint()
-        log.info("replay step %d (source step %d) loss %.4f", t.step, committed.step, metrics["train/loss"])
+    # as a live trainer's steps (docs/design.md §15.89 Weights link their unchanged files; the steps run on a frozen
+    # heap); the other ranks follow on one too
+    with frozen_heap():
+        for committed in steps:
+            t0 = time.monotonic()
+            groups = committed_groups(source, source_run_id, committed, t.set_advantages, archive)
+            train_metrics = t.optimize(groups)
+            metrics = step_metrics(t.step, t.version, groups, train_metrics, train_time=time.monotonic() - t0)
+            t.metrics.write({**metrics, "replay/source_step": committed.step})
+            if due(cfg.dcp_save_interval, t.step):
+                t.checkpoint()
+            log.info("replay step %d (source step %d) loss %.4f", t.step, committed.step, metrics["train/loss"])
     t.write_weights()  # written, never published: a replay writes no events
     t.save_outputs()
     t.channel.send(STOP)
