@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import sys
+import traceback
 from pathlib import Path
 
 import redis
@@ -270,6 +271,11 @@ def entrypoint() -> None:
 
         full, refused = disk_full_error(exc), redis_refusal(exc)
         if full is None and refused is None:
+            from rlstream import torchrun
+
+            if torchrun.under_torchrun() and not isinstance(exc, SystemExit):
+                traceback.print_exc()  # what the interpreter would print, then exit 1 without finalization
+                torchrun.end_rank(1)  # (there gloo's threads can abort the rank: -6 instead of 1)
             raise
         log.error("no space left on device", exc_info=exc)
         # A role's command line names its run's config.json; the embedded server keeps its data beside it.

@@ -64,22 +64,25 @@ def replay_run(cfg: Config, source: redis.Redis, source_run_id: str, source_dir:
     (run_dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=1))
     (run_dir / "replay.json").write_text(json.dumps({"source_run": source_run_id, "steps": len(steps)}))
     t = Trainer(cfg, source, run_dir)  # several ranks: this is rank 0, the others follow_replay
-    t.metrics.path.write_text("")
-    log.info("replaying %d steps of run %s into %s", len(steps), source_run_id, run_dir)
-    # as a live trainer's steps (docs/design.md §15.89 Weights link their unchanged files; the steps run on a frozen
-    # heap); the other ranks follow on one too
-    with frozen_heap():
-        for committed in steps:
-            t0 = time.monotonic()
-            groups = committed_groups(source, source_run_id, committed, t.set_advantages, archive)
-            train_metrics = t.optimize(groups)
-            metrics = step_metrics(t.step, t.version, groups, train_metrics, train_time=time.monotonic() - t0)
-            t.metrics.write({**metrics, "replay/source_step": committed.step})
-            if due(cfg.dcp_save_interval, t.step):
-                t.checkpoint()
-            log.info("replay step %d (source step %d) loss %.4f", t.step, committed.step, metrics["train/loss"])
-    t.write_weights()  # written, never published: a replay writes no events
-    t.save_outputs()
+    try:
+        t.metrics.path.write_text("")
+        log.info("replaying %d steps of run %s into %s", len(steps), source_run_id, run_dir)
+        # as a live trainer's steps (docs/design.md §15.89 Weights link their unchanged files; the steps run on a frozen
+        # heap); the other ranks follow on one too
+        with frozen_heap():
+            for committed in steps:
+                t0 = time.monotonic()
+                groups = committed_groups(source, source_run_id, committed, t.set_advantages, archive)
+                train_metrics = t.optimize(groups)
+                metrics = step_metrics(t.step, t.version, groups, train_metrics, train_time=time.monotonic() - t0)
+                t.metrics.write({**metrics, "replay/source_step": committed.step})
+                if due(cfg.dcp_save_interval, t.step):
+                    t.checkpoint()
+                log.info("replay step %d (source step %d) loss %.4f", t.step, committed.step, metrics["train/loss"])
+        t.write_weights()  # written, never published: a replay writes no events
+        t.save_outputs()
+    finally:
+        t.finish_wandb()  # its last lines uploaded, however the replay ends (a rank ends without atexit)
     t.channel.send(STOP)
     close(t.ranks)
     return t.step

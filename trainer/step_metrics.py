@@ -39,26 +39,27 @@ def rejected_total(state: RunState) -> int:
 
 
 class RejectionTally:
-    """``rejected_total`` and ``stale_total`` of a fold that keeps growing, at a cost that does not
-    grow with the run: each rejection is classified once, as ``state.rejected_order`` lists it, and
-    only the groups counted as never trained are checked again (a group rejected, then trained
-    anyway, leaves the count). Recounting every rejection of the run at every step cost O(run
-    length) a step: ~20 ms after 10,000 steps of a dynamic_filter_fn rejecting half the groups."""
+    """``rejected_total`` and ``stale_total`` of a fold that keeps growing, each call reading only
+    what is new: the rejections and the trained groups since the last call (``state.rejected_order``,
+    ``state.trained_order``, both append-only). A new rejection is classified once; a group counted as
+    never trained leaves the count when it is trained after all. Recounting every rejection of the run
+    at every step cost O(run length) a step: 12 ms with 160,000 rejections."""
 
     def __init__(self, state: RunState):
-        self.state, self.seen, self.stale = state, 0, 0
+        self.state, self.rejected_seen, self.trained_seen, self.stale = state, 0, 0, 0
         self.untrained: set[str] = set()  # rejected (not by dynamic_filter_fn), not trained so far
 
     def totals(self) -> tuple[int, int]:
         """(``rejected_total(state)``, ``stale_total(state)``) now."""
         state = self.state
-        for gid in state.rejected_order[self.seen:]:
+        for gid in state.rejected_order[self.rejected_seen:]:
             reason = state.rejected[gid]
             self.stale += reason.startswith(STALE_PREFIX)
-            if reason != FILTER_REASON:
+            if reason != FILTER_REASON and gid not in state.trained:
                 self.untrained.add(gid)
-        self.seen = len(state.rejected_order)
-        self.untrained = {gid for gid in self.untrained if gid not in state.trained}
+        for gid in state.trained_order[self.trained_seen:]:
+            self.untrained.discard(gid)
+        self.rejected_seen, self.trained_seen = len(state.rejected_order), len(state.trained_order)
         return len(self.untrained), self.stale
 
 

@@ -181,6 +181,9 @@ class Trainer:
         finally:
             self.weight_sync.close()  # the last version's publish, while the lease is still ours
             self.lease.release()
+            # however the run ends here (finished, ended elsewhere, stopped, failed): a torchrun rank ends
+            # without atexit (rlstream.torchrun.end_rank), where wandb would otherwise finish its run
+            self.finish_wandb()
         self.channel.send(STOP)
         return steps
 
@@ -487,12 +490,17 @@ class Trainer:
         with self.precision.published():
             return export_model(self.model, self.tokenizer, self.run_dir, self.cfg.output_model_id)
 
+    def finish_wandb(self) -> None:
+        """Finish the wandb run (its last lines uploaded), once."""
+        if self.wandb is not None:
+            wandb, self.wandb = self.wandb, None
+            wandb.finish()
+
     def finish(self, reason: str, failed: bool = False) -> None:
         self.lease.confirm()  # a trainer that lost the lease must not export or checkpoint over its successor
         self.perf.weights_sealed(self.weight_sync.wait())  # the last version published before RunFinished
         self.evaluate()  # the final weights (skipped when this version was just evaluated)
-        if self.wandb is not None:
-            self.wandb.finish()
+        self.finish_wandb()
         self.save_outputs()
         finished = RunFinished(reason=reason, step=self.step, version=self.version, failed=failed)
         fenced_write(self.r, self.lease, add=(keys.events(self.cfg.run_id), finished))

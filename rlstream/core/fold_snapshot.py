@@ -100,7 +100,8 @@ def load(text: str) -> Snapshot:
     state = RunState(
         published_version=s["published_version"], latest_weights=_dec(s["latest_weights"]),
         admitted={g.group_id: g for g in admitted}, rejected=dict(s["rejected"]),
-        rejected_order=list(s["rejected"]), trained=set(s["trained"]),  # JSON keeps the dict's order: the rejections'
+        # the dict's order (JSON keeps it) is the rejections'; the tally reads trained_order only for what is new
+        rejected_order=list(s["rejected"]), trained=set(s["trained"]), trained_order=list(s["trained"]),
         sampled=set(s["sampled"]), last_step=_dec(s["last_step"]), steps=s["steps"],
         exhausted_groups=s["exhausted_groups"], finished=_dec(s["finished"]), started=_dec(s["started"]),
         rows_admitted={tuple(x) for x in s["rows_admitted"]}, last_evaluated=s["last_evaluated"],

@@ -30,6 +30,7 @@ class RunState:
     rejected: dict[str, str] = field(default_factory=dict)  # group_id -> reason
     rejected_order: list[str] = field(default_factory=list)  # ... in the order they were rejected (append-only)
     trained: set[str] = field(default_factory=set)
+    trained_order: list[str] = field(default_factory=list)  # ... as they were trained (append-only)
     sampled: set[str] = field(default_factory=set)  # groups whose samples a worker wrote
     last_step: StepCommitted | None = None
     steps: int = 0
@@ -68,6 +69,7 @@ class RunState:
             for gid in msg.group_ids if self.track_groups else ():
                 if gid not in self.trained:
                     self.trained.add(gid)
+                    self.trained_order.append(gid)
                     admitted = self.admitted.get(gid)
                     self._trained_samples += admitted.group_size if admitted is not None else 0
                     self._settle(gid)

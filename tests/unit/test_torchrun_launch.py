@@ -173,3 +173,26 @@ def test_the_entry_point_ends_a_rank_through_end_rank(monkeypatch, rank):
     with pytest.raises(SystemExit) as exited:
         cli.entrypoint()
     assert exited.value.code == 4 and ended == ([4] if rank else [])
+
+
+@pytest.mark.parametrize("raised, ends", [(RuntimeError("boom"), [1]), (SystemExit(0), [])])
+def test_a_rank_that_raises_ends_with_1_its_traceback_printed(monkeypatch, capsys, raised, ends):
+    """An error no handler turns into a code: the traceback, then exit 1 without finalization (where it
+    could end as SIGABRT, -6); a SystemExit (``--help``) keeps its own code."""
+    for name in torchrun.RANK_ENV:
+        monkeypatch.setenv(name, "1")
+    ended = []
+
+    def end_rank(code):
+        ended.append(code)
+        raise SystemExit(code)
+
+    def run():
+        raise raised
+
+    monkeypatch.setattr(torchrun, "end_rank", end_rank)
+    monkeypatch.setattr(cli, "run", run)
+    with pytest.raises(SystemExit) as exited:
+        cli.entrypoint()
+    assert ended == ends and exited.value.code == (1 if ends else 0)
+    assert ("RuntimeError: boom" in capsys.readouterr().err) == bool(ends)
