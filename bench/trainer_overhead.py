@@ -12,6 +12,9 @@ task's exact-match reward; every round trains on that content under fresh group 
 - **bare**: what an in-process GRPO loop must do with the batch's tensors in hand: group-normalised
   advantages from the (32, 8) rewards, one forward of the 256 sequences, log-softmax gather of the
   completion tokens, the clipped surrogate (token mean), backward, AdamW step (zero_grad first).
+  The model's default KV cache is built in its forward, as a call without ``use_cache=False`` builds it;
+  rlstream's scoring forwards pass ``use_cache=False`` (docs/design.md §15.92 Scoring forwards build no KV
+  cache), so the table also gives a bare step without the cache and the whole step's ratio to it.
 - **(a) optimize**: rlstream's optimize path as ``Trainer.optimize`` runs it, alone: each group's
   advantages (``advantage_fn``), ``collate`` of the 256 decoded ``RolloutRecord`` objects, and
   ``policy_update``.
@@ -146,10 +149,12 @@ def prefill(r, run_id: str, groups: list[list[RolloutRecord]], version: int) -> 
 
 # ----------------------------------------------------------------- the three steps
 def bare_step(model, optimizer, tokens_B_N, attention_B_N, mask_B_T, rewards_P_G, eps: float,
-              parts: dict[str, float]) -> float:
-    """The minimum of an in-process GRPO step on tensors in hand; ``parts`` adds up its phases' times."""
+              parts: dict[str, float], use_cache: bool | None = None) -> float:
+    """The minimum of an in-process GRPO step on tensors in hand; ``parts`` adds up its phases' times.
+    ``use_cache``: None is the model's config (a KV cache built and thrown away), False none."""
     t0 = time.perf_counter()
-    logits_B_T_V = model(input_ids=tokens_B_N, attention_mask=attention_B_N).logits[:, :-1].float()
+    cache = {} if use_cache is None else {"use_cache": use_cache}
+    logits_B_T_V = model(input_ids=tokens_B_N, attention_mask=attention_B_N, **cache).logits[:, :-1].float()
     logprobs_B_T = torch.log_softmax(logits_B_T_V, -1).gather(-1, tokens_B_N[:, 1:, None])[..., 0]
     t1 = time.perf_counter()
     advantages_P_G = (rewards_P_G - rewards_P_G.mean(-1, keepdim=True)) / (
@@ -306,17 +311,17 @@ def run_setting(t: Trainer, r, batch, clock: PartClock, threads: int, rounds: in
         for k in range(block):  # the block's batches, in the stream before it starts, each sampled by the
             v = t.version + k      # version that trains it (the staleness bound drops older ones)
             prefill(r, cfg.run_id, stamped(batch, n + k, v), v)
-        order = ("bare", "optimize", "step") if i % 2 == 0 else ("step", "optimize", "bare")
+        order = ("bare", "bare_nc", "optimize", "step") if i % 2 == 0 else ("step", "optimize", "bare_nc", "bare")
         row: dict[str, float] = {}
         for which in order:
-            if which == "bare":
+            if which in ("bare", "bare_nc"):
                 part: dict[str, float] = defaultdict(float)
                 t0, c0 = time.perf_counter(), time.thread_time()
                 for _ in range(block):
                     bare_step(t.model, bare_opt, tokens_B_N, attention_B_N, mask_B_T, rewards_P_G, cfg.eps_clip,
-                              part)
-                row["bare"], row["bare.cpu"] = (time.perf_counter() - t0) / block, (time.thread_time() - c0) / block
-                row.update({f"bare.{k}": v / block for k, v in part.items()})
+                              part, use_cache=None if which == "bare" else False)
+                row[which], row[f"{which}.cpu"] = (time.perf_counter() - t0) / block, (time.thread_time() - c0) / block
+                row.update({f"{which}.{k}": v / block for k, v in part.items()})
             elif which == "optimize":
                 part = defaultdict(float)
                 t0, c0 = time.perf_counter(), time.thread_time()
@@ -331,6 +336,7 @@ def run_setting(t: Trainer, r, batch, clock: PartClock, threads: int, rounds: in
         # (the medians of the parts, each over every round, do not).
         row["ratio.optimize"], row["ratio.step"] = row["optimize"] / row["bare"], row["step.total"] / row["bare"]
         row["ratio.step_cpu"] = row["step.cpu"] / row["bare.cpu"]
+        row["ratio.step_nc"] = row["step.total"] / row["bare_nc"]
         if i >= warmup:
             for key, value in row.items():
                 samples[key].append(value)
@@ -365,6 +371,8 @@ ROWS = [  # (label, key)
     ("(b) + the block's last version written and published", "step.drained"),
     ("(a) / bare, the median of each round's ratio", "ratio.optimize"),
     ("(b) / bare, the median of each round's ratio", "ratio.step"),
+    ("bare torch step without the KV cache (use_cache=False, as rlstream's forwards)", "bare_nc"),
+    ("(b) / bare without the KV cache, the median of each round's ratio", "ratio.step_nc"),
     ("bare, CPU of its thread", "bare.cpu"),
     ("(b), CPU of the step's thread (not the writer's, not redis-server's)", "step.cpu"),
     ("(b) / bare in CPU of their thread, the median of each round's ratio", "ratio.step_cpu"),

@@ -39,6 +39,7 @@ def test_trainer_overhead_prints_every_part_with_its_ratio():
     out = bench("bench/trainer_overhead.py", "--rounds", "2", "--warmup", "1", "--block", "2", "--threads", "1",
                 timeout=300)
     assert "| bare torch step | " in out and "| (b) whole step, no waiting: gather + train_step | " in out, out
+    assert "| (b) / bare without the KV cache, the median of each round's ratio | " in out, out
     assert "|   write the snapshot (safetensors) (before the links: and the template's files) | " in out, out
     assert "| (b), the mean of every round (a full garbage collection counts where it falls) | " in out, out
     assert "|   the writer thread's CPU per version (time.thread_time) | " in out, out
