@@ -7,6 +7,7 @@ logprobs and the loss mask are aligned by dropping position 0 (``[:, 1:]``).
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -70,7 +71,7 @@ class GroupAssembler:
     def __init__(self) -> None:
         self.open: dict[str, Group] = {}
         # Groups already handed out: a re-run job (rq retry, or a dead worker's job re-queued)
-        # re-delivers their samples before the commit marks them settled.
+        # re-delivers their samples before the commit marks them settled (then ``forget``).
         self.completed: set[str] = set()
 
     def add(self, entry_id: str, sample: RolloutRecord, settled: set[str]) -> tuple[Group | None, str | None]:
@@ -94,6 +95,11 @@ class GroupAssembler:
             return
         group = self.open.setdefault(sample.group_id, Group(sample.group_id, sample.group_size))
         group.invalid.add(sample.sample_id)
+
+    def forget(self, group_ids: Iterable[str]) -> None:
+        """Groups now settled in the run's fold (trained or rejected): its own check covers their
+        re-delivered samples from here on, so ``completed`` holds only groups in flight."""
+        self.completed.difference_update(group_ids)
 
     def held_entry_ids(self) -> set[str]:
         return {e for g in self.open.values() for e in g.entry_ids}

@@ -59,6 +59,7 @@ class RolloutBuffer:
         self.stale_dropped = self.stale_in_batch = 0  # dropped as stale since the last take / before it
         self.straggler_wait = StragglerWait(cfg.trainer.straggler_wait)
         self.unseen: dict[str, float] = {}  # sampled groups no member of which is here -> first noticed
+        self.settled_seen = (0, 0)  # how far forget_settled has read the fold's trained and rejected groups
         self.caught_up_at = float("-inf")  # start of the newest read that left nothing unread
 
     def fill(self, n: int, version: int) -> None:
@@ -139,7 +140,8 @@ class RolloutBuffer:
         """At resume, after the events fold: this consumer's whole pending list, then the
         members dead-lettered before the crash (or just now), which still count towards
         settling their groups."""
-        self.assembler.completed |= self.state.settled_groups
+        # the fold's own settled set answers for every group settled so far (``GroupAssembler.add`` asks it)
+        self.settled_seen = (len(self.state.trained_order), len(self.state.rejected_order))
         self.add_samples(read_all_pending(self.r, self.cfg.run_id, CONSUMER, count=READ_COUNT, **self.limits))
         self.add_invalid(list(dead_members(self.r, self.cfg.run_id)))
         # the whole pending list was just read: the next rescan is due only later
@@ -157,6 +159,7 @@ class RolloutBuffer:
         self.add_samples(entries)
         self.rescan_pending(idle=not entries, invalid=invalid)
         self.follow_events()
+        self.forget_settled()
         self.add_invalid([s for _, s in invalid])
         self.reject_unseen()
         timeout = self.cfg.job_timeout
@@ -170,13 +173,21 @@ class RolloutBuffer:
                 self.reject(group, f"incomplete: {len(group.members)} of {group.size} samples valid after "
                                    f"{2 * timeout}s")
 
+    def forget_settled(self) -> None:
+        """The groups the fold settled since the last call leave ``completed``: it would otherwise
+        hold every group the trainer ever handed out (memory that grew with the run)."""
+        trained, rejected = self.state.trained_order, self.state.rejected_order
+        self.assembler.forget(trained[self.settled_seen[0]:])
+        self.assembler.forget(rejected[self.settled_seen[1]:])
+        self.settled_seen = (len(trained), len(rejected))
+
     def reject_unseen(self) -> None:
         """A group a worker reports sampled (``GroupSampled``, same MULTI as its samples) none
         of whose members reached this buffer, not even as a dead letter naming it (its entries
         did not decode): nothing would ever settle it, and with O = 0 the gate would wait for it
         forever. Rejected once noticed for ``2 × job_timeout`` and a read since then caught up."""
-        # Membership in each, not their union: ``completed`` holds every group this trainer handed out,
-        # and a set built from it at every read grew with the run (O(groups so far) per read).
+        # Membership in each, not their union: a set built at every read from every group handed out
+        # grew with the run (O(groups so far) per read; ``completed`` now keeps only the unsettled ones).
         opened, completed = self.assembler.open, self.assembler.completed
         noticed = [g.group_id for g in self.state.open_groups if g.group_id in self.state.sampled
                    and g.group_id not in opened and g.group_id not in completed]

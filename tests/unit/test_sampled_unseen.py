@@ -13,7 +13,7 @@ from factories import config, sample
 from rlstream.core import bus, keys
 from rlstream.core.messages import GroupAdmitted, GroupSampled, RolloutRecord, group_id_for
 from rlstream.trainer import buffer
-from rlstream.trainer.batch import overdue_unseen
+from rlstream.trainer.batch import Group, overdue_unseen
 from rlstream.trainer.trainer import Trainer
 
 RUN = "un"
@@ -109,9 +109,8 @@ class MembershipOnly:
     def add(self, group_id) -> None:
         self.ids.add(group_id)
 
-    def __ior__(self, other):
-        self.ids |= other
-        return self
+    def difference_update(self, group_ids) -> None:
+        self.ids.difference_update(group_ids)
 
 
 def test_a_read_asks_about_the_groups_handed_out_and_never_walks_them(r, tmp_path, clock):
@@ -123,3 +122,25 @@ def test_a_read_asks_about_the_groups_handed_out_and_never_walks_them(r, tmp_pat
     clock[0] += 2 * TIMEOUT + 1
     t.buffer.collect()
     assert lost in t.state.rejected  # the check still ran, on membership alone
+
+
+def test_handed_out_groups_are_forgotten_once_settled_and_their_samples_still_refused(r, tmp_path, clock):
+    """``completed`` keeps only groups handed out and not yet settled (design §15.91 A step's
+    bookkeeping does not grow with the run): once the fold has the step that trained a group, or
+    its rejection, the group leaves it, and a sample of it delivered again is still acked as a
+    duplicate (the fold's settled set answers), never trained."""
+    trained, rejected = admit(r, 0), admit(r, 1)
+    sampled(r, trained, [sample(0, 0), sample(0, 1)])
+    t = trainer(r, tmp_path)
+    t.buffer.collect()
+    groups = t.buffer.take(1, t.version)
+    assert [g.group_id for g in groups] == [trained] and trained in t.buffer.assembler.completed
+    t.buffer.reject(t.buffer.assembler.open.pop(rejected, None) or Group(rejected, 2), "test: rejected")
+    t.train_step(groups, wait_time=0.0)
+    assert trained in t.buffer.assembler.completed  # committed, but not yet folded: still needed
+    t.buffer.collect()  # folds the step's StepCommitted
+    assert t.buffer.assembler.completed == set() and {trained, rejected} <= t.state.settled_groups
+    bus.xadd(r, keys.rollouts(RUN), sample(0, 1))  # a re-run job delivers a trained member again
+    t.buffer.collect()
+    assert t.buffer.assembler.open == {} and t.buffer.ready == []
+    assert r.xpending(keys.rollouts(RUN), keys.TRAINER_GROUP)["pending"] == 0  # acked, untrained
