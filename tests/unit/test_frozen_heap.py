@@ -80,3 +80,16 @@ def test_a_heap_frozen_already_is_left_as_it_was():
         assert gc.get_freeze_count() > mine * 0.9
     finally:
         gc.unfreeze()
+
+
+def test_a_rank_other_than_0_follows_on_a_frozen_heap_and_hands_it_back(monkeypatch):
+    """Ranks other than 0 run rank 0's commands (``follow``) on a frozen heap too, unfrozen after."""
+    import types
+
+    from rlstream.trainer import trainer as trainer_module
+
+    seen = []
+    monkeypatch.setattr(trainer_module, "follow", lambda t: seen.append(gc.get_freeze_count()) or 7)
+    assert gc.get_freeze_count() == 0
+    assert Trainer.run(types.SimpleNamespace(ranks=types.SimpleNamespace(rank=1))) == 7
+    assert seen[0] > 0 and gc.get_freeze_count() == 0

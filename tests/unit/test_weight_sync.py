@@ -303,3 +303,28 @@ def test_a_fill_that_writes_a_shared_files_name_is_refused_before_any_link(tmp_p
     with pytest.raises(ValueError, match=r"fill wrote \['config.json'\]"):
         weights.write_linked_dir(tmp_path / "v1", fill, version=1, same=same, source=tmp_path / "v0", known=known)
     assert (tmp_path / "v0" / "config.json").read_bytes() == b"{}"
+
+
+def test_a_fill_with_a_subdirectory_is_sealed_the_long_way_and_links_nothing_next(tmp_path):
+    """``write_linked_dir`` writes flat directories; a ``fill`` that adds a subdirectory gets its
+    directory sealed as ``write_dir`` seals one (every file fsynced and hashed, the same digest),
+    and the stamps are dropped, so the next version writes its shared files afresh."""
+    same = {"config.json": weights.SameFile.of(b"{}")}
+
+    def whole(tmp, payload):
+        tmp.mkdir()
+        (tmp / "config.json").write_bytes(b"{}")
+        with_sub(tmp, payload)
+
+    def with_sub(tmp, payload=b"w1"):
+        (tmp / "model.safetensors").write_bytes(payload)
+        (tmp / "extra").mkdir()
+        (tmp / "extra" / "a.bin").write_bytes(b"a")
+
+    weights.write_dir(tmp_path / "v0", partial(whole, payload=b"w0"), version=0)
+    known = weights.stamps(tmp_path / "v0", same)
+    digest, size, links = weights.write_linked_dir(tmp_path / "v1", with_sub, version=1, same=same,
+                                                   source=tmp_path / "v0", known=known)
+    weights.verify(tmp_path / "v1", digest)
+    assert (tmp_path / "v1" / "extra" / "a.bin").read_bytes() == b"a" and known == {} and links
+    assert (digest, size) == weights.write_dir(tmp_path / "w1", partial(whole, payload=b"w1"), version=1)
