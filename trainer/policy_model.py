@@ -83,9 +83,10 @@ def token_logprobs(model: torch.nn.Module, tokens_B_N: torch.Tensor, attention_B
         layer.training = True  # the flag alone: .train() would switch the layer's dropout on too
     try:
         # use_cache=False: a scoring forward has no next token to decode; the KV cache the model's
-        # config asks for by default is built layer by layer and thrown away (~1% of the update on the built-in model)
-        logits_B_T_V = model(input_ids=tokens_B_N, attention_mask=attention_B_N,
-                             use_cache=False).logits[:, :-1].float()
+        # config asks for by default is built layer by layer and thrown away (~1% of the update on the built-in
+        # model). Only to a model whose config has the setting: a plain module's forward may not take it.
+        no_cache = {"use_cache": False} if hasattr(getattr(model, "config", None), "use_cache") else {}
+        logits_B_T_V = model(input_ids=tokens_B_N, attention_mask=attention_B_N, **no_cache).logits[:, :-1].float()
     finally:
         if was_training or checkpointed:
             model.train(was_training and not checkpointed)

@@ -175,15 +175,13 @@ class Trainer:
         if self.ranks.rank != 0:
             with frozen_heap():
                 return follow(self)
-        try:
+        with contextlib.ExitStack() as ending:  # each runs however the run ends, even if the one before raised
+            # last: a torchrun rank ends without atexit (rlstream.torchrun.end_rank), where wandb would finish its run
+            ending.callback(self.finish_wandb)
+            ending.callback(self.lease.release)
+            ending.callback(self.weight_sync.close)  # first: the last version's publish, while the lease is ours
             # the run finished while this trainer stood by: no step
             steps = self.train_run() if self.lease.acquire() else self.step
-        finally:
-            self.weight_sync.close()  # the last version's publish, while the lease is still ours
-            self.lease.release()
-            # however the run ends here (finished, ended elsewhere, stopped, failed): a torchrun rank ends
-            # without atexit (rlstream.torchrun.end_rank), where wandb would otherwise finish its run
-            self.finish_wandb()
         self.channel.send(STOP)
         return steps
 

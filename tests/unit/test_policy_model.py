@@ -71,6 +71,32 @@ def test_a_model_in_eval_mode_is_not_switched(monkeypatch):
     assert switches == [] and not model.training
 
 
+def test_scoring_builds_no_kv_cache_yet_takes_a_model_without_the_setting():
+    """design §15.92 Scoring forwards build no KV cache: a Hugging Face model is asked for none (the
+    same logprobs as with its default cache); a plain module, whose forward has no such keyword, is
+    called as before."""
+    model = build_model(0).eval()
+    tokens_B_N = torch.tensor([[1, 5, 6, 7], [1, 8, 9, 2]])
+    attention_B_N = torch.ones_like(tokens_B_N)
+    calls = []
+    model.register_forward_pre_hook(lambda m, args, kwargs: calls.append(kwargs.get("use_cache")), with_kwargs=True)
+    with torch.no_grad():
+        got_B_T = token_logprobs(model, tokens_B_N, attention_B_N, 1.0)
+        logits = model(input_ids=tokens_B_N, attention_mask=attention_B_N).logits[:, :-1].float()
+    want_B_T = torch.log_softmax(logits, -1).gather(-1, tokens_B_N[:, 1:, None])[..., 0]
+    assert calls == [False, None] and torch.equal(got_B_T, want_B_T)
+
+    class Plain(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(16, 16)
+
+        def forward(self, input_ids, attention_mask=None):
+            return type("Out", (), {"logits": self.emb(input_ids)})()
+
+    assert token_logprobs(Plain().eval(), tokens_B_N, attention_B_N, 1.0).shape == (2, 3)
+
+
 def test_the_trainers_policy_stays_in_eval_mode(tmp_path):
     import fakeredis
 
