@@ -72,7 +72,7 @@ def test_a_model_in_eval_mode_is_not_switched(monkeypatch):
 
 
 def test_scoring_builds_no_kv_cache_yet_takes_a_model_without_the_setting():
-    """design §15.92 Scoring forwards build no KV cache: a Hugging Face model is asked for none (the
+    """docs/design.md §15.92 Scoring forwards build no KV cache: a Hugging Face model is asked for none (the
     same logprobs as with its default cache); a plain module, whose forward has no such keyword, is
     called as before."""
     model = build_model(0).eval()

@@ -125,7 +125,7 @@ def test_a_read_asks_about_the_groups_handed_out_and_never_walks_them(r, tmp_pat
 
 
 def test_handed_out_groups_are_forgotten_once_settled_and_their_samples_still_refused(r, tmp_path, clock):
-    """``completed`` keeps only groups handed out and not yet settled (design §15.91 A step's
+    """``completed`` keeps only groups handed out and not yet settled (docs/design.md §15.91 A step's
     bookkeeping does not grow with the run): once the fold has the step that trained a group, or
     its rejection, the group leaves it, and a sample of it delivered again is still acked as a
     duplicate (the fold's settled set answers), never trained."""
