@@ -259,6 +259,8 @@ def _run_role(command: str, cfg, r) -> int:
 
 
 def entrypoint() -> None:
+    from rlstream import torchrun  # no torch: what tells a torchrun rank, which ends its own way (end_rank)
+
     try:
         code = run()
     except RlstreamError as exc:
@@ -271,8 +273,6 @@ def entrypoint() -> None:
 
         full, refused = disk_full_error(exc), redis_refusal(exc)
         if full is None and refused is None:
-            from rlstream import torchrun
-
             if torchrun.under_torchrun() and not isinstance(exc, SystemExit):
                 traceback.print_exc()  # what the interpreter would print, then exit 1 without finalization
                 torchrun.end_rank(1)  # (there gloo's threads can abort the rank: -6 instead of 1)
@@ -287,8 +287,6 @@ def entrypoint() -> None:
             f"server's: {where})")
         print(f"rlstream: {said}", file=sys.stderr)
         code = DiskFull.exit_code
-    from rlstream import torchrun
-
     if torchrun.under_torchrun():  # a rank: its process group closed, it ends without finalization
         torchrun.end_rank(code)
     sys.exit(code)

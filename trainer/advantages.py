@@ -8,7 +8,6 @@ batch of groups (N, G) both work.
 from __future__ import annotations
 
 import math
-from array import array
 
 import torch
 from torch import Tensor
@@ -83,26 +82,6 @@ def compute_advantages(rewards_G: Tensor, method: str = "grpo") -> Tensor:
     return group_advantages(rewards_G, scale_std=(method == "grpo"))
 
 
-class BuiltinAdvantage:
-    """``compute_advantages(rewards_G, method)`` as the trainer's ``advantage_fn``, which can also
-    start from the rewards as Python floats (``of_rewards``): the group's rewards then go into one
-    tensor, its advantages, instead of a tensor of rewards read back as floats first (two tensors
-    and a ``tolist`` a group, 32 groups a step)."""
-
-    def __init__(self, method: str):
-        self.method, self.scale_std = method, method == "grpo"
-
-    def __call__(self, rewards_G: Tensor) -> Tensor:
-        return compute_advantages(rewards_G, self.method)
-
-    def of_rewards(self, rewards: list[float]) -> Tensor:
-        """``self(torch.tensor(rewards, dtype=torch.float32))``, the same values."""
-        if len(rewards) < 2:
-            return self(torch.tensor(rewards, dtype=torch.float32))
-        as_float32 = array("f", rewards).tolist()  # the values the float32 tensor of rewards holds
-        return torch.tensor(_one_group(as_float32, self.scale_std), dtype=torch.float32)
-
-
 def resolve_advantage(spec: str):
     """``"grpo"``/``"dr_grpo"``, or ``"module:function"`` taking rewards_G and returning
     advantages_G (a user function: imported by name, so the trainer process can load it)."""
@@ -110,7 +89,7 @@ def resolve_advantage(spec: str):
         raise ValueError(f"advantage {spec!r} needs the policy and the samples' turns, not only rewards: the "
                          "trainer computes it (rlstream.trainer.igpo.igpo_advantages)")
     if spec in ADVANTAGE_METHODS:
-        return BuiltinAdvantage(spec)
+        return lambda rewards_G: compute_advantages(rewards_G, spec)
     from rlstream.core.imports import import_object
 
     fn = import_object(spec, "advantage")

@@ -31,6 +31,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from rlstream.core.config import IGPO_NORMALIZATIONS
 from rlstream.core.messages import RolloutRecord
 from rlstream.trainer.advantages import group_advantages
 from rlstream.trainer.policy_model import token_logprobs
@@ -56,9 +57,6 @@ def answer_probs_from_logprobs(mean_logprobs_T: Tensor) -> Tensor:
     """``p_t = exp(mean log pi(answer | prefix_t))``: the geometric mean of the answer tokens'
     probabilities (length-independent), from each prefix's mean answer logprob."""
     return torch.exp(mean_logprobs_T)
-
-
-NORMALIZATIONS: tuple[str, ...] = ("joint", "mean", "separate")
 
 
 def turn_rewards_T(answer_probs_T: Tensor, outcome: float, ig_weight: float = 1.0) -> Tensor:
@@ -125,7 +123,7 @@ def group_turn_advantages(answer_probs: list[Tensor], outcomes: list[float], gam
         rewards_K = torch.cat(rewards)
         normalized_K = group_normalized_K(rewards_K) if normalization == "joint" else group_centred_K(rewards_K)
     else:
-        raise ValueError(f"IGPO normalization {normalization!r}: one of {', '.join(NORMALIZATIONS)}")
+        raise ValueError(f"IGPO normalization {normalization!r}: one of {', '.join(IGPO_NORMALIZATIONS)}")
     out, k = [], 0
     for r_T in rewards:
         out.append(discounted_returns_T(normalized_K[k:k + len(r_T)], gamma))

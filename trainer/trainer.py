@@ -36,7 +36,7 @@ from rlstream.core.metrics import MetricsLog
 from rlstream.core.run_state import RunState
 from rlstream.sampling.torch_setup import load_model_and_tokenizer, setup_torch
 from rlstream.trainer import failpoints, lora, sharded
-from rlstream.trainer.advantages import BuiltinAdvantage, finite_values, resolve_advantage
+from rlstream.trainer.advantages import finite_values, resolve_advantage
 from rlstream.trainer.batch import Group, collate, token_advantages_of
 from rlstream.trainer.buffer import RolloutBuffer
 from rlstream.trainer.checkpoint import (
@@ -302,9 +302,6 @@ class Trainer:
         """The group's ``advantages_G``; with ``advantage = "igpo"`` also its per-token advantages,
         from the current policy's probabilities of each sample's answer after each of its turns
         (trainer/igpo.py; docs/design.md §15.84 Per-token advantages: a turn's tokens carry its advantage)."""
-        if isinstance(self.advantage_fn, BuiltinAdvantage):
-            group.advantages_G = self.advantage_fn.of_rewards(group.rewards)
-            return
         if self.advantage_fn is not None:
             group.advantages_G = self.advantage_fn(group.rewards_G)
             return

@@ -70,6 +70,9 @@ KL_ESTIMATORS: tuple[str, ...] = get_args(KlEstimator)
 Normalization = Literal["token_mean", "sequence_mean", "token_sum"]
 NORMALIZATIONS: tuple[str, ...] = get_args(Normalization)
 
+IgpoNormalization = Literal["joint", "mean", "separate"]
+IGPO_NORMALIZATIONS: tuple[str, ...] = get_args(IgpoNormalization)
+
 TisLevel = Literal["token", "sequence"]  # only the config (and the losses' types) need it as names
 LrSchedule = Literal["constant", "linear", "cosine"]  # likewise
 TrainerDtype = Literal["float32", "bfloat16", "float16"]  # likewise
@@ -489,7 +492,7 @@ class Config(ConfigSection):
         0.99, ge=0, le=1, description="advantage igpo: the discount of the turns' normalised rewards, "
         "A_t = sum over k >= t of gamma^(k-t) r_k (the cookbook's igpo_loop gamma, 0.99)"
     )
-    igpo_normalization: Literal["joint", "mean", "separate"] = Field(
+    igpo_normalization: IgpoNormalization = Field(
         "joint", description="advantage igpo: how a group's turn rewards are normalised. joint: all z-scored "
         "together (the paper's); mean: minus their mean, not divided by their std (gains keep their probability "
         "units beside the outcome: a group of failed outcomes and small gains gets small advantages); separate: "

@@ -155,20 +155,31 @@ def test_a_rank_ends_with_its_code_its_output_flushed_and_no_finalization(tmp_pa
     assert not atexit_ran.exists()
 
 
-@pytest.mark.parametrize("rank", [True, False])
-def test_the_entry_point_ends_a_rank_through_end_rank(monkeypatch, rank):
+@pytest.fixture
+def ended(monkeypatch) -> list[int]:
+    """The codes ``end_rank`` was called with (recorded, then a SystemExit in place of ``os._exit``),
+    in a process that is not a rank until the test sets torchrun's environment (``as_rank``)."""
     for name in torchrun.RANK_ENV:
         monkeypatch.delenv(name, raising=False)
-    if rank:
-        for name in torchrun.RANK_ENV:
-            monkeypatch.setenv(name, "1")
-    ended = []
+    codes: list[int] = []
 
     def end_rank(code):
-        ended.append(code)
+        codes.append(code)
         raise SystemExit(code)
 
     monkeypatch.setattr(torchrun, "end_rank", end_rank)
+    return codes
+
+
+def as_rank(monkeypatch) -> None:
+    for name in torchrun.RANK_ENV:
+        monkeypatch.setenv(name, "1")
+
+
+@pytest.mark.parametrize("rank", [True, False])
+def test_the_entry_point_ends_a_rank_through_end_rank(monkeypatch, ended, rank):
+    if rank:
+        as_rank(monkeypatch)
     monkeypatch.setattr(cli, "run", lambda: 4)
     with pytest.raises(SystemExit) as exited:
         cli.entrypoint()
@@ -176,21 +187,14 @@ def test_the_entry_point_ends_a_rank_through_end_rank(monkeypatch, rank):
 
 
 @pytest.mark.parametrize("raised, ends", [(RuntimeError("boom"), [1]), (SystemExit(0), [])])
-def test_a_rank_that_raises_ends_with_1_its_traceback_printed(monkeypatch, capsys, raised, ends):
+def test_a_rank_that_raises_ends_with_1_its_traceback_printed(monkeypatch, capsys, ended, raised, ends):
     """An error no handler turns into a code: the traceback, then exit 1 without finalization (where it
     could end as SIGABRT, -6); a SystemExit (``--help``) keeps its own code."""
-    for name in torchrun.RANK_ENV:
-        monkeypatch.setenv(name, "1")
-    ended = []
-
-    def end_rank(code):
-        ended.append(code)
-        raise SystemExit(code)
+    as_rank(monkeypatch)
 
     def run():
         raise raised
 
-    monkeypatch.setattr(torchrun, "end_rank", end_rank)
     monkeypatch.setattr(cli, "run", run)
     with pytest.raises(SystemExit) as exited:
         cli.entrypoint()
