@@ -29,6 +29,7 @@ below calls a collective.
 """
 from __future__ import annotations
 
+import math
 import time
 from collections import defaultdict
 
@@ -175,7 +176,7 @@ def minibatch_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, bat
         loss, metrics = micro_loss(model, mb, old, ref, cfg=cfg, precision=precision, denominator=denominator,
                                    grad=graph)
         acc.add(metrics)
-        finite = finite and bool(torch.isfinite(loss))
+        finite = finite and math.isfinite(metrics["mean_loss"])  # the loss as the metrics read it back
         if finite or ranks.distributed:
             (loss * scale if scale != 1.0 else loss).backward()
     if ranks.distributed:
@@ -237,11 +238,12 @@ def clip_and_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, fini
         grad_norm = global_clip(model, clip)
     else:
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip or float("inf"))
-    if not torch.isfinite(grad_norm):
+    norm = float(grad_norm)  # one read of the device, for the decision and the metric
+    if not math.isfinite(norm):
         optimizer.zero_grad(set_to_none=True)
-        return float(grad_norm), False
+        return norm, False
     optimizer.step()
-    return float(grad_norm), True
+    return norm, True
 
 
 def global_clip(model: torch.nn.Module, clip: float | None) -> torch.Tensor:

@@ -89,7 +89,7 @@ class Ranks:
         if not self.distributed:
             return loss_denominator(mask_B_T, normalization)
         mask_B_T = mask_B_T != 0
-        tokens, sequences = self.all_sum([int(mask_B_T.sum()), int(mask_B_T.any(-1).sum())])
+        tokens, sequences = self.all_sum(torch.stack([mask_B_T.sum(), mask_B_T.any(-1).sum()]).tolist())
         return denominator_of(int(tokens), int(sequences), normalization)
 
     def share(self, lengths_B: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

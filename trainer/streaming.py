@@ -24,6 +24,7 @@ the counts, the finite decision and the metrics are summed over the ranks before
 """
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -162,8 +163,8 @@ class StreamingStep:
         """One micro-batch: its loss sum backpropagated (gradients add up in ``.grad``). Once a
         loss is not finite the remaining forwards run without a graph and the step is skipped."""
         mask_B_T = mb.mask_B_T != 0
-        self.tokens += int(mask_B_T.sum())
-        self.sequences += int(mask_B_T.any(-1).sum())
+        tokens, sequences = torch.stack([mask_B_T.sum(), mask_B_T.any(-1).sum()]).tolist()  # one read of the device
+        self.tokens, self.sequences = self.tokens + tokens, self.sequences + sequences
         old_B_T = mb.inf_logprobs_B_T if self.cfg.anchor_logp == "rollout" else None
         ref_B_T = None if self.ref_model is None else frozen_logprobs(
             self.ref_model, mb, [torch.arange(len(mb.advantages_B))], self.cfg.temperature, self.precision)
@@ -171,6 +172,6 @@ class StreamingStep:
         loss, metrics = micro_loss(self.model, mb, old_B_T, ref_B_T, cfg=self.cfg, precision=self.precision,
                                    denominator=1.0, grad=graph)
         self.metrics.add(metrics)
-        self.finite = self.finite and bool(torch.isfinite(loss))
+        self.finite = self.finite and math.isfinite(metrics["mean_loss"])  # the loss, as read back
         if self.finite or self.ranks.distributed:
             loss.backward()

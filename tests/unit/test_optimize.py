@@ -6,12 +6,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 from factories import legacy_config
+from torch.overrides import TorchFunctionMode
 
 from rlstream.builtin.tiny_model import build_model
-from rlstream.core.config import Config
+from rlstream.core.config import POLICY_LOSSES, Config
 from rlstream.trainer.advantages import resolve_advantage
 from rlstream.trainer.batch import Batch
-from rlstream.trainer.optimize import make_optimizer, minibatch_indices, policy_update
+from rlstream.trainer.losses import LossConfig, compute_loss, loss_denominator
+from rlstream.trainer.optimize import clip_and_step, make_optimizer, minibatch_indices, policy_update
 from rlstream.trainer.policy_model import token_logprobs
 
 
@@ -188,3 +190,50 @@ def test_dropout_model_gives_unit_ratio_and_zero_ref_kl_before_any_update():
                         cfg=cfg(ppo_n_minibatches=2, kl_beta=0.1), lr=0.0, ref_model=ref)
     assert out["train/ppo_ratio_mean"] == 1.0 and out["train/ppo_clip_frac"] == 0.0
     assert out["train/tis/weight_mean"] == 1.0 and out["train/ref_kl"] == 0.0
+
+
+class HostReads(TorchFunctionMode):
+    """Counts the tensor values read back to Python (``item``, ``tolist``, ``float()``, ``int()``,
+    ``bool()``): on CUDA each one waits for the device's queue to drain (a sync), so the update
+    reads as few as it can (docs/design.md §15.93 The update reads the device back once per micro-batch).
+    On CPU the count is the same, which is what these tests pin."""
+
+    READS = frozenset({torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__float__, torch.Tensor.__int__,
+                       torch.Tensor.__bool__})
+
+    def __init__(self):
+        super().__init__()
+        self.reads = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.reads += func in self.READS
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("policy", POLICY_LOSSES)
+def test_the_loss_reads_its_metrics_back_at_once(policy):
+    # One read for the loss value and every metric (with the reference KL too), where a float() per metric made
+    # ~10 device syncs a micro-batch; the minibatch's denominator, given, costs none.
+    batch = make_batch(build_model(0))
+    lp = batch.inf_logprobs_B_T.clone().requires_grad_()
+    with HostReads() as host:
+        loss, metrics = compute_loss(policy, lp, lp.detach(), batch.inf_logprobs_B_T, batch.advantages_B,
+                                     batch.mask_B_T, ref_logprobs=batch.inf_logprobs_B_T - 0.1,
+                                     config=LossConfig(kl_beta=0.1), denominator=16.0)
+    assert host.reads == 1
+    assert metrics["mean_loss"] == float(loss) and metrics["active_tokens"] == 16.0
+    assert metrics["ref_kl"] > 0 and metrics["mean_kl"] == pytest.approx(0.1)
+    assert list(metrics)[:7] == ["ppo_clip_frac", "ppo_ratio_mean", "ppo_kl", "ppo_log_ratio_mean", "ref_kl",
+                                 "tis/weight_mean", "tis/clip_frac"]
+    with HostReads() as host:
+        assert loss_denominator(batch.mask_B_T, "sequence_mean") == 16.0
+    assert host.reads == 1
+
+
+def test_clip_and_step_reads_the_norm_once():
+    model = build_model(0)
+    batch = make_batch(model)
+    token_logprobs(model, batch.tokens_B_N, batch.attention_B_N, 1.0)[batch.mask_B_T.bool()].sum().backward()
+    with HostReads() as host:
+        norm, applied = clip_and_step(model, torch.optim.SGD(model.parameters(), lr=0.1), True, 1.0)
+    assert host.reads == 1 and applied and norm > 0
