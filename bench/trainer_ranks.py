@@ -15,9 +15,14 @@ Each rank reports, after a warm-up step (AdamW's state exists from the first ste
 ``--steps`` timed ones: the bytes of its local parameter, gradient and optimizer-state tensors
 (a DTensor's local shard: what that rank holds), its step time (the step's is the slowest
 rank's), its resident set once the model is sharded and after the steps (/proc/self/status),
-and ``getrusage(RUSAGE_SELF).ru_maxrss`` (the peak resident set). Peak RSS counts Python, torch
-and the whole model, which every rank builds unsharded before sharding it (a meta-device build
-would avoid that; not done yet). The children run with ``MALLOC_MMAP_THRESHOLD_=131072``:
+and ``getrusage(RUSAGE_SELF).ru_maxrss`` (the peak resident set). The model is written once as an HF
+directory and loaded as the trainer loads it (``policy_model.load_base``): one process reads it
+whole; across ranks rank 0 reads it onto the CPU and the other ranks build it on the meta device,
+their shards filled from rank 0's (docs/design.md §15.94 Only rank 0 reads the weights; the others
+build the model on the meta device). On the CPU the resident set does not tell the two loads
+apart: ``from_pretrained`` maps the safetensors file, whose pages are the page cache's, shared by
+the ranks, and the step's activations set the peak; on a GPU ``cuda_peak_bytes`` does (the whole
+model on each device before, its shard now). The children run with ``MALLOC_MMAP_THRESHOLD_=131072``:
 glibc otherwise raises its mmap threshold each time a large block is freed (up to 32 MiB),
 after which FSDP's per-layer gather and reduce buffers (a few MiB each, allocated and freed
 every layer) come from the heap and stay resident once freed, and the resident set measures
@@ -44,21 +49,19 @@ from datetime import date
 
 def child(args: argparse.Namespace) -> dict:
     import torch
-    from transformers import AutoModelForCausalLM, Qwen2Config
 
     from rlstream.core.config import Config
     from rlstream.trainer.batch import Batch
     from rlstream.trainer.optimize import make_optimizer, policy_update
+    from rlstream.trainer.policy_model import load_base
     from rlstream.trainer.ranks import close, init_ranks, local, shard
 
     torch.set_num_threads(args.threads)
     ranks = init_ranks(torch.device(args.device), timeout_s=1800)
     device = ranks.device
-    torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=32000, hidden_size=512, intermediate_size=1536, num_hidden_layers=10,
-                         num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=args.tokens,
-                         tie_word_embeddings=True)
-    model = AutoModelForCausalLM.from_config(config).to(device).eval()
+    model, _ = load_base(args.model, device, ranks)  # as the trainer loads it (rank 0 reads, the others: meta)
+    model = model.to(device).eval() if not ranks.distributed else model.eval()
+    config = model.config
     params = sum(p.numel() for p in model.parameters())
     built = rss_kib()
     shard(model, ranks)
@@ -105,6 +108,23 @@ def child(args: argparse.Namespace) -> dict:
     return out
 
 
+def write_model(directory: str, tokens: int) -> str:
+    """The benchmark's model as an HF directory (random weights, seed 0), which every variant
+    loads as the trainer does."""
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from rlstream.builtin.tiny_model import build_tokenizer
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=32000, hidden_size=512, intermediate_size=1536, num_hidden_layers=10,
+                         num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=tokens,
+                         tie_word_embeddings=True)
+    AutoModelForCausalLM.from_config(config).save_pretrained(directory)
+    build_tokenizer().save_pretrained(directory)
+    return directory
+
+
 def rss_kib() -> int:
     """The resident set now (Linux's /proc/self/status VmRSS), KiB; 0 elsewhere."""
     try:
@@ -117,8 +137,8 @@ def rss_kib() -> int:
 def run_variant(args: argparse.Namespace, variant: str, scratch: str) -> list[dict]:
     """One variant ``RxT`` in its own process(es): each rank's report."""
     world, threads = (int(x) for x in variant.split("x"))
-    child_args = ["--child", "--rows", str(args.rows), "--tokens", str(args.tokens), "--steps", str(args.steps),
-                  "--threads", str(threads), "--out", scratch]
+    child_args = ["--child", "--model", args.model, "--rows", str(args.rows), "--tokens", str(args.tokens),
+                  "--steps", str(args.steps), "--threads", str(threads), "--out", scratch]
     if world == 1:
         cmd = [sys.executable, __file__, *child_args]
     else:
@@ -149,6 +169,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--device", default="cpu", help="the child's device: cpu (gloo) or cuda (nccl)")
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--model", default=None, help=argparse.SUPPRESS)  # the HF directory main() writes
     return p.parse_args(argv)
 
 
@@ -171,6 +192,7 @@ def main() -> None:
           "interleaved")
     results: dict[str, list[list[dict]]] = {v: [] for v in args.variants}
     with tempfile.TemporaryDirectory() as scratch:
+        args.model = write_model(os.path.join(scratch, "model"), args.tokens)
         for _ in range(args.rounds):
             for v in args.variants:
                 results[v].append(run_variant(args, v, os.path.join(scratch, "rank")))

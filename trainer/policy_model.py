@@ -19,6 +19,7 @@ from rlstream.core.errors import ConfigError, RlstreamError
 from rlstream.core.messages import WeightsPublished
 from rlstream.trainer import lora, sharded
 from rlstream.trainer.precision import checkpointed_layers
+from rlstream.trainer.ranks import SINGLE, Ranks, broadcast_dtypes
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,35 @@ def base_model_path(cfg: Config, run_dir: Path) -> Path:
     return path
 
 
-def load_reference(cfg: Config, model, tokenizer, device):
+def load_base(path: str, device: torch.device, ranks: Ranks = SINGLE):
+    """(model, tokenizer) of the HF directory ``path``. In one process: ``from_pretrained``
+    onto ``device``. Across trainer ranks only rank 0 reads the weights, onto the CPU; every
+    other rank builds the same modules from the directory's config on the meta device, in
+    rank 0's dtypes (no memory, no read): ``ranks.shard`` then gives each rank its shards on
+    its device, filled from rank 0's tensors, so no rank but 0 ever holds the model whole, and
+    none on its device (docs/design.md §15.94 Only rank 0 reads the weights; the others build the
+    model on the meta device)."""
+    from rlstream.sampling.torch_setup import load_model_and_tokenizer
+
+    if not ranks.distributed:
+        return load_model_and_tokenizer(path, device)
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path) if ranks.rank == 0 else None
+    dtypes = broadcast_dtypes(model, ranks)
+    if model is None:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+        for name, t in [*model.named_parameters(), *model.named_buffers()]:
+            if name not in dtypes:
+                raise RlstreamError(f"{path}: rank {ranks.rank} built {name!r} from the config, which rank 0's "
+                                    "model does not have; sharding needs the same modules on every rank")
+            t.data = t.data.to(dtypes[name])  # meta: no memory
+    return model, tokenizer
+
+
+def load_reference(cfg: Config, model, tokenizer, device, ranks: Ranks = SINGLE):
     """The frozen reference for the KL penalty: a copy of the base weights (or
     ``reference_model``), eval mode, no grad. Its tokenizer must be the policy's. A LoRA
     policy's reference is its own base with the adapters disabled: no second copy."""
@@ -45,9 +74,7 @@ def load_reference(cfg: Config, model, tokenizer, device):
     if cfg.reference_model is None:
         ref = copy.deepcopy(model)
     else:
-        from rlstream.sampling.torch_setup import load_model_and_tokenizer
-
-        ref, ref_tokenizer = load_model_and_tokenizer(cfg.reference_model, device)
+        ref, ref_tokenizer = load_base(cfg.reference_model, device, ranks)
         if ref_tokenizer.get_vocab() != tokenizer.get_vocab():
             raise ConfigError(f"reference_model {cfg.reference_model!r} has a different tokenizer than the policy; "
                               "the KL penalty compares per-token logprobs, so they must share one")

@@ -232,12 +232,21 @@ def shard(model: torch.nn.Module, ranks: Ranks, compute: torch.dtype = torch.flo
     gradients reduced in float32). Gradients are reduced by a plain sum (divide factor 1):
     the step's loss is already divided by the whole minibatch's normaliser, and FSDP's
     default mean would divide once more by the world size. The optimizer must be built after.
+
+    Only rank 0's ``model`` holds weights (on the CPU); every other rank's is the same modules
+    on the meta device (``policy_model.load_base``). Once sharded, each rank's shards are
+    allocated on its device and filled from rank 0's tensors, one tensor at a time
+    (``set_model_state_dict``'s broadcast from rank 0), and every buffer, the non-persistent
+    ones (rotary frequencies) included, is broadcast from rank 0 (docs/design.md §15.94 Only
+    rank 0 reads the weights; the others build the model on the meta device).
     In one process: ``model`` unchanged."""
     if not ranks.distributed:
         return model
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
     from transformers.modeling_layers import GradientCheckpointingLayer
 
+    full = model.state_dict() if ranks.rank == 0 else {}  # rank 0's whole tensors, alive until broadcast
     policy = MixedPrecisionPolicy() if compute == torch.float32 else MixedPrecisionPolicy(
         param_dtype=compute, reduce_dtype=torch.float32)
     blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
@@ -248,8 +257,23 @@ def shard(model: torch.nn.Module, ranks: Ranks, compute: torch.dtype = torch.flo
         if isinstance(m, FSDPModule):
             m.set_gradient_divide_factor(1.0)
             m.set_force_sum_reduction_for_comms(True)  # SUM in the collective itself: no divide, no pre-scale
-    log.debug("sharded %d blocks and the root over %d ranks", len(blocks), ranks.world)
+    if ranks.rank != 0:
+        model.to_empty(device=ranks.device)  # the meta skeleton's shards and buffers, allocated (values below)
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for buffer in model.buffers():
+        dist.broadcast(buffer, src=0)  # every buffer: a non-persistent one is in no state dict
+    del full
+    log.debug("sharded %d blocks and the root over %d ranks, filled from rank 0", len(blocks), ranks.world)
     return model
+
+
+def broadcast_dtypes(model: torch.nn.Module | None, ranks: Ranks) -> dict[str, torch.dtype]:
+    """Rank 0's ``model``'s dtype of each parameter and buffer, by name, on every rank (the
+    other ranks pass None: they have no weights yet)."""
+    dtypes = [None if model is None else {name: t.dtype for name, t in
+                                          [*model.named_parameters(), *model.named_buffers()]}]
+    dist.broadcast_object_list(dtypes, src=0)
+    return dtypes[0]
 
 
 def local(t: torch.Tensor) -> torch.Tensor:

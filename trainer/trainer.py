@@ -34,7 +34,7 @@ from rlstream.core.errors import RlstreamError
 from rlstream.core.messages import Evaluated, RunFinished, StepCommitted, WeightsPublished
 from rlstream.core.metrics import MetricsLog
 from rlstream.core.run_state import RunState
-from rlstream.sampling.torch_setup import load_model_and_tokenizer, setup_torch
+from rlstream.sampling.torch_setup import setup_torch
 from rlstream.trainer import failpoints, lora, sharded
 from rlstream.trainer.advantages import finite_values, resolve_advantage
 from rlstream.trainer.batch import Group, collate, token_advantages_of
@@ -64,7 +64,7 @@ from rlstream.trainer.igpo import igpo_advantages
 from rlstream.trainer.lease import RollbackWatch, TrainerLease, fenced_write
 from rlstream.trainer.optimize import make_optimizer, policy_update
 from rlstream.trainer.perf_metrics import PerfClock
-from rlstream.trainer.policy_model import base_model_path, load_reference
+from rlstream.trainer.policy_model import base_model_path, load_base, load_reference
 from rlstream.trainer.precision import prepare
 from rlstream.trainer.rank_protocol import (
     CHECKPOINT,
@@ -112,7 +112,7 @@ class Trainer:
         self.device = self.ranks.device
         self.channel = Channel(self.ranks)  # rank 0's commands to the others (rank_protocol)
         sharded.on_rank0(lambda: base_model_path(cfg, run_dir))  # a built-in model is built once, by rank 0
-        self.model, self.tokenizer = load_model_and_tokenizer(str(base_model_path(cfg, run_dir)), self.device)
+        self.model, self.tokenizer = load_base(str(base_model_path(cfg, run_dir)), self.device, self.ranks)
         if cfg.lora_rank:  # peft adapters train, the base stays frozen
             self.model = lora.wrap(self.model, cfg)  # docs/design.md §15.38 LoRA through peft, merged when published
         # Float32 masters of the trainable weights (after the LoRA wrap: a frozen base keeps its dtype), before the
@@ -125,7 +125,8 @@ class Trainer:
             from transformers import AutoTokenizer
 
             self.tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_model)
-        self.ref_model = load_reference(cfg, self.model, self.tokenizer, self.device) if cfg.kl_beta > 0 else None
+        self.ref_model = load_reference(cfg, self.model, self.tokenizer, self.device, self.ranks) \
+            if cfg.kl_beta > 0 else None
         if self.ranks.distributed:  # FSDP2: every block, then the root, before the optimizer sees the parameters
             self.model = shard(self.model, self.ranks, self.precision.compute)
             if self.ref_model is not None and not isinstance(self.ref_model, lora.AdapterDisabled):

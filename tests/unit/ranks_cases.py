@@ -26,7 +26,7 @@ from same_state import Step, StepRecorder, U, compare_metrics, compare_steps, gr
 from test_microbatch import mixed_batch  # noqa: E402
 from test_streaming import groups_of  # noqa: E402
 
-from rlstream.builtin.tiny_model import build_model  # noqa: E402
+from rlstream.builtin.tiny_model import build_model, save_tiny_model  # noqa: E402
 from rlstream.torchrun import end_rank  # noqa: E402
 from rlstream.trainer import lora  # noqa: E402
 from rlstream.trainer.batch import collate  # noqa: E402
@@ -66,6 +66,7 @@ CASES: dict[str, dict] = {
 CLIP = "grpo-clipped"  # grad_clip_norm below the norm: the global norm's coefficient on every shard
 PER_RANK = "per_rank_normaliser"  # must NOT match: each rank divides by its own token count
 NONFINITE = "nonfinite_on_one_rank"  # every rank skips the minibatch that one rank found non-finite
+META = "built_from_rank0"  # rank 1 builds on the meta device, its shards filled from rank 0's weights
 BF16 = "bfloat16-mixed_precision"  # runs; float32 masters and float32 gradients (no tolerance: bfloat16 rounds)
 
 
@@ -231,6 +232,48 @@ def bfloat16(ranks: Ranks) -> dict:
     return {"ok": ok, "error": f"{out} gradient dtypes {set(grads)}"}
 
 
+def built_from_rank0(ranks: Ranks, base: Path, lora_rank: int) -> dict:
+    """``policy_model.load_base`` across the ranks (docs/design.md §15.94 Only rank 0 reads the
+    weights; the others build the model on the meta device): rank 1 never calls ``from_pretrained``
+    and holds only meta tensors until ``shard``; once sharded, the model's gathered state is rank 0's
+    (the base's weights, LoRA's adapters as rank 0 initialised them) and every buffer, the rotary
+    frequencies that no state dict holds included, is rank 0's on every rank."""
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM
+
+    from rlstream.trainer.policy_model import load_base
+    from rlstream.trainer.sharded import full_state_dict
+
+    if ranks.rank == 0:
+        save_tiny_model(base, seed=3)
+    dist.barrier()
+    read = AutoModelForCausalLM.from_pretrained
+    if ranks.rank != 0:  # a read on this rank fails the case
+        AutoModelForCausalLM.from_pretrained = classmethod(lambda cls, *a, **k: (_ for _ in ()).throw(
+            AssertionError("rank 1 read the weights")))
+    try:
+        torch.manual_seed(5)  # LoRA's A on rank 0; rank 1's (meta) are never drawn
+        model, _ = load_base(str(base), CPU, ranks)
+    finally:
+        AutoModelForCausalLM.from_pretrained = read
+    if lora_rank:
+        model = lora.wrap(model, legacy_config(lora_rank=lora_rank))
+    meta = all(t.is_meta for t in [*model.parameters(), *model.buffers()])
+    expected = {k: v.clone() for k, v in model.state_dict().items()} if ranks.rank == 0 else None
+    shard(model, ranks)
+    gathered = full_state_dict(model)
+    same = True if ranks.rank != 0 else (gathered.keys() == expected.keys()
+                                         and all(torch.equal(gathered[k], expected[k]) for k in expected))
+    buffers = torch.cat([b.flatten().float() for b in model.buffers()])
+    every = [torch.empty_like(buffers) for _ in range(ranks.world)]
+    dist.all_gather(every, buffers)
+    checks = {"rank 1 built on meta": bool(ranks.all_agree(meta if ranks.rank else True)),
+              "gathered state is rank 0's": bool(ranks.all_agree(same)),
+              "buffers equal on every rank": all(torch.equal(every[0], b) for b in every),
+              "buffers are finite": bool(torch.isfinite(buffers).all())}
+    return {"ok": all(checks.values()), "error": str(checks)}
+
+
 def main(path: str) -> None:
     torch.set_num_threads(1)  # two ranks on two cores
     ranks = init_ranks(CPU, TIMEOUT_S)
@@ -246,6 +289,8 @@ def main(path: str) -> None:
     results[PER_RANK] = per_rank_normaliser(ranks)
     results[BF16] = bfloat16(ranks)
     results[NONFINITE] = nonfinite(ranks)
+    for lora_rank in (0, 4):
+        results[f"{META}-lora{lora_rank}"] = built_from_rank0(ranks, Path(path).parent / f"base-{lora_rank}", lora_rank)
     if ranks.rank == 0:
         Path(path).write_text(json.dumps(results, indent=1))
     close(ranks)

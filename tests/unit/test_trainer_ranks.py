@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from ranks_cases import BF16, CASES, CLIP, NONFINITE, PER_RANK
+from ranks_cases import BF16, CASES, CLIP, META, NONFINITE, PER_RANK
 
 HERE = Path(__file__).resolve().parent
 TIMEOUT_S = 900  # the whole group: ~35 s on an idle 2-core machine
@@ -60,3 +60,10 @@ def test_bfloat16_steps_through_fsdp_mixed_precision(report):
 @pytest.mark.numeric
 def test_a_minibatch_nonfinite_on_one_rank_is_skipped_by_every_rank(report):
     assert report[NONFINITE]["ok"], report[NONFINITE]["error"]
+
+
+@pytest.mark.numeric
+@pytest.mark.parametrize("lora_rank", [0, 4])
+def test_only_rank_0_reads_the_weights(report, lora_rank):
+    result = report[f"{META}-lora{lora_rank}"]
+    assert result["ok"], result["error"]
