@@ -45,6 +45,9 @@ class CheckpointState:
     version: int
     events_cursor: str  # the StepCommitted event of ``step`` (or "0-0"): replay starts after it
     rows_admitted: int  # the producer's dataset cursor at that point (informational; producers fold events)
+    # A LoRA checkpoint's base weights (``weights.weights_fingerprint`` of the base model's directory): the checkpoint
+    # holds only the adapter, which means something only on that base. None: full weights, or written before.
+    base_fingerprint: str | None = None
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
@@ -186,16 +189,20 @@ def holds_commit(path: Path, events_cursor: str) -> bool:
         return False
 
 
-def load_checkpoint(path: Path, model, optimizer, device) -> CheckpointState:
+def load_checkpoint(path: Path, model, optimizer, device, base_fingerprint: str | None = None) -> CheckpointState:
     """Load weights (a LoRA policy: its adapter), optimizer and RNG states in place; return
     the recorded state. A checkpoint with ``dcp/`` loads at any number of ranks (every rank
     calls this: a collective), whatever number wrote it; one written before (``train_state.pt``)
-    at one rank, into an unsharded model."""
+    at one rank, into an unsharded model. ``base_fingerprint``: of the base a LoRA ``model`` was
+    built on; a LoRA checkpoint recorded on another base is refused (docs/design.md §15.95 A
+    LoRA checkpoint names the base it was trained on)."""
     if lora.holds_adapter(path) != lora.is_lora(model):
         held, ours = ("a LoRA adapter", "full fine-tuning (lora_rank = 0)") if lora.holds_adapter(path) else (
             "full weights", "LoRA (lora_rank > 0)")
         raise RlstreamError(f"checkpoint {path} holds {held} but this run trains with {ours}: its optimizer state "
                             "cannot carry over. Set lora_rank as the run that wrote it did, or start without it")
+    if lora.is_lora(model) and base_fingerprint is not None:
+        check_base(path, read_state(path).base_fingerprint, base_fingerprint)
     if (path / DCP_DIR).is_dir():
         if lora.is_lora(model):
             lora.check_adapter_config(path, model)
@@ -204,6 +211,21 @@ def load_checkpoint(path: Path, model, optimizer, device) -> CheckpointState:
     else:
         _load_legacy(path, model, optimizer, device)
     return read_state(path)
+
+
+def check_base(path: Path, recorded: str | None, current: str) -> None:
+    """A LoRA checkpoint's adapter was trained on the base ``recorded`` names; this run's is
+    ``current``. Another base of the same shapes would load without an error and train
+    nonsense, so it is refused; a checkpoint written before bases were recorded is loaded, with
+    a warning."""
+    if recorded is None:
+        log.warning("checkpoint %s does not record which base weights its LoRA adapter was trained on (written "
+                    "before rlstream recorded it): make sure base_model is that run's", path)
+    elif recorded != current:
+        raise RlstreamError(f"checkpoint {path} holds a LoRA adapter trained on other base weights than base_model's "
+                            f"now (fingerprint {recorded[:12]} recorded, {current[:12]} now): the adapter means "
+                            "nothing on another base. Set base_model back to the directory that run trained on, or "
+                            "start without this checkpoint")
 
 
 def _load_train_state(path: Path, model, optimizer) -> None:

@@ -24,6 +24,7 @@ import torch
 
 from rlstream.core.config import Config
 from rlstream.core.errors import RlstreamError
+from rlstream.core.weights import weights_fingerprint
 
 ADAPTER = "default"  # peft's adapter name; a run trains exactly one adapter
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"  # peft's own file names
@@ -32,6 +33,13 @@ ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.j
 def is_lora(model) -> bool:
     peft = sys.modules.get("peft")
     return peft is not None and isinstance(model, peft.PeftModel)
+
+
+def base_fingerprint(model, base: Path) -> str | None:
+    """What a LoRA ``model``'s checkpoints record of the base directory ``base`` its frozen
+    weights came from (``weights.weights_fingerprint``); None for a full fine-tuning model,
+    whose checkpoints hold every weight."""
+    return weights_fingerprint(base) if is_lora(model) else None
 
 
 def lora_alpha(cfg: Config) -> int:

@@ -112,9 +112,11 @@ class Trainer:
         self.device = self.ranks.device
         self.channel = Channel(self.ranks)  # rank 0's commands to the others (rank_protocol)
         sharded.on_rank0(lambda: base_model_path(cfg, run_dir))  # a built-in model is built once, by rank 0
-        self.model, self.tokenizer = load_base(str(base_model_path(cfg, run_dir)), self.device, self.ranks)
+        base = base_model_path(cfg, run_dir)
+        self.model, self.tokenizer = load_base(str(base), self.device, self.ranks)
         if cfg.lora_rank:  # peft adapters train, the base stays frozen
             self.model = lora.wrap(self.model, cfg)  # docs/design.md §15.38 LoRA through peft, merged when published
+        self.base_fingerprint = lora.base_fingerprint(self.model, base)  # what its (adapter) checkpoints hold it to
         # Float32 masters of the trainable weights (after the LoRA wrap: a frozen base keeps its dtype), before the
         # reference copies them (docs/design.md §15.40 Float32 masters, autocast compute, weights published as stored)
         self.precision = prepare(self.model, cfg.trainer.dtype, self.device, cfg.trainer.gradient_checkpointing)
@@ -135,7 +137,8 @@ class Trainer:
             self.precision = self.precision.sharded()
         self.optimizer = make_optimizer(self.model, cfg)
         if cfg.init_from_checkpoint:  # a new run from another run's weights + optimizer (every rank: a collective)
-            load_checkpoint(verify_checkpoint(Path(cfg.init_from_checkpoint)), self.model, self.optimizer, self.device)
+            load_checkpoint(verify_checkpoint(Path(cfg.init_from_checkpoint)), self.model, self.optimizer, self.device,
+                            self.base_fingerprint)
         self.pad_id = self.tokenizer.pad_token_id or 0
         self.step = self.version = 0
         self.lease = TrainerLease(r, cfg.run_id) if r is not None else None  # taken in run() (or resume())
@@ -461,7 +464,8 @@ class Trainer:
         if saved:
             self.follow_events()  # the fold recorded with it then includes this step's own commit
             fold = fold_record(self.state, self.cursor, self.last_commit_id, self.step, self.metrics)
-            state = CheckpointState(self.step, self.version, self.last_commit_id, len(self.state.rows_admitted))
+            state = CheckpointState(self.step, self.version, self.last_commit_id, len(self.state.rows_admitted),
+                                    self.base_fingerprint)
             self.channel.send(CHECKPOINT, state)  # every rank writes its shards
             self.save_train_state(state, fold)
         self.retention.after_checkpoint(self.step, saved)
@@ -472,7 +476,7 @@ class Trainer:
 
     def load_train_state(self, path: Path) -> CheckpointState:
         """The checkpoint at ``path`` loaded in place (every rank: its shards)."""
-        restored = load_checkpoint(path, self.model, self.optimizer, self.device)
+        restored = load_checkpoint(path, self.model, self.optimizer, self.device, self.base_fingerprint)
         self.step, self.version = restored.step, restored.version
         return restored
 

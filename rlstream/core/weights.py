@@ -56,6 +56,65 @@ def directory_digest(directory: str | Path) -> tuple[str, int, dict[str, str]]:
     return h.hexdigest(), sum(p.stat().st_size for p in files), per_file
 
 
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth")  # what from_pretrained reads weights from
+_SAMPLE = 256  # bytes read at each sampled place
+
+
+def weights_fingerprint(directory: str | Path) -> str:
+    """A digest that tells the weights of the HF directory ``directory`` from other weights,
+    read in milliseconds whatever their size: each weight file's name and size and, of a
+    safetensors file, its whole header (names, dtypes, shapes, offsets) and 256 bytes at the
+    start, middle and end of every tensor; of any other weight file, 256 bytes at the start,
+    middle and end of each 64th of it. Another model of the same shapes (another seed, a
+    fine-tune, a merged adapter) differs in the sampled bytes of nearly every tensor; it is not a
+    digest of every byte, so it does not prove two directories identical. Used to refuse a LoRA
+    checkpoint on a base other than the one it was trained on (docs/design.md §15.95 A LoRA
+    checkpoint names the base it was trained on)."""
+    directory = Path(directory)
+    files = sorted({p for pattern in WEIGHT_FILES for p in directory.glob(pattern) if p.is_file()})
+    if not files:
+        raise ValueError(f"{directory} holds no weight file ({', '.join(WEIGHT_FILES)})")
+    h = hashlib.sha256()
+    for path in files:
+        size = path.stat().st_size
+        h.update(f"{path.name}\0{size}\n".encode())
+        with path.open("rb") as f:
+            header, spans = _tensor_spans(f, size) if path.suffix == ".safetensors" else (b"", None)
+            h.update(header)
+            if spans is None:  # not a safetensors file (or not a readable one): equal spans of the whole file
+                step = max(1, size // 64)
+                spans = [(at, min(size, at + step)) for at in range(0, size, step)]
+            for start, end in spans:
+                for at in sorted({start, max(start, (start + end - _SAMPLE) // 2), max(start, end - _SAMPLE)}):
+                    f.seek(at)
+                    h.update(f.read(max(0, min(_SAMPLE, end - at))))
+    return h.hexdigest()
+
+
+def _tensor_spans(f, size: int) -> tuple[bytes, list[tuple[int, int]] | None]:
+    """A safetensors file's header and each tensor's byte range in it, by name; (b"", None)
+    when the file does not parse as one."""
+    if size < 8:
+        return b"", None
+    n = int.from_bytes(f.read(8), "little")
+    if 8 + n > size:
+        return b"", None
+    header = f.read(n)
+    try:
+        entries = json.loads(header)
+    except ValueError:
+        return b"", None
+    if not isinstance(entries, dict):
+        return b"", None
+    spans = []
+    for name in sorted(k for k in entries if k != "__metadata__"):
+        offsets = entries[name].get("data_offsets") if isinstance(entries[name], dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+            return b"", None
+        spans.append((min(size, 8 + n + offsets[0]), min(size, 8 + n + max(offsets))))
+    return header, spans
+
+
 def fsync_dir(directory: Path) -> None:
     """Make a rename or a new file in ``directory`` durable (the directory entry itself)."""
     fd = os.open(directory, os.O_RDONLY)

@@ -94,6 +94,7 @@ class TrainingClient:
         if cfg.lora_rank:  # adapters train, the base stays frozen (§15.38 LoRA through peft, merged when published)
             model = lora.wrap(model, cfg)
         self.model = model
+        self.base_fingerprint = lora.base_fingerprint(model, session.base_path())
         self.precision = prepare(model, cfg.trainer.dtype, session.device, cfg.trainer.gradient_checkpointing)
         if self.precision.scales_backward:
             raise ConfigError("trainer.dtype = 'float16' needs a scaled backward, which the SDK's custom objectives "
@@ -202,7 +203,7 @@ class TrainingClient:
         final = weights.child_dir(s.run_dir / "states", check_name(name, "state"))
         s.lease.confirm()
         state = CheckpointState(step=self.step, version=s.ledger.last_version, events_cursor=s.ledger.cursor,
-                                rows_admitted=0)
+                                rows_admitted=0, base_fingerprint=self.base_fingerprint)
         save_checkpoint(s.run_dir, state, self.model, self.tokenizer, self.optimizer, final=final)
         manifest = json.loads((final / weights.MANIFEST).read_text())
         s.record(StateSaved(name=name, step=self.step, sha256=manifest["sha256"], bytes=manifest["bytes"]))
@@ -227,7 +228,7 @@ class TrainingClient:
         except (OSError, ValueError) as exc:
             raise RlstreamError(f"state {name!r} of run {s.run_id} cannot be loaded: {exc}. Load another one "
                                 "(the run's log lists them: StateSaved events)") from None
-        restored = load_checkpoint(path, self.model, self.optimizer, s.device)
+        restored = load_checkpoint(path, self.model, self.optimizer, s.device, self.base_fingerprint)
         if not with_optimizer:
             self.optimizer = make_optimizer(self.model, s.cfg)
         self.step = restored.step

@@ -294,3 +294,41 @@ def test_merged_weights_from_a_gathered_state_dict_are_the_live_merge():
     assert all(torch.equal(live[k], gathered[k]) and live[k].dtype == gathered[k].dtype for k in live)
     assert not torch.equal(live["model.layers.0.self_attn.q_proj.weight"],
                            model.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight)
+
+
+def test_a_lora_checkpoint_on_another_base_is_refused(tmp_path, caplog):
+    # docs/design.md §15.95 A LoRA checkpoint names the base it was trained on: the adapter loads into any base of
+    # the same shapes without an error, so the base's fingerprint is recorded and compared.
+    model = wrapped()
+    optimizer = make_optimizer(model, lora_cfg())
+    stepped(model, optimizer)
+    path = save_checkpoint(tmp_path, CheckpointState(1, 1, "1-0", 0, base_fingerprint="a" * 64), model,
+                           build_tokenizer(), optimizer)
+    fresh = wrapped()
+    with pytest.raises(RlstreamError, match="other base weights than base_model's"):
+        load_checkpoint(path, fresh, make_optimizer(fresh, lora_cfg()), CPU, base_fingerprint="b" * 64)
+    assert load_checkpoint(path, fresh, make_optimizer(fresh, lora_cfg()), CPU,
+                           base_fingerprint="a" * 64).base_fingerprint == "a" * 64
+    before = save_checkpoint(tmp_path / "before", CheckpointState(1, 1, "1-0", 0), model, build_tokenizer(),
+                             optimizer)  # written before bases were recorded: loaded, with a warning
+    with caplog.at_level("WARNING"):
+        load_checkpoint(before, fresh, make_optimizer(fresh, lora_cfg()), CPU, base_fingerprint="b" * 64)
+    assert "does not record which base weights" in caplog.text
+
+
+@pytest.mark.usefixtures("r_group")  # tests/unit/conftest.py
+def test_a_lora_run_records_its_base_and_a_new_run_on_another_base_refuses_it(r, tmp_path):
+    for row in range(2):
+        add_group(r, row)
+    cfg = lora_cfg(tmp_path, max_steps=2, dcp_save_interval=2)
+    assert Trainer(cfg, r, cfg.run_dir()).run() == 2
+    checkpoint = checkpoint_dir(cfg.run_dir(), 2)
+    recorded = json.loads((checkpoint / "state.json").read_text())["base_fingerprint"]
+    assert recorded == weights.weights_fingerprint(cfg.run_dir() / "base_model")
+    same, other = save_tiny_model(tmp_path / "same", seed=0), save_tiny_model(tmp_path / "other", seed=1)
+    assert weights.weights_fingerprint(same) == recorded  # the same weights, written again elsewhere
+    ok = lora_cfg(tmp_path, run_id="same-base", base_model=str(same), init_from_checkpoint=str(checkpoint))
+    Trainer(ok, r, ok.run_dir())
+    bad = lora_cfg(tmp_path, run_id="other-base", base_model=str(other), init_from_checkpoint=str(checkpoint))
+    with pytest.raises(RlstreamError, match="trained on other base weights"):
+        Trainer(bad, r, bad.run_dir())
