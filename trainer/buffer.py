@@ -241,3 +241,7 @@ class RolloutBuffer:
 
     def reject(self, group: Group, reason: str) -> None:
         self.state.apply(reject_group(self.r, self.cfg.run_id, group.group_id, group.entry_ids, reason, self.lease))
+        # Settled in the fold now, by this rejection or an earlier one (a producer's, folded while the group was
+        # still open): the fold answers for its samples from here on. forget_settled would never see an earlier
+        # rejection again, and the id would stay in ``completed`` for the rest of the run.
+        self.assembler.forget([group.group_id])

@@ -144,3 +144,23 @@ def test_handed_out_groups_are_forgotten_once_settled_and_their_samples_still_re
     t.buffer.collect()
     assert t.buffer.assembler.open == {} and t.buffer.ready == []
     assert r.xpending(keys.rollouts(RUN), keys.TRAINER_GROUP)["pending"] == 0  # acked, untrained
+
+
+def test_a_group_rejected_elsewhere_while_open_is_not_kept_once_the_trainer_gives_up_on_it(r, tmp_path):
+    """A group rejected by another process (a producer's GroupRejected) while one of its members
+    waited in the buffer: the trainer's own rejection of it, once stale, folds as a no-op, and the
+    group must still leave ``completed`` (docs/design.md §15.91 A step's bookkeeping does not grow
+    with the run)."""
+    from rlstream.core.messages import GroupRejected
+
+    gid = admit(r, 0)
+    t = trainer(r, tmp_path)
+    bus.xadd(r, keys.rollouts(RUN), sample(0, 0))  # one of two members
+    t.buffer.collect()
+    assert gid in t.buffer.assembler.open
+    bus.xadd(r, keys.events(RUN), GroupRejected(group_id=gid, reason="job failed", by="producer"))
+    t.buffer.collect()
+    assert gid in t.state.rejected and gid in t.buffer.assembler.open
+    t.buffer.assembler.open[gid].first_seen -= 2 * TIMEOUT + 1  # (the assembler's own clock)
+    t.buffer.collect()  # stale: rejected again by the trainer, which the fold keeps as the first
+    assert gid not in t.buffer.assembler.open and gid not in t.buffer.assembler.completed
