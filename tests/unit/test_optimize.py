@@ -169,6 +169,10 @@ def test_make_optimizer_hyperparameters():
     assert group["betas"] == (0.9, 0.95) and group["weight_decay"] == 0.01 and group["eps"] == 1e-8
     assert group["lr"] == 3e-4
     assert {id(p) for p in group["params"]} == {id(p) for p in model.parameters()}
+    assert group["fused"] is True  # the CPU has the fused kernel (as CUDA does)
+    with torch.device("meta"):  # a device without it: torch's default instead of an error
+        elsewhere = make_optimizer(build_model(0), cfg())
+    assert not elsewhere.param_groups[0]["fused"]
 
 
 def test_dropout_model_gives_unit_ratio_and_zero_ref_kl_before_any_update():
