@@ -304,21 +304,24 @@ def compute_loss(
 
     with torch.no_grad():
         # Every metric read back in one transfer: a float() each is a device sync each on CUDA (~12 a
-        # micro-batch) and ~20 µs each on CPU.
+        # micro-batch) and ~20 µs each on CPU. Summed in at least float32: a bfloat16 count is not exact past 256.
+        dtype = torch.promote_types(logprobs.dtype, torch.float32)
         means = {"ppo_clip_frac": clip_B_T & mask_B_T, "ppo_ratio_mean": ratio_B_T,
                  "ppo_kl": torch.exp(-log_r_B_T) + log_r_B_T - 1.0, "ppo_log_ratio_mean": log_r_B_T,
                  "ref_kl": kl_B_T if kl_B_T is not None else zeros_B_T,
                  "tis/weight_mean": w_B_T, "tis/clip_frac": tis_capped_B_T}
         if ref_B_T is not None:  # the cookbook's: the policy's KL to the reference, k1 per trained token
             means["mean_kl"] = lp_B_T.detach() - ref_B_T
-        x_M_B_T = torch.stack([x.detach().to(logprobs.dtype) for x in means.values()])
-        tokens = mask_B_T.sum().to(logprobs.dtype)
+        x_M_B_T = torch.stack([x.detach().to(dtype) for x in means.values()])
+        tokens = mask_B_T.sum().to(dtype)
         means_M = torch.where(mask_B_T, x_M_B_T, torch.zeros_like(x_M_B_T)).sum((1, 2)) / tokens.clamp(min=1)
         *values, active, mean_loss, k1, k3, n = torch.cat([
-            means_M, torch.stack([tokens, loss.detach().to(logprobs.dtype)]),
-            inference_drift(lp_B_T.detach(), inf_B_T, mask_B_T).to(logprobs.dtype)]).tolist()
+            means_M, torch.stack([tokens, loss.detach().to(dtype)]),
+            inference_drift(lp_B_T.detach(), inf_B_T, mask_B_T).to(dtype)]).tolist()
         metrics = dict(zip(means, values)) | {"active_tokens": active, "mean_loss": mean_loss,
                                               **drift_metrics(k1, k3, n)}
+        if "mean_kl" in metrics:
+            metrics["mean_kl"] = metrics.pop("mean_kl")  # last, where it always was
     return loss, metrics
 
 
@@ -334,8 +337,9 @@ def inference_drift(logprobs_B_T: Tensor, inf_logprobs_B_T: Tensor, mask_B_T: Te
     d_B_T = torch.where(mask_B_T, logprobs_B_T - inf_logprobs_B_T, torch.zeros_like(logprobs_B_T))
     k3_B_T = torch.where(mask_B_T, torch.exp(d_B_T.clamp(max=_LOG_RATIO_CLAMP)) - d_B_T - 1.0, torch.zeros_like(d_B_T))
     per_B = tokens_B.clamp(min=1).to(d_B_T.dtype)
-    return torch.stack([(d_B_T.sum(-1) / per_B)[has_B].sum(), (k3_B_T.sum(-1) / per_B)[has_B].sum(),
-                        has_B.sum().to(d_B_T.dtype)])
+    # A row without a trained token adds exactly 0 to each sum (zeroed values, divisor 1): no boolean
+    # indexing, which would read the device back (its nonzero) on CUDA.
+    return torch.stack([(d_B_T.sum(-1) / per_B).sum(), (k3_B_T.sum(-1) / per_B).sum(), has_B.sum().to(d_B_T.dtype)])
 
 
 def drift_metrics(k1: float, k3: float, n: float) -> dict[str, float]:

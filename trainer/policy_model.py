@@ -43,8 +43,8 @@ def load_base(path: str, device: torch.device, ranks: Ranks = SINGLE):
     other rank builds the same modules from the directory's config on the meta device, in
     rank 0's dtypes (no memory, no read): ``ranks.shard`` then gives each rank its shards on
     its device, filled from rank 0's tensors, so no rank but 0 ever holds the model whole, and
-    none on its device (docs/design.md §15.94 Only rank 0 reads the weights; the others build the
-    model on the meta device)."""
+    rank 0's device only one module at a time while it is sharded (docs/design.md §15.94 Only rank
+    0 reads the weights; the others build the model on the meta device)."""
     from rlstream.sampling.torch_setup import load_model_and_tokenizer
 
     if not ranks.distributed:

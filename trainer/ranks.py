@@ -23,6 +23,7 @@ import logging
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -31,6 +32,7 @@ from rlstream.core.errors import RlstreamError
 from rlstream.trainer.losses import denominator_of, loss_denominator
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Long enough that a loaded machine (or a rank still compiling, loading weights, or reading a big
 # batch) cannot trip it, short enough that a dead rank does not hang the others for good: the
@@ -81,6 +83,15 @@ class Ranks:
         """True on every rank when ``flag`` is true on every rank: one decision (a minibatch is
         finite, the weights are) that every rank acts on alike."""
         return bool(self.all_min(int(flag)))
+
+    def from_rank0(self, value: T) -> T:
+        """Rank 0's ``value`` on every rank (plain data: names, dtypes, digests); in one process,
+        ``value`` itself."""
+        if not self.distributed:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
     def denominator(self, mask_B_T: torch.Tensor, normalization: str) -> float:
         """The minibatch's normaliser (``losses.loss_denominator``) from this rank's rows' mask:
@@ -238,8 +249,9 @@ def shard(model: torch.nn.Module, ranks: Ranks, compute: torch.dtype = torch.flo
     allocated on its device and filled from rank 0's tensors, one tensor at a time
     (``set_model_state_dict``'s broadcast from rank 0), and every buffer, the non-persistent
     ones (rotary frequencies) included, is broadcast from rank 0 (docs/design.md §15.94 Only
-    rank 0 reads the weights; the others build the model on the meta device).
-    In one process: ``model`` unchanged."""
+    rank 0 reads the weights; the others build the model on the meta device). Nothing else may
+    hold rank 0's unsharded parameters (``fully_shard`` moves each whole to the device, and a
+    reference would keep it there). In one process: ``model`` unchanged."""
     if not ranks.distributed:
         return model
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
@@ -270,10 +282,8 @@ def shard(model: torch.nn.Module, ranks: Ranks, compute: torch.dtype = torch.flo
 def broadcast_dtypes(model: torch.nn.Module | None, ranks: Ranks) -> dict[str, torch.dtype]:
     """Rank 0's ``model``'s dtype of each parameter and buffer, by name, on every rank (the
     other ranks pass None: they have no weights yet)."""
-    dtypes = [None if model is None else {name: t.dtype for name, t in
-                                          [*model.named_parameters(), *model.named_buffers()]}]
-    dist.broadcast_object_list(dtypes, src=0)
-    return dtypes[0]
+    return ranks.from_rank0(None if model is None else {name: t.dtype for name, t in
+                                                        [*model.named_parameters(), *model.named_buffers()]})
 
 
 def local(t: torch.Tensor) -> torch.Tensor:

@@ -116,7 +116,9 @@ class Trainer:
         self.model, self.tokenizer = load_base(str(base), self.device, self.ranks)
         if cfg.lora_rank:  # peft adapters train, the base stays frozen
             self.model = lora.wrap(self.model, cfg)  # docs/design.md §15.38 LoRA through peft, merged when published
-        self.base_fingerprint = lora.base_fingerprint(self.model, base)  # what its (adapter) checkpoints hold it to
+        # what its (adapter) checkpoints hold it to: rank 0's reading, so that every rank decides alike
+        self.base_fingerprint = self.ranks.from_rank0(lora.base_fingerprint(self.model, base)
+                                                      if self.ranks.rank == 0 else None)
         # Float32 masters of the trainable weights (after the LoRA wrap: a frozen base keeps its dtype), before the
         # reference copies them (docs/design.md §15.40 Float32 masters, autocast compute, weights published as stored)
         self.precision = prepare(self.model, cfg.trainer.dtype, self.device, cfg.trainer.gradient_checkpointing)
@@ -130,11 +132,12 @@ class Trainer:
         self.ref_model = load_reference(cfg, self.model, self.tokenizer, self.device, self.ranks) \
             if cfg.kl_beta > 0 else None
         if self.ranks.distributed:  # FSDP2: every block, then the root, before the optimizer sees the parameters
+            # the masters are the unsharded parameters: published weights are cast once gathered instead. Dropped
+            # first: on rank 0 fully_shard moves each one whole to the device, which a reference here would keep.
+            self.precision = self.precision.sharded()
             self.model = shard(self.model, self.ranks, self.precision.compute)
             if self.ref_model is not None and not isinstance(self.ref_model, lora.AdapterDisabled):
                 self.ref_model = shard(self.ref_model, self.ranks, self.precision.compute)  # a LoRA one is the policy
-            # the masters were the unsharded parameters: published weights are cast once gathered instead
-            self.precision = self.precision.sharded()
         self.optimizer = make_optimizer(self.model, cfg)
         if cfg.init_from_checkpoint:  # a new run from another run's weights + optimizer (every rank: a collective)
             load_checkpoint(verify_checkpoint(Path(cfg.init_from_checkpoint)), self.model, self.optimizer, self.device,

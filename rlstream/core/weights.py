@@ -56,24 +56,45 @@ def directory_digest(directory: str | Path) -> tuple[str, int, dict[str, str]]:
     return h.hexdigest(), sum(p.stat().st_size for p in files), per_file
 
 
-WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth")  # what from_pretrained reads weights from
 _SAMPLE = 256  # bytes read at each sampled place
+_MAX_HEADER = 100_000_000  # safetensors' own limit on a header's size
+
+
+def loaded_weight_files(directory: Path) -> list[Path]:
+    """The weight files ``from_pretrained`` loads from ``directory``, in its order of preference:
+    the files a safetensors index maps, else ``model.safetensors``, else those a PyTorch index
+    maps, else ``pytorch_model.bin``; else every ``*.safetensors`` file. Other files (an HF
+    Trainer checkpoint's ``optimizer.pt``, ``training_args.bin``) are not the model's weights."""
+    for index, single in (("model.safetensors.index.json", "model.safetensors"),
+                          ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        if (directory / index).is_file():
+            try:
+                mapped = json.loads((directory / index).read_text())["weight_map"].values()
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                raise ValueError(f"{directory / index} is not a weights index ({exc})") from None
+            # names inside the directory only: an index is data, never a path to follow elsewhere
+            return [directory / name for name in sorted({Path(str(n)).name for n in mapped})]
+        if (directory / single).is_file():
+            return [directory / single]
+    return sorted(directory.glob("*.safetensors"))
 
 
 def weights_fingerprint(directory: str | Path) -> str:
     """A digest that tells the weights of the HF directory ``directory`` from other weights,
-    read in milliseconds whatever their size: each weight file's name and size and, of a
-    safetensors file, its whole header (names, dtypes, shapes, offsets) and 256 bytes at the
-    start, middle and end of every tensor; of any other weight file, 256 bytes at the start,
+    read in milliseconds whatever their size: of each file ``from_pretrained`` loads
+    (``loaded_weight_files``), its name and size and, of a safetensors file, its whole header
+    (names, dtypes, shapes, offsets) and 256 bytes at the start, middle and end of every tensor;
+    of any other weight file (or a safetensors file that does not parse), 256 bytes at the start,
     middle and end of each 64th of it. Another model of the same shapes (another seed, a
     fine-tune, a merged adapter) differs in the sampled bytes of nearly every tensor; it is not a
     digest of every byte, so it does not prove two directories identical. Used to refuse a LoRA
     checkpoint on a base other than the one it was trained on (docs/design.md §15.95 A LoRA
     checkpoint names the base it was trained on)."""
     directory = Path(directory)
-    files = sorted({p for pattern in WEIGHT_FILES for p in directory.glob(pattern) if p.is_file()})
-    if not files:
-        raise ValueError(f"{directory} holds no weight file ({', '.join(WEIGHT_FILES)})")
+    files = loaded_weight_files(directory)
+    if not files or not all(p.is_file() for p in files):
+        raise ValueError(f"{directory} lacks the weight files from_pretrained would load "
+                         f"({', '.join(p.name for p in files if not p.is_file()) or 'none found'})")
     h = hashlib.sha256()
     for path in files:
         size = path.stat().st_size
@@ -93,25 +114,28 @@ def weights_fingerprint(directory: str | Path) -> str:
 
 def _tensor_spans(f, size: int) -> tuple[bytes, list[tuple[int, int]] | None]:
     """A safetensors file's header and each tensor's byte range in it, by name; (b"", None)
-    when the file does not parse as one."""
+    when the file does not parse as one (its header too large, not a JSON map, an offset
+    outside the data): the caller then samples the file as plain bytes."""
     if size < 8:
         return b"", None
     n = int.from_bytes(f.read(8), "little")
-    if 8 + n > size:
+    if n > min(_MAX_HEADER, size - 8):
         return b"", None
     header = f.read(n)
     try:
         entries = json.loads(header)
-    except ValueError:
+    except (ValueError, RecursionError):
         return b"", None
     if not isinstance(entries, dict):
         return b"", None
+    data = size - 8 - n
     spans = []
     for name in sorted(k for k in entries if k != "__metadata__"):
         offsets = entries[name].get("data_offsets") if isinstance(entries[name], dict) else None
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+                and 0 <= offsets[0] <= offsets[1] <= data):
             return b"", None
-        spans.append((min(size, 8 + n + offsets[0]), min(size, 8 + n + max(offsets))))
+        spans.append((8 + n + offsets[0], 8 + n + offsets[1]))
     return header, spans
 
 

@@ -252,7 +252,7 @@ def built_from_rank0(ranks: Ranks, base: Path, lora_rank: int) -> dict:
         AutoModelForCausalLM.from_pretrained = classmethod(lambda cls, *a, **k: (_ for _ in ()).throw(
             AssertionError("rank 1 read the weights")))
     try:
-        torch.manual_seed(5)  # LoRA's A on rank 0; rank 1's (meta) are never drawn
+        torch.manual_seed(5)  # LoRA's A: peft draws them on every rank; rank 0's are the ones broadcast
         model, _ = load_base(str(base), CPU, ranks)
     finally:
         AutoModelForCausalLM.from_pretrained = read

@@ -33,6 +33,13 @@ def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
     return all(torch.equal(x, y) for x, y in zip(a, b))
 
 
+def poisoned(loss: torch.Tensor, metrics: dict[str, float]) -> tuple[torch.Tensor, dict[str, float]]:
+    """A NaN loss and the metrics compute_loss reads back with it (the step's skip is decided
+    from ``mean_loss``, the loss's value in that one read). Its gradient stays finite (a NaN
+    constant added), so only that decision can skip the step: the gradient norm would not."""
+    return loss + float("nan"), metrics | {"mean_loss": float("nan")}
+
+
 def nan_loss_on(calls: set[int]):
     """compute_loss, but NaN on the listed calls (0-based) of this policy_update."""
     seen = []
@@ -40,7 +47,7 @@ def nan_loss_on(calls: set[int]):
     def compute_loss(*args, **kwargs):
         loss, metrics = real_compute_loss(*args, **kwargs)
         seen.append(1)
-        return (loss * float("nan") if len(seen) - 1 in calls else loss), metrics
+        return poisoned(loss, metrics) if len(seen) - 1 in calls else (loss, metrics)
 
     return compute_loss
 
@@ -136,7 +143,7 @@ def nan_on_large_advantages(*args, **kwargs):
     """NaN for a batch whose advantages exceed 2 (row 0's rewards 0, 5 under dr_grpo): the
     decision depends on the batch only, so a replay meets the same NaN."""
     loss, metrics = real_compute_loss(*args, **kwargs)
-    return (loss * float("nan") if args[4].abs().max() > 2 else loss), metrics
+    return poisoned(loss, metrics) if args[4].abs().max() > 2 else (loss, metrics)
 
 
 @pytest.mark.usefixtures("r_group")  # tests/unit/conftest.py

@@ -131,14 +131,26 @@ def test_per_token_advantages(loss):
     assert_same_step(per_token=True, policy_loss=loss, chunks=((2,), (0, 1)), budget=1, kl_beta=0.05)
 
 
-def test_a_nonfinite_chunk_skips_the_step():
+@pytest.mark.parametrize("how", ["nan advantages", "nan loss, finite gradient"])
+def test_a_nonfinite_chunk_skips_the_step(how, monkeypatch):
     cfg = legacy_config(prompt_groups_per_step=3, completions_per_prompt=G, trainer={"micro_batch_tokens": 30,
                                                                               "streaming": True})
     torch.manual_seed(0)
     model = build_model(0)
     before = [p.detach().clone() for p in model.parameters()]
     groups = groups_of(mixed_batch(model))
-    groups[1].advantages_G = torch.full((G,), float("nan"))
+    if how == "nan advantages":
+        groups[1].advantages_G = torch.full((G,), float("nan"))
+    else:  # only the loss's value read back decides: the gradient norm would let the step through
+        from rlstream.trainer import optimize
+
+        real = optimize.compute_loss
+
+        def nan_loss(*args, **kwargs):
+            loss, metrics = real(*args, **kwargs)
+            return loss + float("nan"), metrics | {"mean_loss": float("nan")}
+
+        monkeypatch.setattr(optimize, "compute_loss", nan_loss)
     step = StreamingStep(model, make_optimizer(model, cfg), cfg=cfg, pad_id=0, device=torch.device("cpu"),
                          precision=Precision())
     step.add(groups[:2])

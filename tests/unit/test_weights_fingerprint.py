@@ -4,6 +4,7 @@ same shapes apart, change with one tensor's values, ignore where the directory i
 bounded number of bytes whatever the model's size."""
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -56,5 +57,55 @@ def test_a_large_file_is_sampled_not_read(tmp_path: Path, monkeypatch):
 
 def test_no_weight_file_is_an_error(tmp_path: Path):
     (tmp_path / "config.json").write_text("{}")
-    with pytest.raises(ValueError, match="holds no weight file"):
+    with pytest.raises(ValueError, match="lacks the weight files from_pretrained would load"):
         weights.weights_fingerprint(tmp_path)
+
+
+def test_only_the_files_from_pretrained_loads_count(tmp_path: Path):
+    """An HF Trainer checkpoint used as a base holds an optimizer and its arguments beside the
+    weights: adding or deleting them is not another base."""
+    base = save_tiny_model(tmp_path / "base", seed=0)
+    before = weights.weights_fingerprint(base)
+    torch.save({"state": torch.randn(64)}, base / "optimizer.pt")
+    (base / "training_args.bin").write_bytes(b"\x00" * 100)
+    (base / "consolidated.safetensors").write_bytes(b"\xff" * 7)  # not loaded, not even valid
+    assert weights.weights_fingerprint(base) == before
+
+
+def test_a_sharded_base_is_the_files_its_index_maps(tmp_path: Path):
+    tensors = {f"layer{i}.weight": torch.randn(8, 8) for i in range(4)}
+    first, second = tmp_path / "model-00001-of-00002.safetensors", tmp_path / "model-00002-of-00002.safetensors"
+    save_file({k: tensors[k] for k in ("layer0.weight", "layer1.weight")}, first)
+    save_file({k: tensors[k] for k in ("layer2.weight", "layer3.weight")}, second)
+    weight_map = {k: f"model-0000{1 + i // 2}-of-00002.safetensors" for i, k in enumerate(sorted(tensors))}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    before = weights.weights_fingerprint(tmp_path)
+    save_file({"layer2.weight": tensors["layer2.weight"] + 1e-3, "layer3.weight": tensors["layer3.weight"]}, second)
+    assert weights.weights_fingerprint(tmp_path) != before
+    weight_map["layer3.weight"] = "../elsewhere/model-00002-of-00002.safetensors"  # read here, by its name only
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    assert weights.weights_fingerprint(tmp_path) == weights.weights_fingerprint(tmp_path)
+    second.unlink()
+    with pytest.raises(ValueError, match="model-00002-of-00002.safetensors"):
+        weights.weights_fingerprint(tmp_path)
+
+
+@pytest.mark.parametrize("header", [
+    b'{"w": {"dtype": "F32", "shape": [1], "data_offsets": [-5000, 4]}}',
+    b'{"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 1000000000000000000000000000000]}}',
+    b'{"w": {"dtype": "F32", "shape": [1], "data_offsets": [true, 4]}}',
+    b"[" * 100_000 + b"]" * 100_000,  # deeper than json's recursion
+    b'{"w": "not a tensor"}',
+    b"\xff\xfe not utf-8",
+])
+def test_an_odd_safetensors_file_is_sampled_as_plain_bytes(tmp_path: Path, header: bytes):
+    """A file the fingerprint cannot read as safetensors still gets one (a clean result, never
+    an exception), from its bytes: from_pretrained will say what is wrong with it."""
+    (tmp_path / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + b"\x01" * 64)
+    first = weights.weights_fingerprint(tmp_path)
+    assert first == weights.weights_fingerprint(tmp_path) and len(first) == 64
+
+
+def test_a_header_size_past_the_file_is_sampled_as_plain_bytes(tmp_path: Path):
+    (tmp_path / "model.safetensors").write_bytes((10 ** 12).to_bytes(8, "little") + b"{}")
+    assert len(weights.weights_fingerprint(tmp_path)) == 64
