@@ -203,6 +203,7 @@ def load_checkpoint(path: Path, model, optimizer, device, base_fingerprint: str 
                             "cannot carry over. Set lora_rank as the run that wrote it did, or start without it")
     if lora.is_lora(model) and base_fingerprint is not None:
         check_base(path, read_state(path).base_fingerprint, base_fingerprint)
+    kernels = [(group.get("fused"), group.get("foreach")) for group in optimizer.param_groups]
     if (path / DCP_DIR).is_dir():
         if lora.is_lora(model):
             lora.check_adapter_config(path, model)
@@ -210,7 +211,26 @@ def load_checkpoint(path: Path, model, optimizer, device, base_fingerprint: str 
         _set_rng(_load_trusted(_rng_file(path), torch.device("cpu")))
     else:
         _load_legacy(path, model, optimizer, device)
+    keep_kernels(optimizer, kernels)
     return read_state(path)
+
+
+def keep_kernels(optimizer, kernels: list[tuple[bool | None, bool | None]]) -> None:
+    """The optimizer's own choice of kernel (``make_optimizer``'s ``fused``/``foreach``, each
+    group's) over the loaded param groups': a checkpoint holds hyper-parameters, and how this
+    process computes the update is this device's business. Each ``step`` counter then goes where
+    that kernel keeps it, on the parameter's device for the fused (or capturable) one, on the
+    CPU for the others (one written before fused AdamW would otherwise run the unfused loop with
+    its counters on the device: two syncs a parameter a step on a GPU); design §15.96 AdamW runs
+    fused where the device has the kernel."""
+    for group, (fused, foreach) in zip(optimizer.param_groups, kernels):
+        group["fused"], group["foreach"] = fused, foreach
+        on_device = bool(fused or group.get("capturable"))
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            step = state.get("step")
+            if torch.is_tensor(step):
+                state["step"] = step.to(p.device if on_device else torch.device("cpu"))
 
 
 def check_base(path: Path, recorded: str | None, current: str) -> None:

@@ -334,6 +334,8 @@ def inference_drift(logprobs_B_T: Tensor, inf_logprobs_B_T: Tensor, mask_B_T: Te
     masked positions already 0."""
     tokens_B = mask_B_T.sum(-1)
     has_B = tokens_B > 0
+    dtype = torch.promote_types(logprobs_B_T.dtype, torch.float32)  # a bfloat16 caller's count stays exact
+    logprobs_B_T, inf_logprobs_B_T = logprobs_B_T.to(dtype), inf_logprobs_B_T.to(dtype)
     d_B_T = torch.where(mask_B_T, logprobs_B_T - inf_logprobs_B_T, torch.zeros_like(logprobs_B_T))
     k3_B_T = torch.where(mask_B_T, torch.exp(d_B_T.clamp(max=_LOG_RATIO_CLAMP)) - d_B_T - 1.0, torch.zeros_like(d_B_T))
     per_B = tokens_B.clamp(min=1).to(d_B_T.dtype)

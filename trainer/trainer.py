@@ -116,9 +116,9 @@ class Trainer:
         self.model, self.tokenizer = load_base(str(base), self.device, self.ranks)
         if cfg.lora_rank:  # peft adapters train, the base stays frozen
             self.model = lora.wrap(self.model, cfg)  # docs/design.md §15.38 LoRA through peft, merged when published
-        # what its (adapter) checkpoints hold it to: rank 0's reading, so that every rank decides alike
-        self.base_fingerprint = self.ranks.from_rank0(lora.base_fingerprint(self.model, base)
-                                                      if self.ranks.rank == 0 else None)
+        # what its (adapter) checkpoints hold it to: rank 0's reading (its error raised on every rank), so that
+        # every rank decides alike
+        self.base_fingerprint = self.ranks.from_rank0(sharded.on_rank0(lambda: lora.base_fingerprint(self.model, base)))
         # Float32 masters of the trainable weights (after the LoRA wrap: a frozen base keeps its dtype), before the
         # reference copies them (docs/design.md §15.40 Float32 masters, autocast compute, weights published as stored)
         self.precision = prepare(self.model, cfg.trainer.dtype, self.device, cfg.trainer.gradient_checkpointing)

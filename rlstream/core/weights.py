@@ -61,22 +61,43 @@ _MAX_HEADER = 100_000_000  # safetensors' own limit on a header's size
 
 
 def loaded_weight_files(directory: Path) -> list[Path]:
-    """The weight files ``from_pretrained`` loads from ``directory``, in its order of preference:
-    the files a safetensors index maps, else ``model.safetensors``, else those a PyTorch index
-    maps, else ``pytorch_model.bin``; else every ``*.safetensors`` file. Other files (an HF
-    Trainer checkpoint's ``optimizer.pt``, ``training_args.bin``) are not the model's weights."""
-    for index, single in (("model.safetensors.index.json", "model.safetensors"),
-                          ("pytorch_model.bin.index.json", "pytorch_model.bin")):
-        if (directory / index).is_file():
-            try:
-                mapped = json.loads((directory / index).read_text())["weight_map"].values()
-            except (ValueError, KeyError, TypeError, AttributeError) as exc:
-                raise ValueError(f"{directory / index} is not a weights index ({exc})") from None
-            # names inside the directory only: an index is data, never a path to follow elsewhere
-            return [directory / name for name in sorted({Path(str(n)).name for n in mapped})]
-        if (directory / single).is_file():
-            return [directory / single]
-    return sorted(directory.glob("*.safetensors"))
+    """The weight files ``from_pretrained`` loads from ``directory``, in its order of preference
+    (transformers 5): the file ``config.json``'s ``transformers_weights`` names, else
+    ``model.safetensors``, else the files its index maps, else ``pytorch_model.bin``, else the
+    files its index maps; [] when there is none. Other files (an HF Trainer checkpoint's
+    ``optimizer.pt``, ``training_args.bin``, an index left behind by an earlier sharded save) are
+    not the model's weights. A name from a file (the config, an index) must stay inside
+    ``directory``: data, never a path to follow elsewhere."""
+    explicit = None
+    try:
+        explicit = json.loads((directory / "config.json").read_text()).get("transformers_weights")
+    except (OSError, ValueError, AttributeError):
+        pass
+    candidates = [str(explicit)] if explicit else []
+    candidates += ["model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                   "pytorch_model.bin.index.json"]
+    for name in candidates:
+        path = _inside(directory, name)
+        if not path.is_file():
+            continue
+        if not name.endswith(".index.json"):
+            return [path]
+        try:
+            mapped = json.loads(path.read_text())["weight_map"].values()
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"{path} is not a weights index ({exc})") from None
+        return sorted({_inside(directory, str(n)) for n in mapped})
+    return []
+
+
+def _inside(directory: Path, name: str) -> Path:
+    """``directory / name`` for a relative name that stays inside it once normalised (a link
+    inside the directory is followed as from_pretrained follows it: the Hub's cache links
+    every file to its blob)."""
+    relative = Path(os.path.normpath(name))
+    if relative.is_absolute() or relative.parts[:1] == ("..",):
+        raise ValueError(f"{directory}: weight file {name!r} is outside the model directory")
+    return directory / relative
 
 
 def weights_fingerprint(directory: str | Path) -> str:
@@ -98,7 +119,7 @@ def weights_fingerprint(directory: str | Path) -> str:
     h = hashlib.sha256()
     for path in files:
         size = path.stat().st_size
-        h.update(f"{path.name}\0{size}\n".encode())
+        h.update(f"{path.relative_to(directory).as_posix()}\0{size}\n".encode())
         with path.open("rb") as f:
             header, spans = _tensor_spans(f, size) if path.suffix == ".safetensors" else (b"", None)
             h.update(header)

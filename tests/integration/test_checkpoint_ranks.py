@@ -39,6 +39,7 @@ from rlstream.trainer.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from rlstream.trainer.optimize import make_optimizer
 from rlstream.trainer.precision import prepare
 from rlstream.trainer.ranks import Ranks
 from rlstream.trainer.ranks import shard as shard_as_trainer
@@ -50,8 +51,9 @@ GROUP_TIMEOUT_S = 600
 
 
 def optimizer_of(model) -> torch.optim.AdamW:
-    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, betas=(0.9, 0.95),
-                             weight_decay=0.01)
+    """The trainer's AdamW (``make_optimizer``: fused on the CPU), so that its state is saved and
+    loaded at another number of ranks as a run's is."""
+    return make_optimizer(model, Config(learning_rate=1e-2))
 
 
 def train_step(model, optimizer, seed: int) -> None:

@@ -15,8 +15,10 @@ from rlstream.trainer.checkpoint import (
     checkpoint_dir,
     complete_checkpoints,
     holds_commit,
+    load_checkpoint,
     read_state,
     rng_untouched,
+    save_checkpoint,
 )
 from rlstream.trainer.resume import loss_matches, usable_checkpoint
 
@@ -110,3 +112,30 @@ def test_a_checkpoint_of_another_model_is_refused(tmp_path):
     save_file({"other.weight": torch.zeros(2)}, str(tmp_path / "model.safetensors"))
     with pytest.raises(RlstreamError, match="does not fit the model .*unexpected \\['other.weight'\\]"):
         load_checkpoint(tmp_path, model, torch.optim.SGD(model.parameters(), lr=0.1), torch.device("cpu"))
+
+
+def test_a_checkpoint_of_an_unfused_adamw_resumes_with_this_device_s_kernel(tmp_path):
+    """docs/design.md §15.96 AdamW runs fused where the device has the kernel: a checkpoint's param groups
+    (``fused: None`` in one written before) do not choose the kernel; each step counter goes where
+    the chosen kernel keeps it, and the update after the load is the one the moments hold."""
+    from factories import legacy_config
+
+    from rlstream.builtin.tiny_model import build_model, build_tokenizer
+    from rlstream.trainer.optimize import make_optimizer
+
+    model = build_model(0)
+    old = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.01)  # as before
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 0.1)
+    old.step()
+    path = save_checkpoint(tmp_path, CheckpointState(1, 1, "1-0", 0), model, build_tokenizer(), old)
+    fresh = build_model(1)
+    optimizer = make_optimizer(fresh, legacy_config(learning_rate=1e-3))
+    load_checkpoint(path, fresh, optimizer, torch.device("cpu"))
+    assert all(group["fused"] is True for group in optimizer.param_groups)
+    steps = [optimizer.state[p]["step"] for p in fresh.parameters()]
+    assert all(float(s) == 1.0 and s.device == p.device for s, p in zip(steps, fresh.parameters()))
+    for p in fresh.parameters():
+        p.grad = torch.full_like(p, 0.1)
+    optimizer.step()  # the fused kernel, on the loaded moments
+    assert all(float(optimizer.state[p]["step"]) == 2.0 for p in fresh.parameters())

@@ -74,20 +74,41 @@ def test_only_the_files_from_pretrained_loads_count(tmp_path: Path):
 
 def test_a_sharded_base_is_the_files_its_index_maps(tmp_path: Path):
     tensors = {f"layer{i}.weight": torch.randn(8, 8) for i in range(4)}
-    first, second = tmp_path / "model-00001-of-00002.safetensors", tmp_path / "model-00002-of-00002.safetensors"
+    (tmp_path / "sub").mkdir()
+    first, second = tmp_path / "model-00001-of-00002.safetensors", tmp_path / "sub" / "model-00002-of-00002.safetensors"
     save_file({k: tensors[k] for k in ("layer0.weight", "layer1.weight")}, first)
     save_file({k: tensors[k] for k in ("layer2.weight", "layer3.weight")}, second)
-    weight_map = {k: f"model-0000{1 + i // 2}-of-00002.safetensors" for i, k in enumerate(sorted(tensors))}
-    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    weight_map = {k: "model-00001-of-00002.safetensors" for k in ("layer0.weight", "layer1.weight")}
+    weight_map |= {k: "sub/model-00002-of-00002.safetensors" for k in ("layer2.weight", "layer3.weight")}
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": weight_map}))
     before = weights.weights_fingerprint(tmp_path)
     save_file({"layer2.weight": tensors["layer2.weight"] + 1e-3, "layer3.weight": tensors["layer3.weight"]}, second)
-    assert weights.weights_fingerprint(tmp_path) != before
-    weight_map["layer3.weight"] = "../elsewhere/model-00002-of-00002.safetensors"  # read here, by its name only
-    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    assert weights.weights_fingerprint(tmp_path) == weights.weights_fingerprint(tmp_path)
+    assert weights.weights_fingerprint(tmp_path) != before  # a shard in a subfolder, as the index names it
+    weight_map["layer3.weight"] = "../elsewhere/model-00002-of-00002.safetensors"
+    index.write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(ValueError, match="outside the model directory"):  # an index is data, not a path to follow
+        weights.weights_fingerprint(tmp_path)
+    weight_map["layer3.weight"] = "sub/model-00002-of-00002.safetensors"
+    index.write_text(json.dumps({"weight_map": weight_map}))
     second.unlink()
     with pytest.raises(ValueError, match="model-00002-of-00002.safetensors"):
         weights.weights_fingerprint(tmp_path)
+
+
+def test_the_files_are_the_ones_from_pretrained_prefers(tmp_path: Path):
+    """A model saved sharded, then unsharded into the same directory, leaves the old index
+    behind; from_pretrained loads model.safetensors (transformers 5 prefers it to the index),
+    and so does the fingerprint."""
+    base = save_tiny_model(tmp_path / "base", seed=0)
+    before = weights.weights_fingerprint(base)
+    (base / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "gone-00001.safetensors"}}))
+    assert weights.weights_fingerprint(base) == before
+    assert weights.loaded_weight_files(base) == [base / "model.safetensors"]
+    config = json.loads((base / "config.json").read_text())
+    shutil.copy(base / "model.safetensors", base / "other.safetensors")
+    (base / "config.json").write_text(json.dumps(config | {"transformers_weights": "other.safetensors"}))
+    assert weights.loaded_weight_files(base) == [base / "other.safetensors"]  # the config's choice first
 
 
 @pytest.mark.parametrize("header", [
