@@ -49,20 +49,21 @@ def load_base(path: str, device: torch.device, ranks: Ranks = SINGLE):
 
     if not ranks.distributed:
         return load_model_and_tokenizer(path, device)
+    if ranks.rank == 0:  # onto the CPU: its shards reach the devices in ranks.shard
+        model, tokenizer = load_model_and_tokenizer(path, torch.device("cpu"))
+        broadcast_dtypes(model, ranks)
+        return model, tokenizer
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path) if ranks.rank == 0 else None
-    dtypes = broadcast_dtypes(model, ranks)
-    if model is None:
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
-        for name, t in [*model.named_parameters(), *model.named_buffers()]:
-            if name not in dtypes:
-                raise RlstreamError(f"{path}: rank {ranks.rank} built {name!r} from the config, which rank 0's "
-                                    "model does not have; sharding needs the same modules on every rank")
-            t.data = t.data.to(dtypes[name])  # meta: no memory
-    return model, tokenizer
+    dtypes = broadcast_dtypes(None, ranks)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if name not in dtypes:
+            raise RlstreamError(f"{path}: rank {ranks.rank} built {name!r} from the config, which rank 0's "
+                                "model does not have; sharding needs the same modules on every rank")
+        t.data = t.data.to(dtypes[name])  # meta: no memory
+    return model, AutoTokenizer.from_pretrained(path)
 
 
 def load_reference(cfg: Config, model, tokenizer, device, ranks: Ranks = SINGLE):

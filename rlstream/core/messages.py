@@ -50,9 +50,9 @@ def _no_text_or_bool(value: Any) -> Any:
     """Scalars of RolloutRecord are numbers, never coerced from text or bools (a sample's fields
     come from the user's dataclass unchecked, so the check lives on the fields, not only in
     ``model_validate(strict=True)``); numpy scalars still pass."""
-    if isinstance(value, (str, bytes, bool)):
-        raise ValueError(f"expected a number, got {type(value).__name__}")
-    return value
+    if isinstance(value, bool):
+        raise ValueError("expected a number, got bool")
+    return _no_text(value)
 
 
 def _no_text(value: Any) -> Any:
