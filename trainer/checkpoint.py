@@ -353,7 +353,10 @@ _METADATA_GLOBALS = frozenset(
 
 class _MetadataUnpickler(pickle.Unpickler):
     """A DCP ``.metadata`` file as plain data: any global outside ``_METADATA_GLOBALS`` (or a
-    torch dtype) is refused before anything is called."""
+    torch dtype) is refused before anything is called. Not torch's own weights-only unpickler
+    (what ``torch.load(weights_only=True)`` uses): DCP writes this file with ``pickle.dump`` at
+    protocol 4, whose FRAME opcode (149) that unpickler refuses (torch 2.13, measured); and not
+    msgpack: the format is torch's."""
 
     def find_class(self, module: str, name: str):
         dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
