@@ -2,13 +2,19 @@
 
     python bench/trainer_memory.py                       # 32 x 400 tokens: whole batch vs budget 2048
     python bench/trainer_memory.py --variants whole 4096 2048 1024 2048:bfloat16 2048:checkpointing --rounds 3
+    python bench/trainer_memory.py --prompt 300 --vocab 32768 --baseline ../old-tree   # this code vs another tree's
 
-A ~10M-parameter Qwen2 model built from a transformers config (vocabulary 8192, hidden 256,
-8 layers; random weights, nothing downloaded) runs ``policy_update`` (the trainer's own step:
-grpo, token_mean, AdamW) on a batch of B rows x N tokens (a 100-token prompt, the rest
-trained), once per variant: ``whole`` (one forward), or a ``micro_batch_tokens`` budget,
-optionally with ``:bfloat16`` / ``:float16`` (``trainer.dtype``) and ``:checkpointing``
-(``trainer.gradient_checkpointing``).
+A ~10M-parameter Qwen2 model built from a transformers config (vocabulary 8192 unless
+``--vocab``, hidden 256, 8 layers; random weights, nothing downloaded) runs ``policy_update``
+(the trainer's own step: grpo, token_mean, AdamW) on a batch of B rows x N tokens (a
+``--prompt``-token prompt, 100 unless given, the rest trained), once per variant: ``whole``
+(one forward), or a ``micro_batch_tokens`` budget, optionally with ``:bfloat16`` /
+``:float16`` (``trainer.dtype``) and ``:checkpointing`` (``trainer.gradient_checkpointing``).
+
+``--baseline DIR`` runs every variant also with another tree's code (DIR/.venv's Python, in
+which that tree is installed, running this script's child), round by round beside this
+tree's: how a change to the step moves its memory and time on the same machine at the same
+moment.
 
 Each variant is a child process of its own (``--child``), so that its peak resident set is
 its own: the child reports ``getrusage(RUSAGE_SELF).ru_maxrss`` once the step is done
@@ -30,6 +36,7 @@ import subprocess
 import sys
 import time
 from datetime import date
+from pathlib import Path
 
 
 def child(args: argparse.Namespace) -> dict:
@@ -43,7 +50,7 @@ def child(args: argparse.Namespace) -> dict:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=8192, hidden_size=256, intermediate_size=1024, num_hidden_layers=8,
+    config = Qwen2Config(vocab_size=args.vocab, hidden_size=256, intermediate_size=1024, num_hidden_layers=8,
                          num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=args.tokens,
                          tie_word_embeddings=True)
     model = AutoModelForCausalLM.from_config(config).train()
@@ -56,7 +63,7 @@ def child(args: argparse.Namespace) -> dict:
     B, N = args.rows, args.tokens
     tokens = torch.randint(0, config.vocab_size, (B, N), generator=g)
     mask = torch.zeros(B, N - 1)
-    mask[:, 99:] = 1.0  # a 100-token prompt, the rest generated
+    mask[:, args.prompt - 1:] = 1.0  # the prompt's tokens, then the generated ones (trained)
     # Behaviour logprobs near the random model's own (about -log V), so the TIS weights are about 1.
     inf = -math.log(config.vocab_size) + 0.1 * torch.randn(B, N - 1, generator=g)
     batch = Batch(tokens, torch.ones_like(tokens), inf, mask, torch.randn(B, generator=g))
@@ -69,11 +76,11 @@ def child(args: argparse.Namespace) -> dict:
             "peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
 
 
-def run_variant(args: argparse.Namespace, variant: str) -> dict:
+def run_variant(args: argparse.Namespace, variant: str, python: str = sys.executable) -> dict:
     budget, *options = variant.split(":")
     dtype = next((o for o in options if o in ("bfloat16", "float16")), "float32")
-    cmd = [sys.executable, __file__, "--child", "--rows", str(args.rows), "--tokens", str(args.tokens),
-           "--threads", str(args.threads), "--dtype", dtype]
+    cmd = [python, __file__, "--child", "--rows", str(args.rows), "--tokens", str(args.tokens),
+           "--prompt", str(args.prompt), "--vocab", str(args.vocab), "--threads", str(args.threads), "--dtype", dtype]
     cmd += [] if budget == "whole" else ["--budget", str(int(budget))]
     cmd += ["--checkpointing"] if "checkpointing" in options else []
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -87,6 +94,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, default=32)
     p.add_argument("--tokens", type=int, default=400)
+    p.add_argument("--prompt", type=int, default=100, help="prompt tokens of each row (the rest are trained)")
+    p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--baseline", type=Path, default=None,
+                   help="another tree (with DIR/.venv) whose code runs every variant too, round by round")
     p.add_argument("--variants", nargs="+", default=["whole", "2048"],
                    help="whole | BUDGET[:bfloat16|:float16][:checkpointing]")
     p.add_argument("--rounds", type=int, default=2)
@@ -103,18 +114,30 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(args)))
         return
-    variants = args.variants
+    if not 1 <= args.prompt < args.tokens:
+        raise SystemExit(f"--prompt {args.prompt}: between 1 and --tokens - 1 ({args.tokens - 1})")
+    trees = {"": sys.executable}
+    if args.baseline is not None:
+        python = args.baseline.resolve() / ".venv/bin/python"
+        if not python.exists():
+            raise SystemExit(f"--baseline {args.baseline}: no {python}; install that tree first "
+                             "(python3 -m venv .venv && .venv/bin/pip install -e .)")
+        trees = {"this tree: ": sys.executable, "baseline: ": str(python)}
+    variants = [tree + v for v in args.variants for tree in trees]
     print(f"trainer memory benchmark  {date.today()}  {platform.machine()} {os.cpu_count()} cpus  "
           f"load avg {os.getloadavg()[0]:.2f} at start")
     import torch
     import transformers
 
     print(f"python {platform.python_version()}  torch {torch.__version__}  transformers {transformers.__version__}  "
-          f"{args.rows} x {args.tokens} tokens, {args.threads} torch thread(s), {args.rounds} rounds interleaved")
+          f"{args.rows} x {args.tokens} tokens ({args.prompt}-token prompts), vocabulary {args.vocab}, "
+          f"{args.threads} torch thread(s), {args.rounds} rounds interleaved"
+          + (f"; baseline {args.baseline}" if args.baseline else ""))
     results: dict[str, list[dict]] = {v: [] for v in variants}
     for _ in range(args.rounds):
-        for v in variants:
-            results[v].append(run_variant(args, v))
+        for tree_variant in variants:
+            tree = next(t for t in trees if tree_variant.startswith(t))
+            results[tree_variant].append(run_variant(args, tree_variant[len(tree):], trees[tree]))
     first = results[variants[0]][0]
     print(f"model: {first['params'] / 1e6:.1f}M parameters; peak RSS is the process's (Python, torch and the "
           "model included), 'the step' its growth during the step; step time: mean (min-max)\n")

@@ -25,6 +25,9 @@ task's exact-match reward; every round trains on that content under fresh group 
   Lua script, publish, metrics.jsonl; a checkpoint every ``dcp_save_interval`` steps). Waiting for
   rollouts is not in it: the stream already holds the batches. Its parts are timed by wrappers
   around the trainer's calls (a few microseconds each).
+- **(c) = (b) without its gather**: ``train_step`` alone, the step once its batch is in hand. A
+  run's metrics count the gather (the read, the decode, the groups' assembly and scoring) as
+  waiting for rollouts (``perf/trainer_wait_for_sampler_time``), the rest as the step.
 
 Each variant runs ``--block`` steps in a row (8), and its time is the block's divided by them:
 the trainer writes a version's weights beside the next step (docs/design.md §15.79 Weights are
@@ -337,6 +340,10 @@ def run_setting(t: Trainer, r, batch, clock: PartClock, threads: int, rounds: in
         row["ratio.optimize"], row["ratio.step"] = row["optimize"] / row["bare"], row["step.total"] / row["bare"]
         row["ratio.step_cpu"] = row["step.cpu"] / row["bare.cpu"]
         row["ratio.step_nc"] = row["step.total"] / row["bare_nc"]
+        # (c): what the trainer does once the batch is in hand; its run counts the read as waiting for
+        # rollouts (perf/trainer_wait_for_sampler_time starts before gather)
+        row["step.train_step"] = row["step.total"] - row.get("step.gather", 0.0)
+        row["ratio.train_step"] = row["step.train_step"] / row["bare"]
         if i >= warmup:
             for key, value in row.items():
                 samples[key].append(value)
@@ -371,6 +378,8 @@ ROWS = [  # (label, key)
     ("(b) + the block's last version written and published", "step.drained"),
     ("(a) / bare, the median of each round's ratio", "ratio.optimize"),
     ("(b) / bare, the median of each round's ratio", "ratio.step"),
+    ("(c) = (b) without gather: train_step, the step once its batch is in hand", "step.train_step"),
+    ("(c) / bare, the median of each round's ratio", "ratio.train_step"),
     ("bare torch step without the KV cache (use_cache=False, as rlstream's forwards)", "bare_nc"),
     ("(b) / bare without the KV cache, the median of each round's ratio", "ratio.step_nc"),
     ("bare, CPU of its thread", "bare.cpu"),

@@ -140,11 +140,14 @@ def overdue_unseen(unseen: dict[str, float], noticed: list[str], now: float, lim
 class Batch:
     tokens_B_N: torch.Tensor  # long, right-padded
     attention_B_N: torch.Tensor  # 1 on real tokens
-    inf_logprobs_B_T: torch.Tensor  # behaviour logprobs aligned to targets, T = N - 1
+    inf_logprobs_B_T: torch.Tensor  # behaviour logprobs aligned to targets: T = N - 1 - first
     mask_B_T: torch.Tensor  # float, 1 on trained targets
     advantages_B: torch.Tensor
     # One advantage per target (IGPO's turns), used instead of advantages_B; None = advantages_B on every token.
     advantages_B_T: torch.Tensor | None = None
+    # The (B, T) columns are the targets tokens_B_N[:, first + 1:]: a micro-batch leaves out the columns before
+    # its first trained target (``micro_batch.rows_of``), whose logits no loss reads.
+    first: int = 0
 
     @property
     def advantages(self) -> torch.Tensor:

@@ -85,6 +85,10 @@ class AdapterDisabled(torch.nn.Module):
         super().__init__()
         self.__dict__["policy"] = policy  # not a submodule: its parameters are not the reference's
 
+    def get_base_model(self):
+        """The model the forward runs (peft's name for it): what ``policy_model.keeps_logits`` asks."""
+        return self.policy.get_base_model()
+
     def forward(self, **inputs):
         was_training = self.policy.training
         if was_training:  # the trainer keeps its policy in eval mode: no switch (each walks every module)

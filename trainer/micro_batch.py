@@ -48,11 +48,20 @@ def pack_by_length(lengths_B: torch.Tensor, rows: torch.Tensor, budget: int | No
 
 
 def rows_of(batch: Batch, rows: torch.Tensor) -> Batch:
-    """The micro-batch of ``rows``, cut to its longest row (N tokens, T = N - 1 targets)."""
-    N = int(batch.attention_B_N[rows].sum(-1).max())
-    adv_B_T = None if batch.advantages_B_T is None else batch.advantages_B_T[rows, :N - 1]
-    return Batch(batch.tokens_B_N[rows, :N], batch.attention_B_N[rows, :N], batch.inf_logprobs_B_T[rows, :N - 1],
-                 batch.mask_B_T[rows, :N - 1], batch.advantages_B[rows], adv_B_T)
+    """The micro-batch of ``rows``, cut to its longest row (N tokens) and its targets cut to
+    those from its first trained one on (the columns before it hold no trained target in any
+    row: a prompt's, whose logits nothing reads; docs/design.md §15.97 Logits only where a
+    target is trained). Both read from the device at once."""
+    mask_B_T = batch.mask_B_T[rows] != 0
+    T = mask_B_T.shape[1]
+    # a row's first trained column (argmax: the first of its maxima); T for a row with none
+    first_B = torch.where(mask_B_T.any(-1), mask_B_T.byte().argmax(-1), T)
+    N, skip = torch.stack([batch.attention_B_N[rows].sum(-1).max(), first_B.min()]).tolist()
+    end = N - 1 - batch.first  # the targets the longest row has, in the batch's columns
+    skip = min(skip, max(end - 1, 0))  # no trained target at all: one column left, the loss of nothing
+    adv_B_T = None if batch.advantages_B_T is None else batch.advantages_B_T[rows, skip:end]
+    return Batch(batch.tokens_B_N[rows, :N], batch.attention_B_N[rows, :N], batch.inf_logprobs_B_T[rows, skip:end],
+                 batch.mask_B_T[rows, skip:end], batch.advantages_B[rows], adv_B_T, first=batch.first + skip)
 
 
 def placeholder(batch: Batch) -> Batch:

@@ -176,10 +176,10 @@ def minibatch_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, bat
     acc, finite = MicroMetrics(), True
     for n, rows in enumerate(micro):
         mb = micro_of(batch, rows)
-        T = mb.mask_B_T.shape[1]
+        cols = slice(mb.first - batch.first, mb.first - batch.first + mb.mask_B_T.shape[1])  # mb's, in batch's
         empty = not len(rows)  # a placeholder (ranks.even_out): nothing trained, the mask holds no token
-        old = None if old_B_T is None or empty else old_B_T[rows, :T]
-        ref = None if ref_B_T is None else torch.zeros_like(mb.inf_logprobs_B_T) if empty else ref_B_T[rows, :T]
+        old = None if old_B_T is None or empty else old_B_T[rows, cols]
+        ref = None if ref_B_T is None else torch.zeros_like(mb.inf_logprobs_B_T) if empty else ref_B_T[rows, cols]
         graph = finite or ranks.distributed
         ranks.sync_gradients(model, n == len(micro) - 1)
         loss, metrics = micro_loss(model, mb, old, ref, cfg=cfg, precision=precision, denominator=denominator,
@@ -207,7 +207,7 @@ def micro_loss(model: torch.nn.Module, mb: Batch, old_B_T: torch.Tensor | None, 
     """One micro-batch's forward and loss (its share: ``denominator`` is its (mini)batch's) with
     its metrics; ``old_B_T`` None = the live forward's own logprobs, detached."""
     with torch.set_grad_enabled(grad), precision.autocast():
-        logprobs_B_T = token_logprobs(model, mb.tokens_B_N, mb.attention_B_N, cfg.temperature)
+        logprobs_B_T = token_logprobs(model, mb.tokens_B_N, mb.attention_B_N, cfg.temperature, mb.first)
     return compute_loss(cfg.policy_loss, logprobs_B_T, logprobs_B_T.detach() if old_B_T is None else old_B_T,
                         mb.inf_logprobs_B_T, mb.advantages, mb.mask_B_T, ref_logprobs=ref_B_T,
                         config=LossConfig.of(cfg), denominator=denominator)
@@ -217,14 +217,16 @@ def micro_loss(model: torch.nn.Module, mb: Batch, old_B_T: torch.Tensor | None, 
 def frozen_logprobs(model: torch.nn.Module, batch: Batch, micro: list[torch.Tensor], temperature: float,
                     precision: Precision) -> torch.Tensor:
     """(B, T) logprobs of weights no step of this batch changes (the old policy before the
-    update, the reference), on the training forwards' micro-batches; 0 past each row's end."""
+    update, the reference), on the training forwards' micro-batches (their columns); 0 past
+    each row's end and before its micro-batch's first trained target (``rows_of``)."""
     out_B_T = torch.zeros_like(batch.inf_logprobs_B_T)
     for rows in micro:
         mb = micro_of(batch, rows)
         with precision.autocast():
-            logprobs_B_T = token_logprobs(model, mb.tokens_B_N, mb.attention_B_N, temperature)
+            logprobs_B_T = token_logprobs(model, mb.tokens_B_N, mb.attention_B_N, temperature, mb.first)
         if len(rows):  # a placeholder's forward only keeps the ranks' collectives in step
-            out_B_T[rows, :mb.mask_B_T.shape[1]] = logprobs_B_T
+            start = mb.first - batch.first
+            out_B_T[rows, start:start + mb.mask_B_T.shape[1]] = logprobs_B_T
     return out_B_T
 
 

@@ -6,6 +6,8 @@ written by ``checkpoint.save_checkpoint`` with the same non-finite guard).
 from __future__ import annotations
 
 import copy
+import functools
+import inspect
 import logging
 import shutil
 from collections.abc import Callable, Iterable
@@ -83,8 +85,15 @@ def load_reference(cfg: Config, model, tokenizer, device, ranks: Ranks = SINGLE)
 
 
 def token_logprobs(model: torch.nn.Module, tokens_B_N: torch.Tensor, attention_B_N: torch.Tensor,
-                   temperature: float) -> torch.Tensor:
-    """log pi(token_t | tokens_<t) for t = 1..N-1, at the sampling temperature: (B, N-1).
+                   temperature: float, first: int = 0) -> torch.Tensor:
+    """log pi(token_t | tokens_<t) for t = first+1..N-1, at the sampling temperature: (B, N-1-first).
+
+    ``first`` > 0: the logits of positions before ``first`` are never computed (a micro-batch's
+    prompt columns, which no loss reads; ``micro_batch.rows_of``): transformers' causal LMs
+    apply their output head to the last ``N - first`` positions only (``logits_to_keep``), a
+    model without that option has its logits sliced. At a 150k vocabulary the head and its
+    float32 logits are the largest part of a forward's memory, and they grow with the prompt
+    (docs/design.md §15.97 Logits only where a target is trained).
 
     The forward runs with dropout off (eval mode for the call, the caller's mode restored
     after; autograd is unaffected by eval mode). The RL objective is defined on the
@@ -113,15 +122,33 @@ def token_logprobs(model: torch.nn.Module, tokens_B_N: torch.Tensor, attention_B
         # use_cache=False: a scoring forward has no next token to decode; the KV cache the model's
         # config asks for by default is built layer by layer and thrown away (~1% of the update on the built-in
         # model). Only to a model whose config has the setting: a plain module's forward may not take it.
-        no_cache = {"use_cache": False} if hasattr(getattr(model, "config", None), "use_cache") else {}
-        logits_B_T_V = model(input_ids=tokens_B_N, attention_mask=attention_B_N, **no_cache).logits[:, :-1].float()
+        options = {"use_cache": False} if hasattr(getattr(model, "config", None), "use_cache") else {}
+        keep = first > 0 and keeps_logits(model)
+        if keep:
+            options["logits_to_keep"] = tokens_B_N.shape[1] - first  # positions first..N-1
+        logits_B_N_V = model(input_ids=tokens_B_N, attention_mask=attention_B_N, **options).logits
+        logits_B_T_V = (logits_B_N_V if keep else logits_B_N_V[:, first:])[:, :-1].float()
     finally:
         if was_training or checkpointed:
             model.train(was_training and not checkpointed)
     if temperature != 1.0:  # x / 1.0 is x: one op less forward and backward
         logits_B_T_V = logits_B_T_V / temperature
     logprobs_B_T_V = torch.log_softmax(logits_B_T_V, dim=-1)
-    return logprobs_B_T_V.gather(-1, tokens_B_N[:, 1:, None])[..., 0]
+    return logprobs_B_T_V.gather(-1, tokens_B_N[:, first + 1:, None])[..., 0]
+
+
+def keeps_logits(model: torch.nn.Module) -> bool:
+    """Whether ``model``'s forward takes transformers' ``logits_to_keep`` (its output head
+    applied to the last positions only); a wrapper that calls another model (peft's, the LoRA
+    reference: ``get_base_model``) answers for that one."""
+    while hasattr(model, "get_base_model") and model.get_base_model() is not model:
+        model = model.get_base_model()
+    return _forward_takes(type(model), "logits_to_keep")
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_takes(cls: type, name: str) -> bool:
+    return name in inspect.signature(cls.forward).parameters
 
 
 def all_finite(model: torch.nn.Module) -> bool:

@@ -332,3 +332,12 @@ def test_a_lora_run_records_its_base_and_a_new_run_on_another_base_refuses_it(r,
     bad = lora_cfg(tmp_path, run_id="other-base", base_model=str(other), init_from_checkpoint=str(checkpoint))
     with pytest.raises(RlstreamError, match="trained on other base weights"):
         Trainer(bad, r, bad.run_dir())
+
+
+def test_the_lora_policy_and_its_reference_keep_only_the_trained_targets_logits():
+    # peft's wrapper and the adapter-less reference pass logits_to_keep on to the model they run
+    # (docs/design.md §15.97 Logits only where a target is trained)
+    from rlstream.trainer.policy_model import keeps_logits
+
+    model = wrapped()
+    assert keeps_logits(model) and keeps_logits(lora.AdapterDisabled(model))

@@ -171,3 +171,86 @@ def test_a_step_that_does_not_fit_says_what_to_do(monkeypatch, budget, advice):
         train(budget, steps=1)
     assert advice in str(info.value)
     assert "Tried to allocate 7.62 GiB" in str(info.value) and "samples stay pending" in str(info.value)
+
+
+# ----------------------------------------------------------------- logits only where a target is trained
+def every_column(batch: Batch, rows: torch.Tensor) -> Batch:
+    """The micro-batch as it was before docs/design.md §15.97 Logits only where a target is trained:
+    every target column, the logits of every position."""
+    N = int(batch.attention_B_N[rows].sum(-1).max())
+    adv_B_T = None if batch.advantages_B_T is None else batch.advantages_B_T[rows, :N - 1]
+    return Batch(batch.tokens_B_N[rows, :N], batch.attention_B_N[rows, :N], batch.inf_logprobs_B_T[rows, :N - 1],
+                 batch.mask_B_T[rows, :N - 1], batch.advantages_B[rows], adv_B_T)
+
+
+@pytest.mark.numeric
+@pytest.mark.parametrize("budget", [None, 1, 30])
+@pytest.mark.parametrize("overrides", [
+    {"policy_loss": "grpo", "kl_beta": 0.05, "ppo_n_minibatches": 2},
+    {"policy_loss": "gspo", "normalization": "sequence_mean", "anchor_logp": "rollout", "tis": {"cap": 1.2}},
+], ids=["grpo-kl-minibatches", "gspo-rollout-tis"])
+def test_the_step_on_the_trained_targets_logits_is_the_step_on_every_positions(monkeypatch, budget, overrides):
+    # The prompts' columns left out of each micro-batch (with the head applied to the rest only) change no
+    # gradient, weight or metric: the same steps as with the logits of every position, to float32 rounding.
+    from rlstream.trainer import micro_batch
+
+    overrides = {"ppo_n_minibatches": 1, **overrides}
+    cut, cut_steps = train(budget, **overrides)
+    with monkeypatch.context() as m:
+        m.setattr(micro_batch, "rows_of", every_column)
+        whole, whole_steps = train(budget, follow=cut_steps, **overrides)
+        _, rows = train(1, follow=cut_steps, magnitudes=True, **overrides)
+    report: list[tuple[str, float]] = []
+    compare_steps(whole_steps, cut_steps, rows, report)
+    k = len(cut_steps.steps) // len(cut)
+    for s, (w, c) in enumerate(zip(whole, cut)):
+        compare_metrics(w, c, rows, slice(s * k, (s + 1) * k), report,
+                        normalization=overrides.get("normalization", legacy_config().normalization))
+    print("largest error / tolerance:", max(report, key=lambda x: x[1]))
+
+
+def prompted_batch(B: int = 6, prompt: int = 10, completion: int = 3) -> Batch:
+    g = torch.Generator().manual_seed(3)
+    N = prompt + completion
+    tokens = torch.randint(3, 16, (B, N), generator=g)
+    mask = torch.zeros(B, N - 1)
+    mask[:, prompt - 1:] = 1.0  # the completion's targets
+    mask[0, prompt - 3] = 1.0  # one row's trained target starts earlier (a multi-turn row's earlier turn)
+    return Batch(tokens, torch.ones_like(tokens), torch.full((B, N - 1), -2.0), mask, torch.randn(B, generator=g))
+
+
+def test_the_output_head_sees_only_the_positions_from_the_first_trained_target():
+    cfg = legacy_config(prompt_groups_per_step=2, completions_per_prompt=3, ppo_n_minibatches=2, kl_beta=0.05)
+    model = build_model(0)
+    ref = copy.deepcopy(model).eval().requires_grad_(False)
+    seen: list[int] = []
+    for m in (model, ref):
+        m.lm_head.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[1]))
+    policy_update(model, make_optimizer(model, cfg), prompted_batch(), cfg=cfg, lr=1e-3, ref_model=ref)
+    # 13 tokens. Minibatch 1 (rows 0-2): the earliest trained target is row 0's token 8, predicted at position
+    # 7: positions 7..12 (the last one's logits predict nothing). Minibatch 2 (rows 3-5): token 10, positions
+    # 9..12. The old policy's forwards, the reference's, then the two minibatches' steps.
+    assert seen == [6, 4] * 3
+
+
+@pytest.mark.numeric
+def test_a_model_without_logits_to_keep_has_its_logits_cut_alike():
+    from rlstream.trainer.policy_model import keeps_logits
+
+    class Plain(torch.nn.Module):  # a causal LM whose forward takes no logits_to_keep
+        def __init__(self):
+            super().__init__()
+            self.inner = build_model(0)
+
+        def forward(self, input_ids, attention_mask):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+
+    plain, batch = Plain(), prompted_batch()
+    assert keeps_logits(plain.inner) and not keeps_logits(plain)
+    with torch.no_grad():
+        every = token_logprobs(plain.inner, batch.tokens_B_N, batch.attention_B_N, 0.7)
+        kept = token_logprobs(plain.inner, batch.tokens_B_N, batch.attention_B_N, 0.7, first=7)
+        sliced = token_logprobs(plain, batch.tokens_B_N, batch.attention_B_N, 0.7, first=7)
+    assert kept.shape == sliced.shape == (6, 5)
+    torch.testing.assert_close(kept, every[:, 7:], rtol=0, atol=1e-5)
+    torch.testing.assert_close(sliced, every[:, 7:], rtol=0, atol=0)
