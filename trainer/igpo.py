@@ -136,7 +136,9 @@ def mean_answer_logprobs(model: torch.nn.Module, prefixes: list[list[int]], answ
                          pad_id: int, device: torch.device, temperature: float,
                          precision: Precision | None = None) -> Tensor:
     """``mean_j log pi(a_j | prefix, a_<j)`` of each (prefix, answer) pair, one forward of the
-    right-padded rows (prefix + answer), at the training temperature (the policy the loss trains)."""
+    right-padded rows (prefix + answer), at the training temperature (the policy the loss trains).
+    The logits start at the shortest prefix's end: no answer is scored before it (docs/design.md
+    §15.97 Logits only where a target is trained)."""
     rows = [p + a for p, a in zip(prefixes, answers)]
     N = max(len(r) for r in rows)
     tokens_B_N = torch.full((len(rows), N), pad_id, dtype=torch.long)
@@ -144,11 +146,12 @@ def mean_answer_logprobs(model: torch.nn.Module, prefixes: list[list[int]], answ
     for i, r in enumerate(rows):
         tokens_B_N[i, :len(r)] = torch.tensor(r, dtype=torch.long)
         attention_B_N[i, :len(r)] = 1
+    first = min(len(p) for p in prefixes) - 1  # the earliest answer token's target column
     with (precision or Precision()).autocast():
-        logprobs_B_T = token_logprobs(model, tokens_B_N.to(device), attention_B_N.to(device), temperature)
+        logprobs_B_T = token_logprobs(model, tokens_B_N.to(device), attention_B_N.to(device), temperature, first)
     logprobs_B_T = logprobs_B_T.float().cpu()
-    # answer token j sits at position len(prefix) + j, its logprob at target len(prefix) + j - 1
-    return torch.stack([logprobs_B_T[i, len(p) - 1:len(p) - 1 + len(a)].mean()
+    # answer token j sits at position len(prefix) + j, its logprob at target len(prefix) + j - 1 (column - first)
+    return torch.stack([logprobs_B_T[i, len(p) - 1 - first:len(p) - 1 - first + len(a)].mean()
                         for i, (p, a) in enumerate(zip(prefixes, answers))])
 
 

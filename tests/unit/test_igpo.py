@@ -201,7 +201,12 @@ def test_a_multi_turn_sample_without_an_answer_is_refused():
 def test_the_answer_is_scored_by_the_policy_as_one_row_each():
     model = build_model(0).eval()
     prefixes, answers = [[3, 4, 5], [3, 4, 5, 6, 7, 8, 9]], [[5, 6], [7]]
+    seen: list[int] = []
+    model.lm_head.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[1]))
     got = igpo.mean_answer_logprobs(model, prefixes, answers, pad_id=0, device=CPU, temperature=0.7)
+    # 8 tokens a row; the first answer token (row 0's position 3) is predicted at position 2: the output head
+    # runs on positions 2..7 only (docs/design.md §15.97 Logits only where a target is trained)
+    assert seen == [6]
     for g, p, a in zip(got.tolist(), prefixes, answers):
         row = torch.tensor([p + a])
         with torch.no_grad():
