@@ -123,11 +123,11 @@ def token_logprobs(model: torch.nn.Module, tokens_B_N: torch.Tensor, attention_B
         # config asks for by default is built layer by layer and thrown away (~1% of the update on the built-in
         # model). Only to a model whose config has the setting: a plain module's forward may not take it.
         options = {"use_cache": False} if hasattr(getattr(model, "config", None), "use_cache") else {}
-        keep = first > 0 and keeps_logits(model)
-        if keep:
-            options["logits_to_keep"] = tokens_B_N.shape[1] - first  # positions first..N-1
-        logits_B_N_V = model(input_ids=tokens_B_N, attention_mask=attention_B_N, **options).logits
-        logits_B_T_V = (logits_B_N_V if keep else logits_B_N_V[:, first:])[:, :-1].float()
+        keep = tokens_B_N.shape[1] - first  # positions first..N-1
+        if first > 0 and keeps_logits(model):
+            options["logits_to_keep"] = keep
+        # positions first..N-2 of the last ``keep``, whether the model cut its logits or (without the option) not
+        logits_B_T_V = model(input_ids=tokens_B_N, attention_mask=attention_B_N, **options).logits[:, -keep:-1].float()
     finally:
         if was_training or checkpointed:
             model.train(was_training and not checkpointed)
