@@ -169,6 +169,10 @@ def igpo_advantages(samples: list[RolloutRecord], model: torch.nn.Module, *, gam
         if not len(s.answer_tokens):
             raise ValueError(f"IGPO: sample {s.sample_id or i} has {len(turns)} turns and no answer_tokens (the "
                              "ground-truth answer's token ids the information gain is measured on)")
+        if turns[0][0] == 0:
+            raise ValueError(f"IGPO: sample {s.sample_id or i}'s first turn starts at its first token (loss_mask[0] "
+                             "= 1): there is no prompt before it to score the answer after; start the sample with "
+                             "its prompt, masked")
         for start, _ in turns:  # the prefixes before turns 1..T: p_0..p_(T-1)
             prefixes.append(list(s.tokens[:start]))
             answers.append(list(s.answer_tokens))

@@ -56,8 +56,10 @@ def rows_of(batch: Batch, rows: torch.Tensor) -> Batch:
     T = mask_B_T.shape[1]
     # a row's first trained column (argmax: the first of its maxima); T for a row with none
     first_B = torch.where(mask_B_T.any(-1), mask_B_T.byte().argmax(-1), T)
-    N, skip = torch.stack([batch.attention_B_N[rows].sum(-1).max(), first_B.min()]).tolist()
+    N, skip = map(int, torch.stack([batch.attention_B_N[rows].sum(-1).max(), first_B.min()]).tolist())
     end = N - 1 - batch.first  # the targets the longest row has, in the batch's columns
+    # (a batch already cut is cut again only with rows that reach past its first column: its own rows)
+    assert end > 0 or batch.first == 0, f"rows ending at token {N} have no target past column {batch.first}"
     skip = min(skip, max(end - 1, 0))  # no trained target at all: one column left, the loss of nothing
     adv_B_T = None if batch.advantages_B_T is None else batch.advantages_B_T[rows, skip:end]
     return Batch(batch.tokens_B_N[rows, :N], batch.attention_B_N[rows, :N], batch.inf_logprobs_B_T[rows, skip:end],

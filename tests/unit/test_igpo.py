@@ -198,6 +198,14 @@ def test_a_multi_turn_sample_without_an_answer_is_refused():
         igpo.igpo_advantages(samples, build_model(0), gamma=0.9, pad_id=0, device=CPU, temperature=1.0)
 
 
+def test_a_multi_turn_sample_without_a_prompt_is_refused_with_why():
+    # its first turn starts at token 0: no prefix to score the answer after (the forward would have nothing
+    # before the answer's first token)
+    samples = [trajectory([[6], [7]], [[13]], [5, 6], 1.0, prompt=()), trajectory([[6], [7]], [[13]], [5, 6], 0.0)]
+    with pytest.raises(ValueError, match="first turn starts at its first token"):
+        igpo.igpo_advantages(samples, build_model(0), gamma=0.9, pad_id=0, device=CPU, temperature=1.0)
+
+
 def test_the_answer_is_scored_by_the_policy_as_one_row_each():
     model = build_model(0).eval()
     prefixes, answers = [[3, 4, 5], [3, 4, 5, 6, 7, 8, 9]], [[5, 6], [7]]

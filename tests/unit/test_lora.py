@@ -334,10 +334,24 @@ def test_a_lora_run_records_its_base_and_a_new_run_on_another_base_refuses_it(r,
         Trainer(bad, r, bad.run_dir())
 
 
+@pytest.mark.numeric
 def test_the_lora_policy_and_its_reference_keep_only_the_trained_targets_logits():
     # peft's wrapper and the adapter-less reference pass logits_to_keep on to the model they run
     # (docs/design.md §15.97 Logits only where a target is trained)
     from rlstream.trainer.policy_model import keeps_logits
 
+    from rlstream.trainer.policy_model import token_logprobs
+
     model = wrapped()
     assert keeps_logits(model) and keeps_logits(lora.AdapterDisabled(model))
+    seen: list[int] = []
+    model.get_base_model().lm_head.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[1]))
+    tokens = TOKENS
+    with torch.no_grad():
+        every = token_logprobs(model, tokens, torch.ones_like(tokens), 1.0)
+        for scorer in (model, lora.AdapterDisabled(model)):
+            kept = token_logprobs(scorer, tokens, torch.ones_like(tokens), 1.0, first=2)
+            if scorer is model:
+                torch.testing.assert_close(kept, every[:, 2:], rtol=0, atol=1e-5)
+    N = TOKENS.shape[1]
+    assert seen == [N, N - 2, N - 2]
