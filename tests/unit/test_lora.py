@@ -338,9 +338,7 @@ def test_a_lora_run_records_its_base_and_a_new_run_on_another_base_refuses_it(r,
 def test_the_lora_policy_and_its_reference_keep_only_the_trained_targets_logits():
     # peft's wrapper and the adapter-less reference pass logits_to_keep on to the model they run
     # (docs/design.md §15.97 Logits only where a target is trained)
-    from rlstream.trainer.policy_model import keeps_logits
-
-    from rlstream.trainer.policy_model import token_logprobs
+    from rlstream.trainer.policy_model import keeps_logits, token_logprobs
 
     model = wrapped()
     assert keeps_logits(model) and keeps_logits(lora.AdapterDisabled(model))
