@@ -43,7 +43,18 @@ def test_trainer_overhead_prints_every_part_with_its_ratio():
     assert "|   write the snapshot (safetensors) (before the links: and the template's files) | " in out, out
     assert "| (b), the mean of every round (a full garbage collection counts where it falls) | " in out, out
     assert "|   the writer thread's CPU per version (time.thread_time) | " in out, out
+    assert "| (c) / bare, the median of each round's ratio | " in out, out
     assert "trainer reached step 6;" in out, out
+
+
+def test_trainer_memory_prints_each_tree_and_variant():
+    # this tree against itself as the baseline: both columns' code paths, tiny sizes
+    out = bench("bench/trainer_memory.py", "--rows", "2", "--tokens", "24", "--prompt", "16", "--vocab", "64",
+                "--variants", "whole", "8", "--rounds", "1", "--baseline", str(REPO), timeout=600)
+    rows = [line.split(" | ")[0] for line in out.splitlines() if line.startswith("| this tree: ") or
+            line.startswith("| baseline: ")]
+    assert rows == ["| this tree: whole", "| baseline: whole", "| this tree: 8", "| baseline: 8"], out
+    assert "(16-token prompts), vocabulary 64" in out, out
 
 
 def test_worker_cpu_prints_cpu_per_sample_for_every_setting():
