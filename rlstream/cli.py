@@ -221,7 +221,7 @@ def _replay(args: argparse.Namespace, cfg, argv: list[str]) -> int:
         from rlstream.trainer.replay_run import replay_run
 
         with collectives_bounded(cfg.trainer.collective_timeout):
-            steps = replay_run(cfg, r, source_cfg.run_id, source_dir)
+            steps = replay_run(cfg, r, source_cfg.run_id, source_dir, source_cfg)
     print(f"replayed {steps} steps of run {source_cfg.run_id} into {cfg.run_dir()}", flush=True)
     return 0
 

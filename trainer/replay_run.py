@@ -49,10 +49,15 @@ def recorded_steps(r: redis.Redis, run_id: str) -> list[StepCommitted]:
     return steps
 
 
-def replay_run(cfg: Config, source: redis.Redis, source_run_id: str, source_dir: Path | None = None) -> int:
+def replay_run(cfg: Config, source: redis.Redis, source_run_id: str, source_dir: Path | None = None,
+               source_cfg: Config | None = None) -> int:
     """Train ``cfg``'s model on ``source_run_id``'s committed steps; return the steps run.
     ``source_dir``: the source run's directory, whose archive holds the rollouts trimmed
-    from its stream (default: beside the replay's, under the same ``log_path``)."""
+    from its stream (default: beside the replay's, under the same ``log_path``). ``source_cfg``:
+    the source's config; when ``cfg`` has its schedule, each step takes the learning rate the
+    source recorded (scaled by the ratio of the two ``learning_rate``s): the source's schedule
+    ran over its own ``max_steps``, which a source that ended early (data exhausted), was
+    extended, or is replayed in part did not reach."""
     archive = Archive(source_dir if source_dir is not None else cfg.run_dir().parent / source_run_id, source_run_id)
     if cfg.run_id == source_run_id:
         raise ConfigError(f"replay needs a new run id (--run-id), not the source's {source_run_id!r}")
@@ -73,7 +78,7 @@ def replay_run(cfg: Config, source: redis.Redis, source_run_id: str, source_dir:
             for committed in steps:
                 t0 = time.monotonic()
                 groups = committed_groups(source, source_run_id, committed, t.set_advantages, archive)
-                train_metrics = t.optimize(groups)
+                train_metrics = t.optimize(groups, lr=recorded_lr(committed, cfg, source_cfg))
                 metrics = step_metrics(t.step, t.version, groups, train_metrics, train_time=time.monotonic() - t0)
                 t.metrics.write({**metrics, "replay/source_step": committed.step})
                 if due(cfg.dcp_save_interval, t.step):
@@ -86,6 +91,16 @@ def replay_run(cfg: Config, source: redis.Redis, source_run_id: str, source_dir:
     t.channel.send(STOP)
     close(t.ranks)
     return t.step
+
+
+def recorded_lr(committed: StepCommitted, cfg: Config, source_cfg: Config | None) -> float | None:
+    """The learning rate of a replayed step: the source's recorded one when ``cfg`` has the source's
+    schedule (scaled to ``cfg.learning_rate``), else None (the schedule's over the replay)."""
+    lr = committed.metrics.get("train/lr")
+    if lr is None or source_cfg is None or (cfg.lr_schedule, cfg.lr_warmup_steps) != (
+            source_cfg.lr_schedule, source_cfg.lr_warmup_steps):
+        return None
+    return lr if cfg.learning_rate == source_cfg.learning_rate else lr * cfg.learning_rate / source_cfg.learning_rate
 
 
 def follow_replay(cfg: Config) -> int:

@@ -28,7 +28,6 @@ from rlstream.trainer.batch import Group
 from rlstream.trainer.checkpoint import CheckpointState, complete_checkpoints, read_state
 from rlstream.trainer.commit import sync_committed_step
 from rlstream.trainer.lease import TrainerLease
-from rlstream.trainer.schedule import due
 from rlstream.trainer.step_metrics import eval_metrics
 
 log = logging.getLogger(__name__)
@@ -147,8 +146,15 @@ def sync_committed_record(r: redis.Redis, run_id: str, step: int, event_id: str,
 
 def must_publish(state: RunState, version: int, weight_sync_interval: int) -> bool:
     """A fresh run (v0 is not published yet), or a crash between a step's commit and its
-    ``WeightsPublished``: publish the current weights now."""
-    return state.latest_weights is None or (due(weight_sync_interval, version) and state.published_version < version)
+    ``WeightsPublished``: publish the current weights now. The version left unpublished may be
+    an older due one: a step that is not due commits without waiting for the previous version's
+    write (``weight_sync``), so the crash can follow a later commit; the gate, which counts
+    published versions, would then admit nothing more while the trainer waits for groups."""
+    if state.latest_weights is None:
+        return True
+    if not weight_sync_interval:
+        return False
+    return state.published_version < version - version % weight_sync_interval  # the newest due version
 
 
 def recorded_metrics(history: list[tuple[str, StepCommitted | Evaluated]]) -> list[dict[str, float]]:
