@@ -103,7 +103,7 @@ def token_advantages_T(turn_advantages_T: Tensor, spans: list[tuple[int, int]], 
     position (prompt, observations, all masked) 0."""
     out = torch.zeros(n_tokens - 1, dtype=turn_advantages_T.dtype)
     for (start, end), adv in zip(spans, turn_advantages_T.tolist()):
-        out[start - 1:end - 1] = adv
+        out[max(start - 1, 0):end - 1] = adv  # token 0 is no target: a turn from it starts at target 0
     return out
 
 
