@@ -23,7 +23,10 @@ class JobSlots:
     def __init__(self, window: Callable[[], int], group_size: int = 1, max_jobs: int | None = None):
         self.window, self.group_size = window, max(1, group_size)
         self.max_jobs = max_jobs  # None: bounded by the window only (each drawing job holds a draw of it)
-        self.held: set[str] = set()
+        # job id -> its runs held: rq re-enqueues a failed job (its retries) before the failed run's thread
+        # releases it, and this worker may take it again meanwhile; the second run must stay counted.
+        self.held: dict[str, int] = {}
+        self._runs = 0  # their sum
         self.drawing: dict[str, int] = {}  # job id -> its draws not yet finished
         self.outstanding = 0  # their sum
         self.peak = 0  # most jobs ever drawing at once (tests)
@@ -33,14 +36,14 @@ class JobSlots:
 
     @property
     def running(self) -> int:
-        return len(self.held)
+        return self._runs
 
     @property
     def busy(self) -> bool:
         return bool(self.held)
 
     def has_room(self) -> bool:
-        if self.max_jobs is not None and len(self.held) >= max(1, self.max_jobs):
+        if self.max_jobs is not None and self.running >= max(1, self.max_jobs):
             return False
         return not self.drawing or self.outstanding < max(1, self.window())
 
@@ -58,8 +61,10 @@ class JobSlots:
         """``job_id`` is held from now, counted as ``draws`` draws (its groups' first rounds;
         unset: one group's) before any is sent: it may first wait for weights."""
         with self._changed:
-            self.held.add(job_id)
-            self._set(job_id, self.group_size if draws is None else max(1, draws))
+            self.held[job_id] = self.held.get(job_id, 0) + 1
+            self._runs += 1
+            first = self.group_size if draws is None else max(1, draws)
+            self._set(job_id, self.drawing.get(job_id, 0) + first)  # added to a run of it still drawing
             self.peak = max(self.peak, len(self.drawing))
 
     def more(self, job_id: str, draws: int) -> None:
@@ -83,8 +88,14 @@ class JobSlots:
 
     def release(self, job_id: str) -> None:
         with self._changed:
-            self.held.discard(job_id)
-            self._drop(job_id)
+            if job_id not in self.held:
+                return
+            runs = self.held.pop(job_id) - 1
+            self._runs -= 1
+            if runs > 0:  # another run of it was taken before this one ended: its count stays
+                self.held[job_id] = runs
+            else:
+                self._drop(job_id)
             self._changed.notify_all()
 
     def wait_idle(self, timeout: float) -> bool:

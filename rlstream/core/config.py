@@ -289,8 +289,9 @@ class InferenceConfig(ConfigSection):
         "included; then the worker reports the reload as failed (the cookbook's weight_sync.weight_sync_timeout)"
     )
     timeout: float = Field(120.0, gt=0, le=3600, description="seconds per HTTP request")
-    max_retries: int = Field(4, ge=0, le=20, description="retries of a request on connection errors, 429 and 5xx "
-                             "(exponential backoff from 0.5 s, capped at 8 s)")
+    max_retries: int = Field(4, ge=0, le=20, description="retries of a request on timeouts and 5xx "
+                             "(exponential backoff from 0.5 s, capped at 8 s); a server that does not answer or "
+                             "answers 429/503 is waited for instead, up to `start_timeout`")
     max_concurrency: int = Field(64, ge=1, le=4096, description="completions in flight per worker, across the "
                                  "groups it samples at once (a request of n completions counts n)")
     merge_requests: bool = Field(
@@ -318,7 +319,8 @@ class InferenceConfig(ConfigSection):
     )
     start_timeout: float = Field(
         900.0, gt=0, le=86_400, description="seconds a server may take to come up: `up` waits this long for "
-        "its health after each start, a worker this long for a server that stopped answering"
+        "its health after each start, a worker this long for a server that stopped answering or keeps "
+        "answering 429/503"
     )
 
     @property

@@ -30,6 +30,8 @@ from typing import Callable
 
 log = logging.getLogger(__name__)
 MIN_WINDOW, MAX_WINDOW = 1, 256
+NO_QUEUE_TIME = -1.0  # a queue_time_probe's answer once the server has no queue-time metrics (any more)
+BASELINE_INTERVALS = 16  # the latency baseline is the lowest interval mean of the last this many intervals
 
 
 class _Window:
@@ -160,7 +162,8 @@ class AdaptiveConcurrencyController(_Window):
         self.queue_time_probe, self.clock = queue_time_probe, clock
         self.ema: float | None = None
         self.last_queue_time: float | None = None  # the probe's newest reading
-        self.baseline: float | None = None  # lowest interval mean latency seen
+        self.baseline: float | None = None  # lowest interval mean latency of the recent intervals
+        self._recent_latency: deque[float] = deque(maxlen=BASELINE_INTERVALS)
         self.shrinks = 0  # how often the window was cut (tests, metrics)
         self._state = threading.Lock()
         self._completions, self._interval_latency, self._full = 0, 0.0, False
@@ -184,7 +187,9 @@ class AdaptiveConcurrencyController(_Window):
         self._completions, self._interval_latency, self._full = 0, 0.0, False
         signal, target = mean_latency, self.target
         queue_time = self.queue_time_probe() if self.queue_time_probe is not None else None
-        if queue_time is None:  # no reading this interval: once the server told its queue time, its last word
+        if queue_time is not None and queue_time < 0:  # NO_QUEUE_TIME: the server's metrics are gone
+            queue_time = None
+        elif queue_time is None:  # no reading this interval: once the server told its queue time, its last word
             queue_time = self.last_queue_time  # stands; seconds of latency must never meet the queue-time target
         if (queue_time is not None) != (self.last_queue_time is not None):
             self.ema = None  # the first queue-time reading: an average of latencies is no queue time
@@ -192,7 +197,10 @@ class AdaptiveConcurrencyController(_Window):
         if queue_time is not None:
             signal, target = queue_time, self.target if self.target is not None else 0.5
         elif target is None:
-            self.baseline = mean_latency if self.baseline is None else min(self.baseline, mean_latency)
+            # The lowest of the recent intervals, not of the whole run: completions grow longer as a policy
+            # trains, and a baseline from the first one-line answers would hold the window at its floor.
+            self._recent_latency.append(mean_latency)
+            self.baseline = min(self._recent_latency)
             target = self.latency_tolerance * self.baseline
         self.ema = signal if self.ema is None else self.alpha * signal + (1 - self.alpha) * self.ema
         if self.ema > target:
@@ -217,11 +225,14 @@ class AdaptiveConcurrencyController(_Window):
 def vllm_queue_time_probe(metrics_text: Callable[[], str | None]) -> Callable[[], float | None]:
     """A ``queue_time_probe`` over vLLM's Prometheus text (``GET /metrics``): the mean
     ``vllm:request_queue_time_seconds`` of the requests finished since the previous call,
-    or None when the server exposes no such histogram (then latency is used)."""
+    None when there is no news, or ``NO_QUEUE_TIME`` once ``metrics_text`` is None (a
+    ``MetricsPoller`` that gave up: then latency is used, not the last reading)."""
     last = {"sum": None, "count": None}
 
     def probe() -> float | None:
         text = metrics_text()
+        if text is None:
+            return NO_QUEUE_TIME
         if not text:
             return None
         total, count = parse_histogram(text, QUEUE_TIME)
@@ -257,7 +268,8 @@ class MetricsPoller:
     """The newest text of a server's Prometheus ``/metrics``, fetched by a daemon thread every
     ``period_s`` (one GET, off the sampling loop: cheap). It stops for good once the server
     answers anything but 200 with vLLM's queue-time histogram, or after ``max_failures``
-    fetches in a row fail (then latency is the signal)."""
+    fetches in a row fail; its text is then None (``vllm_queue_time_probe`` answers
+    ``NO_QUEUE_TIME``: latency is the signal)."""
 
     def __init__(self, url: str, period_s: float = 2.0, headers: dict[str, str] | None = None,
                  transport: object = None, max_failures: int = 5):
@@ -277,14 +289,14 @@ class MetricsPoller:
             log.debug("metrics poll of %s: %s", self.url, exc)
             self._failures += 1
             if self._failures >= self.max_failures:
-                self.available = False
+                self.available, self.text = False, None  # its last reading must not stand for the server's
                 return False
             return True
         self._failures = 0
         usable = response.status_code == 200 and parse_histogram(response.text, QUEUE_TIME)[1] is not None
         if not usable:
             log.info("no vLLM queue-time metrics at %s: the concurrency window follows request latency", self.url)
-            self.available = False
+            self.available, self.text = False, None
             return False
         self.available, self.text = True, response.text
         return True

@@ -35,17 +35,23 @@ the same path (a shared volume). docs/design.md §15.71 Engines sync through the
   be seen (use vllm / sglang, whose servers report their version, where that matters).
 
 Servers are picked by rlstream.sampling.servers (a preferred one, fail-over, waiting while none
-is up). Retries only here, at the I/O edge: timeouts, 429 and 5xx are retried ``max_retries``
+is up). Retries only here, at the I/O edge: timeouts and 5xx are retried ``max_retries``
 times with exponential backoff; any other 4xx fails at once with the server's message; a server
-that does not answer at all (connection refused or dropped) is failed over, not counted.
+that does not answer at all (connection refused or dropped) is failed over, not counted, and
+neither is one that says to come back later (429, 503: after its ``Retry-After``, else the
+backoff), while that lasts less than ``inference.start_timeout``: a busy or rate-limited server
+loses no draw (the job's timeout still bounds the wait).
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
+import email.utils
 import functools
 import itertools
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -79,6 +85,7 @@ PROBE_TIMEOUT_S = 5.0  # health probes and version reads: a server that takes lo
 SYNC_LOCK_MARGIN_S = 60.0
 RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 OVERLOAD_STATUS = frozenset({429, 503})  # the server asks for less: the concurrency window shrinks at once
+RETRY_AFTER_CAP_S = 60.0  # the longest a Retry-After header may make one draw wait before asking again
 # The server did not answer at all (down, restarting): fail over, do not count a failed attempt.
 DOWN_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError,
                httpx.WriteError)
@@ -388,6 +395,7 @@ class RemotePolicy:
         body = completion_request(self.model_name, prompt, n, **sample_kwargs)
         controller = controller if controller is not None else self.controller
         failures = 0  # failed attempts (a server that does not answer at all is failed over, not counted)
+        overloaded_since, refusals = None, 0  # 429/503 in a row: "come back later", waited for, not counted
         while True:
             server = await self.pool.pick()
             try:
@@ -396,6 +404,24 @@ class RemotePolicy:
                 result = await self._attempt(server, body, controller)
                 if isinstance(result, DOWN_ERRORS):
                     raise result
+                if not server.up and isinstance(result, httpx.Response):  # it answers: without a health route
+                    self.pool.mark_up(server)  # (openai) the request was its probe, and its outage is over
+                if isinstance(result, httpx.Response) and result.status_code in OVERLOAD_STATUS:
+                    now = time.monotonic()
+                    overloaded_since = now if overloaded_since is None else overloaded_since
+                    if now - overloaded_since < self.cfg.start_timeout:  # as a server that does not answer
+                        delay = retry_after_s(result)
+                        if delay is None:
+                            delay = min(BACKOFF_BASE_S * 2 ** min(refusals, 16), BACKOFF_CAP_S)
+                        (log.debug if refusals else log.warning)(
+                            "completion: HTTP %d from %s (%s); asking again in %.1fs, for up to %.0fs "
+                            "(inference.start_timeout)", result.status_code, server.url, result.text[:200], delay,
+                            self.cfg.start_timeout)
+                        refusals += 1
+                        await asyncio.sleep(delay)
+                        continue
+                else:
+                    overloaded_since, refusals = None, 0
                 outcome = self._judge(result, "completion", failures, server.url)
                 if isinstance(outcome, httpx.Response):
                     stamp, newest = await self._stamp(server, before) if self.engine.tracks_versions else (before,
@@ -468,6 +494,25 @@ class RemotePolicy:
         self._probe.close()
         for server in self.pool.servers:
             server.close_client()
+
+
+def retry_after_s(response: httpx.Response, cap: float = RETRY_AFTER_CAP_S) -> float | None:
+    """The wait a 429/503 asks for (``Retry-After``: seconds, or an HTTP date), within [0, ``cap``];
+    None when it asks for none or says something unreadable (a server's header is not trusted)."""
+    value = response.headers.get("retry-after", "").strip()
+    if not value:
+        return None
+    if value.isascii() and value.isdigit():
+        seconds = float(value)
+    else:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return None
+        if when is None or when.tzinfo is None:
+            return None
+        seconds = (when - datetime.datetime.now(datetime.timezone.utc)).total_seconds()
+    return min(max(0.0, seconds), cap) if math.isfinite(seconds) else None
 
 
 def _settle(target: asyncio.Future, source: asyncio.Future) -> None:

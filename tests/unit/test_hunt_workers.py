@@ -1,0 +1,167 @@
+"""Reproductions of defects found in the request window, backoff and adaptive controller (hunt-workers)."""
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import httpx
+
+from rlstream.core.config import InferenceConfig
+from rlstream.core.messages import WeightsPublished
+from rlstream.sampling import remote as remote_policy
+from rlstream.sampling.concurrency import AdaptiveConcurrencyController, MetricsPoller, vllm_queue_time_probe
+from rlstream.sampling.remote import RemotePolicy
+from rlstream.workers.slots import JobSlots
+
+HIST = "vllm:request_queue_time_seconds_sum {s}\nvllm:request_queue_time_seconds_count {c}\n"
+
+
+def choice_body() -> dict:
+    return {"choices": [{"index": 0, "text": "x", "finish_reason": "stop", "token_ids": [1],
+                         "logprobs": {"tokens": ["x"], "token_logprobs": [-0.1]}}]}
+
+
+def test_an_openai_server_that_answers_again_is_marked_up(monkeypatch):
+    """One connection blip, answers for longer than start_timeout, a second blip: the second draw must wait
+    for the server (as the first did), not fail at once because the first blip is still its 'down since'."""
+    monkeypatch.setattr(remote_policy, "BACKOFF_BASE_S", 0.05)
+    blips = {1, 3}
+    calls = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(1)
+        if len(calls) in blips:
+            raise httpx.ConnectError("refused", request=request)
+        return httpx.Response(200, json=choice_body())
+
+    cfg = InferenceConfig(backend="openai", base_url="http://inference.test/v1", start_timeout=0.5)
+    policy = RemotePolicy(cfg, WeightsPublished(version=0, uri="/x/v0", sha256="0" * 64, bytes=1), None, "m",
+                          Path("/w"), transport=httpx.MockTransport(handler),
+                          sync_transport=httpx.MockTransport(lambda r: httpx.Response(500)))
+
+    async def draws():
+        await policy.complete([3], 1, max_tokens=1, temperature=1.0)  # blip, waits its back-off, answered
+        await asyncio.sleep(0.6)  # longer than start_timeout of answering
+        return await policy.complete([3], 1, max_tokens=1, temperature=1.0)  # one more blip
+
+    assert asyncio.run(draws())[0].output_tokens == [1]
+
+
+def test_a_metrics_poller_that_gave_up_leaves_latency_as_the_signal():
+    """The docstrings: 'after max_failures fetches in a row fail (then latency is the signal)'. A vLLM restart
+    longer than max_failures x period_s stops the poller; its last text stays, the probe says None forever,
+    and the controller keeps judging by the last queue time it read (here 2 s, over the 0.5 s target): the
+    window goes to 1 and never grows back, though the server now answers at once."""
+    texts = [HIST.format(s=0.0, c=0), HIST.format(s=20.0, c=10)]  # 2 s of queue per request
+    served = iter(texts)
+
+    def handler(request):
+        text = next(served, None)
+        if text is None:
+            raise httpx.ConnectError("restarting")
+        return httpx.Response(200, text=text)
+
+    poller = MetricsPoller("http://server.test/metrics", transport=httpx.MockTransport(handler), max_failures=2)
+    controller = AdaptiveConcurrencyController(initial_window=16, adjust_every=1, cooldown_s=0.0,
+                                               queue_time_probe=vllm_queue_time_probe(lambda: poller.text))
+
+    async def fill(latency: float, times: int):
+        for _ in range(times):
+            grants = [asyncio.ensure_future(controller.acquire()) for _ in range(controller.window + 1)]
+            await asyncio.sleep(0)
+            for g in grants:
+                if g.done():
+                    controller.release(latency)
+                else:
+                    g.cancel()
+            await asyncio.gather(*grants, return_exceptions=True)
+
+    for _ in range(2):  # two readings: 2 s of queue time
+        poller.poll_once()
+        asyncio.run(fill(0.01, 1))
+    while poller.poll_once():  # the server restarts: the poller gives up for good
+        pass
+    assert poller.available is False
+    asyncio.run(fill(0.01, 50))  # the server answers in 10 ms, with nothing queued
+    assert controller.window > 1, (controller.window, controller.last_queue_time)
+
+
+def test_a_latency_baseline_from_short_early_completions_does_not_pin_the_window_at_one():
+    """RL completions grow over training: latency doubles with no queueing at all. The latency target is
+    2 x the lowest interval mean ever seen, so once completions are 2x longer than the first ones the window
+    halves every interval and stays at 1 for the rest of the run."""
+    clock = [0.0]
+    controller = AdaptiveConcurrencyController(initial_window=32, adjust_every=32, clock=lambda: clock[0])
+
+    async def one_interval(latency: float):
+        grants = [asyncio.ensure_future(controller.acquire()) for _ in range(max(32, controller.window))]
+        await asyncio.sleep(0)
+        done = [g for g in grants if g.done()]
+        for g in grants:
+            if g not in done:
+                g.cancel()
+        await asyncio.gather(*grants, return_exceptions=True)
+        for _ in done:
+            controller.release(latency)
+        while controller._completions:  # finish the interval one request at a time
+            await controller.acquire()
+            controller.release(latency)
+
+    for step in range(60):  # one-token replies at first, 3x longer later: no queue at any point
+        clock[0] += 2.0
+        asyncio.run(one_interval(0.1 if step < 10 else 0.3))
+    assert controller.window > 1, controller.window
+
+
+def test_a_job_id_taken_again_before_its_first_run_released_stays_counted():
+    """rq re-enqueues a timed-out job (JOB_RETRIES, no interval) inside perform_job, in the job's thread; the
+    main thread may take it again before that thread's ``finally: slots.release(job.id)``: the release then
+    drops the second run's count, and the worker holds a drawing job it does not count."""
+    slots = JobSlots(lambda: 8, group_size=8, max_jobs=1)
+    slots.take("j", 8)
+    slots.draw_done("j", 8)  # the timed-out run's draws were cancelled
+    slots.take("j", 8)  # rq's retry, dequeued at once by the main thread
+    slots.release("j")  # the first run's thread ends
+    assert slots.busy and slots.outstanding == 8 and not slots.has_room()
+
+
+def test_a_burst_of_429_from_a_rate_limited_server_loses_no_draw(monkeypatch):
+    """A server that says 'come back later' (429 with Retry-After) for six requests in a row: with
+    max_retries = 4 the draw failed (a rollout failure, toward the circuit breaker); it must wait instead,
+    after the Retry-After the server asked for."""
+    monkeypatch.setattr(remote_policy, "BACKOFF_BASE_S", 0.0)
+    calls, slept = [], []
+    real_sleep = asyncio.sleep
+
+    async def recording_sleep(delay, *args, **kwargs):
+        slept.append(delay)
+        await real_sleep(0)
+
+    monkeypatch.setattr(remote_policy.asyncio, "sleep", recording_sleep)
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(1)
+        if len(calls) <= 6:
+            return httpx.Response(429, headers={"Retry-After": "2"}, json={"error": "rate limited"})
+        return httpx.Response(200, json=choice_body())
+
+    cfg = InferenceConfig(backend="openai", base_url="http://inference.test/v1", max_retries=4)
+    policy = RemotePolicy(cfg, WeightsPublished(version=0, uri="/x/v0", sha256="0" * 64, bytes=1), None, "m",
+                          Path("/w"), transport=httpx.MockTransport(handler),
+                          sync_transport=httpx.MockTransport(lambda r: httpx.Response(500)))
+    out = asyncio.run(policy.complete([3], 1, max_tokens=1, temperature=1.0))
+    assert out[0].output_tokens == [1] and len(calls) == 7 and slept.count(2.0) == 6
+
+
+def test_retry_after_is_read_defensively():
+    from rlstream.sampling.remote import RETRY_AFTER_CAP_S, retry_after_s
+
+    def after(value):
+        return retry_after_s(httpx.Response(429, headers={} if value is None else {"Retry-After": value}))
+
+    assert after(None) is None and after("") is None and after("soon") is None and after("-3") is None
+    assert after("1.5") is None and after("nan") is None and after("inf") is None
+    assert after("3") == 3.0 and after("99999999999999999999999") == RETRY_AFTER_CAP_S
+    assert after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # a date in the past: at once
+    assert after("Wed, 21 Oct 2999 07:28:00 GMT") == RETRY_AFTER_CAP_S
+    assert after("Wed, 99 Foo 2999 07:28:00 GMT") is None
