@@ -282,3 +282,9 @@ def test_per_token_advantages_reach_the_loss():
     assert torch.allclose(got, -(adv_B_T[active]).sum() / active.sum())
     with pytest.raises(ValueError, match="one per token"):
         compute_loss("grpo", lp_B_T, old_B_T, old_B_T, torch.zeros(2, 2), mask_B_T)
+
+
+def test_igpo_gives_a_one_turn_sample_without_a_prompt_its_advantage_on_every_trained_target():
+    # loss_mask [1, 1, 1, 1, 1]: targets 0..3 (tokens 1..4) are trained; IGPO on one turn is GRPO
+    out = igpo.token_advantages_T(torch.tensor([0.7]), igpo.turn_spans([1, 1, 1, 1, 1]), 5)
+    assert out.tolist() == pytest.approx([0.7] * 4)

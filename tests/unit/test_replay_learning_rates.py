@@ -1,4 +1,5 @@
-"""Hunt: `rlstream replay` with the source's own config after the source ended early (data exhausted)."""
+"""`rlstream replay` with the source's own config takes the learning rates the source recorded, also after
+the source ended early (data exhausted) and its schedule never reached its max_steps."""
 from __future__ import annotations
 
 from functools import partial

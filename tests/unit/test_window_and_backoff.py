@@ -1,4 +1,6 @@
-"""Reproductions of defects found in the request window, backoff and adaptive controller (hunt-workers)."""
+"""The request window, backoff and adaptive controller against servers that blip, refuse or change: a
+server that answers again is up again, 429/503 are waited for, a lost metrics feed and longer completions
+do not pin the window, a job taken again by rq's retry stays counted."""
 from __future__ import annotations
 
 import asyncio

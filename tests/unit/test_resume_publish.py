@@ -1,4 +1,5 @@
-"""Hunt: a crash after a later, unsynced step's commit but before the previous synced version's publish."""
+"""Resume publishes a due version a crash left unpublished: the crash came after a later, unsynced step's
+commit, before the previous synced version's publish (docs/design.md §8 Resume and replay, item 5)."""
 from __future__ import annotations
 
 from functools import partial
@@ -54,12 +55,3 @@ def test_a_synced_version_unpublished_when_a_later_step_committed_is_published_b
         f"published {published(r)} after resume at step {again.step}: the gate admits nothing more, and the "
         "trainer waits for groups forever")
 
-
-def test_igpo_gives_a_one_turn_sample_without_a_prompt_its_advantage_on_every_trained_target():
-    import torch
-
-    from rlstream.trainer.igpo import token_advantages_T, turn_spans
-
-    # loss_mask [1, 1, 1, 1, 1]: targets 0..3 (tokens 1..4) are trained; IGPO on one turn is GRPO
-    out = token_advantages_T(torch.tensor([0.7]), turn_spans([1, 1, 1, 1, 1]), 5)
-    assert out.tolist() == pytest.approx([0.7] * 4)

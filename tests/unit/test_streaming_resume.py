@@ -1,4 +1,4 @@
-"""Hunt: streamed steps, a checkpoint, then a restart that replays the streamed steps whole-batch."""
+"""Streamed steps, a checkpoint, then a restart that replays the streamed steps whole-batch: the same weights."""
 from __future__ import annotations
 
 import logging
