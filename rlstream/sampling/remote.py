@@ -37,8 +37,10 @@ the same path (a shared volume). docs/design.md §15.71 Engines sync through the
 Servers are picked by rlstream.sampling.servers (a preferred one, fail-over, waiting while none
 is up). Retries only here, at the I/O edge: timeouts and 5xx are retried ``max_retries``
 times with exponential backoff; any other 4xx fails at once with the server's message; a server
-that does not answer at all (connection refused or dropped) is failed over, not counted, and
-neither is one that says to come back later (429, 503: after its ``Retry-After``, else the
+that does not answer at all (connection refused or dropped) is failed over, not counted (but
+from the second request in a row dropped by a server believed up, each counts: one whose health
+probe answers while it drops every request would otherwise be asked forever), and neither is
+one that says to come back later (429, 503: after its ``Retry-After``, else the
 backoff), while that lasts less than ``inference.start_timeout``: a busy or rate-limited server
 loses no draw (the job's timeout still bounds the wait).
 """
@@ -396,14 +398,17 @@ class RemotePolicy:
         controller = controller if controller is not None else self.controller
         failures = 0  # failed attempts (a server that does not answer at all is failed over, not counted)
         overloaded_since, refusals = None, 0  # 429/503 in a row: "come back later", waited for, not counted
+        dropped = 0  # requests dropped in a row by servers believed up (their health probe answered, or no outage)
         while True:
             server = await self.pool.pick()
+            was_up = server.up
             try:
                 await self._ready(server)
                 before = server.version if self.engine.tracks_versions else self.version
                 result = await self._attempt(server, body, controller)
                 if isinstance(result, DOWN_ERRORS):
                     raise result
+                dropped = 0  # it answered
                 if not server.up and isinstance(result, httpx.Response):  # it answers: without a health route
                     self.pool.mark_up(server)  # (openai) the request was its probe, and its outage is over
                 if isinstance(result, httpx.Response) and result.status_code in OVERLOAD_STATUS:
@@ -430,7 +435,13 @@ class RemotePolicy:
                     return parse_completions(outcome.json(), prompt, stamp)
             except httpx.TransportError as exc:  # it stopped answering: another server, or this one once back
                 self.pool.mark_down(server, f"{type(exc).__name__}: {exc}")
-                continue
+                dropped += was_up
+                if dropped <= 1:
+                    continue
+                # A server that answers its health probe yet drops every request would be probed, found up and
+                # asked again forever (each probe clears its outage): from the second such drop in a row, each
+                # counts as a failed attempt, so inference.max_retries ends it.
+                outcome = self._judge(exc, "completion", failures, server.url)
             failures += 1
             await asyncio.sleep(outcome)
 

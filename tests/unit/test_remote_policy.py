@@ -399,6 +399,44 @@ def test_with_none_up_draws_wait_for_one_and_nothing_fails(monkeypatch):
     assert draw(policy).version == 1 and len(probes) >= 3 and vllm.completions[-1] == str(WEIGHTS / "v1")
 
 
+def test_a_server_healthy_to_its_probe_that_drops_every_request_fails_the_draw_after_max_retries(monkeypatch):
+    # Each drop marks it down, its /health answers, it is marked up and asked again: without a count the draw
+    # went round forever (only the job's timeout ended it; an SDK client's, never). The first drop in a row
+    # is free (a server that just died is failed over); the later ones are failed attempts.
+    monkeypatch.setattr(remote_policy, "BACKOFF_BASE_S", 0.001)
+    vllm, asked = FakeVllm(), []
+
+    def dropping(request):
+        if request.url.path.endswith("/completions"):
+            asked.append(1)
+            raise httpx.RemoteProtocolError("Server disconnected without sending a response.", request=request)
+        return vllm(request)
+
+    policy = engine_policy(dropping, max_retries=2)
+    policy.load(published(1))
+    bounded = asyncio.wait_for(policy.complete(PROMPT, 1, max_tokens=1, temperature=1.0), 30)  # went round forever
+    with pytest.raises(InferenceError, match=r"completion failed 3 times against http://a.test/v1 "
+                       r"\(RemoteProtocolError: Server disconnected"):
+        asyncio.run(bounded)
+    assert len(asked) == 4  # one free drop, then max_retries + 1 counted ones
+
+
+def test_one_dropped_request_of_a_server_that_then_answers_costs_no_attempt(monkeypatch):
+    monkeypatch.setattr(remote_policy, "BACKOFF_BASE_S", 0.001)
+    vllm, asked = FakeVllm(), []
+
+    def once(request):
+        if request.url.path.endswith("/completions"):
+            asked.append(1)
+            if len(asked) == 1:
+                raise httpx.RemoteProtocolError("Server disconnected without sending a response.", request=request)
+        return vllm(request)
+
+    policy = engine_policy(once, max_retries=0)  # no failed attempt allowed: the drop must not count
+    policy.load(published(1))
+    assert draw(policy).version == 1 and len(asked) == 2
+
+
 def test_no_server_up_within_start_timeout_fails_naming_them(monkeypatch):
     monkeypatch.setattr(remote_policy, "BACKOFF_BASE_S", 0.01)
     vllm = FakeVllm()
