@@ -289,9 +289,10 @@ class InferenceConfig(ConfigSection):
         "included; then the worker reports the reload as failed (the cookbook's weight_sync.weight_sync_timeout)"
     )
     timeout: float = Field(120.0, gt=0, le=3600, description="seconds per HTTP request")
-    max_retries: int = Field(4, ge=0, le=20, description="retries of a request on timeouts and 5xx "
-                             "(exponential backoff from 0.5 s, capped at 8 s); a server that does not answer or "
-                             "answers 429/503 is waited for instead, up to `start_timeout`")
+    max_retries: int = Field(4, ge=0, le=20, description="retries of a request on timeouts, 408 and 5xx "
+                             "but 503 (exponential backoff from 0.5 s, capped at 8 s), and on a server's second "
+                             "and later requests dropped in a row while it was believed up; a server that does "
+                             "not answer or answers 429/503 is waited for instead, up to `start_timeout`")
     max_concurrency: int = Field(64, ge=1, le=4096, description="completions in flight per worker, across the "
                                  "groups it samples at once (a request of n completions counts n)")
     merge_requests: bool = Field(

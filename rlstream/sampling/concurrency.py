@@ -31,7 +31,6 @@ from typing import Callable
 log = logging.getLogger(__name__)
 MIN_WINDOW, MAX_WINDOW = 1, 256
 NO_QUEUE_TIME = -1.0  # a queue_time_probe's answer once the server has no queue-time metrics (any more)
-BASELINE_INTERVALS = 16  # the latency baseline is the lowest interval mean of the last this many intervals
 
 
 class _Window:
@@ -162,8 +161,7 @@ class AdaptiveConcurrencyController(_Window):
         self.queue_time_probe, self.clock = queue_time_probe, clock
         self.ema: float | None = None
         self.last_queue_time: float | None = None  # the probe's newest reading
-        self.baseline: float | None = None  # lowest interval mean latency of the recent intervals
-        self._recent_latency: deque[float] = deque(maxlen=BASELINE_INTERVALS)
+        self.baseline: float | None = None  # lowest interval mean latency seen
         self.shrinks = 0  # how often the window was cut (tests, metrics)
         self._state = threading.Lock()
         self._completions, self._interval_latency, self._full = 0, 0.0, False
@@ -197,10 +195,7 @@ class AdaptiveConcurrencyController(_Window):
         if queue_time is not None:
             signal, target = queue_time, self.target if self.target is not None else 0.5
         elif target is None:
-            # The lowest of the recent intervals, not of the whole run: completions grow longer as a policy
-            # trains, and a baseline from the first one-line answers would hold the window at its floor.
-            self._recent_latency.append(mean_latency)
-            self.baseline = min(self._recent_latency)
+            self.baseline = mean_latency if self.baseline is None else min(self.baseline, mean_latency)
             target = self.latency_tolerance * self.baseline
         self.ema = signal if self.ema is None else self.alpha * signal + (1 - self.alpha) * self.ema
         if self.ema > target:

@@ -35,12 +35,12 @@ the same path (a shared volume). docs/design.md §15.71 Engines sync through the
   be seen (use vllm / sglang, whose servers report their version, where that matters).
 
 Servers are picked by rlstream.sampling.servers (a preferred one, fail-over, waiting while none
-is up). Retries only here, at the I/O edge: timeouts and 5xx are retried ``max_retries``
+is up). Retries only here, at the I/O edge: timeouts, 408 and 5xx but 503 are retried ``max_retries``
 times with exponential backoff; any other 4xx fails at once with the server's message; a server
 that does not answer at all (connection refused or dropped) is failed over, not counted (but
-from the second request in a row dropped by a server believed up, each counts: one whose health
+from a server's second request in a row dropped while it is believed up, each counts: one whose health
 probe answers while it drops every request would otherwise be asked forever), and neither is
-one that says to come back later (429, 503: after its ``Retry-After``, else the
+one that says to come back later (429, 503: after the longer of its ``Retry-After`` and the
 backoff), while that lasts less than ``inference.start_timeout``: a busy or rate-limited server
 loses no draw (the job's timeout still bounds the wait).
 """
@@ -398,7 +398,8 @@ class RemotePolicy:
         controller = controller if controller is not None else self.controller
         failures = 0  # failed attempts (a server that does not answer at all is failed over, not counted)
         overloaded_since, refusals = None, 0  # 429/503 in a row: "come back later", waited for, not counted
-        dropped = 0  # requests dropped in a row by servers believed up (their health probe answered, or no outage)
+        # per server, requests it dropped in a row while believed up (its health probe answered, or no outage)
+        dropped: dict[str, int] = {}
         while True:
             server = await self.pool.pick()
             was_up = server.up
@@ -408,16 +409,17 @@ class RemotePolicy:
                 result = await self._attempt(server, body, controller)
                 if isinstance(result, DOWN_ERRORS):
                     raise result
-                dropped = 0  # it answered
+                dropped.clear()  # one answered
                 if not server.up and isinstance(result, httpx.Response):  # it answers: without a health route
                     self.pool.mark_up(server)  # (openai) the request was its probe, and its outage is over
                 if isinstance(result, httpx.Response) and result.status_code in OVERLOAD_STATUS:
                     now = time.monotonic()
                     overloaded_since = now if overloaded_since is None else overloaded_since
                     if now - overloaded_since < self.cfg.start_timeout:  # as a server that does not answer
-                        delay = retry_after_s(result)
-                        if delay is None:
-                            delay = min(BACKOFF_BASE_S * 2 ** min(refusals, 16), BACKOFF_CAP_S)
+                        # the server's Retry-After may lengthen the backoff, never shorten it: "0" or a date
+                        # in the past (clock skew) would otherwise ask again at once, thousands of times
+                        backoff = min(BACKOFF_BASE_S * 2 ** min(refusals, 16), BACKOFF_CAP_S)
+                        delay = max(backoff, retry_after_s(result) or 0.0)
                         (log.debug if refusals else log.warning)(
                             "completion: HTTP %d from %s (%s); asking again in %.1fs, for up to %.0fs "
                             "(inference.start_timeout)", result.status_code, server.url, result.text[:200], delay,
@@ -435,11 +437,11 @@ class RemotePolicy:
                     return parse_completions(outcome.json(), prompt, stamp)
             except httpx.TransportError as exc:  # it stopped answering: another server, or this one once back
                 self.pool.mark_down(server, f"{type(exc).__name__}: {exc}")
-                dropped += was_up
-                if dropped <= 1:
+                dropped[server.url] = dropped.get(server.url, 0) + was_up
+                if dropped[server.url] <= 1:  # a server that just died (replicas that died together: each once)
                     continue
                 # A server that answers its health probe yet drops every request would be probed, found up and
-                # asked again forever (each probe clears its outage): from the second such drop in a row, each
+                # asked again forever (each probe clears its outage): from its second such drop in a row, each
                 # counts as a failed attempt, so inference.max_retries ends it.
                 outcome = self._judge(exc, "completion", failures, server.url)
             failures += 1

@@ -421,6 +421,30 @@ def test_a_server_healthy_to_its_probe_that_drops_every_request_fails_the_draw_a
     assert len(asked) == 4  # one free drop, then max_retries + 1 counted ones
 
 
+def test_replicas_that_drop_together_cost_no_attempt(monkeypatch):
+    # A blip that takes both replicas down: each one's first drop is free (a dead server is waited for), so the
+    # draw waits for them and succeeds even with no failed attempt allowed (the drops are counted per server).
+    monkeypatch.setattr(remote_policy, "BACKOFF_BASE_S", 0.01)
+    a, b = FakeVllm(), FakeVllm()
+    both = Servers(**{"a.test": a, "b.test": b})
+    probes = []
+
+    def blip(request):
+        if request.url.path == "/health" and not a.alive:
+            probes.append(1)
+            if len(probes) >= 4:  # both back, with their start-up weights
+                a.alive = b.alive = True
+                a.restart()
+                b.restart()
+        return both(request)
+
+    policy = engine_policy(blip, urls=("http://a.test/v1", "http://b.test/v1"), max_retries=0, start_timeout=30)
+    policy.load(published(1))
+    assert draw(policy).version == 1
+    a.alive = b.alive = False
+    assert draw(policy).version == 1 and len(probes) >= 4
+
+
 def test_one_dropped_request_of_a_server_that_then_answers_costs_no_attempt(monkeypatch):
     monkeypatch.setattr(remote_policy, "BACKOFF_BASE_S", 0.001)
     vllm, asked = FakeVllm(), []

@@ -1,9 +1,10 @@
 """The request window, backoff and adaptive controller against servers that blip, refuse or change: a
-server that answers again is up again, 429/503 are waited for, a lost metrics feed and longer completions
-do not pin the window, a job taken again by rq's retry stays counted."""
+server that answers again is up again, 429/503 are waited for, a lost metrics feed does not pin the
+window, a saturated server holds it near its capacity, a job taken again by rq's retry stays counted."""
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import httpx
@@ -88,31 +89,22 @@ def test_a_metrics_poller_that_gave_up_leaves_latency_as_the_signal():
     assert controller.window > 1, (controller.window, controller.last_queue_time)
 
 
-def test_a_latency_baseline_from_short_early_completions_does_not_pin_the_window_at_one():
-    """RL completions grow over training: latency doubles with no queueing at all. The latency target is
-    2 x the lowest interval mean ever seen, so once completions are 2x longer than the first ones the window
-    halves every interval and stays at 1 for the rest of the run."""
+def test_a_saturated_server_without_queue_metrics_holds_the_window_near_its_capacity():
+    """Latency is the signal (no queue-time metrics): a server that runs 8 requests at once answers in
+    base x W / 8 once the window W is over 8. The target is 2 x the lowest interval mean ever seen, so the
+    window settles near 2 x capacity. A baseline of the recent intervals only drifted up with the queue and
+    let the window grow to its maximum (a reviewer's simulation: 256 after 200 intervals)."""
     clock = [0.0]
-    controller = AdaptiveConcurrencyController(initial_window=32, adjust_every=32, clock=lambda: clock[0])
-
-    async def one_interval(latency: float):
-        grants = [asyncio.ensure_future(controller.acquire()) for _ in range(max(32, controller.window))]
-        await asyncio.sleep(0)
-        done = [g for g in grants if g.done()]
-        for g in grants:
-            if g not in done:
-                g.cancel()
-        await asyncio.gather(*grants, return_exceptions=True)
-        for _ in done:
-            controller.release(latency)
-        while controller._completions:  # finish the interval one request at a time
-            await controller.acquire()
-            controller.release(latency)
-
-    for step in range(60):  # one-token replies at first, 3x longer later: no queue at any point
-        clock[0] += 2.0
-        asyncio.run(one_interval(0.1 if step < 10 else 0.3))
-    assert controller.window > 1, controller.window
+    controller = AdaptiveConcurrencyController(initial_window=16, clock=lambda: clock[0])
+    windows = []
+    for _ in range(400):
+        latency = max(1.0, controller.window / 8)
+        with controller._state:  # one interval of 32 completions with the window full, fed as release() does
+            controller._completions, controller._interval_latency, controller._full = 32, 32 * latency, True
+        controller._adjust()
+        clock[0] += latency * 32 / controller.window
+        windows.append(controller.window)
+    assert max(windows[50:]) <= 40, max(windows[50:])
 
 
 def test_a_job_id_taken_again_before_its_first_run_released_stays_counted():
@@ -153,6 +145,28 @@ def test_a_burst_of_429_from_a_rate_limited_server_loses_no_draw(monkeypatch):
                           sync_transport=httpx.MockTransport(lambda r: httpx.Response(500)))
     out = asyncio.run(policy.complete([3], 1, max_tokens=1, temperature=1.0))
     assert out[0].output_tokens == [1] and len(calls) == 7 and slept.count(2.0) == 6
+
+
+def test_a_retry_after_of_zero_or_in_the_past_does_not_ask_again_at_once(monkeypatch):
+    # "0" or a date in the past (clock skew) read as no wait: the draw asked again at once, thousands of times
+    # a second, until start_timeout. The server's Retry-After may lengthen the backoff, never shorten it.
+    monkeypatch.setattr(remote_policy, "BACKOFF_BASE_S", 0.05)
+    for header in ("0", "Wed, 21 Oct 2015 07:28:00 GMT"):
+        calls = []
+
+        def handler(request: httpx.Request) -> httpx.Response:
+            calls.append(1)
+            if len(calls) <= 3:
+                return httpx.Response(429, headers={"Retry-After": header}, json={"error": "rate limited"})
+            return httpx.Response(200, json=choice_body())
+
+        cfg = InferenceConfig(backend="openai", base_url="http://inference.test/v1")
+        policy = RemotePolicy(cfg, WeightsPublished(version=0, uri="/x/v0", sha256="0" * 64, bytes=1), None, "m",
+                              Path("/w"), transport=httpx.MockTransport(handler),
+                              sync_transport=httpx.MockTransport(lambda r: httpx.Response(500)))
+        t0 = time.monotonic()
+        asyncio.run(policy.complete([3], 1, max_tokens=1, temperature=1.0))
+        assert len(calls) == 4 and time.monotonic() - t0 >= 0.05 + 0.1 + 0.2, (header, time.monotonic() - t0)
 
 
 def test_retry_after_is_read_defensively():
