@@ -26,7 +26,6 @@ class JobSlots:
         # job id -> its runs held: rq re-enqueues a failed job (its retries) before the failed run's thread
         # releases it, and this worker may take it again meanwhile; the second run must stay counted.
         self.held: dict[str, int] = {}
-        self._runs = 0  # their sum
         self.drawing: dict[str, int] = {}  # job id -> its draws not yet finished
         self.outstanding = 0  # their sum
         self.peak = 0  # most jobs ever drawing at once (tests)
@@ -36,7 +35,7 @@ class JobSlots:
 
     @property
     def running(self) -> int:
-        return self._runs
+        return sum(self.held.values())
 
     @property
     def busy(self) -> bool:
@@ -62,7 +61,6 @@ class JobSlots:
         unset: one group's) before any is sent: it may first wait for weights."""
         with self._changed:
             self.held[job_id] = self.held.get(job_id, 0) + 1
-            self._runs += 1
             first = self.group_size if draws is None else max(1, draws)
             self._set(job_id, self.drawing.get(job_id, 0) + first)  # added to a run of it still drawing
             self.peak = max(self.peak, len(self.drawing))
@@ -91,7 +89,6 @@ class JobSlots:
             if job_id not in self.held:
                 return
             runs = self.held.pop(job_id) - 1
-            self._runs -= 1
             if runs > 0:  # another run of it was taken before this one ended: its count stays
                 self.held[job_id] = runs
             else:

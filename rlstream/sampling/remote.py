@@ -416,10 +416,7 @@ class RemotePolicy:
                     now = time.monotonic()
                     overloaded_since = now if overloaded_since is None else overloaded_since
                     if now - overloaded_since < self.cfg.start_timeout:  # as a server that does not answer
-                        # the server's Retry-After may lengthen the backoff, never shorten it: "0" or a date
-                        # in the past (clock skew) would otherwise ask again at once, thousands of times
-                        backoff = min(BACKOFF_BASE_S * 2 ** min(refusals, 16), BACKOFF_CAP_S)
-                        delay = max(backoff, retry_after_s(result) or 0.0)
+                        delay = come_back_after_s(result, refusals)
                         (log.debug if refusals else log.warning)(
                             "completion: HTTP %d from %s (%s); asking again in %.1fs, for up to %.0fs "
                             "(inference.start_timeout)", result.status_code, server.url, result.text[:200], delay,
@@ -496,7 +493,7 @@ class RemotePolicy:
         if attempt >= self.cfg.max_retries:
             raise InferenceError(f"{what} failed {attempt + 1} times against {url} ({problem}); "
                                  "check that the inference server is up and inference.base_url is right")
-        delay = min(BACKOFF_BASE_S * 2 ** attempt, BACKOFF_CAP_S)
+        delay = backoff_s(attempt)
         log.warning("%s: %s; retry %d of %d in %.1fs", what, problem, attempt + 1, self.cfg.max_retries, delay)
         return delay
 
@@ -507,6 +504,18 @@ class RemotePolicy:
         self._probe.close()
         for server in self.pool.servers:
             server.close_client()
+
+
+def backoff_s(attempt: int) -> float:
+    """The wait before asking again after ``attempt`` + 1 tries: 0.5 s doubling, capped at 8 s."""
+    return min(BACKOFF_BASE_S * 2 ** min(attempt, 16), BACKOFF_CAP_S)
+
+
+def come_back_after_s(response: httpx.Response, refusals: int) -> float:
+    """The wait after a 429/503 that follows ``refusals`` others: the backoff, lengthened (never
+    shortened) by the server's ``Retry-After``; a "0" or a date in the past (clock skew) would
+    otherwise have the draw ask again at once, thousands of times a second."""
+    return max(backoff_s(refusals), retry_after_s(response) or 0.0)
 
 
 def retry_after_s(response: httpx.Response, cap: float = RETRY_AFTER_CAP_S) -> float | None:

@@ -399,19 +399,27 @@ def test_with_none_up_draws_wait_for_one_and_nothing_fails(monkeypatch):
     assert draw(policy).version == 1 and len(probes) >= 3 and vllm.completions[-1] == str(WEIGHTS / "v1")
 
 
+def dropping_completions(drops):
+    """A FakeVllm whose n-th completion request (from 1) is dropped when ``drops(n)``: its health probe and
+    weight routes answer. (the handler, the list of completion requests)"""
+    vllm, asked = FakeVllm(), []
+
+    def handler(request):
+        if request.url.path.endswith("/completions"):
+            asked.append(1)
+            if drops(len(asked)):
+                raise httpx.RemoteProtocolError("Server disconnected without sending a response.", request=request)
+        return vllm(request)
+
+    return handler, asked
+
+
 def test_a_server_healthy_to_its_probe_that_drops_every_request_fails_the_draw_after_max_retries(monkeypatch):
     # Each drop marks it down, its /health answers, it is marked up and asked again: without a count the draw
     # went round forever (only the job's timeout ended it; an SDK client's, never). The first drop in a row
     # is free (a server that just died is failed over); the later ones are failed attempts.
     monkeypatch.setattr(remote_policy, "BACKOFF_BASE_S", 0.001)
-    vllm, asked = FakeVllm(), []
-
-    def dropping(request):
-        if request.url.path.endswith("/completions"):
-            asked.append(1)
-            raise httpx.RemoteProtocolError("Server disconnected without sending a response.", request=request)
-        return vllm(request)
-
+    dropping, asked = dropping_completions(lambda n: True)
     policy = engine_policy(dropping, max_retries=2)
     policy.load(published(1))
     bounded = asyncio.wait_for(policy.complete(PROMPT, 1, max_tokens=1, temperature=1.0), 30)  # went round forever
@@ -447,15 +455,7 @@ def test_replicas_that_drop_together_cost_no_attempt(monkeypatch):
 
 def test_one_dropped_request_of_a_server_that_then_answers_costs_no_attempt(monkeypatch):
     monkeypatch.setattr(remote_policy, "BACKOFF_BASE_S", 0.001)
-    vllm, asked = FakeVllm(), []
-
-    def once(request):
-        if request.url.path.endswith("/completions"):
-            asked.append(1)
-            if len(asked) == 1:
-                raise httpx.RemoteProtocolError("Server disconnected without sending a response.", request=request)
-        return vllm(request)
-
+    once, asked = dropping_completions(lambda n: n == 1)
     policy = engine_policy(once, max_retries=0)  # no failed attempt allowed: the drop must not count
     policy.load(published(1))
     assert draw(policy).version == 1 and len(asked) == 2

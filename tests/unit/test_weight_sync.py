@@ -4,7 +4,8 @@ written in the background is the very directory ``save_pretrained`` writes (floa
 bfloat16, LoRA merged); it is announced only once its step is committed and its directory is
 sealed, in order, and the old versions are pruned after that; a step that is not committed
 announces nothing; an error of the writer's thread stops the trainer at its next step; a crash
-between a commit and its version's write is repaired by resume."""
+between a commit and its version's write is repaired by resume, also when a later unsynced step
+committed first."""
 from __future__ import annotations
 
 import json
@@ -19,6 +20,7 @@ from rlstream.builtin.tiny_model import build_model, build_tokenizer
 from rlstream.core import bus, keys, weights
 from rlstream.core.errors import RlstreamError
 from rlstream.core.messages import GroupAdmitted, StepCommitted, WeightsPublished, group_id_for
+from rlstream.producers.gate import staleness_capacity
 from rlstream.trainer import weight_sync
 from rlstream.trainer.policy_model import weights_dir, write_model_dir
 from rlstream.trainer.trainer import Trainer
@@ -328,3 +330,26 @@ def test_a_fill_with_a_subdirectory_is_sealed_the_long_way_and_links_nothing_nex
     weights.verify(tmp_path / "v1", digest)
     assert (tmp_path / "v1" / "extra" / "a.bin").read_bytes() == b"a" and known == {} and links
     assert (digest, size) == weights.write_dir(tmp_path / "w1", partial(whole, payload=b"w1"), version=1)
+
+
+def test_a_due_version_a_crash_left_unpublished_behind_a_later_commit_is_published_by_resume(r, tmp_path, monkeypatch):
+    # weight_sync_interval 2 <= O + 1 = 3: a step that is not due commits without waiting for the previous
+    # version's write, so a crash can fall after step 3's commit with v2 never announced. The gate admits
+    # (v + O + 1) batches at published v: at v0 nothing more once the 3 admitted are trained
+    # (docs/design.md §8 Resume and replay, item 5).
+    over = {"weight_sync_interval": 2, "max_head_offpolicy_versions": 2, "max_steps": 10}
+    t = ready_trainer(r, tmp_path, groups=3, **over)  # what the gate admits at v0
+    step(t)  # v1: not due
+    monkeypatch.setattr(weight_sync.Pending, "run", lambda self: None)  # v2's write is slow: the process dies first
+    step(t)  # v2: due, written beside step 3
+    step(t)  # v3: not due, so it does not wait for v2
+    assert t.step == 3 and published(r) == [0]
+    monkeypatch.undo()
+    t.lease.release()  # (the crash: its lease would lapse after its TTL)
+
+    cfg = config(tmp_path, **over)
+    again = Trainer(cfg, r, cfg.run_dir())
+    again.resume()
+    assert staleness_capacity(max(published(r)), 2, 2, 3 * 2) >= 2, (
+        f"published {published(r)} after resume at step {again.step}: the gate admits nothing more, and the "
+        "trainer waits for groups forever")
