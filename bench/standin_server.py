@@ -13,7 +13,9 @@ Each request sleeps for a latency drawn from a distribution (``--latency``):
     bimodal:0.1:3.0:0.05      0.1 s, except 5 % of requests that take 3.0 s (stragglers)
 
 plus ``--per-token-s`` for every generated token. With ``--capacity N`` a request arriving
-while N are in flight is answered 429 at once (a saturated server). The server is one asyncio
+while N are in flight is answered 429 at once (a saturated server). In process, ``hold()`` makes
+every request that arrives wait (in flight) until ``release()``: a test freezes its workers'
+progress at a point of its choosing instead of racing them. The server is one asyncio
 loop (HTTP/1.1 keep-alive, no framework), so hundreds of requests in flight cost nothing.
 
     python bench/standin_server.py --latency lognormal:0.2:1.0 --port-file /tmp/port
@@ -60,6 +62,8 @@ class StandinServer:
         self.weight_updates: list[dict[str, Any]] = []
         self.loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.AbstractServer | None = None
+        self._open = asyncio.Event()  # cleared by ``hold``: completions wait for it (used on the server's loop only)
+        self._open.set()
 
     @property
     def stats(self) -> dict[str, Any]:
@@ -68,6 +72,19 @@ class StandinServer:
 
     def reset_peak(self) -> None:
         self.peak_in_flight = self.in_flight
+
+    def hold(self) -> None:
+        """From now on, answer no arriving completion until ``release`` (those already answering finish)."""
+        self._on_loop(self._open.clear)
+
+    def release(self) -> None:
+        self._on_loop(self._open.set)
+
+    def _on_loop(self, fn: Callable[[], None]) -> None:
+        if self.loop is None:
+            fn()
+        else:
+            asyncio.run_coroutine_threadsafe(_call(fn), self.loop).result(10)
 
     def start(self) -> str:
         ready = threading.Event()
@@ -139,6 +156,7 @@ class StandinServer:
         try:
             choices = [self._choice(i, int(request["max_tokens"])) for i in range(n)]
             tokens = max(len(c["token_ids"]) for c in choices)
+            await self._open.wait()
             await asyncio.sleep(max(0.0, self.latency(self.rng)) + self.per_token_s * tokens)
             return 200, {"choices": choices}
         finally:
@@ -150,6 +168,10 @@ class StandinServer:
         logprobs = [-self.rng.uniform(0.1, 3.0) for _ in ids]
         return {"index": index, "text": "", "finish_reason": "length" if length == max_tokens else "stop",
                 "token_ids": ids, "logprobs": {"tokens": [f"token_id:{t}" for t in ids], "token_logprobs": logprobs}}
+
+
+async def _call(fn: Callable[[], None]) -> None:
+    fn()
 
 
 async def _read_request(reader: asyncio.StreamReader) -> tuple[str, str, bytes] | None:
