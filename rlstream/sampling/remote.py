@@ -406,7 +406,7 @@ class RemotePolicy:
             try:
                 await self._ready(server)
                 before = server.version if self.engine.tracks_versions else self.version
-                result = await self._attempt(server, body, controller)
+                result, payload = await self._attempt(server, body, controller)
                 if isinstance(result, DOWN_ERRORS):
                     raise result
                 dropped.clear()  # one answered
@@ -431,7 +431,7 @@ class RemotePolicy:
                     stamp, newest = await self._stamp(server, before) if self.engine.tracks_versions else (before,
                                                                                                            before)
                     stamps.record(stamp, newest)
-                    return parse_completions(outcome.json(), prompt, stamp)
+                    return parse_completions(payload if payload is not None else outcome.json(), prompt, stamp)
             except httpx.TransportError as exc:  # it stopped answering: another server, or this one once back
                 self.pool.mark_down(server, f"{type(exc).__name__}: {exc}")
                 dropped[server.url] = dropped.get(server.url, 0) + was_up
@@ -444,26 +444,31 @@ class RemotePolicy:
             failures += 1
             await asyncio.sleep(outcome)
 
-    async def _attempt(self, server: Server, body: dict[str, Any],
-                       controller: Any) -> httpx.Response | httpx.TransportError:
+    async def _attempt(self, server: Server, body: dict[str, Any], controller: Any
+                       ) -> tuple[httpx.Response | httpx.TransportError, dict[str, Any] | None]:
         """One request holding ``n`` slots of ``controller`` (one per completion it asks for),
-        which is told how the server answered; the back-off before a retry holds none (a shrunk
-        window then applies)."""
+        which is told how the server answered and how many tokens it generated; the back-off
+        before a retry holds none (a shrunk window then applies). Returns the answer and, for
+        a success, its parsed JSON (parsed once: it is counted here and read by the caller)."""
         n = body["n"]
         await controller.acquire(n)
         started, released = time.monotonic(), False
+        payload = None
         try:
             try:
                 result: httpx.Response | httpx.TransportError = await server.client().post("/completions", json=body)
             except httpx.TransportError as exc:
                 result = exc
             latency, overloaded = _server_signal(result, time.monotonic() - started)
-            controller.release(latency, overloaded=overloaded, n=n)
+            if latency is not None:  # a success: the caller parses it anyway (a bad body raises there)
+                with contextlib.suppress(ValueError):
+                    payload = result.json()
+            controller.release(latency, overloaded=overloaded, n=n, tokens=generated_tokens(payload))
             released = True
         finally:
             if not released:  # cancelled (the job's timeout) or a bug: never leak a slot
                 controller.release(n=n)
-        return result
+        return result, payload
 
     def _send(self, request, what: str) -> None:
         for attempt in itertools.count():
@@ -547,6 +552,28 @@ def _settle(target: asyncio.Future, source: asyncio.Future) -> None:
         target.set_exception(source.exception())
     else:
         target.set_result(source.result())
+
+
+def generated_tokens(payload: Any) -> int:
+    """The tokens a ``/completions`` answer generated, all its choices together: the server's
+    ``usage.completion_tokens``, else its choices' token ids (or logprobs); 0 when it says
+    neither (the concurrency window then judges latency per completion only). Never raises: a
+    malformed answer is the parser's to report."""
+    if not isinstance(payload, dict):
+        return 0
+    usage = payload.get("usage")
+    reported = usage.get("completion_tokens") if isinstance(usage, dict) else None
+    if isinstance(reported, int) and not isinstance(reported, bool) and reported > 0:
+        return reported
+    choices = payload.get("choices")
+    total = 0
+    for choice in choices if isinstance(choices, list) else []:
+        ids = choice.get("token_ids") if isinstance(choice, dict) else None
+        logprobs = choice.get("logprobs") if isinstance(choice, dict) else None
+        if ids is None and isinstance(logprobs, dict):
+            ids = logprobs.get("token_logprobs")
+        total += len(ids) if isinstance(ids, list) else 0
+    return total
 
 
 def _server_signal(result: httpx.Response | httpx.TransportError, latency_s: float) -> tuple[float | None, bool]:

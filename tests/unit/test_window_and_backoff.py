@@ -1,18 +1,28 @@
 """The request window, backoff and adaptive controller against servers that blip, refuse or change: a
 server that answers again is up again, 429/503 are waited for, a lost metrics feed does not pin the
-window, a saturated server holds it near its capacity, a job taken again by rq's retry stays counted."""
+window and is taken up again once it answers, a saturated server holds it near its capacity while
+completions that grow longer or shorter on a free server do not shrink it, a job taken again by rq's
+retry stays counted. Simulated servers and clocks: no timing is asserted."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
+import pytest
 
 from rlstream.core.config import InferenceConfig
 from rlstream.core.messages import WeightsPublished
 from rlstream.sampling import remote as remote_policy
-from rlstream.sampling.concurrency import AdaptiveConcurrencyController, MetricsPoller, vllm_queue_time_probe
+from rlstream.sampling.concurrency import (
+    NO_QUEUE_TIME,
+    AdaptiveConcurrencyController,
+    MetricsPoller,
+    vllm_queue_time_probe,
+)
 from rlstream.sampling.remote import RemotePolicy
 from rlstream.workers.slots import JobSlots
 
@@ -89,22 +99,146 @@ def test_a_metrics_poller_that_gave_up_leaves_latency_as_the_signal():
     assert controller.window > 1, (controller.window, controller.last_queue_time)
 
 
-def test_a_saturated_server_without_queue_metrics_holds_the_window_near_its_capacity():
+def feed_interval(controller, latency_s: float, tokens: int, completions: int = 32) -> None:
+    """``completions`` answers of ``latency_s`` and ``tokens`` generated each (0: the backend did not say),
+    each released while the window is full (so it may grow), as ``RemotePolicy`` releases them."""
+    for _ in range(completions):
+        controller.in_flight = controller.window
+        controller.release(latency_s, n=1, tokens=tokens)
+    controller.in_flight = 0
+
+
+@pytest.mark.parametrize("lengths", ["unknown", "constant", "growing"])
+def test_a_saturated_server_without_queue_metrics_holds_the_window_near_its_capacity(lengths):
     """Latency is the signal (no queue-time metrics): a server that runs 8 requests at once answers in
     base x W / 8 once the window W is over 8. The target is 2 x the lowest interval mean ever seen, so the
     window settles near 2 x capacity. A baseline of the recent intervals only drifted up with the queue and
-    let the window grow to its maximum (a reviewer's simulation: 256 after 200 intervals)."""
+    let the window grow to its maximum (a reviewer's simulation: 256 after 200 intervals). So it does whether
+    the latency is judged per request (token counts unknown), per token (known), or per token while the
+    completions grow 4x longer (what the per-token signal is for)."""
     clock = [0.0]
     controller = AdaptiveConcurrencyController(initial_window=16, clock=lambda: clock[0])
     windows = []
-    for _ in range(400):
-        latency = max(1.0, controller.window / 8)
-        with controller._state:  # one interval of 32 completions with the window full, fed as release() does
-            controller._completions, controller._interval_latency, controller._full = 32, 32 * latency, True
-        controller._adjust()
+    for i in range(400):
+        tokens = {"unknown": 0, "constant": 300, "growing": round(100 + 300 * min(1.0, i / 200))}[lengths]
+        base = 1.0 if lengths != "growing" else (0.2 + 0.01 * tokens) / 1.2  # 1 s at 100 tokens
+        latency = base * max(1.0, controller.window / 8)
+        feed_interval(controller, latency, tokens)
         clock[0] += latency * 32 / controller.window
         windows.append(controller.window)
     assert max(windows[50:]) <= 40, max(windows[50:])
+
+
+def test_completions_growing_longer_on_a_free_server_keep_the_window_near_its_maximum():
+    """A server with room for every request (nothing queues) answers in 0.2 s + 10 ms per generated token,
+    and the policy's completions grow from 100 to 400 tokens as it trains. Judged per request against 2 x the
+    run's lowest latency (1.2 s), the window was halved over and over once completions passed 220 tokens and
+    sank to 1; judged per generated token (which falls as the fixed cost spreads) it stays at its maximum."""
+    clock = [0.0]
+    controller = AdaptiveConcurrencyController(initial_window=16, max_window=64, clock=lambda: clock[0])
+    windows = []
+    for i in range(300):
+        tokens = round(100 + 300 * min(1.0, i / 200))
+        latency = 0.2 + 0.01 * tokens
+        feed_interval(controller, latency, tokens)
+        clock[0] += latency * 32 / controller.window
+        windows.append(controller.window)
+    assert windows[-1] == 64 and min(windows[60:]) >= 48, (min(windows[60:]), windows[-1], controller.shrinks)
+
+
+def test_completions_growing_shorter_do_not_shrink_the_window_either():
+    """The mirror case: per token, a request's fixed cost weighs more as completions shorten (here 400 tokens
+    down to 10: 0.0105 s a token up to 0.03, nearly 3x), yet the requests answer faster and nothing queues.
+    The window shrinks only when both the latency per request and per token are over their targets."""
+    clock = [0.0]
+    controller = AdaptiveConcurrencyController(initial_window=16, max_window=64, clock=lambda: clock[0])
+    for i in range(300):
+        tokens = round(400 - 390 * min(1.0, i / 200))
+        latency = 0.2 + 0.01 * tokens
+        feed_interval(controller, latency, tokens)
+        clock[0] += latency * 32 / controller.window
+    assert controller.window == 64 and controller.shrinks == 0, (controller.window, controller.shrinks)
+
+
+def test_a_request_tells_the_window_how_many_tokens_it_generated():
+    """``RemotePolicy`` passes the tokens a request generated (all its n completions) to ``release``: the
+    server's ``usage.completion_tokens`` when it reports it, else the token ids it returned."""
+    released = []
+
+    class Recording(AdaptiveConcurrencyController):
+        def release(self, latency_s=None, *, overloaded=False, n=1, tokens=0):
+            released.append((n, tokens))
+            super().release(latency_s, overloaded=overloaded, n=n, tokens=tokens)
+
+    bodies = iter([{"choices": [{**choice_body()["choices"][0], "index": i, "token_ids": [1] * (3 + i),
+                                 "logprobs": {"token_logprobs": [-0.1] * (3 + i)}} for i in range(2)]},
+                   {**choice_body(), "usage": {"prompt_tokens": 1, "completion_tokens": 9}}])
+    # the second body's usage (9) is what counts, not its one token id
+    cfg = InferenceConfig(backend="openai", base_url="http://inference.test/v1")
+    policy = RemotePolicy(cfg, WeightsPublished(version=0, uri="/x/v0", sha256="0" * 64, bytes=1), None, "m",
+                          Path("/w"), transport=httpx.MockTransport(lambda r: httpx.Response(200, json=next(bodies))),
+                          sync_transport=httpx.MockTransport(lambda r: httpx.Response(500)), controller=Recording())
+    asyncio.run(policy.complete([3], 2, max_tokens=8, temperature=1.0))
+    asyncio.run(policy.complete([3], 1, max_tokens=8, temperature=1.0))
+    assert released == [(2, 3 + 4), (1, 9)]
+
+
+def test_a_metrics_poller_that_gave_up_keeps_asking_slowly_and_queue_time_takes_over_again(monkeypatch):
+    """A worker started before its vLLM is up: the poller's first fetches fail, it gives up (latency is the
+    signal), and it used to stop for good, so the worker never used queue time. It asks again at a slow,
+    capped rate (15 s doubling to 60 s) and, once the server answers with its metrics, polls every period_s
+    again and the window follows queue time. The polling loop runs here in the test's thread, its waits
+    recorded instead of slept."""
+    from rlstream.sampling import concurrency
+
+    texts = iter([HIST.format(s=0.0, c=0), HIST.format(s=20.0, c=10), HIST.format(s=30.0, c=15)])
+    fetches = []
+
+    def handler(request):
+        fetches.append(1)
+        if len(fetches) <= 6:  # vLLM still loading its model
+            raise httpx.ConnectError("refused")
+        return httpx.Response(200, text=next(texts))
+
+    class InThisThread:
+        def __init__(self, target, name, daemon):
+            self.target = target
+
+        def start(self):
+            self.target()
+
+    monkeypatch.setattr(concurrency, "threading", SimpleNamespace(
+        Thread=InThisThread, Event=threading.Event, Lock=threading.Lock))
+    poller = MetricsPoller("http://server.test/metrics", transport=httpx.MockTransport(handler), max_failures=2)
+    controller = AdaptiveConcurrencyController(initial_window=16, adjust_every=1, cooldown_s=0.0,
+                                               queue_time_probe=vllm_queue_time_probe(lambda: poller.text))
+    waits, signals = [], []
+
+    class Recorded:  # the stop event: each wait is one interval of the controller, judged on what was polled
+        def wait(self, timeout):
+            waits.append(timeout)
+            feed_interval(controller, 0.01, 0, completions=1)
+            signals.append(controller.last_queue_time)
+            return len(fetches) >= 9  # stop once the server has answered three times
+
+        def set(self):
+            pass
+
+    poller._stop = Recorded()
+    poller.start()
+    assert len(fetches) == 9 and poller.available is True
+    assert waits == [2.0, 15.0, 30.0, 60.0, 60.0, 60.0, 2.0, 2.0, 2.0], waits
+    assert signals[:7] == [None] * 7  # latency rules while it has given up (and at the first reading, a baseline)
+    assert signals[-2:] == [2.0, 2.0] and controller.last_queue_time == 2.0  # 20 s over 10 requests, 10 over 5
+
+
+def test_a_queue_time_probe_starts_afresh_after_the_poller_gave_up():
+    """A server that restarted while the poller had given up counts its histogram from 0 again: its first
+    reading after is a new baseline, not a delta against the old server's totals."""
+    texts = iter([HIST.format(s=100.0, c=50), HIST.format(s=110.0, c=60), None,
+                  HIST.format(s=400.0, c=70), HIST.format(s=405.0, c=80)])
+    probe = vllm_queue_time_probe(lambda: next(texts))
+    assert [probe(), probe(), probe(), probe(), probe()] == [None, 1.0, NO_QUEUE_TIME, None, 0.5]
 
 
 def test_a_job_id_taken_again_before_its_first_run_released_stays_counted():
