@@ -28,11 +28,14 @@ the same path (a shared volume). docs/design.md §15.71 Engines sync through the
   after the answer): a server that answers with an older version restarted with other weights,
   so its samples are stamped with that older one and it is reloaded before its next request;
 - openai: ``{"model_path", "version"}`` is POSTed to ``inference.weight_sync_url``, and samples
-  are stamped N once the server said 2xx; without a sync URL the server is never told, samples
-  are stamped v0, and the trainer's offsets show it. Such a server cannot say which version it
-  serves, so one that stopped answering (it may have restarted with its base weights) is sent
-  the current version again before its next request; a restart that no request noticed cannot
-  be seen (use vllm / sglang, whose servers report their version, where that matters).
+  are stamped N once the server said 2xx (a completion answered while that POST is in flight
+  carries N as its newest version: the server may switch at any moment of it); without a sync
+  URL the server is never told, samples are stamped v0, and the trainer's offsets show it. Such
+  a server cannot say which version it serves, so one that stopped answering, a dropped
+  connection included (it may have restarted with its base weights), is sent the current version
+  again before its next request; pushes go one at a time, so none of an older version lands after
+  a newer one; a restart that no request noticed cannot be seen (use vllm / sglang, whose servers
+  report their version, where that matters).
 
 Servers are picked by rlstream.sampling.servers (a preferred one, fail-over, waiting while none
 is up). Retries only here, at the I/O edge: timeouts, 408 and 5xx but 503 are retried ``max_retries``
@@ -40,9 +43,11 @@ times with exponential backoff; any other 4xx fails at once with the server's me
 that does not answer at all (connection refused or dropped) is failed over, not counted (but
 from a server's second request in a row dropped while it is believed up, each counts: one whose health
 probe answers while it drops every request would otherwise be asked forever), and neither is
-one that says to come back later (429, 503: after the longer of its ``Retry-After`` and the
-backoff), while that lasts less than ``inference.start_timeout``: a busy or rate-limited server
-loses no draw (the job's timeout still bounds the wait).
+one that says to come back later (429, 503): the draw goes at once to another server that is up
+and did not say so, and only when every one up did, waits for the first it may ask again (after
+the longer of its ``Retry-After`` and the backoff), while that lasts less than
+``inference.start_timeout``: a busy or rate-limited server loses no draw (the job's timeout still
+bounds the wait).
 """
 from __future__ import annotations
 
@@ -55,6 +60,7 @@ import itertools
 import logging
 import math
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, ContextManager
@@ -223,6 +229,10 @@ class RemotePolicy:
         self.pool = ServerPool(servers, prefer, probe, cfg.start_timeout, (BACKOFF_BASE_S, BACKOFF_CAP_S))
         self.controller = controller if controller is not None else FixedConcurrencyController(cfg.max_concurrency)
         self.version = 0  # what the servers are to serve: the base model until a sync succeeds
+        # openai: one weight push at a time (load's and the resyncs, all to weight_sync_url), and the version
+        # being pushed while one is in flight: a completion answered meanwhile may have been computed with it.
+        self._push_lock = threading.Lock()
+        self._pushing: int | None = None
         self.load(published)
 
     def load(self, published: WeightsPublished) -> None:
@@ -232,22 +242,8 @@ class RemotePolicy:
         wanted = published.version
         if not self.engine.tracks_versions:
             if self.engine.syncs and wanted > self.version:
-                directory = weights.version_dir(self.weights_root, wanted).resolve()
-                try:
-                    self.engine.reload(self._sync, "", directory, wanted)
-                except httpx.TransportError as exc:  # down: told before its next request (_ready), once back
-                    log.warning("weight sync to v%d: no answer (%s: %s); sent again once the server answers",
-                                wanted, type(exc).__name__, exc)
-                    self.version = wanted
-                    for server in self.pool.servers:
-                        server.version = None
-                    return
-                except EngineError:  # refused: retried within max_retries, then the job fails with the reason
-                    self._send(lambda: self.engine.reload(self._sync, "", directory, wanted),
-                               f"weight sync to v{wanted}")
-                self.version = wanted
-                for server in self.pool.servers:  # told: until one stops answering (mark_down forgets it)
-                    server.version = wanted
+                with self._push_lock:
+                    self._push(wanted)
             return
         if wanted == self.version or (wanted < self.version and not self.exact):
             return
@@ -262,6 +258,36 @@ class RemotePolicy:
         except InferenceError:
             self.version = previous  # the next load tries again
             raise
+
+    def _push(self, wanted: int) -> None:
+        """openai: POST ``wanted`` to ``weight_sync_url`` and stamp with it from then on (under
+        ``_push_lock``). Completions answered while the POST is in flight are stamped up to it
+        (``_pushing``): the server may switch at any moment of it."""
+        if wanted <= self.version:  # another job's load got there first
+            return
+        directory = weights.version_dir(self.weights_root, wanted).resolve()
+        # A server that stopped answering during the POST may have restarted after taking it: it stays unknown
+        # (mark_down forgot it) and is told again before its next request, not marked told by this POST.
+        forgotten = {server: server.forgotten for server in self.pool.servers}
+        self._pushing = wanted
+        try:
+            try:
+                self.engine.reload(self._sync, "", directory, wanted)
+            except httpx.TransportError as exc:  # down: told before its next request (_ready), once back
+                log.warning("weight sync to v%d: no answer (%s: %s); sent again once the server answers",
+                            wanted, type(exc).__name__, exc)
+                self.version = wanted
+                for server in self.pool.servers:
+                    server.version = None
+                return
+            except EngineError:  # refused: retried within max_retries, then the job fails with the reason
+                self._send(lambda: self.engine.reload(self._sync, "", directory, wanted), f"weight sync to v{wanted}")
+            self.version = wanted  # before _pushing is cleared: an answer in between reads one of the two
+            for server in self.pool.servers:  # told: until one stops answering (mark_down forgets it)
+                if server.forgotten == forgotten[server]:
+                    server.version = wanted
+        finally:
+            self._pushing = None
 
     def _serves(self, server: Server) -> bool:
         if server.version is None:
@@ -294,19 +320,29 @@ class RemotePolicy:
         """openai: POST the current version to ``weight_sync_url`` for ``server``, which stopped
         answering since it was last told (blocking: the loop's executor). A transport error means
         it is still down: raised, so that the caller fails over or waits (``ServerPool``); a refusal
-        is retried as any weight sync (``_send``)."""
-        with server.sync_lock:
+        is retried as any weight sync (``_send``).
+
+        Why every dropped connection, not only an outage a probe saw: such a server cannot say what
+        it serves, and a drop is all a worker may see of its restart (a process manager that keeps
+        the port open, gunicorn-style, restarts a crashed worker process with no connection ever
+        refused; a restart within the back-off before the next request looks the same). What is
+        spared is only what is provably redundant: under ``_push_lock`` a load in flight ends first,
+        so the resync sends the newest version, and none when that load's POST, sent after the drop,
+        told the server already (before, an older version could land after the newer one)."""
+        with server.sync_lock, self._push_lock:
             version = self.version
             if server.version == version:
                 return
             log.info("%s stopped answering since it was sent v%d (a restarted server serves other weights): "
                      "sending it again before its next request", server.url, version)
             directory = weights.version_dir(self.weights_root, version).resolve()
+            forgotten = server.forgotten
             try:
                 self.engine.reload(self._sync, "", directory, version)
             except EngineError:
                 self._send(lambda: self.engine.reload(self._sync, "", directory, version), f"weight sync to v{version}")
-            server.version = version
+            if server.forgotten == forgotten:  # it stopped answering meanwhile: told again before its next request
+                server.version = version
 
     def _fits(self, served: int | None, wanted: int) -> bool:
         return served is not None and (served == wanted if self.exact else served >= wanted)
@@ -397,11 +433,19 @@ class RemotePolicy:
         body = completion_request(self.model_name, prompt, n, **sample_kwargs)
         controller = controller if controller is not None else self.controller
         failures = 0  # failed attempts (a server that does not answer at all is failed over, not counted)
-        overloaded_since, refusals = None, 0  # 429/503 in a row: "come back later", waited for, not counted
+        overloaded_since = None  # since when 429/503s ("come back later") came in a row: waited for, not counted
+        refusals: dict[Server, int] = {}  # per server, its 429/503s in a row: its come-back backoff grows with them
+        come_back: dict[Server, float] = {}  # per server that said "come back later" to this draw: from when
         # per server, requests it dropped in a row while believed up (its health probe answered, or no outage)
         dropped: dict[str, int] = {}
         while True:
             server = await self.pool.pick()
+            if come_back:  # a server that asked this draw to come back later is not asked before then
+                server, wait = next_to_ask(self.pool.order(), server, come_back, time.monotonic())
+                if wait > 0:  # every server up asked to: wait for the first that may be asked again
+                    await asyncio.sleep(wait)
+                    come_back.pop(server, None)
+                    continue
             was_up = server.up
             try:
                 await self._ready(server)
@@ -416,20 +460,34 @@ class RemotePolicy:
                     now = time.monotonic()
                     overloaded_since = now if overloaded_since is None else overloaded_since
                     if now - overloaded_since < self.cfg.start_timeout:  # as a server that does not answer
-                        delay = come_back_after_s(result, refusals)
-                        (log.debug if refusals else log.warning)(
-                            "completion: HTTP %d from %s (%s); asking again in %.1fs, for up to %.0fs "
-                            "(inference.start_timeout)", result.status_code, server.url, result.text[:200], delay,
+                        asked = refusals.get(server, 0)
+                        delay = come_back_after_s(result, asked)
+                        refusals[server], come_back[server] = asked + 1, now + delay
+                        # Another replica up that did not ask this draw to come back takes it at once (design
+                        # §15.71 Engines sync through their own routes); only when every one up asked does
+                        # the draw wait, for the first that may be asked again (a lone server: this one).
+                        other, wait = next_to_ask(self.pool.order(), server, come_back, now)
+                        pause = delay if other is server else wait
+                        (log.debug if asked else log.warning)(
+                            "completion: HTTP %d from %s (%s); %s, for up to %.0fs (inference.start_timeout)",
+                            result.status_code, server.url, result.text[:200],
+                            f"asking {other.url} meanwhile" if other is not server and pause <= 0 else
+                            f"asking {'again' if other is server else other.url} in {pause:.1f}s",
                             self.cfg.start_timeout)
-                        refusals += 1
-                        await asyncio.sleep(delay)
+                        if other is server or pause > 0:
+                            await asyncio.sleep(pause)
+                            come_back.pop(other, None)  # waited for: asked next, not after a clock's rounding
                         continue
                 else:
-                    overloaded_since, refusals = None, 0
+                    overloaded_since = None
+                    refusals.pop(server, None)
                 outcome = self._judge(result, "completion", failures, server.url)
                 if isinstance(outcome, httpx.Response):
-                    stamp, newest = await self._stamp(server, before) if self.engine.tracks_versions else (before,
-                                                                                                           before)
+                    if self.engine.tracks_versions:
+                        stamp, newest = await self._stamp(server, before)
+                    else:  # openai: a push in flight, or one that ended while this was, may have computed it
+                        pushing = self._pushing  # read first: a push that ends sets self.version before clearing it
+                        stamp, newest = before, max(before, self.version, pushing if pushing is not None else 0)
                     stamps.record(stamp, newest)
                     return parse_completions(payload if payload is not None else outcome.json(), prompt, stamp)
             except httpx.TransportError as exc:  # it stopped answering: another server, or this one once back
@@ -509,6 +567,25 @@ class RemotePolicy:
         self._probe.close()
         for server in self.pool.servers:
             server.close_client()
+
+
+def next_to_ask(order: list[Server], picked: Server, come_back: dict[Server, float],
+                now: float) -> tuple[Server, float]:
+    """(the server a draw asks next, seconds to wait first) when some asked it to come back later
+    (``come_back``: server -> from when, after a 429/503). ``picked``, the pool's choice, unless it
+    asked; else the first server in ``order`` (the pool's preference) that is up and did not ask,
+    at once; else, when every one up asked, the one that may be asked first, after its wait."""
+    if come_back.get(picked, now) <= now:
+        return picked, 0.0
+    asking = []
+    for server in order:
+        if server.up or server is picked:
+            when = come_back.get(server, now)
+            if when <= now:
+                return server, 0.0
+            asking.append((when, server.index, server))
+    when, _, server = min(asking)
+    return server, when - now
 
 
 def backoff_s(attempt: int) -> float:

@@ -41,6 +41,7 @@ class Server:
     down_since: float | None = None  # when it stopped answering; None = up
     retry_at: float = 0.0  # a down server is probed again from then on
     failures: int = 0  # failed probes (or requests) in a row: the back-off grows with them
+    forgotten: int = 0  # times mark_down forgot its version: a weight push sent before the last one may be lost
     probing: bool = False
     refusal: str | None = None  # why it is unfit (the logprobs probe): every request to it fails with this
     sync_lock: threading.Lock = field(default_factory=threading.Lock)  # one sync of it at a time in this process
@@ -128,6 +129,7 @@ class ServerPool:
             if first:
                 server.down_since = now
             server.version = None
+            server.forgotten += 1
             delay = min(self.backoff_base * 2 ** server.failures, self.backoff_cap)
             server.failures += 1
             server.retry_at = now + delay

@@ -638,3 +638,94 @@ def test_a_weight_sync_the_server_does_not_answer_is_sent_once_it_does():
     down[0] = False
     [completion] = asyncio.run(policy.complete(PROMPT, 1, max_tokens=1, temperature=1.0))
     assert seen == ["sync v3", "complete"] and completion.version == 3
+
+
+class WatchedLock:
+    """A lock that says when someone asks for it while it is held (``contended``)."""
+
+    def __init__(self, lock, contended):
+        self.lock, self.contended = lock, contended
+
+    def __enter__(self):
+        if self.lock.locked():
+            self.contended.set()
+        self.lock.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self.lock.release()
+
+
+def test_a_connection_dropped_during_a_weight_push_gets_the_newest_version_not_an_older_one():
+    """openai: while load()'s POST of v3 is in flight, a completion's connection drops. The resync that the
+    drop calls for POSTed v2 (the version still current) beside the v3 push, which may land after it and roll
+    the server back under v3's stamp, and then v3 again: two reloads, one of them stale. Under one push at a
+    time the resync waits for the load and sends v3 once (the drop, during the push, keeps the server
+    unknown: the push may have reached a server that then restarted)."""
+    import threading
+
+    from polling import wait_until
+
+    pushes, in_push, contended = [], threading.Event(), threading.Event()
+
+    def sync(request: httpx.Request) -> httpx.Response:
+        version = json.loads(request.content)["version"]
+        pushes.append(version)
+        if version == 3 and pushes.count(3) == 1:  # held until the draw's resync came (or waits for this push)
+            in_push.set()
+            wait_until(lambda: len(pushes) > 2 or contended.is_set(), 30, "the draw's resync")
+        return httpx.Response(200, json={})
+
+    asked = []
+
+    def complete(request: httpx.Request) -> httpx.Response:
+        asked.append(1)
+        if len(asked) == 1:
+            raise httpx.RemoteProtocolError("Server disconnected without sending a response.", request=request)
+        return httpx.Response(200, json={"choices": [choice(0, [1], [-0.1])]})
+
+    policy = make_policy(complete, sync_handler=sync, weight_sync_url="http://inference.test/update", version=2)
+    policy._push_lock = WatchedLock(getattr(policy, "_push_lock", threading.Lock()), contended)
+    loading = threading.Thread(target=policy.load, args=(published(3),))
+    loading.start()
+    try:
+        assert in_push.wait(30)
+        [completion] = asyncio.run(asyncio.wait_for(policy.complete(PROMPT, 1, max_tokens=1, temperature=1.0), 30))
+    finally:
+        contended.set()
+        loading.join(30)
+    assert pushes == [2, 3, 3] and completion.version == 3 and policy.version == 3
+
+
+def test_a_completion_answered_while_a_weight_push_is_in_flight_is_stamped_up_to_its_version():
+    """openai: the server may switch to v3 at any moment of the POST that pushes it, so a completion answered
+    meanwhile may come from v3. It was stamped [v2, v2] (the push not yet answered); its group's range must
+    reach v3, its stamp (min_version) staying v2."""
+    import threading
+
+    in_push, drawn = threading.Event(), threading.Event()
+
+    def sync(request: httpx.Request) -> httpx.Response:
+        if json.loads(request.content)["version"] == 3:
+            in_push.set()
+            drawn.wait(30)  # answered once the completion was
+        return httpx.Response(200, json={})
+
+    policy = make_policy(lambda r: httpx.Response(200, json={"choices": [choice(0, [1], [-0.1])]}),
+                         sync_handler=sync, weight_sync_url="http://inference.test/update", version=2)
+    loading = threading.Thread(target=policy.load, args=(published(3),))
+    loading.start()
+    try:
+        assert in_push.wait(30)
+        span = VersionSpan()
+
+        async def one():
+            drawn_versions.set(span)
+            return (await policy.complete(PROMPT, 1, max_tokens=1, temperature=1.0))[0]
+
+        completion = asyncio.run(one())
+    finally:
+        drawn.set()
+        loading.join(30)
+    assert completion.version == 2 and (span.low, span.high) == (2, 3) and span.bounds(2, 2) == (2, 3)
+    assert policy.version == 3

@@ -315,3 +315,58 @@ def test_retry_after_is_read_defensively():
     assert after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # a date in the past: at once
     assert after("Wed, 21 Oct 2999 07:28:00 GMT") == RETRY_AFTER_CAP_S
     assert after("Wed, 99 Foo 2999 07:28:00 GMT") is None
+
+
+def record_sleeps(monkeypatch) -> list[float]:
+    """The waits asked of asyncio.sleep, each taken as a loop pass: a test sees what the draw would wait."""
+    slept: list[float] = []
+    real_sleep = asyncio.sleep
+
+    async def recording_sleep(delay, *args, **kwargs):
+        slept.append(delay)
+        await real_sleep(0)
+
+    monkeypatch.setattr(remote_policy.asyncio, "sleep", recording_sleep)
+    return slept
+
+
+def two_replicas(handler, **inference) -> RemotePolicy:
+    cfg = InferenceConfig(backend="openai", base_url=["http://a.test/v1", "http://b.test/v1"], **inference)
+    return RemotePolicy(cfg, WeightsPublished(version=0, uri="/x/v0", sha256="0" * 64, bytes=1), None, "m",
+                        Path("/w"), transport=httpx.MockTransport(handler),
+                        sync_transport=httpx.MockTransport(lambda r: httpx.Response(500)))
+
+
+def test_a_replica_that_says_come_back_later_is_failed_over_at_once(monkeypatch):
+    """Two replicas up; the preferred one answers its first request 429 with Retry-After 30: the draw waited
+    the 30 s on it (and asked it again) while the other replica was up and free. It must go there at once."""
+    monkeypatch.setattr(remote_policy, "BACKOFF_BASE_S", 0.0)
+    slept, asked = record_sleeps(monkeypatch), []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        asked.append(request.url.host)
+        if request.url.host == "a.test" and asked.count("a.test") == 1:
+            return httpx.Response(429, headers={"Retry-After": "30"}, json={"error": "rate limited"})
+        return httpx.Response(200, json=choice_body())
+
+    out = asyncio.run(two_replicas(handler).complete([3], 1, max_tokens=1, temperature=1.0))
+    assert out[0].output_tokens == [1] and asked == ["a.test", "b.test"] and slept == [], (asked, slept)
+
+
+def test_when_every_replica_says_come_back_later_the_draw_waits_for_the_first_it_may_ask(monkeypatch):
+    """Both replicas refuse once (Retry-After 20 from the preferred, then 5 from the other): the draw waits,
+    not counted, and asks the one that may be asked first (the other, after its 5 s), not the preferred."""
+    monkeypatch.setattr(remote_policy, "BACKOFF_BASE_S", 0.0)
+    slept, asked = record_sleeps(monkeypatch), []
+    retry_after = {"a.test": "20", "b.test": "5"}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        host = request.url.host
+        asked.append(host)
+        if asked.count(host) == 1:
+            return httpx.Response(429, headers={"Retry-After": retry_after[host]}, json={"error": "busy"})
+        return httpx.Response(200, json=choice_body())
+
+    policy = two_replicas(handler, max_retries=0)  # a wait counted as a failed attempt would fail the draw
+    out = asyncio.run(policy.complete([3], 1, max_tokens=1, temperature=1.0))
+    assert out[0].output_tokens == [1] and asked == ["a.test", "b.test", "b.test"] and slept == [5.0], (asked, slept)
