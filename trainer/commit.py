@@ -26,6 +26,7 @@ from rlstream.core.archive import id_key
 from rlstream.core.codec import encode
 from rlstream.core.errors import RlstreamError
 from rlstream.core.messages import GroupRejected, StepCommitted, WeightsPublished
+from rlstream.core.run_state import TRAINER
 from rlstream.trainer.batch import Group
 from rlstream.trainer.lease import TrainerLease, fenced_write
 
@@ -196,6 +197,6 @@ def reject_group(r: redis.Redis, run_id: str, group_id: str, entry_ids: list[str
     """An explicit ``GroupRejected`` (frees its gate slots) and the XACK of its entries, in
     one fenced script. A retried script may write the event twice: harmless, every fold keeps
     the first."""
-    rejected = GroupRejected(group_id=group_id, reason=reason, by="trainer")
+    rejected = GroupRejected(group_id=group_id, reason=reason, by=TRAINER)
     fenced_write(r, lease, add=(keys.events(run_id), rejected), ack=(keys.rollouts(run_id), entry_ids))
     return rejected

@@ -5,7 +5,9 @@ worker), and its warm shutdown.
 
 rq imports a job's function by name and passes only JSON arguments, so the function
 finds the process's ``WorkerRuntime`` through a ContextVar that the worker binds around
-each job (the one piece of per-process context; it never outlives ``execute_job``).
+each job (the one piece of per-process context; it never outlives ``execute_job``), and the
+job's run in the worker's ``JobSlots`` through another (per run, not per job id: one id may run
+twice at once).
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from rlstream.core.messages import GroupJob, RolloutJob
 
 log = logging.getLogger(__name__)
 _runtime: contextvars.ContextVar = contextvars.ContextVar("rlstream_worker_runtime")
+_slot: contextvars.ContextVar = contextvars.ContextVar("rlstream_worker_slot", default=None)  # JobSlots run token
 MAX_HEARTBEAT_TTL_S, MIN_HEARTBEAT_TTL_S = 15, 3
 HUNG_GRACE_S = 10.0
 PUBSUB_WAKE_S = 1.0  # rq's command-channel thread: how often it wakes (its stop waits for that)
@@ -65,14 +68,14 @@ class MainThreadDeathPenalty(UnixSignalDeathPenalty):
 
 def run_groups(payload: dict[str, Any]) -> dict[str, Any]:
     """rq job: roll out the prompt groups of one ``RolloutJob`` (``rlstream.core.jobs.JOB_FUNC``)."""
-    return _bound_runtime().run_job(RolloutJob.model_validate(payload))
+    return _bound_runtime().run_job(RolloutJob.model_validate(payload), slot=_slot.get())
 
 
 def run_group(payload: dict[str, Any]) -> dict[str, Any]:
     """rq job of one ``GroupJob``: what the producer enqueued before jobs carried several groups
     (a run resumed across the upgrade may still hold some)."""
     group = GroupJob.model_validate(payload)
-    return _bound_runtime().run_job(RolloutJob(run_id=group.run_id, groups=[group]))
+    return _bound_runtime().run_job(RolloutJob(run_id=group.run_id, groups=[group]), slot=_slot.get())
 
 
 def _bound_runtime() -> Any:
@@ -121,14 +124,14 @@ class RolloutWorker(SimpleWorker):
             self._perform(job, queue, execution)
             self.set_state(WorkerStatus.IDLE)
             return
-        self.slots.take(job.id, job_draws(job))  # released by the job's thread, whatever ends it
-        threading.Thread(target=self._perform_in_thread, args=(job, queue, execution), name=f"job-{job.id}",
+        run = self.slots.take(job.id, job_draws(job))  # released by the job's thread, whatever ends it
+        threading.Thread(target=self._perform_in_thread, args=(job, queue, execution, run), name=f"job-{job.id}",
                          daemon=True).start()
 
-    def _perform(self, job, queue, execution) -> None:
+    def _perform(self, job, queue, execution, run: int | None = None) -> None:
         """rq's perform_job (success or failure handling included) with the job's
-        heartbeat kept by a side thread."""
-        token = _runtime.set(self.runtime)
+        heartbeat kept by a side thread; ``run``: its token in the slots (None: one job at a time)."""
+        token, slot = _runtime.set(self.runtime), _slot.set(run)
         stop = threading.Event()
         beat = threading.Thread(target=self._beat, args=(job, execution, stop), name="job-heartbeat", daemon=True)
         beat.start()
@@ -137,16 +140,17 @@ class RolloutWorker(SimpleWorker):
         finally:
             stop.set()
             beat.join()
+            _slot.reset(slot)
             _runtime.reset(token)
 
-    def _perform_in_thread(self, job, queue, execution) -> None:
+    def _perform_in_thread(self, job, queue, execution, run: int) -> None:
         try:
-            self._perform(job, queue, execution)
+            self._perform(job, queue, execution, run)
         except Exception:  # rq's perform_job handles the job's own errors: this is its bookkeeping failing
             log.exception("worker %s: job %s: rq could not record its outcome; its heartbeat stops, so the producer "
                           "re-dispatches it", self.name, job.id)
         finally:
-            self.slots.release(job.id)
+            self.slots.release(run)
             sampling = getattr(self.runtime, "sampling", None)
             if sampling is not None and sampling.stuck:
                 warm_shutdown()

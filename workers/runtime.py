@@ -181,8 +181,8 @@ class WorkerRuntime:
         self.loop = self.sampling.loop if concurrent else asyncio.new_event_loop()
         self._weights_lock = threading.Lock()  # one job at a time builds or updates the policy
         self._breaker_lock = threading.Lock()
-        # The worker's JobSlots (workers/slots.py), told of each group's draws by rq job id: how many a round
-        # starts, each one finished, all done. None: one job at a time, nothing to tell.
+        # The worker's JobSlots (workers/slots.py), told of each group's draws by the job's run (its token,
+        # ``run_job``'s ``slot``): how many a round starts, each one finished, all done. None: one job at a time.
         self.slots: Any = None
 
     def sync_weights(self, min_version: int, deadline: float | None = None) -> None:
@@ -280,14 +280,13 @@ class WorkerRuntime:
         return None
 
     async def _group(self, job: GroupJob, tally: DrawTally | None = None, span: VersionSpan | None = None,
-                     job_id: str | None = None) -> list[RolloutRecord]:
+                     slot: int | None = None) -> list[RolloutRecord]:
         """G draws; missing members (None, invalid, failed) are re-drawn for up to
         ``max_incomplete_group_retries`` more rounds. Failures are tallied in ``tally``; the
         versions the servers drew them with, in ``span`` (every draw task inherits it). The
-        first round's draws were counted in the slots when the job (``job_id``) was taken."""
+        first round's draws were counted in the slots when the job's run (``slot``) was taken."""
         tally = DrawTally() if tally is None else tally
         drawn_versions.set(span)
-        job_id = keys.job_id(self.cfg.run_id, job.group_id) if job_id is None else job_id
         samples: list[RolloutRecord] = []
         next_index = 0
         for round_ in range(self.cfg.max_incomplete_group_retries + 1):
@@ -297,38 +296,39 @@ class WorkerRuntime:
             contexts = [dict(row_index=job.row_index, epoch=job.epoch, sample_index=next_index + i, evaluation=False)
                         for i in range(missing)]
             next_index += missing
-            if self.slots is not None and round_:
-                self.slots.more(job_id, missing)
-            results = await asyncio.gather(*(self._counted(job_id, self._draw(job.row, c, tally)) for c in contexts))
+            if slot is not None and round_:
+                self.slots.more(slot, missing)
+            results = await asyncio.gather(*(self._counted(slot, self._draw(job.row, c, tally)) for c in contexts))
             samples += [s for s in results if s is not None]
         return samples
 
-    async def _groups(self, jobs: list[GroupJob], drawn: list[Drawn], job_id: str) -> None:
+    async def _groups(self, jobs: list[GroupJob], drawn: list[Drawn], slot: int | None) -> None:
         """Every group of a job at once: their draws meet in one pass of the loop (the local
         backend answers them with one ``generate``), each group's end time its own."""
         async def one(group: GroupJob, out: Drawn) -> None:
-            out.samples = await self._group(group, out.tally, out.span, job_id)
+            out.samples = await self._group(group, out.tally, out.span, slot)
             out.finished_at = time.time()
 
         await asyncio.gather(*(one(g, d) for g, d in zip(jobs, drawn)))
 
-    async def _counted(self, job_id: str, draw: Any) -> RolloutRecord | None:
+    async def _counted(self, slot: int | None, draw: Any) -> RolloutRecord | None:
         """``draw``, whose end (whatever it is) frees its request of the window for the next group."""
         try:
             return await draw
         finally:
-            if self.slots is not None:
-                self.slots.draw_done(job_id)
+            if slot is not None:
+                self.slots.draw_done(slot)
 
     def run_group(self, job: GroupJob) -> dict[str, Any]:
         """``run_job`` of a job carrying this one group; its outcome."""
         return self.run_job(RolloutJob(run_id=job.run_id, groups=[job]))["groups"][0]
 
-    def run_job(self, job: RolloutJob) -> dict[str, Any]:
+    def run_job(self, job: RolloutJob, slot: int | None = None) -> dict[str, Any]:
         """Sample a job's groups together and write their outcomes in one MULTI: each group's
         samples and ``GroupSampled``, or ``GroupRejected`` with the reason. A bad row costs its
         group, not the job or the run; the circuit breaker ends the run (``RunFinished{failed}``,
-        in the same MULTI) only when groups of many rows fail (workers/breaker.py)."""
+        in the same MULTI) only when groups of many rows fail (workers/breaker.py). ``slot``: this
+        run's token in ``self.slots`` (``JobSlots.take``), told of its draws; None: nothing to tell."""
         deadline = time.monotonic() + self.cfg.job_timeout
         job_id = job.job_id or keys.job_id(self.cfg.run_id, job.groups[0].group_id)  # (older jobs name none)
         self.sync_weights(max(g.submit_version for g in job.groups), deadline)
@@ -338,15 +338,15 @@ class WorkerRuntime:
         version = self.policy.version
         drawn = [Drawn(rejection=self._row_problem(g)) for g in job.groups]
         to_draw = [(g, d) for g, d in zip(job.groups, drawn) if d.rejection is None]
-        if self.slots is not None:  # a row no draw can use gives its room back at once
-            self.slots.draw_done(job_id, sum(g.group_size for g, d in zip(job.groups, drawn) if d.rejection))
+        if slot is not None:  # a row no draw can use gives its room back at once
+            self.slots.draw_done(slot, sum(g.group_size for g, d in zip(job.groups, drawn) if d.rejection))
         if to_draw:  # a row no draw can use is not a rollout failure: the breaker never hears of it
             if self.sampling is None:  # with several jobs in flight the torch RNG is shared by all of them
                 seed_torch(job_seed(self.cfg.seed, keys.group_of_job(self.cfg.run_id, job_id)))
             started_at = time.time()  # wall clock: the trainer compares it with its own (perf/overlap_ratio)
-            self._run(self._groups([g for g, _ in to_draw], [d for _, d in to_draw], job_id), deadline)
-            if self.slots is not None:  # its room goes to the next job while this one is written
-                self.slots.drawn(job_id)
+            self._run(self._groups([g for g, _ in to_draw], [d for _, d in to_draw], slot), deadline)
+            if slot is not None:  # its room goes to the next job while this one is written
+                self.slots.drawn(slot)
             for group, d in to_draw:
                 d.started_at = started_at
                 # The versions the servers reported, which may differ from the policy's (a restarted or

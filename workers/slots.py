@@ -9,33 +9,39 @@ a dead worker leaves to re-dispatch). At least one job is always allowed, so a g
 than the window still runs."""
 from __future__ import annotations
 
+import itertools
 import math
 import threading
 from typing import Any, Callable
 
 
 class JobSlots:
-    """Jobs held (taken, not yet recorded by rq) and, for each one still drawing, its draws not
-    yet finished. A job is counted as its groups' draws from the moment it is taken (it may
+    """Runs of jobs held (taken, not yet recorded by rq) and, for each run still drawing, its draws
+    not yet finished. A run is counted as its groups' draws from the moment it is taken (it may
     first wait for weights: its draws are not yet sent, but they are coming); a redraw round
-    adds to its count (``more``); each finished draw lowers it (``draw_done``)."""
+    adds to its count (``more``); each finished draw lowers it (``draw_done``).
+
+    Counted per run, not per rq job id: one job id may run twice on this worker at once (rq
+    re-enqueues a failed job, its retry, before the failed run's thread releases it; a hung run
+    whose heartbeat lapsed is re-dispatched, and this worker may take it again while the first
+    run still draws). ``take`` returns the run's token and every other call names it, so one
+    run's end frees its own count only."""
 
     def __init__(self, window: Callable[[], int], group_size: int = 1, max_jobs: int | None = None):
         self.window, self.group_size = window, max(1, group_size)
         self.max_jobs = max_jobs  # None: bounded by the window only (each drawing job holds a draw of it)
-        # job id -> its runs held: rq re-enqueues a failed job (its retries) before the failed run's thread
-        # releases it, and this worker may take it again meanwhile; the second run must stay counted.
-        self.held: dict[str, int] = {}
-        self.drawing: dict[str, int] = {}  # job id -> its draws not yet finished
+        self.held: dict[int, str] = {}  # run token -> its rq job id
+        self.drawing: dict[int, int] = {}  # run token -> its draws not yet finished
         self.outstanding = 0  # their sum
-        self.peak = 0  # most jobs ever drawing at once (tests)
+        self.peak = 0  # most runs ever drawing at once (tests)
         self.peak_outstanding = 0  # most draws ever outstanding at once (tests)
         self._changed = threading.Condition()
         self._waiting = 0  # threads in wait_for_room
+        self._tokens = itertools.count(1)
 
     @property
     def running(self) -> int:
-        return sum(self.held.values())
+        return len(self.held)
 
     @property
     def busy(self) -> bool:
@@ -56,63 +62,62 @@ class JobSlots:
             finally:
                 self._waiting -= 1
 
-    def take(self, job_id: str, draws: int | None = None) -> None:
-        """``job_id`` is held from now, counted as ``draws`` draws (its groups' first rounds;
-        unset: one group's) before any is sent: it may first wait for weights."""
+    def take(self, job_id: str, draws: int | None = None) -> int:
+        """A run of ``job_id`` is held from now, counted as ``draws`` draws (its groups' first
+        rounds; unset: one group's) before any is sent: it may first wait for weights. Returns
+        the run's token, which ``more``, ``draw_done``, ``drawn`` and ``release`` name."""
         with self._changed:
-            self.held[job_id] = self.held.get(job_id, 0) + 1
-            first = self.group_size if draws is None else max(1, draws)
-            self._set(job_id, self.drawing.get(job_id, 0) + first)  # added to a run of it still drawing
+            run = next(self._tokens)
+            self.held[run] = job_id
+            self._set(run, self.group_size if draws is None else max(1, draws))
             self.peak = max(self.peak, len(self.drawing))
+            return run
 
-    def more(self, job_id: str, draws: int) -> None:
-        """A redraw round of one of ``job_id``'s groups adds ``draws`` draws (its missing members)."""
+    def more(self, run: int, draws: int) -> None:
+        """A redraw round of one of ``run``'s groups adds ``draws`` draws (its missing members)."""
         with self._changed:
-            if job_id in self.drawing:
-                self._set_and_tell(job_id, self.drawing[job_id] + draws)
+            if run in self.drawing:
+                self._set_and_tell(run, self.drawing[run] + draws)
 
-    def draw_done(self, job_id: str, draws: int = 1) -> None:
-        """``draws`` draws of ``job_id`` finished (a sample, an invalid one, or a failure), or will
+    def draw_done(self, run: int, draws: int = 1) -> None:
+        """``draws`` draws of ``run`` finished (a sample, an invalid one, or a failure), or will
         never be sent (a group skipped): their room goes to the next group."""
         with self._changed:
-            if self.drawing.get(job_id, 0) > 0:
-                self._set_and_tell(job_id, max(0, self.drawing[job_id] - draws))
+            if self.drawing.get(run, 0) > 0:
+                self._set_and_tell(run, max(0, self.drawing[run] - draws))
 
-    def drawn(self, job_id: str) -> None:
-        """Every draw of ``job_id`` is done: rq records it now."""
+    def drawn(self, run: int) -> None:
+        """Every draw of ``run`` is done: rq records it now."""
         with self._changed:
-            self._drop(job_id)
+            self._drop(run)
             self._changed.notify_all()
 
-    def release(self, job_id: str) -> None:
+    def release(self, run: int) -> None:
+        """``run`` ended (rq recorded it, or gave up): neither held nor drawing any more."""
         with self._changed:
-            if job_id not in self.held:
+            if self.held.pop(run, None) is None:
                 return
-            runs = self.held.pop(job_id) - 1
-            if runs > 0:  # another run of it was taken before this one ended: its count stays
-                self.held[job_id] = runs
-            else:
-                self._drop(job_id)
+            self._drop(run)
             self._changed.notify_all()
 
     def wait_idle(self, timeout: float) -> bool:
         with self._changed:
             return self._changed.wait_for(lambda: not self.held, timeout)
 
-    def _set_and_tell(self, job_id: str, draws: int) -> None:
+    def _set_and_tell(self, run: int, draws: int) -> None:
         """``_set``, then wake whoever waits for room, only if there is room now: a thread woken to
         find none goes back to sleep, and each wake-up costs CPU (G a group)."""
-        self._set(job_id, draws)
+        self._set(run, draws)
         if self._waiting and self.has_room():
             self._changed.notify_all()
 
-    def _set(self, job_id: str, draws: int) -> None:
-        self.outstanding += draws - self.drawing.get(job_id, 0)
-        self.drawing[job_id] = draws
+    def _set(self, run: int, draws: int) -> None:
+        self.outstanding += draws - self.drawing.get(run, 0)
+        self.drawing[run] = draws
         self.peak_outstanding = max(self.peak_outstanding, self.outstanding)
 
-    def _drop(self, job_id: str) -> None:
-        self.outstanding -= self.drawing.pop(job_id, 0)
+    def _drop(self, run: int) -> None:
+        self.outstanding -= self.drawing.pop(run, 0)
 
 
 def most_rows(cfg: Any) -> int:

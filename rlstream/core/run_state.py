@@ -1,8 +1,16 @@
 """The run's state as a fold over ``rl:{run}:events``: what any process (producer,
-trainer, ``status``, ``up``'s progress display) needs, rebuilt from the log alone."""
+trainer, ``status``, ``up``'s progress display) needs, rebuilt from the log alone.
+
+One rule every reader of the log shares (``rejection_stands``; ``rlstream audit`` applies it
+too): once a worker wrote a group (``GroupSampled``), only the trainer settles it. A later
+``GroupRejected`` by anyone else (a later run of the group's rq job whose draws failed, a
+re-run after a hung or dead worker's) is void: the group's samples are in the stream and the
+trainer trains them or rejects the group itself (docs/design.md §15.98 A written group is the
+trainer's to settle)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Collection
 
 from rlstream.core.messages import (
     DatasetExhausted,
@@ -16,6 +24,18 @@ from rlstream.core.messages import (
     StepCommitted,
     WeightsPublished,
 )
+
+TRAINER = "trainer"  # ``GroupRejected.by`` of the trainer's rejections
+
+
+def rejection_stands(msg: GroupRejected, rejected: Collection[str], sampled: Collection[str]) -> bool:
+    """Whether ``msg`` settles its group, given the groups already ``rejected`` and ``sampled``
+    before it in the log: the first rejection of the group, and, once a worker wrote the group,
+    only the trainer's (``by`` empty: written before rejections named their writer, counted as
+    they always were)."""
+    if msg.group_id in rejected:
+        return False
+    return msg.group_id not in sampled or msg.by in (TRAINER, "")
 
 
 @dataclass
@@ -54,7 +74,7 @@ class RunState:
         if isinstance(msg, GroupAdmitted):
             self._admit(msg)
         elif isinstance(msg, GroupRejected):
-            if msg.group_id not in self.rejected:
+            if rejection_stands(msg, self.rejected, self.sampled):
                 self.rejected[msg.group_id] = msg.reason
                 self.rejected_order.append(msg.group_id)
                 admitted = self.admitted.get(msg.group_id)

@@ -22,8 +22,11 @@ Definitions (``audit_ledger`` computes them from plain messages, without Redis):
   (``repeated_within_step``, the number of surplus listings) and does not fail the audit.
 - **rejected**: ``GroupRejected`` group ids that were not trained. A group both rejected
   and trained counts as trained and is reported as ``rejected_after_training`` (e.g. a
-  producer rejecting a spent rq job whose samples the trainer had already used): not an
-  error. Reasons are tallied per reason, truncated to 80 characters.
+  worker's or the producer's rejection the trainer folded only after it had completed the
+  group: docs/design.md §16 Known gaps): not an error. Reasons are tallied per reason,
+  truncated to 80 characters. A rejection the run's fold voids is not one: after the
+  group's ``GroupSampled`` only the trainer's counts (``rejection_stands``, docs/design.md
+  §15.98 A written group is the trainer's to settle).
 - **in flight**: admitted, not trained, not rejected, and with a trace: at least one of
   its samples is in the rollouts stream, or its rq job hash exists
   (``rq:job:{run_id}-{group_id}``).
@@ -52,7 +55,8 @@ from rlstream.core import keys
 from rlstream.core.archive import Archive, ArchiveError, all_rollouts
 from rlstream.core.bus import xrange_all
 from rlstream.core.codec import DecodeError, decode
-from rlstream.core.messages import GroupAdmitted, GroupRejected, Message, RolloutRecord, StepCommitted
+from rlstream.core.messages import GroupAdmitted, GroupRejected, GroupSampled, Message, RolloutRecord, StepCommitted
+from rlstream.core.run_state import rejection_stands
 
 REASON_WIDTH = 80
 MAX_IDS_SHOWN = 20
@@ -184,7 +188,8 @@ def audit_ledger(events: list[Message], samples: Iterable[RolloutRecord],
     group exists (it is asked only about open groups without a sample in the stream)."""
     report = AuditReport()
     admitted: dict[str, GroupAdmitted] = {}
-    rejected: dict[str, str] = {}  # group id -> first reason
+    rejected: dict[str, str] = {}  # group id -> the reason of its rejection that stands
+    sampled: set[str] = set()  # group ids a worker wrote (GroupSampled)
     group_steps: dict[str, int] = Counter()  # group id -> StepCommitted events naming it
     sample_steps: dict[str, int] = Counter()
     entry_steps: dict[str, int] = Counter()
@@ -193,7 +198,10 @@ def audit_ledger(events: list[Message], samples: Iterable[RolloutRecord],
         if isinstance(msg, GroupAdmitted):
             admitted.setdefault(msg.group_id, msg)
         elif isinstance(msg, GroupRejected):
-            rejected.setdefault(msg.group_id, msg.reason)
+            if rejection_stands(msg, rejected, sampled):
+                rejected[msg.group_id] = msg.reason
+        elif isinstance(msg, GroupSampled):
+            sampled.add(msg.group_id)
         elif isinstance(msg, StepCommitted):
             step_numbers.append(msg.step)
             for counter, ids in ((group_steps, msg.group_ids), (sample_steps, msg.sample_ids),

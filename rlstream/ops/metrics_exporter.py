@@ -41,7 +41,7 @@ from rlstream.core.fold_snapshot import start_fold
 from rlstream.core.jobs import job_queue
 from rlstream.core.memory_guard import memory_use
 from rlstream.core.messages import GroupRejected
-from rlstream.core.run_state import RunState
+from rlstream.core.run_state import RunState, rejection_stands
 from rlstream.ops.progress import buffered_samples
 from rlstream.ops.restarts import restart_counts
 from rlstream.ops.status import RATE_WINDOW_S, backlog, window_rates
@@ -260,8 +260,8 @@ class RunCollector:
                 self.caught_up = True
                 break
             for _, msg in page:
-                if isinstance(msg, GroupRejected) and msg.group_id not in self.state.rejected:
-                    self.rejected[reject_class(msg.reason)] += 1
+                if isinstance(msg, GroupRejected) and rejection_stands(msg, self.state.rejected, self.state.sampled):
+                    self.rejected[reject_class(msg.reason)] += 1  # as the fold counts it (a void one: not)
                 self.state.apply(msg)
             self.cursor = last
         s = self.state

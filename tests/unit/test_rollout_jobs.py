@@ -274,7 +274,7 @@ def test_prompt_ids_tokenize_a_prompt_once_and_stay_bounded():
 
 def test_a_job_enqueued_again_without_its_first_group_keeps_its_id_and_seed(r, tmp_path):
     """A lost job whose first group was settled by hand goes out again with its open groups only,
-    under its own id: the worker counts its draws under that id and seeds from it."""
+    under its own id: the worker counts its draws (by the run's token) and seeds from that id."""
     cfg = config(workers={"groups_per_job": 3}, max_head_offpolicy_versions=0)
     state = RunState()
     jobs = admit_all(r, cfg, state)
@@ -287,12 +287,12 @@ def test_a_job_enqueued_again_without_its_first_group_keeps_its_id_and_seed(r, t
     assert carried.job_id == rq_id and [g.group_id for g in carried.groups] == [g.group_id for g in jobs[0][1:]]
     rt = real_runtime(r, tmp_path, [])
     rt.slots = JobSlots(lambda: 64, group_size=2, max_jobs=8)
-    rt.slots.take(rq_id, job_draws(rq_job))  # what RolloutWorker.execute_job does
+    run = rt.slots.take(rq_id, job_draws(rq_job))  # what RolloutWorker.execute_job does
     seeds = []
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr("rlstream.workers.runtime.seed_torch", seeds.append)
-        assert rt.run_job(carried)["job_id"] == rq_id
-    assert rt.slots.drawing.get(rq_id, 0) == 0 and seeds == [job_seed(0, jobs[0][0].group_id)]
+        assert rt.run_job(carried, slot=run)["job_id"] == rq_id
+    assert rt.slots.drawing.get(run, 0) == 0 and seeds == [job_seed(0, jobs[0][0].group_id)]
 
 
 def test_an_abandoned_job_with_a_settled_group_goes_out_again_with_its_open_groups(r):

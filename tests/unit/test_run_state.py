@@ -44,7 +44,8 @@ def test_aggregates_match_a_recomputation_after_every_event(seed):
         elif action < 0.5:
             event = GroupSampled(group_id=rng.choice(admitted), samples=2)
         elif action < 0.65:  # by a worker, the producer or the trainer; possibly twice, possibly trained
-            event = GroupRejected(group_id=rng.choice(admitted), reason=f"r{i}")
+            event = GroupRejected(group_id=rng.choice(admitted), reason=f"r{i}",
+                                  by=rng.choice(["worker-1", "producer", "trainer", ""]))
         else:
             step += 1
             event = StepCommitted(step=step, version=step, entry_ids=[], sample_ids=[],
@@ -53,3 +54,22 @@ def test_aggregates_match_a_recomputation_after_every_event(seed):
         if rng.random() < 0.1:
             s.apply(event)  # a re-delivered or retried event
         assert incremental(s) == recomputed(s)
+
+
+@pytest.mark.parametrize("by, stands", [("worker-2", False), ("producer", False), ("trainer", True), ("", True)])
+def test_once_written_a_group_is_settled_by_the_trainer_only(by, stands):
+    """After its GroupSampled a group's rejection counts only if the trainer wrote it (or it names no
+    writer: written before rejections did). A later run of its job that failed, or the producer racing
+    a hung run's write, leaves it open for the trainer to train (docs/design.md §15.98 A written group is
+    the trainer's to settle); before its GroupSampled anyone's rejection settles it."""
+    gid = group_id_for(0, 0, 0)
+    s = RunState()
+    s.apply(GroupAdmitted(group_id=gid, row_index=0, epoch=0, attempt=0, submit_version=0, group_size=4))
+    s.apply(GroupSampled(group_id=gid, samples=4))
+    s.apply(GroupRejected(group_id=gid, reason="r", by=by))
+    assert (gid in s.rejected, s.reserved_samples, len(s.open_groups)) == ((True, 0, 0) if stands else (False, 4, 1))
+    early = RunState()
+    early.apply(GroupAdmitted(group_id=gid, row_index=0, epoch=0, attempt=0, submit_version=0, group_size=4))
+    early.apply(GroupRejected(group_id=gid, reason="r", by=by))
+    early.apply(GroupSampled(group_id=gid, samples=4))
+    assert gid in early.rejected and early.reserved_samples == 0

@@ -86,33 +86,34 @@ def test_job_slots_count_draws_not_groups():
     the window, and the next group is taken as soon as the draws fall below it."""
     window = {"now": 8}
     slots = JobSlots(lambda: window["now"], group_size=4, max_jobs=6)
-    slots.take("a")
-    slots.take("b")
+    run = {}  # job id -> the token of its run
+    run["a"] = slots.take("a")
+    run["b"] = slots.take("b")
     assert not slots.wait_for_room(0.01)  # 2 groups of 4 draws fill a window of 8
     window["now"] = 12
     assert slots.wait_for_room(0.01)
     window["now"] = 8
     for _ in range(3):
-        slots.draw_done("a")  # three of a's draws finished, one (a straggler) still out
+        slots.draw_done(run["a"])  # three of a's draws finished, one (a straggler) still out
     assert slots.outstanding == 5 and slots.wait_for_room(0.01)
-    slots.take("c")  # 9 draws for a window of 8: c's last draw waits for a request slot
+    run["c"] = slots.take("c")  # 9 draws for a window of 8: c's last draw waits for a request slot
     assert slots.outstanding == 9 and not slots.wait_for_room(0.01)
-    slots.draw_done("b", 4)  # b's first round is done, one member missing ...
-    slots.more("b", 1)  # ... and redrawn
+    slots.draw_done(run["b"], 4)  # b's first round is done, one member missing ...
+    slots.more(run["b"], 1)  # ... and redrawn
     assert slots.outstanding == 6 and slots.wait_for_room(0.01)
-    slots.drawn("b")  # its draws are done: no room held while rq records it
+    slots.drawn(run["b"])  # its draws are done: no room held while rq records it
     assert slots.outstanding == 5 and slots.busy and not slots.wait_idle(0.01)
-    slots.draw_done("zzz")  # a job the slots never took (one-group-at-a-time runtime): ignored
-    slots.drawn("a")
-    slots.draw_done("a")  # a late report of a finished job changes nothing
+    slots.draw_done(999)  # a run the slots never took: ignored
+    slots.drawn(run["a"])
+    slots.draw_done(run["a"])  # a late report of a finished job changes nothing
     assert slots.outstanding == 4
     window["now"] = 1
     for job in "abc":
-        slots.release(job)
+        slots.release(run[job])
     assert slots.outstanding == 0 and slots.wait_for_room(0.01)  # one group always fits, however small the window
-    slots.take("d")
+    run["d"] = slots.take("d")
     assert not slots.wait_for_room(0.01) and slots.peak == 3 and slots.peak_outstanding == 9
-    slots.release("d")
+    slots.release(run["d"])
     assert slots.wait_idle(0.01)
 
 
@@ -120,13 +121,14 @@ def test_job_slots_count_every_group_a_job_carries():
     """A job of several groups holds all their draws from the moment it is taken; a group the
     job skips gives its room back at once."""
     slots = JobSlots(lambda: 16, group_size=4, max_jobs=8)
-    slots.take("ab", 8)  # two groups of 4
+    run = {}  # job id -> the token of its run
+    run["ab"] = slots.take("ab", 8)  # two groups of 4
     assert slots.outstanding == 8 and slots.wait_for_room(0.01)
-    slots.take("cd", 8)
+    run["cd"] = slots.take("cd", 8)
     assert slots.outstanding == 16 and not slots.wait_for_room(0.01)
-    slots.draw_done("cd", 4)  # one of its groups skipped (a bad row): its 4 draws are never sent
+    slots.draw_done(run["cd"], 4)  # one of its groups skipped (a bad row): its 4 draws are never sent
     assert slots.outstanding == 12 and slots.wait_for_room(0.01)
-    slots.draw_done("ab", 20)  # never below zero
+    slots.draw_done(run["ab"], 20)  # never below zero
     assert slots.outstanding == 4
 
 
@@ -136,14 +138,15 @@ def test_job_slots_wake_the_waiter_only_when_there_is_room():
     import threading
 
     slots = JobSlots(lambda: 4, group_size=2)
-    slots.take("a")
-    slots.take("b")
+    run = {}  # job id -> the token of its run
+    run["a"] = slots.take("a")
+    run["b"] = slots.take("b")
     notified = []
     original = slots._changed.notify_all
     slots._changed.notify_all = lambda: (notified.append(slots.outstanding), original())
-    slots.draw_done("a")  # nobody waits: nobody is woken
+    slots.draw_done(run["a"])  # nobody waits: nobody is woken
     assert notified == []
-    slots.take("c")  # 5 draws for a window of 4
+    run["c"] = slots.take("c")  # 5 draws for a window of 4
     woke = threading.Event()
     waiter = threading.Thread(target=lambda: slots.wait_for_room(10) and woke.set())
     waiter.start()
@@ -151,9 +154,9 @@ def test_job_slots_wake_the_waiter_only_when_there_is_room():
     while not slots._waiting:  # the waiter is inside wait_for_room (bounded: a hung start fails here)
         assert time.monotonic() < deadline, "the waiter never started waiting"
         time.sleep(0.001)
-    slots.draw_done("b")  # 4 left of 4: still full, the waiter sleeps on
+    slots.draw_done(run["b"])  # 4 left of 4: still full, the waiter sleeps on
     assert notified == [] and not woke.wait(0.05)
-    slots.draw_done("b")  # 3 of 4: room
+    slots.draw_done(run["b"])  # 3 of 4: room
     assert woke.wait(5) and notified == [3]
     waiter.join()
 
@@ -162,13 +165,14 @@ def test_job_slots_bound_the_jobs_held():
     """However few draws are unfinished, at most ``max_jobs`` groups are held (memory), counting
     the ones rq is still recording."""
     slots = JobSlots(lambda: 64, group_size=4, max_jobs=3)
+    run = {}  # job id -> the token of its run
     for job in "abc":
-        slots.take(job)
-        slots.draw_done(job, 3)  # each down to one straggler: 3 of 64 draws
+        run[job] = slots.take(job)
+        slots.draw_done(run[job], 3)  # each down to one straggler: 3 of 64 draws
     assert not slots.wait_for_room(0.01)
-    slots.drawn("a")
+    slots.drawn(run["a"])
     assert not slots.wait_for_room(0.01)  # still held while rq records it
-    slots.release("a")
+    slots.release(run["a"])
     assert slots.wait_for_room(0.01)
 
 

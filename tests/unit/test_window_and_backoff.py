@@ -246,11 +246,32 @@ def test_a_job_id_taken_again_before_its_first_run_released_stays_counted():
     main thread may take it again before that thread's ``finally: slots.release(job.id)``: the release then
     drops the second run's count, and the worker holds a drawing job it does not count."""
     slots = JobSlots(lambda: 8, group_size=8, max_jobs=1)
-    slots.take("j", 8)
-    slots.draw_done("j", 8)  # the timed-out run's draws were cancelled
+    first = slots.take("j", 8)
+    slots.draw_done(first, 8)  # the timed-out run's draws were cancelled
     slots.take("j", 8)  # rq's retry, dequeued at once by the main thread
-    slots.release("j")  # the first run's thread ends
+    slots.release(first)  # the first run's thread ends
     assert slots.busy and slots.outstanding == 8 and not slots.has_room()
+
+
+def test_one_run_of_a_job_id_running_twice_frees_only_its_own_draws():
+    """A hung run whose heartbeat lapsed is re-dispatched, and this worker takes the same job id again
+    while the first run still draws. The second run's draws ending (``drawn``) and its thread ending
+    (``release``) must leave the first run's unfinished draws counted: counted per job id, both runs'
+    counts were dropped together and the window over-admitted by the hung run's draws."""
+    slots = JobSlots(lambda: 8, group_size=4, max_jobs=4)
+    hung = slots.take("j", 4)  # its draws hang: none finishes
+    again = slots.take("j", 4)  # the re-dispatched run of the same job id
+    assert slots.outstanding == 8 and not slots.has_room()
+    slots.draw_done(again, 4)
+    slots.drawn(again)  # the second run's draws are done: rq records it
+    assert slots.outstanding == 4 and slots.drawing == {hung: 4} and slots.running == 2
+    slots.take("k", 4)  # one more group of 4 fills the window of 8 again ...
+    assert slots.outstanding == 8 and not slots.has_room()  # ... and no more: the hung run still counts
+    slots.release(again)
+    assert slots.running == 2 and slots.outstanding == 8 and not slots.has_room()
+    slots.draw_done(hung, 4)  # the hung run ends at last (its timeout cancelled its draws)
+    slots.release(hung)
+    assert slots.running == 1 and slots.outstanding == 4 and slots.has_room()
 
 
 def test_a_burst_of_429_from_a_rate_limited_server_loses_no_draw(monkeypatch):

@@ -1,7 +1,8 @@
 """WorkerRuntime.run_group on fakeredis: what reaches the rollouts stream, what counts as a
 failure for the circuit breaker (a group lost to failed draws, keyed by its row), the
 reasons rejected groups carry, the row checks before drawing, the run-wide counters,
-per-job seeding; and the rq heartbeat rules of workers.jobs."""
+per-job seeding, a later run's rejection of a group an earlier run wrote; and the rq heartbeat
+rules of workers.jobs."""
 from __future__ import annotations
 
 import asyncio
@@ -19,8 +20,20 @@ from rlstream.builtin.rollout import single_turn_factory
 from rlstream.builtin.tiny_model import save_tiny_model
 from rlstream.core import bus, keys, weights
 from rlstream.core.codec import decode
-from rlstream.core.messages import GroupJob, GroupRejected, GroupSampled, RolloutRecord, RunFinished, WeightsPublished
+from rlstream.core.messages import (
+    GroupAdmitted,
+    GroupJob,
+    GroupRejected,
+    GroupSampled,
+    RolloutRecord,
+    RunFinished,
+    StepCommitted,
+    WeightsPublished,
+)
 from rlstream.core.rollout import RolloutSample
+from rlstream.core.run_state import RunState
+from rlstream.ops.audit import audit_ledger
+from rlstream.producers.gate import can_admit
 from rlstream.sampling.rollout_fn import accepted_context
 from rlstream.workers.events import EventFollower
 from rlstream.workers.jobs import heartbeat_ttl, still_alive
@@ -71,6 +84,54 @@ def events(r) -> list:
 
 def rejections(r) -> dict[str, str]:
     return {m.group_id: m.reason for m in events(r) if isinstance(m, GroupRejected)}
+
+
+def test_a_later_run_whose_draws_fail_does_not_unreserve_a_group_already_written(r):
+    """A job run twice (a retry, or a re-dispatch after its worker hung or died): the first run wrote the
+    group (samples and GroupSampled), the later run's draws all fail and it writes GroupRejected, as it
+    must not know better. Once written, only the trainer settles a group (docs/design.md §15.98 A
+    written group is the trainer's to settle): every reader of the log voids that rejection. Counted, the
+    gate's reserved samples dropped by G while the trainer still trained the group, and the gate
+    admitted one group too many."""
+    failing = {"now": False}
+
+    async def rollout_fn(sample_prompt):
+        if failing["now"]:
+            raise ValueError("the inference server went away")
+        return user_sample()
+
+    rt = stub_runtime(r, rollout_fn, rollout_max_retries=0, max_incomplete_group_retries=0, prompt_groups_per_step=1,
+                      max_head_offpolicy_versions=0)
+    group = job(G=2)
+    bus.xadd(r, keys.events(RUN), GroupAdmitted(group_id=group.group_id, row_index=group.row_index, epoch=0,
+                                                attempt=0, submit_version=0, group_size=2))
+    assert rt.run_group(group)["samples"] == 2  # the first run writes the group
+    failing["now"] = True
+    assert "went away" in rt.run_group(group)["rejected"]  # the later run of the same job rejects it
+    assert [type(m).__name__ for m in events(r)][-2:] == ["GroupSampled", "GroupRejected"]
+
+    state = RunState()
+    for msg in events(r):
+        state.apply(msg)
+    assert state.rejected == {} and [g.group_id for g in state.open_groups] == [group.group_id]
+    assert state.reserved_samples == 2  # B = 2 with O = 0: the gate's one batch is still taken
+    assert not can_admit(2, published_version=0, offpolicy_versions=0, batch_size=2,
+                         accepted_plus_reserved=state.reserved_samples, max_in_flight=None,
+                         in_flight=state.in_flight_samples)
+    samples = emitted(r)
+    trained = StepCommitted(step=1, version=1, entry_ids=[e.decode() for e, _ in r.xrange(keys.rollouts(RUN))],
+                            sample_ids=[s.sample_id for s in samples], group_ids=[group.group_id])
+    state.apply(trained)
+    assert state.reserved_samples == state.trained_samples == 2 and state.open_groups == []
+    report = audit_ledger(events(r) + [trained], samples, job_exists=lambda admitted: False)
+    assert (report.trained, report.rejected, report.rejected_after_training, report.lost) == (1, 0, [], [])
+
+    stale = GroupRejected(group_id=group.group_id, reason="stale: sampled with v0", by="trainer")
+    late = RunState()
+    for msg in events(r) + [stale]:  # the trainer may still reject it: its rejection stands
+        late.apply(msg)
+    assert late.rejected == {group.group_id: stale.reason} and late.reserved_samples == 0
+    assert audit_ledger(events(r) + [stale], samples, lambda admitted: False).rejected_reasons == {stale.reason: 1}
 
 
 def test_a_non_sample_return_trips_the_breaker_with_a_clear_message(r):
