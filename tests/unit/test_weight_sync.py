@@ -80,12 +80,12 @@ def test_a_version_written_in_the_background_is_the_directory_save_pretrained_wr
 
 def test_a_version_is_announced_once_committed_and_sealed_in_order_and_pruned_after(r, tmp_path, monkeypatch):
     t = ready_trainer(r, tmp_path, groups=3)
-    sealed = threading.Event()
+    sealed = {1: threading.Event(), 3: threading.Event()}  # v1's and v3's directories: sealed when the test says so
     real_write = t.weight_sync.write
 
-    def slow_write(weights_file, version):  # v1's directory is sealed only when the test says so
-        if version == 1:
-            assert sealed.wait(10)
+    def slow_write(weights_file, version):
+        if version in sealed:
+            assert sealed[version].wait(10)
         return real_write(weights_file, version)
 
     monkeypatch.setattr(t.weight_sync, "write", slow_write)
@@ -93,10 +93,11 @@ def test_a_version_is_announced_once_committed_and_sealed_in_order_and_pruned_af
     steps = [m.step for _, m in bus.iter_all_events(r, RUN) if isinstance(m, StepCommitted)]
     assert steps == [1] and published(r) == [0]  # committed, not announced: v1 is not sealed yet
     assert not (weights_dir(t.run_dir, 1) / weights.MANIFEST).exists()
-    sealed.set()
+    sealed[1].set()
     for _ in range(2):
         step(t)  # each step waits for the version before it
-    assert published(r) == [0, 1, 2]
+    assert published(r) == [0, 1, 2]  # v3 committed, not sealed (before, a quick v3 could be announced already)
+    sealed[3].set()
     t.weight_sync.wait()
     assert published(r) == [0, 1, 2, 3]
     assert sorted(p.name for p in (t.run_dir / "weights").iterdir()) == ["v0", "v2", "v3"]  # keep_weights = 2, and v0
