@@ -47,6 +47,13 @@ def test_trainer_overhead_prints_every_part_with_its_ratio():
     assert "trainer reached step 6;" in out, out
 
 
+def test_writer_interference_prints_each_setting_with_the_writers_cpu():
+    out = bench("bench/writer_interference.py", "--rounds", "2", "--warmup", "1", timeout=300)
+    rows = [line.split(" | ")[0] for line in out.splitlines() if line.startswith("| ") and " ms | " in line]
+    assert rows == ["| none", "| thread", "| process"], out
+    assert out.count(" versions) |") == 2, out
+
+
 def test_trainer_memory_prints_each_tree_and_variant():
     # this tree against itself as the baseline: both columns' code paths, tiny sizes
     out = bench("bench/trainer_memory.py", "--rows", "2", "--tokens", "24", "--prompt", "16", "--vocab", "64",
