@@ -31,8 +31,8 @@ TRAINER = "trainer"  # ``GroupRejected.by`` of the trainer's rejections
 def rejection_stands(msg: GroupRejected, rejected: Collection[str], sampled: Collection[str]) -> bool:
     """Whether ``msg`` settles its group, given the groups already ``rejected`` and ``sampled``
     before it in the log: the first rejection of the group, and, once a worker wrote the group,
-    only the trainer's (``by`` empty: written before rejections named their writer, counted as
-    they always were)."""
+    only the trainer's (or one with ``by`` empty, which no rlstream process writes: each names
+    itself, and always has, so a log written before this rule follows it too when folded again)."""
     if msg.group_id in rejected:
         return False
     return msg.group_id not in sampled or msg.by in (TRAINER, "")

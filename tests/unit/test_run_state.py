@@ -32,6 +32,8 @@ def incremental(s: RunState) -> dict:
 
 @pytest.mark.parametrize("seed", range(20))
 def test_aggregates_match_a_recomputation_after_every_event(seed):
+    """The aggregates against the fold's own sets (tests/unit/test_rejection_rule.py checks those sets
+    against the rule, and every other reader against them)."""
     rng, s, step = random.Random(seed), RunState(), 0
     admitted: list[str] = []
     for i in range(300):
@@ -59,7 +61,7 @@ def test_aggregates_match_a_recomputation_after_every_event(seed):
 @pytest.mark.parametrize("by, stands", [("worker-2", False), ("producer", False), ("trainer", True), ("", True)])
 def test_once_written_a_group_is_settled_by_the_trainer_only(by, stands):
     """After its GroupSampled a group's rejection counts only if the trainer wrote it (or it names no
-    writer: written before rejections did). A later run of its job that failed, or the producer racing
+    writer, which no rlstream process writes). A later run of its job that failed, or the producer racing
     a hung run's write, leaves it open for the trainer to train (docs/design.md §15.98 A written group is
     the trainer's to settle); before its GroupSampled anyone's rejection settles it."""
     gid = group_id_for(0, 0, 0)

@@ -164,3 +164,29 @@ def test_a_group_rejected_elsewhere_while_open_is_not_kept_once_the_trainer_give
     t.buffer.assembler.open[gid].first_seen -= 2 * TIMEOUT + 1  # (the assembler's own clock)
     t.buffer.collect()  # stale: rejected again by the trainer, which the fold keeps as the first
     assert gid not in t.buffer.assembler.open and gid not in t.buffer.assembler.completed
+
+
+@pytest.mark.parametrize("by", ["host-1234", "producer"])
+def test_a_written_group_rejected_afterwards_by_another_is_still_the_trainers(r, tmp_path, clock, by):
+    """A later run of its job (or the producer) rejects a group a worker already wrote: void
+    (docs/design.md §15.98 A written group is the trainer's to settle). The trainer trains a group whose
+    samples are here, read before or after the rejection (a restarted trainer: from its pending list),
+    and rejects itself one whose samples were all dead-lettered: none stays open."""
+    from rlstream.core.messages import GroupRejected
+
+    ready, pending, dead = admit(r, 0), admit(r, 1), admit(r, 2)
+    sampled(r, ready, [sample(0, 0), sample(0, 1)])
+    t = trainer(r, tmp_path)
+    t.buffer.collect()  # complete and scored before the rejection is written
+    sampled(r, pending, [sample(1, 0), sample(1, 1)])
+    sampled(r, dead, [sample(2, 0, tokens=(1, 99, 3)), sample(2, 1, tokens=(1, 99, 3))])  # outside the vocabulary
+    t.buffer.follow_events()
+    for gid in (ready, pending, dead):
+        bus.xadd(r, keys.events(RUN), GroupRejected(group_id=gid, reason="only 0 of 2 draws returned", by=by))
+    t.buffer.collect()
+    t.lease.release()
+    t = trainer(r, tmp_path)  # restarted: the fold voids the rejections again, the pending list holds the samples
+    t.buffer.collect()
+    assert not {ready, pending} & set(t.state.rejected) and t.state.rejected[dead].startswith("incomplete")
+    assert sorted(g.group_id for g in t.buffer.ready) == [ready, pending]  # the next step trains them
+    assert sorted(g.group_id for g in t.state.open_groups) == [ready, pending]
