@@ -33,7 +33,8 @@ from rq.registry import StartedJobRegistry
 from rlstream.core import bus, keys
 from rlstream.core.connection import connect
 from rlstream.core.embedded_redis import stored_password
-from rlstream.core.messages import GroupRejected, GroupSampled
+from rlstream.core.messages import GroupSampled
+from rlstream.core.run_state import RunState
 from rlstream.ops.status import opened_run
 
 pytestmark = pytest.mark.e2e
@@ -111,7 +112,11 @@ def test_killed_added_and_stopped_workers_lose_no_group(tmp_path: Path) -> None:
         for m in events:
             if isinstance(m, GroupSampled):
                 sampled.setdefault(m.group_id, m.worker_id)  # the first one counts, as in the fold
-        rejected = {m.group_id for m in events if isinstance(m, GroupRejected)}
+        # the rejections that stand (docs/design.md §15.98 A written group is the trainer's to settle)
+        fold = RunState()
+        for m in events:
+            fold.apply(m)
+        rejected = set(fold.rejected)
         held_groups = {job_id.removeprefix(f"{RUN}-") for job_id in held}
         assert all(sampled.get(g) == hand_id for g in held_groups), (held_groups, log.read_text()[-3000:])
         lost = {job_id.removeprefix(f"{RUN}-") for job_id in stranded}  # the killed worker's groups
