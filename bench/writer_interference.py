@@ -1,6 +1,6 @@
 """What the weight writer's work costs a bare torch step that runs beside it, on a thread of the
 trainer's process (as ``trainer/weight_sync.py`` runs it) and in a process of its own
-(issue 20: the trainer's step at most 1.3x a bare one; design §16 names this as the next lever).
+(issue 20: the trainer's step at most 1.3x a bare one; docs/design.md §16 Known gaps).
 
     python bench/writer_interference.py                 # 30 rounds (~3 min on 2 cores)
     python bench/writer_interference.py --rounds 60
