@@ -5,8 +5,8 @@
 the durable buffer), group assembly, scoring of complete groups, settling of groups that
 will never complete (also sampled ones none of whose entries decodes), dropping groups past
 the staleness bound (after a bounded wait for those only the next batch can still train),
-and the re-reads of the pending list after a lost reply. The stream reads it is made of are
-``reads``'.
+dropping ready groups the fold has settled meanwhile, and the re-reads of the pending list
+after a lost reply. The stream reads it is made of are ``reads``'.
 """
 from __future__ import annotations
 
@@ -66,18 +66,18 @@ class RolloutBuffer:
         """Read until ``n`` groups that the weights of ``version`` may train (the staleness
         bound) are ready and none this batch is the last to be allowed to train is still being
         sampled (``hold_back``), the data is exhausted or the run has finished."""
-        self.drop_stale(version)
+        self.prune(version)
         while ((len(self.ready) < n or self.hold_back(n, version)) and not self.data_exhausted()
                and self.state.finished is None):
             self.collect()
-            self.drop_stale(version)
+            self.prune(version)
 
     def stream(self, n: int, version: int, chunk: Callable[[list[Group]], None]) -> list[Group]:
         """``fill`` and ``take`` for a streamed step (``trainer.streaming``): each group goes to
         ``chunk`` as soon as it is ready (oldest admitted first among the ready ones), so its
         forward/backward runs while the rest of the batch is sampled. Taken groups stay held
         (pending, skipped by rescans, counted by ``data_exhausted``) until the step commits."""
-        self.drop_stale(version)
+        self.prune(version)
         while True:
             groups, self.ready = take_oldest(self.ready, n - len(self.taken) - self.hold_back(n, version))
             if groups:
@@ -86,7 +86,7 @@ class RolloutBuffer:
             if len(self.taken) >= n or self.data_exhausted() or self.state.finished is not None:
                 break
             self.collect()
-            self.drop_stale(version)
+            self.prune(version)
         taken, self.taken = self.taken, []
         self.stale_in_batch, self.stale_dropped = self.stale_dropped, 0
         self.batch_taken(taken, version)
@@ -94,7 +94,7 @@ class RolloutBuffer:
 
     def take(self, n: int, version: int) -> list[Group]:
         """The ``n`` ready groups admitted at the oldest version, none past the staleness bound."""
-        self.drop_stale(version)
+        self.prune(version)
         groups, self.ready = take_oldest(self.ready, n)
         self.stale_in_batch, self.stale_dropped = self.stale_dropped, 0
         self.batch_taken(groups, version)
@@ -120,6 +120,35 @@ class RolloutBuffer:
             log.info("waited %.2fs for groups only the batch at v%d could still train: %d of them in it",
                      waited, version, saved)
 
+    def prune(self, version: int) -> None:
+        """What leaves ``ready`` before groups are handed to training: the settled, then the stale."""
+        self.drop_settled()
+        self.drop_stale(version)
+
+    def drop_settled(self) -> None:
+        """Ack untrained the ready groups the fold has settled since they completed here: a
+        rejection that stands (docs/design.md §15.98 A written group is the trainer's to settle:
+        one written before the group's ``GroupSampled``, folded after its samples were read) or a
+        step that trained them. Trained, such a group would be both, and the gate, which freed its
+        slots at the rejection, would have admitted one group too many. Every read of samples is
+        followed by a fold before a group is handed out (``collect``, ``restore``), and any
+        rejection that lands before the samples is in it. One set lookup per ready group (the
+        batch and what waits beside it), never a walk of the fold."""
+        settled = self.state.settled_groups
+        if any(g.group_id in settled for g in self.ready):
+            dropped = [g for g in self.ready if g.group_id in settled]
+            self.ready = [g for g in self.ready if g.group_id not in settled]
+            self.ack_settled(dropped)
+
+    def ack_settled(self, groups: list[Group]) -> None:
+        """Groups the fold settled while they were here: their entries acked untrained, as
+        samples of a settled group are when they arrive (``add_samples``)."""
+        for group in groups:
+            log.warning("not training group %s: settled meanwhile (%s)", group.group_id,
+                        self.state.rejected.get(group.group_id, "trained"))
+        ack_untrained(self.r, self.cfg.run_id, [e for g in groups for e in g.entry_ids], self.lease)
+        self.assembler.forget([g.group_id for g in groups])
+
     def drop_stale(self, version: int) -> None:
         """Reject the ready groups the weights of ``version`` are more than O + 1 versions ahead
         of (docs/design.md §5 Versions and the gate): dropped, never trained late."""
@@ -137,12 +166,15 @@ class RolloutBuffer:
         return all(g.group_id in ready_ids for g in self.state.open_groups)
 
     def restore(self) -> None:
-        """At resume, after the events fold: this consumer's whole pending list, then the
-        members dead-lettered before the crash (or just now), which still count towards
-        settling their groups."""
+        """At resume, after the events fold: this consumer's whole pending list, the events
+        written meanwhile, then the members dead-lettered before the crash (or just now), which
+        still count towards settling their groups."""
         # the fold's own settled set answers for every group settled so far (``GroupAssembler.add`` asks it)
         self.settled_seen = (len(self.state.trained_order), len(self.state.rejected_order))
         self.add_samples(read_all_pending(self.r, self.cfg.run_id, CONSUMER, count=READ_COUNT, **self.limits))
+        # The events written while the trainer resumed: a rejection written before some of those samples is
+        # folded before their group is handed out, as after every read (``drop_settled``).
+        self.follow_events()
         self.add_invalid(list(dead_members(self.r, self.cfg.run_id)))
         # the whole pending list was just read: the next rescan is due only later
         self.errors_seen, self.last_rescan = self.connection_errors(), time.monotonic()
@@ -232,7 +264,12 @@ class RolloutBuffer:
                 self.assembler.add_invalid(sample, self.state.settled_groups)
 
     def admit(self, group: Group) -> None:
-        """Score a group that will grow no more; one ``score`` refuses is rejected with its reason."""
+        """Score a group that will grow no more; one ``score`` refuses is rejected with its reason.
+        One the fold settled while it waited (a rejection by anyone, folded while it was open) is
+        neither: its entries are acked untrained."""
+        if group.group_id in self.state.settled_groups:
+            self.ack_settled([group])
+            return
         reason = self.score(group)
         if reason is None:
             self.ready.append(group)

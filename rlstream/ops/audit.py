@@ -21,12 +21,13 @@ Definitions (``audit_ledger`` computes them from plain messages, without Redis):
   printed too. An id listed twice inside one step is reported separately
   (``repeated_within_step``, the number of surplus listings) and does not fail the audit.
 - **rejected**: ``GroupRejected`` group ids that were not trained. A group both rejected
-  and trained counts as trained and is reported as ``rejected_after_training`` (e.g. a
-  worker's or the producer's rejection the trainer folded only after it had completed the
-  group: docs/design.md §16 Known gaps): not an error. Reasons are tallied per reason,
-  truncated to 80 characters. A rejection the run's fold voids is not one: after the
-  group's ``GroupSampled`` only the trainer's counts (``rejection_stands``, docs/design.md
-  §15.98 A written group is the trainer's to settle).
+  and trained counts as trained and is reported as ``rejected_after_training``: not an
+  error. The trainer never trains a group whose rejection stands in its fold when it takes
+  a batch (docs/design.md §15.98 A written group is the trainer's to settle), so only a
+  rejection naming no writer (a worker older than that rule) folded after it took the
+  group, or a run trained by an older trainer, can still show one. Reasons are tallied per reason, truncated to 80
+  characters. A rejection the run's fold voids is not one: after the group's
+  ``GroupSampled`` only the trainer's counts (``rejection_stands``).
 - **in flight**: admitted, not trained, not rejected, and with a trace: at least one of
   its samples is in the rollouts stream, or its rq job hash exists
   (``rq:job:{run_id}-{group_id}``).
