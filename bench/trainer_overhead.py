@@ -43,7 +43,10 @@ each on the built-in task unless the heap is frozen, as ``Trainer.train_run`` do
 §15.89 Weights link their unchanged files; the steps run on a frozen heap, and this script does
 the same way): what a run of many steps pays, which the medians leave out. The weight writer's
 thread gets the CPU time it spends per version (``time.thread_time``) beside its parts' wall
-times. On a machine whose load drifts
+times; with ``trainer.weight_writer = "process"`` (the built-in config's since docs/design.md
+§15.99 The weights are written by a process of their own) the files are the child's, and the
+thread's write, seal and prune rows read 0. Each tree runs its own built-in config. On a
+machine whose load drifts
 (other processes on the same cores), the medians of each round's own ratio (bare and (b) measured
 moments apart) and the CPU time of the step's thread (``time.thread_time``: not the weight
 writer's, not redis-server's; against the bare step's) are the steadier figures. bare and rlstream use the same
@@ -94,6 +97,13 @@ from rlstream.trainer.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "examples/builtin/config.toml"
+
+
+def builtin_config() -> Path:
+    """The built-in task's config of the tree measured: the working directory's (``--baseline``
+    runs each tree's chunks there, so each tree runs its own settings), else this tree's."""
+    here = Path.cwd() / "examples/builtin/config.toml"
+    return here if here.is_file() else CONFIG
 
 
 # ----------------------------------------------------------------- the batch
@@ -358,7 +368,7 @@ def environment(r, threads_default: int, cfg, block: int) -> str:
             f"python {platform.python_version()}  torch {torch.__version__}  transformers {transformers.__version__}  "
             f"redis-server {info['redis_version']} (embedded, AOF everysec)\n"
             f"torch threads: process default {threads_default}, rlstream torch_threads {cfg.torch_threads}\n"
-            f"config {CONFIG.relative_to(REPO)}: {cfg.base_model}, {cfg.prompt_groups_per_step} groups x "
+            f"config {builtin_config()}: {cfg.base_model}, {cfg.prompt_groups_per_step} groups x "
             f"{cfg.completions_per_prompt}, {cfg.max_completion_tokens}-token completions, {cfg.policy_loss}, "
             f"kl_beta {cfg.kl_beta}, lr {cfg.learning_rate:g}, weight_sync_interval {cfg.weight_sync_interval}, "
             f"dcp_save_interval {cfg.dcp_save_interval}; blocks of {block} steps")
@@ -481,7 +491,7 @@ def measure(args: argparse.Namespace) -> tuple[dict[int, dict], str]:
         try:
             settings_n = len(args.threads or [1, 2])
             total_steps = (args.warmup + args.rounds) * args.block * settings_n + 1
-            cfg = load_config(CONFIG, [f'log_path="{tmp}/runs"', 'run_id="overhead"', f'redis.url="{url}"',
+            cfg = load_config(builtin_config(), [f'log_path="{tmp}/runs"', 'run_id="overhead"', f'redis.url="{url}"',
                                        f"max_steps={max(total_steps + 1, 300)}", *args.extra])
             r = client(url)
             t = Trainer(cfg, r, cfg.run_dir())

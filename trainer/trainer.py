@@ -145,7 +145,8 @@ class Trainer:
         self.pad_id = self.tokenizer.pad_token_id or 0
         self.step = self.version = 0
         self.lease = TrainerLease(r, cfg.run_id) if r is not None else None  # taken in run() (or resume())
-        self.weight_sync = WeightSync(r, cfg.run_id, self.lease, run_dir, cfg.keep_weights)
+        self.weight_sync = WeightSync(r, cfg.run_id, self.lease, run_dir, cfg.keep_weights,
+                                      process=cfg.trainer.weight_writer == "process")
         if self.ranks.rank == 0:
             self._protocol(cfg, r, run_dir)
 

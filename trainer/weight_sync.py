@@ -81,18 +81,27 @@ class DirTemplate:
     keys: tuple[str, ...]
     metadata: dict[str, str] | None
 
-    def snapshot(self, model, full: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor] | None:
+    def snapshot(self, model, full: dict[str, torch.Tensor] | None = None,
+                 into: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor] | None:
         """The tensors of ``model``'s weights file as they are now (``full``: as gathered, new
         tensors already), copied to CPU, in the dtypes in
         effect (call it inside ``Precision.published``): later updates leave them alone. None when
         one is not finite: what write_model_dir refuses (docs/design.md §15.33 Non-finite steps are
         skipped, never published); the update checked the float32 masters, this the cast to the
         published dtype. A copy, not the file's bytes: serializing holds the GIL for the whole
-        copy, ``safetensors`` writing a file on the writer's thread does not."""
+        copy, ``safetensors`` writing a file on the writer's thread does not. ``into``: tensors of
+        the same names, shapes and dtypes to copy into (the writer process's shared memory) and
+        return instead of new ones."""
         state = state_of(model, full)
-        # A LoRA policy's merged weights are new tensors already, the rest its frozen base, which no update changes.
-        copy = not lora.is_lora(model) and full is None
-        tensors = {k: state[k].to("cpu", copy=copy) for k in self.keys}
+        if into is not None and all(into[k].shape == state[k].shape and into[k].dtype == state[k].dtype
+                                    for k in self.keys):
+            for k in self.keys:
+                into[k].copy_(state[k])
+            tensors = into
+        else:
+            # A LoRA policy's merged weights are new tensors already, the rest its frozen base, which no update changes.
+            copy = not lora.is_lora(model) and full is None
+            tensors = {k: state[k].to("cpu", copy=copy) for k in self.keys}
         return tensors if tensors_finite(tensors.values()) else None
 
     @functools.cached_property
@@ -139,6 +148,17 @@ def dir_template(directory: Path, state: dict[str, torch.Tensor]) -> DirTemplate
     finally:
         shutil.rmtree(probe, ignore_errors=True)
     return template if same else None
+
+
+def shared_memory_room(nbytes: int, where: str = "/dev/shm") -> None:
+    """Raise unless ``where`` (torch's shared memory on Linux) has room for ``nbytes`` and a
+    margin: a shared tensor that outgrows it is not refused when made but kills the process
+    with SIGBUS when written (a container's /dev/shm is 64 MB unless given more)."""
+    if Path(where).is_dir():
+        free = shutil.disk_usage(where).free
+        if free < nbytes * 1.1:
+            raise RlstreamError(f"{where} has {free >> 20} MiB free, a snapshot of the weights needs "
+                                f"{nbytes >> 20} MiB (give the container more shared memory: docker --shm-size)")
 
 
 def _written() -> WeightsPublished:
@@ -199,8 +219,12 @@ class WeightSync:
     ``write_now`` (synchronous: resume's publish, a replay's final weights), ``wait`` (the one in
     flight), ``close``."""
 
-    def __init__(self, r: redis.Redis, run_id: str, lease: TrainerLease, run_dir: Path, keep: int):
+    def __init__(self, r: redis.Redis, run_id: str, lease: TrainerLease, run_dir: Path, keep: int,
+                 process: bool = False):
         self.r, self.run_id, self.lease, self.run_dir, self.keep = r, run_id, lease, run_dir, keep
+        # ``trainer.weight_writer = "process"``: the files written by a child (``weight_writer``) from these
+        # shared-memory tensors, which each version's snapshot is copied into (None: not started, or refused)
+        self.use_process, self.writer, self.shared = process, None, None
         self.template: DirTemplate | None = None
         self.checked = False  # whether a version was written synchronously and ``template`` derived from it
         # The newest complete directory whose template files hold the template's bytes, which the next version
@@ -255,7 +279,9 @@ class WeightSync:
             written = self._write_now(model, tokenizer, version, prune=False, full=full)
             pending = Pending(version, lambda: written, self.announce, seconds=time.monotonic() - t0)
         else:
-            tensors = self.template.snapshot(model, full)
+            tensors = self.template.snapshot(model, full, into=self.shared)
+            if tensors is not None and self.use_process and self.writer is None:
+                tensors = self.start_writer(tensors)
             pending = Pending(version, lambda: self.write(tensors, version), self.announce)
         if self.thread is None:
             self.thread = threading.Thread(target=self.serve, name="weight-sync", daemon=True)
@@ -263,6 +289,28 @@ class WeightSync:
         self.pending = pending
         self.jobs.put(pending)
         return pending
+
+    def start_writer(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The writer process, on a copy of the snapshot ``tensors`` in shared memory, which every
+        later snapshot is copied into; returns that copy (a new one: a snapshot's tensor may be
+        the model's own, a LoRA policy's frozen base). One that cannot start (no shared memory of
+        that size, e.g. a container's small /dev/shm) leaves the files to the writer's thread, as
+        ``"thread"`` does, and ``tensors`` as they were."""
+        from rlstream.trainer.weight_writer import WriterProcess
+
+        try:
+            shared_memory_room(sum(t.numel() * t.element_size() for t in tensors.values()))
+            shared = {k: torch.empty_like(t, device="cpu").share_memory_() for k, t in tensors.items()}
+            for k, t in tensors.items():
+                shared[k].copy_(t)
+            self.writer, self.shared = WriterProcess(self.template, shared), shared
+            log.info("weights: the files of each version are written by a process of their own (pid %d)",
+                     self.writer.process.pid)
+        except (OSError, RuntimeError, RlstreamError) as exc:
+            log.warning("weights: the writer process could not start (%s); the writer's thread writes the files",
+                        exc)
+        self.use_process = self.writer is not None
+        return self.shared if self.writer is not None else tensors
 
     def serve(self) -> None:
         """The writer's thread: one version after another, until ``close``."""
@@ -277,15 +325,23 @@ class WeightSync:
         if tensors is None:  # a non-finite weight (DirTemplate.snapshot): stop the trainer, nothing written
             raise RlstreamError(nonfinite_refusal(final, version))
         self.lease.confirm()  # the directory of a version that another trainer may have published
-        digest, size, links = weights.write_linked_dir(
-            final, lambda tmp: template.write_weights(tmp, tensors), version=version, same=template.same,
-            source=self.previous if self.links else None, known=self.known)
+        source = self.previous if self.links else None
+        if self.writer is not None and tensors is self.shared:
+            digest, size, links, self.known = self.writer.write(final, version, source, self.known)
+        else:
+            digest, size, links = weights.write_linked_dir(
+                final, lambda tmp: template.write_weights(tmp, tensors), version=version, same=template.same,
+                source=source, known=self.known)
         self.previous, self.links = final, self.links and links
         return WeightsPublished(version=version, uri=str(final.resolve()), sha256=digest, bytes=size)
 
     def announce(self, written: WeightsPublished) -> None:
         publish(self.r, self.run_id, written, self.lease)
-        prune_weights(self.run_dir, written.version, self.keep)  # after the publish: the newest is out first
+        # after the publish: the newest is out first
+        if self.writer is not None:
+            self.writer.prune(self.run_dir, written.version, self.keep)
+        else:
+            prune_weights(self.run_dir, written.version, self.keep)
 
     def wait(self) -> float:
         """Wait until the version in flight is written and announced (or cancelled); raise what
@@ -319,3 +375,6 @@ class WeightSync:
             self.jobs.put(None)
             self.thread.join(WRITE_BOUND_S)  # a daemon thread: one still hung does not keep the process alive
             self.thread = None
+        if self.writer is not None:
+            self.writer.close()
+            self.writer, self.shared = None, None

@@ -35,7 +35,11 @@ SMALL = ["--set", "max_steps=40", "--set", "prompt_groups_per_step=8", "--set", 
 
 
 def test_kill_worker_redis_trainer_and_fuzz(tmp_path: Path) -> None:
-    with running_up(tmp_path, "faults", *SMALL, "--set", 'output_model_id="promoted"') as up:
+    # the weights written by a process of their own (docs/design.md §15.99 The weights are written by a process
+    # of their own): it outlives neither the SIGKILLed trainer nor the redis-server's death (every other run
+    # here writes them on the trainer's thread, the default)
+    with running_up(tmp_path, "faults", *SMALL, "--set", 'output_model_id="promoted"',
+                    "--set", 'trainer.weight_writer="process"') as up:
         run_dir = up.run_dir
         up.wait_steps(3, timeout=120)
 
