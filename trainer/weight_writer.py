@@ -57,7 +57,13 @@ class WriterProcess:
         with main_hidden():
             self.process.start()
         child_end.close()
-        self.call(("ready",), bound_s=START_BOUND_S)
+        try:
+            self.call(("ready",), bound_s=START_BOUND_S)
+        except BaseException:
+            # the writer's thread writes the files instead (WeightSync.start_writer): a child that would answer
+            # later must not run beside it for the rest of the run, holding its map of the shared weights
+            self.kill()
+            raise
 
     def write(self, final: Path, version: int, source: Path | None,
               known: dict[str, weights.FileStamp]) -> tuple[str, int, bool, dict[str, weights.FileStamp]]:
@@ -83,8 +89,9 @@ class WriterProcess:
             self.process.join(POLL_S)  # a pipe can break before the dead child is reaped: its exit code
             code = self.process.exitcode
             what = "did not answer" if code is None else f"exited with code {code}"
-            raise RlstreamError(f"the weight writer process (pid {self.process.pid}) {what} ({type(exc).__name__}); "
-                                "the trainer stops, and its restart writes the version again") from None
+            then = "" if request[0] == "ready" else "; the trainer stops, and its restart writes the version again"
+            raise RlstreamError(f"the weight writer process (pid {self.process.pid}) {what} ({type(exc).__name__})"
+                                f"{then}") from None
         if status == "error":
             raise value
         return value
@@ -94,8 +101,13 @@ class WriterProcess:
         self.conn.close()
         self.process.join(10)
         if self.process.is_alive():
-            self.process.kill()
-            self.process.join(10)
+            self.kill()
+
+    def kill(self) -> None:
+        """End the child now, whatever it is doing (a write it leaves half done is a temporary directory)."""
+        self.conn.close()
+        self.process.kill()
+        self.process.join(10)
 
 
 @contextlib.contextmanager
@@ -117,6 +129,10 @@ def serve(conn: Any, template: Any, tensors: dict[str, torch.Tensor], parent: in
     from rlstream.trainer.policy_model import prune_weights
 
     die_with(parent)
+    # Ctrl-C in a terminal reaches the whole foreground process group: the trainer's KeyboardInterrupt then
+    # finishes the version in flight (WeightSync.close), which this process must still write. It ends at the
+    # pipe's end or with the trainer (SIGTERM stays: multiprocessing's exit ends a daemon child with it).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(1)  # safetensors writes; nothing here computes
     while True:
         try:

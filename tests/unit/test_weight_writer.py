@@ -3,14 +3,17 @@ docs/design.md §15.99 The weights are written by a process of their own; traine
 on fakeredis with the built-in tiny model: each version is the very directory ``save_pretrained``
 writes (float32, stored as bfloat16, LoRA merged) from the shared tensors every snapshot is
 copied into, announced in order and pruned; an error in the child, or its death, stops the
-trainer at its next step with why; the child dies with the trainer; without room in shared
-memory the writer's thread writes the files."""
+trainer at its next step with why; the child dies with the trainer, outlives a Ctrl-C, and is
+ended when it does not start in time; without room in shared memory the writer's thread writes
+the files."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -20,9 +23,10 @@ from test_weight_sync import RUN, add_group, bfloat16_base, config, published, s
 from rlstream.core import bus, weights
 from rlstream.core.errors import RlstreamError
 from rlstream.core.messages import WeightsPublished
-from rlstream.trainer import weight_sync
+from rlstream.trainer import weight_sync, weight_writer
 from rlstream.trainer.policy_model import weights_dir, write_model_dir
 from rlstream.trainer.trainer import Trainer
+from rlstream.trainer.weight_writer import WriterProcess
 
 pytestmark = pytest.mark.usefixtures("r_group")  # tests/unit/conftest.py: fakeredis with the trainer's group
 
@@ -141,3 +145,34 @@ def test_the_writer_process_does_not_run_the_trainers_script_again(tmp_path):
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.count("top level") == 1, out.stdout
+
+
+def test_a_ctrl_c_leaves_the_writer_process_to_finish_the_version_in_flight(tmp_path):
+    # Ctrl-C in a terminal reaches the whole foreground process group, the writer too: the trainer's
+    # KeyboardInterrupt finishes the version in flight (WeightSync.close), which its writer must still write
+    writer = WriterProcess(None, {})
+    try:
+        os.kill(writer.process.pid, signal.SIGINT)
+        (tmp_path / "weights" / "v1").mkdir(parents=True)
+        writer.prune(tmp_path, 3, 2)
+        assert not (tmp_path / "weights" / "v1").exists()
+    finally:
+        writer.close()
+    assert writer.process.exitcode == 0  # ended at the pipe's end, not by the KeyboardInterrupt
+
+
+class Unready:
+    """Unpickled by the writer process before it can answer 'ready': it sleeps a minute first."""
+
+    def __reduce__(self):
+        return time.sleep, (60,)
+
+
+def test_a_writer_process_that_did_not_start_in_time_is_ended(monkeypatch):
+    # the writer's thread writes the files then (WeightSync.start_writer): a child that answers later must not
+    # run beside it for the rest of the run, mapping the shared copy of the weights
+    monkeypatch.setattr(weight_writer, "START_BOUND_S", 1.0)
+    with pytest.raises(RlstreamError, match=r"the weight writer process \(pid (\d+)\) did not answer") as raised:
+        WriterProcess(Unready(), {})
+    assert not alive(int(re.search(r"pid (\d+)", str(raised.value)).group(1)))
+    assert "the trainer stops" not in str(raised.value)  # it does not: start_writer falls back to the thread
