@@ -306,7 +306,7 @@ class WeightSync:
             self.writer, self.shared = WriterProcess(self.template, shared), shared
             log.info("weights: the files of each version are written by a process of their own (pid %d)",
                      self.writer.process.pid)
-        except (OSError, RuntimeError, RlstreamError) as exc:
+        except Exception as exc:  # whatever stops it (no shared memory, no spawn, a pickling error): the thread
             log.warning("weights: the writer process could not start (%s); the writer's thread writes the files",
                         exc)
         self.use_process = self.writer is not None
