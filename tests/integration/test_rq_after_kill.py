@@ -42,6 +42,13 @@ def admitted(r, run_id: str) -> tuple[Config, object, RunState, Job]:
     return cfg, queue, state, queue.fetch_job(f"{run_id}-e0-r0-a0")
 
 
+
+def recording_runtime(runs: list[str]) -> types.SimpleNamespace:
+    """A worker runtime whose ``run_job`` only records the groups it was given (``slot``: its run's
+    token in the worker's JobSlots, unused here)."""
+    return types.SimpleNamespace(run_job=lambda job, slot=None: runs.extend(g.group_id for g in job.groups)
+                                 or {"ok": True})
+
 def test_a_dead_execution_made_rq_job_delete_raise(r, run_id):
     """The rq behaviour the fixes work around (if rq fixes it, this test says so)."""
     _, _, _, job = admitted(r, run_id)
@@ -92,7 +99,7 @@ def test_worker_success_with_a_dead_execution_deletes_the_job(r, run_id):
     cfg, queue, _, job = admitted(r, run_id)
     dead_execution(r, job)
     runs = []
-    runtime = types.SimpleNamespace(run_job=lambda job: runs.extend(g.group_id for g in job.groups) or {"ok": True})
+    runtime = recording_runtime(runs)
     worker = RolloutWorker([queue], connection=r, serializer=JSONSerializer, runtime=runtime)
     worker.work(burst=True, logging_level="WARNING")
     assert runs == ["e0-r0-a0"]
@@ -169,7 +176,7 @@ def test_worker_success_whose_reply_was_lost_is_not_failed(r, run_id, monkeypatc
 
     monkeypatch.setattr(rq_class, "handle_job_success", lost_reply)
     runs = []
-    runtime = types.SimpleNamespace(run_job=lambda job: runs.extend(g.group_id for g in job.groups) or {"ok": True})
+    runtime = recording_runtime(runs)
     worker = RolloutWorker([queue], connection=r, serializer=JSONSerializer, runtime=runtime)
     worker.work(burst=True, logging_level="WARNING")
     assert runs == ["e0-r0-a0"] and attempts[-1] == job.id

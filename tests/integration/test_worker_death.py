@@ -35,7 +35,7 @@ from rq.serializers import JSONSerializer
 from rlstream.workers.jobs import RolloutWorker
 
 class HangingRuntime:
-    def run_job(self, job):
+    def run_job(self, job, slot=None):
         if sys.argv[3] == "uninterruptible":  # as if stuck in C code: rq's SIGALRM never lands
             signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
         time.sleep(60)
