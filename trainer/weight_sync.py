@@ -353,6 +353,8 @@ class WeightSync:
             raise RuntimeError(f"weights v{pending.version}: waited for before its step was committed or cancelled")
         self.pending = None
         if not pending.done.wait(WRITE_BOUND_S):
+            if self.writer is not None:  # its hung write ends now: the writer's thread, waiting on it, with it
+                self.writer.kill()
             where = weights_dir(self.run_dir, pending.version)
             raise RlstreamError(f"weights v{pending.version}: its write under {where} "
                                 f"did not finish within {WRITE_BOUND_S:.0f}s; check that disk (and Redis, for the "

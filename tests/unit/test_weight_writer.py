@@ -8,6 +8,7 @@ ended when it does not start in time; without room in shared memory the writer's
 the files."""
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -176,3 +177,23 @@ def test_a_writer_process_that_did_not_start_in_time_is_ended(monkeypatch):
         WriterProcess(Unready(), {})
     assert not alive(int(re.search(r"pid (\d+)", str(raised.value)).group(1)))
     assert "the trainer stops" not in str(raised.value)  # it does not: start_writer falls back to the thread
+
+
+def test_a_hung_writer_process_is_ended_when_the_step_gives_up_on_it(r, tmp_path, monkeypatch):
+    t = process_trainer(r, tmp_path, groups=3)
+    step(t)
+    t.weight_sync.wait()
+    child = t.weight_sync.writer.process
+    os.kill(child.pid, signal.SIGSTOP)  # alive, never answering: a write hung on a dead disk
+    try:
+        step(t)  # committed; v2 is handed to the stopped child
+        monkeypatch.setattr(weight_sync, "WRITE_BOUND_S", 1.0)
+        with pytest.raises(RlstreamError, match="did not finish within 1s"):
+            step(t)
+        # ended with the bound, so the writer's thread, which waited on it, is free and close() does not wait
+        # WRITE_BOUND_S for it (before, the child was left stopped and close() joined the thread that long)
+        wait_until(lambda: not alive(child.pid), 30, "the hung writer process to be ended", interval=0.05)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child.pid, signal.SIGCONT)
+    t.weight_sync.close()
