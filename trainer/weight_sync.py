@@ -150,17 +150,6 @@ def dir_template(directory: Path, state: dict[str, torch.Tensor]) -> DirTemplate
     return template if same else None
 
 
-def shared_memory_room(nbytes: int, where: str = "/dev/shm") -> None:
-    """Raise unless ``where`` (torch's shared memory on Linux) has room for ``nbytes`` and a
-    margin: a shared tensor that outgrows it is not refused when made but kills the process
-    with SIGBUS when written (a container's /dev/shm is 64 MB unless given more)."""
-    if Path(where).is_dir():
-        free = shutil.disk_usage(where).free
-        if free < nbytes * 1.1:
-            raise RlstreamError(f"{where} has {free >> 20} MiB free, a snapshot of the weights needs "
-                                f"{nbytes >> 20} MiB (give the container more shared memory: docker --shm-size)")
-
-
 def _written() -> WeightsPublished:
     raise RuntimeError("a version's write runs once")
 
@@ -291,26 +280,22 @@ class WeightSync:
         return pending
 
     def start_writer(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The writer process, on a copy of the snapshot ``tensors`` in shared memory, which every
-        later snapshot is copied into; returns that copy (a new one: a snapshot's tensor may be
-        the model's own, a LoRA policy's frozen base). One that cannot start (no shared memory of
-        that size, e.g. a container's small /dev/shm) leaves the files to the writer's thread, as
+        """The writer process, on a shared copy of the snapshot ``tensors`` that every later
+        snapshot is copied into; returns that copy. One that cannot start (no shared memory of that
+        size, e.g. a container's small /dev/shm) leaves the files to the writer's thread, as
         ``"thread"`` does, and ``tensors`` as they were."""
         from rlstream.trainer.weight_writer import WriterProcess
 
         try:
-            shared_memory_room(sum(t.numel() * t.element_size() for t in tensors.values()))
-            shared = {k: torch.empty_like(t, device="cpu").share_memory_() for k, t in tensors.items()}
-            for k, t in tensors.items():
-                shared[k].copy_(t)
-            self.writer, self.shared = WriterProcess(self.template, shared), shared
+            self.writer = WriterProcess(self.template, tensors)
             log.info("weights: the files of each version are written by a process of their own (pid %d)",
                      self.writer.process.pid)
         except Exception as exc:  # whatever stops it (no shared memory, no spawn, a pickling error): the thread
             log.warning("weights: the writer process could not start (%s); the writer's thread writes the files",
                         exc)
         self.use_process = self.writer is not None
-        return self.shared if self.writer is not None else tensors
+        self.shared = self.writer.tensors if self.writer is not None else None
+        return self.shared if self.shared is not None else tensors
 
     def serve(self) -> None:
         """The writer's thread: one version after another, until ``close``."""

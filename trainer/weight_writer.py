@@ -14,8 +14,8 @@ The child touches only what it is sent: paths, the template's bytes, the shared 
 dies with the trainer (``PR_SET_PDEATHSIG`` on Linux, else at the pipe's end), so a killed
 trainer leaves no writer behind to finish a version another trainer may be writing; a
 directory it left half written is a temporary one, which the next write of that version
-removes. Its errors come back as the exceptions they were, raised on the writer's thread as its
-own would be, and from there on the step's thread at its next ``wait``.
+removes. Its errors come back (``as_sent``), raised on the writer's thread as its own would be,
+and from there on the step's thread at its next ``wait``.
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ import ctypes
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
 import sys
 import types
@@ -47,12 +48,20 @@ class WriterProcess:
     copies each version's weights into them, the child reads them) with ``template``'s files.
     One caller at a time (the writer's thread); ``close`` at the trainer's end."""
 
-    def __init__(self, template: Any, tensors: dict[str, torch.Tensor]):
+    def __init__(self, template: Any, snapshot: dict[str, torch.Tensor]):
+        """Start the child on a copy of ``snapshot`` in shared memory (``tensors``: each later
+        snapshot is copied into them; a new copy, since a snapshot's tensor may be the model's own,
+        a LoRA policy's frozen base). Raises when there is no room for it or the child does not
+        answer within ``START_BOUND_S``."""
         import torch.multiprocessing  # noqa: F401  (registers the reductions that hand tensors over as shared memory)
 
+        shared_memory_room(sum(t.numel() * t.element_size() for t in snapshot.values()))
+        self.tensors = {k: torch.empty_like(t, device="cpu").share_memory_() for k, t in snapshot.items()}
+        for k, t in snapshot.items():
+            self.tensors[k].copy_(t)
         context = multiprocessing.get_context("spawn")  # a fork would copy the trainer's threads' locks
         self.conn, child_end = context.Pipe()
-        self.process = context.Process(target=serve, args=(child_end, template, tensors, os.getpid()),
+        self.process = context.Process(target=serve, args=(child_end, template, self.tensors, os.getpid()),
                                        name="rlstream-weight-writer", daemon=True)
         with main_hidden():
             self.process.start()
@@ -110,6 +119,17 @@ class WriterProcess:
         self.process.join(10)
 
 
+def shared_memory_room(nbytes: int, where: str = "/dev/shm") -> None:
+    """Raise unless ``where`` (torch's shared memory on Linux) has room for ``nbytes`` and a
+    margin: a shared tensor that outgrows it is not refused when made but kills the process
+    with SIGBUS when written (a container's /dev/shm is 64 MB unless given more)."""
+    if Path(where).is_dir():
+        free = shutil.disk_usage(where).free
+        if free < nbytes * 1.1:
+            raise RlstreamError(f"{where} has {free >> 20} MiB free, a snapshot of the weights needs "
+                                f"{nbytes >> 20} MiB (give the container more shared memory: docker --shm-size)")
+
+
 @contextlib.contextmanager
 def main_hidden() -> Iterator[None]:
     """A spawned child runs the parent's ``__main__`` again before its target unless told of none:
@@ -153,7 +173,7 @@ def serve(conn: Any, template: Any, tensors: dict[str, torch.Tensor], parent: in
                 answer = None  # "ready"
             conn.send(("ok", answer))
         except Exception as exc:  # the caller raises it as its own
-            conn.send(("error", exc if _picklable(exc) else RlstreamError(f"{type(exc).__name__}: {exc}")))
+            conn.send(("error", as_sent(exc)))
 
 
 def die_with(parent: int) -> None:
@@ -170,11 +190,9 @@ def die_with(parent: int) -> None:
         os._exit(0)
 
 
-def _picklable(exc: BaseException) -> bool:
-    import pickle
-
-    try:
-        pickle.loads(pickle.dumps(exc))
-    except Exception:
-        return False
-    return True
+def as_sent(exc: Exception) -> Exception:
+    """What the child sends back for ``exc``: rlstream's own errors (``DiskFull`` keeps its exit
+    code) and the OS's (a path, an errno) as they are, both rebuilt from their message alone on
+    the other side; any other as an ``RlstreamError`` naming it (a library's exception need not
+    survive the pipe)."""
+    return exc if isinstance(exc, (RlstreamError, OSError)) else RlstreamError(f"{type(exc).__name__}: {exc}")

@@ -19,9 +19,10 @@ from pathlib import Path
 
 import pytest
 from polling import wait_until
-from test_weight_sync import RUN, add_group, bfloat16_base, config, published, step
+from test_weight_sync import RUN, bfloat16_base, published, ready_trainer, step
 
 from rlstream.core import bus, weights
+from rlstream.core.disk import DiskFull
 from rlstream.core.errors import RlstreamError
 from rlstream.core.messages import WeightsPublished
 from rlstream.trainer import weight_sync, weight_writer
@@ -34,14 +35,7 @@ pytestmark = pytest.mark.usefixtures("r_group")  # tests/unit/conftest.py: faker
 
 def process_trainer(r, tmp_path, groups: int, **over) -> Trainer:
     """A trainer whose weights are written by the writer process, after resume (v0: the template)."""
-    cfg = config(tmp_path, trainer={"weight_writer": "process"}, **over)
-    t = Trainer(cfg, r, cfg.run_dir())
-    t.resume()
-    for row in range(groups):
-        add_group(r, row)
-    while len(t.buffer.ready) < groups:
-        t.buffer.collect()
-    return t
+    return ready_trainer(r, tmp_path, groups, trainer={"weight_writer": "process"}, **over)
 
 
 @pytest.mark.parametrize("variant", ["float32", "stored in bfloat16", "lora"])
@@ -117,7 +111,7 @@ def test_without_room_in_shared_memory_the_writers_thread_writes_the_files(r, tm
     def no_room(nbytes, where="/dev/shm"):
         raise RlstreamError(f"{where} has 0 MiB free")
 
-    monkeypatch.setattr(weight_sync, "shared_memory_room", no_room)
+    monkeypatch.setattr(weight_writer, "shared_memory_room", no_room)
     t = process_trainer(r, tmp_path, groups=2)
     for _ in range(2):
         step(t)
@@ -130,9 +124,17 @@ def test_without_room_in_shared_memory_the_writers_thread_writes_the_files(r, tm
 
 
 def test_shared_memory_room_refuses_a_snapshot_larger_than_what_is_free(tmp_path):
-    weight_sync.shared_memory_room(1 << 20, str(tmp_path))  # room
+    weight_writer.shared_memory_room(1 << 20, str(tmp_path))  # room
     with pytest.raises(RlstreamError, match="docker --shm-size"):
-        weight_sync.shared_memory_room(1 << 62, str(tmp_path))
+        weight_writer.shared_memory_room(1 << 62, str(tmp_path))
+
+
+def test_the_child_sends_its_own_and_the_oss_errors_as_they_are_and_any_other_by_name():
+    full = weight_writer.as_sent(DiskFull("no space left"))
+    assert type(full) is DiskFull and full.exit_code == DiskFull.exit_code
+    assert type(weight_writer.as_sent(FileExistsError(17, "exists"))) is FileExistsError
+    other = weight_writer.as_sent(KeyError("key"))
+    assert type(other) is RlstreamError and "KeyError" in str(other)
 
 
 def test_the_writer_process_does_not_run_the_trainers_script_again(tmp_path):
