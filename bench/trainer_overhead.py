@@ -15,6 +15,11 @@ task's exact-match reward; every round trains on that content under fresh group 
   The model's default KV cache is built in its forward, as a call without ``use_cache=False`` builds it;
   rlstream's scoring forwards pass ``use_cache=False`` (docs/design.md §15.92 Scoring forwards build no KV
   cache), so the table also gives a bare step without the cache and the whole step's ratio to it.
+- **bare with each prompt once**: the same step with each of the 32 prompts through the model
+  once and its 8 one-token answers scored from its last position's logits, which is what
+  ``trainer.shared_prefix`` (on in the built-in config since docs/design.md §15.100 A group's
+  prompt is computed once) does on this batch: the step's own cost over a bare step that saves
+  the same work, beside its cost over the plain one.
 - **(a) optimize**: rlstream's optimize path as ``Trainer.optimize`` runs it, alone: each group's
   advantages (``advantage_fn``), ``collate`` of the 256 decoded ``RolloutRecord`` objects, and
   ``policy_update``.
@@ -162,13 +167,23 @@ def prefill(r, run_id: str, groups: list[list[RolloutRecord]], version: int) -> 
 
 # ----------------------------------------------------------------- the three steps
 def bare_step(model, optimizer, tokens_B_N, attention_B_N, mask_B_T, rewards_P_G, eps: float,
-              parts: dict[str, float], use_cache: bool | None = None) -> float:
+              parts: dict[str, float], use_cache: bool | None = None, shared: bool = False) -> float:
     """The minimum of an in-process GRPO step on tensors in hand; ``parts`` adds up its phases' times.
-    ``use_cache``: None is the model's config (a KV cache built and thrown away), False none."""
+    ``use_cache``: None is the model's config (a KV cache built and thrown away), False none.
+    ``shared``: each prompt through the model once (its G rows share it), the one-token answers
+    scored from its last position's logits: what ``trainer.shared_prefix`` does on this batch."""
     t0 = time.perf_counter()
-    cache = {} if use_cache is None else {"use_cache": use_cache}
-    logits_B_T_V = model(input_ids=tokens_B_N, attention_mask=attention_B_N, **cache).logits[:, :-1].float()
-    logprobs_B_T = torch.log_softmax(logits_B_T_V, -1).gather(-1, tokens_B_N[:, 1:, None])[..., 0]
+    if shared:
+        P, G = rewards_P_G.shape
+        prompts_P_N = tokens_B_N[::G, :-1]
+        logits_P_V = model(input_ids=prompts_P_N, attention_mask=attention_B_N[::G, :-1], use_cache=False,
+                           logits_to_keep=1).logits[:, -1].float()
+        logprobs_B_T = torch.log_softmax(logits_P_V, -1).repeat_interleave(G, 0).gather(-1, tokens_B_N[:, -1:])
+        logprobs_B_T = torch.cat([torch.zeros(P * G, tokens_B_N.shape[1] - 2), logprobs_B_T], 1)  # (B, T)
+    else:
+        cache = {} if use_cache is None else {"use_cache": use_cache}
+        logits_B_T_V = model(input_ids=tokens_B_N, attention_mask=attention_B_N, **cache).logits[:, :-1].float()
+        logprobs_B_T = torch.log_softmax(logits_B_T_V, -1).gather(-1, tokens_B_N[:, 1:, None])[..., 0]
     t1 = time.perf_counter()
     advantages_P_G = (rewards_P_G - rewards_P_G.mean(-1, keepdim=True)) / (
         rewards_P_G.std(-1, correction=0, keepdim=True) + 1e-8)
@@ -324,15 +339,16 @@ def run_setting(t: Trainer, r, batch, clock: PartClock, threads: int, rounds: in
         for k in range(block):  # the block's batches, in the stream before it starts, each sampled by the
             v = t.version + k      # version that trains it (the staleness bound drops older ones)
             prefill(r, cfg.run_id, stamped(batch, n + k, v), v)
-        order = ("bare", "bare_nc", "optimize", "step") if i % 2 == 0 else ("step", "optimize", "bare_nc", "bare")
+        order = ("bare", "bare_nc", "bare_sp", "optimize", "step") if i % 2 == 0 else (
+            "step", "optimize", "bare_sp", "bare_nc", "bare")
         row: dict[str, float] = {}
         for which in order:
-            if which in ("bare", "bare_nc"):
+            if which in ("bare", "bare_nc", "bare_sp"):
                 part: dict[str, float] = defaultdict(float)
                 t0, c0 = time.perf_counter(), time.thread_time()
                 for _ in range(block):
                     bare_step(t.model, bare_opt, tokens_B_N, attention_B_N, mask_B_T, rewards_P_G, cfg.eps_clip,
-                              part, use_cache=None if which == "bare" else False)
+                              part, use_cache=None if which == "bare" else False, shared=which == "bare_sp")
                 row[which], row[f"{which}.cpu"] = (time.perf_counter() - t0) / block, (time.thread_time() - c0) / block
                 row.update({f"{which}.{k}": v / block for k, v in part.items()})
             elif which == "optimize":
@@ -350,10 +366,12 @@ def run_setting(t: Trainer, r, batch, clock: PartClock, threads: int, rounds: in
         row["ratio.optimize"], row["ratio.step"] = row["optimize"] / row["bare"], row["step.total"] / row["bare"]
         row["ratio.step_cpu"] = row["step.cpu"] / row["bare.cpu"]
         row["ratio.step_nc"] = row["step.total"] / row["bare_nc"]
+        row["ratio.step_sp"] = row["step.total"] / row["bare_sp"]
         # (c): what the trainer does once the batch is in hand; its run counts the read as waiting for
         # rollouts (perf/trainer_wait_for_sampler_time starts before gather)
         row["step.train_step"] = row["step.total"] - row.get("step.gather", 0.0)
         row["ratio.train_step"] = row["step.train_step"] / row["bare"]
+        row["ratio.train_step_sp"] = row["step.train_step"] / row["bare_sp"]
         if i >= warmup:
             for key, value in row.items():
                 samples[key].append(value)
@@ -392,6 +410,9 @@ ROWS = [  # (label, key)
     ("(c) / bare, the median of each round's ratio", "ratio.train_step"),
     ("bare torch step without the KV cache (use_cache=False, as rlstream's forwards)", "bare_nc"),
     ("(b) / bare without the KV cache, the median of each round's ratio", "ratio.step_nc"),
+    ("bare torch step with each prompt's forward once (what trainer.shared_prefix does here)", "bare_sp"),
+    ("(b) / bare with each prompt once, the median of each round's ratio", "ratio.step_sp"),
+    ("(c) / bare with each prompt once, the median of each round's ratio", "ratio.train_step_sp"),
     ("bare, CPU of its thread", "bare.cpu"),
     ("(b), CPU of the step's thread (not the writer's, not redis-server's)", "step.cpu"),
     ("(b) / bare in CPU of their thread, the median of each round's ratio", "ratio.step_cpu"),

@@ -100,10 +100,11 @@ def policy_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batc
         if cfg.anchor_logp == "rollout":
             old_B_T = batch.inf_logprobs_B_T
         elif k > 1:
-            old_B_T = frozen_logprobs(model, batch, every_micro, cfg.temperature, precision)
+            old_B_T = frozen_logprobs(model, batch, every_micro, cfg.temperature, precision,
+                                      shared_prefix=cfg.trainer.shared_prefix)
         t1 = phase_clock(device)
         ref_B_T = None if ref_model is None else frozen_logprobs(ref_model, batch, every_micro, cfg.temperature,
-                                                                 precision)
+                                                                 precision, shared_prefix=cfg.trainer.shared_prefix)
         phases["fwd_bwd_time"], phases["ref_forward_time"] = t1 - t0, phase_clock(device) - t1
         steps = [minibatch_step(model, optimizer, batch, micro, old_B_T, ref_B_T, cfg=cfg, precision=precision,
                                 ranks=ranks, phases=phases) for micro in plan]
@@ -207,7 +208,8 @@ def micro_loss(model: torch.nn.Module, mb: Batch, old_B_T: torch.Tensor | None, 
     """One micro-batch's forward and loss (its share: ``denominator`` is its (mini)batch's) with
     its metrics; ``old_B_T`` None = the live forward's own logprobs, detached."""
     with torch.set_grad_enabled(grad), precision.autocast():
-        logprobs_B_T = token_logprobs(model, mb.tokens_B_N, mb.attention_B_N, cfg.temperature, mb.first)
+        logprobs_B_T = token_logprobs(model, mb.tokens_B_N, mb.attention_B_N, cfg.temperature, mb.first,
+                                      shared_prefix=cfg.trainer.shared_prefix)
     return compute_loss(cfg.policy_loss, logprobs_B_T, logprobs_B_T.detach() if old_B_T is None else old_B_T,
                         mb.inf_logprobs_B_T, mb.advantages, mb.mask_B_T, ref_logprobs=ref_B_T,
                         config=LossConfig.of(cfg), denominator=denominator)
@@ -215,7 +217,7 @@ def micro_loss(model: torch.nn.Module, mb: Batch, old_B_T: torch.Tensor | None, 
 
 @torch.no_grad()
 def frozen_logprobs(model: torch.nn.Module, batch: Batch, micro: list[torch.Tensor], temperature: float,
-                    precision: Precision) -> torch.Tensor:
+                    precision: Precision, *, shared_prefix: bool = False) -> torch.Tensor:
     """(B, T) logprobs of weights no step of this batch changes (the old policy before the
     update, the reference), on the training forwards' micro-batches (their columns); 0 past
     each row's end and before its micro-batch's first trained target (``rows_of``)."""
@@ -223,7 +225,8 @@ def frozen_logprobs(model: torch.nn.Module, batch: Batch, micro: list[torch.Tens
     for rows in micro:
         mb = micro_of(batch, rows)
         with precision.autocast():
-            logprobs_B_T = token_logprobs(model, mb.tokens_B_N, mb.attention_B_N, temperature, mb.first)
+            logprobs_B_T = token_logprobs(model, mb.tokens_B_N, mb.attention_B_N, temperature, mb.first,
+                                          shared_prefix=shared_prefix)
         if len(rows):  # a placeholder's forward only keeps the ranks' collectives in step
             start = mb.first - batch.first
             out_B_T[rows, start:start + mb.mask_B_T.shape[1]] = logprobs_B_T

@@ -22,6 +22,7 @@ from rlstream.core.messages import WeightsPublished
 from rlstream.trainer import lora, sharded
 from rlstream.trainer.precision import checkpointed_layers
 from rlstream.trainer.ranks import SINGLE, Ranks, broadcast_dtypes
+from rlstream.trainer.shared_prefix import shared_prefix_logits
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +86,12 @@ def load_reference(cfg: Config, model, tokenizer, device, ranks: Ranks = SINGLE)
 
 
 def token_logprobs(model: torch.nn.Module, tokens_B_N: torch.Tensor, attention_B_N: torch.Tensor,
-                   temperature: float, first: int = 0) -> torch.Tensor:
+                   temperature: float, first: int = 0, *, shared_prefix: bool = False) -> torch.Tensor:
     """log pi(token_t | tokens_<t) for t = first+1..N-1, at the sampling temperature: (B, N-1-first).
+
+    ``shared_prefix`` (``trainer.shared_prefix``): the rows' tokens 0..``first`` (a group's
+    prompt) computed once per distinct prefix where that saves work (``shared_prefix_logits``;
+    docs/design.md §15.100 A group's prompt is computed once), not under gradient checkpointing.
 
     ``first`` > 0: the logits of positions before ``first`` are never computed (a micro-batch's
     prompt columns, which no loss reads; ``micro_batch.rows_of``): transformers' causal LMs
@@ -124,10 +129,15 @@ def token_logprobs(model: torch.nn.Module, tokens_B_N: torch.Tensor, attention_B
         # model). Only to a model whose config has the setting: a plain module's forward may not take it.
         options = {"use_cache": False} if hasattr(getattr(model, "config", None), "use_cache") else {}
         keep = tokens_B_N.shape[1] - first  # positions first..N-1
-        if first > 0 and keeps_logits(model):
+        cuts = first > 0 and keeps_logits(model)
+        if cuts:
             options["logits_to_keep"] = keep
-        # positions first..N-2 of the last ``keep``, whether the model cut its logits or (without the option) not
-        logits_B_T_V = model(input_ids=tokens_B_N, attention_mask=attention_B_N, **options).logits[:, -keep:-1].float()
+        logits_B_T_V = shared_prefix_logits(model, tokens_B_N, attention_B_N, first, cuts) \
+            if shared_prefix and not checkpointed else None
+        if logits_B_T_V is None:
+            # positions first..N-2 of the last ``keep``, whether the model cut its logits or (without the option) not
+            logits_B_T_V = model(input_ids=tokens_B_N, attention_mask=attention_B_N,
+                                 **options).logits[:, -keep:-1].float()
     finally:
         if was_training or checkpointed:
             model.train(was_training and not checkpointed)

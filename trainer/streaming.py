@@ -167,7 +167,8 @@ class StreamingStep:
         self.tokens, self.sequences = self.tokens + tokens, self.sequences + sequences
         old_B_T = mb.inf_logprobs_B_T if self.cfg.anchor_logp == "rollout" else None
         ref_B_T = None if self.ref_model is None else frozen_logprobs(
-            self.ref_model, mb, [torch.arange(len(mb.advantages_B))], self.cfg.temperature, self.precision)
+            self.ref_model, mb, [torch.arange(len(mb.advantages_B))], self.cfg.temperature, self.precision,
+            shared_prefix=self.cfg.trainer.shared_prefix)
         graph = self.finite or self.ranks.distributed  # across ranks every backward runs: each is a collective
         loss, metrics = micro_loss(self.model, mb, old_B_T, ref_B_T, cfg=self.cfg, precision=self.precision,
                                    denominator=1.0, grad=graph)

@@ -273,3 +273,10 @@ def test_cookbook_defaults_are_accepted():
     grad_clip_norm=0.0 (no clipping)."""
     cfg = validate_config({"max_seq_len": None, "min_group_size": 1, "grad_clip_norm": 0.0})
     assert cfg.max_seq_len == 1_048_576 and cfg.min_group_size == 1 and cfg.grad_clip_norm == 0.0
+
+
+def test_shared_prefix_is_refused_with_several_trainer_ranks():
+    """Each rank would choose one forward or two from its own rows, and FSDP's ranks must run alike."""
+    assert load_config(None, ["trainer.shared_prefix=true"], environ={}).trainer.shared_prefix
+    msg = config_error(None, ["trainer.shared_prefix=true", "trainer.nproc_per_node=2"], environ={})
+    assert "shared_prefix runs one process's trainer only" in msg and "2 trainer ranks" in msg
