@@ -6,8 +6,6 @@ written by ``checkpoint.save_checkpoint`` with the same non-finite guard).
 from __future__ import annotations
 
 import copy
-import functools
-import inspect
 import logging
 import shutil
 from collections.abc import Callable, Iterable
@@ -19,6 +17,7 @@ from rlstream.core import weights
 from rlstream.core.config import BUILTIN_MODELS, Config
 from rlstream.core.errors import ConfigError, RlstreamError
 from rlstream.core.messages import WeightsPublished
+from rlstream.sampling.prefix_cache import forward_takes
 from rlstream.trainer import lora, sharded
 from rlstream.trainer.precision import checkpointed_layers
 from rlstream.trainer.ranks import SINGLE, Ranks, broadcast_dtypes
@@ -129,10 +128,9 @@ def token_logprobs(model: torch.nn.Module, tokens_B_N: torch.Tensor, attention_B
         # model). Only to a model whose config has the setting: a plain module's forward may not take it.
         options = {"use_cache": False} if hasattr(getattr(model, "config", None), "use_cache") else {}
         keep = tokens_B_N.shape[1] - first  # positions first..N-1
-        cuts = first > 0 and keeps_logits(model)
-        if cuts:
+        if first > 0 and keeps_logits(model):
             options["logits_to_keep"] = keep
-        logits_B_T_V = shared_prefix_logits(model, tokens_B_N, attention_B_N, first, cuts) \
+        logits_B_T_V = shared_prefix_logits(model, tokens_B_N, attention_B_N, first) \
             if shared_prefix and not checkpointed else None
         if logits_B_T_V is None:
             # positions first..N-2 of the last ``keep``, whether the model cut its logits or (without the option) not
@@ -151,14 +149,7 @@ def keeps_logits(model: torch.nn.Module) -> bool:
     """Whether ``model``'s forward takes transformers' ``logits_to_keep`` (its output head
     applied to the last positions only); a wrapper that calls another model (peft's, the LoRA
     reference: ``get_base_model``) answers for that one."""
-    while hasattr(model, "get_base_model") and model.get_base_model() is not model:
-        model = model.get_base_model()
-    return _forward_takes(type(model), "logits_to_keep")
-
-
-@functools.lru_cache(maxsize=None)
-def _forward_takes(cls: type, name: str) -> bool:
-    return name in inspect.signature(cls.forward).parameters
+    return forward_takes(model, "logits_to_keep")
 
 
 def all_finite(model: torch.nn.Module) -> bool:

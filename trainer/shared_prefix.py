@@ -10,70 +10,35 @@ top of it. The logits are those of the plain forward at the same positions, to f
 the same weights meet the same tokens, in other batch shapes. The gradient is the same sum.
 
 Used only where it saves work: a transformers causal LM (a forward that takes a cache and
-returns one) with at least two rows per prefix on average and a prefix of two tokens or more.
-Otherwise, and under gradient checkpointing (transformers builds no cache for checkpointed
-layers), the caller runs its plain forward.
+returns one; ``rlstream.sampling.prefix_cache``) with at least two rows per prefix on average
+and a prefix of two tokens or more. Otherwise, and under gradient checkpointing (transformers
+builds no cache for checkpointed layers), the caller runs its plain forward.
 """
 from __future__ import annotations
 
-import functools
-import inspect
-import logging
-
 import torch
 
-log = logging.getLogger(__name__)
+from rlstream.sampling.prefix_cache import prefill_distinct
 
 
 def shared_prefix_logits(model: torch.nn.Module, tokens_B_N: torch.Tensor, attention_B_N: torch.Tensor,
-                         first: int, keeps_logits: bool) -> torch.Tensor | None:
+                         first: int) -> torch.Tensor | None:
     """Logits (B, N - 1 - first, V) of positions ``first .. N - 2`` (what ``token_logprobs``
     reads), the rows' common prefix ``0 .. first`` computed once per distinct prefix; None when
     that would not save work or ``model`` cannot take a cache (the caller's plain forward then).
 
-    A prefix is its tokens and its attention mask together: a real token that equals the pad id
-    never shares with padding. A row shorter than the prefix (one with no trained target) has
-    padding in its prefix; the masks keep it out of every real row's attention, as in the plain
-    forward. ``keeps_logits``: the prefix's forward may ask for its last position's logits
-    only (transformers' ``logits_to_keep``)."""
+    A row shorter than the prefix (one with no trained target) has padding in its prefix; the
+    masks keep it out of every real row's attention, as in the plain forward."""
     B, N = tokens_B_N.shape
     S = first + 1  # the prefix: tokens 0 .. first; the logits of its last position are the first read
-    cache_arg = cache_argument(model)
-    if cache_arg is None or B < 2 or S < 2 or S > N - 1:
+    if S < 2 or S > N - 1:
         return None
-    key_B_K = torch.cat([tokens_B_N[:, :S], attention_B_N[:, :S]], 1)
-    prefixes_U_K, row_prefix_B = torch.unique(key_B_K, dim=0, return_inverse=True)
-    if 2 * prefixes_U_K.shape[0] > B:  # fewer than two rows a prefix: two forwards would cost more than one
+    prefilled = prefill_distinct(model, tokens_B_N[:, :S], attention_B_N[:, :S], last_logits_only=True)
+    if prefilled is None:
         return None
-    options = {"use_cache": True} | ({"logits_to_keep": 1} if keeps_logits else {})
-    out = model(input_ids=prefixes_U_K[:, :S], attention_mask=prefixes_U_K[:, S:], **options)
-    cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
-    if cache is None or not hasattr(cache, "reorder_cache"):
-        log.warning("trainer.shared_prefix: %s returned no key/value cache; running the plain forward",
-                    type(model).__name__)
-        return None
-    logits_B_1_V = out.logits[:, -1:][row_prefix_B]
+    logits_B_1_V = prefilled.logits_U_L_V[:, -1:][prefilled.row_prefix_B]
     if S == N - 1:  # nothing after the prefix is read (one-token completions)
         return logits_B_1_V.float()
-    cache.reorder_cache(row_prefix_B)  # each row's copy of its prefix's keys and values
     rest = model(input_ids=tokens_B_N[:, S:N - 1], attention_mask=attention_B_N[:, :N - 1], use_cache=True,
-                 **{cache_arg: cache})
+                 **{prefilled.cache_arg: prefilled.cache_for_rows()})
     return torch.cat([logits_B_1_V, rest.logits], 1).float()
-
-
-def cache_argument(model: torch.nn.Module) -> str | None:
-    """The name under which ``model``'s forward takes a key/value cache (transformers 5.x:
-    ``cache``, earlier ``past_key_values``), None when it takes none or its config keeps no
-    cache setting (not a transformers causal LM). A wrapper that calls another model (peft's)
-    answers for that one."""
-    if not hasattr(getattr(model, "config", None), "use_cache"):
-        return None
-    while hasattr(model, "get_base_model") and model.get_base_model() is not model:
-        model = model.get_base_model()
-    return _cache_parameter(type(model))
-
-
-@functools.lru_cache(maxsize=None)
-def _cache_parameter(cls: type) -> str | None:
-    parameters = inspect.signature(cls.forward).parameters
-    return next((name for name in ("cache", "past_key_values") if name in parameters), None)

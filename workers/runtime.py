@@ -131,7 +131,7 @@ def make_policy(cfg: Config, published: WeightsPublished, device: Any, controlle
         return policy, RemoteSampler(policy, cfg.sample_kwargs())
     from rlstream.sampling.local import LocalPolicy, LocalSampler
 
-    policy = LocalPolicy(published, device, root)
+    policy = LocalPolicy(published, device, root, shared_prefix=cfg.workers.shared_prefix)
     return policy, LocalSampler(policy, cfg.sample_kwargs(), max_batch_rows=generate_rows(cfg))
 
 

@@ -163,6 +163,11 @@ class WorkersConfig(ConfigSection):
         "groups of several jobs at once; unset = as many rows of max_seq_len (or max_completion_tokens) tokens as "
         "fit 8192 tokens, at least one group, and one job at a time"
     )
+    shared_prefix: bool = Field(
+        False, description="local backend: each distinct prompt of a `generate` call prefilled once, its key/value "
+        "cache repeated to its completions' rows (a group's G draws share their prompt); the draws are the plain "
+        "`generate`'s to float rounding of their logits. transformers causal LMs only"
+    )
     max_groups_held: int | None = Field(
         None, ge=1, le=4096, description="most rq jobs a worker holds at once, drawing or being "
         "recorded, while it keeps its request window full (a group waiting on a slow request holds one request of "

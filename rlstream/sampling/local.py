@@ -22,6 +22,7 @@ from transformers import GenerationConfig
 from rlstream.core import weights
 from rlstream.core.messages import WeightsPublished
 from rlstream.core.rollout import NO_LIMIT, Completion, chat_prompt_ids, no_room, token_budget
+from rlstream.sampling.prefix_cache import prefill_distinct
 from rlstream.sampling.torch_setup import load_model_and_tokenizer
 
 log = logging.getLogger(__name__)
@@ -37,10 +38,13 @@ def truncate_to_budget(gen: list[int], budget: int, eos_ids: set[int]) -> tuple[
 
 
 class LocalPolicy:
-    def __init__(self, published: WeightsPublished, device: torch.device, weights_root: str | Path):
+    def __init__(self, published: WeightsPublished, device: torch.device, weights_root: str | Path, *,
+                 shared_prefix: bool = False):
         """``weights_root``: the run's ``weights/`` directory; version N is read from
-        ``<weights_root>/v<N>`` (``published.uri`` is never opened: it comes from Redis)."""
-        self.weights_root = Path(weights_root)
+        ``<weights_root>/v<N>`` (``published.uri`` is never opened: it comes from Redis).
+        ``shared_prefix`` (``workers.shared_prefix``): each distinct prompt of a ``generate``
+        call prefilled once (``prefill_distinct``), its cache repeated to its rows."""
+        self.weights_root, self.shared_prefix = Path(weights_root), shared_prefix
         directory = weights.version_dir(self.weights_root, published.version)
         weights.verify(directory, published.sha256)
         model, tokenizer = load_model_and_tokenizer(str(directory), device)
@@ -50,6 +54,7 @@ class LocalPolicy:
     def from_model(cls, model, tokenizer, device: torch.device, version: int) -> LocalPolicy:
         """Sample from a live model (the trainer's, for evaluation_fn) without a copy."""
         policy = cls.__new__(cls)
+        policy.shared_prefix = False
         policy._bind(model, tokenizer, device, version)
         return policy
 
@@ -109,8 +114,9 @@ class LocalPolicy:
             pad_token_id=self.pad_id, eos_token_id=sorted(self.eos_ids), output_scores=True,
             return_dict_in_generate=True, repetition_penalty=1.0,
         )
-        out = self.model.generate(input_ids=ids.to(self.device), attention_mask=attn.to(self.device),
-                                  generation_config=gen_config)
+        ids, attn = ids.to(self.device), attn.to(self.device)
+        out = self.model.generate(input_ids=ids, attention_mask=attn, generation_config=gen_config,
+                                  **self.prefilled(ids, attn))
         gen_B_T = out.sequences[:, longest:].cpu()
         scores_B_T_V = torch.stack(out.scores, dim=1).float().cpu()
         logprobs_B_T = torch.log_softmax(scores_B_T_V, dim=-1).gather(-1, gen_B_T[..., None])[..., 0]
@@ -125,6 +131,20 @@ class LocalPolicy:
                 version=self.version,
             ))
         return results
+
+
+    def prefilled(self, ids_B_L: torch.Tensor, attention_B_L: torch.Tensor) -> dict[str, Any]:
+        """With ``shared_prefix``, ``generate``'s cache argument: every token of each distinct
+        left-padded prompt but its last, through the model once and repeated to the prompt's rows
+        (``generate`` then runs the last token of every row, and goes on from there); {} when it
+        would not save work. The draws are those of the plain ``generate`` to float rounding of
+        their logits (docs/design.md §15.100 A group's prompt is computed once)."""
+        if not self.shared_prefix or ids_B_L.shape[1] < 2:
+            return {}
+        with torch.no_grad():
+            prefilled = prefill_distinct(self.model, ids_B_L[:, :-1], attention_B_L[:, :-1], last_logits_only=True,
+                                         left_padded=True)
+        return {} if prefilled is None else {prefilled.cache_arg: prefilled.cache_for_rows()}
 
 
 def preload_model_code(base_model: str) -> None:

@@ -151,3 +151,36 @@ def test_max_batch_rows_splits_the_draws_of_several_groups(policy):
     assert all(not isinstance(r, BaseException) for r in results), results
     assert [len(r) for r in results] == [2] * 7 + [9]
     assert calls == [8, 6, 9]
+
+
+@pytest.mark.numeric
+def test_shared_prefix_prefills_each_prompt_once_and_draws_what_generate_draws(published):
+    """``workers.shared_prefix``: prompts of different lengths (left-padded), 4 draws each, one
+    prefill of the 3 distinct prompts before ``generate``; the same seed draws the same tokens,
+    with the same logprobs to float rounding, as the plain ``generate``."""
+    prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
+    rows = [p for p in prompts for _ in range(4)]
+    plain = LocalPolicy(published, torch.device("cpu"), Path(published.uri).parent)
+    shared = LocalPolicy(published, torch.device("cpu"), Path(published.uri).parent, shared_prefix=True)
+    forwards: list[tuple[int, int]] = []
+    shared.model.register_forward_pre_hook(
+        lambda m, args, kwargs: forwards.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True)
+    kw = {k: v for k, v in KW.items() if k != "logprobs"}
+    torch.manual_seed(3)
+    expected = plain.generate(rows, **kw)
+    torch.manual_seed(3)
+    got = shared.generate(rows, **kw)
+    assert forwards[0] == (3, 4)  # the distinct prompts, left-padded to 5, all but their last token
+    assert forwards[1][0] == len(rows) and forwards[1][1] == 1  # generate's first step: every row's last token
+    for e, g in zip(expected, got):
+        assert g.full_tokens == e.full_tokens and g.finish_reason == e.finish_reason
+        assert g.inference_logprobs == pytest.approx(e.inference_logprobs, abs=1e-5)
+
+
+def test_shared_prefix_generates_plainly_where_prompts_do_not_repeat(published):
+    shared = LocalPolicy(published, torch.device("cpu"), Path(published.uri).parent, shared_prefix=True)
+    forwards: list[int] = []
+    shared.model.register_forward_pre_hook(
+        lambda m, args, kwargs: forwards.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    shared.generate([[5, 6, 7], [8, 9, 10], [11, 12, 13]], **{k: v for k, v in KW.items() if k != "logprobs"})
+    assert forwards[0] == 3 and all(n == 3 for n in forwards)  # no prefill: generate's own steps only

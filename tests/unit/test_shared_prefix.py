@@ -14,12 +14,12 @@ from same_state import StepRecorder, compare_metrics, compare_steps
 
 from rlstream.builtin.tiny_model import build_model
 from rlstream.core.config import POLICY_LOSSES
+from rlstream.sampling.prefix_cache import cache_argument
 from rlstream.trainer import lora
 from rlstream.trainer.batch import Batch
 from rlstream.trainer.optimize import make_optimizer, policy_update
 from rlstream.trainer.policy_model import token_logprobs
 from rlstream.trainer.precision import enable_checkpointing
-from rlstream.trainer.shared_prefix import cache_argument
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/unit/conftest.py
 

@@ -1,0 +1,88 @@
+"""A batch's repeated prefixes through a transformers model once: the distinct prefixes' forward
+with a key/value cache, which the caller repeats to every row that shares one
+(``Cache.reorder_cache``). A GRPO batch holds each prompt G times. The trainer's forward
+(``trainer/shared_prefix.py``, ``trainer.shared_prefix``) and the local sampler's ``generate``
+(``local.py``, ``workers.shared_prefix``) build on it (docs/design.md §15.100 A group's prompt is
+computed once).
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Prefilled:
+    """The distinct prefixes' forward: its ``cache`` (one row per distinct prefix), ``row_prefix_B``
+    (each row's prefix), the forward's logits (of its last position only where the model could
+    cut them), and the name its forward takes a cache by."""
+
+    cache: Any
+    row_prefix_B: torch.Tensor
+    logits_U_L_V: torch.Tensor
+    cache_arg: str
+
+    def cache_for_rows(self) -> Any:
+        """The cache repeated to every row (an ``index_select``: differentiable, each row's
+        gradient adds into its prefix's)."""
+        self.cache.reorder_cache(self.row_prefix_B)
+        return self.cache
+
+
+def prefill_distinct(model: torch.nn.Module, tokens_B_S: torch.Tensor, attention_B_S: torch.Tensor, *,
+                     last_logits_only: bool = False, left_padded: bool = False) -> Prefilled | None:
+    """The forward of the distinct rows of ``tokens_B_S`` (a prefix is its tokens and its mask
+    together: a real token equal to the pad id never shares with padding), with a cache; None
+    when that would not save work (fewer than two rows a prefix on average, or no prefix) or
+    ``model`` takes no cache. ``left_padded``: positions count real tokens only, as transformers'
+    ``generate`` numbers a left-padded prompt's. ``last_logits_only``: the caller reads the last
+    position's logits alone (the forward computes only those where it takes ``logits_to_keep``)."""
+    B, S = tokens_B_S.shape
+    cache_arg = cache_argument(model)
+    if cache_arg is None or B < 2 or S < 1:
+        return None
+    key_B_K = torch.cat([tokens_B_S, attention_B_S], 1)
+    prefixes_U_K, row_prefix_B = torch.unique(key_B_K, dim=0, return_inverse=True)
+    if 2 * prefixes_U_K.shape[0] > B:  # two forwards would cost more than the one they replace
+        return None
+    tokens_U_S, attention_U_S = prefixes_U_K[:, :S], prefixes_U_K[:, S:]
+    options: dict[str, Any] = {"use_cache": True}
+    if left_padded:
+        options["position_ids"] = (attention_U_S.cumsum(-1) - 1).clamp(min=0)
+    if last_logits_only and forward_takes(model, "logits_to_keep"):
+        options["logits_to_keep"] = 1
+    out = model(input_ids=tokens_U_S, attention_mask=attention_U_S, **options)
+    cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+    if cache is None or not hasattr(cache, "reorder_cache"):
+        log.warning("shared_prefix: %s returned no key/value cache; running the plain forward", type(model).__name__)
+        return None
+    return Prefilled(cache, row_prefix_B, out.logits, cache_arg)
+
+
+def cache_argument(model: torch.nn.Module) -> str | None:
+    """The name under which ``model``'s forward takes a key/value cache (transformers 5.x:
+    ``cache``, earlier ``past_key_values``), None when it takes none or its config keeps no
+    cache setting (not a transformers causal LM)."""
+    if not hasattr(getattr(model, "config", None), "use_cache"):
+        return None
+    return next((name for name in ("cache", "past_key_values") if forward_takes(model, name)), None)
+
+
+def forward_takes(model: torch.nn.Module, name: str) -> bool:
+    """Whether ``model``'s forward takes the argument ``name``; a wrapper that calls another
+    model (peft's, the LoRA reference: ``get_base_model``) answers for that one."""
+    while hasattr(model, "get_base_model") and model.get_base_model() is not model:
+        model = model.get_base_model()
+    return _forward_takes(type(model), name)
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_takes(cls: type, name: str) -> bool:
+    return name in inspect.signature(cls.forward).parameters
