@@ -64,7 +64,8 @@ from rlstream.core.connection import connect  # noqa: E402
 from rlstream.core.credentials import PASSWORD_ENV  # noqa: E402
 from rlstream.core.embedded_redis import EmbeddedRedis  # noqa: E402
 from rlstream.core.jobs import job_queue  # noqa: E402
-from rlstream.core.messages import GroupRejected, WeightsPublished  # noqa: E402
+from rlstream.core.messages import WeightsPublished  # noqa: E402
+from rlstream.core.run_state import RunState  # noqa: E402
 from rlstream.producers.producer import admit  # noqa: E402
 
 
@@ -158,7 +159,13 @@ def run_config(name: str, workers: int, window: int, args, redis_server, r, mode
 
 
 def rejected_groups(r, run_id: str) -> int:
-    return sum(isinstance(m, GroupRejected) for _, m in bus.iter_all_events(r, run_id))
+    """Groups the run's fold counts rejected: a ``GroupRejected`` that stands (a second one for the
+    same group, or one for a group already written and then trained, settles nothing; design
+    §15.98 A written group is the trainer's to settle), as ``rlstream status`` counts them."""
+    state = RunState()
+    for _, msg in bus.iter_all_events(r, run_id):
+        state.apply(msg)
+    return len(state.rejected)
 
 
 def cpu_seconds(pid: int) -> float:
