@@ -327,12 +327,13 @@ def parse_histogram(text: str, name: str) -> tuple[float | None, float | None]:
 class MetricsPoller:
     """The newest text of a server's Prometheus ``/metrics``, fetched by a daemon thread every
     ``period_s`` (one GET, off the sampling loop: cheap). It gives up once the server answers
-    anything but 200 with vLLM's queue-time histogram, or after ``max_failures`` fetches in a
-    row fail; its text is then None (``vllm_queue_time_probe`` answers ``NO_QUEUE_TIME``:
-    latency is the signal). Given up, it still asks, slowly: after ``retry_s[0]`` seconds,
-    doubling to at most ``retry_s[1]`` (``retry_wait_s``), so a worker started before its
-    vLLM is up, or one whose server restarted for longer, takes up queue time again from
-    the first usable answer, and polls every ``period_s`` again."""
+    with no vLLM queue-time histogram (a 200 without it, a 404), or after ``max_failures``
+    fetches in a row fail (no connection, a 5xx or 429); its text is then None
+    (``vllm_queue_time_probe`` answers ``NO_QUEUE_TIME``: latency is the signal). Given up, it
+    still asks, slowly: after ``retry_s[0]`` seconds, doubling to at most ``retry_s[1]``
+    (``retry_wait_s``), so a worker started before its vLLM is up, or one whose server
+    restarted for longer, takes up queue time again from the first usable answer, and polls
+    every ``period_s`` again."""
 
     def __init__(self, url: str, period_s: float = 2.0, headers: dict[str, str] | None = None,
                  transport: object = None, max_failures: int = 5,
@@ -357,11 +358,9 @@ class MetricsPoller:
             response = self._client.get(self.url)
         except Exception as exc:  # a server restarting or not up yet: try again next period, a few times
             log.debug("metrics poll of %s: %s", self.url, exc)
-            self._failures += 1
-            if self._failures >= self.max_failures or self.available is False:
-                self._give_up(f"{type(exc).__name__}: {exc}")
-                return False
-            return True
+            return self._failed(f"{type(exc).__name__}: {exc}")
+        if response.status_code >= 500 or response.status_code == 429:  # failing for now (a proxy's 502), not "none"
+            return self._failed(f"HTTP {response.status_code}")
         self._failures = 0
         usable = response.status_code == 200 and parse_histogram(response.text, QUEUE_TIME)[1] is not None
         if not usable:
@@ -371,6 +370,16 @@ class MetricsPoller:
         if self.available is False:
             log.info("vLLM queue-time metrics at %s again: the concurrency window follows queue time", self.url)
         self.available, self.text, self._retries = True, response.text, 0
+        return True
+
+    def _failed(self, why: str) -> bool:
+        """A fetch the server did not answer for itself (no connection; a 5xx or a 429, its own or
+        its proxy's): the last reading stands and the next period asks again, up to
+        ``max_failures`` in a row; then, or once given up, it gives up (again)."""
+        self._failures += 1
+        if self._failures >= self.max_failures or self.available is False:
+            self._give_up(why)
+            return False
         return True
 
     def _give_up(self, why: str) -> None:

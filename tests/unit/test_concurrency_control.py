@@ -262,6 +262,18 @@ def test_metrics_poller_keeps_vllm_metrics_and_gives_up_on_a_server_without_them
     assert [down.poll_once() for _ in range(3)] == [True, True, False]  # bounded: then latency is the signal
 
 
+def test_a_proxys_passing_5xx_is_a_failed_fetch_not_a_server_without_metrics():
+    """One 502 (a proxy in front of vLLM) keeps the last reading and asks again next period;
+    only ``max_failures`` of them in a row give up, as failed connections do."""
+    answers = iter([200, 502, 503, 200] + [502] * 3)
+    text = "vllm:request_queue_time_seconds_sum 2.0\nvllm:request_queue_time_seconds_count 4\n"
+    poller = MetricsPoller("http://server.test/metrics", max_failures=3, transport=httpx.MockTransport(
+        lambda request: httpx.Response(code := next(answers), text=text if code == 200 else "bad gateway")))
+    assert [poller.poll_once() for _ in range(4)] == [True, True, True, True]
+    assert poller.available and "queue_time" in poller.text  # the 5xx did not drop the reading
+    assert [poller.poll_once() for _ in range(3)] == [True, True, False] and poller.text is None
+
+
 def test_adaptive_controller_settles_under_a_server_that_refuses_above_its_capacity(monkeypatch):
     """A server that answers 429 to every request beyond CAPACITY in flight. 64 concurrent
     callers draw 1200 completions through the remote sampler: every draw succeeds (the
