@@ -160,8 +160,8 @@ def run_config(name: str, workers: int, window: int, args, redis_server, r, mode
 
 def rejected_groups(r, run_id: str) -> int:
     """Groups the run's fold counts rejected: a ``GroupRejected`` that stands (a second one for the
-    same group, or one for a group already written and then trained, settles nothing; design
-    §15.98 A written group is the trainer's to settle), as ``rlstream status`` counts them."""
+    same group, or one for a group already written and then trained, settles nothing;
+    docs/design.md §15.98 A written group is the trainer's to settle), as ``rlstream status`` counts them."""
     state = RunState()
     for _, msg in bus.iter_all_events(r, run_id):
         state.apply(msg)
