@@ -82,17 +82,25 @@ def test_the_same_logprobs_and_gradient_with_the_prefix_computed_once(one_token)
         torch.testing.assert_close(shared_g, plain_g, rtol=1e-4, atol=1e-5 * scale)
 
 
-def test_a_real_pad_token_never_shares_with_padding():
-    """Rows whose first tokens are equal but one is padding there: two prefixes, not one."""
+@pytest.mark.numeric
+@pytest.mark.parametrize("padded_first", [False, True])
+def test_a_real_pad_token_never_shares_with_padding(padded_first):
+    """Rows whose prefixes hold the same token ids, the pad id 0 included, but where one is a real
+    token and the other padding (a row shorter than the prefix, with no trained target): two
+    prefixes, not one, whichever ``torch.unique`` puts first. Sharing the padded prefix would mask
+    the real 0 out of the real rows' attention."""
     model = build_model(0)
-    tokens = torch.tensor([[5, 0, 7, 8], [5, 0, 7, 9], [5, 0, 0, 0], [5, 0, 0, 0]])
-    attention = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 0, 0]])
+    real = [[5, 0, 0, 8], [5, 0, 0, 9]]
+    padded = [[5, 0, 0, 0], [5, 0, 0, 0]]
+    tokens = torch.tensor(padded + real if padded_first else real + padded)
+    attention = torch.tensor([[1, 1, 0, 0]] * 2 + [[1] * 4] * 2 if padded_first else [[1] * 4] * 2 + [[1, 1, 0, 0]] * 2)
+    rows = slice(2, 4) if padded_first else slice(0, 2)
     seen = Forwards(model)
     with torch.no_grad():
         shared = token_logprobs(model, tokens, attention, 1.0, 2, shared_prefix=True)
         plain = token_logprobs(model, tokens, attention, 1.0, 2)
-    assert seen.rows == [2, 4]  # the prefixes [5 0 7] (real) and [5 0 pad]: 2 rows each
-    torch.testing.assert_close(shared[:2], plain[:2], rtol=1e-5, atol=1e-5)
+    assert seen.rows == [2, 4]  # the prefixes [5 0 0] (real) and [5 0 pad pad]: 2 rows each
+    torch.testing.assert_close(shared[rows], plain[rows], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("case", ["distinct prompts", "no prefix", "gradient checkpointing", "plain module"])
