@@ -64,12 +64,13 @@ def shared_prefix_logits(model: torch.nn.Module, tokens_B_N: torch.Tensor, atten
 def cache_argument(model: torch.nn.Module) -> str | None:
     """The name under which ``model``'s forward takes a key/value cache (transformers 5.x:
     ``cache``, earlier ``past_key_values``), None when it takes none or its config keeps no
-    cache setting (not a transformers causal LM). A wrapper that calls another model (peft's)
-    answers for that one."""
-    if not hasattr(getattr(model, "config", None), "use_cache"):
-        return None
+    cache setting (not a transformers causal LM). A wrapper that calls another model (peft's, and
+    the LoRA reference ``lora.AdapterDisabled``, which has no config of its own) answers for that
+    one."""
     while hasattr(model, "get_base_model") and model.get_base_model() is not model:
         model = model.get_base_model()
+    if not hasattr(getattr(model, "config", None), "use_cache"):
+        return None
     return _cache_parameter(type(model))
 
 

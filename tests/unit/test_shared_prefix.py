@@ -99,7 +99,7 @@ def test_a_real_pad_token_never_shares_with_padding(padded_first):
     with torch.no_grad():
         shared = token_logprobs(model, tokens, attention, 1.0, 2, shared_prefix=True)
         plain = token_logprobs(model, tokens, attention, 1.0, 2)
-    assert seen.rows == [2, 4]  # the prefixes [5 0 0] (real) and [5 0 pad pad]: 2 rows each
+    assert seen.rows == [2, 4]  # the prefixes [5 0 0] (real) and [5 0 pad]: 2 rows each
     torch.testing.assert_close(shared[rows], plain[rows], rtol=1e-5, atol=1e-5)
 
 
@@ -150,6 +150,28 @@ def test_a_lora_policy_shares_its_prefix_through_peft():
     scale = max(float(g.abs().max()) for g in plain_grads)
     for shared_g, plain_g in zip(shared_grads, plain_grads):
         torch.testing.assert_close(shared_g, plain_g, rtol=1e-4, atol=1e-5 * scale)
+
+
+@pytest.mark.numeric
+def test_the_lora_reference_shares_its_prefix_with_its_adapters_disabled():
+    """The KL reference of a LoRA run (``lora.AdapterDisabled``: the policy's base, no config of
+    its own) shares its prefixes like the policy, and gives the base's logprobs."""
+    cfg = legacy_config(prompt_groups_per_step=1, completions_per_prompt=2, lora_rank=4)
+    base = build_model(0)
+    policy = lora.wrap(copy.deepcopy(base), cfg)
+    with torch.no_grad():  # adapters away from zero: the reference must leave them out
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    reference = lora.AdapterDisabled(policy)
+    tokens, attention = grouped_rows()
+    seen = Forwards(policy.get_base_model())
+    with torch.no_grad():
+        shared = token_logprobs(reference, tokens, attention, 0.7, 2, shared_prefix=True)
+        plain = token_logprobs(base, tokens, attention, 0.7, 2)
+    assert seen.rows == [3, len(tokens)]
+    real = attention[:, 3:].bool()
+    torch.testing.assert_close(shared[real], plain[real], rtol=1e-5, atol=1e-5)
 
 
 def grouped_batch(model, seed: int) -> Batch:
