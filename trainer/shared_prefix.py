@@ -10,7 +10,8 @@ top of it. The logits are those of the plain forward at the same positions, to f
 the same weights meet the same tokens, in other batch shapes. The gradient is the same sum.
 
 Used only where it saves work: a transformers causal LM (a forward that takes a cache and
-returns one) with at least two rows per prefix on average and a prefix of two tokens or more.
+returns one, of attention's keys and values in every layer) with at least two rows per prefix
+on average and a prefix of two tokens or more.
 Otherwise, and under gradient checkpointing (transformers builds no cache for checkpointed
 layers), the caller runs its plain forward.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import weakref
 
 import torch
 
@@ -63,15 +65,33 @@ def shared_prefix_logits(model: torch.nn.Module, tokens_B_N: torch.Tensor, atten
 
 def cache_argument(model: torch.nn.Module) -> str | None:
     """The name under which ``model``'s forward takes a key/value cache (transformers 5.x:
-    ``cache``, earlier ``past_key_values``), None when it takes none or its config keeps no
-    cache setting (not a transformers causal LM). A wrapper that calls another model (peft's, and
-    the LoRA reference ``lora.AdapterDisabled``, which has no config of its own) answers for that
-    one."""
+    ``cache``, earlier ``past_key_values``), None when it takes none, its config keeps no cache
+    setting (not a transformers causal LM), or its cache holds more than attention's keys and
+    values (``keys_and_values_only``). A wrapper that calls another model (peft's, and the LoRA
+    reference ``lora.AdapterDisabled``, which has no config of its own) answers for that one."""
     while hasattr(model, "get_base_model") and model.get_base_model() is not model:
         model = model.get_base_model()
-    if not hasattr(getattr(model, "config", None), "use_cache"):
+    config = getattr(model, "config", None)
+    if not hasattr(config, "use_cache"):
         return None
-    return _cache_parameter(type(model))
+    if model not in _KEYS_AND_VALUES:  # once a model: building the cache's layers costs ~7 us each
+        _KEYS_AND_VALUES[model] = keys_and_values_only(config)
+    return _cache_parameter(type(model)) if _KEYS_AND_VALUES[model] else None
+
+
+_KEYS_AND_VALUES: weakref.WeakKeyDictionary[torch.nn.Module, bool] = weakref.WeakKeyDictionary()
+
+
+def keys_and_values_only(config) -> bool:
+    """Whether the cache transformers builds for ``config`` holds attention's keys and values in
+    every layer (full or sliding window), the cache whose continuation is checked here. A layer
+    of recurrent state (Mamba's, a hybrid's linear attention) is not: Mamba's forward, for one,
+    reads its attention mask as the new tokens' alone, not the cache's and theirs."""
+    from transformers import cache_utils
+
+    recurrent = getattr(cache_utils, "LinearAttentionCacheLayerMixin", ())  # () before transformers 5.x had it
+    layers = cache_utils.DynamicCache(config=config).layers  # the layer types the model's own cache gets
+    return all(isinstance(layer, cache_utils.DynamicLayer) and not isinstance(layer, recurrent) for layer in layers)
 
 
 @functools.lru_cache(maxsize=None)

@@ -103,7 +103,8 @@ def test_a_real_pad_token_never_shares_with_padding(padded_first):
     torch.testing.assert_close(shared[rows], plain[rows], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("case", ["distinct prompts", "no prefix", "gradient checkpointing", "plain module"])
+@pytest.mark.parametrize("case", ["distinct prompts", "no prefix", "gradient checkpointing", "plain module",
+                                  "recurrent cache"])
 def test_the_plain_forward_where_sharing_would_not_save_work_or_cannot_run(case):
     model = build_model(0)
     tokens, attention = grouped_rows()
@@ -112,6 +113,12 @@ def test_the_plain_forward_where_sharing_would_not_save_work_or_cannot_run(case)
         tokens[:, 0] = torch.arange(len(tokens)) % 16
     elif case == "no prefix":
         first = 0
+    elif case == "recurrent cache":  # Mamba's cache holds states, and its forward reads its mask as the new tokens'
+        from transformers import AutoModelForCausalLM, MambaConfig
+
+        model = AutoModelForCausalLM.from_config(MambaConfig(vocab_size=16, hidden_size=16, num_hidden_layers=1,
+                                                             state_size=4, use_mambapy=True))
+        assert cache_argument(model) is None
     elif case == "gradient checkpointing":  # transformers keeps no cache for checkpointed layers
         enable_checkpointing(model)
         model.train()
