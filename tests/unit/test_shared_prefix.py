@@ -16,9 +16,11 @@ from rlstream.builtin.tiny_model import build_model
 from rlstream.core.config import POLICY_LOSSES
 from rlstream.trainer import lora
 from rlstream.trainer.batch import Batch
-from rlstream.trainer.optimize import make_optimizer, policy_update
+from rlstream.trainer.micro_batch import rows_of
+from rlstream.trainer.optimize import make_optimizer, micro_loss, policy_update
 from rlstream.trainer.policy_model import token_logprobs
-from rlstream.trainer.precision import enable_checkpointing
+from rlstream.trainer.precision import Precision, enable_checkpointing
+from rlstream.trainer.ranks import Ranks
 from rlstream.trainer.shared_prefix import cache_argument
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/unit/conftest.py
@@ -194,6 +196,20 @@ def grouped_batch(model, seed: int) -> Batch:
         prompt = 3 + (i // G) % 4
         mask[i, prompt - 1:int(attention[i].sum()) - 1] = 1.0
     return Batch(tokens, attention, inf * mask, mask, torch.randn(B, generator=g))
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_several_trainer_ranks_take_the_plain_forward(world):
+    """Across ranks each rank would choose one forward or two from its own rows, and FSDP's ranks
+    must run the same forwards (each gathers the weights, a collective): the plain one there."""
+    cfg = legacy_config(prompt_groups_per_step=4, completions_per_prompt=G, trainer={"shared_prefix": True})
+    model = build_model(0)
+    batch = grouped_batch(model, 0)
+    mb = rows_of(batch, torch.arange(len(batch.advantages_B)))  # first = 2: the shortest prompt's last token
+    seen = Forwards(model)
+    micro_loss(model, mb, None, None, cfg=cfg, precision=Precision(), denominator=1.0, grad=True,
+               ranks=Ranks(0, world))
+    assert seen.rows == ([len(mb.tokens_B_N)] if world > 1 else [4, len(mb.tokens_B_N)])
 
 
 def train(shared: bool, budget: int | None, follow: StepRecorder | None = None, magnitudes: bool = False,
