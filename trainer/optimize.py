@@ -101,10 +101,10 @@ def policy_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batc
             old_B_T = batch.inf_logprobs_B_T
         elif k > 1:
             old_B_T = frozen_logprobs(model, batch, every_micro, cfg.temperature, precision,
-                                      shared_prefix=cfg.trainer.shared_prefix)
+                                      shared_prefix=shares_prefixes(cfg, ranks))
         t1 = phase_clock(device)
         ref_B_T = None if ref_model is None else frozen_logprobs(ref_model, batch, every_micro, cfg.temperature,
-                                                                 precision, shared_prefix=cfg.trainer.shared_prefix)
+                                                                 precision, shared_prefix=shares_prefixes(cfg, ranks))
         phases["fwd_bwd_time"], phases["ref_forward_time"] = t1 - t0, phase_clock(device) - t1
         steps = [minibatch_step(model, optimizer, batch, micro, old_B_T, ref_B_T, cfg=cfg, precision=precision,
                                 ranks=ranks, phases=phases) for micro in plan]
@@ -184,7 +184,7 @@ def minibatch_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, bat
         graph = finite or ranks.distributed
         ranks.sync_gradients(model, n == len(micro) - 1)
         loss, metrics = micro_loss(model, mb, old, ref, cfg=cfg, precision=precision, denominator=denominator,
-                                   grad=graph)
+                                   grad=graph, ranks=ranks)
         acc.add(metrics)
         finite = finite and math.isfinite(metrics["mean_loss"])  # the loss as the metrics read it back
         if finite or ranks.distributed:
@@ -203,16 +203,24 @@ def minibatch_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, bat
 
 
 def micro_loss(model: torch.nn.Module, mb: Batch, old_B_T: torch.Tensor | None, ref_B_T: torch.Tensor | None, *,
-               cfg: Config, precision: Precision, denominator: float,
-               grad: bool) -> tuple[torch.Tensor, dict[str, float]]:
+               cfg: Config, precision: Precision, denominator: float, grad: bool,
+               ranks: Ranks = SINGLE) -> tuple[torch.Tensor, dict[str, float]]:
     """One micro-batch's forward and loss (its share: ``denominator`` is its (mini)batch's) with
     its metrics; ``old_B_T`` None = the live forward's own logprobs, detached."""
     with torch.set_grad_enabled(grad), precision.autocast():
         logprobs_B_T = token_logprobs(model, mb.tokens_B_N, mb.attention_B_N, cfg.temperature, mb.first,
-                                      shared_prefix=cfg.trainer.shared_prefix)
+                                      shared_prefix=shares_prefixes(cfg, ranks))
     return compute_loss(cfg.policy_loss, logprobs_B_T, logprobs_B_T.detach() if old_B_T is None else old_B_T,
                         mb.inf_logprobs_B_T, mb.advantages, mb.mask_B_T, ref_logprobs=ref_B_T,
                         config=LossConfig.of(cfg), denominator=denominator)
+
+
+def shares_prefixes(cfg: Config, ranks: Ranks) -> bool:
+    """``trainer.shared_prefix`` in one process; across trainer ranks the plain forward (docs/design.md
+    §15.100 A group's prompt is computed once): each rank would choose one forward or two from its
+    own rows, and FSDP's ranks must run the same forwards, each forward's gathers of the weights
+    being collectives. Decided from the ranks torchrun started, which the config may not know of."""
+    return cfg.trainer.shared_prefix and not ranks.distributed
 
 
 @torch.no_grad()

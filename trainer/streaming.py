@@ -40,7 +40,14 @@ from rlstream.trainer.micro_batch import (
     placeholder,
     rows_of,
 )
-from rlstream.trainer.optimize import clip_and_step, frozen_logprobs, micro_loss, phase_clock, update_report
+from rlstream.trainer.optimize import (
+    clip_and_step,
+    frozen_logprobs,
+    micro_loss,
+    phase_clock,
+    shares_prefixes,
+    update_report,
+)
 from rlstream.trainer.precision import Precision
 from rlstream.trainer.ranks import SINGLE, Ranks, assign, even_out
 
@@ -168,10 +175,10 @@ class StreamingStep:
         old_B_T = mb.inf_logprobs_B_T if self.cfg.anchor_logp == "rollout" else None
         ref_B_T = None if self.ref_model is None else frozen_logprobs(
             self.ref_model, mb, [torch.arange(len(mb.advantages_B))], self.cfg.temperature, self.precision,
-            shared_prefix=self.cfg.trainer.shared_prefix)
+            shared_prefix=shares_prefixes(self.cfg, self.ranks))
         graph = self.finite or self.ranks.distributed  # across ranks every backward runs: each is a collective
         loss, metrics = micro_loss(self.model, mb, old_B_T, ref_B_T, cfg=self.cfg, precision=self.precision,
-                                   denominator=1.0, grad=graph)
+                                   denominator=1.0, grad=graph, ranks=self.ranks)
         self.metrics.add(metrics)
         self.finite = self.finite and math.isfinite(metrics["mean_loss"])  # the loss, as read back
         if self.finite or self.ranks.distributed:

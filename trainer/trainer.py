@@ -110,6 +110,9 @@ class Trainer:
         self.ranks = init_ranks(setup_torch(cfg.trainer_device, cfg.torch_threads, cfg.seed),
                                 cfg.trainer.collective_timeout)
         self.device = self.ranks.device
+        if cfg.trainer.shared_prefix and self.ranks.distributed:  # optimize.shares_prefixes: said once, not a step
+            log.info("trainer.shared_prefix: the plain forward across %d trainer ranks (FSDP's ranks must run the "
+                     "same forwards; docs/design.md §15.100 A group's prompt is computed once)", self.ranks.world)
         self.channel = Channel(self.ranks)  # rank 0's commands to the others (rank_protocol)
         sharded.on_rank0(lambda: base_model_path(cfg, run_dir))  # a built-in model is built once, by rank 0
         base = base_model_path(cfg, run_dir)

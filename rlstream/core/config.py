@@ -195,7 +195,7 @@ class TrainerConfig(ConfigSection, HostedTrainerFields):  # + the cookbook's hos
         False, description="compute a micro-batch's shared prompts once: the rows' tokens up to the first trained "
         "one, once per distinct prefix, its key/value cache repeated to the rows that share it (a group's G "
         "completions share their prompt); the same logprobs and gradient to float rounding. transformers causal "
-        "LMs only; not under gradient_checkpointing (the plain forward then); one trainer rank only"
+        "LMs only; not under gradient_checkpointing nor across several trainer ranks (the plain forward then)"
     )
     device: str | None = Field(
         None, pattern=DEVICE_PATTERN, description="the trainer's torch device; unset = the top-level `device`"
@@ -261,11 +261,6 @@ class TrainerConfig(ConfigSection, HostedTrainerFields):  # + the cookbook's hos
                              "agents meet")
         if self.node_rank is not None and self.node_rank >= self.nnodes:
             raise ValueError(f"node_rank = {self.node_rank} is not below nnodes = {self.nnodes}")
-        if self.shared_prefix and self.world_size > 1:
-            # each rank decides from its own rows whether sharing pays (one forward or two), and FSDP's ranks
-            # must run the same forwards: its gathers of the weights are collectives
-            raise ValueError(f"shared_prefix runs one process's trainer only: set it false with {self.world_size} "
-                             "trainer ranks (nproc_per_node x nnodes)")
         return self
 
     @property

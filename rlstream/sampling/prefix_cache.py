@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,19 +69,47 @@ def prefill_distinct(model: torch.nn.Module, tokens_B_S: torch.Tensor, attention
 
 def cache_argument(model: torch.nn.Module) -> str | None:
     """The name under which ``model``'s forward takes a key/value cache (transformers 5.x:
-    ``cache``, earlier ``past_key_values``), None when it takes none or its config keeps no
-    cache setting (not a transformers causal LM)."""
-    if not hasattr(getattr(model, "config", None), "use_cache"):
+    ``cache``, earlier ``past_key_values``), None when it takes none, its config keeps no cache
+    setting (not a transformers causal LM), or its cache holds more than attention's keys and
+    values (``keys_and_values_only``). A wrapper that calls another model (peft's, and the LoRA
+    reference ``lora.AdapterDisabled``, which has no config of its own) answers for that one."""
+    model = unwrapped(model)
+    config = getattr(model, "config", None)
+    if not hasattr(config, "use_cache"):
         return None
-    return next((name for name in ("cache", "past_key_values") if forward_takes(model, name)), None)
+    if model not in _KEYS_AND_VALUES:  # once a model: building the cache's layers costs ~7 us each
+        _KEYS_AND_VALUES[model] = keys_and_values_only(config)
+    if not _KEYS_AND_VALUES[model]:
+        return None
+    return next((name for name in ("cache", "past_key_values") if _forward_takes(type(model), name)), None)
+
+
+_KEYS_AND_VALUES: weakref.WeakKeyDictionary[torch.nn.Module, bool] = weakref.WeakKeyDictionary()
+
+
+def keys_and_values_only(config: Any) -> bool:
+    """Whether the cache transformers builds for ``config`` holds attention's keys and values in
+    every layer (full or sliding window), the cache whose continuation is checked here. A layer
+    of recurrent state (Mamba's, a hybrid's linear attention) is not: Mamba's forward, for one,
+    reads its attention mask as the new tokens' alone, not the cache's and theirs."""
+    from transformers import cache_utils
+
+    recurrent = getattr(cache_utils, "LinearAttentionCacheLayerMixin", ())  # () before transformers 5.x had it
+    layers = cache_utils.DynamicCache(config=config).layers  # the layer types the model's own cache gets
+    return all(isinstance(layer, cache_utils.DynamicLayer) and not isinstance(layer, recurrent) for layer in layers)
+
+
+def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The model a wrapper's forward runs (peft's, the LoRA reference: ``get_base_model``)."""
+    while hasattr(model, "get_base_model") and model.get_base_model() is not model:
+        model = model.get_base_model()
+    return model
 
 
 def forward_takes(model: torch.nn.Module, name: str) -> bool:
-    """Whether ``model``'s forward takes the argument ``name``; a wrapper that calls another
-    model (peft's, the LoRA reference: ``get_base_model``) answers for that one."""
-    while hasattr(model, "get_base_model") and model.get_base_model() is not model:
-        model = model.get_base_model()
-    return _forward_takes(type(model), name)
+    """Whether ``model``'s forward takes the argument ``name``; a wrapper answers for the model
+    it runs (``unwrapped``)."""
+    return _forward_takes(type(unwrapped(model)), name)
 
 
 @functools.lru_cache(maxsize=None)

@@ -275,8 +275,10 @@ def test_cookbook_defaults_are_accepted():
     assert cfg.max_seq_len == 1_048_576 and cfg.min_group_size == 1 and cfg.grad_clip_norm == 0.0
 
 
-def test_shared_prefix_is_refused_with_several_trainer_ranks():
-    """Each rank would choose one forward or two from its own rows, and FSDP's ranks must run alike."""
+def test_shared_prefix_is_accepted_with_several_trainer_ranks():
+    """The built-in config sets it, and docs/scaling-trainer.md runs that config at 2 ranks: the
+    ranks take the plain forward instead (optimize.shares_prefixes), nothing is refused."""
     assert load_config(None, ["trainer.shared_prefix=true"], environ={}).trainer.shared_prefix
-    msg = config_error(None, ["trainer.shared_prefix=true", "trainer.nproc_per_node=2"], environ={})
-    assert "shared_prefix runs one process's trainer only" in msg and "2 trainer ranks" in msg
+    builtin = Path(__file__).resolve().parents[2] / "examples" / "builtin" / "config.toml"
+    cfg = load_config(builtin, ["trainer.nproc_per_node=2"], environ={})
+    assert cfg.trainer.shared_prefix and cfg.trainer.world_size == 2

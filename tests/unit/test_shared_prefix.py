@@ -17,9 +17,11 @@ from rlstream.core.config import POLICY_LOSSES
 from rlstream.sampling.prefix_cache import cache_argument
 from rlstream.trainer import lora
 from rlstream.trainer.batch import Batch
-from rlstream.trainer.optimize import make_optimizer, policy_update
+from rlstream.trainer.micro_batch import rows_of
+from rlstream.trainer.optimize import make_optimizer, micro_loss, policy_update
 from rlstream.trainer.policy_model import token_logprobs
-from rlstream.trainer.precision import enable_checkpointing
+from rlstream.trainer.precision import Precision, enable_checkpointing
+from rlstream.trainer.ranks import Ranks
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/unit/conftest.py
 
@@ -82,20 +84,29 @@ def test_the_same_logprobs_and_gradient_with_the_prefix_computed_once(one_token)
         torch.testing.assert_close(shared_g, plain_g, rtol=1e-4, atol=1e-5 * scale)
 
 
-def test_a_real_pad_token_never_shares_with_padding():
-    """Rows whose first tokens are equal but one is padding there: two prefixes, not one."""
+@pytest.mark.numeric
+@pytest.mark.parametrize("padded_first", [False, True])
+def test_a_real_pad_token_never_shares_with_padding(padded_first):
+    """Rows whose prefixes hold the same token ids, the pad id 0 included, but where one is a real
+    token and the other padding (a row shorter than the prefix, with no trained target): two
+    prefixes, not one, whichever ``torch.unique`` puts first. Sharing the padded prefix would mask
+    the real 0 out of the real rows' attention."""
     model = build_model(0)
-    tokens = torch.tensor([[5, 0, 7, 8], [5, 0, 7, 9], [5, 0, 0, 0], [5, 0, 0, 0]])
-    attention = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 0, 0]])
+    real = [[5, 0, 0, 8], [5, 0, 0, 9]]
+    padded = [[5, 0, 0, 0], [5, 0, 0, 0]]
+    tokens = torch.tensor(padded + real if padded_first else real + padded)
+    attention = torch.tensor([[1, 1, 0, 0]] * 2 + [[1] * 4] * 2 if padded_first else [[1] * 4] * 2 + [[1, 1, 0, 0]] * 2)
+    rows = slice(2, 4) if padded_first else slice(0, 2)
     seen = Forwards(model)
     with torch.no_grad():
         shared = token_logprobs(model, tokens, attention, 1.0, 2, shared_prefix=True)
         plain = token_logprobs(model, tokens, attention, 1.0, 2)
-    assert seen.rows == [2, 4]  # the prefixes [5 0 7] (real) and [5 0 pad]: 2 rows each
-    torch.testing.assert_close(shared[:2], plain[:2], rtol=1e-5, atol=1e-5)
+    assert seen.rows == [2, 4]  # the prefixes [5 0 0] (real) and [5 0 pad]: 2 rows each
+    torch.testing.assert_close(shared[rows], plain[rows], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("case", ["distinct prompts", "no prefix", "gradient checkpointing", "plain module"])
+@pytest.mark.parametrize("case", ["distinct prompts", "no prefix", "gradient checkpointing", "plain module",
+                                  "recurrent cache"])
 def test_the_plain_forward_where_sharing_would_not_save_work_or_cannot_run(case):
     model = build_model(0)
     tokens, attention = grouped_rows()
@@ -104,6 +115,12 @@ def test_the_plain_forward_where_sharing_would_not_save_work_or_cannot_run(case)
         tokens[:, 0] = torch.arange(len(tokens)) % 16
     elif case == "no prefix":
         first = 0
+    elif case == "recurrent cache":  # Mamba's cache holds states, and its forward reads its mask as the new tokens'
+        from transformers import AutoModelForCausalLM, MambaConfig
+
+        model = AutoModelForCausalLM.from_config(MambaConfig(vocab_size=16, hidden_size=16, num_hidden_layers=1,
+                                                             state_size=4, use_mambapy=True))
+        assert cache_argument(model) is None
     elif case == "gradient checkpointing":  # transformers keeps no cache for checkpointed layers
         enable_checkpointing(model)
         model.train()
@@ -144,6 +161,28 @@ def test_a_lora_policy_shares_its_prefix_through_peft():
         torch.testing.assert_close(shared_g, plain_g, rtol=1e-4, atol=1e-5 * scale)
 
 
+@pytest.mark.numeric
+def test_the_lora_reference_shares_its_prefix_with_its_adapters_disabled():
+    """The KL reference of a LoRA run (``lora.AdapterDisabled``: the policy's base, no config of
+    its own) shares its prefixes like the policy, and gives the base's logprobs."""
+    cfg = legacy_config(prompt_groups_per_step=1, completions_per_prompt=2, lora_rank=4)
+    base = build_model(0)
+    policy = lora.wrap(copy.deepcopy(base), cfg)
+    with torch.no_grad():  # adapters away from zero: the reference must leave them out
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    reference = lora.AdapterDisabled(policy)
+    tokens, attention = grouped_rows()
+    seen = Forwards(policy.get_base_model())
+    with torch.no_grad():
+        shared = token_logprobs(reference, tokens, attention, 0.7, 2, shared_prefix=True)
+        plain = token_logprobs(base, tokens, attention, 0.7, 2)
+    assert seen.rows == [3, len(tokens)]
+    real = attention[:, 3:].bool()
+    torch.testing.assert_close(shared[real], plain[real], rtol=1e-5, atol=1e-5)
+
+
 def grouped_batch(model, seed: int) -> Batch:
     """``grouped_rows`` as a training batch: every completion token trained, behaviour logprobs
     off the model's by up to ±0.6 (TIS and the clips bind), group-normalised-like advantages."""
@@ -157,6 +196,20 @@ def grouped_batch(model, seed: int) -> Batch:
         prompt = 3 + (i // G) % 4
         mask[i, prompt - 1:int(attention[i].sum()) - 1] = 1.0
     return Batch(tokens, attention, inf * mask, mask, torch.randn(B, generator=g))
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_several_trainer_ranks_take_the_plain_forward(world):
+    """Across ranks each rank would choose one forward or two from its own rows, and FSDP's ranks
+    must run the same forwards (each gathers the weights, a collective): the plain one there."""
+    cfg = legacy_config(prompt_groups_per_step=4, completions_per_prompt=G, trainer={"shared_prefix": True})
+    model = build_model(0)
+    batch = grouped_batch(model, 0)
+    mb = rows_of(batch, torch.arange(len(batch.advantages_B)))  # first = 2: the shortest prompt's last token
+    seen = Forwards(model)
+    micro_loss(model, mb, None, None, cfg=cfg, precision=Precision(), denominator=1.0, grad=True,
+               ranks=Ranks(0, world))
+    assert seen.rows == ([len(mb.tokens_B_N)] if world > 1 else [4, len(mb.tokens_B_N)])
 
 
 def train(shared: bool, budget: int | None, follow: StepRecorder | None = None, magnitudes: bool = False,
