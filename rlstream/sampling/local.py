@@ -137,14 +137,23 @@ class LocalPolicy:
         """With ``shared_prefix``, ``generate``'s cache argument: every token of each distinct
         left-padded prompt but its last, through the model once and repeated to the prompt's rows
         (``generate`` then runs the last token of every row, and goes on from there); {} when it
-        would not save work. The draws are those of the plain ``generate`` to float rounding of
-        their logits (docs/design.md §15.100 A group's prompt is computed once)."""
-        if not self.shared_prefix or ids_B_L.shape[1] < 2:
+        would not save work or ``generate`` would refuse it (``generate_takes_a_cache``). The
+        draws are those of the plain ``generate`` to float rounding of their logits
+        (docs/design.md §15.100 A group's prompt is computed once)."""
+        if not self.shared_prefix or ids_B_L.shape[1] < 2 or not generate_takes_a_cache(self.model):
             return {}
         with torch.no_grad():
             prefilled = prefill_distinct(self.model, ids_B_L[:, :-1], attention_B_L[:, :-1], last_logits_only=True,
                                          left_padded=True)
         return {} if prefilled is None else {prefilled.cache_arg: prefilled.cache_for_rows()}
+
+
+def generate_takes_a_cache(model: torch.nn.Module) -> bool:
+    """Whether ``model.generate`` takes a cache built outside it. It refuses one (a ValueError,
+    which would fail every draw) beside a ``cache_implementation`` that the model's generation
+    config picks, as a model shipped for ``torch.compile`` picks "static"; "hybrid", which older
+    sliding-window models ship, transformers 5 drops itself before that check."""
+    return getattr(getattr(model, "generation_config", None), "cache_implementation", None) in (None, "hybrid")
 
 
 def preload_model_code(base_model: str) -> None:

@@ -91,11 +91,16 @@ def keys_and_values_only(config: Any) -> bool:
     """Whether the cache transformers builds for ``config`` holds attention's keys and values in
     every layer (full or sliding window), the cache whose continuation is checked here. A layer
     of recurrent state (Mamba's, a hybrid's linear attention) is not: Mamba's forward, for one,
-    reads its attention mask as the new tokens' alone, not the cache's and theirs."""
+    reads its attention mask as the new tokens' alone, not the cache's and theirs. Nor is a cache
+    transformers cannot build from ``config`` (a layer type it has no dynamic layer for)."""
     from transformers import cache_utils
 
     recurrent = getattr(cache_utils, "LinearAttentionCacheLayerMixin", ())  # () before transformers 5.x had it
-    layers = cache_utils.DynamicCache(config=config).layers  # the layer types the model's own cache gets
+    try:
+        layers = cache_utils.DynamicCache(config=config).layers  # the layer types the model's own cache gets
+    except Exception as exc:  # a layer type it has no dynamic layer for (DeepSeek-V4's): the model builds its own
+        log.debug("shared_prefix: no dynamic cache for %s (%r); the plain forward", type(config).__name__, exc)
+        return False
     return all(isinstance(layer, cache_utils.DynamicLayer) and not isinstance(layer, recurrent) for layer in layers)
 
 

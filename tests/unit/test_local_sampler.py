@@ -184,3 +184,18 @@ def test_shared_prefix_generates_plainly_where_prompts_do_not_repeat(published):
         lambda m, args, kwargs: forwards.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
     shared.generate([[5, 6, 7], [8, 9, 10], [11, 12, 13]], **{k: v for k, v in KW.items() if k != "logprobs"})
     assert forwards[0] == 3 and all(n == 3 for n in forwards)  # no prefill: generate's own steps only
+
+
+def test_shared_prefix_generates_plainly_for_a_model_whose_generation_config_picks_its_cache(published):
+    """A model shipped with ``cache_implementation`` in its generation config (a static cache, for
+    ``torch.compile``): ``generate`` refuses a cache built outside it beside that setting, so the
+    plain ``generate`` runs instead of every draw failing."""
+    shared = LocalPolicy(published, torch.device("cpu"), Path(published.uri).parent, shared_prefix=True)
+    shared.model.generation_config.cache_implementation = "static"
+    forwards: list[tuple[int, int]] = []
+    shared.model.register_forward_pre_hook(
+        lambda m, args, kwargs: forwards.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True)
+    rows = [[5, 6, 7, 8]] * 4 + [[9, 10, 11, 12]] * 4
+    completions = shared.generate(rows, **{k: v for k, v in KW.items() if k != "logprobs"})
+    assert len(completions) == len(rows)
+    assert forwards[0] == (len(rows), 4)  # no prefill: generate's own, of every row's whole prompt

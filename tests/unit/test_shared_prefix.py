@@ -14,7 +14,7 @@ from same_state import StepRecorder, compare_metrics, compare_steps
 
 from rlstream.builtin.tiny_model import build_model
 from rlstream.core.config import POLICY_LOSSES
-from rlstream.sampling.prefix_cache import cache_argument
+from rlstream.sampling.prefix_cache import cache_argument, keys_and_values_only
 from rlstream.trainer import lora
 from rlstream.trainer.batch import Batch
 from rlstream.trainer.micro_batch import rows_of
@@ -140,6 +140,15 @@ def test_the_plain_forward_where_sharing_would_not_save_work_or_cannot_run(case)
     seen = Forwards(model)
     token_logprobs(model, tokens, attention, 1.0, first, shared_prefix=True)
     assert seen.rows == [len(tokens)]
+
+
+def test_a_cache_transformers_cannot_build_for_the_config_is_no_cache_to_share():
+    """A layer type the installed transformers builds no dynamic cache layer for (as DeepSeek-V4's
+    "heavily_compressed_attention" on 5.25, a KeyError there): the plain forward, not an error
+    from every shared forward and every local sampler's draw."""
+    config = copy.deepcopy(build_model(0).config)
+    config.layer_types = ["a_layer_type_transformers_does_not_know"] * config.num_hidden_layers
+    assert keys_and_values_only(config) is False
 
 
 @pytest.mark.numeric
