@@ -70,21 +70,22 @@ def prefill_distinct(model: torch.nn.Module, tokens_B_S: torch.Tensor, attention
 def cache_argument(model: torch.nn.Module) -> str | None:
     """The name under which ``model``'s forward takes a key/value cache (transformers 5.x:
     ``cache``, earlier ``past_key_values``), None when it takes none, its config keeps no cache
-    setting (not a transformers causal LM), or its cache holds more than attention's keys and
-    values (``keys_and_values_only``). A wrapper that calls another model (peft's, and the LoRA
+    setting (not a transformers causal LM), its cache holds more than attention's keys and
+    values (``keys_and_values_only``), or its rotary embedding depends on the forward's length
+    (``rope_by_position``). A wrapper that calls another model (peft's, and the LoRA
     reference ``lora.AdapterDisabled``, which has no config of its own) answers for that one."""
     model = unwrapped(model)
     config = getattr(model, "config", None)
     if not hasattr(config, "use_cache"):
         return None
-    if model not in _KEYS_AND_VALUES:  # once a model: building the cache's layers costs ~7 us each
-        _KEYS_AND_VALUES[model] = keys_and_values_only(config)
-    if not _KEYS_AND_VALUES[model]:
+    if model not in _SHAREABLE:  # once a model: building the cache's layers costs ~7 us each
+        _SHAREABLE[model] = keys_and_values_only(config) and rope_by_position(config)
+    if not _SHAREABLE[model]:
         return None
     return next((name for name in ("cache", "past_key_values") if _forward_takes(type(model), name)), None)
 
 
-_KEYS_AND_VALUES: weakref.WeakKeyDictionary[torch.nn.Module, bool] = weakref.WeakKeyDictionary()
+_SHAREABLE: weakref.WeakKeyDictionary[torch.nn.Module, bool] = weakref.WeakKeyDictionary()
 
 
 def keys_and_values_only(config: Any) -> bool:
@@ -102,6 +103,21 @@ def keys_and_values_only(config: Any) -> bool:
         log.debug("shared_prefix: no dynamic cache for %s (%r); the plain forward", type(config).__name__, exc)
         return False
     return all(isinstance(layer, cache_utils.DynamicLayer) and not isinstance(layer, recurrent) for layer in layers)
+
+
+LENGTH_SCALED_ROPE = ("dynamic", "longrope")  # scaled by the longest position the forward sees
+
+
+def rope_by_position(config: Any) -> bool:
+    """Whether ``config``'s rotary embedding rotates a position the same whatever else the
+    forward holds. Dynamic NTK scaling and LongRoPE pick their frequencies from the forward's
+    own length: past the original context, a prefix's forward would rotate its keys for the
+    prefix's length, the plain forward for the whole row's."""
+    for name in ("rope_parameters", "rope_scaling"):
+        rope = getattr(config, name, None)
+        if isinstance(rope, dict) and (rope.get("rope_type") or rope.get("type")) in LENGTH_SCALED_ROPE:
+            return False
+    return True
 
 
 def unwrapped(model: torch.nn.Module) -> torch.nn.Module:

@@ -106,7 +106,7 @@ def test_a_real_pad_token_never_shares_with_padding(padded_first):
 
 
 @pytest.mark.parametrize("case", ["distinct prompts", "no prefix", "gradient checkpointing", "plain module",
-                                  "recurrent cache"])
+                                  "recurrent cache", "dynamic rope"])
 def test_the_plain_forward_where_sharing_would_not_save_work_or_cannot_run(case):
     model = build_model(0)
     tokens, attention = grouped_rows()
@@ -120,6 +120,14 @@ def test_the_plain_forward_where_sharing_would_not_save_work_or_cannot_run(case)
 
         model = AutoModelForCausalLM.from_config(MambaConfig(vocab_size=16, hidden_size=16, num_hidden_layers=1,
                                                              state_size=4, use_mambapy=True))
+        assert cache_argument(model) is None
+    elif case == "dynamic rope":  # frequencies from the forward's own length: a prefix's keys would rotate otherwise
+        from transformers import AutoModelForCausalLM
+
+        config = copy.deepcopy(model.config)
+        config.rope_parameters = {"rope_type": "dynamic", "factor": 2.0,
+                                  "rope_theta": config.rope_parameters["rope_theta"]}
+        model = AutoModelForCausalLM.from_config(config)
         assert cache_argument(model) is None
     elif case == "gradient checkpointing":  # transformers keeps no cache for checkpointed layers
         enable_checkpointing(model)
