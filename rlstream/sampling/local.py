@@ -104,11 +104,10 @@ class LocalPolicy:
             if b < 1:
                 raise no_room(len(p), max_seq_len)
         longest = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), longest), self.pad_id, dtype=torch.long)
-        attn = torch.zeros_like(ids)
-        for i, p in enumerate(prompts):  # left padding: generation continues at the right edge
-            ids[i, longest - len(p):] = torch.tensor(p)
-            attn[i, longest - len(p):] = 1
+        # left padding: generation continues at the right edge. Built as lists and made tensors once (a
+        # slice assignment per row cost ~20 us each, ~10 ms for the built-in task's 256 rows)
+        ids = torch.tensor([[self.pad_id] * (longest - len(p)) + list(p) for p in prompts], dtype=torch.long)
+        attn = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts], dtype=torch.long)
         gen_config = GenerationConfig(
             do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max(budgets),
             pad_token_id=self.pad_id, eos_token_id=sorted(self.eos_ids), output_scores=True,
@@ -121,12 +120,12 @@ class LocalPolicy:
         scores_B_T_V = torch.stack(out.scores, dim=1).float().cpu()
         logprobs_B_T = torch.log_softmax(scores_B_T_V, dim=-1).gather(-1, gen_B_T[..., None])[..., 0]
         results = []
-        for i, (prompt, budget) in enumerate(zip(prompts, budgets)):
-            gen = gen_B_T[i].tolist()
+        # every row read back at once: a tensor index and a tolist() per row cost more than the rows' values
+        for prompt, budget, gen, logprobs in zip(prompts, budgets, gen_B_T.tolist(), logprobs_B_T.tolist()):
             n, reason = truncate_to_budget(gen, budget, self.eos_ids)
             results.append(Completion(
                 full_tokens=list(prompt) + gen[:n], prompt_len=len(prompt),
-                inference_logprobs=logprobs_B_T[i, :n].tolist(), finish_reason=reason,
+                inference_logprobs=logprobs[:n], finish_reason=reason,
                 text=self.tokenizer.decode(gen[:n], skip_special_tokens=True),
                 version=self.version,
             ))
