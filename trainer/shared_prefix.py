@@ -9,10 +9,12 @@ differentiable, the rows' gradients add up in the prefix's), and the rest of eac
 top of it. The logits are those of the plain forward at the same positions, to float rounding:
 the same weights meet the same tokens, in other batch shapes. The gradient is the same sum.
 
-Used only where it saves work: a transformers causal LM (a forward that takes a cache and
-returns one; ``rlstream.sampling.prefix_cache``) with at least two rows per prefix on average
-and a prefix of two tokens or more. Otherwise, and under gradient checkpointing (transformers
-builds no cache for checkpointed layers), the caller runs its plain forward.
+Used only where it saves work and the continuation is the plain forward's: a transformers causal
+LM whose forward takes a cache of attention's keys and values alone and whose rotary embedding
+does not depend on the forward's length (``rlstream.sampling.prefix_cache.cache_argument``), at
+least two rows per prefix on average, a prefix of two tokens or more. Otherwise, under gradient
+checkpointing (transformers builds no cache for checkpointed layers) and across trainer ranks
+(``optimize.shares_prefixes``), the caller runs its plain forward.
 """
 from __future__ import annotations
 

@@ -131,7 +131,6 @@ class LocalPolicy:
             ))
         return results
 
-
     def prefilled(self, ids_B_L: torch.Tensor, attention_B_L: torch.Tensor) -> dict[str, Any]:
         """With ``shared_prefix``, ``generate``'s cache argument: every token of each distinct
         left-padded prompt but its last, through the model once and repeated to the prompt's rows

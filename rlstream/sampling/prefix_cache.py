@@ -32,7 +32,7 @@ class Prefilled:
 
     def cache_for_rows(self) -> Any:
         """The cache repeated to every row (an ``index_select``: differentiable, each row's
-        gradient adds into its prefix's)."""
+        gradient adds into its prefix's). In place: call it once."""
         self.cache.reorder_cache(self.row_prefix_B)
         return self.cache
 
