@@ -135,8 +135,8 @@ class RolloutBuffer:
         rejection that lands before the samples is in it. One set lookup per ready group (the
         batch and what waits beside it), never a walk of the fold."""
         settled = self.state.settled_groups
-        if any(g.group_id in settled for g in self.ready):
-            dropped = [g for g in self.ready if g.group_id in settled]
+        dropped = [g for g in self.ready if g.group_id in settled]
+        if dropped:
             self.ready = [g for g in self.ready if g.group_id not in settled]
             self.ack_settled(dropped)
 

@@ -121,6 +121,14 @@ class DirTemplate:
 
         save_file(tensors, str(directory / WEIGHTS_FILE), metadata=self.metadata)
 
+    def write_dir(self, final: Path, tensors: dict[str, torch.Tensor], version: int, source: Path | None,
+                  known: dict[str, weights.FileStamp]) -> tuple[str, int, bool]:
+        """``final`` written with ``tensors`` as its weights file (``weights.write_linked_dir``: the
+        other files linked to ``source``'s where they are the same, sealed, renamed into place):
+        (digest, bytes, whether it linked). On the writer's thread or in the writer process."""
+        return weights.write_linked_dir(final, lambda tmp: self.write_weights(tmp, tensors), version=version,
+                                        same=self.same, source=source, known=known)
+
 
 def dir_template(directory: Path, state: dict[str, torch.Tensor]) -> DirTemplate | None:
     """The template of ``directory``, a sealed version ``save_pretrained`` wrote from the
@@ -314,9 +322,7 @@ class WeightSync:
         if self.writer is not None and tensors is self.shared:
             digest, size, links, self.known = self.writer.write(final, version, source, self.known)
         else:
-            digest, size, links = weights.write_linked_dir(
-                final, lambda tmp: template.write_weights(tmp, tensors), version=version, same=template.same,
-                source=source, known=self.known)
+            digest, size, links = template.write_dir(final, tensors, version, source, self.known)
         self.previous, self.links = final, self.links and links
         return WeightsPublished(version=version, uri=str(final.resolve()), sha256=digest, bytes=size)
 

@@ -76,7 +76,7 @@ class WriterProcess:
 
     def write(self, final: Path, version: int, source: Path | None,
               known: dict[str, weights.FileStamp]) -> tuple[str, int, bool, dict[str, weights.FileStamp]]:
-        """``weights.write_linked_dir`` of ``final`` in the child: (digest, bytes, links, the new ``known``)."""
+        """``DirTemplate.write_dir`` of ``final`` in the child: (digest, bytes, links, the new ``known``)."""
         return self.call(("write", final, version, source, known))
 
     def prune(self, run_dir: Path, version: int, keep: int) -> None:
@@ -163,10 +163,7 @@ def serve(conn: Any, template: Any, tensors: dict[str, torch.Tensor], parent: in
             kind, *args = request
             if kind == "write":
                 final, version, source, known = args
-                digest, size, links = weights.write_linked_dir(
-                    final, lambda tmp: template.write_weights(tmp, tensors), version=version, same=template.same,
-                    source=source, known=known)
-                answer: Any = (digest, size, links, known)
+                answer: Any = (*template.write_dir(final, tensors, version, source, known), known)
             elif kind == "prune":
                 answer = prune_weights(*args)
             else:

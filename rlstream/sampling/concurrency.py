@@ -331,7 +331,7 @@ class MetricsPoller:
     fetches in a row fail (no connection, a 5xx or 429); its text is then None
     (``vllm_queue_time_probe`` answers ``NO_QUEUE_TIME``: latency is the signal). Given up, it
     still asks, slowly: after ``retry_s[0]`` seconds, doubling to at most ``retry_s[1]``
-    (``retry_wait_s``), so a worker started before its vLLM is up, or one whose server
+    (``doubling_wait_s``), so a worker started before its vLLM is up, or one whose server
     restarted for longer, takes up queue time again from the first usable answer, and polls
     every ``period_s`` again."""
 
@@ -350,7 +350,7 @@ class MetricsPoller:
     @property
     def wait_s(self) -> float:
         """The wait before the next fetch: ``period_s``, or, given up, the slow retry's."""
-        return self.period_s if self.available is not False else retry_wait_s(self._retries, *self.retry_s)
+        return self.period_s if self.available is not False else doubling_wait_s(self._retries, *self.retry_s)
 
     def poll_once(self) -> bool:
         """One fetch; False while the server has no usable metrics (given up)."""
@@ -406,10 +406,10 @@ class MetricsPoller:
         self._stop.set()
 
 
-def retry_wait_s(retries: int, base_s: float, cap_s: float) -> float:
-    """The wait of a poller that gave up, after ``retries`` failed fetches since: ``base_s``,
-    doubling, at most ``cap_s``."""
-    return min(base_s * 2 ** min(retries, 16), cap_s)
+def doubling_wait_s(attempts: int, base_s: float, cap_s: float) -> float:
+    """An exponential back-off's wait after ``attempts`` failed ones: ``base_s``, doubling, at
+    most ``cap_s`` (a poller that gave up; a draw's retries, ``remote.backoff_s``)."""
+    return min(base_s * 2 ** min(attempts, 16), cap_s)
 
 
 QUEUE_TIME = "vllm:request_queue_time_seconds"

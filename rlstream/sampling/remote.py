@@ -72,7 +72,7 @@ from rlstream.core.config import InferenceConfig
 from rlstream.core.messages import WeightsPublished
 from rlstream.core.rollout import NO_LIMIT, Completion, chat_prompt_ids, no_room, token_budget
 from rlstream.sampling import stamps
-from rlstream.sampling.concurrency import FixedConcurrencyController
+from rlstream.sampling.concurrency import FixedConcurrencyController, doubling_wait_s
 from rlstream.sampling.engines import (
     EngineError,
     EngineRefused,
@@ -590,7 +590,7 @@ def next_to_ask(order: list[Server], picked: Server, come_back: dict[Server, flo
 
 def backoff_s(attempt: int) -> float:
     """The wait before asking again after ``attempt`` + 1 tries: 0.5 s doubling, capped at 8 s."""
-    return min(BACKOFF_BASE_S * 2 ** min(attempt, 16), BACKOFF_CAP_S)
+    return doubling_wait_s(attempt, BACKOFF_BASE_S, BACKOFF_CAP_S)
 
 
 def come_back_after_s(response: httpx.Response, refusals: int) -> float:
